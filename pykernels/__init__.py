@@ -1,0 +1,33 @@
+"""pykernels: FP8 GEMM, MLA decode and expert-parallel kernels for NVIDIA Hopper.
+
+Every operation has four backends (see DESIGN.md): ``"cuda"`` (hand-written kernel on
+the GPU), ``"emu"`` (the same compiled kernel on the CPU PTX emulator), ``"triton"``
+(GPU, or Triton's interpreter on CPU tensors) and ``"reference"`` (PyTorch).
+"""
+__version__ = "0.1.0"
+
+_LAZY = {
+    # quantization
+    "per_token_cast_to_fp8": "pykernels.quant",
+    "per_block_cast_to_fp8": "pykernels.quant",
+    "get_col_major_tma_aligned_tensor": "pykernels.quant",
+    # GEMM
+    "fp8_gemm_nt": "pykernels.gemm",
+    "m_grouped_fp8_gemm_nt_contiguous": "pykernels.gemm",
+    "m_grouped_fp8_gemm_nt_masked": "pykernels.gemm",
+    # metrics
+    "calc_diff": "pykernels.metrics",
+    "rel_error": "pykernels.metrics",
+}
+
+
+def __getattr__(name):
+    # Lazy re-exports keep `import pykernels` cheap (no torch/triton import cost until used).
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pykernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,53 @@
+"""Reference FP8 block-scaled GEMMs (NT layout), float32 math, bf16 output.
+
+out = dequant(a) @ dequant(b).T where a carries 1x128 scales (per row, per 128 of K)
+and b carries 128x128 block scales. Grouped forms leave rows they do not own untouched.
+"""
+import torch
+
+from .quant import dequantize_per_block, dequantize_per_token
+
+
+def _mm(a, sfa, b, sfb):
+    return dequantize_per_token(a, sfa) @ dequantize_per_block(b, sfb).transpose(-1, -2)
+
+
+def fp8_gemm_nt(a, sfa, b, sfb, out=None):
+    """a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3 [n, k], sfb f32 [ceil(n/128),
+    ceil(k/128)] -> bf16 [m, n] (written into `out` when given)."""
+    res = _mm(a, sfa, b, sfb).to(torch.bfloat16)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
+    """Grouped GEMM over rows concatenated by group (MoE prefill).
+
+    a e4m3 [m_sum, k], sfa f32 [m_sum, ceil(k/128)], b e4m3 [G, n, k], sfb f32
+    [G, ceil(n/128), ceil(k/128)], m_indices int32 [m_sum] (group of each row, -1 =
+    padding), out bf16 [m_sum, n]: rows with index -1 are not written.
+    """
+    a_deq = dequantize_per_token(a, sfa)
+    idx = m_indices.long()
+    for g in range(b.shape[0]):
+        rows = (idx == g).nonzero().flatten()
+        if rows.numel():
+            w = dequantize_per_block(b[g], sfb[g])
+            out[rows] = (a_deq[rows] @ w.T).to(out.dtype)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out):
+    """Grouped GEMM with a fixed row capacity per group (MoE decode).
+
+    a e4m3 [G, m_max, k], sfa f32 [G, m_max, ceil(k/128)], b e4m3 [G, n, k], sfb f32
+    [G, ceil(n/128), ceil(k/128)], masked_m int32 [G], out bf16 [G, m_max, n]: rows
+    >= masked_m[g] are not written.
+    """
+    for g in range(b.shape[0]):
+        rows = int(masked_m[g])
+        if rows > 0:
+            out[g, :rows] = _mm(a[g, :rows], sfa[g, :rows], b[g], sfb[g]).to(out.dtype)
+    return out

@@ -1,0 +1,140 @@
+"""Triton FP8 block-scaled GEMM (NT): normal, grouped contiguous, grouped masked.
+
+One kernel body serves the three layouts (LAYOUT constexpr). Each program computes a
+BLOCK_M x BLOCK_N output tile; K advances in 128-wide blocks so each step has one A
+scale per row and one B scale per 128 columns of N: two-level accumulation,
+acc += dot_fp32(a_fp8, b_fp8^T) * sa[:, None] * sb[None, :].
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.constants import BLOCK
+from .quant import SOFTWARE_ROUNDING
+from .rounding import to_bf16_rne
+
+GEMM_REQUIREMENTS = "K must be a positive multiple of 128; N >= 1 (any, masked); M >= 0 (any)"
+LAYOUT_NORMAL, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = 0, 1, 2
+
+
+def check_gemm_shape(m: int, n: int, k: int) -> None:
+    """Raise ValueError if the Triton GEMM cannot take this problem shape."""
+    if k <= 0 or k % BLOCK:
+        raise ValueError(f"k: expected a positive multiple of {BLOCK}, got {k} ({GEMM_REQUIREMENTS})")
+    if n <= 0:
+        raise ValueError(f"n: expected >= 1, got {n}")
+    if m < 0:
+        raise ValueError(f"m: expected >= 0, got {m}")
+
+
+@triton.jit
+def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
+          stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rk = tl.arange(0, BLOCK_K)
+    col_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // BLOCK_K):
+        ks = kb * BLOCK_K + rk
+        a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=col_ok[:, None], other=0.0)
+        sa = tl.load(sfa_base + rm * stride_sfa_m + kb * stride_sfa_k, mask=row_ok, other=0.0)
+        sb = tl.load(sfb_base + (rn // BLOCK_K) * stride_sfb_n + kb * stride_sfb_k, mask=col_ok, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+    return acc
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, M, N, K,
+                     stride_ag, stride_am, stride_sfa_g, stride_sfa_m, stride_sfa_k,
+                     stride_bg, stride_bn, stride_sfb_g, stride_sfb_n, stride_sfb_k,
+                     stride_og, stride_om,
+                     LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SOFT: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_m = rm < M
+    col_ok = rn < N
+    if LAYOUT == 1:
+        # Grouped contiguous: rows carry their group id; -1 rows are padding. A tile
+        # normally holds one group (segments aligned to 128); loop over the groups it
+        # spans so misaligned segments stay correct, just slower.
+        gids = tl.load(idx_ptr + rm, mask=in_m, other=-1)
+        valid = gids >= 0
+        g_lo = tl.min(tl.where(valid, gids, 2147483647), axis=0)
+        g_hi = tl.max(gids, axis=0)
+        for g in range(g_lo, g_hi + 1):
+            row_ok = gids == g
+            acc = _tile(a_ptr, sfa_ptr, b_ptr + g * stride_bg, sfb_ptr + g * stride_sfb_g,
+                        rm, rn, row_ok, N, K, stride_am, stride_sfa_m, stride_sfa_k,
+                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], to_bf16_rne(acc, SOFT),
+                     mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        g = tl.program_id(2)
+        if LAYOUT == 2:
+            # Grouped masked: only the first masked_m[g] rows of group g are computed.
+            row_ok = in_m & (rm < tl.load(idx_ptr + g))
+        else:
+            row_ok = in_m
+        n_valid = tl.sum(row_ok.to(tl.int32), axis=0)
+        k_eff = tl.where(n_valid > 0, K, 0)  # empty tiles skip the K loop entirely
+        acc = _tile(a_ptr + g * stride_ag, sfa_ptr + g * stride_sfa_g, b_ptr + g * stride_bg,
+                    sfb_ptr + g * stride_sfb_g, rm, rn, row_ok, N, k_eff,
+                    stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :],
+                 to_bf16_rne(acc, SOFT), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def tile_config(m: int, n: int):
+    """(BLOCK_M, BLOCK_N, num_warps): 64-row tiles for small M (decode) so fewer rows are
+    wasted; 128x128 with 8 warps otherwise."""
+    if m <= 64:
+        return 64, 128, 4
+    return 128, 128, 8
+
+
+def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups):
+    n, k = b.shape[-2], b.shape[-1]
+    if rows == 0 or groups == 0:
+        return out
+    block_m, block_n, warps = tile_config(rows, n)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
+    g3 = a.dim() == 3
+    _fp8_gemm_kernel[grid](
+        a, sfa, b, sfb, out, idx, rows, n, k,
+        a.stride(0) if g3 else 0, a.stride(-2), sfa.stride(0) if g3 else 0, sfa.stride(-2), sfa.stride(-1),
+        b.stride(0) if b.dim() == 3 else 0, b.stride(-2),
+        sfb.stride(0) if sfb.dim() == 3 else 0, sfb.stride(-2), sfb.stride(-1),
+        out.stride(0) if g3 else 0, out.stride(-2),
+        LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SOFT=SOFTWARE_ROUNDING,
+        num_warps=warps, num_stages=3)
+    return out
+
+
+def fp8_gemm_nt(a, sfa, b, sfb, out=None):
+    """a e4m3 [m, k], sfa f32 [m, k/128] (any strides), b e4m3 [n, k], sfb f32
+    [ceil(n/128), k/128] -> out bf16 [m, n] (allocated when None)."""
+    m, k = a.shape
+    n = b.shape[0]
+    check_gemm_shape(m, n, k)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    return _launch(LAYOUT_NORMAL, a, sfa, b, sfb, out, sfa, m, 1)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
+    """a e4m3 [m_sum, k], sfa f32 [m_sum, k/128], b e4m3 [G, n, k], sfb f32
+    [G, ceil(n/128), k/128], m_indices int32 [m_sum] (-1 = padding row, not written),
+    out bf16 [m_sum, n]."""
+    check_gemm_shape(a.shape[0], b.shape[1], a.shape[1])
+    return _launch(LAYOUT_CONTIGUOUS, a, sfa, b, sfb, out, m_indices, a.shape[0], 1)
+
+
+def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out):
+    """a e4m3 [G, m_max, k], sfa f32 [G, m_max, k/128], b e4m3 [G, n, k], sfb f32
+    [G, ceil(n/128), k/128], masked_m int32 [G] (read on the device: no host sync),
+    out bf16 [G, m_max, n]; rows >= masked_m[g] are not written."""
+    check_gemm_shape(a.shape[1], b.shape[1], a.shape[2])
+    return _launch(LAYOUT_MASKED, a, sfa, b, sfb, out, masked_m, a.shape[1], a.shape[0])

@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# Decides Triton's mode (interpreter when there is no GPU) before any test imports triton.
+import pykernels  # noqa: F401,E402
+
 
 def _has_gpu() -> bool:
     try:

@@ -10,9 +10,10 @@ import triton.language as tl
 from ..reference.constants import BLOCK, FP8_E4M3_MAX, FP8_SCALE_FLOOR
 from .rounding import to_e4m3_rne
 
+from . import INTERPRETED
+
 # Software rounding is needed under the interpreter only (see rounding.py).
-import os as _os
-SOFTWARE_ROUNDING = _os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+SOFTWARE_ROUNDING = INTERPRETED
 
 
 @triton.jit

@@ -1,0 +1,74 @@
+"""Input validation shared by every public op: each error names the argument, what was
+expected and what was given."""
+import torch
+
+
+def as_tensor(name: str, x) -> torch.Tensor:
+    """torch tensors pass through; any DLPack producer (numpy, CuPy, JAX...) is imported
+    zero-copy with torch.from_dlpack."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "__dlpack__"):
+        try:
+            return torch.from_dlpack(x)
+        except Exception as e:  # e.g. a dtype torch cannot represent
+            raise TypeError(f"{name}: could not import DLPack tensor of type {type(x).__name__}: {e}") from e
+    raise TypeError(f"{name}: expected a torch.Tensor or a DLPack-capable tensor, got {type(x).__name__}")
+
+
+def check_dtype(name: str, t: torch.Tensor, *dtypes: torch.dtype) -> None:
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    """shape entries of None match any size."""
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+
+
+def check_rank(name: str, t: torch.Tensor, rank: int) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor, got {t.dim()}-D with shape {list(t.shape)}")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous (row-major) tensor, got strides {list(t.stride())}")
+
+
+def check_inner_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dimension, got strides {list(t.stride())}")
+
+
+def check_scale_layout(name: str, sf: torch.Tensor) -> None:
+    """Scales may be row-major contiguous, or column-major with the row dimension padded
+    to a multiple of 4 floats (16 bytes, TMA-aligned) as DeepGEMM produces them."""
+    if sf.is_contiguous():
+        return
+    rows = sf.shape[-2]
+    col_major = sf.stride(-2) == 1 and sf.stride(-1) >= rows and sf.stride(-1) % 4 == 0
+    if not col_major:
+        raise ValueError(
+            f"{name}: expected row-major contiguous scales or column-major TMA-aligned scales "
+            f"(stride(-2) == 1, stride(-1) a multiple of 4 >= {rows}); got strides {list(sf.stride())} "
+            "(use pykernels.get_col_major_tma_aligned_tensor)")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items()}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            listing = ", ".join(f"{k}={v}" for k, v in devices.items())
+            raise ValueError(f"{n}: all tensors must be on one device, got {listing}")
+    return first
+
+
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    if value % multiple:
+        raise ValueError(f"{name}: expected a multiple of {multiple}, got {value}")

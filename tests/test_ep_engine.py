@@ -1,0 +1,152 @@
+"""EP dispatch/combine over torch.distributed (gloo, CPU processes) against DeepEP's
+invariants and the single-process reference simulation. Comparisons are exact (bytes):
+the engine moves payloads bit-for-bit and reduces in the same fixed order as the
+reference."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pykernels.ep import Buffer
+from pykernels.reference import ep as ref
+
+HIDDEN, TOPK = 256, 4
+
+
+def _inputs(seed, ranks, num_experts, tokens=(37, 0, 51, 12)):
+    """Every rank's inputs, reproducible from the seed so each rank can simulate all."""
+    g = torch.Generator().manual_seed(seed)
+    xs, idxs, ws = [], [], []
+    for r in range(ranks):
+        t = tokens[r % len(tokens)]
+        x = torch.randn(t, HIDDEN, generator=g).bfloat16()
+        x[:, 0] = r                      # rows identify their source rank ...
+        x[:, 1] = torch.arange(t) % 256  # ... and token
+        # experts 1.. only: expert 0 receives nothing; some tokens route nowhere (-1)
+        scores = torch.rand(t, num_experts - 1, generator=g)
+        idx = scores.topk(TOPK, dim=1).indices + 1
+        idx[torch.rand(t, TOPK, generator=g) < 0.2] = -1
+        if t > 3:
+            idx[3] = -1
+        xs.append(x)
+        idxs.append(idx)
+        ws.append(torch.rand(t, TOPK, generator=g))
+    return xs, idxs, ws
+
+
+def _worker(rank, ranks, init_file, seed):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
+    try:
+        num_experts = 8 * ranks
+        xs, idxs, ws = _inputs(seed, ranks, num_experts)
+        sim = ref.simulate_dispatch(xs, idxs, ws, num_experts)[rank]
+        buf = Buffer(None)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idxs[rank], num_experts)
+        exp_rank, exp_expert, exp_in = ref.dispatch_layout(idxs[rank], num_experts, ranks)
+        assert torch.equal(per_rank, exp_rank) and torch.equal(per_expert, exp_expert) and torch.equal(in_rank, exp_in)
+
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            xs[rank], idxs[rank], ws[rank], per_rank, None, in_rank, per_expert)
+        assert torch.equal(recv_x.view(torch.int16), sim["recv_x"].view(torch.int16))
+        assert torch.equal(recv_idx, sim["recv_topk_idx"]) and torch.equal(recv_w, sim["recv_topk_weights"])
+        assert counts == sim["num_recv_tokens_per_expert"]
+        assert counts[0] == 0 if rank == 0 else True  # expert 0 (on rank 0) receives nothing
+        # received counts equal the all-reduced layout counts
+        total_rank, total_expert = per_rank.clone(), per_expert.clone()
+        dist.all_reduce(total_rank)
+        dist.all_reduce(total_expert)
+        assert recv_x.shape[0] == int(total_rank[rank])
+        e0 = rank * 8
+        assert counts == total_expert[e0:e0 + 8].tolist()
+        # rows carry their source: column 0 is the source rank, column 1 the token
+        src = torch.repeat_interleave(torch.arange(ranks), torch.tensor(handle.recv_counts))
+        assert torch.equal(recv_x[:, 0].float(), src.float())
+
+        # combine of unmodified rows: x times the number of destination ranks
+        combined, _, _ = buf.combine(recv_x, handle)
+        times = in_rank.sum(1, keepdim=True).float()
+        assert torch.equal(combined, (xs[rank].float() * times).bfloat16())
+        # weighted combine equals the reference's ordered float32 sum
+        combined_w, _, _ = buf.combine(recv_x, handle, recv_w)
+        exp_w = ref.simulate_combine([d["recv_x"] for d in ref.simulate_dispatch(xs, idxs, ws, num_experts)],
+                                     [d["recv_src"] for d in ref.simulate_dispatch(xs, idxs, ws, num_experts)],
+                                     [x.shape[0] for x in xs],
+                                     [d["recv_topk_weights"] for d in ref.simulate_dispatch(xs, idxs, ws, num_experts)])
+        assert torch.equal(combined_w, exp_w[rank].bfloat16())
+
+        # a cached handle repeats the layout for new data; FP8 payloads move bit-exactly
+        fp8 = (torch.randn(xs[rank].shape) * 3).to(torch.float8_e4m3fn)
+        scales = torch.rand(xs[rank].shape[0], HIDDEN // 128)
+        (rq, rs), *_ = buf.dispatch((fp8, scales), handle=handle)
+        sim8 = ref.simulate_dispatch([(torch.randn(x.shape) * 3).to(torch.float8_e4m3fn) if i != rank else fp8
+                                      for i, x in enumerate(xs)], idxs, ws, num_experts)
+        mine = handle.recv_counts
+        start = sum(mine[:rank])
+        # rows this rank sent to itself are known locally: check them and the scales' shape
+        assert torch.equal(rq[start:start + mine[rank]].view(torch.uint8),
+                           sim8[rank]["recv_x"][start:start + mine[rank]].view(torch.uint8))
+        assert rs.shape == (recv_x.shape[0], HIDDEN // 128)
+
+        # the same inputs give identical bytes over repeated runs
+        for _ in range(3):
+            again = buf.dispatch(xs[rank], idxs[rank], ws[rank], num_experts=num_experts)
+            assert torch.equal(again[0].view(torch.int16), recv_x.view(torch.int16))
+            assert torch.equal(buf.combine(again[0], again[4], again[2])[0].view(torch.int16),
+                               combined_w.view(torch.int16))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_dispatch_combine_across_processes(ranks, seed):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(ranks, os.path.join(d, "store"), seed), nprocs=ranks, join=True)
+
+
+@pytest.fixture
+def single_rank_group():
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        yield Buffer(None)
+        dist.destroy_process_group()
+
+
+def test_bad_inputs(single_rank_group):
+    buf = single_rank_group
+    x = torch.randn(4, 256).bfloat16()
+    idx = torch.randint(0, 8, (4, 2))
+    with pytest.raises(TypeError, match="x: expected a bfloat16 tensor or an FP8 pair, got torch.float32"):
+        buf.dispatch(x.float(), idx, num_experts=8)
+    with pytest.raises(ValueError, match="x: hidden size 200 not supported"):
+        buf.dispatch(torch.randn(4, 200).bfloat16(), idx, num_experts=8)
+    with pytest.raises(ValueError, match=r"topk_idx: expected values in \[-1, 8\), got range"):
+        buf.dispatch(x, idx + 8, num_experts=8)
+    with pytest.raises(ValueError, match="topk_idx: expected 4 rows"):
+        buf.dispatch(x, idx[:3], num_experts=8)
+    with pytest.raises(TypeError, match="topk_idx: expected an int64 tensor, got torch.int32"):
+        buf.get_dispatch_layout(idx.int(), 8)
+    with pytest.raises(ValueError, match="topk_idx: expected 1..16 experts per token, got 17"):
+        buf.get_dispatch_layout(torch.zeros(4, 17, dtype=torch.long), 32)
+    with pytest.raises(TypeError, match="x: expected FP8 data of dtype float8_e4m3fn"):
+        buf.dispatch((x, torch.ones(4, 2)), idx, num_experts=8)
+    with pytest.raises(ValueError, match=r"x scales: expected float32 \[4, 2\]"):
+        buf.dispatch((x.float().to(torch.float8_e4m3fn), torch.ones(4, 3)), idx, num_experts=8)
+    _, _, _, _, handle, _ = buf.dispatch(x, idx, num_experts=8)
+    with pytest.raises(ValueError, match=r"x: expected shape \[\d+, hidden\]"):
+        buf.combine(torch.randn(1, 256).bfloat16(), handle)
+    with pytest.raises(ValueError, match="x: the handle was made for 4 tokens, got 2"):
+        buf.dispatch(x[:2], handle=handle)
+
+
+def test_buffer_on_subgroup(single_rank_group):
+    buf = Buffer(dist.new_group([0]))
+    assert buf.num_ranks == 1 and buf.rank == 0
+
+
+def test_buffer_requires_initialized_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        Buffer(None)

@@ -10,6 +10,11 @@ import torch
 from .. import reference as R
 
 
+def _cuda():
+    from .. import cuda as C
+    return C
+
+
 def _triton():
     from .. import triton as T  # imported lazily: sets TRITON_INTERPRET on CPU machines
     return T
@@ -20,10 +25,12 @@ IMPLS = {
     "per_token_cast_to_fp8": {
         "reference": R.per_token_cast_to_fp8,
         "triton": lambda x: _triton().per_token_cast_to_fp8(x),
+        "cuda": lambda x: _cuda().quant.per_token_cast_to_fp8(x, "cuda"),
     },
     "per_block_cast_to_fp8": {
         "reference": R.per_block_cast_to_fp8,
         "triton": lambda x: _triton().per_block_cast_to_fp8(x),
+        "cuda": lambda x: _cuda().quant.per_block_cast_to_fp8(x, "cuda"),
     },
     "fp8_gemm_nt": {
         "reference": R.fp8_gemm_nt,

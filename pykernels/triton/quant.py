@@ -29,7 +29,7 @@ def _per_token_kernel(x_ptr, q_ptr, sf_ptr, m, k, stride_x, stride_q, stride_sf,
     inv = tl.math.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax)
     q = to_e4m3_rne(x * inv[:, None], SOFT)
     tl.store(q_ptr + rm[:, None] * stride_q + rk[None, :], q, mask=mask)
-    tl.store(sf_ptr + rm * stride_sf + g, amax / FMAX, mask=rm < m)
+    tl.store(sf_ptr + rm * stride_sf + g, tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), mask=rm < m)
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _per_block_kernel(x_ptr, q_ptr, sf_ptr, m, n, stride_x, stride_q, stride_sf,
     inv = tl.math.div_rn(FMAX, amax)
     q = to_e4m3_rne(x * inv, SOFT)
     tl.store(q_ptr + rm[:, None] * stride_q + rn[None, :], q, mask=mask)
-    tl.store(sf_ptr + bm * stride_sf + bn, amax / FMAX)
+    tl.store(sf_ptr + bm * stride_sf + bn, tl.math.div_rn(amax, FMAX))
 
 
 def per_token_cast_to_fp8(x: torch.Tensor):

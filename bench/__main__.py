@@ -1,0 +1,63 @@
+"""Command line: ``python -m bench [--quick] [--ops ...] [--out-dir DIR] [--runs N]``."""
+import argparse
+import sys
+from pathlib import Path
+
+from . import shapes as S
+
+_DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    """Parse the command line; --ops is a comma-separated subset of normal,contiguous,masked."""
+    p = argparse.ArgumentParser(prog="python -m bench",
+                                description="Time pykernels' FP8 GEMMs against cuBLAS baselines on this GPU.")
+    p.add_argument("--quick", action="store_true", help="small shapes, to check the harness quickly")
+    p.add_argument("--ops", default=",".join(S.OPS),
+                   help="comma-separated ops to run (default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="where JSON and PNG go (default: bench/results)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per implementation and shape (default: %(default)s)")
+    args = p.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in S.OPS]
+    if bad or not ops:
+        p.error(f"--ops: unknown {bad or 'empty list'}; choose from {','.join(S.OPS)}")
+    if args.runs < 1:
+        p.error("--runs: expected a positive integer")
+    args.ops = ops
+    return args
+
+
+def main(argv=None) -> int:
+    """Measure peaks, then every shape; print the table, write JSON and the roofline PNG."""
+    args = parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        # Exit before any figure: numbers from a CPU run would be meaningless.
+        print("bench: no CUDA GPU available; nothing measured", file=sys.stderr)
+        return 2
+    import triton
+
+    from . import baselines, peaks as P, report as R
+
+    gpu = torch.cuda.get_device_name()
+    peaks = P.measure_peaks()
+    print(f"{gpu}: copy {peaks['bw_gbps']:.0f} GB/s, bf16 {peaks['bf16_tflops']:.0f} TFLOP/s, "
+          f"fp8 {peaks['fp8_tflops']:.0f} TFLOP/s", flush=True)
+    raw = []
+    for s in S.shape_set(args.quick, args.ops):
+        raw += baselines.measure_shape(s, runs=args.runs)
+        print(f"  measured {s.op} {s.label()}", file=sys.stderr, flush=True)
+    rows = R.derive(raw, peaks)
+    print(R.format_table(rows))
+    date = R.today()
+    meta = dict(gpu=gpu, date=date, git_commit=R.git_commit(Path(__file__).resolve().parent.parent),
+                torch=torch.__version__, triton=triton.__version__, quick=args.quick, runs=args.runs)
+    stem = args.out_dir / f"{R.slug(gpu)}-{date}{'-quick' if args.quick else ''}"
+    print(f"wrote {R.write_json(stem.with_suffix('.json'), meta, peaks, rows)}")
+    print(f"wrote {R.plot_roofline(stem.with_suffix('.png'), peaks, rows, title=f'{gpu} ({date})')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Executors of launch plans: the GPU through pykernels._C, the CPU through the emulator."""
+import functools
+
+import torch
+
+from . import artifacts
+from .plan import LaunchPlan, pack_scalar
+
+
+def _C():
+    from .. import _C as C  # built by setup.py
+    return C
+
+
+def gpu_unavailable_reason() -> str:
+    """'' when the cuda backend can run here, else why not."""
+    try:
+        C = _C()
+    except ImportError as e:
+        return f"pykernels._C is not built ({e})"
+    if not C.driver_available():
+        return C.driver_error()
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _function(module: str, function: str, device: int) -> int:
+    C = _C()
+    mod = C.load_module(artifacts.cubin_path(module).read_bytes(), device)
+    return C.get_function(mod, function)
+
+
+def run_cuda(plan: LaunchPlan) -> None:
+    """Launch on the current CUDA stream of the plan's tensors' device (asynchronous)."""
+    why = gpu_unavailable_reason()
+    if why:
+        raise RuntimeError(f"{plan.function}: the 'cuda' backend needs an NVIDIA GPU: {why}")
+    tensors = plan.tensors()
+    device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"{plan.function}: all tensors must be on {device}, got one on {t.device}")
+    params = []
+    for a in plan.args:
+        if a.ptype == "ptr":
+            params.append(a.value.data_ptr().to_bytes(8, "little"))
+        elif a.ptype == "tensormap":
+            params.append(a.value.encode_cuda())
+        else:
+            params.append(pack_scalar(a))
+    fn = _function(plan.module, plan.function, device.index or 0)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _C().launch(fn, plan.grid, plan.block, plan.cluster, plan.shared_bytes, stream, params)
+
+
+def run_emu(plan: LaunchPlan, **options):
+    """Run the plan's kernel (its PTX) on the CPU emulator; returns the emulator's stats."""
+    from .. import emu
+    for t in plan.tensors():
+        if t.device.type != "cpu":
+            raise ValueError(f"{plan.function}: the 'emu' backend runs on CPU tensors, got {t.device}")
+    args = [a.value for a in plan.args]
+    return emu.launch(artifacts.ptx_text(plan.module), plan.function, plan.grid, plan.block, args,
+                      shared_mem=plan.shared_bytes, cluster=plan.cluster, **options)

@@ -1,0 +1,140 @@
+"""The main job's correctness pass: every op through every backend that can run here,
+on small shapes, compared with the PyTorch reference.
+
+Tolerances: quantization must be bit-identical to the reference (q bytes and scales);
+GEMM outputs must reach calc_diff < 1e-6 and relative error < 2e-3 against the
+reference on the rows they own, and leave padding / masked rows untouched (NaN-poisoned).
+"""
+import dataclasses
+import time
+
+import torch
+
+from . import reference as R
+from .metrics import calc_diff, rel_error
+from .runtime.executors import gpu_unavailable_reason
+from .runtime.ops import IMPLS
+
+GEMM_CALC_DIFF = 1e-6
+GEMM_REL = 2e-3
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    backend: str
+    shape: str
+    error: str
+    verdict: str
+    seconds: float
+
+
+def available_backends(device: torch.device) -> list:
+    """Backends that can run on `device` on this machine."""
+    names = ["reference", "triton"]
+    if device.type == "cpu":
+        names.append("emu")
+    elif gpu_unavailable_reason() == "":
+        names.append("cuda")
+    return names
+
+
+def _quant_case(op, shape, dtype, device):
+    x = (torch.randn(*shape, device=device) * 4).to(dtype)
+
+    def run(backend):
+        import pykernels as pk
+        q, sf = getattr(pk, op)(x, backend=backend)
+        rq, rsf = getattr(R, op)(x.cpu())
+        same = torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sf.cpu(), rsf)
+        deq = R.dequantize_per_token if op == "per_token_cast_to_fp8" else R.dequantize_per_block
+        err = rel_error(deq(q.cpu(), sf.cpu()), deq(rq, rsf))
+        return f"rel {err:.1e}, {'bit-exact' if same else 'bits differ'}", same
+    return f"{list(shape)} {str(dtype).replace('torch.', '')}", run
+
+
+def _gemm_case(layout, device):
+    import pykernels as pk
+    k, n = 384, 256
+    if layout == "normal":
+        m, groups = 65, 1
+    elif layout == "contiguous":
+        rows = [70, 0, 130]
+        groups = len(rows)
+        idx = torch.cat([torch.cat([torch.full((r,), g), torch.full((-(-r // 128) * 128 - r,), -1)])
+                         for g, r in enumerate(rows)]).int().to(device)
+        m = idx.numel()
+    else:
+        groups, m_max = 3, 64
+        masked = torch.tensor([5, 0, 64], dtype=torch.int32, device=device)
+    a_rows = (groups, m_max, k) if layout == "masked" else (m, k)
+    x = torch.randn(*a_rows, dtype=torch.bfloat16, device=device)
+    a, sfa = (pk.per_token_cast_to_fp8(x, backend="reference") if layout != "masked" else
+              [torch.stack(t) for t in zip(*[R.per_token_cast_to_fp8(x[g]) for g in range(groups)])])
+    wb = [R.per_block_cast_to_fp8(torch.randn(n, k, dtype=torch.bfloat16, device=device)) for _ in range(groups)]
+    b, sfb = torch.stack([w[0] for w in wb]), torch.stack([w[1] for w in wb])
+    if layout == "normal":
+        b, sfb = b[0], sfb[0]
+
+    def run(backend):
+        out = torch.full((*a.shape[:-1], n), float("nan"), dtype=torch.bfloat16, device=device)
+        ref = out.clone()
+        if layout == "normal":
+            pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend=backend)
+            pk.fp8_gemm_nt((a, sfa), (b, sfb), ref, backend="reference")
+        elif layout == "contiguous":
+            pk.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, idx, backend=backend)
+            pk.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), ref, idx, backend="reference")
+        else:
+            pk.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), out, masked, 64, backend=backend)
+            pk.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), ref, masked, 64, backend="reference")
+        owned = ~ref.isnan()
+        untouched = bool(out[~owned].isnan().all())
+        d, r = calc_diff(out[owned], ref[owned]), rel_error(out[owned], ref[owned])
+        ok = d < GEMM_CALC_DIFF and r < GEMM_REL and untouched and not out[owned].isnan().any()
+        return f"diff {d:.1e}, rel {r:.1e}{'' if untouched else ', wrote padding'}", ok
+    if layout == "normal":
+        shape = f"m={m} n={n} k={k}"
+    elif layout == "contiguous":
+        shape = f"groups {rows} n={n} k={k}"
+    else:
+        shape = f"G=3 m_max=64 masked_m=[5,0,64] n={n} k={k}"
+    return shape, run
+
+
+def cases(device):
+    """(op name, shape text, runner) for the small problems of the main job."""
+    yield ("per_token_cast_to_fp8", *_quant_case("per_token_cast_to_fp8", (37, 300), torch.bfloat16, device))
+    yield ("per_block_cast_to_fp8", *_quant_case("per_block_cast_to_fp8", (200, 300), torch.float32, device))
+    yield ("fp8_gemm_nt", *_gemm_case("normal", device))
+    yield ("m_grouped_fp8_gemm_nt_contiguous", *_gemm_case("contiguous", device))
+    yield ("m_grouped_fp8_gemm_nt_masked", *_gemm_case("masked", device))
+
+
+def run_all(device: torch.device, backends=None, ops=None) -> list:
+    """Run every (op, backend) pair; a backend an op does not have yet is listed as such."""
+    rows = []
+    for op, shape, runner in cases(device):
+        if ops and op not in ops:
+            continue
+        for backend in backends or available_backends(device):
+            if backend not in IMPLS[op]:
+                rows.append(Row(op, backend, shape, "-", "not implemented yet", 0.0))
+                continue
+            t0 = time.perf_counter()
+            try:
+                err, ok = runner(backend)
+                verdict = "PASS" if ok else "FAIL"
+            except Exception as e:  # report, keep going: one broken backend must not hide the rest
+                err, verdict = f"{type(e).__name__}: {e}"[:80], "ERROR"
+            rows.append(Row(op, backend, shape, err, verdict, time.perf_counter() - t0))
+    return rows
+
+
+def format_table(rows) -> str:
+    head = ("op", "backend", "shape", "error", "verdict", "time")
+    cells = [head] + [(r.op, r.backend, r.shape, r.error, r.verdict, f"{r.seconds:.2f}s") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))) for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,9 @@
+"""The PTX emulator: runs compiled sm_90a kernels (nvcc, Triton, hand-written PTX) on
+CPU tensors, so hand-written kernels are tested where no GPU exists (docs/emulator.md).
+
+Entry points: `launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1,1,1))`,
+returning per-launch Stats, and `parse(ptx)` for the module structure.
+"""
+from .errors import Deadlock, EmuError, MemoryFault, UnsupportedInstruction  # noqa: F401
+from .launch import launch  # noqa: F401
+from .parser import parse  # noqa: F401

@@ -26,11 +26,13 @@ IMPLS = {
         "reference": R.per_token_cast_to_fp8,
         "triton": lambda x: _triton().per_token_cast_to_fp8(x),
         "cuda": lambda x: _cuda().quant.per_token_cast_to_fp8(x, "cuda"),
+        "emu": lambda x: _cuda().quant.per_token_cast_to_fp8(x, "emu"),
     },
     "per_block_cast_to_fp8": {
         "reference": R.per_block_cast_to_fp8,
         "triton": lambda x: _triton().per_block_cast_to_fp8(x),
         "cuda": lambda x: _cuda().quant.per_block_cast_to_fp8(x, "cuda"),
+        "emu": lambda x: _cuda().quant.per_block_cast_to_fp8(x, "emu"),
     },
     "fp8_gemm_nt": {
         "reference": R.fp8_gemm_nt,

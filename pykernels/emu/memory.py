@@ -1,0 +1,129 @@
+"""Memory of an emulated launch: global (host buffers), shared (per CTA), param, local.
+
+Global addresses are the real CPU addresses of the registered buffers (torch storages),
+so pointers passed as kernel arguments need no translation; every access is checked
+against the registered buffers and for natural alignment. Generic addresses of the
+other spaces live in windows far above any user-space CPU address.
+"""
+import ctypes
+
+import numpy as np
+
+from .errors import MemoryFault
+
+SHARED_WINDOW = 0xFE00_0000_0000_0000   # generic address of shared byte 0 of the own CTA
+PARAM_WINDOW = 0xFD00_0000_0000_0000
+LOCAL_WINDOW = 0xFC00_0000_0000_0000
+WINDOW_SPAN = 1 << 48
+CLUSTER_RANK_SHIFT = 24                 # shared::cluster address = (rank+1) << 24 | offset
+
+
+class GlobalMemory:
+    """Host buffers reachable by the kernel, looked up by address (sorted, bisected)."""
+
+    def __init__(self):
+        self._bufs = []          # (base, end, uint8 view)
+        self._bases = np.zeros(0, dtype=np.uint64)
+        self._typed = {}
+
+    def register(self, base: int, nbytes: int) -> None:
+        """Make [base, base+nbytes) of this process's memory accessible to the kernel."""
+        if nbytes <= 0:
+            return
+        for b, e, _ in self._bufs:
+            if b <= base and base + nbytes <= e:
+                return
+        arr = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(base))
+        self._bufs.append((base, base + nbytes, arr))
+        self._bufs.sort(key=lambda t: t[0])
+        self._bases = np.array([b for b, _, _ in self._bufs], dtype=np.uint64)
+        self._typed.clear()
+
+    def register_tensor(self, t) -> None:
+        st = t.untyped_storage()
+        self.register(st.data_ptr(), st.nbytes())
+
+    def _view(self, i: int, dtype):
+        key = (i, dtype)
+        v = self._typed.get(key)
+        if v is None:
+            b, e, arr = self._bufs[i]
+            n = (e - b) // np.dtype(dtype).itemsize
+            v = self._typed[key] = arr[: n * np.dtype(dtype).itemsize].view(dtype)
+        return v
+
+    def _locate(self, addr: np.ndarray, size: int, where):
+        """Buffer index and byte offset of each address; raises on any stray access."""
+        addr = addr.astype(np.uint64, copy=False)
+        if not self._bufs:
+            raise MemoryFault(f"{where()}: global access at {int(addr[0]):#x} but no buffer is registered")
+        which = np.searchsorted(self._bases, addr, side="right").astype(np.int64) - 1
+        bad = which < 0
+        if not bad.any():
+            ends = np.array([e for _, e, _ in self._bufs], dtype=np.uint64)
+            bad = (addr + np.uint64(size)) > ends[which]
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise MemoryFault(f"{where(j)}: out-of-bounds global access of {size} bytes at "
+                              f"{int(addr[j]):#x} (not inside any kernel argument buffer)")
+        if size > 1 and (addr % np.uint64(size)).any():
+            j = int(np.flatnonzero(addr % np.uint64(size))[0])
+            raise MemoryFault(f"{where(j)}: misaligned {size}-byte global access at {int(addr[j]):#x}")
+        return which, addr - self._bases[which]
+
+    def load(self, addr, dtype, where):
+        size = np.dtype(dtype).itemsize
+        which, off = self._locate(addr, size, where)
+        out = np.empty(len(addr), dtype=dtype)
+        for i in np.unique(which):
+            sel = which == i
+            out[sel] = self._view(int(i), dtype)[(off[sel] // np.uint64(size)).astype(np.int64)]
+        return out
+
+    def store(self, addr, values, dtype, where):
+        size = np.dtype(dtype).itemsize
+        which, off = self._locate(addr, size, where)
+        values = np.asarray(values).astype(dtype, copy=False)
+        for i in np.unique(which):
+            sel = which == i
+            self._view(int(i), dtype)[(off[sel] // np.uint64(size)).astype(np.int64)] = values[sel]
+
+    def index_of(self, addr, dtype, where):
+        """(typed view, element indices) for read-modify-write (atomics)."""
+        size = np.dtype(dtype).itemsize
+        which, off = self._locate(addr, size, where)
+        if len(np.unique(which)) != 1:
+            raise MemoryFault(f"{where()}: one atomic instruction spans several buffers (unsupported)")
+        return self._view(int(which[0]), dtype), (off // np.uint64(size)).astype(np.int64)
+
+
+class SharedMemory:
+    """Shared memory of the CTAs running together: one byte array, `size` bytes per CTA."""
+
+    def __init__(self, num_ctas: int, size: int):
+        self.size = size
+        self.data = np.zeros(max(1, num_ctas * size), dtype=np.uint8)
+        # Uninitialised shared memory is garbage on a GPU: fill with a pattern so kernels
+        # that read before writing show it (0xFF bytes are NaN for f32/bf16/fp8 reads).
+        self.data[:] = 0xFF
+        self._typed = {}
+
+    def view(self, dtype):
+        v = self._typed.get(dtype)
+        if v is None:
+            n = len(self.data) // np.dtype(dtype).itemsize
+            v = self._typed[dtype] = self.data[: n * np.dtype(dtype).itemsize].view(dtype)
+        return v
+
+    def flat_index(self, offset, cta, size: int, where):
+        """Byte index in `data` of shared offsets (per thread) of CTAs `cta` (local index)."""
+        offset = offset.astype(np.int64)
+        bad = (offset < 0) | (offset + size > self.size)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise MemoryFault(f"{where(j)}: out-of-bounds shared access of {size} bytes at offset "
+                              f"{int(offset[j])} (shared memory is {self.size} bytes per CTA)")
+        if size > 1 and (offset % size).any():
+            j = int(np.flatnonzero(offset % size)[0])
+            raise MemoryFault(f"{where(j)}: misaligned {size}-byte shared access at offset {int(offset[j])}")
+        return cta.astype(np.int64) * self.size + offset

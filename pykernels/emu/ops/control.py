@@ -1,0 +1,251 @@
+"""Control flow, CTA barriers, warp-collective operations, fences and hints."""
+import numpy as np
+
+from ..errors import EmuError, UnsupportedInstruction
+from ..machine import BLOCKED, DONE, RUNNABLE
+from . import op, types_of
+
+
+@op("bra")
+def bra(m, ins, idx):
+    target = ins.operands[0].value
+    if target not in m.kernel.labels:
+        m.fail(EmuError, f"branch to unknown label {target}", idx)
+    dest = m.kernel.labels[target]
+    here = int(m.pc[idx[0]]) - 1
+    m.pc[idx] = dest
+    if dest <= here:
+        m.epoch[idx] += 1   # a loop iteration: lets lagging threads catch up first
+
+
+@op("ret", "exit")
+def ret(m, ins, idx):
+    m.state[idx] = DONE
+    m.state_version += 1
+    _release_barriers(m)
+
+
+@op("trap", "brkpt")
+def trap(m, ins, idx):
+    m.fail(EmuError, f"{ins.opcode} executed", idx)
+
+
+def _release_barriers(m):
+    """Exited threads no longer count as expected at a full-CTA barrier."""
+    for key in list(m.barriers):
+        _try_complete(m, key)
+
+
+def _expected(m, cta, count):
+    if count is not None:
+        return count
+    alive = (m.cta == cta) & (m.state != DONE)
+    # barriers count whole warps
+    warps = np.unique(m.warp[alive])
+    return len(warps) * 32 if len(warps) else 0
+
+
+def _try_complete(m, key):
+    arrived, count, blocked = m.barriers[key]
+    cta = key[0]
+    need = _expected(m, cta, count)
+    have = len(arrived) // 1
+    warps_arrived = len(np.unique(m.warp[np.array(sorted(arrived), dtype=np.int64)])) * 32 if arrived else 0
+    if warps_arrived > need and count is not None:
+        raise EmuError(f"{m.kernel.name}: barrier {key[1]} of CTA {cta}: {warps_arrived} threads arrived "
+                       f"but the instruction says {count} (thread-count mismatch)")
+    if need and warps_arrived >= need:
+        release = np.array(sorted(blocked), dtype=np.int64)
+        del m.barriers[key]
+        if len(release):
+            m.unblock(release)
+        m.state_version += 1
+    return have
+
+
+@op("bar", "barrier")
+def bar(m, ins, idx):
+    mods = ins.mods
+    if "warp" in mods:          # bar.warp.sync: the warp's threads run together here
+        return
+    if "cluster" in mods:
+        return cluster_barrier(m, ins, idx)
+    if not len(idx):
+        return
+    arrive = "arrive" in mods
+    if "red" in mods:
+        m.fail(UnsupportedInstruction, f"{ins.full} is not implemented", idx)
+    bid = m.read(ins.operands[0], "u32", idx) if ins.operands else np.zeros(len(idx), dtype=np.uint32)
+    cnt = m.read(ins.operands[1], "u32", idx) if len(ins.operands) > 1 else None
+    for cta in np.unique(m.cta[idx]):
+        sel = m.cta[idx] == cta
+        for b in np.unique(bid[sel]):
+            s2 = sel & (bid == b)
+            key = (int(cta), int(b))
+            count = int(cnt[s2][0]) if cnt is not None else None
+            if count is not None and count % 32:
+                m.fail(EmuError, f"barrier thread count {count} is not a multiple of 32", idx)
+            entry = m.barriers.setdefault(key, (set(), count, set()))
+            if entry[1] != count:
+                m.fail(EmuError, f"barrier {b}: thread counts differ between arrivals ({entry[1]} vs {count})", idx)
+            who = idx[s2]
+            # whole warps arrive (bar.sync is executed per warp)
+            whole = np.flatnonzero(np.isin(m.warp, np.unique(m.warp[who])))
+            entry[0].update(whole.tolist())
+            if not arrive:
+                entry[2].update(who.tolist())
+                m.block(who, f"bar.sync {b} (CTA barrier, {count or 'all'} threads)")
+            _try_complete(m, key)
+
+
+def cluster_barrier(m, ins, idx):
+    """barrier.cluster.arrive / wait (and .sync when both are meant)."""
+    st = m.ext.setdefault("cluster_bar", {})
+    wait = "wait" in ins.mods
+    arrive = "arrive" in ins.mods or not wait
+    csize = int(np.prod(m.L.cluster))
+    for base in np.unique(m.cluster_base[idx]):
+        who = idx[m.cluster_base[idx] == base]
+        s = st.setdefault(int(base), {"phase": 0, "arrived": set(), "done": {}})
+        members = np.flatnonzero((m.cluster_base == base) & (m.state != DONE))
+        if arrive:
+            s["arrived"].update(who.tolist())
+            for t in who.tolist():
+                s["done"][t] = s["phase"]
+            if len(s["arrived"]) >= len(members):
+                s["phase"] += 1
+                s["arrived"] = set()
+                waiting = [t for t, (ph) in s.get("waiters", {}).items()]
+                s["waiters"] = {}
+                if waiting:
+                    m.unblock(np.array(waiting, dtype=np.int64))
+                m.state_version += 1
+        if wait:
+            pending = [t for t in who.tolist() if s["done"].get(t, -1) >= s["phase"]]
+            if pending:
+                s.setdefault("waiters", {}).update({t: s["phase"] for t in pending})
+                m.block(np.array(pending, dtype=np.int64), f"barrier.cluster.wait ({csize} CTAs)")
+
+
+@op("membar", "fence", "nanosleep", "griddepcontrol", "pmevent")
+def nop_ordering(m, ins, idx):
+    # The emulator executes memory operations in program order and makes each visible at
+    # once, which satisfies every ordering these instructions request.
+    return
+
+
+@op("setmaxnreg")
+def setmaxnreg(m, ins, idx):
+    n = ins.operands[0].value
+    if n % 8 or not 24 <= n <= 256:
+        m.fail(EmuError, f"setmaxnreg: register count {n} must be a multiple of 8 in [24, 256]", idx)
+    m.ext.setdefault("setmaxnreg", []).append((ins.full, n))
+
+
+@op("activemask")
+def activemask(m, ins, idx):
+    r = np.zeros(len(idx), dtype=np.uint32)
+    for w in np.unique(m.warp[idx]):
+        sel = m.warp[idx] == w
+        r[sel] = np.bitwise_or.reduce((np.uint32(1) << m.lane[idx[sel]]).astype(np.uint32))
+    m.write(ins.operands[0], r, "b32", idx)
+
+
+def _warp_groups(m, idx):
+    for w in np.unique(m.warp[idx]):
+        yield idx[m.warp[idx] == w]
+
+
+@op("shfl")
+def shfl(m, ins, idx):
+    mode = next(x for x in ("up", "down", "bfly", "idx") if x in ins.mods)
+    dst = ins.operands[0]
+    dsts = dst.value if dst.kind == "vec" else [dst]
+    a_op, b_op, c_op = ins.operands[1:4]
+    b = m.read(b_op, "u32", idx).astype(np.int64)
+    c = m.read(c_op, "u32", idx).astype(np.int64)
+    lane = m.lane[idx].astype(np.int64)
+    clamp = c & 0x1F
+    seg = (c >> 8) & 0x1F
+    max_lane = (lane & seg) | (clamp & ~seg)
+    min_lane = lane & seg
+    if mode == "up":
+        j = lane - b
+        ok = j >= max_lane
+    elif mode == "down":
+        j = lane + b
+        ok = j <= max_lane
+    elif mode == "bfly":
+        j = lane ^ b
+        ok = j <= max_lane
+    else:
+        j = min_lane | (b & 0x1F & ~seg)
+        ok = j <= max_lane
+    j = np.where(ok, j, lane)
+    src = idx - lane + j                      # thread index of the source lane
+    active = np.zeros(m.T, dtype=bool)
+    active[idx] = True
+    if not active[src].all():
+        m.fail(EmuError, "shfl.sync reads a lane that is not executing this shfl (undefined result)", idx)
+    vals = m.read(a_op, "b32", src)
+    m.write(dsts[0], vals, "b32", idx)
+    if len(dsts) > 1:
+        m.write(dsts[1], ok, "pred", idx)
+
+
+@op("vote")
+def vote(m, ins, idx):
+    mode = next(x for x in ("all", "any", "uni", "ballot") if x in ins.mods)
+    p_op = ins.operands[1]
+    p = m.read(p_op, "pred", idx)
+    out = np.zeros(len(idx), dtype=np.uint32 if mode == "ballot" else np.bool_)
+    for w in np.unique(m.warp[idx]):
+        sel = m.warp[idx] == w
+        pv = p[sel]
+        if mode == "ballot":
+            out[sel] = np.bitwise_or.reduce(np.where(pv, np.uint32(1) << m.lane[idx[sel]], 0).astype(np.uint32))
+        elif mode == "all":
+            out[sel] = pv.all()
+        elif mode == "any":
+            out[sel] = pv.any()
+        else:
+            out[sel] = pv.all() or not pv.any()
+    m.write(ins.operands[0], out, "b32" if mode == "ballot" else "pred", idx)
+
+
+@op("redux")
+def redux(m, ins, idx):
+    kind = next(x for x in ("add", "min", "max", "and", "or", "xor") if x in ins.mods)
+    t = types_of(ins)[-1]
+    v = m.read(ins.operands[1], t, idx)
+    out = np.empty(len(idx), dtype=v.dtype)
+    for w in np.unique(m.warp[idx]):
+        sel = m.warp[idx] == w
+        x = v[sel]
+        with np.errstate(over="ignore"):
+            r = {"add": lambda: x.sum(dtype=x.dtype), "min": x.min, "max": x.max,
+                 "and": lambda: np.bitwise_and.reduce(x), "or": lambda: np.bitwise_or.reduce(x),
+                 "xor": lambda: np.bitwise_xor.reduce(x)}[kind]()
+        out[sel] = r
+    m.write(ins.operands[0], out, t, idx)
+
+
+@op("elect")
+def elect(m, ins, idx):
+    mask = m.read(ins.operands[1], "b32", idx)
+    dst = ins.operands[0]
+    dsts = dst.value if dst.kind == "vec" else [dst]
+    leader = np.zeros(len(idx), dtype=np.uint32)
+    is_leader = np.zeros(len(idx), dtype=bool)
+    for w in np.unique(m.warp[idx]):
+        sel = np.flatnonzero(m.warp[idx] == w)
+        lanes = m.lane[idx[sel]]
+        inmask = ((mask[sel] >> lanes) & 1).astype(bool)
+        cand = lanes[inmask]
+        ld = int(cand.min()) if len(cand) else 0
+        leader[sel] = ld
+        is_leader[sel] = (lanes == ld) & inmask
+    if dsts[0].kind != "sink":
+        m.write(dsts[0], leader, "b32", idx)
+    if len(dsts) > 1:
+        m.write(dsts[1], is_leader, "pred", idx)

@@ -131,8 +131,8 @@ def test_quant_validation_errors():
         pk.per_block_cast_to_fp8(torch.ones(4, 128, dtype=torch.int32))
     with pytest.raises(ValueError, match="x: expected unit stride in the last dimension"):
         pk.per_token_cast_to_fp8(torch.randn(128, 4).t())
-    with pytest.raises(ValueError, match="backend: 'emu' is not available"):
-        pk.per_token_cast_to_fp8(torch.randn(4, 128), backend="emu")
+    with pytest.raises(ValueError, match="backend: 'cuda' runs on GPU tensors, got tensors on cpu"):
+        pk.per_token_cast_to_fp8(torch.randn(4, 128), backend="cuda")
 
 
 def test_custom_ops_opcheck():

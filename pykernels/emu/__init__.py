@@ -7,3 +7,5 @@ returning per-launch Stats, and `parse(ptx)` for the module structure.
 from .errors import Deadlock, EmuError, MemoryFault, UnsupportedInstruction  # noqa: F401
 from .launch import launch  # noqa: F401
 from .parser import parse  # noqa: F401
+from .triton_compile import CompiledPTX, compile_triton  # noqa: F401,E402
+from .triton_launch import launch_triton  # noqa: F401,E402

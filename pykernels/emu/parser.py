@@ -261,8 +261,8 @@ def parse(text: str) -> Module:
     for ch in src:
         if ch == "\n":
             line += 1
-            # .version/.target/.address_size end at the line break (no ';').
-            if re.match(r"^\.(version|target|address_size)\b", "".join(buf).strip()):
+            # .version/.target/.address_size/.file/.loc/.section end at the line break.
+            if re.match(r"^\.(version|target|address_size|file|loc|section)\b", "".join(buf).strip()):
                 items.append(("stmt", "".join(buf).strip(), buf_line))
                 buf, buf_line = [], None
                 continue
@@ -330,11 +330,23 @@ class _Builder:
                     kernels[k.name] = k
             elif _VAR.match(s):
                 variables.append(_parse_var(s, line))
-            elif s.startswith((".file", ".loc", ".section", ".pragma")):
+            elif s.startswith(".section"):
+                self._skip_block()          # debug sections: data, no code
+            elif s.startswith((".file", ".loc", ".pragma")):
                 pass
             else:
                 raise EmuError(f"line {line}: unexpected module-level statement {s[:60]!r}")
         return Module(version, target, variables, kernels)
+
+    def _skip_block(self):
+        if self.pos < len(self.items) and self.items[self.pos][0] == "{":
+            depth = 0
+            while self.pos < len(self.items):
+                kind = self.items[self.pos][0]
+                self.pos += 1
+                depth += (kind == "{") - (kind == "}")
+                if depth == 0:
+                    return
 
     def _kernel(self, header: str, line: int):
         entry = ".entry" in header

@@ -140,11 +140,13 @@ def test_custom_ops_opcheck():
     x = torch.randn(4, 256)
     # test_schema compares fp8 outputs with an op torch lacks for fp8 on CPU: not run.
     utils = ("test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.pykernels.per_token_cast_to_fp8.default, (x, "reference"), test_utils=utils)
-    torch.library.opcheck(torch.ops.pykernels.per_block_cast_to_fp8.default, (x, "reference"), test_utils=utils)
     a, sfa, b, sfb, out = _good()
-    torch.library.opcheck(torch.ops.pykernels.fp8_gemm_nt.default, (a, sfa, b, sfb, out, "reference"),
-                          test_utils=utils)
+    checks = [(torch.ops.pykernels.per_token_cast_to_fp8.default, (x, "reference")),
+              (torch.ops.pykernels.per_block_cast_to_fp8.default, (x, "reference")),
+              (torch.ops.pykernels.fp8_gemm_nt.default, (a, sfa, b, sfb, out, "reference"))]
+    for fn, args in checks:
+        result = torch.library.opcheck(fn, args, test_utils=utils)
+        assert result == {u: "SUCCESS" for u in utils}, (fn, result)
 
 
 def test_torch_compile_fullgraph():

@@ -62,8 +62,7 @@ class Stats:
         key = np.unique(np.stack([warps.astype(np.int64), words]), axis=1)
         wb = key[0] * 32 + key[1] % 32
         _, per_bank = np.unique(wb, return_counts=True)
-        # wavefronts per warp = max distinct words in one bank; 128-bit accesses need at
-        # least size/4 ... keep it simple: count the excess over one word per bank.
+        # wavefronts per warp = most distinct words in one bank; conflicts = the excess.
         bank_warp = np.unique(wb) // 32
         worst = collections.defaultdict(int)
         for w, c in zip(bank_warp.tolist(), per_bank.tolist()):

@@ -144,8 +144,7 @@ def arith(m, ins, idx):
             r = np.full(len(a), -1).astype(NP[t])
         else:
             if t.startswith("s"):
-                q = np.trunc(a.astype(np.float64) / b.astype(np.float64)).astype(np.int64) if type_size(t) < 8 else \
-                    np.array([int(x / y) if False else _cdiv(int(x), int(y)) for x, y in zip(a, b)], dtype=np.int64)
+                q = np.array([_cdiv(int(x), int(y)) for x, y in zip(a.tolist(), b.tolist())], dtype=np.int64)
                 r = (q if name == "div" else a.astype(np.int64) - q * b.astype(np.int64)).astype(NP[t])
             else:
                 r = (a // b) if name == "div" else (a % b)

@@ -49,7 +49,6 @@ def _try_complete(m, key):
     arrived, count, blocked = m.barriers[key]
     cta = key[0]
     need = _expected(m, cta, count)
-    have = len(arrived) // 1
     warps_arrived = len(np.unique(m.warp[np.array(sorted(arrived), dtype=np.int64)])) * 32 if arrived else 0
     if warps_arrived > need and count is not None:
         raise EmuError(f"{m.kernel.name}: barrier {key[1]} of CTA {cta}: {warps_arrived} threads arrived "
@@ -60,7 +59,6 @@ def _try_complete(m, key):
         if len(release):
             m.unblock(release)
         m.state_version += 1
-    return have
 
 
 @op("bar", "barrier")
@@ -115,7 +113,7 @@ def cluster_barrier(m, ins, idx):
             if len(s["arrived"]) >= len(members):
                 s["phase"] += 1
                 s["arrived"] = set()
-                waiting = [t for t, (ph) in s.get("waiters", {}).items()]
+                waiting = list(s.get("waiters", {}))
                 s["waiters"] = {}
                 if waiting:
                     m.unblock(np.array(waiting, dtype=np.int64))

@@ -43,8 +43,6 @@ def ld(m, ins, idx):
     dsts = dst.value if dst.kind == "vec" else [dst]
     if len(dsts) != _vec(ins):
         m.fail(UnsupportedInstruction, f"{ins.full}: {len(dsts)} destinations for .v{_vec(ins)}", idx)
-    if len(dsts) > 1 and size * len(dsts) <= 8 and space == "global":
-        pass  # element-wise below; alignment of the whole vector checked here
     if len(dsts) > 1 and (addr % np.uint64(size * len(dsts))).any():
         m.fail(MemoryFault, f"misaligned {size * len(dsts)}-byte vector access", idx)
     for k, d in enumerate(dsts):

@@ -121,6 +121,17 @@ class Launch:
         return groups
 
 
+def _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem, max_steps):
+    module = parse_cached(ptx) if isinstance(ptx, str) else ptx
+    k = module.kernel(kernel)
+    grid, block, cluster = _dim3(grid, "grid"), _dim3(block, "block"), _dim3(cluster, "cluster")
+    if np.prod(block) > 1024:
+        raise ValueError(f"block: at most 1024 threads per CTA, got {block}")
+    if np.prod(cluster) > 16:
+        raise ValueError(f"cluster: at most 16 CTAs, got {cluster}")
+    return Launch(module, k, grid, block, cluster, list(args), shared_mem, gmem, max_steps)
+
+
 def launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1, 1, 1), *, co_resident=False,
            gmem=None, max_steps=MAX_STEPS):
     """Run `kernel` of the PTX module text `ptx` over CPU tensors; returns Stats.
@@ -130,15 +141,34 @@ def launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1, 1, 1), *, c
     co_resident=True keeps every CTA of the grid resident at once (persistent kernels,
     CTAs that wait on each other); otherwise CTAs run a cluster at a time.
     """
-    module = parse_cached(ptx) if isinstance(ptx, str) else ptx
-    k = module.kernel(kernel)
-    grid, block, cluster = _dim3(grid, "grid"), _dim3(block, "block"), _dim3(cluster, "cluster")
-    if np.prod(block) > 1024:
-        raise ValueError(f"block: at most 1024 threads per CTA, got {block}")
-    if np.prod(cluster) > 16:
-        raise ValueError(f"cluster: at most 16 CTAs, got {cluster}")
-    L = Launch(module, k, grid, block, cluster, list(args), shared_mem, gmem or GlobalMemory(), max_steps)
+    L = _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem or GlobalMemory(), max_steps)
     for ctas in L.cta_groups(co_resident):
         Machine(L, ctas).run()
         L.stats.ctas += len(ctas)
     return L.stats
+
+
+def launch_many(launches, *, quantum=512, max_steps=MAX_STEPS):
+    """Run several launches at the same time, as kernels on several devices would run.
+
+    launches: list of dicts with the keyword arguments of `launch` (ptx, kernel, grid,
+    block, args, and optionally shared_mem, cluster). Every CTA of every launch is
+    resident; the launches advance `quantum` scheduler steps in turn, so a kernel that
+    spins on a flag another device writes sees it. All launches share one global memory
+    (real CPU addresses), so a pointer to another launch's tensor works as a CUDA IPC
+    mapping does. Returns one Stats per launch.
+    """
+    gmem = GlobalMemory()
+    runs = []
+    for spec in launches:
+        spec = dict(spec)
+        L = _prepare(spec.pop("ptx"), spec.pop("kernel"), spec.pop("grid"), spec.pop("block"), spec.pop("args"),
+                     spec.pop("shared_mem", 0), spec.pop("cluster", (1, 1, 1)), gmem, max_steps)
+        if spec:
+            raise ValueError(f"launches: unknown keys {sorted(spec)}")
+        runs.append((L, Machine(L, L.cta_groups(co_resident=True)[0])))
+        L.stats.ctas = runs[-1][1].ncta
+    live = list(runs)
+    while live:
+        live = [(L, machine) for L, machine in live if machine.run(budget=quantum) != "done"]
+    return [L.stats for L, _ in runs]

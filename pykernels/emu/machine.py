@@ -24,6 +24,7 @@ UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SINT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 RUNNABLE, BLOCKED, DONE = 0, 1, 2
 MAX_STEPS = 50_000_000
+ASYNC_LATENCY = 2000    # scheduler steps after which a queued asynchronous copy lands
 
 
 class Machine:
@@ -62,6 +63,9 @@ class Machine:
         self.barriers = {}               # (cta, id) -> arrived thread indices
         self.state_version = 0           # bumped by anything that may unblock a waiter
         self.ext = {}                    # per-launch state of instruction families (mbarrier, wgmma ...)
+        self.guard = {}                  # register -> threads that may not touch it (pending wgmma)
+        self.async_ops = []              # issued asynchronous copies not yet performed (TMA, bulk)
+        self.steps = 0
         self.instr = None
 
     # ---------------------------------------------------------------- locations
@@ -86,6 +90,8 @@ class Machine:
         k = op.kind
         n = len(idx)
         if k == "reg":
+            if self.guard and op.value in self.guard:
+                self._check_guard(op.value, idx, "reads")
             raw = self.regs[op.value][idx]
             if raw.dtype == np.bool_:
                 v = raw if t == "pred" else raw.astype(NP[t])
@@ -127,6 +133,8 @@ class Machine:
             return
         if op.kind != "reg":
             self.fail(EmuError, f"destination {op!r} is not a register", idx)
+        if self.guard and op.value in self.guard:
+            self._check_guard(op.value, idx, "writes")
         reg = self.regs[op.value]
         if reg.dtype == np.bool_:
             reg[idx] = np.asarray(value).astype(np.bool_)
@@ -145,6 +153,12 @@ class Machine:
         else:
             v = v.view(UINT[W])
         reg[idx] = v
+
+    def _check_guard(self, name, idx, what):
+        hit = self.guard[name][idx]
+        if hit.any():
+            self.fail(EmuError, f"{what} {name}, a register of a wgmma.mma_async that is still in flight: "
+                                "wait with wgmma.wait_group first", idx[hit])
 
     def _special(self, name, idx):
         axis = {"x": 0, "y": 1, "z": 2}
@@ -199,13 +213,13 @@ class Machine:
         self.fail(UnsupportedInstruction, f"special register {name} is not supported", idx)
 
     def symbol_address(self, name, idx=None):
-        """Address a symbol stands for: a label never; shared variables give their
-        shared-window offset, params their param-window generic address, globals theirs."""
+        """Address a symbol stands for: shared variables and kernel parameters give their
+        address in their own space (cvta makes them generic), globals their global one."""
         L = self.L
         if name in L.shared_vars:
             return L.shared_vars[name]
         if name in L.param_offsets:
-            return PARAM_WINDOW + L.param_offsets[name]
+            return L.param_offsets[name]
         if name in L.global_vars:
             return L.global_vars[name]
         self.fail(EmuError, f"unknown symbol {name!r}", idx)
@@ -332,16 +346,21 @@ class Machine:
         for w in np.unique(self.warp[idx]):
             self.waiting.pop(int(w), None)
 
-    def run(self):
+    def run(self, budget=None):
+        """Run to completion (returns "done"), or for `budget` more steps (then returns
+        "budget" if threads are left). Raises Deadlock when every live thread is blocked."""
         instrs = self.kernel.instrs
         stats = self.L.stats
         handlers = self.handlers
-        steps = 0
+        end = None if budget is None else self.steps + budget
         while True:
             runnable = self.state == RUNNABLE
+            if self.async_ops and (not runnable.any() or self.steps - self.async_ops[0].issued > ASYNC_LATENCY):
+                self.complete_async()
+                continue
             if not runnable.any():
                 if (self.state == DONE).all():
-                    return
+                    return "done"
                 if self._wake_pollers():
                     continue
                 self._deadlock()
@@ -365,9 +384,26 @@ class Machine:
             stats.count(ins, len(active), len(np.unique(self.warp[active])) if len(active) else 0)
             if len(active) or ins.opcode in ("bar", "barrier"):
                 h(self, ins, active)
-            steps += 1
-            if steps > self.L.max_steps:
+            self.steps += 1
+            if self.steps > self.L.max_steps:
                 self.fail(EmuError, f"more than {self.L.max_steps} steps: the kernel does not terminate", idx)
+            if end is not None and self.steps >= end:
+                return "budget"
+
+    def issue_async(self, op):
+        """Queue an asynchronous copy (an object with .issued and .perform()); it is
+        performed when the threads have nothing else to do, after ASYNC_LATENCY steps, or
+        when a wait on it needs it - never at issue, so a missing wait shows."""
+        op.issued = self.steps
+        self.async_ops.append(op)
+
+    def complete_async(self, upto=None):
+        """Perform queued copies in issue order (all, or up to and including `upto`)."""
+        while self.async_ops:
+            op = self.async_ops.pop(0)
+            op.perform(self)
+            if op is upto:
+                return
 
     def _wake_pollers(self):
         """Parked try_wait threads get `false` once nothing else can run, unless nothing

@@ -157,6 +157,12 @@ def _operand(tok: str, rename, line: int) -> Operand:
         return Operand("vec", [_operand(t, rename, line) for t in _split_top(tok[1:-1])])
     if tok.startswith("["):
         inner = tok[1:-1].strip()
+        if "," in inner:     # tensor operand of TMA: [tensorMap, {c0, c1, ...}]
+            parts = _split_top(inner)
+            coords = _operand(parts[1], rename, line) if len(parts) == 2 else None
+            if coords is None or coords.kind != "vec":
+                raise EmuError(f"line {line}: cannot parse tensor operand {tok!r}")
+            return Operand("tensor", (_operand(parts[0], rename, line), coords.value), neg)
         m = re.match(r"^([^+\-]+?)\s*(?:([+-])\s*(\S+))?$", inner)
         if not m:
             raise EmuError(f"line {line}: cannot parse address operand {tok!r}")

@@ -69,6 +69,11 @@ class Stats:
             worst[w] = max(worst[w], c)
         self.bank_conflicts += sum(v - 1 for v in worst.values())
 
+    @property
+    def wgmma_issued(self) -> int:
+        """wgmma.mma_async instructions issued (one per warpgroup)."""
+        return self.wgmma
+
     def as_dict(self) -> dict:
         return {"instructions": dict(self.instructions), "instructions_total": self.instructions_total,
                 "thread_instructions": self.thread_instructions, "global_bytes_read": self.global_read,

@@ -31,7 +31,8 @@ print(json.dumps({"ptx": c.asm["ptx"], "name": md.name, "num_warps": md.num_warp
                   "cluster_dims": list(getattr(md, "cluster_dims", (1, 1, 1)) or (1, 1, 1)),
                   "global_scratch_size": getattr(md, "global_scratch_size", 0) or 0,
                   "global_scratch_align": getattr(md, "global_scratch_align", 1) or 1,
-                  "profile_scratch_size": getattr(md, "profile_scratch_size", 0) or 0}))
+                  "profile_scratch_size": getattr(md, "profile_scratch_size", 0) or 0,
+                  "tensordesc_meta": getattr(md, "tensordesc_meta", None)}))
 """
 
 
@@ -46,6 +47,7 @@ class CompiledPTX:
     global_scratch_size: int = 0
     global_scratch_align: int = 1
     profile_scratch_size: int = 0
+    tensordesc_meta: list = None     # per TensorDescriptor argument: swizzle, elem_size, block_size ...
 
     @property
     def asm(self):

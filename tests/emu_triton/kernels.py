@@ -29,9 +29,9 @@ def fp8_block_scaled_gemm(a_ptr, b_ptr, c_ptr, sfa_ptr, sfb_ptr, M, N, K,
         a = tl.load(a_ptr + rm[:, None] * stride_am + (k * BLOCK_K + rk)[None, :], mask=rm[:, None] < M, other=0.0)
         b = tl.load(b_ptr + rn[:, None] * stride_bn + (k * BLOCK_K + rk)[None, :], mask=rn[:, None] < N, other=0.0)
         sa = tl.load(sfa_ptr + rm * kb + k, mask=rm < M, other=0.0)
-        sb = tl.load(sfb_ptr + (pid_n * BLOCK_N // 128) * kb + k)
+        sb = tl.load(sfb_ptr + (rn // 128) * kb + k, mask=rn < N, other=0.0)   # one per 128 columns
         part = tl.dot(a, tl.trans(b))
-        acc += part * sa[:, None] * sb
+        acc += part * sa[:, None] * sb[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(tl.bfloat16), mask=mask)
 

@@ -27,8 +27,6 @@ def _compile(name, signature, constexprs, num_warps, num_stages=3):
                               num_warps=num_warps, num_stages=num_stages)
 
 
-NEEDS_WGMMA = pytest.mark.skip(reason="the emulator does not implement wgmma/TMA/mbarrier yet (issue 3, "
-                                      "next step); this test is the acceptance check for them")
 
 
 def _fp8(shape):
@@ -40,7 +38,6 @@ FP8_GEMM_SIG = (("a_ptr", "*fp8e4nv"), ("b_ptr", "*fp8e4nv"), ("c_ptr", "*bf16")
                 ("K", "i32"), ("stride_am", "i32"), ("stride_bn", "i32"), ("stride_cm", "i32"))
 
 
-@NEEDS_WGMMA
 @pytest.mark.parametrize("block_m,block_n,num_warps,num_stages,m,n", [
     (64, 64, 4, 3, 100, 128),
     (128, 128, 8, 4, 129, 256),
@@ -72,7 +69,6 @@ def test_fp8_block_scaled_gemm(block_m, block_n, num_warps, num_stages, m, n):
     assert stats.wgmma_issued > 0
 
 
-@NEEDS_WGMMA
 def test_bf16_gemm():
     m = n = 64
     k = 64
@@ -99,7 +95,6 @@ def test_softmax():
     torch.testing.assert_close(y, torch.softmax(x, dim=1), rtol=1e-5, atol=1e-7)
 
 
-@NEEDS_WGMMA
 def test_attention():
     seq_q, seq_k, d = 64, 128, 64
     compiled = _compile("attention", (("q_ptr", "*bf16"), ("k_ptr", "*bf16"), ("v_ptr", "*bf16"),
@@ -115,7 +110,6 @@ def test_attention():
     assert rel_error(o, ref) < 1e-2
 
 
-@NEEDS_WGMMA
 def test_tma_descriptor_gemm():
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n, k = 128, 64, 256

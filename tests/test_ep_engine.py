@@ -37,13 +37,24 @@ def _inputs(seed, ranks, num_experts, tokens=(37, 0, 51, 12)):
     return xs, idxs, ws
 
 
-def _worker(rank, ranks, init_file, seed, done_dir):
+def spawn_ranks(worker, ranks, seed, *args):
+    """Run worker(rank, ranks, init_file, seed, done_dir, *args) in `ranks` gloo processes;
+    each must write done_dir/rank<r>.ok holding an int once all its checks held. Returns
+    the sum of those ints."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(worker, args=(ranks, os.path.join(d, "store"), seed, d) + args, nprocs=ranks, join=True)
+        done = sorted(f for f in os.listdir(d) if f.endswith(".ok"))
+        assert done == [f"rank{r}.ok" for r in range(ranks)]
+        return sum(int(open(os.path.join(d, f)).read()) for f in done)
+
+
+def _worker(rank, ranks, init_file, seed, done_dir, local_backend="torch"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
     try:
         num_experts = 8 * ranks
         xs, idxs, ws = _inputs(seed, ranks, num_experts)
         sim = ref.simulate_dispatch(xs, idxs, ws, num_experts)[rank]
-        buf = Buffer(None)
+        buf = Buffer(None, local_backend=local_backend)
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idxs[rank], num_experts)
         exp_rank, exp_expert, exp_in = ref.dispatch_layout(idxs[rank], num_experts, ranks)
         assert torch.equal(per_rank, exp_rank) and torch.equal(per_expert, exp_expert) and torch.equal(in_rank, exp_in)
@@ -103,12 +114,8 @@ def _worker(rank, ranks, init_file, seed, done_dir):
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_dispatch_combine_across_processes(ranks, seed):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(ranks, os.path.join(d, "store"), seed, d), nprocs=ranks, join=True)
-        done = sorted(f for f in os.listdir(d) if f.endswith(".ok"))
-        assert done == [f"rank{r}.ok" for r in range(ranks)]
-        received = sum(int(open(os.path.join(d, f)).read()) for f in done)
-        assert received > 0  # tokens actually crossed ranks
+    received = spawn_ranks(_worker, ranks, seed)
+    assert received > 0  # tokens actually crossed ranks
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ Conventions (shared by every EP implementation in pykernels):
 - Received top-k indices are local expert ids (global - r*E/R), -1 where the expert is
   on another rank; the matching weights are 0.
 - combine sends each received row back and sums the rows of a token in destination-
-  rank order (deterministic), in float32; with weights, each row is first scaled by the
-  sum of its local top-k weights.
+  rank order (deterministic), in float32 starting from 0.0; with weights, each row is
+  first scaled by the sum of its local top-k weights (`weight_sum`: float32, added left
+  to right from 0.0), the product rounded to float32 before it is added.
 """
 import torch
 
@@ -35,6 +36,15 @@ def localize_topk(topk_idx, topk_weights, rank: int, experts_per_rank: int):
     idx = torch.where(mine, local, torch.full_like(local, -1))
     w = None if topk_weights is None else torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
     return idx, w
+
+
+def weight_sum(topk_weights: torch.Tensor) -> torch.Tensor:
+    """float [N, K] -> float32 [N]: 0.0 + w[:, 0] + w[:, 1] + ... in that order (a fixed
+    order every backend repeats; torch's sum may reorder)."""
+    s = torch.zeros(topk_weights.shape[0], dtype=torch.float32, device=topk_weights.device)
+    for k in range(topk_weights.shape[1]):
+        s = s + topk_weights[:, k].float()
+    return s
 
 
 def simulate_dispatch(xs, topk_idxs, topk_weights, num_experts: int):
@@ -69,7 +79,7 @@ def simulate_combine(recv_xs, recv_srcs, num_tokens, recv_weights=None):
     for dst, (x, src) in enumerate(zip(recv_xs, recv_srcs)):
         rows = x.float()
         if recv_weights is not None:
-            rows = rows * recv_weights[dst].float().sum(1, keepdim=True)
+            rows = rows * weight_sum(recv_weights[dst])[:, None]
         for i in range(rows.shape[0]):
             outs[int(src[i, 0])][int(src[i, 1])] += rows[i]
     return outs

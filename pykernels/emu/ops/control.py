@@ -45,11 +45,25 @@ def _expected(m, cta, count):
     return len(warps) * 32 if len(warps) else 0
 
 
+def _arrived_warps(m, arrived):
+    """Warps whose every live thread has arrived: a warp arrives as a whole (the ISA
+    counts warps), but lanes that diverged reach the barrier at different times."""
+    if not arrived:
+        return 0
+    got = np.zeros(m.T, dtype=bool)
+    got[np.fromiter(arrived, dtype=np.int64)] = True
+    n = 0
+    for w in np.unique(m.warp[got]):
+        members = m.warp == w
+        n += bool(np.all(got[members] | (m.state[members] == DONE)))
+    return n
+
+
 def _try_complete(m, key):
     arrived, count, blocked = m.barriers[key]
     cta = key[0]
     need = _expected(m, cta, count)
-    warps_arrived = len(np.unique(m.warp[np.array(sorted(arrived), dtype=np.int64)])) * 32 if arrived else 0
+    warps_arrived = _arrived_warps(m, arrived) * 32
     if warps_arrived > need and count is not None:
         raise EmuError(f"{m.kernel.name}: barrier {key[1]} of CTA {cta}: {warps_arrived} threads arrived "
                        f"but the instruction says {count} (thread-count mismatch)")
@@ -87,9 +101,7 @@ def bar(m, ins, idx):
             if entry[1] != count:
                 m.fail(EmuError, f"barrier {b}: thread counts differ between arrivals ({entry[1]} vs {count})", idx)
             who = idx[s2]
-            # whole warps arrive (bar.sync is executed per warp)
-            whole = np.flatnonzero(np.isin(m.warp, np.unique(m.warp[who])))
-            entry[0].update(whole.tolist())
+            entry[0].update(who.tolist())
             if not arrive:
                 entry[2].update(who.tolist())
                 m.block(who, f"bar.sync {b} (CTA barrier, {count or 'all'} threads)")

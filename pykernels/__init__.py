@@ -29,6 +29,9 @@ _LAZY = {
     "fp8_gemm_nt": "pykernels.gemm",
     "m_grouped_fp8_gemm_nt_contiguous": "pykernels.gemm",
     "m_grouped_fp8_gemm_nt_masked": "pykernels.gemm",
+    # MLA decode
+    "get_mla_metadata": "pykernels.mla",
+    "flash_mla_with_kvcache": "pykernels.mla",
     # metrics
     "calc_diff": "pykernels.metrics",
     "rel_error": "pykernels.metrics",

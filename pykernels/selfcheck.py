@@ -4,6 +4,8 @@ on small shapes, compared with the PyTorch reference.
 Tolerances: quantization must be bit-identical to the reference (q bytes and scales);
 GEMM outputs must reach calc_diff < 1e-6 and relative error < 2e-3 against the
 reference on the rows they own, and leave padding / masked rows untouched (NaN-poisoned).
+MLA decode (bf16 and FP8 cache): out calc_diff < 1e-5 against the reference, LSE max
+absolute error < 1e-4, same +inf rows; the MLA schedule must equal the reference's.
 """
 import dataclasses
 import time
@@ -13,10 +15,17 @@ import torch
 from . import reference as R
 from .metrics import calc_diff, rel_error
 from .runtime.executors import gpu_unavailable_reason
+from .runtime.mla_ops import MLA_IMPLS
 from .runtime.ops import IMPLS
 
 GEMM_CALC_DIFF = 1e-6
 GEMM_REL = 2e-3
+MLA_CALC_DIFF = 1e-5
+MLA_LSE_ABS = 1e-4
+
+
+def _impls(op: str) -> dict:
+    return IMPLS[op] if op in IMPLS else MLA_IMPLS[op]
 
 
 @dataclasses.dataclass
@@ -102,6 +111,46 @@ def _gemm_case(layout, device):
     return shape, run
 
 
+def _mla_case(fp8: bool, device):
+    import pykernels.mla as M
+    b, s_q, h_q, max_blocks = 2, 2, 16, 3
+    seqlens = torch.tensor([150, 17], dtype=torch.int32, device=device)
+    cache = torch.randn(b * max_blocks, 64, 1, 576, device=device).to(torch.bfloat16)
+    if fp8:
+        cache = M.quantize_kv_cache_fp8(cache)
+    table = torch.randperm(b * max_blocks, device=device).int().view(b, max_blocks)
+    q = torch.randn(b, s_q, h_q, 576, device=device).to(torch.bfloat16)
+    # 8 partitions split the 150-token sequence, so the combine kernel runs too.
+    meta, splits = M.get_mla_metadata(seqlens, s_q * h_q, 1, 8, backend="reference")
+
+    def run(backend):
+        out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16, device=device)
+        lse = torch.full((b, h_q, s_q), float("nan"), device=device)
+        M.flash_mla_with_kvcache(q, cache, table, seqlens, 512, meta, splits, causal=True,
+                                 backend=backend, out=out, softmax_lse=lse)
+        ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, seqlens, 512, meta, splits,
+                                                causal=True, backend="reference")
+        d = calc_diff(out, ref)
+        same_inf = torch.equal(lse.isinf(), ref_lse.isinf())
+        fin = torch.isfinite(ref_lse)
+        e = float((lse[fin] - ref_lse[fin]).abs().max()) if fin.any() else 0.0
+        ok = d < MLA_CALC_DIFF and e < MLA_LSE_ABS and same_inf and not out.isnan().any()
+        return f"diff {d:.1e}, lse {e:.1e}", ok
+    return f"b={b} s_q={s_q} h_q={h_q} seqlens=[150,17] causal{' fp8 cache' if fp8 else ''}", run
+
+
+def _mla_metadata_case(device):
+    import pykernels.mla as M
+    seqlens = torch.tensor([6400, 64, 0, 1, 200], dtype=torch.int32, device=device)
+
+    def run(backend):
+        meta, splits = M.get_mla_metadata(seqlens, 64, 1, 16, backend=backend)
+        r_meta, r_splits = M.get_mla_metadata(seqlens.cpu(), 64, 1, 16, backend="reference")
+        same = torch.equal(meta.cpu(), r_meta) and torch.equal(splits.cpu(), r_splits)
+        return f"{int(splits[-1])} splits, {'same as' if same else 'differs from'} reference", same
+    return "seqlens=[6400,64,0,1,200] parts=16", run
+
+
 def cases(device):
     """(op name, shape text, runner) for the small problems of the main job."""
     yield ("per_token_cast_to_fp8", *_quant_case("per_token_cast_to_fp8", (37, 300), torch.bfloat16, device))
@@ -109,6 +158,9 @@ def cases(device):
     yield ("fp8_gemm_nt", *_gemm_case("normal", device))
     yield ("m_grouped_fp8_gemm_nt_contiguous", *_gemm_case("contiguous", device))
     yield ("m_grouped_fp8_gemm_nt_masked", *_gemm_case("masked", device))
+    yield ("get_mla_metadata", *_mla_metadata_case(device))
+    yield ("flash_mla_with_kvcache", *_mla_case(False, device))
+    yield ("flash_mla_with_kvcache", *_mla_case(True, device))
 
 
 def run_all(device: torch.device, backends=None, ops=None) -> list:
@@ -118,7 +170,7 @@ def run_all(device: torch.device, backends=None, ops=None) -> list:
         if ops and op not in ops:
             continue
         for backend in backends or available_backends(device):
-            if backend not in IMPLS[op]:
+            if backend not in _impls(op):
                 rows.append(Row(op, backend, shape, "-", "not implemented yet", 0.0))
                 continue
             t0 = time.perf_counter()

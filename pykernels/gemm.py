@@ -3,8 +3,10 @@
 A is e4m3 [m, k] with 1x128 scales sfa float32 [m, k/128] (row-major, or column-major
 TMA-aligned as DeepGEMM produces); B is e4m3 [n, k] with 128x128 block scales sfb
 float32 [ceil(n/128), k/128]; out is bf16 [m, n] = (A * sfa) @ (B * sfb)^T.
-K must be a multiple of 128. Backends: "reference", "triton" ("auto": triton on GPU
-tensors, reference on CPU tensors). No host-device synchronisation on any path.
+K must be a multiple of 128. Backends: "cuda" (hand-written sm_90a kernel,
+csrc/gemm/fp8_gemm.cu; N a multiple of 8), "emu" (the same kernel on the PTX emulator, CPU
+tensors), "triton", "reference". "auto": cuda on GPU tensors (triton for shapes the cuda
+kernel does not take), reference on CPU tensors. No host-device synchronisation on any path.
 """
 import torch
 
@@ -17,6 +19,13 @@ _F8 = torch.float8_e4m3fn
 
 def _kb(k: int) -> int:
     return (k + 127) // 128
+
+
+def _resolve(op: str, backend: str, dev: torch.device, n: int) -> str:
+    """resolve(), except that "auto" leaves the cuda kernel for N it does not support."""
+    if backend == "auto" and dev.type == "cuda" and n % 8:
+        backend = "triton"
+    return resolve(op, backend, dev, IMPLS[op])
 
 
 def _operands(a, b, out, grouped_a: bool, grouped_b: bool):
@@ -58,9 +67,9 @@ def fp8_gemm_nt(a, b, out, *, backend: str = "auto"):
     a: (e4m3 [m, k], float32 [m, k/128]); b: (e4m3 [n, k], float32 [ceil(n/128), k/128]);
     out: bf16 [m, n], written in place and returned.
     """
-    a_t, sfa, b_t, sfb, out, _ = _operands(a, b, out, False, False)
+    a_t, sfa, b_t, sfb, out, (_, n, _) = _operands(a, b, out, False, False)
     dev = V.check_same_device(a=a_t, sfa=sfa, b=b_t, sfb=sfb, out=out)
-    backend = resolve("fp8_gemm_nt", backend, dev, IMPLS["fp8_gemm_nt"])
+    backend = _resolve("fp8_gemm_nt", backend, dev, n)
     torch.ops.pykernels.fp8_gemm_nt(a_t, sfa, b_t, sfb, out, backend)
     return out
 
@@ -73,14 +82,13 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, *, backend: str = "au
     of each row, -1 for padding rows, which are left untouched. Segments should be
     padded to 128 rows as in DeepGEMM (other layouts are correct but slower).
     """
-    a_t, sfa, b_t, sfb, out, (m, _, _) = _operands(a, b, out, False, True)
+    a_t, sfa, b_t, sfb, out, (m, n, _) = _operands(a, b, out, False, True)
     m_indices = V.as_tensor("m_indices", m_indices)
     V.check_dtype("m_indices", m_indices, torch.int32)
     V.check_shape("m_indices", m_indices, (m,))
     V.check_contiguous("m_indices", m_indices)
     dev = V.check_same_device(a=a_t, sfa=sfa, b=b_t, sfb=sfb, out=out, m_indices=m_indices)
-    backend = resolve("m_grouped_fp8_gemm_nt_contiguous", backend, dev,
-                      IMPLS["m_grouped_fp8_gemm_nt_contiguous"])
+    backend = _resolve("m_grouped_fp8_gemm_nt_contiguous", backend, dev, n)
     torch.ops.pykernels.m_grouped_fp8_gemm_nt_contiguous(a_t, sfa, b_t, sfb, out, m_indices, backend)
     return out
 
@@ -93,7 +101,7 @@ def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, *, backen
     per group (read on the device); expected_m: host-side hint of the typical rows per
     group (tile choice only). Rows >= masked_m[g] are left untouched.
     """
-    a_t, sfa, b_t, sfb, out, (m_max, _, _) = _operands(a, b, out, True, True)
+    a_t, sfa, b_t, sfb, out, (m_max, n, _) = _operands(a, b, out, True, True)
     groups = a_t.shape[0]
     if b_t.shape[0] != groups:
         raise ValueError(f"b: expected {groups} groups (a's first dim), got shape {list(b_t.shape)}")
@@ -103,6 +111,6 @@ def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, *, backen
     if not isinstance(expected_m, int) or expected_m < 0:
         raise ValueError(f"expected_m: expected a non-negative int, got {expected_m!r}")
     dev = V.check_same_device(a=a_t, sfa=sfa, b=b_t, sfb=sfb, out=out, masked_m=masked_m)
-    backend = resolve("m_grouped_fp8_gemm_nt_masked", backend, dev, IMPLS["m_grouped_fp8_gemm_nt_masked"])
+    backend = _resolve("m_grouped_fp8_gemm_nt_masked", backend, dev, n)
     torch.ops.pykernels.m_grouped_fp8_gemm_nt_masked(a_t, sfa, b_t, sfb, out, masked_m, expected_m, backend)
     return out

@@ -267,7 +267,7 @@ class Machine:
             return self.L.gmem.load(addr, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
-            st.count_shared(flat, self.warp[idx], size)
+            st.count_shared(flat, self.warp[idx], size, self.lane[idx])
             return self.shared.view(dtype)[flat // size]
         if space == "param":
             return self._param_load(addr, dtype, idx)
@@ -290,7 +290,7 @@ class Machine:
             return self.L.gmem.store(addr, values, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
-            st.count_shared(flat, self.warp[idx], size)
+            st.count_shared(flat, self.warp[idx], size, self.lane[idx])
             self.shared.view(dtype)[flat // size] = values
             return
         if space == "local":

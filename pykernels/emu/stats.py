@@ -51,22 +51,25 @@ class Stats:
         self.instructions_total += warps
         self.thread_instructions += threads
 
-    def count_shared(self, flat: np.ndarray, warps: np.ndarray, size: int) -> None:
-        """Bank conflicts of one shared access: per warp, the extra wavefronts needed when
-        distinct 4-byte words map to the same one of 32 banks."""
+    def count_shared(self, flat: np.ndarray, warps: np.ndarray, size: int, lanes=None) -> None:
+        """Bank conflicts of one shared access: the extra wavefronts needed when distinct
+        4-byte words map to the same one of 32 banks. Accesses wider than 4 bytes are
+        served in phases of 128 bytes (8 threads for 16 B, 16 for 8 B), as on the GPU."""
         self.shared_accesses += len(np.unique(warps))
+        per_phase = 32 * 4 // max(size, 4)
+        lanes = np.arange(len(flat)) if lanes is None else np.asarray(lanes, dtype=np.int64)
+        groups = warps.astype(np.int64) * 32 + (lanes % 32) // per_phase if size > 4 else warps.astype(np.int64)
         words = (flat.astype(np.int64) // 4)
         if size > 4:
             words = (words[:, None] + np.arange(size // 4)).reshape(-1)
-            warps = np.repeat(warps, size // 4)
-        key = np.unique(np.stack([warps.astype(np.int64), words]), axis=1)
-        wb = key[0] * 32 + key[1] % 32
-        _, per_bank = np.unique(wb, return_counts=True)
-        # wavefronts per warp = most distinct words in one bank; conflicts = the excess.
-        bank_warp = np.unique(wb) // 32
+            groups = np.repeat(groups, size // 4)
+        key = np.unique(np.stack([groups, words]), axis=1)
+        gb = key[0] * 32 + key[1] % 32
+        banks, per_bank = np.unique(gb, return_counts=True)
+        # wavefronts per phase = most distinct words in one bank; conflicts = the excess.
         worst = collections.defaultdict(int)
-        for w, c in zip(bank_warp.tolist(), per_bank.tolist()):
-            worst[w] = max(worst[w], c)
+        for g, c in zip((banks // 32).tolist(), per_bank.tolist()):
+            worst[g] = max(worst[g], c)
         self.bank_conflicts += sum(v - 1 for v in worst.values())
 
     @property

@@ -37,14 +37,20 @@ IMPLS = {
     "fp8_gemm_nt": {
         "reference": R.fp8_gemm_nt,
         "triton": lambda *a: _triton().fp8_gemm_nt(*a),
+        "cuda": lambda *a: _cuda().gemm.fp8_gemm_nt(*a, "cuda"),
+        "emu": lambda *a: _cuda().gemm.fp8_gemm_nt(*a, "emu"),
     },
     "m_grouped_fp8_gemm_nt_contiguous": {
         "reference": R.m_grouped_fp8_gemm_nt_contiguous,
         "triton": lambda *a: _triton().m_grouped_fp8_gemm_nt_contiguous(*a),
+        "cuda": lambda *a: _cuda().gemm.m_grouped_fp8_gemm_nt_contiguous(*a, "cuda"),
+        "emu": lambda *a: _cuda().gemm.m_grouped_fp8_gemm_nt_contiguous(*a, "emu"),
     },
     "m_grouped_fp8_gemm_nt_masked": {
         "reference": R.m_grouped_fp8_gemm_nt_masked,
         "triton": lambda *a: _triton().m_grouped_fp8_gemm_nt_masked(*a),
+        "cuda": lambda *a: _cuda().gemm.m_grouped_fp8_gemm_nt_masked(*a, "cuda"),
+        "emu": lambda *a: _cuda().gemm.m_grouped_fp8_gemm_nt_masked(*a, "emu"),
     },
 }
 

@@ -1,0 +1,394 @@
+// FP8 (e4m3) block-scaled GEMM, NT layout, bf16 output, for sm_90a (docs/gemm.md).
+//
+//   out[m, n] = sum_kb  sfa[m, kb] * sfb[n / 128, kb] * sum_{k in block kb} A[m, k] * B[n, k]
+//
+// A e4m3 [rows, K] with 1x128 scales sfa (f32, any (row, kb, group) strides); B e4m3
+// [G * N, K] with 128x128 block scales sfb f32 [G, ceil(N/128), K/128] (contiguous).
+// One kernel per tile shape (BM x BN) serves the three layouts (runtime `kind`):
+//   0 normal      A [M, K], B [N, K], out [M, N]
+//   1 contiguous  A [M, K] rows grouped by m_indices (int32 [M], -1 = padding, skipped),
+//                 B [G, N, K], out [M, N]
+//   2 masked      A [G, M, K] (M = m_max), B [G, N, K], out [G, M, N]; rows >= masked_m[g]
+//                 (int32 [G]) are skipped
+// Rows and columns a layout does not own are never written.
+//
+// Structure (persistent, warp-specialised, one CTA per SM):
+//  * warpgroup kMathWG (the last) is the producer: setmaxnreg.dec to 40; its first warp
+//    walks the tile schedule and, per 128-wide K block, waits for a free stage (empty
+//    mbarrier); one elected thread arms the stage's full mbarrier with the byte count of
+//    both boxes and issues two TMA loads (A: BM x 128, B: BN x 128, 128-byte swizzle).
+//  * warpgroups 0 .. kMathWG-1 are math warpgroups (setmaxnreg.inc to 232), each owning 64
+//    rows of the tile: per K block four wgmma m64nBNk32 (e4m3 x e4m3 -> f32) into `acc`,
+//    wait, release the stage, then promote on CUDA cores:
+//    fin += (sfa[row] * sfb[n-block]) * acc  (two-level accumulation).
+//    After the last K block: fin -> bf16 into the warpgroup's staging tile (32-byte
+//    swizzled 64 x 16 column boxes), then one thread TMA-stores the boxes when the
+//    warpgroup owns all its 64 rows (always in the normal layout: the TMA clips rows >= M
+//    and columns >= N); otherwise each warp writes the owned rows among its 16 with
+//    bounds- and group-checked 16-byte st.global.
+//  * shared memory (dynamic, aligned to 1024 here): stages x A tile, stages x B tile,
+//    kMathWG staging tiles, 2 x stages mbarriers. `stages` is a kernel argument.
+#include <cstdint>
+
+#include "pk/ptx.cuh"
+
+namespace {
+
+constexpr uint32_t kBlockK = 128;      // K per stage = one scale block = one 128-byte swizzle row
+constexpr uint32_t kProducerRegs = 40;
+constexpr uint32_t kMathRegs = 232;
+
+enum : uint32_t { kNormal = 0, kContiguous = 1, kMasked = 2 };
+
+struct Problem {
+  const float* sfa;
+  const float* sfb;
+  uint8_t* out;         // bf16 bytes
+  const int* grouping;  // m_indices (contiguous) or masked_m (masked); unused for normal
+  uint32_t m;           // rows of A per group (M; m_max for masked)
+  uint32_t n;
+  uint32_t num_kb;      // K / 128
+  uint32_t groups;
+  uint32_t kind;
+  uint32_t stages;
+  uint32_t band;        // rasterisation: n-blocks per band
+  uint32_t sfa_sm, sfa_sk;  // sfa strides (elements) of a row and of a K block
+  uint64_t sfa_sg;          // sfa stride of a group (masked)
+};
+
+__device__ __forceinline__ uint32_t cdiv(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+
+// Persistent tile schedule, identical in every warp that walks it (deterministic).
+// Tiles are numbered group by group (masked), and inside a (group's) M x N grid of
+// blocks in bands of `band` n-blocks, n fastest inside a band, so that CTAs running at
+// the same time share A rows and B columns in L2.
+template <int BM, int BN>
+struct Scheduler {
+  const Problem& p;
+  uint32_t n_blocks;
+  uint32_t group = 0;        // masked: current group
+  uint32_t group_first = 0;  // masked: first tile index of `group`
+
+  __device__ explicit Scheduler(const Problem& prob) : p(prob), n_blocks(cdiv(prob.n, BN)) {}
+
+  // The t-th tile (t increasing between calls): false when there is none.
+  // m_limit: rows of the group that exist / may be written.
+  __device__ bool get(uint32_t t, uint32_t& m_blk, uint32_t& n_blk, uint32_t& g, uint32_t& m_limit) {
+    uint32_t m_blocks;
+    if (p.kind == kMasked) {
+      for (;;) {
+        if (group >= p.groups) return false;
+        int valid = __ldg(p.grouping + group);
+        m_limit = valid <= 0 ? 0u : min((uint32_t)valid, p.m);
+        m_blocks = cdiv(m_limit, BM);
+        if (t < group_first + m_blocks * n_blocks) break;
+        group_first += m_blocks * n_blocks;
+        ++group;
+      }
+      t -= group_first;
+      g = group;
+    } else {
+      m_blocks = cdiv(p.m, BM);
+      if (t >= m_blocks * n_blocks) return false;
+      g = 0;
+      m_limit = p.m;
+    }
+    const uint32_t per_band = m_blocks * p.band;
+    const uint32_t band = t / per_band;
+    const uint32_t first_n = band * p.band;
+    const uint32_t width = min(p.band, n_blocks - first_n);
+    const uint32_t r = t - band * per_band;
+    m_blk = r / width;
+    n_blk = first_n + r % width;
+    return true;
+  }
+};
+
+// Contiguous layout: the smallest group index > prev among the rows of m-block m_blk
+// (indices outside [0, groups) are padding), or -1. A tile whose rows belong to several
+// groups is computed once per group. Called by all 32 lanes of a warp.
+template <int BM>
+__device__ __forceinline__ int next_group(const Problem& p, uint32_t m_blk, int prev) {
+  const uint32_t lane = threadIdx.x % 32;
+  int best = 0x7fffffff;
+#pragma unroll
+  for (uint32_t i = 0; i < BM / 32; ++i) {
+    const uint32_t row = m_blk * BM + i * 32 + lane;
+    if (row < p.m) {
+      const int g = __ldg(p.grouping + row);
+      if (g > prev && (uint32_t)g < p.groups) best = min(best, g);
+    }
+  }
+  best = __reduce_min_sync(0xffffffffu, best);
+  return best == 0x7fffffff ? -1 : best;
+}
+
+template <int BM, int BN>
+struct Layout {
+  static constexpr uint32_t kMathWG = BM / 64;
+  static constexpr uint32_t kThreads = 128 * (kMathWG + 1);
+  static constexpr uint32_t kABytes = BM * kBlockK;  // one stage of A (e4m3)
+  static constexpr uint32_t kBBytes = BN * kBlockK;  // one stage of B
+  // Output staging of one math warpgroup (64 x BN bf16) as BN/16 column boxes of 64 rows
+  // x 32 bytes, each in the TMA's 32-byte swizzle (16-byte chunk ^= row bit 2): the TMA
+  // store's layout, and conflict-free for the fragment writes.
+  static constexpr uint32_t kBoxCols = 16;
+  static constexpr uint32_t kBoxBytes = 64 * kBoxCols * 2;
+  static constexpr uint32_t kStagingBytes = (BN / kBoxCols) * kBoxBytes;
+  static constexpr uint32_t kChunks = BN / 8;        // 16-byte chunks per output row
+  static constexpr uint32_t kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  static constexpr uint32_t kRowsPerIter = 32 / kLanesPerRow;  // rows a warp stores per step
+  // Dynamic shared memory for `stages` stages (plus 1024 bytes to align the base).
+  // pykernels/cuda/gemm.py computes the same.
+  static __host__ __device__ constexpr uint32_t smem_bytes(uint32_t stages) {
+    return 1024 + stages * (kABytes + kBBytes) + kMathWG * kStagingBytes + stages * 16;
+  }
+  // Byte offset in the staging area of the 16-byte chunk holding columns [8 c, 8 c + 8) of row r.
+  static __device__ __forceinline__ uint32_t chunk_offset(uint32_t r, uint32_t c) {
+    return (c / 2) * kBoxBytes + r * 32 + (((c & 1) ^ ((r >> 2) & 1)) << 4);
+  }
+};
+
+__host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
+
+template <int BM, int BN>
+__device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
+                                                const pk::TensorMap* tmap_out, const Problem& p) {
+  using L = Layout<BM, BN>;
+  static_assert(BM == 64 || BM == 128, "BM: one or two math warpgroups of 64 rows");
+  static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "BN: multiple of 16 up to 256");
+  // A tile of BN columns starting at any multiple of BN meets at most two 128-column
+  // scale blocks of B.
+  static_assert(BN <= 128 + gcd_int(BN, 128), "BN: a tile may span at most two sfb blocks");
+  constexpr bool kUniformB = (128 % BN) == 0;  // a tile never crosses a sfb block
+  constexpr uint32_t kAcc = BN / 2;             // f32 accumulator registers per thread
+
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_addr = pk::smem_addr(smem_raw);
+  const uint32_t base = (raw_addr + 1023u) & ~1023u;
+  uint8_t* const smem = smem_raw + (base - raw_addr);  // generic view of `base`
+  const uint32_t smem_a = base;
+  const uint32_t smem_b = smem_a + p.stages * L::kABytes;
+  const uint32_t staging_off = p.stages * (L::kABytes + L::kBBytes);
+  const uint32_t bars = base + staging_off + L::kMathWG * L::kStagingBytes;
+  // full[s] at bars + 8 s, empty[s] at bars + 8 (stages + s)
+  const uint32_t empty_bars = bars + 8 * p.stages;
+
+  const uint32_t wg = threadIdx.x / 128;
+  // Thread s initialises stage s's barriers (straight-line code: no divergent loop
+  // before the CTA barrier).
+  if (threadIdx.x < p.stages) {
+    pk::mbar_init(bars + 8 * threadIdx.x, 1);                     // producer's arrive + TMA bytes
+    pk::mbar_init(empty_bars + 8 * threadIdx.x, 4 * L::kMathWG);  // one arrive per math warp
+    pk::fence_mbarrier_init();
+    pk::fence_proxy_async_shared();
+  }
+  __syncthreads();
+
+  if (wg == L::kMathWG) {
+    // ---------------------------------------------------------------- producer
+    pk::setmaxnreg_dec<kProducerRegs>();
+    if ((threadIdx.x / 32) % 4 != 0) return;
+    const bool leader = pk::elect_one();
+    Scheduler<BM, BN> sched(p);
+    uint32_t s = 0, phase = 0;
+    uint32_t m_blk, n_blk, g, m_limit;
+    for (uint32_t t = blockIdx.x; sched.get(t, m_blk, n_blk, g, m_limit); t += gridDim.x) {
+      int pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, -1) : (int)g;
+      while (pass_group >= 0) {
+        const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
+        const int32_t b_row = (int32_t)((uint32_t)pass_group * p.n + n_blk * BN);
+        for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+          // The whole warp waits (it stays converged); one thread arms the barrier and
+          // issues both loads.
+          pk::mbar_wait(empty_bars + 8 * s, phase ^ 1);
+          if (leader) {
+            pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kBBytes);
+            pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+            pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK), b_row);
+          }
+          __syncwarp();
+          if (++s == p.stages) {
+            s = 0;
+            phase ^= 1;
+          }
+        }
+        pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, pass_group) : -1;
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ math
+  pk::setmaxnreg_inc<kMathRegs>();
+  const uint32_t tid = threadIdx.x % 128;
+  const uint32_t warp = tid / 32, lane = tid % 32;
+  const uint32_t frag_row = 16 * warp + lane / 4;     // first of this thread's two rows (+8)
+  const uint32_t nb_total = cdiv(p.n, 128);
+  uint8_t* const staging = smem + staging_off + wg * L::kStagingBytes;
+  const uint32_t staging_addr = base + staging_off + wg * L::kStagingBytes;
+
+  float acc[kAcc];
+  float fin[kAcc];
+#pragma unroll
+  for (uint32_t i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+
+  Scheduler<BM, BN> sched(p);
+  uint32_t s = 0, phase = 0;
+  uint32_t m_blk, n_blk, g, m_limit;
+  for (uint32_t t = blockIdx.x; sched.get(t, m_blk, n_blk, g, m_limit); t += gridDim.x) {
+    int pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, -1) : (int)g;
+    while (pass_group >= 0) {
+      const uint32_t gb = (uint32_t)pass_group;            // group of B / sfb / out rows
+      const uint32_t m_base = m_blk * BM + 64 * wg;        // first row of this warpgroup
+      const uint32_t n_base = n_blk * BN;
+      // Scales of this thread's two rows (clamped inside the tensor; rows past the end
+      // are computed but never stored).
+      const uint32_t row0 = min(m_base + frag_row, p.m - 1), row1 = min(m_base + frag_row + 8, p.m - 1);
+      const float* sfa_g = p.sfa + (p.kind == kMasked ? (uint64_t)g * p.sfa_sg : 0ull);
+      const float* sfa0 = sfa_g + (uint64_t)row0 * p.sfa_sm;
+      const float* sfa1 = sfa_g + (uint64_t)row1 * p.sfa_sm;
+      const uint32_t nb0 = n_base / 128;
+      const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb;
+      const float* sfb1 = sfb0 + (nb0 + 1 < nb_total ? p.num_kb : 0u);
+      const uint32_t boundary = (nb0 + 1) * 128 - n_base;  // columns of the tile in block nb0
+#pragma unroll
+      for (uint32_t i = 0; i < kAcc; ++i) fin[i] = 0.0f;
+
+      for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+        // Scale loads first: their latency hides behind the wait and the wgmma.
+        const float sa0 = __ldg(sfa0 + (uint64_t)kb * p.sfa_sk);
+        const float sa1 = __ldg(sfa1 + (uint64_t)kb * p.sfa_sk);
+        const float sb0 = __ldg(sfb0 + kb);
+        const float sb1 = kUniformB ? sb0 : __ldg(sfb1 + kb);
+
+        pk::mbar_wait(bars + 8 * s, phase);
+#pragma unroll
+        for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
+        pk::wgmma_fence();
+        const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + wg * 64 * kBlockK);
+        const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes);
+#pragma unroll
+        for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
+          // +32 bytes of K per step = +2 in the descriptor's start-address field
+          pk::WgmmaE4M3<BN>::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
+        }
+        pk::wgmma_commit();
+        pk::wgmma_wait<0>();
+#pragma unroll
+        for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
+        if (lane == 0) pk::mbar_arrive(empty_bars + 8 * s);  // stage consumed by this warp
+        if (++s == p.stages) {
+          s = 0;
+          phase ^= 1;
+        }
+
+        // Promotion: fin += sfa[row] * sfb[block of column] * acc.
+        const float c00 = sa0 * sb0, c10 = sa1 * sb0;  // rows (r, r+8) x first block
+        const float c01 = sa0 * sb1, c11 = sa1 * sb1;  // rows (r, r+8) x second block
+#pragma unroll
+        for (uint32_t j = 0; j < kAcc / 4; ++j) {
+          const bool first = kUniformB || 8 * j < boundary;
+          const float r0 = first ? c00 : c01;
+          const float r1 = first ? c10 : c11;
+          fin[4 * j + 0] = fmaf(r0, acc[4 * j + 0], fin[4 * j + 0]);
+          fin[4 * j + 1] = fmaf(r0, acc[4 * j + 1], fin[4 * j + 1]);
+          fin[4 * j + 2] = fmaf(r1, acc[4 * j + 2], fin[4 * j + 2]);
+          fin[4 * j + 3] = fmaf(r1, acc[4 * j + 3], fin[4 * j + 3]);
+        }
+      }
+
+      // Epilogue. The warpgroup's 64 rows go to its staging tile; when it owns all of
+      // them (rows past the tensor's end count as owned: TMA clips them), one thread
+      // stores the tile with BN/16 TMA stores; otherwise (padding rows, masked tails)
+      // each warp stores the owned rows among its own 16 with checked 16-byte st.global.
+      bool use_tma;
+      if (p.kind == kNormal) {
+        use_tma = true;
+      } else if (p.kind == kMasked) {
+        use_tma = m_base + 64 <= m_limit;
+      } else {  // every warp checks all 64 rows: the same answer in the whole warpgroup
+        bool own = true;
+#pragma unroll
+        for (uint32_t i = 0; i < 2; ++i) {
+          const uint32_t row = m_base + 32 * i + lane;
+          if (row < p.m) own = own && __ldg(p.grouping + row) == pass_group;
+        }
+        use_tma = __all_sync(0xffffffffu, own);
+      }
+      if (tid == 0) pk::tma_store_wait_read<0>();  // earlier TMA stores have read the staging
+      pk::named_barrier_sync(1 + wg, 128);          // ... and every warp is done with it
+#pragma unroll
+      for (uint32_t j = 0; j < kAcc / 4; ++j) {
+        const uint32_t byte = 4 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(staging + L::chunk_offset(frag_row, j) + byte) =
+            pk::pack_bf16x2(fin[4 * j + 0], fin[4 * j + 1]);
+        *reinterpret_cast<uint32_t*>(staging + L::chunk_offset(frag_row + 8, j) + byte) =
+            pk::pack_bf16x2(fin[4 * j + 2], fin[4 * j + 3]);
+      }
+      const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + m_base;  // row in out (flattened)
+      if (use_tma) {
+        pk::fence_proxy_async_shared();               // st.shared -> visible to the TMA (async proxy)
+        pk::named_barrier_sync(1 + wg, 128);
+        if (tid == 0) {
+#pragma unroll
+          for (uint32_t c = 0; c < BN / L::kBoxCols; ++c) {
+            if (n_base + c * L::kBoxCols < p.n)
+              pk::tma_store_2d(tmap_out, staging_addr + c * L::kBoxBytes, (int32_t)(n_base + c * L::kBoxCols),
+                               (int32_t)out_row);
+          }
+          pk::tma_store_commit();
+        }
+      } else {
+        __syncwarp();
+        // Lanes split into rows of kLanesPerRow lanes, one 16-byte chunk each.
+        const uint32_t chunk = lane % L::kLanesPerRow;
+        const uint32_t col = n_base + 8 * chunk;
+        const bool col_ok = chunk < L::kChunks && col < p.n;
+        const uint32_t r_first = 16 * warp + lane / L::kLanesPerRow;  // row in the warpgroup's 64
+        uint8_t* dst = p.out + ((uint64_t)(out_row + r_first) * p.n + col) * 2;
+#pragma unroll
+        for (uint32_t it = 0; it < 16 / L::kRowsPerIter; ++it) {
+          const uint32_t r = r_first + it * L::kRowsPerIter;
+          const uint32_t row = m_base + r;
+          bool ok = col_ok && row < m_limit;
+          if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + row) == pass_group;
+          if (ok) {
+            *reinterpret_cast<uint4*>(dst + (uint64_t)it * L::kRowsPerIter * p.n * 2) =
+                *reinterpret_cast<const uint4*>(staging + L::chunk_offset(r, chunk));
+          }
+        }
+      }
+      pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, pass_group) : -1;
+    }
+  }
+  if (tid == 0) pk::tma_store_wait_read<0>();  // shared memory must outlive the last stores' reads
+}
+
+}  // namespace
+
+// Entry points: pk_fp8_gemm_nt_m<BM>n<BN>, launched with Layout::kThreads threads (256
+// or 384). Host side: pykernels/cuda/gemm.py. Every entry declares the 384-thread launch
+// bound so that ptxas starts it at 168 registers: the CTA's register pool then holds the
+// producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
+// merely keeps) a math warp's count.
+constexpr uint32_t kLaunchBound = 384;
+#define PK_FP8_GEMM_ENTRY(BM, BN)                                                                      \
+  static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
+  extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) pk_fp8_gemm_nt_m##BM##n##BN(        \
+      const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
+      const __grid_constant__ pk::TensorMap tmap_out,                                                  \
+      const float* sfa, const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n,   \
+      uint32_t k, uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, uint32_t sfa_stride_m, \
+      uint32_t sfa_stride_k, uint64_t sfa_stride_g) {                                                  \
+    const Problem p{sfa, sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band,            \
+                    sfa_stride_m, sfa_stride_k, sfa_stride_g};                                         \
+    fp8_gemm_kernel<BM, BN>(&tmap_a, &tmap_b, &tmap_out, p);                                                      \
+  }
+
+PK_FP8_GEMM_ENTRY(128, 128)
+PK_FP8_GEMM_ENTRY(128, 112)
+PK_FP8_GEMM_ENTRY(128, 160)
+PK_FP8_GEMM_ENTRY(64, 128)
+PK_FP8_GEMM_ENTRY(64, 64)
+PK_FP8_GEMM_ENTRY(64, 32)

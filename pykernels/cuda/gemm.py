@@ -1,0 +1,279 @@
+"""Host side of the hand-written FP8 block-scaled GEMM (csrc/gemm/fp8_gemm.cu, docs/gemm.md).
+
+Inputs are validated by pykernels.gemm; here: tile-config choice, stage count, grid,
+shared-memory size, tensor maps, argument packing -> LaunchPlan, run on the GPU
+("cuda") or on the PTX emulator ("emu"). No host-device synchronisation.
+
+One kernel per tile shape serves the three layouts (runtime `kind`). Kernel parameters,
+in order: tmap_a, tmap_b, tmap_out, sfa, sfb, out, grouping, m, n, k, groups, kind, stages,
+band, sfa_stride_m, sfa_stride_k, sfa_stride_g.
+"""
+import dataclasses
+import math
+
+import torch
+
+from ..runtime.executors import run_cuda, run_emu
+from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+from ..runtime.tensormap import TensorMapDesc
+
+MODULE = "gemm_fp8_gemm"
+BLOCK_K = 128
+SMEM_LIMIT = 227 * 1024         # per block, after opting in (H100)
+DEFAULT_SMS = 132               # H100 SXM; used when no GPU is visible (emulator, planning)
+MAX_STAGES = 8                  # deeper rings buy nothing once TMA latency is covered
+MIN_STAGES = 3
+OUT_BOX_ROWS, OUT_BOX_COLS = 64, 16   # TMA store box (bf16, 32-byte swizzle)
+
+KIND_NORMAL, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
+
+# Cost-model constants (per SM, per clock; H100 SXM at ~1.75 GHz). Assumptions, to be
+# calibrated on a GPU (docs/gemm.md): tensor core 4096 e4m3 MACs/clk, shared-memory
+# operand reads 128 B/clk, L2 -> SM 64 B/clk per SM and ~5.7 KB/clk (10 TB/s) in all,
+# HBM ~1.7 KB/clk (3 TB/s), output stores 32 B/clk per SM.
+_MACS_PER_CLK = 4096
+_SMEM_BYTES_PER_CLK = 128
+_L2_BYTES_PER_CLK_SM = 64
+_L2_BYTES_PER_CLK = 5700
+_DRAM_BYTES_PER_CLK = 1700
+_STORE_BYTES_PER_CLK = 32
+_TILE_FIXED_CLK = 600           # scheduler, pipeline hand-over, epilogue latency
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One compiled tile shape: BLOCK_M x BLOCK_N (BLOCK_K = 128)."""
+    block_m: int
+    block_n: int
+
+    @property
+    def math_warpgroups(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.math_warpgroups + 1)   # + the producer warpgroup
+
+    @property
+    def function(self) -> str:
+        return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}"
+
+    def stage_bytes(self) -> int:
+        return (self.block_m + self.block_n) * BLOCK_K
+
+    def smem_bytes(self, stages: int) -> int:
+        """Dynamic shared memory (same formula as Layout::smem_bytes in the kernel):
+        1024 alignment slack + stages x (A + B tiles) + a 64 x BLOCK_N bf16 output staging
+        tile per math warpgroup + 2 mbarriers per stage."""
+        staging = self.math_warpgroups * 64 * 2 * self.block_n
+        return 1024 + stages * self.stage_bytes() + staging + 16 * stages
+
+    def max_stages(self) -> int:
+        s = MAX_STAGES
+        while s > 1 and self.smem_bytes(s) > SMEM_LIMIT:
+            s -= 1
+        return s
+
+
+# The compiled instantiations (keep in sync with PK_FP8_GEMM_ENTRY in fp8_gemm.cu).
+CONFIGS = (Config(128, 128), Config(128, 112), Config(128, 160),
+           Config(64, 128), Config(64, 64), Config(64, 32))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int) -> float:
+    """Model of the kernel's run time in SM clocks for `groups` problems of m x n x k.
+
+    Per K block of a tile: the wgmma time (BM/64 warpgroups x 4 instructions of
+    m64nBNk32, each bounded by tensor throughput or by its shared-memory operand reads)
+    against the TMA bytes at the per-SM L2 rate; a tile adds the output stores and a
+    fixed cost; tiles run in waves over the SMs. Bounded below by total L2 -> SM traffic
+    and by the HBM traffic of reading A and B once and writing out.
+    """
+    bm, bn = cfg.block_m, cfg.block_n
+    kb = k // BLOCK_K
+    tiles = groups * _cdiv(m, bm) * _cdiv(n, bn)
+    per_mma = max(64 * bn * 32 / _MACS_PER_CLK, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
+    mma = cfg.math_warpgroups * 4 * per_mma
+    load = (bm + bn) * BLOCK_K / _L2_BYTES_PER_CLK_SM
+    tile = kb * max(mma, load) + bm * bn * 2 / _STORE_BYTES_PER_CLK + _TILE_FIXED_CLK
+    waves = _cdiv(tiles, sms)
+    l2 = tiles * (bm + bn) * k / _L2_BYTES_PER_CLK
+    dram = groups * (m * k + n * k + 2 * m * n) / _DRAM_BYTES_PER_CLK
+    return max(waves * tile, l2, dram)
+
+
+def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SMS) -> Config:
+    """The compiled tile shape with the smallest modelled time (estimate_cycles); ties
+    (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1)."""
+    m, k = max(m, 1), max(k, BLOCK_K)
+    scored = sorted(CONFIGS, key=lambda c: (estimate_cycles(c, m, n, k, groups, sms), -c.block_m * c.block_n))
+    best = scored[0]
+    t_best = estimate_cycles(best, m, n, k, groups, sms)
+    for c in scored[1:]:
+        if estimate_cycles(c, m, n, k, groups, sms) <= 1.01 * t_best and \
+                c.block_m * c.block_n > best.block_m * best.block_n:
+            best = c
+    return best
+
+
+def raster_band(n_blocks: int, grid: int) -> int:
+    """n-blocks per rasterisation band: about sqrt(grid) so that the tiles running at
+    once form a square-ish patch (A rows and B columns reused from L2)."""
+    return max(1, min(n_blocks, math.isqrt(max(grid, 1))))
+
+
+def check_shapes(m: int, n: int, k: int, rows_total: int, groups: int) -> None:
+    """Shapes this kernel supports (beyond pykernels.gemm's validation)."""
+    if n % 8:
+        raise ValueError(f"n: the cuda FP8 GEMM needs N to be a multiple of 8 (16-byte output rows), got {n}")
+    if k % BLOCK_K:
+        raise ValueError(f"k: expected a multiple of {BLOCK_K}, got {k}")
+    if rows_total >= 2**31 or groups * n >= 2**31 or k >= 2**31:
+        raise ValueError(f"a/b: TMA coordinates are 32-bit: rows {rows_total}, groups x n {groups * n}, "
+                         f"k {k} must stay below 2^31")
+
+
+def _sfa_strides(sfa: torch.Tensor):
+    """(row, K-block, group) strides of sfa in elements: row-major and column-major
+    (TMA-aligned) scales are both read in place."""
+    sm, sk = sfa.stride(-2), sfa.stride(-1)
+    sg = sfa.stride(0) if sfa.dim() == 3 else 0
+    if max(sm, sk) >= 2**32 or sg >= 2**64:
+        raise ValueError(f"sfa: strides {list(sfa.stride())} exceed the kernel's 32-bit range")
+    return sm, sk, sg
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.Tensor, out: torch.Tensor,
+              grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
+              sms: int = None, stages: int = None, heuristic_m: int = None) -> LaunchPlan:
+    """Launch plan for the kernel.
+
+    a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, k/128]
+    (any strides); sfb: f32 [G, ceil(n/128), k/128] contiguous; out: bf16, contiguous;
+    grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
+    cfg / stages default to the heuristic and to the most stages that fit.
+    """
+    sms = sms or num_sms(a2.device)
+    rows_total = a2.shape[0]
+    check_shapes(m, n, k, rows_total, groups)
+    if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
+        raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
+    if cfg is None:
+        if kind == KIND_MASKED:
+            cfg = choose_config(heuristic_m or m, n, k, groups, sms)
+        else:
+            cfg = choose_config(m, n, k, 1, sms)
+    stages = stages or cfg.max_stages()
+    if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_LIMIT:
+        raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
+                         f"memory, more than {SMEM_LIMIT}")
+    n_blocks = _cdiv(n, cfg.block_n)
+    if kind == KIND_MASKED:
+        tiles = groups * _cdiv(m, cfg.block_m) * n_blocks     # upper bound: masked_m <= m_max
+    else:
+        tiles = _cdiv(m, cfg.block_m) * n_blocks
+    grid = max(1, min(sms, tiles))
+    sm, sk, sg = _sfa_strides(sfa)
+    tmap_a = TensorMapDesc(a2, (cfg.block_m, BLOCK_K), swizzle=128)
+    tmap_b = TensorMapDesc(b2, (cfg.block_n, BLOCK_K), swizzle=128)
+    # output: 64-row x 16-column boxes (one per 16 columns of a math warpgroup's half),
+    # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
+    tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS), swizzle=32)
+    group_arg = ptr(grouping) if grouping is not None else u64(0)
+    args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_out),
+            ptr(sfa), ptr(sfb), ptr(out), group_arg,
+            u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
+            u32(sm), u32(sk), u64(sg))
+    return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
+                      shared_bytes=cfg.smem_bytes(stages))
+
+
+def _run(plan: LaunchPlan, executor: str):
+    if executor == "cuda":
+        return run_cuda(plan)
+    if executor == "emu":
+        return run_emu(plan)
+    raise ValueError(f"executor: expected 'cuda' or 'emu', got {executor!r}")
+
+
+def _with_aligned(out: torch.Tensor, fn):
+    """Run fn(out') on a 16-byte aligned out' (a copy when out is not aligned; the copy
+    starts from out's values, so rows the kernel does not own keep them)."""
+    if _aligned(out):
+        fn(out)
+        return out
+    tmp = out.clone()
+    fn(tmp)
+    out.copy_(tmp)
+    return out
+
+
+def _aligned_input(t: torch.Tensor) -> torch.Tensor:
+    return t if _aligned(t) else t.clone()
+
+
+def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
+    """out[m, n] = (a * sfa) @ (b * sfb)^T; a [m, k], b [n, k] e4m3; out bf16 [m, n]."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    a, b = _aligned_input(a), _aligned_input(b)
+
+    def go(o):
+        _run(gemm_plan(a, sfa, b, sfb, o, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1), executor)
+    return _with_aligned(out, go)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out, executor: str = "cuda"):
+    """Rows of a [m_sum, k] grouped by m_indices (int32, -1 = padding: not written);
+    b [G, n, k]; out bf16 [m_sum, n]."""
+    m, k = a.shape
+    groups, n, _ = b.shape
+    if m == 0 or n == 0 or groups == 0:
+        return out
+    if k == 0:
+        owned = (m_indices >= 0) & (m_indices < groups)
+        return out.masked_fill_(owned[:, None], 0)
+    a, b = _aligned_input(a), _aligned_input(b)
+
+    def go(o):
+        _run(gemm_plan(a, sfa, b.reshape(groups * n, k), sfb, o, m_indices, kind=KIND_CONTIGUOUS,
+                       m=m, n=n, k=k, groups=groups), executor)
+    return _with_aligned(out, go)
+
+
+def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out, executor: str = "cuda", expected_m: int = None):
+    """a [G, m_max, k], b [G, n, k], out bf16 [G, m_max, n]; rows >= masked_m[g] (int32,
+    read on the device) are not written. expected_m: hint for the tile choice."""
+    groups, m_max, k = a.shape
+    n = b.shape[1]
+    if groups == 0 or m_max == 0 or n == 0:
+        return out
+    if k == 0:
+        owned = torch.arange(m_max, device=out.device)[None, :] < masked_m[:, None]
+        return out.masked_fill_(owned[..., None], 0)
+    a, b = _aligned_input(a), _aligned_input(b)
+    masked_m = masked_m if masked_m.is_contiguous() else masked_m.contiguous()
+
+    def go(o):
+        _run(gemm_plan(a.reshape(groups * m_max, k), sfa, b.reshape(groups * n, k), sfb, o, masked_m,
+                       kind=KIND_MASKED, m=m_max, n=n, k=k, groups=groups,
+                       heuristic_m=expected_m or m_max), executor)
+    return _with_aligned(out, go)

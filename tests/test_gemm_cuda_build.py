@@ -1,0 +1,334 @@
+"""The hand-written FP8 GEMM (csrc/gemm/fp8_gemm.cu): what was compiled (SASS, PTX, ptxas
+resources per instantiation) and the host logic that launches it (pykernels/cuda/gemm.py:
+config heuristic, grid, shared memory, tensor maps, argument packing, shape errors).
+None of this needs a GPU or the emulator's execution; GPU runs are marked `gpu`."""
+import re
+
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import reference as R
+from pykernels.cuda import gemm as G
+from pykernels.emu.parser import parse
+from pykernels.metrics import calc_diff
+from pykernels.runtime import artifacts, sass
+from pykernels.runtime.executors import gpu_unavailable_reason, run_cuda
+
+from .fp8_cases import contiguous_indices, nan_bf16, normal_problem, quantized_weights
+
+PRODUCER_REGS, MATH_REGS = 40, 232     # setmaxnreg targets in fp8_gemm.cu
+REGISTER_FILE = 65536
+CONFIG_IDS = [f"m{c.block_m}n{c.block_n}" for c in G.CONFIGS]
+
+
+def _sass_of(function: str) -> str:
+    listing = sass.sass(G.MODULE)
+    parts = re.split(r"\n\s*Function : ", listing)
+    for p in parts[1:]:
+        if p.split()[0] == function:
+            return p
+    raise AssertionError(f"{function} not in the SASS of {G.MODULE}")
+
+
+@pytest.fixture(scope="module")
+def ptx_module():
+    return parse(artifacts.ptx_text(G.MODULE))
+
+
+# ------------------------------------------------------------------------ compiled code
+
+def test_every_config_is_compiled():
+    funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
+    assert set(funcs) == {c.function for c in G.CONFIGS}
+    assert 5 <= len(G.CONFIGS) <= 8                      # CI builds them on 2 cores
+    assert any(128 % c.block_n for c in G.CONFIGS)       # a non-power-of-two BLOCK_N (112, 160)
+    assert {c.block_m for c in G.CONFIGS} == {64, 128}
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
+def test_sass_has_the_intended_instructions(cfg):
+    listing = _sass_of(cfg.function)
+    ops = sass.opcodes(listing)
+    # four fp8 wgmma per 128-wide K block (k32 each), N = BLOCK_N, f32 accumulators
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert ops["UTMALDG.2D"] == 2                         # A and B tiles by TMA
+    assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1 and ops["USETMAXREG.DEALLOC.CTAPOOL"] == 1
+    assert any(op.startswith("SYNCS.PHASECHK") for op in ops)       # mbarrier waits
+    assert any(op.startswith("SYNCS.ARRIVE.TRANS64") for op in ops)  # arrive / expect_tx
+    assert ops["WARPGROUP.ARRIVE"] >= 1 and any(op.startswith("WARPGROUP.DEPBAR") for op in ops)
+    assert ops["UTMASTG.2D"] >= 1                                   # TMA store of whole tiles
+    assert ops["STG.E.128"] >= 1 and ops["LDS.128"] >= 1          # checked 16-byte stores of partial tiles
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    # ptxas reports the entry count (168); the math region may use up to its setmaxnreg 232
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
+def test_resources_within_budget(cfg):
+    r = artifacts.resources(G.MODULE, cfg.function)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
+    assert r["shared_bytes"] == 0                        # all shared memory is dynamic
+    # registers at launch: fit the register file, and lie between the producer's
+    # setmaxnreg.dec and the math warpgroups' setmaxnreg.inc targets (strictly below: .inc
+    # raises the count)
+    assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+    assert r["registers"] * cfg.threads <= REGISTER_FILE
+    # after the hand-over (1 producer warpgroup at 40, BLOCK_M/64 math at 232) the CTA's
+    # pool, allocated at launch, covers everyone
+    after = 128 * (PRODUCER_REGS + cfg.math_warpgroups * MATH_REGS)
+    assert after <= r["registers"] * cfg.threads <= REGISTER_FILE
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
+def test_shared_memory_fits(cfg):
+    stages = cfg.max_stages()
+    assert G.MIN_STAGES <= stages <= G.MAX_STAGES
+    assert cfg.smem_bytes(stages) <= 227 * 1024
+    assert stages == G.MAX_STAGES or cfg.smem_bytes(stages + 1) > 227 * 1024
+    # A and B stage tiles are whole 1024-byte swizzle atoms (8 rows x 128 bytes)
+    assert cfg.block_m * 128 % 1024 == 0 and cfg.block_n * 128 % 1024 == 0
+
+
+def test_shared_memory_formula():
+    # 1024 alignment slack + stages * (A + B) + 64 x BN bf16 staging per math warpgroup + mbarriers
+    assert G.Config(128, 128).smem_bytes(6) == 1024 + 6 * 32768 + 2 * 64 * 256 + 96 == 230496
+    assert G.Config(128, 128).max_stages() == 6 and G.Config(128, 160).max_stages() == 5
+    assert G.Config(128, 112).max_stages() == 6
+    assert G.Config(64, 32).smem_bytes(8) == 1024 + 8 * 12288 + 64 * 64 + 128
+
+
+def test_ptx_parses_with_the_intended_instructions(ptx_module):
+    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS}
+    for cfg in G.CONFIGS:
+        k = ptx_module.kernel(cfg.function)
+        assert len(k.params) == 17
+        assert [(p.size, p.align) for p in k.params[:3]] == [(128, 64)] * 3          # tensor maps
+        full = [i.full for i in k.instrs]
+        assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4
+        tma = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        assert full.count(tma) >= 2
+        assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in full
+        assert "cp.async.bulk.wait_group.read" in full and "fence.proxy.async.shared::cta" in full
+        assert "mbarrier.try_wait.parity.shared::cta.b64" in full
+        assert "setmaxnreg.inc.sync.aligned.u32" in full and "setmaxnreg.dec.sync.aligned.u32" in full
+        assert not any(f.startswith(("call", "ld.local", "st.local")) for f in full)
+        assert not k.locals
+    text = artifacts.ptx_text(G.MODULE)
+    assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
+    assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
+
+
+# ------------------------------------------------------------------------ heuristic
+
+@pytest.mark.parametrize("m,n,k,expect", [
+    (1, 2112, 7168, lambda c: c.block_m == 64 and c.block_n <= 64),    # decode: spread N over SMs
+    (64, 2112, 7168, lambda c: c.block_m == 64 and c.block_n <= 64),
+    (128, 4096, 7168, lambda c: c.block_m == 64),                      # 2 x 64 blocks fill 1 wave
+    (4096, 2112, 7168, lambda c: (c.block_m, c.block_n) == (128, 160)),  # 4 waves, not 5
+    (4096, 7168, 16384, lambda c: c.block_m == 128 and c.block_n >= 128),
+    (4096, 32768, 512, lambda c: c.block_m == 128),
+])
+def test_config_heuristic(m, n, k, expect):
+    cfg = G.choose_config(m, n, k)
+    assert cfg in G.CONFIGS and expect(cfg), cfg
+
+
+def test_heuristic_model_properties():
+    cfg = G.Config(128, 128)
+    # more K, more time; twice the tiles in one wave cost no more than twice
+    assert G.estimate_cycles(cfg, 4096, 4096, 1024, 1, 132) < G.estimate_cycles(cfg, 4096, 4096, 2048, 1, 132)
+    assert G.estimate_cycles(cfg, 128, 128, 1024, 1, 132) == G.estimate_cycles(cfg, 128, 256, 1024, 1, 132)
+    # grouped problems count all groups' tiles
+    assert G.choose_config(256, 7168, 2048, groups=4).block_m == 128
+    assert G.choose_config(8, 4096, 7168, groups=1).block_m == 64
+
+
+def test_raster_band():
+    assert G.raster_band(56, 132) == 11
+    assert G.raster_band(3, 132) == 3
+    assert G.raster_band(100, 1) == 1
+
+
+# ------------------------------------------------------------------------ plans
+
+def test_normal_plan_geometry_and_arguments(seed):
+    m, n, k = 300, 2112, 512
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    out = nan_bf16(m, n)
+    cfg = G.Config(128, 112)
+    p = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg)
+    assert p.module == G.MODULE and p.function == "pk_fp8_gemm_nt_m128n112"
+    tiles = 3 * 19
+    assert p.grid == (tiles, 1, 1) and p.block == (384, 1, 1) and p.cluster == (1, 1, 1)
+    assert p.shared_bytes == cfg.smem_bytes(6)
+    ta, tb, to = p.args[0].value, p.args[1].value, p.args[2].value
+    assert [a_.ptype for a_ in p.args[:3]] == ["tensormap"] * 3
+    assert ta.box == (128, 128) and ta.swizzle == 128 and ta.tensor.shape == (m, k)
+    assert tb.box == (112, 128) and tb.swizzle == 128 and tb.tensor.shape == (n, k)
+    assert ta.box_bytes() + tb.box_bytes() == (128 + 112) * 128      # the expect_tx count
+    assert to.box == (64, 16) and to.swizzle == 32 and to.tensor.shape == (m, n)   # TMA store boxes
+    assert to.tensor.data_ptr() == out.data_ptr()
+    img = ta.image()
+    assert img.dims == (k, m) and img.box == (128, 128) and img.strides_bytes == (1, k)
+    assert [x.ptype for x in p.args[3:7]] == ["ptr", "ptr", "ptr", "u64"]   # no grouping tensor
+    assert p.args[3].value is sfa and p.args[4].value is sfb and p.args[5].value is out
+    assert [x.value for x in p.args[6:]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7, k // 128, 1, 0]
+    # grid: at most one CTA per SM (persistent)
+    big = G.gemm_plan(a, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=10)
+    assert big.grid == (10, 1, 1) and big.args[13].value == 3
+
+
+def test_column_major_sfa_is_read_in_place(seed):
+    m, n, k = 129, 256, 384
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    col = pk.get_col_major_tma_aligned_tensor(sfa)
+    assert col.stride() == (1, 132)
+    p = G.gemm_plan(a, col, b, sfb, nan_bf16(m, n), None, kind=0, m=m, n=n, k=k, groups=1)
+    assert p.args[3].value is col
+    assert [x.value for x in p.args[14:]] == [1, 132, 0]
+
+
+def test_grouped_plans(seed):
+    groups, n, k = 3, 384, 256
+    b, sfb = quantized_weights(groups, n, k)
+    idx = contiguous_indices([5, 0, 130])
+    a, sfa = R.per_token_cast_to_fp8(torch.randn(idx.numel(), k))
+    p = G.gemm_plan(a, sfa, b.reshape(groups * n, k), sfb, nan_bf16(idx.numel(), n), idx,
+                    kind=G.KIND_CONTIGUOUS, m=idx.numel(), n=n, k=k, groups=groups)
+    assert p.args[6].ptype == "ptr" and p.args[6].value is idx
+    assert p.args[1].value.tensor.shape == (groups * n, k)
+    assert [x.value for x in p.args[7:12]] == [384, n, k, groups, G.KIND_CONTIGUOUS]
+    m_max = 129
+    a3, sfa3 = R.per_token_cast_to_fp8(torch.randn(groups * m_max, k))
+    masked = torch.tensor([0, 129, 37], dtype=torch.int32)
+    cfg = G.Config(64, 128)
+    p = G.gemm_plan(a3, sfa3.view(groups, m_max, 2), b.reshape(groups * n, k), sfb, nan_bf16(groups, m_max, n),
+                    masked, kind=G.KIND_MASKED, m=m_max, n=n, k=k, groups=groups, cfg=cfg)
+    assert p.grid == (groups * 3 * 3, 1, 1) and p.block == (256, 1, 1)    # upper bound of the tiles
+    assert p.args[0].value.tensor.shape == (groups * m_max, k) and p.args[0].value.box == (64, 128)
+    assert p.args[2].value.tensor.shape == (groups * m_max, n)           # out flattened over groups
+    assert p.args[6].value is masked
+    assert [x.value for x in p.args[7:12]] == [m_max, n, k, groups, G.KIND_MASKED]
+    assert [x.value for x in p.args[14:]] == [2, 1, m_max * 2]          # sfa strides (row, kb, group)
+
+
+def test_unsupported_shapes_raise_clear_errors():
+    a, sfa = R.per_token_cast_to_fp8(torch.randn(8, 128))
+    b, sfb = R.per_block_cast_to_fp8(torch.randn(100, 128))
+    with pytest.raises(ValueError, match="n: the cuda FP8 GEMM needs N to be a multiple of 8.*got 100"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), nan_bf16(8, 100), backend="emu")
+    with pytest.raises(ValueError, match="k: expected a multiple of 128, got 200"):
+        G.check_shapes(8, 128, 200, 8, 1)
+    with pytest.raises(ValueError, match="TMA coordinates are 32-bit"):
+        G.check_shapes(8, 128, 128, 2**31, 1)
+    with pytest.raises(ValueError, match="TMA coordinates are 32-bit"):
+        G.check_shapes(8, 2**20, 128, 8, 2**11)
+    # the public API rejects what the kernel cannot take before any backend runs
+    b2, sfb2 = R.per_block_cast_to_fp8(torch.randn(128, 256))
+    with pytest.raises(ValueError, match="b: expected K = 128"):
+        pk.fp8_gemm_nt((a, sfa), (b2, sfb2), nan_bf16(8, 128), backend="emu")
+    a3, sfa3 = R.per_token_cast_to_fp8(torch.randn(8, 256))
+    with pytest.raises(ValueError, match="sfb: expected a contiguous"):
+        pk.fp8_gemm_nt((a3, sfa3), (b2, torch.randn(1, 4)[:, ::2]), nan_bf16(8, 128), backend="emu")
+    with pytest.raises(ValueError, match="sfa: expected row-major contiguous scales or column-major"):
+        pk.fp8_gemm_nt((a3, torch.randn(8, 4)[:, ::2]), (b2, sfb2), nan_bf16(8, 128), backend="emu")
+
+
+def test_plan_errors():
+    m, n, k = 64, 128, 128
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    out = nan_bf16(m, n)
+    with pytest.raises(ValueError, match="stages: 20 stages of .* need .* bytes of shared memory"):
+        G.gemm_plan(a, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1, cfg=G.Config(128, 128), stages=20)
+    flat = torch.empty(m * k + 1, dtype=torch.float8_e4m3fn)
+    shifted = flat[1:].view(m, k)                                # data pointer not 16-byte aligned
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        G.gemm_plan(shifted, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1)
+
+
+def test_backend_registration_and_device_errors():
+    from pykernels.runtime.ops import IMPLS
+    for op in ("fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked"):
+        assert {"cuda", "emu", "triton", "reference"} <= set(IMPLS[op])
+    a, sfa = R.per_token_cast_to_fp8(torch.randn(8, 128))
+    b, sfb = R.per_block_cast_to_fp8(torch.randn(128, 128))
+    with pytest.raises(ValueError, match="backend: 'cuda' runs on GPU tensors, got tensors on cpu"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), nan_bf16(8, 128), backend="cuda")
+
+
+def test_cuda_executor_without_gpu_raises_clearly():
+    if gpu_unavailable_reason() == "":
+        pytest.skip("a GPU is present: the error path cannot be exercised")
+    _, _, a, sfa, b, sfb = normal_problem(8, 128, 128)
+    plan = G.gemm_plan(a, sfa, b, sfb, nan_bf16(8, 128), None, kind=0, m=8, n=128, k=128, groups=1)
+    with pytest.raises(RuntimeError, match="'cuda' backend needs an NVIDIA GPU"):
+        run_cuda(plan)
+
+
+def test_k_zero_writes_zeros_to_owned_rows_only():
+    # K = 0 needs no kernel: owned rows are 0, the others untouched (no launch, no sync)
+    a, sfa = torch.empty(5, 0, dtype=torch.float8_e4m3fn), torch.empty(5, 0)
+    b, sfb = torch.empty(2, 128, 0, dtype=torch.float8_e4m3fn), torch.empty(2, 1, 0)
+    idx = torch.tensor([0, -1, 1, 1, -1], dtype=torch.int32)
+    out = nan_bf16(5, 128)
+    pk.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, idx, backend="emu")
+    assert (out[idx >= 0] == 0).all() and out[idx < 0].isnan().all()
+    out3 = nan_bf16(2, 5, 128)
+    a3, sfa3 = torch.empty(2, 5, 0, dtype=torch.float8_e4m3fn), torch.empty(2, 5, 0)
+    pk.m_grouped_fp8_gemm_nt_masked((a3, sfa3), (b, sfb), out3, torch.tensor([2, 0], dtype=torch.int32), 2,
+                                    backend="emu")
+    assert (out3[0, :2] == 0).all() and out3[0, 2:].isnan().all() and out3[1].isnan().all()
+    out2 = nan_bf16(5, 128)
+    pk.fp8_gemm_nt((a, sfa), (b[0], sfb[0]), out2, backend="emu")
+    assert (out2 == 0).all()
+
+
+def test_misaligned_out_goes_through_an_aligned_copy():
+    flat = torch.full((4 * 8 + 1,), 7.0, dtype=torch.bfloat16)
+    out = flat[1:].view(4, 8)
+    assert out.data_ptr() % 16
+    seen = []
+
+    def fill(o):
+        seen.append(o.data_ptr() % 16)
+        o[1] = 1.0
+    assert G._with_aligned(out, fill) is out
+    assert seen == [0] and (out[1] == 1).all() and (out[0] == 7).all()
+
+
+# ------------------------------------------------------------------------ on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 7168), (129, 384, 512), (300, 256, 128), (4096, 2112, 7168)])
+def test_cuda_normal_matches_reference(m, n, k, seed):
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    out = nan_bf16(m, n).cuda()
+    pk.fp8_gemm_nt((a.cuda(), sfa.cuda()), (b.cuda(), sfb.cuda()), out, backend="cuda")
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+    # tolerance 1e-3 (DeepGEMM's); Hopper's fp8 wgmma accumulates with reduced precision
+    assert not out.isnan().any() and calc_diff(out.cpu(), ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_grouped_match_reference(seed):
+    groups, n, k = 4, 256, 512
+    b, sfb = quantized_weights(groups, n, k)
+    idx = contiguous_indices([5, 0, 130, 64])
+    a, sfa = R.per_token_cast_to_fp8(torch.randn(idx.numel(), k))
+    out = nan_bf16(idx.numel(), n).cuda()
+    pk.m_grouped_fp8_gemm_nt_contiguous((a.cuda(), sfa.cuda()), (b.cuda(), sfb.cuda()), out, idx.cuda(),
+                                        backend="cuda")
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(idx.numel(), n))
+    own = idx >= 0
+    assert out.cpu()[~own].isnan().all() and calc_diff(out.cpu()[own], ref[own]) < 1e-3
+    m_max = 129
+    a3, sfa3 = R.per_token_cast_to_fp8(torch.randn(groups * m_max, k))
+    a3, sfa3 = a3.view(groups, m_max, k), sfa3.view(groups, m_max, -1)
+    masked = torch.tensor([0, 129, 37, 1], dtype=torch.int32)
+    out3 = nan_bf16(groups, m_max, n).cuda()
+    pk.m_grouped_fp8_gemm_nt_masked((a3.cuda(), sfa3.cuda()), (b.cuda(), sfb.cuda()), out3, masked.cuda(), 64,
+                                    backend="cuda")
+    ref3 = R.m_grouped_fp8_gemm_nt_masked(a3, sfa3, b, sfb, masked, nan_bf16(groups, m_max, n))
+    own3 = torch.arange(m_max)[None, :] < masked[:, None]
+    assert out3.cpu()[~own3].isnan().all() and calc_diff(out3.cpu()[own3], ref3[own3]) < 1e-3

@@ -1,0 +1,239 @@
+"""The hand-written FP8 GEMM (csrc/gemm/fp8_gemm.cu) run by the PTX emulator through the
+same launch plans the GPU uses: the three layouts against pykernels.reference on fresh
+random inputs, outputs poisoned with NaN so rows a layout does not own must stay NaN.
+
+Tolerance: calc_diff < 1e-3 against the float32 reference (DeepGEMM's bound; the emulator
+accumulates each wgmma exactly, so the observed difference is ~1e-9, bf16 rounding).
+Byte counts from the emulator's stats check that each owned element is written once
+and nothing else is."""
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import reference as R
+from pykernels.cuda import gemm as G
+from pykernels.metrics import calc_diff
+from pykernels.runtime.executors import run_emu
+
+from .fp8_cases import contiguous_indices, nan_bf16, normal_problem
+
+
+def _emu_supports_wgmma() -> bool:
+    from pykernels.emu import ops
+    return "wgmma" in ops.HANDLERS and "mbarrier" in ops.HANDLERS
+
+
+pytestmark = pytest.mark.skipif(not _emu_supports_wgmma(),
+                                reason="the emulator does not execute wgmma / mbarrier / TMA yet")
+
+TOL = 1e-3
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _spread(rows, k, row_block, dtype=torch.bfloat16):
+    """randn [rows, k] scaled by 2^e, e uniform in [-4, 4] per (row_block rows x 128
+    columns) block: every scale factor (per row and K block of A, per 128x128 block of
+    B) differs, so using a wrong one shows far above the tolerance."""
+    e = torch.randint(-4, 5, (-(-rows // row_block), -(-k // 128))).float()
+    f = torch.exp2(e).repeat_interleave(row_block, 0)[:rows].repeat_interleave(128, 1)[:, :k]
+    return (torch.randn(rows, k) * f).to(dtype)
+
+
+def _problem(m, n, k, dtype=torch.bfloat16):
+    """Quantized operands (per-token A, per-block B) of randn inputs of `dtype`."""
+    a, sfa = pk.per_token_cast_to_fp8(_spread(m, k, 1, dtype), backend="reference")
+    b, sfb = pk.per_block_cast_to_fp8(_spread(n, k, 128, dtype), backend="reference")
+    return a, sfa, b, sfb
+
+
+def _weights(groups, n, k):
+    pairs = [pk.per_block_cast_to_fp8(_spread(n, k, 128), backend="reference") for _ in range(groups)]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def _contiguous_problem(group_rows, n, k, pad_to=128):
+    b, sfb = _weights(len(group_rows), n, k)
+    idx = contiguous_indices(group_rows, pad_to)
+    a, sfa = pk.per_token_cast_to_fp8(_spread(idx.numel(), k, 1), backend="reference")
+    return a, sfa, b, sfb, idx
+
+
+def _masked_problem(groups, m_max, n, k):
+    b, sfb = _weights(groups, n, k)
+    a, sfa = pk.per_token_cast_to_fp8(_spread(groups * m_max, k, 1), backend="reference")
+    return a.view(groups, m_max, k), sfa.view(groups, m_max, -1), b, sfb
+
+
+# ------------------------------------------------------------------------ normal
+
+@pytest.mark.parametrize("m,n,k,dtype", [
+    (1, 2112, 128, torch.bfloat16),
+    (7, 128, 512, torch.float32),
+    (64, 256, 128, torch.bfloat16),
+    (129, 384, 512, torch.bfloat16),
+    (300, 128, 128, torch.float32),
+])
+def test_normal_matches_reference(m, n, k, dtype, seed):
+    a, sfa, b, sfb = _problem(m, n, k, dtype)
+    out = nan_bf16(m, n)
+    res = pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend="emu")
+    assert res is out
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+    assert not out.isnan().any()
+    assert calc_diff(out, ref) < TOL
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=[f"m{c.block_m}n{c.block_n}" for c in G.CONFIGS])
+def test_every_config(cfg, seed):
+    # 129 rows: a partial m-block; 384 columns: partial n-blocks for BN 112/160 and tiles
+    # that straddle two 128-column sfb blocks
+    m, n, k = 129, 384, 256
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg)
+    stats = run_emu(plan)
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL and not out.isnan().any()
+    assert stats.global_written == m * n * 2                 # every element once, nothing more
+    tiles = _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)
+    assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
+
+
+def test_few_stages_wrap_the_ring(seed):
+    # 2 stages and 12 K blocks per tile: the producer waits on every empty barrier and the
+    # phase bits flip many times, across tiles of a persistent CTA (grid of 1)
+    m, n, k = 70, 256, 1536
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                       cfg=G.Config(64, 64), stages=2, sms=1)
+    assert plan.grid == (1, 1, 1)
+    run_emu(plan)
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+
+
+@pytest.mark.parametrize("cfg", [G.Config(64, 32), G.Config(128, 128)], ids=["m64n32", "m128n128"])
+def test_persistent_cta_reuses_the_store_staging(cfg, seed):
+    # one CTA walks many one-K-block tiles: each tile's TMA stores must have read the
+    # staging tile before the next tile overwrites it (cp.async.bulk.wait_group.read)
+    m, n, k = 256, 512, 128
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    stats = run_emu(G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                                cfg=cfg, sms=1))
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL and stats.global_written == m * n * 2
+
+
+def test_column_major_scales_give_the_same_result(seed):
+    m, n, k = 129, 256, 384
+    a, sfa, b, sfb = _problem(m, n, k)
+    row = pk.fp8_gemm_nt((a, sfa), (b, sfb), nan_bf16(m, n), backend="emu")
+    col = pk.fp8_gemm_nt((a, pk.get_col_major_tma_aligned_tensor(sfa)), (b, sfb), nan_bf16(m, n), backend="emu")
+    assert torch.equal(row, col)
+
+
+def test_out_views_are_honoured(seed):
+    m, n, k = 7, 128, 128
+    a, sfa, b, sfb = _problem(m, n, k)
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+    big = nan_bf16(m + 2, n)
+    view = big[1:1 + m]                                      # aligned view inside a larger buffer
+    assert pk.fp8_gemm_nt((a, sfa), (b, sfb), view, backend="emu") is view
+    assert calc_diff(big[1:1 + m], ref) < TOL and big[0].isnan().all() and big[-1].isnan().all()
+    flat = torch.full((m * n + 1,), float("nan"), dtype=torch.bfloat16)
+    odd = flat[1:].view(m, n)                                # 2-byte aligned: computed via a copy
+    pk.fp8_gemm_nt((a, sfa), (b, sfb), odd, backend="emu")
+    assert calc_diff(odd, ref) < TOL and flat[0].isnan()
+
+
+# ------------------------------------------------------------------------ contiguous
+
+@pytest.mark.parametrize("group_rows,pad_to,n,k", [
+    ([5, 0, 130, 64], 128, 256, 256),       # an empty group, -1 padding rows, 128-row segments
+    ([70, 0, 7], 64, 2112, 128),            # 64-row segments: some tiles hold two groups
+    ([3, 50, 20, 90], 1, 384, 128),         # unpadded segments (several groups per tile)
+])
+def test_contiguous_matches_reference(group_rows, pad_to, n, k, seed):
+    a, sfa, b, sfb, idx = _contiguous_problem(group_rows, n, k, pad_to)
+    if pad_to == 1:                          # stray padding rows inside and after segments
+        pad = torch.full((5,), -1, dtype=torch.int32)
+        idx = torch.cat([idx[:10], pad, idx[10:], pad[:3]])
+        a, sfa = pk.per_token_cast_to_fp8(_spread(idx.numel(), k, 1), backend="reference")
+    m = idx.numel()
+    out = nan_bf16(m, n)
+    assert pk.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, idx, backend="emu") is out
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(m, n))
+    own = idx >= 0
+    assert out[~own].isnan().all(), "padding rows were written"
+    assert not out[own].isnan().any()
+    assert calc_diff(out[own], ref[own]) < TOL
+
+
+def test_contiguous_writes_owned_rows_only(seed):
+    n, k = 128, 128
+    a, sfa, b, sfb, idx = _contiguous_problem([33, 0, 64], n, k)
+    m = idx.numel()
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b.reshape(-1, k), sfb, out, idx, kind=G.KIND_CONTIGUOUS, m=m, n=n, k=k,
+                       groups=3, cfg=G.Config(128, 128))
+    stats = run_emu(plan)
+    assert stats.global_written == (33 + 64) * n * 2
+    assert out[idx < 0].isnan().all()
+    all_pad = torch.full((m,), -1, dtype=torch.int32)        # nothing owned: nothing written
+    out2 = nan_bf16(m, n)
+    pk.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out2, all_pad, backend="emu")
+    assert out2.isnan().all()
+
+
+# ------------------------------------------------------------------------ masked
+
+@pytest.mark.parametrize("groups,m_max,n,k,masked", [
+    (3, 129, 384, 128, [0, 129, 37]),       # an empty group, a full one (partial m-block), a partial one
+    (2, 64, 128, 512, [64, 1]),
+    (4, 7, 256, 128, [7, 0, 3, 5]),
+    (2, 300, 128, 128, [0, 0]),             # nothing to do
+])
+def test_masked_matches_reference(groups, m_max, n, k, masked, seed):
+    a, sfa, b, sfb = _masked_problem(groups, m_max, n, k)
+    masked_m = torch.tensor(masked, dtype=torch.int32)
+    out = nan_bf16(groups, m_max, n)
+    assert pk.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), out, masked_m, max(1, max(masked)),
+                                           backend="emu") is out
+    ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, nan_bf16(groups, m_max, n))
+    own = torch.arange(m_max)[None, :] < masked_m[:, None]
+    assert out[~own].isnan().all(), "rows beyond masked_m were written"
+    assert not out[own].isnan().any()
+    if own.any():
+        assert calc_diff(out[own], ref[own]) < TOL
+
+
+def test_masked_column_major_scales_and_byte_count(seed):
+    groups, m_max, n, k = 3, 65, 256, 256
+    a, sfa, b, sfb = _masked_problem(groups, m_max, n, k)
+    masked_m = torch.tensor([65, 2, 40], dtype=torch.int32)
+    col = pk.get_col_major_tma_aligned_tensor(sfa)
+    assert col.stride(-2) == 1
+    out = nan_bf16(groups, m_max, n)
+    plan = G.gemm_plan(a.reshape(-1, k), col, b.reshape(-1, k), sfb, out, masked_m, kind=G.KIND_MASKED,
+                       m=m_max, n=n, k=k, groups=groups)
+    stats = run_emu(plan)
+    assert stats.global_written == int(masked_m.sum()) * n * 2
+    ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, nan_bf16(groups, m_max, n))
+    own = torch.arange(m_max)[None, :] < masked_m[:, None]
+    assert out[~own].isnan().all() and calc_diff(out[own], ref[own]) < TOL
+
+
+# ------------------------------------------------------------------------ large K
+
+@pytest.mark.slow
+def test_large_k(seed):
+    # K = 7168 (DeepSeek-V3 hidden size): 56 K blocks through the stage ring; also
+    # within DeepGEMM's bound of the unquantized bf16 product
+    m, n, k = 129, 256, 7168
+    x, y, a, sfa, b, sfb = normal_problem(m, n, k)
+    out = nan_bf16(m, n)
+    pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend="emu")
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+    assert calc_diff(out, x.float() @ y.float().T) < TOL

@@ -6,22 +6,23 @@ from pathlib import Path
 from . import shapes as S
 
 _DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+ALL_OPS = S.OPS + ("mla",)       # the GEMM layouts, then MLA decode (bench/mla.py)
 
 
 def parse_args(argv=None):
     """Parse the command line; --ops is a comma-separated subset of normal,contiguous,masked."""
     p = argparse.ArgumentParser(prog="python -m bench",
-                                description="Time pykernels' FP8 GEMMs against cuBLAS baselines on this GPU.")
+                                description="Time pykernels' FP8 GEMMs and MLA decode against cuBLAS / SDPA baselines on this GPU.")
     p.add_argument("--quick", action="store_true", help="small shapes, to check the harness quickly")
-    p.add_argument("--ops", default=",".join(S.OPS),
+    p.add_argument("--ops", default=",".join(ALL_OPS),
                    help="comma-separated ops to run (default: %(default)s)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="where JSON and PNG go (default: bench/results)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per implementation and shape (default: %(default)s)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    bad = [o for o in ops if o not in S.OPS]
+    bad = [o for o in ops if o not in ALL_OPS]
     if bad or not ops:
-        p.error(f"--ops: unknown {bad or 'empty list'}; choose from {','.join(S.OPS)}")
+        p.error(f"--ops: unknown {bad or 'empty list'}; choose from {','.join(ALL_OPS)}")
     if args.runs < 1:
         p.error("--runs: expected a positive integer")
     args.ops = ops
@@ -45,9 +46,12 @@ def main(argv=None) -> int:
     print(f"{gpu}: copy {peaks['bw_gbps']:.0f} GB/s, bf16 {peaks['bf16_tflops']:.0f} TFLOP/s, "
           f"fp8 {peaks['fp8_tflops']:.0f} TFLOP/s", flush=True)
     raw = []
-    for s in S.shape_set(args.quick, args.ops):
+    for s in S.shape_set(args.quick, [o for o in args.ops if o in S.OPS]):
         raw += baselines.measure_shape(s, runs=args.runs)
         print(f"  measured {s.op} {s.label()}", file=sys.stderr, flush=True)
+    if "mla" in args.ops:
+        from . import mla
+        raw += mla.measure(args.quick, runs=args.runs)
     rows = R.derive(raw, peaks)
     print(R.format_table(rows))
     date = R.today()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 _PEAK_KEY = {"bf16": "bf16_tflops", "fp8_tensor": "fp8_tflops", "fp8_block": "fp8_tflops"}
 _REFS = {"ratio_to_cublas_bf16": "cublas_bf16", "ratio_to_cublas_fp8": "cublaslt_fp8_tensor",
-         "ratio_to_triton": "pykernels_triton"}
+         "ratio_to_triton": "pykernels_triton", "ratio_to_sdpa": "torch_sdpa"}
 
 
 def roofline_tflops(ai: float, peak_tflops: float, bw_gbps: float) -> float:
@@ -30,6 +30,7 @@ def derive(raw: list, peaks: dict) -> list:
         r["gbps"] = r["bytes"] / t / 1e9 if t else None
         roof = roofline_tflops(r["ai"], peaks[_PEAK_KEY[r["precision"]]], peaks["bw_gbps"])
         r["roofline_fraction"] = r["tflops"] / roof if t else None
+        r["bandwidth_fraction"] = r["gbps"] / peaks["bw_gbps"] if t else None
         for key, ref_impl in _REFS.items():
             ref = by_key.get((r["op"], r["shape"], ref_impl), {}).get("seconds")
             r[key] = ref / t if (t and ref) else None
@@ -39,9 +40,11 @@ def derive(raw: list, peaks: dict) -> list:
 
 _COLS = [("op", "{}"), ("shape", "{}"), ("impl", "{}"), ("seconds", "{:.1f}"), ("tflops", "{:.1f}"),
          ("gbps", "{:.0f}"), ("roofline_fraction", "{:.2f}"), ("ratio_to_cublas_bf16", "{:.2f}"),
-         ("ratio_to_cublas_fp8", "{:.2f}"), ("ratio_to_triton", "{:.2f}"), ("note", "{}")]
+         ("ratio_to_cublas_fp8", "{:.2f}"), ("ratio_to_triton", "{:.2f}"), ("ratio_to_sdpa", "{:.2f}"),
+         ("bandwidth_fraction", "{:.2f}"), ("note", "{}")]
 _HEAD = {"seconds": "us", "roofline_fraction": "roof", "ratio_to_cublas_bf16": "x_bf16",
-         "ratio_to_cublas_fp8": "x_fp8", "ratio_to_triton": "x_triton"}
+         "ratio_to_cublas_fp8": "x_fp8", "ratio_to_triton": "x_triton", "ratio_to_sdpa": "x_sdpa",
+         "bandwidth_fraction": "bw"}
 
 
 def format_table(rows: list) -> str:

@@ -114,3 +114,20 @@ def test_cli_without_gpu_exits_2():
     assert p.returncode == 2
     assert "bench: no CUDA GPU available; nothing measured" in p.stderr
     assert p.stdout == ""
+
+
+def test_mla_configs_and_sdpa_baseline_on_cpu(monkeypatch):
+    # The SDPA baseline must compute MLA decode itself, or its ratios mean nothing.
+    import torch
+    from bench import mla as BM
+    from pykernels.reference import mla as RM
+    from pykernels.metrics import calc_diff
+    assert len(BM.FULL) >= 8 and {c.h_q for c in BM.FULL} == {16, 128} and {c.s_q for c in BM.FULL} == {1, 2}
+    monkeypatch.setattr(BM, "DEVICE", "cpu")
+    cfg = BM.Config(3, 2, 16, 150)
+    d = BM.make_inputs(cfg, seed=1)
+    out = BM.sdpa_gathered(d["q"], d["cache"], d["table"], d["seqlens"])
+    ref, _ = RM.flash_mla_with_kvcache(d["q"], d["cache"], d["table"], d["seqlens"], 512, causal=True)
+    assert calc_diff(out.float(), ref.float()) < 1e-5
+    c = BM.cost(cfg, d)
+    assert c["flops"] == sum(2 * 1088 * 2 * 16 * n for n in d["seqlens"].tolist())

@@ -117,3 +117,37 @@ def test_warp_collectives():
     assert torch.equal(out[:32, 3], torch.full((32,), sum(range(32)), dtype=torch.int32))
     assert torch.equal(out[32:, 3], torch.full((32,), sum(range(32, 64)), dtype=torch.int32))
     assert (out[:, 4] == 0).all() and torch.equal(out[:, 5], (lane == 0).int())
+
+
+NAMED = HEAD + """
+.visible .entry named(.param .u64 p_out, .param .u32 p_count_a, .param .u32 p_count_b)
+{
+    .reg .pred %p<2>; .reg .b32 %r<8>; .reg .b64 %rd<4>;
+    ld.param.u64 %rd1, [p_out]; ld.param.u32 %r6, [p_count_a]; ld.param.u32 %r7, [p_count_b];
+    mov.u32 %r1, %tid.x;
+    setp.lt.u32 %p1, %r1, 32;
+    @%p1 bra PRODUCER;
+    bar.sync 1, %r7;                    // consumers (warps 1..) wait for the producer's arrive
+    mul.wide.u32 %rd2, %r1, 4; add.u64 %rd3, %rd1, %rd2;
+    ld.global.u32 %r3, [%rd1];
+    st.global.u32 [%rd3], %r3;
+    ret;
+PRODUCER:
+    mov.u32 %r2, 777;
+    st.global.u32 [%rd1], %r2;
+    bar.arrive 1, %r6;
+    ret;
+}
+"""
+
+
+def test_named_barrier_producer_consumer_and_count_errors():
+    out = torch.zeros(96, dtype=torch.int32)
+    emu.launch(NAMED, "named", (1,), (96,), [out, 96, 96])
+    assert (out[32:] == 777).all()                 # consumers ran after the producer's store
+    with pytest.raises(emu.EmuError, match="thread counts differ between arrivals"):
+        emu.launch(NAMED, "named", (1,), (96,), [torch.zeros(96, dtype=torch.int32), 64, 96])
+    with pytest.raises(emu.EmuError, match="thread-count mismatch"):
+        emu.launch(NAMED, "named", (1,), (96,), [torch.zeros(96, dtype=torch.int32), 32, 32])
+    with pytest.raises(emu.Deadlock, match=r"bar.sync 1"):
+        emu.launch(NAMED, "named", (1,), (96,), [torch.zeros(96, dtype=torch.int32), 128, 128])

@@ -89,12 +89,12 @@ class GlobalMemory:
             self._view(int(i), dtype)[(off[sel] // np.uint64(size)).astype(np.int64)] = values[sel]
 
     def index_of(self, addr, dtype, where):
-        """(typed view, element indices) for read-modify-write (atomics)."""
+        """[(selection, typed view, element indices)] per buffer the addresses fall in,
+        for read-modify-write (atomics)."""
         size = np.dtype(dtype).itemsize
         which, off = self._locate(addr, size, where)
-        if len(np.unique(which)) != 1:
-            raise MemoryFault(f"{where()}: one atomic instruction spans several buffers (unsupported)")
-        return self._view(int(which[0]), dtype), (off // np.uint64(size)).astype(np.int64)
+        el = (off // np.uint64(size)).astype(np.int64)
+        return [(which == i, self._view(int(i), dtype), el) for i in np.unique(which)]
 
 
 class SharedMemory:

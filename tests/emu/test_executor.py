@@ -151,3 +151,30 @@ def test_named_barrier_producer_consumer_and_count_errors():
         emu.launch(NAMED, "named", (1,), (96,), [torch.zeros(96, dtype=torch.int32), 32, 32])
     with pytest.raises(emu.Deadlock, match=r"bar.sync 1"):
         emu.launch(NAMED, "named", (1,), (96,), [torch.zeros(96, dtype=torch.int32), 128, 128])
+
+
+ATOM2 = HEAD + """
+.visible .entry atom2(.param .u64 p_a, .param .u64 p_b, .param .u64 p_old)
+{
+    .reg .pred %p<2>; .reg .b32 %r<8>; .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [p_a]; ld.param.u64 %rd2, [p_b]; ld.param.u64 %rd3, [p_old];
+    mov.u32 %r1, %tid.x;
+    and.b32 %r2, %r1, 1;
+    setp.eq.u32 %p1, %r2, 1;
+    selp.b64 %rd4, %rd2, %rd1, %p1;          // odd threads add into b, even ones into a
+    atom.global.add.u32 %r3, [%rd4], %r1;
+    mul.wide.u32 %rd5, %r1, 4; add.u64 %rd6, %rd3, %rd5;
+    st.global.u32 [%rd6], %r3;
+    ret;
+}
+"""
+
+
+def test_one_atomic_instruction_over_two_buffers():
+    a = torch.tensor([5], dtype=torch.int32)
+    b = torch.tensor([7], dtype=torch.int32)
+    old = torch.full((64,), -1, dtype=torch.int32)
+    emu.launch(ATOM2, "atom2", (1,), (64,), [a, b, old])
+    assert a.item() == 5 + sum(range(0, 64, 2)) and b.item() == 7 + sum(range(1, 64, 2))
+    # the values returned are the running sums of one serialisation per buffer
+    assert sorted(old[0::2].tolist())[0] == 5 and sorted(old[1::2].tolist())[0] == 7

@@ -72,6 +72,9 @@ def _try_complete(m, key):
         del m.barriers[key]
         if len(release):
             m.unblock(release)
+            # Threads leaving a barrier together run together again (their loop counts,
+            # hence epochs, may differ): one scheduler step for all of them.
+            m.epoch[release] = m.epoch[release].max()
         m.state_version += 1
 
 

@@ -97,12 +97,18 @@ def atom(m, ins, idx):
     dt = NP[t]
     size = np.dtype(dt).itemsize
     if space == "global":
-        view, el = m.L.gmem.index_of(addr, dt, m.where(idx))
+        parts = m.L.gmem.index_of(addr, dt, m.where(idx))
+        view_of = np.empty(len(idx), dtype=np.int64)       # which part each thread's address is in
+        for p, (sel, _, _) in enumerate(parts):
+            view_of[sel] = p
+        views = [v for _, v, _ in parts]
+        el = parts[0][2]
         m.L.stats.global_read += size * len(idx)
         m.L.stats.global_written += size * len(idx)
     elif space.startswith("shared"):
         flat = m._shared_index(addr, idx, size, space == "shared::cluster")
-        view, el = m.shared.view(dt), flat // size
+        views, el = [m.shared.view(dt)], flat // size
+        view_of = np.zeros(len(idx), dtype=np.int64)
     else:
         m.fail(UnsupportedInstruction, f"{ins.full}: atomics on .{space}", idx)
     m.state_version += 1
@@ -111,6 +117,7 @@ def atom(m, ins, idx):
     with np.errstate(over="ignore"):
         for j in range(len(idx)):
             e = el[j]
+            view = views[view_of[j]]
             cur = view[e]
             old[j] = cur
             v = b[j]

@@ -1,0 +1,697 @@
+"""Hand-written intranode expert-parallel kernels (csrc/ep/*.cu): launch plans, buffer
+layout, an emulator runner with every rank in one process, and a small GPU runner.
+
+Kernels (docs/ep.md, "Hand-written intranode kernels"):
+  ep_layout       pk_ep_layout        topk_idx -> per-rank / per-expert counts, is_token_in_rank
+  ep_intranode    pk_ep_dispatch      normal mode, per-(channel, rank) rings
+                  pk_ep_combine       the reverse path, fp32 weighted sums in token order
+  ep_low_latency  pk_ep_ll_dispatch   fixed per-(local expert, source rank) slots
+                  pk_ep_ll_combine    weighted combine back into the source rank
+
+Routing conventions are pykernels.reference.ep's: rank r holds experts [r*E/R, (r+1)*E/R);
+received rows are ordered by (source rank, source token); local top-k ids, -1 elsewhere
+(weight 0). Every wait in the kernels is bounded by `max_spins` polls; past it the kernel
+writes an error record into a small int32 buffer (decode_error) and traps.
+
+Executors: `LocalNode` holds every rank in this process and runs all ranks' kernels at
+once, on the PTX emulator (CPU: pykernels.emu.launch_many, one global memory, so a rank's
+buffer address works in its peers' kernels like a CUDA IPC mapping) or on one GPU with a
+stream per rank; `CudaIntranode` is one rank of a process group on its GPU (buffers opened
+through CUDA IPC, handles exchanged with all_gather_object). The same plan builders serve
+all of them.
+"""
+import dataclasses
+
+import torch
+
+from ..runtime import artifacts
+from ..runtime.executors import run_cuda
+from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+
+THREADS = 256                 # every EP kernel: 8 warps
+MAX_RANKS = 8                 # peers passed as 8 u64 arguments (NVLink domain of one node)
+MAX_TOPK = 16
+SCALE_BLOCK = 128             # FP8 scales cover 128 columns
+CTRL_BYTES = 128              # per ring: head at +0, tail at +64
+FLAG_IDLE_SENDERS = 1         # testing: a rank's sender CTAs return at once
+FLAG_IDLE_RECEIVERS = 2       # testing: its receiver CTAs return at once (both: an absent rank)
+DEFAULT_MAX_SPINS = 1 << 27   # polls before a wait gives up on a GPU (about a minute or two)
+EMU_MAX_SPINS = 1 << 20       # on the emulator (a poll is a few scheduler steps)
+
+ERROR_WORDS = 8               # error record: valid, rank, channel, code, peer, seen, needed, cta
+WAIT_CODES = {
+    1: "dispatch sender waits for a free slot (head of the ring in the receiver)",
+    2: "dispatch receiver waits for an item (tail of its ring)",
+    3: "combine sender waits for a free slot (head of the ring in the receiver)",
+    4: "combine receiver waits for an item (tail of its ring)",
+    5: "combine receiver got another token's item (protocol error)",
+    6: "low-latency dispatch receiver waits for a (local expert, source rank) count",
+    7: "low-latency combine receiver waits for an expert's flag",
+    8: "low-latency dispatch overflows num_max_dispatch_tokens_per_rank slots",
+}
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration and buffer layout
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class IntranodeConfig:
+    """Sizes fixed for the lifetime of a buffer.
+
+    num_ranks: ranks of the node (1..8); hidden: the largest hidden size (multiple of 128);
+    max_topk: the largest top-k (<= 16); num_channels: normal-mode channels (each one
+    sender CTA and one receiver CTA per rank: 2 * num_channels CTAs); num_slots: slots per
+    ring (a power of two); publish_every: items between counter publications (<= num_slots);
+    num_experts, max_dispatch_tokens: the low-latency region (0 = none).
+    """
+    num_ranks: int
+    hidden: int
+    max_topk: int = 8
+    num_channels: int = 8
+    num_slots: int = 128
+    publish_every: int = 8
+    num_experts: int = 0
+    max_dispatch_tokens: int = 0
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"{name}: expected {want}, got {getattr(self, name)}")
+        if not 1 <= self.num_ranks <= MAX_RANKS:
+            bad("num_ranks", f"1..{MAX_RANKS}")
+        if self.hidden <= 0 or self.hidden % SCALE_BLOCK:
+            bad("hidden", f"a positive multiple of {SCALE_BLOCK}")
+        if not 1 <= self.max_topk <= MAX_TOPK:
+            bad("max_topk", f"1..{MAX_TOPK}")
+        if self.num_channels < 1:
+            bad("num_channels", "at least 1")
+        if self.num_slots < 2 or self.num_slots & (self.num_slots - 1):
+            bad("num_slots", "a power of two >= 2")
+        if not 1 <= self.publish_every <= self.num_slots:
+            bad("publish_every", f"1..num_slots ({self.num_slots})")
+        if self.num_experts < 0 or self.num_experts % self.num_ranks:
+            bad("num_experts", f"a multiple of num_ranks ({self.num_ranks})")
+        if self.max_dispatch_tokens < 0 or (self.num_experts > 0) != (self.max_dispatch_tokens > 0):
+            bad("max_dispatch_tokens", "positive exactly when num_experts is")
+
+    # -- slot sizes ----------------------------------------------------------------------
+    @property
+    def dispatch_slot_bytes(self) -> int:
+        """bf16 row (or e4m3 row + f32 scales, smaller), K int32 ids, K f32 weights, int32 source."""
+        h = self.hidden
+        return _round_up(2 * h + 4 * (h // SCALE_BLOCK) + 8 * self.max_topk + 4, 16)
+
+    @property
+    def combine_slot_bytes(self) -> int:
+        """bf16 row, f32 weight sum, int32 source token."""
+        return _round_up(2 * self.hidden + 8, 16)
+
+    @property
+    def ll_dispatch_slot_bytes(self) -> int:
+        h = self.hidden
+        return _round_up(2 * h + 4 * (h // SCALE_BLOCK) + 4, 16)
+
+    @property
+    def ll_combine_slot_bytes(self) -> int:
+        return 2 * self.hidden
+
+    def layout(self) -> dict:
+        """Byte offsets of the regions of one rank's buffer (the same on every rank)."""
+        R, C, S = self.num_ranks, self.num_channels, self.num_slots
+        rings = C * R
+        off = {}
+        cur = 0
+        off["dispatch"] = cur
+        cur += _round_up(rings * CTRL_BYTES + rings * S * self.dispatch_slot_bytes, 128)
+        off["combine"] = cur
+        cur += _round_up(rings * CTRL_BYTES + rings * S * self.combine_slot_bytes, 128)
+        E, M = self.num_experts, self.max_dispatch_tokens
+        if E:
+            off["ll_counts"] = cur
+            cur += _round_up(8 * E, 128)              # uint64 [E_local][R] (E_local * R = E)
+            off["ll_flags"] = cur
+            cur += _round_up(4 * E, 128)              # uint32 [E]
+            off["ll_dispatch"] = cur
+            cur += _round_up(E * M * self.ll_dispatch_slot_bytes, 128)   # [E_local][R][M] slots
+            off["ll_combine"] = cur
+            cur += _round_up(E * M * self.ll_combine_slot_bytes, 128)    # [E][M] rows
+        off["total"] = cur
+        return off
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.layout()["total"]
+
+
+def nvlink_bytes_per_token(hidden: int, num_topk: int, fp8: bool = False) -> dict:
+    """Bytes one (token, destination rank) pair moves over NVLink in each direction
+    (payload plus metadata of the ring items; docs/ep.md performance model)."""
+    payload = hidden + 4 * (hidden // SCALE_BLOCK) if fp8 else 2 * hidden
+    return {"dispatch": payload + 8 * num_topk + 4, "combine": 2 * hidden + 8}
+
+
+# ---------------------------------------------------------------------------------------
+# Error records
+# ---------------------------------------------------------------------------------------
+def decode_error(err: torch.Tensor):
+    """The error record of a rank (int32 [8]) as a dict, or None when no wait timed out."""
+    v = [int(x) for x in err.cpu().view(torch.int32).tolist()]
+    if v[0] == 0:
+        return None
+    return {"rank": v[1], "channel": v[2], "code": v[3], "what": WAIT_CODES.get(v[3], "unknown"),
+            "peer": v[4], "seen": v[5] & 0xFFFFFFFF, "needed": v[6] & 0xFFFFFFFF, "cta": v[7]}
+
+
+def _err_arg(err: torch.Tensor, device: torch.device) -> Arg:
+    # Emulator / same device: a pointer argument. GPU with a pinned host record: its
+    # address (device-accessible under unified addressing), not a device tensor.
+    return ptr(err) if err.device == device else u64(err.data_ptr())
+
+
+def _opt(t) -> Arg:
+    return ptr(t) if t is not None else u64(0)
+
+
+def _peer_args(peers) -> list:
+    if len(peers) > MAX_RANKS:
+        raise ValueError(f"peers: at most {MAX_RANKS} ranks, got {len(peers)}")
+    return [u64(p) for p in list(peers) + [0] * (MAX_RANKS - len(peers))]
+
+
+def _payload(x):
+    """(data as uint8 [T, row bytes], scales float32 [T, H/128] or None, hidden, is_fp8)."""
+    if isinstance(x, tuple):
+        data, scales = x
+        return data.contiguous().view(torch.uint8), scales.contiguous(), data.shape[1], True
+    return x.contiguous().view(torch.uint8), None, x.shape[1], False
+
+
+# ---------------------------------------------------------------------------------------
+# Launch plans
+# ---------------------------------------------------------------------------------------
+def layout_plan(topk_idx, num_experts, num_ranks, num_tokens_per_rank, num_tokens_per_expert,
+                is_token_in_rank) -> LaunchPlan:
+    """topk_idx int64 [T, K]; the two counters int32, zero on entry; is_token_in_rank bool [T, R]."""
+    T, K = topk_idx.shape
+    return LaunchPlan("ep_layout", "pk_ep_layout", grid=(max(1, _cdiv(T, THREADS)), 1, 1), block=(THREADS, 1, 1),
+                      shared_bytes=4 * (num_experts + num_ranks),
+                      args=(ptr(topk_idx), ptr(num_tokens_per_rank), ptr(num_tokens_per_expert),
+                            ptr(is_token_in_rank.view(torch.uint8)), u32(T), u32(K), u32(num_experts),
+                            u32(num_ranks)))
+
+
+def dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx, topk_weights, is_token_in_rank,
+                  rank_offset, out: dict, err, experts_per_rank: int, max_spins=DEFAULT_MAX_SPINS,
+                  flags=0) -> LaunchPlan:
+    """x bf16 [T, H] or (e4m3 [T, H], f32 [T, H/128]); topk_idx int64 [T, K] / topk_weights
+    f32 [T, K] or None (K = 0); is_token_in_rank bool [T, R]; rank_offset int32 [R] (first
+    received row of each source). out: recv_x (uint8 [N, row bytes]), recv_scales,
+    recv_topk_idx int64 [N, K], recv_topk_weights f32 [N, K], recv_src_idx int32 [N],
+    recv_channel_offset int32 [R, C, 2]."""
+    data, scales, hidden, fp8 = _payload(x)
+    K = 0 if topk_idx is None else topk_idx.shape[1]
+    layout = cfg.layout()
+    return LaunchPlan(
+        "ep_intranode", "pk_ep_dispatch", grid=(2 * cfg.num_channels, 1, 1), block=(THREADS, 1, 1),
+        args=(ptr(buffer), *_peer_args(peers), ptr(data), _opt(scales), _opt(topk_idx), _opt(topk_weights),
+              ptr(is_token_in_rank.view(torch.uint8)), ptr(rank_offset), ptr(out["recv_x"]),
+              _opt(out.get("recv_scales")), _opt(out.get("recv_topk_idx")), _opt(out.get("recv_topk_weights")),
+              ptr(out["recv_src_idx"]), ptr(out["recv_channel_offset"]), _err_arg(err, buffer.device),
+              u32(rank), u32(cfg.num_ranks), u32(data.shape[0]), u32(data.shape[1]),
+              u32(hidden // SCALE_BLOCK if fp8 else 0), u32(K), u32(experts_per_rank), u32(cfg.num_channels),
+              u32(cfg.num_slots), u32(cfg.dispatch_slot_bytes), u64(layout["dispatch"]), u32(cfg.publish_every),
+              u32(max_spins), u32(flags)))
+
+
+def combine_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_weights, handle, out, err,
+                 max_spins=DEFAULT_MAX_SPINS, flags=0) -> LaunchPlan:
+    """x bf16 [N, H] (rows as dispatch delivered them); topk_weights f32 [N, K] or None;
+    handle: this rank's IntranodeHandle; out bf16 [T, H]."""
+    K = 0 if topk_weights is None else topk_weights.shape[1]
+    layout = cfg.layout()
+    return LaunchPlan(
+        "ep_intranode", "pk_ep_combine", grid=(2 * cfg.num_channels, 1, 1), block=(THREADS, 1, 1),
+        args=(ptr(buffer), *_peer_args(peers), ptr(x.contiguous().view(torch.uint8)), _opt(topk_weights),
+              ptr(handle.recv_src_idx), ptr(handle.recv_channel_offset),
+              ptr(handle.is_token_in_rank.view(torch.uint8)), ptr(out.view(torch.uint8)),
+              _err_arg(err, buffer.device), u32(rank), u32(cfg.num_ranks), u32(handle.num_tokens),
+              u32(x.shape[1]), u32(K), u32(cfg.num_channels), u32(cfg.num_slots), u32(cfg.combine_slot_bytes),
+              u64(layout["combine"]), u32(cfg.publish_every), u32(max_spins), u32(flags)))
+
+
+def _ll_ctas(senders: int, receivers: int):
+    warps = THREADS // 32
+    return _cdiv(senders, warps), _cdiv(receivers, warps)
+
+
+def ll_dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx, out: dict, err, seq: int,
+                     max_spins=DEFAULT_MAX_SPINS, flags=0) -> LaunchPlan:
+    """out: recv_x uint8 [E_local, R*M, row bytes], recv_scales, recv_src_info int32
+    [E_local, R*M], recv_layout int32 [E_local, R], recv_count int32 [E_local],
+    slot_of int32 [T, K]."""
+    data, scales, hidden, fp8 = _payload(x)
+    E, R = cfg.num_experts, cfg.num_ranks
+    send, recv = _ll_ctas(E, E // R)
+    layout = cfg.layout()
+    return LaunchPlan(
+        "ep_low_latency", "pk_ep_ll_dispatch", grid=(send + recv, 1, 1), block=(THREADS, 1, 1),
+        args=(ptr(buffer), *_peer_args(peers), ptr(data), _opt(scales), ptr(topk_idx), ptr(out["recv_x"]),
+              _opt(out.get("recv_scales")), ptr(out["recv_src_info"]), ptr(out["recv_layout"]),
+              ptr(out["recv_count"]), ptr(out["slot_of"]), _err_arg(err, buffer.device), u32(rank), u32(R),
+              u32(data.shape[0]), u32(data.shape[1]), u32(hidden // SCALE_BLOCK if fp8 else 0),
+              u32(topk_idx.shape[1]), u32(E), u32(cfg.max_dispatch_tokens), u32(seq),
+              u32(cfg.ll_dispatch_slot_bytes), u64(layout["ll_counts"]), u64(layout["ll_dispatch"]), u32(send),
+              u32(max_spins), u32(flags)))
+
+
+def ll_combine_plan(cfg: IntranodeConfig, rank: int, buffer, peers, y, topk_idx, topk_weights, handle, out, err,
+                    num_recv_ctas: int = 1, max_spins=DEFAULT_MAX_SPINS, flags=0) -> LaunchPlan:
+    """y bf16 [E_local, R*M, H]; topk_idx int64 [T, K], topk_weights f32 [T, K] (this rank's);
+    handle: this rank's LowLatencyHandle; out bf16 [T, H]."""
+    E, R = cfg.num_experts, cfg.num_ranks
+    send, _ = _ll_ctas(E // R, 0)
+    layout = cfg.layout()
+    return LaunchPlan(
+        "ep_low_latency", "pk_ep_ll_combine", grid=(send + max(1, num_recv_ctas), 1, 1), block=(THREADS, 1, 1),
+        args=(ptr(buffer), *_peer_args(peers), ptr(y.contiguous().view(torch.uint8)), ptr(handle.recv_layout),
+              ptr(topk_idx), ptr(topk_weights), ptr(handle.slot_of), ptr(out.view(torch.uint8)),
+              _err_arg(err, buffer.device), u32(rank), u32(R), u32(topk_idx.shape[0]), u32(y.shape[-1]),
+              u32(topk_idx.shape[1]), u32(E), u32(cfg.max_dispatch_tokens), u32(handle.seq),
+              u32(cfg.ll_combine_slot_bytes), u64(layout["ll_flags"]), u64(layout["ll_combine"]), u32(send),
+              u32(max_spins), u32(flags)))
+
+
+# ---------------------------------------------------------------------------------------
+# Handles and validation shared by the runners
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class IntranodeHandle:
+    """One rank's record of a normal-mode dispatch, for combine (and a cached layout).
+
+    is_token_in_rank bool [T, R]; rank_offset int32 [R]: first received row from each
+    source; recv_src_idx int32 [N]: source token of each received row;
+    recv_channel_offset int32 [R, C, 2]: (first row, rows) per (source rank, channel)."""
+    is_token_in_rank: torch.Tensor
+    rank_offset: torch.Tensor
+    recv_src_idx: torch.Tensor
+    recv_channel_offset: torch.Tensor
+    num_recv: int
+    num_tokens: int
+
+
+@dataclasses.dataclass
+class LowLatencyHandle:
+    """One rank's record of a low-latency dispatch: recv_src_info int32 [E_local, R*M]
+    (source token of each received row), recv_layout int32 [E_local, R] (rows per source
+    rank), slot_of int32 [T, K] (slot of each (token, k) at its expert), seq (call number)."""
+    recv_src_info: torch.Tensor
+    recv_layout: torch.Tensor
+    slot_of: torch.Tensor
+    seq: int
+    num_tokens: int
+
+
+def _check_inputs(cfg: IntranodeConfig, x, topk_idx, topk_weights, num_experts):
+    data = x[0] if isinstance(x, tuple) else x
+    if isinstance(x, tuple):
+        if data.dtype != torch.float8_e4m3fn or x[1].dtype != torch.float32:
+            raise TypeError(f"x: expected (float8_e4m3fn [T, H], float32 [T, H/128]), got "
+                            f"({data.dtype}, {x[1].dtype})")
+        if tuple(x[1].shape) != (data.shape[0], data.shape[1] // SCALE_BLOCK):
+            raise ValueError(f"x scales: expected [{data.shape[0]}, {data.shape[1] // SCALE_BLOCK}], "
+                             f"got {list(x[1].shape)}")
+    elif data.dtype != torch.bfloat16:
+        raise TypeError(f"x: expected a bfloat16 tensor or an FP8 pair, got {data.dtype}")
+    if data.dim() != 2 or data.shape[1] % SCALE_BLOCK or data.shape[1] > cfg.hidden:
+        raise ValueError(f"x: expected [T, H] with H a multiple of {SCALE_BLOCK} and <= {cfg.hidden} "
+                         f"(the buffer's hidden size), got {list(data.shape)}")
+    if topk_idx is not None:
+        if topk_idx.dtype != torch.int64 or tuple(topk_idx.shape[:1]) != (data.shape[0],) or topk_idx.dim() != 2:
+            raise ValueError(f"topk_idx: expected int64 [{data.shape[0]}, K], got {topk_idx.dtype} "
+                             f"{list(topk_idx.shape)}")
+        if not 1 <= topk_idx.shape[1] <= cfg.max_topk:
+            raise ValueError(f"topk_idx: expected 1..{cfg.max_topk} (the buffer's max_topk) experts per token, "
+                             f"got {topk_idx.shape[1]}")
+        if num_experts is None or num_experts <= 0 or num_experts % cfg.num_ranks:
+            raise ValueError(f"num_experts: expected a positive multiple of {cfg.num_ranks}, got {num_experts}")
+        if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
+            raise ValueError(f"topk_idx: expected values in [-1, {num_experts})")
+        if topk_weights is not None and (topk_weights.dtype != torch.float32
+                                         or topk_weights.shape != topk_idx.shape):
+            raise ValueError(f"topk_weights: expected float32 {list(topk_idx.shape)}, got "
+                             f"{topk_weights.dtype} {list(topk_weights.shape)}")
+
+
+def _row_bytes(x) -> int:
+    data = x[0] if isinstance(x, tuple) else x
+    return data.shape[1] * data.element_size()
+
+
+def _maker(device, poison):
+    def make(shape, dtype):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if poison:
+            t.view(torch.uint8).fill_(0xFF)   # NaN / -1 wherever a kernel fails to write
+        return t
+    return make
+
+
+def _alloc_dispatch_out(cfg, x, num_recv, K, device, poison):
+    data = x[0] if isinstance(x, tuple) else x
+    H = data.shape[1]
+    make = _maker(device, poison)
+    out = {"recv_x": make((num_recv, _row_bytes(x)), torch.uint8),
+           "recv_src_idx": make((num_recv,), torch.int32),
+           "recv_channel_offset": make((cfg.num_ranks, cfg.num_channels, 2), torch.int32)}
+    if isinstance(x, tuple):
+        out["recv_scales"] = make((num_recv, H // SCALE_BLOCK), torch.float32)
+    if K:
+        out["recv_topk_idx"] = make((num_recv, K), torch.int64)
+        out["recv_topk_weights"] = make((num_recv, K), torch.float32)
+    return out
+
+
+def _dispatch_result(x, out, K, experts_per_rank, handle):
+    data = x[0] if isinstance(x, tuple) else x
+    recv_x = out["recv_x"].view(data.dtype).view(-1, data.shape[1])
+    if isinstance(x, tuple):
+        recv_x = (recv_x, out["recv_scales"])
+    idx = out.get("recv_topk_idx")
+    counts = None if idx is None else \
+        torch.stack([(idx == e).sum() for e in range(experts_per_rank)]).tolist()   # one host read
+    return {"recv_x": recv_x, "recv_topk_idx": idx, "recv_topk_weights": out.get("recv_topk_weights"),
+            "num_recv_tokens_per_expert": counts, "handle": handle}
+
+
+def _alloc_ll_out(cfg, x, num_tokens, K, device, poison):
+    data = x[0] if isinstance(x, tuple) else x
+    H = data.shape[1]
+    El, R, M = cfg.num_experts // cfg.num_ranks, cfg.num_ranks, cfg.max_dispatch_tokens
+    make = _maker(device, poison)
+    out = {"recv_x": make((El, R * M, _row_bytes(x)), torch.uint8),
+           "recv_src_info": make((El, R * M), torch.int32),
+           "recv_layout": make((El, R), torch.int32), "recv_count": make((El,), torch.int32),
+           "slot_of": torch.full((num_tokens, K), -1, dtype=torch.int32, device=device)}
+    if isinstance(x, tuple):
+        out["recv_scales"] = make((El, R * M, H // SCALE_BLOCK), torch.float32)
+    return out
+
+
+def _ll_result(x, out, seq, num_tokens):
+    data = x[0] if isinstance(x, tuple) else x
+    recv_x = out["recv_x"].view(data.dtype).view(out["recv_x"].shape[0], out["recv_x"].shape[1], data.shape[1])
+    if isinstance(x, tuple):
+        recv_x = (recv_x, out["recv_scales"])
+    handle = LowLatencyHandle(out["recv_src_info"], out["recv_layout"], out["slot_of"], seq, num_tokens)
+    return {"recv_x": recv_x, "recv_count": out["recv_count"], "handle": handle}
+
+
+# ---------------------------------------------------------------------------------------
+# Every rank in this process: the emulator, or one GPU with a stream per rank
+# ---------------------------------------------------------------------------------------
+def _launch(plan: LaunchPlan) -> dict:
+    return dict(ptx=artifacts.ptx_text(plan.module), kernel=plan.function, grid=plan.grid, block=plan.block,
+                args=[a.value for a in plan.args], shared_mem=plan.shared_bytes, cluster=plan.cluster)
+
+
+class LocalNode:
+    """A node of `cfg.num_ranks` ranks, all in this process.
+
+    device "cpu": the emulator. Every call builds one launch plan per rank and runs them
+    concurrently with pykernels.emu.launch_many (one global memory: each rank's kernel gets
+    the addresses of all buffers, as CUDA IPC mappings would give them).
+    device "cuda": every rank's kernel on its own stream of the current GPU (the plans'
+    peer addresses are plain device pointers); a check of the kernels on one GPU, not a
+    test of NVLink.
+
+    Each rank has its buffer (zeroed once, here) and an error record. Buffers persist
+    across calls like a DeepEP Buffer's (ring counters go on from call to call). Lists are
+    indexed by rank. max_spins bounds every wait (polls); stall_ranks: ranks whose kernels
+    return at once, as if they never arrived (to test the timeouts); flags: raw per-rank
+    kernel flags (FLAG_IDLE_SENDERS, FLAG_IDLE_RECEIVERS). poison: fill outputs with 0xFF
+    bytes (NaN, -1) so that whatever a kernel fails to write shows up.
+    """
+
+    def __init__(self, cfg: IntranodeConfig, device="cpu", max_spins: int = None, poison: bool = True):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        emulated = self.device.type == "cpu"
+        self.max_spins = max_spins if max_spins is not None else (EMU_MAX_SPINS if emulated else DEFAULT_MAX_SPINS)
+        self.poison = poison
+        self.buffers = [torch.zeros(cfg.buffer_bytes, dtype=torch.uint8, device=self.device)
+                        for _ in range(cfg.num_ranks)]
+        self.errors = [torch.zeros(ERROR_WORDS, dtype=torch.int32, pin_memory=not emulated)
+                       for _ in range(cfg.num_ranks)]
+        self.seq = 0
+        self.last_stats = None
+
+    @property
+    def peers(self):
+        return [b.data_ptr() for b in self.buffers]
+
+    def error_records(self):
+        return [decode_error(e) for e in self.errors]
+
+    def _flags(self, stall_ranks, flags=None):
+        stall = set(stall_ranks or ())
+        flags = list(flags) if flags is not None else [0] * self.cfg.num_ranks
+        return [f | (FLAG_IDLE_SENDERS | FLAG_IDLE_RECEIVERS if r in stall else 0) for r, f in enumerate(flags)]
+
+    def _run(self, plans, quantum=512):
+        if self.device.type == "cuda":
+            streams = [torch.cuda.Stream(self.device) for _ in plans]
+            for st in streams:
+                st.wait_stream(torch.cuda.current_stream(self.device))
+            for st, plan in zip(streams, plans):
+                for t in plan.tensors():      # allocated on the current stream, used on st
+                    t.record_stream(st)
+                with torch.cuda.stream(st):
+                    run_cuda(plan)
+            for st in streams:
+                torch.cuda.current_stream(self.device).wait_stream(st)
+            return None
+        from .. import emu
+        try:
+            self.last_stats = emu.launch_many([_launch(p) for p in plans], quantum=quantum)
+        except emu.EmuError as e:
+            records = [f"  rank {r}: {rec}" for r, rec in enumerate(self.error_records()) if rec]
+            if records:
+                raise type(e)(f"{e}\nerror records:\n" + "\n".join(records)) from e
+            raise
+        return self.last_stats
+
+    def get_dispatch_layout(self, topk_idxs, num_experts):
+        """Per rank: (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
+        is_token_in_rank bool [T, R]) from the layout kernel."""
+        R, dev = self.cfg.num_ranks, self.device
+        outs, plans = [], []
+        for topk in topk_idxs:
+            per_rank = torch.zeros(R, dtype=torch.int32, device=dev)
+            per_expert = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+            in_rank = _maker(dev, self.poison)((topk.shape[0], R), torch.bool)
+            outs.append((per_rank, per_expert, in_rank))
+            plans.append(layout_plan(topk.contiguous(), num_experts, R, per_rank, per_expert, in_rank))
+        self._run(plans)
+        return outs
+
+    def dispatch(self, xs, topk_idxs=None, topk_weights=None, num_experts=None, handles=None, stall_ranks=None,
+                 flags=None):
+        """Per rank: dict(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
+        handle). xs[r]: bf16 [T_r, H] or (e4m3 [T_r, H], f32 [T_r, H/128]). With `handles`
+        (from an earlier dispatch), repeats that layout; top-k arguments optional then."""
+        cfg, R, dev = self.cfg, self.cfg.num_ranks, self.device
+        topk_idxs = topk_idxs or [None] * R
+        topk_weights = topk_weights or [None] * R
+        for r in range(R):
+            _check_inputs(cfg, xs[r], topk_idxs[r], topk_weights[r], num_experts)
+        if handles is None:
+            if topk_idxs[0] is None:
+                raise ValueError("topk_idxs: required unless handles from an earlier dispatch are given")
+            layouts = self.get_dispatch_layout([t.contiguous() for t in topk_idxs], num_experts)
+            counts = torch.stack([per_rank for per_rank, _, _ in layouts])          # [src, dst]
+            handles = []
+            for d in range(R):
+                recv = counts[:, d].to(torch.int64)
+                offset = (torch.cumsum(recv, 0) - recv).to(torch.int32)
+                T = (xs[d][0] if isinstance(xs[d], tuple) else xs[d]).shape[0]
+                handles.append(IntranodeHandle(layouts[d][2], offset, None, None, int(recv.sum()), T))
+        else:
+            handles = [dataclasses.replace(h) for h in handles]
+        epr = (num_experts // R) if num_experts else 1
+        plans, outs = [], []
+        flags = self._flags(stall_ranks, flags)
+        for r in range(R):
+            topk, w = topk_idxs[r], topk_weights[r]
+            if topk is not None and w is None:
+                w = torch.ones(topk.shape, dtype=torch.float32, device=dev)
+            K = 0 if topk is None else topk.shape[1]
+            out = _alloc_dispatch_out(cfg, xs[r], handles[r].num_recv, K, dev, self.poison)
+            h = handles[r]
+            h.recv_src_idx, h.recv_channel_offset = out["recv_src_idx"], out["recv_channel_offset"]
+            outs.append(out)
+            plans.append(dispatch_plan(cfg, r, self.buffers[r], self.peers, xs[r],
+                                       None if topk is None else topk.contiguous(),
+                                       None if w is None else w.contiguous(), h.is_token_in_rank, h.rank_offset,
+                                       out, self.errors[r], epr, self.max_spins, flags[r]))
+        self._run(plans)
+        return [_dispatch_result(xs[r], outs[r], 0 if topk_idxs[r] is None else topk_idxs[r].shape[1], epr,
+                                 handles[r]) for r in range(R)]
+
+    def combine(self, xs, handles, topk_weights=None, stall_ranks=None, flags=None):
+        """Per rank: bf16 [T_r, H], the rows of xs (bf16 [N_r, H], as dispatch delivered them)
+        sent back and summed per source token in rank order (f32, each row scaled by the sum
+        of its top-k weights when given)."""
+        R, dev = self.cfg.num_ranks, self.device
+        topk_weights = topk_weights or [None] * R
+        flags = self._flags(stall_ranks, flags)
+        plans, outs = [], []
+        for r in range(R):
+            x = xs[r]
+            if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] != handles[r].num_recv:
+                raise ValueError(f"xs[{r}]: expected bf16 [{handles[r].num_recv}, H], got {x.dtype} {list(x.shape)}")
+            out = _maker(dev, self.poison)((handles[r].num_tokens, x.shape[1]), torch.bfloat16)
+            outs.append(out)
+            w = topk_weights[r]
+            plans.append(combine_plan(self.cfg, r, self.buffers[r], self.peers, x.contiguous(),
+                                      None if w is None else w.contiguous(), handles[r], out, self.errors[r],
+                                      self.max_spins, flags[r]))
+        self._run(plans)
+        return outs
+
+    def _next_seq(self):
+        self.seq = self.seq % 0xFFFFFFFF + 1    # never 0 (the buffer's initial value)
+        return self.seq
+
+    def low_latency_dispatch(self, xs, topk_idxs, stall_ranks=None, flags=None):
+        """Per rank: dict(recv_x [E_local, R*M, H] (or an FP8 pair with scales
+        [E_local, R*M, H/128]), recv_count int32 [E_local], handle). Rows of source rank s
+        for local expert le are recv_x[le, s*M : s*M + handle.recv_layout[le, s]], in
+        source-token order; the rest of each block is not written."""
+        cfg, R, dev = self.cfg, self.cfg.num_ranks, self.device
+        if not cfg.num_experts:
+            raise ValueError("low_latency_dispatch: the buffer has no low-latency region (num_experts=0)")
+        for r in range(R):
+            _check_inputs(cfg, xs[r], topk_idxs[r], None, cfg.num_experts)
+            T = topk_idxs[r].shape[0]
+            if T > cfg.max_dispatch_tokens:
+                raise ValueError(f"xs[{r}]: at most max_dispatch_tokens={cfg.max_dispatch_tokens} tokens, got {T}")
+        seq = self._next_seq()
+        flags = self._flags(stall_ranks, flags)
+        plans, outs = [], []
+        for r in range(R):
+            T, K = topk_idxs[r].shape
+            out = _alloc_ll_out(cfg, xs[r], T, K, dev, self.poison)
+            outs.append(out)
+            plans.append(ll_dispatch_plan(cfg, r, self.buffers[r], self.peers, xs[r], topk_idxs[r].contiguous(), out,
+                                          self.errors[r], seq, self.max_spins, flags[r]))
+        self._run(plans)
+        return [_ll_result(xs[r], outs[r], seq, topk_idxs[r].shape[0]) for r in range(R)]
+
+    def low_latency_combine(self, ys, topk_idxs, topk_weights, handles, num_recv_ctas=1, stall_ranks=None,
+                            flags=None):
+        """Per rank: bf16 [T_r, H] = sum over valid k, in order, of w[t, k] * (expert output of
+        (t, k)), in f32 from 0.0. ys[r]: bf16 [E_local, R*M, H] (rows as low_latency_dispatch
+        delivered them)."""
+        cfg, R, dev = self.cfg, self.cfg.num_ranks, self.device
+        flags = self._flags(stall_ranks, flags)
+        plans, outs = [], []
+        for r in range(R):
+            T = topk_idxs[r].shape[0]
+            out = _maker(dev, self.poison)((T, ys[r].shape[-1]), torch.bfloat16)
+            outs.append(out)
+            plans.append(ll_combine_plan(cfg, r, self.buffers[r], self.peers, ys[r], topk_idxs[r].contiguous(),
+                                         topk_weights[r].contiguous(), handles[r], out, self.errors[r],
+                                         num_recv_ctas, self.max_spins, flags[r]))
+        self._run(plans)
+        return outs
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: one rank of a process group (not run on a CPU-only machine)
+# ---------------------------------------------------------------------------------------
+class CudaIntranode:
+    """This rank's side on its GPU: a zeroed buffer, the peers' buffers opened through CUDA
+    IPC (handles exchanged with all_gather_object over `group`), a pinned host error record
+    (readable after a trap). Every rank must make the same calls in the same order; the
+    low-latency calls must alternate dispatch, combine. Kernels run on the current stream."""
+
+    def __init__(self, cfg: IntranodeConfig, group=None, max_spins: int = DEFAULT_MAX_SPINS):
+        import torch.distributed as dist
+        from .. import _C
+        self.cfg, self.group, self.max_spins = cfg, group, max_spins
+        self.rank, R = dist.get_rank(group), dist.get_world_size(group)
+        if R != cfg.num_ranks:
+            raise ValueError(f"cfg.num_ranks: expected the group size {R}, got {cfg.num_ranks}")
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.buffer = torch.zeros(cfg.buffer_bytes, dtype=torch.uint8, device=self.device)
+        # the caching allocator may place the tensor inside a larger allocation: IPC maps
+        # the allocation, so each peer adds the tensor's offset in it
+        offset = self.buffer.untyped_storage()._share_cuda_()[3]
+        mine = (_C.ipc_get_handle(self.buffer.data_ptr() - offset), offset)
+        handles = [None] * R
+        dist.all_gather_object(handles, mine, group=group)
+        torch.cuda.synchronize()
+        self.peers = [self.buffer.data_ptr() if r == self.rank else
+                      _C.ipc_open_handle(h, self.device.index) + off for r, (h, off) in enumerate(handles)]
+        self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, pin_memory=True)
+        self.seq = 0
+
+    def error_record(self):
+        return decode_error(self.error)
+
+    def dispatch(self, x, topk_idx, topk_weights, num_experts):
+        """Returns dispatch's dict (like LocalNode.dispatch, this rank only). Reads the
+        receive counts back to the host (one sync) to size the outputs."""
+        import torch.distributed as dist
+        cfg, R = self.cfg, self.cfg.num_ranks
+        _check_inputs(cfg, x, topk_idx, topk_weights, num_experts)
+        per_rank = torch.zeros(R, dtype=torch.int32, device=self.device)
+        per_expert = torch.zeros(num_experts, dtype=torch.int32, device=self.device)
+        in_rank = torch.empty(topk_idx.shape[0], R, dtype=torch.bool, device=self.device)
+        run_cuda(layout_plan(topk_idx.contiguous(), num_experts, R, per_rank, per_expert, in_rank))
+        counts = [torch.empty_like(per_rank) for _ in range(R)]
+        dist.all_gather(counts, per_rank, group=self.group)
+        recv = torch.stack(counts)[:, self.rank].to(torch.int64)
+        offset = (torch.cumsum(recv, 0) - recv).to(torch.int32)
+        num_recv = int(recv.sum())
+        if topk_weights is None:
+            topk_weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=self.device)
+        out = _alloc_dispatch_out(cfg, x, num_recv, topk_idx.shape[1], self.device, poison=False)
+        T = topk_idx.shape[0]
+        handle = IntranodeHandle(in_rank, offset, out["recv_src_idx"], out["recv_channel_offset"], num_recv, T)
+        epr = num_experts // R
+        run_cuda(dispatch_plan(cfg, self.rank, self.buffer, self.peers, x, topk_idx.contiguous(),
+                               topk_weights.contiguous(), in_rank, offset, out, self.error, epr, self.max_spins))
+        return _dispatch_result(x, out, topk_idx.shape[1], epr, handle)
+
+    def combine(self, x, handle, topk_weights=None):
+        out = torch.empty(handle.num_tokens, x.shape[1], dtype=torch.bfloat16, device=self.device)
+        run_cuda(combine_plan(self.cfg, self.rank, self.buffer, self.peers, x.contiguous(),
+                              None if topk_weights is None else topk_weights.contiguous(), handle, out, self.error,
+                              self.max_spins))
+        return out
+
+    def low_latency_dispatch(self, x, topk_idx):
+        cfg = self.cfg
+        _check_inputs(cfg, x, topk_idx, None, cfg.num_experts)
+        self.seq = self.seq % 0xFFFFFFFF + 1
+        T, K = topk_idx.shape
+        out = _alloc_ll_out(cfg, x, T, K, self.device, poison=False)
+        run_cuda(ll_dispatch_plan(cfg, self.rank, self.buffer, self.peers, x, topk_idx.contiguous(), out,
+                                  self.error, self.seq, self.max_spins))
+        return _ll_result(x, out, self.seq, T)
+
+    def low_latency_combine(self, y, topk_idx, topk_weights, handle, num_recv_ctas=16):
+        out = torch.empty(topk_idx.shape[0], y.shape[-1], dtype=torch.bfloat16, device=self.device)
+        run_cuda(ll_combine_plan(self.cfg, self.rank, self.buffer, self.peers, y, topk_idx.contiguous(),
+                                 topk_weights.contiguous(), handle, out, self.error, num_recv_ctas, self.max_spins))
+        return out

@@ -6,7 +6,7 @@ from pathlib import Path
 from . import shapes as S
 
 _DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-ALL_OPS = S.OPS + ("mla",)       # the GEMM layouts, then MLA decode (bench/mla.py)
+ALL_OPS = S.OPS + ("mla", "ep")  # the GEMM layouts, MLA decode (bench/mla.py), EP (bench/ep.py)
 
 
 def parse_args(argv=None):
@@ -52,13 +52,21 @@ def main(argv=None) -> int:
     if "mla" in args.ops:
         from . import mla
         raw += mla.measure(args.quick, runs=args.runs)
+    ep_rows = []
+    if "ep" in args.ops:
+        from . import ep
+        ep_rows = ep.measure(args.quick)
+        for r in ep_rows:
+            print(f"  ep {r['shape']} {r.get('step', '')}: "
+                  + (f"{r['seconds'] * 1e6:.0f} us, {r['gbps_per_rank']:.1f} GB/s per rank" if r["seconds"]
+                     else r["note"]), flush=True)
     rows = R.derive(raw, peaks)
     print(R.format_table(rows))
     date = R.today()
     meta = dict(gpu=gpu, date=date, git_commit=R.git_commit(Path(__file__).resolve().parent.parent),
                 torch=torch.__version__, triton=triton.__version__, quick=args.quick, runs=args.runs)
     stem = args.out_dir / f"{R.slug(gpu)}-{date}{'-quick' if args.quick else ''}"
-    print(f"wrote {R.write_json(stem.with_suffix('.json'), meta, peaks, rows)}")
+    print(f"wrote {R.write_json(stem.with_suffix('.json'), meta, peaks, rows + ep_rows)}")
     print(f"wrote {R.plot_roofline(stem.with_suffix('.png'), peaks, rows, title=f'{gpu} ({date})')}")
     return 0
 

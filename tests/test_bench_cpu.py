@@ -131,3 +131,26 @@ def test_mla_configs_and_sdpa_baseline_on_cpu(monkeypatch):
     assert calc_diff(out.float(), ref.float()) < 1e-5
     c = BM.cost(cfg, d)
     assert c["flops"] == sum(2 * 1088 * 2 * 16 * n for n in d["seqlens"].tolist())
+
+
+@pytest.mark.parametrize("mode", ["normal", "low_latency"])
+def test_ep_bench_steps_run_on_the_emulator(monkeypatch, mode):
+    # The benchmark's callables run end to end (on the emulator here) and the byte count
+    # per rank is the number of (token, destination) copies times the row size.
+    import torch
+    from bench import ep as BE
+    monkeypatch.setattr(BE, "DEVICE", "cpu")
+    monkeypatch.setattr(BE, "node", lambda cfg, channels=2, _n=BE.node: _n(cfg, channels))
+    cfg = BE.Config(mode, 2, 12, hidden=256, topk=4, experts=8)
+    d = BE.make_inputs(cfg, seed=3)
+    fns = BE.steps(cfg, BE.node(cfg), d)
+    assert set(fns) == ({"dispatch", "combine"} if mode == "normal" else {"dispatch+combine", "_check"})
+    for fn in fns.values():
+        fn()
+    topk = d["topk"][0]
+    if mode == "normal":
+        copies = sum(len(set((row // 4).tolist())) for row in topk)
+        assert BE.sent_bytes(cfg, d, "dispatch") == copies * (256 + 4 * 2 + 12 * 4)
+    else:
+        assert BE.sent_bytes(cfg, d, "dispatch") == int((topk >= 0).sum()) * 2 * 256
+    assert all(x.device.type == "cpu" for x in d["weights"]) and torch.is_tensor(topk)

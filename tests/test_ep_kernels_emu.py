@@ -115,6 +115,8 @@ def test_dispatch_combine_bf16_exact(R, seed):
     for r in range(R):
         assert torch.equal(_bits(out[r]), _bits(want[r].to(torch.bfloat16))), r
         assert calc_diff(out[r].double(), want[r].double()) < 1e-5
+    with pytest.raises(ValueError, match=r"topk_weights\[0\]: expected float32 \[\d+, k\]"):
+        node.combine(ys, handles, [w[:1] for w in ws])   # not one weight row per received token
     out = node.combine(ys, handles)
     want = ref.simulate_combine(ys, srcs, Ts)
     for r in range(R):

@@ -561,6 +561,9 @@ class LocalNode:
             out = _maker(dev, self.poison)((handles[r].num_tokens, x.shape[1]), torch.bfloat16)
             outs.append(out)
             w = topk_weights[r]
+            if w is not None and (w.dtype != torch.float32 or w.dim() != 2 or w.shape[0] != x.shape[0]):
+                raise ValueError(f"topk_weights[{r}]: expected float32 [{x.shape[0]}, k] (the received tokens' "
+                                 f"weights, as dispatch returned them), got {w.dtype} {list(w.shape)}")
             plans.append(combine_plan(self.cfg, r, self.buffers[r], self.peers, x.contiguous(),
                                       None if w is None else w.contiguous(), handles[r], out, self.errors[r],
                                       self.max_spins, flags[r]))

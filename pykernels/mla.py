@@ -9,11 +9,12 @@ the first 512 columns double as V) or the FP8 layout uint8 [num_blocks, 64, 1, 6
 made by quantize_kv_cache_fp8; block_table int32 [b, max_blocks]; cache_seqlens int32
 [b]. Returns out bf16 [b, s_q, h_q, 512] and softmax_lse float32 [b, h_q, s_q].
 
-Backends: "reference" (PyTorch, float32), "triton" (GPU, or interpreted on CPU);
-"auto" picks "triton" for GPU tensors and "reference" for CPU tensors. The hand-written
-CUDA kernel ("cuda", "emu") is not written yet. The metadata is computed on the device
-by the triton backend (no host-device synchronisation); the reference backend reads
-cache_seqlens on the host.
+Backends of flash_mla_with_kvcache: "reference" (PyTorch, float32), "triton" (GPU, or
+interpreted on CPU), "cuda" (the hand-written sm_90a kernel, csrc/mla/decode.cu; bf16
+cache only) and "emu" (the same kernel's PTX on the CPU emulator, CPU tensors); "auto"
+picks "cuda" for GPU tensors ("triton" for an FP8 cache) and "reference" for CPU tensors. The metadata is computed on
+the device by the triton backend (no host-device synchronisation); the reference
+backend reads cache_seqlens on the host.
 """
 import math
 import numbers
@@ -192,7 +193,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
                               tile_scheduler_metadata=meta, num_splits=num_splits, out=out,
                               softmax_lse=softmax_lse)
     _check_values_on_host(block_table, cache_seqlens, k_cache.shape[0])
-    backend = resolve("flash_mla_with_kvcache", backend, dev, MLA_IMPLS["flash_mla_with_kvcache"])
+    impls = MLA_IMPLS["flash_mla_with_kvcache"]
+    if backend == "auto" and RM.is_fp8_cache(k_cache):
+        # the hand-written kernel reads bf16 caches only: "auto" keeps FP8 caches on triton
+        impls = {k: v for k, v in impls.items() if k not in ("cuda", "emu")}
+    backend = resolve("flash_mla_with_kvcache", backend, dev, impls)
+    if backend in ("cuda", "emu"):
+        from .cuda import mla as CM
+        CM.check_supported(q, k_cache, head_dim_v)
     torch.ops.pykernels.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, meta, num_splits,
                                                out, softmax_lse, HEAD_DIM_V, float(softmax_scale),
                                                causal, backend)

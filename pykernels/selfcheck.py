@@ -124,6 +124,8 @@ def _mla_case(fp8: bool, device):
     meta, splits = M.get_mla_metadata(seqlens, s_q * h_q, 1, 8, backend="reference")
 
     def run(backend):
+        if fp8 and backend in ("cuda", "emu"):
+            raise NotImplementedError("the hand-written MLA kernel reads bf16 caches only")
         out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16, device=device)
         lse = torch.full((b, h_q, s_q), float("nan"), device=device)
         M.flash_mla_with_kvcache(q, cache, table, seqlens, 512, meta, splits, causal=True,
@@ -177,6 +179,9 @@ def run_all(device: torch.device, backends=None, ops=None) -> list:
             try:
                 err, ok = runner(backend)
                 verdict = "PASS" if ok else "FAIL"
+            except NotImplementedError:
+                rows.append(Row(op, backend, shape, "-", "not implemented yet", time.perf_counter() - t0))
+                continue
             except Exception as e:  # report, keep going: one broken backend must not hide the rest
                 err, verdict = f"{type(e).__name__}: {e}"[:80], "ERROR"
             rows.append(Row(op, backend, shape, err, verdict, time.perf_counter() - t0))

@@ -2,8 +2,9 @@
 
 Same pattern as runtime/ops.py: the public functions validate and resolve the backend,
 then call torch.ops.pykernels.<op>, which dispatches on the backend name through
-MLA_IMPLS. A hand-written kernel adds its "cuda" / "emu" entries here (one line each);
-until then resolve() answers "backend: 'cuda' is not available for ... yet".
+MLA_IMPLS. The hand-written kernel (csrc/mla/decode.cu, host side pykernels/cuda/mla.py)
+is "cuda" (GPU) and "emu" (its PTX on the CPU emulator); the scheduler has no CUDA kernel
+("reference" / "triton").
 """
 import torch
 
@@ -13,6 +14,11 @@ from ..reference import mla as RM
 def _triton():
     from .. import triton as T  # imported lazily: sets TRITON_INTERPRET on CPU machines
     return T
+
+
+def _cuda():
+    from ..cuda import mla as CM  # imported lazily: loads the emulator's tensor-map support
+    return CM
 
 
 def _reference_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, out, lse,
@@ -39,6 +45,8 @@ MLA_IMPLS = {
     "flash_mla_with_kvcache": {
         "reference": _reference_decode,
         "triton": _triton_decode,
+        "cuda": lambda *a: _cuda().flash_mla_with_kvcache(*a, executor="cuda"),
+        "emu": lambda *a: _cuda().flash_mla_with_kvcache(*a, executor="emu"),
     },
 }
 

@@ -1,0 +1,109 @@
+// pk/ptx_mla.cuh — inline-PTX wrappers the MLA decode kernel (csrc/mla/) needs beyond
+// pk/ptx.cuh: bf16 wgmma shapes (K-major B for Q.K^T, MN-major "transposed" B for P.V),
+// the MN-major 128-byte-swizzle matrix descriptor, and the approximate ex2 / lg2.
+//
+// Same conventions as pk/ptx.cuh (written against the PTX ISA exactly, because the CPU
+// emulator runs the same PTX): every wrapper is __forceinline__, no labels in asm,
+// shared-memory operands are 32-bit .shared::cta offsets.
+#pragma once
+
+#include <cstdint>
+
+#include "pk/ptx.cuh"
+
+namespace pk {
+
+// ---------------------------------------------------------------------------------------
+// Matrix descriptors (bits 0-13 start >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 62-63 layout)
+// ---------------------------------------------------------------------------------------
+
+// MN-major ("transposed") operand stored with the 128-byte swizzle: each 8 x 128-byte atom
+// holds 64 consecutive MN elements (bf16) of 8 consecutive K rows. Canonical layout (CuTe
+// notation, T = 8 elements of 16 bits): ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), i.e.
+// LBO = byte distance between atoms along MN (the next 64 columns), SBO = byte distance
+// between atoms along K (the next 8 K rows; 1024 for densely stacked atoms).
+// Atoms must be 1024-byte aligned (base offset 0).
+__device__ __forceinline__ uint64_t make_desc_mn128b(uint32_t smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t desc = (uint64_t)((smem & 0x3FFFFu) >> 4);       // bits 0-13: start address >> 4
+  desc |= (uint64_t)((lbo_bytes >> 4) & 0x3FFFu) << 16;     // bits 16-29: leading byte offset >> 4
+  desc |= (uint64_t)((sbo_bytes >> 4) & 0x3FFFu) << 32;     // bits 32-45: stride byte offset >> 4
+  desc |= (uint64_t)1 << 62;                                // bits 62-63: 1 = 128-byte swizzle
+  return desc;
+}
+
+// ---------------------------------------------------------------------------------------
+// wgmma, bf16 inputs, f32 accumulators, both operands in shared memory (descriptors)
+// ---------------------------------------------------------------------------------------
+// Syntax (PTX ISA, .bf16 form with A from shared memory):
+//   wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 d, a-desc, b-desc, scale-d,
+//       imm-scale-a, imm-scale-b, imm-trans-a, imm-trans-b;
+// Fragment of d as in pk/ptx.cuh: d[i] of thread t is row 16*(t/32) + (t%32)/4 +
+// 8*((i>>1)&1), column 8*(i>>2) + 2*(t%4) + (i&1). scale_d = 0 ignores the old d.
+
+// D[64 x 32] (+)= A[64 x 16] * B[32 x 16]^T, A and B K-major (imm-trans-a = imm-trans-b = 0).
+__device__ __forceinline__ void wgmma_m64n32k16_bf16_kk(float (&d)[16], uint64_t desc_a,
+                                                          uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// D[64 x 256] (+)= A[64 x 16] * B[16 x 256]: A K-major, B MN-major (imm-trans-b = 1: B is
+// stored with its N index contiguous, e.g. V rows of a K-cache block read as [key][column]).
+__device__ __forceinline__ void wgmma_m64n256k16_bf16_kt(float (&d)[128], uint64_t desc_a,
+                                                          uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// ---------------------------------------------------------------------------------------
+// Math
+// ---------------------------------------------------------------------------------------
+
+// 2^x (ex2.approx.ftz.f32: -inf -> +0, relative error ~2^-22).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// log2(x) (lg2.approx.ftz.f32).
+__device__ __forceinline__ float lg2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace pk

@@ -1,0 +1,444 @@
+// MLA decode attention (FlashMLA's interface, bf16 KV cache, h_kv = 1) for sm_90a, and the
+// split-KV combine kernel (docs/mla.md, host side: pykernels/cuda/mla.py).
+//
+//   q      [b, s_q, h_q, 576] bf16, read through a 3-D tensor map over [b, s_q*h_q, 576]
+//   cache  [num_blocks, 64, 1, 576] bf16 (pages of 64 tokens; columns 0..511 are also V),
+//          read through a 2-D tensor map over [num_blocks*64, 576]
+//   out    [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] f32 (any strides, passed in elements)
+//
+// One CTA = one partition p of tile_scheduler_metadata (blockIdx.x) x one tile of 64 of the
+// s_q*h_q query rows (blockIdx.y; row r is token r / h_q, head r % h_q, all sharing the one
+// KV head). It walks the partition's pieces (consecutive sequences, the first may start and
+// the last may end inside a sequence) block by block (64 keys = one page).
+//
+// Warp roles (384 threads, launch bound 1 CTA/SM):
+//  * warpgroup 2 = producer (setmaxnreg.dec 40). Its first warp, one elected lane: per piece
+//    with blocks, waits q_empty, loads the Q tile (9 TMA boxes of 64 rows x 64 columns,
+//    128-byte swizzle) onto q_full; per block, waits empty[s] and loads the K block's 9 boxes
+//    (page id from block_table) onto full[s]. Two stages.
+//  * warpgroups 0, 1 = math (setmaxnreg.inc 232). Warpgroup w owns keys [32w, 32w+32) of
+//    every block for S = Q K^T and output columns [256w, 256w+256) for O = P V:
+//      1. S_w (64 x 32, f32) = 36 x wgmma m64n32k16 (A = Q chunk, B = K chunk rows, both
+//         K-major, 128B swizzle); scale by softmax_scale*log2(e), mask (key < seqlen and,
+//         causal, key <= seqlen - s_q + token) to -inf.
+//      2. row maxima of S_w -> shared `red`, named barrier; the new running max m (identical
+//         bits in both warpgroups), alpha = 2^(m_old - m), P_w = 2^(S_w - m); the running
+//         row sum l keeps only the warpgroup's own keys (summed once at the end).
+//      3. P_w -> bf16 -> shared P tile (64 x 64, K-major, 128B swizzle; warpgroup w writes
+//         key columns [32w, 32w+32)), fence.proxy.async, named barrier: P is shared through
+//         shared memory, not recomputed (each warpgroup computed half of it).
+//      4. acc (64 x 256 f32, 128 registers/thread) *= alpha; acc += P V_w with 4 x wgmma
+//         m64n256k16 (A = P tile, B = the K block's columns [256w, +256) read MN-major:
+//         imm-trans-b = 1, LBO = 8192 between 64-column chunks, SBO = 1024 between 8-key
+//         atoms). wait, then each warp arrives on empty[s].
+//    The last block of a sequence whose length is not a multiple of 64 has stale rows
+//    (possibly NaN) past the end: S masks them with a select; for P V (0 * NaN = NaN) each
+//    warpgroup zeroes those rows of its own V chunks between steps 2 and 3 (after both
+//    warpgroups' Q K^T wgmma have completed, before its own P V).
+//    Epilogue: l of both warpgroups summed through shared memory; a sequence with one split
+//    writes out = acc / l (bf16) and lse = (m + log2 l) ln 2 (+inf, out 0 when no key is
+//    visible); a piece of a split sequence writes acc / l (f32) and m + log2 l (base 2,
+//    -inf when nothing was visible) to scratch row `split id` of oacc [*, R, 512] / lacc
+//    [*, R], merged by pk_mla_combine.
+//
+// Shared memory (dynamic, base aligned up to 1024): Q 72 KB | 2 K stages x 72 KB | P 8 KB |
+// red 512 B | lsum 512 B | 6 mbarriers: 230,448 bytes + 1,024 alignment slack <= 227 KB.
+#include <cstdint>
+
+#include "pk/ptx.cuh"
+#include "pk/ptx_mla.cuh"
+
+namespace {
+
+constexpr uint32_t kPage = 64;                    // tokens per KV block = keys per step
+constexpr uint32_t kTileRows = 64;                // query rows per CTA
+constexpr uint32_t kDimQK = 576;
+constexpr uint32_t kDimV = 512;
+constexpr uint32_t kChunks = kDimQK / 64;         // 64-column (128-byte) boxes per row
+constexpr uint32_t kChunkBytes = 64 * 128;        // one 64 x 64 bf16 box
+constexpr uint32_t kTileBytes = kChunks * kChunkBytes;  // 73,728: a Q tile or a K block
+constexpr uint32_t kStages = 2;
+constexpr uint32_t kQOff = 0;
+constexpr uint32_t kKOff = kQOff + kTileBytes;
+constexpr uint32_t kPOff = kKOff + kStages * kTileBytes;
+constexpr uint32_t kRedOff = kPOff + kChunkBytes;     // f32 [2][64] row maxima
+constexpr uint32_t kSumOff = kRedOff + 2 * 64 * 4;    // f32 [2][64] row sums
+constexpr uint32_t kBarOff = kSumOff + 2 * 64 * 4;    // full[2], empty[2], q_full, q_empty
+constexpr uint32_t kNumBars = 2 * kStages + 2;
+constexpr uint32_t kSmemBytes = 1024 + kBarOff + 8 * kNumBars;  // pykernels/cuda/mla.py: SMEM_BYTES
+static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+static_assert(kDimQK % 64 == 0 && kDimV == 512, "MLA head dims");
+
+constexpr uint32_t kThreads = 384;
+constexpr uint32_t kProducerRegs = 40;
+constexpr uint32_t kMathRegs = 232;
+constexpr uint32_t kNamedBarrier = 1;             // the two math warpgroups (256 threads)
+constexpr float kLn2 = 0.693147180559945309f;
+
+struct Params {
+  const int* block_table;
+  const int* seqlens;
+  const int* meta;      // [num_sm_parts, 8]
+  const int* nsplits;   // [b + 1]
+  uint16_t* out;        // bf16 bits
+  float* lse;
+  float* oacc;          // [splits, rows, 512]
+  float* lacc;          // [splits, rows]
+  uint32_t s_q, h_q, rows, bt_stride;
+  uint64_t out_sb;
+  uint32_t out_ss, out_sh;
+  uint64_t lse_sb;
+  uint32_t lse_sh, lse_ss;
+  uint32_t causal;
+  float scale_log2;
+};
+
+// One piece of a partition: sequence b, KV blocks [lo, hi), split id, sequence length.
+struct Piece {
+  uint32_t b, lo, hi, split;
+  int seqlen;
+};
+
+__device__ __forceinline__ Piece piece_of(const Params& p, const int* row, uint32_t k) {
+  Piece pc;
+  const uint32_t first_b = (uint32_t)row[0], first_blk = (uint32_t)row[1];
+  const uint32_t last_b = (uint32_t)row[2], last_end = (uint32_t)row[3];
+  pc.b = first_b + k;
+  pc.seqlen = max(__ldg(p.seqlens + pc.b), 0);
+  const uint32_t nblk = ((uint32_t)pc.seqlen + kPage - 1) / kPage;
+  pc.lo = k == 0 ? first_blk : 0u;
+  pc.hi = pc.b == last_b ? last_end : nblk;
+  pc.split = (uint32_t)row[4] + k;
+  return pc;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+__device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
+                                           const Params& p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_addr = pk::smem_addr(smem_raw);
+  const uint32_t base = (raw_addr + 1023u) & ~1023u;
+  uint8_t* const smem = smem_raw + (base - raw_addr);
+  const uint32_t full_bar = base + kBarOff;             // + 8 s
+  const uint32_t empty_bar = full_bar + 8 * kStages;    // + 8 s
+  const uint32_t q_full = empty_bar + 8 * kStages;
+  const uint32_t q_empty = q_full + 8;
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (uint32_t s = 0; s < kStages; ++s) {
+      pk::mbar_init(full_bar + 8 * s, 1);     // producer's arrive.expect_tx (+ TMA bytes)
+      pk::mbar_init(empty_bar + 8 * s, 8);    // lane 0 of each math warp
+    }
+    pk::mbar_init(q_full, 1);
+    pk::mbar_init(q_empty, 8);
+    pk::fence_mbarrier_init();
+    pk::fence_proxy_async_shared();
+  }
+  __syncthreads();
+
+  const uint32_t wg = threadIdx.x / 128;
+  const int* const row = p.meta + 8 * blockIdx.x;
+  const uint32_t num_pieces = (uint32_t)__ldg(row + 5);
+  const uint32_t tile = blockIdx.y;
+
+  if (wg == 2) {
+    // ------------------------------------------------------------------ producer
+    pk::setmaxnreg_dec<kProducerRegs>();
+    if ((threadIdx.x / 32) % 4 != 0) return;
+    const bool leader = pk::elect_one();
+    uint32_t s = 0, phase = 0, q_phase = 0;
+    for (uint32_t k = 0; k < num_pieces; ++k) {
+      const Piece pc = piece_of(p, row, k);
+      if (pc.hi <= pc.lo) continue;
+      pk::mbar_wait(q_empty, q_phase ^ 1);   // the previous piece's Q K^T are done
+      if (leader) {
+        pk::mbar_arrive_expect_tx(q_full, kTileBytes);
+#pragma unroll
+        for (uint32_t c = 0; c < kChunks; ++c)
+          pk::tma_load_3d(base + kQOff + c * kChunkBytes, tmap_q, q_full, (int32_t)(64 * c),
+                          (int32_t)(tile * kTileRows), (int32_t)pc.b);
+      }
+      __syncwarp();
+      q_phase ^= 1;
+      const int* table = p.block_table + (uint64_t)pc.b * p.bt_stride;
+      for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+        const int32_t page = __ldg(table + blk);
+        pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
+        if (leader) {
+          const uint32_t dst = base + kKOff + s * kTileBytes;
+          pk::mbar_arrive_expect_tx(full_bar + 8 * s, kTileBytes);
+#pragma unroll
+          for (uint32_t c = 0; c < kChunks; ++c)
+            pk::tma_load_2d(dst + c * kChunkBytes, tmap_kv, full_bar + 8 * s, (int32_t)(64 * c),
+                            page * (int32_t)kPage);
+        }
+        __syncwarp();
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------- math
+  pk::setmaxnreg_inc<kMathRegs>();
+  const uint32_t tid = threadIdx.x % 128;
+  const uint32_t warp = tid / 32, lane = tid % 32;
+  const uint32_t r0 = 16 * warp + lane / 4;   // this thread's rows: r0 and r0 + 8
+  float* const red = reinterpret_cast<float*>(smem + kRedOff);
+  float* const lsum = reinterpret_cast<float*>(smem + kSumOff);
+  uint8_t* const ptile = smem + kPOff;
+  const uint32_t p_addr = base + kPOff;
+
+  uint32_t s = 0, phase = 0, q_phase = 0;
+  for (uint32_t k = 0; k < num_pieces; ++k) {
+    const Piece pc = piece_of(p, row, k);
+    // Per row h (r0 + 8h): global row, token, last visible key (clamped below seqlen).
+    uint32_t grow[2], tok[2], head[2];
+    int lim[2];
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      grow[h] = tile * kTileRows + r0 + 8 * h;
+      tok[h] = grow[h] / p.h_q;
+      head[h] = grow[h] - tok[h] * p.h_q;
+      const int last = p.causal ? pc.seqlen - (int)p.s_q + (int)tok[h] : pc.seqlen - 1;
+      lim[h] = min(last, pc.seqlen - 1);
+    }
+    float m[2] = {-INFINITY, -INFINITY};
+    float l[2] = {0.0f, 0.0f};
+    float acc[128];
+#pragma unroll
+    for (uint32_t i = 0; i < 128; ++i) acc[i] = 0.0f;
+
+    if (pc.hi > pc.lo) {
+      pk::mbar_wait(q_full, q_phase);
+      q_phase ^= 1;
+      const uint32_t tail = (uint32_t)pc.seqlen % kPage;            // valid rows of a partial last block
+      const uint32_t last_blk = ((uint32_t)pc.seqlen + kPage - 1) / kPage - 1;
+      for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+        const uint32_t kst = base + kKOff + s * kTileBytes;
+        pk::mbar_wait(full_bar + 8 * s, phase);
+
+        // 1. S_w = Q K_w^T over 576 columns: 9 chunks x 4 k16 steps (32 bytes each).
+        float sc[16];
+#pragma unroll
+        for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
+        pk::wgmma_fence();
+#pragma unroll
+        for (uint32_t c = 0; c < kChunks; ++c) {
+          const uint64_t da = pk::make_desc_k128b(base + kQOff + c * kChunkBytes);
+          const uint64_t db = pk::make_desc_k128b(kst + c * kChunkBytes + wg * 32 * 128);
+#pragma unroll
+          for (uint32_t kk = 0; kk < 4; ++kk)
+            pk::wgmma_m64n32k16_bf16_kk(sc, da + 2 * kk, db + 2 * kk, (c | kk) != 0 ? 1u : 0u);
+        }
+        pk::wgmma_commit();
+        pk::wgmma_wait<0>();
+#pragma unroll
+        for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
+
+        // 2. scale, mask, row maxima (base-2 logits)
+        const int key0 = (int)(blk * kPage + wg * 32 + 2 * (lane % 4));
+        float pm[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (uint32_t i = 0; i < 16; ++i) {
+          const uint32_t h = (i >> 1) & 1;
+          const int key = key0 + 8 * (int)(i >> 2) + (int)(i & 1);
+          sc[i] = key <= lim[h] ? sc[i] * p.scale_log2 : -INFINITY;
+          pm[h] = fmaxf(pm[h], sc[i]);
+        }
+        pm[0] = quad_max(pm[0]);
+        pm[1] = quad_max(pm[1]);
+        if (lane % 4 == 0) {
+          red[wg * 64 + r0] = pm[0];
+          red[wg * 64 + r0 + 8] = pm[1];
+        }
+        pk::named_barrier_sync(kNamedBarrier, 256);
+        float alpha[2], m_use[2];
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          const float other = red[(1 - wg) * 64 + r0 + 8 * h];
+          // the same operands in the same order in both warpgroups: identical bits
+          const float mx = wg == 0 ? fmaxf(pm[h], other) : fmaxf(other, pm[h]);
+          const float m_new = fmaxf(m[h], mx);
+          m_use[h] = m_new == -INFINITY ? 0.0f : m_new;   // no key seen yet: keep exponents finite
+          alpha[h] = pk::ex2_approx(m[h] - m_use[h]);    // 0 while m was -inf
+          m[h] = m_new;
+          l[h] *= alpha[h];
+        }
+#pragma unroll
+        for (uint32_t i = 0; i < 16; ++i) {
+          const uint32_t h = (i >> 1) & 1;
+          sc[i] = pk::ex2_approx(sc[i] - m_use[h]);
+          l[h] += sc[i];
+        }
+
+        // Partial last block: zero the stale rows of this warpgroup's V chunks (both
+        // warpgroups' Q K^T reads of this stage have completed: barrier above).
+        if (blk == last_blk && tail != 0) {
+          uint8_t* const vbase = smem + (kst - base) + 4 * wg * kChunkBytes;
+#pragma unroll 4
+          for (uint32_t j = 0; j < 16; ++j) {
+            const uint32_t u = tid + 128 * j;            // 16-byte unit of 4 chunks x 64 rows x 8
+            const uint32_t r = (u / 8) % 64;
+            if (r >= tail) *reinterpret_cast<uint4*>(vbase + 16 * u) = make_uint4(0, 0, 0, 0);
+          }
+        }
+
+        // 3. P_w -> bf16 -> P tile (row-major 128-byte rows, 128B swizzle: 16-byte chunk
+        //    index XOR row % 8). Keys 32w + 8c + 2(lane%4) + {0,1} of rows r0, r0 + 8.
+#pragma unroll
+        for (uint32_t c = 0; c < 4; ++c) {
+#pragma unroll
+          for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t r = r0 + 8 * h;
+            const uint32_t off = r * 128 + (((4 * wg + c) ^ (r & 7)) << 4) + 4 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(ptile + off) = pk::pack_bf16x2(sc[4 * c + 2 * h], sc[4 * c + 2 * h + 1]);
+          }
+        }
+        pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
+        pk::named_barrier_sync(kNamedBarrier, 256);
+
+        // 4. acc = alpha * acc + P V_w
+#pragma unroll
+        for (uint32_t i = 0; i < 128; ++i) acc[i] *= alpha[(i >> 1) & 1];
+#pragma unroll
+        for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
+        pk::wgmma_fence();
+        const uint64_t dp = pk::make_desc_k128b(p_addr);
+#pragma unroll
+        for (uint32_t kk = 0; kk < 4; ++kk) {
+          const uint64_t dv = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
+          pk::wgmma_m64n256k16_bf16_kt(acc, dp + 2 * kk, dv, 1u);
+        }
+        pk::wgmma_commit();
+        pk::wgmma_wait<0>();
+#pragma unroll
+        for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
+        if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+      if (lane == 0) pk::mbar_arrive(q_empty);
+
+      // Row sums: this thread's columns -> its quad -> both warpgroups (fixed order).
+#pragma unroll
+      for (uint32_t h = 0; h < 2; ++h) {
+        l[h] = quad_sum(l[h]);
+        if (lane % 4 == 0) lsum[wg * 64 + r0 + 8 * h] = l[h];
+      }
+      pk::named_barrier_sync(kNamedBarrier, 256);
+#pragma unroll
+      for (uint32_t h = 0; h < 2; ++h) l[h] = lsum[r0 + 8 * h] + lsum[64 + r0 + 8 * h];
+    }
+
+    // ------------------------------------------------------------------ epilogue
+    const int nsplit = __ldg(p.nsplits + pc.b + 1) - __ldg(p.nsplits + pc.b);
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      if (grow[h] >= p.rows) continue;
+      const bool seen = l[h] > 0.0f;
+      const float inv = seen ? __frcp_rn(l[h]) : 0.0f;
+      const float lse2 = seen ? m[h] + pk::lg2_approx(l[h]) : -INFINITY;
+      if (nsplit == 1) {
+        uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)tok[h] * p.out_ss + (uint64_t)head[h] * p.out_sh +
+                        256 * wg + 2 * (lane % 4);
+#pragma unroll
+        for (uint32_t c = 0; c < 32; ++c)
+          *reinterpret_cast<uint32_t*>(dst + 8 * c) =
+              pk::pack_bf16x2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
+        if (wg == 0 && lane % 4 == 0)
+          p.lse[pc.b * p.lse_sb + (uint64_t)head[h] * p.lse_sh + (uint64_t)tok[h] * p.lse_ss] =
+              seen ? lse2 * kLn2 : INFINITY;
+      } else {
+        const uint64_t prow = (uint64_t)pc.split * p.rows + grow[h];
+        float* dst = p.oacc + prow * kDimV + 256 * wg + 2 * (lane % 4);
+#pragma unroll
+        for (uint32_t c = 0; c < 32; ++c)
+          *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
+        if (wg == 0 && lane % 4 == 0) p.lacc[prow] = lse2;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_decode_bf16(
+    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
+    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
+    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
+    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
+    float scale_log2) {
+  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
+                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2};
+  mla_decode(&tmap_q, &tmap_kv, p);
+}
+
+// ----------------------------------------------------------------------------- combine
+// Grid (b, ceil(rows / 4)), 128 threads: one warp per query row of a sequence with more
+// than one split (others return at once). lse = log-sum-exp of the splits' base-2 LSEs,
+// out = sum_j 2^(lse_j - lse) out_j; lane l owns columns 4l + 128q (q = 0..3, float4 loads).
+// Rows no split saw: out 0, lse +inf.
+extern "C" __global__ void __launch_bounds__(128) pk_mla_combine(
+    const int* nsplits, const float* oacc, const float* lacc, uint16_t* out, float* lse, uint32_t rows,
+    uint32_t h_q, uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh,
+    uint32_t lse_ss) {
+  const uint32_t b = blockIdx.x;
+  const int s0 = __ldg(nsplits + b);
+  const int n = __ldg(nsplits + b + 1) - s0;
+  const uint32_t row = blockIdx.y * 4 + threadIdx.x / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (n <= 1 || row >= rows) return;
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) mx = fmaxf(mx, __ldg(lacc + (uint64_t)(s0 + j) * rows + row));
+  const float m_use = mx == -INFINITY ? 0.0f : mx;
+  float total = 0.0f;
+  float4 acc[4];
+#pragma unroll
+  for (uint32_t q = 0; q < 4; ++q) acc[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int j = 0; j < n; ++j) {
+    const uint64_t prow = (uint64_t)(s0 + j) * rows + row;
+    const float w = pk::ex2_approx(__ldg(lacc + prow) - m_use);
+    if (w > 0.0f) {   // the same for the whole warp (one row): skips unwritten splits' rows
+      total += w;
+      const float4* src = reinterpret_cast<const float4*>(oacc + prow * 512) + lane;
+#pragma unroll
+      for (uint32_t q = 0; q < 4; ++q) {
+        const float4 v = __ldg(src + 32 * q);
+        acc[q].x = fmaf(w, v.x, acc[q].x);
+        acc[q].y = fmaf(w, v.y, acc[q].y);
+        acc[q].z = fmaf(w, v.z, acc[q].z);
+        acc[q].w = fmaf(w, v.w, acc[q].w);
+      }
+    }
+  }
+  const bool seen = total > 0.0f;
+  const float inv = seen ? __frcp_rn(total) : 0.0f;
+  const uint32_t tok = row / h_q, head = row - (row / h_q) * h_q;
+  uint16_t* dst = out + b * out_sb + (uint64_t)tok * out_ss + (uint64_t)head * out_sh + 4 * lane;
+#pragma unroll
+  for (uint32_t q = 0; q < 4; ++q) {
+    uint2 v;
+    v.x = pk::pack_bf16x2(acc[q].x * inv, acc[q].y * inv);
+    v.y = pk::pack_bf16x2(acc[q].z * inv, acc[q].w * inv);
+    *reinterpret_cast<uint2*>(dst + 128 * q) = v;
+  }
+  if (lane == 0)
+    lse[b * lse_sb + (uint64_t)head * lse_sh + (uint64_t)tok * lse_ss] =
+        seen ? (m_use + pk::lg2_approx(total)) * kLn2 : INFINITY;
+}

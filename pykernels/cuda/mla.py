@@ -1,0 +1,188 @@
+"""Host side of the hand-written MLA decode kernel and its split-KV combine kernel
+(csrc/mla/decode.cu, docs/mla.md).
+
+Inputs are validated by pykernels.mla.flash_mla_with_kvcache; here: what this kernel
+supports beyond that (`check_supported`), TMA-compatible views, grid and shared memory
+from the metadata, split scratch buffers, tensor maps, argument packing -> LaunchPlans,
+run on the GPU ("cuda") or on the PTX emulator ("emu"). No host-device synchronisation:
+the combine kernel is always launched (CTAs of sequences with one split return at once).
+
+Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
+lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides
+(b: u64, h, s), causal, scale_log2. Combine: nsplits, oacc, lacc, out, lse, rows, h_q,
+out strides, lse strides.
+"""
+import torch
+
+from ..reference import mla as RM
+from ..runtime.executors import run_cuda, run_emu
+from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+from ..runtime.tensormap import TensorMapDesc
+
+MODULE = "mla_decode"
+DECODE_FUNCTION = "pk_mla_decode_bf16"
+COMBINE_FUNCTION = "pk_mla_combine"
+THREADS = 384                 # math warpgroups 0, 1 + producer warpgroup 2
+TILE_ROWS = 64                # query rows (of the s_q*h_q) per CTA
+PAGE = RM.PAGE_BLOCK_SIZE
+STAGES = 2
+BOX = 64                      # TMA box: 64 rows x 64 bf16 columns (128 bytes, 128B swizzle)
+COMBINE_ROWS = 4              # query rows (one warp each) per combine CTA
+SMEM_LIMIT = 227 * 1024
+LOG2E = 1.4426950408889634
+_SCRATCH_FILL = None          # tests set NaN to prove the combine reads only written rows
+
+
+def smem_bytes(stages: int = STAGES) -> int:
+    """Dynamic shared memory of the decode kernel (kSmemBytes in decode.cu): 1024 alignment
+    slack + Q tile (64 x 576 bf16) + `stages` K blocks (64 x 576 bf16) + the bf16 P tile
+    (64 x 64) + row maxima and row sums of both math warpgroups (2 x 2 x 64 f32) + 6 mbarriers."""
+    tile = TILE_ROWS * RM.HEAD_DIM_QK * 2
+    return 1024 + tile * (1 + stages) + TILE_ROWS * 64 * 2 + 2 * 2 * 64 * 4 + 8 * (2 * stages + 2)
+
+
+SMEM_BYTES = smem_bytes()
+assert SMEM_BYTES <= SMEM_LIMIT
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def check_supported(q, k_cache, head_dim_v: int = RM.HEAD_DIM_V) -> None:
+    """What the hand-written kernel supports beyond pykernels.mla's validation (ValueError /
+    TypeError naming the argument): a bf16 cache (the FP8 layout is not implemented in CUDA),
+    head dims 576 / 512, a 16-byte aligned cache (TMA), TMA's 32-bit coordinates."""
+    if k_cache.dtype != torch.bfloat16:
+        raise TypeError(f"k_cache: the cuda/emu MLA kernel supports dtype bfloat16 only (the FP8 cache "
+                        f"layout runs on backend 'triton' or 'reference'), got "
+                        f"{str(k_cache.dtype).replace('torch.', '')}")
+    if q.dtype != torch.bfloat16:
+        raise TypeError(f"q: the cuda/emu MLA kernel supports dtype bfloat16 only, got "
+                        f"{str(q.dtype).replace('torch.', '')}")
+    if q.shape[-1] != RM.HEAD_DIM_QK or k_cache.shape[-1] != RM.HEAD_DIM_QK:
+        raise ValueError(f"q, k_cache: the cuda/emu MLA kernel needs head dim {RM.HEAD_DIM_QK}, got "
+                         f"{q.shape[-1]} and {k_cache.shape[-1]}")
+    if head_dim_v != RM.HEAD_DIM_V:
+        raise ValueError(f"head_dim_v: the cuda/emu MLA kernel needs {RM.HEAD_DIM_V}, got {head_dim_v}")
+    if k_cache.shape[1] != PAGE or k_cache.shape[2] != 1:
+        raise ValueError(f"k_cache: the cuda/emu MLA kernel needs pages of {PAGE} tokens and h_kv = 1, "
+                         f"got shape {list(k_cache.shape)}")
+    if k_cache.numel() and k_cache.data_ptr() % 16:
+        raise ValueError(f"k_cache: the cuda/emu MLA kernel reads the cache with TMA, which needs a "
+                         f"16-byte aligned data pointer, got {k_cache.data_ptr():#x}")
+    if k_cache.shape[0] * PAGE >= 2**31:
+        raise ValueError(f"k_cache: TMA coordinates are 32-bit: num_blocks * {PAGE} must stay below 2^31, "
+                         f"got {k_cache.shape[0]} blocks")
+    b, s_q, h_q = q.shape[:3]
+    if s_q * h_q >= 2**31 or b >= 2**31:
+        raise ValueError(f"q: s_q * h_q and b must stay below 2^31, got shape {list(q.shape)}")
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s % 8 == 0 for s in t.stride()[:-1]))   # bf16: 16-byte strides
+
+
+def q_view(q: torch.Tensor) -> torch.Tensor:
+    """q [b, s_q, h_q, 576] as [b, s_q*h_q, 576] with TMA-legal strides (a copy only when
+    the token and head dims cannot be merged or the strides / pointer are not 16-byte aligned)."""
+    b, s_q, h_q, d = q.shape
+    q3 = q.reshape(b, s_q * h_q, d)
+    if not _tma_ready(q3):
+        q3 = q3.contiguous()
+        if not _tma_ready(q3):          # contiguous but misaligned: a fresh allocation is aligned
+            q3 = q3.clone()
+    return q3
+
+
+def _u32_strides(t: torch.Tensor, first_u64: bool) -> bool:
+    s = t.stride()
+    return all(0 <= x < 2**32 for x in s[1:]) and (first_u64 or s[0] < 2**32)
+
+
+def _out_ok(out: torch.Tensor) -> bool:
+    # the kernels store bf16 pairs (decode) and quads (combine): 8-byte aligned rows
+    return out.data_ptr() % 8 == 0 and all(s % 4 == 0 for s in out.stride()[:3]) and _u32_strides(out, True)
+
+
+def _lse_ok(lse: torch.Tensor) -> bool:
+    return lse.data_ptr() % 4 == 0 and _u32_strides(lse, True)
+
+
+def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, *,
+                s_q: int, h_q: int, scale: float, causal: bool) -> LaunchPlan:
+    """Launch plan of pk_mla_decode_bf16: grid (num_sm_parts, ceil(s_q*h_q / 64)), 384
+    threads, SMEM_BYTES of dynamic shared memory. q3 [b, rows, 576] bf16 and kv2d
+    [num_blocks * 64, 576] bf16 are read by TMA (64 x 64 boxes, 128-byte swizzle; q rows
+    past `rows` are zero-filled)."""
+    b, rows, _ = q3.shape
+    parts = meta.shape[0]
+    tmap_q = TensorMapDesc(q3, (1, TILE_ROWS, BOX), swizzle=128)
+    tmap_kv = TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
+    args = (Arg("tensormap", tmap_q), Arg("tensormap", tmap_kv),
+            ptr(block_table), ptr(seqlens), ptr(meta), ptr(num_splits), ptr(out), ptr(lse), ptr(oacc), ptr(lacc),
+            u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
+            u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
+            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
+            u32(int(causal)), Arg("f32", float(scale) * LOG2E))
+    return LaunchPlan(MODULE, DECODE_FUNCTION, grid=(parts, _cdiv(rows, TILE_ROWS), 1), block=(THREADS, 1, 1),
+                      args=args, shared_bytes=SMEM_BYTES)
+
+
+def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
+    """Launch plan of pk_mla_combine: grid (b, ceil(rows / 4)), 128 threads (a warp per row)."""
+    b = num_splits.shape[0] - 1
+    rows = oacc.shape[1]
+    args = (ptr(num_splits), ptr(oacc), ptr(lacc), ptr(out), ptr(lse), u32(rows), u32(h_q),
+            u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
+            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)))
+    return LaunchPlan(MODULE, COMBINE_FUNCTION, grid=(b, _cdiv(rows, COMBINE_ROWS), 1), block=(128, 1, 1),
+                      args=args)
+
+
+def _run(plan: LaunchPlan, executor: str):
+    if executor == "cuda":
+        return run_cuda(plan)
+    if executor == "emu":
+        return run_emu(plan)
+    raise ValueError(f"executor: expected 'cuda' or 'emu', got {executor!r}")
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                           out, lse, head_dim_v=RM.HEAD_DIM_V, softmax_scale=None, causal=False,
+                           executor: str = "cuda"):
+    """Split-KV MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q] with the
+    hand-written kernel; inputs as validated by pykernels.mla.flash_mla_with_kvcache.
+    Returns the emulator's Stats of the two launches (decode, combine) for executor "emu",
+    else None."""
+    check_supported(q, k_cache, head_dim_v)
+    b, s_q, h_q, _ = q.shape
+    if b == 0:
+        return [] if executor == "emu" else None
+    rows = s_q * h_q
+    parts = tile_scheduler_metadata.shape[0]
+    scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
+    q3 = q_view(q)
+    kv2d = k_cache.view(-1, RM.HEAD_DIM_QK)
+    if kv2d.shape[0] == 0:            # no pages (all lengths 0): a tensor map needs a non-empty tensor
+        kv2d = torch.zeros(PAGE, RM.HEAD_DIM_QK, dtype=k_cache.dtype, device=k_cache.device)
+    o = out if _out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    l = lse if _lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
+    max_splits = b + parts            # pieces <= b + parts - 1 by construction of the schedule
+    fill = torch.empty if _SCRATCH_FILL is None else (
+        lambda *s, **kw: torch.full(s, _SCRATCH_FILL, **kw))
+    oacc = fill(max_splits, rows, RM.HEAD_DIM_V, dtype=torch.float32, device=q.device)
+    lacc = fill(max_splits, rows, dtype=torch.float32, device=q.device)
+    stats = [_run(decode_plan(q3, kv2d, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                              o, l, oacc, lacc, s_q=s_q, h_q=h_q, scale=scale, causal=causal), executor),
+             _run(combine_plan(num_splits, oacc, lacc, o, l, h_q=h_q), executor)]
+    if o is not out:
+        out.copy_(o)
+    if l is not lse:
+        lse.copy_(l)
+    return stats if executor == "emu" else None
+
+
+__all__ = ["check_supported", "decode_plan", "combine_plan", "flash_mla_with_kvcache", "smem_bytes",
+           "SMEM_BYTES", "MODULE", "DECODE_FUNCTION", "COMBINE_FUNCTION"]

@@ -1,0 +1,420 @@
+"""The hand-written MLA decode kernel and its combine kernel (csrc/mla/decode.cu, host side
+pykernels/cuda/mla.py): what was compiled (SASS, PTX, ptxas resources), the launch plans,
+correctness of the same kernel's PTX run by the emulator (backend "emu") against the
+float32 reference, and the errors of the cuda/emu backends. GPU runs are marked `gpu`.
+
+Tolerances (emu vs pykernels.reference, per sequence), the same as the Triton kernel's:
+- calc_diff(out) < 1e-5. The kernel rounds P to bf16 for its P.V wgmma (relative error
+  <= 2^-9 per weight) and both outputs are rounded to bf16 (2^-9 each): calc_diff of
+  two independent bf16 roundings alone is ~2^-18 / 3 * 2 / 2 ~ 1.3e-6; measured 2.2e-6 to
+  2.7e-6 (0 for a sequence with one key).
+- softmax_lse max abs error < 1e-4: the LSE comes from the float32 S and row sums (no bf16
+  rounding); the approximate ex2 / lg2 cost ~1e-7 relative; measured <= 1e-6.
+- identical +inf rows (no visible key), out exactly 0 there, no NaN left in the
+  NaN-poisoned out, lse and split scratch; cache slots past each seqlen and pages not in
+  use are NaN (the kernel must mask and zero them, 0 * NaN = NaN in a wgmma).
+"""
+import math
+import re
+
+import pytest
+import torch
+
+import pykernels.mla as M
+from pykernels.cuda import mla as CM
+from pykernels.emu.parser import parse
+from pykernels.metrics import calc_diff
+from pykernels.runtime import artifacts, sass
+from pykernels.runtime.executors import gpu_unavailable_reason
+
+PAGE = 64
+OUT_CALC_DIFF = 1e-5
+LSE_ABS = 1e-4
+PRODUCER_REGS, MATH_REGS = 40, 232       # setmaxnreg targets in decode.cu
+REGISTER_FILE = 65536
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _sass_of(function: str) -> str:
+    parts = re.split(r"\n\s*Function : ", sass.sass(CM.MODULE))
+    for p in parts[1:]:
+        if p.split()[0] == function:
+            return p
+    raise AssertionError(f"{function} not in the SASS of {CM.MODULE}")
+
+
+# ------------------------------------------------------------------------ compiled code
+
+def test_both_kernels_are_compiled():
+    funcs = artifacts.manifest()["kernels"][CM.MODULE]["functions"]
+    assert set(funcs) == {CM.DECODE_FUNCTION, CM.COMBINE_FUNCTION}   # two instantiations in all
+
+
+def test_decode_sass_has_the_intended_instructions():
+    listing = _sass_of(CM.DECODE_FUNCTION)
+    ops = sass.opcodes(listing)
+    # per KV block and math warpgroup: 36 Q.K^T (9 chunks x 4 k16 steps, N = 32 keys) and
+    # 4 P.V (k16 steps over 64 keys, N = 256 columns)
+    assert len(re.findall(r"HGMMA\.64x32x16\.F32\.BF16", listing)) == 36
+    assert len(re.findall(r"HGMMA\.64x256x16\.F32\.BF16", listing)) == 4
+    assert ops["UTMALDG.3D"] == 9 and ops["UTMALDG.2D"] == 9        # Q tile, K block: 9 boxes each
+    assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1 and ops["USETMAXREG.DEALLOC.CTAPOOL"] == 1
+    assert any(op.startswith("SYNCS.PHASECHK") for op in ops)       # mbarrier waits
+    assert any(op.startswith("SYNCS.ARRIVE.TRANS64") for op in ops)  # arrive / expect_tx
+    assert ops["WARPGROUP.ARRIVE"] >= 2 and any(op.startswith("WARPGROUP.DEPBAR") for op in ops)
+    assert ops["MUFU.EX2"] >= 18                                    # 16 P + 2 alpha per block
+    assert any(op.startswith("BAR.SYNC") for op in ops)             # named barrier of the math warpgroups
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    # ptxas reports the entry count (168); the math region may use up to its setmaxnreg 232
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+
+
+def test_combine_sass():
+    ops = sass.opcodes(_sass_of(CM.COMBINE_FUNCTION))
+    assert any(op.startswith("LDG.E.128") for op in ops)            # float4 partial rows
+    assert any(op.startswith("STG.E.64") for op in ops)             # 4 bf16 per store
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+
+
+def test_resources_within_budget():
+    r = artifacts.resources(CM.MODULE, CM.DECODE_FUNCTION)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
+    assert r["shared_bytes"] == 0                                   # all shared memory is dynamic
+    assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+    assert r["registers"] * CM.THREADS <= REGISTER_FILE
+    # after setmaxnreg (producer at 40, two math warpgroups at 232) the pool still suffices
+    assert 128 * (PRODUCER_REGS + 2 * MATH_REGS) <= r["registers"] * CM.THREADS
+    c = artifacts.resources(CM.MODULE, CM.COMBINE_FUNCTION)
+    assert c["spill_stores"] == 0 and c["spill_loads"] == 0 and c["stack_bytes"] == 0
+    assert c["registers"] <= 64 and c["shared_bytes"] == 0
+
+
+def test_shared_memory_plan():
+    # Q tile + 2 K stages (64 x 576 bf16 each) + P tile (64 x 64 bf16) + row maxima and
+    # sums (2 x 2 x 64 f32) + 6 mbarriers + 1024 alignment slack
+    assert CM.SMEM_BYTES == 1024 + 3 * 73728 + 8192 + 1024 + 48 == 231472
+    assert CM.SMEM_BYTES <= 227 * 1024
+    assert CM.smem_bytes(3) > 227 * 1024                            # a third stage does not fit
+
+
+def test_ptx_has_the_intended_instructions():
+    mod = parse(artifacts.ptx_text(CM.MODULE))
+    k = mod.kernel(CM.DECODE_FUNCTION)
+    assert len(k.params) == 22
+    assert [(p.size, p.align) for p in k.params[:2]] == [(128, 64)] * 2       # tensor maps
+    full = [i.full for i in k.instrs]
+    assert full.count("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16") == 36
+    assert full.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 4
+    assert full.count("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes") == 9
+    assert full.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes") == 9
+    assert "fence.proxy.async.shared::cta" in full and "mbarrier.try_wait.parity.shared::cta.b64" in full
+    assert "ex2.approx.ftz.f32" in full
+    assert not any(f.startswith(("call", "ld.local", "st.local")) for f in full)
+    text = artifacts.ptx_text(CM.MODULE)
+    # Q.K^T: both operands K-major; P.V: B (the V block) MN-major, imm-trans-b = 1
+    assert re.search(r"m64n32k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 0;", text)
+    assert re.search(r"m64n256k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 1;", text)
+    assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
+    assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
+    assert len(mod.kernel(CM.COMBINE_FUNCTION).params) == 13
+
+
+# ------------------------------------------------------------------------ problems
+
+def make_problem(seqlens, s_q, h_q, spare_pages=2):
+    """Random q and a paged bf16 cache in random page order; pages not in use, table
+    entries not in use (-1) and cache slots past each seqlen are NaN."""
+    b = len(seqlens)
+    nblk = [_cdiv(L, PAGE) for L in seqlens]
+    max_blocks = max(nblk + [1]) + 1
+    num_blocks = sum(nblk) + spare_pages
+    cache = torch.randn(num_blocks, PAGE, 1, 576).to(torch.bfloat16)
+    perm = torch.randperm(num_blocks)
+    table = torch.full((b, max_blocks), -1, dtype=torch.int32)
+    used = torch.zeros(num_blocks, dtype=torch.bool)
+    off = 0
+    for i, (L, n) in enumerate(zip(seqlens, nblk)):
+        pages = perm[off:off + n]
+        off += n
+        table[i, :n] = pages.int()
+        used[pages] = True
+        if L % PAGE:
+            cache[pages[-1], L % PAGE:] = float("nan")
+    cache[~used] = float("nan")
+    q = torch.randn(b, s_q, h_q, 576).to(torch.bfloat16)
+    return q, cache, table, torch.tensor(seqlens, dtype=torch.int32)
+
+
+def _poisoned(b, s_q, h_q):
+    return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),
+            torch.full((b, h_q, s_q), float("nan")))
+
+
+def _check(out, lse, ref, ref_lse):
+    assert not out.isnan().any(), "kernel left out elements unwritten (or produced NaN)"
+    assert not lse.isnan().any(), "kernel left lse elements unwritten"
+    assert torch.equal(lse.isinf(), ref_lse.isinf())
+    assert (lse[lse.isinf()] > 0).all()
+    empty = ref_lse.isinf().transpose(1, 2)               # [b, s_q, h_q]
+    assert (out[empty] == 0).all(), "rows with no visible key must be 0"
+    fin = ref_lse.isfinite()
+    if fin.any():
+        assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
+    for i in range(out.shape[0]):
+        if fin[i].any():
+            assert calc_diff(out[i], ref[i]) < OUT_CALC_DIFF, f"sequence {i}"
+
+
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    # The split scratch starts as NaN: the combine must read only what the decode wrote.
+    monkeypatch.setattr(CM, "_SCRATCH_FILL", float("nan"))
+
+
+def _run_emu(q, cache, table, sl, meta, ns, causal, scale=None, out=None, lse=None):
+    b, s_q, h_q, _ = q.shape
+    if out is None:
+        out, lse = _poisoned(b, s_q, h_q)
+    ret = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, softmax_scale=scale, causal=causal,
+                                   backend="emu", out=out, softmax_lse=lse)
+    assert ret[0] is out and ret[1] is lse
+    return out, lse
+
+
+def _reference(q, cache, table, sl, meta, ns, causal, scale=None):
+    return M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, softmax_scale=scale, causal=causal,
+                                    backend="reference")
+
+
+# A sample of the cross product: lengths 0, 1, 2 (< s_q), multiples and non-multiples of 64;
+# s_q 1..4; h_q 16, 32, 64, 128 (and 48: a 64-row tile that starts inside a token);
+# sequences split over partitions (combine), partitions holding several sequences.
+CASES = [
+    # seqlens,   s_q, h_q, causal, parts, split, scale
+    ([0, 130],    1, 16,  False, 7,  True,  None),
+    ([1, 200],    2, 32,  True,  6,  True,  None),
+    ([130, 2],    3, 64,  True,  7,  True,  None),   # seq 1: token 0 sees nothing; seq 0's last split: token 0 sees nothing
+    ([190, 64],   4, 128, True,  7,  True,  None),   # 8 row tiles
+    ([127, 0],    4, 16,  False, 2,  False, None),
+    ([64, 129],   1, 128, False, 1,  False, 0.1),    # one partition, two whole sequences
+    ([33, 200],   2, 48,  True,  2,  True,  None),   # a partition with a whole sequence and a split's piece;
+                                                     # row tile 1 (rows 64..95) starts inside token 1
+    ([200, 150],  2, 64,  False, 9,  True,  None),   # both sequences split
+]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal,parts,split,scale", CASES,
+                         ids=[f"L{'-'.join(map(str, c[0]))}_sq{c[1]}_h{c[2]}{'_causal' if c[3] else ''}_p{c[4]}"
+                              for c in CASES])
+def test_emu_matches_reference(seqlens, s_q, h_q, causal, parts, split, scale, poisoned_scratch):
+    torch.manual_seed(sum(seqlens) + 7 * s_q + h_q)
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
+    assert bool((ns.diff() > 1).any()) == split, "case meant to (not) exercise the combine kernel"
+    out, lse = _run_emu(q, cache, table, sl, meta, ns, causal, scale)
+    ref, ref_lse = _reference(q, cache, table, sl, meta, ns, causal, scale)
+    _check(out, lse, ref, ref_lse)
+
+
+def test_emu_long_sequence_sharp_softmax(poisoned_scratch):
+    # 32 blocks through the 2-stage ring (16 phase flips) with q x 3 (logits ~ N(0, 9)):
+    # the running max moves often, so the alpha rescaling of acc and l is exercised.
+    torch.manual_seed(6)
+    q, cache, table, sl = make_problem([2000, 5], 2, 16)
+    q = (q.float() * 3).to(torch.bfloat16)
+    meta, ns = M.get_mla_metadata(sl, 32, 1, 2)
+    assert ns.tolist() == [0, 2, 3]
+    out, lse = _run_emu(q, cache, table, sl, meta, ns, True)
+    _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
+
+
+def test_emu_empty_cache():
+    # every length 0 and no pages at all: out 0, lse +inf, no tensor map over an empty cache
+    q = torch.randn(2, 1, 16, 576).to(torch.bfloat16)
+    cache = torch.empty(0, PAGE, 1, 576, dtype=torch.bfloat16)
+    table = torch.full((2, 1), -1, dtype=torch.int32)
+    sl = torch.zeros(2, dtype=torch.int32)
+    meta, ns = M.get_mla_metadata(sl, 16, 1, 3)
+    out, lse = _run_emu(q, cache, table, sl, meta, ns, False)
+    assert (out == 0).all() and (lse == math.inf).all()
+
+
+def test_emu_result_independent_of_schedule(poisoned_scratch):
+    torch.manual_seed(3)
+    q, cache, table, sl = make_problem([250, 70], 2, 16)
+    outs = []
+    for parts in (1, 5, 16):
+        meta, ns = M.get_mla_metadata(sl, 32, 1, parts)
+        outs.append(_run_emu(q, cache, table, sl, meta, ns, True))
+    ref, ref_lse = _reference(q, cache, table, sl, meta, ns, True)
+    for o, l in outs:
+        _check(o, l, ref, ref_lse)
+        assert calc_diff(o, outs[0][0]) < 1e-5 and (l - outs[0][1]).abs().max() < 1e-5
+
+
+def test_emu_strided_inputs_and_outputs(poisoned_scratch):
+    # q with a padded head stride (read in place by TMA), q with token and head dims that
+    # cannot be merged (copied), out with a row stride that is not a multiple of 4 (written
+    # through a temporary), lse as a transposed view.
+    torch.manual_seed(4)
+    seqlens, s_q, h_q = [90, 17], 2, 32
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 4)
+    ref, ref_lse = _reference(q, cache, table, sl, meta, ns, True)
+    padded = torch.full((2, s_q, h_q, 640), float("nan"), dtype=torch.bfloat16)
+    padded[..., :576] = q
+    q_pad = padded[..., :576]
+    assert CM.q_view(q_pad).data_ptr() == q_pad.data_ptr()          # no copy
+    q_swapped = q.transpose(1, 2).contiguous().transpose(1, 2)      # [b, s_q, h_q] with s fastest
+    assert CM.q_view(q_swapped).is_contiguous()
+    out_big = torch.full((2, s_q, h_q, 514), float("nan"), dtype=torch.bfloat16)
+    out = out_big[..., :512]
+    lse = torch.full((2, s_q, h_q), float("nan")).transpose(1, 2)
+    assert not CM._out_ok(out) and CM._lse_ok(lse)
+    for qq in (q_pad, q_swapped):
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        _run_emu(qq, cache, table, sl, meta, ns, True, out=out, lse=lse)
+        _check(out, lse, ref, ref_lse)
+    assert out_big[..., 512:].isnan().all(), "wrote outside out's view"
+
+
+@pytest.mark.parametrize("parts", [4, 6])      # 4: two whole sequences; 6: the first split in two
+def test_emu_counters(parts, poisoned_scratch):
+    # The emulator's cost counters for one shape (docs/mla.md quotes them): wgmma issued
+    # = 2 math warpgroups x (36 + 4) per (KV block, row tile); every byte written is
+    # accounted for by out / lse, the split partials and the combine's rows; the
+    # shared-memory accesses (P tile, row maxima and sums) are free of bank conflicts.
+    torch.manual_seed(5)
+    seqlens, s_q, h_q = [256, 192], 2, 64
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
+    b, rows = len(seqlens), s_q * h_q
+    out, lse = _poisoned(b, s_q, h_q)
+    decode, combine = CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, True,
+                                                executor="emu")
+    ref, ref_lse = _reference(q, cache, table, sl, meta, ns, True)
+    _check(out, lse, ref, ref_lse)
+    d, c = decode.as_dict(), combine.as_dict()
+    tiles = _cdiv(rows, 64)
+    blocks = sum(_cdiv(L, PAGE) for L in seqlens)
+    assert d["wgmma_issued"] == 2 * 40 * blocks * tiles
+    assert d["ctas"] == parts * tiles and c["ctas"] == b * _cdiv(rows, 4)
+    splits = (ns.diff()).tolist()
+    pieces = int(ns[-1])
+    split_pieces = sum(n for n in splits if n > 1)
+    whole = sum(1 for n in splits if n == 1)
+    assert d["global_bytes_written"] == whole * rows * (512 * 2 + 4) + split_pieces * rows * (512 * 4 + 4)
+    assert c["global_bytes_written"] == (b - whole) * rows * (512 * 2 + 4)
+    # reads: every KV block once per row tile (9 boxes of 8 KB), q once per piece and tile;
+    # the rest are metadata, lengths and page ids (counted per thread, < 64 B per thread)
+    kv, qb = blocks * tiles * 9 * 8192, pieces * rows * 576 * 2
+    assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 64
+    # (lengths are multiples of 64: no tail zeroing, whose st.shared.v4 the emulator
+    # counts as four 4-byte accesses with 4-way conflicts; docs/mla.md)
+    assert d["shared_bank_conflicts"] == 0
+    assert pieces == (b if parts == 4 else b + 1)
+
+
+# ------------------------------------------------------------------------ errors
+
+def _good(seqlens=(70, 5), s_q=2, h_q=16):
+    q, cache, table, sl = make_problem(list(seqlens), s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 4)
+    return dict(q=q, k_cache=cache, block_table=table, cache_seqlens=sl, head_dim_v=512,
+                tile_scheduler_metadata=meta, num_splits=ns)
+
+
+@pytest.mark.parametrize("backend", ["emu", "cuda"])
+def test_cuda_emu_validation_errors(backend):
+    args = _good()
+    if backend == "cuda":
+        # CPU tensors: the cuda backend says where its tensors must live
+        with pytest.raises(ValueError, match="backend: 'cuda' runs on GPU tensors, got tensors on cpu"):
+            M.flash_mla_with_kvcache(**args, backend=backend)
+        return
+    c8 = M.quantize_kv_cache_fp8(args["k_cache"])
+    with pytest.raises(TypeError, match="k_cache: the cuda/emu MLA kernel supports dtype bfloat16 only .*got uint8"):
+        M.flash_mla_with_kvcache(**{**args, "k_cache": c8}, backend=backend)
+    with pytest.raises(TypeError, match="got float8_e4m3fn"):
+        M.flash_mla_with_kvcache(**{**args, "k_cache": c8.view(torch.float8_e4m3fn)}, backend=backend)
+    # head dims and dtypes are checked by the public API before any backend runs
+    with pytest.raises(ValueError, match=r"q: expected head dim 576 \(last dim\), got 512"):
+        M.flash_mla_with_kvcache(**{**args, "q": args["q"][..., :512]}, backend=backend)
+    with pytest.raises(ValueError, match="head_dim_v: expected 512, got 576"):
+        M.flash_mla_with_kvcache(**{**args, "head_dim_v": 576}, backend=backend)
+    with pytest.raises(TypeError, match="q: expected dtype bfloat16, got float16"):
+        M.flash_mla_with_kvcache(**{**args, "q": args["q"].half()}, backend=backend)
+    # a cache view that is not 16-byte aligned cannot be a TMA source
+    flat = torch.zeros(args["k_cache"].numel() + 8, dtype=torch.bfloat16)
+    shifted = flat[4:4 + args["k_cache"].numel()].view(args["k_cache"].shape)
+    shifted.copy_(args["k_cache"])
+    with pytest.raises(ValueError, match="k_cache: the cuda/emu MLA kernel reads the cache with TMA, which "
+                                         "needs a 16-byte aligned data pointer"):
+        M.flash_mla_with_kvcache(**{**args, "k_cache": shifted}, backend=backend)
+    # the kernel-level check rejects what the public API would never pass, too
+    with pytest.raises(ValueError, match="head_dim_v: the cuda/emu MLA kernel needs 512, got 256"):
+        CM.check_supported(args["q"], args["k_cache"], 256)
+
+
+def test_plan_geometry():
+    args = _good(seqlens=(70, 5), s_q=3, h_q=32)
+    q, cache = args["q"], args["k_cache"]
+    b, s_q, h_q, _ = q.shape
+    rows = s_q * h_q
+    out, lse = _poisoned(b, s_q, h_q)
+    oacc = torch.empty(b + 4, rows, 512)
+    lacc = torch.empty(b + 4, rows)
+    p = CM.decode_plan(CM.q_view(q), cache.view(-1, 576), args["block_table"], args["cache_seqlens"],
+                       args["tile_scheduler_metadata"], args["num_splits"], out, lse, oacc, lacc,
+                       s_q=s_q, h_q=h_q, scale=0.5, causal=True)
+    assert p.module == "mla_decode" and p.function == "pk_mla_decode_bf16"
+    assert p.grid == (4, 2, 1) and p.block == (384, 1, 1) and p.shared_bytes == CM.SMEM_BYTES
+    tq, tk = p.args[0].value, p.args[1].value
+    assert tq.box == (1, 64, 64) and tq.swizzle == 128 and tq.tensor.shape == (b, rows, 576)
+    assert tk.box == (64, 64) and tk.swizzle == 128 and tk.tensor.shape == (cache.shape[0] * 64, 576)
+    assert tq.box_bytes() * 9 == tk.box_bytes() * 9 == 73728          # the expect_tx count per tile
+    assert tq.image().dims == (576, rows, b) and not tq.oob_nan      # rows past s_q*h_q read as 0
+    assert [a.ptype for a in p.args[2:10]] == ["ptr"] * 8
+    assert [a.value for a in p.args[10:14]] == [s_q, h_q, rows, args["block_table"].stride(0)]
+    assert [a.value for a in p.args[14:17]] == list(out.stride()[:3])
+    assert [a.value for a in p.args[17:20]] == list(lse.stride())
+    assert p.args[20].value == 1 and p.args[21].ptype == "f32"
+    assert math.isclose(p.args[21].value, 0.5 * 1.4426950408889634)
+    c = CM.combine_plan(args["num_splits"], oacc, lacc, out, lse, h_q=h_q)
+    assert c.function == "pk_mla_combine" and c.grid == (b, rows // 4, 1) and c.block == (128, 1, 1)
+    assert c.shared_bytes == 0 and [a.value for a in c.args[5:7]] == [rows, h_q]
+
+
+# ------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal,parts,split,scale", CASES)
+def test_cuda_matches_reference(seqlens, s_q, h_q, causal, parts, split, scale, poisoned_scratch):
+    assert gpu_unavailable_reason() == ""
+    torch.manual_seed(sum(seqlens))
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts, backend="reference")
+    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    dev = [t.cuda() for t in (q, cache, table, sl, meta, ns, out, lse)]
+    M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], softmax_scale=scale, causal=causal, backend="cuda",
+                             out=dev[6], softmax_lse=dev[7])
+    torch.cuda.synchronize()
+    ref, ref_lse = _reference(q, cache, table, sl, meta, ns, causal, scale)
+    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
+
+
+@pytest.mark.gpu
+def test_auto_picks_cuda_for_bf16_and_triton_for_fp8(monkeypatch):
+    from pykernels.runtime.mla_ops import MLA_IMPLS
+    calls = []
+    impls = MLA_IMPLS["flash_mla_with_kvcache"]
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(impls, name, lambda *a, _n=name: calls.append(_n))
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    M.flash_mla_with_kvcache(**args)
+    M.flash_mla_with_kvcache(**{**args, "k_cache": M.quantize_kv_cache_fp8(args["k_cache"])})
+    assert calls == ["cuda", "triton"]

@@ -258,8 +258,9 @@ class Machine:
                 addr = addr & ((1 << CLUSTER_RANK_SHIFT) - 1)
         return self.shared.flat_index(addr, cta, size, self.where(idx))
 
-    def load(self, space, addr, dtype, idx):
-        """Typed load for threads idx from `space` ('' = generic)."""
+    def load(self, space, addr, dtype, idx, span=None):
+        """Typed load for threads idx from `space` ('' = generic). span: bytes of the whole
+        (vector) access for the bank-conflict model (None: this element; 0: not counted)."""
         size = np.dtype(dtype).itemsize
         st = self.L.stats
         if space in ("global", "const"):
@@ -267,17 +268,18 @@ class Machine:
             return self.L.gmem.load(addr, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
-            st.count_shared(flat, self.warp[idx], size, self.lane[idx])
+            if span != 0:
+                st.count_shared(flat, self.warp[idx], span or size, self.lane[idx])
             return self.shared.view(dtype)[flat // size]
         if space == "param":
             return self._param_load(addr, dtype, idx)
         if space == "local":
             return self._local(addr, dtype, idx)
         if space == "":
-            return self._generic(addr, idx, lambda sp, a, sel: self.load(sp, a, dtype, idx[sel]), dtype)
+            return self._generic(addr, idx, lambda sp, a, sel: self.load(sp, a, dtype, idx[sel], span), dtype)
         self.fail(UnsupportedInstruction, f"loads from .{space} are not supported", idx)
 
-    def store(self, space, addr, values, dtype, idx):
+    def store(self, space, addr, values, dtype, idx, span=None):
         size = np.dtype(dtype).itemsize
         values = np.asarray(values)
         if values.dtype != dtype:
@@ -290,13 +292,15 @@ class Machine:
             return self.L.gmem.store(addr, values, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
-            st.count_shared(flat, self.warp[idx], size, self.lane[idx])
+            if span != 0:
+                st.count_shared(flat, self.warp[idx], span or size, self.lane[idx])
             self.shared.view(dtype)[flat // size] = values
             return
         if space == "local":
             return self._local(addr, dtype, idx, values)
         if space == "":
-            return self._generic(addr, idx, lambda sp, a, sel: self.store(sp, a, values[sel], dtype, idx[sel]), dtype)
+            return self._generic(addr, idx, lambda sp, a, sel: self.store(sp, a, values[sel], dtype, idx[sel], span),
+                                 dtype)
         self.fail(UnsupportedInstruction, f"stores to .{space} are not supported", idx)
 
     def _generic(self, addr, idx, fn, dtype):

@@ -178,3 +178,32 @@ def test_one_atomic_instruction_over_two_buffers():
     assert a.item() == 5 + sum(range(0, 64, 2)) and b.item() == 7 + sum(range(1, 64, 2))
     # the values returned are the running sums of one serialisation per buffer
     assert sorted(old[0::2].tolist())[0] == 5 and sorted(old[1::2].tolist())[0] == 7
+
+
+def _bank_kernel(stride, vec):
+    regs = "{%r2, %r2, %r2, %r2}" if vec == 4 else "%r2"
+    return HEAD + f"""
+.visible .entry banks()
+{{
+    .reg .b32 %r<4>;
+    .shared .align 16 .b8 buf[8192];
+    mov.u32 %r1, %tid.x;
+    mul.lo.u32 %r1, %r1, {stride};
+    mov.u32 %r3, buf;
+    add.u32 %r1, %r1, %r3;
+    mov.u32 %r2, 7;
+    st.shared{'.v4' if vec == 4 else ''}.u32 [%r1], {regs};
+    ret;
+}}
+"""
+
+
+@pytest.mark.parametrize("stride,vec,conflicts", [
+    (16, 4, 0),      # 32 x 16 contiguous bytes: 4 conflict-free 128-byte phases
+    (4, 1, 0),       # one word per bank
+    (128, 1, 31),    # every lane in bank 0: 32 wavefronts
+    (32, 4, 4),      # 16 B at a 32 B stride: 2-way in each of the 4 phases of 8 lanes
+])
+def test_bank_conflict_model(stride, vec, conflicts):
+    st = emu.launch(_bank_kernel(stride, vec), "banks", (1,), (32,), [])
+    assert st.shared_accesses == 1 and st.bank_conflicts == conflicts

@@ -45,8 +45,9 @@ def ld(m, ins, idx):
         m.fail(UnsupportedInstruction, f"{ins.full}: {len(dsts)} destinations for .v{_vec(ins)}", idx)
     if len(dsts) > 1 and (addr % np.uint64(size * len(dsts))).any():
         m.fail(MemoryFault, f"misaligned {size * len(dsts)}-byte vector access", idx)
+    span = size * len(dsts)     # a vector access is one access for the bank model
     for k, d in enumerate(dsts):
-        v = m.load(space, addr + np.uint64(k * size), dt, idx)
+        v = m.load(space, addr + np.uint64(k * size), dt, idx, span if k == 0 else 0)
         if d.kind != "sink":
             m.write(d, v, t, idx)
 
@@ -62,7 +63,8 @@ def st(m, ins, idx):
     if len(srcs) > 1 and (addr % np.uint64(size * len(srcs))).any():
         m.fail(MemoryFault, f"misaligned {size * len(srcs)}-byte vector access", idx)
     for k, s in enumerate(srcs):
-        m.store(space, addr + np.uint64(k * size), m.read(s, t, idx), _MEM_NP[t], idx)
+        m.store(space, addr + np.uint64(k * size), m.read(s, t, idx), _MEM_NP[t], idx,
+                size * len(srcs) if k == 0 else 0)
 
 
 @op("prefetch", "prefetchu", "applypriority", "discard", "createpolicy")

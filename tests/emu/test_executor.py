@@ -207,3 +207,94 @@ def _bank_kernel(stride, vec):
 def test_bank_conflict_model(stride, vec, conflicts):
     st = emu.launch(_bank_kernel(stride, vec), "banks", (1,), (32,), [])
     assert st.shared_accesses == 1 and st.bank_conflicts == conflicts
+
+
+
+CLUSTER_LIVE_WARP = r"""
+.version 8.0
+.target sm_90a
+.address_size 64
+.visible .entry k(.param .u64 out)
+{
+  .reg .pred p;
+  .reg .b32 r<6>;
+  .reg .b64 rd<3>;
+  .shared .align 4 .b32 flag;
+  mov.u32 r0, %tid.x;
+  shr.u32 r4, r0, 5;               // warp
+  setp.eq.u32 p, r4, 1;
+  @p bra EARLY;                    // warp 1: arrive, then exit
+  setp.eq.u32 p, r4, 2;
+  @p bra SLOW;                     // warp 2: spin, set the flag, arrive, wait
+  mov.u32 r3, 0;
+SPIN0:
+  add.u32 r3, r3, 1;
+  setp.lt.u32 p, r3, 10;
+  @p bra SPIN0;
+  barrier.cluster.arrive.release.aligned;    // warp 0: spin a little, arrive, wait, read the flag
+  barrier.cluster.wait.acquire.aligned;
+  ld.shared.u32 r5, [flag];
+  ld.param.u64 rd0, [out];
+  mov.u32 r1, %cluster_ctarank;
+  mul.wide.u32 rd1, r1, 4;
+  add.s64 rd2, rd0, rd1;
+  st.global.u32 [rd2], r5;
+  ret;
+EARLY:
+  barrier.cluster.arrive.release.aligned;
+  ret;
+SLOW:
+  mov.u32 r2, 0;
+LOOP:
+  add.u32 r2, r2, 1;
+  setp.lt.u32 p, r2, 100;
+  @p bra LOOP;
+  st.shared.u32 [flag], 7;
+  barrier.cluster.arrive.release.aligned;
+  barrier.cluster.wait.acquire.aligned;
+  ret;
+}
+"""
+
+CLUSTER_EXITING_WARP = r"""
+.version 8.0
+.target sm_90a
+.address_size 64
+.visible .entry k(.param .u64 out)
+{
+  .reg .pred p;
+  .reg .b32 r<4>;
+  .reg .b64 rd<3>;
+  mov.u32 r0, %tid.x;
+  setp.ge.u32 p, r0, 32;       // warp 1 of each CTA: spin a little, then exit without arriving
+  @p bra LATE;
+  barrier.cluster.arrive.release.aligned;
+  barrier.cluster.wait.acquire.aligned;
+  ld.param.u64 rd0, [out];
+  mov.u32 r1, %cluster_ctarank;
+  mul.wide.u32 rd1, r1, 4;
+  add.s64 rd2, rd0, rd1;
+  st.global.u32 [rd2], 1;
+  ret;
+LATE:
+  mov.u32 r2, 0;
+LOOP:
+  add.u32 r2, r2, 1;
+  setp.lt.u32 p, r2, 100;
+  @p bra LOOP;
+  ret;
+}
+"""
+
+
+def test_cluster_barrier_waits_for_every_live_thread():
+    # warp 1 arrives and exits; warp 2 arrives last, after writing a flag: warp 0 must see it
+    out = torch.zeros(2, dtype=torch.int32)
+    emu.launch(CLUSTER_LIVE_WARP, "k", (2, 1, 1), (96, 1, 1), [out], cluster=(2, 1, 1))
+    assert out.tolist() == [7, 7]
+
+
+def test_cluster_barrier_completes_when_the_last_missing_thread_exits():
+    out = torch.zeros(2, dtype=torch.int32)
+    emu.launch(CLUSTER_EXITING_WARP, "k", (2, 1, 1), (64, 1, 1), [out], cluster=(2, 1, 1))
+    assert out.tolist() == [1, 1]

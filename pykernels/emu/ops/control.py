@@ -31,9 +31,11 @@ def trap(m, ins, idx):
 
 
 def _release_barriers(m):
-    """Exited threads no longer count as expected at a full-CTA barrier."""
+    """Exited threads no longer count as expected at a CTA or cluster barrier."""
     for key in list(m.barriers):
         _try_complete(m, key)
+    for base, s in m.ext.get("cluster_bar", {}).items():
+        _try_complete_cluster(m, base, s)
 
 
 def _expected(m, cta, count):
@@ -112,32 +114,39 @@ def bar(m, ins, idx):
 
 
 def cluster_barrier(m, ins, idx):
-    """barrier.cluster.arrive / wait (and .sync when both are meant)."""
+    """barrier.cluster.arrive / wait (and .sync when both are meant). A phase completes
+    when every thread of the cluster that has not exited has arrived."""
     st = m.ext.setdefault("cluster_bar", {})
     wait = "wait" in ins.mods
     arrive = "arrive" in ins.mods or not wait
     csize = int(np.prod(m.L.cluster))
     for base in np.unique(m.cluster_base[idx]):
         who = idx[m.cluster_base[idx] == base]
-        s = st.setdefault(int(base), {"phase": 0, "arrived": set(), "done": {}})
-        members = np.flatnonzero((m.cluster_base == base) & (m.state != DONE))
+        s = st.setdefault(int(base), {"phase": 0, "arrived": set(), "done": {}, "waiters": {}})
         if arrive:
             s["arrived"].update(who.tolist())
             for t in who.tolist():
                 s["done"][t] = s["phase"]
-            if len(s["arrived"]) >= len(members):
-                s["phase"] += 1
-                s["arrived"] = set()
-                waiting = list(s.get("waiters", {}))
-                s["waiters"] = {}
-                if waiting:
-                    m.unblock(np.array(waiting, dtype=np.int64))
-                m.state_version += 1
+            _try_complete_cluster(m, int(base), s)
         if wait:
             pending = [t for t in who.tolist() if s["done"].get(t, -1) >= s["phase"]]
             if pending:
-                s.setdefault("waiters", {}).update({t: s["phase"] for t in pending})
+                s["waiters"].update({t: s["phase"] for t in pending})
                 m.block(np.array(pending, dtype=np.int64), f"barrier.cluster.wait ({csize} CTAs)")
+
+
+def _try_complete_cluster(m, base, s):
+    members = np.flatnonzero((m.cluster_base == base) & (m.state != DONE))
+    if not s["arrived"] and not s["waiters"]:
+        return
+    if set(members.tolist()) <= s["arrived"]:
+        s["phase"] += 1
+        s["arrived"] = set()
+        waiting = list(s["waiters"])
+        s["waiters"] = {}
+        if waiting:
+            m.unblock(np.array(waiting, dtype=np.int64))
+        m.state_version += 1
 
 
 @op("membar", "fence", "nanosleep", "griddepcontrol", "pmevent")

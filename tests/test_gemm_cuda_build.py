@@ -19,7 +19,9 @@ from .fp8_cases import contiguous_indices, nan_bf16, normal_problem, quantized_w
 
 PRODUCER_REGS, MATH_REGS = 40, 232     # setmaxnreg targets in fp8_gemm.cu
 REGISTER_FILE = 65536
-CONFIG_IDS = [f"m{c.block_m}n{c.block_n}" for c in G.CONFIGS]
+CONFIG_IDS = [f"m{c.block_m}n{c.block_n}" + (f"_mc{c.cluster}" if c.cluster > 1 else "") for c in G.CONFIGS]
+MULTICAST = [c for c in G.CONFIGS if c.cluster == 2]
+MC_IDS = [i for i, c in zip(CONFIG_IDS, G.CONFIGS) if c.cluster == 2]
 
 
 def _sass_of(function: str) -> str:
@@ -44,6 +46,11 @@ def test_every_config_is_compiled():
     assert 5 <= len(G.CONFIGS) <= 8                      # CI builds them on 2 cores
     assert any(128 % c.block_n for c in G.CONFIGS)       # a non-power-of-two BLOCK_N (112, 160)
     assert {c.block_m for c in G.CONFIGS} == {64, 128}
+    # TMA-multicast variants (clusters of 2) for two tile shapes only, beside the six
+    # cluster-1 instantiations
+    assert {(c.block_m, c.block_n) for c in MULTICAST} == {(128, 128), (128, 160)}
+    assert all(c.cluster in (1, 2) for c in G.CONFIGS) and len(G.CONFIGS) - len(MULTICAST) == 6
+    assert {f for f in funcs if f.endswith("_mc2")} == {c.function for c in MULTICAST}
 
 
 @pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
@@ -52,7 +59,11 @@ def test_sass_has_the_intended_instructions(cfg):
     ops = sass.opcodes(listing)
     # four fp8 wgmma per 128-wide K block (k32 each), N = BLOCK_N, f32 accumulators
     assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
-    assert ops["UTMALDG.2D"] == 2                         # A and B tiles by TMA
+    if cfg.cluster == 1:
+        assert ops["UTMALDG.2D"] == 2                     # A and B tiles by TMA
+        assert not any("MULTICAST" in op or op.startswith("UCGABAR") for op in ops)   # no cluster code
+    else:                                                 # A by TMA, the B half multicast
+        assert ops["UTMALDG.2D"] == 1 and ops["UTMALDG.2D.MULTICAST"] == 1
     assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1 and ops["USETMAXREG.DEALLOC.CTAPOOL"] == 1
     assert any(op.startswith("SYNCS.PHASECHK") for op in ops)       # mbarrier waits
     assert any(op.startswith("SYNCS.ARRIVE.TRANS64") for op in ops)  # arrive / expect_tx
@@ -107,7 +118,8 @@ def test_ptx_parses_with_the_intended_instructions(ptx_module):
         full = [i.full for i in k.instrs]
         assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4
         tma = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-        assert full.count(tma) >= 2
+        assert full.count(tma) >= (2 if cfg.cluster == 1 else 1)
+        assert (full.count(tma + ".multicast::cluster") >= 1) == (cfg.cluster == 2)
         assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in full
         assert "cp.async.bulk.wait_group.read" in full and "fence.proxy.async.shared::cta" in full
         assert "mbarrier.try_wait.parity.shared::cta.b64" in full
@@ -117,6 +129,35 @@ def test_ptx_parses_with_the_intended_instructions(ptx_module):
     text = artifacts.ptx_text(G.MODULE)
     assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
     assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
+
+
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+def test_multicast_sass(cfg):
+    # what cuobjdump prints for the cluster code of the *_mc2 entries
+    listing = _sass_of(cfg.function)
+    ops = sass.opcodes(listing)
+    assert ops["UTMALDG.2D.MULTICAST"] == 1               # the B half, into both CTAs (mask in a UR)
+    # remote release of a stage in the peer: mapa'd address, release at cluster scope
+    # (MEMBAR.ALL.GPU + CGAERRBAR before the arrive), in the computing and the idle path
+    assert ops["SYNCS.ARRIVE.TRANS64.RED.A1T0"] == 2
+    assert ops["MEMBAR.ALL.GPU"] >= 2 and ops["CGAERRBAR"] >= 2
+    # cluster barriers: after the mbarrier init, and at the end of the producer and math paths
+    assert ops["UCGABAR_ARV"] == 3 and ops["UCGABAR_WAIT"] == 3
+    assert ops["BPT.TRAP"] >= 1                           # launched without its cluster: trap
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+
+
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+def test_multicast_ptx(cfg, ptx_module):
+    full = [i.full for i in ptx_module.kernel(cfg.function).instrs]
+    assert full.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                      ".multicast::cluster") == 1
+    assert full.count("mbarrier.arrive.release.cluster.shared::cluster.b64") == 2
+    assert "mapa.shared::cluster.u32" in full
+    assert "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64" in full     # the producer's empty wait
+    assert full.count("barrier.cluster.arrive.release.aligned") == 3
+    assert full.count("barrier.cluster.wait.acquire.aligned") == 3
 
 
 # ------------------------------------------------------------------------ heuristic
@@ -142,6 +183,31 @@ def test_heuristic_model_properties():
     # grouped problems count all groups' tiles
     assert G.choose_config(256, 7168, 2048, groups=4).block_m == 128
     assert G.choose_config(8, 4096, 7168, groups=1).block_m == 64
+
+
+def test_multicast_heuristic():
+    mc = G.choose_config(4096, 7168, 16384)
+    assert mc.cluster == 2 and mc.block_m == 128                       # L2-bound: B shared by pairs
+    # the model: cluster 2 reads B from L2 once per pair of m-blocks; same waves here
+    c1 = G.Config(mc.block_m, mc.block_n)
+    m, n, k = 4096, 7168, 16384
+    assert G.estimate_cycles(mc, m, n, k, 1, 132) < G.MULTICAST_GAIN * G.estimate_cycles(c1, m, n, k, 1, 132)
+    assert G.choose_config(4096, 2112, 7168).cluster == 2
+    # not where there is no pair of m-blocks, where few SMs leave L2 idle, nor for small problems
+    for args in [(128, 7168, 16384), (64, 2112, 7168), (128, 4096, 7168), (256, 256, 512)]:
+        assert G.choose_config(*args).cluster == 1, args
+    assert G.choose_config(4096, 7168, 16384, sms=4).cluster == 1
+    # contiguous: a group boundary between the two m-blocks of a pair costs a pass; with
+    # many small groups the pairs would mostly compute half of their m-blocks
+    assert G.choose_config(32768, 4096, 7168, boundaries=3).cluster == 2
+    assert G.choose_config(32768, 4096, 7168, boundaries=255).cluster == 1
+    # masked: rows per group from expected_m (one m-block per group: no multicast)
+    assert G.choose_config(1024, 4096, 7168, groups=8).cluster == 2
+    assert G.choose_config(64, 4096, 7168, groups=8).cluster == 1
+    # an odd m-block count: the last pair's partner idles for a whole unit
+    odd = G.estimate_cycles(G.Config(128, 128, 2), 3 * 128, 128, 1024, 1, 2)
+    even = G.estimate_cycles(G.Config(128, 128, 2), 4 * 128, 128, 1024, 1, 2)
+    assert odd == even
 
 
 def test_raster_band():
@@ -177,6 +243,49 @@ def test_normal_plan_geometry_and_arguments(seed):
     # grid: at most one CTA per SM (persistent)
     big = G.gemm_plan(a, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=10)
     assert big.grid == (10, 1, 1) and big.args[13].value == 3
+
+
+def test_multicast_plans(seed):
+    m, n, k = 300, 2112, 512
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    cfg = G.Config(128, 160, cluster=2)
+    p = G.gemm_plan(a, sfa, b, sfb, nan_bf16(m, n), None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg)
+    assert p.function == "pk_fp8_gemm_nt_m128n160_mc2" and p.cluster == (2, 1, 1) and p.block == (384, 1, 1)
+    units = 2 * 14                                   # pairs of m-blocks (3 m-blocks: 2 pairs) x n-blocks
+    assert p.grid == (2 * units, 1, 1)
+    assert p.shared_bytes == G.Config(128, 160).smem_bytes(5) == cfg.smem_bytes(cfg.max_stages())
+    tb = p.args[1].value
+    assert tb.box == (80, 128) and tb.swizzle == 128                # each CTA loads half of B
+    assert p.args[0].value.box == (128, 128)
+    assert p.args[13].value == G.raster_band(14, 2 * units)
+    # persistent: one cluster per 2 SMs, an even grid also for an odd SM count
+    for sms, grid in [(10, 10), (11, 10), (3, 2), (1, 2)]:
+        q = G.gemm_plan(a, sfa, b, sfb, nan_bf16(m, n), None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=sms)
+        assert q.grid == (grid, 1, 1), sms
+    # masked: units of the largest group (m_max) in every group, an upper bound
+    groups, m_max = 3, 129
+    b3, sfb3 = quantized_weights(groups, 256, k)
+    a3, sfa3 = R.per_token_cast_to_fp8(torch.randn(groups * m_max, k))
+    q = G.gemm_plan(a3, sfa3.view(groups, m_max, -1), b3.reshape(-1, k), sfb3, nan_bf16(groups, m_max, 256),
+                    torch.tensor([1, 2, 3], dtype=torch.int32), kind=G.KIND_MASKED, m=m_max, n=256, k=k,
+                    groups=groups, cfg=G.Config(128, 128, cluster=2))
+    assert q.grid == (2 * groups * 1 * 2, 1, 1) and q.args[1].value.box == (64, 128)
+
+
+def test_masked_expected_m_reaches_the_heuristic(monkeypatch, seed):
+    # pk.m_grouped_fp8_gemm_nt_masked(..., expected_m) -> torch op -> backend -> gemm_plan
+    groups, m_max, n, k = 1, 256, 4096, 128
+    b, sfb = quantized_weights(groups, n, k)
+    a, sfa = R.per_token_cast_to_fp8(torch.randn(groups * m_max, k))
+    a, sfa = a.view(groups, m_max, k), sfa.view(groups, m_max, -1)
+    masked = torch.tensor([m_max], dtype=torch.int32)
+    seen = []
+    monkeypatch.setattr(G, "_run", lambda plan, executor: seen.append(plan.function))
+    for expected in (8, 256):
+        pk.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), nan_bf16(groups, m_max, n), masked, expected,
+                                        backend="emu")
+    assert seen == [G.choose_config(8, n, k, groups).function, G.choose_config(256, n, k, groups).function]
+    assert seen[0] != seen[1]
 
 
 def test_column_major_sfa_is_read_in_place(seed):
@@ -330,5 +439,38 @@ def test_cuda_grouped_match_reference(seed):
     pk.m_grouped_fp8_gemm_nt_masked((a3.cuda(), sfa3.cuda()), (b.cuda(), sfb.cuda()), out3, masked.cuda(), 64,
                                     backend="cuda")
     ref3 = R.m_grouped_fp8_gemm_nt_masked(a3, sfa3, b, sfb, masked, nan_bf16(groups, m_max, n))
+    own3 = torch.arange(m_max)[None, :] < masked[:, None]
+    assert out3.cpu()[~own3].isnan().all() and calc_diff(out3.cpu()[own3], ref3[own3]) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+def test_cuda_multicast_matches_reference(cfg, seed):
+    # clusters of 2 sharing B by TMA multicast, forced: odd m-block count (a partner-less
+    # last pair), contiguous pairs with two groups and -1 rows, masked 0 / partial / full
+    m, n, k = 300, 2112, 1024
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    out = nan_bf16(m, n).cuda()
+    run_cuda(G.gemm_plan(a.cuda(), sfa.cuda(), b.cuda(), sfb.cuda(), out, None, kind=G.KIND_NORMAL, m=m, n=n,
+                         k=k, groups=1, cfg=cfg))
+    assert not out.isnan().any() and calc_diff(out.cpu(), R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3
+    groups, n = 4, 256
+    bg, sfbg = quantized_weights(groups, n, k)
+    idx = contiguous_indices([5, 0, 130, 64])
+    a2, sfa2 = R.per_token_cast_to_fp8(torch.randn(idx.numel(), k))
+    out2 = nan_bf16(idx.numel(), n).cuda()
+    run_cuda(G.gemm_plan(a2.cuda(), sfa2.cuda(), bg.reshape(-1, k).cuda(), sfbg.cuda(), out2, idx.cuda(),
+                         kind=G.KIND_CONTIGUOUS, m=idx.numel(), n=n, k=k, groups=groups, cfg=cfg))
+    ref2 = R.m_grouped_fp8_gemm_nt_contiguous(a2, sfa2, bg, sfbg, idx, nan_bf16(idx.numel(), n))
+    own = idx >= 0
+    assert out2.cpu()[~own].isnan().all() and calc_diff(out2.cpu()[own], ref2[own]) < 1e-3
+    m_max = 300
+    a3, sfa3 = R.per_token_cast_to_fp8(torch.randn(groups * m_max, k))
+    masked = torch.tensor([0, 130, m_max, 37], dtype=torch.int32)
+    out3 = nan_bf16(groups, m_max, n).cuda()
+    run_cuda(G.gemm_plan(a3.cuda(), sfa3.view(groups, m_max, -1).cuda(), bg.reshape(-1, k).cuda(), sfbg.cuda(),
+                         out3, masked.cuda(), kind=G.KIND_MASKED, m=m_max, n=n, k=k, groups=groups, cfg=cfg))
+    ref3 = R.m_grouped_fp8_gemm_nt_masked(a3.view(groups, m_max, k), sfa3.view(groups, m_max, -1), bg, sfbg,
+                                          masked, nan_bf16(groups, m_max, n))
     own3 = torch.arange(m_max)[None, :] < masked[:, None]
     assert out3.cpu()[~own3].isnan().all() and calc_diff(out3.cpu()[own3], ref3[own3]) < 1e-3

@@ -87,7 +87,11 @@ def test_normal_matches_reference(m, n, k, dtype, seed):
     assert calc_diff(out, ref) < TOL
 
 
-@pytest.mark.parametrize("cfg", G.CONFIGS, ids=[f"m{c.block_m}n{c.block_n}" for c in G.CONFIGS])
+def _cfg_id(c):
+    return f"m{c.block_m}n{c.block_n}" + (f"_mc{c.cluster}" if c.cluster > 1 else "")
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=[_cfg_id(c) for c in G.CONFIGS])
 def test_every_config(cfg, seed):
     # 129 rows: a partial m-block; 384 columns: partial n-blocks for BN 112/160 and tiles
     # that straddle two 128-column sfb blocks
@@ -224,6 +228,142 @@ def test_masked_column_major_scales_and_byte_count(seed):
     ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, nan_bf16(groups, m_max, n))
     own = torch.arange(m_max)[None, :] < masked_m[:, None]
     assert out[~own].isnan().all() and calc_diff(out[own], ref[own]) < TOL
+
+
+# ------------------------------------------------------------------------ TMA multicast (clusters of 2)
+# The *_mc2 entries: the two CTAs of a cluster compute adjacent m-blocks of one n-block in
+# lockstep, each loading its A tile and half of B, multicast into both. A CTA whose
+# m-block has no rows for a pass (odd m-block count, masked tails, contiguous groups in
+# one m-block of the pair only) still loads and multicasts its half of B but computes and
+# stores nothing. Forced here through the plan's cfg (the heuristic picks them only for
+# large problems); few SMs make each cluster walk several units (ring wraps, phase flips).
+
+MULTICAST = [c for c in G.CONFIGS if c.cluster == 2]
+MC_IDS = [_cfg_id(c) for c in MULTICAST]
+
+
+def _check_owned(out, ref, own):
+    assert out[~own].isnan().all(), "rows the layout does not own were written"
+    assert not out[own].isnan().any()
+    if own.any():
+        assert calc_diff(out[own], ref[own]) < TOL
+
+
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+@pytest.mark.parametrize("m,sms", [
+    (300, 4),     # 3 m-blocks: the second pair's partner tile does not exist; 2 clusters
+    (7, 132),     # one partial m-block: every pair has a partner without rows
+    (520, 2),     # 5 m-blocks, 1 cluster walks all 3 pairs x n-blocks (persistent, phases flip)
+])
+def test_multicast_normal(cfg, m, sms, seed):
+    n, k = 384, 256
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg, sms=sms)
+    assert plan.cluster == (2, 1, 1) and plan.grid[0] % 2 == 0 and plan.function.endswith("_mc2")
+    assert plan.args[1].value.box == (cfg.block_n // 2, 128)        # each CTA loads half of B
+    stats = run_emu(plan)
+    assert not out.isnan().any()
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+    assert stats.global_written == m * n * 2                         # partner-less CTAs store nothing
+    tiles = _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)             # ... and issue no wgmma
+    assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
+
+
+def test_multicast_two_stages_wrap_the_ring(seed):
+    # 2 stages, 12 K blocks per tile, one cluster: each producer waits on every empty
+    # barrier, whose 16 arrivals come from both CTAs (8 of them remote)
+    m, n, k = 300, 320, 1536
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                       cfg=G.Config(128, 160, cluster=2), stages=2, sms=2)
+    assert plan.grid == (2, 1, 1)
+    run_emu(plan)
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+
+
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+@pytest.mark.parametrize("case", ["aligned", "unaligned", "padding_block"])
+def test_multicast_contiguous(cfg, case, seed):
+    n, k = 320, 256
+    if case == "aligned":
+        # 128-row segments [5 | empty | 130 | 64]: pairs of m-blocks hold two different
+        # groups (two passes, each computed by one CTA), -1 rows, an empty group
+        a, sfa, b, sfb, idx = _contiguous_problem([5, 0, 130, 64], n, k)
+    elif case == "unaligned":
+        # unpadded segments with stray -1 rows: several groups per m-block and per pair
+        b, sfb = _weights(4, n, k)
+        idx = contiguous_indices([3, 150, 20, 90], 1)
+        pad = torch.full((5,), -1, dtype=torch.int32)
+        idx = torch.cat([idx[:10], pad, idx[10:], pad[:3]])
+        a, sfa = pk.per_token_cast_to_fp8(_spread(idx.numel(), k, 1), backend="reference")
+    else:
+        # an m-block of padding only beside a group's block, and a last pair whose second
+        # m-block lies past the end
+        b, sfb = _weights(2, n, k)
+        idx = torch.cat([torch.full((128,), 0), torch.full((128,), -1), torch.full((60,), 1)]).int()
+        a, sfa = pk.per_token_cast_to_fp8(_spread(idx.numel(), k, 1), backend="reference")
+    m, groups = idx.numel(), b.shape[0]
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b.reshape(-1, k), sfb, out, idx, kind=G.KIND_CONTIGUOUS, m=m, n=n, k=k,
+                       groups=groups, cfg=cfg, sms=4)
+    stats = run_emu(plan)
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(m, n))
+    own = (idx >= 0) & (idx < groups)
+    _check_owned(out, ref, own)
+    assert stats.global_written == int(own.sum()) * n * 2
+
+
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+def test_multicast_masked(cfg, seed):
+    # masked_m: 0 (no units), 130 (2 m-blocks, the second partial: checked stores),
+    # m_max (3 m-blocks: a partner-less last pair), 37 (1 m-block)
+    groups, m_max, n, k = 4, 300, 256, 256
+    a, sfa, b, sfb = _masked_problem(groups, m_max, n, k)
+    masked_m = torch.tensor([0, 130, m_max, 37], dtype=torch.int32)
+    out = nan_bf16(groups, m_max, n)
+    plan = G.gemm_plan(a.reshape(-1, k), sfa, b.reshape(-1, k), sfb, out, masked_m, kind=G.KIND_MASKED,
+                       m=m_max, n=n, k=k, groups=groups, cfg=cfg, sms=6)
+    stats = run_emu(plan)
+    ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, nan_bf16(groups, m_max, n))
+    own = torch.arange(m_max)[None, :] < masked_m[:, None]
+    _check_owned(out, ref, own)
+    assert stats.global_written == int(masked_m.sum()) * n * 2
+
+
+def test_multicast_masked_nothing_to_do(seed):
+    groups, m_max, n, k = 2, 129, 128, 128
+    a, sfa, b, sfb = _masked_problem(groups, m_max, n, k)
+    masked_m = torch.zeros(groups, dtype=torch.int32)
+    out = nan_bf16(groups, m_max, n)
+    plan = G.gemm_plan(a.reshape(-1, k), sfa, b.reshape(-1, k), sfb, out, masked_m, kind=G.KIND_MASKED,
+                       m=m_max, n=n, k=k, groups=groups, cfg=G.Config(128, 128, cluster=2))
+    stats = run_emu(plan)
+    assert out.isnan().all() and stats.global_written == 0 and stats.wgmma == 0
+
+
+@pytest.mark.parametrize("m", [512, 300])
+def test_multicast_reads_b_once_per_pair(m, seed):
+    # The emulator counts the bytes each TMA load reads from global memory once (a
+    # multicast load too), and every scale load. Same problem, same tile, cluster 1 vs 2:
+    # A and the scales are read alike (a partner-less CTA loads neither), B once per pair
+    # of m-blocks instead of once per tile.
+    n, k = 256, 512
+    a, sfa, b, sfb = _problem(m, n, k)
+    reads, outs = {}, {}
+    for cluster in (1, 2):
+        out = nan_bf16(m, n)
+        plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                           cfg=G.Config(128, 128, cluster=cluster))
+        reads[cluster] = run_emu(plan).global_read
+        outs[cluster] = out
+    m_blocks, n_blocks = _cdiv(m, 128), _cdiv(n, 128)
+    pairs = _cdiv(m_blocks, 2)
+    b_bytes_1 = m_blocks * n_blocks * 128 * k          # B tile per tile
+    b_bytes_2 = pairs * n_blocks * 128 * k             # B tile per pair (two halves)
+    assert reads[1] - reads[2] == b_bytes_1 - b_bytes_2 > 0
+    assert torch.equal(outs[1], outs[2])               # same arithmetic, bit for bit
 
 
 # ------------------------------------------------------------------------ large K

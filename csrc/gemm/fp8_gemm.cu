@@ -28,6 +28,17 @@
 //    bounds- and group-checked 16-byte st.global.
 //  * shared memory (dynamic, aligned to 1024 here): stages x A tile, stages x B tile,
 //    kMathWG staging tiles, 2 x stages mbarriers. `stages` is a kernel argument.
+//  * kCluster = 2 (entries *_mc2, launched with cluster dims (2, 1, 1)): the two CTAs of
+//    a cluster walk the schedule in lockstep, one unit = two adjacent m-blocks of one
+//    n-block. CTA `rank` computes m-block 2 u + rank: it loads its own A tile and rows
+//    [rank BN/2, (rank+1) BN/2) of the B tile, multicast into the same stage of both CTAs
+//    (ctaMask 0b11), so each CTA's full barrier receives A + the whole B. Every math warp
+//    releases a stage on the empty barriers of both CTAs (the peer's through mapa and a
+//    remote mbarrier.arrive.release.cluster), so a producer overwrites a stage only after
+//    both CTAs consumed it. A CTA whose m-block has no rows for a pass (odd m-block count,
+//    masked tails, contiguous groups present in only one of the two m-blocks) still loads
+//    and multicasts its B slice and consumes the stages, but loads no A, issues no wgmma
+//    and stores nothing. Cluster barriers after the mbarrier init and before exit.
 #include <cstdint>
 
 #include "pk/ptx.cuh"
@@ -61,8 +72,10 @@ __device__ __forceinline__ uint32_t cdiv(uint32_t a, uint32_t b) { return (a + b
 // Persistent tile schedule, identical in every warp that walks it (deterministic).
 // Tiles are numbered group by group (masked), and inside a (group's) M x N grid of
 // blocks in bands of `band` n-blocks, n fastest inside a band, so that CTAs running at
-// the same time share A rows and B columns in L2.
-template <int BM, int BN>
+// the same time share A rows and B columns in L2. The schedule's unit is kCluster
+// adjacent m-blocks of one n-block (one per CTA of a cluster); a group's last unit may
+// reach past its last m-block.
+template <int BM, int BN, int kCluster>
 struct Scheduler {
   const Problem& p;
   uint32_t n_blocks;
@@ -71,16 +84,17 @@ struct Scheduler {
 
   __device__ explicit Scheduler(const Problem& prob) : p(prob), n_blocks(cdiv(prob.n, BN)) {}
 
-  // The t-th tile (t increasing between calls): false when there is none.
-  // m_limit: rows of the group that exist / may be written.
-  __device__ bool get(uint32_t t, uint32_t& m_blk, uint32_t& n_blk, uint32_t& g, uint32_t& m_limit) {
+  // The t-th unit (t increasing between calls): false when there is none. Its m-blocks
+  // are kCluster * m_unit + [0, kCluster). m_limit: rows of the group that exist / may be
+  // written.
+  __device__ bool get(uint32_t t, uint32_t& m_unit, uint32_t& n_blk, uint32_t& g, uint32_t& m_limit) {
     uint32_t m_blocks;
     if (p.kind == kMasked) {
       for (;;) {
         if (group >= p.groups) return false;
         int valid = __ldg(p.grouping + group);
         m_limit = valid <= 0 ? 0u : min((uint32_t)valid, p.m);
-        m_blocks = cdiv(m_limit, BM);
+        m_blocks = cdiv(cdiv(m_limit, BM), kCluster);  // units
         if (t < group_first + m_blocks * n_blocks) break;
         group_first += m_blocks * n_blocks;
         ++group;
@@ -88,7 +102,7 @@ struct Scheduler {
       t -= group_first;
       g = group;
     } else {
-      m_blocks = cdiv(p.m, BM);
+      m_blocks = cdiv(cdiv(p.m, BM), kCluster);  // units
       if (t >= m_blocks * n_blocks) return false;
       g = 0;
       m_limit = p.m;
@@ -98,7 +112,7 @@ struct Scheduler {
     const uint32_t first_n = band * p.band;
     const uint32_t width = min(p.band, n_blocks - first_n);
     const uint32_t r = t - band * per_band;
-    m_blk = r / width;
+    m_unit = r / width;
     n_blk = first_n + r % width;
     return true;
   }
@@ -122,6 +136,54 @@ __device__ __forceinline__ int next_group(const Problem& p, uint32_t m_blk, int 
   best = __reduce_min_sync(0xffffffffu, best);
   return best == 0x7fffffff ? -1 : best;
 }
+
+// The passes over one schedule unit, in increasing group order: the groups whose B the
+// cluster loads together. Normal / masked: one pass (group g). Contiguous: one per group
+// with rows in any of the unit's m-blocks (kCluster = 1: the tile's own groups). `mine`:
+// this CTA's m-block m_blk has rows of the pass's group; otherwise the CTA only loads its
+// B slice for the peer. Walked identically by every warp of both CTAs of a cluster.
+template <int BM, int kCluster>
+struct Passes {
+  int group;          // current pass, -1 after the last
+  bool mine;
+  int own, peer;      // contiguous, kCluster 2: next group of this CTA's / the peer's m-block
+
+  __device__ Passes(const Problem& p, uint32_t m_blk, uint32_t g, uint32_t m_limit) {
+    if (kCluster == 1) {
+      group = p.kind == kContiguous ? next_group<BM>(p, m_blk, -1) : (int)g;
+      mine = true;
+    } else if (p.kind == kContiguous) {
+      own = next_group<BM>(p, opaque(m_blk), -1);
+      peer = next_group<BM>(p, opaque(m_blk ^ 1u), -1);  // the cluster's other m-block
+      pick();
+    } else {
+      group = (int)g;
+      mine = m_blk * BM < m_limit;
+    }
+  }
+  // A value the compiler cannot see through: keeps it from hoisting the 8 per-lane
+  // m_indices addresses of the two m-blocks out of the pass loop (16 live registers,
+  // which the 40-register producer would spill).
+  static __device__ __forceinline__ uint32_t opaque(uint32_t v) {
+    asm volatile("" : "+r"(v));
+    return v;
+  }
+  __device__ void pick() {  // the smaller of own / peer, -1 (as unsigned, the largest) last
+    group = (int)min((uint32_t)own, (uint32_t)peer);
+    mine = own == group;
+  }
+  __device__ void advance(const Problem& p, uint32_t m_blk) {
+    if (kCluster == 1) {
+      group = p.kind == kContiguous ? next_group<BM>(p, m_blk, group) : -1;
+    } else if (p.kind == kContiguous) {
+      if (own == group) own = next_group<BM>(p, opaque(m_blk), group);
+      if (peer == group) peer = next_group<BM>(p, opaque(m_blk ^ 1u), group);
+      pick();
+    } else {
+      group = -1;
+    }
+  }
+};
 
 template <int BM, int BN>
 struct Layout {
@@ -151,10 +213,17 @@ struct Layout {
 
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
 
-template <int BM, int BN>
+template <int BM, int BN, int kCluster>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_out, const Problem& p) {
   using L = Layout<BM, BN>;
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
+  constexpr bool kMulticast = kCluster > 1;
+  // Each CTA of a cluster loads BN / kCluster rows of B: whole 8-row (1024-byte) swizzle
+  // atoms, so the slices land exactly where one load of the whole box would put them.
+  constexpr uint32_t kBSliceRows = BN / kCluster;
+  static_assert(BN % kCluster == 0 && kBSliceRows % 8 == 0, "B slices: whole swizzle atoms");
+  constexpr uint32_t kBSliceBytes = kBSliceRows * kBlockK;
   static_assert(BM == 64 || BM == 128, "BM: one or two math warpgroups of 64 rows");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "BN: multiple of 16 up to 256");
   // A tile of BN columns starting at any multiple of BN meets at most two 128-column
@@ -175,47 +244,80 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   const uint32_t empty_bars = bars + 8 * p.stages;
 
   const uint32_t wg = threadIdx.x / 128;
+  // Cluster geometry: this CTA's rank; its cluster walks schedule units blockIdx.x /
+  // kCluster, + gridDim.x / kCluster, ...
+  const uint32_t rank = kMulticast ? pk::cluster_ctarank() : 0u;
+  if (kMulticast && pk::cluster_nctarank() != kCluster) __trap();  // launched without the cluster
   // Thread s initialises stage s's barriers (straight-line code: no divergent loop
   // before the CTA barrier).
   if (threadIdx.x < p.stages) {
-    pk::mbar_init(bars + 8 * threadIdx.x, 1);                     // producer's arrive + TMA bytes
-    pk::mbar_init(empty_bars + 8 * threadIdx.x, 4 * L::kMathWG);  // one arrive per math warp
+    pk::mbar_init(bars + 8 * threadIdx.x, 1);  // producer's arrive + TMA bytes
+    // one arrive per math warp of every CTA of the cluster
+    pk::mbar_init(empty_bars + 8 * threadIdx.x, 4 * L::kMathWG * kCluster);
     pk::fence_mbarrier_init();
     pk::fence_proxy_async_shared();
   }
-  __syncthreads();
+  // Multicast: the peer's barriers must be initialised before this CTA's first multicast
+  // or remote arrive reaches them.
+  if constexpr (kMulticast) {
+    pk::cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   if (wg == L::kMathWG) {
     // ---------------------------------------------------------------- producer
     pk::setmaxnreg_dec<kProducerRegs>();
-    if ((threadIdx.x / 32) % 4 != 0) return;
-    const bool leader = pk::elect_one();
-    Scheduler<BM, BN> sched(p);
-    uint32_t s = 0, phase = 0;
-    uint32_t m_blk, n_blk, g, m_limit;
-    for (uint32_t t = blockIdx.x; sched.get(t, m_blk, n_blk, g, m_limit); t += gridDim.x) {
-      int pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, -1) : (int)g;
-      while (pass_group >= 0) {
-        const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
-        const int32_t b_row = (int32_t)((uint32_t)pass_group * p.n + n_blk * BN);
-        for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
-          // The whole warp waits (it stays converged); one thread arms the barrier and
-          // issues both loads.
-          pk::mbar_wait(empty_bars + 8 * s, phase ^ 1);
-          if (leader) {
-            pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kBBytes);
-            pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
-            pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK), b_row);
+    const bool loader = (threadIdx.x / 32) % 4 == 0;
+    if (!kMulticast && !loader) return;  // multicast: warps 1-3 wait at the final cluster barrier
+    if (loader) {
+      const bool leader = pk::elect_one();
+      Scheduler<BM, BN, kCluster> sched(p);
+      uint32_t s = 0, phase = 0;
+      uint32_t m_unit, n_blk, g, m_limit;
+      for (uint32_t t = blockIdx.x / kCluster; sched.get(t, m_unit, n_blk, g, m_limit); t += gridDim.x / kCluster) {
+        const uint32_t m_blk = m_unit * kCluster + rank;
+        Passes<BM, kCluster> pass(p, m_blk, g, m_limit);
+        while (pass.group >= 0) {
+          const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
+          const int32_t b_row = (int32_t)((uint32_t)pass.group * p.n + n_blk * BN + rank * kBSliceRows);
+          for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+            // The whole warp waits (it stays converged); one thread arms the barrier and
+            // issues the loads.
+            if constexpr (kMulticast) {
+              pk::mbar_wait_cluster(empty_bars + 8 * s, phase ^ 1);  // released by both CTAs
+            } else {
+              pk::mbar_wait(empty_bars + 8 * s, phase ^ 1);
+            }
+            if (leader) {
+              if constexpr (kMulticast) {
+                // This stage receives this CTA's A (when it has rows) and both B slices (its
+                // own and the peer's multicast, which may land before this expect_tx: the
+                // transaction count goes negative, the pending arrival keeps the phase open).
+                pk::mbar_arrive_expect_tx(bars + 8 * s, (pass.mine ? L::kABytes : 0u) + L::kBBytes);
+                if (pass.mine)
+                  pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+                pk::tma_load_2d_multicast(smem_b + s * L::kBBytes + rank * kBSliceBytes, tmap_b, bars + 8 * s,
+                                          (int32_t)(kb * kBlockK), b_row, (uint16_t)((1u << kCluster) - 1));
+              } else {
+                pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kBBytes);
+                pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+                pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK), b_row);
+              }
+            }
+            __syncwarp();
+            if (++s == p.stages) {
+              s = 0;
+              phase ^= 1;
+            }
           }
-          __syncwarp();
-          if (++s == p.stages) {
-            s = 0;
-            phase ^= 1;
-          }
+          pass.advance(p, m_blk);
         }
-        pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, pass_group) : -1;
       }
     }
+    // No CTA of a cluster exits while its peer may still arrive on its barriers; the peer's
+    // multicasts into it have landed once its own consumers passed their last full barrier.
+    if constexpr (kMulticast) pk::cluster_sync();
     return;
   }
 
@@ -233,13 +335,33 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
   for (uint32_t i = 0; i < kAcc; ++i) acc[i] = 0.0f;
 
-  Scheduler<BM, BN> sched(p);
+  Scheduler<BM, BN, kCluster> sched(p);
   uint32_t s = 0, phase = 0;
-  uint32_t m_blk, n_blk, g, m_limit;
-  for (uint32_t t = blockIdx.x; sched.get(t, m_blk, n_blk, g, m_limit); t += gridDim.x) {
-    int pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, -1) : (int)g;
-    while (pass_group >= 0) {
-      const uint32_t gb = (uint32_t)pass_group;            // group of B / sfb / out rows
+  uint32_t m_unit, n_blk, g, m_limit;
+  for (uint32_t t = blockIdx.x / kCluster; sched.get(t, m_unit, n_blk, g, m_limit); t += gridDim.x / kCluster) {
+    const uint32_t m_blk = m_unit * kCluster + rank;
+    Passes<BM, kCluster> pass(p, m_blk, g, m_limit);
+    while (pass.group >= 0) {
+      if constexpr (kMulticast) {
+        if (!pass.mine) {
+          // The peer's pass: this CTA's m-block has no rows of the group. Wait for each
+          // stage (the peer's B slice lands here too) and release it in both CTAs.
+          for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+            pk::mbar_wait(bars + 8 * s, phase);
+            if (lane == 0) {
+              pk::mbar_arrive(empty_bars + 8 * s);
+              pk::mbar_arrive_cluster(pk::mapa_shared(empty_bars + 8 * s, rank ^ 1u));
+            }
+            if (++s == p.stages) {
+              s = 0;
+              phase ^= 1;
+            }
+          }
+          pass.advance(p, m_blk);
+          continue;
+        }
+      }
+      const uint32_t gb = (uint32_t)pass.group;            // group of B / sfb / out rows
       const uint32_t m_base = m_blk * BM + 64 * wg;        // first row of this warpgroup
       const uint32_t n_base = n_blk * BN;
       // Scales of this thread's two rows (clamped inside the tensor; rows past the end
@@ -277,7 +399,10 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         pk::wgmma_wait<0>();
 #pragma unroll
         for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
-        if (lane == 0) pk::mbar_arrive(empty_bars + 8 * s);  // stage consumed by this warp
+        if (lane == 0) {  // stage consumed by this warp (multicast: release it in the peer too)
+          pk::mbar_arrive(empty_bars + 8 * s);
+          if constexpr (kMulticast) pk::mbar_arrive_cluster(pk::mapa_shared(empty_bars + 8 * s, rank ^ 1u));
+        }
         if (++s == p.stages) {
           s = 0;
           phase ^= 1;
@@ -312,7 +437,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
         for (uint32_t i = 0; i < 2; ++i) {
           const uint32_t row = m_base + 32 * i + lane;
-          if (row < p.m) own = own && __ldg(p.grouping + row) == pass_group;
+          if (row < p.m) own = own && __ldg(p.grouping + row) == pass.group;
         }
         use_tma = __all_sync(0xffffffffu, own);
       }
@@ -352,30 +477,33 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           const uint32_t r = r_first + it * L::kRowsPerIter;
           const uint32_t row = m_base + r;
           bool ok = col_ok && row < m_limit;
-          if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + row) == pass_group;
+          if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + row) == pass.group;
           if (ok) {
             *reinterpret_cast<uint4*>(dst + (uint64_t)it * L::kRowsPerIter * p.n * 2) =
                 *reinterpret_cast<const uint4*>(staging + L::chunk_offset(r, chunk));
           }
         }
       }
-      pass_group = p.kind == kContiguous ? next_group<BM>(p, m_blk, pass_group) : -1;
+      pass.advance(p, m_blk);
     }
   }
   if (tid == 0) pk::tma_store_wait_read<0>();  // shared memory must outlive the last stores' reads
+  if constexpr (kMulticast) pk::cluster_sync();  // see the producer's end
 }
 
 }  // namespace
 
-// Entry points: pk_fp8_gemm_nt_m<BM>n<BN>, launched with Layout::kThreads threads (256
-// or 384). Host side: pykernels/cuda/gemm.py. Every entry declares the 384-thread launch
-// bound so that ptxas starts it at 168 registers: the CTA's register pool then holds the
+// Entry points: pk_fp8_gemm_nt_m<BM>n<BN> (kCluster 1) and pk_fp8_gemm_nt_m<BM>n<BN>_mc2
+// (kCluster 2: TMA multicast of B across a cluster of 2, launched with cluster dims
+// (2, 1, 1) and an even grid), launched with Layout::kThreads threads (256 or 384).
+// Host side: pykernels/cuda/gemm.py. Every entry declares the 384-thread launch bound so
+// that ptxas starts it at 168 registers: the CTA's register pool then holds the
 // producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
 // merely keeps) a math warp's count.
 constexpr uint32_t kLaunchBound = 384;
-#define PK_FP8_GEMM_ENTRY(BM, BN)                                                                      \
+#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER)                                                \
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
-  extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) pk_fp8_gemm_nt_m##BM##n##BN(        \
+  extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
       const __grid_constant__ pk::TensorMap tmap_out,                                                  \
       const float* sfa, const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n,   \
@@ -383,8 +511,10 @@ constexpr uint32_t kLaunchBound = 384;
       uint32_t sfa_stride_k, uint64_t sfa_stride_g) {                                                  \
     const Problem p{sfa, sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band,            \
                     sfa_stride_m, sfa_stride_k, sfa_stride_g};                                         \
-    fp8_gemm_kernel<BM, BN>(&tmap_a, &tmap_b, &tmap_out, p);                                                      \
+    fp8_gemm_kernel<BM, BN, CLUSTER>(&tmap_a, &tmap_b, &tmap_out, p);                                  \
   }
+#define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1)
+#define PK_FP8_GEMM_ENTRY_MC2(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2)
 
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
@@ -392,3 +522,5 @@ PK_FP8_GEMM_ENTRY(128, 160)
 PK_FP8_GEMM_ENTRY(64, 128)
 PK_FP8_GEMM_ENTRY(64, 64)
 PK_FP8_GEMM_ENTRY(64, 32)
+PK_FP8_GEMM_ENTRY_MC2(128, 128)
+PK_FP8_GEMM_ENTRY_MC2(128, 160)

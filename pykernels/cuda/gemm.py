@@ -6,7 +6,10 @@ shared-memory size, tensor maps, argument packing -> LaunchPlan, run on the GPU
 
 One kernel per tile shape serves the three layouts (runtime `kind`). Kernel parameters,
 in order: tmap_a, tmap_b, tmap_out, sfa, sfb, out, grouping, m, n, k, groups, kind, stages,
-band, sfa_stride_m, sfa_stride_k, sfa_stride_g.
+band, sfa_stride_m, sfa_stride_k, sfa_stride_g. Configs with cluster = 2 (entries `*_mc2`)
+run pairs of CTAs that share each B tile by TMA multicast: launched with cluster dims
+(2, 1, 1), an even grid, and a B tensor map whose box is half the tile (each CTA loads
+one half for both).
 """
 import dataclasses
 import math
@@ -38,6 +41,8 @@ _L2_BYTES_PER_CLK = 5700
 _DRAM_BYTES_PER_CLK = 1700
 _STORE_BYTES_PER_CLK = 32
 _TILE_FIXED_CLK = 600           # scheduler, pipeline hand-over, epilogue latency
+MULTICAST_GAIN = 0.97           # a cluster-2 config must model >= 3% faster than the best
+                                # cluster-1 one (the model ignores lockstep stalls between the pair)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -46,9 +51,11 @@ def _cdiv(a: int, b: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One compiled tile shape: BLOCK_M x BLOCK_N (BLOCK_K = 128)."""
+    """One compiled tile shape: BLOCK_M x BLOCK_N (BLOCK_K = 128); cluster = 2: pairs of
+    CTAs (adjacent m-blocks, same n-block) share B by TMA multicast."""
     block_m: int
     block_n: int
+    cluster: int = 1
 
     @property
     def math_warpgroups(self) -> int:
@@ -60,7 +67,13 @@ class Config:
 
     @property
     def function(self) -> str:
-        return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}"
+        suffix = f"_mc{self.cluster}" if self.cluster > 1 else ""
+        return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}{suffix}"
+
+    @property
+    def b_box_rows(self) -> int:
+        """Rows of B one CTA loads per stage (multicast: its half of the tile)."""
+        return self.block_n // self.cluster
 
     def stage_bytes(self) -> int:
         return (self.block_m + self.block_n) * BLOCK_K
@@ -79,9 +92,10 @@ class Config:
         return s
 
 
-# The compiled instantiations (keep in sync with PK_FP8_GEMM_ENTRY in fp8_gemm.cu).
+# The compiled instantiations (keep in sync with PK_FP8_GEMM_ENTRY / _MC2 in fp8_gemm.cu).
 CONFIGS = (Config(128, 128), Config(128, 112), Config(128, 160),
-           Config(64, 128), Config(64, 64), Config(64, 32))
+           Config(64, 128), Config(64, 64), Config(64, 32),
+           Config(128, 128, cluster=2), Config(128, 160, cluster=2))
 
 
 def num_sms(device: torch.device) -> int:
@@ -90,7 +104,7 @@ def num_sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int) -> float:
+def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, boundaries: int = 0) -> float:
     """Model of the kernel's run time in SM clocks for `groups` problems of m x n x k.
 
     Per K block of a tile: the wgmma time (BM/64 warpgroups x 4 instructions of
@@ -98,31 +112,56 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int) 
     against the TMA bytes at the per-SM L2 rate; a tile adds the output stores and a
     fixed cost; tiles run in waves over the SMs. Bounded below by total L2 -> SM traffic
     and by the HBM traffic of reading A and B once and writing out.
+
+    Multicast (cluster = 2): the schedule's unit is a pair of adjacent m-blocks run by
+    the two CTAs of a cluster in lockstep (an odd last m-block leaves one CTA of its pair
+    idle but busy for the same time); units run in waves over sms / 2 clusters. Each SM
+    still receives A + the whole B per K block, but L2 sends B once per pair: the L2
+    bound counts A per tile and B per unit. `boundaries` (contiguous layout: groups - 1)
+    adds, per n-block, one unit for each group boundary that may split a pair (its two
+    m-blocks then need two passes, one per group).
     """
-    bm, bn = cfg.block_m, cfg.block_n
+    bm, bn, c = cfg.block_m, cfg.block_n, cfg.cluster
     kb = k // BLOCK_K
-    tiles = groups * _cdiv(m, bm) * _cdiv(n, bn)
+    n_blocks = _cdiv(n, bn)
+    tiles = groups * _cdiv(m, bm) * n_blocks
+    units = groups * _cdiv(_cdiv(m, bm), c) * n_blocks + (boundaries * n_blocks if c > 1 else 0)
     per_mma = max(64 * bn * 32 / _MACS_PER_CLK, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
     mma = cfg.math_warpgroups * 4 * per_mma
     load = (bm + bn) * BLOCK_K / _L2_BYTES_PER_CLK_SM
     tile = kb * max(mma, load) + bm * bn * 2 / _STORE_BYTES_PER_CLK + _TILE_FIXED_CLK
-    waves = _cdiv(tiles, sms)
-    l2 = tiles * (bm + bn) * k / _L2_BYTES_PER_CLK
+    waves = _cdiv(units, max(1, sms // c))
+    l2 = (tiles * bm + units * bn) * k / _L2_BYTES_PER_CLK
     dram = groups * (m * k + n * k + 2 * m * n) / _DRAM_BYTES_PER_CLK
     return max(waves * tile, l2, dram)
 
 
-def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SMS) -> Config:
-    """The compiled tile shape with the smallest modelled time (estimate_cycles); ties
-    (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1)."""
-    m, k = max(m, 1), max(k, BLOCK_K)
-    scored = sorted(CONFIGS, key=lambda c: (estimate_cycles(c, m, n, k, groups, sms), -c.block_m * c.block_n))
+def _best(configs, m, n, k, groups, sms, boundaries):
+    """The config with the smallest modelled time; ties (within 1%) go to the larger tile."""
+    def t(c):
+        return estimate_cycles(c, m, n, k, groups, sms, boundaries)
+    scored = sorted(configs, key=lambda c: (t(c), -c.block_m * c.block_n))
     best = scored[0]
-    t_best = estimate_cycles(best, m, n, k, groups, sms)
     for c in scored[1:]:
-        if estimate_cycles(c, m, n, k, groups, sms) <= 1.01 * t_best and \
-                c.block_m * c.block_n > best.block_m * best.block_n:
+        if t(c) <= 1.01 * t(best) and c.block_m * c.block_n > best.block_m * best.block_n:
             best = c
+    return best, t(best)
+
+
+def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SMS, boundaries: int = 0) -> Config:
+    """The compiled tile shape with the smallest modelled time (estimate_cycles); ties
+    (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1,
+    boundaries = number of groups - 1). A multicast (cluster-2) config is chosen only when
+    it models at least 3% faster than the best cluster-1 config (MULTICAST_GAIN): in
+    practice when the L2 -> SM traffic bounds the cluster-1 kernel (large M and N, every
+    SM busy) and M has pairs of m-blocks."""
+    m, k = max(m, 1), max(k, BLOCK_K)
+    best, t_best = _best([c for c in CONFIGS if c.cluster == 1], m, n, k, groups, sms, boundaries)
+    multicast = [c for c in CONFIGS if c.cluster > 1 and sms >= 2 * c.cluster]
+    if multicast:
+        best_mc, t_mc = _best(multicast, m, n, k, groups, sms, boundaries)
+        if t_mc < MULTICAST_GAIN * t_best:
+            return best_mc
     return best
 
 
@@ -165,7 +204,9 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, k/128]
     (any strides); sfb: f32 [G, ceil(n/128), k/128] contiguous; out: bf16, contiguous;
     grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
-    cfg / stages default to the heuristic and to the most stages that fit.
+    cfg / stages default to the heuristic and to the most stages that fit; heuristic_m:
+    the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
+    gives a plan with cluster dims (2, 1, 1) and an even grid.
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
@@ -174,22 +215,22 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     if cfg is None:
         if kind == KIND_MASKED:
-            cfg = choose_config(heuristic_m or m, n, k, groups, sms)
+            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms)
         else:
-            cfg = choose_config(m, n, k, 1, sms)
+            cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0)
     stages = stages or cfg.max_stages()
     if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_LIMIT:
         raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
                          f"memory, more than {SMEM_LIMIT}")
     n_blocks = _cdiv(n, cfg.block_n)
+    # schedule units: tiles (cluster 1) or pairs of m-blocks of one n-block (cluster 2)
+    units = _cdiv(_cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
     if kind == KIND_MASKED:
-        tiles = groups * _cdiv(m, cfg.block_m) * n_blocks     # upper bound: masked_m <= m_max
-    else:
-        tiles = _cdiv(m, cfg.block_m) * n_blocks
-    grid = max(1, min(sms, tiles))
+        units *= groups                                       # upper bound: masked_m <= m_max
+    grid = max(1, min(sms // cfg.cluster, units)) * cfg.cluster   # persistent: <= 1 CTA per SM
     sm, sk, sg = _sfa_strides(sfa)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, BLOCK_K), swizzle=128)
-    tmap_b = TensorMapDesc(b2, (cfg.block_n, BLOCK_K), swizzle=128)
+    tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, BLOCK_K), swizzle=128)
     # output: 64-row x 16-column boxes (one per 16 columns of a math warpgroup's half),
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
     tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS), swizzle=32)
@@ -199,7 +240,7 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
             u32(sm), u32(sk), u64(sg))
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
-                      shared_bytes=cfg.smem_bytes(stages))
+                      shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 
 
 def _run(plan: LaunchPlan, executor: str):

@@ -49,10 +49,14 @@ IMPLS = {
     "m_grouped_fp8_gemm_nt_masked": {
         "reference": R.m_grouped_fp8_gemm_nt_masked,
         "triton": lambda *a: _triton().m_grouped_fp8_gemm_nt_masked(*a),
-        "cuda": lambda *a: _cuda().gemm.m_grouped_fp8_gemm_nt_masked(*a, "cuda"),
-        "emu": lambda *a: _cuda().gemm.m_grouped_fp8_gemm_nt_masked(*a, "emu"),
+        "cuda": lambda *a, expected_m=None: _cuda().gemm.m_grouped_fp8_gemm_nt_masked(*a, "cuda", expected_m),
+        "emu": lambda *a, expected_m=None: _cuda().gemm.m_grouped_fp8_gemm_nt_masked(*a, "emu", expected_m),
     },
 }
+
+
+# Backends whose masked GEMM takes the expected_m hint (keyword) for its tile choice.
+_TAKES_EXPECTED_M = ("cuda", "emu")
 
 
 def _ceil128(v: int) -> int:
@@ -108,7 +112,11 @@ def _(a, sfa, b, sfb, out, m_indices, backend):
 @torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_masked", mutates_args=("out",))
 def m_grouped_masked_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
                         out: torch.Tensor, masked_m: torch.Tensor, expected_m: int, backend: str) -> None:
-    IMPLS["m_grouped_fp8_gemm_nt_masked"][backend](a, sfa, b, sfb, masked_m, out)
+    impl = IMPLS["m_grouped_fp8_gemm_nt_masked"][backend]
+    if backend in _TAKES_EXPECTED_M:   # the tile-choice hint; other backends do not use it
+        impl(a, sfa, b, sfb, masked_m, out, expected_m=expected_m)
+    else:
+        impl(a, sfa, b, sfb, masked_m, out)
 
 
 @m_grouped_masked_op.register_fake

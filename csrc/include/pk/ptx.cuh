@@ -1,8 +1,9 @@
 // pk/ptx.cuh — every inline-PTX wrapper used by the pykernels CUDA C++ kernels (sm_90a).
 //
 // One place for the asm: wgmma (fence / mma_async / commit / wait), shared-memory matrix
-// descriptors, mbarrier, TMA (cp.async.bulk.tensor loads, multicast, stores), proxy and
-// barrier fences, setmaxnreg, elect.sync, named barriers, bf16 packing.
+// descriptors, mbarrier (CTA-local and remote arrivals), TMA (cp.async.bulk.tensor loads,
+// multicast, stores), proxy and barrier fences, clusters (rank, mapa, barrier.cluster),
+// setmaxnreg, elect.sync, named barriers, bf16 packing.
 //
 // Written against the PTX ISA (8.x) exactly, because the same PTX runs on the CPU
 // emulator (pykernels.emu), which follows the ISA and reports deviations. Conventions:
@@ -82,6 +83,27 @@ __device__ __forceinline__ void cluster_sync() {
   cluster_wait();
 }
 
+// This CTA's rank in its cluster (%cluster_ctarank) and the cluster's CTA count.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t cluster_nctarank() {
+  uint32_t r;
+  asm("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
+  return r;
+}
+
+// The shared::cluster address of the object at .shared::cta offset `addr` in the shared
+// memory of the cluster's CTA `rank` (which may be this CTA).
+__device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+
 // ---------------------------------------------------------------------------------------
 // Fences
 // ---------------------------------------------------------------------------------------
@@ -139,6 +161,33 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
 
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   while (!mbar_try_wait(bar, parity)) {
+  }
+}
+
+// Arrive once on the mbarrier at shared::cluster address `cluster_bar` (mapa_shared(); it
+// may live in another CTA of the cluster), release at cluster scope: this thread's
+// earlier memory accesses (and the wgmma reads it waited for) are ordered before any
+// thread of the cluster that acquires the completed phase.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+}
+
+// mbar_try_wait / mbar_wait with acquire at cluster scope: for barriers that threads of
+// other CTAs of the cluster arrive on (mbar_arrive_cluster).
+__device__ __forceinline__ bool mbar_try_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait_cluster(bar, parity)) {
   }
 }
 

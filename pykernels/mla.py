@@ -11,8 +11,8 @@ made by quantize_kv_cache_fp8; block_table int32 [b, max_blocks]; cache_seqlens 
 
 Backends of flash_mla_with_kvcache: "reference" (PyTorch, float32), "triton" (GPU, or
 interpreted on CPU), "cuda" (the hand-written sm_90a kernel, csrc/mla/decode.cu; bf16
-cache only) and "emu" (the same kernel's PTX on the CPU emulator, CPU tensors); "auto"
-picks "cuda" for GPU tensors ("triton" for an FP8 cache) and "reference" for CPU tensors. The metadata is computed on
+and FP8 caches) and "emu" (the same kernel's PTX on the CPU emulator, CPU tensors); "auto"
+picks "cuda" for GPU tensors and "reference" for CPU tensors. The metadata is computed on
 the device by the triton backend (no host-device synchronisation); the reference
 backend reads cache_seqlens on the host.
 """
@@ -193,11 +193,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
                               tile_scheduler_metadata=meta, num_splits=num_splits, out=out,
                               softmax_lse=softmax_lse)
     _check_values_on_host(block_table, cache_seqlens, k_cache.shape[0])
-    impls = MLA_IMPLS["flash_mla_with_kvcache"]
-    if backend == "auto" and RM.is_fp8_cache(k_cache):
-        # the hand-written kernel reads bf16 caches only: "auto" keeps FP8 caches on triton
-        impls = {k: v for k, v in impls.items() if k not in ("cuda", "emu")}
-    backend = resolve("flash_mla_with_kvcache", backend, dev, impls)
+    backend = resolve("flash_mla_with_kvcache", backend, dev, MLA_IMPLS["flash_mla_with_kvcache"])
     if backend in ("cuda", "emu"):
         from .cuda import mla as CM
         CM.check_supported(q, k_cache, head_dim_v)

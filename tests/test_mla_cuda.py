@@ -13,6 +13,18 @@ Tolerances (emu vs pykernels.reference, per sequence), the same as the Triton ke
 - identical +inf rows (no visible key), out exactly 0 there, no NaN left in the
   NaN-poisoned out, lse and split scratch; cache slots past each seqlen and pages not in
   use are NaN (the kernel must mask and zero them, 0 * NaN = NaN in a wgmma).
+
+FP8 cache (pk_mla_decode_fp8) vs the reference run on the same FP8 cache (which
+dequantizes in float32): the same tolerances. The kernel converts e4m3 -> bf16 exactly
+(unscaled) and applies each token's group scale in float32, to the group's partial
+Q.K^T after the wgmma and to P's columns before P.V, so the only roundings are the bf16
+rounding of P * scale (the bf16 path rounds P alone: 2^-9 relative either way) and the
+bf16 output: measured calc_diff(out) 2.9e-6 to 4.5e-6, LSE max abs error <= 1.9e-6.
+Against the bf16-cache result (what FP8 storage costs, dominated by the e4m3 quantization
+of the keys and values, 2^-4 relative per element): calc_diff(out) < 2e-3, and the kernel's
+deviation from the bf16 result no larger than the reference's own (same FP8 cache in
+float32) plus 1e-4 (calc_diff) and 1e-3 (LSE); the reference's LSE deviation reaches 0.06
+on these cases.
 """
 import math
 import re
@@ -48,9 +60,10 @@ def _sass_of(function: str) -> str:
 
 # ------------------------------------------------------------------------ compiled code
 
-def test_both_kernels_are_compiled():
+def test_all_kernels_are_compiled():
     funcs = artifacts.manifest()["kernels"][CM.MODULE]["functions"]
-    assert set(funcs) == {CM.DECODE_FUNCTION, CM.COMBINE_FUNCTION}   # two instantiations in all
+    # three instantiations in all: decode for the bf16 cache, decode for the FP8 cache, combine
+    assert set(funcs) == {CM.DECODE_FUNCTION, CM.DECODE_FUNCTION_FP8, CM.COMBINE_FUNCTION}
 
 
 def test_decode_sass_has_the_intended_instructions():
@@ -72,6 +85,25 @@ def test_decode_sass_has_the_intended_instructions():
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
 
 
+def test_decode_fp8_sass_has_the_intended_instructions():
+    listing = _sass_of(CM.DECODE_FUNCTION_FP8)
+    ops = sass.opcodes(listing)
+    # per KV block and math warpgroup: 36 Q.K^T (RoPE chunk + 4 scale groups x 2 chunks, 4 k16
+    # steps each) and 8 P.V (4 k16 steps x 2 column halves of 128 = 2 scale groups)
+    assert len(re.findall(r"HGMMA\.64x32x16\.F32\.BF16", listing)) == 36
+    assert len(re.findall(r"HGMMA\.64x128x16\.F32\.BF16", listing)) == 8
+    assert not re.search(r"HGMMA\.64x256x16", listing)
+    assert ops["UTMALDG.3D"] == 10 and "UTMALDG.2D" not in ops     # Q tile: 9 boxes; FP8 page: 1 box
+    assert any(op.startswith("F2FP.F16.E4M3.UNPACK_B") for op in ops)   # e4m3x2 -> f16x2
+    assert any(op.startswith("F2FP.BF16.F32.PACK_AB") for op in ops)
+    assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1 and ops["USETMAXREG.DEALLOC.CTAPOOL"] == 1
+    assert any(op.startswith("SYNCS.PHASECHK") for op in ops)
+    assert any(op.startswith("WARPGROUP.DEPBAR") for op in ops)
+    assert any(op.startswith("BAR.SYNC") for op in ops)
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+
+
 def test_combine_sass():
     ops = sass.opcodes(_sass_of(CM.COMBINE_FUNCTION))
     assert any(op.startswith("LDG.E.128") for op in ops)            # float4 partial rows
@@ -80,13 +112,14 @@ def test_combine_sass():
 
 
 def test_resources_within_budget():
-    r = artifacts.resources(CM.MODULE, CM.DECODE_FUNCTION)
-    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
-    assert r["shared_bytes"] == 0                                   # all shared memory is dynamic
-    assert PRODUCER_REGS <= r["registers"] < MATH_REGS
-    assert r["registers"] * CM.THREADS <= REGISTER_FILE
-    # after setmaxnreg (producer at 40, two math warpgroups at 232) the pool still suffices
-    assert 128 * (PRODUCER_REGS + 2 * MATH_REGS) <= r["registers"] * CM.THREADS
+    for fn in (CM.DECODE_FUNCTION, CM.DECODE_FUNCTION_FP8):
+        r = artifacts.resources(CM.MODULE, fn)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0, fn
+        assert r["shared_bytes"] == 0                               # all shared memory is dynamic
+        assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+        assert r["registers"] * CM.THREADS <= REGISTER_FILE
+        # after setmaxnreg (producer at 40, two math warpgroups at 232) the pool still suffices
+        assert 128 * (PRODUCER_REGS + 2 * MATH_REGS) <= r["registers"] * CM.THREADS
     c = artifacts.resources(CM.MODULE, CM.COMBINE_FUNCTION)
     assert c["spill_stores"] == 0 and c["spill_loads"] == 0 and c["stack_bytes"] == 0
     assert c["registers"] <= 64 and c["shared_bytes"] == 0
@@ -98,6 +131,12 @@ def test_shared_memory_plan():
     assert CM.SMEM_BYTES == 1024 + 3 * 73728 + 8192 + 1024 + 48 == 231472
     assert CM.SMEM_BYTES <= 227 * 1024
     assert CM.smem_bytes(3) > 227 * 1024                            # a third stage does not fit
+    # FP8: Q tile + 1 bf16 K block + 1 raw FP8 page (64 x 656 bytes) + 4 P tiles + scales
+    # (4 x 64 f32) + row maxima and sums + 4 mbarriers + slack
+    assert CM.SMEM_BYTES_FP8 == 1024 + 2 * 73728 + 41984 + 4 * 8192 + 1024 + 1024 + 32 == 225312
+    assert CM.SMEM_BYTES_FP8 <= 227 * 1024
+    assert CM.smem_bytes_fp8(raw_stages=2) > 227 * 1024             # a second raw page does not fit
+    assert CM.smem_bytes_fp8(k_blocks=2) > 227 * 1024               # nor a second bf16 K block
 
 
 def test_ptx_has_the_intended_instructions():
@@ -120,6 +159,15 @@ def test_ptx_has_the_intended_instructions():
     assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
     assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
     assert len(mod.kernel(CM.COMBINE_FUNCTION).params) == 13
+    k8 = mod.kernel(CM.DECODE_FUNCTION_FP8)
+    assert [(p.size, p.align) for p in k8.params[:2]] == [(128, 64)] * 2 and len(k8.params) == 22
+    full = [i.full for i in k8.instrs]
+    assert full.count("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16") == 36
+    assert full.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 8
+    assert full.count("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes") == 10
+    assert "cvt.rn.f16x2.e4m3x2" in full and "wgmma.wait_group.sync.aligned" in full
+    assert not any(f.startswith(("call", "ld.local", "st.local")) for f in full)
+    assert re.search(r"m64n128k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 1;", text)
 
 
 # ------------------------------------------------------------------------ problems
@@ -319,6 +367,110 @@ def test_emu_counters(parts, poisoned_scratch):
     assert pieces == (b if parts == 4 else b + 1)
 
 
+# ------------------------------------------------------------------------ FP8 cache
+
+# What FP8 storage costs against the bf16 cache, on this file's data (make_problem): the
+# kernel's deviation from the bf16 result may not exceed the reference's own deviation (the
+# same FP8 cache dequantized in float32) by more than these margins; measured: calc_diff
+# equal to the reference's within 1e-5, LSE within 1e-5 of the reference's error, whose
+# maximum here is 0.06 (h_q = 64, 200 keys).
+FP8_CALC_DIFF_VS_BF16 = 2e-3
+FP8_CALC_DIFF_MARGIN = 1e-4
+FP8_LSE_MARGIN = 1e-3
+
+
+def make_fp8_problem(seqlens, s_q, h_q):
+    """make_problem's q and bf16 cache, and that cache in the FP8 layout: the NaN slots
+    (past each seqlen, pages not in use) quantize to NaN bytes (e4m3 0x7F), NaN scales and
+    NaN RoPE columns, which the kernel must not let into S or P.V."""
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    return q, M.quantize_kv_cache_fp8(cache), cache, table, sl
+
+
+# lengths 0, 1 (< s_q), non-multiples and multiples of 64; s_q 1-2; h_q 16 and 64; causal and
+# not; split sequences (combine) and partitions holding whole sequences; float8_e4m3fn view.
+FP8_CASES = [
+    # seqlens,   s_q, h_q, causal, parts, split, dtype
+    ([0, 130],    1, 16,  False, 7,  True,  torch.uint8),
+    ([1, 200],    2, 64,  True,  6,  True,  torch.uint8),
+    ([127, 64],   2, 16,  True,  2,  False, torch.float8_e4m3fn),
+    ([190, 33],   1, 64,  False, 4,  False, torch.uint8),
+]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal,parts,split,dtype", FP8_CASES,
+                         ids=[f"L{'-'.join(map(str, c[0]))}_sq{c[1]}_h{c[2]}{'_causal' if c[3] else ''}_p{c[4]}"
+                              f"_{str(c[6]).replace('torch.', '')}" for c in FP8_CASES])
+def test_emu_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dtype, poisoned_scratch):
+    torch.manual_seed(sum(seqlens) + 7 * s_q + h_q + 1)
+    q, c8, cache, table, sl = make_fp8_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
+    assert bool((ns.diff() > 1).any()) == split, "case meant to (not) exercise the combine kernel"
+    out, lse = _run_emu(q, c8.view(dtype), table, sl, meta, ns, causal)
+    ref, ref_lse = _reference(q, c8, table, sl, meta, ns, causal)
+    _check(out, lse, ref, ref_lse)
+    # what FP8 storage costs against the bf16 cache (the keys and values are quantized)
+    ref16, ref16_lse = _reference(q, cache, table, sl, meta, ns, causal)
+    fin = ref16_lse.isfinite()
+    assert torch.equal(lse.isinf(), ref16_lse.isinf())
+    assert calc_diff(out, ref16) < min(FP8_CALC_DIFF_VS_BF16, calc_diff(ref, ref16) + FP8_CALC_DIFF_MARGIN)
+    lse_err, ref_lse_err = (lse[fin] - ref16_lse[fin]).abs(), (ref_lse[fin] - ref16_lse[fin]).abs()
+    assert (lse_err - ref_lse_err).max() < FP8_LSE_MARGIN
+
+
+def test_emu_fp8_arbitrary_bytes(poisoned_scratch):
+    # An FP8 cache written byte by byte rather than by quantize_kv_cache_fp8: every e4m3 code
+    # but NaN (subnormals, both zeros, +-448), scales varying over 2^-12..2^-5 per token and
+    # group, RoPE columns of another magnitude. Exercises the exact e4m3 -> bf16 conversion
+    # and the mapping of each scale to its group and token; checked per 128-column group.
+    torch.manual_seed(11)
+    seqlens, s_q, h_q = [150, 70], 2, 16
+    q, _, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
+    num_blocks = int(table.max()) + 1
+    codes = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)
+    lat = codes[torch.randint(0, codes.numel(), (num_blocks, PAGE, 1, 512))]
+    sf = torch.pow(2.0, torch.empty(num_blocks, PAGE, 1, 4).uniform_(-12, -5))
+    rope = (torch.randn(num_blocks, PAGE, 1, 64) * 3).to(torch.bfloat16)
+    c8 = torch.cat([lat, sf.view(torch.uint8), rope.view(torch.uint8)], dim=-1).contiguous()
+    assert c8.shape[-1] == 656
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 5)
+    out, lse = _run_emu(q, c8, table, sl, meta, ns, True)
+    ref, ref_lse = _reference(q, c8, table, sl, meta, ns, True)
+    _check(out, lse, ref, ref_lse)
+    for g in range(4):
+        cols = slice(128 * g, 128 * g + 128)
+        assert calc_diff(out[..., cols], ref[..., cols]) < OUT_CALC_DIFF, f"group {g}"
+
+
+def test_emu_fp8_counters(poisoned_scratch):
+    # wgmma issued = 2 math warpgroups x (36 + 8) per (KV block, row tile); KV bytes read =
+    # one 41,984-byte page per (block, row tile), 57% of the bf16 cache's 73,728; bytes
+    # written as for the bf16 cache; no bank conflicts in the conversion, the scales or the
+    # four P tiles.
+    torch.manual_seed(5)
+    seqlens, s_q, h_q, parts = [256, 192], 2, 64, 6
+    q, c8, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
+    b, rows = len(seqlens), s_q * h_q
+    out, lse = _poisoned(b, s_q, h_q)
+    decode, combine = CM.flash_mla_with_kvcache(q, c8, table, sl, meta, ns, out, lse, 512, None, True,
+                                                executor="emu")
+    _check(out, lse, *_reference(q, c8, table, sl, meta, ns, True))
+    d = decode.as_dict()
+    tiles = _cdiv(rows, 64)
+    blocks = sum(_cdiv(L, PAGE) for L in seqlens)
+    assert d["wgmma_issued"] == 2 * 44 * blocks * tiles
+    assert d["ctas"] == parts * tiles
+    splits = (ns.diff()).tolist()
+    pieces = int(ns[-1])
+    split_pieces = sum(n for n in splits if n > 1)
+    whole = sum(1 for n in splits if n == 1)
+    assert d["global_bytes_written"] == whole * rows * (512 * 2 + 4) + split_pieces * rows * (512 * 4 + 4)
+    kv, qb = blocks * tiles * 64 * 656, pieces * rows * 576 * 2
+    assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 64
+    assert d["shared_bank_conflicts"] == 0
+
+
 # ------------------------------------------------------------------------ errors
 
 def _good(seqlens=(70, 5), s_q=2, h_q=16):
@@ -336,11 +488,13 @@ def test_cuda_emu_validation_errors(backend):
         with pytest.raises(ValueError, match="backend: 'cuda' runs on GPU tensors, got tensors on cpu"):
             M.flash_mla_with_kvcache(**args, backend=backend)
         return
-    c8 = M.quantize_kv_cache_fp8(args["k_cache"])
-    with pytest.raises(TypeError, match="k_cache: the cuda/emu MLA kernel supports dtype bfloat16 only .*got uint8"):
-        M.flash_mla_with_kvcache(**{**args, "k_cache": c8}, backend=backend)
-    with pytest.raises(TypeError, match="got float8_e4m3fn"):
-        M.flash_mla_with_kvcache(**{**args, "k_cache": c8.view(torch.float8_e4m3fn)}, backend=backend)
+    # the kernel-level check: a cache that is neither bf16 nor the FP8 layout
+    bad8 = torch.zeros(2, 64, 1, 576, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="k_cache: the cuda/emu MLA kernel supports dtype bfloat16 .or uint8 / "
+                                        "float8_e4m3fn in the FP8 layout of 656 bytes per token., got uint8 "
+                                        "with last dim 576"):
+        CM.check_supported(args["q"], bad8)
+    CM.check_supported(args["q"], M.quantize_kv_cache_fp8(args["k_cache"]).view(torch.float8_e4m3fn))
     # head dims and dtypes are checked by the public API before any backend runs
     with pytest.raises(ValueError, match=r"q: expected head dim 576 \(last dim\), got 512"):
         M.flash_mla_with_kvcache(**{**args, "q": args["q"][..., :512]}, backend=backend)
@@ -355,6 +509,12 @@ def test_cuda_emu_validation_errors(backend):
     with pytest.raises(ValueError, match="k_cache: the cuda/emu MLA kernel reads the cache with TMA, which "
                                          "needs a 16-byte aligned data pointer"):
         M.flash_mla_with_kvcache(**{**args, "k_cache": shifted}, backend=backend)
+    c8 = M.quantize_kv_cache_fp8(args["k_cache"])
+    flat8 = torch.zeros(c8.numel() + 16, dtype=torch.uint8)
+    shifted8 = flat8[8:8 + c8.numel()].view(c8.shape)
+    shifted8.copy_(c8)
+    with pytest.raises(ValueError, match="k_cache: the cuda/emu MLA kernel reads the cache with TMA"):
+        M.flash_mla_with_kvcache(**{**args, "k_cache": shifted8}, backend=backend)
     # the kernel-level check rejects what the public API would never pass, too
     with pytest.raises(ValueError, match="head_dim_v: the cuda/emu MLA kernel needs 512, got 256"):
         CM.check_supported(args["q"], args["k_cache"], 256)
@@ -384,6 +544,19 @@ def test_plan_geometry():
     assert [a.value for a in p.args[17:20]] == list(lse.stride())
     assert p.args[20].value == 1 and p.args[21].ptype == "f32"
     assert math.isclose(p.args[21].value, 0.5 * 1.4426950408889634)
+    # FP8 cache: the other instantiation, one box per page over [num_blocks * 64, 41, 16] bytes
+    c8 = M.quantize_kv_cache_fp8(cache)
+    p8 = CM.decode_plan(CM.q_view(q), CM.kv_view(c8.view(torch.float8_e4m3fn)), args["block_table"],
+                        args["cache_seqlens"], args["tile_scheduler_metadata"], args["num_splits"], out, lse, oacc,
+                        lacc, s_q=s_q, h_q=h_q, scale=0.5, causal=True)
+    assert p8.function == "pk_mla_decode_fp8" and p8.shared_bytes == CM.SMEM_BYTES_FP8 == 225312
+    assert p8.grid == p.grid and p8.block == p.block and len(p8.args) == len(p.args)
+    t8 = p8.args[1].value
+    assert t8.box == (64, 41, 16) and t8.swizzle == 0 and t8.tensor.dtype == torch.uint8
+    assert t8.tensor.shape == (cache.shape[0] * 64, 41, 16) and t8.tensor.data_ptr() == c8.data_ptr()
+    assert t8.box_bytes() == 64 * 656 == 41984                        # the expect_tx count per page
+    assert t8.image().dims == (16, 41, cache.shape[0] * 64) and t8.image().strides_bytes == (1, 16, 656)
+    assert CM.kv_view(c8[:0]).shape == (64, 41, 16)                   # no pages: a dummy page of zeros
     c = CM.combine_plan(args["num_splits"], oacc, lacc, out, lse, h_q=h_q)
     assert c.function == "pk_mla_combine" and c.grid == (b, rows // 4, 1) and c.block == (128, 1, 1)
     assert c.shared_bytes == 0 and [a.value for a in c.args[5:7]] == [rows, h_q]
@@ -408,7 +581,23 @@ def test_cuda_matches_reference(seqlens, s_q, h_q, causal, parts, split, scale, 
 
 
 @pytest.mark.gpu
-def test_auto_picks_cuda_for_bf16_and_triton_for_fp8(monkeypatch):
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal,parts,split,dtype", FP8_CASES)
+def test_cuda_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dtype, poisoned_scratch):
+    assert gpu_unavailable_reason() == ""
+    torch.manual_seed(sum(seqlens))
+    q, c8, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts, backend="reference")
+    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    dev = [t.cuda() for t in (q, c8.view(dtype), table, sl, meta, ns, out, lse)]
+    M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], causal=causal, backend="cuda",
+                             out=dev[6], softmax_lse=dev[7])
+    torch.cuda.synchronize()
+    ref, ref_lse = _reference(q, c8, table, sl, meta, ns, causal)
+    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
+
+
+@pytest.mark.gpu
+def test_auto_picks_cuda_for_bf16_and_fp8(monkeypatch):
     from pykernels.runtime.mla_ops import MLA_IMPLS
     calls = []
     impls = MLA_IMPLS["flash_mla_with_kvcache"]
@@ -417,4 +606,4 @@ def test_auto_picks_cuda_for_bf16_and_triton_for_fp8(monkeypatch):
     args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     M.flash_mla_with_kvcache(**args)
     M.flash_mla_with_kvcache(**{**args, "k_cache": M.quantize_kv_cache_fp8(args["k_cache"])})
-    assert calls == ["cuda", "triton"]
+    assert calls == ["cuda", "cuda"]

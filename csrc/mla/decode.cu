@@ -57,17 +57,41 @@ constexpr uint32_t kDimV = 512;
 constexpr uint32_t kChunks = kDimQK / 64;         // 64-column (128-byte) boxes per row
 constexpr uint32_t kChunkBytes = 64 * 128;        // one 64 x 64 bf16 box
 constexpr uint32_t kTileBytes = kChunks * kChunkBytes;  // 73,728: a Q tile or a K block
-constexpr uint32_t kStages = 2;
 constexpr uint32_t kQOff = 0;
-constexpr uint32_t kKOff = kQOff + kTileBytes;
-constexpr uint32_t kPOff = kKOff + kStages * kTileBytes;
-constexpr uint32_t kRedOff = kPOff + kChunkBytes;     // f32 [2][64] row maxima
-constexpr uint32_t kSumOff = kRedOff + 2 * 64 * 4;    // f32 [2][64] row sums
-constexpr uint32_t kBarOff = kSumOff + 2 * 64 * 4;    // full[2], empty[2], q_full, q_empty
-constexpr uint32_t kNumBars = 2 * kStages + 2;
-constexpr uint32_t kSmemBytes = 1024 + kBarOff + 8 * kNumBars;  // pykernels/cuda/mla.py: SMEM_BYTES
-static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 static_assert(kDimQK % 64 == 0 && kDimV == 512, "MLA head dims");
+
+// FP8 cache token row (pykernels/reference/mla.py): 512 e4m3 | 4 f32 scales | 64 bf16 RoPE.
+constexpr uint32_t kFp8Row = 656;
+constexpr uint32_t kFp8SfOff = 512;
+constexpr uint32_t kFp8RopeOff = 528;
+constexpr uint32_t kRawBytes = kPage * kFp8Row;   // 41,984: one FP8 page, one TMA box
+constexpr uint32_t kGroups = 4;                   // FP8 scale groups of 128 columns
+static_assert(kFp8Row % 16 == 0 && kRawBytes % 1024 == 0, "FP8 page: 16-byte rows, 1 KB multiple");
+
+// Shared-memory layout of the two instantiations (dynamic, base aligned up to 1024):
+//   bf16 cache: Q | 2 K stages (TMA ring) | P | red | lsum | full[2] empty[2] q_full q_empty
+//   FP8 cache:  Q | 1 bf16 K block (written by the math warpgroups) | 1 raw FP8 page (TMA
+//               ring of 1) | 4 P tiles (one per scale group) | scales [4][64] f32 | red |
+//               lsum | full[1] empty[1] q_full q_empty
+template <bool kFp8>
+struct Smem {
+  static constexpr uint32_t kStages = kFp8 ? 1 : 2;           // TMA ring: raw pages or K blocks
+  static constexpr uint32_t kStageBytes = kFp8 ? kRawBytes : kTileBytes;
+  static constexpr uint32_t kKBlocks = kFp8 ? 1 : kStages;     // bf16 K blocks in shared memory
+  static constexpr uint32_t kKOff = kQOff + kTileBytes;
+  static constexpr uint32_t kRawOff = kKOff + kKBlocks * kTileBytes;
+  static constexpr uint32_t kPOff = kRawOff + (kFp8 ? kStages * kRawBytes : 0);
+  static constexpr uint32_t kPTiles = kFp8 ? kGroups : 1;
+  static constexpr uint32_t kSfOff = kPOff + kPTiles * kChunkBytes;       // f32 [4][64] (FP8)
+  static constexpr uint32_t kRedOff = kSfOff + (kFp8 ? kGroups * kPage * 4 : 0);  // f32 [2][64] row maxima
+  static constexpr uint32_t kSumOff = kRedOff + 2 * 64 * 4;               // f32 [2][64] row sums
+  static constexpr uint32_t kBarOff = kSumOff + 2 * 64 * 4;
+  static constexpr uint32_t kNumBars = 2 * kStages + 2;
+  static constexpr uint32_t kBytes = 1024 + kBarOff + 8 * kNumBars;      // pykernels/cuda/mla.py: smem_bytes
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
+  static_assert(kKOff % 1024 == 0 && kRawOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms / TMA");
+};
+static_assert(Smem<false>::kBytes == 231472 && Smem<true>::kBytes == 225312, "pykernels/cuda/mla.py");
 
 constexpr uint32_t kThreads = 384;
 constexpr uint32_t kProducerRegs = 40;
@@ -122,13 +146,86 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// FP8 cache: one raw page (64 token rows of 656 bytes) -> the bf16 K block. Warpgroup w
+// converts the latent columns it alone reads in P V ([256w, 256w + 256), chunks 4w..4w+3),
+// and rows [32w, 32w + 32) of the RoPE chunk and of the scales (read by both warpgroups, but
+// only before the previous block's second barrier). The e4m3 values enter the block
+// unscaled (exact in bf16); the scales go to sf[g][token]. Token rows >= `valid` (past the
+// sequence's end in its last block, stale or NaN in the cache) are written as zeros, scales
+// included, so neither S nor P V can meet a NaN there.
+__device__ __forceinline__ void convert_fp8_page(const uint8_t* raw, uint8_t* kblk, float* sf, uint32_t wg,
+                                                 uint32_t tid, uint32_t valid) {
+  const uint32_t warp = tid / 32, lane = tid % 32;
+  // latent: rows warp + 4j, 8 columns 256w + 8 lane .. +7 per thread (8 bytes in, 16 out)
+#pragma unroll 4
+  for (uint32_t j = 0; j < 16; ++j) {
+    const uint32_t r = warp + 4 * j;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < valid) {
+      const uint2 x = *reinterpret_cast<const uint2*>(raw + r * kFp8Row + 256 * wg + 8 * lane);
+      const uint2 lo = pk::e4m3x4_to_bf16x4(x.x), hi = pk::e4m3x4_to_bf16x4(x.y);
+      v = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+    // 128B swizzle: 16-byte unit (lane % 8) of row r of chunk 4w + lane / 8
+    *reinterpret_cast<uint4*>(kblk + (4 * wg + lane / 8) * kChunkBytes + r * 128 + (((lane % 8) ^ (r % 8)) << 4)) = v;
+  }
+  // RoPE (chunk 8): rows 32w + u / 8, 16-byte unit u % 8, copied as they are
+#pragma unroll
+  for (uint32_t j = 0; j < 2; ++j) {
+    const uint32_t u = tid + 128 * j;
+    const uint32_t r = 32 * wg + u / 8, c = u % 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < valid) v = *reinterpret_cast<const uint4*>(raw + r * kFp8Row + kFp8RopeOff + 16 * c);
+    *reinterpret_cast<uint4*>(kblk + 8 * kChunkBytes + r * 128 + ((c ^ (r % 8)) << 4)) = v;
+  }
+  if (tid < 32) {
+    const uint32_t r = 32 * wg + tid;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < valid) v = *reinterpret_cast<const float4*>(raw + r * kFp8Row + kFp8SfOff);
+    sf[0 * kPage + r] = v.x;
+    sf[1 * kPage + r] = v.y;
+    sf[2 * kPage + r] = v.z;
+    sf[3 * kPage + r] = v.w;
+  }
+}
+
+// Q.K^T over the chunks [c0, c1) into d (the first wgmma ignores d's old value).
+template <uint32_t c0, uint32_t c1>
+__device__ __forceinline__ void qk_chunks(float (&d)[16], uint32_t q_base, uint32_t k_base) {
+#pragma unroll
+  for (uint32_t c = c0; c < c1; ++c) {
+    const uint64_t da = pk::make_desc_k128b(q_base + c * kChunkBytes);
+    const uint64_t db = pk::make_desc_k128b(k_base + c * kChunkBytes);
+#pragma unroll
+    for (uint32_t kk = 0; kk < 4; ++kk)
+      pk::wgmma_m64n32k16_bf16_kk(d, da + 2 * kk, db + 2 * kk, (c != c0 || kk != 0) ? 1u : 0u);
+  }
+}
+
+// s += sf[g][key] * t for this thread's 8 keys (key0 + 8c + {0, 1}).
+__device__ __forceinline__ void add_scaled(float (&s)[16], const float (&t)[16], const float* sf, uint32_t g,
+                                           uint32_t key0) {
+#pragma unroll
+  for (uint32_t c = 0; c < 4; ++c) {
+    const float2 f = *reinterpret_cast<const float2*>(sf + g * kPage + key0 + 8 * c);
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      s[4 * c + 2 * h] = fmaf(f.x, t[4 * c + 2 * h], s[4 * c + 2 * h]);
+      s[4 * c + 2 * h + 1] = fmaf(f.y, t[4 * c + 2 * h + 1], s[4 * c + 2 * h + 1]);
+    }
+  }
+}
+
+template <bool kFp8>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
+  using L = Smem<kFp8>;
+  constexpr uint32_t kStages = L::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
   uint8_t* const smem = smem_raw + (base - raw_addr);
-  const uint32_t full_bar = base + kBarOff;             // + 8 s
+  const uint32_t full_bar = base + L::kBarOff;          // + 8 s
   const uint32_t empty_bar = full_bar + 8 * kStages;    // + 8 s
   const uint32_t q_full = empty_bar + 8 * kStages;
   const uint32_t q_empty = q_full + 8;
@@ -175,12 +272,18 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         const int32_t page = __ldg(table + blk);
         pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
         if (leader) {
-          const uint32_t dst = base + kKOff + s * kTileBytes;
-          pk::mbar_arrive_expect_tx(full_bar + 8 * s, kTileBytes);
-#pragma unroll
-          for (uint32_t c = 0; c < kChunks; ++c)
-            pk::tma_load_2d(dst + c * kChunkBytes, tmap_kv, full_bar + 8 * s, (int32_t)(64 * c),
+          pk::mbar_arrive_expect_tx(full_bar + 8 * s, L::kStageBytes);
+          if constexpr (kFp8) {
+            // the whole page in one box of the 3-D map over [num_blocks * 64, 41, 16] bytes
+            pk::tma_load_3d(base + L::kRawOff + s * kRawBytes, tmap_kv, full_bar + 8 * s, 0, 0,
                             page * (int32_t)kPage);
+          } else {
+            const uint32_t dst = base + L::kKOff + s * kTileBytes;
+#pragma unroll
+            for (uint32_t c = 0; c < kChunks; ++c)
+              pk::tma_load_2d(dst + c * kChunkBytes, tmap_kv, full_bar + 8 * s, (int32_t)(64 * c),
+                              page * (int32_t)kPage);
+          }
         }
         __syncwarp();
         if (++s == kStages) {
@@ -197,10 +300,11 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   const uint32_t tid = threadIdx.x % 128;
   const uint32_t warp = tid / 32, lane = tid % 32;
   const uint32_t r0 = 16 * warp + lane / 4;   // this thread's rows: r0 and r0 + 8
-  float* const red = reinterpret_cast<float*>(smem + kRedOff);
-  float* const lsum = reinterpret_cast<float*>(smem + kSumOff);
-  uint8_t* const ptile = smem + kPOff;
-  const uint32_t p_addr = base + kPOff;
+  float* const red = reinterpret_cast<float*>(smem + L::kRedOff);
+  float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
+  float* const sfs = reinterpret_cast<float*>(smem + L::kSfOff);   // FP8 scales [4][64]
+  uint8_t* const ptile = smem + L::kPOff;
+  const uint32_t p_addr = base + L::kPOff;
 
   uint32_t s = 0, phase = 0, q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
@@ -228,29 +332,89 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
       const uint32_t tail = (uint32_t)pc.seqlen % kPage;            // valid rows of a partial last block
       const uint32_t last_blk = ((uint32_t)pc.seqlen + kPage - 1) / kPage - 1;
       for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-        const uint32_t kst = base + kKOff + s * kTileBytes;
+        const uint32_t kst = base + L::kKOff + (kFp8 ? 0u : s * kTileBytes);
         pk::mbar_wait(full_bar + 8 * s, phase);
+        const uint32_t key0l = wg * 32 + 2 * (lane % 4);           // this thread's first key in the block
 
-        // 1. S_w = Q K_w^T over 576 columns: 9 chunks x 4 k16 steps (32 bytes each).
         float sc[16];
+        if constexpr (kFp8) {
+          // 0. raw FP8 page -> bf16 K block (this warpgroup's V columns, half the RoPE rows and
+          //    scales); release the raw page to the producer; barrier: the whole block is
+          //    written (Q K^T reads every column) before either warpgroup's wgmma reads it.
+          convert_fp8_page(smem + L::kRawOff + s * kRawBytes, smem + L::kKOff, sfs, wg, tid,
+                           min((uint32_t)pc.seqlen - blk * kPage, kPage));
+          __syncwarp();
+          if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
+          pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma operand reads
+          pk::named_barrier_sync(kNamedBarrier, 256);
+
+          // 1. S_w = Q_pe K_pe^T + sum_g sf_g * (Q_g K8_g^T): RoPE chunk 8 into sc, the four
+          //    groups (chunks 2g, 2g+1) alternately into t0 / t1, each scaled in f32 per key
+          //    as soon as its wgmma group has retired (the next group runs meanwhile).
+          float t0[16], t1[16];
 #pragma unroll
-        for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
-        pk::wgmma_fence();
+          for (uint32_t i = 0; i < 16; ++i) {
+            pk::fence_operand(sc[i]);
+            pk::fence_operand(t0[i]);
+            pk::fence_operand(t1[i]);
+          }
+          const uint32_t qb = base + kQOff, kb = kst + wg * 32 * 128;
+          pk::wgmma_fence();
+          qk_chunks<8, 9>(sc, qb, kb);
+          qk_chunks<0, 2>(t0, qb, kb);
+          pk::wgmma_commit();
+          qk_chunks<2, 4>(t1, qb, kb);
+          pk::wgmma_commit();
+          pk::wgmma_wait<1>();
 #pragma unroll
-        for (uint32_t c = 0; c < kChunks; ++c) {
-          const uint64_t da = pk::make_desc_k128b(base + kQOff + c * kChunkBytes);
-          const uint64_t db = pk::make_desc_k128b(kst + c * kChunkBytes + wg * 32 * 128);
+          for (uint32_t i = 0; i < 16; ++i) {
+            pk::fence_operand(sc[i]);
+            pk::fence_operand(t0[i]);
+          }
+          add_scaled(sc, t0, sfs, 0, key0l);
 #pragma unroll
-          for (uint32_t kk = 0; kk < 4; ++kk)
-            pk::wgmma_m64n32k16_bf16_kk(sc, da + 2 * kk, db + 2 * kk, (c | kk) != 0 ? 1u : 0u);
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t0[i]);
+          pk::wgmma_fence();
+          qk_chunks<4, 6>(t0, qb, kb);
+          pk::wgmma_commit();
+          pk::wgmma_wait<1>();
+#pragma unroll
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
+          add_scaled(sc, t1, sfs, 1, key0l);
+#pragma unroll
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
+          pk::wgmma_fence();
+          qk_chunks<6, 8>(t1, qb, kb);
+          pk::wgmma_commit();
+          pk::wgmma_wait<1>();
+#pragma unroll
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t0[i]);
+          add_scaled(sc, t0, sfs, 2, key0l);
+          pk::wgmma_wait<0>();
+#pragma unroll
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
+          add_scaled(sc, t1, sfs, 3, key0l);
+        } else {
+          // 1. S_w = Q K_w^T over 576 columns: 9 chunks x 4 k16 steps (32 bytes each).
+#pragma unroll
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
+          pk::wgmma_fence();
+#pragma unroll
+          for (uint32_t c = 0; c < kChunks; ++c) {
+            const uint64_t da = pk::make_desc_k128b(base + kQOff + c * kChunkBytes);
+            const uint64_t db = pk::make_desc_k128b(kst + c * kChunkBytes + wg * 32 * 128);
+#pragma unroll
+            for (uint32_t kk = 0; kk < 4; ++kk)
+              pk::wgmma_m64n32k16_bf16_kk(sc, da + 2 * kk, db + 2 * kk, (c | kk) != 0 ? 1u : 0u);
+          }
+          pk::wgmma_commit();
+          pk::wgmma_wait<0>();
+#pragma unroll
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
         }
-        pk::wgmma_commit();
-        pk::wgmma_wait<0>();
-#pragma unroll
-        for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
 
         // 2. scale, mask, row maxima (base-2 logits)
-        const int key0 = (int)(blk * kPage + wg * 32 + 2 * (lane % 4));
+        const int key0 = (int)(blk * kPage + key0l);
         float pm[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (uint32_t i = 0; i < 16; ++i) {
@@ -285,27 +449,47 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           l[h] += sc[i];
         }
 
-        // Partial last block: zero the stale rows of this warpgroup's V chunks (both
-        // warpgroups' Q K^T reads of this stage have completed: barrier above).
-        if (blk == last_blk && tail != 0) {
-          uint8_t* const vbase = smem + (kst - base) + 4 * wg * kChunkBytes;
-#pragma unroll 4
-          for (uint32_t j = 0; j < 16; ++j) {
-            const uint32_t u = tid + 128 * j;            // 16-byte unit of 4 chunks x 64 rows x 8
-            const uint32_t r = (u / 8) % 64;
-            if (r >= tail) *reinterpret_cast<uint4*>(vbase + 16 * u) = make_uint4(0, 0, 0, 0);
+        if constexpr (kFp8) {
+          // 3. P_w * sf_g -> bf16 -> P tile g (g = 0..3; the group's scale of each key folded
+          //    into P's column in f32, rounded once, as the bf16 path rounds P). Stale rows of a
+          //    last block have sf = 0 and zero K rows (convert_fp8_page): nothing to zero here.
+#pragma unroll
+          for (uint32_t g = 0; g < kGroups; ++g) {
+#pragma unroll
+            for (uint32_t c = 0; c < 4; ++c) {
+              const float2 f = *reinterpret_cast<const float2*>(sfs + g * kPage + key0l + 8 * c);
+#pragma unroll
+              for (uint32_t h = 0; h < 2; ++h) {
+                const uint32_t r = r0 + 8 * h;
+                const uint32_t off = g * kChunkBytes + r * 128 + (((4 * wg + c) ^ (r & 7)) << 4) + 4 * (lane % 4);
+                *reinterpret_cast<uint32_t*>(ptile + off) =
+                    pk::pack_bf16x2(sc[4 * c + 2 * h] * f.x, sc[4 * c + 2 * h + 1] * f.y);
+              }
+            }
           }
-        }
+        } else {
+          // Partial last block: zero the stale rows of this warpgroup's V chunks (both
+          // warpgroups' Q K^T reads of this stage have completed: barrier above).
+          if (blk == last_blk && tail != 0) {
+            uint8_t* const vbase = smem + (kst - base) + 4 * wg * kChunkBytes;
+#pragma unroll 4
+            for (uint32_t j = 0; j < 16; ++j) {
+              const uint32_t u = tid + 128 * j;            // 16-byte unit of 4 chunks x 64 rows x 8
+              const uint32_t r = (u / 8) % 64;
+              if (r >= tail) *reinterpret_cast<uint4*>(vbase + 16 * u) = make_uint4(0, 0, 0, 0);
+            }
+          }
 
-        // 3. P_w -> bf16 -> P tile (row-major 128-byte rows, 128B swizzle: 16-byte chunk
-        //    index XOR row % 8). Keys 32w + 8c + 2(lane%4) + {0,1} of rows r0, r0 + 8.
+          // 3. P_w -> bf16 -> P tile (row-major 128-byte rows, 128B swizzle: 16-byte chunk
+          //    index XOR row % 8). Keys 32w + 8c + 2(lane%4) + {0,1} of rows r0, r0 + 8.
 #pragma unroll
-        for (uint32_t c = 0; c < 4; ++c) {
+          for (uint32_t c = 0; c < 4; ++c) {
 #pragma unroll
-          for (uint32_t h = 0; h < 2; ++h) {
-            const uint32_t r = r0 + 8 * h;
-            const uint32_t off = r * 128 + (((4 * wg + c) ^ (r & 7)) << 4) + 4 * (lane % 4);
-            *reinterpret_cast<uint32_t*>(ptile + off) = pk::pack_bf16x2(sc[4 * c + 2 * h], sc[4 * c + 2 * h + 1]);
+            for (uint32_t h = 0; h < 2; ++h) {
+              const uint32_t r = r0 + 8 * h;
+              const uint32_t off = r * 128 + (((4 * wg + c) ^ (r & 7)) << 4) + 4 * (lane % 4);
+              *reinterpret_cast<uint32_t*>(ptile + off) = pk::pack_bf16x2(sc[4 * c + 2 * h], sc[4 * c + 2 * h + 1]);
+            }
           }
         }
         pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
@@ -317,17 +501,32 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 #pragma unroll
         for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
         pk::wgmma_fence();
-        const uint64_t dp = pk::make_desc_k128b(p_addr);
+        if constexpr (kFp8) {
+          // columns [256w, +128) = group 2w with P tile 2w, [256w + 128, +128) = group 2w + 1
+          const uint64_t dp0 = pk::make_desc_k128b(p_addr + 2 * wg * kChunkBytes);
+          const uint64_t dp1 = pk::make_desc_k128b(p_addr + (2 * wg + 1) * kChunkBytes);
 #pragma unroll
-        for (uint32_t kk = 0; kk < 4; ++kk) {
-          const uint64_t dv = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
-          pk::wgmma_m64n256k16_bf16_kt(acc, dp + 2 * kk, dv, 1u);
+          for (uint32_t kk = 0; kk < 4; ++kk) {
+            const uint64_t dv0 = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
+            const uint64_t dv1 = pk::make_desc_mn128b(kst + (4 * wg + 2) * kChunkBytes + kk * 2048, kChunkBytes, 1024);
+            pk::wgmma_m64n128k16_bf16_kt<0>(acc, dp0 + 2 * kk, dv0, 1u);
+            pk::wgmma_m64n128k16_bf16_kt<64>(acc, dp1 + 2 * kk, dv1, 1u);
+          }
+        } else {
+          const uint64_t dp = pk::make_desc_k128b(p_addr);
+#pragma unroll
+          for (uint32_t kk = 0; kk < 4; ++kk) {
+            const uint64_t dv = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
+            pk::wgmma_m64n256k16_bf16_kt(acc, dp + 2 * kk, dv, 1u);
+          }
         }
         pk::wgmma_commit();
         pk::wgmma_wait<0>();
 #pragma unroll
         for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
-        if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
+        if constexpr (!kFp8) {
+          if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
+        }
         if (++s == kStages) {
           s = 0;
           phase ^= 1;
@@ -386,7 +585,20 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_decode_bf16(
     float scale_log2) {
   const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
                  out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2};
-  mla_decode(&tmap_q, &tmap_kv, p);
+  mla_decode<false>(&tmap_q, &tmap_kv, p);
+}
+
+// The FP8 cache ([num_blocks, 64, 1, 656] bytes, pykernels/reference/mla.py): tmap_kv is a
+// 3-D map over the cache viewed as [num_blocks * 64, 41, 16] bytes (one box = one page).
+extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_decode_fp8(
+    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
+    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
+    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
+    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
+    float scale_log2) {
+  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
+                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2};
+  mla_decode<true>(&tmap_q, &tmap_kv, p);
 }
 
 // ----------------------------------------------------------------------------- combine

@@ -7,6 +7,11 @@ from the metadata, split scratch buffers, tensor maps, argument packing -> Launc
 run on the GPU ("cuda") or on the PTX emulator ("emu"). No host-device synchronisation:
 the combine kernel is always launched (CTAs of sequences with one split return at once).
 
+Two decode instantiations: pk_mla_decode_bf16 (bf16 cache [num_blocks, 64, 1, 576]) and
+pk_mla_decode_fp8 (the FP8 layout [num_blocks, 64, 1, 656] bytes: 512 e4m3 | 4 f32 scales |
+64 bf16 RoPE per token, uint8 or float8_e4m3fn), with the same parameters; only tmap_kv
+differs (docs/mla.md).
+
 Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
 lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides
 (b: u64, h, s), causal, scale_log2. Combine: nsplits, oacc, lacc, out, lse, rows, h_q,
@@ -21,12 +26,16 @@ from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "mla_decode"
 DECODE_FUNCTION = "pk_mla_decode_bf16"
+DECODE_FUNCTION_FP8 = "pk_mla_decode_fp8"
 COMBINE_FUNCTION = "pk_mla_combine"
 THREADS = 384                 # math warpgroups 0, 1 + producer warpgroup 2
 TILE_ROWS = 64                # query rows (of the s_q*h_q) per CTA
 PAGE = RM.PAGE_BLOCK_SIZE
 STAGES = 2
 BOX = 64                      # TMA box: 64 rows x 64 bf16 columns (128 bytes, 128B swizzle)
+FP8_ROW = RM.FP8_BYTES_PER_TOKEN           # 656 bytes per token
+FP8_BOX = (PAGE, FP8_ROW // 16, 16)        # one FP8 page per TMA box: [64 tokens, 41, 16 bytes]
+FP8_PAGE_BYTES = PAGE * FP8_ROW            # 41,984
 COMBINE_ROWS = 4              # query rows (one warp each) per combine CTA
 SMEM_LIMIT = 227 * 1024
 LOG2E = 1.4426950408889634
@@ -41,8 +50,20 @@ def smem_bytes(stages: int = STAGES) -> int:
     return 1024 + tile * (1 + stages) + TILE_ROWS * 64 * 2 + 2 * 2 * 64 * 4 + 8 * (2 * stages + 2)
 
 
+def smem_bytes_fp8(raw_stages: int = 1, k_blocks: int = 1) -> int:
+    """Dynamic shared memory of the FP8-cache decode kernel (Smem<true>::kBytes in decode.cu):
+    1024 alignment slack + Q tile (64 x 576 bf16) + `k_blocks` bf16 K blocks (the converted
+    page, 64 x 576 bf16) + `raw_stages` raw FP8 pages (64 x 656 bytes) + 4 bf16 P tiles (one
+    per scale group, 64 x 64) + the page's scales (4 x 64 f32) + row maxima and sums
+    (2 x 2 x 64 f32) + 2 * raw_stages + 2 mbarriers."""
+    tile = TILE_ROWS * RM.HEAD_DIM_QK * 2
+    return (1024 + tile * (1 + k_blocks) + FP8_PAGE_BYTES * raw_stages + 4 * TILE_ROWS * 64 * 2
+            + 4 * PAGE * 4 + 2 * 2 * 64 * 4 + 8 * (2 * raw_stages + 2))
+
+
 SMEM_BYTES = smem_bytes()
-assert SMEM_BYTES <= SMEM_LIMIT
+SMEM_BYTES_FP8 = smem_bytes_fp8()
+assert SMEM_BYTES <= SMEM_LIMIT and SMEM_BYTES_FP8 <= SMEM_LIMIT
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -51,16 +72,18 @@ def _cdiv(a: int, b: int) -> int:
 
 def check_supported(q, k_cache, head_dim_v: int = RM.HEAD_DIM_V) -> None:
     """What the hand-written kernel supports beyond pykernels.mla's validation (ValueError /
-    TypeError naming the argument): a bf16 cache (the FP8 layout is not implemented in CUDA),
-    head dims 576 / 512, a 16-byte aligned cache (TMA), TMA's 32-bit coordinates."""
-    if k_cache.dtype != torch.bfloat16:
-        raise TypeError(f"k_cache: the cuda/emu MLA kernel supports dtype bfloat16 only (the FP8 cache "
-                        f"layout runs on backend 'triton' or 'reference'), got "
-                        f"{str(k_cache.dtype).replace('torch.', '')}")
+    TypeError naming the argument): a bf16 cache or the FP8 layout (uint8 / float8_e4m3fn,
+    656 bytes per token), head dims 576 / 512, a 16-byte aligned cache (TMA), TMA's 32-bit
+    coordinates."""
+    fp8 = RM.is_fp8_cache(k_cache)
+    if k_cache.dtype != torch.bfloat16 and not fp8:
+        raise TypeError(f"k_cache: the cuda/emu MLA kernel supports dtype bfloat16 (or uint8 / float8_e4m3fn "
+                        f"in the FP8 layout of {FP8_ROW} bytes per token), got "
+                        f"{str(k_cache.dtype).replace('torch.', '')} with last dim {k_cache.shape[-1]}")
     if q.dtype != torch.bfloat16:
         raise TypeError(f"q: the cuda/emu MLA kernel supports dtype bfloat16 only, got "
                         f"{str(q.dtype).replace('torch.', '')}")
-    if q.shape[-1] != RM.HEAD_DIM_QK or k_cache.shape[-1] != RM.HEAD_DIM_QK:
+    if q.shape[-1] != RM.HEAD_DIM_QK or (not fp8 and k_cache.shape[-1] != RM.HEAD_DIM_QK):
         raise ValueError(f"q, k_cache: the cuda/emu MLA kernel needs head dim {RM.HEAD_DIM_QK}, got "
                          f"{q.shape[-1]} and {k_cache.shape[-1]}")
     if head_dim_v != RM.HEAD_DIM_V:
@@ -110,24 +133,47 @@ def _lse_ok(lse: torch.Tensor) -> bool:
     return lse.data_ptr() % 4 == 0 and _u32_strides(lse, True)
 
 
+def kv_view(k_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as the decode kernel's tensor map sees it: bf16 [num_blocks * 64, 576], or
+    for the FP8 layout uint8 [num_blocks * 64, 41, 16] (one page = one 64 x 41 x 16-byte box;
+    TMA boxes are at most 256 elements a side). A cache with no pages becomes one page of
+    zeros (a tensor map needs a non-empty tensor; no block is ever read then)."""
+    if RM.is_fp8_cache(k_cache):
+        kv = k_cache.view(torch.uint8).view(-1, FP8_ROW // 16, 16)
+        if kv.shape[0] == 0:
+            kv = torch.zeros(PAGE, FP8_ROW // 16, 16, dtype=torch.uint8, device=k_cache.device)
+        return kv
+    kv = k_cache.view(-1, RM.HEAD_DIM_QK)
+    if kv.shape[0] == 0:
+        kv = torch.zeros(PAGE, RM.HEAD_DIM_QK, dtype=k_cache.dtype, device=k_cache.device)
+    return kv
+
+
 def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, *,
                 s_q: int, h_q: int, scale: float, causal: bool) -> LaunchPlan:
-    """Launch plan of pk_mla_decode_bf16: grid (num_sm_parts, ceil(s_q*h_q / 64)), 384
-    threads, SMEM_BYTES of dynamic shared memory. q3 [b, rows, 576] bf16 and kv2d
-    [num_blocks * 64, 576] bf16 are read by TMA (64 x 64 boxes, 128-byte swizzle; q rows
-    past `rows` are zero-filled)."""
+    """Launch plan of pk_mla_decode_bf16 (kv2d bf16 [num_blocks * 64, 576]) or
+    pk_mla_decode_fp8 (kv2d = kv_view of an FP8 cache, uint8 [num_blocks * 64, 41, 16]):
+    grid (num_sm_parts, ceil(s_q*h_q / 64)), 384 threads, SMEM_BYTES / SMEM_BYTES_FP8 of
+    dynamic shared memory. q3 [b, rows, 576] bf16 and the bf16 cache are read by TMA (64 x 64
+    boxes, 128-byte swizzle; q rows past `rows` are zero-filled); the FP8 cache one page per
+    box (64 x 41 x 16 bytes, no swizzle)."""
     b, rows, _ = q3.shape
     parts = meta.shape[0]
+    fp8 = kv2d.dtype == torch.uint8
     tmap_q = TensorMapDesc(q3, (1, TILE_ROWS, BOX), swizzle=128)
-    tmap_kv = TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
+    if fp8:
+        tmap_kv = TensorMapDesc(kv2d, FP8_BOX, swizzle=0)
+    else:
+        tmap_kv = TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
     args = (Arg("tensormap", tmap_q), Arg("tensormap", tmap_kv),
             ptr(block_table), ptr(seqlens), ptr(meta), ptr(num_splits), ptr(out), ptr(lse), ptr(oacc), ptr(lacc),
             u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
             u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
             u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
             u32(int(causal)), Arg("f32", float(scale) * LOG2E))
-    return LaunchPlan(MODULE, DECODE_FUNCTION, grid=(parts, _cdiv(rows, TILE_ROWS), 1), block=(THREADS, 1, 1),
-                      args=args, shared_bytes=SMEM_BYTES)
+    return LaunchPlan(MODULE, DECODE_FUNCTION_FP8 if fp8 else DECODE_FUNCTION,
+                      grid=(parts, _cdiv(rows, TILE_ROWS), 1), block=(THREADS, 1, 1),
+                      args=args, shared_bytes=SMEM_BYTES_FP8 if fp8 else SMEM_BYTES)
 
 
 def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
@@ -164,9 +210,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     parts = tile_scheduler_metadata.shape[0]
     scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
     q3 = q_view(q)
-    kv2d = k_cache.view(-1, RM.HEAD_DIM_QK)
-    if kv2d.shape[0] == 0:            # no pages (all lengths 0): a tensor map needs a non-empty tensor
-        kv2d = torch.zeros(PAGE, RM.HEAD_DIM_QK, dtype=k_cache.dtype, device=k_cache.device)
+    kv2d = kv_view(k_cache)
     o = out if _out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     l = lse if _lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
     max_splits = b + parts            # pieces <= b + parts - 1 by construction of the schedule
@@ -184,5 +228,6 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     return stats if executor == "emu" else None
 
 
-__all__ = ["check_supported", "decode_plan", "combine_plan", "flash_mla_with_kvcache", "smem_bytes",
-           "SMEM_BYTES", "MODULE", "DECODE_FUNCTION", "COMBINE_FUNCTION"]
+__all__ = ["check_supported", "kv_view", "decode_plan", "combine_plan", "flash_mla_with_kvcache", "smem_bytes",
+           "smem_bytes_fp8", "SMEM_BYTES", "SMEM_BYTES_FP8", "MODULE", "DECODE_FUNCTION", "DECODE_FUNCTION_FP8",
+           "COMBINE_FUNCTION"]

@@ -1,6 +1,7 @@
 // pk/ptx_mla.cuh — inline-PTX wrappers the MLA decode kernel (csrc/mla/) needs beyond
-// pk/ptx.cuh: bf16 wgmma shapes (K-major B for Q.K^T, MN-major "transposed" B for P.V),
-// the MN-major 128-byte-swizzle matrix descriptor, and the approximate ex2 / lg2.
+// pk/ptx.cuh: bf16 wgmma shapes (K-major B for Q.K^T, MN-major "transposed" B for P.V, the
+// latter also on half an accumulator for the FP8 cache), the MN-major 128-byte-swizzle matrix
+// descriptor, the approximate ex2 / lg2, and the exact e4m3 -> bf16 conversion.
 //
 // Same conventions as pk/ptx.cuh (written against the PTX ISA exactly, because the CPU
 // emulator runs the same PTX): every wrapper is __forceinline__, no labels in asm,
@@ -88,6 +89,31 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16_kt(float (&d)[128], uint64
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// D[64 x 128] (+)= A[64 x 16] * B[16 x 128], A K-major, B MN-major (imm-trans-b = 1), with D
+// the 64 registers d[kOff .. kOff + 63] of a larger accumulator: two of these with kOff = 0
+// and 64 hold the same fragment as one m64n256k16 (columns 0..127, 128..255), so the two
+// column halves can take different A operands (the FP8 cache's per-group scaled P tiles).
+template <int kOff>
+__device__ __forceinline__ void wgmma_m64n128k16_bf16_kt(float (&d)[128], uint64_t desc_a,
+                                                          uint64_t desc_b, uint32_t scale_d) {
+  static_assert(kOff == 0 || kOff == 64, "one of the two column halves");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 1;\n}\n"
+      :
+        "+f"(d[kOff + 0]), "+f"(d[kOff + 1]), "+f"(d[kOff + 2]), "+f"(d[kOff + 3]), "+f"(d[kOff + 4]), "+f"(d[kOff + 5]), "+f"(d[kOff + 6]), "+f"(d[kOff + 7]),
+        "+f"(d[kOff + 8]), "+f"(d[kOff + 9]), "+f"(d[kOff + 10]), "+f"(d[kOff + 11]), "+f"(d[kOff + 12]), "+f"(d[kOff + 13]), "+f"(d[kOff + 14]), "+f"(d[kOff + 15]),
+        "+f"(d[kOff + 16]), "+f"(d[kOff + 17]), "+f"(d[kOff + 18]), "+f"(d[kOff + 19]), "+f"(d[kOff + 20]), "+f"(d[kOff + 21]), "+f"(d[kOff + 22]), "+f"(d[kOff + 23]),
+        "+f"(d[kOff + 24]), "+f"(d[kOff + 25]), "+f"(d[kOff + 26]), "+f"(d[kOff + 27]), "+f"(d[kOff + 28]), "+f"(d[kOff + 29]), "+f"(d[kOff + 30]), "+f"(d[kOff + 31]),
+        "+f"(d[kOff + 32]), "+f"(d[kOff + 33]), "+f"(d[kOff + 34]), "+f"(d[kOff + 35]), "+f"(d[kOff + 36]), "+f"(d[kOff + 37]), "+f"(d[kOff + 38]), "+f"(d[kOff + 39]),
+        "+f"(d[kOff + 40]), "+f"(d[kOff + 41]), "+f"(d[kOff + 42]), "+f"(d[kOff + 43]), "+f"(d[kOff + 44]), "+f"(d[kOff + 45]), "+f"(d[kOff + 46]), "+f"(d[kOff + 47]),
+        "+f"(d[kOff + 48]), "+f"(d[kOff + 49]), "+f"(d[kOff + 50]), "+f"(d[kOff + 51]), "+f"(d[kOff + 52]), "+f"(d[kOff + 53]), "+f"(d[kOff + 54]), "+f"(d[kOff + 55]),
+        "+f"(d[kOff + 56]), "+f"(d[kOff + 57]), "+f"(d[kOff + 58]), "+f"(d[kOff + 59]), "+f"(d[kOff + 60]), "+f"(d[kOff + 61]), "+f"(d[kOff + 62]), "+f"(d[kOff + 63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 // ---------------------------------------------------------------------------------------
 // Math
 // ---------------------------------------------------------------------------------------
@@ -104,6 +130,33 @@ __device__ __forceinline__ float lg2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// FP8 (e4m3) -> bf16
+// ---------------------------------------------------------------------------------------
+
+// Four e4m3 values (bytes 0..3 of v, element 0 in the low byte) -> four bf16: r.x holds
+// elements 0 (low half) and 1, r.y elements 2 and 3. Exact: e4m3 -> f16 (cvt.rn.f16x2.e4m3x2,
+// sm_89+; the low byte goes to the low half) -> f32 -> bf16, and every e4m3 value (normal
+// or subnormal, |x| <= 448) is representable in all three. NaN (0x7F / 0xFF) stays NaN.
+__device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t v) {
+  uint2 r;
+  asm("{\n.reg .b16 a0, a1, h0, h1, h2, h3;\n.reg .b32 p0, p1;\n.reg .f32 f0, f1, f2, f3;\n"
+      "mov.b32 {a0, a1}, %2;\n"
+      "cvt.rn.f16x2.e4m3x2 p0, a0;\n"
+      "cvt.rn.f16x2.e4m3x2 p1, a1;\n"
+      "mov.b32 {h0, h1}, p0;\n"
+      "mov.b32 {h2, h3}, p1;\n"
+      "cvt.f32.f16 f0, h0;\n"
+      "cvt.f32.f16 f1, h1;\n"
+      "cvt.f32.f16 f2, h2;\n"
+      "cvt.f32.f16 f3, h3;\n"
+      "cvt.rn.bf16x2.f32 %0, f1, f0;\n"
+      "cvt.rn.bf16x2.f32 %1, f3, f2;\n}\n"
+      : "=r"(r.x), "=r"(r.y)
+      : "r"(v));
+  return r;
 }
 
 }  // namespace pk

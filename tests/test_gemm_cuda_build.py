@@ -59,6 +59,7 @@ def test_sass_has_the_intended_instructions(cfg):
     ops = sass.opcodes(listing)
     # four fp8 wgmma per 128-wide K block (k32 each), N = BLOCK_N, f32 accumulators
     assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert ops["UTMALDG.3D"] == 1                         # the tile's A scales of a K block
     if cfg.cluster == 1:
         assert ops["UTMALDG.2D"] == 2                     # A and B tiles by TMA
         assert not any("MULTICAST" in op or op.startswith("UCGABAR") for op in ops)   # no cluster code
@@ -102,24 +103,28 @@ def test_shared_memory_fits(cfg):
 
 
 def test_shared_memory_formula():
-    # 1024 alignment slack + stages * (A + B) + 64 x BN bf16 staging per math warpgroup + mbarriers
-    assert G.Config(128, 128).smem_bytes(6) == 1024 + 6 * 32768 + 2 * 64 * 256 + 96 == 230496
-    assert G.Config(128, 128).max_stages() == 6 and G.Config(128, 160).max_stages() == 5
+    # 1024 alignment slack + stages * (A + B + BM f32 A scales) + 64 x BN bf16 staging per math
+    # warpgroup + mbarriers; the A scales cost 128 x 128 its sixth stage (233,568 > 232,448)
+    assert G.Config(128, 128).smem_bytes(5) == 1024 + 5 * (32768 + 512) + 2 * 64 * 256 + 80 == 200272
+    assert G.Config(128, 128).smem_bytes(6) == 233568
+    assert G.Config(128, 128).max_stages() == 5 and G.Config(128, 160).max_stages() == 5
     assert G.Config(128, 112).max_stages() == 6
-    assert G.Config(64, 32).smem_bytes(8) == 1024 + 8 * 12288 + 64 * 64 + 128
+    assert G.Config(64, 32).smem_bytes(8) == 1024 + 8 * (12288 + 256) + 64 * 64 + 128
 
 
 def test_ptx_parses_with_the_intended_instructions(ptx_module):
     assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS}
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
-        assert len(k.params) == 17
-        assert [(p.size, p.align) for p in k.params[:3]] == [(128, 64)] * 3          # tensor maps
+        assert len(k.params) == 14
+        assert [(p.size, p.align) for p in k.params[:4]] == [(128, 64)] * 4          # tensor maps
         full = [i.full for i in k.instrs]
         assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4
         tma = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
         assert full.count(tma) >= (2 if cfg.cluster == 1 else 1)
         assert (full.count(tma + ".multicast::cluster") >= 1) == (cfg.cluster == 2)
+        # the A scales: one 3-D box per stage ([G, K/128, M] map), no plain global loads of them
+        assert full.count(tma.replace(".2d.", ".3d.")) >= 1
         assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in full
         assert "cp.async.bulk.wait_group.read" in full and "fence.proxy.async.shared::cta" in full
         assert "mbarrier.try_wait.parity.shared::cta.b64" in full
@@ -228,18 +233,23 @@ def test_normal_plan_geometry_and_arguments(seed):
     tiles = 3 * 19
     assert p.grid == (tiles, 1, 1) and p.block == (384, 1, 1) and p.cluster == (1, 1, 1)
     assert p.shared_bytes == cfg.smem_bytes(6)
-    ta, tb, to = p.args[0].value, p.args[1].value, p.args[2].value
-    assert [a_.ptype for a_ in p.args[:3]] == ["tensormap"] * 3
+    ta, tb, ts, to = (x.value for x in p.args[:4])
+    assert [a_.ptype for a_ in p.args[:4]] == ["tensormap"] * 4
     assert ta.box == (128, 128) and ta.swizzle == 128 and ta.tensor.shape == (m, k)
     assert tb.box == (112, 128) and tb.swizzle == 128 and tb.tensor.shape == (n, k)
-    assert ta.box_bytes() + tb.box_bytes() == (128 + 112) * 128      # the expect_tx count
+    # A scales: row-major sfa [m, k/128] copied to the column-major TMA-aligned layout
+    # [1, k/128, m] (m padded to 4 floats), one box = the 128 rows of one K block
+    assert ts.box == (1, 1, 128) and ts.swizzle == 0 and ts.tensor.shape == (1, k // 128, m)
+    assert ts.tensor.stride() == (4 * 300, 300, 1) and torch.equal(ts.tensor[0].T, sfa)
+    assert ts.image().dims == (m, k // 128, 1)                        # rows past m: zero fill
+    assert ta.box_bytes() + tb.box_bytes() + ts.box_bytes() == (128 + 112) * 128 + 512  # expect_tx
     assert to.box == (64, 16) and to.swizzle == 32 and to.tensor.shape == (m, n)   # TMA store boxes
     assert to.tensor.data_ptr() == out.data_ptr()
     img = ta.image()
     assert img.dims == (k, m) and img.box == (128, 128) and img.strides_bytes == (1, k)
-    assert [x.ptype for x in p.args[3:7]] == ["ptr", "ptr", "ptr", "u64"]   # no grouping tensor
-    assert p.args[3].value is sfa and p.args[4].value is sfb and p.args[5].value is out
-    assert [x.value for x in p.args[6:]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7, k // 128, 1, 0]
+    assert [x.ptype for x in p.args[4:7]] == ["ptr", "ptr", "u64"]   # no grouping tensor
+    assert p.args[4].value is sfb and p.args[5].value is out
+    assert [x.value for x in p.args[6:]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
     # grid: at most one CTA per SM (persistent)
     big = G.gemm_plan(a, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=10)
     assert big.grid == (10, 1, 1) and big.args[13].value == 3
@@ -294,8 +304,12 @@ def test_column_major_sfa_is_read_in_place(seed):
     col = pk.get_col_major_tma_aligned_tensor(sfa)
     assert col.stride() == (1, 132)
     p = G.gemm_plan(a, col, b, sfb, nan_bf16(m, n), None, kind=0, m=m, n=n, k=k, groups=1)
-    assert p.args[3].value is col
-    assert [x.value for x in p.args[14:]] == [1, 132, 0]
+    ts = p.args[2].value
+    assert ts.tensor.data_ptr() == col.data_ptr()                      # a view, no copy
+    assert ts.tensor.shape == (1, k // 128, m) and ts.tensor.stride()[1:] == (132, 1)
+    # a row-major sfa is copied into that layout, with the same values
+    t2 = G.sfa_tma_aligned(sfa)
+    assert t2.data_ptr() != sfa.data_ptr() and t2.stride()[1:] == (132, 1) and torch.equal(t2[0].T, sfa)
 
 
 def test_grouped_plans(seed):
@@ -316,10 +330,12 @@ def test_grouped_plans(seed):
                     masked, kind=G.KIND_MASKED, m=m_max, n=n, k=k, groups=groups, cfg=cfg)
     assert p.grid == (groups * 3 * 3, 1, 1) and p.block == (256, 1, 1)    # upper bound of the tiles
     assert p.args[0].value.tensor.shape == (groups * m_max, k) and p.args[0].value.box == (64, 128)
-    assert p.args[2].value.tensor.shape == (groups * m_max, n)           # out flattened over groups
+    assert p.args[3].value.tensor.shape == (groups * m_max, n)           # out flattened over groups
     assert p.args[6].value is masked
     assert [x.value for x in p.args[7:12]] == [m_max, n, k, groups, G.KIND_MASKED]
-    assert [x.value for x in p.args[14:]] == [2, 1, m_max * 2]          # sfa strides (row, kb, group)
+    ts = p.args[2].value                                                 # A scales per group
+    assert ts.tensor.shape == (groups, 2, m_max) and ts.tensor.stride() == (2 * 132, 132, 1)
+    assert torch.equal(ts.tensor.transpose(1, 2), sfa3.view(groups, m_max, 2))
 
 
 def test_unsupported_shapes_raise_clear_errors():

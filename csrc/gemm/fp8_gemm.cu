@@ -2,8 +2,10 @@
 //
 //   out[m, n] = sum_kb  sfa[m, kb] * sfb[n / 128, kb] * sum_{k in block kb} A[m, k] * B[n, k]
 //
-// A e4m3 [rows, K] with 1x128 scales sfa (f32, any (row, kb, group) strides); B e4m3
-// [G * N, K] with 128x128 block scales sfb f32 [G, ceil(N/128), K/128] (contiguous).
+// A e4m3 [rows, K] with 1x128 scales sfa (f32, column-major TMA-aligned: per group
+// [K/128, M padded to 4] floats, read by TMA through a 3-D map [G, K/128, M] whose rows
+// past M are zero-filled); B e4m3 [G * N, K] with 128x128 block scales sfb f32
+// [G, ceil(N/128), K/128] (contiguous, plain loads).
 // One kernel per tile shape (BM x BN) serves the three layouts (runtime `kind`):
 //   0 normal      A [M, K], B [N, K], out [M, N]
 //   1 contiguous  A [M, K] rows grouped by m_indices (int32 [M], -1 = padding, skipped),
@@ -16,10 +18,12 @@
 //  * warpgroup kMathWG (the last) is the producer: setmaxnreg.dec to 40; its first warp
 //    walks the tile schedule and, per 128-wide K block, waits for a free stage (empty
 //    mbarrier); one elected thread arms the stage's full mbarrier with the byte count of
-//    both boxes and issues two TMA loads (A: BM x 128, B: BN x 128, 128-byte swizzle).
+//    the three boxes and issues three TMA loads (A: BM x 128, B: BN x 128, 128-byte
+//    swizzle; sfa: the BM scales of the tile's rows for this K block, no swizzle).
 //  * warpgroups 0 .. kMathWG-1 are math warpgroups (setmaxnreg.inc to 232), each owning 64
-//    rows of the tile: per K block four wgmma m64nBNk32 (e4m3 x e4m3 -> f32) into `acc`,
-//    wait, release the stage, then promote on CUDA cores:
+//    rows of the tile: per K block read its two rows' A scales from the stage (shared
+//    memory), four wgmma m64nBNk32 (e4m3 x e4m3 -> f32) into `acc`, wait, release the
+//    stage, then promote on CUDA cores:
 //    fin += (sfa[row] * sfb[n-block]) * acc  (two-level accumulation).
 //    After the last K block: fin -> bf16 into the warpgroup's staging tile (32-byte
 //    swizzled 64 x 16 column boxes), then one thread TMA-stores the boxes when the
@@ -27,18 +31,20 @@
 //    and columns >= N); otherwise each warp writes the owned rows among its 16 with
 //    bounds- and group-checked 16-byte st.global.
 //  * shared memory (dynamic, aligned to 1024 here): stages x A tile, stages x B tile,
-//    kMathWG staging tiles, 2 x stages mbarriers. `stages` is a kernel argument.
+//    kMathWG staging tiles, stages x BM A scales (f32), 2 x stages mbarriers. `stages` is
+//    a kernel argument.
 //  * kCluster = 2 (entries *_mc2, launched with cluster dims (2, 1, 1)): the two CTAs of
 //    a cluster walk the schedule in lockstep, one unit = two adjacent m-blocks of one
 //    n-block. CTA `rank` computes m-block 2 u + rank: it loads its own A tile and rows
 //    [rank BN/2, (rank+1) BN/2) of the B tile, multicast into the same stage of both CTAs
-//    (ctaMask 0b11), so each CTA's full barrier receives A + the whole B. Every math warp
+//    (ctaMask 0b11), so each CTA's full barrier receives A + its A scales + the whole B
+//    (the scales are not multicast: each CTA loads its own rows'). Every math warp
 //    releases a stage on the empty barriers of both CTAs (the peer's through mapa and a
 //    remote mbarrier.arrive.release.cluster), so a producer overwrites a stage only after
 //    both CTAs consumed it. A CTA whose m-block has no rows for a pass (odd m-block count,
 //    masked tails, contiguous groups present in only one of the two m-blocks) still loads
-//    and multicasts its B slice and consumes the stages, but loads no A, issues no wgmma
-//    and stores nothing. Cluster barriers after the mbarrier init and before exit.
+//    and multicasts its B slice and consumes the stages, but loads no A and no A scales,
+//    issues no wgmma and stores nothing. Cluster barriers after the mbarrier init and before exit.
 #include <cstdint>
 
 #include "pk/ptx.cuh"
@@ -52,7 +58,6 @@ constexpr uint32_t kMathRegs = 232;
 enum : uint32_t { kNormal = 0, kContiguous = 1, kMasked = 2 };
 
 struct Problem {
-  const float* sfa;
   const float* sfb;
   uint8_t* out;         // bf16 bytes
   const int* grouping;  // m_indices (contiguous) or masked_m (masked); unused for normal
@@ -63,8 +68,6 @@ struct Problem {
   uint32_t kind;
   uint32_t stages;
   uint32_t band;        // rasterisation: n-blocks per band
-  uint32_t sfa_sm, sfa_sk;  // sfa strides (elements) of a row and of a K block
-  uint64_t sfa_sg;          // sfa stride of a group (masked)
 };
 
 __device__ __forceinline__ uint32_t cdiv(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
@@ -191,6 +194,7 @@ struct Layout {
   static constexpr uint32_t kThreads = 128 * (kMathWG + 1);
   static constexpr uint32_t kABytes = BM * kBlockK;  // one stage of A (e4m3)
   static constexpr uint32_t kBBytes = BN * kBlockK;  // one stage of B
+  static constexpr uint32_t kSfaBytes = BM * 4;      // one stage of A scales (f32 per row)
   // Output staging of one math warpgroup (64 x BN bf16) as BN/16 column boxes of 64 rows
   // x 32 bytes, each in the TMA's 32-byte swizzle (16-byte chunk ^= row bit 2): the TMA
   // store's layout, and conflict-free for the fragment writes.
@@ -203,7 +207,7 @@ struct Layout {
   // Dynamic shared memory for `stages` stages (plus 1024 bytes to align the base).
   // pykernels/cuda/gemm.py computes the same.
   static __host__ __device__ constexpr uint32_t smem_bytes(uint32_t stages) {
-    return 1024 + stages * (kABytes + kBBytes) + kMathWG * kStagingBytes + stages * 16;
+    return 1024 + stages * (kABytes + kBBytes + kSfaBytes) + kMathWG * kStagingBytes + stages * 16;
   }
   // Byte offset in the staging area of the 16-byte chunk holding columns [8 c, 8 c + 8) of row r.
   static __device__ __forceinline__ uint32_t chunk_offset(uint32_t r, uint32_t c) {
@@ -215,7 +219,8 @@ __host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gc
 
 template <int BM, int BN, int kCluster>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
-                                                const pk::TensorMap* tmap_out, const Problem& p) {
+                                                const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
+                                                const Problem& p) {
   using L = Layout<BM, BN>;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   constexpr bool kMulticast = kCluster > 1;
@@ -239,7 +244,10 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   const uint32_t smem_a = base;
   const uint32_t smem_b = smem_a + p.stages * L::kABytes;
   const uint32_t staging_off = p.stages * (L::kABytes + L::kBBytes);
-  const uint32_t bars = base + staging_off + L::kMathWG * L::kStagingBytes;
+  // A scales of stage s at sfa_off + s * kSfaBytes (after the staging tiles: those keep the
+  // 1024-byte alignment of the stage tiles; a scale box needs 128 bytes, BM * 4 is 256 or 512)
+  const uint32_t sfa_off = staging_off + L::kMathWG * L::kStagingBytes;
+  const uint32_t bars = base + sfa_off + p.stages * L::kSfaBytes;
   // full[s] at bars + 8 s, empty[s] at bars + 8 (stages + s)
   const uint32_t empty_bars = bars + 8 * p.stages;
 
@@ -280,6 +288,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         Passes<BM, kCluster> pass(p, m_blk, g, m_limit);
         while (pass.group >= 0) {
           const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
+          const int32_t sfa_g = (int32_t)(p.kind == kMasked ? g : 0u);  // sfa map: [G, K/128, M]
           const int32_t b_row = (int32_t)((uint32_t)pass.group * p.n + n_blk * BN + rank * kBSliceRows);
           for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
             // The whole warp waits (it stays converged); one thread arms the barrier and
@@ -291,17 +300,24 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             }
             if (leader) {
               if constexpr (kMulticast) {
-                // This stage receives this CTA's A (when it has rows) and both B slices (its
-                // own and the peer's multicast, which may land before this expect_tx: the
-                // transaction count goes negative, the pending arrival keeps the phase open).
-                pk::mbar_arrive_expect_tx(bars + 8 * s, (pass.mine ? L::kABytes : 0u) + L::kBBytes);
-                if (pass.mine)
+                // This stage receives this CTA's A and A scales (when it has rows) and both B
+                // slices (its own and the peer's multicast, which may land before this
+                // expect_tx: the transaction count goes negative, the pending arrival keeps
+                // the phase open).
+                pk::mbar_arrive_expect_tx(bars + 8 * s, (pass.mine ? L::kABytes + L::kSfaBytes : 0u) + L::kBBytes);
+                if (pass.mine) {
                   pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+                  pk::tma_load_3d(base + sfa_off + s * L::kSfaBytes, tmap_sfa, bars + 8 * s, (int32_t)(m_blk * BM),
+                                  (int32_t)kb, sfa_g);
+                }
                 pk::tma_load_2d_multicast(smem_b + s * L::kBBytes + rank * kBSliceBytes, tmap_b, bars + 8 * s,
                                           (int32_t)(kb * kBlockK), b_row, (uint16_t)((1u << kCluster) - 1));
               } else {
-                pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kBBytes);
+                // The whole box counts, rows past M included (the TMA zero-fills them).
+                pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kSfaBytes + L::kBBytes);
                 pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+                pk::tma_load_3d(base + sfa_off + s * L::kSfaBytes, tmap_sfa, bars + 8 * s, (int32_t)(m_blk * BM),
+                                (int32_t)kb, sfa_g);
                 pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK), b_row);
               }
             }
@@ -364,12 +380,6 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       const uint32_t gb = (uint32_t)pass.group;            // group of B / sfb / out rows
       const uint32_t m_base = m_blk * BM + 64 * wg;        // first row of this warpgroup
       const uint32_t n_base = n_blk * BN;
-      // Scales of this thread's two rows (clamped inside the tensor; rows past the end
-      // are computed but never stored).
-      const uint32_t row0 = min(m_base + frag_row, p.m - 1), row1 = min(m_base + frag_row + 8, p.m - 1);
-      const float* sfa_g = p.sfa + (p.kind == kMasked ? (uint64_t)g * p.sfa_sg : 0ull);
-      const float* sfa0 = sfa_g + (uint64_t)row0 * p.sfa_sm;
-      const float* sfa1 = sfa_g + (uint64_t)row1 * p.sfa_sm;
       const uint32_t nb0 = n_base / 128;
       const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb;
       const float* sfb1 = sfb0 + (nb0 + 1 < nb_total ? p.num_kb : 0u);
@@ -378,13 +388,17 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       for (uint32_t i = 0; i < kAcc; ++i) fin[i] = 0.0f;
 
       for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
-        // Scale loads first: their latency hides behind the wait and the wgmma.
-        const float sa0 = __ldg(sfa0 + (uint64_t)kb * p.sfa_sk);
-        const float sa1 = __ldg(sfa1 + (uint64_t)kb * p.sfa_sk);
+        // B scale loads first: their latency hides behind the wait and the wgmma.
         const float sb0 = __ldg(sfb0 + kb);
         const float sb1 = kUniformB ? sb0 : __ldg(sfb1 + kb);
 
         pk::mbar_wait(bars + 8 * s, phase);
+        // A scales of this thread's two rows, landed with the stage (rows past the tensor's
+        // end read the TMA's zero fill; they are computed but never stored). Read before
+        // the stage is released below; the ld.shared latency hides behind the wgmma.
+        const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
+        const float sa0 = sfa_s[0];
+        const float sa1 = sfa_s[8];
 #pragma unroll
         for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
         pk::wgmma_fence();
@@ -505,13 +519,11 @@ constexpr uint32_t kLaunchBound = 384;
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
   extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
-      const __grid_constant__ pk::TensorMap tmap_out,                                                  \
-      const float* sfa, const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n,   \
-      uint32_t k, uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, uint32_t sfa_stride_m, \
-      uint32_t sfa_stride_k, uint64_t sfa_stride_g) {                                                  \
-    const Problem p{sfa, sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band,            \
-                    sfa_stride_m, sfa_stride_k, sfa_stride_g};                                         \
-    fp8_gemm_kernel<BM, BN, CLUSTER>(&tmap_a, &tmap_b, &tmap_out, p);                                  \
+      const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
+      const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
+      uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band) {                                \
+    const Problem p{sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band};                \
+    fp8_gemm_kernel<BM, BN, CLUSTER>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, p);                       \
   }
 #define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1)
 #define PK_FP8_GEMM_ENTRY_MC2(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2)

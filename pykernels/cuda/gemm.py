@@ -5,8 +5,11 @@ shared-memory size, tensor maps, argument packing -> LaunchPlan, run on the GPU
 ("cuda") or on the PTX emulator ("emu"). No host-device synchronisation.
 
 One kernel per tile shape serves the three layouts (runtime `kind`). Kernel parameters,
-in order: tmap_a, tmap_b, tmap_out, sfa, sfb, out, grouping, m, n, k, groups, kind, stages,
-band, sfa_stride_m, sfa_stride_k, sfa_stride_g. Configs with cluster = 2 (entries `*_mc2`)
+in order: tmap_a, tmap_b, tmap_sfa, tmap_out, sfb, out, grouping, m, n, k, groups, kind,
+stages, band. The A scales travel by TMA with A: tmap_sfa is a 3-D map [G, K/128, M] over
+sfa in the column-major TMA-aligned layout (M contiguous, padded to 4 floats; DeepGEMM's
+`get_col_major_tma_aligned_tensor` layout), read in place when given so and transposed
+into that layout by one torch copy otherwise (`sfa_tma_aligned`). Configs with cluster = 2 (entries `*_mc2`)
 run pairs of CTAs that share each B tile by TMA multicast: launched with cluster dims
 (2, 1, 1), an even grid, and a B tensor map whose box is half the tile (each CTA loads
 one half for both).
@@ -80,10 +83,10 @@ class Config:
 
     def smem_bytes(self, stages: int) -> int:
         """Dynamic shared memory (same formula as Layout::smem_bytes in the kernel):
-        1024 alignment slack + stages x (A + B tiles) + a 64 x BLOCK_N bf16 output staging
-        tile per math warpgroup + 2 mbarriers per stage."""
+        1024 alignment slack + stages x (A + B tiles + BLOCK_M f32 A scales) + a 64 x
+        BLOCK_N bf16 output staging tile per math warpgroup + 2 mbarriers per stage."""
         staging = self.math_warpgroups * 64 * 2 * self.block_n
-        return 1024 + stages * self.stage_bytes() + staging + 16 * stages
+        return 1024 + stages * (self.stage_bytes() + 4 * self.block_m) + staging + 16 * stages
 
     def max_stages(self) -> int:
         s = MAX_STAGES
@@ -182,14 +185,24 @@ def check_shapes(m: int, n: int, k: int, rows_total: int, groups: int) -> None:
                          f"k {k} must stay below 2^31")
 
 
-def _sfa_strides(sfa: torch.Tensor):
-    """(row, K-block, group) strides of sfa in elements: row-major and column-major
-    (TMA-aligned) scales are both read in place."""
-    sm, sk = sfa.stride(-2), sfa.stride(-1)
-    sg = sfa.stride(0) if sfa.dim() == 3 else 0
-    if max(sm, sk) >= 2**32 or sg >= 2**64:
-        raise ValueError(f"sfa: strides {list(sfa.stride())} exceed the kernel's 32-bit range")
-    return sm, sk, sg
+def sfa_tma_aligned(sfa: torch.Tensor) -> torch.Tensor:
+    """sfa f32 [m, k/128] or [G, m, k/128] as the kernel's TMA reads it: a [G, k/128, m]
+    view (G = 1 for 2-D sfa) with m contiguous and the K-block stride m rounded up to 4
+    floats (16 bytes, TMA's stride unit), on a 16-byte aligned base. Returned as a view of
+    sfa when sfa already has that layout (column-major TMA-aligned), else a copy."""
+    s3 = sfa.unsqueeze(0) if sfa.dim() == 2 else sfa
+    g, m, kb = s3.shape
+    pad = _cdiv(m, 4) * 4
+    t = s3.transpose(1, 2)                                   # [G, kb, m], m innermost if col-major
+    # strides of size-1 dims are free in torch; give them values TMA accepts
+    sg = t.stride(0) if g > 1 else kb * pad
+    sk = t.stride(1) if kb > 1 else pad
+    sm = t.stride(2) if m > 1 else 1
+    if sm == 1 and sk % 4 == 0 and sk >= m and sg % 4 == 0 and sg >= kb * sk and _aligned(t):
+        return t.as_strided(t.shape, (sg, sk, 1))
+    buf = torch.empty(g, kb, pad, dtype=torch.float32, device=sfa.device)
+    buf[..., :m] = t
+    return buf[..., :m]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -228,17 +241,18 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     if kind == KIND_MASKED:
         units *= groups                                       # upper bound: masked_m <= m_max
     grid = max(1, min(sms // cfg.cluster, units)) * cfg.cluster   # persistent: <= 1 CTA per SM
-    sm, sk, sg = _sfa_strides(sfa)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, BLOCK_K), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, BLOCK_K), swizzle=128)
+    # A scales: one box = the BLOCK_M scales of one K block of one group; rows past m are
+    # zero-filled by the TMA (computed, never stored)
+    tmap_sfa = TensorMapDesc(sfa_tma_aligned(sfa), (1, 1, cfg.block_m))
     # output: 64-row x 16-column boxes (one per 16 columns of a math warpgroup's half),
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
     tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS), swizzle=32)
     group_arg = ptr(grouping) if grouping is not None else u64(0)
-    args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_out),
-            ptr(sfa), ptr(sfb), ptr(out), group_arg,
-            u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
-            u32(sm), u32(sk), u64(sg))
+    args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
+            Arg("tensormap", tmap_out), ptr(sfb), ptr(out), group_arg,
+            u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)))
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 

@@ -9,6 +9,7 @@ repeats the same label and register names in many blocks): names declared inside
 block are renamed to block-unique names here, so the executor sees one flat scope.
 """
 import dataclasses
+import functools
 import re
 
 from .errors import EmuError
@@ -97,6 +98,7 @@ class Module:
 _TYPE_SIZE = {"8": 1, "16": 2, "32": 4, "64": 8, "128": 16, "x2": 4}
 
 
+@functools.lru_cache(maxsize=None)   # called per executed instruction: cache the parse
 def type_size(t: str) -> int:
     if t == "pred":
         return 1

@@ -26,37 +26,11 @@ from pykernels.metrics import calc_diff
 from pykernels.reference import mla as RM
 from pykernels.triton import mla as TM
 
-PAGE = 64
+from .mla_cases import PAGE, make_problem
+from .mla_cases import cdiv as _cdiv
+
 OUT_CALC_DIFF = 1e-5
 LSE_ABS = 1e-4
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def make_problem(seqlens, s_q, h_q, spare_pages=3):
-    """Random q and a paged bf16 cache whose pages are a random permutation; pages not in
-    use, table entries not in use (-1) and cache slots past each seqlen are poison (NaN)."""
-    b = len(seqlens)
-    nblk = [_cdiv(L, PAGE) for L in seqlens]
-    max_blocks = max(nblk + [1]) + 1
-    num_blocks = sum(nblk) + spare_pages
-    cache = torch.randn(num_blocks, PAGE, 1, 576).to(torch.bfloat16)
-    perm = torch.randperm(num_blocks)
-    table = torch.full((b, max_blocks), -1, dtype=torch.int32)
-    used = torch.zeros(num_blocks, dtype=torch.bool)
-    off = 0
-    for i, (L, n) in enumerate(zip(seqlens, nblk)):
-        pages = perm[off:off + n]
-        off += n
-        table[i, :n] = pages.int()
-        used[pages] = True
-        if L % PAGE:
-            cache[pages[-1], L % PAGE:] = float("nan")
-    cache[~used] = float("nan")
-    q = torch.randn(b, s_q, h_q, 576).to(torch.bfloat16)
-    return q, cache, table, torch.tensor(seqlens, dtype=torch.int32)
 
 
 def naive(q, cache_f32, table, seqlens, causal, scale):

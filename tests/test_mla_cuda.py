@@ -39,15 +39,13 @@ from pykernels.metrics import calc_diff
 from pykernels.runtime import artifacts, sass
 from pykernels.runtime.executors import gpu_unavailable_reason
 
-PAGE = 64
+from .mla_cases import PAGE, make_problem
+from .mla_cases import cdiv as _cdiv
+
 OUT_CALC_DIFF = 1e-5
 LSE_ABS = 1e-4
 PRODUCER_REGS, MATH_REGS = 40, 232       # setmaxnreg targets in decode.cu
 REGISTER_FILE = 65536
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 def _sass_of(function: str) -> str:
@@ -171,30 +169,6 @@ def test_ptx_has_the_intended_instructions():
 
 
 # ------------------------------------------------------------------------ problems
-
-def make_problem(seqlens, s_q, h_q, spare_pages=2):
-    """Random q and a paged bf16 cache in random page order; pages not in use, table
-    entries not in use (-1) and cache slots past each seqlen are NaN."""
-    b = len(seqlens)
-    nblk = [_cdiv(L, PAGE) for L in seqlens]
-    max_blocks = max(nblk + [1]) + 1
-    num_blocks = sum(nblk) + spare_pages
-    cache = torch.randn(num_blocks, PAGE, 1, 576).to(torch.bfloat16)
-    perm = torch.randperm(num_blocks)
-    table = torch.full((b, max_blocks), -1, dtype=torch.int32)
-    used = torch.zeros(num_blocks, dtype=torch.bool)
-    off = 0
-    for i, (L, n) in enumerate(zip(seqlens, nblk)):
-        pages = perm[off:off + n]
-        off += n
-        table[i, :n] = pages.int()
-        used[pages] = True
-        if L % PAGE:
-            cache[pages[-1], L % PAGE:] = float("nan")
-    cache[~used] = float("nan")
-    q = torch.randn(b, s_q, h_q, 576).to(torch.bfloat16)
-    return q, cache, table, torch.tensor(seqlens, dtype=torch.int32)
-
 
 def _poisoned(b, s_q, h_q):
     return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),

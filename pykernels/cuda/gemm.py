@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..runtime.executors import run_cuda, run_emu
+from ..runtime.executors import run_plan
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
@@ -96,7 +96,7 @@ class Config:
 
 
 # The compiled instantiations (keep in sync with PK_FP8_GEMM_ENTRY / _MC2 in fp8_gemm.cu).
-CONFIGS = (Config(128, 128), Config(128, 112), Config(128, 160),
+CONFIGS = (Config(128, 128), Config(128, 112), Config(128, 144), Config(128, 160),
            Config(64, 128), Config(64, 64), Config(64, 32),
            Config(128, 128, cluster=2), Config(128, 160, cluster=2))
 
@@ -258,11 +258,7 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
 
 
 def _run(plan: LaunchPlan, executor: str):
-    if executor == "cuda":
-        return run_cuda(plan)
-    if executor == "emu":
-        return run_emu(plan)
-    raise ValueError(f"executor: expected 'cuda' or 'emu', got {executor!r}")
+    return run_plan(plan, executor)
 
 
 def _with_aligned(out: torch.Tensor, fn):

@@ -20,7 +20,7 @@ out strides, lse strides.
 import torch
 
 from ..reference import mla as RM
-from ..runtime.executors import run_cuda, run_emu
+from ..runtime.executors import run_plan
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
@@ -187,14 +187,6 @@ def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
                       args=args)
 
 
-def _run(plan: LaunchPlan, executor: str):
-    if executor == "cuda":
-        return run_cuda(plan)
-    if executor == "emu":
-        return run_emu(plan)
-    raise ValueError(f"executor: expected 'cuda' or 'emu', got {executor!r}")
-
-
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                            out, lse, head_dim_v=RM.HEAD_DIM_V, softmax_scale=None, causal=False,
                            executor: str = "cuda"):
@@ -218,9 +210,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
         lambda *s, **kw: torch.full(s, _SCRATCH_FILL, **kw))
     oacc = fill(max_splits, rows, RM.HEAD_DIM_V, dtype=torch.float32, device=q.device)
     lacc = fill(max_splits, rows, dtype=torch.float32, device=q.device)
-    stats = [_run(decode_plan(q3, kv2d, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+    stats = [run_plan(decode_plan(q3, kv2d, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                               o, l, oacc, lacc, s_q=s_q, h_q=h_q, scale=scale, causal=causal), executor),
-             _run(combine_plan(num_splits, oacc, lacc, o, l, h_q=h_q), executor)]
+             run_plan(combine_plan(num_splits, oacc, lacc, o, l, h_q=h_q), executor)]
     if o is not out:
         out.copy_(o)
     if l is not lse:

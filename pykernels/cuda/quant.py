@@ -5,7 +5,7 @@ Bit-identical to pykernels.reference.quant (see docs/quant-ptx.md).
 import torch
 
 from ..reference.constants import BLOCK
-from ..runtime.executors import run_cuda, run_emu
+from ..runtime.executors import run_plan
 from ..runtime.plan import LaunchPlan, ptr, u32, u64
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -54,7 +54,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, executor: str = "cuda"):
     m, k = x.shape
     q, sf = _outputs(x, (m, _cdiv(k, BLOCK)))
     if m and k:
-        (run_cuda if executor == "cuda" else run_emu)(per_token_plan(x, q, sf))
+        run_plan(per_token_plan(x, q, sf), executor)
     return q, sf
 
 
@@ -63,5 +63,5 @@ def per_block_cast_to_fp8(x: torch.Tensor, executor: str = "cuda"):
     m, n = x.shape
     q, sf = _outputs(x, (_cdiv(m, BLOCK), _cdiv(n, BLOCK)))
     if m and n:
-        (run_cuda if executor == "cuda" else run_emu)(per_block_plan(x, q, sf))
+        run_plan(per_block_plan(x, q, sf), executor)
     return q, sf

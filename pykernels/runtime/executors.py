@@ -64,3 +64,13 @@ def run_emu(plan: LaunchPlan, **options):
     args = [a.value for a in plan.args]
     return emu.launch(artifacts.ptx_text(plan.module), plan.function, plan.grid, plan.block, args,
                       shared_mem=plan.shared_bytes, cluster=plan.cluster, **options)
+
+
+def run_plan(plan: LaunchPlan, executor: str):
+    """Run `plan` on the GPU (executor "cuda", returns None) or on the CPU emulator
+    ("emu", returns its stats)."""
+    if executor == "cuda":
+        return run_cuda(plan)
+    if executor == "emu":
+        return run_emu(plan)
+    raise ValueError(f"executor: expected 'cuda' or 'emu', got {executor!r}")

@@ -39,14 +39,13 @@
 // code, peer, value seen, value needed) and traps (pk::report_and_trap).
 #include <cstdint>
 
-#include "pk/ptx_memory_order.cuh"
+#include "pk/ep_common.cuh"
+
+using namespace pk::ep;
 
 namespace {
 
-constexpr uint32_t kThreads = 256;
-constexpr uint32_t kMaxRanks = 8;
 constexpr uint32_t kCtrlBytes = 128;  // per ring: head at +0, tail at +64
-constexpr uint32_t kFull = 0xffffffffu;
 
 // Error codes (pykernels/cuda/ep.py: WAIT_CODES)
 enum : uint32_t {
@@ -56,27 +55,6 @@ enum : uint32_t {
   kCombineRecvWaitTail = 4,
   kCombineSourceMismatch = 5,
 };
-// Testing: sender / receiver CTAs return at once (both: a rank that never arrives).
-enum : uint32_t { kFlagIdleSenders = 1, kFlagIdleReceivers = 2 };
-
-#define PK_EP_PEER_PARAMS                                                                                   \
-  uint64_t peer0, uint64_t peer1, uint64_t peer2, uint64_t peer3, uint64_t peer4, uint64_t peer5, uint64_t peer6, \
-      uint64_t peer7
-#define PK_EP_PEERS peer0, peer1, peer2, peer3, peer4, peer5, peer6, peer7
-
-// Base of rank r's buffer: a select chain (no dynamic indexing, no local memory).
-__device__ __forceinline__ uint8_t* select_peer(uint32_t r, uint64_t p0, uint64_t p1, uint64_t p2, uint64_t p3,
-                                                uint64_t p4, uint64_t p5, uint64_t p6, uint64_t p7) {
-  uint64_t v = p0;
-  v = r == 1 ? p1 : v;
-  v = r == 2 ? p2 : v;
-  v = r == 3 ? p3 : v;
-  v = r == 4 ? p4 : v;
-  v = r == 5 ? p5 : v;
-  v = r == 6 ? p6 : v;
-  v = r == 7 ? p7 : v;
-  return reinterpret_cast<uint8_t*>(v);
-}
 
 struct Ring {
   uint32_t* head;
@@ -108,21 +86,6 @@ struct Who {
   uint32_t max_spins;
 };
 
-// Every lane acquires; lane 0's value is the warp's. __syncwarp orders lane 0's acquire
-// before the other lanes' later accesses (CUDA: __syncwarp orders memory among the lanes).
-__device__ __forceinline__ uint32_t warp_acquire(const uint32_t* p) {
-  uint32_t v = pk::ld_acquire_sys(p);
-  v = __shfl_sync(kFull, v, 0);
-  __syncwarp();
-  return v;
-}
-
-// Every lane's stores before the __syncwarp are covered by lane 0's release (cumulativity).
-__device__ __forceinline__ void warp_release(uint32_t* p, uint32_t v, uint32_t lane) {
-  __syncwarp();
-  if (lane == 0) pk::st_release_sys(p, v);
-}
-
 // Sender: wait until slot `tail` is free (tail - head < num_slots); returns the head seen.
 __device__ __forceinline__ uint32_t wait_free_slot(const uint32_t* head_p, uint32_t tail, uint32_t head,
                                                    uint32_t num_slots, const Who& who, uint32_t what) {
@@ -145,35 +108,6 @@ __device__ __forceinline__ uint32_t wait_item(const uint32_t* tail_p, uint32_t h
       pk::report_and_trap(who.err, who.rank, who.channel, what, who.peer, tail, head + 1);
   }
   return tail;
-}
-
-// Warp copies of 16-byte chunks: read-only input -> ring, ring -> output. Loops have the
-// same trip count in every lane (the tail is predicated): lanes never drift apart, which
-// keeps the warp converged (and the emulator's lanes in one step).
-__device__ __forceinline__ void warp_copy_to_ring(uint8_t* dst, const uint8_t* src, uint32_t bytes, uint32_t lane) {
-  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
-    const uint32_t i = base + lane * 16;
-    if (i < bytes) pk::st_na_v4(dst + i, pk::ld_nc_v4(src + i));
-  }
-}
-
-__device__ __forceinline__ void warp_copy_from_ring(uint8_t* dst, const uint8_t* src, uint32_t bytes, uint32_t lane) {
-  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
-    const uint32_t i = base + lane * 16;
-    if (i < bytes) *reinterpret_cast<int4*>(dst + i) = pk::ld_na_v4(src + i);
-  }
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-// acc[2i], acc[2i+1] += f32(bf16 pair w) * s, each product and sum rounded to f32.
-__device__ __forceinline__ void accumulate_bf16x2(float& lo, float& hi, uint32_t w, float s) {
-  lo = __fadd_rn(lo, __fmul_rn(__uint_as_float(w << 16), s));
-  hi = __fadd_rn(hi, __fmul_rn(__uint_as_float(w & 0xffff0000u), s));
 }
 
 __device__ __forceinline__ void channel_range(uint32_t channel, uint32_t num_channels, uint32_t num_tokens,
@@ -247,13 +181,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
           head = wait_free_slot(ring.head, tail, head, num_slots, who, kDispatchSendWaitHead);
         }
         slot = slot_at(ring, tail, num_slots, slot_bytes);
-        warp_copy_to_ring(slot, x + static_cast<uint64_t>(token) * hidden_bytes, hidden_bytes, lane);
-        for (uint32_t base = 0; base < num_scales; base += 32) {
-          const uint32_t i = base + lane;
-          if (i < num_scales)
-            pk::st_na_f32(slot + hidden_bytes + 4 * i,
-                          pk::ld_nc_f32(x_scales + static_cast<uint64_t>(token) * num_scales + i));
-        }
+        warp_put_row(slot, x, x_scales, token, hidden_bytes, num_scales, lane);
         if (lane < num_topk) {
           const uint64_t k = static_cast<uint64_t>(token) * num_topk + lane;
           pk::st_na_s32(slot + off_idx + 4 * lane, static_cast<int32_t>(pk::ld_nc_s64(topk_idx + k)));
@@ -293,11 +221,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       }
       slot = slot_at(ring, head, num_slots, slot_bytes);
       const uint64_t row = static_cast<uint64_t>(row0 + j);
-      warp_copy_from_ring(recv_x + row * hidden_bytes, slot, hidden_bytes, lane);
-      for (uint32_t base = 0; base < num_scales; base += 32) {
-        const uint32_t i = base + lane;
-        if (i < num_scales) recv_scales[row * num_scales + i] = pk::ld_na_f32(slot + hidden_bytes + 4 * i);
-      }
+      warp_get_row(recv_x, recv_scales, row, slot, hidden_bytes, num_scales, lane);
       if (lane < num_topk) {
         const int32_t e = pk::ld_na_s32(slot + off_idx + 4 * lane);
         const float w = pk::ld_na_f32(slot + off_w + 4 * lane);
@@ -360,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       }
       uint8_t* slot = slot_at(ring, tail, num_slots, slot_bytes);
       const uint64_t row = row0 + j;
-      warp_copy_to_ring(slot, x + row * row_bytes, row_bytes, lane);
+      warp_copy_to_buffer(slot, x + row * row_bytes, row_bytes, lane);
       if (lane == 0) {
         float ws = 1.0f;
         if (num_topk != 0) {
@@ -434,26 +358,17 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     for (uint32_t base = 0; base < hidden / 8; base += blockDim.x) {  // same trip count in every thread
       const uint32_t i = base + tid;
       if (i >= hidden / 8) continue;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
+      Bf16x8Sum sum;
 #pragma unroll
       for (uint32_t r = 0; r < kMaxRanks; ++r) {
         if (r >= num_ranks) break;
         if ((mask >> r) & 1u) {
           const uint8_t* slot = data0 + r * ring_bytes + static_cast<uint64_t>(pos[r] & (num_slots - 1)) * slot_bytes;
           const float ws = pk::ld_na_f32(slot + off_ws);
-          const int4 v = pk::ld_na_v4(slot + 16 * i);
-          accumulate_bf16x2(a0, a1, static_cast<uint32_t>(v.x), ws);
-          accumulate_bf16x2(a2, a3, static_cast<uint32_t>(v.y), ws);
-          accumulate_bf16x2(a4, a5, static_cast<uint32_t>(v.z), ws);
-          accumulate_bf16x2(a6, a7, static_cast<uint32_t>(v.w), ws);
+          sum.add(pk::ld_na_v4(slot + 16 * i), ws);
         }
       }
-      int4 o;
-      o.x = static_cast<int32_t>(pack_bf16x2(a0, a1));
-      o.y = static_cast<int32_t>(pack_bf16x2(a2, a3));
-      o.z = static_cast<int32_t>(pack_bf16x2(a4, a5));
-      o.w = static_cast<int32_t>(pack_bf16x2(a6, a7));
-      *reinterpret_cast<int4*>(out + (static_cast<uint64_t>(t) * hidden + 8 * i) * 2) = o;
+      *reinterpret_cast<int4*>(out + (static_cast<uint64_t>(t) * hidden + 8 * i) * 2) = sum.to_bf16();
     }
 #pragma unroll
     for (uint32_t r = 0; r < kMaxRanks; ++r) pos[r] += (mask >> r) & 1u;

@@ -11,14 +11,12 @@
 // Dynamic shared memory: (E + R) int32.
 #include <cstdint>
 
-#include "pk/ptx_memory_order.cuh"
+#include "pk/ep_common.cuh"
 
-extern "C" __global__ void __launch_bounds__(256) pk_ep_layout(const int64_t* __restrict__ topk_idx,
-                                                               int32_t* __restrict__ num_tokens_per_rank,
-                                                               int32_t* __restrict__ num_tokens_per_expert,
-                                                               uint8_t* __restrict__ is_token_in_rank,
-                                                               uint32_t num_tokens, uint32_t num_topk,
-                                                               uint32_t num_experts, uint32_t num_ranks) {
+extern "C" __global__ void __launch_bounds__(pk::ep::kThreads)
+    pk_ep_layout(const int64_t* __restrict__ topk_idx, int32_t* __restrict__ num_tokens_per_rank,
+                 int32_t* __restrict__ num_tokens_per_expert, uint8_t* __restrict__ is_token_in_rank,
+                 uint32_t num_tokens, uint32_t num_topk, uint32_t num_experts, uint32_t num_ranks) {
   extern __shared__ int32_t counts[];  // [num_experts] per expert, then [num_ranks] per rank
   int32_t* per_rank = counts + num_experts;
   const uint32_t experts_per_rank = num_experts / num_ranks;

@@ -23,69 +23,21 @@
 // expert in combine), the others receive.
 #include <cstdint>
 
-#include "pk/ptx_memory_order.cuh"
+#include "pk/ep_common.cuh"
+
+using namespace pk::ep;
 
 namespace {
 
-constexpr uint32_t kThreads = 256;
 constexpr uint32_t kWarps = kThreads / 32;
-constexpr uint32_t kMaxTopk = 16;
-constexpr uint32_t kFull = 0xffffffffu;
+constexpr uint32_t kMaxTopk = 16;  // ep.py MAX_TOPK
 
-// Error codes (pykernels/cuda/ep.py: WAIT_CODES)
+// Error codes (pykernels/cuda/ep.py: WAIT_CODES; 1-5 are intranode.cu's)
 enum : uint32_t {
   kLowLatencyWaitCount = 6,
   kLowLatencyWaitFlag = 7,
   kLowLatencyOverflow = 8,
 };
-// Testing: sender / receiver CTAs return at once (both: a rank that never arrives).
-enum : uint32_t { kFlagIdleSenders = 1, kFlagIdleReceivers = 2 };
-
-#define PK_EP_PEER_PARAMS                                                                                   \
-  uint64_t peer0, uint64_t peer1, uint64_t peer2, uint64_t peer3, uint64_t peer4, uint64_t peer5, uint64_t peer6, \
-      uint64_t peer7
-#define PK_EP_PEERS peer0, peer1, peer2, peer3, peer4, peer5, peer6, peer7
-
-__device__ __forceinline__ uint8_t* select_peer(uint32_t r, uint64_t p0, uint64_t p1, uint64_t p2, uint64_t p3,
-                                                uint64_t p4, uint64_t p5, uint64_t p6, uint64_t p7) {
-  uint64_t v = p0;
-  v = r == 1 ? p1 : v;
-  v = r == 2 ? p2 : v;
-  v = r == 3 ? p3 : v;
-  v = r == 4 ? p4 : v;
-  v = r == 5 ? p5 : v;
-  v = r == 6 ? p6 : v;
-  v = r == 7 ? p7 : v;
-  return reinterpret_cast<uint8_t*>(v);
-}
-
-// Loops have the same trip count in every lane / thread (tails predicated), so warps stay
-// converged (and the emulator runs their lanes in one step).
-__device__ __forceinline__ void warp_copy_to_peer(uint8_t* dst, const uint8_t* src, uint32_t bytes, uint32_t lane) {
-  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
-    const uint32_t i = base + lane * 16;
-    if (i < bytes) pk::st_na_v4(dst + i, pk::ld_nc_v4(src + i));
-  }
-}
-
-__device__ __forceinline__ void warp_copy_from_buffer(uint8_t* dst, const uint8_t* src, uint32_t bytes,
-                                                      uint32_t lane) {
-  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
-    const uint32_t i = base + lane * 16;
-    if (i < bytes) *reinterpret_cast<int4*>(dst + i) = pk::ld_na_v4(src + i);
-  }
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ void accumulate_bf16x2(float& lo, float& hi, uint32_t w, float s) {
-  lo = __fadd_rn(lo, __fmul_rn(__uint_as_float(w << 16), s));
-  hi = __fadd_rn(hi, __fmul_rn(__uint_as_float(w & 0xffff0000u), s));
-}
 
 }  // namespace
 
@@ -137,13 +89,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
           kb &= kb - 1;
           if (j >= max_tokens) pk::report_and_trap(err, rank, e, kLowLatencyOverflow, dst, j, max_tokens);
           uint8_t* slot = slots + static_cast<uint64_t>(j) * slot_bytes;
-          warp_copy_to_peer(slot, x + static_cast<uint64_t>(token) * hidden_bytes, hidden_bytes, lane);
-          for (uint32_t base = 0; base < num_scales; base += 32) {
-            const uint32_t i = base + lane;
-            if (i < num_scales)
-              pk::st_na_f32(slot + hidden_bytes + 4 * i,
-                            pk::ld_nc_f32(x_scales + static_cast<uint64_t>(token) * num_scales + i));
-          }
+          warp_put_row(slot, x, x_scales, token, hidden_bytes, num_scales, lane);
           if (lane == 0) {
             pk::st_na_s32(slot + off_src, static_cast<int32_t>(token));
             slot_of[static_cast<uint64_t>(token) * num_topk + k] = static_cast<int32_t>(j);
@@ -152,10 +98,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    __syncwarp();  // every lane's rows before lane 0's release
-    if (lane == 0)
-      pk::st_release_sys(reinterpret_cast<uint64_t*>(dst_buffer + off_counts) + le * num_ranks + rank,
-                         (static_cast<uint64_t>(seq) << 32) | j);
+    warp_release(reinterpret_cast<uint64_t*>(dst_buffer + off_counts) + le * num_ranks + rank,
+                 (static_cast<uint64_t>(seq) << 32) | j, lane);  // after every lane's rows
     return;
   }
 
@@ -169,9 +113,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     uint64_t v = 0;
     uint32_t spins = 0;
     while (true) {
-      v = pk::ld_acquire_sys(count_p);
-      v = __shfl_sync(kFull, v, 0);
-      __syncwarp();
+      v = warp_acquire(count_p);
       if (static_cast<uint32_t>(v >> 32) == seq) break;
       if (++spins >= max_spins)
         pk::report_and_trap(err, rank, le, kLowLatencyWaitCount, s, static_cast<uint32_t>(v >> 32), seq);
@@ -180,11 +122,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     const uint64_t base = static_cast<uint64_t>(le * num_ranks + s) * max_tokens;
     for (uint32_t j = 0; j < n; ++j) {
       const uint8_t* slot = buffer + off_data + (base + j) * slot_bytes;
-      warp_copy_from_buffer(recv_x + (base + j) * hidden_bytes, slot, hidden_bytes, lane);
-      for (uint32_t b = 0; b < num_scales; b += 32) {
-        const uint32_t i = b + lane;
-        if (i < num_scales) recv_scales[(base + j) * num_scales + i] = pk::ld_na_f32(slot + hidden_bytes + 4 * i);
-      }
+      warp_get_row(recv_x, recv_scales, base + j, slot, hidden_bytes, num_scales, lane);
       if (lane == 0) recv_src_info[base + j] = pk::ld_na_s32(slot + off_src);
     }
     if (lane == 0) recv_layout[le * num_ranks + s] = static_cast<int32_t>(n);
@@ -220,10 +158,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       uint8_t* const dst = dst_buffer + off_data + static_cast<uint64_t>(e) * max_tokens * slot_bytes;
       const uint8_t* const src = y + static_cast<uint64_t>(le * num_ranks + s) * max_tokens * row_bytes;
       for (uint32_t j = 0; j < n; ++j)
-        warp_copy_to_peer(dst + static_cast<uint64_t>(j) * slot_bytes, src + static_cast<uint64_t>(j) * row_bytes,
-                          row_bytes, lane);
-      __syncwarp();
-      if (lane == 0) pk::st_release_sys(reinterpret_cast<uint32_t*>(dst_buffer + off_flags) + e, seq);
+        warp_copy_to_buffer(dst + static_cast<uint64_t>(j) * slot_bytes, src + static_cast<uint64_t>(j) * row_bytes,
+                            row_bytes, lane);
+      warp_release(reinterpret_cast<uint32_t*>(dst_buffer + off_flags) + e, seq, lane);
     }
     return;
   }
@@ -261,26 +198,17 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     for (uint32_t base = 0; base < hidden / 8; base += blockDim.x) {  // same trip count in every thread
       const uint32_t i = base + tid;
       if (i >= hidden / 8) continue;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
+      Bf16x8Sum sum;
 #pragma unroll
       for (uint32_t k = 0; k < kMaxTopk; ++k) {
         if (k >= num_topk) break;
         if (ke[k] >= 0) {
           const uint8_t* row = buffer + off_data +
                                (static_cast<uint64_t>(ke[k]) * max_tokens + kj[k]) * slot_bytes;
-          const int4 v = pk::ld_na_v4(row + 16 * i);
-          accumulate_bf16x2(a0, a1, static_cast<uint32_t>(v.x), kw[k]);
-          accumulate_bf16x2(a2, a3, static_cast<uint32_t>(v.y), kw[k]);
-          accumulate_bf16x2(a4, a5, static_cast<uint32_t>(v.z), kw[k]);
-          accumulate_bf16x2(a6, a7, static_cast<uint32_t>(v.w), kw[k]);
+          sum.add(pk::ld_na_v4(row + 16 * i), kw[k]);
         }
       }
-      int4 o;
-      o.x = static_cast<int32_t>(pack_bf16x2(a0, a1));
-      o.y = static_cast<int32_t>(pack_bf16x2(a2, a3));
-      o.z = static_cast<int32_t>(pack_bf16x2(a4, a5));
-      o.w = static_cast<int32_t>(pack_bf16x2(a6, a7));
-      *reinterpret_cast<int4*>(out + (static_cast<uint64_t>(t) * hidden + 8 * i) * 2) = o;
+      *reinterpret_cast<int4*>(out + (static_cast<uint64_t>(t) * hidden + 8 * i) * 2) = sum.to_bf16();
     }
   }
 }

@@ -25,39 +25,39 @@
 
 namespace pk {
 
+// The scalar wrappers are one line each, stamped out by these macros: an asm template must
+// be a string literal, so a C++ template could not splice in the PTX type. `reg` is the
+// operand constraint ("r" 32-bit, "l" 64-bit, "f" f32); P is the pointer parameter's type.
+//  * PK_MO_LOAD / PK_MO_STORE: ordered accesses (strong, or weak payload ordered by strong
+//    ones): the "memory" clobber keeps the compiler from moving memory accesses across them.
+//  * PK_MO_LOAD_NC: read-only inputs, no clobber (the compiler may move them).
+#define PK_MO_LOAD(name, T, P, insn, reg)                                 \
+  __device__ __forceinline__ T name(P p) {                                \
+    T v;                                                                  \
+    asm volatile(insn " %0, [%1];\n" : "=" reg(v) : "l"(p) : "memory");  \
+    return v;                                                             \
+  }
+#define PK_MO_LOAD_NC(name, T, insn, reg)                     \
+  __device__ __forceinline__ T name(const void* p) {          \
+    T v;                                                      \
+    asm volatile(insn " %0, [%1];\n" : "=" reg(v) : "l"(p));  \
+    return v;                                                 \
+  }
+#define PK_MO_STORE(name, P, T, insn, reg)                          \
+  __device__ __forceinline__ void name(P p, T v) {                  \
+    asm volatile(insn " [%0], %1;\n" ::"l"(p), reg(v) : "memory");  \
+  }
+
 // ---------------------------------------------------------------------------------------
 // Strong loads and stores (counters, flags)
 // ---------------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint32_t ld_relaxed_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_relaxed_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.relaxed.sys.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
+PK_MO_LOAD(ld_acquire_sys, uint32_t, const uint32_t*, "ld.acquire.sys.global.u32", "r")
+PK_MO_LOAD(ld_acquire_sys, uint64_t, const uint64_t*, "ld.acquire.sys.global.u64", "l")
+PK_MO_LOAD(ld_relaxed_sys, uint32_t, const uint32_t*, "ld.relaxed.sys.global.u32", "r")
+PK_MO_STORE(st_release_sys, uint32_t*, uint32_t, "st.release.sys.global.u32", "r")
+PK_MO_STORE(st_release_sys, uint64_t*, uint64_t, "st.release.sys.global.u64", "l")
+PK_MO_STORE(st_relaxed_sys, uint32_t*, uint32_t, "st.relaxed.sys.global.u32", "r")
 
 // ---------------------------------------------------------------------------------------
 // Fences and atomics
@@ -100,23 +100,9 @@ __device__ __forceinline__ uint32_t ld_nc_u8(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ int32_t ld_nc_s32(const void* p) {
-  int32_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.s32 %0, [%1];\n" : "=r"(v) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ float ld_nc_f32(const void* p) {
-  float v;
-  asm volatile("ld.global.nc.L1::no_allocate.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ int64_t ld_nc_s64(const void* p) {
-  int64_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.s64 %0, [%1];\n" : "=l"(v) : "l"(p));
-  return v;
-}
+PK_MO_LOAD_NC(ld_nc_s32, int32_t, "ld.global.nc.L1::no_allocate.s32", "r")
+PK_MO_LOAD_NC(ld_nc_f32, float, "ld.global.nc.L1::no_allocate.f32", "f")
+PK_MO_LOAD_NC(ld_nc_s64, int64_t, "ld.global.nc.L1::no_allocate.s64", "l")
 
 // ---------------------------------------------------------------------------------------
 // Ring-buffer payload: weak (coherent) accesses that bypass L1 allocation. Ordered by the
@@ -132,17 +118,8 @@ __device__ __forceinline__ int4 ld_na_v4(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ int32_t ld_na_s32(const void* p) {
-  int32_t v;
-  asm volatile("ld.global.L1::no_allocate.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ float ld_na_f32(const void* p) {
-  float v;
-  asm volatile("ld.global.L1::no_allocate.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
-  return v;
-}
+PK_MO_LOAD(ld_na_s32, int32_t, const void*, "ld.global.L1::no_allocate.s32", "r")
+PK_MO_LOAD(ld_na_f32, float, const void*, "ld.global.L1::no_allocate.f32", "f")
 
 __device__ __forceinline__ void st_na_v4(void* p, int4 v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y),
@@ -150,17 +127,13 @@ __device__ __forceinline__ void st_na_v4(void* p, int4 v) {
                : "memory");
 }
 
-__device__ __forceinline__ void st_na_s32(void* p, int32_t v) {
-  asm volatile("st.global.L1::no_allocate.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
+PK_MO_STORE(st_na_s32, void*, int32_t, "st.global.L1::no_allocate.s32", "r")
+PK_MO_STORE(st_na_f32, void*, float, "st.global.L1::no_allocate.f32", "f")
+PK_MO_STORE(st_na_s64, void*, int64_t, "st.global.L1::no_allocate.s64", "l")
 
-__device__ __forceinline__ void st_na_f32(void* p, float v) {
-  asm volatile("st.global.L1::no_allocate.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_na_s64(void* p, int64_t v) {
-  asm volatile("st.global.L1::no_allocate.s64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
-}
+#undef PK_MO_LOAD
+#undef PK_MO_LOAD_NC
+#undef PK_MO_STORE
 
 // ---------------------------------------------------------------------------------------
 // Time and failure

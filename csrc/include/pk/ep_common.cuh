@@ -1,0 +1,131 @@
+// pk/ep_common.cuh — what the expert-parallel kernels (csrc/ep/) share: launch shape, peer
+// arguments, testing flags, warp-level acquire / release of counters, the slot payload
+// copies and the bf16 weighted sum of the combines. One definition here keeps the kernels
+// in step with each other and with pykernels/cuda/ep.py (THREADS, MAX_RANKS, the flags).
+// Error codes stay in each kernel file: they are one numbering (ep.py WAIT_CODES) but each
+// kernel family owns its own.
+#pragma once
+
+#include <cstdint>
+
+#include "pk/ptx.cuh"  // pack_bf16x2
+#include "pk/ptx_memory_order.cuh"
+
+namespace pk {
+namespace ep {
+
+constexpr uint32_t kThreads = 256;  // block of every EP kernel (ep.py THREADS)
+constexpr uint32_t kMaxRanks = 8;   // peers passed as 8 u64 arguments (ep.py MAX_RANKS)
+constexpr uint32_t kFull = 0xffffffffu;
+
+// Testing: sender / receiver CTAs return at once (both: a rank that never arrives).
+enum : uint32_t { kFlagIdleSenders = 1, kFlagIdleReceivers = 2 };
+
+// Every rank's buffer base (its own included; 0 beyond num_ranks) as scalar kernel
+// parameters: an array parameter would be indexed dynamically.
+#define PK_EP_PEER_PARAMS                                                                                   \
+  uint64_t peer0, uint64_t peer1, uint64_t peer2, uint64_t peer3, uint64_t peer4, uint64_t peer5, uint64_t peer6, \
+      uint64_t peer7
+#define PK_EP_PEERS peer0, peer1, peer2, peer3, peer4, peer5, peer6, peer7
+
+// Base of rank r's buffer: a select chain (no dynamic indexing, no local memory).
+__device__ __forceinline__ uint8_t* select_peer(uint32_t r, uint64_t p0, uint64_t p1, uint64_t p2, uint64_t p3,
+                                                uint64_t p4, uint64_t p5, uint64_t p6, uint64_t p7) {
+  uint64_t v = p0;
+  v = r == 1 ? p1 : v;
+  v = r == 2 ? p2 : v;
+  v = r == 3 ? p3 : v;
+  v = r == 4 ? p4 : v;
+  v = r == 5 ? p5 : v;
+  v = r == 6 ? p6 : v;
+  v = r == 7 ? p7 : v;
+  return reinterpret_cast<uint8_t*>(v);
+}
+
+// Every lane acquires; lane 0's value is the warp's. __syncwarp orders lane 0's acquire
+// before the other lanes' later accesses (CUDA: __syncwarp orders memory among the lanes).
+template <typename T>
+__device__ __forceinline__ T warp_acquire(const T* p) {
+  T v = pk::ld_acquire_sys(p);
+  v = __shfl_sync(kFull, v, 0);
+  __syncwarp();
+  return v;
+}
+
+// Every lane's stores before the __syncwarp are covered by lane 0's release (cumulativity).
+template <typename T>
+__device__ __forceinline__ void warp_release(T* p, T v, uint32_t lane) {
+  __syncwarp();
+  if (lane == 0) pk::st_release_sys(p, v);
+}
+
+// Warp copies of 16-byte chunks: read-only input -> a (peer's) buffer, buffer -> output.
+// Loops have the same trip count in every lane (the tail is predicated): lanes never
+// drift apart, which keeps the warp converged (and the emulator's lanes in one step).
+__device__ __forceinline__ void warp_copy_to_buffer(uint8_t* dst, const uint8_t* src, uint32_t bytes,
+                                                    uint32_t lane) {
+  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
+    const uint32_t i = base + lane * 16;
+    if (i < bytes) pk::st_na_v4(dst + i, pk::ld_nc_v4(src + i));
+  }
+}
+
+__device__ __forceinline__ void warp_copy_from_buffer(uint8_t* dst, const uint8_t* src, uint32_t bytes,
+                                                      uint32_t lane) {
+  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
+    const uint32_t i = base + lane * 16;
+    if (i < bytes) *reinterpret_cast<int4*>(dst + i) = pk::ld_na_v4(src + i);
+  }
+}
+
+// A dispatched slot starts with the token's row (row_bytes) and its f32 scales
+// (num_scales, FP8 only); what follows is the kernel's own.
+__device__ __forceinline__ void warp_put_row(uint8_t* slot, const uint8_t* x, const float* x_scales, uint32_t token,
+                                             uint32_t row_bytes, uint32_t num_scales, uint32_t lane) {
+  warp_copy_to_buffer(slot, x + static_cast<uint64_t>(token) * row_bytes, row_bytes, lane);
+  for (uint32_t base = 0; base < num_scales; base += 32) {
+    const uint32_t i = base + lane;
+    if (i < num_scales)
+      pk::st_na_f32(slot + row_bytes + 4 * i, pk::ld_nc_f32(x_scales + static_cast<uint64_t>(token) * num_scales + i));
+  }
+}
+
+__device__ __forceinline__ void warp_get_row(uint8_t* recv_x, float* recv_scales, uint64_t row, const uint8_t* slot,
+                                             uint32_t row_bytes, uint32_t num_scales, uint32_t lane) {
+  warp_copy_from_buffer(recv_x + row * row_bytes, slot, row_bytes, lane);
+  for (uint32_t base = 0; base < num_scales; base += 32) {
+    const uint32_t i = base + lane;
+    if (i < num_scales) recv_scales[row * num_scales + i] = pk::ld_na_f32(slot + row_bytes + 4 * i);
+  }
+}
+
+// Combine: eight f32 sums for one 16-byte chunk of bf16 columns. Products and sums are
+// rounded to f32 one at a time (no FMA), from 0.0, in the caller's order: the reference's.
+struct Bf16x8Sum {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
+
+  // lo, hi += f32(bf16 pair w) * s
+  static __device__ __forceinline__ void add_pair(float& lo, float& hi, uint32_t w, float s) {
+    lo = __fadd_rn(lo, __fmul_rn(__uint_as_float(w << 16), s));
+    hi = __fadd_rn(hi, __fmul_rn(__uint_as_float(w & 0xffff0000u), s));
+  }
+
+  __device__ __forceinline__ void add(int4 v, float s) {
+    add_pair(a0, a1, static_cast<uint32_t>(v.x), s);
+    add_pair(a2, a3, static_cast<uint32_t>(v.y), s);
+    add_pair(a4, a5, static_cast<uint32_t>(v.z), s);
+    add_pair(a6, a7, static_cast<uint32_t>(v.w), s);
+  }
+
+  __device__ __forceinline__ int4 to_bf16() const {
+    int4 o;
+    o.x = static_cast<int32_t>(pk::pack_bf16x2(a0, a1));
+    o.y = static_cast<int32_t>(pk::pack_bf16x2(a2, a3));
+    o.z = static_cast<int32_t>(pk::pack_bf16x2(a4, a5));
+    o.w = static_cast<int32_t>(pk::pack_bf16x2(a6, a7));
+    return o;
+  }
+};
+
+}  // namespace ep
+}  // namespace pk

@@ -6,6 +6,9 @@ Tolerance: calc_diff < 1e-3 against the float32 reference (DeepGEMM's bound; the
 accumulates each wgmma exactly, so the observed difference is ~1e-9, bf16 rounding).
 Byte counts from the emulator's stats check that each owned element is written once
 and nothing else is."""
+import dataclasses
+import re
+
 import pytest
 import torch
 
@@ -13,6 +16,8 @@ import pykernels as pk
 from pykernels import reference as R
 from pykernels.cuda import gemm as G
 from pykernels.metrics import calc_diff
+from pykernels import emu
+from pykernels.runtime import artifacts
 from pykernels.runtime.executors import run_emu
 
 from .fp8_cases import contiguous_indices, nan_bf16, normal_problem
@@ -281,6 +286,61 @@ def test_multicast_two_stages_wrap_the_ring(seed):
     assert plan.grid == (2, 1, 1)
     run_emu(plan)
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+
+
+def _without_remote_release(ptx: str, function: str) -> str:
+    """The PTX of `function` changed into a broken protocol: each CTA releases a stage on
+    its own empty barrier only (count 8 instead of 16, no remote arrive), so a producer
+    may multicast into the peer's stage before the peer has consumed it."""
+    start = ptx.index(f".entry {function}(")
+    end = ptx.find(".entry ", start + 1)                   # the next kernel (or the end)
+    end = len(ptx) if end < 0 else ptx.rfind("\n", start, end)
+    body = ptx[start:end]
+    remote = re.findall(r"\n\s*mbarrier\.arrive\.release\.cluster\.shared::cluster\.b64 _, \[%r\d+\];", body)
+    assert len(remote) == 2, "the kernel's PTX changed shape: update this patch"
+    for line in remote:
+        body = body.replace(line, "")
+    # the empty barriers' init count: the register set right before their mbarrier.init
+    inits = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (%r\d+);", body)
+    assert len(inits) == 2, "the kernel's PTX changed shape: update this patch"
+    count = re.compile(rf"mov\.u32 \t{re.escape(inits[1])}, 16;")
+    assert len(count.findall(body)) == 1
+    body = count.sub(f"mov.u32 \t{inits[1]}, 8;", body)
+    return ptx[:start] + body + ptx[end:]
+
+
+@pytest.mark.parametrize("schedule", ["cta_first", "cta_last"])
+def test_multicast_protocol_holds_when_one_cta_runs_ahead(schedule, seed):
+    # The emulator's default schedule keeps the two CTAs of a cluster in step, which would
+    # hide a missing cross-CTA release. Here one CTA runs whenever it can (the other only
+    # while it is blocked), so each CTA gets as far ahead as the protocol lets it.
+    m, n, k = 256, 256, 1024
+    a, sfa, b, sfb = _problem(m, n, k)
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+    cfg = G.Config(128, 128, cluster=2)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=2)
+    run_emu(plan, schedule=schedule)
+    assert calc_diff(out, ref) < TOL and not out.isnan().any()
+
+    # The same kernel without the remote releases: in step it still gives the right
+    # answer (the race is invisible), with one CTA running ahead its producer multicasts
+    # the next K block into the peer's stage before the peer read it, and the result is
+    # wrong - the skewed schedule is what catches such a bug.
+    broken = _without_remote_release(artifacts.ptx_text(G.MODULE), cfg.function)
+    args = [x.value for x in plan.args]
+    results = {}
+    for sched in ("lockstep", schedule):
+        o = nan_bf16(m, n)
+        args[5] = o                                        # out pointer (the TMA store map keeps `out`)
+        argv = list(args)
+        argv[3] = dataclasses.replace(argv[3], tensor=o.view(-1, n))
+        emu.launch(broken, cfg.function, plan.grid, plan.block, argv, shared_mem=plan.shared_bytes,
+                   cluster=plan.cluster, schedule=sched)
+        results[sched] = calc_diff(o.float().nan_to_num(1e4), ref)
+    assert results["lockstep"] < TOL
+    assert results[schedule] > 100 * TOL
 
 
 @pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)

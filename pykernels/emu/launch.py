@@ -38,6 +38,7 @@ class Launch:
         self.gmem = gmem
         self.stats = Stats()
         self.max_steps = max_steps
+        self.schedule = "lockstep"        # see launch(); set by _prepare
         self.dynamic_shared = int(shared_mem)
         self.param_offsets = {p.name: p.offset for p in kernel.params}
         self.param_buffer = self._pack(args)
@@ -121,7 +122,10 @@ class Launch:
         return groups
 
 
-def _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem, max_steps):
+SCHEDULES = ("lockstep", "cta_first", "cta_last")
+
+
+def _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem, max_steps, schedule="lockstep"):
     module = parse_cached(ptx) if isinstance(ptx, str) else ptx
     k = module.kernel(kernel)
     grid, block, cluster = _dim3(grid, "grid"), _dim3(block, "block"), _dim3(cluster, "cluster")
@@ -129,19 +133,30 @@ def _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem, max_step
         raise ValueError(f"block: at most 1024 threads per CTA, got {block}")
     if np.prod(cluster) > 16:
         raise ValueError(f"cluster: at most 16 CTAs, got {cluster}")
-    return Launch(module, k, grid, block, cluster, list(args), shared_mem, gmem, max_steps)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    L = Launch(module, k, grid, block, cluster, list(args), shared_mem, gmem, max_steps)
+    L.schedule = schedule
+    return L
 
 
 def launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1, 1, 1), *, co_resident=False,
-           gmem=None, max_steps=MAX_STEPS):
+           gmem=None, max_steps=MAX_STEPS, schedule="lockstep"):
     """Run `kernel` of the PTX module text `ptx` over CPU tensors; returns Stats.
 
     grid, block, cluster: 1-3 sizes; args: CPU tensors (passed as pointers), Python
     ints/floats (typed by the kernel's parameter list), tensor maps or raw bytes.
     co_resident=True keeps every CTA of the grid resident at once (persistent kernels,
     CTAs that wait on each other); otherwise CTAs run a cluster at a time.
+    schedule: how the resident CTAs interleave. "lockstep" (default) runs the smallest
+    (epoch, PC) across all of them, so the CTAs of a cluster advance together;
+    "cta_first" / "cta_last" let the lowest / highest CTA (in the group's order) run
+    whenever it can and the others only while it is blocked: one CTA races ahead of its
+    peers as far as its synchronisation allows, which exposes cross-CTA races (a
+    multicast into a peer's stage that the peer has not released) that lockstep hides.
     """
-    L = _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem or GlobalMemory(), max_steps)
+    L = _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem or GlobalMemory(), max_steps,
+                 schedule)
     for ctas in L.cta_groups(co_resident):
         Machine(L, ctas).run()
         L.stats.ctas += len(ctas)

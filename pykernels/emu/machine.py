@@ -2,7 +2,9 @@
 
 Scheduling: each thread has a PC and an epoch (incremented on every backward branch it
 takes). Each step runs the instruction at the smallest (epoch, PC) among runnable
-threads, for all runnable threads sitting there, across warps and CTAs. Threads of a
+threads, for all runnable threads sitting there, across warps and CTAs (or, with the
+launch's schedule "cta_first" / "cta_last", among the runnable threads of the CTA of
+highest priority only). Threads of a
 warp that diverge reconverge where they meet again; a thread spinning on a wait loop
 raises its epoch and so lets lagging threads (producers) run first. Blocking
 instructions (bar.sync, a failed mbarrier wait) park threads until they can go on; if
@@ -67,6 +69,9 @@ class Machine:
         self.async_ops = []              # issued asynchronous copies not yet performed (TMA, bulk)
         self.steps = 0
         self.instr = None
+        # CTA priority (schedule "cta_first" / "cta_last"): rank of each thread's CTA
+        schedule = getattr(launch, "schedule", "lockstep")
+        self.cta_rank = None if schedule == "lockstep" else (self.cta if schedule == "cta_first" else -self.cta)
 
     # ---------------------------------------------------------------- locations
     def where(self, idx=None):
@@ -359,7 +364,8 @@ class Machine:
         end = None if budget is None else self.steps + budget
         while True:
             runnable = self.state == RUNNABLE
-            if self.async_ops and (not runnable.any() or self.steps - self.async_ops[0].issued > ASYNC_LATENCY):
+            if self.async_ops and (not runnable.any() or self.steps - self.async_ops[0].issued > ASYNC_LATENCY
+                                   or self._lead_blocked(runnable)):
                 self.complete_async()
                 continue
             if not runnable.any():
@@ -368,6 +374,9 @@ class Machine:
                 if self._wake_pollers():
                     continue
                 self._deadlock()
+            if self.cta_rank is not None:
+                # only the highest-priority CTA with runnable threads moves
+                runnable = runnable & (self.cta_rank == self.cta_rank[runnable].min())
             key = self.epoch * (1 << 24) + self.pc
             kmin = key[runnable].min()
             idx = np.flatnonzero(runnable & (key == kmin))
@@ -393,6 +402,16 @@ class Machine:
                 self.fail(EmuError, f"more than {self.L.max_steps} steps: the kernel does not terminate", idx)
             if end is not None and self.steps >= end:
                 return "budget"
+
+    def _lead_blocked(self, runnable):
+        """Skewed schedules: the leading live CTA cannot move. Its copies land before
+        another CTA runs (any time after issue is legal), so the leader gets as far
+        ahead as its synchronisation allows."""
+        if self.cta_rank is None:
+            return False
+        live = self.state != DONE
+        lead = self.cta_rank[live].min()
+        return not (runnable & (self.cta_rank == lead)).any()
 
     def issue_async(self, op):
         """Queue an asynchronous copy (an object with .issued and .perform()); it is

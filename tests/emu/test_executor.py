@@ -298,3 +298,46 @@ def test_cluster_barrier_completes_when_the_last_missing_thread_exits():
     out = torch.zeros(2, dtype=torch.int32)
     emu.launch(CLUSTER_EXITING_WARP, "k", (2, 1, 1), (64, 1, 1), [out], cluster=(2, 1, 1))
     assert out.tolist() == [1, 1]
+
+
+TICKETS = HEAD + """
+.visible .entry tickets(.param .u64 p_counter, .param .u64 p_out)
+{
+    .reg .b32 %r<8>; .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [p_counter]; ld.param.u64 %rd2, [p_out];
+    mov.u32 %r1, %ctaid.x; mov.u32 %r2, %ntid.x; mov.u32 %r3, %tid.x;
+    mad.lo.u32 %r4, %r1, %r2, %r3;
+    atom.global.add.u32 %r5, [%rd1], 1;
+    atom.global.add.u32 %r6, [%rd1], 1;
+    mul.wide.u32 %rd3, %r4, 8;
+    add.u64 %rd4, %rd2, %rd3;
+    st.global.v2.u32 [%rd4], {%r5, %r6};
+    ret;
+}
+"""
+
+
+@pytest.mark.parametrize("schedule", ["lockstep", "cta_first", "cta_last"])
+def test_schedules_order_the_ctas_of_a_cluster(schedule):
+    # Two CTAs of one cluster (64 threads each) take two tickets each from one counter.
+    # lockstep: both CTAs' threads sit at the same PC, so each instruction serves all
+    # 128 threads: first tickets 0..127, second 128..255. cta_first / cta_last: one CTA
+    # runs to its end before the other moves.
+    counter = torch.zeros(1, dtype=torch.int32)
+    out = torch.full((128, 2), -1, dtype=torch.int32)
+    emu.launch(TICKETS, "tickets", (2,), (64,), [counter, out], cluster=(2, 1, 1), schedule=schedule)
+    assert int(counter) == 256
+    assert sorted(out.flatten().tolist()) == list(range(256))      # every ticket once
+    first = {"lockstep": 0, "cta_first": 0, "cta_last": 1}[schedule]
+    lead, other = out[64 * first:64 * first + 64], out[64 * (1 - first):64 * (1 - first) + 64]
+    if schedule == "lockstep":
+        assert out[:, 0].max() < 128 <= out[:, 1].min()
+    else:
+        assert lead.max() < 128 <= other.min()                  # the leader took all of its tickets first
+        assert lead[:, 0].max() < lead[:, 1].min()
+
+
+def test_unknown_schedule_is_an_error():
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        emu.launch(TICKETS, "tickets", (1,), (32,), [torch.zeros(1, dtype=torch.int32),
+                                                     torch.zeros(32, 2, dtype=torch.int32)], schedule="random")

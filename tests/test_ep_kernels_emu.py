@@ -156,6 +156,161 @@ def test_rank_without_tokens_and_empty_channel(seed):
 
 
 # ---------------------------------------------------------------------------------------
+# Normal mode with num_worst_tokens: outputs sized up front, no device -> host read
+# ---------------------------------------------------------------------------------------
+def _forbid_host_reads(monkeypatch):
+    """Make every device -> host read of the dispatch path (cep._to_host) fail."""
+    def no_read(t):
+        raise AssertionError(f"host read of a {list(t.shape)} tensor on the num_worst_tokens path")
+    monkeypatch.setattr(cep, "_to_host", no_read)
+
+
+def _count_host_reads(monkeypatch):
+    calls = []
+    real = cep._to_host
+    monkeypatch.setattr(cep, "_to_host", lambda t: calls.append(list(t.shape)) or real(t))
+    return calls
+
+
+def _rows(t, n):
+    return _bits(t[:n]), _bits(t[n:])
+
+
+def _check_worst_dispatch(res, base, exp, W, fp8):
+    """First n rows equal the default path's and the reference's, rows n..W still poison."""
+    for r, (got, want) in enumerate(zip(res, exp)):
+        n = base[r]["handle"].num_recv
+        total = got["num_recv_tokens"]
+        assert isinstance(total, torch.Tensor) and total.dim() == 0 and total.dtype == torch.int32, r
+        assert int(total) == n == want["recv_src"].shape[0], (r, int(total), n)
+        h = got["handle"]
+        assert h.num_recv == W and h.num_worst_tokens == W and h.num_recv_tokens is total
+        parts = [(got["recv_x"][0], want["recv_x"][0]), (got["recv_x"][1], want["recv_x"][1])] if fp8 else \
+            [(got["recv_x"], want["recv_x"])]
+        parts += [(got["recv_topk_idx"], want["recv_topk_idx"]), (got["recv_topk_weights"], want["recv_topk_weights"]),
+                  (h.recv_src_idx, want["recv_src"][:, 1].to(torch.int32))]
+        for g, w in parts:
+            assert g.shape[0] == W, (r, list(g.shape))
+            head, tail = _rows(g, n)
+            assert torch.equal(head, _bits(w)), r
+            assert (tail == 0xFF).all(), f"rank {r}: a row past num_recv_tokens={n} was written"
+        assert torch.equal(_bits(got["recv_x"][0] if fp8 else got["recv_x"])[:n],
+                           _bits(base[r]["recv_x"][0] if fp8 else base[r]["recv_x"]))
+        assert torch.equal(h.recv_channel_offset, base[r]["handle"].recv_channel_offset), r
+        per_expert = got["num_recv_tokens_per_expert"]
+        assert isinstance(per_expert, torch.Tensor) and per_expert.dtype == torch.int32
+        assert per_expert.tolist() == want["num_recv_tokens_per_expert"] == base[r]["num_recv_tokens_per_expert"]
+
+
+@pytest.mark.parametrize("R,fp8", [(2, False), (4, False), (2, True)])
+def test_dispatch_num_worst_tokens_matches_default_and_reference(R, fp8, seed, monkeypatch):
+    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=fp8)
+    node = _node(R)
+    reads = _count_host_reads(monkeypatch)
+    base = node.dispatch(xs, topk, ws, E)                         # default: sized by host reads
+    assert reads, "the default path no longer reads through cep._to_host: the check below proves nothing"
+    assert all(int(b["num_recv_tokens"]) == b["handle"].num_recv for b in base)
+    plain = [x[0].view(torch.uint8) for x in xs] if fp8 else xs
+    exp = ref.simulate_dispatch(plain, topk, ws, E)
+    if fp8:
+        for e, s in zip(exp, ref.simulate_dispatch([x[1] for x in xs], topk, ws, E)):
+            e["recv_x"] = (e["recv_x"], s["recv_x"])
+    counts = [b["handle"].num_recv for b in base]
+    print(f"received per rank {counts}, tokens per rank {Ts}")
+    _forbid_host_reads(monkeypatch)
+    # the worst case (every token of every rank), then tight: the largest actual count
+    for W in (max(Ts) * R, max(counts)):
+        res = node.dispatch(xs, topk, ws, E, num_worst_tokens=W)   # same buffers: rings go on
+        _check_worst_dispatch(res, base, exp, W, fp8)
+        if fp8:
+            continue
+        # combine from the worst-case handle: rows past the count are NaN poison, so any
+        # read of them would show; no host count needed either
+        ys = [(r_["recv_x"].float() * (1 + d)).to(torch.bfloat16) for d, r_ in enumerate(res)]
+        recv_w = [r_["recv_topk_weights"] for r_ in res]
+        assert all(y[n:].isnan().all() for y, n in zip(ys, counts))
+        out = node.combine(ys, [r_["handle"] for r_ in res], recv_w)
+        want = ref.simulate_combine([y[:n] for y, n in zip(ys, counts)], [e["recv_src"] for e in exp], Ts,
+                                    [w[:n] for w, n in zip(recv_w, counts)])
+        for r in range(R):
+            assert torch.equal(_bits(out[r]), _bits(want[r].to(torch.bfloat16))), (W, r)
+    # a cached layout (the worst-case handles), no top-k: still no host read
+    again = node.dispatch(xs, handles=[r_["handle"] for r_ in res])
+    for r in range(R):
+        assert again[r]["handle"].num_recv == max(counts)
+        data = again[r]["recv_x"][0] if fp8 else again[r]["recv_x"]
+        head, tail = _rows(data, counts[r])
+        assert torch.equal(head, _bits(exp[r]["recv_x"][0] if fp8 else exp[r]["recv_x"])) and (tail == 0xFF).all()
+
+
+def _guarded_outputs(monkeypatch, guard=3):
+    """Dispatch outputs as the first rows of poisoned tensors `guard` rows longer: the
+    kernel gets the short views (its bound), the guard rows show any write past them."""
+    made = []
+    real = cep._alloc_dispatch_out
+
+    def alloc(cfg, x, num_recv, K, device, poison):
+        full = real(cfg, x, num_recv + guard, K, device, poison)
+        made.append((num_recv, full))
+        return {k: (v if k == "recv_channel_offset" else v[:num_recv]) for k, v in full.items()}
+    monkeypatch.setattr(cep, "_alloc_dispatch_out", alloc)
+    return made
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_num_worst_tokens_too_small_is_reported(R, seed, monkeypatch):
+    xs, topk, ws, E, Ts = _inputs(R, seed)
+    counts = [e["recv_x"].shape[0] for e in ref.simulate_dispatch(xs, topk, ws, E)]
+    W = max(counts) - 1
+    over = {r for r, n in enumerate(counts) if n > W}
+    print(f"received per rank {counts}, num_worst_tokens={W}")
+    node = _node(R)
+    made = _guarded_outputs(monkeypatch)
+    _forbid_host_reads(monkeypatch)
+    with pytest.raises(emu.EmuError, match=r"pk_ep_dispatch.*trap(.|\n)*error records(.|\n)*code': 9"):
+        node.dispatch(xs, topk, ws, E, num_worst_tokens=W)
+    found = [(r, rec) for r, rec in enumerate(node.error_records()) if rec]
+    assert found
+    for r, rec in found:        # only a rank that receives too much reports, and what it needs
+        assert r in over and rec["rank"] == r and rec["code"] == 9 and rec["what"] == cep.WAIT_CODES[9]
+        assert 0 <= rec["peer"] < R and 0 <= rec["channel"] < CHANNELS and rec["cta"] == 2 * rec["channel"] + 1
+        assert W < rec["seen"] <= counts[r] and rec["needed"] == W
+    # nothing written past the W rows of any rank (no silent corruption)
+    for rows, full in made:
+        assert rows == W
+        for k, v in full.items():
+            if k != "recv_channel_offset":
+                assert (_bits(v[W:]) == 0xFF).all(), k
+
+
+def test_num_worst_tokens_validation(seed, monkeypatch):
+    xs, topk, ws, E, Ts = _inputs(2, seed)
+    node = _node(2)
+    for bad in (-1, 2.0, True, 2 ** 31):
+        with pytest.raises(ValueError, match=r"num_worst_tokens: expected an int in \[0, 2\^31\)"):
+            node.dispatch(xs, topk, ws, E, num_worst_tokens=bad)
+    res = node.dispatch(xs, topk, ws, E)
+    handles = [r_["handle"] for r_ in res]
+    n = max(h.num_recv for h in handles)
+    r_big = max(range(2), key=lambda r: handles[r].num_recv)
+    _forbid_host_reads(monkeypatch)
+    # exact counts known on the host (handles of a default dispatch): checked before launch
+    with pytest.raises(ValueError, match=rf"num_worst_tokens: rank {r_big} receives {n} tokens.*"
+                                         rf"num_worst_tokens={n - 1}"):
+        node.dispatch(xs, handles=handles, num_worst_tokens=n - 1)
+    again = node.dispatch(xs, handles=handles, num_worst_tokens=n)     # enough: no host read
+    for r in range(2):
+        head, tail = _rows(again[r]["recv_x"], handles[r].num_recv)
+        assert torch.equal(head, _bits(res[r]["recv_x"])) and (tail == 0xFF).all()
+        assert int(again[r]["num_recv_tokens"]) == handles[r].num_recv
+    # the topk_idx range check is a device-side assert on this path (RuntimeError on the CPU)
+    bad = [t.clone() for t in topk]
+    bad[1][-1, 0] = E
+    with pytest.raises(RuntimeError, match=r"topk_idx: expected values in \[-1, %d\)" % E):
+        node.dispatch(xs, bad, ws, E, num_worst_tokens=n)
+
+
+# ---------------------------------------------------------------------------------------
 # Low-latency mode
 # ---------------------------------------------------------------------------------------
 def _ll_expected(xs, topk, E, R, M):
@@ -448,5 +603,23 @@ def test_cuda_local_node_matches_reference(fp8, seed):
         out = node.combine([r_["recv_x"] for r_ in res], [r_["handle"] for r_ in res], recv_w)
         want = ref.simulate_combine([e["recv_x"] for e in exp], [e["recv_src"] for e in exp], [T] * R,
                                     [w.cpu() for w in recv_w])
+        for r in range(R):
+            assert torch.equal(_bits(out[r].cpu()), _bits(want[r].to(torch.bfloat16)))
+    # num_worst_tokens: worst-case rows, the count on the device, then combine from that handle
+    W = T * R
+    xw = [dev(x) for x in xs]
+    res_w = node.dispatch(xw, [t.cuda() for t in topk], [w.cuda() for w in ws], E, num_worst_tokens=W)
+    torch.cuda.synchronize()
+    assert all(rec is None for rec in node.error_records())
+    for r in range(R):
+        n = exp[r]["recv_src"].shape[0]
+        assert res_w[r]["num_recv_tokens"].is_cuda and int(res_w[r]["num_recv_tokens"]) == n
+        got = res_w[r]["recv_x"][0].view(torch.uint8) if fp8 else res_w[r]["recv_x"]
+        assert got.shape[0] == W and torch.equal(_bits(got[:n].cpu()), _bits(exp[r]["recv_x"]))
+        assert (_bits(got[n:].cpu()) == 0xFF).all()
+    if not fp8:
+        # rows past each count are NaN poison: combine must not read them
+        out = node.combine([r_["recv_x"] for r_ in res_w], [r_["handle"] for r_ in res_w])
+        want = ref.simulate_combine([e["recv_x"] for e in exp], [e["recv_src"] for e in exp], [T] * R)
         for r in range(R):
             assert torch.equal(_bits(out[r].cpu()), _bits(want[r].to(torch.bfloat16)))

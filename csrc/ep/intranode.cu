@@ -35,6 +35,11 @@
 // rank r the token went to, in rank order: out = bf16(sum_r f32(row_r) * w_r), products and
 // sums rounded to f32 one at a time (no fma), from 0.0 - the order of the reference.
 //
+// The receiver writes rows only below max_recv_rows (the rows of the outputs: the exact
+// count, or num_worst_tokens when the host sized them without reading the counts); a
+// (source, channel) range that would end past it is reported (code 9) before any row of
+// it is written.
+//
 // Every wait counts its polls; past max_spins it writes an error record (rank, channel,
 // code, peer, value seen, value needed) and traps (pk::report_and_trap).
 #include <cstdint>
@@ -54,6 +59,8 @@ enum : uint32_t {
   kCombineSendWaitHead = 3,
   kCombineRecvWaitTail = 4,
   kCombineSourceMismatch = 5,
+  // 6..8: low_latency.cu
+  kDispatchRecvOverflow = 9,
 };
 
 struct Ring {
@@ -130,7 +137,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                    int32_t* __restrict__ recv_channel_offset, uint32_t* err, uint32_t rank, uint32_t num_ranks,
                    uint32_t num_tokens, uint32_t hidden_bytes, uint32_t num_scales, uint32_t num_topk,
                    uint32_t experts_per_rank, uint32_t num_channels, uint32_t num_slots, uint32_t slot_bytes,
-                   uint64_t region, uint32_t publish_every, uint32_t max_spins, uint32_t flags) {
+                   uint64_t region, uint32_t publish_every, uint32_t max_recv_rows, uint32_t max_spins,
+                   uint32_t flags) {
   const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t channel = blockIdx.x >> 1;
   if (warp >= num_ranks) return;
@@ -210,6 +218,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     const int32_t count = pk::ld_na_s32(slot + 4);
     ++head;
     const int64_t row0 = static_cast<int64_t>(pk::ld_nc_s32(rank_offset + src)) + start;
+    // rows [row0, row0 + count) must fit the outputs (num_worst_tokens rows when the host
+    // did not read the counts): checked before the first write, warp-uniform
+    if (row0 + count > static_cast<int64_t>(max_recv_rows))
+      pk::report_and_trap(err, rank, channel, kDispatchRecvOverflow, src, static_cast<uint32_t>(row0 + count),
+                          max_recv_rows);
     const int32_t lo = static_cast<int32_t>(rank * experts_per_rank);
     for (int32_t j = 0; j < count; ++j) {
       if (tail == head) {

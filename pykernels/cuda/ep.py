@@ -21,6 +21,7 @@ through CUDA IPC, handles exchanged with all_gather_object). The same plan build
 all of them.
 """
 import dataclasses
+import numbers
 
 import torch
 
@@ -48,6 +49,7 @@ WAIT_CODES = {
     6: "low-latency dispatch receiver waits for a (local expert, source rank) count",
     7: "low-latency combine receiver waits for an expert's flag",
     8: "low-latency dispatch overflows num_max_dispatch_tokens_per_rank slots",
+    9: "dispatch receiver would write rows past num_worst_tokens (seen: end row, needed: the bound)",
 }
 
 
@@ -214,7 +216,8 @@ def dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx, t
     f32 [T, K] or None (K = 0); is_token_in_rank bool [T, R]; rank_offset int32 [R] (first
     received row of each source). out: recv_x (uint8 [N, row bytes]), recv_scales,
     recv_topk_idx int64 [N, K], recv_topk_weights f32 [N, K], recv_src_idx int32 [N],
-    recv_channel_offset int32 [R, C, 2]."""
+    recv_channel_offset int32 [R, C, 2]. N (the rows of the outputs) is the kernel's bound
+    on the rows it writes: past it the receiver reports code 9 and traps."""
     data, scales, hidden, fp8 = _payload(x)
     K = 0 if topk_idx is None else topk_idx.shape[1]
     layout = cfg.layout()
@@ -227,7 +230,7 @@ def dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx, t
               u32(rank), u32(cfg.num_ranks), u32(data.shape[0]), u32(data.shape[1]),
               u32(hidden // SCALE_BLOCK if fp8 else 0), u32(K), u32(experts_per_rank), u32(cfg.num_channels),
               u32(cfg.num_slots), u32(cfg.dispatch_slot_bytes), u64(layout["dispatch"]), u32(cfg.publish_every),
-              u32(max_spins), u32(flags)))
+              u32(out["recv_x"].shape[0]), u32(max_spins), u32(flags)))
 
 
 def combine_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_weights, handle, out, err,
@@ -297,13 +300,20 @@ class IntranodeHandle:
 
     is_token_in_rank bool [T, R]; rank_offset int32 [R]: first received row from each
     source; recv_src_idx int32 [N]: source token of each received row;
-    recv_channel_offset int32 [R, C, 2]: (first row, rows) per (source rank, channel)."""
+    recv_channel_offset int32 [R, C, 2]: (first row, rows) per (source rank, channel).
+    num_recv: N, the rows of the dispatch outputs - the received tokens, or
+    num_worst_tokens when that was given (then the received count is known on the device
+    only); num_tokens: T; num_recv_tokens: the received tokens, int32 0-dim on the device
+    (both modes); num_worst_tokens: 0, or the worst-case row count the outputs were
+    allocated with (num_recv == num_worst_tokens, rows past num_recv_tokens not written)."""
     is_token_in_rank: torch.Tensor
     rank_offset: torch.Tensor
     recv_src_idx: torch.Tensor
     recv_channel_offset: torch.Tensor
     num_recv: int
     num_tokens: int
+    num_recv_tokens: torch.Tensor = None
+    num_worst_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -318,7 +328,38 @@ class LowLatencyHandle:
     num_tokens: int
 
 
-def _check_inputs(cfg: IntranodeConfig, x, topk_idx, topk_weights, num_experts):
+def _to_host(t: torch.Tensor) -> list:
+    """A device -> host read (a synchronisation on a GPU). The dispatch path reads the
+    device only through here (topk_idx range check, received-token count, per-expert
+    counts), so that a test can forbid it on the num_worst_tokens path."""
+    return t.tolist()
+
+
+def _check_worst_tokens(num_worst_tokens):
+    """An int in [0, 2^31) (rows are int32 in the handle); what the host knows of the
+    counts without reading them is checked where a handle carries an exact count."""
+    if isinstance(num_worst_tokens, bool) or not isinstance(num_worst_tokens, numbers.Integral) \
+            or not 0 <= num_worst_tokens < 2 ** 31:
+        raise ValueError(f"num_worst_tokens: expected an int in [0, 2^31) (0: size the outputs with a host read "
+                         f"of the counts), got {num_worst_tokens!r}")
+
+
+def _check_topk_range(topk_idx, num_experts, sync: bool):
+    """Ids in [-1, num_experts): a host read (ValueError), or with sync=False a device-side
+    assert (torch._assert_async: no synchronisation on a GPU; on the CPU it raises
+    RuntimeError at once)."""
+    if not topk_idx.numel():
+        return
+    if sync:
+        lo, hi = _to_host(torch.stack(torch.aminmax(topk_idx)))
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"topk_idx: expected values in [-1, {num_experts})")
+    else:
+        ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
+        torch._assert_async(ok, f"topk_idx: expected values in [-1, {num_experts})")
+
+
+def _check_inputs(cfg: IntranodeConfig, x, topk_idx, topk_weights, num_experts, sync: bool = True):
     data = x[0] if isinstance(x, tuple) else x
     if isinstance(x, tuple):
         if data.dtype != torch.float8_e4m3fn or x[1].dtype != torch.float32:
@@ -341,8 +382,7 @@ def _check_inputs(cfg: IntranodeConfig, x, topk_idx, topk_weights, num_experts):
                              f"got {topk_idx.shape[1]}")
         if num_experts is None or num_experts <= 0 or num_experts % cfg.num_ranks:
             raise ValueError(f"num_experts: expected a positive multiple of {cfg.num_ranks}, got {num_experts}")
-        if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
-            raise ValueError(f"topk_idx: expected values in [-1, {num_experts})")
+        _check_topk_range(topk_idx, num_experts, sync)
         if topk_weights is not None and (topk_weights.dtype != torch.float32
                                          or topk_weights.shape != topk_idx.shape):
             raise ValueError(f"topk_weights: expected float32 {list(topk_idx.shape)}, got "
@@ -379,15 +419,33 @@ def _alloc_dispatch_out(cfg, x, num_recv, K, device, poison):
 
 
 def _dispatch_result(x, out, K, experts_per_rank, handle):
+    """num_recv_tokens_per_expert: a host list (one read), or with num_worst_tokens an
+    int32 [E_local] device tensor counted over the first num_recv_tokens rows only."""
     data = x[0] if isinstance(x, tuple) else x
     recv_x = out["recv_x"].view(data.dtype).view(-1, data.shape[1])
     if isinstance(x, tuple):
         recv_x = (recv_x, out["recv_scales"])
     idx = out.get("recv_topk_idx")
-    counts = None if idx is None else \
-        torch.stack([(idx == e).sum() for e in range(experts_per_rank)]).tolist()   # one host read
+    counts = None
+    if idx is not None:
+        if handle.num_worst_tokens:
+            # rows past the count may hold anything: they count in bucket 0 (id -1) and drop
+            valid = torch.arange(idx.shape[0], device=idx.device) < handle.num_recv_tokens
+            ids = (torch.where(valid[:, None], idx, -1) + 1).flatten()
+            counts = torch.zeros(experts_per_rank + 1, dtype=torch.int64, device=idx.device) \
+                .scatter_add_(0, ids, torch.ones_like(ids))[1:].to(torch.int32)
+        else:
+            counts = _to_host(torch.stack([(idx == e).sum() for e in range(experts_per_rank)]))  # one host read
     return {"recv_x": recv_x, "recv_topk_idx": idx, "recv_topk_weights": out.get("recv_topk_weights"),
-            "num_recv_tokens_per_expert": counts, "handle": handle}
+            "num_recv_tokens_per_expert": counts, "num_recv_tokens": handle.num_recv_tokens, "handle": handle}
+
+
+def _recv_rows(num_recv_tokens, num_worst_tokens) -> int:
+    """Rows of the dispatch outputs: num_worst_tokens (no host read), else the received
+    count read back to the host."""
+    if num_worst_tokens:
+        return int(num_worst_tokens)
+    return int(_to_host(num_recv_tokens))
 
 
 def _alloc_ll_out(cfg, x, num_tokens, K, device, poison):
@@ -419,6 +477,20 @@ def _ll_result(x, out, seq, num_tokens):
 def _launch(plan: LaunchPlan) -> dict:
     return dict(ptx=artifacts.ptx_text(plan.module), kernel=plan.function, grid=plan.grid, block=plan.block,
                 args=[a.value for a in plan.args], shared_mem=plan.shared_bytes, cluster=plan.cluster)
+
+
+def _reuse_handle(h: IntranodeHandle, num_worst_tokens: int, rank: int) -> IntranodeHandle:
+    """A copy of a cached handle for a repeated dispatch, with rows for num_worst_tokens."""
+    if not num_worst_tokens:
+        return dataclasses.replace(h)          # its rows: exact, or its own worst case
+    if not h.num_worst_tokens and num_worst_tokens < h.num_recv:   # an exact count, known here
+        raise ValueError(f"num_worst_tokens: rank {rank} receives {h.num_recv} tokens (its handle's count), "
+                         f"more than num_worst_tokens={num_worst_tokens}")
+    total = h.num_recv_tokens
+    if total is None:
+        total = torch.tensor(h.num_recv, dtype=torch.int32, device=h.rank_offset.device)
+    return dataclasses.replace(h, num_recv=num_worst_tokens, num_recv_tokens=total,
+                               num_worst_tokens=num_worst_tokens)
 
 
 class LocalNode:
@@ -504,15 +576,27 @@ class LocalNode:
         return outs
 
     def dispatch(self, xs, topk_idxs=None, topk_weights=None, num_experts=None, handles=None, stall_ranks=None,
-                 flags=None):
+                 flags=None, num_worst_tokens: int = 0):
         """Per rank: dict(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
-        handle). xs[r]: bf16 [T_r, H] or (e4m3 [T_r, H], f32 [T_r, H/128]). With `handles`
-        (from an earlier dispatch), repeats that layout; top-k arguments optional then."""
+        num_recv_tokens, handle). xs[r]: bf16 [T_r, H] or (e4m3 [T_r, H], f32 [T_r, H/128]).
+        With `handles` (from an earlier dispatch), repeats that layout; top-k arguments
+        optional then.
+
+        num_worst_tokens > 0: no device -> host read (CUDA-graph safe on a GPU). Every rank's
+        outputs get num_worst_tokens rows; the first num_recv_tokens (an int32 0-dim device
+        tensor, also handle.num_recv_tokens) are the received rows, the rest are not written
+        (poison here). num_recv_tokens_per_expert is then an int32 [E_local] device tensor;
+        the topk_idx range check becomes a device-side assert. A rank receiving more than
+        num_worst_tokens tokens traps with error code 9 (the kernel writes no row past it).
+        T * num_ranks (T: the most tokens of any rank) is always enough. With handles from
+        an exact dispatch, a num_worst_tokens below their count is a ValueError; with
+        handles from a worst-case dispatch and num_worst_tokens=0, their row count is kept."""
         cfg, R, dev = self.cfg, self.cfg.num_ranks, self.device
+        _check_worst_tokens(num_worst_tokens)
         topk_idxs = topk_idxs or [None] * R
         topk_weights = topk_weights or [None] * R
         for r in range(R):
-            _check_inputs(cfg, xs[r], topk_idxs[r], topk_weights[r], num_experts)
+            _check_inputs(cfg, xs[r], topk_idxs[r], topk_weights[r], num_experts, sync=not num_worst_tokens)
         if handles is None:
             if topk_idxs[0] is None:
                 raise ValueError("topk_idxs: required unless handles from an earlier dispatch are given")
@@ -522,10 +606,13 @@ class LocalNode:
             for d in range(R):
                 recv = counts[:, d].to(torch.int64)
                 offset = (torch.cumsum(recv, 0) - recv).to(torch.int32)
+                total = recv.sum().to(torch.int32)
                 T = (xs[d][0] if isinstance(xs[d], tuple) else xs[d]).shape[0]
-                handles.append(IntranodeHandle(layouts[d][2], offset, None, None, int(recv.sum()), T))
+                handles.append(IntranodeHandle(layouts[d][2], offset, None, None,
+                                               _recv_rows(total, num_worst_tokens), T, total,
+                                               num_worst_tokens))
         else:
-            handles = [dataclasses.replace(h) for h in handles]
+            handles = [_reuse_handle(h, num_worst_tokens, r) for r, h in enumerate(handles)]
         epr = (num_experts // R) if num_experts else 1
         plans, outs = [], []
         flags = self._flags(stall_ranks, flags)
@@ -651,12 +738,15 @@ class CudaIntranode:
     def error_record(self):
         return decode_error(self.error)
 
-    def dispatch(self, x, topk_idx, topk_weights, num_experts):
+    def dispatch(self, x, topk_idx, topk_weights, num_experts, num_worst_tokens: int = 0):
         """Returns dispatch's dict (like LocalNode.dispatch, this rank only). Reads the
-        receive counts back to the host (one sync) to size the outputs."""
+        receive counts back to the host (one sync) to size the outputs, unless
+        num_worst_tokens > 0: then no host read at all (LocalNode.dispatch describes the
+        outputs; the count exchange is a device all_gather either way)."""
         import torch.distributed as dist
         cfg, R = self.cfg, self.cfg.num_ranks
-        _check_inputs(cfg, x, topk_idx, topk_weights, num_experts)
+        _check_worst_tokens(num_worst_tokens)
+        _check_inputs(cfg, x, topk_idx, topk_weights, num_experts, sync=not num_worst_tokens)
         per_rank = torch.zeros(R, dtype=torch.int32, device=self.device)
         per_expert = torch.zeros(num_experts, dtype=torch.int32, device=self.device)
         in_rank = torch.empty(topk_idx.shape[0], R, dtype=torch.bool, device=self.device)
@@ -665,12 +755,14 @@ class CudaIntranode:
         dist.all_gather(counts, per_rank, group=self.group)
         recv = torch.stack(counts)[:, self.rank].to(torch.int64)
         offset = (torch.cumsum(recv, 0) - recv).to(torch.int32)
-        num_recv = int(recv.sum())
+        total = recv.sum().to(torch.int32)
+        num_recv = _recv_rows(total, num_worst_tokens)
         if topk_weights is None:
             topk_weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=self.device)
         out = _alloc_dispatch_out(cfg, x, num_recv, topk_idx.shape[1], self.device, poison=False)
         T = topk_idx.shape[0]
-        handle = IntranodeHandle(in_rank, offset, out["recv_src_idx"], out["recv_channel_offset"], num_recv, T)
+        handle = IntranodeHandle(in_rank, offset, out["recv_src_idx"], out["recv_channel_offset"], num_recv, T,
+                                 total, num_worst_tokens)
         epr = num_experts // R
         run_cuda(dispatch_plan(cfg, self.rank, self.buffer, self.peers, x, topk_idx.contiguous(),
                                topk_weights.contiguous(), in_rank, offset, out, self.error, epr, self.max_spins))

@@ -273,6 +273,12 @@ def test_multicast_plans(seed):
     for sms, grid in [(10, 10), (11, 10), (3, 2), (1, 2)]:
         q = G.gemm_plan(a, sfa, b, sfb, nan_bf16(m, n), None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=sms)
         assert q.grid == (grid, 1, 1), sms
+    # at most the clusters the GPU holds at once (max_clusters, from the driver on a GPU)
+    for clusters, grid in [(3, 6), (1, 2), (100, 2 * units)]:
+        q = G.gemm_plan(a, sfa, b, sfb, nan_bf16(m, n), None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg,
+                        max_clusters=clusters)
+        assert q.grid == (grid, 1, 1), clusters
+    assert G.resident_clusters(cfg, 5, a.device, 132) == 66       # CPU tensors: #SMs / 2
     # masked: units of the largest group (m_max) in every group, an upper bound
     groups, m_max = 3, 129
     b3, sfb3 = quantized_weights(groups, 256, k)
@@ -458,6 +464,23 @@ def test_cuda_grouped_match_reference(seed):
     ref3 = R.m_grouped_fp8_gemm_nt_masked(a3, sfa3, b, sfb, masked, nan_bf16(groups, m_max, n))
     own3 = torch.arange(m_max)[None, :] < masked[:, None]
     assert out3.cpu()[~own3].isnan().all() and calc_diff(out3.cpu()[own3], ref3[own3]) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+def test_cuda_resident_clusters(cfg):
+    # the driver's count of co-resident 2-CTA clusters bounds the persistent grid
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sms = G.num_sms(dev)
+    n = G.resident_clusters(cfg, cfg.max_stages(), dev, sms)
+    assert 1 <= n <= sms // 2
+    a = torch.zeros(4096, 512, dtype=torch.float8_e4m3fn, device=dev)
+    sfa = torch.ones(4096, 4, device=dev)
+    b = torch.zeros(2112, 512, dtype=torch.float8_e4m3fn, device=dev)
+    sfb = torch.ones(1, 17, 4, device=dev)
+    p = G.gemm_plan(a, sfa, b, sfb, torch.empty(4096, 2112, dtype=torch.bfloat16, device=dev), None, kind=0,
+                    m=4096, n=2112, k=512, groups=1, cfg=cfg)
+    assert p.grid[0] == 2 * n
 
 
 @pytest.mark.gpu

@@ -46,6 +46,9 @@ void load() {
             bind(lib, a.cuIpcOpenMemHandle, "cuIpcOpenMemHandle_v2") &&
             bind(lib, a.cuIpcCloseMemHandle, "cuIpcCloseMemHandle");
   if (!ok) return;
+  // optional: left nullptr (and no error recorded) when the driver lacks it
+  a.cuOccupancyMaxActiveClusters = reinterpret_cast<decltype(a.cuOccupancyMaxActiveClusters)>(
+      dlsym(lib, "cuOccupancyMaxActiveClusters"));
   CUresult r = a.cuInit(0);
   if (r != CUDA_SUCCESS) {
     const char* msg = nullptr;

@@ -31,6 +31,8 @@ struct DriverApi {
   CUresult (*cuIpcGetMemHandle)(CUipcMemHandle*, CUdeviceptr);
   CUresult (*cuIpcOpenMemHandle)(CUdeviceptr*, CUipcMemHandle, unsigned int);
   CUresult (*cuIpcCloseMemHandle)(CUdeviceptr);
+  // Optional (nullptr when the driver lacks it): clustered-occupancy query, CUDA 12.0+.
+  CUresult (*cuOccupancyMaxActiveClusters)(int*, CUfunction, const CUlaunchConfig*);
 };
 
 // Loads the driver once; returns nullptr (and sets *why) when it cannot.

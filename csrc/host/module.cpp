@@ -95,6 +95,35 @@ void launch(uintptr_t function, Dim3 grid, Dim3 block, Dim3 cluster, unsigned sh
         "cuLaunchKernelEx");
 }
 
+// How many clusters of `cluster` CTAs of `function` (block threads, dynamic shared bytes)
+// the device holds at once. A persistent clustered grid must not exceed it: clusters
+// beyond it would run after the others (GPC sizes can make it less than #SMs / size).
+int max_active_clusters(uintptr_t function, Dim3 block, Dim3 cluster, unsigned shared_bytes) {
+  const auto& d = driver();
+  if (!d.cuOccupancyMaxActiveClusters)
+    throw std::runtime_error("cuOccupancyMaxActiveClusters: not provided by this CUDA driver");
+  if (shared_bytes > 48 * 1024) set_max_dynamic_shared(function, static_cast<int>(shared_bytes));
+  CUlaunchAttribute attr;
+  attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+  attr.value.clusterDim.x = cluster[0];
+  attr.value.clusterDim.y = cluster[1];
+  attr.value.clusterDim.z = cluster[2];
+  CUlaunchConfig cfg{};
+  cfg.gridDimX = cluster[0];  // one cluster: the query ignores the grid beyond its shape
+  cfg.gridDimY = cluster[1];
+  cfg.gridDimZ = cluster[2];
+  cfg.blockDimX = block[0];
+  cfg.blockDimY = block[1];
+  cfg.blockDimZ = block[2];
+  cfg.sharedMemBytes = shared_bytes;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  check(d.cuOccupancyMaxActiveClusters(&n, reinterpret_cast<CUfunction>(function), &cfg),
+        "cuOccupancyMaxActiveClusters");
+  return n;
+}
+
 // Encodes a CUtensorMap for tile-mode TMA; returns its 128-byte image.
 py::bytes encode_tensor_map_tiled(int data_type, uintptr_t global_address,
                                   const std::vector<uint64_t>& dims,
@@ -162,6 +191,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("global_address"), py::arg("dims"), py::arg("strides_bytes"), py::arg("box"),
         py::arg("element_strides"), py::arg("interleave"), py::arg("swizzle"),
         py::arg("l2_promotion"), py::arg("oob_fill"));
+  m.def("max_active_clusters", &max_active_clusters, py::arg("function"), py::arg("block"),
+        py::arg("cluster"), py::arg("shared_bytes"),
+        "Clusters of the function the device holds at once (cuOccupancyMaxActiveClusters)");
   m.def("ipc_get_handle", &ipc_get_handle, py::arg("device_ptr"));
   m.def("ipc_open_handle", &ipc_open_handle, py::arg("handle"), py::arg("device") = 0);
   m.def("ipc_close_handle", &ipc_close_handle, py::arg("device_ptr"));

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..runtime.executors import run_plan
+from ..runtime.executors import max_active_clusters, run_plan
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
@@ -211,7 +211,7 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.Tensor, out: torch.Tensor,
               grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
-              sms: int = None, stages: int = None, heuristic_m: int = None) -> LaunchPlan:
+              sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None) -> LaunchPlan:
     """Launch plan for the kernel.
 
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, k/128]
@@ -219,7 +219,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
     cfg / stages default to the heuristic and to the most stages that fit; heuristic_m:
     the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
-    gives a plan with cluster dims (2, 1, 1) and an even grid.
+    gives a plan with cluster dims (2, 1, 1) and an even grid of at most `max_clusters`
+    clusters (default: what the GPU holds at once, `resident_clusters`; #SMs / 2 on the CPU).
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
@@ -240,7 +241,11 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     units = _cdiv(_cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
     if kind == KIND_MASKED:
         units *= groups                                       # upper bound: masked_m <= m_max
-    grid = max(1, min(sms // cfg.cluster, units)) * cfg.cluster   # persistent: <= 1 CTA per SM
+    if cfg.cluster == 1:
+        slots = sms                                          # persistent: <= 1 CTA per SM
+    else:
+        slots = max_clusters or resident_clusters(cfg, stages, a2.device, sms)
+    grid = max(1, min(slots, units)) * cfg.cluster
     tmap_a = TensorMapDesc(a2, (cfg.block_m, BLOCK_K), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, BLOCK_K), swizzle=128)
     # A scales: one box = the BLOCK_M scales of one K block of one group; rows past m are
@@ -255,6 +260,21 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)))
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
+
+
+def resident_clusters(cfg: Config, stages: int, device: torch.device, sms: int) -> int:
+    """Clusters of cfg that run at once: the driver's count on a GPU (GPC sizes can hold
+    fewer than #SMs / 2 pairs; a larger persistent grid would run its surplus clusters
+    after the others), #SMs / cluster size elsewhere or when the driver cannot say."""
+    if device.type == "cuda":
+        try:
+            n = max_active_clusters(MODULE, cfg.function, device.index or 0, (cfg.threads, 1, 1),
+                                    (cfg.cluster, 1, 1), cfg.smem_bytes(stages))
+            if n > 0:
+                return min(n, sms // cfg.cluster)
+        except RuntimeError:
+            pass
+    return sms // cfg.cluster
 
 
 def _run(plan: LaunchPlan, executor: str):

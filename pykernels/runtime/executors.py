@@ -74,3 +74,12 @@ def run_plan(plan: LaunchPlan, executor: str):
     if executor == "emu":
         return run_emu(plan)
     raise ValueError(f"executor: expected 'cuda' or 'emu', got {executor!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def max_active_clusters(module: str, function: str, device: int, block: tuple, cluster: tuple,
+                        shared_bytes: int) -> int:
+    """Clusters of `function` the GPU `device` holds at once with this block, cluster
+    shape and dynamic shared memory (cuOccupancyMaxActiveClusters): the largest
+    persistent clustered grid whose clusters all run together."""
+    return _C().max_active_clusters(_function(module, function, device), block, cluster, shared_bytes)

@@ -177,7 +177,8 @@ def _rows(t, n):
 
 
 def _check_worst_dispatch(res, base, exp, W, fp8):
-    """First n rows equal the default path's and the reference's, rows n..W still poison."""
+    """First n rows equal the default path's and the reference's; rows n..W: top-k ids -1 and
+    weights 0 (DeepEP's padding), received x / scales / source index still poison."""
     for r, (got, want) in enumerate(zip(res, exp)):
         n = base[r]["handle"].num_recv
         total = got["num_recv_tokens"]
@@ -189,11 +190,16 @@ def _check_worst_dispatch(res, base, exp, W, fp8):
             [(got["recv_x"], want["recv_x"])]
         parts += [(got["recv_topk_idx"], want["recv_topk_idx"]), (got["recv_topk_weights"], want["recv_topk_weights"]),
                   (h.recv_src_idx, want["recv_src"][:, 1].to(torch.int32))]
-        for g, w in parts:
+        for j, (g, w) in enumerate(parts):
             assert g.shape[0] == W, (r, list(g.shape))
             head, tail = _rows(g, n)
             assert torch.equal(head, _bits(w)), r
-            assert (tail == 0xFF).all(), f"rank {r}: a row past num_recv_tokens={n} was written"
+            if g is got["recv_topk_idx"]:
+                assert (g[n:] == -1).all(), f"rank {r}: padding rows' top-k ids must be -1"
+            elif g is got["recv_topk_weights"]:
+                assert (g[n:] == 0).all() and not g[n:].signbit().any(), f"rank {r}: padding weights must be +0"
+            else:
+                assert (tail == 0xFF).all(), f"rank {r}: a row past num_recv_tokens={n} was written"
         assert torch.equal(_bits(got["recv_x"][0] if fp8 else got["recv_x"])[:n],
                            _bits(base[r]["recv_x"][0] if fp8 else base[r]["recv_x"]))
         assert torch.equal(h.recv_channel_offset, base[r]["handle"].recv_channel_offset), r

@@ -420,7 +420,8 @@ def _alloc_dispatch_out(cfg, x, num_recv, K, device, poison):
 
 def _dispatch_result(x, out, K, experts_per_rank, handle):
     """num_recv_tokens_per_expert: a host list (one read), or with num_worst_tokens an
-    int32 [E_local] device tensor counted over the first num_recv_tokens rows only."""
+    int32 [E_local] device tensor counted over the first num_recv_tokens rows only (the
+    padding rows' top-k ids are set to -1 and their weights to 0 first)."""
     data = x[0] if isinstance(x, tuple) else x
     recv_x = out["recv_x"].view(data.dtype).view(-1, data.shape[1])
     if isinstance(x, tuple):
@@ -429,9 +430,15 @@ def _dispatch_result(x, out, K, experts_per_rank, handle):
     counts = None
     if idx is not None:
         if handle.num_worst_tokens:
-            # rows past the count may hold anything: they count in bucket 0 (id -1) and drop
-            valid = torch.arange(idx.shape[0], device=idx.device) < handle.num_recv_tokens
-            ids = (torch.where(valid[:, None], idx, -1) + 1).flatten()
+            # padding rows (past the count) get top-k ids -1 and weights 0, as DeepEP pads
+            # them: consumers (expert GEMMs, counts) skip them without knowing the count.
+            # Device ops only (no host read).
+            pad = (torch.arange(idx.shape[0], device=idx.device) >= handle.num_recv_tokens)[:, None]
+            idx.masked_fill_(pad, -1)
+            w = out.get("recv_topk_weights")
+            if w is not None:
+                w.masked_fill_(pad, 0.0)
+            ids = (idx + 1).flatten()
             counts = torch.zeros(experts_per_rank + 1, dtype=torch.int64, device=idx.device) \
                 .scatter_add_(0, ids, torch.ones_like(ids))[1:].to(torch.int32)
         else:
@@ -584,8 +591,9 @@ class LocalNode:
 
         num_worst_tokens > 0: no device -> host read (CUDA-graph safe on a GPU). Every rank's
         outputs get num_worst_tokens rows; the first num_recv_tokens (an int32 0-dim device
-        tensor, also handle.num_recv_tokens) are the received rows, the rest are not written
-        (poison here). num_recv_tokens_per_expert is then an int32 [E_local] device tensor;
+        tensor, also handle.num_recv_tokens) are the received rows; past them recv_topk_idx
+        is -1 and recv_topk_weights 0 (DeepEP's padding), recv_x and the source index are
+        not written (poison here). num_recv_tokens_per_expert is then an int32 [E_local] device tensor;
         the topk_idx range check becomes a device-side assert. A rank receiving more than
         num_worst_tokens tokens traps with error code 9 (the kernel writes no row past it).
         T * num_ranks (T: the most tokens of any rank) is always enough. With handles from

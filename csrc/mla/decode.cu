@@ -577,29 +577,24 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_decode_bf16(
-    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
-    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
-    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
-    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
-    float scale_log2) {
-  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
-                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2};
-  mla_decode<false>(&tmap_q, &tmap_kv, p);
-}
+// One entry per cache layout, the same parameters (pykernels/cuda/mla.py packs them).
+#define PK_MLA_DECODE_ENTRY(NAME, FP8)                                                                         \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
+      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
+      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
+      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
+      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
+      uint32_t causal, float scale_log2) {                                                                     \
+    const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
+                   out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2};                        \
+    mla_decode<FP8>(&tmap_q, &tmap_kv, p);                                                                     \
+  }
 
+// bf16 cache [num_blocks, 64, 1, 576]: tmap_kv is a 2-D map over [num_blocks * 64, 576].
+PK_MLA_DECODE_ENTRY(pk_mla_decode_bf16, false)
 // The FP8 cache ([num_blocks, 64, 1, 656] bytes, pykernels/reference/mla.py): tmap_kv is a
 // 3-D map over the cache viewed as [num_blocks * 64, 41, 16] bytes (one box = one page).
-extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_decode_fp8(
-    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
-    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
-    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
-    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
-    float scale_log2) {
-  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
-                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2};
-  mla_decode<true>(&tmap_q, &tmap_kv, p);
-}
+PK_MLA_DECODE_ENTRY(pk_mla_decode_fp8, true)
 
 // ----------------------------------------------------------------------------- combine
 // Grid (b, ceil(rows / 4)), 128 threads: one warp per query row of a sequence with more

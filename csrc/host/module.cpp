@@ -57,6 +57,29 @@ void set_max_dynamic_shared(uintptr_t function, int bytes) {
         "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
 }
 
+// A launch configuration; a cluster of more than one CTA goes in *attr (which must
+// outlive the configuration).
+CUlaunchConfig launch_config(Dim3 grid, Dim3 block, Dim3 cluster, unsigned shared_bytes,
+                             CUlaunchAttribute* attr) {
+  CUlaunchConfig cfg{};
+  cfg.gridDimX = grid[0];
+  cfg.gridDimY = grid[1];
+  cfg.gridDimZ = grid[2];
+  cfg.blockDimX = block[0];
+  cfg.blockDimY = block[1];
+  cfg.blockDimZ = block[2];
+  cfg.sharedMemBytes = shared_bytes;
+  if (cluster[0] * cluster[1] * cluster[2] > 1) {
+    attr->id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr->value.clusterDim.x = cluster[0];
+    attr->value.clusterDim.y = cluster[1];
+    attr->value.clusterDim.z = cluster[2];
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cfg;
+}
+
 // params: one bytes object per kernel parameter, already laid out as the kernel expects
 // (pointers and integers little-endian, tensor maps as their 128-byte images).
 void launch(uintptr_t function, Dim3 grid, Dim3 block, Dim3 cluster, unsigned shared_bytes,
@@ -69,26 +92,9 @@ void launch(uintptr_t function, Dim3 grid, Dim3 block, Dim3 cluster, unsigned sh
   // Tensor maps must be 64-byte aligned in the parameter buffer the driver reads; the
   // driver copies from these pointers, so only the value matters, not where it lives.
 
-  CUlaunchAttribute attrs[1];
-  unsigned num_attrs = 0;
-  if (cluster[0] * cluster[1] * cluster[2] > 1) {
-    attrs[0].id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attrs[0].value.clusterDim.x = cluster[0];
-    attrs[0].value.clusterDim.y = cluster[1];
-    attrs[0].value.clusterDim.z = cluster[2];
-    num_attrs = 1;
-  }
-  CUlaunchConfig cfg{};
-  cfg.gridDimX = grid[0];
-  cfg.gridDimY = grid[1];
-  cfg.gridDimZ = grid[2];
-  cfg.blockDimX = block[0];
-  cfg.blockDimY = block[1];
-  cfg.blockDimZ = block[2];
-  cfg.sharedMemBytes = shared_bytes;
+  CUlaunchAttribute attr;
+  CUlaunchConfig cfg = launch_config(grid, block, cluster, shared_bytes, &attr);
   cfg.hStream = reinterpret_cast<CUstream>(stream);
-  cfg.attrs = attrs;
-  cfg.numAttrs = num_attrs;
   if (shared_bytes > 48 * 1024) set_max_dynamic_shared(function, static_cast<int>(shared_bytes));
   check(driver().cuLaunchKernelEx(&cfg, reinterpret_cast<CUfunction>(function), ptrs.data(),
                                   nullptr),
@@ -104,20 +110,8 @@ int max_active_clusters(uintptr_t function, Dim3 block, Dim3 cluster, unsigned s
     throw std::runtime_error("cuOccupancyMaxActiveClusters: not provided by this CUDA driver");
   if (shared_bytes > 48 * 1024) set_max_dynamic_shared(function, static_cast<int>(shared_bytes));
   CUlaunchAttribute attr;
-  attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-  attr.value.clusterDim.x = cluster[0];
-  attr.value.clusterDim.y = cluster[1];
-  attr.value.clusterDim.z = cluster[2];
-  CUlaunchConfig cfg{};
-  cfg.gridDimX = cluster[0];  // one cluster: the query ignores the grid beyond its shape
-  cfg.gridDimY = cluster[1];
-  cfg.gridDimZ = cluster[2];
-  cfg.blockDimX = block[0];
-  cfg.blockDimY = block[1];
-  cfg.blockDimZ = block[2];
-  cfg.sharedMemBytes = shared_bytes;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  // a grid of one cluster: the query asks about the cluster shape, not the grid
+  CUlaunchConfig cfg = launch_config(cluster, block, cluster, shared_bytes, &attr);
   int n = 0;
   check(d.cuOccupancyMaxActiveClusters(&n, reinterpret_cast<CUfunction>(function), &cfg),
         "cuOccupancyMaxActiveClusters");

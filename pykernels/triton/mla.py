@@ -46,9 +46,13 @@ def tile_config(q_rows: int, interpreted: bool = INTERPRETED):
     """(BLOCK_M query rows, BLOCK_N keys, num_warps) per decode program.
 
     Interpreted: 64 x 64 (fewest, largest numpy steps). Compiled: 32 x 32 with 8 warps
-    (16 x 32 with 4 warps when there are at most 16 rows). Untuned: no GPU measurement
-    yet; ptxas (sm_90a) reports some register spilling for every configuration tried
-    (docs/mla.md).
+    (16 x 32 with 4 warps when there are at most 16 rows). Not timed on a GPU yet.
+    ptxas (sm_90a, Triton 3.8, as launched: 16-byte aligned pointers and q/out strides,
+    see sm90_compile_specs) reports no spills for either: 32 x 32 x 8 warps uses 172
+    registers (bf16 cache) / 248 (FP8 cache), 16 x 32 x 4 warps 168 / 255;
+    tests/test_mla.py asserts zero spills. 64-row tiles (wgmma) spill for every BLOCK_N
+    and warp count tried, with or without splitting the 512 output columns over
+    programs (docs/mla.md has the table).
     """
     rows = triton.next_power_of_2(max(q_rows, 1))
     if interpreted:
@@ -155,10 +159,13 @@ def _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, g, FP8: tl.constexpr, UPCAS
     k = tl.load(kv_ptr + kv_row[:, None] * ROW + cols[None, :], mask=tok_ok[:, None], other=0.0)
     if FP8:
         sf = tl.load(kv_sf_ptr + kv_row * SF_ROW + SF_OFF + g, mask=tok_ok, other=0.0)
+        # The select is a no-op (masked tokens already load as 0) but it keeps the
+        # compiler from sinking the e4m3 -> bf16 conversion into both dots' operand
+        # layouts (two bf16 copies of the tile live in registers: spills, and loads that
+        # are not pipelined): the tile is converted once and staged in shared memory.
+        k = tl.where(tok_ok[:, None], k.to(tl.bfloat16), 0.0)
         if UPCAST:
-            k = k.to(tl.float32)
-        else:
-            k = k.to(tl.bfloat16)
+            k = k.to(tl.float32)           # exact: the interpreter runs the same conversion
     else:
         sf = tl.where(tok_ok, 1.0, 0.0)
         if UPCAST:
@@ -397,12 +404,30 @@ def _decode_constexprs(fp8, causal, bm, bn, upcast, soft):
 
 _POINTERS = {"q_ptr": "*bf16", "kv_rope_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32",
              "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "qk_scale": "fp32"}
+# Integer arguments that are multiples of 16 in every launch with contiguous q and out
+# (multiples of 576 / 512 elements).
+_ALIGNED_INTS = ("stride_qb", "stride_qs", "stride_qh", "stride_ob", "stride_os", "stride_oh")
+
+
+def _launch_attrs(fn, sig):
+    """The specialization Triton's launcher gives these arguments (tt.divisibility 16 on
+    a pointer whose address, or an integer whose value, is a multiple of 16): every pointer
+    (torch allocations, and the FP8 cache views of one allocation) and the q/out strides.
+    Other integers are left unspecialized. Without any of it the loads compile to scalar
+    16-bit accesses without cp.async pipelining and the decode kernel needs 255 registers
+    with 380-500 bytes of spills; with aligned pointers but strides not known to be
+    multiples of 16, the 16-row tile spills 20-24 bytes. A launch whose q or out is a view
+    with such strides or alignment gets those variants (docs/mla.md)."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if n in sig and (sig[n].startswith("*") or n in _ALIGNED_INTS)}
 
 
 def sm90_compile_specs(q_rows: int = 128):
-    """[(kernel name, signature, constexprs, num_warps)] of the compiled (GPU) launches for
-    q_rows query rows per sequence, as triton.compile(ASTSource(...)) takes them: lets a
-    CPU machine compile the very kernels the GPU runs (tests/test_mla.py does)."""
+    """[(kernel name, signature, constexprs, attrs, num_warps)] of the compiled (GPU)
+    launches for q_rows query rows per sequence, as triton.compile(ASTSource(...)) takes
+    them, attrs being the launcher's alignment specialization (_launch_attrs; other
+    integers left unspecialized): lets a CPU machine compile the very kernels the GPU
+    runs (tests/test_mla.py does, and checks ptxas's register and spill counts)."""
     specs = []
     bm, bn, warps = tile_config(q_rows, interpreted=False)
     for fp8, causal in ((False, True), (True, False)):
@@ -417,14 +442,14 @@ def sm90_compile_specs(q_rows: int = 128):
                 sig[name] = "*fp32" if fp8 else "*bf16"
             else:
                 sig[name] = _POINTERS.get(name, "*i32" if name.endswith("_ptr") else "i32")
-        specs.append(("_mla_decode_kernel", sig, cx, warps))
+        specs.append(("_mla_decode_kernel", sig, cx, _launch_attrs(_mla_decode_kernel, sig), warps))
     cx = dict(SOFT=False, BLOCK_R=combine_rows(q_rows, interpreted=False), DV=RM.HEAD_DIM_V)
     sig = {n: _POINTERS.get(n, "*i32" if n.endswith("_ptr") else "i32")
            for n in _mla_combine_kernel.arg_names if n not in cx}
-    specs.append(("_mla_combine_kernel", sig, cx, 4))
+    specs.append(("_mla_combine_kernel", sig, cx, _launch_attrs(_mla_combine_kernel, sig), 4))
     cx = dict(FIXED=RM.FIXED_SPLIT_COST, PAGE=RM.PAGE_BLOCK_SIZE, BLOCK_B=128)
     sig = {n: ("*i32" if n.endswith("_ptr") else "i32") for n in _schedule_kernel.arg_names if n not in cx}
-    specs.append(("_schedule_kernel", sig, cx, 1))
+    specs.append(("_schedule_kernel", sig, cx, _launch_attrs(_schedule_kernel, sig), 1))
     return specs
 
 

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                              set(args.ops.split(",")) if args.ops else None)
     print(selfcheck.format_table(rows))
     failed = [r for r in rows if r.verdict in ("FAIL", "ERROR")]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed or not implemented yet; "
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed, not implemented yet or n/a here; "
           f"{len(failed)} failed")
     status = 1 if failed else 0
     if gpu and not args.no_bench:

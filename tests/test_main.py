@@ -40,3 +40,18 @@ def test_an_exception_is_reported_as_error(monkeypatch):
     rows = selfcheck.run_all(torch.device("cpu"), ["triton"], {"per_token_cast_to_fp8"})
     assert rows[0].verdict == "ERROR" and "kernel exploded" in rows[0].error
     assert "ERROR" in selfcheck.format_table(rows)
+
+
+def test_ep_rows_on_cpu(monkeypatch):
+    # the EP row runs both ranks' intranode kernels on the emulator against the reference;
+    # triton needs a process group (n/a in one process); a broken combine turns into FAIL
+    rows = selfcheck.run_all(torch.device("cpu"), ["reference", "emu", "triton"], {"ep_dispatch_combine"})
+    assert [(r.backend, r.verdict) for r in rows] == [("reference", "PASS"), ("emu", "PASS"), ("triton", "n/a here")]
+    assert "bit-exact" in rows[1].error and "process group" in rows[2].error
+    from pykernels.cuda import ep as cep
+    real = cep.LocalNode.combine
+
+    def off_by_one(self, *a, **k):
+        return [o + 1 for o in real(self, *a, **k)]
+    monkeypatch.setattr(cep.LocalNode, "combine", off_by_one)
+    assert [r.verdict for r in selfcheck.run_all(torch.device("cpu"), ["emu"], {"ep_dispatch_combine"})] == ["FAIL"]

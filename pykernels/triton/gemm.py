@@ -12,9 +12,11 @@ import triton.language as tl
 from ..reference.constants import BLOCK
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
+from .sm90 import launch_spec
 
 GEMM_REQUIREMENTS = "K must be a positive multiple of 128; N >= 1 (any, masked); M >= 0 (any)"
 LAYOUT_NORMAL, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = 0, 1, 2
+NUM_STAGES = 3  # software pipelining depth of the K loop (compiled path)
 
 
 def check_gemm_shape(m: int, n: int, k: int) -> None:
@@ -39,8 +41,15 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
         a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=row_ok[:, None], other=0.0)
         b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=col_ok[:, None], other=0.0)
         sa = tl.load(sfa_base + rm * stride_sfa_m + kb * stride_sfa_k, mask=row_ok, other=0.0)
-        sb = tl.load(sfb_base + (rn // BLOCK_K) * stride_sfb_n + kb * stride_sfb_k, mask=col_ok, other=0.0)
-        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+        if BLOCK_N == BLOCK_K:
+            # The tile's columns share one B scale per K block (tiles start at multiples
+            # of 128): one scalar load, not one per column (32 predicated loads of the
+            # same address per thread and K block in the compiled 128x128 tile).
+            sb = tl.load(sfb_base + tl.program_id(1) * stride_sfb_n + kb * stride_sfb_k)
+            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb
+        else:
+            sb = tl.load(sfb_base + (rn // BLOCK_K) * stride_sfb_n + kb * stride_sfb_k, mask=col_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
     return acc
 
 
@@ -89,28 +98,93 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, M, N, K,
 
 def tile_config(m: int, n: int):
     """(BLOCK_M, BLOCK_N, num_warps): 64-row tiles for small M (decode) so fewer rows are
-    wasted; 128x128 with 8 warps otherwise."""
+    wasted; 128x128 with 8 warps otherwise. Compiled for sm_90a (Triton 3.8, as launched:
+    sm90_compile_specs) both use wgmma with a 3-stage cp.async pipeline and 193-240
+    registers without spills (docs/triton-gemm.md; tests/test_triton_sm90.py)."""
     if m <= 64:
         return 64, 128, 4
     return 128, 128, 8
 
 
-def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups):
+def launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=SOFTWARE_ROUNDING):
+    """(grid, runtime args by name, constexprs, options) of the kernel launch for these
+    operands, or None when there is nothing to compute. The GPU launch (_launch) and
+    sm90_compile_specs both use it, so the specs compile exactly what the GPU runs."""
     n, k = b.shape[-2], b.shape[-1]
     if rows == 0 or groups == 0:
-        return out
+        return None
     block_m, block_n, warps = tile_config(rows, n)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
     g3 = a.dim() == 3
-    _fp8_gemm_kernel[grid](
-        a, sfa, b, sfb, out, idx, rows, n, k,
-        a.stride(0) if g3 else 0, a.stride(-2), sfa.stride(0) if g3 else 0, sfa.stride(-2), sfa.stride(-1),
-        b.stride(0) if b.dim() == 3 else 0, b.stride(-2),
-        sfb.stride(0) if sfb.dim() == 3 else 0, sfb.stride(-2), sfb.stride(-1),
-        out.stride(0) if g3 else 0, out.stride(-2),
-        LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SOFT=SOFTWARE_ROUNDING,
-        num_warps=warps, num_stages=3)
+    vals = (a, sfa, b, sfb, out, idx, rows, n, k,
+            a.stride(0) if g3 else 0, a.stride(-2), sfa.stride(0) if g3 else 0, sfa.stride(-2), sfa.stride(-1),
+            b.stride(0) if b.dim() == 3 else 0, b.stride(-2),
+            sfb.stride(0) if sfb.dim() == 3 else 0, sfb.stride(-2), sfb.stride(-1),
+            out.stride(0) if g3 else 0, out.stride(-2))
+    args = dict(zip(_fp8_gemm_kernel.arg_names, vals))
+    constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SOFT=bool(soft))
+    return grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
+
+
+def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups):
+    launch = launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups)
+    if launch is not None:
+        grid, args, constexprs, options = launch
+        _fp8_gemm_kernel[grid](*args.values(), **constexprs, **options)
     return out
+
+
+def _meta(shape, dtype, strides=None):
+    if strides is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+def _scales(lead, m, kb, col_major):
+    """sfa f32 [*lead, m, kb]: row-major, or DeepGEMM's column-major TMA-aligned layout
+    (pykernels.get_col_major_tma_aligned_tensor: strides (kb*m_pad,) 1, m_pad)."""
+    if not col_major:
+        return _meta(lead + (m, kb), torch.float32)
+    m_pad = (m + 3) // 4 * 4
+    return _meta(lead + (m, kb), torch.float32, ((kb * m_pad,) if lead else ()) + (1, m_pad))
+
+
+def gemm_launch_spec(label, layout, a, sfa, b, sfb, out, idx):
+    """sm90.LaunchSpec of the compiled (GPU) launch for these operands (real or meta
+    tensors): the launcher's specialization of exactly the arguments _launch passes."""
+    rows, groups = (a.shape[1], a.shape[0]) if layout == LAYOUT_MASKED else (a.shape[0], 1)
+    grid, args, constexprs, options = launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=False)
+    return launch_spec(label, _fp8_gemm_kernel, grid, args, constexprs, **options)
+
+
+def sm90_compile_specs():
+    """sm90.LaunchSpecs of representative GPU launches (DeepGEMM's test shapes; scales
+    row-major and DeepGEMM's column-major TMA-aligned; both tile configs): the
+    signatures, constexprs, warps, stages and alignment attributes Triton's launcher
+    compiles for them. Launches with the same specialization share a spec's binary."""
+    f8, bf = torch.float8_e4m3fn, torch.bfloat16
+    specs = []
+    # N = 2100 (not a multiple of 8): the shapes backend="auto" sends to Triton on a GPU.
+    for m, n, k, col in ((128, 2112, 7168, False), (4096, 7168, 7168, False), (4096, 7168, 7168, True),
+                         (4096, 2100, 7168, True), (64, 7168, 7168, True), (1, 7168, 7168, True)):
+        kb = k // BLOCK
+        sfa = _scales((), m, kb, col)
+        specs.append(gemm_launch_spec(f"normal m={m} n={n} k={k} sfa={'col' if col else 'row'}", LAYOUT_NORMAL,
+                                      _meta((m, k), f8), sfa, _meta((n, k), f8),
+                                      _meta((triton.cdiv(n, BLOCK), kb), torch.float32), _meta((m, n), bf), sfa))
+    for g, m_sum, n, k in ((4, 4 * 1024, 4096, 7168), (4, 4 * 1024, 7168, 2048)):
+        kb = k // BLOCK
+        specs.append(gemm_launch_spec(f"contiguous G={g} m_sum={m_sum} n={n} k={k} sfa=col", LAYOUT_CONTIGUOUS,
+                                      _meta((m_sum, k), f8), _scales((), m_sum, kb, True), _meta((g, n, k), f8),
+                                      _meta((g, triton.cdiv(n, BLOCK), kb), torch.float32), _meta((m_sum, n), bf),
+                                      _meta((m_sum,), torch.int32)))
+    for g, m_max, n, k in ((4, 256, 4096, 7168), (4, 256, 7168, 2048), (16, 64, 7168, 2048)):
+        kb = k // BLOCK
+        specs.append(gemm_launch_spec(f"masked G={g} m_max={m_max} n={n} k={k} sfa=col", LAYOUT_MASKED,
+                                      _meta((g, m_max, k), f8), _scales((g,), m_max, kb, True),
+                                      _meta((g, n, k), f8), _meta((g, triton.cdiv(n, BLOCK), kb), torch.float32),
+                                      _meta((g, m_max, n), bf), _meta((g,), torch.int32)))
+    return specs
 
 
 def fp8_gemm_nt(a, sfa, b, sfb, out=None):

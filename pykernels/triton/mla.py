@@ -35,6 +35,7 @@ import triton.language as tl
 from ..reference import mla as RM
 from . import INTERPRETED
 from .rounding import to_bf16_rne
+from .sm90 import launch_attrs
 
 UPCAST_DOTS = INTERPRETED          # bf16 dots are wrong when interpreted: use f32 there
 SOFTWARE_ROUNDING = INTERPRETED    # interpreter casts f32 -> bf16 toward zero
@@ -410,16 +411,16 @@ _ALIGNED_INTS = ("stride_qb", "stride_qs", "stride_qh", "stride_ob", "stride_os"
 
 
 def _launch_attrs(fn, sig):
-    """The specialization Triton's launcher gives these arguments (tt.divisibility 16 on
-    a pointer whose address, or an integer whose value, is a multiple of 16): every pointer
-    (torch allocations, and the FP8 cache views of one allocation) and the q/out strides.
-    Other integers are left unspecialized. Without any of it the loads compile to scalar
-    16-bit accesses without cp.async pipelining and the decode kernel needs 255 registers
-    with 380-500 bytes of spills; with aligned pointers but strides not known to be
-    multiples of 16, the 16-row tile spills 20-24 bytes. A launch whose q or out is a view
-    with such strides or alignment gets those variants (docs/mla.md)."""
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-            if n in sig and (sig[n].startswith("*") or n in _ALIGNED_INTS)}
+    """The specialization Triton's launcher gives these arguments (sm90.launch_attrs:
+    tt.divisibility 16 on a pointer whose address, or an integer whose value, is a multiple
+    of 16): every pointer (torch allocations, and the FP8 cache views of one allocation)
+    and the q/out strides. Other integers are left unspecialized. Without any of it the
+    loads compile to scalar 16-bit accesses without cp.async pipelining and the decode
+    kernel needs 255 registers with 380-500 bytes of spills; with aligned pointers but
+    strides not known to be multiples of 16, the 16-row tile spills 20-24 bytes. A launch
+    whose q or out is a view with such strides or alignment gets those variants
+    (docs/mla.md)."""
+    return launch_attrs(fn, sig, _ALIGNED_INTS)
 
 
 def sm90_compile_specs(q_rows: int = 128):

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from ..reference.constants import BLOCK, FP8_E4M3_MAX, FP8_SCALE_FLOOR
 from .rounding import to_e4m3_rne
+from .sm90 import launch_spec
 
 from . import INTERPRETED
 
@@ -49,19 +50,54 @@ def _per_block_kernel(x_ptr, q_ptr, sf_ptr, m, n, stride_x, stride_q, stride_sf,
     tl.store(sf_ptr + bm * stride_sf + bn, tl.math.div_rn(amax, FMAX))
 
 
+PER_TOKEN_ROWS = 16          # rows per per-token program (one 128-column group each)
+PER_TOKEN_WARPS = 4
+# The per-block program holds a whole 128x128 tile in registers. With 4 warps (128
+# values per thread) ptxas needs 158-161 registers when the row stride is a multiple of
+# 16 (vector loads), but 255 registers and 24-32 bytes of spills per thread when it is
+# not, 288-344 bytes when the row count is not a multiple of 16 either (e.g. [130, 200]).
+# With 8 warps: 79-88 registers / 218-236, no spills (Triton 3.8, sm_90a;
+# tests/test_triton_sm90.py compiles both kinds of launch).
+PER_BLOCK_WARPS = 8
+NUM_STAGES = 3               # Triton's default (these kernels have no loop to pipeline)
+
+
+def per_token_launch_args(x, q, sf, soft=SOFTWARE_ROUNDING):
+    """(kernel, grid, runtime args by name, constexprs, options) of the per-token launch,
+    or None when empty. per_token_cast_to_fp8 and sm90_compile_specs both use it."""
+    m, k = x.shape
+    if not (m and k):
+        return None
+    grid = (triton.cdiv(m, PER_TOKEN_ROWS), triton.cdiv(k, BLOCK))
+    args = dict(zip(_per_token_kernel.arg_names, (x, q, sf, m, k, x.stride(0), q.stride(0), sf.stride(0))))
+    cx = dict(BLOCK_M=PER_TOKEN_ROWS, GROUP=BLOCK, FLOOR=FP8_SCALE_FLOOR, FMAX=FP8_E4M3_MAX, SOFT=bool(soft))
+    return _per_token_kernel, grid, args, cx, dict(num_warps=PER_TOKEN_WARPS, num_stages=NUM_STAGES)
+
+
+def per_block_launch_args(x, q, sf, soft=SOFTWARE_ROUNDING):
+    """As per_token_launch_args, for the 128x128-block kernel."""
+    m, n = x.shape
+    if not (m and n):
+        return None
+    grid = (triton.cdiv(m, BLOCK), triton.cdiv(n, BLOCK))
+    args = dict(zip(_per_block_kernel.arg_names, (x, q, sf, m, n, x.stride(0), q.stride(0), sf.stride(0))))
+    cx = dict(BLK=BLOCK, FLOOR=FP8_SCALE_FLOOR, FMAX=FP8_E4M3_MAX, SOFT=bool(soft))
+    return _per_block_kernel, grid, args, cx, dict(num_warps=PER_BLOCK_WARPS, num_stages=NUM_STAGES)
+
+
+def _run(launch):
+    if launch is not None:
+        kernel, grid, args, cx, options = launch
+        kernel[grid](*args.values(), **cx, **options)
+
+
 def per_token_cast_to_fp8(x: torch.Tensor):
     """x [m, k] float32/bf16/f16 (row stride free, unit column stride) ->
     (q float8_e4m3fn [m, k], sf float32 [m, ceil(k/128)])."""
     m, k = x.shape
-    kb = triton.cdiv(k, BLOCK)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    sf = torch.empty(m, kb, dtype=torch.float32, device=x.device)
-    if m and k:
-        block_m = 16
-        _per_token_kernel[(triton.cdiv(m, block_m), kb)](
-            x, q, sf, m, k, x.stride(0), q.stride(0), sf.stride(0),
-            BLOCK_M=block_m, GROUP=BLOCK, FLOOR=FP8_SCALE_FLOOR, FMAX=FP8_E4M3_MAX,
-            SOFT=SOFTWARE_ROUNDING)
+    sf = torch.empty(m, triton.cdiv(k, BLOCK), dtype=torch.float32, device=x.device)
+    _run(per_token_launch_args(x, q, sf))
     return q, sf
 
 
@@ -69,11 +105,31 @@ def per_block_cast_to_fp8(x: torch.Tensor):
     """x [m, n] float32/bf16/f16 -> (q float8_e4m3fn [m, n], sf float32
     [ceil(m/128), ceil(n/128)])."""
     m, n = x.shape
-    mb, nb = triton.cdiv(m, BLOCK), triton.cdiv(n, BLOCK)
     q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
-    sf = torch.empty(mb, nb, dtype=torch.float32, device=x.device)
-    if m and n:
-        _per_block_kernel[(mb, nb)](x, q, sf, m, n, x.stride(0), q.stride(0), sf.stride(0),
-                                    BLK=BLOCK, FLOOR=FP8_SCALE_FLOOR, FMAX=FP8_E4M3_MAX,
-            SOFT=SOFTWARE_ROUNDING)
+    sf = torch.empty(triton.cdiv(m, BLOCK), triton.cdiv(n, BLOCK), dtype=torch.float32, device=x.device)
+    _run(per_block_launch_args(x, q, sf))
     return q, sf
+
+
+def quant_launch_spec(label, per_block, x, q, sf):
+    """sm90.LaunchSpec of the compiled (GPU) launch of a quantization kernel for these
+    tensors (real or meta)."""
+    kernel, grid, args, cx, options = (per_block_launch_args if per_block else per_token_launch_args)(
+        x, q, sf, soft=False)
+    return launch_spec(label, kernel, grid, args, cx, **options)
+
+
+def sm90_compile_specs():
+    """sm90.LaunchSpecs of representative GPU launches: activations (per-token) and
+    weights (per-block), bf16 and float32 inputs, DeepGEMM's shapes."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).replace("torch.", "")
+        for per_block, m, k in ((False, 4096, 7168), (True, 7168, 7168)):
+            kb, mb = triton.cdiv(k, BLOCK), triton.cdiv(m, BLOCK)
+            x = torch.empty(m, k, dtype=dtype, device="meta")
+            q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="meta")
+            sf = torch.empty(mb if per_block else m, kb, dtype=torch.float32, device="meta")
+            specs.append(quant_launch_spec(f"{'per_block' if per_block else 'per_token'} {name} [{m}, {k}]",
+                                           per_block, x, q, sf))
+    return specs

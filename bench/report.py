@@ -1,6 +1,7 @@
 """Turn raw measurements into derived figures, a table, a JSON file and a roofline plot."""
 import datetime
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -67,7 +68,10 @@ def slug(name: str) -> str:
 
 
 def git_commit(repo=".") -> str:
-    """HEAD's commit hash, or 'unknown' outside a git checkout."""
+    """$PK_GIT_COMMIT when set (a copy of the tree without .git, as on a lent GPU machine:
+    bench/gpu_session.sh), else HEAD's commit hash, or 'unknown' outside a git checkout."""
+    if os.environ.get("PK_GIT_COMMIT"):
+        return os.environ["PK_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout.strip()

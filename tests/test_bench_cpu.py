@@ -154,3 +154,19 @@ def test_ep_bench_steps_run_on_the_emulator(monkeypatch, mode):
     else:
         assert BE.sent_bytes(cfg, d, "dispatch") == int((topk >= 0).sum()) * 2 * 256
     assert all(x.device.type == "cpu" for x in d["weights"]) and torch.is_tensor(topk)
+
+
+def test_git_commit_from_the_environment(monkeypatch, tmp_path):
+    # a copy of the tree without .git (a lent GPU machine) records the commit given to it
+    monkeypatch.delenv("PK_GIT_COMMIT", raising=False)
+    assert R.git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv("PK_GIT_COMMIT", "abc123")
+    assert R.git_commit(tmp_path) == "abc123"
+
+
+def test_gpu_session_script_is_valid_bash():
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for needed in ("-m pytest -q -m gpu", "-m bench --quick", "PK_GIT_COMMIT", "timeout"):
+        assert needed in text

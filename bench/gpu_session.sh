@@ -4,9 +4,10 @@
 #   COMMIT=<git rev-parse HEAD, taken here> bash bench/gpu_session.sh
 # (the copy of the tree there has no .git; budgets in seconds: TEST_S, QUICK_S, BENCH_S;
 # PY: the interpreter holding the machine's CUDA torch, python3 on the lent H200 image)
-# Writes to $OUT (or /tmp/pk_gpu): gpu.txt (GPU, driver, versions, commit), tests.log
-# (the gpu-marked tests), and the benchmark JSON + PNG (`python -m bench`), which a
-# session then commits under bench/results/. Every step has its own time limit, so a
+# Writes to $OUT (or /tmp/pk_gpu) six files at most (the device tool returns eight):
+# gpu.txt (GPU, driver, versions, commit), log.txt (every step's output), and the quick
+# and full benchmark JSON + PNG (`python -m bench`), which a session then commits under
+# bench/results/. Every step has its own time limit, so a
 # hang in one still returns the others' results; the exit status is the worst step's.
 set -uo pipefail
 OUT=${OUT:-/tmp/pk_gpu}
@@ -15,14 +16,17 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 export PK_GIT_COMMIT=${COMMIT:-}       # recorded in the benchmark JSON (bench/report.py)
 status=0
-step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, keep going
-  local name=$1 limit=$2
+step() {  # step NAME SECONDS CMD...: run with a limit, append to $OUT/log.txt, keep going
+  local name=$1 limit=$2 tmp
   shift 2
-  echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  tmp=$(mktemp)
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$@" > "$tmp" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log"
-  echo "== $name: exit $rc"
+  cat "$tmp" >> "$OUT/log.txt"
+  tail -n 25 "$tmp"
+  rm -f "$tmp"
+  echo "== $name: exit $rc" | tee -a "$OUT/log.txt"
   [ "$rc" -ne 0 ] && status=$rc
   return 0
 }

@@ -35,12 +35,13 @@ import triton.language as tl
 from ..reference import mla as RM
 from . import INTERPRETED
 from .rounding import to_bf16_rne
-from .sm90 import launch_attrs
+from .sm90 import launch_spec
 
 UPCAST_DOTS = INTERPRETED          # bf16 dots are wrong when interpreted: use f32 there
 SOFTWARE_ROUNDING = INTERPRETED    # interpreter casts f32 -> bf16 toward zero
 LOG2E = 1.4426950408889634
 _SCRATCH_FILL = None               # tests set NaN to prove the combine reads only written rows
+_DEFAULT_STAGES = 3                # Triton's default num_stages (CUDA), given explicitly to the specs
 
 
 def tile_config(q_rows: int, interpreted: bool = INTERPRETED):
@@ -48,9 +49,9 @@ def tile_config(q_rows: int, interpreted: bool = INTERPRETED):
 
     Interpreted: 64 x 64 (fewest, largest numpy steps). Compiled: 32 x 32 with 8 warps
     (16 x 32 with 4 warps when there are at most 16 rows). Not timed on a GPU yet.
-    ptxas (sm_90a, Triton 3.8, as launched: 16-byte aligned pointers and q/out strides,
-    see sm90_compile_specs) reports no spills for either: 32 x 32 x 8 warps uses 172
-    registers (bf16 cache) / 248 (FP8 cache), 16 x 32 x 4 warps 168 / 255;
+    ptxas (sm_90a, Triton 3.8, specialized as launched for FlashMLA's configurations,
+    see sm90_compile_specs) reports no spills for either: 32 x 32 x 8 warps uses 169-171
+    registers (bf16 cache) / 241-248 (FP8 cache), 16 x 32 x 4 warps 168 / 255;
     tests/test_mla.py asserts zero spills. 64-row tiles (wgmma) spill for every BLOCK_N
     and warp count tried, with or without splitting the 512 output columns over
     programs (docs/mla.md has the table).
@@ -120,13 +121,28 @@ def _schedule_kernel(seqlens_ptr, meta_ptr, nsplits_ptr, B, P,
     tl.store(nsplits_ptr + B, split)
 
 
+def schedule_launch_args(cache_seqlens, meta, num_splits):
+    """(kernel, grid, runtime args by name, constexprs, options) of the scheduler launch
+    writing meta [num_sm_parts, 8] and num_splits [b + 1]. get_mla_metadata and
+    sm90_compile_specs both use it."""
+    args = dict(zip(_schedule_kernel.arg_names, (cache_seqlens, meta, num_splits, cache_seqlens.shape[0],
+                                                 meta.shape[0])))
+    cx = dict(FIXED=RM.FIXED_SPLIT_COST, PAGE=RM.PAGE_BLOCK_SIZE, BLOCK_B=128)
+    return _schedule_kernel, (1,), args, cx, dict(num_warps=1, num_stages=_DEFAULT_STAGES)
+
+
+def _run(launch):
+    if launch is not None:
+        kernel, grid, args, cx, options = launch
+        kernel[grid](*args.values(), **cx, **options)
+
+
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int):
     """Device-side schedule: (metadata int32 [num_sm_parts, 8], num_splits int32 [b+1])."""
     b = cache_seqlens.shape[0]
     meta = torch.empty(num_sm_parts, RM.METADATA_SIZE, dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
-    _schedule_kernel[(1,)](cache_seqlens, meta, num_splits, b, num_sm_parts,
-                           FIXED=RM.FIXED_SPLIT_COST, PAGE=RM.PAGE_BLOCK_SIZE, BLOCK_B=128, num_warps=1)
+    _run(schedule_launch_args(cache_seqlens, meta, num_splits))
     return meta, num_splits
 
 
@@ -352,6 +368,54 @@ def _cache_views(k_cache):
     return k_cache, k_cache, k_cache, False
 
 
+def split_scratch(b: int, num_sm_parts: int, q_rows: int, head_dim_v: int, device):
+    """(oacc float32 [b + P, q_rows, head_dim_v], lacc float32 [b + P, q_rows]): the split
+    pieces' partial outputs and base-2 LSEs (pieces <= b + P - 1 by construction)."""
+    max_splits = b + num_sm_parts
+    fill = torch.empty if _SCRATCH_FILL is None else (
+        lambda *s, **kw: torch.full(s, _SCRATCH_FILL, **kw))
+    return (fill(max_splits, q_rows, head_dim_v, dtype=torch.float32, device=device),
+            fill(max_splits, q_rows, dtype=torch.float32, device=device))
+
+
+def decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
+                       oacc, lacc, softmax_scale=None, causal=False, upcast=UPCAST_DOTS, soft=SOFTWARE_ROUNDING,
+                       interpreted=INTERPRETED):
+    """(kernel, grid, runtime args by name, constexprs, options) of the decode launch, or
+    None when b = 0. flash_mla_with_kvcache and sm90_compile_specs both use it, so the
+    specs compile exactly what the GPU runs."""
+    b, s_q, h_q, _ = q.shape
+    if b == 0:
+        return None
+    qr = s_q * h_q
+    scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
+    kv, kv_sf, kv_rope, fp8 = _cache_views(k_cache)
+    bm, bn, warps = tile_config(qr, interpreted=interpreted)
+    grid = (tile_scheduler_metadata.shape[0], triton.cdiv(qr, bm))
+    vals = (q, kv, kv_sf, kv_rope, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+            out, lse, oacc, lacc,
+            q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            s_q, h_q, qr, scale * LOG2E)
+    args = dict(zip(_mla_decode_kernel.arg_names, vals))
+    cx = _decode_constexprs(fp8, causal, bm, bn, upcast, soft)
+    return _mla_decode_kernel, grid, args, cx, dict(num_warps=warps, num_stages=2)
+
+
+def combine_launch_args(num_splits, oacc, lacc, out, lse, soft=SOFTWARE_ROUNDING, interpreted=INTERPRETED):
+    """As decode_launch_args, for the combine launch (grid (b, row tiles))."""
+    b, s_q, h_q, _ = out.shape
+    if b == 0:
+        return None
+    qr = s_q * h_q
+    br = combine_rows(qr, interpreted)
+    vals = (num_splits, oacc, lacc, out, lse,
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), h_q, qr)
+    args = dict(zip(_mla_combine_kernel.arg_names, vals))
+    cx = dict(SOFT=bool(soft), BLOCK_R=br, DV=oacc.shape[-1])
+    return _mla_combine_kernel, (b, triton.cdiv(qr, br)), args, cx, dict(num_warps=4, num_stages=_DEFAULT_STAGES)
+
+
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                            out, lse, head_dim_v=RM.HEAD_DIM_V, softmax_scale=None, causal=False):
     """Split-KV MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q].
@@ -362,30 +426,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     b, s_q, h_q, _ = q.shape
     if b == 0:
         return out, lse
-    qr = s_q * h_q
-    parts = tile_scheduler_metadata.shape[0]
-    scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
-    kv, kv_sf, kv_rope, fp8 = _cache_views(k_cache)
-    max_splits = b + parts               # pieces <= b + parts - 1 by construction
-    fill = torch.empty if _SCRATCH_FILL is None else (
-        lambda *s, **kw: torch.full(s, _SCRATCH_FILL, **kw))
-    oacc = fill(max_splits, qr, head_dim_v, dtype=torch.float32, device=q.device)
-    lacc = fill(max_splits, qr, dtype=torch.float32, device=q.device)
-    bm, bn, warps = tile_config(qr)
-    grid = (parts, triton.cdiv(qr, bm))
-    _mla_decode_kernel[grid](
-        q, kv, kv_sf, kv_rope, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-        out, lse, oacc, lacc,
-        q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        s_q, h_q, qr, scale * LOG2E,
-        **_decode_constexprs(fp8, causal, bm, bn, UPCAST_DOTS, SOFTWARE_ROUNDING),
-        num_warps=warps, num_stages=2)
-    br = combine_rows(qr)
-    _mla_combine_kernel[(b, triton.cdiv(qr, br))](
-        num_splits, oacc, lacc, out, lse,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        h_q, qr, SOFT=SOFTWARE_ROUNDING, BLOCK_R=br, DV=head_dim_v, num_warps=4)
+    oacc, lacc = split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, head_dim_v, q.device)
+    _run(decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                            out, lse, oacc, lacc, softmax_scale, causal))
+    _run(combine_launch_args(num_splits, oacc, lacc, out, lse))
     return out, lse
 
 
@@ -403,55 +447,59 @@ def _decode_constexprs(fp8, causal, bm, bn, upcast, soft):
                 ROPE_OFF=(RM.HEAD_DIM_V + 4 * RM.FP8_NUM_SCALES) // 2, GROUP=RM.FP8_GROUP)
 
 
-_POINTERS = {"q_ptr": "*bf16", "kv_rope_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32",
-             "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "qk_scale": "fp32"}
-# Integer arguments that are multiples of 16 in every launch with contiguous q and out
-# (multiples of 576 / 512 elements).
-_ALIGNED_INTS = ("stride_qb", "stride_qs", "stride_qh", "stride_ob", "stride_os", "stride_oh")
+# ----------------------------------------------------------------------------- sm_90 specs
+
+# (b, s_q, h_q, seqlen, causal): FlashMLA's decode configurations (its README's call
+# form is causal=True), each compiled with the bf16 and the FP8 cache. s_q = 1 makes S_Q
+# and the LSE strides the constexpr 1; h_q = 16 with s_q = 1 is the only <= 16-row
+# tile; seqlen 4352 gives a block table of 68 pages (its row stride not a multiple of
+# 16, as FlashMLA's variable-length tests pad to 256 tokens); causal=False is the default.
+SPEC_PROBLEMS = ((64, 1, 16, 4096, True), (128, 2, 16, 4096, True), (128, 1, 128, 4096, True),
+                 (64, 2, 128, 4096, True), (128, 1, 16, 4352, True), (128, 2, 128, 4352, False))
 
 
-def _launch_attrs(fn, sig):
-    """The specialization Triton's launcher gives these arguments (sm90.launch_attrs:
-    tt.divisibility 16 on a pointer whose address, or an integer whose value, is a multiple
-    of 16): every pointer (torch allocations, and the FP8 cache views of one allocation)
-    and the q/out strides. Other integers are left unspecialized. Without any of it the
-    loads compile to scalar 16-bit accesses without cp.async pipelining and the decode
-    kernel needs 255 registers with 380-500 bytes of spills; with aligned pointers but
-    strides not known to be multiples of 16, the 16-row tile spills 20-24 bytes. A launch
-    whose q or out is a view with such strides or alignment gets those variants
-    (docs/mla.md)."""
-    return launch_attrs(fn, sig, _ALIGNED_INTS)
+def _meta(*shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def sm90_compile_specs(q_rows: int = 128):
-    """[(kernel name, signature, constexprs, attrs, num_warps)] of the compiled (GPU)
-    launches for q_rows query rows per sequence, as triton.compile(ASTSource(...)) takes
-    them, attrs being the launcher's alignment specialization (_launch_attrs; other
-    integers left unspecialized): lets a CPU machine compile the very kernels the GPU
-    runs (tests/test_mla.py does, and checks ptxas's register and spill counts)."""
-    specs = []
-    bm, bn, warps = tile_config(q_rows, interpreted=False)
-    for fp8, causal in ((False, True), (True, False)):
-        cx = _decode_constexprs(fp8, causal, bm, bn, False, False)
-        sig = {}
-        for name in _mla_decode_kernel.arg_names:
-            if name in cx:
-                continue
-            if name == "kv_ptr":
-                sig[name] = "*fp8e4nv" if fp8 else "*bf16"
-            elif name == "kv_sf_ptr":
-                sig[name] = "*fp32" if fp8 else "*bf16"
-            else:
-                sig[name] = _POINTERS.get(name, "*i32" if name.endswith("_ptr") else "i32")
-        specs.append(("_mla_decode_kernel", sig, cx, _launch_attrs(_mla_decode_kernel, sig), warps))
-    cx = dict(SOFT=False, BLOCK_R=combine_rows(q_rows, interpreted=False), DV=RM.HEAD_DIM_V)
-    sig = {n: _POINTERS.get(n, "*i32" if n.endswith("_ptr") else "i32")
-           for n in _mla_combine_kernel.arg_names if n not in cx}
-    specs.append(("_mla_combine_kernel", sig, cx, _launch_attrs(_mla_combine_kernel, sig), 4))
-    cx = dict(FIXED=RM.FIXED_SPLIT_COST, PAGE=RM.PAGE_BLOCK_SIZE, BLOCK_B=128)
-    sig = {n: ("*i32" if n.endswith("_ptr") else "i32") for n in _schedule_kernel.arg_names if n not in cx}
-    specs.append(("_schedule_kernel", sig, cx, _launch_attrs(_schedule_kernel, sig), 1))
-    return specs
+def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
+    """sm90.LaunchSpecs (scheduler, decode, combine) of the compiled (GPU) launches for one
+    problem, from meta tensors of the shapes pykernels.mla passes (contiguous q, cache,
+    block table, out, lse; nothing is allocated): the launcher's specialization of
+    exactly the arguments get_mla_metadata / flash_mla_with_kvcache pass."""
+    from ..mla import default_num_sm_parts
+    qr = s_q * h_q
+    parts = num_sm_parts or default_num_sm_parts(torch.device("meta"), qr, 1)
+    pages = triton.cdiv(seqlen, RM.PAGE_BLOCK_SIZE)
+    cache = (_meta(b * pages, RM.PAGE_BLOCK_SIZE, 1, RM.FP8_BYTES_PER_TOKEN, dtype=torch.uint8) if fp8 else
+             _meta(b * pages, RM.PAGE_BLOCK_SIZE, 1, RM.HEAD_DIM_QK, dtype=torch.bfloat16))
+    q = _meta(b, s_q, h_q, RM.HEAD_DIM_QK, dtype=torch.bfloat16)
+    table = _meta(b, pages, dtype=torch.int32)
+    seqlens = _meta(b, dtype=torch.int32)
+    meta = _meta(parts, RM.METADATA_SIZE, dtype=torch.int32)
+    nsplits = _meta(b + 1, dtype=torch.int32)
+    out = _meta(b, s_q, h_q, RM.HEAD_DIM_V, dtype=torch.bfloat16)
+    lse = _meta(b, h_q, s_q, dtype=torch.float32)
+    oacc, lacc = split_scratch(b, parts, qr, RM.HEAD_DIM_V, torch.device("meta"))
+    gpu = dict(soft=False, interpreted=False)
+    label = f"b={b} s_q={s_q} h_q={h_q} seqlen={seqlen} {'fp8' if fp8 else 'bf16'}{' causal' if causal else ''}"
+    launches = (("schedule", schedule_launch_args(seqlens, meta, nsplits)),
+                ("decode", decode_launch_args(q, cache, table, seqlens, meta, nsplits, out, lse, oacc, lacc,
+                                              causal=causal, upcast=False, **gpu)),
+                ("combine", combine_launch_args(nsplits, oacc, lacc, out, lse, **gpu)))
+    return [launch_spec(f"{name} {label}", kernel, grid, args, cx, **options)
+            for name, (kernel, grid, args, cx, options) in launches]
 
 
-__all__ = ["UPCAST_DOTS", "tile_config", "sm90_compile_specs", "get_mla_metadata", "flash_mla_with_kvcache"]
+def sm90_compile_specs(problems=SPEC_PROBLEMS):
+    """sm90.LaunchSpecs of representative GPU launches (mla_launch_specs of each
+    (b, s_q, h_q, seqlen, causal) in problems, bf16 and FP8 caches): the signatures, constexprs,
+    warps, stages and alignment attributes Triton's launcher compiles for them, so a
+    CPU machine compiles the very kernels the GPU runs (tests/test_mla.py checks
+    ptxas's registers and spills). Launches with the same specialization share a key."""
+    return [s for b, s_q, h_q, seqlen, causal in problems for fp8 in (False, True)
+            for s in mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal)]
+
+
+__all__ = ["UPCAST_DOTS", "tile_config", "sm90_compile_specs", "mla_launch_specs", "get_mla_metadata",
+           "flash_mla_with_kvcache"]

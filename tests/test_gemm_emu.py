@@ -288,6 +288,22 @@ def test_multicast_two_stages_wrap_the_ring(seed):
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
 
 
+@pytest.mark.parametrize("cfg,schedule", [(G.Config(128, 128), "wg_first"), (G.Config(64, 64), "wg_last"),
+                                          (G.Config(128, 160, cluster=2), "wg_last")],
+                         ids=["m128n128-wg_first", "m64n64-wg_last", "m128n160_mc2-wg_last"])
+def test_protocol_holds_when_one_warpgroup_runs_ahead(cfg, schedule, seed):
+    # One warpgroup (the first or the last: producer or math, of every CTA in turn) runs
+    # whenever it can: the full / empty barriers, the stage ring of 2 and the output
+    # staging must still order everything (docs/emulator.md: schedules).
+    m, n, k = 200, 256, 512
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=2)
+    run_emu(plan, schedule=schedule)
+    assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+
+
 def _without_remote_release(ptx: str, function: str) -> str:
     """The PTX of `function` changed into a broken protocol: each CTA releases a stage on
     its own empty barrier only (count 8 instead of 16, no remote arrive), so a producer

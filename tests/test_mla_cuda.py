@@ -37,7 +37,7 @@ from pykernels.cuda import mla as CM
 from pykernels.emu.parser import parse
 from pykernels.metrics import calc_diff
 from pykernels.runtime import artifacts, sass
-from pykernels.runtime.executors import gpu_unavailable_reason
+from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
 
 from .mla_cases import PAGE, make_problem
 from .mla_cases import cdiv as _cdiv
@@ -388,6 +388,26 @@ def test_emu_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dtyp
     assert calc_diff(out, ref16) < min(FP8_CALC_DIFF_VS_BF16, calc_diff(ref, ref16) + FP8_CALC_DIFF_MARGIN)
     lse_err, ref_lse_err = (lse[fin] - ref16_lse[fin]).abs(), (ref_lse[fin] - ref16_lse[fin]).abs()
     assert (lse_err - ref_lse_err).max() < FP8_LSE_MARGIN
+
+
+@pytest.mark.parametrize("fp8,schedule", [(False, "wg_first"), (False, "wg_last"), (True, "wg_first"),
+                                         (True, "wg_last")])
+def test_emu_when_one_warpgroup_runs_ahead(fp8, schedule, poisoned_scratch, monkeypatch):
+    # One warpgroup (math 0, math 1 or the producer) runs whenever it can: the shared P
+    # tile, the row-max exchange, the K ring (bf16) or the converted K block (FP8) must be
+    # ordered by the barriers alone (docs/emulator.md: schedules). A split sequence and a
+    # partial last block.
+    torch.manual_seed(31 + fp8)
+    seqlens, s_q, h_q = [150, 70], 2, 16
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    if fp8:
+        cache = M.quantize_kv_cache_fp8(cache)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 8)
+    assert bool((ns.diff() > 1).any())
+    monkeypatch.setattr(CM, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))
+    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, True, executor="emu")
+    _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
 def test_emu_fp8_arbitrary_bytes(poisoned_scratch):

@@ -122,7 +122,7 @@ class Launch:
         return groups
 
 
-SCHEDULES = ("lockstep", "cta_first", "cta_last")
+SCHEDULES = ("lockstep", "cta_first", "cta_last", "wg_first", "wg_last")
 
 
 def _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem, max_steps, schedule="lockstep"):
@@ -154,6 +154,9 @@ def launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1, 1, 1), *, c
     whenever it can and the others only while it is blocked: one CTA races ahead of its
     peers as far as its synchronisation allows, which exposes cross-CTA races (a
     multicast into a peer's stage that the peer has not released) that lockstep hides.
+    "wg_first" / "wg_last" do the same per warpgroup (128 threads), so one warpgroup of a
+    CTA runs ahead of the others: races between producer and math warpgroups, or between
+    math warpgroups sharing shared-memory tiles.
     """
     L = _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem or GlobalMemory(), max_steps,
                  schedule)

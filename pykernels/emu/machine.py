@@ -3,8 +3,8 @@
 Scheduling: each thread has a PC and an epoch (incremented on every backward branch it
 takes). Each step runs the instruction at the smallest (epoch, PC) among runnable
 threads, for all runnable threads sitting there, across warps and CTAs (or, with the
-launch's schedule "cta_first" / "cta_last", among the runnable threads of the CTA of
-highest priority only). Threads of a
+launch's schedule "cta_first" / "cta_last" / "wg_first" / "wg_last", among the runnable
+threads of the CTA or warpgroup of highest priority only). Threads of a
 warp that diverge reconverge where they meet again; a thread spinning on a wait loop
 raises its epoch and so lets lagging threads (producers) run first. Blocking
 instructions (bar.sync, a failed mbarrier wait) park threads until they can go on; if
@@ -70,8 +70,11 @@ class Machine:
         self.steps = 0
         self.instr = None
         # CTA priority (schedule "cta_first" / "cta_last"): rank of each thread's CTA
+        # or of each thread's warpgroup (schedule "wg_first" / "wg_last", across CTAs too)
         schedule = getattr(launch, "schedule", "lockstep")
-        self.cta_rank = None if schedule == "lockstep" else (self.cta if schedule == "cta_first" else -self.cta)
+        unit = {"cta": self.cta, "wg": self.cta * ((self.nthreads + 127) // 128) + lin // 128}
+        kind, _, order = schedule.partition("_")
+        self.cta_rank = None if schedule == "lockstep" else (unit[kind] if order == "first" else -unit[kind])
 
     # ---------------------------------------------------------------- locations
     def where(self, idx=None):

@@ -341,3 +341,45 @@ def test_unknown_schedule_is_an_error():
     with pytest.raises(ValueError, match="schedule: expected one of"):
         emu.launch(TICKETS, "tickets", (1,), (32,), [torch.zeros(1, dtype=torch.int32),
                                                      torch.zeros(32, 2, dtype=torch.int32)], schedule="random")
+
+
+HANDOFF = HEAD + """
+.visible .entry handoff(.param .u64 p_out, .param .u32 p_sync)
+{
+    .reg .pred %p<3>; .reg .b32 %r<8>; .reg .b64 %rd<4>;
+    .shared .align 4 .b32 box[128];
+    ld.param.u64 %rd1, [p_out]; ld.param.u32 %r7, [p_sync];
+    mov.u32 %r1, %tid.x;
+    and.b32 %r2, %r1, 127;                 // lane within the warpgroup
+    shl.b32 %r3, %r2, 2;
+    mov.u32 %r4, box;
+    add.u32 %r4, %r4, %r3;
+    setp.lt.u32 %p1, %r1, 128;             // warpgroup 0 writes, warpgroup 1 reads
+    @%p1 st.shared.u32 [%r4], %r1;
+    setp.ne.u32 %p2, %r7, 0;
+    @%p2 bar.sync 0;                       // the hand-off barrier (p_sync = 0: forgotten)
+    @%p1 bra DONE;
+    ld.shared.u32 %r5, [%r4];
+    mul.wide.u32 %rd2, %r2, 4;
+    add.u64 %rd3, %rd1, %rd2;
+    st.global.u32 [%rd3], %r5;
+DONE:
+    ret;
+}
+"""
+
+
+@pytest.mark.parametrize("schedule", ["lockstep", "wg_first", "wg_last"])
+def test_warpgroup_schedules_expose_a_missing_barrier(schedule):
+    # Warpgroup 0 stores to shared memory, warpgroup 1 loads it. With the barrier every
+    # schedule gives the right values. Without it, lockstep still does (both warpgroups sit
+    # at the same PCs, so the store runs first) and so does wg_first (warpgroup 0 runs to
+    # its end first); wg_last lets warpgroup 1 read before warpgroup 0 wrote: the 0xFF fill.
+    want = torch.arange(128, dtype=torch.int32)
+    for sync in (1, 0):
+        out = torch.full((128,), -7, dtype=torch.int32)
+        emu.launch(HANDOFF, "handoff", (1,), (256,), [out, sync], schedule=schedule)
+        if sync or schedule != "wg_last":
+            assert torch.equal(out, want), (schedule, sync)
+        else:
+            assert (out == -1).all(), "wg_last should have read the unwritten shared memory"

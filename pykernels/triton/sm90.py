@@ -24,6 +24,8 @@ import tempfile
 
 import torch
 
+from ..emu.triton_compile import CompiledPTX
+
 _TT_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5", torch.bfloat16: "bf16",
              torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64", torch.int8: "i8",
              torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}
@@ -134,28 +136,11 @@ json.dump(res, open(sys.argv[2], "w"))
 
 
 @dataclasses.dataclass
-class Compiled:
-    """compile_sm90's result: the CompiledPTX fields pykernels.emu.launch_triton reads,
+class Compiled(CompiledPTX):
+    """compile_sm90's result: the fields pykernels.emu.launch_triton reads (CompiledPTX),
     plus ptxas's registers per thread and stack bytes per thread (spills)."""
-    ptx: str = dataclasses.field(repr=False)
-    name: str
-    num_warps: int
-    shared: int
-    cluster_dims: tuple
-    global_scratch_size: int
-    global_scratch_align: int
-    profile_scratch_size: int
-    tensordesc_meta: list
-    regs: int
-    stack: int
-
-    @property
-    def asm(self):
-        return {"ptx": self.ptx}
-
-    @property
-    def metadata(self):
-        return self
+    regs: int = 0
+    stack: int = 0
 
 
 def compile_sm90(specs, jobs: int = 1, timeout: float = 600):

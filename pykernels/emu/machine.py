@@ -29,6 +29,12 @@ MAX_STEPS = 50_000_000
 ASYNC_LATENCY = 2000    # scheduler steps after which a queued asynchronous copy lands
 
 
+def _distinct_sorted(v):
+    """Distinct values of a sorted array (thread indices ascend, so their warps do): O(n),
+    unlike np.unique's sort, for the per-step warp count."""
+    return int(len(v) > 0) + int(np.count_nonzero(v[1:] != v[:-1]))
+
+
 class Machine:
     """Threads of `ctas` (list of (x, y, z) CTA ids, grouped by cluster) of one launch."""
 
@@ -397,7 +403,7 @@ class Machine:
             h = handlers.get(ins.opcode)
             if h is None:
                 self.fail(UnsupportedInstruction, f"instruction {ins.full} is not implemented by the emulator", idx)
-            stats.count(ins, len(active), len(np.unique(self.warp[active])) if len(active) else 0)
+            stats.count(ins, len(active), _distinct_sorted(self.warp[active]))
             if len(active) or ins.opcode in ("bar", "barrier"):
                 h(self, ins, active)
             self.steps += 1

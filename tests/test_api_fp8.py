@@ -160,3 +160,31 @@ def test_torch_compile_fullgraph():
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, b, sfb)
     assert calc_diff(got, 2 * R.fp8_gemm_nt(a, sfa, b, sfb).float()) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["emu", "triton"])
+def test_torch_compile_fullgraph_kernel_backends(backend):
+    # the hand-written kernel (its PTX on the emulator) and the Triton one, quantization
+    # and all three GEMM layouts traced whole: the same bytes as the eager calls
+    x, y, a, sfa, b, sfb = normal_problem(65, 128, 256)
+    idx = torch.tensor([0] * 30 + [-1] * 5 + [1] * 30, dtype=torch.int32)
+    b2, sfb2 = torch.stack([b, b]), torch.stack([sfb, sfb])
+    masked = torch.tensor([65, 7], dtype=torch.int32)
+
+    def f(x, b, sfb, b2, sfb2, idx, masked):
+        q, s = pk.per_token_cast_to_fp8(x, backend=backend)
+        out = torch.full((x.shape[0], b.shape[0]), float("nan"), dtype=torch.bfloat16)
+        pk.fp8_gemm_nt((q, s), (b, sfb), out, backend=backend)
+        grouped = torch.full((x.shape[0], b.shape[0]), float("nan"), dtype=torch.bfloat16)
+        pk.m_grouped_fp8_gemm_nt_contiguous((q, s), (b2, sfb2), grouped, idx, backend=backend)
+        q3, s3 = torch.stack([q, q]), torch.stack([s, s])
+        out3 = torch.full((2, x.shape[0], b.shape[0]), float("nan"), dtype=torch.bfloat16)
+        pk.m_grouped_fp8_gemm_nt_masked((q3, s3), (b2, sfb2), out3, masked, 32, backend=backend)
+        return out, grouped, out3
+
+    args = (x, b, sfb, b2, sfb2, idx, masked)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    eager = f(*args)
+    for g, e in zip(got, eager):
+        assert torch.equal(g.isnan(), e.isnan()) and torch.equal(g.nan_to_num(), e.nan_to_num())
+    assert calc_diff(got[0], R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3

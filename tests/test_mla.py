@@ -539,3 +539,23 @@ def test_decode_cost_model():
     assert c["flops"] == 2 * 1088 * 64 * 128 * 4096
     assert c["bytes"] == 64 * 4096 * 1152 + 64 * 128 * (1152 + 1024 + 4)
     assert M.decode_cost(64, 1, 128, 4096, fp8_cache=True)["bytes"] == 64 * 4096 * 656 + 64 * 128 * 2180
+
+
+def test_torch_compile_fp8_cache_on_the_hand_written_kernel():
+    # The custom op with an FP8 cache and backend "emu" (the CUDA kernel's PTX): traced
+    # whole by torch.compile, the same result as the eager call and close to the reference.
+    args = _good()
+    c8 = M.quantize_kv_cache_fp8(args["k_cache"])
+
+    def f(q, k_cache, block_table, cache_seqlens):
+        meta, ns = M.get_mla_metadata(cache_seqlens, 32, 1, 4, backend="reference")
+        return M.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta, ns,
+                                        causal=True, backend="emu")
+
+    a = (args["q"], c8, args["block_table"], args["cache_seqlens"])
+    got, got_lse = torch.compile(f, fullgraph=True, backend="aot_eager")(*a)
+    eager, eager_lse = f(*a)
+    assert torch.equal(got, eager) and torch.equal(got_lse, eager_lse)
+    ref, ref_lse = R.flash_mla_with_kvcache(*a, 512, None, True)
+    fin = ref_lse.isfinite()
+    assert calc_diff(got, ref) < OUT_CALC_DIFF and (got_lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS

@@ -91,7 +91,8 @@ def check_supported(q, k_cache, head_dim_v: int = RM.HEAD_DIM_V) -> None:
     if k_cache.shape[1] != PAGE or k_cache.shape[2] != 1:
         raise ValueError(f"k_cache: the cuda/emu MLA kernel needs pages of {PAGE} tokens and h_kv = 1, "
                          f"got shape {list(k_cache.shape)}")
-    if k_cache.numel() and k_cache.data_ptr() % 16:
+    # (while torch.compile traces there is no pointer: the op's implementation checks it)
+    if k_cache.numel() and not torch.compiler.is_compiling() and k_cache.data_ptr() % 16:
         raise ValueError(f"k_cache: the cuda/emu MLA kernel reads the cache with TMA, which needs a "
                          f"16-byte aligned data pointer, got {k_cache.data_ptr():#x}")
     if k_cache.shape[0] * PAGE >= 2**31:

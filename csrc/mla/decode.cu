@@ -216,6 +216,23 @@ __device__ __forceinline__ void add_scaled(float (&s)[16], const float (&t)[16],
   }
 }
 
+// s += sf[g] * t (group g's retired partial), then t is reused for chunks [c0, c1) (the
+// group after next), issued while the other temporary's group runs; waits until at most
+// that new group is pending.
+template <uint32_t c0, uint32_t c1>
+__device__ __forceinline__ void add_scaled_then_issue(float (&s)[16], float (&t)[16], const float* sf, uint32_t g,
+                                                      uint32_t key0, uint32_t q_base, uint32_t k_base) {
+#pragma unroll
+  for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t[i]);
+  add_scaled(s, t, sf, g, key0);
+#pragma unroll
+  for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t[i]);
+  pk::wgmma_fence();
+  qk_chunks<c0, c1>(t, q_base, k_base);
+  pk::wgmma_commit();
+  pk::wgmma_wait<1>();
+}
+
 template <bool kFp8>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
@@ -367,26 +384,9 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           pk::wgmma_commit();
           pk::wgmma_wait<1>();
 #pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) {
-            pk::fence_operand(sc[i]);
-            pk::fence_operand(t0[i]);
-          }
-          add_scaled(sc, t0, sfs, 0, key0l);
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t0[i]);
-          pk::wgmma_fence();
-          qk_chunks<4, 6>(t0, qb, kb);
-          pk::wgmma_commit();
-          pk::wgmma_wait<1>();
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
-          add_scaled(sc, t1, sfs, 1, key0l);
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
-          pk::wgmma_fence();
-          qk_chunks<6, 8>(t1, qb, kb);
-          pk::wgmma_commit();
-          pk::wgmma_wait<1>();
+          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
+          add_scaled_then_issue<4, 6>(sc, t0, sfs, 0, key0l, qb, kb);
+          add_scaled_then_issue<6, 8>(sc, t1, sfs, 1, key0l, qb, kb);
 #pragma unroll
           for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t0[i]);
           add_scaled(sc, t0, sfs, 2, key0l);

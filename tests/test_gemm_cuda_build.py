@@ -191,6 +191,18 @@ def test_heuristic_model_properties():
     assert G.choose_config(8, 4096, 7168, groups=1).block_m == 64
 
 
+def test_heuristic_uses_the_resident_cluster_count():
+    # On a GPU the persistent multicast grid holds as many clusters as the driver says;
+    # fewer co-resident clusters than #SMs / 2 mean more waves, and the model counts them.
+    m, n, k = 4096, 7168, 16384
+    mc = G.Config(128, 160, cluster=2)
+    full, fewer = (G.estimate_cycles(mc, m, n, k, 1, 132, clusters=c) for c in (66, 40))
+    assert fewer > full == G.estimate_cycles(mc, m, n, k, 1, 132)
+    assert G.choose_config(m, n, k).cluster == 2
+    assert G.choose_config(m, n, k, slots=lambda c: 66) == G.choose_config(m, n, k)
+    assert G.choose_config(m, n, k, slots=lambda c: 40).cluster == 1     # pairs no longer pay
+
+
 def test_multicast_heuristic():
     mc = G.choose_config(4096, 7168, 16384)
     assert mc.cluster == 2 and mc.block_m == 128                       # L2-bound: B shared by pairs

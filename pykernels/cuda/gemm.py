@@ -107,7 +107,8 @@ def num_sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, boundaries: int = 0) -> float:
+def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, boundaries: int = 0,
+                    clusters: int = None) -> float:
     """Model of the kernel's run time in SM clocks for `groups` problems of m x n x k.
 
     Per K block of a tile: the wgmma time (BM/64 warpgroups x 4 instructions of
@@ -133,16 +134,17 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     mma = cfg.math_warpgroups * 4 * per_mma
     load = (bm + bn) * BLOCK_K / _L2_BYTES_PER_CLK_SM
     tile = kb * max(mma, load) + bm * bn * 2 / _STORE_BYTES_PER_CLK + _TILE_FIXED_CLK
-    waves = _cdiv(units, max(1, sms // c))
+    waves = _cdiv(units, max(1, clusters or sms // c))     # clusters: co-resident (multicast)
     l2 = (tiles * bm + units * bn) * k / _L2_BYTES_PER_CLK
     dram = groups * (m * k + n * k + 2 * m * n) / _DRAM_BYTES_PER_CLK
     return max(waves * tile, l2, dram)
 
 
-def _best(configs, m, n, k, groups, sms, boundaries):
-    """The config with the smallest modelled time; ties (within 1%) go to the larger tile."""
+def _best(configs, m, n, k, groups, sms, boundaries, slots=None):
+    """The config with the smallest modelled time; ties (within 1%) go to the larger tile.
+    slots(cfg): the clusters of a multicast config that run at once (default #SMs / 2)."""
     def t(c):
-        return estimate_cycles(c, m, n, k, groups, sms, boundaries)
+        return estimate_cycles(c, m, n, k, groups, sms, boundaries, slots(c) if slots and c.cluster > 1 else None)
     scored = sorted(configs, key=lambda c: (t(c), -c.block_m * c.block_n))
     best = scored[0]
     for c in scored[1:]:
@@ -151,18 +153,20 @@ def _best(configs, m, n, k, groups, sms, boundaries):
     return best, t(best)
 
 
-def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SMS, boundaries: int = 0) -> Config:
+def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SMS, boundaries: int = 0,
+                  slots=None) -> Config:
     """The compiled tile shape with the smallest modelled time (estimate_cycles); ties
     (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1,
     boundaries = number of groups - 1). A multicast (cluster-2) config is chosen only when
     it models at least 3% faster than the best cluster-1 config (MULTICAST_GAIN): in
     practice when the L2 -> SM traffic bounds the cluster-1 kernel (large M and N, every
-    SM busy) and M has pairs of m-blocks."""
+    SM busy) and M has pairs of m-blocks. slots(cfg): co-resident clusters of a multicast
+    config (on a GPU the driver's count, `resident_clusters`; default #SMs / 2)."""
     m, k = max(m, 1), max(k, BLOCK_K)
     best, t_best = _best([c for c in CONFIGS if c.cluster == 1], m, n, k, groups, sms, boundaries)
     multicast = [c for c in CONFIGS if c.cluster > 1 and sms >= 2 * c.cluster]
     if multicast:
-        best_mc, t_mc = _best(multicast, m, n, k, groups, sms, boundaries)
+        best_mc, t_mc = _best(multicast, m, n, k, groups, sms, boundaries, slots)
         if t_mc < MULTICAST_GAIN * t_best:
             return best_mc
     return best
@@ -228,10 +232,14 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     if cfg is None:
+        slots = None
+        if a2.device.type == "cuda":        # the persistent grid's clusters, as the driver holds them
+            slots = (lambda c: max_clusters or resident_clusters(c, c.max_stages(), a2.device, sms))
         if kind == KIND_MASKED:
-            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms)
+            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots)
         else:
-            cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0)
+            cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
+                                slots=slots)
     stages = stages or cfg.max_stages()
     if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_LIMIT:
         raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "

@@ -532,6 +532,7 @@ class LocalNode:
                        for _ in range(cfg.num_ranks)]
         self.seq = 0
         self.last_stats = None
+        self._streams = []                 # one per rank (GPU), made once: reusable under graph capture
 
     @property
     def peers(self):
@@ -547,7 +548,9 @@ class LocalNode:
 
     def _run(self, plans, quantum=512):
         if self.device.type == "cuda":
-            streams = [torch.cuda.Stream(self.device) for _ in plans]
+            while len(self._streams) < len(plans):
+                self._streams.append(torch.cuda.Stream(self.device))
+            streams = self._streams[:len(plans)]
             for st in streams:
                 st.wait_stream(torch.cuda.current_stream(self.device))
             for st, plan in zip(streams, plans):

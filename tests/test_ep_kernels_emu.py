@@ -265,20 +265,26 @@ def _guarded_outputs(monkeypatch, guard=3):
 
 @pytest.mark.parametrize("R", [2, 4])
 def test_num_worst_tokens_too_small_is_reported(R, seed, monkeypatch):
+    """Too small a W: no trap; the receiver drops the rows past W (consuming them from the
+    rings), records code 9, and LocalNode raises after the launch. The buffers stay usable."""
     xs, topk, ws, E, Ts = _inputs(R, seed)
-    counts = [e["recv_x"].shape[0] for e in ref.simulate_dispatch(xs, topk, ws, E)]
+    exp = ref.simulate_dispatch(xs, topk, ws, E)
+    counts = [e["recv_x"].shape[0] for e in exp]
     W = max(counts) - 1
     over = {r for r, n in enumerate(counts) if n > W}
     print(f"received per rank {counts}, num_worst_tokens={W}")
     node = _node(R)
     made = _guarded_outputs(monkeypatch)
     _forbid_host_reads(monkeypatch)
-    with pytest.raises(emu.EmuError, match=r"pk_ep_dispatch.*trap(.|\n)*error records(.|\n)*code': 9"):
+    r0 = min(over)
+    with pytest.raises(cep.DispatchOverflowError,
+                       match=rf"num_worst_tokens={W} is too small(.|\n)*rank {r0}: receives {counts[r0]} rows") as ei:
         node.dispatch(xs, topk, ws, E, num_worst_tokens=W)
+    assert not isinstance(ei.value, emu.EmuError)              # the kernel finished: no trap
     found = [(r, rec) for r, rec in enumerate(node.error_records()) if rec]
-    assert found
+    assert {r for r, _ in found} == over and ei.value.records == dict(found)
     for r, rec in found:        # only a rank that receives too much reports, and what it needs
-        assert r in over and rec["rank"] == r and rec["code"] == 9 and rec["what"] == cep.WAIT_CODES[9]
+        assert rec["rank"] == r and rec["code"] == 9 and rec["what"] == cep.WAIT_CODES[9]
         assert 0 <= rec["peer"] < R and 0 <= rec["channel"] < CHANNELS and rec["cta"] == 2 * rec["channel"] + 1
         assert W < rec["seen"] <= counts[r] and rec["needed"] == W
     # nothing written past the W rows of any rank (no silent corruption)
@@ -287,6 +293,39 @@ def test_num_worst_tokens_too_small_is_reported(R, seed, monkeypatch):
         for k, v in full.items():
             if k != "recv_channel_offset":
                 assert (_bits(v[W:]) == 0xFF).all(), k
+    # the rows below W are the reference's first rows; the channel offsets count rows written
+    for r, (got, want) in enumerate(zip(ei.value.results, exp)):
+        n = min(counts[r], W)
+        assert int(got["num_recv_tokens"]) == counts[r]
+        assert torch.equal(_bits(got["recv_x"][:n]), _bits(want["recv_x"][:n])), r
+        assert torch.equal(got["handle"].recv_src_idx[:n], want["recv_src"][:n, 1].to(torch.int32)), r
+        assert torch.equal(got["recv_topk_idx"][:n], want["recv_topk_idx"][:n]), r
+        assert int(got["handle"].recv_channel_offset[:, :, 1].sum()) == n, r
+
+    # the same buffers afterwards: a sufficient W (tight), then the default path, then a
+    # combine - rings, heads and records are all in step
+    monkeypatch.undo()
+    W = max(counts)
+    made = _guarded_outputs(monkeypatch)
+    res = node.dispatch(xs, topk, ws, E, num_worst_tokens=W)
+    assert all(rec is None for rec in node.error_records())
+    for r, (got, want) in enumerate(zip(res, exp)):
+        n = counts[r]
+        assert int(got["num_recv_tokens"]) == n
+        assert torch.equal(_bits(got["recv_x"][:n]), _bits(want["recv_x"])), r
+        assert torch.equal(got["recv_topk_idx"][:n], want["recv_topk_idx"]), r
+        assert torch.equal(_bits(got["recv_topk_weights"][:n]), _bits(want["recv_topk_weights"])), r
+        assert torch.equal(got["handle"].recv_src_idx[:n], want["recv_src"][:, 1].to(torch.int32)), r
+        assert (_bits(got["recv_x"][n:]) == 0xFF).all(), r
+    for rows, full in made:
+        assert (_bits(full["recv_x"][W:]) == 0xFF).all()
+    monkeypatch.undo()
+    base = node.dispatch(xs, topk, ws, E)
+    _check_dispatch(base, exp, R)
+    out = node.combine([b["recv_x"] for b in base], [b["handle"] for b in base])
+    want = ref.simulate_combine([b["recv_x"] for b in base], [e["recv_src"] for e in exp], Ts)
+    for r in range(R):
+        assert torch.equal(_bits(out[r]), _bits(want[r].to(torch.bfloat16))), r
 
 
 def test_num_worst_tokens_validation(seed, monkeypatch):

@@ -37,8 +37,9 @@
 //
 // The receiver writes rows only below max_recv_rows (the rows of the outputs: the exact
 // count, or num_worst_tokens when the host sized them without reading the counts); a
-// (source, channel) range that would end past it is reported (code 9) before any row of
-// it is written.
+// (source, channel) range that would end past it is recorded (code 9, first occurrence,
+// no trap) and its rows from the bound on are dropped: still consumed from the ring (head
+// advances as if they were written), so senders and later calls stay in step.
 //
 // Every wait counts its polls; past max_spins it writes an error record (rank, channel,
 // code, peer, value seen, value needed) and traps (pk::report_and_trap).
@@ -219,10 +220,16 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     ++head;
     const int64_t row0 = static_cast<int64_t>(pk::ld_nc_s32(rank_offset + src)) + start;
     // rows [row0, row0 + count) must fit the outputs (num_worst_tokens rows when the host
-    // did not read the counts): checked before the first write, warp-uniform
-    if (row0 + count > static_cast<int64_t>(max_recv_rows))
-      pk::report_and_trap(err, rank, channel, kDispatchRecvOverflow, src, static_cast<uint32_t>(row0 + count),
-                          max_recv_rows);
+    // did not read the counts): checked before the first write, warp-uniform. Past the
+    // bound the rows are dropped (consumed from the ring, head advanced as usual, nothing
+    // written) and code 9 is recorded; no trap, the kernel and the rings go on.
+    int32_t fit = count;
+    if (row0 + count > static_cast<int64_t>(max_recv_rows)) {
+      fit = row0 >= static_cast<int64_t>(max_recv_rows) ? 0 : static_cast<int32_t>(max_recv_rows - row0);
+      if (lane == 0)
+        report_error(err, rank, channel, kDispatchRecvOverflow, src, static_cast<uint32_t>(row0 + count),
+                     max_recv_rows);
+    }
     const int32_t lo = static_cast<int32_t>(rank * experts_per_rank);
     for (int32_t j = 0; j < count; ++j) {
       if (tail == head) {
@@ -232,18 +239,20 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         }
         tail = wait_item(ring.tail, head, tail, who, kDispatchRecvWaitTail);
       }
-      slot = slot_at(ring, head, num_slots, slot_bytes);
-      const uint64_t row = static_cast<uint64_t>(row0 + j);
-      warp_get_row(recv_x, recv_scales, row, slot, hidden_bytes, num_scales, lane);
-      if (lane < num_topk) {
-        const int32_t e = pk::ld_na_s32(slot + off_idx + 4 * lane);
-        const float w = pk::ld_na_f32(slot + off_w + 4 * lane);
-        const int32_t local = e - lo;
-        const bool mine = e >= 0 && local >= 0 && local < static_cast<int32_t>(experts_per_rank);
-        recv_topk_idx[row * num_topk + lane] = mine ? local : -1;
-        recv_topk_weights[row * num_topk + lane] = mine ? w : 0.0f;
+      if (j < fit) {  // warp-uniform; a dropped item is only consumed
+        slot = slot_at(ring, head, num_slots, slot_bytes);
+        const uint64_t row = static_cast<uint64_t>(row0 + j);
+        warp_get_row(recv_x, recv_scales, row, slot, hidden_bytes, num_scales, lane);
+        if (lane < num_topk) {
+          const int32_t e = pk::ld_na_s32(slot + off_idx + 4 * lane);
+          const float w = pk::ld_na_f32(slot + off_w + 4 * lane);
+          const int32_t local = e - lo;
+          const bool mine = e >= 0 && local >= 0 && local < static_cast<int32_t>(experts_per_rank);
+          recv_topk_idx[row * num_topk + lane] = mine ? local : -1;
+          recv_topk_weights[row * num_topk + lane] = mine ? w : 0.0f;
+        }
+        if (lane == 0) recv_src_idx[row] = pk::ld_na_s32(slot + off_src);
       }
-      if (lane == 0) recv_src_idx[row] = pk::ld_na_s32(slot + off_src);
       ++head;
       if (head - published >= publish_every) {
         warp_release(ring.head, head, lane);
@@ -253,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     warp_release(ring.head, head, lane);
     if (lane == 0) {
       recv_channel_offset[(src * num_channels + channel) * 2] = static_cast<int32_t>(row0);
-      recv_channel_offset[(src * num_channels + channel) * 2 + 1] = count;
+      recv_channel_offset[(src * num_channels + channel) * 2 + 1] = fit;  // rows written
     }
   }
 }

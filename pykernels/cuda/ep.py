@@ -11,7 +11,9 @@ Kernels (docs/ep.md, "Hand-written intranode kernels"):
 Routing conventions are pykernels.reference.ep's: rank r holds experts [r*E/R, (r+1)*E/R);
 received rows are ordered by (source rank, source token); local top-k ids, -1 elsewhere
 (weight 0). Every wait in the kernels is bounded by `max_spins` polls; past it the kernel
-writes an error record into a small int32 buffer (decode_error) and traps.
+writes an error record into a small int32 buffer (decode_error) and traps. One error is
+recorded without a trap: code 9, a normal dispatch receiving more rows than its outputs
+hold (num_worst_tokens too small) - the rows past the bound are dropped.
 
 Executors: `LocalNode` holds every rank in this process and runs all ranks' kernels at
 once, on the PTX emulator (CPU: pykernels.emu.launch_many, one global memory, so a rank's
@@ -49,8 +51,14 @@ WAIT_CODES = {
     6: "low-latency dispatch receiver waits for a (local expert, source rank) count",
     7: "low-latency combine receiver waits for an expert's flag",
     8: "low-latency dispatch overflows num_max_dispatch_tokens_per_rank slots",
-    9: "dispatch receiver would write rows past num_worst_tokens (seen: end row, needed: the bound)",
+    9: "dispatch receiver got rows past num_worst_tokens and dropped them, no trap (seen: end row, needed: the bound)",
 }
+RECOVERABLE_CODES = (9,)      # recorded without a trap: the kernel finishes, the buffers stay usable
+
+
+class DispatchOverflowError(RuntimeError):
+    """A rank received more rows than num_worst_tokens (error code 9). The kernel dropped the
+    rows past the bound (still consumed from the rings): the buffers stay usable."""
 
 
 def _round_up(v: int, m: int) -> int:
@@ -217,7 +225,9 @@ def dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx, t
     received row of each source). out: recv_x (uint8 [N, row bytes]), recv_scales,
     recv_topk_idx int64 [N, K], recv_topk_weights f32 [N, K], recv_src_idx int32 [N],
     recv_channel_offset int32 [R, C, 2]. N (the rows of the outputs) is the kernel's bound
-    on the rows it writes: past it the receiver reports code 9 and traps."""
+    on the rows it writes: past it the receiver drops the rows (consumes them from the
+    ring), records code 9 and finishes without a trap; recv_channel_offset then holds the
+    rows written."""
     data, scales, hidden, fp8 = _payload(x)
     K = 0 if topk_idx is None else topk_idx.shape[1]
     layout = cfg.layout()
@@ -598,7 +608,11 @@ class LocalNode:
         is -1 and recv_topk_weights 0 (DeepEP's padding), recv_x and the source index are
         not written (poison here). num_recv_tokens_per_expert is then an int32 [E_local] device tensor;
         the topk_idx range check becomes a device-side assert. A rank receiving more than
-        num_worst_tokens tokens traps with error code 9 (the kernel writes no row past it).
+        num_worst_tokens tokens records error code 9 without a trap: the kernel writes no
+        row past the bound (it drops those rows, still consuming them from the rings), and
+        on the emulator DispatchOverflowError is raised after the launch; the buffers stay
+        usable (a later dispatch with a large enough num_worst_tokens is correct). Its
+        outputs hold the first num_worst_tokens rows; its handles are not fit for combine.
         T * num_ranks (T: the most tokens of any rank) is always enough. With handles from
         an exact dispatch, a num_worst_tokens below their count is a ValueError; with
         handles from a worst-case dispatch and num_worst_tokens=0, their row count is kept."""
@@ -640,9 +654,17 @@ class LocalNode:
                                        None if topk is None else topk.contiguous(),
                                        None if w is None else w.contiguous(), h.is_token_in_rank, h.rank_offset,
                                        out, self.errors[r], epr, self.max_spins, flags[r]))
+        if self.device.type == "cpu":
+            for e in self.errors:          # re-arm a record left by an earlier overflow
+                rec = decode_error(e)
+                if rec and rec["code"] in RECOVERABLE_CODES:
+                    e.zero_()
         self._run(plans)
-        return [_dispatch_result(xs[r], outs[r], 0 if topk_idxs[r] is None else topk_idxs[r].shape[1], epr,
-                                 handles[r]) for r in range(R)]
+        results = [_dispatch_result(xs[r], outs[r], 0 if topk_idxs[r] is None else topk_idxs[r].shape[1], epr,
+                                    handles[r]) for r in range(R)]
+        if self.device.type == "cpu":
+            self._raise_overflow(handles, results)
+        return results
 
     def combine(self, xs, handles, topk_weights=None, stall_ranks=None, flags=None):
         """Per rank: bf16 [T_r, H], the rows of xs (bf16 [N_r, H], as dispatch delivered them)
@@ -715,6 +737,22 @@ class LocalNode:
         self._run(plans)
         return outs
 
+    def _raise_overflow(self, handles, results):
+        """Code 9 records (the emulator: read after the launch, no device sync involved).
+        The exception carries the truncated results (`.results`) and records (`.records`)."""
+        over = [(r, rec) for r, rec in enumerate(self.error_records()) if rec and rec["code"] == 9]
+        if not over:
+            return
+        lines = [f"  rank {r}: receives {int(handles[r].num_recv_tokens)} rows, the outputs hold "
+                 f"{rec['needed']} (first overflow: channel {rec['channel']}, source rank {rec['peer']}, "
+                 f"needs rows up to {rec['seen']}); record {rec}" for r, rec in over]
+        e = DispatchOverflowError(
+            f"dispatch: num_worst_tokens={handles[over[0][0]].num_recv} is too small (error code 9); rows past it "
+            f"were dropped, the buffers stay usable - dispatch again with a larger num_worst_tokens "
+            f"(T_max * num_ranks always suffices):\n" + "\n".join(lines))
+        e.results, e.records = results, dict(over)
+        raise e
+
 
 # ---------------------------------------------------------------------------------------
 # GPU: one rank of a process group (not run on a CPU-only machine)
@@ -753,7 +791,12 @@ class CudaIntranode:
         """Returns dispatch's dict (like LocalNode.dispatch, this rank only). Reads the
         receive counts back to the host (one sync) to size the outputs, unless
         num_worst_tokens > 0: then no host read at all (LocalNode.dispatch describes the
-        outputs; the count exchange is a device all_gather either way)."""
+        outputs; the count exchange is a device all_gather either way). A num_worst_tokens
+        below this rank's count is not raised here (that would need a sync): the kernel
+        drops the rows past it without a trap, the outputs hold the first num_worst_tokens
+        rows, and error code 9 is in the pinned error record - `error_record()` after a
+        synchronisation; zero `self.error` to re-arm it. The buffers stay usable; the
+        handle of such a dispatch is not fit for combine."""
         import torch.distributed as dist
         cfg, R = self.cfg, self.cfg.num_ranks
         _check_worst_tokens(num_worst_tokens)

@@ -59,6 +59,22 @@ __device__ __forceinline__ void warp_release(T* p, T v, uint32_t lane) {
   if (lane == 0) pk::st_release_sys(p, v);
 }
 
+// The error record (pk::report_and_trap's layout: valid, rank, channel, code, peer, seen,
+// needed, CTA) without the trap, for an error the kernel recovers from: the first report
+// claims the record (CAS on word 0), later ones leave it. Call from one thread; the host
+// reads it after the kernel (stream order / synchronisation makes the stores visible).
+__device__ __forceinline__ void report_error(uint32_t* err, uint32_t rank, uint32_t channel, uint32_t what,
+                                             uint32_t peer, uint32_t seen, uint32_t needed) {
+  if (pk::atom_cas_sys(err, 0u, 1u) != 0u) return;
+  pk::st_relaxed_sys(err + 1, rank);
+  pk::st_relaxed_sys(err + 2, channel);
+  pk::st_relaxed_sys(err + 3, what);
+  pk::st_relaxed_sys(err + 4, peer);
+  pk::st_relaxed_sys(err + 5, seen);
+  pk::st_relaxed_sys(err + 6, needed);
+  pk::st_relaxed_sys(err + 7, static_cast<uint32_t>(blockIdx.x));
+}
+
 // Warp copies of 16-byte chunks: read-only input -> a (peer's) buffer, buffer -> output.
 // Loops have the same trip count in every lane (the tail is predicated): lanes never
 // drift apart, which keeps the warp converged (and the emulator's lanes in one step).

@@ -270,7 +270,7 @@ def _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causa
     """The launches (kernel, grid, args, constexprs, options) the triton backend makes for
     real CPU tensors of this problem, recorded instead of run."""
     launches = []
-    monkeypatch.setattr(TM, "_run", launches.append)
+    monkeypatch.setattr(TM, "run_launch", launches.append)
     pages = _cdiv(seqlen, PAGE)
     cache = torch.zeros(b * pages, PAGE, 1, 576, dtype=torch.bfloat16)
     if fp8:

@@ -12,7 +12,7 @@ import triton.language as tl
 from ..reference.constants import BLOCK
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
-from .sm90 import launch_spec
+from .sm90 import run_launch, spec_of
 
 GEMM_REQUIREMENTS = "K must be a positive multiple of 128; N >= 1 (any, masked); M >= 0 (any)"
 LAYOUT_NORMAL, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = 0, 1, 2
@@ -107,8 +107,8 @@ def tile_config(m: int, n: int):
 
 
 def launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=SOFTWARE_ROUNDING):
-    """(grid, runtime args by name, constexprs, options) of the kernel launch for these
-    operands, or None when there is nothing to compute. The GPU launch (_launch) and
+    """The launch description (sm90.run_launch) of the kernel for these operands, or None
+    when there is nothing to compute. The GPU launch (_launch) and
     sm90_compile_specs both use it, so the specs compile exactly what the GPU runs."""
     n, k = b.shape[-2], b.shape[-1]
     if rows == 0 or groups == 0:
@@ -123,14 +123,11 @@ def launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=SOFTWARE_RO
             out.stride(0) if g3 else 0, out.stride(-2))
     args = dict(zip(_fp8_gemm_kernel.arg_names, vals))
     constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SOFT=bool(soft))
-    return grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
+    return _fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
 def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups):
-    launch = launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups)
-    if launch is not None:
-        grid, args, constexprs, options = launch
-        _fp8_gemm_kernel[grid](*args.values(), **constexprs, **options)
+    run_launch(launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups))
     return out
 
 
@@ -153,8 +150,7 @@ def gemm_launch_spec(label, layout, a, sfa, b, sfb, out, idx):
     """sm90.LaunchSpec of the compiled (GPU) launch for these operands (real or meta
     tensors): the launcher's specialization of exactly the arguments _launch passes."""
     rows, groups = (a.shape[1], a.shape[0]) if layout == LAYOUT_MASKED else (a.shape[0], 1)
-    grid, args, constexprs, options = launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=False)
-    return launch_spec(label, _fp8_gemm_kernel, grid, args, constexprs, **options)
+    return spec_of(label, launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=False))
 
 
 def sm90_compile_specs():

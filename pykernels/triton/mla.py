@@ -35,7 +35,7 @@ import triton.language as tl
 from ..reference import mla as RM
 from . import INTERPRETED
 from .rounding import to_bf16_rne
-from .sm90 import launch_spec
+from .sm90 import run_launch, spec_of
 
 UPCAST_DOTS = INTERPRETED          # bf16 dots are wrong when interpreted: use f32 there
 SOFTWARE_ROUNDING = INTERPRETED    # interpreter casts f32 -> bf16 toward zero
@@ -131,18 +131,12 @@ def schedule_launch_args(cache_seqlens, meta, num_splits):
     return _schedule_kernel, (1,), args, cx, dict(num_warps=1, num_stages=_DEFAULT_STAGES)
 
 
-def _run(launch):
-    if launch is not None:
-        kernel, grid, args, cx, options = launch
-        kernel[grid](*args.values(), **cx, **options)
-
-
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int):
     """Device-side schedule: (metadata int32 [num_sm_parts, 8], num_splits int32 [b+1])."""
     b = cache_seqlens.shape[0]
     meta = torch.empty(num_sm_parts, RM.METADATA_SIZE, dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
-    _run(schedule_launch_args(cache_seqlens, meta, num_splits))
+    run_launch(schedule_launch_args(cache_seqlens, meta, num_splits))
     return meta, num_splits
 
 
@@ -427,9 +421,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     if b == 0:
         return out, lse
     oacc, lacc = split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, head_dim_v, q.device)
-    _run(decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+    run_launch(decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                             out, lse, oacc, lacc, softmax_scale, causal))
-    _run(combine_launch_args(num_splits, oacc, lacc, out, lse))
+    run_launch(combine_launch_args(num_splits, oacc, lacc, out, lse))
     return out, lse
 
 
@@ -487,8 +481,7 @@ def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
                 ("decode", decode_launch_args(q, cache, table, seqlens, meta, nsplits, out, lse, oacc, lacc,
                                               causal=causal, upcast=False, **gpu)),
                 ("combine", combine_launch_args(nsplits, oacc, lacc, out, lse, **gpu)))
-    return [launch_spec(f"{name} {label}", kernel, grid, args, cx, **options)
-            for name, (kernel, grid, args, cx, options) in launches]
+    return [spec_of(f"{name} {label}", launch) for name, launch in launches]
 
 
 def sm90_compile_specs(problems=SPEC_PROBLEMS):

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ..reference.constants import BLOCK, FP8_E4M3_MAX, FP8_SCALE_FLOOR
 from .rounding import to_e4m3_rne
-from .sm90 import launch_spec
+from .sm90 import run_launch, spec_of
 
 from . import INTERPRETED
 
@@ -63,8 +63,7 @@ NUM_STAGES = 3               # Triton's default (these kernels have no loop to p
 
 
 def per_token_launch_args(x, q, sf, soft=SOFTWARE_ROUNDING):
-    """(kernel, grid, runtime args by name, constexprs, options) of the per-token launch,
-    or None when empty. per_token_cast_to_fp8 and sm90_compile_specs both use it."""
+    """The launch description (sm90.run_launch) of the per-token kernel, or None when empty. per_token_cast_to_fp8 and sm90_compile_specs both use it."""
     m, k = x.shape
     if not (m and k):
         return None
@@ -85,19 +84,13 @@ def per_block_launch_args(x, q, sf, soft=SOFTWARE_ROUNDING):
     return _per_block_kernel, grid, args, cx, dict(num_warps=PER_BLOCK_WARPS, num_stages=NUM_STAGES)
 
 
-def _run(launch):
-    if launch is not None:
-        kernel, grid, args, cx, options = launch
-        kernel[grid](*args.values(), **cx, **options)
-
-
 def per_token_cast_to_fp8(x: torch.Tensor):
     """x [m, k] float32/bf16/f16 (row stride free, unit column stride) ->
     (q float8_e4m3fn [m, k], sf float32 [m, ceil(k/128)])."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     sf = torch.empty(m, triton.cdiv(k, BLOCK), dtype=torch.float32, device=x.device)
-    _run(per_token_launch_args(x, q, sf))
+    run_launch(per_token_launch_args(x, q, sf))
     return q, sf
 
 
@@ -107,16 +100,14 @@ def per_block_cast_to_fp8(x: torch.Tensor):
     m, n = x.shape
     q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
     sf = torch.empty(triton.cdiv(m, BLOCK), triton.cdiv(n, BLOCK), dtype=torch.float32, device=x.device)
-    _run(per_block_launch_args(x, q, sf))
+    run_launch(per_block_launch_args(x, q, sf))
     return q, sf
 
 
 def quant_launch_spec(label, per_block, x, q, sf):
     """sm90.LaunchSpec of the compiled (GPU) launch of a quantization kernel for these
     tensors (real or meta)."""
-    kernel, grid, args, cx, options = (per_block_launch_args if per_block else per_token_launch_args)(
-        x, q, sf, soft=False)
-    return launch_spec(label, kernel, grid, args, cx, **options)
+    return spec_of(label, (per_block_launch_args if per_block else per_token_launch_args)(x, q, sf, soft=False))
 
 
 def sm90_compile_specs():

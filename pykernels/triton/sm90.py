@@ -102,6 +102,23 @@ def launch_spec(label, fn, grid, args: dict, constexprs: dict, num_warps: int, n
     return LaunchSpec(label, fn.fn.__module__, fn.fn.__name__, sig, cx, attrs, num_warps, num_stages, grid, runtime)
 
 
+# A launch description, as the kernel families' *_launch_args build it (one builder serves
+# the real launch and its compile spec): (kernel, grid, runtime args by name, constexprs,
+# options), or None when there is nothing to compute.
+
+def run_launch(launch) -> None:
+    """Launch a launch description (nothing for None)."""
+    if launch is not None:
+        kernel, grid, args, constexprs, options = launch
+        kernel[grid](*args.values(), **constexprs, **options)
+
+
+def spec_of(label, launch) -> LaunchSpec:
+    """The LaunchSpec of a launch description."""
+    kernel, grid, args, constexprs, options = launch
+    return launch_spec(label, kernel, grid, args, constexprs, **options)
+
+
 _CHILD = r"""
 import importlib, json, re, subprocess, sys, tempfile
 import triton
@@ -173,4 +190,5 @@ def compile_sm90(specs, jobs: int = 1, timeout: float = 600):
     return [done[s.key()] for s in specs]
 
 
-__all__ = ["launch_attrs", "specialize", "LaunchSpec", "launch_spec", "compile_sm90", "Compiled"]
+__all__ = ["launch_attrs", "specialize", "LaunchSpec", "launch_spec", "run_launch", "spec_of", "compile_sm90",
+           "Compiled"]

@@ -53,7 +53,7 @@ WAIT_CODES = {
     8: "low-latency dispatch overflows num_max_dispatch_tokens_per_rank slots",
     9: "dispatch receiver got rows past num_worst_tokens and dropped them, no trap (seen: end row, needed: the bound)",
 }
-RECOVERABLE_CODES = (9,)      # recorded without a trap: the kernel finishes, the buffers stay usable
+CODE_RECV_OVERFLOW = 9        # the one code recorded without a trap: the kernel finishes, buffers stay usable
 
 
 class DispatchOverflowError(RuntimeError):
@@ -657,7 +657,7 @@ class LocalNode:
         if self.device.type == "cpu":
             for e in self.errors:          # re-arm a record left by an earlier overflow
                 rec = decode_error(e)
-                if rec and rec["code"] in RECOVERABLE_CODES:
+                if rec and rec["code"] == CODE_RECV_OVERFLOW:
                     e.zero_()
         self._run(plans)
         results = [_dispatch_result(xs[r], outs[r], 0 if topk_idxs[r] is None else topk_idxs[r].shape[1], epr,
@@ -740,7 +740,7 @@ class LocalNode:
     def _raise_overflow(self, handles, results):
         """Code 9 records (the emulator: read after the launch, no device sync involved).
         The exception carries the truncated results (`.results`) and records (`.records`)."""
-        over = [(r, rec) for r, rec in enumerate(self.error_records()) if rec and rec["code"] == 9]
+        over = [(r, rec) for r, rec in enumerate(self.error_records()) if rec and rec["code"] == CODE_RECV_OVERFLOW]
         if not over:
             return
         lines = [f"  rank {r}: receives {int(handles[r].num_recv_tokens)} rows, the outputs hold "

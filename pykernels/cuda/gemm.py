@@ -232,9 +232,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     if cfg is None:
-        slots = None
-        if a2.device.type == "cuda":        # the persistent grid's clusters, as the driver holds them
-            slots = (lambda c: max_clusters or resident_clusters(c, c.max_stages(), a2.device, sms))
+        def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
+            return max_clusters or resident_clusters(c, c.max_stages(), a2.device, sms)
         if kind == KIND_MASKED:
             cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots)
         else:

@@ -1,0 +1,96 @@
+"""The device error record: input checks that need device data (a block_table entry, an
+m_indices value) are made by the kernels themselves, so no host read breaks CUDA graphs.
+
+A kernel that finds bad data records the first error in an int32 [RECORD_WORDS] record
+(csrc/include/pk/error_record.cuh: valid code, then three int arguments and the CTA),
+skips the bad work (never reading or writing out of bounds), and finishes. The host raises
+the record as a KernelInputError:
+- on the emulator ("emu" backend), right after the launch (CPU backends raise at once);
+- on the GPU, at `pykernels.check_errors()` and at the next pykernels call that
+  synchronises anyway.
+
+The code table below and the enum in error_record.cuh are one contract: a test checks
+that they agree.
+"""
+import dataclasses
+
+import torch
+
+RECORD_WORDS = 8          # code, arg0, arg1, arg2, cta.x, cta.y, cta.z, reserved
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCode:
+    name: str            # the enumerator in error_record.cuh (without the kErr prefix)
+    argument: str        # the argument the error is about
+    template: str        # message; {a0} {a1} {a2} are the record's arguments
+
+
+# code -> ErrorCode. Add codes here and in error_record.cuh (same number and name).
+CODES = {
+    1: ErrorCode("MIndexOutOfRange", "m_indices",
+                 "expected values in [-1, {a1}) (-1 marks padding rows), got {a0} at row {a2}"),
+    2: ErrorCode("MaskedMOutOfRange", "masked_m",
+                 "expected values in [0, {a1}] (a's rows per group), got {a0} for group {a2}"),
+    3: ErrorCode("BlockTableOutOfRange", "block_table",
+                 "expected page ids in [0, {a1}) (the cache's pages) for the pages in use, got {a0} (batch {a2})"),
+    4: ErrorCode("SeqlenOutOfRange", "cache_seqlens",
+                 "expected values in [0, {a1}] (the block table's pages x 64), got {a0} (batch {a2})"),
+    5: ErrorCode("MetadataStale", "tile_scheduler_metadata",
+                 "was made for other cache_seqlens (batch {a2}: made for {a1} tokens, called with {a0}); "
+                 "call get_mla_metadata again after the sequences change"),
+    6: ErrorCode("MetadataOutOfRange", "tile_scheduler_metadata",
+                 "entry out of range: got {a0}, expected below {a1} (row {a2})"),
+}
+
+
+class KernelInputError(ValueError):
+    """Bad input found by a kernel on the device (see pykernels.runtime.device_errors)."""
+
+    def __init__(self, op: str, code: int, args: tuple, cta: tuple):
+        spec = CODES.get(code)
+        if spec is None:
+            msg = f"{op}: the kernel recorded unknown error code {code} (args {args}, CTA {cta})"
+            argument = None
+        else:
+            a0, a1, a2 = args
+            msg = f"{op}: {spec.argument}: " + spec.template.format(a0=a0, a1=a1, a2=a2) + \
+                f" [found by the kernel, CTA {cta}]"
+            argument = spec.argument
+        super().__init__(msg)
+        self.op, self.code, self.argument, self.args_recorded, self.cta = op, code, argument, args, cta
+
+
+_RECORDS = {}        # device -> (int32 [RECORD_WORDS] tensor, name of the last op that used it)
+
+
+def record_for(device: torch.device, op: str) -> torch.Tensor:
+    """The error record kernels on `device` write to (zeroed once, when first made); `op`
+    names the launching op in the message of an error raised later."""
+    device = torch.device(device)
+    entry = _RECORDS.get(device)
+    if entry is None:
+        entry = [torch.zeros(RECORD_WORDS, dtype=torch.int32, device=device), op]
+        _RECORDS[device] = entry
+    entry[1] = op
+    return entry[0]
+
+
+def raise_if_set(record: torch.Tensor, op: str) -> None:
+    """Read `record` (a host read: a synchronisation on the GPU), clear it, and raise its
+    error as KernelInputError if one was recorded."""
+    words = record.cpu().tolist()
+    if words[0] == 0:
+        return
+    record.zero_()
+    raise KernelInputError(op, words[0], tuple(words[1:4]), tuple(words[4:7]))
+
+
+def check_errors(device=None) -> None:
+    """Raise the first input error a kernel recorded on `device` (every device with a
+    record when None) since the last check, as KernelInputError; a host synchronisation."""
+    devices = [torch.device(device)] if device is not None else list(_RECORDS)
+    for d in devices:
+        entry = _RECORDS.get(d)
+        if entry is not None:
+            raise_if_set(entry[0], entry[1])

@@ -44,6 +44,14 @@ CODES = {
 }
 
 
+def code(name: str) -> int:
+    """The number of the code named `name` (the enumerator without its kErr prefix)."""
+    for number, spec in CODES.items():
+        if spec.name == name:
+            return number
+    raise KeyError(f"name: expected one of {[s.name for s in CODES.values()]}, got {name!r}")
+
+
 class KernelInputError(ValueError):
     """Bad input found by a kernel on the device (see pykernels.runtime.device_errors)."""
 
@@ -74,6 +82,22 @@ def record_for(device: torch.device, op: str) -> torch.Tensor:
         _RECORDS[device] = entry
     entry[1] = op
     return entry[0]
+
+
+def record_first(record: torch.Tensor, code_number: int, bad: torch.Tensor, values: torch.Tensor,
+                 bound: int) -> None:
+    """Record `code_number` for the first True of `bad` (bool [n]) as (values[i], bound, i),
+    CTA (0, 0, 0), unless an error is recorded already: what a kernel's check does, as
+    torch ops on the record's device (no host read), for work done without a kernel."""
+    if bad.numel() == 0:
+        return
+    i = torch.argmax(bad.to(torch.int32))
+    words = torch.zeros(RECORD_WORDS, dtype=torch.int32, device=record.device)
+    words[0] = code_number
+    words[1] = values[i]
+    words[2] = bound
+    words[3] = i
+    record.copy_(torch.where(bad.any() & (record[0] == 0), words, record))
 
 
 def raise_if_set(record: torch.Tensor, op: str) -> None:

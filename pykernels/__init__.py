@@ -1,6 +1,7 @@
 """pykernels: FP8 GEMM, MLA decode and expert-parallel kernels for NVIDIA Hopper.
 
-Every operation has four backends (see DESIGN.md): ``"cuda"`` (hand-written kernel on
+Every operation has up to four backends, chosen through one registry
+(pykernels.registry; docs/architecture.md): ``"cuda"`` (hand-written kernel on
 the GPU), ``"emu"`` (the same compiled kernel on the CPU PTX emulator), ``"triton"``
 (GPU, or Triton's interpreter on CPU tensors) and ``"reference"`` (PyTorch).
 """
@@ -32,6 +33,10 @@ _LAZY = {
     # MLA decode
     "get_mla_metadata": "pykernels.mla",
     "flash_mla_with_kvcache": "pykernels.mla",
+    # registry and device-side checks
+    "explain": "pykernels.registry",
+    "check_errors": "pykernels.runtime.device_errors",
+    "KernelInputError": "pykernels.runtime.device_errors",
     # metrics
     "calc_diff": "pykernels.metrics",
     "rel_error": "pykernels.metrics",

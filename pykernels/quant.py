@@ -1,24 +1,13 @@
 """FP8 (e4m3) quantization with DeepGEMM's call forms.
 
-Backends: "reference" (PyTorch), "triton" (GPU, or interpreted on CPU); "auto" picks
-"triton" for GPU tensors and "reference" for CPU tensors.
+Backends: "cuda" / "emu" (hand-written PTX, ptx/), "triton", "reference"; "auto" takes
+the first that supports the call (reference on CPU tensors). Validation lives in
+pykernels.ops.quant, inside the torch.ops.pykernels.* custom ops.
 """
 import torch
 
+from .ops import quant as _ops  # noqa: F401  (defines the torch.ops.pykernels.* quantization ops)
 from .runtime import validate as V
-from .runtime.backend import resolve
-from .runtime.ops import IMPLS
-
-_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _cast(op: str, x, backend: str):
-    x = V.as_tensor("x", x)
-    V.check_rank("x", x, 2)
-    V.check_dtype("x", x, *_FLOAT_INPUTS)
-    V.check_inner_contiguous("x", x)
-    backend = resolve(op, backend, x.device, IMPLS[op])
-    return getattr(torch.ops.pykernels, op)(x, backend)
 
 
 def per_token_cast_to_fp8(x, *, backend: str = "auto"):
@@ -28,7 +17,7 @@ def per_token_cast_to_fp8(x, *, backend: str = "auto"):
     (q float8_e4m3fn [m, k], sf float32 [m, ceil(k/128)]) with
     sf = max(amax, 1e-4) / 448 and q = rne(x * 448 / max(amax, 1e-4)).
     """
-    return _cast("per_token_cast_to_fp8", x, backend)
+    return torch.ops.pykernels.per_token_cast_to_fp8(V.as_tensor("x", x), backend)
 
 
 def per_block_cast_to_fp8(x, *, backend: str = "auto"):
@@ -37,7 +26,7 @@ def per_block_cast_to_fp8(x, *, backend: str = "auto"):
     x: [m, n] float32/bfloat16/float16. Returns (q float8_e4m3fn [m, n],
     sf float32 [ceil(m/128), ceil(n/128)]).
     """
-    return _cast("per_block_cast_to_fp8", x, backend)
+    return torch.ops.pykernels.per_block_cast_to_fp8(V.as_tensor("x", x), backend)
 
 
 def get_col_major_tma_aligned_tensor(sf) -> torch.Tensor:

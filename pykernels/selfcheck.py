@@ -16,10 +16,9 @@ import time
 import torch
 
 from . import reference as R
+from . import registry
 from .metrics import calc_diff, rel_error
 from .runtime.executors import gpu_unavailable_reason
-from .runtime.mla_ops import MLA_IMPLS
-from .runtime.ops import IMPLS
 
 GEMM_CALC_DIFF = 1e-6
 GEMM_REL = 2e-3
@@ -27,20 +26,8 @@ MLA_CALC_DIFF = 1e-5
 MLA_LSE_ABS = 1e-4
 
 
-EP_IMPLS = {"ep_dispatch_combine": {"reference": "simulate_dispatch / simulate_combine",
-                                     "triton": "Buffer(group, local_backend='triton')",
-                                     "emu": "LocalNode(device='cpu')", "cuda": "LocalNode(device='cuda')"}}
-
-
 class NotApplicable(Exception):
     """A backend that exists for the op but cannot run in this single-process check."""
-
-
-def _impls(op: str) -> dict:
-    for table in (IMPLS, MLA_IMPLS, EP_IMPLS):
-        if op in table:
-            return table[op]
-    raise KeyError(op)
 
 
 @dataclasses.dataclass
@@ -167,8 +154,7 @@ def _mla_metadata_case(device):
 
 
 def _ep_case(device):
-    from .cuda import ep as cep
-    from .reference import ep as ref
+    from .ops import ep as OE
     ranks, experts, hidden, topk_k = 2, 8, 256, 4
     tokens = [20, 30]
     topk = []
@@ -184,34 +170,20 @@ def _ep_case(device):
         return t.contiguous().cpu().view(torch.uint8)
 
     def run(backend):
-        exp = ref.simulate_dispatch(xs, topk, weights, experts)
-        srcs = [e["recv_src"] for e in exp]
-        if backend == "reference":
-            recv = [dict(recv_x=e["recv_x"], recv_topk_idx=e["recv_topk_idx"],
-                         recv_topk_weights=e["recv_topk_weights"]) for e in exp]
-            combined = [c.to(torch.bfloat16) for c in
-                        ref.simulate_combine([e["recv_x"] for e in exp], srcs, tokens,
-                                             [e["recv_topk_weights"] for e in exp])]
-        elif backend in ("emu", "cuda"):
-            dev = "cpu" if backend == "emu" else device
-            cfg = cep.IntranodeConfig(num_ranks=ranks, hidden=hidden, max_topk=topk_k, num_channels=2,
-                                      num_slots=8, publish_every=4, num_experts=0, max_dispatch_tokens=0)
-            node = cep.LocalNode(cfg, device=dev)
-            move = (lambda t: t.to(dev))
-            recv = node.dispatch([move(x) for x in xs], [move(t) for t in topk], [move(w) for w in weights],
-                                 experts)
-            combined = node.combine([r["recv_x"] for r in recv], [r["handle"] for r in recv],
-                                    [r["recv_topk_weights"] for r in recv])
-        else:
-            raise NotApplicable("needs a process group (tests/test_ep_triton.py runs it)")
-        want = ref.simulate_combine([e["recv_x"] for e in exp], srcs, tokens, [e["recv_topk_weights"] for e in exp])
-        rows = sum(int(e["recv_x"].shape[0]) for e in exp)
-        same = all(torch.equal(bits(r[k]), bits(e[k])) for r, e in zip(recv, exp)
+        dev = torch.device("cpu") if backend in ("emu", "reference") else device
+        p = OE.problem([x.to(dev) for x in xs], [t.to(dev) for t in topk], [w.to(dev) for w in weights], experts)
+        reason = OE.DISPATCH_COMBINE.backends[backend].supports(p)
+        if reason is not None:
+            raise NotApplicable(reason)
+        got = OE.DISPATCH_COMBINE(p, backend)
+        want = OE.DISPATCH_COMBINE(OE.problem(xs, topk, weights, experts), "reference")
+        rows = sum(int(w["recv_x"].shape[0]) for w in want)
+        same = all(torch.equal(bits(g[k]), bits(w[k])) for g, w in zip(got, want)
                    for k in ("recv_x", "recv_topk_idx", "recv_topk_weights"))
-        same_out = all(torch.equal(bits(c), bits(w.to(torch.bfloat16))) for c, w in zip(combined, want))
+        same_out = all(torch.equal(bits(g["combined"]), bits(w["combined"])) for g, w in zip(got, want))
         return (f"{rows} rows {'bit-exact' if same else 'DIFFER'}, combine "
                 f"{'bit-exact' if same_out else 'DIFFERS'}"), same and same_out
-    return f"ranks=2 tokens={tokens} hidden={hidden} top-{topk_k} of {experts}", run
+    return f"ranks={ranks} tokens={tokens} hidden={hidden} top-{topk_k} of {experts}", run
 
 
 def cases(device):
@@ -234,7 +206,7 @@ def run_all(device: torch.device, backends=None, ops=None) -> list:
         if ops and op not in ops:
             continue
         for backend in backends or available_backends(device):
-            if backend not in _impls(op):
+            if backend not in registry.get(op).backends:
                 rows.append(Row(op, backend, shape, "-", "not implemented yet", 0.0))
                 continue
             t0 = time.perf_counter()

@@ -4,8 +4,7 @@ import sys
 
 import torch
 
-from pykernels import selfcheck
-from pykernels.runtime import ops
+from pykernels import registry, selfcheck
 
 
 def test_help_explains_options():
@@ -23,20 +22,24 @@ def test_main_job_runs_and_passes_on_cpu():
     assert len(lines) == 4 and all("PASS" in l for l in lines), out.stdout
 
 
+def _replace_run(monkeypatch, op, name, run):
+    o = registry.get(op)
+    monkeypatch.setitem(o.backends, name, registry.Backend(name, o.backends[name].supports, run))
+
+
 def test_a_wrong_backend_is_reported_as_fail(monkeypatch):
     # A backend returning wrong numbers must turn into FAIL, not PASS.
-    def broken(a, sfa, b, sfb, out):
-        out.copy_(torch.randn_like(out, dtype=torch.float32))
-        return out
-    monkeypatch.setitem(ops.IMPLS["fp8_gemm_nt"], "triton", broken)
+    def broken(p):
+        p.out.copy_(torch.randn_like(p.out, dtype=torch.float32))
+    _replace_run(monkeypatch, "fp8_gemm_nt", "triton", broken)
     rows = selfcheck.run_all(torch.device("cpu"), ["triton"], {"fp8_gemm_nt"})
     assert [r.verdict for r in rows] == ["FAIL"]
 
 
 def test_an_exception_is_reported_as_error(monkeypatch):
-    def boom(x):
+    def boom(p):
         raise RuntimeError("kernel exploded")
-    monkeypatch.setitem(ops.IMPLS["per_token_cast_to_fp8"], "triton", boom)
+    _replace_run(monkeypatch, "per_token_cast_to_fp8", "triton", boom)
     rows = selfcheck.run_all(torch.device("cpu"), ["triton"], {"per_token_cast_to_fp8"})
     assert rows[0].verdict == "ERROR" and "kernel exploded" in rows[0].error
     assert "ERROR" in selfcheck.format_table(rows)

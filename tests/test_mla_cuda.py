@@ -590,11 +590,12 @@ def test_cuda_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dty
 
 @pytest.mark.gpu
 def test_auto_picks_cuda_for_bf16_and_fp8(monkeypatch):
-    from pykernels.runtime.mla_ops import MLA_IMPLS
+    from pykernels import registry
     calls = []
-    impls = MLA_IMPLS["flash_mla_with_kvcache"]
+    o = registry.get("flash_mla_with_kvcache")
     for name in ("cuda", "triton"):
-        monkeypatch.setitem(impls, name, lambda *a, _n=name: calls.append(_n))
+        monkeypatch.setitem(o.backends, name, registry.Backend(name, o.backends[name].supports,
+                                                                lambda p, _n=name: calls.append(_n)))
     args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     M.flash_mla_with_kvcache(**args)
     M.flash_mla_with_kvcache(**{**args, "k_cache": M.quantize_kv_cache_fp8(args["k_cache"])})

@@ -1,6 +1,9 @@
 """Input validation shared by every public op: each error names the argument, what was
 expected and what was given."""
+import numbers
+
 import torch
+import torch._subclasses.fake_tensor
 
 
 def as_tensor(name: str, x) -> torch.Tensor:
@@ -72,3 +75,45 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def check_multiple(name: str, value: int, multiple: int) -> None:
     if value % multiple:
         raise ValueError(f"{name}: expected a multiple of {multiple}, got {value}")
+
+
+def _byte_range(t: torch.Tensor):
+    if t.numel() == 0:
+        return None
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        (lo, hi) = (lo + (size - 1) * stride, hi) if stride < 0 else (lo, hi + (size - 1) * stride)
+    eb = t.element_size()
+    return lo * eb, (hi + 1) * eb
+
+
+def check_no_overlap(name: str, t: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """`t` (an output) must not share memory with any of `inputs` (None entries skipped)."""
+    r = _byte_range(t)
+    if r is None:
+        return
+    base = t.untyped_storage().data_ptr()
+    for other_name, o in inputs.items():
+        if o is None or o.device != t.device:
+            continue
+        ro = _byte_range(o)
+        if ro is None or o.untyped_storage().data_ptr() != base:
+            continue
+        if r[0] < ro[1] and ro[0] < r[1]:
+            raise ValueError(f"{name}: expected memory of its own, got a tensor overlapping {other_name}")
+
+
+def check_int(name: str, v, lo: int = None, hi: int = None) -> int:
+    """A Python int (not bool) in [lo, hi]; returns it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name}: expected an int in {rng}, got {v}")
+    return int(v)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """True for tensors without data (torch.compile's fake / meta tensors): value and
+    pointer checks are skipped for them and made when the op runs."""
+    return t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)

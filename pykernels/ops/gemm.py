@@ -1,0 +1,218 @@
+"""FP8 block-scaled GEMM ops (NT): problem, backends, custom ops.
+
+A is e4m3 [m, k] with 1x128 scales sfa f32 [m, k/128] (row-major, or column-major
+TMA-aligned as DeepGEMM produces); B is e4m3 [n, k] with 128x128 block scales sfb f32
+[ceil(n/128), k/128]; out is bf16 [m, n]. Layouts: "normal"; "contiguous" (rows of A
+grouped by m_indices int32 [m], -1 = padding; B [G, n, k]); "masked" (A [G, m_max, k],
+masked_m int32 [G] valid rows per group).
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+
+from .. import registry
+from .. import reference as R
+from ..runtime import validate as V
+from ..runtime.hardware import SCALE_BLOCK, cdiv
+from . import backends as B
+
+F8 = torch.float8_e4m3fn
+LAYOUTS = {"fp8_gemm_nt": "normal", "m_grouped_fp8_gemm_nt_contiguous": "contiguous",
+           "m_grouped_fp8_gemm_nt_masked": "masked"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmProblem:
+    layout: str
+    a: torch.Tensor
+    sfa: torch.Tensor
+    b: torch.Tensor
+    sfb: torch.Tensor
+    out: torch.Tensor
+    grouping: Optional[torch.Tensor]     # m_indices (contiguous), masked_m (masked), None
+    expected_m: Optional[int]            # masked: the tile-choice hint
+    m: int                               # rows (per group for masked)
+    n: int
+    k: int
+    groups: int
+    device: torch.device
+
+    def describe(self) -> str:
+        g = f", {self.groups} groups" if self.layout != "normal" else ""
+        return f"{self.layout} m={self.m} n={self.n} k={self.k}{g} on {self.device}"
+
+
+def pair(name: str, x):
+    if not (isinstance(x, (tuple, list)) and len(x) == 2):
+        raise TypeError(f"{name}: expected a pair ({name}, sf{name}) of e4m3 data and float32 scales, "
+                        f"got {type(x).__name__}")
+    return V.as_tensor(name, x[0]), V.as_tensor(f"sf{name}", x[1])
+
+
+def _check_group_values(p: GemmProblem) -> None:
+    """Host checks of m_indices / masked_m values (CPU tensors; on a GPU the kernels
+    check them into the device error record)."""
+    if p.grouping is None or p.grouping.numel() == 0:
+        return
+    if p.layout == "contiguous":
+        bad = (p.grouping < -1) | (p.grouping >= p.groups)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"m_indices: expected values in [-1, {p.groups}) (-1 marks padding rows), "
+                             f"got {int(p.grouping[row])} at row {row}")
+    else:
+        bad = (p.grouping < 0) | (p.grouping > p.m)
+        if bool(bad.any()):
+            g = int(bad.nonzero()[0, 0])
+            raise ValueError(f"masked_m: expected values in [0, {p.m}] (a's rows per group), "
+                             f"got {int(p.grouping[g])} for group {g}")
+
+
+def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *, values=True) -> GemmProblem:
+    """Validate one GEMM call (every error names the argument, what was expected and what
+    was given). values: also check m_indices / masked_m values on CPU tensors."""
+    a, sfa, b, sfb, out = (V.as_tensor(n, t) for n, t in
+                           (("a", a), ("sfa", sfa), ("b", b), ("sfb", sfb), ("out", out)))
+    for name, t, dt in (("a", a, F8), ("b", b, F8), ("sfa", sfa, torch.float32),
+                        ("sfb", sfb, torch.float32), ("out", out, torch.bfloat16)):
+        V.check_dtype(name, t, dt)
+    grouped_a, grouped_b = layout == "masked", layout != "normal"
+    V.check_rank("a", a, 3 if grouped_a else 2)
+    V.check_rank("b", b, 3 if grouped_b else 2)
+    m, k = a.shape[-2:]
+    n = b.shape[-2]
+    if b.shape[-1] != k:
+        raise ValueError(f"b: expected K = {k} (a's last dim) in shape {list(b.shape)}, got {b.shape[-1]}")
+    V.check_multiple("k", k, SCALE_BLOCK)
+    groups = b.shape[0] if grouped_b else 1
+    if grouped_a and a.shape[0] != groups:
+        raise ValueError(f"a: expected {groups} groups (b's first dim) in shape {list(a.shape)}, got {a.shape[0]}")
+    for name, t in (("a", a), ("b", b), ("out", out), ("sfb", sfb)):
+        V.check_contiguous(name, t)
+    V.check_shape("sfa", sfa, tuple(a.shape[:-2]) + (m, cdiv(k, SCALE_BLOCK)))
+    V.check_shape("sfb", sfb, tuple(b.shape[:-2]) + (cdiv(n, SCALE_BLOCK), cdiv(k, SCALE_BLOCK)))
+    V.check_scale_layout("sfa", sfa)
+    V.check_shape("out", out, tuple(a.shape[:-2]) + (m, n))
+    if layout == "contiguous":
+        grouping = V.as_tensor("m_indices", grouping)
+        V.check_dtype("m_indices", grouping, torch.int32)
+        V.check_shape("m_indices", grouping, (m,))
+        V.check_contiguous("m_indices", grouping)
+    elif layout == "masked":
+        grouping = V.as_tensor("masked_m", grouping)
+        V.check_dtype("masked_m", grouping, torch.int32)
+        V.check_shape("masked_m", grouping, (groups,))
+        V.check_contiguous("masked_m", grouping)
+        expected_m = V.check_int("expected_m", expected_m, lo=0)
+    names = "m_indices" if layout == "contiguous" else "masked_m"
+    dev = V.check_same_device(a=a, sfa=sfa, b=b, sfb=sfb, out=out, **({names: grouping} if grouping is not None else {}))
+    p = GemmProblem(layout, a, sfa, b, sfb, out, grouping, expected_m, m, n, k, groups, dev)
+    if not V.is_fake(out):
+        V.check_no_overlap("out", out, a=a, sfa=sfa, b=b, sfb=sfb, **({names: grouping} if grouping is not None else {}))
+        if values and dev.type == "cpu":
+            _check_group_values(p)
+    return p
+
+
+def public_problem(op: str):
+    """The problem builder for the public call form: (a, sfa) and (b, sfb) pairs."""
+    layout = LAYOUTS[op]
+
+    def build(a, b, out, *rest, **kw):
+        return problem(layout, *pair("a", a), *pair("b", b), out, *rest, **kw)
+    return build
+
+
+# --- backends ---------------------------------------------------------------------------
+
+def _reference(p: GemmProblem):
+    if p.device.type != "cpu":
+        _check_group_values(p)           # ground truth may read values on the host
+    if p.layout == "normal":
+        R.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out)
+    elif p.layout == "contiguous":
+        R.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
+    else:
+        R.m_grouped_fp8_gemm_nt_masked(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
+
+
+def _triton(p: GemmProblem):
+    from .. import triton as T
+    if p.layout == "normal":
+        T.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out)
+    elif p.layout == "contiguous":
+        T.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
+    else:
+        T.m_grouped_fp8_gemm_nt_masked(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
+
+
+def _triton_limits(p: GemmProblem):
+    from .. import triton as T
+    T.check_gemm_shape(p.m, p.n, p.k)
+
+
+def _kernel(p: GemmProblem, executor: str):
+    from ..cuda import gemm as CG
+    if p.layout == "normal":
+        CG.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, executor)
+    elif p.layout == "contiguous":
+        CG.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out, executor)
+    else:
+        CG.m_grouped_fp8_gemm_nt_masked(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out, executor,
+                                        expected_m=p.expected_m)
+
+
+def _kernel_limits(p: GemmProblem):
+    from ..cuda import gemm as CG
+    rows = p.a.shape[0] * (p.a.shape[1] if p.layout == "masked" else 1)
+    CG.check_shapes(p.m, p.n, p.k, rows, p.groups)
+
+
+def _register(op: str):
+    o = registry.op(op, public_problem(op))
+    for name in ("cuda", "emu"):
+        o.add(B.kernel(name, "gemm_fp8_gemm", _kernel, _kernel_limits))
+    o.add(B.triton(_triton, _triton_limits))
+    o.add(B.reference(_reference))
+    return o
+
+
+NORMAL = _register("fp8_gemm_nt")
+CONTIGUOUS = _register("m_grouped_fp8_gemm_nt_contiguous")
+MASKED = _register("m_grouped_fp8_gemm_nt_masked")
+
+
+# --- custom ops: the same validation as the Python API ----------------------------------
+
+@torch.library.custom_op("pykernels::fp8_gemm_nt", mutates_args=("out",))
+def fp8_gemm_nt_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                   out: torch.Tensor, backend: str) -> None:
+    NORMAL(problem("normal", a, sfa, b, sfb, out), backend)
+
+
+@fp8_gemm_nt_op.register_fake
+def _(a, sfa, b, sfb, out, backend):
+    problem("normal", a, sfa, b, sfb, out)
+
+
+@torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_contiguous", mutates_args=("out",))
+def m_grouped_contiguous_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                            out: torch.Tensor, m_indices: torch.Tensor, backend: str) -> None:
+    CONTIGUOUS(problem("contiguous", a, sfa, b, sfb, out, m_indices), backend)
+
+
+@m_grouped_contiguous_op.register_fake
+def _(a, sfa, b, sfb, out, m_indices, backend):
+    problem("contiguous", a, sfa, b, sfb, out, m_indices)
+
+
+@torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_masked", mutates_args=("out",))
+def m_grouped_masked_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                        out: torch.Tensor, masked_m: torch.Tensor, expected_m: int, backend: str) -> None:
+    MASKED(problem("masked", a, sfa, b, sfb, out, masked_m, expected_m), backend)
+
+
+@m_grouped_masked_op.register_fake
+def _(a, sfa, b, sfb, out, masked_m, expected_m, backend):
+    problem("masked", a, sfa, b, sfb, out, masked_m, expected_m)

@@ -2,6 +2,9 @@
 
 Bit-identical to pykernels.reference.quant: amax in float32, inv = div_rn(448, amax)
 (a correctly rounded division, not Triton's default approximate one), q = rne(x * inv).
+NaN and Inf as docs/numerics.md: tl.max drops NaN (compiled and interpreted), so a
+group's NaN count is reduced separately and makes amax NaN; the scale of such a group
+is the canonical NaN 0x7FFFFFFF.
 """
 import torch
 import triton
@@ -18,6 +21,18 @@ SOFTWARE_ROUNDING = INTERPRETED
 
 
 @triton.jit
+def _scale_and_inverse(amax, has_nan, FLOOR: tl.constexpr, FMAX: tl.constexpr):
+    """(sf, inv) of groups with this max |x| (float32 tensor) and NaN flag: the floor,
+    NaN amax for groups with a NaN, sf = div_rn(amax, 448), inv = div_rn(448, amax)."""
+    amax = tl.where(has_nan, float("nan"), tl.maximum(amax, FLOOR))
+    fmax = tl.full(amax.shape, FMAX, tl.float32)
+    inv = tl.math.div_rn(fmax, amax)
+    canonical_nan = tl.full(amax.shape, 0x7FFFFFFF, tl.int32).to(tl.float32, bitcast=True)
+    sf = tl.where(has_nan, canonical_nan, tl.math.div_rn(amax, fmax))
+    return sf, inv
+
+
+@triton.jit
 def _per_token_kernel(x_ptr, q_ptr, sf_ptr, m, k, stride_x, stride_q, stride_sf,
                       BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
                       FLOOR: tl.constexpr, FMAX: tl.constexpr, SOFT: tl.constexpr):
@@ -26,11 +41,11 @@ def _per_token_kernel(x_ptr, q_ptr, sf_ptr, m, k, stride_x, stride_q, stride_sf,
     rk = g * GROUP + tl.arange(0, GROUP)
     mask = (rm[:, None] < m) & (rk[None, :] < k)
     x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), FLOOR)
-    inv = tl.math.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax)
+    has_nan = tl.sum((x != x).to(tl.int32), axis=1) > 0
+    sf, inv = _scale_and_inverse(tl.max(tl.abs(x), axis=1), has_nan, FLOOR, FMAX)
     q = to_e4m3_rne(x * inv[:, None], SOFT)
     tl.store(q_ptr + rm[:, None] * stride_q + rk[None, :], q, mask=mask)
-    tl.store(sf_ptr + rm * stride_sf + g, tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), mask=rm < m)
+    tl.store(sf_ptr + rm * stride_sf + g, sf, mask=rm < m)
 
 
 @triton.jit
@@ -43,11 +58,11 @@ def _per_block_kernel(x_ptr, q_ptr, sf_ptr, m, n, stride_x, stride_q, stride_sf,
     rn = bn * BLK + tl.arange(0, BLK)
     mask = (rm[:, None] < m) & (rn[None, :] < n)
     x = tl.load(x_ptr + rm[:, None] * stride_x + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FLOOR)
-    inv = tl.math.div_rn(FMAX, amax)
+    has_nan = tl.sum(tl.sum((x != x).to(tl.int32), axis=1), axis=0) > 0
+    sf, inv = _scale_and_inverse(tl.max(tl.max(tl.abs(x), axis=1), axis=0), has_nan, FLOOR, FMAX)
     q = to_e4m3_rne(x * inv, SOFT)
     tl.store(q_ptr + rm[:, None] * stride_q + rn[None, :], q, mask=mask)
-    tl.store(sf_ptr + bm * stride_sf + bn, tl.math.div_rn(amax, FMAX))
+    tl.store(sf_ptr + bm * stride_sf + bn, sf)
 
 
 PER_TOKEN_ROWS = 16          # rows per per-token program (one 128-column group each)

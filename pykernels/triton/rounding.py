@@ -24,17 +24,21 @@ def to_bf16_rne(x, SOFTWARE: tl.constexpr):
 
 @triton.jit
 def to_e4m3_rne(x, SOFTWARE: tl.constexpr):
-    """x must already lie within [-448, 448] (as scaled quantization values do)."""
+    """float32 -> float8e4nv as the GPU's cvt.rn.satfinite.e4m3x2.f32: RNE, |x| > 448 and
+    +-Inf saturate to +-448, NaN -> 0x7F (any sign), the sign of zero kept."""
     if SOFTWARE:
         bits = x.to(tl.int32, bitcast=True)
-        exp = ((bits >> 23) & 0xFF) - 127
+        mag = tl.minimum(tl.abs(x), 448.0)  # saturate first: (448, 464] rounds to 448 anyway
+        exp = ((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         exp = tl.maximum(exp, -6)  # e4m3 subnormals share the 2^-9 spacing of binade -6
         # spacing of e4m3 values in this binade is 2^(exp-3); adding 1.5*2^23 of that
         # spacing makes the float32 add round at exactly that granularity (RNE).
         magic = ((exp - 3 + 127 + 23) << 23).to(tl.float32, bitcast=True) * 1.5
-        mag = tl.abs(x)
         r = (mag + magic) - magic
-        y = tl.where(x < 0, -r, r)
-        return y.to(tl.float8e4nv)
+        y = tl.where(bits < 0, -r, r)  # the sign bit, so -0 stays -0
+        q = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        # NaN: the interpreter's cast (and the magic add) would give a finite byte.
+        q = tl.where(x != x, 0x7F, q).to(tl.uint8)
+        return q.to(tl.float8e4nv, bitcast=True)
     else:
         return x.to(tl.float8e4nv)

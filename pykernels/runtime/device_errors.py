@@ -40,7 +40,14 @@ CODES = {
                  "was made for other cache_seqlens (batch {a2}: made for {a1} tokens, called with {a0}); "
                  "call get_mla_metadata again after the sequences change"),
     6: ErrorCode("MetadataOutOfRange", "tile_scheduler_metadata",
-                 "entry out of range: got {a0}, expected below {a1} (row {a2})"),
+                 "entry {a2} (row * 8 + column) out of range: expected a value in [0, {a1}), got {a0}"),
+    7: ErrorCode("NumSplitsMismatch", "num_splits",
+                 "expected num_splits[{a2}] = {a1} (the split numbering of tile_scheduler_metadata: the first "
+                 "split id of each sequence, then the number of splits), got {a0}"),
+    8: ErrorCode("MetadataMismatch", "tile_scheduler_metadata",
+                 "entry {a2} (row * 8 + column): expected {a1}, got {a0} (row 0 starts at batch 0, block 0, "
+                 "split 0; each row where the previous one ended, an empty row where the work ends; the last "
+                 "row ends after the last block of batch b - 1)"),
 }
 
 

@@ -15,6 +15,8 @@ enum ErrorCode : int {
   kErrSeqlenOutOfRange = 4,
   kErrMetadataStale = 5,
   kErrMetadataOutOfRange = 6,
+  kErrNumSplitsMismatch = 7,
+  kErrMetadataMismatch = 8,
 };
 
 constexpr int kErrorRecordWords = 8;   // code, arg0, arg1, arg2, cta.x, cta.y, cta.z, reserved

@@ -46,8 +46,8 @@ CODES = {
                  "split id of each sequence, then the number of splits), got {a0}"),
     8: ErrorCode("MetadataMismatch", "tile_scheduler_metadata",
                  "entry {a2} (row * 8 + column): expected {a1}, got {a0} (row 0 starts at batch 0, block 0, "
-                 "split 0; each row where the previous one ended, an empty row where the work ends; the last "
-                 "row ends after the last block of batch b - 1)"),
+                 "split 0, each row where the previous one ended, and the last row ends after the last block "
+                 "of batch b - 1)"),
 }
 
 

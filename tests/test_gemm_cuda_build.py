@@ -3,6 +3,7 @@ resources per instantiation) and the host logic that launches it (pykernels/cuda
 config heuristic, grid, shared memory, tensor maps, argument packing, shape errors).
 None of this needs a GPU or the emulator's execution; GPU runs are marked `gpu`."""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from pykernels import reference as R
 from pykernels.cuda import gemm as G
 from pykernels.emu.parser import parse
 from pykernels.metrics import calc_diff
-from pykernels.runtime import artifacts, sass
+from pykernels.runtime import artifacts, device_errors, sass
+from pykernels.runtime.hardware import SMEM_PER_BLOCK
 from pykernels.runtime.executors import gpu_unavailable_reason, run_cuda
 
 from .fp8_cases import contiguous_indices, nan_bf16, normal_problem, quantized_weights
@@ -40,9 +42,19 @@ def ptx_module():
 
 # ------------------------------------------------------------------------ compiled code
 
+def _source_entries():
+    """Configs named by the PK_FP8_GEMM_ENTRY / _MC2 lines of the kernel source."""
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "gemm" / "fp8_gemm.cu").read_text()
+    found = {G.Config(int(bm), int(bn)) for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY\((\d+), (\d+)\)$", src, re.M)}
+    return found | {G.Config(int(bm), int(bn), 2)
+                    for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_MC2\((\d+), (\d+)\)$", src, re.M)}
+
+
 def test_every_config_is_compiled():
+    # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
     assert set(funcs) == {c.function for c in G.CONFIGS}
+    assert set(G.CONFIGS) == _source_entries() and len(G.CONFIGS) == len(set(G.CONFIGS))
     assert 5 <= len(G.CONFIGS) <= 10                     # CI builds them on 2 cores (~3 s)
     # non-power-of-two BLOCK_N: 112, 144 and 160 (the issue's examples), all with BLOCK_M 128
     assert {c.block_n for c in G.CONFIGS if 128 % c.block_n and c.cluster == 1} == {112, 144, 160}
@@ -73,6 +85,9 @@ def test_sass_has_the_intended_instructions(cfg):
     assert ops["UTMASTG.2D"] >= 1                                   # TMA store of whole tiles
     assert ops["STG.E.128"] >= 1 and ops["LDS.128"] >= 1          # checked 16-byte stores of partial tiles
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    # the device checks: one pk::record_error site for masked_m and one for m_indices (math
+    # warps only), and the trap on too little dynamic shared memory
+    assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
     # ptxas reports the entry count (168); the math region may use up to its setmaxnreg 232
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
 
@@ -97,8 +112,8 @@ def test_resources_within_budget(cfg):
 def test_shared_memory_fits(cfg):
     stages = cfg.max_stages()
     assert G.MIN_STAGES <= stages <= G.MAX_STAGES
-    assert cfg.smem_bytes(stages) <= 227 * 1024
-    assert stages == G.MAX_STAGES or cfg.smem_bytes(stages + 1) > 227 * 1024
+    assert cfg.smem_bytes(stages) <= SMEM_PER_BLOCK
+    assert stages == G.MAX_STAGES or cfg.smem_bytes(stages + 1) > SMEM_PER_BLOCK
     # A and B stage tiles are whole 1024-byte swizzle atoms (8 rows x 128 bytes)
     assert cfg.block_m * 128 % 1024 == 0 and cfg.block_n * 128 % 1024 == 0
 
@@ -117,7 +132,7 @@ def test_ptx_parses_with_the_intended_instructions(ptx_module):
     assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS}
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
-        assert len(k.params) == 14
+        assert len(k.params) == len(G.PARAMS)
         assert [(p.size, p.align) for p in k.params[:4]] == [(128, 64)] * 4          # tensor maps
         full = [i.full for i in k.instrs]
         assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4
@@ -262,7 +277,8 @@ def test_normal_plan_geometry_and_arguments(seed):
     assert img.dims == (k, m) and img.box == (128, 128) and img.strides_bytes == (1, k)
     assert [x.ptype for x in p.args[4:7]] == ["ptr", "ptr", "u64"]   # no grouping tensor
     assert p.args[4].value is sfb and p.args[5].value is out
-    assert [x.value for x in p.args[6:]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
+    assert [x.value for x in p.args[6:-1]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
+    assert G.arg(p, "record") is device_errors.record_for(out.device, "fp8_gemm_nt")   # the device's record
     # grid: at most one CTA per SM (persistent)
     big = G.gemm_plan(a, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=10)
     assert big.grid == (10, 1, 1) and big.args[13].value == 3

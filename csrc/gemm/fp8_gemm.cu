@@ -13,6 +13,12 @@
 //   2 masked      A [G, M, K] (M = m_max), B [G, N, K], out [G, M, N]; rows >= masked_m[g]
 //                 (int32 [G]) are skipped
 // Rows and columns a layout does not own are never written.
+// Device checks (pk/error_record.cuh; no host read, CUDA-graph safe), where the schedule
+// reads the values: an m_indices value outside [-1, G) (kErrMIndexOutOfRange; its row is
+// skipped like padding) and a masked_m value outside [0, M] (kErrMaskedMOutOfRange; the
+// group is skipped) are recorded by the math warps; the producer skips the same work
+// without recording. The kernel traps when launched with less dynamic shared memory than
+// Layout::smem_bytes(stages) (the host's formula is checked against it by the tests).
 //
 // Structure (persistent, warp-specialised, one CTA per SM):
 //  * warpgroup kMathWG (the last) is the producer: setmaxnreg.dec to 40; its first warp
@@ -47,6 +53,7 @@
 //    issues no wgmma and stores nothing. Cluster barriers after the mbarrier init and before exit.
 #include <cstdint>
 
+#include "pk/error_record.cuh"
 #include "pk/ptx.cuh"
 
 namespace {
@@ -68,17 +75,25 @@ struct Problem {
   uint32_t kind;
   uint32_t stages;
   uint32_t band;        // rasterisation: n-blocks per band
+  int* record;          // device error record (pk::record_error), may be null
 };
 
 __device__ __forceinline__ uint32_t cdiv(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ uint32_t dynamic_smem_size() {
+  uint32_t v;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(v));
+  return v;
+}
 
 // Persistent tile schedule, identical in every warp that walks it (deterministic).
 // Tiles are numbered group by group (masked), and inside a (group's) M x N grid of
 // blocks in bands of `band` n-blocks, n fastest inside a band, so that CTAs running at
 // the same time share A rows and B columns in L2. The schedule's unit is kCluster
 // adjacent m-blocks of one n-block (one per CTA of a cluster); a group's last unit may
-// reach past its last m-block.
-template <int BM, int BN, int kCluster>
+// reach past its last m-block. kCheck: record bad masked_m values (math warps; every
+// group is walked by the last get() of every CTA).
+template <int BM, int BN, int kCluster, bool kCheck>
 struct Scheduler {
   const Problem& p;
   uint32_t n_blocks;
@@ -95,8 +110,10 @@ struct Scheduler {
     if (p.kind == kMasked) {
       for (;;) {
         if (group >= p.groups) return false;
-        int valid = __ldg(p.grouping + group);
-        m_limit = valid <= 0 ? 0u : min((uint32_t)valid, p.m);
+        const int valid = __ldg(p.grouping + group);
+        const bool bad = valid < 0 || (uint32_t)valid > p.m;  // the group is skipped
+        if (kCheck && bad && threadIdx.x == 0) pk::record_error(p.record, pk::kErrMaskedMOutOfRange, valid, (int)p.m, (int)group);
+        m_limit = bad ? 0u : (uint32_t)valid;
         m_blocks = cdiv(cdiv(m_limit, BM), kCluster);  // units
         if (t < group_first + m_blocks * n_blocks) break;
         group_first += m_blocks * n_blocks;
@@ -122,20 +139,29 @@ struct Scheduler {
 };
 
 // Contiguous layout: the smallest group index > prev among the rows of m-block m_blk
-// (indices outside [0, groups) are padding), or -1. A tile whose rows belong to several
-// groups is computed once per group. Called by all 32 lanes of a warp.
-template <int BM>
+// (indices outside [0, groups) are skipped like padding), or -1. A tile whose rows belong
+// to several groups is computed once per group. Called by all 32 lanes of a warp. kCheck
+// (the first call for an m-block, in the math warps): warp 0 records a value outside
+// [-1, groups) (one of its lane's rows; one record call site).
+template <int BM, bool kCheck>
 __device__ __forceinline__ int next_group(const Problem& p, uint32_t m_blk, int prev) {
   const uint32_t lane = threadIdx.x % 32;
   int best = 0x7fffffff;
+  int bad_row = -1, bad_value = 0;
 #pragma unroll
   for (uint32_t i = 0; i < BM / 32; ++i) {
     const uint32_t row = m_blk * BM + i * 32 + lane;
     if (row < p.m) {
       const int g = __ldg(p.grouping + row);
       if (g > prev && (uint32_t)g < p.groups) best = min(best, g);
+      if (kCheck && (g < -1 || g >= (int)p.groups)) {
+        bad_row = (int)row;
+        bad_value = g;
+      }
     }
   }
+  if (kCheck && bad_row >= 0 && threadIdx.x < 32)
+    pk::record_error(p.record, pk::kErrMIndexOutOfRange, bad_value, (int)p.groups, bad_row);
   best = __reduce_min_sync(0xffffffffu, best);
   return best == 0x7fffffff ? -1 : best;
 }
@@ -145,7 +171,8 @@ __device__ __forceinline__ int next_group(const Problem& p, uint32_t m_blk, int 
 // with rows in any of the unit's m-blocks (kCluster = 1: the tile's own groups). `mine`:
 // this CTA's m-block m_blk has rows of the pass's group; otherwise the CTA only loads its
 // B slice for the peer. Walked identically by every warp of both CTAs of a cluster.
-template <int BM, int kCluster>
+// kCheck: record bad m_indices values (next_group, once per m-block).
+template <int BM, int kCluster, bool kCheck>
 struct Passes {
   int group;          // current pass, -1 after the last
   bool mine;
@@ -153,11 +180,11 @@ struct Passes {
 
   __device__ Passes(const Problem& p, uint32_t m_blk, uint32_t g, uint32_t m_limit) {
     if (kCluster == 1) {
-      group = p.kind == kContiguous ? next_group<BM>(p, m_blk, -1) : (int)g;
+      group = p.kind == kContiguous ? next_group<BM, kCheck>(p, m_blk, -1) : (int)g;
       mine = true;
     } else if (p.kind == kContiguous) {
-      own = next_group<BM>(p, opaque(m_blk), -1);
-      peer = next_group<BM>(p, opaque(m_blk ^ 1u), -1);  // the cluster's other m-block
+      own = next_group<BM, kCheck>(p, opaque(m_blk), -1);
+      peer = next_group<BM, false>(p, opaque(m_blk ^ 1u), -1);  // the cluster's other m-block (the peer checks it)
       pick();
     } else {
       group = (int)g;
@@ -177,10 +204,10 @@ struct Passes {
   }
   __device__ void advance(const Problem& p, uint32_t m_blk) {
     if (kCluster == 1) {
-      group = p.kind == kContiguous ? next_group<BM>(p, m_blk, group) : -1;
+      group = p.kind == kContiguous ? next_group<BM, false>(p, m_blk, group) : -1;
     } else if (p.kind == kContiguous) {
-      if (own == group) own = next_group<BM>(p, opaque(m_blk), group);
-      if (peer == group) peer = next_group<BM>(p, opaque(m_blk ^ 1u), group);
+      if (own == group) own = next_group<BM, false>(p, opaque(m_blk), group);
+      if (peer == group) peer = next_group<BM, false>(p, opaque(m_blk ^ 1u), group);
       pick();
     } else {
       group = -1;
@@ -205,7 +232,7 @@ struct Layout {
   static constexpr uint32_t kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
   static constexpr uint32_t kRowsPerIter = 32 / kLanesPerRow;  // rows a warp stores per step
   // Dynamic shared memory for `stages` stages (plus 1024 bytes to align the base).
-  // pykernels/cuda/gemm.py computes the same.
+  // pykernels/cuda/gemm.py computes the same (the kernel traps when launched with less).
   static __host__ __device__ constexpr uint32_t smem_bytes(uint32_t stages) {
     return 1024 + stages * (kABytes + kBBytes + kSfaBytes) + kMathWG * kStagingBytes + stages * 16;
   }
@@ -256,6 +283,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   // kCluster, + gridDim.x / kCluster, ...
   const uint32_t rank = kMulticast ? pk::cluster_ctarank() : 0u;
   if (kMulticast && pk::cluster_nctarank() != kCluster) __trap();  // launched without the cluster
+  if (dynamic_smem_size() < L::smem_bytes(p.stages)) __trap();     // launched with too little shared memory
   // Thread s initialises stage s's barriers (straight-line code: no divergent loop
   // before the CTA barrier).
   if (threadIdx.x < p.stages) {
@@ -280,12 +308,12 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
     if (!kMulticast && !loader) return;  // multicast: warps 1-3 wait at the final cluster barrier
     if (loader) {
       const bool leader = pk::elect_one();
-      Scheduler<BM, BN, kCluster> sched(p);
+      Scheduler<BM, BN, kCluster, false> sched(p);
       uint32_t s = 0, phase = 0;
       uint32_t m_unit, n_blk, g, m_limit;
       for (uint32_t t = blockIdx.x / kCluster; sched.get(t, m_unit, n_blk, g, m_limit); t += gridDim.x / kCluster) {
         const uint32_t m_blk = m_unit * kCluster + rank;
-        Passes<BM, kCluster> pass(p, m_blk, g, m_limit);
+        Passes<BM, kCluster, false> pass(p, m_blk, g, m_limit);
         while (pass.group >= 0) {
           const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
           const int32_t sfa_g = (int32_t)(p.kind == kMasked ? g : 0u);  // sfa map: [G, K/128, M]
@@ -351,12 +379,12 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
   for (uint32_t i = 0; i < kAcc; ++i) acc[i] = 0.0f;
 
-  Scheduler<BM, BN, kCluster> sched(p);
+  Scheduler<BM, BN, kCluster, true> sched(p);
   uint32_t s = 0, phase = 0;
   uint32_t m_unit, n_blk, g, m_limit;
   for (uint32_t t = blockIdx.x / kCluster; sched.get(t, m_unit, n_blk, g, m_limit); t += gridDim.x / kCluster) {
     const uint32_t m_blk = m_unit * kCluster + rank;
-    Passes<BM, kCluster> pass(p, m_blk, g, m_limit);
+    Passes<BM, kCluster, true> pass(p, m_blk, g, m_limit);
     while (pass.group >= 0) {
       if constexpr (kMulticast) {
         if (!pass.mine) {
@@ -521,8 +549,8 @@ constexpr uint32_t kLaunchBound = 384;
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
       const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
       const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
-      uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band) {                                \
-    const Problem p{sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band};                \
+      uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record) {                   \
+    const Problem p{sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band, record};        \
     fp8_gemm_kernel<BM, BN, CLUSTER>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, p);                       \
   }
 #define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1)

@@ -6,32 +6,43 @@ shared-memory size, tensor maps, argument packing -> LaunchPlan, run on the GPU
 
 One kernel per tile shape serves the three layouts (runtime `kind`). Kernel parameters,
 in order: tmap_a, tmap_b, tmap_sfa, tmap_out, sfb, out, grouping, m, n, k, groups, kind,
-stages, band. The A scales travel by TMA with A: tmap_sfa is a 3-D map [G, K/128, M] over
+stages, band, record (the device error record: the kernel checks m_indices / masked_m
+values where its schedule reads them; on the emulator the record is raised right after
+the launch, on the GPU never read here). The A scales travel by TMA with A: tmap_sfa is a 3-D map [G, K/128, M] over
 sfa in the column-major TMA-aligned layout (M contiguous, padded to 4 floats; DeepGEMM's
 `get_col_major_tma_aligned_tensor` layout), read in place when given so and transposed
 into that layout by one torch copy otherwise (`sfa_tma_aligned`). Configs with cluster = 2 (entries `*_mc2`)
 run pairs of CTAs that share each B tile by TMA multicast: launched with cluster dims
 (2, 1, 1), an even grid, and a B tensor map whose box is half the tile (each CTA loads
 one half for both).
+
+The compiled instantiations (CONFIGS) are read from the build manifest: the kernel's
+PK_FP8_GEMM_ENTRY lines are their one source.
 """
 import dataclasses
+import functools
 import math
+import re
 
 import torch
 
+from ..runtime import artifacts, device_errors
 from ..runtime.executors import max_active_clusters, run_plan
+from ..runtime.hardware import DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, cdiv, num_sms, round_up  # noqa: F401
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "gemm_fp8_gemm"
-BLOCK_K = 128
-SMEM_LIMIT = 227 * 1024         # per block, after opting in (H100)
-DEFAULT_SMS = 132               # H100 SXM; used when no GPU is visible (emulator, planning)
 MAX_STAGES = 8                  # deeper rings buy nothing once TMA latency is covered
 MIN_STAGES = 3
 OUT_BOX_ROWS, OUT_BOX_COLS = 64, 16   # TMA store box (bf16, 32-byte swizzle)
 
 KIND_NORMAL, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
+# the kernel's parameters, in order (LaunchPlan.args)
+PARAMS = ("tmap_a", "tmap_b", "tmap_sfa", "tmap_out", "sfb", "out", "grouping", "m", "n", "k", "groups", "kind",
+          "stages", "band", "record")
+OPS = {KIND_NORMAL: "fp8_gemm_nt", KIND_CONTIGUOUS: "m_grouped_fp8_gemm_nt_contiguous",
+       KIND_MASKED: "m_grouped_fp8_gemm_nt_masked"}     # op names in recorded errors
 
 # Cost-model constants (per SM, per clock; H100 SXM at ~1.75 GHz). Assumptions, to be
 # calibrated on a GPU (docs/gemm.md): tensor core 4096 e4m3 MACs/clk, shared-memory
@@ -48,13 +59,9 @@ MULTICAST_GAIN = 0.97           # a cluster-2 config must model >= 3% faster tha
                                 # cluster-1 one (the model ignores lockstep stalls between the pair)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One compiled tile shape: BLOCK_M x BLOCK_N (BLOCK_K = 128); cluster = 2: pairs of
+    """One compiled tile shape: BLOCK_M x BLOCK_N (K blocks of SCALE_BLOCK); cluster = 2: pairs of
     CTAs (adjacent m-blocks, same n-block) share B by TMA multicast."""
     block_m: int
     block_n: int
@@ -79,32 +86,43 @@ class Config:
         return self.block_n // self.cluster
 
     def stage_bytes(self) -> int:
-        return (self.block_m + self.block_n) * BLOCK_K
+        return (self.block_m + self.block_n) * SCALE_BLOCK
 
     def smem_bytes(self, stages: int) -> int:
-        """Dynamic shared memory (same formula as Layout::smem_bytes in the kernel):
-        1024 alignment slack + stages x (A + B tiles + BLOCK_M f32 A scales) + a 64 x
+        """Dynamic shared memory (Layout::smem_bytes in the kernel, which traps when given
+        less: tests/test_gemm_emu.py checks the two agree): 1024 alignment slack + stages x (A + B tiles + BLOCK_M f32 A scales) + a 64 x
         BLOCK_N bf16 output staging tile per math warpgroup + 2 mbarriers per stage."""
         staging = self.math_warpgroups * 64 * 2 * self.block_n
         return 1024 + stages * (self.stage_bytes() + 4 * self.block_m) + staging + 16 * stages
 
     def max_stages(self) -> int:
         s = MAX_STAGES
-        while s > 1 and self.smem_bytes(s) > SMEM_LIMIT:
+        while s > 1 and self.smem_bytes(s) > SMEM_PER_BLOCK:
             s -= 1
         return s
 
 
-# The compiled instantiations (keep in sync with PK_FP8_GEMM_ENTRY / _MC2 in fp8_gemm.cu).
-CONFIGS = (Config(128, 128), Config(128, 112), Config(128, 144), Config(128, 160),
-           Config(64, 128), Config(64, 64), Config(64, 32),
-           Config(128, 128, cluster=2), Config(128, 160, cluster=2))
+_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?")
 
 
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SMS
+@functools.lru_cache(maxsize=None)
+def compiled_configs() -> tuple:
+    """The Configs compiled into MODULE (the entry functions of the build manifest, i.e.
+    the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu): cluster 1 first, larger tiles first."""
+    found = []
+    for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
+        match = _ENTRY.fullmatch(function)
+        if match is None:
+            raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape (pk_fp8_gemm_nt_m<BM>n<BN>[_mc2])")
+        bm, bn, cluster = match.groups()
+        found.append(Config(int(bm), int(bn), int(cluster or 1)))
+    return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
+
+
+def __getattr__(name):
+    if name == "CONFIGS":       # read on first use: importing this module needs no build
+        return compiled_configs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, boundaries: int = 0,
@@ -126,15 +144,15 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     m-blocks then need two passes, one per group).
     """
     bm, bn, c = cfg.block_m, cfg.block_n, cfg.cluster
-    kb = k // BLOCK_K
-    n_blocks = _cdiv(n, bn)
-    tiles = groups * _cdiv(m, bm) * n_blocks
-    units = groups * _cdiv(_cdiv(m, bm), c) * n_blocks + (boundaries * n_blocks if c > 1 else 0)
+    kb = k // SCALE_BLOCK
+    n_blocks = cdiv(n, bn)
+    tiles = groups * cdiv(m, bm) * n_blocks
+    units = groups * cdiv(cdiv(m, bm), c) * n_blocks + (boundaries * n_blocks if c > 1 else 0)
     per_mma = max(64 * bn * 32 / _MACS_PER_CLK, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
     mma = cfg.math_warpgroups * 4 * per_mma
-    load = (bm + bn) * BLOCK_K / _L2_BYTES_PER_CLK_SM
+    load = (bm + bn) * SCALE_BLOCK / _L2_BYTES_PER_CLK_SM
     tile = kb * max(mma, load) + bm * bn * 2 / _STORE_BYTES_PER_CLK + _TILE_FIXED_CLK
-    waves = _cdiv(units, max(1, clusters or sms // c))     # clusters: co-resident (multicast)
+    waves = cdiv(units, max(1, clusters or sms // c))     # clusters: co-resident (multicast)
     l2 = (tiles * bm + units * bn) * k / _L2_BYTES_PER_CLK
     dram = groups * (m * k + n * k + 2 * m * n) / _DRAM_BYTES_PER_CLK
     return max(waves * tile, l2, dram)
@@ -153,7 +171,7 @@ def _best(configs, m, n, k, groups, sms, boundaries, slots=None):
     return best, t(best)
 
 
-def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SMS, boundaries: int = 0,
+def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NUM_SMS, boundaries: int = 0,
                   slots=None) -> Config:
     """The compiled tile shape with the smallest modelled time (estimate_cycles); ties
     (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1,
@@ -162,9 +180,10 @@ def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_SM
     practice when the L2 -> SM traffic bounds the cluster-1 kernel (large M and N, every
     SM busy) and M has pairs of m-blocks. slots(cfg): co-resident clusters of a multicast
     config (on a GPU the driver's count, `resident_clusters`; default #SMs / 2)."""
-    m, k = max(m, 1), max(k, BLOCK_K)
-    best, t_best = _best([c for c in CONFIGS if c.cluster == 1], m, n, k, groups, sms, boundaries)
-    multicast = [c for c in CONFIGS if c.cluster > 1 and sms >= 2 * c.cluster]
+    m, k = max(m, 1), max(k, SCALE_BLOCK)
+    configs = compiled_configs()
+    best, t_best = _best([c for c in configs if c.cluster == 1], m, n, k, groups, sms, boundaries)
+    multicast = [c for c in configs if c.cluster > 1 and sms >= 2 * c.cluster]
     if multicast:
         best_mc, t_mc = _best(multicast, m, n, k, groups, sms, boundaries, slots)
         if t_mc < MULTICAST_GAIN * t_best:
@@ -182,8 +201,8 @@ def check_shapes(m: int, n: int, k: int, rows_total: int, groups: int) -> None:
     """Shapes this kernel supports (beyond pykernels.gemm's validation)."""
     if n % 8:
         raise ValueError(f"n: the cuda FP8 GEMM needs N to be a multiple of 8 (16-byte output rows), got {n}")
-    if k % BLOCK_K:
-        raise ValueError(f"k: expected a multiple of {BLOCK_K}, got {k}")
+    if k % SCALE_BLOCK:
+        raise ValueError(f"k: expected a multiple of {SCALE_BLOCK}, got {k}")
     if rows_total >= 2**31 or groups * n >= 2**31 or k >= 2**31:
         raise ValueError(f"a/b: TMA coordinates are 32-bit: rows {rows_total}, groups x n {groups * n}, "
                          f"k {k} must stay below 2^31")
@@ -196,7 +215,7 @@ def sfa_tma_aligned(sfa: torch.Tensor) -> torch.Tensor:
     sfa when sfa already has that layout (column-major TMA-aligned), else a copy."""
     s3 = sfa.unsqueeze(0) if sfa.dim() == 2 else sfa
     g, m, kb = s3.shape
-    pad = _cdiv(m, 4) * 4
+    pad = round_up(m, 4)
     t = s3.transpose(1, 2)                                   # [G, kb, m], m innermost if col-major
     # strides of size-1 dims are free in torch; give them values TMA accepts
     sg = t.stride(0) if g > 1 else kb * pad
@@ -215,7 +234,8 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.Tensor, out: torch.Tensor,
               grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
-              sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None) -> LaunchPlan:
+              sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None,
+              record: torch.Tensor = None) -> LaunchPlan:
     """Launch plan for the kernel.
 
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, k/128]
@@ -225,6 +245,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
     gives a plan with cluster dims (2, 1, 1) and an even grid of at most `max_clusters`
     clusters (default: what the GPU holds at once, `resident_clusters`; #SMs / 2 on the CPU).
+    record: the int32 device error record the kernel's checks write to (default: the
+    device's, device_errors.record_for).
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
@@ -240,12 +262,12 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
             cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
                                 slots=slots)
     stages = stages or cfg.max_stages()
-    if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_LIMIT:
+    if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
         raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
-                         f"memory, more than {SMEM_LIMIT}")
-    n_blocks = _cdiv(n, cfg.block_n)
+                         f"memory, more than {SMEM_PER_BLOCK}")
+    n_blocks = cdiv(n, cfg.block_n)
     # schedule units: tiles (cluster 1) or pairs of m-blocks of one n-block (cluster 2)
-    units = _cdiv(_cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
+    units = cdiv(cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
     if kind == KIND_MASKED:
         units *= groups                                       # upper bound: masked_m <= m_max
     if cfg.cluster == 1:
@@ -253,8 +275,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     else:
         slots = max_clusters or resident_clusters(cfg, stages, a2.device, sms)
     grid = max(1, min(slots, units)) * cfg.cluster
-    tmap_a = TensorMapDesc(a2, (cfg.block_m, BLOCK_K), swizzle=128)
-    tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, BLOCK_K), swizzle=128)
+    tmap_a = TensorMapDesc(a2, (cfg.block_m, SCALE_BLOCK), swizzle=128)
+    tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, SCALE_BLOCK), swizzle=128)
     # A scales: one box = the BLOCK_M scales of one K block of one group; rows past m are
     # zero-filled by the TMA (computed, never stored)
     tmap_sfa = TensorMapDesc(sfa_tma_aligned(sfa), (1, 1, cfg.block_m))
@@ -262,9 +284,12 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
     tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS), swizzle=32)
     group_arg = ptr(grouping) if grouping is not None else u64(0)
+    record = device_errors.record_for(out.device, OPS[kind]) if record is None else record
     args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
             Arg("tensormap", tmap_out), ptr(sfb), ptr(out), group_arg,
-            u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)))
+            u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
+            ptr(record))
+    assert len(args) == len(PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 
@@ -284,8 +309,17 @@ def resident_clusters(cfg: Config, stages: int, device: torch.device, sms: int) 
     return sms // cfg.cluster
 
 
+def arg(plan: LaunchPlan, name: str):
+    """The value of the kernel parameter `name` (PARAMS) in `plan`."""
+    return plan.args[PARAMS.index(name)].value
+
+
 def _run(plan: LaunchPlan, executor: str):
-    return run_plan(plan, executor)
+    """Run the plan; on the emulator raise an input error the kernel recorded (on the GPU
+    the record is not read: device_errors.check_errors does)."""
+    run_plan(plan, executor)
+    if executor == "emu":
+        device_errors.raise_if_set(arg(plan, "record"), OPS[arg(plan, "kind")])
 
 
 def _with_aligned(out: torch.Tensor, fn):
@@ -295,8 +329,10 @@ def _with_aligned(out: torch.Tensor, fn):
         fn(out)
         return out
     tmp = out.clone()
-    fn(tmp)
-    out.copy_(tmp)
+    try:
+        fn(tmp)
+    finally:                                 # rows computed before an input error is raised
+        out.copy_(tmp)
     return out
 
 
@@ -304,8 +340,16 @@ def _aligned_input(t: torch.Tensor) -> torch.Tensor:
     return t if _aligned(t) else t.clone()
 
 
+def _raise_now(executor: str, device: torch.device, kind: int) -> None:
+    """The emulator raises a recorded input error at once (as after a launch)."""
+    if executor == "emu":
+        device_errors.raise_if_set(device_errors.record_for(device, OPS[kind]), OPS[kind])
+
+
 def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
-    """out[m, n] = (a * sfa) @ (b * sfb)^T; a [m, k], b [n, k] e4m3; out bf16 [m, n]."""
+    """out[m, n] = (a * sfa) @ (b * sfb)^T; a e4m3 [m, k], sfa f32 [m, k/128], b e4m3
+    [n, k], sfb f32 [ceil(n/128), k/128]; out bf16 [m, n]. K = 0: zeros; M = 0 or N = 0:
+    nothing to do (no launch)."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
@@ -320,15 +364,24 @@ def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out, executor: str = "cuda"):
-    """Rows of a [m_sum, k] grouped by m_indices (int32, -1 = padding: not written);
-    b [G, n, k]; out bf16 [m_sum, n]."""
+    """Rows of a e4m3 [m_sum, k] (sfa f32 [m_sum, k/128]) grouped by m_indices (int32
+    [m_sum], -1 = padding); b e4m3 [G, n, k], sfb f32 [G, ceil(n/128), k/128]; out bf16
+    [m_sum, n]. Rows whose index is outside [0, G) are not written; values outside
+    [-1, G) are recorded in the device error record (raised at once by the emulator).
+    K = 0: zeros in the owned rows (checked the same way, by torch ops); M, N or G = 0:
+    nothing to do."""
     m, k = a.shape
     groups, n, _ = b.shape
     if m == 0 or n == 0 or groups == 0:
         return out
+    m_indices = m_indices if m_indices.is_contiguous() else m_indices.contiguous()
     if k == 0:
-        owned = (m_indices >= 0) & (m_indices < groups)
-        return out.masked_fill_(owned[:, None], 0)
+        record = device_errors.record_for(out.device, OPS[KIND_CONTIGUOUS])
+        device_errors.record_first(record, device_errors.code("MIndexOutOfRange"),
+                                   (m_indices < -1) | (m_indices >= groups), m_indices, groups)
+        out.masked_fill_(((m_indices >= 0) & (m_indices < groups))[:, None], 0)
+        _raise_now(executor, out.device, KIND_CONTIGUOUS)
+        return out
     a, b = _aligned_input(a), _aligned_input(b)
 
     def go(o):
@@ -338,17 +391,26 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out, executor: s
 
 
 def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out, executor: str = "cuda", expected_m: int = None):
-    """a [G, m_max, k], b [G, n, k], out bf16 [G, m_max, n]; rows >= masked_m[g] (int32,
-    read on the device) are not written. expected_m: hint for the tile choice."""
+    """a e4m3 [G, m_max, k] (sfa f32 [G, m_max, k/128]), b e4m3 [G, n, k] (sfb f32
+    [G, ceil(n/128), k/128]), out bf16 [G, m_max, n]; rows >= masked_m[g] (int32 [G],
+    read on the device) are not written; a value outside [0, m_max] is recorded in the
+    device error record (raised at once by the emulator) and its group is not written.
+    expected_m: hint for the tile choice. K = 0: zeros in the owned rows (checked the
+    same way, by torch ops); G, m_max or N = 0: nothing to do."""
     groups, m_max, k = a.shape
     n = b.shape[1]
     if groups == 0 or m_max == 0 or n == 0:
         return out
-    if k == 0:
-        owned = torch.arange(m_max, device=out.device)[None, :] < masked_m[:, None]
-        return out.masked_fill_(owned[..., None], 0)
-    a, b = _aligned_input(a), _aligned_input(b)
     masked_m = masked_m if masked_m.is_contiguous() else masked_m.contiguous()
+    if k == 0:
+        record = device_errors.record_for(out.device, OPS[KIND_MASKED])
+        bad = (masked_m < 0) | (masked_m > m_max)
+        device_errors.record_first(record, device_errors.code("MaskedMOutOfRange"), bad, masked_m, m_max)
+        rows = torch.where(bad, 0, masked_m)
+        out.masked_fill_((torch.arange(m_max, device=out.device)[None, :] < rows[:, None])[..., None], 0)
+        _raise_now(executor, out.device, KIND_MASKED)
+        return out
+    a, b = _aligned_input(a), _aligned_input(b)
 
     def go(o):
         _run(gemm_plan(a.reshape(groups * m_max, k), sfa, b.reshape(groups * n, k), sfb, o, masked_m,

@@ -2,6 +2,11 @@
 
 out = dequant(a) @ dequant(b).T where a carries 1x128 scales (per row, per 128 of K)
 and b carries 128x128 block scales. Grouped forms leave rows they do not own untouched.
+The semantics every backend follows: K = 0 gives zeros in the owned rows; M = 0 or N = 0
+is nothing to do; a row whose m_indices value is outside [0, G), and a whole group whose
+masked_m is outside [0, m_max], are not written (the kernels also record such values in
+the device error record, pykernels.runtime.device_errors; the public API checks them
+here on the host).
 """
 import torch
 
@@ -27,7 +32,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
 
     a e4m3 [m_sum, k], sfa f32 [m_sum, ceil(k/128)], b e4m3 [G, n, k], sfb f32
     [G, ceil(n/128), ceil(k/128)], m_indices int32 [m_sum] (group of each row, -1 =
-    padding), out bf16 [m_sum, n]: rows with index -1 are not written.
+    padding), out bf16 [m_sum, n]: rows whose index is outside [0, G) are not written.
     """
     a_deq = dequantize_per_token(a, sfa)
     idx = m_indices.long()
@@ -44,10 +49,11 @@ def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out):
 
     a e4m3 [G, m_max, k], sfa f32 [G, m_max, ceil(k/128)], b e4m3 [G, n, k], sfb f32
     [G, ceil(n/128), ceil(k/128)], masked_m int32 [G], out bf16 [G, m_max, n]: rows
-    >= masked_m[g] are not written.
+    >= masked_m[g] are not written, nor any row of a group whose masked_m is outside [0, m_max].
     """
+    m_max = a.shape[1]
     for g in range(b.shape[0]):
         rows = int(masked_m[g])
-        if rows > 0:
+        if 0 < rows <= m_max:
             out[g, :rows] = _mm(a[g, :rows], sfa[g, :rows], b[g], sfb[g]).to(out.dtype)
     return out

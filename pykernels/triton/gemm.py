@@ -4,29 +4,55 @@ One kernel body serves the three layouts (LAYOUT constexpr). Each program comput
 BLOCK_M x BLOCK_N output tile; K advances in 128-wide blocks so each step has one A
 scale per row and one B scale per 128 columns of N: two-level accumulation,
 acc += dot_fp32(a_fp8, b_fp8^T) * sa[:, None] * sb[None, :].
+
+Device checks (no host read: CUDA-graph safe): m_indices values outside [-1, G) and
+masked_m values outside [0, m_max] are recorded in the device error record
+(pykernels.runtime.device_errors) and their rows / group are left untouched; on CPU
+tensors (the interpreter) the record is raised right after the launch.
+K = 0 writes zeros to the owned rows (the checks still run); M = 0, N = 0 or G = 0:
+nothing to do, no launch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.constants import BLOCK
+from ..runtime import device_errors
+from ..runtime.hardware import SCALE_BLOCK, cdiv
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
 
-GEMM_REQUIREMENTS = "K must be a positive multiple of 128; N >= 1 (any, masked); M >= 0 (any)"
+GEMM_REQUIREMENTS = "K a multiple of 128 (0: zeros); M, N >= 0 (any)"
 LAYOUT_NORMAL, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = 0, 1, 2
 NUM_STAGES = 3  # software pipelining depth of the K loop (compiled path)
+# the device checks' codes, as constants of the kernels
+ERR_M_INDEX = tl.constexpr(device_errors.code("MIndexOutOfRange"))
+ERR_MASKED_M = tl.constexpr(device_errors.code("MaskedMOutOfRange"))
+OPS = {LAYOUT_NORMAL: "fp8_gemm_nt", LAYOUT_CONTIGUOUS: "m_grouped_fp8_gemm_nt_contiguous",
+       LAYOUT_MASKED: "m_grouped_fp8_gemm_nt_masked"}
 
 
 def check_gemm_shape(m: int, n: int, k: int) -> None:
     """Raise ValueError if the Triton GEMM cannot take this problem shape."""
-    if k <= 0 or k % BLOCK:
-        raise ValueError(f"k: expected a positive multiple of {BLOCK}, got {k} ({GEMM_REQUIREMENTS})")
-    if n <= 0:
-        raise ValueError(f"n: expected >= 1, got {n}")
+    if k < 0 or k % SCALE_BLOCK:
+        raise ValueError(f"k: expected a multiple of {SCALE_BLOCK}, got {k} ({GEMM_REQUIREMENTS})")
+    if n < 0:
+        raise ValueError(f"n: expected >= 0, got {n}")
     if m < 0:
         raise ValueError(f"m: expected >= 0, got {m}")
+
+
+@triton.jit
+def record_error(record_ptr, code, a0, a1, a2):
+    """pk::record_error (csrc/include/pk/error_record.cuh) for a Triton program: record
+    code, its three arguments and the program id unless an error is recorded already."""
+    if tl.atomic_cas(record_ptr, 0, code) == 0:
+        tl.store(record_ptr + 1, a0)
+        tl.store(record_ptr + 2, a1)
+        tl.store(record_ptr + 3, a2)
+        tl.store(record_ptr + 4, tl.program_id(0))
+        tl.store(record_ptr + 5, tl.program_id(1))
+        tl.store(record_ptr + 6, tl.program_id(2))
 
 
 @triton.jit
@@ -54,8 +80,8 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, M, N, K,
-                     stride_ag, stride_am, stride_sfa_g, stride_sfa_m, stride_sfa_k,
+def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_ptr, M, N, K, G,
+                     stride_idx, stride_ag, stride_am, stride_sfa_g, stride_sfa_m, stride_sfa_k,
                      stride_bg, stride_bn, stride_sfb_g, stride_sfb_n, stride_sfb_k,
                      stride_og, stride_om,
                      LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -67,11 +93,16 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, M, N, K,
     if LAYOUT == 1:
         # Grouped contiguous: rows carry their group id; -1 rows are padding. A tile
         # normally holds one group (segments aligned to 128); loop over the groups it
-        # spans so misaligned segments stay correct, just slower.
-        gids = tl.load(idx_ptr + rm, mask=in_m, other=-1)
-        valid = gids >= 0
+        # spans so misaligned segments stay correct, just slower. Indices outside
+        # [-1, G) are recorded (the first n-block's program) and their rows skipped.
+        gids = tl.load(idx_ptr + rm * stride_idx, mask=in_m, other=-1)
+        valid = (gids >= 0) & (gids < G)
+        bad = in_m & ((gids < -1) | (gids >= G))
+        if (tl.program_id(1) == 0) & (tl.max(bad.to(tl.int32), axis=0) > 0):
+            row = tl.min(tl.where(bad, rm, M), axis=0)
+            record_error(record_ptr, ERR_M_INDEX, tl.sum(tl.where(rm == row, gids, 0), axis=0), G, row)
         g_lo = tl.min(tl.where(valid, gids, 2147483647), axis=0)
-        g_hi = tl.max(gids, axis=0)
+        g_hi = tl.max(tl.where(valid, gids, -1), axis=0)
         for g in range(g_lo, g_hi + 1):
             row_ok = gids == g
             acc = _tile(a_ptr, sfa_ptr, b_ptr + g * stride_bg, sfb_ptr + g * stride_sfb_g,
@@ -82,8 +113,13 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, M, N, K,
     else:
         g = tl.program_id(2)
         if LAYOUT == 2:
-            # Grouped masked: only the first masked_m[g] rows of group g are computed.
-            row_ok = in_m & (rm < tl.load(idx_ptr + g))
+            # Grouped masked: only the first masked_m[g] rows of group g are computed; a
+            # value outside [0, M] is recorded (the group's first program) and the group skipped.
+            rows = tl.load(idx_ptr + g * stride_idx)
+            bad = (rows < 0) | (rows > M)
+            if bad & (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                record_error(record_ptr, ERR_MASKED_M, rows, M, g)
+            row_ok = in_m & (rm < tl.where(bad, 0, rows))
         else:
             row_ok = in_m
         n_valid = tl.sum(row_ok.to(tl.int32), axis=0)
@@ -106,28 +142,38 @@ def tile_config(m: int, n: int):
     return 128, 128, 8
 
 
-def launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=SOFTWARE_ROUNDING):
+def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOFTWARE_ROUNDING):
     """The launch description (sm90.run_launch) of the kernel for these operands, or None
-    when there is nothing to compute. The GPU launch (_launch) and
-    sm90_compile_specs both use it, so the specs compile exactly what the GPU runs."""
+    when there is nothing to compute (no row, column or group). idx: m_indices / masked_m
+    (any stride; normal: unused); record: the int32 device error record. The GPU launch
+    (_launch) and sm90_compile_specs both use it, so the specs compile exactly what the
+    GPU runs."""
     n, k = b.shape[-2], b.shape[-1]
-    if rows == 0 or groups == 0:
+    if rows == 0 or groups == 0 or n == 0:
         return None
     block_m, block_n, warps = tile_config(rows, n)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
+    grid = (cdiv(rows, block_m), cdiv(n, block_n), groups if layout == LAYOUT_MASKED else 1)
     g3 = a.dim() == 3
-    vals = (a, sfa, b, sfb, out, idx, rows, n, k,
+    vals = (a, sfa, b, sfb, out, idx, record, rows, n, k, b.shape[0] if b.dim() == 3 else 1,
+            idx.stride(0) if layout != LAYOUT_NORMAL else 0,
             a.stride(0) if g3 else 0, a.stride(-2), sfa.stride(0) if g3 else 0, sfa.stride(-2), sfa.stride(-1),
             b.stride(0) if b.dim() == 3 else 0, b.stride(-2),
             sfb.stride(0) if sfb.dim() == 3 else 0, sfb.stride(-2), sfb.stride(-1),
             out.stride(0) if g3 else 0, out.stride(-2))
     args = dict(zip(_fp8_gemm_kernel.arg_names, vals))
-    constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SOFT=bool(soft))
+    constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK, SOFT=bool(soft))
     return _fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
 def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups):
-    run_launch(launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups))
+    """Launch (nothing to launch: return); on CPU tensors raise a recorded input error."""
+    launch = launch_args(layout, a, sfa, b, sfb, out, idx, device_errors.record_for(out.device, OPS[layout]),
+                         rows, groups)
+    if launch is None:
+        return out
+    run_launch(launch)
+    if out.device.type == "cpu":
+        device_errors.raise_if_set(launch[2]["record_ptr"], OPS[layout])
     return out
 
 
@@ -150,7 +196,9 @@ def gemm_launch_spec(label, layout, a, sfa, b, sfb, out, idx):
     """sm90.LaunchSpec of the compiled (GPU) launch for these operands (real or meta
     tensors): the launcher's specialization of exactly the arguments _launch passes."""
     rows, groups = (a.shape[1], a.shape[0]) if layout == LAYOUT_MASKED else (a.shape[0], 1)
-    return spec_of(label, launch_args(layout, a, sfa, b, sfb, out, idx, rows, groups, soft=False))
+    record = (_meta((device_errors.RECORD_WORDS,), torch.int32) if out.device.type == "meta"
+              else device_errors.record_for(out.device, OPS[layout]))
+    return spec_of(label, launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=False))
 
 
 def sm90_compile_specs():
@@ -163,22 +211,22 @@ def sm90_compile_specs():
     # N = 2100 (not a multiple of 8): the shapes backend="auto" sends to Triton on a GPU.
     for m, n, k, col in ((128, 2112, 7168, False), (4096, 7168, 7168, False), (4096, 7168, 7168, True),
                          (4096, 2100, 7168, True), (64, 7168, 7168, True), (1, 7168, 7168, True)):
-        kb = k // BLOCK
+        kb = k // SCALE_BLOCK
         sfa = _scales((), m, kb, col)
         specs.append(gemm_launch_spec(f"normal m={m} n={n} k={k} sfa={'col' if col else 'row'}", LAYOUT_NORMAL,
                                       _meta((m, k), f8), sfa, _meta((n, k), f8),
-                                      _meta((triton.cdiv(n, BLOCK), kb), torch.float32), _meta((m, n), bf), sfa))
+                                      _meta((cdiv(n, SCALE_BLOCK), kb), torch.float32), _meta((m, n), bf), sfa))
     for g, m_sum, n, k in ((4, 4 * 1024, 4096, 7168), (4, 4 * 1024, 7168, 2048)):
-        kb = k // BLOCK
+        kb = k // SCALE_BLOCK
         specs.append(gemm_launch_spec(f"contiguous G={g} m_sum={m_sum} n={n} k={k} sfa=col", LAYOUT_CONTIGUOUS,
                                       _meta((m_sum, k), f8), _scales((), m_sum, kb, True), _meta((g, n, k), f8),
-                                      _meta((g, triton.cdiv(n, BLOCK), kb), torch.float32), _meta((m_sum, n), bf),
+                                      _meta((g, cdiv(n, SCALE_BLOCK), kb), torch.float32), _meta((m_sum, n), bf),
                                       _meta((m_sum,), torch.int32)))
     for g, m_max, n, k in ((4, 256, 4096, 7168), (4, 256, 7168, 2048), (16, 64, 7168, 2048)):
-        kb = k // BLOCK
+        kb = k // SCALE_BLOCK
         specs.append(gemm_launch_spec(f"masked G={g} m_max={m_max} n={n} k={k} sfa=col", LAYOUT_MASKED,
                                       _meta((g, m_max, k), f8), _scales((g,), m_max, kb, True),
-                                      _meta((g, n, k), f8), _meta((g, triton.cdiv(n, BLOCK), kb), torch.float32),
+                                      _meta((g, n, k), f8), _meta((g, cdiv(n, SCALE_BLOCK), kb), torch.float32),
                                       _meta((g, m_max, n), bf), _meta((g,), torch.int32)))
     return specs
 
@@ -196,15 +244,20 @@ def fp8_gemm_nt(a, sfa, b, sfb, out=None):
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
     """a e4m3 [m_sum, k], sfa f32 [m_sum, k/128], b e4m3 [G, n, k], sfb f32
-    [G, ceil(n/128), k/128], m_indices int32 [m_sum] (-1 = padding row, not written),
-    out bf16 [m_sum, n]."""
+    [G, ceil(n/128), k/128], m_indices int32 [m_sum] (any stride; -1 = padding row),
+    out bf16 [m_sum, n]. Rows whose index is outside [0, G) are not written; values
+    outside [-1, G) are recorded (device_errors; raised at once on CPU tensors)."""
     check_gemm_shape(a.shape[0], b.shape[1], a.shape[1])
+    if b.shape[0] == 0:
+        return out
     return _launch(LAYOUT_CONTIGUOUS, a, sfa, b, sfb, out, m_indices, a.shape[0], 1)
 
 
 def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out):
     """a e4m3 [G, m_max, k], sfa f32 [G, m_max, k/128], b e4m3 [G, n, k], sfb f32
-    [G, ceil(n/128), k/128], masked_m int32 [G] (read on the device: no host sync),
-    out bf16 [G, m_max, n]; rows >= masked_m[g] are not written."""
+    [G, ceil(n/128), k/128], masked_m int32 [G] (any stride; read on the device: no host
+    sync), out bf16 [G, m_max, n]; rows >= masked_m[g] are not written. A value outside
+    [0, m_max] is recorded (device_errors; raised at once on CPU tensors) and its group
+    left unwritten."""
     check_gemm_shape(a.shape[1], b.shape[1], a.shape[2])
     return _launch(LAYOUT_MASKED, a, sfa, b, sfb, out, masked_m, a.shape[1], a.shape[0])

@@ -12,10 +12,12 @@ every live thread is parked the launch is a deadlock, reported warp by warp.
 """
 import numpy as np
 
+from .convergence import Convergence, sync_spec
 from .errors import Deadlock, EmuError, MemoryFault, UnsupportedInstruction
 from .memory import (CLUSTER_RANK_SHIFT, LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SPAN,
                      SharedMemory)
 from .parser import type_size
+from .progress import GLOBAL, QUIET_YIELD, SHARED, Progress
 
 NP = {"b8": np.uint8, "u8": np.uint8, "s8": np.int8, "b16": np.uint16, "u16": np.uint16,
       "s16": np.int16, "f16": np.uint16, "bf16": np.uint16, "e4m3x2": np.uint16, "e5m2x2": np.uint16,
@@ -27,6 +29,7 @@ SINT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 RUNNABLE, BLOCKED, DONE = 0, 1, 2
 MAX_STEPS = 50_000_000
 ASYNC_LATENCY = 2000    # scheduler steps after which a queued asynchronous copy lands
+LIVELOCK_CHECK = 1024   # scheduler steps between checks for quiet spin-waits (progress.py)
 
 
 def _distinct_sorted(v):
@@ -60,7 +63,7 @@ class Machine:
         self.pc = np.zeros(T, dtype=np.int64)
         self.epoch = np.zeros(T, dtype=np.int64)
         self.state = np.zeros(T, dtype=np.int8)
-        self.waiting = {}                # warp -> description of what it waits for
+        self.waiting = {}                # (warp, pc) -> description of what its parked threads wait for
         self.regs = {}
         self.rsize = {}
         for name, rtype in self.kernel.registers.items():
@@ -81,6 +84,14 @@ class Machine:
         unit = {"cta": self.cta, "wg": self.cta * ((self.nthreads + 127) // 128) + lin // 128}
         kind, _, order = schedule.partition("_")
         self.cta_rank = None if schedule == "lockstep" else (unit[kind] if order == "first" else -unit[kind])
+        self.conv = Convergence(self)    # .sync / .aligned warp collectives
+        self.progress = Progress(self)   # quiet spin-waits (livelocks)
+        self.livelock_returns = False    # launch_many: return "spinning" instead of raising
+
+    def progress_version(self):
+        """Changes whenever anything a waiting thread may observe changes (this launch's
+        state, or global memory written by any launch sharing it)."""
+        return self.state_version + self.L.gmem.version
 
     # ---------------------------------------------------------------- locations
     def where(self, idx=None):
@@ -279,11 +290,13 @@ class Machine:
         st = self.L.stats
         if space in ("global", "const"):
             st.global_read += size * len(idx)
+            self.progress.poll(idx, addr, GLOBAL)
             return self.L.gmem.load(addr, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
             if span != 0:
                 st.count_shared(flat, self.warp[idx], span or size, self.lane[idx])
+            self.progress.poll(idx, flat, SHARED)
             return self.shared.view(dtype)[flat // size]
         if space == "param":
             return self._param_load(addr, dtype, idx)
@@ -354,15 +367,20 @@ class Machine:
         self.local[idx[:, None], cols] = np.ascontiguousarray(values).view(np.uint8).reshape(-1, size)
 
     # ---------------------------------------------------------------- scheduling
+    def _wait_keys(self, idx):
+        return np.unique(self.warp[idx] * (1 << 24) + self.pc[idx]).tolist()
+
     def block(self, idx, why):
+        """Park threads idx (at their current PC) until unblocked; `why` is reported if
+        they never are."""
         self.state[idx] = BLOCKED
-        for w in np.unique(self.warp[idx]):
-            self.waiting[int(w)] = why
+        for k in self._wait_keys(idx):
+            self.waiting[k] = why
 
     def unblock(self, idx):
         self.state[idx] = RUNNABLE
-        for w in np.unique(self.warp[idx]):
-            self.waiting.pop(int(w), None)
+        for k in self._wait_keys(idx):
+            self.waiting.pop(k, None)
 
     def run(self, budget=None):
         """Run to completion (returns "done"), or for `budget` more steps (then returns
@@ -383,9 +401,18 @@ class Machine:
                 if self._wake_pollers():
                     continue
                 self._deadlock()
+            if self.steps % LIVELOCK_CHECK == 0 and self.progress.livelocked(runnable):
+                if self._wake_pollers():
+                    continue
+                if self.livelock_returns:
+                    return "spinning"
+                self._deadlock(livelock=True)
             if self.cta_rank is not None:
-                # only the highest-priority CTA with runnable threads moves
-                runnable = runnable & (self.cta_rank == self.cta_rank[runnable].min())
+                # only the highest-priority CTA with runnable threads moves; a leader that
+                # spins without progress yields (it waits for one of the others)
+                lead = runnable & ~self.progress.spinning(QUIET_YIELD)
+                lead = lead if lead.any() else runnable
+                runnable = runnable & (self.cta_rank == self.cta_rank[lead].min())
             key = self.epoch * (1 << 24) + self.pc
             kmin = key[runnable].min()
             idx = np.flatnonzero(runnable & (key == kmin))
@@ -395,14 +422,18 @@ class Machine:
                 continue
             ins = self.instr = instrs[pc]
             self.pc[idx] = pc + 1
+            h = handlers.get(ins.opcode)
+            if h is None:
+                self.fail(UnsupportedInstruction, f"instruction {ins.full} is not implemented by the emulator", idx)
+            spec = sync_spec(ins)
+            if spec is not None:
+                # a warp collective runs once every lane of its mask is here (convergence.py)
+                idx = self.conv.arrive(ins, spec, idx, pc)
             active = idx
             if ins.guard is not None:
                 g = self.regs[ins.guard[0]][idx]
                 g = g.astype(bool) if g.dtype != np.bool_ else g
                 active = idx[~g] if ins.guard[1] else idx[g]
-            h = handlers.get(ins.opcode)
-            if h is None:
-                self.fail(UnsupportedInstruction, f"instruction {ins.full} is not implemented by the emulator", idx)
             stats.count(ins, len(active), _distinct_sorted(self.warp[active]))
             if len(active) or ins.opcode in ("bar", "barrier"):
                 h(self, ins, active)
@@ -410,6 +441,8 @@ class Machine:
             if self.steps > self.L.max_steps:
                 self.fail(EmuError, f"more than {self.L.max_steps} steps: the kernel does not terminate", idx)
             if end is not None and self.steps >= end:
+                if self.livelock_returns and self.progress.livelocked(self.state == RUNNABLE):
+                    return "spinning"
                 return "budget"
 
     def _lead_blocked(self, runnable):
@@ -452,14 +485,25 @@ class Machine:
                 woke = True
         return woke
 
-    def _deadlock(self):
-        lines = []
-        for w in np.unique(self.warp[self.state != DONE]):
-            sel = np.flatnonzero((self.warp == w) & (self.state != DONE))
+    def deadlock_lines(self, livelock=False):
+        """One line per warp and PC of the live threads (what each waits for); with
+        livelock, the spinning loops instead of the runnable threads."""
+        runnable = self.state == RUNNABLE
+        lines = self.progress.report(runnable) if livelock else []
+        parked = (self.state == BLOCKED) if livelock else (self.state != DONE)
+        keys = self.warp * (1 << 24) + self.pc
+        for k in np.unique(keys[parked]):
+            sel = np.flatnonzero(parked & (keys == k))
             t = sel[0]
             pc = int(self.pc[t]) - 1
             ins = self.kernel.instrs[pc] if 0 <= pc < len(self.kernel.instrs) else None
+            lanes = "" if len(sel) == 32 else f" (lanes {self.lane[sel].tolist()})"
             lines.append(f"  CTA {tuple(int(v) for v in self.ctaid[t])} warp {int(self.lin[t] // 32)}: "
-                         f"{len(sel)} threads at PTX line {ins.line if ins else '?'} "
-                         f"({ins.text if ins else 'start'}): {self.waiting.get(int(w), 'blocked')}")
-        raise Deadlock(f"{self.kernel.name}: deadlock: every live thread is blocked\n" + "\n".join(lines))
+                         f"{len(sel)} threads{lanes} at PTX line {ins.line if ins else '?'} "
+                         f"({ins.text if ins else 'start'}): {self.waiting.get(int(k), 'blocked')}")
+        return lines
+
+    def _deadlock(self, livelock=False):
+        what = ("every runnable thread spins in a loop that makes no progress (livelock)" if livelock
+                else "every live thread is blocked")
+        raise Deadlock(f"{self.kernel.name}: deadlock: {what}\n" + "\n".join(self.deadlock_lines(livelock)))

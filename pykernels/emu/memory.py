@@ -25,6 +25,7 @@ class GlobalMemory:
         self._bufs = []          # (base, end, uint8 view)
         self._bases = np.zeros(0, dtype=np.uint64)
         self._typed = {}
+        self.version = 0         # bumped by every store and atomic (progress.py watches it)
 
     def register(self, base: int, nbytes: int) -> None:
         """Make [base, base+nbytes) of this process's memory accessible to the kernel."""
@@ -84,6 +85,7 @@ class GlobalMemory:
         size = np.dtype(dtype).itemsize
         which, off = self._locate(addr, size, where)
         values = np.asarray(values).astype(dtype, copy=False)
+        self.version += 1
         for i in np.unique(which):
             sel = which == i
             self._view(int(i), dtype)[(off[sel] // np.uint64(size)).astype(np.int64)] = values[sel]
@@ -94,6 +96,7 @@ class GlobalMemory:
         size = np.dtype(dtype).itemsize
         which, off = self._locate(addr, size, where)
         el = (off // np.uint64(size)).astype(np.int64)
+        self.version += 1
         return [(which == i, self._view(int(i), dtype), el) for i in np.unique(which)]
 
 

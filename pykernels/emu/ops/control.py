@@ -16,6 +16,7 @@ def bra(m, ins, idx):
     m.pc[idx] = dest
     if dest <= here:
         m.epoch[idx] += 1   # a loop iteration: lets lagging threads catch up first
+        m.progress.backedge(idx, here, dest)
 
 
 @op("ret", "exit")
@@ -23,6 +24,7 @@ def ret(m, ins, idx):
     m.state[idx] = DONE
     m.state_version += 1
     _release_barriers(m)
+    m.conv.on_exit(idx)
 
 
 @op("trap", "brkpt")
@@ -83,7 +85,7 @@ def _try_complete(m, key):
 @op("bar", "barrier")
 def bar(m, ins, idx):
     mods = ins.mods
-    if "warp" in mods:          # bar.warp.sync: the warp's threads run together here
+    if "warp" in mods:          # bar.warp.sync: the machine converged its mask (convergence.py)
         return
     if "cluster" in mods:
         return cluster_barrier(m, ins, idx)

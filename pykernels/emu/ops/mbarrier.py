@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import EmuError, UnsupportedInstruction
 from ..memory import SHARED_WINDOW, WINDOW_SPAN
+from ..progress import MBARRIER
 from . import op
 
 _keys = itertools.count()
@@ -157,6 +158,7 @@ def mbarrier(m, ins, idx):
         return
     if kind in ("test_wait", "try_wait"):
         by_parity = "parity" in mods
+        m.progress.poll(idx, flat, MBARRIER)
         target = m.read(ops[2], "u32" if by_parity else "u64", idx).astype(np.int64)
         done = np.array([_done(_get(m, f, idx), int(t), by_parity) for f, t in zip(flat.tolist(), target.tolist())],
                         dtype=bool)

@@ -98,12 +98,13 @@ def record_first(record: torch.Tensor, code_number: int, bad: torch.Tensor, valu
     torch ops on the record's device (no host read), for work done without a kernel."""
     if bad.numel() == 0:
         return
-    i = torch.argmax(bad.to(torch.int32))
-    words = torch.zeros(RECORD_WORDS, dtype=torch.int32, device=record.device)
-    words[0] = code_number
-    words[1] = values[i]
-    words[2] = bound
-    words[3] = i
+    i = torch.argmax(bad.to(torch.int32)).view(1)           # a tensor index, never a host int
+    dev = record.device
+
+    def word(v):
+        return torch.full((1,), v, dtype=torch.int32, device=dev)
+    words = torch.cat([word(code_number), values.index_select(0, i).to(torch.int32), word(bound),
+                       i.to(torch.int32), torch.zeros(RECORD_WORDS - 4, dtype=torch.int32, device=dev)])
     record.copy_(torch.where(bad.any() & (record[0] == 0), words, record))
 
 

@@ -11,12 +11,13 @@ ALL_OPS = S.OPS + ("mla", "ep")  # the GEMM layouts, MLA decode (bench/mla.py), 
 
 def parse_args(argv=None):
     """Parse the command line; --ops is a comma-separated subset of normal,contiguous,masked."""
-    p = argparse.ArgumentParser(prog="python -m bench",
-                                description="Time pykernels' FP8 GEMMs and MLA decode against cuBLAS / SDPA baselines on this GPU.")
+    p = argparse.ArgumentParser(prog="python -m bench", description=(
+        "Time pykernels' FP8 GEMMs and MLA decode against cuBLAS / SDPA baselines on this GPU."))
     p.add_argument("--quick", action="store_true", help="small shapes, to check the harness quickly")
     p.add_argument("--ops", default=",".join(ALL_OPS),
                    help="comma-separated ops to run (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="where JSON and PNG go (default: bench/results)")
+    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT,
+                   help="where JSON and PNG go (default: bench/results)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per implementation and shape (default: %(default)s)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]

@@ -9,8 +9,6 @@ the problem; `explain(op, *args, **kwargs)` says why the others were passed over
 import dataclasses
 from typing import Callable, Optional
 
-import torch
-
 BACKENDS = ("cuda", "emu", "triton", "reference")
 # The order "auto" tries backends in, per tensor device type: the fastest first. On CPU
 # the reference (PyTorch) is the fastest; the interpreter and the emulator are for testing.

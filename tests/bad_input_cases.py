@@ -89,17 +89,20 @@ def gemm_cases():
         return torch.full(shape, NAN, dtype=torch.bfloat16)
 
     def normal(name, a, sfa, b, sfb, out, expect, forms=("api", "op")):
-        return dict(name=f"fp8_gemm_nt/{name}", op_name="fp8_gemm_nt", expect=expect, forms=forms, compare="close", outs=(out,),
+        return dict(name=f"fp8_gemm_nt/{name}", op_name="fp8_gemm_nt", expect=expect, forms=forms,
+                    compare="close", outs=(out,),
                     api=lambda be: pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend=be),
                     op=lambda be: torch.ops.pykernels.fp8_gemm_nt(a, sfa, b, sfb, out, be))
 
     def contiguous(name, a, sfa, b, sfb, out, idx, expect, forms=("api", "op")):
-        return dict(name=f"m_grouped_contiguous/{name}", op_name="m_grouped_fp8_gemm_nt_contiguous", expect=expect, forms=forms, compare="close", outs=(out,),
+        return dict(name=f"m_grouped_contiguous/{name}", op_name="m_grouped_fp8_gemm_nt_contiguous", expect=expect,
+                    forms=forms, compare="close", outs=(out,),
                     api=lambda be: pk.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), out, idx, backend=be),
                     op=lambda be: torch.ops.pykernels.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, out, idx, be))
 
     def masked(name, a, sfa, b, sfb, out, mm, em, expect, forms=("api", "op")):
-        return dict(name=f"m_grouped_masked/{name}", op_name="m_grouped_fp8_gemm_nt_masked", expect=expect, forms=forms, compare="close", outs=(out,),
+        return dict(name=f"m_grouped_masked/{name}", op_name="m_grouped_fp8_gemm_nt_masked", expect=expect,
+                    forms=forms, compare="close", outs=(out,),
                     api=lambda be: pk.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), out, mm, em, backend=be),
                     op=lambda be: torch.ops.pykernels.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, out, mm, em, be))
 
@@ -218,11 +221,12 @@ def mla_cases():
                 kw["q"], kw["k_cache"], kw["block_table"], kw["cache_seqlens"], kw["tile_scheduler_metadata"],
                 kw["num_splits"], out, lse, kw["head_dim_v"], scale, kw["causal"], be)
             return out, lse
-        return dict(name=f"flash_mla_with_kvcache/{name}", op_name="flash_mla_with_kvcache", expect=expect, forms=forms, compare="close",
-                    outs=(out, lse), api=api, op=op)
+        return dict(name=f"flash_mla_with_kvcache/{name}", op_name="flash_mla_with_kvcache", expect=expect,
+                    forms=forms, compare="close", outs=(out, lse), api=api, op=op)
 
     def metadata(name, sl, parts, expect, forms=("api", "op")):
-        return dict(name=f"get_mla_metadata/{name}", op_name="get_mla_metadata", expect=expect, forms=forms, compare="bits",
+        return dict(name=f"get_mla_metadata/{name}", op_name="get_mla_metadata", expect=expect, forms=forms,
+                    compare="bits",
                     api=lambda be: M.get_mla_metadata(sl, s_q * h_q, 1, parts, backend=be),
                     op=lambda be: torch.ops.pykernels.get_mla_metadata(sl, parts, be))
 

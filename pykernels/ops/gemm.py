@@ -105,11 +105,13 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
         V.check_shape("masked_m", grouping, (groups,))
         V.check_contiguous("masked_m", grouping)
         expected_m = V.check_int("expected_m", expected_m, lo=0)
-    names = "m_indices" if layout == "contiguous" else "masked_m"
-    dev = V.check_same_device(a=a, sfa=sfa, b=b, sfb=sfb, out=out, **({names: grouping} if grouping is not None else {}))
+    inputs = dict(a=a, sfa=sfa, b=b, sfb=sfb)
+    if grouping is not None:
+        inputs["m_indices" if layout == "contiguous" else "masked_m"] = grouping
+    dev = V.check_same_device(**inputs, out=out)
     p = GemmProblem(layout, a, sfa, b, sfb, out, grouping, expected_m, m, n, k, groups, dev)
     if not V.is_fake(out):
-        V.check_no_overlap("out", out, a=a, sfa=sfa, b=b, sfb=sfb, **({names: grouping} if grouping is not None else {}))
+        V.check_no_overlap("out", out, **inputs)
         if values and dev.type == "cpu":
             _check_group_values(p)
     return p

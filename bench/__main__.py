@@ -18,7 +18,8 @@ def parse_args(argv=None):
                    help="comma-separated ops to run (default: %(default)s)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT,
                    help="where JSON and PNG go (default: bench/results)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per implementation and shape (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=50,
+                   help="timed runs per implementation and shape (default: %(default)s)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in ALL_OPS]

@@ -74,6 +74,8 @@ def _try_complete(m, key):
     if need and warps_arrived >= need:
         release = np.array(sorted(blocked), dtype=np.int64)
         del m.barriers[key]
+        if m.order:
+            m.order.bar_complete(key[0], key[1], release)
         if len(release):
             m.unblock(release)
             # Threads leaving a barrier together run together again (their loop counts,
@@ -109,6 +111,8 @@ def bar(m, ins, idx):
                 m.fail(EmuError, f"barrier {b}: thread counts differ between arrivals ({entry[1]} vs {count})", idx)
             who = idx[s2]
             entry[0].update(who.tolist())
+            if m.order:
+                m.order.bar_arrive(cta, b, who)
             if not arrive:
                 entry[2].update(who.tolist())
                 m.block(who, f"bar.sync {b} (CTA barrier, {count or 'all'} threads)")
@@ -129,9 +133,13 @@ def cluster_barrier(m, ins, idx):
             s["arrived"].update(who.tolist())
             for t in who.tolist():
                 s["done"][t] = s["phase"]
+            if m.order:
+                m.order.cluster_arrive(base, who, "relaxed" not in ins.mods)
             _try_complete_cluster(m, int(base), s)
         if wait:
             pending = [t for t in who.tolist() if s["done"].get(t, -1) >= s["phase"]]
+            if m.order:
+                m.order.cluster_wait(base, who, pending)
             if pending:
                 s["waiters"].update({t: s["phase"] for t in pending})
                 m.block(np.array(pending, dtype=np.int64), f"barrier.cluster.wait ({csize} CTAs)")
@@ -145,6 +153,8 @@ def _try_complete_cluster(m, base, s):
         s["phase"] += 1
         s["arrived"] = set()
         waiting = list(s["waiters"])
+        if m.order:
+            m.order.cluster_complete(base, waiting)
         s["waiters"] = {}
         if waiting:
             m.unblock(np.array(waiting, dtype=np.int64))
@@ -154,8 +164,10 @@ def _try_complete_cluster(m, base, s):
 @op("membar", "fence", "nanosleep", "griddepcontrol", "pmevent")
 def nop_ordering(m, ins, idx):
     # The emulator executes memory operations in program order and makes each visible at
-    # once, which satisfies every ordering these instructions request.
-    return
+    # once, which satisfies every ordering these instructions request; the ordering
+    # checker records proxy fences.
+    if m.order:
+        m.order.fence(ins, idx)
 
 
 @op("setmaxnreg")
@@ -217,14 +229,22 @@ def shfl(m, ins, idx):
         m.write(dsts[1], ok, "pred", idx)
 
 
+def _mask_groups(m, ins, idx):
+    """Threads of idx that execute a .sync collective together: one group per warp and
+    membermask (the last operand); the result covers the threads of the mask only."""
+    mask = m.read(ins.operands[-1], "b32", idx).astype(np.int64) if "sync" in ins.mods else 0
+    key = m.warp[idx].astype(np.int64) * (1 << 32) + mask
+    for k in np.unique(key):
+        yield np.flatnonzero(key == k)
+
+
 @op("vote")
 def vote(m, ins, idx):
     mode = next(x for x in ("all", "any", "uni", "ballot") if x in ins.mods)
     p_op = ins.operands[1]
     p = m.read(p_op, "pred", idx)
     out = np.zeros(len(idx), dtype=np.uint32 if mode == "ballot" else np.bool_)
-    for w in np.unique(m.warp[idx]):
-        sel = m.warp[idx] == w
+    for sel in _mask_groups(m, ins, idx):
         pv = p[sel]
         if mode == "ballot":
             out[sel] = np.bitwise_or.reduce(np.where(pv, np.uint32(1) << m.lane[idx[sel]], 0).astype(np.uint32))
@@ -243,8 +263,7 @@ def redux(m, ins, idx):
     t = types_of(ins)[-1]
     v = m.read(ins.operands[1], t, idx)
     out = np.empty(len(idx), dtype=v.dtype)
-    for w in np.unique(m.warp[idx]):
-        sel = m.warp[idx] == w
+    for sel in _mask_groups(m, ins, idx):
         x = v[sel]
         with np.errstate(over="ignore"):
             r = {"add": lambda: x.sum(dtype=x.dtype), "min": x.min, "max": x.max,

@@ -14,6 +14,7 @@ import numpy as np
 
 from .convergence import Convergence, sync_spec
 from .errors import Deadlock, EmuError, MemoryFault, UnsupportedInstruction
+from .ordering import checker_for
 from .memory import (CLUSTER_RANK_SHIFT, LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SPAN,
                      SharedMemory)
 from .parser import type_size
@@ -87,6 +88,7 @@ class Machine:
         self.conv = Convergence(self)    # .sync / .aligned warp collectives
         self.progress = Progress(self)   # quiet spin-waits (livelocks)
         self.livelock_returns = False    # launch_many: return "spinning" instead of raising
+        self.order = checker_for(self)   # memory-ordering checker (ordering/), None when off
 
     def progress_version(self):
         """Changes whenever anything a waiting thread may observe changes (this launch's
@@ -182,6 +184,8 @@ class Machine:
     def _check_guard(self, name, idx, what):
         hit = self.guard[name][idx]
         if hit.any():
+            if self.order and self.order.accumulator(name, idx[hit], what):
+                return
             self.fail(EmuError, f"{what} {name}, a register of a wgmma.mma_async that is still in flight: "
                                 "wait with wgmma.wait_group first", idx[hit])
 
@@ -294,6 +298,8 @@ class Machine:
             return self.L.gmem.load(addr, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
+            if self.order:
+                self.order.shared_access(flat, size, idx, False)
             if span != 0:
                 st.count_shared(flat, self.warp[idx], span or size, self.lane[idx])
             self.progress.poll(idx, flat, SHARED)
@@ -319,6 +325,8 @@ class Machine:
             return self.L.gmem.store(addr, values, dtype, self.where(idx))
         if space.startswith("shared"):
             flat = self._shared_index(addr, idx, size, space == "shared::cluster")
+            if self.order:
+                self.order.shared_access(flat, size, idx, True)
             if span != 0:
                 st.count_shared(flat, self.warp[idx], span or size, self.lane[idx])
             self.shared.view(dtype)[flat // size] = values

@@ -34,6 +34,8 @@ class _Copy:
     def perform(self, m):
         if not self.done:
             self.done = True
+            if m.order:
+                m.order.async_perform(self)
             self.action(m)
 
 
@@ -129,8 +131,10 @@ def _tensor_load(m, ins, idx):
         bar_targets, bar_off = _smem_targets(m, int(bars[j]), t, None if masks is None else int(masks[j]))
         if masks is None:
             bar_targets = bar_targets[:1]
-        m.issue_async(_Copy(_make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t),
-                            f"TMA load (line {ins.line})"))
+        copy = _Copy(_make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t), f"TMA load (line {ins.line})")
+        if m.order:
+            m.order.tma_load(copy, t, img, coord, targets, off, bar_targets, bar_off)
+        m.issue_async(copy)
 
 
 def _make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t):
@@ -159,8 +163,10 @@ def _tensor_store(m, ins, idx):
         coord = _coords(m, ins.operands[0], idx[j:j + 1], img.rank)[0]
         if srcs[j] % 128:
             m.fail(MemoryFault, f"TMA source {int(srcs[j]):#x} is not 128-byte aligned", idx[j:j + 1])
-        _bulk_op(m, t, _Copy(_make_tensor_store(img, coord, int(m.cta[t]), int(srcs[j]), t),
-                             f"TMA store (line {ins.line})"))
+        copy = _Copy(_make_tensor_store(img, coord, int(m.cta[t]), int(srcs[j]), t), f"TMA store (line {ins.line})")
+        if m.order:
+            m.order.tma_store(copy, t, img, coord, int(m.cta[t]), int(srcs[j]))
+        _bulk_op(m, t, copy)
 
 
 def _make_tensor_store(img, coord, cta, src, t):
@@ -195,13 +201,19 @@ def _plain_bulk(m, ins, idx):
     for j, t in enumerate(idx.tolist()):
         n = int(size[j])
         if dst_space == "global":
-            _bulk_op(m, t, _Copy(_make_to_global(int(dst[j]), int(m.cta[t]), int(src[j]), n, t), ins.full))
+            copy = _Copy(_make_to_global(int(dst[j]), int(m.cta[t]), int(src[j]), n, t), ins.full)
+            if m.order:
+                m.order.bulk_to_global(copy, t, int(m.cta[t]), int(src[j]), n)
+            _bulk_op(m, t, copy)
             continue
         multicast = "multicast::cluster" in ins.mods
         mask = int(m.read(ops[4], "u16", idx[j:j + 1])[0]) if multicast else None
         targets, off = _smem_targets(m, int(dst[j]), t, mask)
         bars, bar_off = _smem_targets(m, int(m.address(ops[3], idx[j:j + 1], "shared::cluster")[0]), t, mask)
-        m.issue_async(_Copy(_make_to_shared(src_space, int(src[j]), n, targets, off, bars, bar_off, t), ins.full))
+        copy = _Copy(_make_to_shared(src_space, int(src[j]), n, targets, off, bars, bar_off, t), ins.full)
+        if m.order:
+            m.order.bulk_to_shared(copy, t, src_space, int(src[j]), n, targets, off, bars, bar_off)
+        m.issue_async(copy)
 
 
 def _make_to_global(dst, cta, src, n, t):
@@ -246,6 +258,8 @@ def _groups(m, ins, idx):
             for copy in g["committed"].pop(0):
                 if not copy.done:
                     m.complete_async(upto=copy)
+                if m.order:
+                    m.order.bulk_retired(copy, t)
 
 
 @op("cp")

@@ -147,6 +147,8 @@ def _issue(m, ins, idx):
         m.L.gmem.load(src[rows] + cols.astype(np.uint64), np.uint8, m.where(idx[rows]))
     st = _state(m)
     st.batches.append(_Batch(ins, idx.copy(), dst, src, size, nbytes, st.open[idx].copy()))
+    if m.order:
+        m.order.cp_async_issue(st.batches[-1])
 
 
 def _perform(m, b, sel):

@@ -97,12 +97,16 @@ def _maybe_complete(m, flat, b):
     b["phase"] += 1
     b["pending"] = b["count"]
     b["tx"] = 0
+    if m.order:
+        m.order.mbar_complete(flat)
     still = []
     for w in b["waiters"]:
         key, wait_idx, target, by_parity, dst = w
         if _done(b, target, by_parity):
             m.ext.get("pollers", {}).pop(key, None)
             m.write(dst, np.ones(len(wait_idx), dtype=bool), "pred", wait_idx)
+            if m.order:
+                m.order.mbar_woken(flat, wait_idx)
             m.unblock(wait_idx)
         else:
             still.append(w)
@@ -145,6 +149,8 @@ def mbarrier(m, ins, idx):
         count = m.read(rest[1 if has_tx else 0], "u32", idx) if len(rest) > int(has_tx) \
             else np.ones(len(idx), dtype=np.uint32)
         tokens = np.zeros(len(idx), dtype=np.uint64)
+        if m.order:
+            m.order.mbar_arrive(ins, flat, idx)
         for j, f in enumerate(flat.tolist()):
             tokens[j] = arrive(m, f, int(count[j]), int(tx[j]), idx[j:j + 1], drop=kind == "arrive_drop",
                                no_complete="noComplete" in mods)
@@ -163,6 +169,8 @@ def mbarrier(m, ins, idx):
         done = np.array([_done(_get(m, f, idx), int(t), by_parity) for f, t in zip(flat.tolist(), target.tolist())],
                         dtype=bool)
         m.write(ops[0], done, "pred", idx)
+        if m.order:
+            m.order.mbar_wait(ins, flat, idx, done)
         if kind == "try_wait" and not done.all():
             _park(m, ins, idx[~done], flat[~done], target[~done], by_parity)
         return
@@ -199,6 +207,8 @@ def cp_async_arrive(m, addr, idx, count=1, noinc=False, pending=None):
     count by one, so the net effect on the count is nil: only the copies complete."""
     if pending is not None:
         pending()
+    if m.order:
+        m.order.cp_async_mbar_arrive(addr, idx)
     if not noinc:
         return
     flat = m._shared_index(addr.astype(np.uint64), idx, 8, False)

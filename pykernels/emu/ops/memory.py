@@ -109,6 +109,8 @@ def atom(m, ins, idx):
         m.L.stats.global_written += size * len(idx)
     elif space.startswith("shared"):
         flat = m._shared_index(addr, idx, size, space == "shared::cluster")
+        if m.order:
+            m.order.atomic(flat, size, idx)
         views, el = [m.shared.view(dt)], flat // size
         view_of = np.zeros(len(idx), dtype=np.int64)
     else:

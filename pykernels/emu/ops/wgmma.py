@@ -115,6 +115,8 @@ def wgmma(m, ins, idx):
             while len(st["groups"]) > n:
                 for rec in st["groups"].pop(0):
                     _execute(m, rec)
+                    if m.order:
+                        m.order.wgmma_retired(rec, threads)
             _reguard(m, g, st, threads)
         else:
             m.fail(UnsupportedInstruction, f"{ins.full} is not implemented by the emulator", threads)
@@ -164,6 +166,8 @@ def _issue(m, ins, g, threads):
         rec["desc_a"] = _uniform(m, m.read(ops[1], "u64", threads), "the A descriptor", threads)
     st = _state(m, g)
     st["uncommitted"].append(rec)
+    if m.order:
+        m.order.wgmma_issue(rec)
     m.L.stats.wgmma += 1
     _reguard(m, g, st, threads)
 

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import re
 
-from .errors import EmuError
+from .errors import EmuError, UnsupportedInstruction
 
 _TYPES = {"b8", "b16", "b32", "b64", "b128", "u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64",
           "f16", "f16x2", "bf16", "bf16x2", "f32", "f64", "pred", "e4m3", "e5m2", "e4m3x2", "e5m2x2",
@@ -163,11 +163,11 @@ def _operand(tok: str, rename, line: int) -> Operand:
             parts = _split_top(inner)
             coords = _operand(parts[1], rename, line) if len(parts) == 2 else None
             if coords is None or coords.kind != "vec":
-                raise EmuError(f"line {line}: cannot parse tensor operand {tok!r}")
+                raise UnsupportedInstruction(f"line {line}: cannot parse tensor operand {tok!r}")
             return Operand("tensor", (_operand(parts[0], rename, line), coords.value), neg)
         m = re.match(r"^([^+\-]+?)\s*(?:([+-])\s*(\S+))?$", inner)
         if not m:
-            raise EmuError(f"line {line}: cannot parse address operand {tok!r}")
+            raise UnsupportedInstruction(f"line {line}: cannot parse address operand {tok!r}")
         base, sign, off = m.groups()
         base = base.strip()
         offset = parse_int(off) * (-1 if sign == "-" else 1) if off else 0
@@ -431,7 +431,11 @@ class _Builder:
             if s.startswith((".loc", ".pragma", ".file", ".maxnreg", ".maxntid", ".reqntid", ".minnctapersm",
                              ".explicitcluster", ".reqnctapercluster", ".maxclusterrank")):
                 continue
-            instrs.append(self._instr(s, ln, rename, label_maps))
+            try:
+                instrs.append(self._instr(s, ln, rename, label_maps))
+            except (ValueError, IndexError, KeyError, AttributeError) as e:
+                raise UnsupportedInstruction(f"line {ln}: cannot parse the instruction {s[:80]!r} "
+                                             f"({type(e).__name__}: {e})") from e
         return Kernel(name, entry, params, registers, instrs, labels, local_vars)
 
     @staticmethod

@@ -61,9 +61,15 @@ def _get(m, flat, idx):
     return b
 
 
+def _token(phase, pending):
+    """The opaque state an arrive returns: the phase it belongs to (low 32 bits) and the
+    arrivals still pending in that phase right after it (mbarrier.pending_count)."""
+    return (int(pending) << 32) | (int(phase) & 0xFFFFFFFF)
+
+
 def arrive(m, flat, count, tx=0, idx=None, drop=False, no_complete=False):
     """Arrive `count` times (and add `tx` expected bytes) on barrier `flat`; returns the
-    phase the arrivals belong to."""
+    state token (`_token`) of the arrival."""
     b = _get(m, flat, idx)
     phase = b["phase"]
     b["tx"] += tx
@@ -75,8 +81,9 @@ def arrive(m, flat, count, tx=0, idx=None, drop=False, no_complete=False):
                          f"{phase}", idx)
     if no_complete and b["pending"] == 0 and b["tx"] == 0:
         m.fail(EmuError, "mbarrier.arrive.noComplete completed the phase (the ISA makes that undefined)", idx)
+    token = _token(phase, b["pending"])
     _maybe_complete(m, flat, b)
-    return phase
+    return token
 
 
 def expect_tx(m, flat, nbytes, idx=None):
@@ -125,6 +132,11 @@ def _done(b, target, by_parity):
 def mbarrier(m, ins, idx):
     mods = ins.mods
     kind = mods[0]
+    if kind == "pending_count":
+        # mbarrier.pending_count.b64 count, state: no barrier operand, only the token
+        state = m.read(ins.operands[1], "b64", idx).astype(np.uint64)
+        m.write(ins.operands[0], (state >> np.uint64(32)).astype(np.uint32), "u32", idx)
+        return
     space = _space(ins)
     flat = shared_flat(m, m.address(_mem(ins), idx, space), idx, space, f"mbarrier.{kind}")
     if (flat % 8).any():
@@ -166,6 +178,8 @@ def mbarrier(m, ins, idx):
         by_parity = "parity" in mods
         m.progress.poll(idx, flat, MBARRIER)
         target = m.read(ops[2], "u32" if by_parity else "u64", idx).astype(np.int64)
+        if not by_parity:
+            target &= 0xFFFFFFFF                   # the phase of a state token
         done = np.array([_done(_get(m, f, idx), int(t), by_parity) for f, t in zip(flat.tolist(), target.tolist())],
                         dtype=bool)
         m.write(ops[0], done, "pred", idx)
@@ -174,8 +188,6 @@ def mbarrier(m, ins, idx):
         if kind == "try_wait" and not done.all():
             _park(m, ins, idx[~done], flat[~done], target[~done], by_parity)
         return
-    if kind == "pending_count":
-        m.fail(UnsupportedInstruction, f"{ins.full} is not implemented", idx)
     m.fail(UnsupportedInstruction, f"{ins.full} is not implemented by the emulator", idx)
 
 

@@ -141,7 +141,7 @@ def _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem, max_step
 
 
 def launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1, 1, 1), *, co_resident=False,
-           gmem=None, max_steps=MAX_STEPS, schedule="lockstep"):
+           gmem=None, max_steps=MAX_STEPS, schedule="lockstep", trace=None):
     """Run `kernel` of the PTX module text `ptx` over CPU tensors; returns Stats.
 
     grid, block, cluster: 1-3 sizes; args: CPU tensors (passed as pointers), Python
@@ -157,11 +157,16 @@ def launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1, 1, 1), *, c
     "wg_first" / "wg_last" do the same per warpgroup (128 threads), so one warpgroup of a
     CTA runs ahead of the others: races between producer and math warpgroups, or between
     math warpgroups sharing shared-memory tiles.
+    trace: an observer with `attach(machine)`, called for each Machine before it runs
+    (pykernels.perf records the executed instruction stream through it for its timing model).
     """
     L = _prepare(ptx, kernel, grid, block, args, shared_mem, cluster, gmem or GlobalMemory(), max_steps,
                  schedule)
     for ctas in L.cta_groups(co_resident):
-        Machine(L, ctas).run()
+        machine = Machine(L, ctas)
+        if trace is not None:
+            trace.attach(machine)
+        machine.run()
         L.stats.ctas += len(ctas)
     return L.stats
 

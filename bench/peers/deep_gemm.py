@@ -12,16 +12,15 @@ import math
 
 import torch
 
-from pykernels import emu
 from pykernels.runtime.hardware import SCALE_BLOCK, SMEM_PER_BLOCK, cdiv, round_up
 from pykernels.runtime.tensormap import TensorMapDesc
 
 from . import toolchain
+from .checks import check_tensor, check_tma_rows
+from .gemm_tiles import BARRIER_BYTES, GemmTiles, launch_gemm
 
 BLOCK_K = 128                 # the kernel's only K block (static assert)
-TMA_THREADS = 128             # one producer warpgroup
 SWIZZLE_AB = 128              # a 128-element fp8 K row is one 128-byte swizzle row
-BARRIER_BYTES = 8
 
 _SOURCE = """// pykernels peer harness: one DeepGEMM SM90 FP8 1D2D GEMM instantiation.
 #include <deep_gemm/impls/sm90_fp8_gemm_1d2d.cuh>
@@ -33,65 +32,15 @@ void* pk_peer_instantiate() {{
 """
 
 
-def swizzle_mode(row_bytes: int) -> int:
-    """Largest TMA swizzle (128, 64, 32 bytes) that divides a tile row; 0 for none."""
-    return next((s for s in (128, 64, 32) if row_bytes % s == 0), 0)
-
-
 @dataclasses.dataclass(frozen=True)
-class Fp8GemmConfig:
-    """A compile-time configuration of the kernel.
-
-    block_m: 64, 128 or 256 rows per tile; block_n: 8..256, a multiple of 8 (a tile may
-    straddle at most two 128-column scale blocks); stages: pipeline depth; num_sms: the
-    persistent grid (a template constant of the kernel's scheduler); cluster: 1, or 2 for
-    TMA multicast (A shared by two n-blocks if multicast_on_a, else B by two m-blocks);
-    shape_m/n/k: dimensions compiled in as constants (0: passed at run time)."""
-    block_m: int
-    block_n: int
-    stages: int
-    num_sms: int
-    cluster: int = 1
-    multicast_on_a: bool = False
-    shape_m: int = 0
-    shape_n: int = 0
-    shape_k: int = 0
+class Fp8GemmConfig(GemmTiles):
+    """GemmTiles for the FP8 1D2D kernel: K blocks of 128; a tile may straddle at most two
+    128-column B-scale blocks (block_n 8..128, 144, 160, 192, 256 ...)."""
 
     def __post_init__(self):
-        if self.block_m not in (64, 128, 256):
-            raise ValueError(f"block_m: expected 64, 128 or 256, got {self.block_m}")
-        if not (8 <= self.block_n <= 256 and self.block_n % 8 == 0):
-            raise ValueError(f"block_n: expected a multiple of 8 in [8, 256], got {self.block_n}")
         if self.block_n > BLOCK_K and math.gcd(self.block_n, BLOCK_K) != self.block_n - BLOCK_K:
             raise ValueError(f"block_n: {self.block_n} would need more than two B scale blocks per tile")
-        if self.cluster not in (1, 2):
-            raise ValueError(f"cluster: expected 1 or 2, got {self.cluster}")
-        if self.num_sms < 1 or self.num_sms % self.cluster:
-            raise ValueError(f"num_sms: expected a positive multiple of the cluster ({self.cluster}), "
-                             f"got {self.num_sms}")
-        if self.stages < 1:
-            raise ValueError(f"stages: expected at least 1, got {self.stages}")
-        need = self.shared_bytes(self.shape_k or BLOCK_K)
-        if need > SMEM_PER_BLOCK:
-            raise ValueError(f"stages: {self.stages} stages need {need} bytes of shared memory, "
-                             f"more than {SMEM_PER_BLOCK}")
-
-    @property
-    def math_threads(self) -> int:
-        return 128 if self.block_m == 64 else 256
-
-    @property
-    def threads(self) -> int:
-        return TMA_THREADS + self.math_threads
-
-    @property
-    def swizzle_d(self) -> int:
-        return swizzle_mode(self.block_n * 2)
-
-    @property
-    def store_block_n(self) -> int:
-        """Columns per TMA store box: one swizzle row of bf16, or the whole tile unswizzled."""
-        return self.swizzle_d // 2 if self.swizzle_d else self.block_n
+        super().__post_init__()
 
     def shared_bytes(self, k: int) -> int:
         return shared_bytes(self.block_m, self.block_n, self.stages, k)
@@ -99,9 +48,8 @@ class Fp8GemmConfig:
     def template_args(self) -> str:
         return ", ".join(str(x) for x in (
             "cute::UMMA::Major::K", self.shape_m, self.shape_n, self.shape_k, 1,
-            self.block_m, self.block_n, BLOCK_K, SWIZZLE_AB, SWIZZLE_AB, self.swizzle_d, self.stages,
-            TMA_THREADS, self.math_threads, self.cluster, "true" if self.multicast_on_a else "false",
-            self.num_sms, "deep_gemm::GemmType::Normal", "cutlass::bfloat16_t"))
+            self.block_m, self.block_n, BLOCK_K, SWIZZLE_AB, SWIZZLE_AB, self.swizzle_d,
+            *self.tail_template_args(), "cutlass::bfloat16_t"))
 
 
 def shared_bytes(block_m: int, block_n: int, stages: int, k: int) -> int:
@@ -143,23 +91,6 @@ def compile_fp8_gemm(block_m: int, block_n: int, *, num_sms: int, cluster: int =
     return CompiledFp8Gemm(cfg, ptx, f"{headers.dist} {headers.version}")
 
 
-def _check(name, t, dtype, shape):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name}: the emulator takes CPU tensors, got {t.device}")
-
-
-def _check_tma_rows(name, t):
-    if t.stride(-1) != 1 or (t.dim() > 1 and (t.stride(-2) * t.element_size()) % 16):
-        raise ValueError(f"{name}: TMA needs contiguous rows whose stride is a multiple of 16 bytes, "
-                         f"got strides {t.stride()} of {t.element_size()}-byte elements")
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name}: TMA needs a 16-byte aligned start address")
-
-
 def sfa_tma_layout(sfa: torch.Tensor) -> torch.Tensor:
     """The A scales as DeepGEMM's kernel reads them by TMA: [ceil(k/128), m_pad] float32,
     m contiguous, m_pad = m rounded up to 4 (16 bytes). A column-major, TMA-aligned sfa
@@ -181,22 +112,17 @@ def fp8_gemm_args(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out) -> list:
     m, k = a.shape[0], a.shape[-1]
     n = b.shape[0]
     kb = cdiv(k, SCALE_BLOCK)
-    _check("a", a, torch.float8_e4m3fn, (m, k))
-    _check("b", b, torch.float8_e4m3fn, (n, k))
-    _check("sfa", sfa, torch.float32, (m, kb))
-    _check("sfb", sfb, torch.float32, (cdiv(n, SCALE_BLOCK), kb))
-    _check("out", out, torch.bfloat16, (m, n))
-    if n % 8:
-        raise ValueError(f"b: N must be a multiple of 8 (the kernel asserts it), got {n}")
+    check_tensor("a", a, torch.float8_e4m3fn, (m, k))
+    check_tensor("b", b, torch.float8_e4m3fn, (n, k))
+    check_tensor("sfa", sfa, torch.float32, (m, kb))
+    check_tensor("sfb", sfb, torch.float32, (cdiv(n, SCALE_BLOCK), kb))
+    check_tensor("out", out, torch.bfloat16, (m, n))
+    cfg.check_dims(m, n, k)
     for name, t in (("a", a), ("b", b), ("out", out)):
-        _check_tma_rows(name, t)
-    for dim, got in (("shape_m", m), ("shape_n", n), ("shape_k", k)):
-        want = getattr(cfg, dim)
-        if want and want != got:
-            raise ValueError(f"{dim}: the kernel was compiled for {want}, got {got}")
+        check_tma_rows(name, t)
     maps = [TensorMapDesc(a, (cfg.block_m, BLOCK_K), SWIZZLE_AB),
             TensorMapDesc(b, (cfg.block_n, BLOCK_K), SWIZZLE_AB),
-            TensorMapDesc(out, (cfg.block_m, cfg.store_block_n), cfg.swizzle_d),
+            cfg.output_map(out),
             TensorMapDesc(sfa_tma_layout(sfa), (1, cfg.block_m), 0)]
     return [sfb.contiguous(), 0, m, n, k, *maps]
 
@@ -208,8 +134,5 @@ def launch_fp8_gemm(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out, *, schedule=
     b: e4m3 [n, k], n a multiple of 8; sfb: f32 [ceil(n/128), ceil(k/128)]; all CPU.
     schedule and launch_options go to pykernels.emu.launch. Returns the emulator's Stats.
     """
-    cfg = compiled.config
     args = fp8_gemm_args(compiled, a, sfa, b, sfb, out)
-    return emu.launch(compiled.ptx.ptx, compiled.ptx.entry, (cfg.num_sms, 1, 1), (cfg.threads, 1, 1), args,
-                      shared_mem=cfg.shared_bytes(a.shape[-1]), cluster=(cfg.cluster, 1, 1), schedule=schedule,
-                      **launch_options)
+    return launch_gemm(compiled, args, a.shape[-1], schedule, launch_options)

@@ -15,7 +15,7 @@ from pykernels.runtime.hardware import SMEM_PER_BLOCK, round_up
 from pykernels.runtime.tensormap import TensorMapDesc
 
 from . import toolchain
-from .deep_gemm import _check, _check_tma_rows
+from .checks import check_tensor, check_tma_rows
 
 TMA_THREADS = 128
 BARRIER_BYTES = 8
@@ -111,16 +111,16 @@ def mqa_logits_args(compiled: CompiledMqaLogits, q, kv, kv_scales, weights, ks, 
     ks, ke (u32 pointers), logits pointer, then the Q, KV, KV-scale and weight tensor maps."""
     cfg = compiled.config
     seq_len, seq_len_kv = q.shape[0], kv.shape[0]
-    _check("q", q, torch.float8_e4m3fn, (seq_len, cfg.num_heads, cfg.head_dim))
-    _check("kv", kv, torch.float8_e4m3fn, (seq_len_kv, cfg.head_dim))
-    _check("kv_scales", kv_scales, torch.float32, (seq_len_kv,))
-    _check("weights", weights, torch.float32, (seq_len, cfg.num_heads))
-    _check("ks", ks, torch.int32, (seq_len,))
-    _check("ke", ke, torch.int32, (seq_len,))
+    check_tensor("q", q, torch.float8_e4m3fn, (seq_len, cfg.num_heads, cfg.head_dim))
+    check_tensor("kv", kv, torch.float8_e4m3fn, (seq_len_kv, cfg.head_dim))
+    check_tensor("kv_scales", kv_scales, torch.float32, (seq_len_kv,))
+    check_tensor("weights", weights, torch.float32, (seq_len, cfg.num_heads))
+    check_tensor("ks", ks, torch.int32, (seq_len,))
+    check_tensor("ke", ke, torch.int32, (seq_len,))
     if not q.is_contiguous():
         raise ValueError("q: expected a contiguous [seq_len, num_heads, head_dim] tensor")
     for name, t in (("kv", kv), ("weights", weights)):
-        _check_tma_rows(name, t)
+        check_tma_rows(name, t)
     if seq_len_kv % 4:
         raise ValueError(f"kv: seq_len_kv must be a multiple of 4 (16-byte TMA rows of kv_scales), got {seq_len_kv}")
     if not kv_scales.is_contiguous() or kv_scales.data_ptr() % 16:

@@ -56,26 +56,42 @@ def record_error(record_ptr, code, a0, a1, a2):
 
 
 @triton.jit
+def _has_e4m3_nan(x):
+    """Per row of an e4m3 tile: does it hold a NaN byte (0x7F / 0xFF)?"""
+    return tl.max(((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
 def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
           stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT: tl.constexpr):
     rk = tl.arange(0, BLOCK_K)
     col_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The interpreter's dot reads e4m3 NaN bytes as +-480 (Triton 3.8); a NaN in a row of
+    # A (column of B) makes that whole output row (column) NaN, as wgmma and the reference
+    # do. SOFT is set exactly when interpreted.
+    nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int1)
+    nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int1)
     for kb in range(0, K // BLOCK_K):
         ks = kb * BLOCK_K + rk
         a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=row_ok[:, None], other=0.0)
         b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=col_ok[:, None], other=0.0)
+        if SOFT:
+            nan_rows = nan_rows | _has_e4m3_nan(a)
+            nan_cols = nan_cols | _has_e4m3_nan(b)
         sa = tl.load(sfa_base + rm * stride_sfa_m + kb * stride_sfa_k, mask=row_ok, other=0.0)
         if BLOCK_N == BLOCK_K:
             # The tile's columns share one B scale per K block (tiles start at multiples
             # of 128): one scalar load, not one per column (32 predicated loads of the
             # same address per thread and K block in the compiled 128x128 tile).
             sb = tl.load(sfb_base + tl.program_id(1) * stride_sfb_n + kb * stride_sfb_k)
-            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
         else:
             sb = tl.load(sfb_base + (rn // BLOCK_K) * stride_sfb_n + kb * stride_sfb_k, mask=col_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+    if SOFT:
+        acc = tl.where(nan_rows[:, None] | nan_cols[None, :], float("nan"), acc)
     return acc
 
 
@@ -107,7 +123,7 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
             row_ok = gids == g
             acc = _tile(a_ptr, sfa_ptr, b_ptr + g * stride_bg, sfb_ptr + g * stride_sfb_g,
                         rm, rn, row_ok, N, K, stride_am, stride_sfa_m, stride_sfa_k,
-                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K)
+                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K, SOFT)
             tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], to_bf16_rne(acc, SOFT),
                      mask=row_ok[:, None] & col_ok[None, :])
     else:
@@ -127,7 +143,7 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
         acc = _tile(a_ptr + g * stride_ag, sfa_ptr + g * stride_sfa_g, b_ptr + g * stride_bg,
                     sfb_ptr + g * stride_sfb_g, rm, rn, row_ok, N, k_eff,
                     stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
-                    BLOCK_M, BLOCK_N, BLOCK_K)
+                    BLOCK_M, BLOCK_N, BLOCK_K, SOFT)
         tl.store(out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :],
                  to_bf16_rne(acc, SOFT), mask=row_ok[:, None] & col_ok[None, :])
 

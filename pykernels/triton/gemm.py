@@ -3,7 +3,9 @@
 One kernel body serves the three layouts (LAYOUT constexpr). Each program computes a
 BLOCK_M x BLOCK_N output tile; K advances in 128-wide blocks so each step has one A
 scale per row and one B scale per 128 columns of N: two-level accumulation,
-acc += dot_fp32(a_fp8, b_fp8^T) * sa[:, None] * sb[None, :].
+acc += dot_fp32(a_fp8, b_fp8^T) * (sa[:, None] * sb[None, :]): the scales multiply first,
+as in the CUDA kernel, so a huge scale cannot overflow a partial sum whose scaled value
+is finite (non-finite inputs: docs/numerics.md).
 
 Device checks (no host read: CUDA-graph safe): m_indices values outside [-1, G) and
 masked_m values outside [0, m_max] are recorded in the device error record

@@ -79,7 +79,7 @@ class Launch:
                     raise ValueError(f"args: parameter {p.name}: the emulator takes CPU tensors, got {a.device}")
                 if p.size != 8:
                     raise ValueError(f"args: parameter {p.name} is .{p.ptype}, not a 64-bit pointer")
-                self.gmem.register_tensor(a)
+                self.gmem.register_tensor(a, f"argument {p.name}")
                 raw = struct.pack("<Q", a.data_ptr())
             elif hasattr(a, "emu_image"):                    # tensor maps
                 raw = a.emu_image(self.gmem)

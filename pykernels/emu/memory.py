@@ -26,6 +26,9 @@ class GlobalMemory:
         self._bases = np.zeros(0, dtype=np.uint64)
         self._typed = {}
         self.version = 0         # bumped by every store and atomic (progress.py watches it)
+        self._extents = {}       # buffer base -> [(start, end, name)] of the tensors registered in it
+        self._merged = {}        # buffer base -> (starts, ends): their union, for the checks
+        self._has_extents = np.zeros(0, dtype=bool)   # per buffer index
 
     def register(self, base: int, nbytes: int) -> None:
         """Make [base, base+nbytes) of this process's memory accessible to the kernel."""
@@ -39,10 +42,54 @@ class GlobalMemory:
         self._bufs.sort(key=lambda t: t[0])
         self._bases = np.array([b for b, _, _ in self._bufs], dtype=np.uint64)
         self._typed.clear()
+        self._index_extents()
 
-    def register_tensor(self, t) -> None:
+    def register_tensor(self, t, name="a tensor argument") -> None:
+        """Make t's storage accessible, and check accesses to it against t's own extent:
+        a kernel given a view (slice) may not reach the rest of the storage, unless
+        another registered tensor covers that part. name: for the reports."""
         st = t.untyped_storage()
         self.register(st.data_ptr(), st.nbytes())
+        if t.numel() == 0:
+            return
+        span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size() + t.element_size()
+        base = next(b for b, e, _ in self._bufs if b <= st.data_ptr() < e)
+        ext = self._extents.setdefault(base, [])
+        if (t.data_ptr(), t.data_ptr() + span, name) not in ext:
+            ext.append((t.data_ptr(), t.data_ptr() + span, name))
+            ext.sort()
+            starts, ends = [], []
+            for a, e, _ in ext:                 # the union, as disjoint sorted intervals
+                if starts and a <= ends[-1]:
+                    ends[-1] = max(ends[-1], e)
+                else:
+                    starts.append(a)
+                    ends.append(e)
+            self._merged[base] = (np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64))
+            self._index_extents()
+
+    def _index_extents(self):
+        self._has_extents = np.array([b in self._merged for b, _, _ in self._bufs], dtype=bool)
+
+    def _check_extents(self, addr, which, size, where):
+        """Accesses inside a storage but outside every tensor registered in it."""
+        for i in np.unique(which[self._has_extents[which]]):
+            base, end, _ = self._bufs[int(i)]
+            starts, ends = self._merged[base]
+            sel = np.flatnonzero(which == i)
+            a = addr[sel]
+            k = np.searchsorted(starts, a, side="right").astype(np.int64) - 1
+            ok = (k >= 0) & (a + np.uint64(size) <= ends[np.maximum(k, 0)])
+            if ok.all():
+                continue
+            j = int(sel[np.flatnonzero(~ok)[0]])
+            bad = int(addr[j])
+            below = [x for x in self._extents[base] if x[0] <= bad]
+            s0, e0, name = below[-1] if below else self._extents[base][0]
+            rel = (f"{bad + size - e0} bytes past the end of" if below else f"{s0 - bad} bytes before")
+            raise MemoryFault(f"{where(j)}: out-of-bounds global access of {size} bytes at {bad:#x}: {rel} "
+                              f"{name} ([{s0:#x}, {e0:#x}), {e0 - s0} bytes), inside its {end - base}-byte storage "
+                              "(the argument is a view or slice of it)")
 
     def _view(self, i: int, dtype):
         key = (i, dtype)
@@ -70,6 +117,8 @@ class GlobalMemory:
         if size > 1 and (addr % np.uint64(size)).any():
             j = int(np.flatnonzero(addr % np.uint64(size))[0])
             raise MemoryFault(f"{where(j)}: misaligned {size}-byte global access at {int(addr[j]):#x}")
+        if self._has_extents[which].any():
+            self._check_extents(addr, which, size, where)
         return which, addr - self._bases[which]
 
     def load(self, addr, dtype, where):

@@ -108,3 +108,35 @@ def test_unparsable_instruction_is_unsupported_with_its_line():
     ptx = HEAD + ".visible .entry k()\n{\n .reg .b32 %r<4>;\n    mov.u32 %r1, 1;\n    ld.global.u32 %r2, [%r1, ];\n    ret;\n}\n"
     with pytest.raises(emu.UnsupportedInstruction, match=r"line 8: cannot parse"):
         emu.launch(ptx, "k", (1,), (32,), [])
+
+
+SCALE = HEAD + """
+.visible .entry scale(.param .u64 p_x, .param .u64 p_y, .param .u32 p_n)
+{
+    .reg .pred %p<2>; .reg .b32 %r<8>; .reg .f32 %f<4>; .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [p_x]; ld.param.u64 %rd2, [p_y]; ld.param.u32 %r1, [p_n];
+    mov.u32 %r4, %tid.x;
+    setp.ge.u32 %p1, %r4, %r1;
+    @%p1 bra DONE;
+    mul.wide.u32 %rd3, %r4, 4;
+    add.u64 %rd4, %rd1, %rd3; add.u64 %rd5, %rd2, %rd3;
+    ld.global.f32 %f2, [%rd4];
+    add.f32 %f3, %f2, %f2;
+    st.global.f32 [%rd5], %f3;
+DONE:
+    ret;
+}
+"""
+
+
+def test_access_past_a_view_inside_its_storage_names_the_argument(seed):
+    storage = torch.randn(256)
+    x, y = storage[:100], storage[100:200]           # two arguments, views of one storage
+    emu.launch(SCALE, "scale", (1,), (128,), [x, y, 100])
+    assert torch.equal(y, x * 2)
+    other = torch.full((128,), float("nan"))
+    with pytest.raises(emu.MemoryFault, match=r"thread \(100, 0, 0\).*4 bytes past the end of argument p_x "
+                                              r"\(\[0x[0-9a-f]+, 0x[0-9a-f]+\), 400 bytes\), inside its 1024-byte storage"):
+        emu.launch(SCALE, "scale", (1,), (128,), [storage[:100], other, 110])
+    with pytest.raises(emu.MemoryFault, match=r"past the end of argument p_y \(\[0x[0-9a-f]+, 0x[0-9a-f]+\), 200 bytes"):
+        emu.launch(SCALE, "scale", (1,), (128,), [storage[:60], storage[60:110], 60])

@@ -17,7 +17,9 @@ from pykernels import reference as R
 from pykernels.cuda import gemm as G
 from pykernels.metrics import calc_diff
 from pykernels import emu
+from pykernels.emu.errors import EmuError
 from pykernels.runtime import artifacts
+from pykernels.runtime.hardware import cdiv
 from pykernels.runtime.executors import run_emu
 
 from .fp8_cases import contiguous_indices, nan_bf16, normal_problem
@@ -32,10 +34,6 @@ pytestmark = pytest.mark.skipif(not _emu_supports_wgmma(),
                                 reason="the emulator does not execute wgmma / mbarrier / TMA yet")
 
 TOL = 1e-3
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _spread(rows, k, row_block, dtype=torch.bfloat16):
@@ -107,8 +105,26 @@ def test_every_config(cfg, seed):
     stats = run_emu(plan)
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL and not out.isnan().any()
     assert stats.global_written == m * n * 2                 # every element once, nothing more
-    tiles = _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=[_cfg_id(c) for c in G.CONFIGS])
+def test_shared_memory_formula_is_the_kernels(cfg, seed):
+    # The kernel traps when launched with less dynamic shared memory than its own
+    # Layout::smem_bytes(stages): the plan's size (Config.smem_bytes) runs and one byte
+    # less traps, at two stage counts (both formulas are affine in stages): they agree.
+    m, n, k = 64, 128, 128
+    a, sfa, b, sfb = _problem(m, n, k)
+    for stages in (2, cfg.max_stages()):
+        out = nan_bf16(m, n)
+        plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                           cfg=cfg, stages=stages)
+        assert plan.shared_bytes == cfg.smem_bytes(stages)
+        with pytest.raises(EmuError, match="trap executed"):
+            run_emu(dataclasses.replace(plan, shared_bytes=plan.shared_bytes - 1))
+        run_emu(plan)
+        assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
 
 
 def test_few_stages_wrap_the_ring(seed):
@@ -271,7 +287,7 @@ def test_multicast_normal(cfg, m, sms, seed):
     assert not out.isnan().any()
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
     assert stats.global_written == m * n * 2                         # partner-less CTAs store nothing
-    tiles = _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)             # ... and issue no wgmma
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)             # ... and issue no wgmma
     assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
 
 
@@ -440,8 +456,8 @@ def test_multicast_reads_b_once_per_pair(m, seed):
                            cfg=G.Config(128, 128, cluster=cluster))
         reads[cluster] = run_emu(plan).global_read
         outs[cluster] = out
-    m_blocks, n_blocks = _cdiv(m, 128), _cdiv(n, 128)
-    pairs = _cdiv(m_blocks, 2)
+    m_blocks, n_blocks = cdiv(m, 128), cdiv(n, 128)
+    pairs = cdiv(m_blocks, 2)
     b_bytes_1 = m_blocks * n_blocks * 128 * k          # B tile per tile
     b_bytes_2 = pairs * n_blocks * 128 * k             # B tile per pair (two halves)
     assert reads[1] - reads[2] == b_bytes_1 - b_bytes_2 > 0

@@ -174,9 +174,12 @@ def _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, g, FP8: tl.constexpr, UPCAS
         # compiler from sinking the e4m3 -> bf16 conversion into both dots' operand
         # layouts (two bf16 copies of the tile live in registers: spills, and loads that
         # are not pipelined): the tile is converted once and staged in shared memory.
+        if UPCAST:   # interpreted: it reads the e4m3 NaN bytes 0x7F / 0xFF as +-480 (Triton 3.8)
+            nan = (k.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
         k = tl.where(tok_ok[:, None], k.to(tl.bfloat16), 0.0)
         if UPCAST:
             k = k.to(tl.float32)           # exact: the interpreter runs the same conversion
+            k = tl.where(nan, float("nan"), k)
     else:
         sf = tl.where(tok_ok, 1.0, 0.0)
         if UPCAST:

@@ -23,6 +23,7 @@ import pykernels.mla as M
 from pykernels import reference as R
 from pykernels import triton as T
 from pykernels.metrics import calc_diff
+from pykernels.mla_schedule import check_schedule as check_schedule_contract
 from pykernels.reference import mla as RM
 from pykernels.triton import mla as TM
 
@@ -94,8 +95,9 @@ def decode_schedule(meta, num_splits, seqlens):
     """Pieces (batch, block_lo, block_hi, split_id, partition) described by the metadata."""
     pieces = []
     nblk = [_cdiv(int(L), PAGE) for L in seqlens]
-    for p, (b0, k0, b1, k1, s0, n, z0, z1) in enumerate(meta.tolist()):
-        assert z0 == 0 and z1 == 0
+    for p, (b0, k0, b1, k1, s0, n, made_first, made_last) in enumerate(meta.tolist()):
+        # the tokens of the first and last sequence the row was made for (0 for an empty row)
+        assert (made_first, made_last) == ((int(seqlens[b0]), int(seqlens[b1])) if n else (0, 0))
         for k in range(n):
             bi = b0 + k
             assert bi <= b1
@@ -109,7 +111,9 @@ def decode_schedule(meta, num_splits, seqlens):
 
 def check_schedule(meta, num_splits, seqlens, parts, fixed=RM.FIXED_SPLIT_COST):
     """Every block of every sequence is covered exactly once, split ids follow num_splits,
-    and no partition costs more than ceil(total / parts) + fixed."""
+    no partition costs more than ceil(total / parts) + fixed, and the schedule passes the
+    contract the decode kernels check (pykernels.mla_schedule.check_schedule)."""
+    check_schedule_contract(meta, num_splits, torch.as_tensor(seqlens, dtype=torch.int32))
     seqlens = [int(x) for x in seqlens]
     b = len(seqlens)
     ns = num_splits.tolist()
@@ -457,7 +461,7 @@ def test_validation_errors_scalars_and_buffers():
         M.flash_mla_with_kvcache(**args, out=torch.empty(2, 2, 16, 576, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"softmax_lse: expected shape \[2, 16, 2\], got \[2, 2, 16\]"):
         M.flash_mla_with_kvcache(**args, softmax_lse=torch.empty(2, 2, 16))
-    with pytest.raises(ValueError, match="backend: 'cuda' runs on GPU tensors, got tensors on cpu"):
+    with pytest.raises(ValueError, match="backend: 'cuda' cannot run .*: runs on GPU tensors, got cpu tensors"):
         M.flash_mla_with_kvcache(**args, backend="cuda")
     with pytest.raises(ValueError, match="backend: expected one of"):
         M.flash_mla_with_kvcache(**args, backend="cutlass")

@@ -140,7 +140,7 @@ def test_shared_memory_plan():
 def test_ptx_has_the_intended_instructions():
     mod = parse(artifacts.ptx_text(CM.MODULE))
     k = mod.kernel(CM.DECODE_FUNCTION)
-    assert len(k.params) == 22
+    assert len(k.params) == 26
     assert [(p.size, p.align) for p in k.params[:2]] == [(128, 64)] * 2       # tensor maps
     full = [i.full for i in k.instrs]
     assert full.count("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16") == 36
@@ -156,9 +156,9 @@ def test_ptx_has_the_intended_instructions():
     assert re.search(r"m64n256k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 1;", text)
     assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
     assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
-    assert len(mod.kernel(CM.COMBINE_FUNCTION).params) == 13
+    assert len(mod.kernel(CM.COMBINE_FUNCTION).params) == 14
     k8 = mod.kernel(CM.DECODE_FUNCTION_FP8)
-    assert [(p.size, p.align) for p in k8.params[:2]] == [(128, 64)] * 2 and len(k8.params) == 22
+    assert [(p.size, p.align) for p in k8.params[:2]] == [(128, 64)] * 2 and len(k8.params) == 26
     full = [i.full for i in k8.instrs]
     assert full.count("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16") == 36
     assert full.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 8
@@ -332,9 +332,12 @@ def test_emu_counters(parts, poisoned_scratch):
     assert d["global_bytes_written"] == whole * rows * (512 * 2 + 4) + split_pieces * rows * (512 * 4 + 4)
     assert c["global_bytes_written"] == (b - whole) * rows * (512 * 2 + 4)
     # reads: every KV block once per row tile (9 boxes of 8 KB), q once per piece and tile;
-    # the rest are metadata, lengths and page ids (counted per thread, < 64 B per thread)
+    # the rest are metadata, lengths, num_splits and page ids, counted per thread: the input
+    # checks read the row, the previous row, the seqlens and num_splits of each piece and a
+    # page id per lane and 32 blocks; the decode loops read lengths and page ids again
+    # (< 128 B per thread here)
     kv, qb = blocks * tiles * 9 * 8192, pieces * rows * 576 * 2
-    assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 64
+    assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 128
     assert d["shared_bank_conflicts"] == 0          # P tile stores and reductions (docs/mla.md)
     assert pieces == (b if parts == 4 else b + 1)
 
@@ -459,7 +462,7 @@ def test_emu_fp8_counters(poisoned_scratch):
     whole = sum(1 for n in splits if n == 1)
     assert d["global_bytes_written"] == whole * rows * (512 * 2 + 4) + split_pieces * rows * (512 * 4 + 4)
     kv, qb = blocks * tiles * 64 * 656, pieces * rows * 576 * 2
-    assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 64
+    assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 128
     assert d["shared_bank_conflicts"] == 0
 
 
@@ -477,7 +480,7 @@ def test_cuda_emu_validation_errors(backend):
     args = _good()
     if backend == "cuda":
         # CPU tensors: the cuda backend says where its tensors must live
-        with pytest.raises(ValueError, match="backend: 'cuda' runs on GPU tensors, got tensors on cpu"):
+        with pytest.raises(ValueError, match="backend: 'cuda' .*runs on GPU tensors, got (tensors on )?cpu"):
             M.flash_mla_with_kvcache(**args, backend=backend)
         return
     # the kernel-level check: a cache that is neither bf16 nor the FP8 layout
@@ -520,9 +523,10 @@ def test_plan_geometry():
     out, lse = _poisoned(b, s_q, h_q)
     oacc = torch.empty(b + 4, rows, 512)
     lacc = torch.empty(b + 4, rows)
+    record = torch.zeros(8, dtype=torch.int32)
     p = CM.decode_plan(CM.q_view(q), cache.view(-1, 576), args["block_table"], args["cache_seqlens"],
-                       args["tile_scheduler_metadata"], args["num_splits"], out, lse, oacc, lacc,
-                       s_q=s_q, h_q=h_q, scale=0.5, causal=True)
+                       args["tile_scheduler_metadata"], args["num_splits"], out, lse, oacc, lacc, record,
+                       s_q=s_q, h_q=h_q, scale=0.5, causal=True, num_blocks=cache.shape[0])
     assert p.module == "mla_decode" and p.function == "pk_mla_decode_bf16"
     assert p.grid == (4, 2, 1) and p.block == (384, 1, 1) and p.shared_bytes == CM.SMEM_BYTES
     tq, tk = p.args[0].value, p.args[1].value
@@ -536,11 +540,14 @@ def test_plan_geometry():
     assert [a.value for a in p.args[17:20]] == list(lse.stride())
     assert p.args[20].value == 1 and p.args[21].ptype == "f32"
     assert math.isclose(p.args[21].value, 0.5 * 1.4426950408889634)
+    # the input checks: the error record, b, the cache's pages, the block table's columns
+    assert p.args[22].ptype == "ptr" and p.args[22].value is record
+    assert [a.value for a in p.args[23:26]] == [b, cache.shape[0], args["block_table"].shape[1]]
     # FP8 cache: the other instantiation, one box per page over [num_blocks * 64, 41, 16] bytes
     c8 = M.quantize_kv_cache_fp8(cache)
     p8 = CM.decode_plan(CM.q_view(q), CM.kv_view(c8.view(torch.float8_e4m3fn)), args["block_table"],
                         args["cache_seqlens"], args["tile_scheduler_metadata"], args["num_splits"], out, lse, oacc,
-                        lacc, s_q=s_q, h_q=h_q, scale=0.5, causal=True)
+                        lacc, record, s_q=s_q, h_q=h_q, scale=0.5, causal=True, num_blocks=cache.shape[0])
     assert p8.function == "pk_mla_decode_fp8" and p8.shared_bytes == CM.SMEM_BYTES_FP8 == 225312
     assert p8.grid == p.grid and p8.block == p.block and len(p8.args) == len(p.args)
     t8 = p8.args[1].value
@@ -551,7 +558,7 @@ def test_plan_geometry():
     assert CM.kv_view(c8[:0]).shape == (64, 41, 16)                   # no pages: a dummy page of zeros
     c = CM.combine_plan(args["num_splits"], oacc, lacc, out, lse, h_q=h_q)
     assert c.function == "pk_mla_combine" and c.grid == (b, rows // 4, 1) and c.block == (128, 1, 1)
-    assert c.shared_bytes == 0 and [a.value for a in c.args[5:7]] == [rows, h_q]
+    assert c.shared_bytes == 0 and [a.value for a in c.args[5:7]] == [rows, h_q] and c.args[13].value == b + 4
 
 
 # ------------------------------------------------------------------------ GPU

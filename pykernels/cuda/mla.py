@@ -14,17 +14,25 @@ differs (docs/mla.md).
 
 Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
 lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides
-(b: u64, h, s), causal, scale_log2. Combine: nsplits, oacc, lacc, out, lse, rows, h_q,
-out strides, lse strides.
+(b: u64, h, s), causal, scale_log2, err (the device error record), b, num_blocks (the
+cache's pages), max_blocks (the block table's columns). Combine: nsplits, oacc, lacc, out,
+lse, rows, h_q, out strides, lse strides, max_splits (oacc's rows).
+
+Values the decode kernel checks itself (docs/mla.md "Checks": the metadata against
+cache_seqlens, num_splits, page ids and seqlens against the cache and the block table) go
+to the device error record (pykernels.runtime.device_errors): raised right after the
+launch on the emulator, at the next check_errors() on a GPU (no host read here).
 """
 import torch
 
 from ..reference import mla as RM
+from ..runtime import device_errors
 from ..runtime.executors import run_plan
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "mla_decode"
+OP_NAME = "flash_mla_with_kvcache"     # names the op in a recorded input error
 DECODE_FUNCTION = "pk_mla_decode_bf16"
 DECODE_FUNCTION_FP8 = "pk_mla_decode_fp8"
 COMBINE_FUNCTION = "pk_mla_combine"
@@ -150,14 +158,15 @@ def kv_view(k_cache: torch.Tensor) -> torch.Tensor:
     return kv
 
 
-def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, *,
-                s_q: int, h_q: int, scale: float, causal: bool) -> LaunchPlan:
+def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, *,
+                s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int) -> LaunchPlan:
     """Launch plan of pk_mla_decode_bf16 (kv2d bf16 [num_blocks * 64, 576]) or
     pk_mla_decode_fp8 (kv2d = kv_view of an FP8 cache, uint8 [num_blocks * 64, 41, 16]):
     grid (num_sm_parts, ceil(s_q*h_q / 64)), 384 threads, SMEM_BYTES / SMEM_BYTES_FP8 of
     dynamic shared memory. q3 [b, rows, 576] bf16 and the bf16 cache are read by TMA (64 x 64
     boxes, 128-byte swizzle; q rows past `rows` are zero-filled); the FP8 cache one page per
-    box (64 x 41 x 16 bytes, no swizzle)."""
+    box (64 x 41 x 16 bytes, no swizzle). record: the int32 device error record;
+    num_blocks: the cache's pages (kv2d may hold a dummy page when there are none)."""
     b, rows, _ = q3.shape
     parts = meta.shape[0]
     fp8 = kv2d.dtype == torch.uint8
@@ -171,7 +180,8 @@ def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc
             u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
             u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
             u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
-            u32(int(causal)), Arg("f32", float(scale) * LOG2E))
+            u32(int(causal)), Arg("f32", float(scale) * LOG2E),
+            ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
     return LaunchPlan(MODULE, DECODE_FUNCTION_FP8 if fp8 else DECODE_FUNCTION,
                       grid=(parts, _cdiv(rows, TILE_ROWS), 1), block=(THREADS, 1, 1),
                       args=args, shared_bytes=SMEM_BYTES_FP8 if fp8 else SMEM_BYTES)
@@ -183,7 +193,7 @@ def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
     rows = oacc.shape[1]
     args = (ptr(num_splits), ptr(oacc), ptr(lacc), ptr(out), ptr(lse), u32(rows), u32(h_q),
             u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
-            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)))
+            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)), u32(oacc.shape[0]))
     return LaunchPlan(MODULE, COMBINE_FUNCTION, grid=(b, _cdiv(rows, COMBINE_ROWS), 1), block=(128, 1, 1),
                       args=args)
 
@@ -196,9 +206,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     Returns the emulator's Stats of the two launches (decode, combine) for executor "emu",
     else None."""
     check_supported(q, k_cache, head_dim_v)
+    if tile_scheduler_metadata.shape[0] < 1:
+        raise ValueError(f"tile_scheduler_metadata: expected at least one row, got shape "
+                         f"{list(tile_scheduler_metadata.shape)}")
     b, s_q, h_q, _ = q.shape
     if b == 0:
         return [] if executor == "emu" else None
+    record = device_errors.record_for(q.device, OP_NAME)
     rows = s_q * h_q
     parts = tile_scheduler_metadata.shape[0]
     scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
@@ -212,8 +226,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     oacc = fill(max_splits, rows, RM.HEAD_DIM_V, dtype=torch.float32, device=q.device)
     lacc = fill(max_splits, rows, dtype=torch.float32, device=q.device)
     stats = [run_plan(decode_plan(q3, kv2d, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                              o, l, oacc, lacc, s_q=s_q, h_q=h_q, scale=scale, causal=causal), executor),
-             run_plan(combine_plan(num_splits, oacc, lacc, o, l, h_q=h_q), executor)]
+                                  o, l, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=scale, causal=causal,
+                                  num_blocks=k_cache.shape[0]), executor)]
+    if executor == "emu":
+        device_errors.raise_if_set(record, OP_NAME)
+    stats.append(run_plan(combine_plan(num_splits, oacc, lacc, o, l, h_q=h_q), executor))
     if o is not out:
         out.copy_(o)
     if l is not lse:

@@ -36,6 +36,10 @@ FP8_GROUP = 128              # columns per FP8 scale
 FP8_NUM_SCALES = HEAD_DIM_V // FP8_GROUP
 FP8_BYTES_PER_TOKEN = HEAD_DIM_V + 4 * FP8_NUM_SCALES + 2 * ROPE_DIM   # 656
 METADATA_SIZE = 8            # int32 per row of tile_scheduler_metadata
+# The columns of a metadata row (docs/mla.md; the kernels index them in this order).
+METADATA_COLUMNS = ("first_batch", "first_block", "last_batch", "last_block_end", "first_split",
+                    "num_pieces", "first_seqlen", "last_seqlen")
+MAX_SEQLEN = 2**31 - 1       # cache_seqlens are int32
 FIXED_SPLIT_COST = 5         # scheduler: cost of one split, in KV blocks (docs/mla.md)
 
 
@@ -121,12 +125,28 @@ def num_blocks_of(seqlen: int) -> int:
     return -(-max(int(seqlen), 0) // PAGE_BLOCK_SIZE)
 
 
+def check_schedule_inputs(seqlens, num_sm_parts) -> list:
+    """seqlens as a list of ints after checking what the schedule can represent: every
+    length in [0, 2^31 - 1] (int32 tokens; its block count then fits int32 too) and
+    num_sm_parts >= 1. Raises ValueError naming the argument."""
+    if isinstance(num_sm_parts, bool) or not isinstance(num_sm_parts, int) or num_sm_parts < 1:
+        raise ValueError(f"num_sm_parts: expected an int >= 1, got {num_sm_parts!r}")
+    seqlens = [int(L) for L in seqlens]
+    for i, L in enumerate(seqlens):
+        if not 0 <= L <= MAX_SEQLEN:
+            raise ValueError(f"cache_seqlens: expected values in [0, {MAX_SEQLEN}], got {L} (batch {i})")
+    return seqlens
+
+
 def schedule(seqlens, num_sm_parts: int, fixed_cost: int = FIXED_SPLIT_COST):
     """The split-KV schedule as plain Python lists (see docs/mla.md for the rule).
 
     Returns (rows, num_splits): rows[p] = [first_batch, first_block, last_batch,
-    last_block_end, first_split, num_pieces, 0, 0] for SM partition p, num_splits the
-    [b + 1] prefix counts of splits (pieces) per sequence.
+    last_block_end, first_split, num_pieces, first_seqlen, last_seqlen] for SM partition
+    p (METADATA_COLUMNS; the two seqlens are the tokens of first_batch and last_batch this
+    schedule was made for, which the decode kernels compare with the seqlens they are
+    called with), num_splits the [b + 1] prefix counts of splits (pieces) per sequence.
+    An empty row is [b, 0, b, 0, total splits, 0, 0, 0]: it starts where the work ends.
 
     Cost of a piece = its KV blocks + fixed_cost; total = sum over sequences of
     (blocks + fixed_cost); each partition's capacity is ceil(total / P) + fixed_cost.
@@ -134,7 +154,9 @@ def schedule(seqlens, num_sm_parts: int, fixed_cost: int = FIXED_SPLIT_COST):
     fit in what is left is split there (at least one block taken), its remainder opens
     the next partition. Every partition then consumes >= ceil(total / P) of the
     original cost, so P partitions always suffice and none exceeds the capacity.
+    Raises ValueError for a length outside [0, 2^31 - 1] or num_sm_parts < 1.
     """
+    seqlens = check_schedule_inputs(seqlens, num_sm_parts)
     nblks = [num_blocks_of(L) for L in seqlens]
     b = len(nblks)
     total = sum(n + fixed_cost for n in nblks)
@@ -161,6 +183,8 @@ def schedule(seqlens, num_sm_parts: int, fixed_cost: int = FIXED_SPLIT_COST):
             cur_blk += take
             if cur_blk == nblks[cur_b]:
                 cur_b, cur_blk = cur_b + 1, 0
+        if row[5]:
+            row[6], row[7] = seqlens[row[0]], seqlens[row[2]]
         rows.append(row)
     assert cur_b == b, "scheduler left work unassigned (capacity rule broken)"
     num_splits[b] = split

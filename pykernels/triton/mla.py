@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..reference import mla as RM
+from ..runtime import device_errors
 from . import INTERPRETED
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
@@ -67,14 +68,21 @@ def tile_config(q_rows: int, interpreted: bool = INTERPRETED):
 # ----------------------------------------------------------------------------- scheduler
 
 @triton.jit
+def _blocks_of(L, PAGE: tl.constexpr):
+    """KV blocks of L >= 0 tokens, without L + PAGE - 1 overflowing int32 at L = 2^31 - 1."""
+    return L // PAGE + (L % PAGE > 0).to(L.dtype)
+
+
+@triton.jit
 def _schedule_kernel(seqlens_ptr, meta_ptr, nsplits_ptr, B, P,
                      FIXED: tl.constexpr, PAGE: tl.constexpr, BLOCK_B: tl.constexpr):
-    total = tl.zeros((), dtype=tl.int32)
+    # Costs in int64: b sequences of up to 2^25 blocks each overflow int32 in the total.
+    total = tl.zeros((), dtype=tl.int64)
     for start in range(0, B, BLOCK_B):
         offs = start + tl.arange(0, BLOCK_B)
         ok = offs < B
         L = tl.maximum(tl.load(seqlens_ptr + offs, mask=ok, other=0), 0)
-        total += tl.sum(tl.where(ok, (L + PAGE - 1) // PAGE + FIXED, 0), axis=0)
+        total += tl.sum(tl.where(ok, _blocks_of(L, PAGE).to(tl.int64) + FIXED, 0), axis=0)
     cap = tl.where(B > 0, (total + P - 1) // P + FIXED, 0)
     cur_b = tl.zeros((), dtype=tl.int32)
     cur_blk = tl.zeros((), dtype=tl.int32)
@@ -89,12 +97,11 @@ def _schedule_kernel(seqlens_ptr, meta_ptr, nsplits_ptr, B, P,
         pieces = tl.zeros((), dtype=tl.int32)
         go = (cur_b < B) & (left > 0)
         while go:
-            L = tl.maximum(tl.load(seqlens_ptr + cur_b), 0)
-            nblk = (L + PAGE - 1) // PAGE
+            nblk = _blocks_of(tl.maximum(tl.load(seqlens_ptr + cur_b), 0), PAGE)
             rest = nblk - cur_blk
             take_all = left >= rest + FIXED
             can_split = left > FIXED
-            take = tl.where(take_all, rest, left - FIXED)
+            take = tl.where(take_all, rest, (left - FIXED).to(tl.int32))   # < rest when splitting
             takes = take_all | can_split
             if takes:
                 if cur_blk == 0:
@@ -109,6 +116,11 @@ def _schedule_kernel(seqlens_ptr, meta_ptr, nsplits_ptr, B, P,
                 cur_b = tl.where(done, cur_b + 1, cur_b)
                 cur_blk = tl.where(done, 0, cur_blk)
             go = takes & (cur_b < B) & (left > 0)
+        # the tokens of the first and last sequence this row was made for (the decode
+        # kernels compare them with the seqlens they are called with)
+        busy = pieces > 0
+        first_len = tl.load(seqlens_ptr + first_b, mask=busy, other=0)
+        last_len = tl.load(seqlens_ptr + last_b, mask=busy, other=0)
         row = meta_ptr + p * 8
         tl.store(row + 0, first_b)
         tl.store(row + 1, first_blk)
@@ -116,8 +128,8 @@ def _schedule_kernel(seqlens_ptr, meta_ptr, nsplits_ptr, B, P,
         tl.store(row + 3, last_end)
         tl.store(row + 4, first_split)
         tl.store(row + 5, pieces)
-        tl.store(row + 6, 0)
-        tl.store(row + 7, 0)
+        tl.store(row + 6, first_len)
+        tl.store(row + 7, last_len)
     tl.store(nsplits_ptr + B, split)
 
 
@@ -132,7 +144,15 @@ def schedule_launch_args(cache_seqlens, meta, num_splits):
 
 
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int):
-    """Device-side schedule: (metadata int32 [num_sm_parts, 8], num_splits int32 [b+1])."""
+    """Device-side schedule: (metadata int32 [num_sm_parts, 8], num_splits int32 [b+1]) for
+    cache_seqlens int32 [b]. num_sm_parts < 1 raises ValueError; so do negative seqlens of
+    CPU tensors (a free host read). On a GPU a negative length is scheduled as 0 tokens
+    and recorded as it is (first_seqlen / last_seqlen), which the decode kernels then
+    report (SeqlenOutOfRange)."""
+    if cache_seqlens.device.type == "cpu":
+        RM.check_schedule_inputs(cache_seqlens.tolist(), num_sm_parts)
+    else:
+        RM.check_schedule_inputs((), num_sm_parts)
     b = cache_seqlens.shape[0]
     meta = torch.empty(num_sm_parts, RM.METADATA_SIZE, dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
@@ -212,17 +232,151 @@ def _store_rows(base, rows_off, row_ok, col0, x, WIDTH: tl.constexpr):
     tl.store(base + rows_off[:, None] + cols[None, :], x, mask=row_ok[:, None])
 
 
+# ----------------------------------------------------------------------------- input checks
+# The decode kernel checks its partition's metadata row, the seqlens, num_splits and the
+# page ids it will read (docs/mla.md "Checks"; the same rules as
+# pykernels.mla_schedule.check_schedule). A program that finds bad input records the first
+# error (pykernels.runtime.device_errors; codes as in csrc/include/pk/error_record.cuh) and
+# does none of its work, so it never reads or writes out of bounds.
+ERR_BLOCK_TABLE = device_errors.code("BlockTableOutOfRange")
+ERR_SEQLEN = device_errors.code("SeqlenOutOfRange")
+ERR_STALE = device_errors.code("MetadataStale")
+ERR_META_RANGE = device_errors.code("MetadataOutOfRange")
+ERR_NUM_SPLITS = device_errors.code("NumSplitsMismatch")
+ERR_META_MISMATCH = device_errors.code("MetadataMismatch")
+OP_NAME = "flash_mla_with_kvcache"
+_PAGE_CHECK = 64                   # page ids checked per step
+
+
+@triton.jit
+def _fail(c, a0, a1, a2, bad, code: tl.constexpr, x0, x1, x2):
+    """The first failed check: (code, x0, x1, x2) when bad and no error is held yet."""
+    take = bad & (c == 0)
+    return tl.where(take, code, c), tl.where(take, x0, a0), tl.where(take, x1, a1), tl.where(take, x2, a2)
+
+
+@triton.jit
+def _bad_len(L, max_len):
+    return (L < 0) | (L.to(tl.int64) > max_len)
+
+
+@triton.jit
+def _check_partition(fb, fblk, lb, lend, fs, n, made_first, made_last, part, meta_ptr, seqlens_ptr, nsplits_ptr,
+                     bt_ptr, stride_bt, P, B, NUM_BLOCKS, MAX_BLOCKS,
+                     PAGE: tl.constexpr, CHK: tl.constexpr, E_TABLE: tl.constexpr, E_LEN: tl.constexpr,
+                     E_STALE: tl.constexpr, E_RANGE: tl.constexpr, E_SPLITS: tl.constexpr, E_MISMATCH: tl.constexpr):
+    """(code, a0, a1, a2) of the first failed check of partition `part` (row fb .. made_last
+    of the metadata), code 0 when its work may run."""
+    c = tl.zeros((), dtype=tl.int32)
+    a0 = tl.zeros((), dtype=tl.int32)
+    a1 = tl.zeros((), dtype=tl.int32)
+    a2 = tl.zeros((), dtype=tl.int32)
+    e = part * 8                                     # the row's first entry in the flat table
+    max_len64 = (tl.zeros((), dtype=tl.int64) + MAX_BLOCKS) * PAGE    # (MAX_BLOCKS may be a constexpr 1)
+    max_len = tl.minimum(max_len64, 2147483647).to(tl.int32)
+    max_splits = B + P
+    busy = n != 0
+    # the row's own entries: batch indices first (they index seqlens below)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, (n < 0) | (n > B), E_RANGE, n, B + 1, e + 5)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, busy & ((fb < 0) | (fb >= B)), E_RANGE, fb, B, e + 0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, busy & (n > B - fb), E_RANGE, n, B - fb + 1, e + 5)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, busy & (lb != fb + n - 1), E_MISMATCH, lb, fb + n - 1, e + 2)
+    row_ok = busy & (c == 0)
+    L_first = tl.load(seqlens_ptr + fb, mask=row_ok, other=0)
+    L_last = tl.load(seqlens_ptr + lb, mask=row_ok, other=0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, row_ok & _bad_len(L_first, max_len64), E_LEN, L_first, max_len, fb)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, row_ok & _bad_len(L_last, max_len64), E_LEN, L_last, max_len, lb)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, row_ok & (made_first != L_first), E_STALE, L_first, made_first, fb)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, row_ok & (made_last != L_last), E_STALE, L_last, made_last, lb)
+    nb_first = _blocks_of(tl.maximum(L_first, 0), PAGE)
+    nb_last = _blocks_of(tl.maximum(L_last, 0), PAGE)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, row_ok & ((lend < 0) | (lend > nb_last)), E_RANGE, lend, nb_last + 1, e + 3)
+    first_hi = tl.where(n > 1, tl.maximum(nb_first, 1), tl.minimum(tl.maximum(nb_first, 1), lend + 1))
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, row_ok & ((fblk < 0) | (fblk >= first_hi)), E_RANGE, fblk, first_hi, e + 1)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, busy & ((fs < 0) | (fs > max_splits - n)), E_RANGE, fs,
+                          max_splits - n + 1, e + 4)
+    # continuity: this row starts where the previous one ended (row 0: batch 0, block 0, split 0)
+    has_prev = part > 0
+    prev = meta_ptr + (part - 1) * 8
+    p_fb = tl.load(prev + 0, mask=has_prev, other=0)
+    p_fblk = tl.load(prev + 1, mask=has_prev, other=0)
+    p_lb = tl.load(prev + 2, mask=has_prev, other=0)
+    p_lend = tl.load(prev + 3, mask=has_prev, other=0)
+    p_fs = tl.load(prev + 4, mask=has_prev, other=0)
+    p_n = tl.load(prev + 5, mask=has_prev, other=0)
+    p_made = tl.load(prev + 7, mask=has_prev, other=0)
+    p_busy = has_prev & (p_n != 0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, p_busy & ((p_lb < 0) | (p_lb >= B)), E_RANGE, p_lb, B, e - 8 + 2)
+    p_idx_ok = p_busy & (c == 0)
+    p_L = tl.load(seqlens_ptr + p_lb, mask=p_idx_ok, other=0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, p_idx_ok & _bad_len(p_L, max_len64), E_LEN, p_L, max_len, p_lb)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, p_idx_ok & (p_made != p_L), E_STALE, p_L, p_made, p_lb)
+    p_cont = p_lend < _blocks_of(tl.maximum(p_L, 0), PAGE)      # its last sequence goes on here
+    want_b = tl.where(p_busy, tl.where(p_cont, p_lb, p_lb + 1), p_fb)
+    want_blk = tl.where(p_busy, tl.where(p_cont, p_lend, 0), p_fblk)
+    want_s = tl.where(p_busy, p_fs + p_n, p_fs)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, fb != want_b, E_MISMATCH, fb, want_b, e + 0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, fblk != want_blk, E_MISMATCH, fblk, want_blk, e + 1)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, fs != want_s, E_MISMATCH, fs, want_s, e + 4)
+    # the last row ends after the last block of batch B - 1, with num_splits[B] splits
+    is_last = part == P - 1
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, is_last & busy & (lb != B - 1), E_MISMATCH, lb, B - 1, e + 2)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, is_last & busy & (lend != nb_last), E_MISMATCH, lend, nb_last, e + 3)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, is_last & (n == 0) & (fb != B), E_MISMATCH, fb, B, e + 0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, is_last & (n == 0) & (fblk != 0), E_MISMATCH, fblk, 0, e + 1)
+    ns_total = tl.load(nsplits_ptr + B, mask=is_last, other=0)
+    c, a0, a1, a2 = _fail(c, a0, a1, a2, is_last & (ns_total != fs + n), E_SPLITS, ns_total, fs + n, B)
+    # each piece: its sequence's length, num_splits at its ends, the page ids it reads
+    for k in range(tl.where(c == 0, n, 0)):
+        bi = fb + k
+        L = tl.load(seqlens_ptr + bi)
+        c, a0, a1, a2 = _fail(c, a0, a1, a2, _bad_len(L, max_len64), E_LEN, L, max_len, bi)
+        nb = _blocks_of(tl.maximum(L, 0), PAGE)
+        lo = tl.where(k == 0, fblk, 0)
+        hi = tl.where(bi == lb, lend, nb)
+        sid = fs + k
+        ns_lo = tl.load(nsplits_ptr + bi)
+        ns_hi = tl.load(nsplits_ptr + bi + 1)
+        c, a0, a1, a2 = _fail(c, a0, a1, a2, (lo == 0) & (ns_lo != sid), E_SPLITS, ns_lo, sid, bi)
+        c, a0, a1, a2 = _fail(c, a0, a1, a2, (hi == nb) & (ns_hi != sid + 1), E_SPLITS, ns_hi, sid + 1, bi + 1)
+        hi_chk = tl.where(c == 0, hi, lo)            # page ids only within a checked range
+        for start in range(lo, hi_chk, CHK):
+            blk = start + tl.arange(0, CHK)
+            in_use = blk < hi_chk
+            page = tl.load(bt_ptr + bi * stride_bt + blk, mask=in_use, other=0)
+            bad = in_use & ((page < 0) | (page >= NUM_BLOCKS))
+            first = tl.min(tl.where(bad, blk, 2147483647), axis=0)
+            bad_page = tl.sum(tl.where(blk == first, page, 0), axis=0)
+            c, a0, a1, a2 = _fail(c, a0, a1, a2, first != 2147483647, E_TABLE, bad_page, NUM_BLOCKS, bi)
+    return c, a0, a1, a2
+
+
+@triton.jit
+def _record_error(err_ptr, code, a0, a1, a2):
+    """The first error wins: claim the record's code word, then write the arguments and
+    the program id (pykernels.runtime.device_errors.RECORD_WORDS layout)."""
+    if tl.atomic_cas(err_ptr, 0, code) == 0:
+        tl.store(err_ptr + 1, a0)
+        tl.store(err_ptr + 2, a1)
+        tl.store(err_ptr + 3, a2)
+        tl.store(err_ptr + 4, tl.program_id(0))
+        tl.store(err_ptr + 5, tl.program_id(1))
+        tl.store(err_ptr + 6, tl.program_id(2))
+
+
 @triton.jit
 def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_ptr, meta_ptr, nsplits_ptr,
-                       out_ptr, lse_ptr, oacc_ptr, lacc_ptr,
+                       out_ptr, lse_ptr, oacc_ptr, lacc_ptr, err_ptr,
                        stride_qb, stride_qs, stride_qh, stride_bt,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                       S_Q, H_Q, QR, qk_scale,
+                       S_Q, H_Q, QR, qk_scale, P, B, NUM_BLOCKS, MAX_BLOCKS,
                        CAUSAL: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, SOFT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                        DV: tl.constexpr, DR: tl.constexpr,
                        ROW: tl.constexpr, SF_ROW: tl.constexpr, SF_OFF: tl.constexpr,
-                       ROPE_ROW: tl.constexpr, ROPE_OFF: tl.constexpr, GROUP: tl.constexpr):
+                       ROPE_ROW: tl.constexpr, ROPE_OFF: tl.constexpr, GROUP: tl.constexpr,
+                       CHK: tl.constexpr, E_TABLE: tl.constexpr, E_LEN: tl.constexpr, E_STALE: tl.constexpr,
+                       E_RANGE: tl.constexpr, E_SPLITS: tl.constexpr, E_MISMATCH: tl.constexpr):
     # The 512 latent columns are handled as 4 groups of 128 (the FP8 scale groups), each
     # with its own accumulator: o = [acc0 | acc1 | acc2 | acc3].
     tl.static_assert(DV == 4 * GROUP)
@@ -242,7 +396,13 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
     last_end = tl.load(meta + 3)
     first_split = tl.load(meta + 4)
     pieces = tl.load(meta + 5)
-    for k in range(pieces):
+    err, e0, e1, e2 = _check_partition(first_b, first_blk, last_b, last_end, first_split, pieces,
+                                       tl.load(meta + 6), tl.load(meta + 7), part, meta_ptr, seqlens_ptr,
+                                       nsplits_ptr, bt_ptr, stride_bt, P, B, NUM_BLOCKS, MAX_BLOCKS, PAGE, CHK,
+                                       E_TABLE, E_LEN, E_STALE, E_RANGE, E_SPLITS, E_MISMATCH)
+    if err != 0:
+        _record_error(err_ptr, err, e0, e1, e2)
+    for k in range(tl.where(err == 0, pieces, 0)):        # bad input: none of the work
         bi = first_b + k
         seqlen = tl.maximum(tl.load(seqlens_ptr + bi), 0)
         nblk = (seqlen + PAGE - 1) // PAGE
@@ -325,7 +485,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
 @triton.jit
 def _mla_combine_kernel(nsplits_ptr, oacc_ptr, lacc_ptr, out_ptr, lse_ptr,
                         stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                        H_Q, QR, SOFT: tl.constexpr, BLOCK_R: tl.constexpr, DV: tl.constexpr):
+                        H_Q, QR, MAX_SPLITS, SOFT: tl.constexpr, BLOCK_R: tl.constexpr, DV: tl.constexpr):
     bi = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < QR
@@ -333,7 +493,10 @@ def _mla_combine_kernel(nsplits_ptr, oacc_ptr, lacc_ptr, out_ptr, lse_ptr,
     head = rows % H_Q
     s0 = tl.load(nsplits_ptr + bi)
     n = tl.load(nsplits_ptr + bi + 1) - s0
-    if n > 1:
+    # Scratch rows outside [0, MAX_SPLITS) are never read. Such num_splits fail the decode
+    # kernel's checks (every entry is compared with the metadata there): the error is
+    # recorded already.
+    if (n > 1) & (s0 >= 0) & (s0 <= MAX_SPLITS - n):
         dn = tl.arange(0, DV)
         m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         for j in range(n):
@@ -376,10 +539,11 @@ def split_scratch(b: int, num_sm_parts: int, q_rows: int, head_dim_v: int, devic
 
 
 def decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
-                       oacc, lacc, softmax_scale=None, causal=False, upcast=UPCAST_DOTS, soft=SOFTWARE_ROUNDING,
-                       interpreted=INTERPRETED):
+                       oacc, lacc, record, softmax_scale=None, causal=False, upcast=UPCAST_DOTS,
+                       soft=SOFTWARE_ROUNDING, interpreted=INTERPRETED):
     """(kernel, grid, runtime args by name, constexprs, options) of the decode launch, or
-    None when b = 0. flash_mla_with_kvcache and sm90_compile_specs both use it, so the
+    None when b = 0. record: the int32 [RECORD_WORDS] device error record the input
+    checks write to. flash_mla_with_kvcache and sm90_compile_specs both use it, so the
     specs compile exactly what the GPU runs."""
     b, s_q, h_q, _ = q.shape
     if b == 0:
@@ -390,10 +554,11 @@ def decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_me
     bm, bn, warps = tile_config(qr, interpreted=interpreted)
     grid = (tile_scheduler_metadata.shape[0], triton.cdiv(qr, bm))
     vals = (q, kv, kv_sf, kv_rope, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-            out, lse, oacc, lacc,
+            out, lse, oacc, lacc, record,
             q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            s_q, h_q, qr, scale * LOG2E)
+            s_q, h_q, qr, scale * LOG2E, tile_scheduler_metadata.shape[0], b, k_cache.shape[0],
+            block_table.shape[1])
     args = dict(zip(_mla_decode_kernel.arg_names, vals))
     cx = _decode_constexprs(fp8, causal, bm, bn, upcast, soft)
     return _mla_decode_kernel, grid, args, cx, dict(num_warps=warps, num_stages=2)
@@ -407,7 +572,8 @@ def combine_launch_args(num_splits, oacc, lacc, out, lse, soft=SOFTWARE_ROUNDING
     qr = s_q * h_q
     br = combine_rows(qr, interpreted)
     vals = (num_splits, oacc, lacc, out, lse,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), h_q, qr)
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), h_q, qr,
+            oacc.shape[0])
     args = dict(zip(_mla_combine_kernel.arg_names, vals))
     cx = dict(SOFT=bool(soft), BLOCK_R=br, DV=oacc.shape[-1])
     return _mla_combine_kernel, (b, triton.cdiv(qr, br)), args, cx, dict(num_warps=4, num_stages=_DEFAULT_STAGES)
@@ -418,14 +584,24 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     """Split-KV MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q].
 
     Inputs as validated by pykernels.mla.flash_mla_with_kvcache (h_kv = 1, page 64,
-    contiguous cache, q with unit stride in its last dimension).
+    contiguous cache, q with unit stride in its last dimension). Values the kernel checks
+    itself (docs/mla.md "Checks": the metadata against cache_seqlens, num_splits, page ids
+    and seqlens against the cache and the block table) go to the device error record
+    (pykernels.runtime.device_errors): raised here at once for CPU tensors (the
+    interpreter), at the next check_errors() on a GPU (no host read here).
     """
+    if tile_scheduler_metadata.shape[0] < 1:
+        raise ValueError(f"tile_scheduler_metadata: expected at least one row, got shape "
+                         f"{list(tile_scheduler_metadata.shape)}")
     b, s_q, h_q, _ = q.shape
     if b == 0:
         return out, lse
+    record = device_errors.record_for(q.device, OP_NAME)
     oacc, lacc = split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, head_dim_v, q.device)
     run_launch(decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                            out, lse, oacc, lacc, softmax_scale, causal))
+                                  out, lse, oacc, lacc, record, softmax_scale, causal))
+    if q.device.type == "cpu":
+        device_errors.raise_if_set(record, OP_NAME)
     run_launch(combine_launch_args(num_splits, oacc, lacc, out, lse))
     return out, lse
 
@@ -438,6 +614,8 @@ def combine_rows(q_rows: int, interpreted: bool = INTERPRETED) -> int:
 def _decode_constexprs(fp8, causal, bm, bn, upcast, soft):
     return dict(CAUSAL=bool(causal), FP8=bool(fp8), UPCAST=bool(upcast), SOFT=bool(soft),
                 BLOCK_M=bm, BLOCK_N=bn, PAGE=RM.PAGE_BLOCK_SIZE, DV=RM.HEAD_DIM_V, DR=RM.ROPE_DIM,
+                CHK=_PAGE_CHECK, E_TABLE=ERR_BLOCK_TABLE, E_LEN=ERR_SEQLEN, E_STALE=ERR_STALE,
+                E_RANGE=ERR_META_RANGE, E_SPLITS=ERR_NUM_SPLITS, E_MISMATCH=ERR_META_MISMATCH,
                 ROW=RM.FP8_BYTES_PER_TOKEN if fp8 else RM.HEAD_DIM_QK,
                 SF_ROW=RM.FP8_BYTES_PER_TOKEN // 4, SF_OFF=RM.HEAD_DIM_V // 4,
                 ROPE_ROW=RM.FP8_BYTES_PER_TOKEN // 2,
@@ -478,10 +656,11 @@ def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
     out = _meta(b, s_q, h_q, RM.HEAD_DIM_V, dtype=torch.bfloat16)
     lse = _meta(b, h_q, s_q, dtype=torch.float32)
     oacc, lacc = split_scratch(b, parts, qr, RM.HEAD_DIM_V, torch.device("meta"))
+    record = _meta(device_errors.RECORD_WORDS, dtype=torch.int32)
     gpu = dict(soft=False, interpreted=False)
     label = f"b={b} s_q={s_q} h_q={h_q} seqlen={seqlen} {'fp8' if fp8 else 'bf16'}{' causal' if causal else ''}"
     launches = (("schedule", schedule_launch_args(seqlens, meta, nsplits)),
-                ("decode", decode_launch_args(q, cache, table, seqlens, meta, nsplits, out, lse, oacc, lacc,
+                ("decode", decode_launch_args(q, cache, table, seqlens, meta, nsplits, out, lse, oacc, lacc, record,
                                               causal=causal, upcast=False, **gpu)),
                 ("combine", combine_launch_args(nsplits, oacc, lacc, out, lse, **gpu)))
     return [spec_of(f"{name} {label}", launch) for name, launch in launches]

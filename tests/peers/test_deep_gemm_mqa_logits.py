@@ -2,59 +2,16 @@
 prefill windows) on the emulator against a torch reference, under every schedule, with
 NaN-poisoned logits: every in-window element must be written and nothing outside.
 
-Reference: logits[i, j] = sum_h w[i, h] * relu(kv_scale[j] * q[i, h, :] . kv[j, :]) for
-ks[i] <= j < ke[i], stored compressed (row i, column j - ks[i]) as the kernel writes it.
-Tolerance: calc_diff < 1e-9 (float32 logits; the emulator's wgmma products are exact, the
-head sum's order differs from torch's: ~1e-15 observed)."""
+Reference (cases.py): logits[i, j] = sum_h w[i, h] * relu(kv_scale[j] * q[i, h, :] . kv[j, :])
+for ks[i] <= j < ke[i], stored compressed (row i, column j - ks[i]) as the kernel writes
+it; calc_diff < 1e-9."""
 import pytest
 import torch
 
 from bench.peers import mqa_logits as M
-from pykernels.metrics import calc_diff
 
+from .cases import prefill_windows, run_mqa_logits
 from .conftest import SCHEDULES
-
-TOL = 1e-9
-
-
-def reference_logits(q, kv, kv_scales, weights, ks, ke, width):
-    """Compressed float32 logits [seq_len, width]; NaN outside each row's window."""
-    scores = torch.einsum("ihd,jd->ijh", q.double(), kv.double()) * kv_scales.double()[None, :, None]
-    full = (scores.relu() * weights.double()[:, None, :]).sum(-1)
-    out = torch.full((q.shape[0], width), float("nan"), dtype=torch.float64)
-    for i in range(q.shape[0]):
-        out[i, :ke[i] - ks[i]] = full[i, ks[i]:ke[i]]
-    return out
-
-
-def prefill_windows(seq_lens, extra_kv=0):
-    """Causal windows of sequences packed one after another: query t of a sequence that
-    starts at key s sees keys [s, s + t + 1 + extra_kv) (extra_kv: cached prefix keys)."""
-    ks, ke, start = [], [], 0
-    for n in seq_lens:
-        ks += [start] * n
-        ke += [start + t + 1 + extra_kv for t in range(n)]
-        start += n + extra_kv
-    return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32), start
-
-
-def _run(compiled, ks, ke, seq_len_kv, schedule):
-    cfg = compiled.config
-    seq_len = ks.numel()
-    q = torch.randn(seq_len, cfg.num_heads, cfg.head_dim).to(torch.float8_e4m3fn)
-    kv = torch.randn(seq_len_kv, cfg.head_dim).to(torch.float8_e4m3fn)
-    kv_scales = torch.rand(seq_len_kv) + 0.25
-    weights = torch.randn(seq_len, cfg.num_heads)
-    width = int((ke - ks).max()) + 5                                  # spare columns stay NaN
-    logits = torch.full((M.logits_rows(compiled, seq_len), width), float("nan"))
-    M.launch_mqa_logits(compiled, q, kv, kv_scales, weights, ks, ke, logits, schedule=schedule)
-    ref = reference_logits(q.float(), kv.float(), kv_scales, weights, ks, ke, width)
-    got = logits[:seq_len]
-    inside = ~ref.isnan()
-    assert not got[inside].isnan().any(), "in-window logits left unwritten"
-    assert got[~inside].isnan().all(), "logits written outside the windows"
-    diff = calc_diff(got[inside], ref[inside])
-    assert diff < TOL, f"calc_diff {diff}"
 
 
 # 16 heads x 128 dims, 4 queries per CTA step (wgmma N = 64), 128 keys per step (two math
@@ -64,7 +21,7 @@ def _run(compiled, ks, ke, seq_len_kv, schedule):
 def test_mqa_logits_prefill_windows(schedule, deep_gemm_headers, seed):
     compiled = M.compile_mqa_logits(16, 128, block_q=4, block_kv=128, num_sms=2)
     ks, ke, seq_len_kv = prefill_windows([7, 3, 9], extra_kv=150)
-    _run(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
+    run_mqa_logits(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
 
 
 # 64 heads x 64 dims (64-byte swizzle), 2 queries per step, one math warpgroup (64 keys
@@ -79,7 +36,7 @@ def test_mqa_logits_random_windows(schedule, deep_gemm_headers, seed):
                        torch.tensor(seq_len_kv, dtype=torch.int32))
     ks[0], ke[0] = 13, 13                                             # an empty window
     ks[1], ke[1] = 0, seq_len_kv                                      # every key
-    _run(compiled, ks, ke, seq_len_kv, schedule)
+    run_mqa_logits(compiled, ks, ke, seq_len_kv, schedule)
 
 
 def test_bad_inputs_name_the_argument(deep_gemm_headers):

@@ -1,0 +1,107 @@
+"""Shared cases of the peer tests: random FP8 operands (quantized by pykernels.reference),
+and runs of each DeepGEMM kernel on the emulator checked against a reference with
+NaN-poisoned outputs. Each run returns the emulator's Stats.
+
+Tolerances (calc_diff): GEMMs 1e-5 against the float32 reference rounded to bf16 (the
+emulator's wgmma sums are exact: ~1e-10 observed for FP8, ~1e-12 for BF16; a wrong scale
+factor or a lost K block gives > 1e-2 with these inputs); MQA logits 1e-9 (float32 logits
+against a float64 reference: ~1e-15 observed)."""
+import torch
+
+from bench.peers import bf16_gemm as B
+from bench.peers import deep_gemm as D
+from bench.peers import mqa_logits as M
+from pykernels import reference as R
+from pykernels.metrics import calc_diff
+
+GEMM_TOL = 1e-5
+LOGITS_TOL = 1e-9
+
+
+def spread(rows, cols, row_block):
+    """randn [rows, cols] times 2^e, e uniform in [-4, 4] per (row_block x 128) block, so
+    every scale factor differs and using a wrong one shows far above the tolerance."""
+    e = torch.randint(-4, 5, (-(-rows // row_block), -(-cols // 128))).float()
+    f = torch.exp2(e).repeat_interleave(row_block, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    return (torch.randn(rows, cols) * f).to(torch.bfloat16)
+
+
+def fp8_gemm_problem(m, n, k):
+    """a e4m3 [m, k] with 1x128 scales sfa [m, k/128]; b e4m3 [n, k] with 128x128 scales."""
+    a, sfa = R.per_token_cast_to_fp8(spread(m, k, 1))
+    b, sfb = R.per_block_cast_to_fp8(spread(n, k, 128))
+    return a, sfa, b, sfb
+
+
+def nan_out(m, n):
+    return torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+
+
+def run_fp8_gemm(compiled, m, n, k, schedule):
+    a, sfa, b, sfb = fp8_gemm_problem(m, n, k)
+    out = nan_out(m, n)
+    stats = D.launch_fp8_gemm(compiled, a, sfa, b, sfb, out, schedule=schedule)
+    assert not out.isnan().any(), "output elements left unwritten"
+    diff = calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb))
+    assert diff < GEMM_TOL, f"calc_diff {diff}"
+    cfg = compiled.config
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    assert stats.global_written == m * n * 2                      # each output element once
+    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.math_threads // 128)
+    return stats
+
+
+def run_bf16_gemm(compiled, m, n, k, schedule):
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    b = torch.randn(n, k, dtype=torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    stats = B.launch_bf16_gemm(compiled, a, b, out, schedule=schedule)
+    assert not out.isnan().any(), "output elements left unwritten"
+    diff = calc_diff(out, (a.float() @ b.float().T).bfloat16())
+    assert diff < GEMM_TOL, f"calc_diff {diff}"
+    cfg = compiled.config
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    assert stats.global_written == m * n * 2
+    assert stats.wgmma == tiles * (-(-k // B.BLOCK_K)) * (B.BLOCK_K // 16) * (cfg.math_threads // 128)
+    return stats
+
+
+def reference_logits(q, kv, kv_scales, weights, ks, ke, width):
+    """Compressed float32 logits [seq_len, width]; NaN outside each row's window."""
+    scores = torch.einsum("ihd,jd->ijh", q.double(), kv.double()) * kv_scales.double()[None, :, None]
+    full = (scores.relu() * weights.double()[:, None, :]).sum(-1)
+    out = torch.full((q.shape[0], width), float("nan"), dtype=torch.float64)
+    for i in range(q.shape[0]):
+        out[i, :ke[i] - ks[i]] = full[i, ks[i]:ke[i]]
+    return out
+
+
+def prefill_windows(seq_lens, extra_kv=0):
+    """Causal windows of sequences packed one after another: query t of a sequence that
+    starts at key s sees keys [s, s + t + 1 + extra_kv) (extra_kv: cached prefix keys)."""
+    ks, ke, start = [], [], 0
+    for n in seq_lens:
+        ks += [start] * n
+        ke += [start + t + 1 + extra_kv for t in range(n)]
+        start += n + extra_kv
+    return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32), start
+
+
+def run_mqa_logits(compiled, ks, ke, seq_len_kv, schedule):
+    cfg = compiled.config
+    seq_len = ks.numel()
+    q = torch.randn(seq_len, cfg.num_heads, cfg.head_dim).to(torch.float8_e4m3fn)
+    kv = torch.randn(seq_len_kv, cfg.head_dim).to(torch.float8_e4m3fn)
+    kv_scales = torch.rand(seq_len_kv) + 0.25
+    weights = torch.randn(seq_len, cfg.num_heads)
+    width = int((ke - ks).max()) + 5                                  # spare columns stay NaN
+    logits = torch.full((M.logits_rows(compiled, seq_len), width), float("nan"))
+    stats = M.launch_mqa_logits(compiled, q, kv, kv_scales, weights, ks, ke, logits, schedule=schedule)
+    ref = reference_logits(q.float(), kv.float(), kv_scales, weights, ks, ke, width)
+    got = logits[:seq_len]
+    inside = ~ref.isnan()
+    assert not got[inside].isnan().any(), "in-window logits left unwritten"
+    assert got[~inside].isnan().all(), "logits written outside the windows"
+    diff = calc_diff(got[inside], ref[inside])
+    assert diff < LOGITS_TOL, f"calc_diff {diff}"
+    return stats

@@ -47,7 +47,7 @@ def run_fp8_gemm(compiled, m, n, k, schedule):
     cfg = compiled.config
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     assert stats.global_written == m * n * 2                      # each output element once
-    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.math_threads // 128)
+    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64)   # k32 steps x 64-row slabs
     return stats
 
 
@@ -62,7 +62,7 @@ def run_bf16_gemm(compiled, m, n, k, schedule):
     cfg = compiled.config
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     assert stats.global_written == m * n * 2
-    assert stats.wgmma == tiles * (-(-k // B.BLOCK_K)) * (B.BLOCK_K // 16) * (cfg.math_threads // 128)
+    assert stats.wgmma == tiles * (-(-k // B.BLOCK_K)) * (B.BLOCK_K // 16) * (cfg.block_m // 64)
     return stats
 
 

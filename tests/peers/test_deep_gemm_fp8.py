@@ -37,6 +37,13 @@ def test_fp8_gemm_cluster2_multicast_a_unaligned_n(schedule, deep_gemm_headers, 
         run_fp8_gemm(compiled, 130, 480, 256, schedule)
 
 
+# 256-row tiles (two 128-row waves per math warpgroup pair, 3 stages), a partial m-block.
+def test_fp8_gemm_block_m256(deep_gemm_headers, seed):
+    compiled = D.compile_fp8_gemm(256, 128, num_sms=2)
+    assert compiled.config.stages == 3
+    run_fp8_gemm(compiled, 300, 256, 256, "wg_last")
+
+
 # 64-row tiles: one math warpgroup; compiled N and K (DeepGEMM's default 'nk' constants).
 def test_fp8_gemm_block_m64_compiled_nk(deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(64, 64, num_sms=2, shape_n=192, shape_k=384)

@@ -118,6 +118,9 @@ def fp8_gemm_args(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out) -> list:
     check_tensor("sfb", sfb, torch.float32, (cdiv(n, SCALE_BLOCK), kb))
     check_tensor("out", out, torch.bfloat16, (m, n))
     cfg.check_dims(m, n, k)
+    if cfg.shared_bytes(k) > SMEM_PER_BLOCK:
+        raise ValueError(f"a: K = {k} needs {cfg.shared_bytes(k)} bytes of shared memory with {cfg.stages} "
+                         f"stages, more than {SMEM_PER_BLOCK}: compile with fewer stages")
     for name, t in (("a", a), ("b", b), ("out", out)):
         check_tma_rows(name, t)
     maps = [TensorMapDesc(a, (cfg.block_m, BLOCK_K), SWIZZLE_AB),

@@ -82,12 +82,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     [b, h_q, s_q]) are written in place when given. Rows that see no key: out 0, lse +inf.
     Returns (out, softmax_lse).
     """
-    p = OM.public_decode_problem(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                                 num_splits, softmax_scale, causal, out=out, softmax_lse=softmax_lse)
-    torch.ops.pykernels.flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens,
-                                               p.tile_scheduler_metadata, p.num_splits, p.out, p.softmax_lse,
-                                               p.head_dim_v, p.softmax_scale, p.causal, backend)
-    return p.out, p.softmax_lse
+    q, out, softmax_lse = OM.outputs(q, out, softmax_lse)
+    args = [V.as_tensor(name, t) for name, t in (("k_cache", k_cache), ("block_table", block_table),
+                                                  ("cache_seqlens", cache_seqlens),
+                                                  ("tile_scheduler_metadata", tile_scheduler_metadata),
+                                                  ("num_splits", num_splits))]
+    softmax_scale = OM.check_scalars(head_dim_v, softmax_scale, causal)
+    torch.ops.pykernels.flash_mla_with_kvcache(q, *args, out, softmax_lse, int(head_dim_v), softmax_scale,
+                                               causal, backend)
+    return out, softmax_lse
 
 
 def decode_cost(batch: int, s_q: int, h_q: int, seqlen: int, fp8_cache: bool = False) -> dict:

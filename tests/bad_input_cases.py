@@ -183,7 +183,7 @@ def gemm_cases():
         masked("masked_m-strided", am, sfam, bg, sfbg, nan_out(g, m_max, n),
                torch.stack([mm, mm], 1)[:, 0], 32, _err("masked_m")),
         masked("masked_m-int64", am, sfam, bg, sfbg, nan_out(g, m_max, n), mm.long(), 32, _err("masked_m")),
-        masked("groups-mismatch", am[:2], sfam[:2], bg, sfbg, nan_out(2, m_max, n), mm[:2], 32, _err("a")),
+        masked("groups-mismatch", am[:2], sfam[:2], bg, sfbg, nan_out(2, m_max, n), mm[:2], 32, _err("b")),
         masked("expected_m-negative", am, sfam, bg, sfbg, nan_out(g, m_max, n), mm, -1, _err("expected_m")),
     ]
     return cases

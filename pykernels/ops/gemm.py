@@ -87,7 +87,7 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
     V.check_multiple("k", k, SCALE_BLOCK)
     groups = b.shape[0] if grouped_b else 1
     if grouped_a and a.shape[0] != groups:
-        raise ValueError(f"a: expected {groups} groups (b's first dim) in shape {list(a.shape)}, got {a.shape[0]}")
+        raise ValueError(f"b: expected {a.shape[0]} groups (a's first dim) in shape {list(b.shape)}, got {groups}")
     for name, t in (("a", a), ("b", b), ("out", out), ("sfb", sfb)):
         V.check_contiguous(name, t)
     V.check_shape("sfa", sfa, tuple(a.shape[:-2]) + (m, cdiv(k, SCALE_BLOCK)))

@@ -144,6 +144,34 @@ def _check_device_values(p: DecodeProblem) -> None:
     check_schedule(p.tile_scheduler_metadata, p.num_splits, p.cache_seqlens)
 
 
+def check_scalars(head_dim_v, softmax_scale, causal) -> float:
+    """head_dim_v 512; softmax_scale None (576 ** -0.5) or a positive finite float; causal a
+    bool. Returns the softmax scale."""
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, numbers.Integral) or head_dim_v != RM.HEAD_DIM_V:
+        raise ValueError(f"head_dim_v: expected {RM.HEAD_DIM_V}, got {head_dim_v!r}")
+    if softmax_scale is None:
+        softmax_scale = RM.default_softmax_scale()
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale: expected None or a positive finite float, got {softmax_scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    return float(softmax_scale)
+
+
+def check_q(q: torch.Tensor):
+    """q: bf16 [b, s_q, h_q, 576] with unit stride in the last dim; returns (b, s_q, h_q)."""
+    V.check_dtype("q", q, torch.bfloat16)
+    V.check_rank("q", q, 4)
+    b, s_q, h_q, d = q.shape
+    if d != RM.HEAD_DIM_QK:
+        raise ValueError(f"q: expected head dim {RM.HEAD_DIM_QK} (last dim), got {d} in shape {list(q.shape)}")
+    if s_q < 1 or h_q < 1:
+        raise ValueError(f"q: expected s_q >= 1 and h_q >= 1, got shape {list(q.shape)}")
+    V.check_inner_contiguous("q", q)
+    return b, s_q, h_q
+
+
 def decode_problem(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                    out, softmax_lse, head_dim_v, softmax_scale, causal, *, values=True) -> DecodeProblem:
     """Validate one decode call (every error names the argument, what was expected and
@@ -158,17 +186,8 @@ def decode_problem(q, k_cache, block_table, cache_seqlens, tile_scheduler_metada
     out = V.as_tensor("out", out)
     lse = V.as_tensor("softmax_lse", softmax_lse)
 
-    V.check_dtype("q", q, torch.bfloat16)
-    V.check_rank("q", q, 4)
-    b, s_q, h_q, d = q.shape
-    if d != RM.HEAD_DIM_QK:
-        raise ValueError(f"q: expected head dim {RM.HEAD_DIM_QK} (last dim), got {d} in shape {list(q.shape)}")
-    if s_q < 1 or h_q < 1:
-        raise ValueError(f"q: expected s_q >= 1 and h_q >= 1, got shape {list(q.shape)}")
-    V.check_inner_contiguous("q", q)
+    b, s_q, h_q = check_q(q)
     _check_cache(k_cache)
-    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, numbers.Integral) or head_dim_v != RM.HEAD_DIM_V:
-        raise ValueError(f"head_dim_v: expected {RM.HEAD_DIM_V}, got {head_dim_v!r}")
     V.check_dtype("block_table", block_table, torch.int32)
     V.check_rank("block_table", block_table, 2)
     V.check_shape("block_table", block_table, (b, None))
@@ -184,13 +203,7 @@ def decode_problem(q, k_cache, block_table, cache_seqlens, tile_scheduler_metada
     V.check_dtype("num_splits", num_splits, torch.int32)
     V.check_shape("num_splits", num_splits, (b + 1,))
     V.check_contiguous("num_splits", num_splits)
-    if softmax_scale is None:
-        softmax_scale = RM.default_softmax_scale()
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
-            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale: expected None or a positive finite float, got {softmax_scale!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    softmax_scale = check_scalars(head_dim_v, softmax_scale, causal)
     V.check_dtype("out", out, torch.bfloat16)
     V.check_shape("out", out, (b, s_q, h_q, RM.HEAD_DIM_V))
     V.check_inner_contiguous("out", out)
@@ -247,17 +260,23 @@ DECODE.add(B.triton(lambda p: _triton().flash_mla_with_kvcache(*_args(p))))
 DECODE.add(B.reference(_reference))
 
 
+def outputs(q, out=None, softmax_lse=None):
+    """(q, out, softmax_lse) with out bf16 [b, s_q, h_q, 512] and softmax_lse float32
+    [b, h_q, s_q] allocated where not given (q checked first: its shape sizes them)."""
+    q = V.as_tensor("q", q)
+    b, s_q, h_q = check_q(q)
+    if out is None:
+        out = q.new_empty((b, s_q, h_q, RM.HEAD_DIM_V))
+    if softmax_lse is None:
+        softmax_lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    return q, V.as_tensor("out", out), V.as_tensor("softmax_lse", softmax_lse)
+
+
 def public_decode_problem(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                           num_splits, softmax_scale=None, causal=False, *, out=None, softmax_lse=None):
     """The problem of a call in the public (FlashMLA) argument order; out / softmax_lse
     are allocated when not given."""
-    q = V.as_tensor("q", q)
-    if q.dim() == 4:
-        b, s_q, h_q, _ = q.shape
-        if out is None:
-            out = q.new_empty((b, s_q, h_q, RM.HEAD_DIM_V))
-        if softmax_lse is None:
-            softmax_lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    q, out, softmax_lse = outputs(q, out, softmax_lse)
     return decode_problem(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                           out, softmax_lse, head_dim_v, softmax_scale, causal)
 

@@ -108,8 +108,13 @@ def check_int(name: str, v, lo: int = None, hi: int = None) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"{name}: expected an int in {rng}, got {v}")
+        if hi is None:
+            want = f">= {lo}"
+        elif lo is None:
+            want = f"<= {hi}"
+        else:
+            want = f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected an int {want}, got {v}")
     return int(v)
 
 

@@ -5,9 +5,26 @@ Entry points: `launch(ptx, kernel, grid, block, args, shared_mem=0, cluster=(1,1
 returning per-launch Stats; `launch_many([...])` for concurrent launches on several
 emulated devices; `launch_triton(compiled, grid, *args)` for Triton-compiled kernels;
 and `parse(ptx)` for the module structure.
+
+Submodules load on first use (module __getattr__), so `import pykernels.emu` is cheap
+and importing a name loads only what it needs.
 """
-from .errors import Deadlock, EmuError, MemoryFault, UnsupportedInstruction  # noqa: F401
-from .launch import launch, launch_many  # noqa: F401
-from .parser import parse  # noqa: F401
-from .triton_compile import CompiledPTX, compile_triton  # noqa: F401,E402
-from .triton_launch import launch_triton  # noqa: F401,E402
+import importlib
+
+_EXPORTS = {"Deadlock": "errors", "EmuError": "errors", "MemoryFault": "errors", "UnsupportedInstruction": "errors",
+            "launch": "launch", "launch_many": "launch", "parse": "parser", "CompiledPTX": "triton_compile",
+            "compile_triton": "triton_compile", "launch_triton": "triton_launch"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -82,7 +82,7 @@ class Launch:
                 self.gmem.register_tensor(a, f"argument {p.name}")
                 raw = struct.pack("<Q", a.data_ptr())
             elif hasattr(a, "emu_image"):                    # tensor maps
-                raw = a.emu_image(self.gmem)
+                raw = a.emu_image(self.gmem, f"tensor map {p.name}")
                 if len(raw) != p.size:
                     raise ValueError(f"args: parameter {p.name} holds {p.size} bytes, the tensor map {len(raw)}")
             elif isinstance(a, (bytes, bytearray)):

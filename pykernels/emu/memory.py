@@ -121,6 +121,10 @@ class GlobalMemory:
             self._check_extents(addr, which, size, where)
         return which, addr - self._bases[which]
 
+    def check(self, addr, size, where):
+        """Raise MemoryFault unless every `size`-byte access at addr is valid."""
+        self._locate(np.asarray(addr, dtype=np.uint64), size, where)
+
     def load(self, addr, dtype, where):
         size = np.dtype(dtype).itemsize
         which, off = self._locate(addr, size, where)

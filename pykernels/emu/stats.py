@@ -1,5 +1,5 @@
 """Per-launch counters: instructions by class (warp-level, as GPU profilers count),
-global bytes read and written, shared-memory bank conflicts, wgmma issued."""
+global bytes read and written, shared-memory bank conflicts, wgmma and bulk copies issued."""
 import collections
 import dataclasses
 
@@ -39,6 +39,8 @@ class Stats:
     shared_accesses: int = 0
     bank_conflicts: int = 0
     wgmma: int = 0
+    bulk_copies: int = 0             # TMA / bulk copies issued (one per executing thread, PTX)
+    bulk_copies_duplicate: int = 0   # of which repeat another thread's of the same warp instruction
     ctas: int = 0
     _cls: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -81,4 +83,5 @@ class Stats:
         return {"instructions": dict(self.instructions), "instructions_total": self.instructions_total,
                 "thread_instructions": self.thread_instructions, "global_bytes_read": self.global_read,
                 "global_bytes_written": self.global_written, "shared_accesses": self.shared_accesses,
-                "shared_bank_conflicts": self.bank_conflicts, "wgmma_issued": self.wgmma, "ctas": self.ctas}
+                "shared_bank_conflicts": self.bank_conflicts, "wgmma_issued": self.wgmma,
+                "bulk_copies": self.bulk_copies, "bulk_copies_duplicate": self.bulk_copies_duplicate, "ctas": self.ctas}

@@ -18,12 +18,12 @@ class _DescriptorImage:
     def __init__(self, desc, meta):
         self.desc, self.meta = desc, meta
 
-    def emu_image(self, gmem):
+    def emu_image(self, gmem, name="a tensor descriptor"):
         d, meta = self.desc, self.meta
         if meta.get("is_im2col") or meta.get("fp4_padded"):
             raise ValueError("args: im2col and fp4-padded tensor descriptors are not supported by the emulator")
         base = d.base
-        gmem.register_tensor(base)
+        gmem.register_tensor(base, name)
         eb = int(meta["elem_size"])
         return TensorMapImage(address=base.data_ptr(), dims=tuple(int(s) for s in reversed(d.shape)),
                               strides_bytes=tuple(int(s) * eb for s in reversed(d.strides)),

@@ -24,4 +24,4 @@ def types_of(ins):
     return [m for m in ins.mods if m in TYPES]
 
 
-from . import arith, control, convert, memory, matrix, cp_async, mbarrier, wgmma, bulk_copy  # noqa: E402,F401  (registration)
+from . import arith, control, convert, memory, matrix, cp_async, mbarrier, wgmma, bulk_copy, tensormap  # noqa: E402,F401,E501

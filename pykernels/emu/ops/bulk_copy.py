@@ -57,9 +57,35 @@ def _tensor_map(m, operand, t):
             m.fail(MemoryFault, f"tensor map at {addr:#x} is not 64-byte aligned", np.array([t]))
         raw = _read_bytes(m, addr, IMAGE_BYTES, t)
     try:
-        return TensorMapImage.unpack(raw)
+        img = TensorMapImage.unpack(raw)
     except ValueError as e:
         m.fail(EmuError, str(e), np.array([t]))
+    try:
+        return img.check()          # a map edited on the device is checked only here
+    except ValueError as e:
+        m.fail(EmuError, f"{e}: {img.describe()}", np.array([t]))
+
+
+def _check_box(m, img, coord, t, what):
+    """At issue: every in-bound element of the box must lie in the kernel's memory (a bad
+    global address or extent in the map is reported here, with the map's fields)."""
+    addr, valid, _ = _box(img, coord)
+    if valid.any():
+        here = m.where(np.array([t]))
+        m.L.gmem.check(addr[valid].astype(np.uint64), img.elem_bytes,
+                       lambda j=0: f"{here()}: TMA {what} of the box at {tuple(int(c) for c in coord)} "
+                                   f"through the {img.describe()}")
+
+
+def _count_issued(m, ins, idx, keys):
+    """Statistics: one copy per executing thread (the PTX ISA makes cp.async.bulk a
+    per-thread instruction: every thread that executes it issues its own copy, as the
+    hardware does); `bulk_copies_duplicate` counts copies that repeat another thread's
+    of the same warp instruction (same operands): usually a missing elect / lane guard."""
+    st = m.L.stats
+    st.bulk_copies += len(idx)
+    pairs = {(int(m.warp[t]), k) for t, k in zip(idx.tolist(), keys)}
+    st.bulk_copies_duplicate += len(idx) - len(pairs)
 
 
 def _coords(m, operand, idx, rank):
@@ -122,9 +148,12 @@ def _tensor_load(m, ins, idx):
     bars = m.address(img_ops[2], idx, "shared::cluster").astype(np.int64)
     multicast = "multicast::cluster" in ins.mods
     masks = m.read(img_ops[3], "u16", idx).astype(np.int64) if multicast else None
+    keys = []
     for j, t in enumerate(idx.tolist()):
         img = _tensor_map(m, img_ops[1], t)
         coord = _coords(m, img_ops[1], idx[j:j + 1], img.rank)[0]
+        _check_box(m, img, coord, t, "load")
+        keys.append((img, tuple(coord.tolist()), int(dsts[j])))
         if dsts[j] % 128:
             m.fail(MemoryFault, f"TMA destination {int(dsts[j]):#x} is not 128-byte aligned", idx[j:j + 1])
         targets, off = _smem_targets(m, int(dsts[j]), t, None if masks is None else int(masks[j]))
@@ -135,6 +164,7 @@ def _tensor_load(m, ins, idx):
         if m.order:
             m.order.tma_load(copy, t, img, coord, targets, off, bar_targets, bar_off)
         m.issue_async(copy)
+    _count_issued(m, ins, idx, keys)
 
 
 def _make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t):
@@ -158,15 +188,19 @@ def _make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t):
 
 def _tensor_store(m, ins, idx):
     srcs = m.address(ins.operands[1], idx, "shared::cta").astype(np.int64)
+    keys = []
     for j, t in enumerate(idx.tolist()):
         img = _tensor_map(m, ins.operands[0], t)
         coord = _coords(m, ins.operands[0], idx[j:j + 1], img.rank)[0]
+        _check_box(m, img, coord, t, "store")
+        keys.append((img, tuple(coord.tolist()), int(srcs[j])))
         if srcs[j] % 128:
             m.fail(MemoryFault, f"TMA source {int(srcs[j]):#x} is not 128-byte aligned", idx[j:j + 1])
         copy = _Copy(_make_tensor_store(img, coord, int(m.cta[t]), int(srcs[j]), t), f"TMA store (line {ins.line})")
         if m.order:
             m.order.tma_store(copy, t, img, coord, int(m.cta[t]), int(srcs[j]))
         _bulk_op(m, t, copy)
+    _count_issued(m, ins, idx, keys)
 
 
 def _make_tensor_store(img, coord, cta, src, t):
@@ -214,6 +248,7 @@ def _plain_bulk(m, ins, idx):
         if m.order:
             m.order.bulk_to_shared(copy, t, src_space, int(src[j]), n, targets, off, bars, bar_off)
         m.issue_async(copy)
+    _count_issued(m, ins, idx, list(zip(dst.tolist(), src.tolist(), size.tolist())))
 
 
 def _make_to_global(dst, cta, src, n, t):
@@ -271,6 +306,9 @@ def cp(m, ins, idx):
         from .cp_async import cp as cp_async   # non-bulk cp.async (per-thread groups)
         return cp_async(m, ins, idx)
     if "prefetch" in mods:
+        if "tensor" in mods:        # cp.async.bulk.prefetch.tensor: only the map is checked (an L2 hint)
+            for t in idx.tolist():
+                _tensor_map(m, ins.operands[0], t)
         return
     if "commit_group" in mods or "wait_group" in mods:
         return _groups(m, ins, idx)

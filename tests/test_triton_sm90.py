@@ -188,7 +188,7 @@ def test_specs_are_the_gpu_launches():
     s = specs["normal m=4096 n=7168 k=7168 sfa=col"]
     assert (s.num_warps, s.num_stages, s.grid) == (8, G.NUM_STAGES, (32, 56, 1))
     assert s.constexprs == dict(LAYOUT=0, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SOFT=False,
-                                stride_sfa_m=1, stride_sfb_k=1)   # unit strides become constexprs
+                                stride_sfa_m=1, stride_sfb_k=1, G=1)   # integer-1 arguments become constexprs
     names = G._fp8_gemm_kernel.arg_names
     aligned = {names[i[0]] for i in s.attrs}
     assert {"a_ptr", "sfa_ptr", "b_ptr", "sfb_ptr", "out_ptr", "M", "N", "K", "stride_am",

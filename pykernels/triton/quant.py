@@ -78,7 +78,8 @@ NUM_STAGES = 3               # Triton's default (these kernels have no loop to p
 
 
 def per_token_launch_args(x, q, sf, soft=SOFTWARE_ROUNDING):
-    """The launch description (sm90.run_launch) of the per-token kernel, or None when empty. per_token_cast_to_fp8 and sm90_compile_specs both use it."""
+    """The launch description (sm90.run_launch) of the per-token kernel, or None when empty.
+    per_token_cast_to_fp8 and sm90_compile_specs both use it."""
     m, k = x.shape
     if not (m and k):
         return None

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..runtime import device_errors
-from ..runtime.hardware import SCALE_BLOCK, cdiv
+from ..runtime.hardware import SCALE_BLOCK, cdiv, round_up
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
@@ -206,7 +206,7 @@ def _scales(lead, m, kb, col_major):
     (pykernels.get_col_major_tma_aligned_tensor: strides (kb*m_pad,) 1, m_pad)."""
     if not col_major:
         return _meta(lead + (m, kb), torch.float32)
-    m_pad = (m + 3) // 4 * 4
+    m_pad = round_up(m, 4)
     return _meta(lead + (m, kb), torch.float32, ((kb * m_pad,) if lead else ()) + (1, m_pad))
 
 

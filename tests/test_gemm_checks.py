@@ -302,3 +302,46 @@ def test_cuda_executor_never_reads_the_record(monkeypatch):
     b, sfb = quantized_weights(groups, n, k)
     G.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(3, n), "cuda")
     assert launched == ["cuda"]
+
+
+# ------------------------------------------------------------------------ on a GPU
+
+@pytest.mark.gpu
+def test_cuda_records_without_a_host_read_and_inside_a_cuda_graph(seed):
+    # the call returns without raising (no synchronisation); check_errors() raises later
+    dev = torch.device("cuda", torch.cuda.current_device())
+    D.record_for(dev, "test").zero_()
+    groups, n, k = 3, 256, 256
+    idx = _bad_indices(groups)
+    a, sfa = _rows_a(idx.numel(), k)
+    b, sfb = quantized_weights(groups, n, k)
+    out = nan_bf16(idx.numel(), n).to(dev)
+    G.m_grouped_fp8_gemm_nt_contiguous(a.to(dev), sfa.to(dev), b.to(dev), sfb.to(dev), idx.to(dev), out, "cuda")
+    with pytest.raises(D.KernelInputError, match="m_grouped_fp8_gemm_nt_contiguous: m_indices: expected values"):
+        D.check_errors(dev)
+    own = (idx >= 0) & (idx < groups)
+    _assert_untouched(out.cpu(), nan_bf16(idx.numel(), n), ~own)
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(idx.numel(), n))
+    _assert_owned_match(out.cpu(), ref, own)
+
+    # masked, captured in a CUDA graph with valid values, replayed after masked_m turned bad
+    m_max = 96
+    a3, sfa3 = _masked_a(groups, m_max, k)
+    args = [t.to(dev) for t in (a3, sfa3, b, sfb)]
+    masked_m = torch.tensor([96, 40, 5], dtype=torch.int32, device=dev)
+    out3 = nan_bf16(groups, m_max, n).to(dev)
+    G.m_grouped_fp8_gemm_nt_masked(*args, masked_m, out3, "cuda", expected_m=64)      # warm-up (module load)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        G.m_grouped_fp8_gemm_nt_masked(*args, masked_m, out3, "cuda", expected_m=64)
+    masked_m.copy_(torch.tensor([96, 97, 5], dtype=torch.int32))
+    out3.fill_(float("nan"))
+    graph.replay()
+    with pytest.raises(D.KernelInputError, match="masked_m: expected values in \\[0, 96\\].*got 97 for group 1"):
+        D.check_errors(dev)
+    bad = masked_m.cpu()
+    own3 = (torch.arange(m_max)[None, :] < bad[:, None]) & torch.tensor([True, False, True])[:, None]
+    _assert_untouched(out3.cpu(), nan_bf16(groups, m_max, n), ~own3)
+    ref3 = R.m_grouped_fp8_gemm_nt_masked(a3, sfa3, b, sfb, bad, nan_bf16(groups, m_max, n))
+    _assert_owned_match(out3.cpu(), ref3, own3)

@@ -145,6 +145,27 @@ def test_quantization_non_finite_bits_match_reference(backend, op, dtype, seed):
     assert torch.equal(_bits(sf), _bits(rsf))
 
 
+@pytest.mark.slow
+def test_compiled_triton_quantization_non_finite_bits(seed):
+    # The Triton kernels as a GPU runs them (compiled for sm_90a: hardware cvt, tl.max,
+    # no software rounding), their PTX on the emulator: the reference's bits as well.
+    from pykernels import emu
+    from pykernels.triton import sm90
+    cases = []
+    for op, dtype in (("per_token", torch.float32), ("per_token", torch.bfloat16), ("per_block", torch.float16)):
+        x, _, _ = _special_input(op, dtype)
+        sf_rows = -(-x.shape[0] // BLOCK) if op == "per_block" else x.shape[0]
+        q = torch.full(x.shape, 0xFF, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        sf = torch.full((sf_rows, -(-x.shape[1] // BLOCK)), 12345.0)
+        cases.append((op, x, q, sf, tq.quant_launch_spec(f"{op} {dtype}", op == "per_block", x, q, sf)))
+    compiled = sm90.compile_sm90([c[-1] for c in cases], jobs=2)
+    for (op, x, q, sf, spec), c in zip(cases, compiled):
+        emu.launch_triton(c, spec.grid, *spec.args)
+        rq, rsf = _quantize("reference", op, x)
+        assert torch.equal(_bits(q), _bits(rq)), spec.label
+        assert torch.equal(_bits(sf), _bits(rsf)), spec.label
+
+
 # ----------------------------------------------------------------------------- GEMM
 
 GEMM_TOL = 1e-3          # calc_diff per output row over its finite elements (DeepGEMM's bound)

@@ -1,6 +1,6 @@
 """Host side of the hand-written FP8 block-scaled GEMM (csrc/gemm/fp8_gemm.cu, docs/gemm.md).
 
-Inputs are validated by pykernels.gemm; here: tile-config choice, stage count, grid,
+Inputs are validated by pykernels.ops.gemm; here: tile-config choice, stage count, grid,
 shared-memory size, tensor maps, argument packing -> LaunchPlan, run on the GPU
 ("cuda") or on the PTX emulator ("emu"). No host-device synchronisation.
 
@@ -28,7 +28,7 @@ import torch
 
 from ..runtime import artifacts, device_errors
 from ..runtime.executors import max_active_clusters, run_plan
-from ..runtime.hardware import DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, cdiv, num_sms, round_up  # noqa: F401
+from ..runtime.hardware import DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, cdiv, num_sms, round_up
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
@@ -90,8 +90,9 @@ class Config:
 
     def smem_bytes(self, stages: int) -> int:
         """Dynamic shared memory (Layout::smem_bytes in the kernel, which traps when given
-        less: tests/test_gemm_emu.py checks the two agree): 1024 alignment slack + stages x (A + B tiles + BLOCK_M f32 A scales) + a 64 x
-        BLOCK_N bf16 output staging tile per math warpgroup + 2 mbarriers per stage."""
+        less: tests/test_gemm_emu.py checks the two agree): 1024 alignment slack + stages
+        x (A + B tiles + BLOCK_M f32 A scales) + a 64 x BLOCK_N bf16 output staging tile
+        per math warpgroup + 2 mbarriers per stage."""
         staging = self.math_warpgroups * 64 * 2 * self.block_n
         return 1024 + stages * (self.stage_bytes() + 4 * self.block_m) + staging + 16 * stages
 
@@ -113,7 +114,8 @@ def compiled_configs() -> tuple:
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
         match = _ENTRY.fullmatch(function)
         if match is None:
-            raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape (pk_fp8_gemm_nt_m<BM>n<BN>[_mc2])")
+            raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "
+                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2])")
         bm, bn, cluster = match.groups()
         found.append(Config(int(bm), int(bn), int(cluster or 1)))
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))

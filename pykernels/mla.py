@@ -18,6 +18,7 @@ backend reads cache_seqlens on the host.
 """
 import torch
 
+from .mla_schedule import MlaSchedule
 from .ops import mla as OM
 from .reference import mla as RM
 from .runtime import validate as V
@@ -38,17 +39,25 @@ def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num
     return max(1, sms // (num_heads_k * tiles))
 
 
-def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int,
+def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int = None, num_heads_k: int = None,
                      num_sm_parts: int = None, *, backend: str = "auto"):
-    """Split-KV schedule for flash_mla_with_kvcache.
+    """Split-KV schedule for flash_mla_with_kvcache, in FlashMLA's two forms.
 
-    cache_seqlens: int32 [b]; num_q_tokens_per_head_k: s_q * h_q // h_kv; num_heads_k:
+    get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k[, num_sm_parts]):
+    cache_seqlens int32 [b]; num_q_tokens_per_head_k: s_q * h_q // h_kv; num_heads_k:
     h_kv; num_sm_parts: SM partitions (default: SM count / (h_kv * ceil(rows / 64))).
     Returns (tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1])
     on cache_seqlens' device. Row p of the metadata: [first_batch, first_block,
-    last_batch, last_block_end, first_split, num_pieces, 0, 0]; num_splits[i] is the
-    index of sequence i's first split, num_splits[b] the total (docs/mla.md).
+    last_batch, last_block_end, first_split, num_pieces, first_seqlen, last_seqlen];
+    num_splits[i] is the index of sequence i's first split, num_splits[b] the total
+    (docs/mla.md). The decode checks the metadata against its cache_seqlens.
+
+    get_mla_metadata(): returns (MlaSchedule(), None); pass both to flash_mla_with_kvcache,
+    which builds the metadata from its cache_seqlens on first use and rebuilds it when
+    they change (one schedule per decode step, shared by the layers).
     """
+    if cache_seqlens is None and num_q_tokens_per_head_k is None and num_heads_k is None:
+        return MlaSchedule(), None
     seqlens = V.as_tensor("cache_seqlens", cache_seqlens)
     rows = V.check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, lo=1)
     h_kv = V.check_int("num_heads_k", num_heads_k, lo=1)
@@ -77,12 +86,24 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     [num_blocks, 64, 1, 576] or FP8 uint8/float8_e4m3fn [num_blocks, 64, 1, 656]
     (contiguous); block_table int32 [b, max_blocks] (contiguous); cache_seqlens int32 [b];
     head_dim_v 512; tile_scheduler_metadata, num_splits from get_mla_metadata for these
-    cache_seqlens; softmax_scale (default 576**-0.5); causal: new token i of s_q sees
+    cache_seqlens (or the (MlaSchedule, None) pair of get_mla_metadata()); softmax_scale
+    (default 576**-0.5); causal: new token i of s_q sees
     keys [0, seqlen - s_q + i]. out (bf16 [b, s_q, h_q, 512]) and softmax_lse (float32
     [b, h_q, s_q]) are written in place when given. Rows that see no key: out 0, lse +inf.
     Returns (out, softmax_lse).
     """
     q, out, softmax_lse = OM.outputs(q, out, softmax_lse)
+    if isinstance(tile_scheduler_metadata, MlaSchedule):
+        if num_splits is not None:
+            raise ValueError(f"num_splits: expected None with an MlaSchedule (get_mla_metadata() returns "
+                             f"(schedule, None)), got {type(num_splits).__name__}")
+        seqlens = V.as_tensor("cache_seqlens", cache_seqlens)
+        rows = q.shape[1] * q.shape[2]
+
+        def build(lens, parts):
+            return torch.ops.pykernels.get_mla_metadata(lens, parts, "auto")
+        tile_scheduler_metadata, num_splits = tile_scheduler_metadata.resolve(
+            seqlens, rows, 1, default_num_sm_parts(seqlens.device, rows, 1), build)
     args = [V.as_tensor(name, t) for name, t in (("k_cache", k_cache), ("block_table", block_table),
                                                   ("cache_seqlens", cache_seqlens),
                                                   ("tile_scheduler_metadata", tile_scheduler_metadata),

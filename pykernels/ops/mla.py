@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from .. import registry
+from ..mla_schedule import check_schedule
 from ..reference import mla as RM
 from ..runtime import validate as V
 from . import backends as B
@@ -137,10 +138,6 @@ def _check_device_values(p: DecodeProblem) -> None:
         if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_blocks):
             bad = int(pages.min()) if int(pages.min()) < 0 else int(pages.max())
             raise ValueError(f"block_table: expected page ids in [0, {num_blocks}) for the pages in use, got {bad}")
-    try:  # TODO(registry): wire unconditionally once pykernels.mla_schedule lands
-        from ..mla_schedule import check_schedule
-    except ImportError:
-        return
     check_schedule(p.tile_scheduler_metadata, p.num_splits, p.cache_seqlens)
 
 

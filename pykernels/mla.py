@@ -18,25 +18,15 @@ backend reads cache_seqlens on the host.
 """
 import torch
 
-from .mla_schedule import MlaSchedule
+from .mla_schedule import MlaSchedule, default_num_sm_parts  # noqa: F401  (public)
 from .ops import mla as OM
 from .reference import mla as RM
 from .runtime import validate as V
-from .runtime.hardware import num_sms
 
 HEAD_DIM_QK = RM.HEAD_DIM_QK
 HEAD_DIM_V = RM.HEAD_DIM_V
 PAGE_BLOCK_SIZE = RM.PAGE_BLOCK_SIZE
 FP8_BYTES_PER_TOKEN = RM.FP8_BYTES_PER_TOKEN
-ROW_TILE = 64         # query rows per CTA of the planned CUDA kernel (sizes num_sm_parts)
-
-
-def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-    """SMs / (h_kv * row tiles of 64 query rows), at least 1: every (partition, KV head,
-    row tile) is one CTA, so one wave fills the GPU."""
-    sms = num_sms(device)
-    tiles = -(-num_q_tokens_per_head_k // ROW_TILE)
-    return max(1, sms // (num_heads_k * tiles))
 
 
 def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int = None, num_heads_k: int = None,

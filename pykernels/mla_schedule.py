@@ -19,10 +19,19 @@ length), so they are what a later call must still match.
 import torch
 
 from .reference.mla import METADATA_COLUMNS, METADATA_SIZE, PAGE_BLOCK_SIZE
+from .runtime.hardware import cdiv, num_sms
+
+ROW_TILE = 64         # query rows per CTA of the CUDA decode kernel (sizes num_sm_parts)
 
 (FIRST_BATCH, FIRST_BLOCK, LAST_BATCH, LAST_BLOCK_END, FIRST_SPLIT, NUM_PIECES, FIRST_SEQLEN,
  LAST_SEQLEN) = range(METADATA_SIZE)
 STALE_HINT = "call get_mla_metadata again after the sequences change"
+
+
+def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """SMs / (h_kv * row tiles of 64 query rows), at least 1: every (partition, KV head,
+    row tile) is one CTA, so one wave fills the GPU."""
+    return max(1, num_sms(device) // (num_heads_k * cdiv(num_q_tokens_per_head_k, ROW_TILE)))
 
 
 def _blocks(seqlen: int) -> int:
@@ -191,4 +200,4 @@ class MlaSchedule:
         return self._result
 
 
-__all__ = ["check_schedule", "MlaSchedule"]
+__all__ = ["check_schedule", "default_num_sm_parts", "MlaSchedule"]

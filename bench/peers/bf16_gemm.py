@@ -41,6 +41,8 @@ class Bf16GemmConfig(GemmTiles):
     not merge stages into longer K blocks)."""
 
     def __post_init__(self):
+        if self.kind != "normal":
+            raise ValueError(f"kind: only the normal BF16 GEMM is wired here, got {self.kind!r}")
         if self.stages >= 10:
             raise ValueError(f"stages: expected fewer than 10 (the kernel merges 10 or more), got {self.stages}")
         super().__post_init__()

@@ -10,6 +10,8 @@ from .checks import swizzle_mode
 
 TMA_THREADS = 128             # one producer warpgroup
 BARRIER_BYTES = 8
+GEMM_TYPES = {"normal": "deep_gemm::GemmType::Normal", "contiguous": "deep_gemm::GemmType::MGroupedContiguous",
+              "masked": "deep_gemm::GemmType::MGroupedMasked"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +23,8 @@ class GemmTiles:
     grid (a template constant of the kernel's scheduler); cluster: 1, or 2 for TMA
     multicast (rank 0 of the pair loads the shared tile into both CTAs: A shared by two
     n-blocks if multicast_on_a, else B by two m-blocks); shape_m/n/k: dimensions compiled
-    in as constants (0: passed at run time)."""
+    in as constants (0: passed at run time; shape_m is m_max for "masked"); kind: the
+    GEMM layout ("normal", "contiguous" or "masked" grouping along M, over num_groups)."""
     block_m: int
     block_n: int
     stages: int
@@ -31,8 +34,14 @@ class GemmTiles:
     shape_m: int = 0
     shape_n: int = 0
     shape_k: int = 0
+    kind: str = "normal"
+    num_groups: int = 1
 
     def __post_init__(self):
+        if self.kind not in GEMM_TYPES:
+            raise ValueError(f"kind: expected one of {sorted(GEMM_TYPES)}, got {self.kind!r}")
+        if self.num_groups < 1 or (self.kind == "normal" and self.num_groups != 1):
+            raise ValueError(f"num_groups: expected 1 for a normal GEMM, >= 1 for a grouped one, got {self.num_groups}")
         if self.block_m not in (64, 128, 256):
             raise ValueError(f"block_m: expected 64, 128 or 256, got {self.block_m}")
         if not (8 <= self.block_n <= 256 and self.block_n % 8 == 0):
@@ -72,7 +81,7 @@ class GemmTiles:
     def tail_template_args(self) -> list:
         """Template arguments after the swizzle modes: stages ... kNumSMs, GemmType."""
         return [self.stages, TMA_THREADS, self.math_threads, self.cluster,
-                "true" if self.multicast_on_a else "false", self.num_sms, "deep_gemm::GemmType::Normal"]
+                "true" if self.multicast_on_a else "false", self.num_sms, GEMM_TYPES[self.kind]]
 
     def check_dims(self, m: int, n: int, k: int) -> None:
         if n % 8:

@@ -51,6 +51,61 @@ def run_fp8_gemm(compiled, m, n, k, schedule):
     return stats
 
 
+def _grouped_weights(groups, n, k):
+    pairs = [R.per_block_cast_to_fp8(spread(n, k, 128)) for _ in range(groups)]
+    return torch.stack([q for q, _ in pairs]), torch.stack([sf for _, sf in pairs])
+
+
+def contiguous_indices(group_rows, block_m, pad_blocks=0):
+    """m_indices: each group's rows padded with -1 to whole blocks of block_m (an empty
+    group gets none), then pad_blocks blocks of padding only."""
+    idx = []
+    for g, rows in enumerate(group_rows):
+        idx += [g] * rows + [-1] * (-rows % block_m)
+    return torch.tensor(idx + [-1] * (pad_blocks * block_m), dtype=torch.int32)
+
+
+def run_fp8_contiguous(compiled, group_rows, n, k, schedule, pad_blocks=0):
+    """DeepGEMM's contiguous layout writes every row, padding rows too: owned rows are
+    compared with the reference, and no row may stay NaN."""
+    b, sfb = _grouped_weights(len(group_rows), n, k)
+    idx = contiguous_indices(group_rows, compiled.config.block_m, pad_blocks)
+    m = idx.numel()
+    a, sfa = R.per_token_cast_to_fp8(spread(m, k, 1))
+    out = nan_out(m, n)
+    stats = D.launch_fp8_gemm(compiled, a, sfa, b, sfb, out, idx, schedule=schedule)
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_out(m, n))
+    own = idx >= 0
+    assert not out.isnan().any(), "rows left unwritten"
+    diff = calc_diff(out[own], ref[own])
+    assert diff < GEMM_TOL, f"calc_diff {diff}"
+    assert stats.global_written == m * n * 2
+    return stats
+
+
+def run_fp8_masked(compiled, masked, m_max, n, k, schedule):
+    """Rows below masked_m[g] against the reference; DeepGEMM stores whole blocks of
+    block_m rows, so rows from round_up(masked_m, block_m) on must stay NaN."""
+    groups, bm = len(masked), compiled.config.block_m
+    b, sfb = _grouped_weights(groups, n, k)
+    a, sfa = R.per_token_cast_to_fp8(spread(groups * m_max, k, 1))
+    a, sfa = a.view(groups, m_max, k), sfa.view(groups, m_max, -1)
+    masked_m = torch.tensor(masked, dtype=torch.int32)
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16)
+    stats = D.launch_fp8_gemm(compiled, a, sfa, b, sfb, out, masked_m, schedule=schedule)
+    ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.full_like(out, float("nan")))
+    rows = torch.arange(m_max)[None, :]
+    own = rows < masked_m[:, None]
+    stored = rows < (masked_m[:, None] + bm - 1) // bm * bm
+    assert not out[own].isnan().any(), "owned rows left unwritten"
+    assert out[~stored].isnan().all(), "rows past the last stored block were written"
+    if own.any():
+        diff = calc_diff(out[own], ref[own])
+        assert diff < GEMM_TOL, f"calc_diff {diff}"
+    assert stats.global_written == int(stored.sum()) * n * 2
+    return stats
+
+
 def run_bf16_gemm(compiled, m, n, k, schedule):
     a = torch.randn(m, k, dtype=torch.bfloat16)
     b = torch.randn(n, k, dtype=torch.bfloat16)

@@ -1,12 +1,14 @@
 """DeepGEMM's SM90 FP8 1D2D GEMM (from the sgl-deep-gemm wheel's headers, instantiated and
 launched by bench.peers) on the emulator against pykernels.reference.fp8_gemm_nt, under
 every emulator schedule, with NaN-poisoned outputs (cases.py: checks and tolerance)."""
+import contextlib
+
 import pytest
 import torch
 
 from bench.peers import deep_gemm as D
 
-from .cases import fp8_gemm_problem, nan_out, run_fp8_gemm
+from .cases import fp8_gemm_problem, nan_out, run_fp8_contiguous, run_fp8_gemm, run_fp8_masked
 from .conftest import SCHEDULES
 from .ordering_policy import multicast_unchecked
 
@@ -52,6 +54,39 @@ def test_fp8_gemm_block_m64_compiled_nk(deep_gemm_headers, seed):
     a, sfa, b, sfb = fp8_gemm_problem(70, 128, 384)
     with pytest.raises(ValueError, match="shape_n"):
         D.launch_fp8_gemm(compiled, a, sfa, b, sfb, nan_out(70, 128))
+
+
+# M-grouped, contiguous (MoE prefill): groups of 130, 0, 100 rows padded to 128-row blocks.
+# With B multicast the pair's blocks may hold different groups (then no multicast) and an
+# all-padding block is added so that the blocks pair up.
+@pytest.mark.parametrize("cluster,schedule", [(1, "lockstep"), (1, "wg_last"), (2, "cta_first")])
+def test_fp8_gemm_contiguous(cluster, schedule, deep_gemm_headers, seed):
+    compiled = D.compile_fp8_gemm(128, 128, num_sms=2, cluster=cluster, kind="contiguous", num_groups=3)
+    with multicast_unchecked() if cluster == 2 else contextlib.nullcontext():
+        run_fp8_contiguous(compiled, [130, 0, 100], 256, 256, schedule, pad_blocks=cluster - 1)
+
+
+# M-grouped, masked (MoE decode): m_max 256; a group of 200 rows (two blocks), an empty
+# one, one of 7 rows (one block, of which one math warpgroup has no rows).
+@pytest.mark.parametrize("cluster,schedule", [(1, "lockstep"), (1, "wg_first"), (2, "cta_last")])
+def test_fp8_gemm_masked(cluster, schedule, deep_gemm_headers, seed):
+    compiled = D.compile_fp8_gemm(128, 128, num_sms=2, cluster=cluster, kind="masked", num_groups=3)
+    with multicast_unchecked() if cluster == 2 else contextlib.nullcontext():
+        run_fp8_masked(compiled, [200, 0, 7], 256, 256, 256, schedule)
+
+
+def test_grouped_layout_is_checked(deep_gemm_headers):
+    compiled = D.compile_fp8_gemm(128, 128, num_sms=2, kind="contiguous", num_groups=2)
+    a, sfa, b, sfb = fp8_gemm_problem(256, 128, 128)
+    b2, sfb2 = torch.stack([b, b]), torch.stack([sfb, sfb])
+    mixed = torch.cat([torch.zeros(64), torch.ones(192)]).int()          # two groups in one block
+    with pytest.raises(ValueError, match="grouped_layout"):
+        D.launch_fp8_gemm(compiled, a, sfa, b2, sfb2, nan_out(256, 128), mixed)
+    late = torch.cat([torch.full((10,), -1), torch.zeros(246)]).int()    # padding before rows
+    with pytest.raises(ValueError, match="grouped_layout"):
+        D.launch_fp8_gemm(compiled, a, sfa, b2, sfb2, nan_out(256, 128), late)
+    with pytest.raises(ValueError, match="whole blocks"):
+        D.launch_fp8_gemm(compiled, a[:200], sfa[:200], b2, sfb2, nan_out(200, 128), mixed[:200])
 
 
 def test_column_major_sfa_is_read_in_place(deep_gemm_headers, seed):

@@ -2,7 +2,9 @@
 
 `active_sms` SMs stream at once and share the L2 bandwidth and the HBM bandwidth evenly;
 a fraction `l2_hit` of the bytes read is served by the L2 (the rest also crosses HBM);
-written bytes all reach HBM. One SM's port (part.sm_l2_bytes_per_clk) caps its share. The
+written bytes all reach HBM. The SMs of a cluster pool their shares (a multicast copy is
+read from L2 once for all of them); each SM's own port (part.sm_l2_bytes_per_clk) carries
+the bytes it receives (a multicast copy: every destination) or stores. The
 first version has no cache simulation: the caller gives the hit fraction (gemm.py derives
 it from the tiles that run at once, see docs/perf-model.md).
 """
@@ -13,8 +15,9 @@ from .machines import Part
 
 @dataclasses.dataclass(frozen=True)
 class MemoryShare:
-    read_clk_per_byte: float
-    write_clk_per_byte: float
+    share_read_clk_per_byte: float      # one SM's share of the GPU: L2 and (misses) HBM bandwidth
+    share_write_clk_per_byte: float
+    port_clk_per_byte: float            # the SM's own port (ingress of what it receives, egress of stores)
     read_latency: float
     write_latency: float
     active_sms: int
@@ -29,7 +32,10 @@ class MemoryShare:
         port = 1.0 / part.sm_l2_bytes_per_clk
         l2 = active_sms / part.l2_bytes_per_clk()
         hbm = active_sms / part.hbm_bytes_per_clk()
-        read = max(port, l2, (1.0 - l2_hit) * hbm)
-        write = max(port, l2, hbm)
         lat = l2_hit * part.lat_l2 + (1.0 - l2_hit) * part.lat_hbm
-        return cls(read, write, lat, part.lat_hbm, active_sms, l2_hit)
+        return cls(max(l2, (1.0 - l2_hit) * hbm), max(l2, hbm), port, lat, part.lat_hbm, active_sms, l2_hit)
+
+    @property
+    def read_clk_per_byte(self) -> float:
+        """Steady-state clocks per byte one SM reads alone (share and port in series)."""
+        return max(self.share_read_clk_per_byte, self.port_clk_per_byte)

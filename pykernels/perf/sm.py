@@ -2,12 +2,15 @@
 
 One CTA per SM. Per SM: four sub-partition schedulers, each issuing at most one warp
 instruction per clock, in order per warp, from the warp whose next instruction is ready
-earliest (its source registers' results, its pipe free); per-sub-partition pipes (FP32,
+earliest (its source registers' results, its pipe free; ties go to the warp that issued
+least recently); per-sub-partition pipes (FP32,
 INT, MUFU, conversion, shuffle) with the issue interval of their lane count; one
 shared-memory port (a 128-byte wavefront per clock, bank conflicts add wavefronts); one
 tensor-core pipe (a warpgroup's wgmma takes 64 N K / rate clocks, or its shared-memory
-operand bytes / 128 if more); one memory port for TMA, bulk, cp.async and global accesses
-moving bytes at the SM's share of L2 / HBM bandwidth (memory.py). Asynchronous work runs
+operand bytes / 128 if more); bytes of TMA, bulk, cp.async and global accesses move
+through two queues in series: the cluster's pooled share of L2 / HBM bandwidth and each
+receiving SM's port (memory.py); bulk copies queue in issue order, ordinary global
+accesses (the LSU path) only use their bandwidth. Asynchronous work runs
 beside the issuing warps; mbarrier phases, named and cluster barriers, wgmma and copy
 groups complete at the modelled times of what they wait for (the phase each event belongs
 to comes from the functional run).
@@ -89,15 +92,17 @@ class Result:
     cycles: float                    # end of the last CTA of the group
     cta_cycles: list                 # end of each CTA
     tensor_busy: list                # clocks each SM's tensor pipe was busy
-    mem_busy: list                   # clocks each SM's memory port moved bytes
+    mem_busy: list                   # clocks each SM's own memory port moved bytes
     instructions: int
 
 
 class Replay:
     """Times one Recording (the CTAs of one Machine, one SM each)."""
 
-    def __init__(self, rec, part: Part, mem):
+    def __init__(self, rec, part: Part, mem, log: list = None):
         self.rec, self.part, self.mem = rec, part, mem
+        self.log = log                 # optional: (time, what, key) of completions, for inspection
+        self.watch = None              # with log: also log each instruction this warp issues
         self.instrs = rec.kernel.instrs
         self._static = {}
 
@@ -120,7 +125,9 @@ class Replay:
         sp_free = collections.defaultdict(float)          # (cta, sub-partition) -> next issue slot
         pipe_free = collections.defaultdict(float)        # (cta, sub-partition, pipe)
         smem_free = [0.0] * ncta
-        port_free = [0.0] * ncta
+        port_free = [0.0] * ncta                          # each SM's own port
+        csize = rec.cluster_size
+        share_free = [0.0] * max(1, (ncta + csize - 1) // csize)   # a cluster's pooled share of L2 / HBM
         tensor_free = [0.0] * ncta
         tensor_busy = [0.0] * ncta
         mem_busy = [0.0] * ncta
@@ -158,7 +165,8 @@ class Replay:
         cp_open = [[] for _ in range(W)]
         cp_groups = [[] for _ in range(W)]
         blocked = {}                                      # warp -> callable giving a time or None
-        heap = [(0.0, w) for w in range(W) if events[w]]
+        heap = [(0.0, -1.0, w) for w in range(W) if events[w]]
+        last = [-1.0] * W                                 # last issue: ties go to the least recent (round robin)
         heapq.heapify(heap)
         n_instr = 0
 
@@ -171,13 +179,15 @@ class Replay:
                 if t is not None:
                     del blocked[w]
                     t_ready[w] = max(t_ready[w], t)
-                    heapq.heappush(heap, (t_ready[w], w))
+                    heapq.heappush(heap, (t_ready[w], last[w], w))
 
         def contribute(key, t):
             got[key] += 1
             tmax[key] = max(tmax.get(key, 0.0), t)
             if got[key] == need[key]:
                 done[key] = tmax[key] + latency[key[0]]
+                if self.log is not None:
+                    self.log.append((done[key], "complete", key))
                 wake(key)
 
         def wait_keys(w, keys, t_issue):
@@ -217,15 +227,21 @@ class Replay:
                     waiters[k].append(w)
             return False
 
-        def load_copy(cta, t, nbytes):
-            start = max(t, port_free[cta])
-            xfer = nbytes * mem.read_clk_per_byte
-            port_free[cta] = start + xfer
-            mem_busy[cta] += xfer
-            return port_free[cta] + mem.read_latency
+        def load_copy(cta, t, nbytes, dests=None):
+            """Bytes read from L2 once (the cluster's share), received by each of dests."""
+            cl = cta // csize
+            start = max(t, share_free[cl])
+            share_free[cl] = start + nbytes * mem.share_read_clk_per_byte / csize
+            fin = share_free[cl]
+            for d in dests or (cta,):
+                s0 = max(start, port_free[d])
+                port_free[d] = s0 + nbytes * mem.port_clk_per_byte
+                mem_busy[d] += nbytes * mem.port_clk_per_byte
+                fin = max(fin, port_free[d])
+            return fin + mem.read_latency
 
         while heap:
-            t, w = heapq.heappop(heap)
+            t, _, w = heapq.heappop(heap)
             if w in blocked or pos[w] >= len(events[w]):
                 continue
             pc, kind, data = events[w][pos[w]]
@@ -239,10 +255,13 @@ class Replay:
                     rdy = v
             issue = max(rdy, sp_free[(cta, sp)], pipe_free[(cta, sp, info.pipe)])
             if issue > t:
-                heapq.heappush(heap, (issue, w))
+                heapq.heappush(heap, (issue, last[w], w))
                 continue
             # issue now
             n_instr += 1
+            last[w] = issue
+            if self.log is not None and w == self.watch:
+                self.log.append((issue, "issue", (pc, kind)))
             sp_free[(cta, sp)] = issue + 1
             pipe_free[(cta, sp, info.pipe)] = issue + info.interval
             pos[w] += 1
@@ -254,7 +273,13 @@ class Replay:
                 smem_free[cta] = start + data
                 res = start + data + part.lat_smem
             elif kind == "g":
-                res = load_copy(cta, issue, data)
+                # LSU accesses take their own path (L1, not the TMA queue): they do not wait
+                # behind queued bulk copies, but their bytes use the port's bandwidth
+                cl = cta // csize
+                share_free[cl] = max(share_free[cl], issue) + data * mem.share_read_clk_per_byte / csize
+                port_free[cta] = max(port_free[cta], issue) + data * mem.port_clk_per_byte
+                mem_busy[cta] += data * mem.port_clk_per_byte
+                res = issue + data * mem.read_clk_per_byte + mem.read_latency
             elif kind == "A":
                 for f, p, _ in data:
                     contribute(("mb", f, p), issue)
@@ -276,15 +301,19 @@ class Replay:
                     c = rec.copies[cid]
                     t0 = issue + part.lat_tma_issue
                     if c.store:
+                        cl = cta // csize
                         start = max(t0, port_free[cta])
-                        xfer = c.global_bytes * mem.write_clk_per_byte
-                        port_free[cta] = start + xfer
-                        mem_busy[cta] += xfer
-                        fin = port_free[cta] + mem.write_latency
+                        port_free[cta] = start + c.global_bytes * mem.port_clk_per_byte
+                        mem_busy[cta] += c.global_bytes * mem.port_clk_per_byte
+                        share_free[cl] = max(share_free[cl], start) + c.global_bytes * mem.share_write_clk_per_byte / csize
+                        fin = max(port_free[cta], share_free[cl]) + mem.write_latency
                         store_done[cta] = max(store_done[cta], fin)
                         bulk_open[w].append(port_free[cta])      # .read completes once the bytes left
                     else:
-                        fin = load_copy(cta, t0, c.global_bytes)
+                        dests = sorted({f // rec.smem_size for f, _ in c.phases}) or [cta]
+                        fin = load_copy(cta, t0, c.global_bytes, dests)
+                        if self.log is not None:
+                            self.log.append((t0, "copy", (cid, cta, c.global_bytes, fin)))
                         for f, p in c.phases:
                             contribute(("mb", f, p), fin)
                         bulk_open[w].append(fin)
@@ -323,6 +352,8 @@ class Replay:
                     tensor_free[cta] = start + dur
                     tensor_busy[cta] += dur
                     wg_done[key] = start + dur + part.lat_wgmma
+                    if self.log is not None:
+                        self.log.append((start, "wgmma", key))
                     wake(key)
                 res = None
             elif kind == "MC":
@@ -335,7 +366,7 @@ class Replay:
                 end[w] = max(end[w], res)
             end[w] = max(end[w], issue + 1)
             if go and pos[w] < len(events[w]):
-                heapq.heappush(heap, (t_ready[w], w))
+                heapq.heappush(heap, (t_ready[w], last[w], w))
         if blocked:
             lines = []
             for w, _ in sorted(blocked.items())[:8]:

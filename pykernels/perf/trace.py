@@ -46,6 +46,8 @@ class Recording:
         self.nwarps = int(m.warp.max()) + 1 if m.T else 0
         self.warps_per_cta = (m.nthreads + 31) // 32
         self.ncta = m.ncta
+        self.cluster_size = int(np.prod(m.L.cluster))
+        self.smem_size = m.shared.size                     # flat barrier index // smem_size = its CTA
         self.events = [[] for _ in range(self.nwarps)]
         self.copies = []
         self._copy_of = {}
@@ -68,9 +70,12 @@ class Recording:
 
     def _split(self, idx):
         """(warp, thread indices) pairs of idx (sorted thread indices)."""
+        if not len(idx):
+            return []
         w = self.m.warp[idx]
         cuts = np.flatnonzero(w[1:] != w[:-1]) + 1
-        return [(int(w[s[0]]), s) for s in np.split(idx, cuts)] if len(idx) else []
+        starts = np.concatenate([[0], cuts])
+        return [(int(w[a]), s) for a, s in zip(starts.tolist(), np.split(idx, cuts))]
 
     def _pre(self, m, ins, idx):
         op = ins.opcode

@@ -41,6 +41,11 @@
 //    -inf when nothing was visible) to scratch row `split id` of oacc [*, R, 512] / lacc
 //    [*, R], merged by pk_mla_combine.
 //
+// Input checks (partition_ok, docs/mla.md "Checks"): before the warp roles split, every warp
+// checks the CTA's metadata row against cache_seqlens and its neighbours, num_splits, the
+// seqlens and the page ids the CTA will read; on a failure warp 0 records the error in the
+// device error record (pk/error_record.cuh) and the whole CTA returns, reading nothing more.
+//
 // Shared memory (dynamic, base aligned up to 1024): Q 72 KB | 2 K stages x 72 KB | P 8 KB |
 // red 512 B | lsum 512 B | 6 mbarriers: 230,448 bytes + 1,024 alignment slack <= 227 KB.
 #include <cstdint>

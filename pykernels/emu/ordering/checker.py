@@ -60,7 +60,7 @@ class Checker:
         self.ops = {}                                            # op id -> in-flight operation
         self.op_of = {}                                          # id(handler object) -> op id
         self.next_op = 1
-        self.fences = {}                                         # (cluster, agent) -> proxy-fence clocks
+        self.fences = {}                                         # cluster -> agent -> (clocks, clock rows)
         self.weak = {}                                           # (cluster, agent, barrier) -> (row, site, why)
         self.weak_sites = {}                                     # barrier -> last .cta-scoped remote arrive
         self.wait_scope = np.zeros(m.T, dtype=np.int8)           # try_wait: 0 relaxed, 1 cta, 2 cluster
@@ -181,8 +181,9 @@ class Checker:
         rule, why = self._scope_hint(rule, why, byte, t, lambda row: row[int(self.w_agent[byte])] >= self.w_clock[byte])
         self._report(rule, byte, first, (site, reader), why)
 
-    def _check_write(self, B, thr, site, what, atomic=False, V=None):
-        """WAW / WAR checks of a write (V: the writer's clock row when not the thread's own)."""
+    def _check_write(self, B, thr, site, what, atomic=False, V=None, issue=False):
+        """WAW / WAR checks of a write (V: the writer's clock row when not the thread's own;
+        issue: the write is an asynchronous copy being issued)."""
         cl, a = self.cl[thr], self.agent[thr]
         vc = self.clocks.vc
         if V is None:
@@ -213,9 +214,10 @@ class Checker:
         Vrow = V if V is not None else vc[cl[j], a[j]]
         if bad_w[j]:
             kind = int(self.w_kind[byte])
-            rule = "b" if kind in (ASYNC, CP_ASYNC) else "c"
+            rule = "b" if kind in (ASYNC, CP_ASYNC) and not issue else "c"
             why = ("the writer has not observed the completion of the asynchronous copy" if rule == "b"
-                   else "no barrier / mbarrier orders the two writes")
+                   else "no barrier / mbarrier orders the two writes (for an earlier asynchronous copy: "
+                        "its completion)")
             rule, why = self._scope_hint(rule, why, byte, t,
                                          lambda row: row[int(self.w_agent[byte])] >= self.w_clock[byte])
             self._report(rule, byte, (int(self.w_site[byte]), _WRITE_WHAT[kind]), (s, what), why)
@@ -279,7 +281,7 @@ class Checker:
         targets: [(bytes, barrier flat or None)] per destination CTA."""
         site = int(self._site(ins, t))
         thr = np.full(len(B), t, dtype=np.int64)
-        self._check_write(B, thr, np.full(len(B), site, dtype=np.int64), what)
+        self._check_write(B, thr, np.full(len(B), site, dtype=np.int64), what, issue=True)
         op = self._op(obj, site=site, what=what, targets=targets)
         self.pend_w[B] = op
         return op
@@ -302,27 +304,22 @@ class Checker:
         return op
 
     def _proxy_fenced(self, B, V, cl, site, what):
-        """Rule a: each generic write must be followed, in its writer's program, by a
-        fence.proxy.async (covering shared memory) that happens before the async read."""
+        """Rule a: between each generic write and the async-proxy read there must be a
+        fence.proxy.async (covering shared memory) that the write happens before and that
+        happens before the read: the writer's own fence, or (fences are cumulative) one
+        executed after a barrier by the thread that then issues the read."""
+        covered = np.zeros(self.K, dtype=np.int32)       # per writer agent: last write clock fenced
+        for a, (clocks, seen) in self.fences.get(cl, {}).items():
+            i = bisect.bisect_right(clocks, int(V[a])) - 1
+            if i >= 0:
+                np.maximum(covered, seen[i], out=covered)
         wa = self.w_agent[B]
-        wc = self.w_clock[B]
-        for agent in np.unique(wa):
-            sel = wa == agent
-            fences = self.fences.get((cl, int(agent)), [])
-            clocks = wc[sel]
-            if fences:
-                pos = np.searchsorted(np.asarray(fences), clocks, side="left")
-                ok = pos < len(fences)
-                f = np.asarray(fences)[np.minimum(pos, len(fences) - 1)]
-                ok &= f <= V[agent]
-            else:
-                ok = np.zeros(len(clocks), dtype=bool)
-            if not ok.all():
-                byte = B[sel][int(np.flatnonzero(~ok)[0])]
-                self._report("a", byte, (int(self.w_site[byte]), _WRITE_WHAT[int(self.w_kind[byte])]),
-                             (site, what), "the writer executes no fence.proxy.async (.shared::cta, .shared::cluster "
-                                           "or unqualified) between this write and the async-proxy read, or the "
-                                           "fence is not ordered before the read")
+        bad = self.w_clock[B] > covered[np.minimum(wa, self.K - 1)]
+        if bad.any():
+            byte = B[int(np.flatnonzero(bad)[0])]
+            self._report("a", byte, (int(self.w_site[byte]), _WRITE_WHAT[int(self.w_kind[byte])]),
+                         (site, what), "no fence.proxy.async (.shared::cta, .shared::cluster or unqualified) "
+                                       "is ordered after this write and before the async-proxy read")
 
     def async_perform(self, obj):
         """A queued TMA / bulk copy moves its bytes now (before its complete_tx)."""
@@ -334,9 +331,9 @@ class Checker:
             B = B[self.pend_w[B] == op]
             self.pend_w[B] = 0
             c, key = self._mb(bar)
-            comp = self.clocks.comp(key)
+            rows, comp = self._mb_rows(key)
             self.w_agent[B] = comp
-            self.w_clock[B] = self.clocks.vc[c, self.clocks.row(("mb", key, "dl")), comp] + 1
+            self.w_clock[B] = self.clocks.vc[c, rows["dl"], comp] + 1
             self.w_kind[B] = ASYNC
             self.w_site[B] = info["site"]
         if "src_of" in info:
@@ -405,7 +402,7 @@ class Checker:
         thr = np.repeat(batch.thr, batch.size)
         B = expand(self.m.cta[batch.thr].astype(np.int64) * self.size + batch.dst.astype(np.int64), batch.size)
         site = self._site(batch.ins, thr)
-        self._check_write(B, thr, site, "cp.async copy")
+        self._check_write(B, thr, site, "cp.async copy", issue=True)
         self.pend_w[B] = self._op(None, site=int(site[0]), what="cp.async copy")
 
     def wgmma_issue(self, rec):
@@ -454,7 +451,9 @@ class Checker:
             agents = np.unique(self.agent[idx[self.cl[idx] == cl]])
             vc = self.clocks.vc[cl]
             for a in agents.tolist():
-                self.fences.setdefault((cl, a), []).append(int(vc[a, a]))
+                clocks, seen = self.fences.setdefault(cl, {}).setdefault(a, ([], []))
+                clocks.append(int(vc[a, a]))
+                seen.append(vc[a, :self.K].copy())
             vc[agents, agents] += 1
 
     def bar_arrive(self, cta, bid, who):
@@ -475,8 +474,8 @@ class Checker:
 
     def cluster_complete(self, base, waiting):
         cl = int(base) // self.csize
-        vc = self.clocks.vc[cl]
         p, d = self.clocks.row(("cbar", "p")), self.clocks.row(("cbar", "d"))
+        vc = self.clocks.vc[cl]
         np.maximum(vc[d], vc[p], out=vc[d])
         vc[p] = 0
         if len(waiting):
@@ -491,6 +490,12 @@ class Checker:
     def _mb(self, flat):
         c = int(flat) // self.size // self.csize
         return c, int(flat) - c * self.csize * self.size
+
+    def _mb_rows(self, key):
+        """Rows (by part, see _PEND / _DONE) and phase column of mbarrier `key`; made
+        before any clock row is indexed, as making them may grow the clock array."""
+        rows = {p: self.clocks.row(("mb", key, p)) for p in _PEND + _DONE}
+        return rows, self.clocks.comp(key)
 
     def mbar_arrive(self, ins, flat, idx, cta_scope_only=False):
         """Arrivals (release unless .relaxed) of threads idx on the barriers at `flat`."""
@@ -507,8 +512,8 @@ class Checker:
                     continue
                 c, key = self._mb(f)
                 part = "pl" if not rem else ("pc" if cluster_scope else "pw")
-                row = self.clocks.row(("mb", key, part))
-                self.clocks.release(c, row, np.unique(self.agent[idx[sel]]))
+                rows, _ = self._mb_rows(key)
+                self.clocks.release(c, rows[part], np.unique(self.agent[idx[sel]]))
                 if part == "pw":
                     self.weak_sites[key] = int(self._site(ins, idx[sel][0]))
 
@@ -518,14 +523,12 @@ class Checker:
 
     def mbar_complete(self, flat):
         c, key = self._mb(flat)
+        rows, comp = self._mb_rows(key)
         vc = self.clocks.vc[c]
-        comp = self.clocks.comp(key)
         for p, d in zip(_PEND, _DONE):
-            rp, rd = self.clocks.row(("mb", key, p)), self.clocks.row(("mb", key, d))
-            vc = self.clocks.vc[c]
-            np.maximum(vc[rd], vc[rp], out=vc[rd])
-            vc[rp] = 0
-        vc[self.clocks.row(("mb", key, "dl")), comp] += 1
+            np.maximum(vc[rows[d]], vc[rows[p]], out=vc[rows[d]])
+            vc[rows[p]] = 0
+        vc[rows["dl"], comp] += 1
 
     def mbar_wait(self, ins, flat, idx, done):
         mods = ins.mods
@@ -547,13 +550,14 @@ class Checker:
                 c, key = self._mb(f)
                 who = idx[sel]
                 agents = np.unique(self.agent[who])
-                self.clocks.acquire(c, agents, self.clocks.row(("mb", key, "dl")))
+                rows, _ = self._mb_rows(key)
+                self.clocks.acquire(c, agents, rows["dl"])
                 if scope == 2:
-                    self.clocks.acquire(c, agents, self.clocks.row(("mb", key, "dc")))
+                    self.clocks.acquire(c, agents, rows["dc"])
                 vc = self.clocks.vc[c]
-                weak = vc[self.clocks.row(("mb", key, "dw"))].copy()
+                weak = vc[rows["dw"]].copy()
                 if scope == 1:
-                    np.maximum(weak, vc[self.clocks.row(("mb", key, "dc"))], out=weak)
+                    np.maximum(weak, vc[rows["dc"]], out=weak)
                 if weak.any():
                     why = ("this .cta-scoped acquire (add .acquire.cluster) does not synchronise with the "
                            "peer CTA's arrivals" if scope == 1 else

@@ -1,0 +1,221 @@
+"""Whole-launch prediction of FP8 block-scaled GEMMs (normal layout, out = A·Bᵀ) at real
+sizes on a named part: our kernel (pykernels/cuda/gemm.py) and DeepGEMM's SM90 1D2D kernel
+(bench/peers/deep_gemm.py, when its headers and nvcc are there).
+
+What is simulated: the real kernel, compiled for the config in question, on the emulator
+at small sizes, one CTA (one cluster for multicast configs) per sample: 1 unit of `kb_lo`
+K blocks, 1 unit of `kb_hi` K blocks, 2 units of `kb_lo` K blocks (a unit: one output tile,
+or a pair of m-blocks sharing B for cluster 2). Each sample is timed by the SM model with
+the memory share of the full launch (all its SMs streaming, the L2 hit fraction below).
+From the samples: one K block in steady state, the first unit, each further unit on the
+same SM (the persistent loop overlaps a unit's loads with the previous epilogue).
+Extrapolated explicitly: the busiest slot (SM or cluster) runs ceil(units / slots) units;
+the launch ends with it (waves and the tail wave).
+
+L2 reuse (first version): the units that run at once (one wave of the persistent grid, in
+the banded order of unit_order) read each A row block and B column block they share once
+from HBM; nothing is reused across waves. l2_hit = 1 - unique bytes / requested bytes.
+DeepGEMM's own block order is not modelled: it is given the same reuse.
+"""
+import dataclasses
+import math
+
+import torch
+
+from ..cuda import gemm as G
+from ..runtime.executors import run_emu
+from ..runtime.hardware import SCALE_BLOCK, cdiv
+from . import MODEL_VERSION, replay
+from .machines import Part, part as get_part
+from .memory import MemoryShare
+from .trace import Recorder
+
+
+def unit_order(m_blocks: int, n_blocks: int, band: int, cluster: int):
+    """(first m-block, n-block) of each schedule unit in banded order: bands of `band`
+    n-blocks, m (pairs for cluster 2) slowest inside a band, n fastest."""
+    pairs = cdiv(m_blocks, cluster)
+    for n0 in range(0, n_blocks, band):
+        for p in range(pairs):
+            for n in range(n0, min(n_blocks, n0 + band)):
+                yield p * cluster, n
+
+
+def l2_hit_fraction(block_m, block_n, cluster, m, n, k, slots: int) -> float:
+    """Hit fraction of the A / B bytes the launch reads, per the wave reuse model."""
+    m_blocks, n_blocks = cdiv(m, block_m), cdiv(n, block_n)
+    units = list(unit_order(m_blocks, n_blocks, G.raster_band(n_blocks, slots * cluster), cluster))
+    requested = unique = 0
+    for w in range(0, len(units), slots):
+        wave = units[w:w + slots]
+        ms = {mb + j for mb, _ in wave for j in range(cluster) if mb + j < m_blocks}
+        ns = {nb for _, nb in wave}
+        requested += sum(min(cluster, m_blocks - mb) * block_m + block_n for mb, _ in wave) * k
+        unique += (len(ms) * block_m + len(ns) * block_n) * k
+    return max(0.0, 1.0 - unique / requested)
+
+
+def _operands(m, n, k, gen):
+    a = torch.randn(m, k, generator=gen).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, generator=gen).to(torch.float8_e4m3fn)
+    sfa = torch.ones(m, k // SCALE_BLOCK)
+    sfb = torch.ones(cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    return a, sfa, b, sfb, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One config of one kernel."""
+    kernel: str          # "ours" | "deepgemm"
+    block_m: int
+    block_n: int
+    cluster: int
+    name: str
+
+
+class Ours:
+    name = "ours"
+
+    def configs(self, m, n, k, sms):
+        c = G.choose_config(m, n, k, 1, sms)           # the kernel's own heuristic
+        return [Tiles("ours", c.block_m, c.block_n, c.cluster, c.function)]
+
+    def run(self, tiles, m, n, k, trace):
+        cfg = G.Config(tiles.block_m, tiles.block_n, tiles.cluster)
+        a, sfa, b, sfb, out = _operands(m, n, k, torch.Generator().manual_seed(0))
+        plan = G.gemm_plan(a, sfa, b, sfb[None], out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                           cfg=cfg, sms=tiles.cluster, max_clusters=1)
+        run_emu(plan, trace=trace)
+
+
+class DeepGemm:
+    """DeepGEMM's sm90_fp8_gemm_1d2d_impl through bench/peers (its plausible configs:
+    block_m 64 when M <= 64, else 128; block_n such that the tiles fill the fewest waves,
+    the fullest last wave first; multicast on B when M has pairs of m-blocks)."""
+    name = "deepgemm"
+
+    def __init__(self, max_configs=2):
+        import importlib
+        import pathlib
+        import sys
+        root = str(pathlib.Path(__file__).resolve().parents[2])      # the repository (bench/ is not installed)
+        if root not in sys.path:
+            sys.path.append(root)
+        self.D = importlib.import_module("bench.peers.deep_gemm")
+        self.max_configs = max_configs
+        self._compiled = {}
+
+    def configs(self, m, n, k, sms):
+        bms = [64] if m <= 64 else [128]
+        scored = []
+        for bm in bms:
+            for bn in list(range(16, 129, 8)) + [144, 160]:
+                for c in (1, 2):
+                    if c == 2 and cdiv(m, bm) < 2:
+                        continue
+                    try:
+                        self.D.max_stages(bm, bn, k)
+                    except ValueError:
+                        continue
+                    units = cdiv(cdiv(m, bm), c) * cdiv(n, bn)
+                    slots = sms // c
+                    waves = cdiv(units, slots)
+                    last = units / (waves * slots)
+                    scored.append((waves, -last, -bm * bn, c, bm, bn))
+        scored.sort()
+        picks = []
+        for waves, _, _, c, bm, bn in scored:
+            if len(picks) == self.max_configs:
+                break
+            picks.append(Tiles("deepgemm", bm, bn, c, f"deepgemm_m{bm}n{bn}" + (f"_mc{c}" if c > 1 else "")))
+        return picks
+
+    def run(self, tiles, m, n, k, trace, k_full=None):
+        key = (tiles.block_m, tiles.block_n, tiles.cluster, k_full)
+        if key not in self._compiled:
+            stages = self.D.max_stages(tiles.block_m, tiles.block_n, k_full or k)
+            self._compiled[key] = self.D.compile_fp8_gemm(tiles.block_m, tiles.block_n, num_sms=tiles.cluster,
+                                                         cluster=tiles.cluster, stages=stages)
+        a, sfa, b, sfb, out = _operands(m, n, k, torch.Generator().manual_seed(0))
+        self.D.launch_fp8_gemm(self._compiled[key], a, sfa, b, sfb, out, trace=trace)
+
+
+@dataclasses.dataclass
+class Prediction:
+    kernel: str
+    part: str
+    m: int
+    n: int
+    k: int
+    config: str
+    grid: int
+    units: int
+    units_per_slot: int
+    l2_hit: float
+    per_kb_clk: float
+    first_unit_clk: float
+    next_unit_clk: float
+    cycles: float
+    seconds: float
+    tflops: float
+    sampled: str
+    model_version: str = MODEL_VERSION
+
+    def lines(self):
+        return [f"model ({self.part.upper()}, model version {self.model_version}): {self.kernel} FP8 GEMM "
+                f"{self.m}x{self.n}x{self.k}",
+                f"  config {self.config}, grid {self.grid} CTAs, {self.units} units, the busiest slot runs "
+                f"{self.units_per_slot}",
+                f"  memory: {self.grid} SMs streaming, L2 hit fraction {self.l2_hit:.3f} (wave reuse model)",
+                f"  sampled: {self.sampled}",
+                f"  per K block {self.per_kb_clk:.1f} clk, first unit {self.first_unit_clk:.0f} clk, "
+                f"each further unit {self.next_unit_clk:.0f} clk",
+                f"  predicted {self.cycles:.0f} clk = {self.seconds * 1e6:.1f} us = {self.tflops:.0f} TFLOP/s"]
+
+
+def _sample(kernel, tiles, units, kb, p, mem, k_full):
+    c = tiles.cluster
+    rec = Recorder()
+    args = (tiles, tiles.block_m * c, tiles.block_n * units, kb * SCALE_BLOCK, rec)
+    kernel.run(*args, k_full=k_full) if isinstance(kernel, DeepGemm) else kernel.run(*args)
+    return max(r.cycles for r in replay(rec, p, mem))
+
+
+def predict_config(kernel, tiles: Tiles, m, n, k, p: Part, kb_lo=3, kb_hi=11) -> Prediction:
+    c = tiles.cluster
+    units = cdiv(cdiv(m, tiles.block_m), c) * cdiv(n, tiles.block_n)
+    slots = min(p.sms // c, units)
+    grid = slots * c
+    hit = l2_hit_fraction(tiles.block_m, tiles.block_n, c, m, n, k, slots)
+    mem = MemoryShare.of(p, grid, hit)
+    kb = k // SCALE_BLOCK
+    s_lo = _sample(kernel, tiles, 1, kb_lo, p, mem, k)
+    s_hi = _sample(kernel, tiles, 1, kb_hi, p, mem, k)
+    s_two = _sample(kernel, tiles, 2, kb_lo, p, mem, k)
+    per_kb = (s_hi - s_lo) / (kb_hi - kb_lo)
+    first = s_lo + (kb - kb_lo) * per_kb
+    further = (s_two - s_lo) + (kb - kb_lo) * per_kb
+    per_slot = cdiv(units, slots)
+    cycles = first + (per_slot - 1) * further
+    seconds = cycles / p.clock_hz
+    sampled = (f"the kernel ({kernel.name}) on the emulator, one {'cluster' if c > 1 else 'CTA'}: 1 unit x {kb_lo} "
+               f"K blocks, 1 unit x {kb_hi}, 2 units x {kb_lo}")
+    return Prediction(kernel.name, p.key, m, n, k, tiles.name, grid, units, per_slot, hit, per_kb, first, further,
+                      cycles, seconds, 2.0 * m * n * k / seconds / 1e12, sampled)
+
+
+def predict(m: int, n: int, k: int, part="h800", kernel="ours", **kw) -> Prediction:
+    """Predicted time of `kernel` ("ours" or "deepgemm", the best of its plausible
+    configs) for an FP8 GEMM of m x n x k on `part`."""
+    if k % SCALE_BLOCK or k <= 0:
+        raise ValueError(f"k: expected a positive multiple of {SCALE_BLOCK}, got {k}")
+    if min(m, n) <= 0:
+        raise ValueError(f"m, n: expected positive sizes, got {m}, {n}")
+    p = part if isinstance(part, Part) else get_part(part)
+    kern = {"ours": Ours, "deepgemm": DeepGemm}
+    if kernel not in kern:
+        raise ValueError(f"kernel: expected one of {sorted(kern)}, got {kernel!r}")
+    kern = kern[kernel]()
+    preds = [predict_config(kern, t, m, n, k, p, **kw) for t in kern.configs(m, n, k, p.sms)]
+    return min(preds, key=lambda x: x.cycles)

@@ -55,6 +55,7 @@ class Recording:
         self._bar_open = set()
         self._warp_cluster = {}
         self.kernel = m.kernel
+        self._pcs = {id(x): i for i, x in enumerate(m.kernel.instrs)}
 
     # ---------------------------------------------------------------- wrapping
     def wrap(self, opcode, handler):
@@ -264,8 +265,7 @@ class Recording:
         return cid
 
     def _pc(self, ins):
-        pcs = self.__dict__.setdefault("_pcs", {id(x): i for i, x in enumerate(self.kernel.instrs)})
-        return pcs[id(ins)]
+        return self._pcs[id(ins)]
 
 
 class Recorder:

@@ -139,3 +139,88 @@ def test_bulk_copy_stream_moves_bytes_at_the_sms_share_of_l2(seed, active_sms):
     per_byte = (times[10] - times[2]) / (8 * size)
     hand = max(1 / H800.sm_l2_bytes_per_clk, active_sms / (H800.l2_bytes_per_s / H800.clock_hz))
     assert per_byte == pytest.approx(hand, rel=0.05)
+
+
+def _tma_stream(r, rows):
+    """Thread 0 loads r boxes of rows x 128 bytes (a 2-D tensor map, no swizzle) into
+    consecutive shared buffers, all completing on one mbarrier; then stores the last word."""
+    box = rows * 128
+    L = [HEAD, ".visible .entry k(.param .align 64 .b8 p_map[128], .param .u64 p_out)\n{",
+         ".reg .pred %p<4>; .reg .b32 %r<16>; .reg .b64 %rd<16>;",
+         f".shared .align 1024 .b8 buf[{r * box}];", ".shared .align 8 .b64 bar;",
+         "mov.u32 %r1, %tid.x;", "setp.eq.u32 %p1, %r1, 0;", "mov.u32 %r2, 0;",
+         "@!%p1 bra W;", "mbarrier.init.shared::cta.b64 [bar], 1;", "fence.mbarrier_init.release.cluster;",
+         f"mbarrier.arrive.expect_tx.shared::cta.b64 %rd2, [bar], {r * box};"]
+    for i in range(r):
+        L += [f"mov.u32 %r3, {i * rows};",
+              "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+              f"[buf+{i * box}], [p_map, {{%r2, %r3}}], [bar];"]
+    L += ["W:", "mbarrier.try_wait.parity.shared::cta.b64 %p2, [bar], 0;", "@!%p2 bra W;",
+          f"ld.shared.u32 %r4, [buf+{r * box - 4}];", "ld.param.u64 %rd3, [p_out];", "st.global.u32 [%rd3], %r4;",
+          "ret;", "}"]
+    return "\n".join(L)
+
+
+def test_tma_tensor_stream_moves_bytes_at_the_sms_share_of_l2(seed):
+    """The same as the bulk stream with cp.async.bulk.tensor boxes (32 x 128 bytes)."""
+    from pykernels.runtime.tensormap import TensorMapDesc
+    rows = 32
+    times = {}
+    for r in (2, 10):
+        x = torch.randint(0, 256, (r * rows, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        out = torch.full((1,), -1, dtype=torch.int32)
+        t = perf.time_launch(_tma_stream(r, rows), "k", 1, 32, [TensorMapDesc(x, (rows, 128)), out], part=H800,
+                             active_sms=132, l2_hit=1.0)
+        assert out[0] == x[-1, -4:].contiguous().view(torch.int32)[0]
+        times[r] = t.cycles
+    per_byte = (times[10] - times[2]) / (8 * rows * 128)
+    hand = max(1 / H800.sm_l2_bytes_per_clk, 132 / (H800.l2_bytes_per_s / H800.clock_hz))
+    assert per_byte == pytest.approx(hand, rel=0.05)
+
+
+def test_machine_descriptions_cite_a_source_for_every_number():
+    """Every number names a known source; the tensor rates reproduce the datasheet's dense
+    TFLOP/s at the stated clock; the parts differ only in HBM and NVLink."""
+    parts = {k: perf.part(k) for k in perf.PARTS}
+    for p in parts.values():
+        for name, fact in p.facts.items():
+            assert fact.source in perf.machines.SOURCES, name
+        for dtype, tflops in (("e4m3", 1978.9), ("bf16", 989.4)):
+            assert 2 * p.sms * p.mma_per_clk(dtype) * p.clock_hz / 1e12 == pytest.approx(tflops, rel=2e-3)
+        assert p.fp32_lanes * 2 * p.sms * 1.98e9 / 1e12 == pytest.approx(66.9, rel=1e-2)   # at the 1.98 GHz boost
+    differ = {n for n in parts["h100"].facts if any(parts[k].facts[n].value != parts["h100"].facts[n].value
+                                                      for k in parts)}
+    assert differ == {"name", "hbm_bytes_per_s", "nvlink_bytes_per_s"}
+    assert parts["h200"].hbm_bytes_per_s == 4.8e12 and parts["h800"].nvlink_bytes_per_s == 400e9
+    with pytest.raises(ValueError, match="part: expected one of"):
+        perf.part("a100")
+
+
+def _cp_async_stream(r):
+    """One warp: r cp.async.cg of 16 bytes per thread (512 bytes per instruction), one
+    group, wait_all; thread 31 stores the last word it copied."""
+    L = [HEAD, ".visible .entry k(.param .u64 p_x, .param .u64 p_out)\n{",
+         ".reg .b32 %r<16>; .reg .b64 %rd<16>;", f".shared .align 128 .b8 buf[{r * 512}];",
+         "ld.param.u64 %rd1, [p_x];", "mov.u32 %r1, %tid.x;", "shl.b32 %r2, %r1, 4;", "mov.u32 %r3, buf;",
+         "add.u32 %r4, %r3, %r2;", "cvt.u64.u32 %rd2, %r2;", "add.u64 %rd3, %rd1, %rd2;"]
+    for i in range(r):
+        L.append(f"cp.async.cg.shared.global [%r4+{i * 512}], [%rd3+{i * 512}], 16;")
+    L += ["cp.async.commit_group;", "cp.async.wait_all;", f"ld.shared.u32 %r5, [%r4+{(r - 1) * 512 + 12}];",
+          "ld.param.u64 %rd4, [p_out];", "mul.wide.u32 %rd5, %r1, 4;", "add.u64 %rd6, %rd4, %rd5;",
+          "st.global.u32 [%rd6], %r5;", "ret;", "}"]
+    return "\n".join(L)
+
+
+def test_cp_async_stream_moves_bytes_at_the_sms_share_of_l2(seed):
+    """cp.async bytes use the same memory path as bulk copies: per byte, max(1 / port,
+    active SMs / L2 bytes per clock); wait_all waits for the last of them."""
+    times = {}
+    for r in (4, 36):
+        x = torch.randint(0, 2**31 - 1, (r * 128,), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
+        out = torch.full((32,), -1, dtype=torch.int32)
+        t = perf.time_launch(_cp_async_stream(r), "k", 1, 32, [x, out], part=H800, active_sms=132, l2_hit=1.0)
+        assert torch.equal(out, x.view(r, 32, 4)[-1, :, 3])
+        times[r] = t.cycles
+    per_byte = (times[36] - times[4]) / (32 * 512)
+    hand = max(1 / H800.sm_l2_bytes_per_clk, 132 / (H800.l2_bytes_per_s / H800.clock_hz))
+    assert per_byte == pytest.approx(hand, rel=0.05)

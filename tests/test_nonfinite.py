@@ -271,10 +271,6 @@ def test_gemm_non_finite_pattern_matches_reference(backend, layout, seed):
     assert (pat[[1, 2, 3, 7]] == 3).all() and (pat[:, :BLOCK] == 3).all() and (pat[:, [130, 200]] == 3).all()
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 11): an Inf scale over non-zero e4m3 values, which no "
-                   "quantization produces. The reference dequantizes elementwise (Inf * q per element, so "
-                   "mixed signs sum to NaN); the kernels scale each 128-wide partial sum (+-Inf). "
-                   "docs/numerics.md")
 def test_gemm_inf_scale_over_nonzero_values(seed):
     a, sfa = R.per_token_cast_to_fp8(torch.randn(4, 256))
     b, sfb = R.per_block_cast_to_fp8(torch.randn(128, 256))

@@ -13,6 +13,7 @@ import torch
 
 from .. import registry
 from .. import reference as R
+from ..runtime import device_errors as DE
 from ..runtime import validate as V
 from ..runtime.hardware import SCALE_BLOCK, cdiv
 from . import backends as B
@@ -59,14 +60,12 @@ def _check_group_values(p: GemmProblem) -> None:
         bad = (p.grouping < -1) | (p.grouping >= p.groups)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"m_indices: expected values in [-1, {p.groups}) (-1 marks padding rows), "
-                             f"got {int(p.grouping[row])} at row {row}")
+            raise ValueError(DE.describe("MIndexOutOfRange", int(p.grouping[row]), p.groups, row))
     else:
         bad = (p.grouping < 0) | (p.grouping > p.m)
         if bool(bad.any()):
             g = int(bad.nonzero()[0, 0])
-            raise ValueError(f"masked_m: expected values in [0, {p.m}] (a's rows per group), "
-                             f"got {int(p.grouping[g])} for group {g}")
+            raise ValueError(DE.describe("MaskedMOutOfRange", int(p.grouping[g]), p.m, g))
 
 
 def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *, values=True) -> GemmProblem:

@@ -1,7 +1,10 @@
 """Reference FP8 block-scaled GEMMs (NT layout), float32 math, bf16 output.
 
-out = dequant(a) @ dequant(b).T where a carries 1x128 scales (per row, per 128 of K)
-and b carries 128x128 block scales. Grouped forms leave rows they do not own untouched.
+out = sum over K blocks kb of (sfa[:, kb] x sfb[n-block, kb]) * (a_kb @ b_kb^T): a carries
+1x128 scales (per row, per 128 of K) and b 128x128 block scales; each K block's partial
+product of the e4m3 values is scaled once, as the kernels promote their accumulators
+(docs/numerics.md: an Inf scale gives +-Inf there, not the NaN that scaling elements
+of both signs before summing would give). Grouped forms leave rows they do not own untouched.
 The semantics every backend follows: K = 0 gives zeros in the owned rows; M = 0 or N = 0
 is nothing to do; a row whose m_indices value is outside [0, G), and a whole group whose
 masked_m is outside [0, m_max], are not written (the kernels also record such values in
@@ -10,11 +13,20 @@ here on the host).
 """
 import torch
 
-from .quant import dequantize_per_block, dequantize_per_token
+from .constants import BLOCK
 
 
 def _mm(a, sfa, b, sfb):
-    return dequantize_per_token(a, sfa) @ dequantize_per_block(b, sfb).transpose(-1, -2)
+    """float32 [m, n] from e4m3 a [m, k], sfa [m, kb], b [n, k], sfb [ceil(n/128), kb]."""
+    n, k = b.shape
+    qa, qb = a.float(), b.float()
+    out = torch.zeros(a.shape[0], n, dtype=torch.float32, device=a.device)
+    for kb in range(sfa.shape[-1]):
+        cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
+        partial = qa[:, cols] @ qb[:, cols].T                       # exact e4m3 products, float32 sums
+        scale = sfa[:, kb, None] * sfb[:, kb].repeat_interleave(BLOCK)[None, :n]
+        out += scale * partial
+    return out
 
 
 def fp8_gemm_nt(a, sfa, b, sfb, out=None):
@@ -34,13 +46,11 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
     [G, ceil(n/128), ceil(k/128)], m_indices int32 [m_sum] (group of each row, -1 =
     padding), out bf16 [m_sum, n]: rows whose index is outside [0, G) are not written.
     """
-    a_deq = dequantize_per_token(a, sfa)
     idx = m_indices.long()
     for g in range(b.shape[0]):
         rows = (idx == g).nonzero().flatten()
         if rows.numel():
-            w = dequantize_per_block(b[g], sfb[g])
-            out[rows] = (a_deq[rows] @ w.T).to(out.dtype)
+            out[rows] = _mm(a[rows], sfa[rows], b[g], sfb[g]).to(out.dtype)
     return out
 
 

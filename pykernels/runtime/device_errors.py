@@ -59,6 +59,13 @@ def code(name: str) -> int:
     raise KeyError(f"name: expected one of {[s.name for s in CODES.values()]}, got {name!r}")
 
 
+def describe(name: str, a0: int, a1: int, a2: int) -> str:
+    """The message of the code named `name` with its three arguments, "argument: text": the
+    same words whether a kernel found the error or a host check on CPU tensors did."""
+    spec = CODES[code(name)]
+    return f"{spec.argument}: " + spec.template.format(a0=a0, a1=a1, a2=a2)
+
+
 class KernelInputError(ValueError):
     """Bad input found by a kernel on the device (see pykernels.runtime.device_errors)."""
 
@@ -68,9 +75,7 @@ class KernelInputError(ValueError):
             msg = f"{op}: the kernel recorded unknown error code {code} (args {args}, CTA {cta})"
             argument = None
         else:
-            a0, a1, a2 = args
-            msg = f"{op}: {spec.argument}: " + spec.template.format(a0=a0, a1=a1, a2=a2) + \
-                f" [found by the kernel, CTA {cta}]"
+            msg = f"{op}: {describe(spec.name, *args)} [found by the kernel, CTA {cta}]"
             argument = spec.argument
         super().__init__(msg)
         self.op, self.code, self.argument, self.args_recorded, self.cta = op, code, argument, args, cta

@@ -9,7 +9,6 @@ import pytest
 from bench.peers import bf16_gemm as B
 from bench.peers import deep_gemm as D
 from bench.peers import mqa_logits as M
-from pykernels.emu import UnsupportedInstruction
 
 from .cases import prefill_windows, run_bf16_gemm, run_fp8_gemm, run_mqa_logits
 from .ordering_policy import collecting, is_cta_scoped_peer_release, violations
@@ -50,10 +49,6 @@ def test_bf16_multicast_reports_only_the_cta_scoped_peer_release(deep_gemm_heade
     _only_cta_scoped_peer_releases(stats)
 
 
-@pytest.mark.xfail(raises=UnsupportedInstruction, strict=False,
-                   reason="ordering checker bug (pykernels/emu/ordering/checker.py, async_perform and "
-                          "_mbar_acquire): the clock array is read before Clocks.row() grows it, so a new "
-                          "mbarrier row indexes the old array (IndexError, reported as UnsupportedInstruction)")
 def test_fp8_multicast_reports_only_the_cta_scoped_peer_release(deep_gemm_headers, seed):
     with collecting():
         stats = run_fp8_gemm(D.compile_fp8_gemm(128, 128, num_sms=2, cluster=2), 300, 256, 256, "lockstep")

@@ -16,6 +16,7 @@ import torch
 from .. import registry
 from ..mla_schedule import check_schedule
 from ..reference import mla as RM
+from ..runtime import device_errors as DE
 from ..runtime import validate as V
 from . import backends as B
 
@@ -38,13 +39,13 @@ class MetadataProblem:
         return f"b={self.cache_seqlens.shape[0]} num_sm_parts={self.num_sm_parts} on {self.device}"
 
 
-def _check_seqlen_values(seqlens: torch.Tensor, name: str = "cache_seqlens", hi: int = MAX_SEQLEN) -> None:
+def _check_seqlen_values(seqlens: torch.Tensor, hi: int = MAX_SEQLEN) -> None:
     if seqlens.device.type != "cpu" or seqlens.numel() == 0 or V.is_fake(seqlens):
         return
     lo_v, hi_v = int(seqlens.min()), int(seqlens.max())
     if lo_v < 0 or hi_v > hi:
         bad = lo_v if lo_v < 0 else hi_v
-        raise ValueError(f"{name}: expected values in [0, {hi}], got {bad}")
+        raise ValueError(f"cache_seqlens: expected values in [0, {hi}], got {bad}")
 
 
 def metadata_problem(cache_seqlens, num_sm_parts) -> MetadataProblem:
@@ -127,17 +128,21 @@ def _check_cache(k_cache):
 
 def _check_device_values(p: DecodeProblem) -> None:
     """Host checks of block_table / cache_seqlens values and of the schedule against the
-    seqlens (CPU tensors; on a GPU the kernels check them into the device error record)."""
+    seqlens (CPU tensors; on a GPU the kernels check them into the device error record,
+    in the same words)."""
     page = RM.PAGE_BLOCK_SIZE
-    _check_seqlen_values(p.cache_seqlens, hi=p.block_table.shape[1] * page)
-    if p.cache_seqlens.numel():
-        nblk = (p.cache_seqlens.long() + page - 1) // page
-        used = torch.arange(p.block_table.shape[1])[None, :] < nblk[:, None]
-        pages = p.block_table[used]
-        num_blocks = p.k_cache.shape[0]
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_blocks):
-            bad = int(pages.min()) if int(pages.min()) < 0 else int(pages.max())
-            raise ValueError(f"block_table: expected page ids in [0, {num_blocks}) for the pages in use, got {bad}")
+    coverage = p.block_table.shape[1] * page
+    lens = p.cache_seqlens.long()
+    bad = (lens < 0) | (lens > coverage)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(DE.describe("SeqlenOutOfRange", int(lens[i]), coverage, i))
+    used = torch.arange(p.block_table.shape[1])[None, :] < ((lens + page - 1) // page)[:, None]
+    num_blocks = p.k_cache.shape[0]
+    bad = used & ((p.block_table < 0) | (p.block_table >= num_blocks))
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(DE.describe("BlockTableOutOfRange", int(p.block_table[i, j]), num_blocks, i))
     check_schedule(p.tile_scheduler_metadata, p.num_splits, p.cache_seqlens)
 
 

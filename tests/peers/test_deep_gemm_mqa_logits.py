@@ -39,6 +39,16 @@ def test_mqa_logits_random_windows(schedule, deep_gemm_headers, seed):
     run_mqa_logits(compiled, ks, ke, seq_len_kv, schedule)
 
 
+# 64 heads x 128 dims, 2 queries per step (wgmma N = 128), 256 keys per step: four math
+# warpgroups (a 640-thread CTA); two sequences with 300 cached keys each.
+@pytest.mark.parametrize("schedule", ["lockstep", "wg_last"])
+def test_mqa_logits_four_math_warpgroups(schedule, deep_gemm_headers, seed):
+    compiled = M.compile_mqa_logits(64, 128, block_q=2, block_kv=256, num_sms=2)
+    assert compiled.config.threads == 640
+    ks, ke, seq_len_kv = prefill_windows([3, 4], extra_kv=300)
+    run_mqa_logits(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
+
+
 def test_bad_inputs_name_the_argument(deep_gemm_headers):
     compiled = M.compile_mqa_logits(16, 128, block_q=4, block_kv=128, num_sms=2)
     q = torch.zeros(4, 16, 128, dtype=torch.float8_e4m3fn)

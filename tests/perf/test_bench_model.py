@@ -1,0 +1,33 @@
+"""bench/model.py: model rows in bench's row format, marked "source": "model", with the
+prediction's time and label; grouped layouts say they are not modelled."""
+import types
+
+import pytest
+
+from bench import model as BM
+
+
+def test_model_rows_carry_the_prediction_and_say_model(monkeypatch):
+    calls = []
+
+    def fake(m, n, k, part, kernel):
+        calls.append((m, n, k, part, kernel))
+        return types.SimpleNamespace(seconds=1e-6 * (m + n + k), config=f"cfg-{kernel}", l2_hit=0.5)
+    monkeypatch.setattr(BM, "predict", fake)
+    rows = BM.model_rows("h800", quick=True, ops=("normal", "masked"))
+    normal = [r for r in rows if r["op"] == "normal"]
+    masked = [r for r in rows if r["op"] == "masked"]
+    assert normal and masked and all(r["source"] == "model" for r in rows)
+    for r in normal:
+        assert r["seconds"] == pytest.approx(1e-6 * (r["m"] + r["n"] + r["k"]))
+        assert r["note"].startswith("model (H800, model version") and "cfg-" in r["note"]
+    assert {c[4] for c in calls} == {"ours", "deepgemm"} and all(c[3] == "h800" for c in calls)
+    assert all(r["seconds"] is None and "not modelled" in r["note"] for r in masked)
+
+
+def test_model_rows_report_a_failed_prediction_without_a_figure(monkeypatch):
+    def fail(*a):
+        raise RuntimeError("peer headers missing")
+    monkeypatch.setattr(BM, "predict", fail)
+    rows = BM.model_rows("h100", quick=True, ops=("normal",), impls=("deepgemm",))
+    assert rows and all(r["seconds"] is None and "peer headers missing" in r["note"] for r in rows)

@@ -14,8 +14,8 @@ IMPLS = {"pykernels-cuda": "ours", "deepgemm": "deepgemm"}
 
 
 def model_rows(part: str = "h800", quick: bool = False, ops=S.OPS, impls=tuple(IMPLS)) -> list:
-    """One row per shape and implementation; grouped layouts are not modelled yet (their
-    rows say so, seconds None)."""
+    """One row per shape and implementation (grouped layouts: DeepGEMM's rows use its
+    normal kernel per unit, see docs/perf-model.md)."""
     rows = []
     for s in S.shape_set(quick, [o for o in ops if o in S.OPS]):
         for impl in impls:
@@ -23,12 +23,8 @@ def model_rows(part: str = "h800", quick: bool = False, ops=S.OPS, impls=tuple(I
                        precision="fp8_block", flops=S.flops(s), bytes=S.bytes_moved(s, "fp8_block"),
                        seconds=None, seconds_min=None, seconds_max=None, source="model",
                        note=f"model ({part.upper()}, model version {MODEL_VERSION})")
-            if s.op != "normal":
-                row["note"] += ": grouped layouts not modelled yet"
-                rows.append(row)
-                continue
             try:
-                p = predict(s.m, s.n, s.k, part, IMPLS[impl])
+                p = predict(s.m, s.n, s.k, part, IMPLS[impl], layout=s.op, groups=s.groups)
             except Exception as e:             # noqa: BLE001 - e.g. the DeepGEMM harness absent
                 row["note"] += f": not predicted ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
                 rows.append(row)

@@ -1,5 +1,6 @@
-"""python -m pykernels.perf [--part h800] gemm M N K [--kernel ours|deepgemm]
-    the predicted time of an FP8 GEMM (our kernel, or DeepGEMM's best plausible config)
+"""python -m pykernels.perf [--part h800] gemm M N K [--kernel ours|deepgemm] [--layout L --groups G]
+    the predicted time of an FP8 GEMM (our kernel, or DeepGEMM's best plausible config);
+    grouped layouts: G groups of M rows each
 python -m pykernels.perf table [--write]
     DeepGEMM's published points: DeepGEMM's kernel through the model against its published
     figure (calibration), and ours / DeepGEMM on the same model (--write: into
@@ -14,47 +15,50 @@ import sys
 from . import MODEL_VERSION
 from .machines import PARTS, SOURCES, part as get_part
 
-# Published normal-layout FP8 GEMM points (../shared/ANCHORS.md): (part, M, N, K, TFLOP/s, note)
-PUBLISHED = [("h800", 64, 2112, 7168, 206, ""), ("h800", 128, 4096, 7168, 533, ""),
-             ("h800", 128, 7168, 16384, 645, ""), ("h800", 4096, 2112, 7168, 1127, ""),
-             ("h800", 4096, 32768, 512, 775, ""), ("h800", 4096, 7168, 16384, 1520, "later up to 1550"),
-             ("h100", 1024, 18432, 7168, 969.8, "early DeepGEMM version")]
-# Published grouped points the model does not cover yet (contiguous / masked layouts)
-NOT_YET = [("h800", "contiguous 4 x 8192 rows", 4096, 7168, 1346), ("h800", "contiguous 8 x 4096 rows", 7168, 2048, 1214),
-           ("h800", "masked 1 x 1024 rows", 4096, 7168, 1233), ("h800", "masked 4 x 256 rows", 7168, 2048, 815)]
+# DeepGEMM's published FP8 GEMM points (../shared/ANCHORS.md):
+# (part, layout, groups, M rows per group, N, K, TFLOP/s, note)
+PUBLISHED = [("h800", "normal", 1, 64, 2112, 7168, 206, ""), ("h800", "normal", 1, 128, 4096, 7168, 533, ""),
+             ("h800", "normal", 1, 128, 7168, 16384, 645, ""), ("h800", "normal", 1, 4096, 2112, 7168, 1127, ""),
+             ("h800", "normal", 1, 4096, 32768, 512, 775, ""),
+             ("h800", "normal", 1, 4096, 7168, 16384, 1520, "later up to 1550"),
+             ("h800", "contiguous", 4, 8192, 4096, 7168, 1346, ""), ("h800", "contiguous", 8, 4096, 7168, 2048, 1214, ""),
+             ("h800", "masked", 1, 1024, 4096, 7168, 1233, ""), ("h800", "masked", 4, 256, 7168, 2048, 815, ""),
+             ("h100", "normal", 1, 1024, 18432, 7168, 969.8, "early DeepGEMM version")]
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "perf-model.md"
 BEGIN, END = "<!-- perf-table begin -->", "<!-- perf-table end -->"
 
 
 def tables(log=print) -> str:
     from .gemm import predict
-    cal = ["| part | M | N | K | DeepGEMM config (best predicted) | L2 hit | published TFLOP/s | "
-           f"model v{MODEL_VERSION} TFLOP/s | error |", "|---|---|---|---|---|---|---|---|---|"]
-    ratio = ["| part | M | N | K | our config | ours, model TFLOP/s | DeepGEMM, model TFLOP/s | ours / DeepGEMM |",
-             "|---|---|---|---|---|---|---|---|"]
-    for part_key, m, n, k, published, note in PUBLISHED:
-        ours = predict(m, n, k, part_key, "ours")
+    cal = ["| part | problem | DeepGEMM config (best predicted) | L2 hit | published TFLOP/s | "
+           f"model v{MODEL_VERSION} TFLOP/s | error |", "|---|---|---|---|---|---|---|"]
+    ratio = ["| part | problem | our config | ours, model TFLOP/s | DeepGEMM, model TFLOP/s | ours / DeepGEMM |",
+             "|---|---|---|---|---|---|"]
+    for part_key, layout, groups, m, n, k, published, note in PUBLISHED:
+        ours = predict(m, n, k, part_key, "ours", layout=layout, groups=groups)
+        what = ours.problem.label()
         try:
-            dg = predict(m, n, k, part_key, "deepgemm")
+            dg = predict(m, n, k, part_key, "deepgemm", layout=layout, groups=groups)
         except Exception as e:                    # noqa: BLE001 - the peer harness may be absent
-            log(f"DeepGEMM not run for {m}x{n}x{k}: {type(e).__name__}: {e}")
+            log(f"DeepGEMM not run for {what}: {type(e).__name__}: {e}")
             dg = None
         pub = f"{published}" + (f" ({note})" if note else "")
         if dg is not None:
             err = (dg.tflops - published) / published
-            cal.append(f"| {part_key.upper()} | {m} | {n} | {k} | {dg.config} | {dg.l2_hit:.2f} | {pub} | "
+            approx = " (normal kernel per unit)" if layout != "normal" else ""
+            cal.append(f"| {part_key.upper()} | {what} | {dg.config}{approx} | {dg.l2_hit:.2f} | {pub} | "
                        f"{dg.tflops:.0f} | {err:+.0%} |")
         else:
-            cal.append(f"| {part_key.upper()} | {m} | {n} | {k} | (harness absent) | | {pub} | | |")
-        ratio.append(f"| {part_key.upper()} | {m} | {n} | {k} | {ours.config} | {ours.tflops:.0f} | "
+            cal.append(f"| {part_key.upper()} | {what} | (harness absent) | | {pub} | | |")
+        ratio.append(f"| {part_key.upper()} | {what} | {ours.config} | {ours.tflops:.0f} | "
                      f"{dg.tflops:.0f} | {ours.tflops / dg.tflops:.2f} |" if dg is not None else
-                     f"| {part_key.upper()} | {m} | {n} | {k} | {ours.config} | {ours.tflops:.0f} | | |")
+                     f"| {part_key.upper()} | {what} | {ours.config} | {ours.tflops:.0f} | | |")
         log(cal[-1])
         log(ratio[-1])
-    for part_key, what, n, k, published in NOT_YET:
-        cal.append(f"| {part_key.upper()} | {what} | {n} | {k} | grouped layouts not modelled yet | | {published} | | |")
     return ("Calibration: DeepGEMM's SM90 FP8 1D2D kernel (sgl-deep-gemm headers, bench/peers) through the model, "
-            "against its published figure. Every point, good or bad; no constant was tuned to these.\n\n"
+            "against its published figure. Every point, good or bad; no constant was tuned to these. Grouped "
+            "rows: the peer harness has only DeepGEMM's normal kernel, so its per-unit cost stands in for the "
+            "grouped kernel's, with the grouped schedule and reuse (an approximation).\n\n"
             + "\n".join(cal)
             + "\n\nOurs / DeepGEMM, both on the same model (labelled: model, model version "
             + MODEL_VERSION + "):\n\n" + "\n".join(ratio))
@@ -70,13 +74,15 @@ def main(argv=None):
     g.add_argument("n", type=int)
     g.add_argument("k", type=int)
     g.add_argument("--kernel", default="ours", choices=("ours", "deepgemm"))
+    g.add_argument("--layout", default="normal", choices=("normal", "contiguous", "masked"))
+    g.add_argument("--groups", type=int, default=1, help="grouped layouts: groups (M is rows per group)")
     t = sub.add_parser("table")
     t.add_argument("--write", action="store_true", help=f"replace the tables in docs/{DOC.name}")
     sub.add_parser("machine")
     a = ap.parse_args(argv)
     if a.cmd == "gemm":
         from .gemm import predict
-        print("\n".join(predict(a.m, a.n, a.k, a.part, a.kernel).lines()))
+        print("\n".join(predict(a.m, a.n, a.k, a.part, a.kernel, layout=a.layout, groups=a.groups).lines()))
     elif a.cmd == "table":
         text = tables()
         if a.write:

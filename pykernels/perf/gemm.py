@@ -41,16 +41,56 @@ def unit_order(m_blocks: int, n_blocks: int, band: int, cluster: int):
                 yield p * cluster, n
 
 
-def l2_hit_fraction(block_m, block_n, cluster, m, n, k, slots: int) -> float:
-    """Hit fraction of the A / B bytes the launch reads, per the wave reuse model."""
-    m_blocks, n_blocks = cdiv(m, block_m), cdiv(n, block_n)
-    units = list(unit_order(m_blocks, n_blocks, G.raster_band(n_blocks, slots * cluster), cluster))
+LAYOUTS = {"normal": G.KIND_NORMAL, "contiguous": G.KIND_CONTIGUOUS, "masked": G.KIND_MASKED}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """`groups` products of m x k by (n x k)ᵀ (normal: groups = 1). contiguous: the groups'
+    row segments are stacked (each a multiple of the tile rows); masked: every group has
+    m valid rows."""
+    layout: str
+    groups: int
+    m: int
+    n: int
+    k: int
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "normal" and self.groups != 1:
+            raise ValueError(f"groups: the normal layout has 1 group, got {self.groups}")
+        if self.k % SCALE_BLOCK or self.k <= 0:
+            raise ValueError(f"k: expected a positive multiple of {SCALE_BLOCK}, got {self.k}")
+        if min(self.m, self.n, self.groups) <= 0:
+            raise ValueError(f"groups, m, n: expected positive sizes, got {self.groups}, {self.m}, {self.n}")
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.groups * self.m * self.n * self.k
+
+    def label(self) -> str:
+        mnk = f"{self.m}x{self.n}x{self.k}"
+        return mnk if self.layout == "normal" else f"{self.layout} {self.groups} x {mnk}"
+
+    def units(self, block_m, block_n, cluster, slots):
+        """(group, first m-block, n-block) of each unit, group by group, banded inside."""
+        m_blocks, n_blocks = cdiv(self.m, block_m), cdiv(self.n, block_n)
+        band = G.raster_band(n_blocks, slots * cluster)
+        return [(g, mb, nb) for g in range(self.groups) for mb, nb in unit_order(m_blocks, n_blocks, band, cluster)]
+
+
+def l2_hit_fraction(block_m, block_n, cluster, m, n, k, slots: int, groups: int = 1) -> float:
+    """Hit fraction of the A / B bytes the launch reads, per the wave reuse model (A row
+    blocks and B column blocks are per group)."""
+    m_blocks = cdiv(m, block_m)
+    units = Problem("normal" if groups == 1 else "masked", groups, m, n, k).units(block_m, block_n, cluster, slots)
     requested = unique = 0
     for w in range(0, len(units), slots):
         wave = units[w:w + slots]
-        ms = {mb + j for mb, _ in wave for j in range(cluster) if mb + j < m_blocks}
-        ns = {nb for _, nb in wave}
-        requested += sum(min(cluster, m_blocks - mb) * block_m + block_n for mb, _ in wave) * k
+        ms = {(g, mb + j) for g, mb, _ in wave for j in range(cluster) if mb + j < m_blocks}
+        ns = {(g, nb) for g, _, nb in wave}
+        requested += sum(min(cluster, m_blocks - mb) * block_m + block_n for _, mb, _ in wave) * k
         unique += (len(ms) * block_m + len(ns) * block_n) * k
     return max(0.0, 1.0 - unique / requested)
 
@@ -76,15 +116,25 @@ class Tiles:
 
 class Ours:
     name = "ours"
+    approximation = ""
 
-    def configs(self, m, n, k, sms):
-        c = G.choose_config(m, n, k, 1, sms)           # the kernel's own heuristic
+    def configs(self, prob: Problem, sms):
+        """The kernel's own heuristic, as gemm_plan asks it."""
+        if prob.layout == "masked":
+            c = G.choose_config(prob.m, prob.n, prob.k, prob.groups, sms)
+        else:
+            c = G.choose_config(prob.m * prob.groups, prob.n, prob.k, 1, sms, boundaries=prob.groups - 1)
         return [Tiles("ours", c.block_m, c.block_n, c.cluster, c.function)]
 
-    def run(self, tiles, m, n, k, trace):
+    def run(self, tiles, layout, m, n, k, trace, k_full=None):
+        """One group of m rows in `layout` (contiguous: every row in group 0; masked: all valid)."""
         cfg = G.Config(tiles.block_m, tiles.block_n, tiles.cluster)
         a, sfa, b, sfb, out = _operands(m, n, k, torch.Generator().manual_seed(0))
-        plan = G.gemm_plan(a, sfa, b, sfb[None], out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+        grouping = {"normal": None, "contiguous": torch.zeros(m, dtype=torch.int32),
+                    "masked": torch.tensor([m], dtype=torch.int32)}[layout]
+        if layout == "masked":
+            sfa = sfa[None]
+        plan = G.gemm_plan(a, sfa, b, sfb[None], out, grouping, kind=LAYOUTS[layout], m=m, n=n, k=k, groups=1,
                            cfg=cfg, sms=tiles.cluster, max_clusters=1)
         run_emu(plan, trace=trace)
 
@@ -94,6 +144,8 @@ class DeepGemm:
     block_m 64 when M <= 64, else 128; block_n such that the tiles fill the fewest waves,
     the fullest last wave first; multicast on B when M has pairs of m-blocks)."""
     name = "deepgemm"
+    approximation = ("grouped layouts: DeepGEMM's normal kernel per unit (the harness has only the normal "
+                     "GEMM), with the grouped schedule and reuse")
 
     def __init__(self, max_configs=2):
         import importlib
@@ -106,7 +158,8 @@ class DeepGemm:
         self.max_configs = max_configs
         self._compiled = {}
 
-    def configs(self, m, n, k, sms):
+    def configs(self, prob: Problem, sms):
+        m, n, k = prob.m, prob.n, prob.k
         bms = [64] if m <= 64 else [128]
         scored = []
         for bm in bms:
@@ -118,7 +171,7 @@ class DeepGemm:
                         self.D.max_stages(bm, bn, k)
                     except ValueError:
                         continue
-                    units = cdiv(cdiv(m, bm), c) * cdiv(n, bn)
+                    units = prob.groups * cdiv(cdiv(m, bm), c) * cdiv(n, bn)
                     slots = sms // c
                     waves = cdiv(units, slots)
                     last = units / (waves * slots)
@@ -131,7 +184,7 @@ class DeepGemm:
             picks.append(Tiles("deepgemm", bm, bn, c, f"deepgemm_m{bm}n{bn}" + (f"_mc{c}" if c > 1 else "")))
         return picks
 
-    def run(self, tiles, m, n, k, trace, k_full=None):
+    def run(self, tiles, layout, m, n, k, trace, k_full=None):
         key = (tiles.block_m, tiles.block_n, tiles.cluster, k_full)
         if key not in self._compiled:
             stages = self.D.max_stages(tiles.block_m, tiles.block_n, k_full or k)
@@ -145,9 +198,7 @@ class DeepGemm:
 class Prediction:
     kernel: str
     part: str
-    m: int
-    n: int
-    k: int
+    problem: Problem
     config: str
     grid: int
     units: int
@@ -162,9 +213,21 @@ class Prediction:
     sampled: str
     model_version: str = MODEL_VERSION
 
+    @property
+    def m(self):
+        return self.problem.m
+
+    @property
+    def n(self):
+        return self.problem.n
+
+    @property
+    def k(self):
+        return self.problem.k
+
     def lines(self):
         return [f"model ({self.part.upper()}, model version {self.model_version}): {self.kernel} FP8 GEMM "
-                f"{self.m}x{self.n}x{self.k}",
+                f"{self.problem.label()}",
                 f"  config {self.config}, grid {self.grid} CTAs, {self.units} units, the busiest slot runs "
                 f"{self.units_per_slot}",
                 f"  memory: {self.grid} SMs streaming, L2 hit fraction {self.l2_hit:.3f} (wave reuse model)",
@@ -174,25 +237,26 @@ class Prediction:
                 f"  predicted {self.cycles:.0f} clk = {self.seconds * 1e6:.1f} us = {self.tflops:.0f} TFLOP/s"]
 
 
-def _sample(kernel, tiles, units, kb, p, mem, k_full):
+def _sample(kernel, tiles, layout, units, kb, p, mem, k_full):
     c = tiles.cluster
     rec = Recorder()
-    args = (tiles, tiles.block_m * c, tiles.block_n * units, kb * SCALE_BLOCK, rec)
-    kernel.run(*args, k_full=k_full) if isinstance(kernel, DeepGemm) else kernel.run(*args)
+    kernel.run(tiles, layout, tiles.block_m * c, tiles.block_n * units, kb * SCALE_BLOCK, rec, k_full=k_full)
     return max(r.cycles for r in replay(rec, p, mem))
 
 
-def predict_config(kernel, tiles: Tiles, m, n, k, p: Part, kb_lo=3, kb_hi=11) -> Prediction:
+def predict_config(kernel, tiles: Tiles, prob: Problem, p: Part, kb_lo=3, kb_hi=11) -> Prediction:
     c = tiles.cluster
-    units = cdiv(cdiv(m, tiles.block_m), c) * cdiv(n, tiles.block_n)
+    k = prob.k
+    probe = prob.units(tiles.block_m, tiles.block_n, c, p.sms // c)
+    units = len(probe)
     slots = min(p.sms // c, units)
     grid = slots * c
-    hit = l2_hit_fraction(tiles.block_m, tiles.block_n, c, m, n, k, slots)
+    hit = l2_hit_fraction(tiles.block_m, tiles.block_n, c, prob.m, prob.n, k, slots, prob.groups)
     mem = MemoryShare.of(p, grid, hit)
     kb = k // SCALE_BLOCK
-    s_lo = _sample(kernel, tiles, 1, kb_lo, p, mem, k)
-    s_hi = _sample(kernel, tiles, 1, kb_hi, p, mem, k)
-    s_two = _sample(kernel, tiles, 2, kb_lo, p, mem, k)
+    s_lo = _sample(kernel, tiles, prob.layout, 1, kb_lo, p, mem, k)
+    s_hi = _sample(kernel, tiles, prob.layout, 1, kb_hi, p, mem, k)
+    s_two = _sample(kernel, tiles, prob.layout, 2, kb_lo, p, mem, k)
     per_kb = (s_hi - s_lo) / (kb_hi - kb_lo)
     first = s_lo + (kb - kb_lo) * per_kb
     further = (s_two - s_lo) + (kb - kb_lo) * per_kb
@@ -201,21 +265,22 @@ def predict_config(kernel, tiles: Tiles, m, n, k, p: Part, kb_lo=3, kb_hi=11) ->
     seconds = cycles / p.clock_hz
     sampled = (f"the kernel ({kernel.name}) on the emulator, one {'cluster' if c > 1 else 'CTA'}: 1 unit x {kb_lo} "
                f"K blocks, 1 unit x {kb_hi}, 2 units x {kb_lo}")
-    return Prediction(kernel.name, p.key, m, n, k, tiles.name, grid, units, per_slot, hit, per_kb, first, further,
-                      cycles, seconds, 2.0 * m * n * k / seconds / 1e12, sampled)
+    if prob.layout != "normal" and kernel.approximation:
+        sampled += f" [{kernel.approximation}]"
+    return Prediction(kernel.name, p.key, prob, tiles.name, grid, units, per_slot, hit, per_kb, first, further,
+                      cycles, seconds, prob.flops / seconds / 1e12, sampled)
 
 
-def predict(m: int, n: int, k: int, part="h800", kernel="ours", **kw) -> Prediction:
+def predict(m: int, n: int, k: int, part="h800", kernel="ours", layout="normal", groups=1, **kw) -> Prediction:
     """Predicted time of `kernel` ("ours" or "deepgemm", the best of its plausible
-    configs) for an FP8 GEMM of m x n x k on `part`."""
-    if k % SCALE_BLOCK or k <= 0:
-        raise ValueError(f"k: expected a positive multiple of {SCALE_BLOCK}, got {k}")
-    if min(m, n) <= 0:
-        raise ValueError(f"m, n: expected positive sizes, got {m}, {n}")
+    configs) for an FP8 GEMM on `part`: `groups` problems of m (rows per group) x n x k
+    in `layout` ("normal", "contiguous" with aligned segments, "masked" with every row
+    valid)."""
+    prob = Problem(layout, groups, m, n, k)
     p = part if isinstance(part, Part) else get_part(part)
     kern = {"ours": Ours, "deepgemm": DeepGemm}
     if kernel not in kern:
         raise ValueError(f"kernel: expected one of {sorted(kern)}, got {kernel!r}")
     kern = kern[kernel]()
-    preds = [predict_config(kern, t, m, n, k, p, **kw) for t in kern.configs(m, n, k, p.sms)]
+    preds = [predict_config(kern, t, prob, p, **kw) for t in kern.configs(prob, p.sms)]
     return min(preds, key=lambda x: x.cycles)

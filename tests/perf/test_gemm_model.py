@@ -34,18 +34,37 @@ def test_extrapolation_over_k_blocks_and_units(monkeypatch):
     """Samples from a known cost (first unit 500 + 100 per K block, each further unit
     300 + 100 per K block): the prediction is first unit + (units per slot - 1) x further
     unit at the real K."""
-    def fake(kernel, tiles, units, kb, p, mem, k_full):
+    def fake(kernel, tiles, layout, units, kb, p, mem, k_full):
         return 500 + 100 * kb + (units - 1) * (300 + 100 * kb)
     monkeypatch.setattr(PG, "_sample", fake)
     tiles = PG.Tiles("ours", 128, 128, 1, "t")
     m, n, k = 128 * 3, 128 * 100, 128 * 40          # 300 units over 132 slots: 3 per busiest slot
-    pred = PG.predict_config(PG.Ours(), tiles, m, n, k, H800)
+    pred = PG.predict_config(PG.Ours(), tiles, PG.Problem("normal", 1, m, n, k), H800)
     assert pred.units == 300 and pred.units_per_slot == 3 and pred.grid == 132
     assert pred.per_kb_clk == pytest.approx(100)
     assert pred.first_unit_clk == pytest.approx(500 + 100 * 40)
     assert pred.next_unit_clk == pytest.approx(300 + 100 * 40)
     assert pred.cycles == pytest.approx(4500 + 2 * 4300)
     assert pred.tflops == pytest.approx(2 * m * n * k / (pred.cycles / H800.clock_hz) / 1e12)
+    # grouped: 4 masked groups of the same problem run 4 x the units over the same slots
+    grouped = PG.predict_config(PG.Ours(), tiles, PG.Problem("masked", 4, m, n, k), H800)
+    assert grouped.units == 1200 and grouped.units_per_slot == 10
+    assert grouped.cycles == pytest.approx(4500 + 9 * 4300)
+
+
+def test_wave_reuse_model_keeps_groups_apart():
+    """Two masked groups of one tile each: their A and B blocks differ, nothing is reused."""
+    assert PG.l2_hit_fraction(128, 128, 1, 128, 128, 1024, 2, groups=2) == 0.0
+    assert PG.l2_hit_fraction(128, 128, 1, 256, 128, 1024, 4, groups=2) == pytest.approx(0.25)
+
+
+def test_problem_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="k: expected a positive multiple of 128"):
+        PG.Problem("normal", 1, 128, 128, 100)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        PG.Problem("ragged", 1, 128, 128, 128)
+    with pytest.raises(ValueError, match="groups: the normal layout has 1 group"):
+        PG.Problem("normal", 2, 128, 128, 128)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(128, 128), (64, 64)])

@@ -390,9 +390,6 @@ def test_mla_non_finite_inputs(backend, fp8, seed):
     assert (out[~rows_ok].float() != POISON).all()
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 11): the reference treats a row whose softmax normaliser "
-                   "is NaN or +Inf as empty (weights 0: out 0, NaN only where 0 * a non-finite value); the "
-                   "kernels propagate (out NaN). docs/numerics.md proposes the reference change.")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
 def test_mla_rows_with_non_finite_scores(fp8, seed):
     q, cache, table, seqlens = _mla_problem(fp8, specials_in_use=True)

@@ -111,11 +111,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v=HE
             visible = torch.arange(L, device=q.device)[None, :] <= last[:, None]
             scores = scores.masked_fill(~visible[None], -math.inf)
         row_lse = torch.logsumexp(scores, dim=-1)                # [h_q, s_q]; -inf when empty
-        seen = torch.isfinite(row_lse)
-        p = torch.where(seen[..., None], torch.exp(scores - row_lse[..., None]), torch.zeros_like(scores))
+        # A row with no visible key gives 0; a row whose scores hold NaN / +inf gives NaN in
+        # every column, as the kernels' online softmax does (docs/numerics.md).
+        empty = row_lse == -math.inf
+        p = torch.where(empty[..., None], torch.zeros_like(scores), torch.exp(scores - row_lse[..., None]))
         o = p @ kv[..., :head_dim_v]                             # [h_q, s_q, dv]
         out[i] = o.transpose(0, 1)
-        lse[i] = torch.where(seen, row_lse, torch.full_like(row_lse, math.inf))
+        lse[i] = torch.where(torch.isfinite(row_lse), row_lse, torch.full_like(row_lse, math.inf))
     return out.to(torch.bfloat16), lse
 
 

@@ -459,3 +459,36 @@ def test_mla_schedule_on_device_tensors_keys_on_the_version_counter():
     sched.resolve(inf, 16, 1, 2, build)
     sched.resolve(inf, 16, 1, 2, build)
     assert len(built) == 5 and sched.builds == 5
+
+
+# ------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_records_without_a_host_read(backend, problem):
+    # On a GPU the call does not read the record (no synchronisation): the error surfaces at
+    # check_errors(), cleared there; a good call afterwards is the reference's answer.
+    dev = torch.device("cuda")
+    for p, expect in ((_with(problem, sl=_set(0, 301)), "MetadataStale"),
+                      (_with(problem, table=_set((2, 1), NUM_BLOCKS + 7)), "BlockTableOutOfRange")):
+        g = {k: v.to(dev) for k, v in p.items()}
+        out, lse = (t.to(dev) for t in _poisoned(*problem["q"].shape[:3]))
+        args = (g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"], out, lse, 512, None, True)
+        if backend == "cuda":
+            CM.flash_mla_with_kvcache(*args, executor="cuda")
+        else:
+            TM.flash_mla_with_kvcache(*args)
+        torch.cuda.synchronize()
+        with pytest.raises(KernelInputError) as info:
+            device_errors.check_errors(dev)
+        assert info.value.code == CODE[expect], str(info.value)
+        device_errors.check_errors(dev)                       # cleared
+    g = {k: v.to(dev) for k, v in problem.items()}
+    out, lse = (t.to(dev) for t in _poisoned(*problem["q"].shape[:3]))
+    args = (g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"], out, lse, 512, None, True)
+    if backend == "cuda":
+        CM.flash_mla_with_kvcache(*args, executor="cuda")
+    else:
+        TM.flash_mla_with_kvcache(*args)
+    device_errors.check_errors(dev)
+    _assert_matches_reference(out.cpu(), lse.cpu(), problem["q"], problem["cache"], problem["table"], problem["sl"])

@@ -195,7 +195,7 @@ __device__ __forceinline__ bool partition_ok(const Params& p) {
       const bool goes_on = p_lend < blocks_of(p_len);   // its last sequence continues on this row
       want_b = goes_on ? p_lb : p_lb + 1;
       want_blk = goes_on ? p_lend : 0;
-      want_s = p_fs + p_n;
+      want_s = (int)((uint32_t)p_fs + (uint32_t)p_n);   // unchecked here (the previous CTA checks them)
     }
   }
   if (fb != want_b) return fail(rec, pk::kErrMetadataMismatch, fb, want_b, e + kFirstBatch);

@@ -19,7 +19,9 @@ import torch
 CASE_SECONDS = 120
 NAN = float("nan")
 
-Case = dict   # name, api (callable(backend) -> outputs), op (callable or None), expect ("error", arg) | ("ref",)
+Case = dict   # name, api / op (callable(backend) -> outputs), expect: ("error", arg) | ("ref",) | ("either", arg)
+# "either": the reference's result, or (a backend whose kernel does not take the shape) a
+# clear error naming the argument.
 
 
 def _err(arg):
@@ -27,6 +29,10 @@ def _err(arg):
 
 
 REF = ("ref",)
+
+
+def _either(arg):
+    return ("either", arg)
 
 
 # --- quantization --------------------------------------------------------------------------
@@ -62,6 +68,9 @@ def quant_cases():
             case("nan-inf-huge", special, REF, op),
             case("tiny-denormal", torch.full((2, 128), 1e-42), REF, op),
             case("not-a-tensor", [[1.0, 2.0]], _err("x"), op, forms=("api",)),
+            dict(case("unknown-backend", x, _err("backend"), op),
+                 api=lambda be, op=op: getattr(pk, op)(x, backend="bogus"),
+                 op=lambda be, op=op: getattr(torch.ops.pykernels, op)(x, "cuda_v2")),
         ]
     return out
 
@@ -146,8 +155,12 @@ def gemm_cases():
         normal("nan-in-a", a_nan, sfa, b, sfb, nan_out(m, n), REF),
         normal("inf-in-sfa", a, sfa_inf, b, sfb, nan_out(m, n), REF),
         normal("huge-sfb", a, sfa, b, sfb_huge, nan_out(m, n), REF),
+        normal("n-not-multiple-of-8", a, sfa, *_w(100, k), nan_out(m, 100), _either("n")),
+        normal("unknown-backend", a, sfa, b, sfb, nan_out(m, n), _err("backend")),
         normal("not-a-pair", a, sfa, b, sfb, nan_out(m, n), _err("a"), forms=("api",)),
     ]
+    cases[-2]["api"] = lambda be: pk.fp8_gemm_nt((a, sfa), (b, sfb), nan_out(m, n), backend="Triton")
+    cases[-2]["op"] = lambda be: torch.ops.pykernels.fp8_gemm_nt(a, sfa, b, sfb, nan_out(m, n), "")
     cases[-1]["api"] = lambda be: pk.fp8_gemm_nt(a, (b, sfb), nan_out(m, n), backend=be)
 
     g = 3
@@ -293,6 +306,11 @@ def mla_cases():
         metadata("seqlens-negative", torch.tensor([5, -1], dtype=torch.int32), 4, _err("cache_seqlens")),
         metadata("seqlen-2^31-1", torch.tensor([2**31 - 1, 5], dtype=torch.int32), 132, REF),
         metadata("empty-batch", torch.empty(0, dtype=torch.int32), 4, REF),
+        dict(decode("unknown-backend", _err("backend")),
+             api=lambda be: M.flash_mla_with_kvcache(q, cache, table, seqlens, 512, meta, splits, backend="gpu"),
+             op=lambda be: torch.ops.pykernels.flash_mla_with_kvcache(
+                 q, cache, table, seqlens, meta, splits, torch.empty(b, s_q, h_q, 512, dtype=torch.bfloat16),
+                 torch.empty(b, h_q, s_q), 512, 0.1, True, "bogus")),
     ]
     return cases
 
@@ -356,7 +374,7 @@ def run_case(case, form, backend):
             got = [t.clone() for t in case["outs"]]
     except (ValueError, TypeError) as e:
         msg = str(e)
-        if expect[0] == "error":
+        if expect[0] in ("error", "either"):
             named = msg.startswith(expect[1] + ":") or f": {expect[1]}:" in msg or f"{expect[1]}:" in msg.split("\n")[0]
             return ("ok", msg) if named else ("bad", f"error does not name {expect[1]!r}: {msg}")
         return "bad", f"{type(e).__name__}: {msg}"

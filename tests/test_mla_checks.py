@@ -7,7 +7,6 @@ limits, and the per-step schedule cache (MlaSchedule).
 The kernels are called through the lower layers (pykernels.cuda.mla / pykernels.triton.mla):
 the public API checks CPU tensors on the host before any kernel runs.
 """
-import math
 import random
 
 import pytest
@@ -164,7 +163,8 @@ def test_device_messages_name_the_argument(problem):
         _decode("triton", p["q"], p["cache"], p["table"], p["sl"], p["meta"], p["ns"])
     p = _with(problem, table=_set((2, 1), NUM_BLOCKS + 7))
     with pytest.raises(KernelInputError, match=rf"block_table: expected page ids in \[0, {NUM_BLOCKS}\) .* got "
-                                               rf"{NUM_BLOCKS + 7} \(batch 2\) \[found by the kernel, CTA \(3, 0, 0\)\]"):
+                                               rf"{NUM_BLOCKS + 7} \(batch 2\) \[found by the kernel, "
+                                               r"CTA \(3, 0, 0\)\]"):
         _decode("emu", p["q"], p["cache"], p["table"], p["sl"], p["meta"], p["ns"])
 
 

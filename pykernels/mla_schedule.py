@@ -35,7 +35,7 @@ def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num
 
 
 def _blocks(seqlen: int) -> int:
-    return -(-seqlen // PAGE_BLOCK_SIZE)
+    return cdiv(seqlen, PAGE_BLOCK_SIZE)
 
 
 def _entry(p: int, col: int) -> str:

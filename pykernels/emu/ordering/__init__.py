@@ -12,6 +12,7 @@ from the environment variable PK_EMU_ORDERING ("off" when unset; the test suite 
 """
 import contextlib
 import os
+import weakref
 
 from .violation import RULES, OrderingViolation  # noqa: F401
 
@@ -43,10 +44,24 @@ def checking(m: str, reason: str = ""):
         _override.pop()
 
 
+_live = []          # weak references to the checkers of machines that may still run
+
+
 def checker_for(machine):
-    """The checker of a new Machine, or None when checking is off."""
+    """The checker of a new Machine, or None when checking is off. Checkers of machines
+    that have finished give their per-byte state back for reuse first."""
+    global _live
     m = mode()
     if m == "off":
         return None
     from .checker import Checker
-    return Checker(machine, collect=m == "collect")
+    keep = []
+    for ref in _live:
+        c = ref()
+        if c is not None and not c.finished():
+            keep.append(ref)
+        elif c is not None:
+            c.shadow.release()
+    checker = Checker(machine, collect=m == "collect")
+    _live = keep + [weakref.ref(checker)]
+    return checker

@@ -12,8 +12,10 @@ import bisect
 
 import numpy as np
 
+from ..machine import DONE
 from .clocks import Clocks
 from .geometry import expand, tma_box, wgmma_operands
+from .shadow import Shadow
 from .violation import OrderingViolation
 
 GENERIC, ASYNC, CP_ASYNC, ATOMIC = 1, 2, 3, 4       # kinds of the last write of a byte
@@ -46,17 +48,11 @@ class Checker:
         self.wg_agent = csize * wpc + rank * gpc + m.lin // 128      # wgmma-completion agent
         self.K = K = csize * (wpc + gpc)
         self.clocks = Clocks(m.ncta // csize, K)
-        n = len(m.shared.data)
-        self.w_agent = np.full(n, -1, dtype=np.int32)
-        self.w_clock = np.zeros(n, dtype=np.int32)
-        self.w_kind = np.zeros(n, dtype=np.int8)
-        self.w_site = np.zeros(n, dtype=np.int64)
-        self.pend_w = np.zeros(n, dtype=np.int32)               # in-flight asynchronous write (op id)
-        self.pend_r = np.zeros(n, dtype=np.int16)               # in-flight asynchronous reads (count)
-        self.pend_r_op = np.zeros(n, dtype=np.int32)
-        self.R = np.zeros((n, K), dtype=np.int32)                # last read clock per reader agent
-        self.r_site = np.zeros(n, dtype=np.int64)
-        self.r_kind = np.zeros(n, dtype=np.int8)
+        sh = self.shadow = Shadow.get(self, K, len(m.shared.data))   # per shared byte (shadow.py)
+        self.w_agent, self.w_clock, self.w_kind, self.w_site = sh.w_agent, sh.w_clock, sh.w_kind, sh.w_site
+        self.pend_w, self.pend_r, self.pend_r_op = sh.pend_w, sh.pend_r, sh.pend_r_op
+        self.R, self.r_site, self.r_kind = sh.R, sh.r_site, sh.r_kind
+        self.rmax = np.zeros(K, dtype=np.int32)                  # latest read clock of each agent
         self.ops = {}                                            # op id -> in-flight operation
         self.op_of = {}                                          # id(handler object) -> op id
         self.next_op = 1
@@ -67,6 +63,10 @@ class Checker:
         self.wait_site = np.zeros(m.T, dtype=np.int64)
         self._index = {id(ins): i for i, ins in enumerate(m.kernel.instrs)}
         self._kinds = {}
+
+    def finished(self):
+        """Every thread of the machine has exited (its state is no longer needed)."""
+        return bool((self.m.state == DONE).all())
 
     # ------------------------------------------------------------------ reporting
     def _site(self, ins, t):
@@ -188,13 +188,21 @@ class Checker:
         vc = self.clocks.vc
         if V is None:
             bad_w = self._hb_write(B, lambda wa: vc[cl, a, wa])
-            Vk = vc[cl, a, :self.K]
+            # the writers' rows, once per agent (thread indices ascend, so do cluster, agent)
+            change, first = self._runs(cl, a)
+            Vu = vc[cl[first], a[first], :self.K]
+            rows = self._unordered_readers(Vu.min(axis=0))
+            Vk = Vu[:, rows][np.cumsum(change) - 1].T
         else:
             bad_w = self._hb_write(B, lambda wa: V[wa])
-            Vk = V[None, :self.K]
+            rows = self._unordered_readers(V[:self.K])
+            Vk = V[rows, None]
         if atomic:
             bad_w &= self.w_kind[B] != ATOMIC
-        bad_r = (self.R[B] > Vk).any(axis=1)
+        if len(rows):
+            bad_r = (self.R.reshape(-1).take(rows[:, None] * self.R.shape[1] + B) > Vk).any(axis=0)
+        else:
+            bad_r = np.zeros(len(B), dtype=bool)
         pend_w = self.pend_w[B] != 0
         pend_r = self.pend_r[B] != 0
         bad = bad_w | bad_r | pend_w | pend_r
@@ -223,14 +231,30 @@ class Checker:
             self._report(rule, byte, (int(self.w_site[byte]), _WRITE_WHAT[kind]), (s, what), why)
         if bad_r[j]:
             rk = int(self.r_kind[byte]) or R_GENERIC
-            cols = np.flatnonzero(self.R[byte] > Vrow[:self.K])
+            cols = np.flatnonzero(self.R[:, byte] > Vrow[:self.K])
             why = ("no barrier / mbarrier orders the read before the write" if rk == R_GENERIC else
                    "the writer is not ordered after the wait that retired the asynchronous read")
-            rule, why = self._scope_hint("c", why, byte, t, lambda row: (self.R[byte] <= row[:self.K]).all())
+            rule, why = self._scope_hint("c", why, byte, t, lambda row: (self.R[:, byte] <= row[:self.K]).all())
             self._report(rule, byte, (int(self.r_site[byte]), _READ_WHAT[rk]), (s, what),
                          why + f" (unordered reader agents {cols.tolist()})")
 
+    def _runs(self, cl, a):
+        """Where the (cluster, agent) of a byte differs from the previous byte's (thread
+        indices ascend, so each agent's bytes are one run): the change mask and the first
+        byte of each run."""
+        key = cl * self.K + a
+        change = np.empty(len(key), dtype=bool)
+        change[:1] = True
+        np.not_equal(key[1:], key[:-1], out=change[1:])
+        return change, np.flatnonzero(change)
+
+    def _unordered_readers(self, V):
+        """Reader agents with a read the clock row V (the least of the writers' rows) has
+        not seen: only their rows of R need a look."""
+        return np.flatnonzero(self.rmax > V)
+
     def _record_write(self, B, thr, site, kind):
+        self.shadow.touch(B)
         cl, a = self.cl[thr], self.agent[thr]
         self.w_agent[B] = a
         self.w_clock[B] = self._own(cl, a)
@@ -238,8 +262,12 @@ class Checker:
         self.w_site[B] = site
 
     def _record_read(self, B, thr, site):
+        self.shadow.touch(B)
         cl, a = self.cl[thr], self.agent[thr]
-        self.R[B, a] = self._own(cl, a)
+        own = self._own(cl, a)
+        self.R.reshape(-1)[a * self.R.shape[1] + B] = own
+        _, first = self._runs(cl, a)
+        np.maximum.at(self.rmax, a[first], own[first])
         self.r_site[B] = site
         self.r_kind[B] = R_GENERIC
 
@@ -283,6 +311,7 @@ class Checker:
         thr = np.full(len(B), t, dtype=np.int64)
         self._check_write(B, thr, np.full(len(B), site, dtype=np.int64), what, issue=True)
         op = self._op(obj, site=site, what=what, targets=targets)
+        self.shadow.touch(B)
         self.pend_w[B] = op
         return op
 
@@ -299,6 +328,7 @@ class Checker:
         if gen.any():
             self._proxy_fenced(B[gen], V, cl, site, what)
         op = self._op(obj, site=site, what=what, bytes=B, rkind=rkind)
+        self.shadow.touch(B)
         self.pend_r[B] += 1
         self.pend_r_op[B] = op
         return op
@@ -392,7 +422,8 @@ class Checker:
     def _retire_read(self, info, col, clock):
         B = info["bytes"]
         self.pend_r[B] -= 1
-        self.R[B, col] = np.maximum(self.R[B, col], clock)
+        self.R[col, B] = clock
+        self.rmax[col] = max(self.rmax[col], clock)
         self.r_site[B] = info["site"]
         self.r_kind[B] = info["rkind"]
 
@@ -403,6 +434,7 @@ class Checker:
         B = expand(self.m.cta[batch.thr].astype(np.int64) * self.size + batch.dst.astype(np.int64), batch.size)
         site = self._site(batch.ins, thr)
         self._check_write(B, thr, site, "cp.async copy", issue=True)
+        self.shadow.touch(B)
         self.pend_w[B] = self._op(None, site=int(site[0]), what="cp.async copy")
 
     def wgmma_issue(self, rec):

@@ -1,8 +1,9 @@
 """Benchmark shape sets and the FLOP / byte counts derived from them."""
 from dataclasses import dataclass
 
+from pykernels.runtime.hardware import SCALE_BLOCK as _BLOCK, cdiv as _cdiv
+
 OPS = ("normal", "contiguous", "masked")
-_BLOCK = 128  # scale granularity: 1x128 for A, 128x128 for B
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,6 @@ def shape_set(quick: bool = False, ops=OPS):
     """Shapes of the chosen set for the listed ops, in op order."""
     table = QUICK if quick else FULL
     return [s for op in ops for s in table[op]]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def flops(s: Shape) -> int:

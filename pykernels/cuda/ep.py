@@ -29,12 +29,12 @@ import torch
 
 from ..runtime import artifacts
 from ..runtime.executors import run_cuda
+from ..runtime.hardware import SCALE_BLOCK, cdiv as _cdiv, round_up as _round_up
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 
 THREADS = 256                 # every EP kernel: 8 warps
 MAX_RANKS = 8                 # peers passed as 8 u64 arguments (NVLink domain of one node)
 MAX_TOPK = 16
-SCALE_BLOCK = 128             # FP8 scales cover 128 columns
 CTRL_BYTES = 128              # per ring: head at +0, tail at +64
 FLAG_IDLE_SENDERS = 1         # testing: a rank's sender CTAs return at once
 FLAG_IDLE_RECEIVERS = 2       # testing: its receiver CTAs return at once (both: an absent rank)
@@ -59,14 +59,6 @@ CODE_RECV_OVERFLOW = 9        # the one code recorded without a trap: the kernel
 class DispatchOverflowError(RuntimeError):
     """A rank received more rows than num_worst_tokens (error code 9). The kernel dropped the
     rows past the bound (still consumed from the rings): the buffers stay usable."""
-
-
-def _round_up(v: int, m: int) -> int:
-    return (v + m - 1) // m * m
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 # ---------------------------------------------------------------------------------------

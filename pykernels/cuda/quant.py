@@ -4,16 +4,12 @@ Bit-identical to pykernels.reference.quant (see docs/quant-ptx.md).
 """
 import torch
 
-from ..reference.constants import BLOCK
+from ..runtime.hardware import SCALE_BLOCK as BLOCK, cdiv as _cdiv
 from ..runtime.executors import run_plan
 from ..runtime.plan import LaunchPlan, ptr, u32, u64
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 WARPS_PER_CTA = 4  # per-token kernel: one warp per (row, 128-column group)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _check_sizes(what: str, rows: int, cols: int) -> None:

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from ..reference.ep import dispatch_layout, localize_topk, weight_sum
+from ..runtime.hardware import SCALE_BLOCK
 
-SUPPORTED_HIDDEN_MULTIPLE = 128   # FP8 scales cover 128 columns
+SUPPORTED_HIDDEN_MULTIPLE = SCALE_BLOCK   # FP8 scales cover 128 columns
 MAX_HIDDEN = 16384
 MAX_TOPK = 16
 SUPPORTED_HIDDEN = f"a multiple of {SUPPORTED_HIDDEN_MULTIPLE} in [128, {MAX_HIDDEN}]"

@@ -9,14 +9,11 @@ The cast is PTX's cvt.rn.satfinite.e4m3: RNE, saturating at +-448, NaN -> 0x7F.
 """
 import torch
 
+from ..runtime.hardware import cdiv as _ceil_div
 from .constants import BLOCK, FP8_E4M3_MAX, FP8_SCALE_FLOOR
 
 E4M3_NAN_BITS = 0x7F              # the NaN the GPU's cvt writes, whatever the input's sign
 F32_CANONICAL_NAN_BITS = 0x7FFFFFFF  # the NaN Hopper's float32 arithmetic returns
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _div(a, b):

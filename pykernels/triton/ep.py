@@ -35,10 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime.hardware import SCALE_BLOCK
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
 
-SCALE_GROUP = 128          # one float32 FP8 scale per 128 columns
+SCALE_GROUP = SCALE_BLOCK  # one float32 FP8 scale per 128 columns
 ROW_ALIGN_WORDS = 4        # packed rows are padded to 16 bytes
 
 

@@ -34,6 +34,15 @@ def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num
     return max(1, num_sms(device) // (num_heads_k * cdiv(num_q_tokens_per_head_k, ROW_TILE)))
 
 
+def split_scratch(b: int, num_sm_parts: int, q_rows: int, head_dim_v: int, device):
+    """The decode's split scratch: (oacc float32 [b + P, q_rows, head_dim_v], lacc float32
+    [b + P, q_rows]), the split pieces' partial outputs and LSEs (a schedule has at most
+    b + P - 1 pieces). Uninitialised: the combine reads only the rows the decode wrote."""
+    max_splits = b + num_sm_parts
+    return (torch.empty(max_splits, q_rows, head_dim_v, dtype=torch.float32, device=device),
+            torch.empty(max_splits, q_rows, dtype=torch.float32, device=device))
+
+
 def _blocks(seqlen: int) -> int:
     return cdiv(seqlen, PAGE_BLOCK_SIZE)
 
@@ -200,4 +209,4 @@ class MlaSchedule:
         return self._result
 
 
-__all__ = ["check_schedule", "default_num_sm_parts", "MlaSchedule"]
+__all__ = ["check_schedule", "default_num_sm_parts", "split_scratch", "MlaSchedule"]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import pykernels.mla as M
+import pykernels.mla_schedule as MS
 from pykernels import reference as R
 from pykernels import triton as T
 from pykernels.metrics import calc_diff
@@ -65,7 +66,10 @@ def _poisoned(b, s_q, h_q):
 @pytest.fixture
 def poisoned_scratch(monkeypatch):
     # The split scratch buffer starts as NaN: the combine must read only what was written.
-    monkeypatch.setattr(TM, "_SCRATCH_FILL", float("nan"))
+    def nan_scratch(*args):
+        return tuple(t.fill_(float("nan")) for t in real(*args))
+    real = MS.split_scratch
+    monkeypatch.setattr(MS, "split_scratch", nan_scratch)
 
 
 # ----------------------------------------------------------------------------- reference

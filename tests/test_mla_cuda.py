@@ -33,6 +33,7 @@ import pytest
 import torch
 
 import pykernels.mla as M
+import pykernels.mla_schedule as MS
 from pykernels.cuda import mla as CM
 from pykernels.emu.parser import parse
 from pykernels.metrics import calc_diff
@@ -193,7 +194,10 @@ def _check(out, lse, ref, ref_lse):
 @pytest.fixture
 def poisoned_scratch(monkeypatch):
     # The split scratch starts as NaN: the combine must read only what the decode wrote.
-    monkeypatch.setattr(CM, "_SCRATCH_FILL", float("nan"))
+    def nan_scratch(*args):
+        return tuple(t.fill_(float("nan")) for t in real(*args))
+    real = MS.split_scratch
+    monkeypatch.setattr(MS, "split_scratch", nan_scratch)
 
 
 def _run_emu(q, cache, table, sl, meta, ns, causal, scale=None, out=None, lse=None):

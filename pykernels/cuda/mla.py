@@ -25,6 +25,7 @@ launch on the emulator, at the next check_errors() on a GPU (no host read here).
 """
 import torch
 
+from .. import mla_schedule as MS
 from ..reference import mla as RM
 from ..runtime import device_errors
 from ..runtime.executors import run_plan
@@ -47,7 +48,6 @@ FP8_PAGE_BYTES = PAGE * FP8_ROW            # 41,984
 COMBINE_ROWS = 4              # query rows (one warp each) per combine CTA
 SMEM_LIMIT = 227 * 1024
 LOG2E = 1.4426950408889634
-_SCRATCH_FILL = None          # tests set NaN to prove the combine reads only written rows
 
 
 def smem_bytes(stages: int = STAGES) -> int:
@@ -220,11 +220,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     kv2d = kv_view(k_cache)
     o = out if _out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     l = lse if _lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
-    max_splits = b + parts            # pieces <= b + parts - 1 by construction of the schedule
-    fill = torch.empty if _SCRATCH_FILL is None else (
-        lambda *s, **kw: torch.full(s, _SCRATCH_FILL, **kw))
-    oacc = fill(max_splits, rows, RM.HEAD_DIM_V, dtype=torch.float32, device=q.device)
-    lacc = fill(max_splits, rows, dtype=torch.float32, device=q.device)
+    oacc, lacc = MS.split_scratch(b, parts, rows, RM.HEAD_DIM_V, q.device)
     stats = [run_plan(decode_plan(q3, kv2d, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                                   o, l, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=scale, causal=causal,
                                   num_blocks=k_cache.shape[0]), executor)]

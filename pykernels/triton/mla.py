@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import mla_schedule as MS
 from ..reference import mla as RM
 from ..runtime import device_errors
 from . import INTERPRETED
@@ -41,7 +42,6 @@ from .sm90 import run_launch, spec_of
 UPCAST_DOTS = INTERPRETED          # bf16 dots are wrong when interpreted: use f32 there
 SOFTWARE_ROUNDING = INTERPRETED    # interpreter casts f32 -> bf16 toward zero
 LOG2E = 1.4426950408889634
-_SCRATCH_FILL = None               # tests set NaN to prove the combine reads only written rows
 _DEFAULT_STAGES = 3                # Triton's default num_stages (CUDA), given explicitly to the specs
 
 
@@ -532,16 +532,6 @@ def _cache_views(k_cache):
     return k_cache, k_cache, k_cache, False
 
 
-def split_scratch(b: int, num_sm_parts: int, q_rows: int, head_dim_v: int, device):
-    """(oacc float32 [b + P, q_rows, head_dim_v], lacc float32 [b + P, q_rows]): the split
-    pieces' partial outputs and base-2 LSEs (pieces <= b + P - 1 by construction)."""
-    max_splits = b + num_sm_parts
-    fill = torch.empty if _SCRATCH_FILL is None else (
-        lambda *s, **kw: torch.full(s, _SCRATCH_FILL, **kw))
-    return (fill(max_splits, q_rows, head_dim_v, dtype=torch.float32, device=device),
-            fill(max_splits, q_rows, dtype=torch.float32, device=device))
-
-
 def decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
                        oacc, lacc, record, softmax_scale=None, causal=False, upcast=UPCAST_DOTS,
                        soft=SOFTWARE_ROUNDING, interpreted=INTERPRETED):
@@ -601,7 +591,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     if b == 0:
         return out, lse
     record = device_errors.record_for(q.device, OP_NAME)
-    oacc, lacc = split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, head_dim_v, q.device)
+    oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, head_dim_v, q.device)
     run_launch(decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                                   out, lse, oacc, lacc, record, softmax_scale, causal))
     if q.device.type == "cpu":
@@ -646,9 +636,8 @@ def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
     problem, from meta tensors of the shapes pykernels.mla passes (contiguous q, cache,
     block table, out, lse; nothing is allocated): the launcher's specialization of
     exactly the arguments get_mla_metadata / flash_mla_with_kvcache pass."""
-    from ..mla_schedule import default_num_sm_parts
     qr = s_q * h_q
-    parts = num_sm_parts or default_num_sm_parts(torch.device("meta"), qr, 1)
+    parts = num_sm_parts or MS.default_num_sm_parts(torch.device("meta"), qr, 1)
     pages = triton.cdiv(seqlen, RM.PAGE_BLOCK_SIZE)
     cache = (_meta(b * pages, RM.PAGE_BLOCK_SIZE, 1, RM.FP8_BYTES_PER_TOKEN, dtype=torch.uint8) if fp8 else
              _meta(b * pages, RM.PAGE_BLOCK_SIZE, 1, RM.HEAD_DIM_QK, dtype=torch.bfloat16))
@@ -659,7 +648,7 @@ def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
     nsplits = _meta(b + 1, dtype=torch.int32)
     out = _meta(b, s_q, h_q, RM.HEAD_DIM_V, dtype=torch.bfloat16)
     lse = _meta(b, h_q, s_q, dtype=torch.float32)
-    oacc, lacc = split_scratch(b, parts, qr, RM.HEAD_DIM_V, torch.device("meta"))
+    oacc, lacc = MS.split_scratch(b, parts, qr, RM.HEAD_DIM_V, torch.device("meta"))
     record = _meta(device_errors.RECORD_WORDS, dtype=torch.int32)
     gpu = dict(soft=False, interpreted=False)
     label = f"b={b} s_q={s_q} h_q={h_q} seqlen={seqlen} {'fp8' if fp8 else 'bf16'}{' causal' if causal else ''}"

@@ -118,7 +118,6 @@ def test_cli_without_gpu_exits_2():
 
 def test_mla_configs_and_sdpa_baseline_on_cpu(monkeypatch):
     # The SDPA baseline must compute MLA decode itself, or its ratios mean nothing.
-    import torch
     from bench import mla as BM
     from pykernels.reference import mla as RM
     from pykernels.metrics import calc_diff

@@ -39,7 +39,8 @@ def replay(recorder: Recorder, the_part: Part, memory: MemoryShare) -> list:
     return [Replay(rec, the_part, memory).run() for rec in recorder.recordings]
 
 
-def time_launch(ptx, kernel, grid, block, args, *, part="h800", active_sms=None, l2_hit=1.0, **launch_kw) -> Timing:
+def time_launch(ptx, kernel, grid, block, args, *, part="h800",  # noqa: F811  (the part's key; the caller's name)
+                active_sms=None, l2_hit=1.0, **launch_kw) -> Timing:
     """Run the launch on the emulator and time it on `part` (a key or a Part).
 
     active_sms: SMs streaming memory at once on the whole GPU (default: the launch's CTAs,

@@ -18,7 +18,6 @@ from HBM; nothing is reused across waves. l2_hit = 1 - unique bytes / requested 
 DeepGEMM's own block order is not modelled: it is given the same reuse.
 """
 import dataclasses
-import math
 
 import torch
 

@@ -305,7 +305,8 @@ class Replay:
                         start = max(t0, port_free[cta])
                         port_free[cta] = start + c.global_bytes * mem.port_clk_per_byte
                         mem_busy[cta] += c.global_bytes * mem.port_clk_per_byte
-                        share_free[cl] = max(share_free[cl], start) + c.global_bytes * mem.share_write_clk_per_byte / csize
+                        share_free[cl] = (max(share_free[cl], start)
+                                          + c.global_bytes * mem.share_write_clk_per_byte / csize)
                         fin = max(port_free[cta], share_free[cl]) + mem.write_latency
                         store_done[cta] = max(store_done[cta], fin)
                         bulk_open[w].append(port_free[cta])      # .read completes once the bytes left

@@ -5,7 +5,6 @@ Each kernel is defined as a plain Python function and wrapped in a compilable
 JITFunction explicitly, so TRITON_INTERPRET=1 elsewhere in the process does not turn
 them into interpreted functions.
 """
-import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench [--quick] [--ops ...] [--out-dir DIR] [--runs N]``."""
+"""Command line: ``python -m bench [--quick] [--ops ...] [--out-dir DIR] [--runs N] [--model PART]``."""
 import argparse
 import sys
 from pathlib import Path
@@ -20,6 +20,9 @@ def parse_args(argv=None):
                    help="where JSON and PNG go (default: bench/results)")
     p.add_argument("--runs", type=int, default=50,
                    help="timed runs per implementation and shape (default: %(default)s)")
+    p.add_argument("--model", metavar="PART", default=None,
+                   help="predict on the performance model of PART (h800, h100, h200) instead of measuring: "
+                        "no GPU needed; every row says source=model (GEMM layouts only)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in ALL_OPS]
@@ -34,6 +37,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """Measure peaks, then every shape; print the table, write JSON and the roofline PNG."""
     args = parse_args(argv)
+    if args.model:
+        return predict(args)
     import torch
     if not torch.cuda.is_available():
         # Exit before any figure: numbers from a CPU run would be meaningless.
@@ -70,6 +75,31 @@ def main(argv=None) -> int:
     stem = args.out_dir / f"{R.slug(gpu)}-{date}{'-quick' if args.quick else ''}"
     print(f"wrote {R.write_json(stem.with_suffix('.json'), meta, peaks, rows + ep_rows)}")
     print(f"wrote {R.plot_roofline(stem.with_suffix('.png'), peaks, rows, title=f'{gpu} ({date})')}")
+    return 0
+
+
+def predict(args) -> int:
+    """The GEMM shapes of ours and DeepGEMM's kernel on the performance model of one part
+    (pykernels.perf); the same JSON as a GPU run, marked "source": "model"."""
+    from pykernels.perf import MODEL_VERSION, part
+
+    from . import model, report as R
+    p = part(args.model)
+    peaks = dict(source="model", bw_gbps=p.hbm_bytes_per_s / 1e9,
+                 fp8_tflops=2 * p.mma_fp8_per_clk * p.sms * p.clock_hz / 1e12,
+                 bf16_tflops=2 * p.mma_bf16_per_clk * p.sms * p.clock_hz / 1e12)
+    skipped = [o for o in args.ops if o not in S.OPS]
+    if skipped:
+        print(f"bench: the model predicts the GEMM layouts only; not modelled: {','.join(skipped)}", file=sys.stderr)
+    rows = R.derive(model.model_rows(args.model, args.quick, args.ops), peaks)
+    print(R.format_table(rows))
+    date = R.today()
+    meta = dict(source="model", part=p.name, model_version=MODEL_VERSION, date=date, quick=args.quick,
+                git_commit=R.git_commit(Path(__file__).resolve().parent.parent))
+    stem = args.out_dir / f"model-{args.model.lower()}-{date}{'-quick' if args.quick else ''}"
+    print(f"wrote {R.write_json(stem.with_suffix('.json'), meta, peaks, rows)}")
+    title = f"{p.name}, model version {MODEL_VERSION} (predicted, not measured)"
+    print(f"wrote {R.plot_roofline(stem.with_suffix('.png'), peaks, rows, title=title)}")
     return 0
 
 

@@ -169,3 +169,18 @@ def test_gpu_session_script_is_valid_bash():
     text = script.read_text()
     for needed in ("-m pytest -q -m gpu", "-m bench --quick", "PK_GIT_COMMIT", "timeout"):
         assert needed in text
+
+
+def test_cli_model_writes_predictions_marked_model(tmp_path):
+    # No GPU needed: the quick GEMM shapes of ours (and DeepGEMM's where its wheel is
+    # installed) on the H800 model; every row and the file itself say "model".
+    out = subprocess.run([sys.executable, "-m", "bench", "--model", "h800", "--quick", "--ops", "normal",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("model-h800-*-quick.json")
+    data = json.loads(path.read_text())
+    assert data["source"] == "model" and data["part"].startswith("H800") and data["model_version"]
+    ours = [r for r in data["results"] if r["impl"] == "pykernels-cuda"]
+    assert len(ours) == len(S.shape_set(True, ["normal"]))
+    assert all(r["source"] == "model" and "model (H800" in r["note"] for r in data["results"])
+    assert all(r["seconds"] and r["seconds"] > 0 and r["tflops"] < data["peaks"]["fp8_tflops"] for r in ours)

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import torch
 
-from .errors import EmuError
+from .errors import Deadlock, EmuError
 from .machine import MAX_STEPS, Machine
 from .memory import GlobalMemory
 from .parser import parse
@@ -191,7 +191,15 @@ def launch_many(launches, *, quantum=512, max_steps=MAX_STEPS):
             raise ValueError(f"launches: unknown keys {sorted(spec)}")
         runs.append((L, Machine(L, L.cta_groups(co_resident=True)[0])))
         L.stats.ctas = runs[-1][1].ncta
+    for _, machine in runs:
+        machine.livelock_returns = True    # a spinning launch may wait for another one
     live = list(runs)
     while live:
-        live = [(L, machine) for L, machine in live if machine.run(budget=quantum) != "done"]
+        status = [(L, machine, machine.run(budget=quantum)) for L, machine in live]
+        live = [(L, machine) for L, machine, st in status if st != "done"]
+        if all(st == "spinning" for _, _, st in status):      # none moved on (or finished) this round
+            lines = [f"launch {runs.index((L, m))} ({L.kernel.name}):\n" + "\n".join(m.deadlock_lines(livelock=True))
+                     for L, m in live]
+            raise Deadlock("launch_many: deadlock: every runnable thread of every launch spins in a loop that "
+                           "makes no progress (livelock)\n" + "\n".join(lines))
     return [L.stats for L, _ in runs]

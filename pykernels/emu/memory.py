@@ -70,26 +70,28 @@ class GlobalMemory:
 
     def _index_extents(self):
         self._has_extents = np.array([b in self._merged for b, _, _ in self._bufs], dtype=bool)
+        # all buffers' unions in one sorted list (they never cross a buffer's end)
+        merged = sorted(self._merged.values(), key=lambda se: int(se[0][0]))
+        self._ext_starts = np.concatenate([st for st, _ in merged]) if merged else np.zeros(0, dtype=np.uint64)
+        self._ext_ends = np.concatenate([en for _, en in merged]) if merged else np.zeros(0, dtype=np.uint64)
 
     def _check_extents(self, addr, which, size, where):
         """Accesses inside a storage but outside every tensor registered in it."""
-        for i in np.unique(which[self._has_extents[which]]):
-            base, end, _ = self._bufs[int(i)]
-            starts, ends = self._merged[base]
-            sel = np.flatnonzero(which == i)
-            a = addr[sel]
-            k = np.searchsorted(starts, a, side="right").astype(np.int64) - 1
-            ok = (k >= 0) & (a + np.uint64(size) <= ends[np.maximum(k, 0)])
-            if ok.all():
-                continue
-            j = int(sel[np.flatnonzero(~ok)[0]])
-            bad = int(addr[j])
-            below = [x for x in self._extents[base] if x[0] <= bad]
-            s0, e0, name = below[-1] if below else self._extents[base][0]
-            rel = (f"{bad + size - e0} bytes past the end of" if below else f"{s0 - bad} bytes before")
-            raise MemoryFault(f"{where(j)}: out-of-bounds global access of {size} bytes at {bad:#x}: {rel} "
-                              f"{name} ([{s0:#x}, {e0:#x}), {e0 - s0} bytes), inside its {end - base}-byte storage "
-                              "(the argument is a view or slice of it)")
+        chk = self._has_extents[which]
+        a = addr if chk.all() else addr[chk]
+        k = np.searchsorted(self._ext_starts, a, side="right").astype(np.int64) - 1
+        ok = (k >= 0) & (a + np.uint64(size) <= self._ext_ends[np.maximum(k, 0)])
+        if ok.all():
+            return
+        j = int(np.flatnonzero(chk)[np.flatnonzero(~ok)[0]])
+        bad = int(addr[j])
+        base, end, _ = self._bufs[int(which[j])]
+        below = [x for x in self._extents[base] if x[0] <= bad]
+        s0, e0, name = below[-1] if below else self._extents[base][0]
+        rel = (f"{bad + size - e0} bytes past the end of" if below else f"{s0 - bad} bytes before")
+        raise MemoryFault(f"{where(j)}: out-of-bounds global access of {size} bytes at {bad:#x}: {rel} "
+                          f"{name} ([{s0:#x}, {e0:#x}), {e0 - s0} bytes), inside its {end - base}-byte storage "
+                          "(the argument is a view or slice of it)")
 
     def _view(self, i: int, dtype):
         key = (i, dtype)

@@ -22,7 +22,7 @@ waits for.
 """
 import numpy as np
 
-QUIET_DEADLOCK = 2000
+QUIET_DEADLOCK = 5000       # above the EP tests' spin bound (2000), so a kernel's own time-out path runs first
 QUIET_YIELD = 8
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 GLOBAL, SHARED, MBARRIER = 1, 2, 3
@@ -72,7 +72,7 @@ class Progress:
     def spinning(self, quiet):
         """Threads in a loop with at least `quiet` quiet iterations, nothing changed since."""
         m = self.m
-        pc = m.pc - 1
+        pc = m.pc                  # the next instruction: still inside the loop's PCs
         return ((self.quiet >= quiet) & (self.loop_version == m.progress_version())
                 & (pc >= self.loop_start) & (pc <= self.loop_end))
 

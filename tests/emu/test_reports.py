@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from pykernels import emu
+from pykernels.emu.progress import QUIET_DEADLOCK
+
+LATE = QUIET_DEADLOCK + 500       # a setter busy for longer than the quiet bound
 
 HEAD = ".version 8.0\n.target sm_90a\n.address_size 64\n"
 
@@ -57,11 +60,12 @@ def test_a_spin_on_a_flag_nobody_sets_is_a_deadlock_within_seconds():
 
 @pytest.mark.parametrize("schedule", ["lockstep", "cta_first", "cta_last"])
 def test_a_spin_that_another_cta_ends_runs_to_completion(schedule):
-    # The setter works 3000 iterations (longer than the quiet bound) before it stores; under
+    # The setter works longer than the quiet bound before it stores; under
     # cta_first the spinning CTA 0 leads and yields to CTA 1 once its loop is quiet.
     flag = torch.zeros(4, dtype=torch.int32)
     out = torch.zeros(1, dtype=torch.int32)
-    emu.launch(SPIN, "spin", (2,), (32,), [flag, out, 3000], co_resident=True, cluster=(2, 1, 1), schedule=schedule)
+    emu.launch(SPIN, "spin", (2,), (32,), [flag, out, LATE], co_resident=True, cluster=(2, 1, 1),
+               schedule=schedule)
     assert out.item() == 77
 
 
@@ -140,3 +144,21 @@ def test_access_past_a_view_inside_its_storage_names_the_argument(seed):
         emu.launch(SCALE, "scale", (1,), (128,), [storage[:100], other, 110])
     with pytest.raises(emu.MemoryFault, match=r"past the end of argument p_y \(\[0x[0-9a-f]+, 0x[0-9a-f]+\), 200 bytes"):
         emu.launch(SCALE, "scale", (1,), (128,), [storage[:60], storage[60:110], 60])
+
+
+def test_launches_that_all_spin_without_progress_are_a_deadlock():
+    flags = [torch.zeros(4, dtype=torch.int32) for _ in range(2)]
+    outs = [torch.zeros(1, dtype=torch.int32) for _ in range(2)]
+    specs = [dict(ptx=SPIN, kernel="spin", grid=(1,), block=(32,), args=[f, o, 0]) for f, o in zip(flags, outs)]
+    with pytest.raises(emu.Deadlock, match=r"(?s)launch_many: deadlock.*launch 0 \(spin\).*polling global address "
+                                           rf"{flags[0].data_ptr():#x}.*launch 1 \(spin\)"):
+        emu.launch_many(specs)
+
+
+def test_a_spin_that_another_launch_ends_runs_to_completion():
+    # launch 0 polls the flag; launch 1 (grid of 2: its CTA 1 is the setter) sets it late
+    flag = torch.zeros(4, dtype=torch.int32)
+    outs = [torch.zeros(1, dtype=torch.int32) for _ in range(2)]
+    emu.launch_many([dict(ptx=SPIN, kernel="spin", grid=(1,), block=(32,), args=[flag, outs[0], 0]),
+                     dict(ptx=SPIN, kernel="spin", grid=(2,), block=(32,), args=[flag, outs[1], LATE])])
+    assert outs[0].item() == 77 and outs[1].item() == 77

@@ -220,3 +220,27 @@ SYNC:
     out = torch.zeros(32, dtype=torch.int32)
     emu.launch(ptx, "k", (1,), (32,), [out])
     assert out.tolist() == [4242] * 32
+
+
+def test_elect_with_two_half_warp_masks_elects_one_leader_per_half():
+    ptx = HEAD + """
+.visible .entry k(.param .u64 p_out)
+{
+    .reg .pred %p<3>; .reg .b32 %r<8>; .reg .b64 %rd<4>;
+    ld.param.u64 %rd1, [p_out];
+    mov.u32 %r1, %tid.x;
+    setp.lt.u32 %p1, %r1, 16;
+    selp.b32 %r3, 0x0000FFFF, 0xFFFF0000, %p1;
+    elect.sync %r2|%p2, %r3;
+    selp.u32 %r4, 1, 0, %p2;
+    mul.wide.u32 %rd2, %r1, 8;
+    add.u64 %rd3, %rd1, %rd2;
+    st.global.v2.u32 [%rd3], {%r2, %r4};
+    ret;
+}
+"""
+    out = torch.full((32, 2), -1, dtype=torch.int32)
+    emu.launch(ptx, "k", (1,), (32,), [out])
+    lane = torch.arange(32)
+    assert torch.equal(out[:, 0], torch.where(lane < 16, 0, 16).int())
+    assert torch.equal(out[:, 1], ((lane == 0) | (lane == 16)).int())

@@ -94,6 +94,8 @@ class TensorMapImage:
         self.check()
         r = self.rank
         code = _DTYPE_OF_SIZE[self.elem_bytes] if self.dtype is None else self.dtype
+        if ELEM_BYTES.get(code) != self.elem_bytes:
+            raise ValueError(f"tensor map: data type {code} does not have {self.elem_bytes}-byte elements")
         word = 0
         for name, v in (("version", _VERSION), ("rank", r - 1), ("elemtype", code),
                         ("interleave_layout", self.interleave), ("swizzle_mode", SWIZZLES.index(self.swizzle)),

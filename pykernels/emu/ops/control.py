@@ -275,19 +275,16 @@ def redux(m, ins, idx):
 
 @op("elect")
 def elect(m, ins, idx):
-    mask = m.read(ins.operands[1], "b32", idx)
     dst = ins.operands[0]
     dsts = dst.value if dst.kind == "vec" else [dst]
     leader = np.zeros(len(idx), dtype=np.uint32)
     is_leader = np.zeros(len(idx), dtype=bool)
-    for w in np.unique(m.warp[idx]):
-        sel = np.flatnonzero(m.warp[idx] == w)
+    for sel in _mask_groups(m, ins, idx):
+        # the lowest predicated-on lane of the mask (idx holds the guard-true threads only)
         lanes = m.lane[idx[sel]]
-        inmask = ((mask[sel] >> lanes) & 1).astype(bool)
-        cand = lanes[inmask]
-        ld = int(cand.min()) if len(cand) else 0
+        ld = int(lanes.min())
         leader[sel] = ld
-        is_leader[sel] = (lanes == ld) & inmask
+        is_leader[sel] = lanes == ld
     if dsts[0].kind != "sink":
         m.write(dsts[0], leader, "b32", idx)
     if len(dsts) > 1:

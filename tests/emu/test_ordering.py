@@ -445,3 +445,30 @@ def test_dsmem_handoff_scopes(arrive, wait, rule):
     if rule == "e":
         named = "mbarrier.arrive" if not arrive else "mbarrier.try_wait"
         assert named in v.detail and ".cluster" in v.detail
+
+
+def test_multicast_without_remote_release_is_caught_in_lockstep(seed):
+    # tests/test_gemm_emu.py needs a skewed schedule to see this broken protocol (each CTA
+    # releases a stage on its own empty barrier only, so a producer multicasts into the
+    # peer's stage before the peer consumed it): in lockstep the result is right. The
+    # checker reports it in lockstep: the peer's wgmma read of the stage is not ordered
+    # before the multicast that overwrites it.
+    from tests.test_gemm_emu import G, _problem, _without_remote_release, nan_bf16
+    from pykernels.runtime import artifacts
+    m, n, k = 256, 256, 512
+    a, sfa, b, sfb = _problem(m, n, k)
+    cfg = G.Config(128, 128, cluster=2)
+    plan = G.gemm_plan(a, sfa, b, sfb, nan_bf16(m, n), None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=2)
+    broken = _without_remote_release(artifacts.ptx_text(G.MODULE), cfg.function)
+    args = [x.value for x in plan.args]
+    st = _launch(broken, plan.function, plan.grid, plan.block, args, shared_mem=plan.shared_bytes,
+                 cluster=plan.cluster, mode="collect")
+    war = [v for v in st.ordering_violations if "wgmma" in v.first["what"]]
+    assert war and all(v.rule == "c" for v in st.ordering_violations)
+    v = war[0]
+    assert v.first["cta"] != v.second["cta"] and v.address[0] == v.first["cta"]     # the peer's stage
+    assert v.second["text"].startswith("cp.async.bulk.tensor") and "multicast::cluster" in v.second["text"]
+    st = _launch(artifacts.ptx_text(G.MODULE), plan.function, plan.grid, plan.block, args,
+                 shared_mem=plan.shared_bytes, cluster=plan.cluster, mode="collect")
+    assert st.ordering_violations == []

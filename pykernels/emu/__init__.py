@@ -10,6 +10,8 @@ Submodules load on first use (module __getattr__), so `import pykernels.emu` is 
 and importing a name loads only what it needs.
 """
 import importlib
+import sys
+import types
 
 _EXPORTS = {"Deadlock": "errors", "EmuError": "errors", "MemoryFault": "errors", "UnsupportedInstruction": "errors",
             "launch": "launch", "launch_many": "launch", "parse": "parser", "CompiledPTX": "triton_compile",
@@ -28,3 +30,17 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps the exported names when a submodule of the same name is imported: the
+    import system sets `pykernels.emu.launch` to the submodule `launch.py` once it is
+    loaded, which would hide the function `launch` (the module stays in sys.modules)."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

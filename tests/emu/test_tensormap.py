@@ -160,3 +160,10 @@ def test_importing_the_runtime_does_not_load_the_emulator(module):
     code = f"import sys, {module}; print('pykernels.emu.parser' in sys.modules, 'pykernels.emu.machine' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
+
+
+def test_lazy_package_keeps_launch_a_function_after_its_module_loads():
+    code = ("import pykernels.emu.triton_launch, types; from pykernels import emu; "
+            "print(isinstance(emu.launch, types.FunctionType), isinstance(emu.launch_many, types.FunctionType))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"], out

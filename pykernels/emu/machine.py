@@ -449,8 +449,8 @@ class Machine:
                 except (StopIteration, KeyError, IndexError) as e:
                     # a form of the instruction its handler does not know (a missing modifier
                     # or operand): reported as unsupported, with its place
-                    self.fail(UnsupportedInstruction, f"{ins.full} (this form, with operands {ins.operands}) is "
-                                                      f"not supported by the emulator ({type(e).__name__}: {e})", active)
+                    self.fail(UnsupportedInstruction, f"{ins.full} (this form, with operands {ins.operands}) is not "
+                                                      f"supported by the emulator ({type(e).__name__}: {e})", active)
             self.steps += 1
             if self.steps > self.L.max_steps:
                 self.fail(EmuError, f"more than {self.L.max_steps} steps: the kernel does not terminate", idx)

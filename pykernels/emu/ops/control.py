@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..errors import EmuError, UnsupportedInstruction
-from ..machine import BLOCKED, DONE, RUNNABLE
+from ..machine import DONE
 from . import op, types_of
 
 

@@ -160,7 +160,8 @@ def _tensor_load(m, ins, idx):
         bar_targets, bar_off = _smem_targets(m, int(bars[j]), t, None if masks is None else int(masks[j]))
         if masks is None:
             bar_targets = bar_targets[:1]
-        copy = _Copy(_make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t), f"TMA load (line {ins.line})")
+        copy = _Copy(_make_tensor_load(img, coord, targets, off, bar_targets, bar_off, t),
+                     f"TMA load (line {ins.line})")
         if m.order:
             m.order.tma_load(copy, t, img, coord, targets, off, bar_targets, bar_off)
         m.issue_async(copy)

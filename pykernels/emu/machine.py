@@ -226,8 +226,9 @@ class Machine:
             lane = self.lane[idx].astype(np.uint64)
             one = np.uint64(1) << lane
             full = np.uint64(0xFFFFFFFF)
-            r = {"lanemask_eq": one, "lanemask_lt": one - np.uint64(1), "lanemask_le": (one << np.uint64(1)) - np.uint64(1),
-                 "lanemask_gt": full & ~((one << np.uint64(1)) - np.uint64(1)), "lanemask_ge": full & ~(one - np.uint64(1))}[base]
+            below, upto = one - np.uint64(1), (one << np.uint64(1)) - np.uint64(1)
+            r = {"lanemask_eq": one, "lanemask_lt": below, "lanemask_le": upto,
+                 "lanemask_gt": full & ~upto, "lanemask_ge": full & ~below}[base]
             return r & full
         if base in ("smid", "gridid"):
             return np.zeros(len(idx), dtype=np.uint32)
@@ -316,8 +317,8 @@ class Machine:
         size = np.dtype(dtype).itemsize
         values = np.asarray(values)
         if values.dtype != dtype:
-            values = values.astype(dtype) if values.dtype.itemsize != np.dtype(dtype).itemsize or values.dtype == np.bool_ \
-                else values.view(dtype)
+            reinterpret = values.dtype.itemsize == np.dtype(dtype).itemsize and values.dtype != np.bool_
+            values = values.view(dtype) if reinterpret else values.astype(dtype)
         self.state_version += 1
         st = self.L.stats
         if space == "global":

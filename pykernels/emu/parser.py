@@ -366,8 +366,6 @@ class _Builder:
             return None  # a declaration (prototype) without a body
         registers, instrs, labels, local_vars = {}, [], {}, []
         scopes = [dict()]          # name -> unique name, innermost last
-        block_labels = []          # per open block: label map
-        counter = [0]
 
         def rename(tok):
             for scope in reversed(scopes):

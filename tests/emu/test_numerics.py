@@ -449,6 +449,10 @@ def test_min_max_specials():
     assert_same_f32(nx.max_f32(a, b, nan=True)[3:], np.float32([0.0, 0.0, 5, 3]))
 
 
+def signed_zero_order(t):
+    return (t, math.copysign(1, t))  # -0 sorts before +0
+
+
 def test_min_max_random(rng):
     a, b = random_f32(rng, 2000), random_f32(rng, 2000)
     a[::7] = np.nan
@@ -456,10 +460,11 @@ def test_min_max_random(rng):
     want_min, want_max = [], []
     for x, y in zip(a.tolist(), b.tolist()):
         if math.isnan(x):
-            want_min.append(y); want_max.append(y)
+            want_min.append(y)
+            want_max.append(y)
             continue
-        key = lambda t: (t, math.copysign(1, t))  # -0 sorts before +0
-        want_min.append(min(x, y, key=key)); want_max.append(max(x, y, key=key))
+        want_min.append(min(x, y, key=signed_zero_order))
+        want_max.append(max(x, y, key=signed_zero_order))
     assert_same_f32(nx.min_f32(a, b), want_min)
     assert_same_f32(nx.max_f32(a, b), want_max)
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..errors import UnsupportedInstruction
-from ..machine import NP, SINT, UINT
+from ..machine import NP, UINT
 from ..parser import type_size
 from . import op, types_of
 
@@ -350,7 +350,10 @@ def setp(m, ins, idx):
         r_p, r_q = r, ~r
     if ins.opcode == "set":
         dt = ins.mods[-2] if len(ins.mods) > 2 else "u32"
-        val = np.where(r_p, np.float32(1.0), np.float32(0.0)) if dt == "f32" else np.where(r_p, 0xFFFFFFFF, 0).astype(np.uint32)
+        if dt == "f32":
+            val = np.where(r_p, np.float32(1.0), np.float32(0.0))
+        else:
+            val = np.where(r_p, 0xFFFFFFFF, 0).astype(np.uint32)
         m.write(dst, val, "f32" if dt == "f32" else "u32", idx)
         return
     if dst.kind == "vec":

@@ -118,7 +118,8 @@ def cvt(m, ins, idx):
     elif src_t in ("f32", "f64"):
         val = src
         if "ftz" in ins.mods and src_t == "f32":
-            val = np.where((val != 0) & (np.abs(val) < np.float32(1.1754944e-38)), np.copysign(0, val), val).astype(np.float32)
+            subnormal = (val != 0) & (np.abs(val) < np.float32(1.1754944e-38))
+            val = np.where(subnormal, np.copysign(0, val), val).astype(np.float32)
     else:
         val = src
     if dst_t in ("f16", "bf16"):

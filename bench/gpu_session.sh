@@ -2,13 +2,18 @@
 # One call on a lent GPU machine (the `device` tool's `run`), prepared so that a session
 # with a GPU spends its few minutes measuring, not typing. From the repository root:
 #   COMMIT=<git rev-parse HEAD, taken here> bash bench/gpu_session.sh
-# (the copy of the tree there has no .git; budgets in seconds: TEST_S, QUICK_S, BENCH_S;
-# PY: the interpreter holding the machine's CUDA torch, python3 on the lent H200 image)
-# Writes to $OUT (or /tmp/pk_gpu) six files at most (the device tool returns eight):
-# gpu.txt (GPU, driver, versions, commit), log.txt (every step's output), and the quick
-# and full benchmark JSON + PNG (`python -m bench`), which a session then commits under
-# bench/results/. Every step has its own time limit, so a
-# hang in one still returns the others' results; the exit status is the worst step's.
+# with `carry: ["pykernels/_kernels", ".peer_ptx"]`: the kernels built here (nvcc 13,
+# sm_90a; the build skips what is up to date, so the install only builds pykernels._C) and
+# DeepGEMM's kernel prepared here by `python -m bench.peers.gpu_gemm prepare --dir .peer_ptx`
+# (the machine has neither DeepGEMM's headers nor a network).
+# The copy of the tree there has no .git; budgets in seconds: INSTALL_S, PEERS_S, TEST_S,
+# GEMM_S, MLA_S; PY: the interpreter holding the machine's CUDA torch (python3 on the H200).
+# Writes to $OUT (or /tmp/pk_gpu) seven files at most (the device tool returns eight):
+# gpu.txt (GPU, driver, versions, commit), log.txt (every step's output),
+# deepgemm-vs-ours.json, and the benchmark JSON + PNG of the GEMM layouts (gemm/) and of
+# MLA decode + EP (mla/), which a session then commits under bench/results/. Every step has
+# its own time limit, so a hang in one still returns the others' results; the exit status
+# is the worst step's. The steps run most valuable first.
 set -uo pipefail
 OUT=${OUT:-/tmp/pk_gpu}
 mkdir -p "$OUT"
@@ -38,10 +43,17 @@ step() {  # step NAME SECONDS CMD...: run with a limit, append to $OUT/log.txt, 
 cat "$OUT/gpu.txt"
 # The machine's own CUDA torch, Triton, pytest and pybind11 stay (nothing can be fetched
 # there): the package alone installs, without dependencies, and builds its kernels there.
-step install 300 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+step install "${INSTALL_S:-120}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
-step tests "${TEST_S:-180}" "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider
-step quick "${QUICK_S:-90}" "$PY" -m bench --quick --out-dir "$OUT"
-step bench "${BENCH_S:-240}" "$PY" -m bench --runs 20 --out-dir "$OUT"
-ls -la "$OUT"
+if [ -f .peer_ptx/manifest.json ]; then
+  step peers "${PEERS_S:-90}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 \
+    --out "$OUT/deepgemm-vs-ours.json"
+fi
+# only the files holding GPU tests: collecting the whole suite costs time, and a module
+# that cannot import there must not stop the others
+step tests "${TEST_S:-100}" "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider --continue-on-collection-errors \
+  $(grep -rl "mark.gpu" tests --include="test_*.py")
+step gemm "${GEMM_S:-150}" "$PY" -m bench --ops normal,contiguous,masked --runs 20 --out-dir "$OUT/gemm"
+step mla "${MLA_S:-90}" "$PY" -m bench --ops mla,ep --runs 20 --out-dir "$OUT/mla"
+ls -laR "$OUT"
 exit $status

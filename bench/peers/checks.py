@@ -7,13 +7,14 @@ def swizzle_mode(row_bytes: int) -> int:
     return next((s for s in (128, 64, 32) if row_bytes % s == 0), 0)
 
 
-def check_tensor(name, t, dtype, shape):
+def check_tensor(name, t, dtype, shape, device="cpu"):
+    """t is a `dtype` tensor of `shape` on `device` (the emulator's launches: the CPU)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype or tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name}: the emulator takes CPU tensors, got {t.device}")
+    if t.device != torch.device(device):
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
 
 
 def check_tma_rows(name, t):

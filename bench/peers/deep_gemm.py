@@ -106,12 +106,12 @@ def sfa_tma_layout(sfa: torch.Tensor) -> torch.Tensor:
     if aligned and sfa.data_ptr() % 16 == 0 and \
             sfa.storage_offset() + groups * kb * m_pad <= sfa.untyped_storage().nbytes() // 4:
         return sfa.as_strided((groups * kb, m_pad), (m_pad, 1))
-    buf = torch.zeros(groups, kb, m_pad, dtype=torch.float32)
+    buf = torch.zeros(groups, kb, m_pad, dtype=torch.float32, device=sfa.device)
     buf[:, :, :m] = sfa.reshape(groups, m, kb).transpose(1, 2)
     return buf.view(groups * kb, m_pad)
 
 
-def _grouped_layout(cfg, grouped_layout, m: int, groups: int):
+def _grouped_layout(cfg, grouped_layout, m: int, groups: int, device):
     """The int32 pointer argument: null (normal), m_indices [m_sum] (contiguous: one group
     or -1 per BLOCK_M rows), masked_m [G] (masked: 0 <= masked_m <= m_max)."""
     if cfg.kind == "normal":
@@ -119,7 +119,7 @@ def _grouped_layout(cfg, grouped_layout, m: int, groups: int):
             raise ValueError("grouped_layout: the normal GEMM takes none")
         return 0
     want = (m,) if cfg.kind == "contiguous" else (groups,)
-    check_tensor("grouped_layout", grouped_layout, torch.int32, want)
+    check_tensor("grouped_layout", grouped_layout, torch.int32, want, device)
     if cfg.kind == "masked":
         if bool(((grouped_layout < 0) | (grouped_layout > m)).any()):
             raise ValueError(f"grouped_layout: masked_m must lie in [0, m_max = {m}], got {grouped_layout.tolist()}")
@@ -136,11 +136,12 @@ def _grouped_layout(cfg, grouped_layout, m: int, groups: int):
     return grouped_layout
 
 
-def fp8_gemm_args(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out, grouped_layout=None) -> list:
+def fp8_gemm_args(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out, grouped_layout=None, device="cpu") -> list:
     """The kernel's parameters in order: sfb pointer, grouped_layout (int32 pointer, null
     for the normal GEMM), shape_m, shape_n, shape_k, then the A, B, D and A-scale tensor
     maps. Grouped operands are viewed as 2-D ([G·n, k] for B, [G·m_max, ...] for masked A
-    and D): the kernel offsets rows by group itself."""
+    and D): the kernel offsets rows by group itself. All tensors on `device` (the CPU for
+    the emulator; a GPU for bench/peers/gpu_gemm.py)."""
     cfg = compiled.config
     grouped_b = cfg.kind != "normal"
     groups = b.shape[0] if grouped_b and b.dim() == 3 else 1
@@ -148,11 +149,12 @@ def fp8_gemm_args(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out, grouped_layout
     lead = (groups,) if cfg.kind == "masked" else ()
     m = a.shape[-2]
     kb = cdiv(k, SCALE_BLOCK)
-    check_tensor("a", a, torch.float8_e4m3fn, (*lead, m, k))
-    check_tensor("sfa", sfa, torch.float32, (*lead, m, kb))
-    check_tensor("b", b, torch.float8_e4m3fn, ((groups,) if grouped_b else ()) + (n, k))
-    check_tensor("sfb", sfb, torch.float32, ((groups,) if grouped_b else ()) + (cdiv(n, SCALE_BLOCK), kb))
-    check_tensor("out", out, torch.bfloat16, (*lead, m, n))
+    check_tensor("a", a, torch.float8_e4m3fn, (*lead, m, k), device)
+    check_tensor("sfa", sfa, torch.float32, (*lead, m, kb), device)
+    lead_b = (groups,) if grouped_b else ()
+    check_tensor("b", b, torch.float8_e4m3fn, (*lead_b, n, k), device)
+    check_tensor("sfb", sfb, torch.float32, (*lead_b, cdiv(n, SCALE_BLOCK), kb), device)
+    check_tensor("out", out, torch.bfloat16, (*lead, m, n), device)
     if groups != cfg.num_groups:
         raise ValueError(f"b: the kernel was compiled for {cfg.num_groups} groups, got {groups}")
     cfg.check_dims(m, n, k)
@@ -165,7 +167,7 @@ def fp8_gemm_args(compiled: CompiledFp8Gemm, a, sfa, b, sfb, out, grouped_layout
     if cfg.shared_bytes(k) > SMEM_PER_BLOCK:
         raise ValueError(f"a: K = {k} needs {cfg.shared_bytes(k)} bytes of shared memory with {cfg.stages} "
                          f"stages, more than {SMEM_PER_BLOCK}: compile with fewer stages")
-    layout = _grouped_layout(cfg, grouped_layout, m, groups)
+    layout = _grouped_layout(cfg, grouped_layout, m, groups, device)
     a2, b2, out2 = a.reshape(-1, k), b.reshape(-1, k), out.reshape(-1, n)
     if out2.data_ptr() != out.data_ptr() or (out.dim() == 3 and not out.is_contiguous()):
         raise ValueError("out: a masked output must be a contiguous [G, m_max, n] tensor")

@@ -7,7 +7,7 @@ baselines loop over groups there (the note on each row says so).
 import torch
 
 from . import shapes as S
-from .timing import time_cuda
+from .timing import timed_fields
 
 DEVICE = "cuda"  # a module attribute so a CPU check can point the builders elsewhere
 _F8 = torch.float8_e4m3fn
@@ -96,7 +96,7 @@ def build(impl: str, s: S.Shape, d: dict):
             raise Unsupported(note)
         a_g, sf_g = _groups_a(s, d["a8"]), _groups_a(s, d["sfa"])
         return lambda: [_blockwise(a_g[i], sf_g[i], d["b8"][i], d["sfb"][i]) for i in range(g)]
-    if impl in ("pykernels_triton", "pykernels_cuda"):
+    if impl in ("pykernels_triton", "pykernels_cuda", "pykernels_reference"):
         backend = impl.split("_")[1]
         sfa = d["sfa"]
         if backend == "cuda":
@@ -127,26 +127,45 @@ def _note(impl, s):
     return "; ".join(notes)
 
 
+CHECK_DIFF = 1e-5      # calc_diff of ours against the reference backend before any timing
+
+
+def wrong_output(impl: str, out, want) -> str:
+    """'' when ours matches the reference backend's output `want` and no input error was
+    recorded, else why the row must not be timed. Baselines are not checked."""
+    if not impl.startswith("pykernels_"):
+        return ""
+    from pykernels import check_errors
+    from pykernels.metrics import calc_diff
+    check_errors()
+    diff = calc_diff(out.float(), want.float())
+    return "" if diff < CHECK_DIFF else f"wrong output: calc_diff {diff:.2e} >= {CHECK_DIFF} against the reference"
+
+
 def measure_shape(s: S.Shape, runs: int = 50, n_sets: int = 4, impls=tuple(IMPLS)) -> list:
-    """Raw measurements for one shape: one dict per impl, seconds None when it cannot run."""
+    """Raw measurements for one shape: one dict per impl, seconds None when it cannot run;
+    ours are checked against the reference backend before they are timed."""
     sets = [make_inputs(s) for _ in range(n_sets)]
+    want = build("pykernels_reference", s, sets[0])().clone()
     rows = []
     for impl in impls:
         row = dict(op=s.op, shape=s.label(), groups=s.groups, m=s.m, n=s.n, k=s.k, impl=impl,
                    precision=IMPLS[impl], flops=S.flops(s), bytes=S.bytes_moved(s, IMPLS[impl]),
-                   seconds=None, seconds_min=None, seconds_max=None, note=_note(impl, s))
+                   seconds=None, seconds_min=None, seconds_max=None, kernel_seconds=None, note=_note(impl, s))
         try:
             fns = [build(impl, s, d) for d in sets]
-            fns[0]()  # probe outside the timing: a missing backend raises here
+            wrong = wrong_output(impl, fns[0](), want)  # probe outside the timing: a missing backend raises here
             torch.cuda.synchronize()
         except Exception as e:  # report, never invent a figure
             msg = " ".join(str(e).split())  # one line, so the table stays readable
             row["note"] = msg[:200] if isinstance(e, Unsupported) else f"failed: {type(e).__name__}: {msg[:160]}"
             rows.append(row)
             continue
-        t = time_cuda(fns, runs=runs)
-        row.update(seconds=t.median, seconds_min=t.min, seconds_max=t.max)
+        if wrong:
+            row["note"] = wrong
+        else:
+            row.update(timed_fields(fns, runs))
         rows.append(row)
-    del sets
+    del sets, want
     torch.cuda.empty_cache()
     return rows

@@ -7,11 +7,11 @@
 # DeepGEMM's kernel prepared here by `python -m bench.peers.gpu_gemm prepare --dir .peer_ptx`
 # (the machine has neither DeepGEMM's headers nor a network).
 # The copy of the tree there has no .git; budgets in seconds: INSTALL_S, PEERS_S, TEST_S,
-# GEMM_S, MLA_S; PY: the interpreter holding the machine's CUDA torch (python3 on the H200).
-# Writes to $OUT (or /tmp/pk_gpu) seven files at most (the device tool returns eight):
+# NCU_S, GEMM_S, MLA_S; PY: the interpreter holding the machine's CUDA torch (python3 on the H200).
+# Writes to $OUT (or /tmp/pk_gpu) eight files at most (the device tool returns eight):
 # gpu.txt (GPU, driver, versions, commit), log.txt (every step's output),
-# deepgemm-vs-ours.json, and the benchmark JSON + PNG of the GEMM layouts (gemm/) and of
-# MLA decode + EP (mla/), which a session then commits under bench/results/. Every step has
+# deepgemm-vs-ours.json, ncu.txt (Nsight Compute on the largest shape), and the benchmark
+# JSON + PNG of the GEMM layouts (gemm/) and of MLA decode + EP (mla/), which a session then commits under bench/results/. Every step has
 # its own time limit, so a hang in one still returns the others' results; the exit status
 # is the worst step's. The steps run most valuable first.
 set -uo pipefail
@@ -48,6 +48,15 @@ step install "${INSTALL_S:-120}" "$PY" -m pip install -q --no-build-isolation --
 if [ -f .peer_ptx/manifest.json ]; then
   step peers "${PEERS_S:-90}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 \
     --out "$OUT/deepgemm-vs-ours.json"
+fi
+# why our GEMM is slower than DeepGEMM's on the largest shape: one launch of each under
+# Nsight Compute (throughputs, stall reasons, occupancy), clocks left to the GPU
+if [ -f .peer_ptx/manifest.json ] && command -v ncu > /dev/null; then
+  step ncu "${NCU_S:-120}" ncu --clock-control none --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis -k "regex:pk_fp8_gemm|deep_gemm" -c 3 --log-file "$OUT/ncu.txt" \
+    "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --shapes 4096x7168x16384 --probe-only \
+    --out /tmp/ncu-rows.json
 fi
 # only the files holding GPU tests: collecting the whole suite costs time, and a module
 # that cannot import there must not stop the others

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .timing import time_cuda
+from .timing import timed_fields
 
 DEVICE = "cuda"    # a module attribute so a CPU check can point the builders elsewhere
 IMPLS = ("pykernels_triton", "pykernels_cuda", "torch_sdpa")
+CHECK_DIFF = 1e-5      # calc_diff of ours against the reference backend before any timing (selfcheck's bound)
 
 
 @dataclass(frozen=True)
@@ -99,27 +100,43 @@ def build(impl: str, cfg: Config, d: dict):
                                               causal=True, backend=backend)
 
 
+def wrong_output(impl: str, out, want) -> str:
+    """'' when ours matches the reference output `want` (and no input error was recorded),
+    else why the row must not be timed. Baselines are not checked."""
+    if not impl.startswith("pykernels_"):
+        return ""
+    from pykernels import check_errors
+    from pykernels.metrics import calc_diff
+    check_errors()
+    diff = calc_diff(out[0].float(), want[0].float())
+    return "" if diff < CHECK_DIFF else f"wrong output: calc_diff {diff:.2e} >= {CHECK_DIFF} against the reference"
+
+
 def measure(quick: bool = False, runs: int = 50, n_sets: int = 2) -> list:
-    """Raw rows (report.derive's input) for every configuration and implementation."""
+    """Raw rows (report.derive's input) for every configuration and implementation; ours
+    are checked against the reference backend before they are timed."""
     rows = []
     for cfg in (QUICK if quick else FULL):
         sets = [make_inputs(cfg, seed=i) for i in range(n_sets)]
         c = cost(cfg, sets[0])
+        want = build("pykernels_reference", cfg, sets[0])()
         for impl in IMPLS:
             row = dict(op="mla", shape=cfg.label(), impl=impl, precision="bf16", flops=c["flops"],
-                       bytes=c["bytes"], seconds=None, seconds_min=None, seconds_max=None,
+                       bytes=c["bytes"], seconds=None, seconds_min=None, seconds_max=None, kernel_seconds=None,
                        note="sequence lengths vary; FLOPs count every key for every row")
             try:
                 fns = [build(impl, cfg, d) for d in sets]
-                fns[0]()
+                wrong = wrong_output(impl, fns[0](), want)
                 torch.cuda.synchronize()
             except Exception as e:  # report, never invent a figure
                 row["note"] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
                 rows.append(row)
                 continue
-            t = time_cuda(fns, runs=runs)
-            row.update(seconds=t.median, seconds_min=t.min, seconds_max=t.max)
+            if wrong:
+                row["note"] = wrong
+            else:
+                row.update(timed_fields(fns, runs))
             rows.append(row)
-        del sets
+        del sets, want
         torch.cuda.empty_cache()
     return rows

@@ -39,11 +39,12 @@ def derive(raw: list, peaks: dict) -> list:
     return rows
 
 
-_COLS = [("op", "{}"), ("shape", "{}"), ("impl", "{}"), ("seconds", "{:.1f}"), ("tflops", "{:.1f}"),
+_COLS = [("op", "{}"), ("shape", "{}"), ("impl", "{}"), ("seconds", "{:.1f}"), ("kernel_seconds", "{:.1f}"),
+         ("tflops", "{:.1f}"),
          ("gbps", "{:.0f}"), ("roofline_fraction", "{:.2f}"), ("ratio_to_cublas_bf16", "{:.2f}"),
          ("ratio_to_cublas_fp8", "{:.2f}"), ("ratio_to_triton", "{:.2f}"), ("ratio_to_sdpa", "{:.2f}"),
          ("bandwidth_fraction", "{:.2f}"), ("note", "{}")]
-_HEAD = {"seconds": "us", "roofline_fraction": "roof", "ratio_to_cublas_bf16": "x_bf16",
+_HEAD = {"seconds": "us", "kernel_seconds": "kern_us", "roofline_fraction": "roof", "ratio_to_cublas_bf16": "x_bf16",
          "ratio_to_cublas_fp8": "x_fp8", "ratio_to_triton": "x_triton", "ratio_to_sdpa": "x_sdpa",
          "bandwidth_fraction": "bw"}
 
@@ -54,7 +55,7 @@ def format_table(rows: list) -> str:
         v = r.get(key)
         if v is None or v == "":
             return "-"
-        return fmt.format(v * 1e6 if key == "seconds" else v)
+        return fmt.format(v * 1e6 if key in ("seconds", "kernel_seconds") else v)
     body = [[cell(r, k, f) for k, f in _COLS] for r in rows]
     head = [_HEAD.get(k, k) for k, _ in _COLS]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]

@@ -57,3 +57,73 @@ def time_cuda(fns, runs: int = 50, warmup: int = 5, flush: bool = True) -> Timin
         ends[i].record()
     torch.cuda.synchronize()
     return summarize(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+
+
+def time_kernels(fn, runs: int = 20, warmup: int = 3, flush: bool = True) -> float:
+    """Mean device time per call of the kernels `fn` launches (CUPTI, through
+    torch.profiler), host overhead and launch gaps excluded: the figure DeepGEMM's and
+    FlashMLA's own benchmarks report. The L2-flush kernel between calls is not counted."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    buf = _flush_buffer() if flush else None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            if buf is not None:
+                buf.zero_()
+            fn()
+        torch.cuda.synchronize()
+    flush_names = _flush_kernel_names() if flush else set()
+    total_us = sum(_device_us(e) for e in prof.key_averages()
+                   if _device_us(e) > 0 and e.key not in flush_names)
+    return total_us / runs / 1e6
+
+
+_flush_names = None
+
+
+def _flush_kernel_names() -> set:
+    """The kernel(s) torch launches for the flush (profiled once, alone)."""
+    global _flush_names
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    if _flush_names is None:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _flush_buffer().zero_()
+            torch.cuda.synchronize()
+        _flush_names = {e.key for e in prof.key_averages() if _device_us(e) > 0}
+    return _flush_names
+
+
+def _device_us(event) -> float:
+    # self time on the device (torch >= 2.4 names it device_*, older cuda_*)
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def host_seconds(fn, calls: int = 50) -> float:
+    """Host time per call (enqueue only, no synchronisation inside the loop): the
+    Python + launch overhead a call costs before the GPU can start it."""
+    import time
+
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls
+
+
+def timed_fields(fns, runs: int) -> dict:
+    """The timing fields of a benchmark row: seconds (median, CUDA events around each call,
+    host overhead included), seconds_min/max, and kernel_seconds (device time only)."""
+    t = time_cuda(fns, runs=runs)
+    return dict(seconds=t.median, seconds_min=t.min, seconds_max=t.max,
+                kernel_seconds=time_kernels(fns[0], runs=runs))

@@ -80,9 +80,9 @@ def test_derive_figures():
 def test_format_table():
     text = R.format_table(R.derive(_raw(), PEAKS))
     lines = text.splitlines()
-    assert len(lines) == 5 and lines[0].split()[:5] == ["op", "shape", "impl", "us", "tflops"]
+    assert len(lines) == 5 and lines[0].split()[:6] == ["op", "shape", "impl", "us", "kern_us", "tflops"]
     tri = next(line for line in lines if "pykernels_triton" in line).split()
-    assert tri[3] == "20.0" and tri[7] == "2.00" and tri[8] == "1.50"
+    assert tri[3] == "20.0" and tri[4] == "-" and tri[8] == "2.00" and tri[9] == "1.50"
     cuda = next(line for line in lines if "pykernels_cuda" in line)
     assert cuda.split()[3] == "-" and "not available" in cuda
 
@@ -167,7 +167,7 @@ def test_gpu_session_script_is_valid_bash():
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for needed in ("-m pytest -q -m gpu", "-m bench --quick", "PK_GIT_COMMIT", "timeout"):
+    for needed in ("-m pytest -q -m gpu", "-m bench --ops", "bench.peers.gpu_gemm run", "PK_GIT_COMMIT", "timeout"):
         assert needed in text
 
 

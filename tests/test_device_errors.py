@@ -121,3 +121,11 @@ def test_record_first_keeps_the_first_error_and_needs_no_host_read():
     meta = torch.zeros(D.RECORD_WORDS, dtype=torch.int32, device="meta")
     D.record_first(meta, 1, torch.zeros(5, dtype=torch.bool, device="meta"),
                    torch.zeros(5, dtype=torch.int32, device="meta"), 3)
+
+
+def test_a_device_without_index_is_the_current_cuda_device(monkeypatch):
+    # check_errors("cuda") must read the record that kernels on cuda:N (N current) wrote
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert D.device_key("cuda") == torch.device("cuda", 3)
+    assert D.device_key(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert D.device_key("cpu") == torch.device("cpu")

@@ -119,10 +119,14 @@ def _deepgemm_launcher(e: dict, ptx_dir: Path, a8, sfa, b8, sfb, out):
     return lambda: _C.launch(*launch, torch.cuda.current_stream().cuda_stream, params)
 
 
-def run(ptx_dir: Path, runs: int) -> list:
-    """Time each prepared DeepGEMM config and our cuda backend on the same operands."""
+def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_only: bool = False) -> list:
+    """Time each prepared DeepGEMM config and our cuda backend on the same operands, three
+    ways: seconds (CUDA events around each call: what a caller without CUDA graphs waits),
+    kernel_seconds (the kernels' device time, torch.profiler) and host_seconds (the call's
+    host cost). only: shape labels "MxNxK" to keep (default all); probe_only: launch and
+    check each kernel once, time nothing (for a profiler such as ncu)."""
     import pykernels
-    from bench.timing import time_cuda
+    from bench.timing import host_seconds, time_cuda, time_kernels
     from pykernels.metrics import calc_diff
     manifest = json.loads((ptx_dir / MANIFEST).read_text())
     gpu = torch.cuda.get_device_name()
@@ -134,13 +138,16 @@ def run(ptx_dir: Path, runs: int) -> list:
     for e in manifest["entries"]:
         by_shape.setdefault((e["m"], e["n"], e["k"]), []).append(e)
     for (m, n, k), entries in by_shape.items():
+        if only and f"{m}x{n}x{k}" not in only:
+            continue
         a8, sfa, b8, sfb, ref = _operands(m, n, k)
         sfa_tma = pykernels.get_col_major_tma_aligned_tensor(sfa)
         flops = 2 * m * n * k
         impls = [("pykernels_cuda", "auto", None)] + [("deepgemm", _config_name(e), e) for e in entries]
         for impl, config, e in impls:
             row = dict(source="gpu", gpu=gpu, shape=f"{m}x{n}x{k}", m=m, n=n, k=k, impl=impl, config=config,
-                       seconds=None, tflops=None, calc_diff=None, note="")
+                       seconds=None, tflops=None, kernel_seconds=None, kernel_tflops=None, host_seconds=None,
+                       calc_diff=None, note="")
             out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)  # poisoned
             try:
                 if e is None:
@@ -152,19 +159,30 @@ def run(ptx_dir: Path, runs: int) -> list:
                 row["calc_diff"] = diff = float(calc_diff(out.float(), ref.float()))
                 if not diff < CHECK_DIFF:
                     row["note"] = f"wrong output: calc_diff {diff:.2e} >= {CHECK_DIFF}"
+                elif probe_only:
+                    row["note"] = "checked, not timed (probe only)"
                 else:
                     t = time_cuda([fn], runs=runs)
                     row.update(seconds=t.median, seconds_min=t.min, seconds_max=t.max,
-                               tflops=flops / t.median / 1e12)
+                               tflops=flops / t.median / 1e12, host_seconds=host_seconds(fn))
+                    if kernel_timing:
+                        row["kernel_seconds"] = kt = time_kernels(fn, runs=runs)
+                        row["kernel_tflops"] = flops / kt / 1e12 if kt else None
             except Exception as exc:  # report, never invent a figure
                 row["note"] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             rows.append(row)
-            print(f"{row['shape']:>20} {impl:>15} {config:>22} "
-                  + (f"{row['seconds'] * 1e6:9.1f} us {row['tflops']:7.1f} TFLOP/s" if row["seconds"] else row["note"]),
+            print(f"{row['shape']:>16} {impl:>14} {config:>13} " + (_timings(row) if row["seconds"] else row["note"]),
                   flush=True)
         a8 = sfa = b8 = sfb = ref = sfa_tma = None   # free this shape's operands before the next
         torch.cuda.empty_cache()
     return rows
+
+
+def _timings(row: dict) -> str:
+    text = f"call {row['seconds'] * 1e6:8.1f} us {row['tflops']:7.1f} TFLOP/s  host {row['host_seconds'] * 1e6:6.1f} us"
+    if row["kernel_seconds"]:
+        text += f"  kernel {row['kernel_seconds'] * 1e6:8.1f} us {row['kernel_tflops']:7.1f} TFLOP/s"
+    return text
 
 
 def _config_name(e: dict) -> str:
@@ -184,6 +202,10 @@ def main(argv=None) -> int:
     go.add_argument("--dir", type=Path, required=True)
     go.add_argument("--out", type=Path, required=True)
     go.add_argument("--runs", type=int, default=20)
+    go.add_argument("--shapes", default="", help="comma-separated MxNxK labels to run (default: all prepared)")
+    go.add_argument("--no-kernel-timing", action="store_true", help="skip the profiler timing")
+    go.add_argument("--probe-only", action="store_true",
+                    help="launch and check each kernel once, time nothing (under ncu: one launch per kernel)")
     args = p.parse_args(argv)
     if args.step == "prepare":
         prepare(args.dir, args.num_sms, args.quick, args.configs)
@@ -192,7 +214,8 @@ def main(argv=None) -> int:
         print("bench.peers.gpu_gemm: no CUDA GPU; nothing measured", file=sys.stderr)
         return 2
     from bench import report as R
-    rows = run(args.dir, args.runs)
+    only = {x.strip() for x in args.shapes.split(",") if x.strip()}
+    rows = run(args.dir, args.runs, only, kernel_timing=not args.no_kernel_timing, probe_only=args.probe_only)
     packages = sorted({e["package"] for e in json.loads((args.dir / MANIFEST).read_text())["entries"]})
     meta = dict(source="gpu", gpu=torch.cuda.get_device_name(), date=R.today(),
                 git_commit=R.git_commit(Path(__file__).resolve().parents[2]), torch=torch.__version__,
@@ -200,7 +223,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     print(f"wrote {args.out}")
-    return 0 if any(r["seconds"] for r in rows) else 1
+    return 0 if any(r["seconds"] or args.probe_only and r["calc_diff"] is not None for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -255,28 +255,11 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     check_shapes(m, n, k, rows_total, groups)
     if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
-    if cfg is None:
-        def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
-            return max_clusters or resident_clusters(c, c.max_stages(), a2.device, sms)
-        if kind == KIND_MASKED:
-            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots)
-        else:
-            cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
-                                slots=slots)
-    stages = stages or cfg.max_stages()
-    if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
-        raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
-                         f"memory, more than {SMEM_PER_BLOCK}")
-    n_blocks = cdiv(n, cfg.block_n)
-    # schedule units: tiles (cluster 1) or pairs of m-blocks of one n-block (cluster 2)
-    units = cdiv(cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
-    if kind == KIND_MASKED:
-        units *= groups                                       # upper bound: masked_m <= m_max
-    if cfg.cluster == 1:
-        slots = sms                                          # persistent: <= 1 CTA per SM
+    if cfg is None and stages is None and max_clusters is None:
+        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms)
     else:
-        slots = max_clusters or resident_clusters(cfg, stages, a2.device, sms)
-    grid = max(1, min(slots, units)) * cfg.cluster
+        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, cfg, stages, max_clusters)
+    n_blocks = cdiv(n, cfg.block_n)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, SCALE_BLOCK), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, SCALE_BLOCK), swizzle=128)
     # A scales: one box = the BLOCK_M scales of one K block of one group; rows past m are
@@ -294,6 +277,39 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     assert len(args) == len(PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
+
+
+def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, cfg=None, stages=None, max_clusters=None):
+    """(config, stages, grid) of one launch: the heuristic's config unless given, the most
+    stages that fit unless given, and the persistent grid (at most one CTA per SM; for
+    multicast, the clusters that run at once)."""
+    if cfg is None:
+        def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
+            return max_clusters or resident_clusters(c, c.max_stages(), device, sms)
+        if kind == KIND_MASKED:
+            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots)
+        else:
+            cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
+                                slots=slots)
+    stages = stages or cfg.max_stages()
+    if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
+        raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
+                         f"memory, more than {SMEM_PER_BLOCK}")
+    n_blocks = cdiv(n, cfg.block_n)
+    # schedule units: tiles (cluster 1) or pairs of m-blocks of one n-block (cluster 2)
+    units = cdiv(cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
+    if kind == KIND_MASKED:
+        units *= groups                                       # upper bound: masked_m <= m_max
+    if cfg.cluster == 1:
+        slots = sms                                          # persistent: <= 1 CTA per SM
+    else:
+        slots = max_clusters or resident_clusters(cfg, stages, device, sms)
+    return cfg, stages, max(1, min(slots, units)) * cfg.cluster
+
+
+# The heuristic's answer per problem size and device: computed once (it scores every
+# compiled config), so a call's host cost is the tensor maps and the launch.
+_tuned_geometry = functools.lru_cache(maxsize=4096)(_geometry)
 
 
 def resident_clusters(cfg: Config, stages: int, device: torch.device, sms: int) -> int:

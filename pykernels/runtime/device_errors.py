@@ -84,10 +84,19 @@ class KernelInputError(ValueError):
 _RECORDS = {}        # device -> (int32 [RECORD_WORDS] tensor, name of the last op that used it)
 
 
+def device_key(device) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device, so that a record made for
+    a tensor on cuda:0 is the one check_errors("cuda") reads."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def record_for(device: torch.device, op: str) -> torch.Tensor:
     """The error record kernels on `device` write to (zeroed once, when first made); `op`
     names the launching op in the message of an error raised later."""
-    device = torch.device(device)
+    device = device_key(device)
     entry = _RECORDS.get(device)
     if entry is None:
         entry = [torch.zeros(RECORD_WORDS, dtype=torch.int32, device=device), op]
@@ -126,7 +135,7 @@ def raise_if_set(record: torch.Tensor, op: str) -> None:
 def check_errors(device=None) -> None:
     """Raise the first input error a kernel recorded on `device` (every device with a
     record when None) since the last check, as KernelInputError; a host synchronisation."""
-    devices = [torch.device(device)] if device is not None else list(_RECORDS)
+    devices = [device_key(device)] if device is not None else list(_RECORDS)
     for d in devices:
         entry = _RECORDS.get(d)
         if entry is not None:

@@ -46,7 +46,7 @@ cat "$OUT/gpu.txt"
 step install "${INSTALL_S:-120}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 if [ -f .peer_ptx/manifest.json ]; then
-  step peers "${PEERS_S:-90}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 \
+  step peers "${PEERS_S:-120}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 --sweep-ours \
     --out "$OUT/deepgemm-vs-ours.json"
 fi
 # why our GEMM is slower than DeepGEMM's on the largest shape: one launch of each under

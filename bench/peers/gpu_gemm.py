@@ -105,6 +105,20 @@ def _ours_launcher(a8, sfa_tma, b8, sfb, out):
     return lambda: pykernels.fp8_gemm_nt((a8, sfa_tma), (b8, sfb), out, backend="cuda")
 
 
+def _ours_plan(a8, sfa_tma, b8, sfb, out, cfg=None):
+    from pykernels.cuda import gemm as G
+    m, k = a8.shape
+    return G.gemm_plan(a8, sfa_tma, b8, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=b8.shape[0], k=k, groups=1,
+                       cfg=cfg)
+
+
+def _ours_config_launcher(a8, sfa_tma, b8, sfb, out, cfg):
+    """One compiled tile config of ours, launched from a prepared plan (no API layer)."""
+    from pykernels.runtime.executors import run_plan
+    plan = _ours_plan(a8, sfa_tma, b8, sfb, out, cfg)
+    return lambda: run_plan(plan, "cuda")
+
+
 def _deepgemm_launcher(e: dict, ptx_dir: Path, a8, sfa, b8, sfb, out):
     from pykernels import _C
     cfg = D.Fp8GemmConfig(**e["config"])
@@ -119,12 +133,14 @@ def _deepgemm_launcher(e: dict, ptx_dir: Path, a8, sfa, b8, sfb, out):
     return lambda: _C.launch(*launch, torch.cuda.current_stream().cuda_stream, params)
 
 
-def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_only: bool = False) -> list:
+def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_only: bool = False,
+        sweep_ours: bool = False) -> list:
     """Time each prepared DeepGEMM config and our cuda backend on the same operands, three
     ways: seconds (CUDA events around each call: what a caller without CUDA graphs waits),
     kernel_seconds (the kernels' device time, torch.profiler) and host_seconds (the call's
     host cost). only: shape labels "MxNxK" to keep (default all); probe_only: launch and
-    check each kernel once, time nothing (for a profiler such as ncu)."""
+    check each kernel once, time nothing (for a profiler such as ncu); sweep_ours: also
+    every compiled tile config of ours, launched from a prepared plan."""
     import pykernels
     from bench.timing import host_seconds, time_cuda, time_kernels
     from pykernels.metrics import calc_diff
@@ -143,7 +159,12 @@ def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_o
         a8, sfa, b8, sfb, ref = _operands(m, n, k)
         sfa_tma = pykernels.get_col_major_tma_aligned_tensor(sfa)
         flops = 2 * m * n * k
-        impls = [("pykernels_cuda", "auto", None)] + [("deepgemm", _config_name(e), e) for e in entries]
+        from pykernels.cuda import gemm as G
+        chosen = _ours_plan(a8, sfa_tma, b8, sfb, torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
+        impls = [("pykernels_cuda", f"auto={chosen.function.removeprefix('pk_fp8_gemm_nt_')}", None)]
+        impls += [("deepgemm", _config_name(e), e) for e in entries]
+        if sweep_ours:
+            impls += [("pykernels_cuda", c.function.removeprefix("pk_fp8_gemm_nt_"), c) for c in G.compiled_configs()]
         for impl, config, e in impls:
             row = dict(source="gpu", gpu=gpu, shape=f"{m}x{n}x{k}", m=m, n=n, k=k, impl=impl, config=config,
                        seconds=None, tflops=None, kernel_seconds=None, kernel_tflops=None, host_seconds=None,
@@ -152,6 +173,8 @@ def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_o
             try:
                 if e is None:
                     fn = _ours_launcher(a8, sfa_tma, b8, sfb, out)
+                elif impl == "pykernels_cuda":
+                    fn = _ours_config_launcher(a8, sfa_tma, b8, sfb, out, e)
                 else:
                     fn = _deepgemm_launcher(e, ptx_dir, a8, sfa, b8, sfb, out)
                 fn()
@@ -204,6 +227,7 @@ def main(argv=None) -> int:
     go.add_argument("--runs", type=int, default=20)
     go.add_argument("--shapes", default="", help="comma-separated MxNxK labels to run (default: all prepared)")
     go.add_argument("--no-kernel-timing", action="store_true", help="skip the profiler timing")
+    go.add_argument("--sweep-ours", action="store_true", help="also time every compiled tile config of ours")
     go.add_argument("--probe-only", action="store_true",
                     help="launch and check each kernel once, time nothing (under ncu: one launch per kernel)")
     args = p.parse_args(argv)
@@ -215,7 +239,8 @@ def main(argv=None) -> int:
         return 2
     from bench import report as R
     only = {x.strip() for x in args.shapes.split(",") if x.strip()}
-    rows = run(args.dir, args.runs, only, kernel_timing=not args.no_kernel_timing, probe_only=args.probe_only)
+    rows = run(args.dir, args.runs, only, kernel_timing=not args.no_kernel_timing, probe_only=args.probe_only,
+               sweep_ours=args.sweep_ours)
     packages = sorted({e["package"] for e in json.loads((args.dir / MANIFEST).read_text())["entries"]})
     meta = dict(source="gpu", gpu=torch.cuda.get_device_name(), date=R.today(),
                 git_commit=R.git_commit(Path(__file__).resolve().parents[2]), torch=torch.__version__,

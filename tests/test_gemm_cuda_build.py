@@ -187,7 +187,7 @@ def test_multicast_ptx(cfg, ptx_module):
     (1, 2112, 7168, lambda c: c.block_m == 64 and c.block_n <= 64),    # decode: spread N over SMs
     (64, 2112, 7168, lambda c: c.block_m == 64 and c.block_n <= 64),
     (128, 4096, 7168, lambda c: c.block_m == 64),                      # 2 x 64 blocks fill 1 wave
-    (4096, 2112, 7168, lambda c: (c.block_m, c.block_n) == (128, 160)),  # 4 waves, not 5
+    (4096, 2112, 7168, lambda c: (c.block_m, c.block_n, c.cluster) == (128, 128, 1)),   # measured best (NOT_AUTO)
     (4096, 7168, 16384, lambda c: c.block_m == 128 and c.block_n >= 128),
     (4096, 32768, 512, lambda c: c.block_m == 128),
 ])
@@ -206,6 +206,11 @@ def test_heuristic_model_properties():
     assert G.choose_config(8, 4096, 7168, groups=1).block_m == 64
 
 
+# The multicast model, over every compiled config (the default candidates leave the
+# multicast configs out: NOT_AUTO)
+ALL = G.CONFIGS
+
+
 def test_heuristic_uses_the_resident_cluster_count():
     # On a GPU the persistent multicast grid holds as many clusters as the driver says;
     # fewer co-resident clusters than #SMs / 2 mean more waves, and the model counts them.
@@ -213,34 +218,44 @@ def test_heuristic_uses_the_resident_cluster_count():
     mc = G.Config(128, 160, cluster=2)
     full, fewer = (G.estimate_cycles(mc, m, n, k, 1, 132, clusters=c) for c in (66, 40))
     assert fewer > full == G.estimate_cycles(mc, m, n, k, 1, 132)
-    assert G.choose_config(m, n, k).cluster == 2
-    assert G.choose_config(m, n, k, slots=lambda c: 66) == G.choose_config(m, n, k)
-    assert G.choose_config(m, n, k, slots=lambda c: 40).cluster == 1     # pairs no longer pay
+    assert G.choose_config(m, n, k, candidates=ALL).cluster == 2
+    assert G.choose_config(m, n, k, slots=lambda c: 66, candidates=ALL) == G.choose_config(m, n, k, candidates=ALL)
+    assert G.choose_config(m, n, k, slots=lambda c: 40, candidates=ALL).cluster == 1     # pairs no longer pay
 
 
 def test_multicast_heuristic():
-    mc = G.choose_config(4096, 7168, 16384)
+    mc = G.choose_config(4096, 7168, 16384, candidates=ALL)
     assert mc.cluster == 2 and mc.block_m == 128                       # L2-bound: B shared by pairs
     # the model: cluster 2 reads B from L2 once per pair of m-blocks; same waves here
     c1 = G.Config(mc.block_m, mc.block_n)
     m, n, k = 4096, 7168, 16384
     assert G.estimate_cycles(mc, m, n, k, 1, 132) < G.MULTICAST_GAIN * G.estimate_cycles(c1, m, n, k, 1, 132)
-    assert G.choose_config(4096, 2112, 7168).cluster == 2
+    assert G.choose_config(4096, 2112, 7168, candidates=ALL).cluster == 2
     # not where there is no pair of m-blocks, where few SMs leave L2 idle, nor for small problems
     for args in [(128, 7168, 16384), (64, 2112, 7168), (128, 4096, 7168), (256, 256, 512)]:
-        assert G.choose_config(*args).cluster == 1, args
-    assert G.choose_config(4096, 7168, 16384, sms=4).cluster == 1
+        assert G.choose_config(*args, candidates=ALL).cluster == 1, args
+    assert G.choose_config(4096, 7168, 16384, sms=4, candidates=ALL).cluster == 1
     # contiguous: a group boundary between the two m-blocks of a pair costs a pass; with
     # many small groups the pairs would mostly compute half of their m-blocks
-    assert G.choose_config(32768, 4096, 7168, boundaries=3).cluster == 2
-    assert G.choose_config(32768, 4096, 7168, boundaries=255).cluster == 1
+    assert G.choose_config(32768, 4096, 7168, boundaries=3, candidates=ALL).cluster == 2
+    assert G.choose_config(32768, 4096, 7168, boundaries=255, candidates=ALL).cluster == 1
     # masked: rows per group from expected_m (one m-block per group: no multicast)
-    assert G.choose_config(1024, 4096, 7168, groups=8).cluster == 2
-    assert G.choose_config(64, 4096, 7168, groups=8).cluster == 1
+    assert G.choose_config(1024, 4096, 7168, groups=8, candidates=ALL).cluster == 2
+    assert G.choose_config(64, 4096, 7168, groups=8, candidates=ALL).cluster == 1
     # an odd m-block count: the last pair's partner idles for a whole unit
     odd = G.estimate_cycles(G.Config(128, 128, 2), 3 * 128, 128, 1024, 1, 2)
     even = G.estimate_cycles(G.Config(128, 128, 2), 4 * 128, 128, 1024, 1, 2)
     assert odd == even
+
+
+def test_heuristic_leaves_out_the_configs_measured_slower():
+    assert G.NOT_AUTO <= {c.function for c in G.CONFIGS}              # names of compiled entries
+    assert set(G.auto_configs()) == {c for c in G.CONFIGS if c.function not in G.NOT_AUTO}
+    shapes = [(1, 2112, 7168), (64, 2112, 7168), (128, 4096, 7168), (128, 7168, 16384), (4096, 2112, 7168),
+              (4096, 32768, 512), (4096, 7168, 16384), (32768, 4096, 7168)]
+    for m, n, k in shapes:
+        for groups in (1, 4):
+            assert G.choose_config(m, n, k, groups).function not in G.NOT_AUTO, (m, n, k, groups)
 
 
 def test_raster_band():

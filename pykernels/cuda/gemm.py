@@ -121,6 +121,22 @@ def compiled_configs() -> tuple:
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
 
 
+# Tile shapes the heuristic does not pick (still compiled, and run when a plan names
+# them): on an H200 every one was slower than m128n128 on every normal shape of the
+# benchmark (a sweep of all compiled configs, kernel time: bench/results/
+# h200-2026-12-04-8d5587c/deepgemm-vs-ours.json, docs/results.md): the multicast pairs
+# 1.3-2.6x (the GPU-scope fence on the math path every K block, issue 14), the 112-, 144-
+# and 160-column tiles 6-20% (the per-8-column B-scale select; their ~11% more work per
+# tile than estimate_cycles counts is not modelled).
+NOT_AUTO = frozenset({"pk_fp8_gemm_nt_m128n160_mc2", "pk_fp8_gemm_nt_m128n128_mc2", "pk_fp8_gemm_nt_m128n160",
+                      "pk_fp8_gemm_nt_m128n144", "pk_fp8_gemm_nt_m128n112"})
+
+
+def auto_configs() -> tuple:
+    """The compiled configs the heuristic chooses from (compiled_configs minus NOT_AUTO)."""
+    return tuple(c for c in compiled_configs() if c.function not in NOT_AUTO)
+
+
 def __getattr__(name):
     if name == "CONFIGS":       # read on first use: importing this module needs no build
         return compiled_configs()
@@ -174,8 +190,9 @@ def _best(configs, m, n, k, groups, sms, boundaries, slots=None):
 
 
 def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NUM_SMS, boundaries: int = 0,
-                  slots=None) -> Config:
-    """The compiled tile shape with the smallest modelled time (estimate_cycles); ties
+                  slots=None, candidates=None) -> Config:
+    """The tile shape among `candidates` (default auto_configs()) with the smallest
+    modelled time (estimate_cycles); ties
     (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1,
     boundaries = number of groups - 1). A multicast (cluster-2) config is chosen only when
     it models at least 3% faster than the best cluster-1 config (MULTICAST_GAIN): in
@@ -183,7 +200,7 @@ def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NU
     SM busy) and M has pairs of m-blocks. slots(cfg): co-resident clusters of a multicast
     config (on a GPU the driver's count, `resident_clusters`; default #SMs / 2)."""
     m, k = max(m, 1), max(k, SCALE_BLOCK)
-    configs = compiled_configs()
+    configs = auto_configs() if candidates is None else candidates
     best, t_best = _best([c for c in configs if c.cluster == 1], m, n, k, groups, sms, boundaries)
     multicast = [c for c in configs if c.cluster > 1 and sms >= 2 * c.cluster]
     if multicast:

@@ -137,7 +137,7 @@ def _check_device_values(p: DecodeProblem) -> None:
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(DE.describe("SeqlenOutOfRange", int(lens[i]), coverage, i))
-    used = torch.arange(p.block_table.shape[1])[None, :] < ((lens + page - 1) // page)[:, None]
+    used = torch.arange(p.block_table.shape[1], device=lens.device)[None, :] < ((lens + page - 1) // page)[:, None]
     num_blocks = p.k_cache.shape[0]
     bad = used & ((p.block_table < 0) | (p.block_table >= num_blocks))
     if bool(bad.any()):

@@ -7,11 +7,13 @@ K must be a multiple of 128. Backends: "cuda" (hand-written sm_90a kernel,
 csrc/gemm/fp8_gemm.cu; N a multiple of 8), "emu" (the same kernel on the PTX emulator, CPU
 tensors), "triton", "reference"; "auto" takes the first that supports the call
 (`pykernels.explain` says why). Validation lives in pykernels.ops.gemm, inside the
-torch.ops.pykernels.* custom ops these functions call. No host-device synchronisation.
+torch.ops.pykernels.* custom ops (eager calls run their bodies directly:
+pykernels.ops.custom). No host-device synchronisation.
 """
 import torch
 
 from .ops import gemm as G
+from .ops.custom import call
 from .runtime import validate as V
 
 
@@ -23,7 +25,7 @@ def fp8_gemm_nt(a, b, out, *, backend: str = "auto"):
     """
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out = V.as_tensor("out", out)
-    torch.ops.pykernels.fp8_gemm_nt(a, sfa, b, sfb, out, backend)
+    call(torch.ops.pykernels.fp8_gemm_nt, G.fp8_gemm_nt_body, a, sfa, b, sfb, out, backend)
     return out
 
 
@@ -37,7 +39,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, *, backend: str = "au
     """
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out, m_indices = V.as_tensor("out", out), V.as_tensor("m_indices", m_indices)
-    torch.ops.pykernels.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, out, m_indices, backend)
+    call(torch.ops.pykernels.m_grouped_fp8_gemm_nt_contiguous, G.m_grouped_contiguous_body,
+         a, sfa, b, sfb, out, m_indices, backend)
     return out
 
 
@@ -52,5 +55,6 @@ def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, *, backen
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out, masked_m = V.as_tensor("out", out), V.as_tensor("masked_m", masked_m)
     expected_m = V.check_int("expected_m", expected_m, lo=0)
-    torch.ops.pykernels.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, out, masked_m, expected_m, backend)
+    call(torch.ops.pykernels.m_grouped_fp8_gemm_nt_masked, G.m_grouped_masked_body,
+         a, sfa, b, sfb, out, masked_m, expected_m, backend)
     return out

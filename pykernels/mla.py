@@ -20,6 +20,7 @@ import torch
 
 from .mla_schedule import MlaSchedule, default_num_sm_parts  # noqa: F401  (public)
 from .ops import mla as OM
+from .ops.custom import call
 from .reference import mla as RM
 from .runtime import validate as V
 
@@ -54,7 +55,7 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int = None, nu
     if num_sm_parts is None:
         num_sm_parts = default_num_sm_parts(seqlens.device, rows, h_kv)
     parts = V.check_int("num_sm_parts", num_sm_parts, lo=1, hi=OM.MAX_SM_PARTS)
-    return torch.ops.pykernels.get_mla_metadata(seqlens, parts, backend)
+    return call(torch.ops.pykernels.get_mla_metadata, OM.get_mla_metadata_body, seqlens, parts, backend)
 
 
 def quantize_kv_cache_fp8(k_cache) -> torch.Tensor:
@@ -91,7 +92,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         rows = q.shape[1] * q.shape[2]
 
         def build(lens, parts):
-            return torch.ops.pykernels.get_mla_metadata(lens, parts, "auto")
+            return call(torch.ops.pykernels.get_mla_metadata, OM.get_mla_metadata_body, lens, parts, "auto")
         tile_scheduler_metadata, num_splits = tile_scheduler_metadata.resolve(
             seqlens, rows, 1, default_num_sm_parts(seqlens.device, rows, 1), build)
     args = [V.as_tensor(name, t) for name, t in (("k_cache", k_cache), ("block_table", block_table),
@@ -99,8 +100,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
                                                   ("tile_scheduler_metadata", tile_scheduler_metadata),
                                                   ("num_splits", num_splits))]
     softmax_scale = OM.check_scalars(head_dim_v, softmax_scale, causal)
-    torch.ops.pykernels.flash_mla_with_kvcache(q, *args, out, softmax_lse, int(head_dim_v), softmax_scale,
-                                               causal, backend)
+    call(torch.ops.pykernels.flash_mla_with_kvcache, OM.flash_mla_with_kvcache_body, q, *args, out, softmax_lse,
+         int(head_dim_v), softmax_scale, causal, backend)
     return out, softmax_lse
 
 

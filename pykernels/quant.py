@@ -6,7 +6,8 @@ pykernels.ops.quant, inside the torch.ops.pykernels.* custom ops.
 """
 import torch
 
-from .ops import quant as _ops  # noqa: F401  (defines the torch.ops.pykernels.* quantization ops)
+from .ops import quant as _ops  # defines the torch.ops.pykernels.* quantization ops
+from .ops.custom import call
 from .runtime import validate as V
 
 
@@ -17,7 +18,8 @@ def per_token_cast_to_fp8(x, *, backend: str = "auto"):
     (q float8_e4m3fn [m, k], sf float32 [m, ceil(k/128)]) with
     sf = max(amax, 1e-4) / 448 and q = rne(x * 448 / max(amax, 1e-4)).
     """
-    return torch.ops.pykernels.per_token_cast_to_fp8(V.as_tensor("x", x), backend)
+    return call(torch.ops.pykernels.per_token_cast_to_fp8, _ops.per_token_cast_to_fp8_body, V.as_tensor("x", x),
+                backend)
 
 
 def per_block_cast_to_fp8(x, *, backend: str = "auto"):
@@ -26,7 +28,8 @@ def per_block_cast_to_fp8(x, *, backend: str = "auto"):
     x: [m, n] float32/bfloat16/float16. Returns (q float8_e4m3fn [m, n],
     sf float32 [ceil(m/128), ceil(n/128)]).
     """
-    return torch.ops.pykernels.per_block_cast_to_fp8(V.as_tensor("x", x), backend)
+    return call(torch.ops.pykernels.per_block_cast_to_fp8, _ops.per_block_cast_to_fp8_body, V.as_tensor("x", x),
+                backend)
 
 
 def get_col_major_tma_aligned_tensor(sf) -> torch.Tensor:

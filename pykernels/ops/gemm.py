@@ -186,10 +186,12 @@ MASKED = _register("m_grouped_fp8_gemm_nt_masked")
 
 # --- custom ops: the same validation as the Python API ----------------------------------
 
-@torch.library.custom_op("pykernels::fp8_gemm_nt", mutates_args=("out",))
-def fp8_gemm_nt_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
-                   out: torch.Tensor, backend: str) -> None:
+def fp8_gemm_nt_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                     out: torch.Tensor, backend: str) -> None:
     NORMAL(problem("normal", a, sfa, b, sfb, out), backend)
+
+
+fp8_gemm_nt_op = torch.library.custom_op("pykernels::fp8_gemm_nt", mutates_args=("out",))(fp8_gemm_nt_body)
 
 
 @fp8_gemm_nt_op.register_fake
@@ -197,10 +199,13 @@ def _(a, sfa, b, sfb, out, backend):
     problem("normal", a, sfa, b, sfb, out)
 
 
-@torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_contiguous", mutates_args=("out",))
-def m_grouped_contiguous_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
-                            out: torch.Tensor, m_indices: torch.Tensor, backend: str) -> None:
+def m_grouped_contiguous_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                              out: torch.Tensor, m_indices: torch.Tensor, backend: str) -> None:
     CONTIGUOUS(problem("contiguous", a, sfa, b, sfb, out, m_indices), backend)
+
+
+m_grouped_contiguous_op = torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_contiguous",
+                                                  mutates_args=("out",))(m_grouped_contiguous_body)
 
 
 @m_grouped_contiguous_op.register_fake
@@ -208,10 +213,13 @@ def _(a, sfa, b, sfb, out, m_indices, backend):
     problem("contiguous", a, sfa, b, sfb, out, m_indices)
 
 
-@torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_masked", mutates_args=("out",))
-def m_grouped_masked_op(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
-                        out: torch.Tensor, masked_m: torch.Tensor, expected_m: int, backend: str) -> None:
+def m_grouped_masked_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                          out: torch.Tensor, masked_m: torch.Tensor, expected_m: int, backend: str) -> None:
     MASKED(problem("masked", a, sfa, b, sfb, out, masked_m, expected_m), backend)
+
+
+m_grouped_masked_op = torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_masked",
+                                              mutates_args=("out",))(m_grouped_masked_body)
 
 
 @m_grouped_masked_op.register_fake

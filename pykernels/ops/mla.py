@@ -68,10 +68,12 @@ METADATA.add(B.triton(lambda p: _triton().get_mla_metadata(p.cache_seqlens, p.nu
 METADATA.add(B.reference(lambda p: RM.get_mla_metadata(p.cache_seqlens, p.num_sm_parts)))
 
 
-@torch.library.custom_op("pykernels::get_mla_metadata", mutates_args=())
-def get_mla_metadata_op(cache_seqlens: torch.Tensor, num_sm_parts: int,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def get_mla_metadata_body(cache_seqlens: torch.Tensor, num_sm_parts: int,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return METADATA(metadata_problem(cache_seqlens, num_sm_parts), backend)
+
+
+get_mla_metadata_op = torch.library.custom_op("pykernels::get_mla_metadata", mutates_args=())(get_mla_metadata_body)
 
 
 @get_mla_metadata_op.register_fake
@@ -283,13 +285,16 @@ def public_decode_problem(q, k_cache, block_table, cache_seqlens, head_dim_v, ti
                           out, softmax_lse, head_dim_v, softmax_scale, causal)
 
 
-@torch.library.custom_op("pykernels::flash_mla_with_kvcache", mutates_args=("out", "lse"))
-def flash_mla_with_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
-                              cache_seqlens: torch.Tensor, tile_scheduler_metadata: torch.Tensor,
-                              num_splits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                              head_dim_v: int, softmax_scale: float, causal: bool, backend: str) -> None:
+def flash_mla_with_kvcache_body(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                                cache_seqlens: torch.Tensor, tile_scheduler_metadata: torch.Tensor,
+                                num_splits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                head_dim_v: int, softmax_scale: float, causal: bool, backend: str) -> None:
     DECODE(decode_problem(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                           out, lse, head_dim_v, softmax_scale, causal), backend)
+
+
+flash_mla_with_kvcache_op = torch.library.custom_op("pykernels::flash_mla_with_kvcache",
+                                                    mutates_args=("out", "lse"))(flash_mla_with_kvcache_body)
 
 
 @flash_mla_with_kvcache_op.register_fake

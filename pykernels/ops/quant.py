@@ -80,9 +80,12 @@ PER_TOKEN = _register("per_token_cast_to_fp8")
 PER_BLOCK = _register("per_block_cast_to_fp8")
 
 
-@torch.library.custom_op("pykernels::per_token_cast_to_fp8", mutates_args=())
-def per_token_cast_to_fp8_op(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_cast_to_fp8_body(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return PER_TOKEN(problem("per_token_cast_to_fp8", x), backend)
+
+
+per_token_cast_to_fp8_op = torch.library.custom_op("pykernels::per_token_cast_to_fp8", mutates_args=())(
+    per_token_cast_to_fp8_body)
 
 
 @per_token_cast_to_fp8_op.register_fake
@@ -90,9 +93,12 @@ def _(x, backend):
     return _outputs(problem("per_token_cast_to_fp8", x))
 
 
-@torch.library.custom_op("pykernels::per_block_cast_to_fp8", mutates_args=())
-def per_block_cast_to_fp8_op(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def per_block_cast_to_fp8_body(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return PER_BLOCK(problem("per_block_cast_to_fp8", x), backend)
+
+
+per_block_cast_to_fp8_op = torch.library.custom_op("pykernels::per_block_cast_to_fp8", mutates_args=())(
+    per_block_cast_to_fp8_body)
 
 
 @per_block_cast_to_fp8_op.register_fake

@@ -7,6 +7,7 @@ is produced internally (`TiledFields`). `check_tiled` holds the driver's documen
 requirements for a tiled map, for both paths.
 """
 import dataclasses
+import functools
 
 import torch
 
@@ -19,6 +20,13 @@ _SWIZZLE_CODES = {0: 0, 32: 1, 64: 2, 128: 3}
 def check_tiled(address, dims, strides_bytes, box, elem_strides, elem_bytes, swizzle):
     """cuTensorMapEncodeTiled's requirements (CUDA driver API) on the fields of a tiled
     map, innermost dimension first; raises ValueError naming the field."""
+    if address % 16:
+        raise ValueError(f"tensor map: global address must be 16-byte aligned, got {address:#x}")
+    _check_geometry(tuple(dims), tuple(strides_bytes), tuple(box), tuple(elem_strides), elem_bytes, swizzle)
+
+
+@functools.lru_cache(maxsize=4096)     # a launch checks the same few geometries call after call
+def _check_geometry(dims, strides_bytes, box, elem_strides, elem_bytes, swizzle):
     r = len(dims)
     if not 1 <= r <= 5:
         raise ValueError(f"tensor map: rank must be 1 to 5, got {r}")
@@ -26,8 +34,6 @@ def check_tiled(address, dims, strides_bytes, box, elem_strides, elem_bytes, swi
         raise ValueError("tensor map: dims, strides_bytes, box and elem_strides need one entry per dimension")
     if swizzle not in _SWIZZLE_CODES:
         raise ValueError(f"tensor map: swizzle must be one of {tuple(_SWIZZLE_CODES)} bytes, got {swizzle}")
-    if address % 16:
-        raise ValueError(f"tensor map: global address must be 16-byte aligned, got {address:#x}")
     if any(not 1 <= d <= 1 << 32 for d in dims):
         raise ValueError(f"tensor map: dimensions must be in [1, 2^32], got {dims}")
     if any(s % 16 or s >= 1 << 40 for s in strides_bytes[1:]):

@@ -9,6 +9,7 @@ import torch
 from .ops import quant as _ops  # defines the torch.ops.pykernels.* quantization ops
 from .ops.custom import call
 from .runtime import validate as V
+from .runtime.hardware import TMA_ALIGNMENT_BYTES, tma_aligned_size
 
 
 def per_token_cast_to_fp8(x, *, backend: str = "auto"):
@@ -32,16 +33,28 @@ def per_block_cast_to_fp8(x, *, backend: str = "auto"):
                 backend)
 
 
+def get_tma_aligned_size(mn: int, element_size: int) -> int:
+    """mn rounded up to a multiple of 16 / element_size: the padded row count of a
+    column-major (MN-major) scale tensor whose columns TMA loads (DeepGEMM's helper).
+    mn: int >= 0; element_size: bytes per element, 1, 2, 4, 8 or 16."""
+    mn = V.check_int("mn", mn, lo=0)
+    element_size = V.check_int("element_size", element_size, lo=1)
+    if TMA_ALIGNMENT_BYTES % element_size:
+        raise ValueError(f"element_size: expected a divisor of {TMA_ALIGNMENT_BYTES} bytes, got {element_size}")
+    return tma_aligned_size(mn, element_size)
+
+
 def get_col_major_tma_aligned_tensor(sf) -> torch.Tensor:
     """Same values as sf ([m, kb] or [G, m, kb] float32), stored column-major with m
     padded to a multiple of 4 (16 bytes) so TMA can load a column: strides (1, m_pad)
-    or (kb*m_pad, 1, m_pad). Already-aligned inputs are returned as they are."""
+    or (kb*m_pad, 1, m_pad). Already-aligned inputs are returned as they are.
+    DeepGEMM's current name for it: get_mn_major_tma_aligned_tensor."""
     sf = V.as_tensor("sf", sf)
     V.check_dtype("sf", sf, torch.float32)
     if sf.dim() not in (2, 3):
         raise ValueError(f"sf: expected a 2-D [m, kb] or 3-D [G, m, kb] tensor, got shape {list(sf.shape)}")
     m, kb = sf.shape[-2:]
-    m_pad = (m + 3) // 4 * 4
+    m_pad = tma_aligned_size(m, sf.element_size())
     if sf.stride(-2) == 1 and sf.stride(-1) == m_pad and (sf.dim() == 2 or sf.stride(0) == kb * m_pad):
         return sf
     lead = sf.shape[:-2]
@@ -49,3 +62,6 @@ def get_col_major_tma_aligned_tensor(sf) -> torch.Tensor:
     view = buf[..., :m].transpose(-1, -2)
     view.copy_(sf)
     return view
+
+
+get_mn_major_tma_aligned_tensor = get_col_major_tma_aligned_tensor   # DeepGEMM v2's name, same semantics

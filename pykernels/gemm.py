@@ -9,6 +9,11 @@ tensors), "triton", "reference"; "auto" takes the first that supports the call
 (`pykernels.explain` says why). Validation lives in pykernels.ops.gemm, inside the
 torch.ops.pykernels.* custom ops (eager calls run their bodies directly:
 pykernels.ops.custom). No host-device synchronisation.
+
+DeepGEMM's keywords (c, recipe, recipe_a/b, compiled_dims, disable_ue8m0_cast, and for the
+contiguous layout use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) are
+accepted where their values mean what these functions compute, else a ValueError names
+them (ops.gemm.check_deepgemm_keywords); its v1 names are aliases (docs/compat.md).
 """
 import torch
 
@@ -16,27 +21,44 @@ from .ops import gemm as G
 from .ops.custom import call
 from .runtime import validate as V
 
+# Rows per segment of the contiguous layout that keep every tile in one group: the largest
+# BLOCK_M of the compiled kernel (cuda/gemm.py configs; a test checks), DeepGEMM's value too.
+CONTIGUOUS_ALIGNMENT = 128
 
-def fp8_gemm_nt(a, b, out, *, backend: str = "auto"):
+
+def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
+                disable_ue8m0_cast: bool = False, *, backend: str = "auto"):
     """out[m, n] (bf16) = (a[m, k] * sfa) @ (b[n, k] * sfb)^T.
 
     a: (e4m3 [m, k], float32 [m, k/128]); b: (e4m3 [n, k], float32 [ceil(n/128), k/128]);
-    out: bf16 [m, n], written in place and returned.
+    out: bf16 [m, n], written in place and returned. c .. disable_ue8m0_cast: DeepGEMM's
+    keywords (c must be None; recipe (1, 128, 128)).
     """
+    G.check_deepgemm_keywords(c=c, recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b,
+                              compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast)
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out = V.as_tensor("out", out)
     call(torch.ops.pykernels.fp8_gemm_nt, G.fp8_gemm_nt_body, a, sfa, b, sfb, out, backend)
     return out
 
 
-def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, *, backend: str = "auto"):
+def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, recipe=None, recipe_a=None, recipe_b=None,
+                                     compiled_dims: str = "nk", disable_ue8m0_cast: bool = False,
+                                     use_psum_layout: bool = False, ensure_zero_padding=None,
+                                     expected_m_for_psum_layout=None, *, backend: str = "auto"):
     """Grouped GEMM over rows concatenated by group (MoE prefill).
 
     a: (e4m3 [m_sum, k], float32 [m_sum, k/128]); b: (e4m3 [G, n, k], float32
     [G, ceil(n/128), k/128]); out: bf16 [m_sum, n]; m_indices: int32 [m_sum], the group
-    of each row, -1 for padding rows, which are left untouched. Segments should be
-    padded to 128 rows as in DeepGEMM (other layouts are correct but slower).
+    of each row, -1 for padding rows, which are left untouched (DeepGEMM's current
+    version zeroes them: ensure_zero_padding=True is not supported yet). Segments should
+    be padded to get_mk_alignment_for_contiguous_layout() rows as in DeepGEMM (other
+    layouts are correct but slower). recipe .. expected_m_for_psum_layout: DeepGEMM's keywords.
     """
+    G.check_deepgemm_keywords(recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b, compiled_dims=compiled_dims,
+                              disable_ue8m0_cast=disable_ue8m0_cast, use_psum_layout=use_psum_layout,
+                              ensure_zero_padding=ensure_zero_padding,
+                              expected_m_for_psum_layout=expected_m_for_psum_layout)
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out, m_indices = V.as_tensor("out", out), V.as_tensor("m_indices", m_indices)
     call(torch.ops.pykernels.m_grouped_fp8_gemm_nt_contiguous, G.m_grouped_contiguous_body,
@@ -44,17 +66,53 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, *, backend: str = "au
     return out
 
 
-def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, *, backend: str = "auto"):
+def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, recipe=None, recipe_a=None, recipe_b=None,
+                                 compiled_dims: str = "nk", disable_ue8m0_cast: bool = False, *,
+                                 backend: str = "auto"):
     """Grouped GEMM with a fixed row capacity per group (MoE decode, CUDA-graph safe).
 
     a: (e4m3 [G, m_max, k], float32 [G, m_max, k/128]); b: (e4m3 [G, n, k], float32
     [G, ceil(n/128), k/128]); out: bf16 [G, m_max, n]; masked_m: int32 [G] valid rows
     per group (read on the device); expected_m: host-side hint of the typical rows per
-    group (tile choice only). Rows >= masked_m[g] are left untouched.
+    group (tile choice only). Rows >= masked_m[g] are left untouched. recipe ..
+    disable_ue8m0_cast: DeepGEMM's keywords.
     """
+    G.check_deepgemm_keywords(recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b, compiled_dims=compiled_dims,
+                              disable_ue8m0_cast=disable_ue8m0_cast)
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out, masked_m = V.as_tensor("out", out), V.as_tensor("masked_m", masked_m)
     expected_m = V.check_int("expected_m", expected_m, lo=0)
     call(torch.ops.pykernels.m_grouped_fp8_gemm_nt_masked, G.m_grouped_masked_body,
          a, sfa, b, sfb, out, masked_m, expected_m, backend)
     return out
+
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """The row multiple to pad each group's segment of the contiguous layout to (DeepGEMM's
+    helper): CONTIGUOUS_ALIGNMENT = 128. Any segmentation is correct here; aligned ones
+    compute each tile once (docs/gemm.md)."""
+    return CONTIGUOUS_ALIGNMENT
+
+
+get_m_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout   # DeepGEMM v1's name
+
+# DeepGEMM v1's names (lhs, rhs, out, ...: the same positional arguments)
+gemm_fp8_fp8_bf16_nt = fp8_gemm_nt
+m_grouped_gemm_fp8_fp8_bf16_nt_contiguous = m_grouped_fp8_gemm_nt_contiguous
+m_grouped_gemm_fp8_fp8_bf16_nt_masked = m_grouped_fp8_gemm_nt_masked
+
+
+def _not_supported(name: str, what: str):
+    def missing(*args, **kwargs):
+        raise NotImplementedError(f"{name}: {what} is not supported yet (docs/compat.md)")
+    missing.__name__ = missing.__qualname__ = name
+    missing.__doc__ = f"DeepGEMM's {name}: {what}; not supported yet, raises NotImplementedError."
+    return missing
+
+
+# DeepGEMM's weight-gradient GEMMs (fp32 out, accumulated; K-grouped): not implemented here
+wgrad_gemm_fp8_fp8_fp32_nt = _not_supported("wgrad_gemm_fp8_fp8_fp32_nt", "the fp32 weight-gradient GEMM")
+k_grouped_wgrad_gemm_fp8_fp8_fp32_nt = _not_supported("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
+                                                      "the K-grouped fp32 weight-gradient GEMM")
+k_grouped_fp8_gemm_nt_contiguous = _not_supported("k_grouped_fp8_gemm_nt_contiguous", "the K-grouped GEMM")
+k_grouped_fp8_gemm_tn_contiguous = _not_supported("k_grouped_fp8_gemm_tn_contiguous", "the K-grouped GEMM")

@@ -125,6 +125,53 @@ def public_problem(op: str):
     return build
 
 
+# --- DeepGEMM's keyword arguments ----------------------------------------------------------
+# Its current fp8_gemm_nt / m_grouped_* functions take these. The public functions accept
+# each where its value means what these ops compute (none changes the problem, so none
+# reaches the custom op) and raise a ValueError naming it otherwise (docs/compat.md).
+
+RECIPE = (1, SCALE_BLOCK, SCALE_BLOCK)          # scale granularity (A rows, B rows, K): 1x128 A, 128x128 B
+RECIPE_A, RECIPE_B = RECIPE[0::2], RECIPE[1:]   # the same per operand: (rows, K)
+
+
+def _fixed(name: str, value, want, what: str) -> None:
+    given = tuple(value) if isinstance(value, (tuple, list)) else value
+    if given != want:
+        raise ValueError(f"{name}: expected {want!r} ({what}), got {value!r}")
+
+
+def check_deepgemm_keywords(*, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
+                            disable_ue8m0_cast: bool = False, use_psum_layout: bool = False,
+                            ensure_zero_padding=None, expected_m_for_psum_layout=None) -> None:
+    """Accept DeepGEMM's keywords where their values mean what pykernels computes."""
+    if c is not None:
+        raise ValueError(f"c: expected None (accumulation, d = c + a @ b, and with it fp32 output are not "
+                         f"supported yet), got a {type(c).__name__}")
+    if recipe is not None:
+        if recipe_a is not None or recipe_b is not None:
+            raise ValueError(f"recipe: expected either recipe or recipe_a + recipe_b, got recipe={recipe!r}, "
+                             f"recipe_a={recipe_a!r}, recipe_b={recipe_b!r}")
+        _fixed("recipe", recipe, RECIPE, "1x128 A scales, 128x128 B scales, the only recipe implemented")
+    if (recipe_a is None) != (recipe_b is None):
+        raise ValueError(f"recipe_a, recipe_b: expected both or neither, got recipe_a={recipe_a!r}, "
+                         f"recipe_b={recipe_b!r}")
+    if recipe_a is not None:
+        _fixed("recipe_a", recipe_a, RECIPE_A, "1x128 A scales, the only A recipe implemented")
+        _fixed("recipe_b", recipe_b, RECIPE_B, "128x128 B scales, the only B recipe implemented")
+    if not (isinstance(compiled_dims, str) and set(compiled_dims) <= set("mnk")
+            and len(set(compiled_dims)) == len(compiled_dims)):
+        raise ValueError(f"compiled_dims: expected a string of distinct letters from 'mnk' (DeepGEMM's JIT "
+                         f"specialisation; no effect here: kernels are compiled ahead of time), got {compiled_dims!r}")
+    if not isinstance(disable_ue8m0_cast, bool):   # float32 scales are never cast to UE8M0 on Hopper
+        raise TypeError(f"disable_ue8m0_cast: expected a bool, got {type(disable_ue8m0_cast).__name__}")
+    _fixed("use_psum_layout", use_psum_layout, False,
+           "m_indices holds each row's group; the prefix-sum layout is not supported yet")
+    _fixed("expected_m_for_psum_layout", expected_m_for_psum_layout, None, "used with use_psum_layout only")
+    if ensure_zero_padding not in (None, False):
+        raise ValueError(f"ensure_zero_padding: expected False or None (rows whose m_indices is -1 are left "
+                         f"untouched; zeroing them is not supported yet), got {ensure_zero_padding!r}")
+
+
 # --- backends ---------------------------------------------------------------------------
 
 def _reference(p: GemmProblem):

@@ -9,26 +9,43 @@ import torch
 from .ops import quant as _ops  # defines the torch.ops.pykernels.* quantization ops
 from .ops.custom import call
 from .runtime import validate as V
-from .runtime.hardware import TMA_ALIGNMENT_BYTES, tma_aligned_size
+from .runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, tma_aligned_size
 
 
-def per_token_cast_to_fp8(x, *, backend: str = "auto"):
+def check_cast_keywords(use_ue8m0, gran_k, use_packed_ue8m0=False) -> None:
+    """DeepGEMM's cast keywords, accepted where they mean float32 amax/448 scales per 128."""
+    if not isinstance(use_ue8m0, bool) or use_ue8m0:
+        raise ValueError(f"use_ue8m0: expected False (power-of-two UE8M0 scales are not supported yet), "
+                         f"got {use_ue8m0!r}")
+    if isinstance(gran_k, bool) or gran_k != SCALE_BLOCK:
+        raise ValueError(f"gran_k: expected {SCALE_BLOCK} (the only scale granularity implemented), got {gran_k!r}")
+    if use_packed_ue8m0 is not False:
+        raise ValueError(f"use_packed_ue8m0: expected False (packed UE8M0 scales are not supported yet), "
+                         f"got {use_packed_ue8m0!r}")
+
+
+def per_token_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, use_packed_ue8m0: bool = False, *,
+                          backend: str = "auto"):
     """Quantize each 1x128 group of each row.
 
     x: [m, k] float32/bfloat16/float16 (unit stride along k). Returns
     (q float8_e4m3fn [m, k], sf float32 [m, ceil(k/128)]) with
     sf = max(amax, 1e-4) / 448 and q = rne(x * 448 / max(amax, 1e-4)).
+    use_ue8m0, gran_k, use_packed_ue8m0: DeepGEMM's keywords (False, 128, False only).
     """
+    check_cast_keywords(use_ue8m0, gran_k, use_packed_ue8m0)
     return call(torch.ops.pykernels.per_token_cast_to_fp8, _ops.per_token_cast_to_fp8_body, V.as_tensor("x", x),
                 backend)
 
 
-def per_block_cast_to_fp8(x, *, backend: str = "auto"):
+def per_block_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, *, backend: str = "auto"):
     """Quantize each 128x128 block.
 
     x: [m, n] float32/bfloat16/float16. Returns (q float8_e4m3fn [m, n],
-    sf float32 [ceil(m/128), ceil(n/128)]).
+    sf float32 [ceil(m/128), ceil(n/128)]). use_ue8m0, gran_k: DeepGEMM's keywords
+    (False, 128 only).
     """
+    check_cast_keywords(use_ue8m0, gran_k)
     return call(torch.ops.pykernels.per_block_cast_to_fp8, _ops.per_block_cast_to_fp8_body, V.as_tensor("x", x),
                 backend)
 

@@ -52,6 +52,13 @@ _LAZY = {
     # MLA decode
     "get_mla_metadata": "pykernels.mla",
     "flash_mla_with_kvcache": "pykernels.mla",
+    # DeepSeek Sparse Attention (DeepGEMM's indexer, top-k, FlashMLA's sparse MLA)
+    "fp8_mqa_logits": "pykernels.dsa",
+    "fp8_paged_mqa_logits": "pykernels.dsa",
+    "get_paged_mqa_logits_metadata": "pykernels.dsa",
+    "topk_indices": "pykernels.dsa",
+    "paged_topk_indices": "pykernels.dsa",
+    "flash_mla_sparse_fwd": "pykernels.dsa",
     # registry and device-side checks
     "explain": "pykernels.registry",
     "check_errors": "pykernels.runtime.device_errors",

@@ -31,7 +31,8 @@ FP8_BYTES_PER_TOKEN = RM.FP8_BYTES_PER_TOKEN
 
 
 def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int = None, num_heads_k: int = None,
-                     num_sm_parts: int = None, *, backend: str = "auto"):
+                     num_sm_parts: int = None, is_fp8_kvcache: bool = None, topk: int = None, *,
+                     num_heads_q: int = None, backend: str = "auto"):
     """Split-KV schedule for flash_mla_with_kvcache, in FlashMLA's two forms.
 
     get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k[, num_sm_parts]):
@@ -46,16 +47,41 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int = None, nu
     get_mla_metadata(): returns (MlaSchedule(), None); pass both to flash_mla_with_kvcache,
     which builds the metadata from its cache_seqlens on first use and rebuilds it when
     they change (one schedule per decode step, shared by the layers).
+
+    FlashMLA's newer form get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, h_q,
+    is_fp8_kvcache, topk): when is_fp8_kvcache or topk is given, the fourth argument is
+    num_heads_q (FlashMLA's meaning; accepted, not needed) and num_sm_parts takes its default;
+    with topk (the sparse decode) every sequence is scheduled as topk tokens (docs/dsa.md).
     """
     if cache_seqlens is None and num_q_tokens_per_head_k is None and num_heads_k is None:
         return MlaSchedule(), None
     seqlens = V.as_tensor("cache_seqlens", cache_seqlens)
+    if is_fp8_kvcache is not None or topk is not None:
+        seqlens, num_sm_parts = _flashmla_metadata_form(seqlens, num_sm_parts, is_fp8_kvcache, topk, num_heads_q)
     rows = V.check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, lo=1)
     h_kv = V.check_int("num_heads_k", num_heads_k, lo=1)
     if num_sm_parts is None:
         num_sm_parts = default_num_sm_parts(seqlens.device, rows, h_kv)
     parts = V.check_int("num_sm_parts", num_sm_parts, lo=1, hi=OM.MAX_SM_PARTS)
     return call(torch.ops.pykernels.get_mla_metadata, OM.get_mla_metadata_body, seqlens, parts, backend)
+
+
+def _flashmla_metadata_form(seqlens, fourth, is_fp8_kvcache, topk, num_heads_q):
+    """FlashMLA's (num_heads_q, is_fp8_kvcache, topk) arguments checked -> (the seqlens to
+    schedule, num_sm_parts None). The fourth positional argument is num_heads_q in this form."""
+    if num_heads_q is not None and fourth is not None:
+        raise ValueError(f"num_heads_q: given twice (as the fourth argument, {fourth!r}, and by keyword)")
+    heads = fourth if num_heads_q is None else num_heads_q
+    if heads is not None:
+        V.check_int("num_heads_q", heads, lo=1)
+    if is_fp8_kvcache is not None and not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
+    if topk is None:
+        return seqlens, None
+    topk = V.check_int("topk", topk, lo=1, hi=OM.MAX_SEQLEN)
+    V.check_dtype("cache_seqlens", seqlens, torch.int32)
+    V.check_rank("cache_seqlens", seqlens, 1)
+    return torch.full_like(seqlens, topk), None
 
 
 def quantize_kv_cache_fp8(k_cache) -> torch.Tensor:
@@ -70,7 +96,9 @@ def quantize_kv_cache_fp8(k_cache) -> torch.Tensor:
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float = None,
-                           causal: bool = False, *, backend: str = "auto", out=None, softmax_lse=None):
+                           causal: bool = False, is_fp8_kvcache: bool = False, indices=None, attn_sink=None, *,
+                           topk_length=None, extra_k_cache=None, extra_indices_in_kvcache=None,
+                           extra_topk_length=None, backend: str = "auto", out=None, softmax_lse=None):
     """MLA decode attention over a paged latent KV cache.
 
     q bf16 [b, s_q, h_q, 576] (unit stride in the last dim); k_cache bf16
@@ -82,7 +110,31 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     keys [0, seqlen - s_q + i]. out (bf16 [b, s_q, h_q, 512]) and softmax_lse (float32
     [b, h_q, s_q]) are written in place when given. Rows that see no key: out 0, lse +inf.
     Returns (out, softmax_lse).
+
+    Sparse decode (DeepSeek-V3.2, FlashMLA's form; docs/dsa.md): with indices int32
+    [b, s_q, topk] (cache token rows block * 64 + offset, -1 unused), is_fp8_kvcache=True
+    and an FP8 k_cache, causal False; block_table / cache_seqlens are not read (None
+    allowed); attn_sink float32 [h_q] (added to the softmax denominator) and topk_length
+    int32 [b] optional; the schedule: None, get_mla_metadata(), or get_mla_metadata's
+    sparse form. extra_k_cache / extra_indices_in_kvcache / extra_topk_length are not
+    supported yet. is_fp8_kvcache=True without indices asks the dense path to check that
+    k_cache is the FP8 layout.
     """
+    if not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
+    for name, given in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+                        ("extra_topk_length", extra_topk_length)):
+        if given is not None:
+            raise ValueError(f"{name}: expected None (a second KV cache is not supported yet), got "
+                             f"{type(given).__name__}")
+    if indices is not None or attn_sink is not None or topk_length is not None:
+        return _sparse_decode(q, k_cache, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal,
+                              is_fp8_kvcache, indices, attn_sink, topk_length, backend, out, softmax_lse)
+    if is_fp8_kvcache and not RM.is_fp8_cache(V.as_tensor("k_cache", k_cache)):
+        raise ValueError(f"k_cache: expected the FP8 layout (uint8 / float8_e4m3fn [num_blocks, 64, 1, "
+                         f"{FP8_BYTES_PER_TOKEN}]) with is_fp8_kvcache=True, got "
+                         f"{str(V.as_tensor('k_cache', k_cache).dtype).replace('torch.', '')} "
+                         f"{list(V.as_tensor('k_cache', k_cache).shape)}")
     q, out, softmax_lse = OM.outputs(q, out, softmax_lse)
     if isinstance(tile_scheduler_metadata, MlaSchedule):
         if num_splits is not None:
@@ -103,6 +155,28 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     call(torch.ops.pykernels.flash_mla_with_kvcache, OM.flash_mla_with_kvcache_body, q, *args, out, softmax_lse,
          int(head_dim_v), softmax_scale, causal, backend)
     return out, softmax_lse
+
+
+def _sparse_decode(q, k_cache, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal,
+                   is_fp8_kvcache, indices, attn_sink, topk_length, backend, out, softmax_lse):
+    """flash_mla_with_kvcache's sparse form -> pykernels.dsa.flash_mla_sparse_decode."""
+    from . import dsa
+    if indices is None:
+        raise ValueError("indices: expected int32 [b, s_q, topk] with attn_sink / topk_length (the sparse decode), "
+                         "got None")
+    if not is_fp8_kvcache:
+        raise ValueError("is_fp8_kvcache: expected True with indices (the sparse decode reads the FP8 cache), "
+                         "got False")
+    if causal is not False:
+        raise ValueError(f"causal: expected False with indices (the indices choose the keys), got {causal!r}")
+    if isinstance(tile_scheduler_metadata, MlaSchedule):
+        if num_splits is not None:
+            raise ValueError(f"num_splits: expected None with an MlaSchedule (get_mla_metadata() returns "
+                             f"(schedule, None)), got {type(num_splits).__name__}")
+        tile_scheduler_metadata = None      # the sparse reference takes no schedule; its kernels will build theirs
+    return dsa.flash_mla_sparse_decode(q, k_cache, indices, softmax_scale, attn_sink, topk_length,
+                                       tile_scheduler_metadata, num_splits, head_dim_v, backend=backend, out=out,
+                                       softmax_lse=softmax_lse)
 
 
 def decode_cost(batch: int, s_q: int, h_q: int, seqlen: int, fp8_cache: bool = False) -> dict:

@@ -89,7 +89,7 @@ def get(name: str) -> Op:
 
 def _load_families() -> None:
     # Importing a family module registers its ops.
-    from .ops import ep, gemm, mla, quant  # noqa: F401
+    from .ops import dsa, ep, gemm, mla, quant  # noqa: F401
 
 
 def explain(op_name: str, *args, backend: str = "auto", **kwargs) -> str:

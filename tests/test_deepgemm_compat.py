@@ -254,6 +254,20 @@ def test_accepted_keywords_compute_the_same(seed):
                            _bits(ref)), kw
 
 
+def test_accepted_keywords_trace_whole(seed):
+    # the checks are plain Python on non-tensor arguments: torch.compile traces through them
+    x, y, a, b = _normal_args()
+
+    def f(x, b, sfb):
+        q = pk.per_token_cast_to_fp8(x, use_ue8m0=False, gran_k=128)
+        out = torch.empty(x.shape[0], b.shape[0], dtype=torch.bfloat16)
+        return pk.fp8_gemm_nt(q, (b, sfb), out, c=None, recipe=(1, 128, 128), compiled_dims="nk",
+                              disable_ue8m0_cast=True)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, *b)
+    assert torch.equal(_bits(got), _bits(f(x, *b)))
+
+
 REJECTED = [
     (dict(recipe=(1, 1, 128)), ValueError, r"recipe: expected \(1, 128, 128\) .*, got \(1, 1, 128\)"),
     (dict(recipe=(128, 128, 128)), ValueError, r"recipe: expected \(1, 128, 128\) .*, got \(128, 128, 128\)"),

@@ -182,6 +182,27 @@ def test_set_num_sms_rejects_bad_values(bad, exc, msg, sms_cap_restored):
     assert pk.get_num_sms() == 7                     # a rejected value leaves the cap as it was
 
 
+@pytest.mark.gpu
+def test_set_num_sms_on_the_gpu(seed, sms_cap_restored):
+    # the bound is the device's SM count; a capped cuda GEMM launches at most that many CTAs
+    # and computes what the uncapped one does (the heuristic may pick another tile)
+    device_sms = hardware.device_sms(torch.device("cuda"))
+    assert pk.get_num_sms() == device_sms
+    with pytest.raises(ValueError, match=rf"num_sms: expected an int in \[0, {device_sms}\], got {device_sms + 1}"):
+        pk.set_num_sms(device_sms + 1)
+    x, y, a, sfa, b, sfb = (t.cuda() for t in normal_problem(2048, 2048, 512))
+    full = pk.fp8_gemm_nt((a, sfa), (b, sfb), torch.full((2048, 2048), float("nan"), dtype=torch.bfloat16,
+                                                         device="cuda"), backend="cuda")
+    pk.set_num_sms(16)
+    plan = CG.gemm_plan(a, sfa, b, sfb, torch.empty_like(full), None, kind=CG.KIND_NORMAL, m=2048, n=2048, k=512,
+                        groups=1)
+    assert plan.grid[0] == 16
+    capped = pk.fp8_gemm_nt((a, sfa), (b, sfb), torch.full_like(full, float("nan")), backend="cuda")
+    pk.check_errors()
+    assert not capped.isnan().any() and calc_diff(capped, full) < 1e-6
+    assert calc_diff(full, x.float() @ y.float().T) < 1e-3
+
+
 # ------------------------------------------------------------------ GEMM names and keywords
 
 def _normal_args(m=48, n=256, k=384):

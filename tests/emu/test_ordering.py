@@ -447,6 +447,32 @@ def test_dsmem_handoff_scopes(arrive, wait, rule):
         assert named in v.detail and ".cluster" in v.detail
 
 
+@pytest.mark.parametrize("before_arrive,after_arrive,after_wait,rule", [
+    # the PTX ISA's fence-based patterns with relaxed cluster-scope mbarrier operations
+    ("fence.acq_rel.cluster;", "", "fence.acq_rel.cluster;", None),
+    ("fence.acq_rel.cluster;", "", "fence.acquire.sync_restrict::shared::cluster.cluster;", None),
+    ("", "", "fence.acq_rel.cluster;", "c"),                       # relaxed arrive, no release fence
+    ("fence.acq_rel.cluster;", "", "", "c"),                       # relaxed wait, no acquire fence
+    ("", "fence.acq_rel.cluster;", "fence.acq_rel.cluster;", "c"),  # the fence comes after the arrive
+    ("fence.acq_rel.cta;", "", "fence.acq_rel.cta;", "c"),          # .cta fences do not reach the peer
+])
+def test_dsmem_handoff_fences_with_relaxed_mbarrier(before_arrive, after_arrive, after_wait, rule):
+    ptx = DSMEM.replace("mbarrier.arrive.ARRIVE_SEM.shared::cluster.b64 _, [%r9];",
+                        f"{before_arrive}\n    mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%r9];"
+                        f"\n    {after_arrive}")
+    ptx = ptx.replace("WAIT_SEM.", "relaxed.cluster.").replace("@!%p3 bra WAIT;", f"@!%p3 bra WAIT;\n    {after_wait}")
+    out = torch.zeros(32, dtype=torch.int32)
+    if rule is None:
+        _launch(ptx, "dsm", (2,), (32,), [out], cluster=(2, 1, 1))
+        assert torch.equal(out, torch.arange(32, dtype=torch.int32) + 100)
+        return
+    with pytest.raises(OrderingViolation) as e:
+        _launch(ptx, "dsm", (2,), (32,), [out], cluster=(2, 1, 1))
+    v = e.value
+    assert v.rule == rule and v.address == ((0, 0, 0), 8)
+    assert v.first["text"].startswith("st.shared::cluster") and v.second["text"].startswith("ld.shared.u32")
+
+
 def test_multicast_without_remote_release_is_caught_in_lockstep(seed):
     # tests/test_gemm_emu.py needs a skewed schedule to see this broken protocol (each CTA
     # releases a stage on its own empty barrier only, so a producer multicasts into the

@@ -30,6 +30,8 @@ _STRONG = {"volatile", "relaxed", "acquire", "release"}
 # the same three accumulated over its completed phases.
 _PEND = ("pl", "pc", "pw")
 _DONE = ("dl", "dc", "dw")
+_SEMS = {"sc", "acq_rel", "release", "acquire"}
+_WIDE = {"cluster", "gpu", "sys"}                   # thread-fence scopes that reach a peer CTA
 
 
 class Checker:
@@ -61,6 +63,14 @@ class Checker:
         self.weak_sites = {}                                     # barrier -> last .cta-scoped remote arrive
         self.wait_scope = np.zeros(m.T, dtype=np.int8)           # try_wait: 0 relaxed, 1 cta, 2 cluster
         self.wait_site = np.zeros(m.T, dtype=np.int64)
+        # Thread fences at cluster scope or wider with relaxed mbarrier operations (the PTX
+        # ISA's release / acquire patterns): a release fence snapshots its warp's clock into
+        # row ("relfence", agent) and makes the thread's later relaxed arrives publish it; a
+        # relaxed .cluster try_wait that succeeds collects the barrier's completed arrivals
+        # into row ("acqpend", agent), which the thread's next acquire fence acquires.
+        self.rel_fenced = np.zeros(m.T, dtype=bool)
+        self.wait_relaxed_cluster = np.zeros(m.T, dtype=bool)
+        self.acq_pending = np.zeros(m.T, dtype=bool)
         self._index = {id(ins): i for i, ins in enumerate(m.kernel.instrs)}
         self._kinds = {}
 
@@ -477,7 +487,10 @@ class Checker:
     # ------------------------------------------------------------------ fences and barriers
     def fence(self, ins, idx):
         mods = ins.mods
-        if "proxy" not in mods or not any(x.startswith("async") for x in mods) or "global" in mods:
+        if "proxy" not in mods:
+            self._thread_fence(mods, idx)
+            return
+        if not any(x.startswith("async") for x in mods) or "global" in mods:
             return
         for cl in np.unique(self.cl[idx]).tolist():
             agents = np.unique(self.agent[idx[self.cl[idx] == cl]])
@@ -487,6 +500,29 @@ class Checker:
                 clocks.append(int(vc[a, a]))
                 seen.append(vc[a, :self.K].copy())
             vc[agents, agents] += 1
+
+    def _thread_fence(self, mods, idx):
+        """fence{.sem}.scope (and its .sync_restrict::shared forms) at cluster scope or wider;
+        .op_restrict (mbarrier_init) fences and narrower scopes are not modelled."""
+        if not _WIDE & set(mods) or "mbarrier_init" in mods:
+            return
+        sems = _SEMS & set(mods) or {"acq_rel"}
+        for cl in np.unique(self.cl[idx]).tolist():
+            who = idx[self.cl[idx] == cl]
+            agents = np.unique(self.agent[who])
+            if sems & {"sc", "acq_rel", "acquire"}:
+                pending = self.acq_pending[who]
+                if pending.any():
+                    got = np.unique(self.agent[who[pending]])
+                    rows = [self.clocks.row(("acqpend", int(a))) for a in got.tolist()]
+                    for a, r in zip(got.tolist(), rows):
+                        self.clocks.acquire(cl, np.array([a]), r)
+                    self.acq_pending[who] = False
+            if sems & {"sc", "acq_rel", "release"}:
+                rows = [self.clocks.row(("relfence", int(a))) for a in agents.tolist()]
+                for a, r in zip(agents.tolist(), rows):
+                    self.clocks.release(cl, r, np.array([a]))
+                self.rel_fenced[who] = True
 
     def bar_arrive(self, cta, bid, who):
         """bar.sync / bar.arrive / barrier.sync of threads idx of CTA `cta` (machine index)."""
@@ -532,10 +568,14 @@ class Checker:
     def mbar_arrive(self, ins, flat, idx, cta_scope_only=False):
         """Arrivals (release unless .relaxed) of threads idx on the barriers at `flat`."""
         mods = ins.mods if ins is not None else ()
-        if "relaxed" in mods:
-            return
-        cluster_scope = "cluster" in mods and not cta_scope_only
         flat = np.asarray(flat, dtype=np.int64)
+        fenced = "relaxed" in mods          # publishes what the thread's last release fence saw
+        if fenced:
+            keep = self.rel_fenced[idx]
+            if not keep.any():
+                return
+            flat, idx = flat[keep], idx[keep]
+        cluster_scope = "cluster" in mods and not cta_scope_only
         remote = (flat // self.size) != self.m.cta[idx]
         for f in np.unique(flat).tolist():
             for rem in (False, True):
@@ -545,7 +585,14 @@ class Checker:
                 c, key = self._mb(f)
                 part = "pl" if not rem else ("pc" if cluster_scope else "pw")
                 rows, _ = self._mb_rows(key)
-                self.clocks.release(c, rows[part], np.unique(self.agent[idx[sel]]))
+                agents = np.unique(self.agent[idx[sel]])
+                if fenced:
+                    snaps = [self.clocks.row(("relfence", int(a))) for a in agents.tolist()]
+                    vc = self.clocks.vc[c]
+                    for r in snaps:
+                        np.maximum(vc[rows[part]], vc[r], out=vc[rows[part]])
+                else:
+                    self.clocks.release(c, rows[part], agents)
                 if part == "pw":
                     self.weak_sites[key] = int(self._site(ins, idx[sel][0]))
 
@@ -566,6 +613,7 @@ class Checker:
         mods = ins.mods
         scope = 0 if "relaxed" in mods else (2 if "cluster" in mods else 1)
         self.wait_scope[idx] = scope
+        self.wait_relaxed_cluster[idx] = scope == 0 and "cluster" in mods
         self.wait_site[idx] = self._site(ins, idx)
         if done.any():
             self._mbar_acquire(np.asarray(flat)[done], idx[done])
@@ -575,6 +623,17 @@ class Checker:
 
     def _mbar_acquire(self, flat, idx):
         for f in np.unique(flat).tolist():
+            sel = (flat == f) & self.wait_relaxed_cluster[idx]
+            if sel.any():                    # relaxed .cluster wait: acquired by the next acquire fence
+                c, key = self._mb(f)
+                who = idx[sel]
+                agents = np.unique(self.agent[who]).tolist()
+                rows, _ = self._mb_rows(key)
+                pend = [self.clocks.row(("acqpend", int(a))) for a in agents]
+                vc = self.clocks.vc[c]
+                for r in pend:
+                    np.maximum(vc[r], np.maximum(vc[rows["dl"]], vc[rows["dc"]]), out=vc[r])
+                self.acq_pending[who] = True
             for scope in (1, 2):
                 sel = (flat == f) & (self.wait_scope[idx] == scope)
                 if not sel.any():

@@ -158,10 +158,8 @@ def test_multicast_sass(cfg):
     listing = _sass_of(cfg.function)
     ops = sass.opcodes(listing)
     assert ops["UTMALDG.2D.MULTICAST"] == 1               # the B half, into both CTAs (mask in a UR)
-    # remote release of a stage in the peer: mapa'd address, release at cluster scope
-    # (MEMBAR.ALL.GPU + CGAERRBAR before the arrive), in the computing and the idle path
+    # stage release in both CTAs through a mapa'd address, in the computing and the idle path
     assert ops["SYNCS.ARRIVE.TRANS64.RED.A1T0"] == 2
-    assert ops["MEMBAR.ALL.GPU"] >= 2 and ops["CGAERRBAR"] >= 2
     # cluster barriers: after the mbarrier init, and at the end of the producer and math paths
     assert ops["UCGABAR_ARV"] == 3 and ops["UCGABAR_WAIT"] == 3
     assert ops["BPT.TRAP"] >= 1                           # launched without its cluster: trap
@@ -170,13 +168,41 @@ def test_multicast_sass(cfg):
 
 
 @pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
+def test_multicast_stage_handoff_has_no_gpu_fence_or_l1_invalidate(cfg):
+    # The stage hand-off between the CTAs of a cluster orders shared memory only: the
+    # release before each stage arrive is the restricted cluster fence (FENCE.VIEW.ASYNC.S,
+    # no MEMBAR.ALL.GPU / ERRBAR / CGAERRBAR on the math warps' K loop) and the producer's
+    # empty-barrier wait is followed by no whole-L1 invalidate (CCTL.IVALL), which would
+    # evict the B scales the math warps read through L1. The only GPU-scope fences and L1
+    # invalidates left are those of the three barrier.cluster (outside every loop).
+    ops = [m.group(2) for m in sass._INSTR.finditer(_sass_of(cfg.function))]
+    at = {op: [i for i, o in enumerate(ops) if o == op]
+          for op in ("MEMBAR.ALL.GPU", "CCTL.IVALL", "UCGABAR_ARV", "UCGABAR_WAIT", "SYNCS.ARRIVE.TRANS64.RED.A1T0")}
+    assert len(at["UCGABAR_ARV"]) == len(at["UCGABAR_WAIT"]) == 3
+    assert len(at["MEMBAR.ALL.GPU"]) == 3 and all(any(0 < a - i <= 4 for a in at["UCGABAR_ARV"])
+                                                  for i in at["MEMBAR.ALL.GPU"])
+    assert len(at["CCTL.IVALL"]) == 3 and all(any(0 < i - w <= 2 for w in at["UCGABAR_WAIT"])
+                                              for i in at["CCTL.IVALL"])
+    for i in at["SYNCS.ARRIVE.TRANS64.RED.A1T0"]:                   # the two stage-release sites
+        assert ops[i - 1] == "FENCE.VIEW.ASYNC.S" and ops[i - 2] == "MEMBAR.ALL.CTA", ops[i - 4:i + 1]
+    phasechk = [i for i, o in enumerate(ops) if o.startswith("SYNCS.PHASECHK")]
+    assert not any(ops[i + 1] == "CCTL.IVALL" or ops[i + 2] == "CCTL.IVALL" for i in phasechk)
+
+
+@pytest.mark.parametrize("cfg", MULTICAST, ids=MC_IDS)
 def test_multicast_ptx(cfg, ptx_module):
     full = [i.full for i in ptx_module.kernel(cfg.function).instrs]
     assert full.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
                       ".multicast::cluster") == 1
-    assert full.count("mbarrier.arrive.release.cluster.shared::cluster.b64") == 2
+    # stage releases (computing and idle path): restricted release fence, relaxed cluster arrive
+    assert full.count("mbarrier.arrive.relaxed.cluster.shared::cluster.b64") == 2
+    assert full.count("fence.release.sync_restrict::shared::cta.cluster") == 2
     assert "mapa.shared::cluster.u32" in full
-    assert "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64" in full     # the producer's empty wait
+    # the producer's empty wait: relaxed at cluster scope, then the restricted acquire fence
+    assert "mbarrier.try_wait.parity.relaxed.cluster.shared::cta.b64" in full
+    assert "fence.acquire.sync_restrict::shared::cluster.cluster" in full
+    assert not any(f.startswith(("mbarrier.arrive.release.cluster", "mbarrier.try_wait.parity.acquire.cluster"))
+                   for f in full)
     assert full.count("barrier.cluster.arrive.release.aligned") == 3
     assert full.count("barrier.cluster.wait.acquire.aligned") == 3
 

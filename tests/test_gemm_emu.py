@@ -322,22 +322,21 @@ def test_protocol_holds_when_one_warpgroup_runs_ahead(cfg, schedule, seed):
 
 def _without_remote_release(ptx: str, function: str) -> str:
     """The PTX of `function` changed into a broken protocol: each CTA releases a stage on
-    its own empty barrier only (count 8 instead of 16, no remote arrive), so a producer
-    may multicast into the peer's stage before the peer has consumed it."""
+    its own empty barrier only (lanes 0 and 1 of every math warp, which release it in CTA 0
+    and CTA 1, both arrive at their own CTA's barrier: its 16 arrivals all come from
+    home), so a producer may multicast into the peer's stage before the peer consumed it."""
     start = ptx.index(f".entry {function}(")
     end = ptx.find(".entry ", start + 1)                   # the next kernel (or the end)
     end = len(ptx) if end < 0 else ptx.rfind("\n", start, end)
     body = ptx[start:end]
-    remote = re.findall(r"\n\s*mbarrier\.arrive\.release\.cluster\.shared::cluster\.b64 _, \[%r\d+\];", body)
-    assert len(remote) == 2, "the kernel's PTX changed shape: update this patch"
-    for line in remote:
-        body = body.replace(line, "")
-    # the empty barriers' init count: the register set right before their mbarrier.init
-    inits = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (%r\d+);", body)
-    assert len(inits) == 2, "the kernel's PTX changed shape: update this patch"
-    count = re.compile(rf"mov\.u32 \t{re.escape(inits[1])}, 16;")
-    assert len(count.findall(body)) == 1
-    body = count.sub(f"mov.u32 \t{inits[1]}, 8;", body)
+    rank = re.findall(r"mov\.u32 (%r\d+), %cluster_ctarank;", body)
+    # the stage releases: mapa of the empty barrier to CTA `lane`, then the restricted
+    # release fence and the relaxed cluster arrive
+    release = re.compile(r"(mapa\.shared::cluster\.u32 (%r\d+), %r\d+, )(%r\d+)(;(?:(?!mapa)[\s\S])*?"
+                         r"fence\.release\.sync_restrict::shared::cta\.cluster;\s*"
+                         r"mbarrier\.arrive\.relaxed\.cluster\.shared::cluster\.b64 _, \[\2\];)")
+    assert rank and len(release.findall(body)) == 2, "the kernel's PTX changed shape: update this patch"
+    body = release.sub(lambda m: m.group(1) + rank[0] + m.group(4), body)
     return ptx[:start] + body + ptx[end:]
 
 

@@ -45,12 +45,16 @@
 //    [rank BN/2, (rank+1) BN/2) of the B tile, multicast into the same stage of both CTAs
 //    (ctaMask 0b11), so each CTA's full barrier receives A + its A scales + the whole B
 //    (the scales are not multicast: each CTA loads its own rows'). Every math warp
-//    releases a stage on the empty barriers of both CTAs (the peer's through mapa and a
-//    remote mbarrier.arrive.release.cluster), so a producer overwrites a stage only after
-//    both CTAs consumed it. A CTA whose m-block has no rows for a pass (odd m-block count,
-//    masked tails, contiguous groups present in only one of the two m-blocks) still loads
-//    and multicasts its B slice and consumes the stages, but loads no A and no A scales,
-//    issues no wgmma and stores nothing. Cluster barriers after the mbarrier init and before exit.
+//    releases a stage on the empty barriers of both CTAs (lanes 0 and 1, one CTA each,
+//    through mapa), so a producer overwrites a stage only after both CTAs consumed it. The
+//    hand-off orders shared memory only (pk::mbar_arrive_cluster_shared /
+//    mbar_wait_cluster_shared: cluster scope restricted to shared memory, no GPU-scope
+//    fence on the math warps' path and no L1 invalidation in the producer; the B scales
+//    the math warps read through L1 are read-only input). A CTA whose m-block has no rows
+//    for a pass (odd m-block count, masked tails, contiguous groups present in only one of
+//    the two m-blocks) still loads and multicasts its B slice and consumes the stages, but
+//    loads no A and no A scales, issues no wgmma and stores nothing. Cluster barriers after
+//    the mbarrier init and before exit.
 #include <cstdint>
 
 #include "pk/error_record.cuh"
@@ -322,7 +326,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             // The whole warp waits (it stays converged); one thread arms the barrier and
             // issues the loads.
             if constexpr (kMulticast) {
-              pk::mbar_wait_cluster(empty_bars + 8 * s, phase ^ 1);  // released by both CTAs
+              pk::mbar_wait_cluster_shared(empty_bars + 8 * s, phase ^ 1);  // released by both CTAs
             } else {
               pk::mbar_wait(empty_bars + 8 * s, phase ^ 1);
             }
@@ -392,10 +396,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           // stage (the peer's B slice lands here too) and release it in both CTAs.
           for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
             pk::mbar_wait(bars + 8 * s, phase);
-            if (lane == 0) {
-              pk::mbar_arrive(empty_bars + 8 * s);
-              pk::mbar_arrive_cluster(pk::mapa_shared(empty_bars + 8 * s, rank ^ 1u));
-            }
+            if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * s, lane));
             if (++s == p.stages) {
               s = 0;
               phase ^= 1;
@@ -441,9 +442,12 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         pk::wgmma_wait<0>();
 #pragma unroll
         for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
-        if (lane == 0) {  // stage consumed by this warp (multicast: release it in the peer too)
+        // Stage consumed by this warp (wait_group retired its wgmma reads). Multicast: lane r
+        // releases it in CTA r of the cluster.
+        if constexpr (kMulticast) {
+          if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * s, lane));
+        } else if (lane == 0) {
           pk::mbar_arrive(empty_bars + 8 * s);
-          if constexpr (kMulticast) pk::mbar_arrive_cluster(pk::mapa_shared(empty_bars + 8 * s, rank ^ 1u));
         }
         if (++s == p.stages) {
           s = 0;

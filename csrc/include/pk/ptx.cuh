@@ -164,21 +164,35 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   }
 }
 
-// Arrive once on the mbarrier at shared::cluster address `cluster_bar` (mapa_shared(); it
-// may live in another CTA of the cluster), release at cluster scope: this thread's
-// earlier memory accesses (and the wgmma reads it waited for) are ordered before any
-// thread of the cluster that acquires the completed phase.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+// Cross-CTA stage hand-off inside a cluster at cluster scope, in the form the PTX ISA gives
+// for releasing and acquiring shared memory (its `fence` examples): a release fence
+// restricted to .shared::cta before a relaxed cluster-scope arrive, and a relaxed
+// cluster-scope wait followed by an acquire fence restricted to .shared::cluster. The plain
+// `.release.cluster` arrive and `.acquire.cluster` wait mean the same for shared memory
+// but also cover global memory: ptxas lowers them to MEMBAR.ALL.GPU + ERRBAR + CGAERRBAR
+// before the arrive and a whole-L1 invalidate (CCTL.IVALL) after the wait. The restricted
+// fences compile to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S and to nothing. Use them when the
+// hand-off orders shared memory only (stage buffers, their mbarriers), never global data.
+
+// Arrive once on the mbarrier at shared::cluster address `cluster_bar` (mapa_shared(); in
+// this or another CTA of the cluster), releasing at cluster scope this thread's earlier
+// accesses to its own CTA's shared memory (and the wgmma operand reads it waited for with
+// wgmma.wait_group).
+__device__ __forceinline__ void mbar_arrive_cluster_shared(uint32_t cluster_bar) {
+  asm volatile(
+      "fence.release.sync_restrict::shared::cta.cluster;\n"
+      "mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar)
+      : "memory");
 }
 
-// mbar_try_wait / mbar_wait with acquire at cluster scope: for barriers that threads of
-// other CTAs of the cluster arrive on (mbar_arrive_cluster).
-__device__ __forceinline__ bool mbar_try_wait_cluster(uint32_t bar, uint32_t parity) {
+// Wait for the phase with parity `parity` of a barrier of this CTA that threads of other
+// CTAs arrive on (mbar_arrive_cluster_shared), then acquire at cluster scope for this
+// thread's later shared::cluster accesses (TMA multicast writes into the cluster's CTAs).
+__device__ __forceinline__ bool mbar_try_wait_relaxed_cluster(uint32_t bar, uint32_t parity) {
   uint32_t done;
   asm volatile(
       "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+      "mbarrier.try_wait.parity.relaxed.cluster.shared::cta.b64 p, [%1], %2;\n"
       "selp.u32 %0, 1, 0, p;\n}\n"
       : "=r"(done)
       : "r"(bar), "r"(parity)
@@ -186,9 +200,10 @@ __device__ __forceinline__ bool mbar_try_wait_cluster(uint32_t bar, uint32_t par
   return done != 0;
 }
 
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  while (!mbar_try_wait_cluster(bar, parity)) {
+__device__ __forceinline__ void mbar_wait_cluster_shared(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait_relaxed_cluster(bar, parity)) {
   }
+  asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -84,10 +84,11 @@ class Convergence:
         """bool [k, 32] -> uint32 [k] (bit i = lane i)."""
         return np.packbits(bits, axis=1, bitorder="little").view(np.uint32).reshape(-1)
 
-    def arrive(self, ins, spec, idx, pc):
+    def arrive(self, ins, spec, idx, pc, guard_off=None):
         """Threads idx reach collective `ins` (at PC pc). Returns the threads that execute
         it now (sorted): every group whose mask is complete, earlier arrivals included;
-        the others park."""
+        the others park. guard_off (bool per thread of idx): its predicate is false; such
+        a thread outside its own mask takes no part and passes on at once."""
         m = self.m
         key = _ANY_PC if spec.any_pc else pc
         if spec.mask_operand is None:
@@ -95,6 +96,12 @@ class Convergence:
         else:
             masks = m.read(ins.operands[spec.mask_operand], "b32", idx).astype(np.uint32)
         own = np.uint32(1) << m.lane[idx].astype(np.uint32)
+        if guard_off is not None:
+            bystander = guard_off & ((masks & own) == 0)
+            if bystander.any():
+                keep = ~bystander
+                joined = self.arrive(ins, spec, idx[keep], pc) if keep.any() else idx[:0]
+                return np.sort(np.concatenate([joined, idx[bystander]]))
         if ((masks & own) == 0).any():
             j = int(np.flatnonzero((masks & own) == 0)[0])
             m.fail(EmuError, f"{ins.full}: the executing thread (lane {int(m.lane[idx[j]])}) is not in its "

@@ -181,6 +181,12 @@ class Machine:
             v = v.view(UINT[W])
         reg[idx] = v
 
+    def _guard_true(self, ins, idx):
+        """bool per thread of idx: the instruction's guard predicate holds."""
+        g = self.regs[ins.guard[0]][idx]
+        g = g.astype(bool) if g.dtype != np.bool_ else g
+        return ~g if ins.guard[1] else g
+
     def _check_guard(self, name, idx, what):
         hit = self.guard[name][idx]
         if hit.any():
@@ -437,12 +443,9 @@ class Machine:
             spec = sync_spec(ins)
             if spec is not None:
                 # a warp collective runs once every lane of its mask is here (convergence.py)
-                idx = self.conv.arrive(ins, spec, idx, pc)
-            active = idx
-            if ins.guard is not None:
-                g = self.regs[ins.guard[0]][idx]
-                g = g.astype(bool) if g.dtype != np.bool_ else g
-                active = idx[~g] if ins.guard[1] else idx[g]
+                off = None if ins.guard is None else ~self._guard_true(ins, idx)
+                idx = self.conv.arrive(ins, spec, idx, pc, off)
+            active = idx if ins.guard is None else idx[self._guard_true(ins, idx)]
             stats.count(ins, len(active), _distinct_sorted(self.warp[active]))
             if len(active) or ins.opcode in ("bar", "barrier"):
                 try:

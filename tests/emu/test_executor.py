@@ -119,6 +119,55 @@ def test_warp_collectives():
     assert (out[:, 4] == 0).all() and torch.equal(out[:, 5], (lane == 0).int())
 
 
+MATCH = HEAD + """
+.visible .entry match_ops(.param .u64 p_out)
+{
+    .reg .pred %p<4>; .reg .b32 %r<16>; .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [p_out];
+    mov.u32 %r1, %tid.x;
+    rem.u32 %r2, %r1, 3;                          // three value classes per warp
+    match.any.sync.b32 %r3, %r2, -1;
+    cvt.u64.u32 %rd4, %r2;
+    mov.u32 %r4, 0;
+    and.b32 %r10, %r1, 31;
+    setp.lt.u32 %p3, %r10, 16;
+    @%p3 match.any.sync.b64 %r4, %rd4, 0x0000FFFF;    // the low half of each warp only
+    shr.u32 %r5, %r1, 5;                          // one value per warp: all agree
+    match.all.sync.b32 %r6|%p1, %r5, -1;
+    selp.u32 %r7, 1, 0, %p1;
+    match.all.sync.b32 %r8|%p2, %r2, -1;          // values differ: 0, false
+    selp.u32 %r9, 1, 0, %p2;
+    mul.wide.u32 %rd2, %r1, 24;
+    add.u64 %rd3, %rd1, %rd2;
+    st.global.v2.u32 [%rd3], {%r3, %r4};
+    st.global.v2.u32 [%rd3+8], {%r6, %r7};
+    st.global.v2.u32 [%rd3+16], {%r8, %r9};
+    ret;
+}
+"""
+
+
+def test_match_sync():
+    out = torch.full((64, 6), 7, dtype=torch.int32)
+    emu.launch(MATCH, "match_ops", (1,), (64,), [out])
+    got = out.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    t = torch.arange(64)
+    lane, cls = t % 32, t % 3
+
+    def mask(lanes):
+        return sum(1 << int(x) for x in lanes)
+    for i in range(64):
+        w = i // 32 * 32
+        same = [j - w for j in range(w, w + 32) if cls[j] == cls[i]]
+        assert got[i, 0] == mask(same), i
+    for i in range(64):                         # mask 0x0000FFFF: only lanes 0..15 execute it
+        w = i // 32 * 32
+        want = mask(j - w for j in range(w, w + 16) if cls[j] == cls[i]) if lane[i] < 16 else 0
+        assert got[i, 1] == want, i
+    assert (got[:, 2] == 0xFFFFFFFF).all() and (got[:, 3] == 1).all()
+    assert (got[:, 4] == 0).all() and (got[:, 5] == 0).all()
+
+
 NAMED = HEAD + """
 .visible .entry named(.param .u64 p_out, .param .u32 p_count_a, .param .u32 p_count_b)
 {

@@ -273,6 +273,30 @@ def redux(m, ins, idx):
     m.write(ins.operands[0], out, t, idx)
 
 
+@op("match")
+def match(m, ins, idx):
+    """match.any.sync: each thread gets the mask of the threads of its group holding the
+    same value; match.all.sync: every thread gets the group's mask if all values agree,
+    else 0 (and the predicate says which)."""
+    dst = ins.operands[0]
+    dsts = dst.value if dst.kind == "vec" else [dst]
+    v = m.read(ins.operands[1], "b64" if "b64" in ins.mods else "b32", idx)
+    out = np.zeros(len(idx), dtype=np.uint32)
+    same = np.zeros(len(idx), dtype=bool)
+    for sel in _mask_groups(m, ins, idx):
+        vals, bits = v[sel], np.uint32(1) << m.lane[idx[sel]].astype(np.uint32)
+        if "all" in ins.mods:
+            agree = bool((vals == vals[0]).all())
+            out[sel] = np.bitwise_or.reduce(bits) if agree else 0
+            same[sel] = agree
+        else:
+            for i, x in zip(sel, vals):
+                out[i] = np.bitwise_or.reduce(bits[vals == x])
+    m.write(dsts[0], out, "b32", idx)
+    if len(dsts) > 1:
+        m.write(dsts[1], same, "pred", idx)
+
+
 @op("elect")
 def elect(m, ins, idx):
     dst = ins.operands[0]

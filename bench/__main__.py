@@ -22,7 +22,7 @@ def parse_args(argv=None):
                    help="timed runs per implementation and shape (default: %(default)s)")
     p.add_argument("--model", metavar="PART", default=None,
                    help="predict on the performance model of PART (h800, h100, h200) instead of measuring: "
-                        "no GPU needed; every row says source=model (GEMM layouts only)")
+                        "no GPU needed; every row says source=model (GEMM layouts and MLA decode)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in ALL_OPS]
@@ -88,10 +88,14 @@ def predict(args) -> int:
     peaks = dict(source="model", bw_gbps=p.hbm_bytes_per_s / 1e9,
                  fp8_tflops=2 * p.mma_fp8_per_clk * p.sms * p.clock_hz / 1e12,
                  bf16_tflops=2 * p.mma_bf16_per_clk * p.sms * p.clock_hz / 1e12)
-    skipped = [o for o in args.ops if o not in S.OPS]
+    skipped = [o for o in args.ops if o not in S.OPS + ("mla",)]
     if skipped:
-        print(f"bench: the model predicts the GEMM layouts only; not modelled: {','.join(skipped)}", file=sys.stderr)
-    rows = R.derive(model.model_rows(args.model, args.quick, args.ops), peaks)
+        print(f"bench: the model predicts the GEMM layouts and MLA decode; not modelled: {','.join(skipped)}",
+              file=sys.stderr)
+    raw = model.model_rows(args.model, args.quick, args.ops)
+    if "mla" in args.ops:
+        raw += model.mla_model_rows(args.model, args.quick)
+    rows = R.derive(raw, peaks)
     print(R.format_table(rows))
     date = R.today()
     meta = dict(source="model", part=p.name, model_version=MODEL_VERSION, date=date, quick=args.quick,

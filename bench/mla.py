@@ -36,12 +36,17 @@ FULL = [Config(b, sq, h, 4096) for b in (64, 128) for sq in (1, 2) for h in (16,
 QUICK = [Config(4, 1, 16, 256), Config(4, 2, 128, 256)]
 
 
+def seqlens_for(cfg: Config, g: torch.Generator) -> torch.Tensor:
+    """int32 [batch]: about cfg.seqlen tokens each, varied uniformly by up to +-spread."""
+    lo, hi = int(cfg.seqlen * (1 - cfg.spread)), int(cfg.seqlen * (1 + cfg.spread))
+    return torch.randint(max(lo, cfg.s_q), hi + 1, (cfg.batch,), generator=g, dtype=torch.int32)
+
+
 def make_inputs(cfg: Config, seed: int = 0) -> dict:
     """q, a paged cache in shuffled page order, block table and per-sequence lengths."""
     from pykernels import mla
     g = torch.Generator().manual_seed(seed)
-    lo, hi = int(cfg.seqlen * (1 - cfg.spread)), int(cfg.seqlen * (1 + cfg.spread))
-    seqlens = torch.randint(max(lo, cfg.s_q), hi + 1, (cfg.batch,), generator=g, dtype=torch.int32)
+    seqlens = seqlens_for(cfg, g)
     pages = (seqlens + 63) // 64
     max_pages = int(pages.max())
     num_blocks = int(pages.sum())

@@ -184,3 +184,19 @@ def test_cli_model_writes_predictions_marked_model(tmp_path):
     assert len(ours) == len(S.shape_set(True, ["normal"]))
     assert all(r["source"] == "model" and "model (H800" in r["note"] for r in data["results"])
     assert all(r["seconds"] and r["seconds"] > 0 and r["tflops"] < data["peaks"]["fp8_tflops"] for r in ours)
+
+
+def test_cli_model_predicts_mla_decode(tmp_path):
+    # MLA decode on the model: one row per quick configuration, marked model, each below
+    # the part's bf16 peak and its HBM bandwidth
+    out = subprocess.run([sys.executable, "-m", "bench", "--model", "h800", "--quick", "--ops", "mla,ep",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "not modelled: ep" in out.stderr
+    (path,) = tmp_path.glob("model-h800-*-quick.json")
+    rows = json.loads(path.read_text())["results"]
+    peaks = json.loads(path.read_text())["peaks"]
+    from bench import mla as BM
+    assert [r["shape"] for r in rows] == [c.label() for c in BM.QUICK]
+    assert all(r["source"] == "model" and r["op"] == "mla" and r["seconds"] > 0 for r in rows)
+    assert all(r["tflops"] < peaks["bf16_tflops"] and r["gbps"] < peaks["bw_gbps"] for r in rows)

@@ -1,6 +1,9 @@
 """python -m pykernels.perf [--part h800] gemm M N K [--kernel ours|deepgemm] [--layout L --groups G]
     the predicted time of an FP8 GEMM (our kernel, or DeepGEMM's best plausible config);
     grouped layouts: G groups of M rows each
+python -m pykernels.perf [--part h800] mla B SQ HQ SK [--fp8]
+    the predicted time of our MLA decode: B sequences of SK cached tokens, SQ new tokens,
+    HQ query heads, one KV head (bf16 or the FP8 cache)
 python -m pykernels.perf table [--write]
     DeepGEMM's published points: DeepGEMM's kernel through the model against its published
     figure (calibration), and ours / DeepGEMM on the same model (--write: into
@@ -77,6 +80,10 @@ def main(argv=None):
     g.add_argument("--kernel", default="ours", choices=("ours", "deepgemm"))
     g.add_argument("--layout", default="normal", choices=("normal", "contiguous", "masked"))
     g.add_argument("--groups", type=int, default=1, help="grouped layouts: groups (M is rows per group)")
+    d = sub.add_parser("mla")
+    for name in ("b", "sq", "hq", "sk"):
+        d.add_argument(name, type=int)
+    d.add_argument("--fp8", action="store_true", help="the 656-byte FP8 cache")
     t = sub.add_parser("table")
     t.add_argument("--write", action="store_true", help=f"replace the tables in docs/{DOC.name}")
     sub.add_parser("machine")
@@ -84,6 +91,9 @@ def main(argv=None):
     if a.cmd == "gemm":
         from .gemm import predict
         print("\n".join(predict(a.m, a.n, a.k, a.part, a.kernel, layout=a.layout, groups=a.groups).lines()))
+    elif a.cmd == "mla":
+        from .mla import predict as predict_mla
+        print("\n".join(predict_mla([a.sk] * a.b, a.sq, a.hq, fp8=a.fp8, part=a.part).lines()))
     elif a.cmd == "table":
         text = tables()
         if a.write:

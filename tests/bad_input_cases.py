@@ -315,7 +315,12 @@ def mla_cases():
     return cases
 
 
-FAMILIES = {"quant": quant_cases, "gemm": gemm_cases, "mla": mla_cases}
+def dsa_cases():
+    from test_dsa_bad_input import dsa_cases as cases   # the DSA family's rows live beside its tests
+    return cases()
+
+
+FAMILIES = {"quant": quant_cases, "gemm": gemm_cases, "mla": mla_cases, "dsa": dsa_cases}
 
 
 # --- running ------------------------------------------------------------------------------------

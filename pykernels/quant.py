@@ -8,20 +8,41 @@ import torch
 
 from .ops import quant as _ops  # defines the torch.ops.pykernels.* quantization ops
 from .ops.custom import call
+from .reference.quant import to_e4m3_satfinite
 from .runtime import validate as V
 from .runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, tma_aligned_size
 
 
 def check_cast_keywords(use_ue8m0, gran_k, use_packed_ue8m0=False) -> None:
-    """DeepGEMM's cast keywords, accepted where they mean float32 amax/448 scales per 128."""
-    if not isinstance(use_ue8m0, bool) or use_ue8m0:
-        raise ValueError(f"use_ue8m0: expected False (power-of-two UE8M0 scales are not supported yet), "
-                         f"got {use_ue8m0!r}")
+    """DeepGEMM's cast keywords, accepted where they mean float32 scales per 128 elements."""
+    if not isinstance(use_ue8m0, bool):
+        raise TypeError(f"use_ue8m0: expected a bool, got {type(use_ue8m0).__name__}")
     if isinstance(gran_k, bool) or gran_k != SCALE_BLOCK:
         raise ValueError(f"gran_k: expected {SCALE_BLOCK} (the only scale granularity implemented), got {gran_k!r}")
     if use_packed_ue8m0 is not False:
-        raise ValueError(f"use_packed_ue8m0: expected False (packed UE8M0 scales are not supported yet), "
-                         f"got {use_packed_ue8m0!r}")
+        raise ValueError(f"use_packed_ue8m0: expected False (scales packed four to an int32 are not supported "
+                         f"yet; use_ue8m0=True gives the same powers of two as float32), got {use_packed_ue8m0!r}")
+
+
+def ceil_to_ue8m0(sf) -> torch.Tensor:
+    """|sf| (float32) rounded up to a power of two, the value a UE8M0 scale (an 8-bit
+    exponent) holds: 2^ceil(log2 |sf|) with the exponent in [-126, 127] (0 gives 2^-126),
+    as DeepGEMM rounds its scales. NaN and +-Inf stay as they are (docs/numerics.md)."""
+    sf = V.as_tensor("sf", sf)
+    V.check_dtype("sf", sf, torch.float32)
+    mant, exp = torch.frexp(sf.abs())               # |sf| = mant * 2^exp, mant in [0.5, 1)
+    exp = torch.where(mant == 0.5, exp - 1, exp)    # an exact power of two stays
+    exp = torch.where(mant == 0, -126, exp).clamp(-126, 127)
+    return torch.where(torch.isfinite(sf), torch.ldexp(torch.ones_like(sf), exp), sf)
+
+
+def _with_ue8m0_scales(x: torch.Tensor, sf: torch.Tensor, rows_per_scale: int):
+    """(q, sf) of DeepGEMM's use_ue8m0 casts from the float32 scales of the same groups:
+    sf rounded up to powers of two, q = e4m3(x / sf) (the division is exact: one rounding)."""
+    sf = ceil_to_ue8m0(sf)
+    m, k = x.shape
+    full = sf.repeat_interleave(rows_per_scale, dim=0)[:m].repeat_interleave(SCALE_BLOCK, dim=1)[:, :k]
+    return to_e4m3_satfinite(x.float() / full).contiguous(), sf
 
 
 def per_token_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, use_packed_ue8m0: bool = False, *,
@@ -31,23 +52,27 @@ def per_token_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK,
     x: [m, k] float32/bfloat16/float16 (unit stride along k). Returns
     (q float8_e4m3fn [m, k], sf float32 [m, ceil(k/128)]) with
     sf = max(amax, 1e-4) / 448 and q = rne(x * 448 / max(amax, 1e-4)).
-    use_ue8m0, gran_k, use_packed_ue8m0: DeepGEMM's keywords (False, 128, False only).
+    use_ue8m0=True: sf rounded up to a power of two (ceil_to_ue8m0) and q = rne(x / sf),
+    as DeepGEMM's cast with that keyword. gran_k (128 only), use_packed_ue8m0 (False only):
+    DeepGEMM's other keywords.
     """
     check_cast_keywords(use_ue8m0, gran_k, use_packed_ue8m0)
-    return call(torch.ops.pykernels.per_token_cast_to_fp8, _ops.per_token_cast_to_fp8_body, V.as_tensor("x", x),
-                backend)
+    x = V.as_tensor("x", x)
+    q, sf = call(torch.ops.pykernels.per_token_cast_to_fp8, _ops.per_token_cast_to_fp8_body, x, backend)
+    return _with_ue8m0_scales(x, sf, 1) if use_ue8m0 else (q, sf)
 
 
 def per_block_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, *, backend: str = "auto"):
     """Quantize each 128x128 block.
 
     x: [m, n] float32/bfloat16/float16. Returns (q float8_e4m3fn [m, n],
-    sf float32 [ceil(m/128), ceil(n/128)]). use_ue8m0, gran_k: DeepGEMM's keywords
-    (False, 128 only).
+    sf float32 [ceil(m/128), ceil(n/128)]). use_ue8m0, gran_k: DeepGEMM's keywords, as in
+    per_token_cast_to_fp8.
     """
     check_cast_keywords(use_ue8m0, gran_k)
-    return call(torch.ops.pykernels.per_block_cast_to_fp8, _ops.per_block_cast_to_fp8_body, V.as_tensor("x", x),
-                backend)
+    x = V.as_tensor("x", x)
+    q, sf = call(torch.ops.pykernels.per_block_cast_to_fp8, _ops.per_block_cast_to_fp8_body, x, backend)
+    return _with_ue8m0_scales(x, sf, SCALE_BLOCK) if use_ue8m0 else (q, sf)
 
 
 def get_tma_aligned_size(mn: int, element_size: int) -> int:

@@ -113,13 +113,60 @@ def test_casts_accept_deepgemm_keywords(seed):
         q2, s2 = cast(x, False)                      # DeepGEMM passes use_ue8m0 positionally too
         for q, s in ((q1, s1), (q2, s2)):
             assert torch.equal(_bits(q), _bits(q0)) and torch.equal(s, s0)
-    for kw, msg in ((dict(use_ue8m0=True), "use_ue8m0: expected False .*not supported yet.*, got True"),
-                    (dict(gran_k=32), "gran_k: expected 128 .*, got 32"),
-                    (dict(use_packed_ue8m0=True), "use_packed_ue8m0: expected False .*, got True")):
-        with pytest.raises(ValueError, match=msg):
+    for kw, exc, msg in ((dict(gran_k=32), ValueError, "gran_k: expected 128 .*, got 32"),
+                         (dict(use_packed_ue8m0=True), ValueError, "use_packed_ue8m0: expected False .*, got True"),
+                         (dict(use_ue8m0=1), TypeError, "use_ue8m0: expected a bool, got int")):
+        with pytest.raises(exc, match=msg):
             pk.per_token_cast_to_fp8(x, **kw)
-    with pytest.raises(ValueError, match="use_ue8m0: expected False"):
-        pk.per_block_cast_to_fp8(x, True)
+    with pytest.raises(ValueError, match="gran_k: expected 128 .*, got 64"):
+        pk.per_block_cast_to_fp8(x, True, 64)
+
+
+def test_ceil_to_ue8m0_against_its_definition(seed):
+    sf = torch.cat([torch.rand(500) * 10.0 ** torch.randint(-30, 30, (500,)),
+                    2.0 ** torch.randint(-100, 100, (20,)).float(),            # exact powers stay
+                    torch.tensor([0.0, 1e-45, 3e38, -0.3, float("inf"), float("nan")])])
+    got = pk.utils.ceil_to_ue8m0(sf)
+    finite = torch.isfinite(sf)
+    want = torch.exp2(torch.ceil(torch.log2(sf.abs().double()))).clamp(2.0 ** -126, 2.0 ** 127).float()
+    assert torch.equal(got[finite], want[finite])
+    assert got[-2] == float("inf") and got[-1].isnan()
+
+
+@pytest.mark.parametrize("cast, rows, cols", [("per_token_cast_to_fp8", 1, 128), ("per_block_cast_to_fp8", 128, 128),
+                                              ("per_channel_cast_to_fp8", 128, 1)])
+def test_ue8m0_casts_against_their_definition(cast, rows, cols, seed):
+    m, n = random.randrange(1, 300), random.randrange(1, 400)
+    x = torch.randn(m, n, dtype=torch.bfloat16) * torch.rand(m, 1, dtype=torch.bfloat16) * 100
+    q, sf = getattr(pk.utils, cast)(x, use_ue8m0=True)
+    _, sf_plain = getattr(pk.utils, cast)(x, use_ue8m0=False)
+    assert sf.shape == sf_plain.shape and torch.equal(sf, pk.utils.ceil_to_ue8m0(sf_plain))
+    assert ((sf >= sf_plain) & (sf < 2 * sf_plain)).all()          # the next power of two up
+    full = sf.repeat_interleave(rows, 0)[:m].repeat_interleave(cols, 1)[:, :n]     # each element's scale
+    # q = e4m3(x / sf): x / sf is exact (a power of two), then one round-to-nearest-even
+    want = (x.float() / full).to(torch.float8_e4m3fn)
+    assert torch.equal(_bits(q), _bits(want)) and q.is_contiguous()
+
+
+def test_ue8m0_casts_keep_the_non_finite_rules(seed):
+    # docs/numerics.md: a NaN group keeps a NaN scale and all-NaN q, an Inf group an Inf scale
+    x = torch.randn(3, 256)
+    x[0, random.randrange(128)], x[1, random.randrange(128)] = float("nan"), float("inf")
+    q, sf = pk.per_token_cast_to_fp8(x, use_ue8m0=True)
+    q0, sf0 = pk.per_token_cast_to_fp8(x)
+    assert sf[0, 0].isnan() and sf[1, 0] == float("inf")
+    assert torch.equal(_bits(q[:2, :128]), _bits(q0[:2, :128]))
+
+
+def test_gemm_on_ue8m0_scales(seed):
+    # power-of-two float32 scales are just scales: the GEMM needs nothing else
+    m, n, k = 33, 256, 384
+    x, y = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    a = pk.per_token_cast_to_fp8(x, use_ue8m0=True)
+    b = pk.per_block_cast_to_fp8(y, use_ue8m0=True)
+    out = pk.fp8_gemm_nt(a, b, nan_bf16(m, n))
+    assert torch.equal(_bits(out), _bits(R.fp8_gemm_nt(*a, *b)))
+    assert calc_diff(out, x.float() @ y.float().T) < 1e-3
 
 
 def test_per_channel_cast_against_its_definition(seed):

@@ -29,6 +29,7 @@ _LAZY = {
     "get_mn_major_tma_aligned_tensor": "pykernels.quant",
     "get_tma_aligned_size": "pykernels.quant",
     "per_channel_cast_to_fp8": "pykernels.utils",
+    "ceil_to_ue8m0": "pykernels.quant",
     # GEMM
     "fp8_gemm_nt": "pykernels.gemm",
     "m_grouped_fp8_gemm_nt_contiguous": "pykernels.gemm",

@@ -370,8 +370,9 @@ def test_fp8_cache_layout_and_round_trip():
     raw = c8.reshape(-1, 656)
     flat = cache.reshape(-1, 576).float()
     sf = raw[:, 512:528].contiguous().view(torch.float32)      # [tokens, 4]
-    amax = flat[:, :512].reshape(-1, 4, 128).abs().amax(-1).clamp(min=1e-4)
-    assert torch.allclose(sf, amax / 448, rtol=1e-6, atol=0)
+    # FlashMLA's rule: max(amax / 448, 1e-4) rounded up to a power of two
+    floor = (flat[:, :512].reshape(-1, 4, 128).abs().amax(-1).double() / 448).clamp(min=1e-4)
+    assert torch.equal(sf.double(), 2.0 ** torch.ceil(torch.log2(floor)))
     assert torch.equal(raw[:, 528:].contiguous().view(torch.bfloat16), cache.reshape(-1, 576)[:, 512:])
     deq = R.dequantize_kv_cache_fp8(c8).reshape(-1, 576)
     assert torch.equal(deq[:, 512:], flat[:, 512:])           # RoPE columns kept exactly

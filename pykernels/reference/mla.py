@@ -19,14 +19,16 @@ FP8 KV cache (FlashMLA's newer per-token layout): each token is 656 bytes,
     [512, 528) 4 float32 scales (little-endian), one per group: value = e4m3 * scale
     [528, 656) 64 bf16 RoPE columns, stored as they are
 packed as a uint8 (or float8_e4m3fn, same bytes) tensor [num_blocks, 64, h_kv, 656].
-Scales follow the project's 1x128 quantization (pykernels.reference.quant):
-scale = max(amax, 1e-4) / 448, q = e4m3_rne(x * 448 / max(amax, 1e-4)).
+Scales follow FlashMLA's quantizer for this layout: scale = max(amax / 448, 1e-4) rounded up
+to a power of two, q = e4m3_rne(x / scale) (an exact division, rounded once), so every
+dequantized value e4m3 * scale is exact in bf16 too. A group holding NaN gets a NaN scale,
+one holding +-Inf an Inf scale.
 """
 import math
 
 import torch
 
-from .quant import per_token_cast_to_fp8
+from .quant import _scale_of, to_e4m3_satfinite
 
 HEAD_DIM_QK = 576            # latent 512 + RoPE 64
 HEAD_DIM_V = 512             # the latent part doubles as V
@@ -53,11 +55,25 @@ def is_fp8_cache(k_cache: torch.Tensor) -> bool:
     return k_cache.dtype in (torch.uint8, torch.float8_e4m3fn) and k_cache.shape[-1] == FP8_BYTES_PER_TOKEN
 
 
+FP8_CACHE_SCALE_FLOOR = 1e-4  # FlashMLA's quantizer floors the scale (amax / 448), not amax
+
+
+def fp8_cache_scales(amax: torch.Tensor) -> torch.Tensor:
+    """float32 scales of the FP8 cache from group amaxes: max(amax / 448, 1e-4) rounded up to
+    a power of two (exactly: frexp, not a rounded log2); NaN and Inf stay."""
+    sf = _scale_of(amax).clamp(min=FP8_CACHE_SCALE_FLOOR)
+    mant, exp = torch.frexp(sf)                       # sf = mant * 2^exp, mant in [0.5, 1)
+    exp = torch.where(mant == 0.5, exp - 1, exp)      # a power of two stays
+    return torch.where(torch.isfinite(sf), torch.ldexp(torch.ones_like(sf), exp), sf)
+
+
 def quantize_kv_cache_fp8(k_cache: torch.Tensor) -> torch.Tensor:
     """bf16 [num_blocks, 64, h_kv, 576] -> uint8 [num_blocks, 64, h_kv, 656] (layout above)."""
     lead = k_cache.shape[:-1]
     flat = k_cache.reshape(-1, HEAD_DIM_QK)
-    q8, sf = per_token_cast_to_fp8(flat[:, :HEAD_DIM_V])
+    groups = flat[:, :HEAD_DIM_V].float().reshape(-1, FP8_NUM_SCALES, FP8_GROUP)
+    sf = fp8_cache_scales(groups.abs().amax(dim=2))   # amax propagates NaN
+    q8 = to_e4m3_satfinite((groups / sf[:, :, None]).reshape(-1, HEAD_DIM_V))
     rope = flat[:, HEAD_DIM_V:].to(torch.bfloat16).contiguous()
     packed = torch.cat([q8.view(torch.uint8), sf.contiguous().view(torch.uint8), rope.view(torch.uint8)], dim=1)
     return packed.reshape(*lead, FP8_BYTES_PER_TOKEN).contiguous()

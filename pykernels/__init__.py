@@ -8,18 +8,9 @@ the GPU), ``"emu"`` (the same compiled kernel on the CPU PTX emulator), ``"trito
 __version__ = "0.1.0"
 
 
-def _select_triton_mode():
-    # Triton reads TRITON_INTERPRET when triton.language is first imported (its builtins
-    # are jit functions), which torch may trigger on the first custom-op call. Decide
-    # here, before that: without a CUDA device only the interpreter can run Triton.
-    import os
-    if "TRITON_INTERPRET" not in os.environ:
-        import torch
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-
-
-_select_triton_mode()
+# Triton's mode is not chosen here: pykernels' Triton kernels run through the interpreter on
+# CPU tensors by themselves (pykernels/triton/jit_dispatch.py), and the process's
+# TRITON_INTERPRET stays the user's.
 
 _LAZY = {
     # quantization

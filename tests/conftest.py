@@ -2,7 +2,18 @@ import os
 
 import pytest
 
-# Decides Triton's mode (interpreter when there is no GPU) before any test imports triton.
+# Where there is no CUDA device the suite runs Triton through its interpreter process-wide
+# (the tests' own @triton.jit kernels too), set before anything imports triton: a user's
+# choice, which pykernels leaves alone. pykernels' kernels need no such setting: run with
+# TRITON_INTERPRET=0 to exercise that path (tests/test_triton_import_order.py does, in child
+# processes).
+def _select_triton_mode():
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_select_triton_mode()
 import pykernels  # noqa: F401,E402
 
 

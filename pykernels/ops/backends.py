@@ -1,6 +1,5 @@
 """Backend factories shared by the op families: what each kind of backend needs to run,
 as a reason string (None when it can run)."""
-import os
 from typing import Callable, Optional
 
 from ..registry import Backend
@@ -26,13 +25,11 @@ def _emu_unavailable(device, module: str) -> Optional[str]:
 
 
 def _triton_unavailable(device) -> Optional[str]:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return "Triton runs CPU tensors only through its interpreter, which is off in this process (TRITON_INTERPRET)"
     try:
-        from .. import triton  # noqa: F401
+        from .. import triton
     except ImportError as e:
         return str(e)
-    return None
+    return triton.unavailable_reason(device)
 
 
 def _limits(check: Optional[Callable], problem) -> Optional[str]:

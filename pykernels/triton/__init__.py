@@ -1,25 +1,21 @@
 """Triton versions of pykernels operations.
 
-`import pykernels` sets TRITON_INTERPRET=1 (unless already set) on a machine without a
-CUDA device, so these kernels run on CPU tensors through Triton's interpreter. That
-must happen before triton.language is imported: import pykernels before triton.
+Every kernel is decorated with `pykernels.triton.jit` (jit_dispatch.py): compiled on CUDA tensors,
+run by Triton's interpreter on CPU tensors, whether or not triton was imported first and
+without setting TRITON_INTERPRET, so the user's own Triton kernels run as they would.
 """
-import os
+from typing import Optional
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _check_interpreter_consistent():
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    if INTERPRETED and not isinstance(tl.standard.max, InterpretedFunction):
-        raise ImportError(
-            "pykernels.triton: TRITON_INTERPRET=1 but triton.language was imported before it "
-            "was set, so Triton's interpreter cannot run; import pykernels (or set "
-            "TRITON_INTERPRET=1) before importing triton")
+from .jit_dispatch import INTERPRETED, jit
 
 
-_check_interpreter_consistent()
+def unavailable_reason(device) -> Optional[str]:
+    """Why pykernels' Triton kernels cannot run on tensors of `device` (None: they can)."""
+    if device.type == "cpu" and not INTERPRETED:
+        return ("Triton runs CPU tensors through its interpreter, which pykernels uses only on a machine "
+                "without a CUDA device or under TRITON_INTERPRET=1 (this process has a CUDA device)")
+    return None
+
 
 from .gemm import (GEMM_REQUIREMENTS, check_gemm_shape, fp8_gemm_nt,  # noqa: E402
                    m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)
@@ -27,7 +23,7 @@ from .quant import per_block_cast_to_fp8, per_token_cast_to_fp8  # noqa: E402
 from . import mla  # noqa: E402
 from .mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
-__all__ = ["INTERPRETED", "GEMM_REQUIREMENTS", "check_gemm_shape", "fp8_gemm_nt",
+__all__ = ["INTERPRETED", "jit", "unavailable_reason", "GEMM_REQUIREMENTS", "check_gemm_shape", "fp8_gemm_nt",
            "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
            "per_token_cast_to_fp8", "per_block_cast_to_fp8",
            "mla", "get_mla_metadata", "flash_mla_with_kvcache"]

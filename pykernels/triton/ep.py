@@ -38,6 +38,7 @@ import triton.language as tl
 from ..runtime.hardware import SCALE_BLOCK
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
+from .jit_dispatch import jit
 
 SCALE_GROUP = SCALE_BLOCK  # one float32 FP8 scale per 128 columns
 ROW_ALIGN_WORDS = 4        # packed rows are padded to 16 bytes
@@ -56,7 +57,7 @@ def _launch(kernel, grid, *args, **meta):
 # ----------------------------------------------------------------------------------------
 # 1. layout
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@jit
 def _layout_kernel(idx_ptr, stride_t, T, E, R, experts_per_rank, n_expert_blocks,
                    per_expert_ptr, per_rank_ptr, in_rank_ptr,
                    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -126,7 +127,7 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
 # ----------------------------------------------------------------------------------------
 # 2. send layout (which token goes to which row of the send buffer)
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@jit
 def _send_layout_kernel(in_rank_ptr, stride_t, stride_r, T, R,
                         send_idx_ptr, send_pos_ptr, counts_ptr,
                         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -207,7 +208,7 @@ def dispatch_row_format(hidden: int, fp8: bool, num_topk: int) -> DispatchRowFor
     return DispatchRowFormat(x_words, x_words, sf_words, idx_off, w_off, num_topk, pad_off, words)
 
 
-@triton.jit
+@jit
 def _copy_words(dst_ptr, dst_stride, dst_off, rows, src_ptr, src_stride, src_rows, row_ok, n_words,
                 BLOCK_W: tl.constexpr):
     for c0 in range(0, n_words, BLOCK_W):
@@ -217,7 +218,7 @@ def _copy_words(dst_ptr, dst_stride, dst_off, rows, src_ptr, src_stride, src_row
         tl.store(dst_ptr + rows[:, None] * dst_stride + dst_off + c[None, :], v, mask=m)
 
 
-@triton.jit
+@jit
 def _pack_kernel(send_idx_ptr, S, out_ptr, W,
                  x_ptr, x_stride, XW, sf_ptr, sf_stride, SF_OFF, SW,
                  idx_ptr, idx_stride, w_ptr, w_stride, IDX_OFF, W_OFF, K, PAD_OFF,
@@ -285,7 +286,7 @@ def permute(x, send_idx: torch.Tensor, topk_idx: torch.Tensor = None, topk_weigh
     return out
 
 
-@triton.jit
+@jit
 def _unpack_kernel(buf_ptr, N, W, x_out_ptr, XW, sf_out_ptr, SF_OFF, SW,
                    idx_out_ptr, w_out_ptr, IDX_OFF, W_OFF, K,
                    first_expert, experts_per_rank, counts_ptr, n_row_blocks,
@@ -385,7 +386,7 @@ def combine_row_format(hidden: int, weighted: bool) -> CombineRowFormat:
                             triton.cdiv(pad_off, ROW_ALIGN_WORDS) * ROW_ALIGN_WORDS)
 
 
-@triton.jit
+@jit
 def _combine_pack_kernel(x_ptr, x_stride, XW, w_ptr, w_stride, K, out_ptr, W, N, W_OFF, PAD_OFF,
                          WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -423,7 +424,7 @@ def combine_pack(x: torch.Tensor, topk_weights: torch.Tensor = None) -> torch.Te
     return out
 
 
-@triton.jit
+@jit
 def _combine_reduce_kernel(back_ptr, back_w_ptr, W, W_OFF, send_pos_ptr, T, R, H, out_ptr, out_stride,
                            WEIGHTED: tl.constexpr, SOFT: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):

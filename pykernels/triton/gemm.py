@@ -15,7 +15,6 @@ K = 0 writes zeros to the owned rows (the checks still run); M = 0, N = 0 or G =
 nothing to do, no launch.
 """
 import torch
-import triton
 import triton.language as tl
 
 from ..runtime import device_errors
@@ -23,6 +22,7 @@ from ..runtime.hardware import SCALE_BLOCK, cdiv, round_up
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
+from .jit_dispatch import jit
 
 GEMM_REQUIREMENTS = "K a multiple of 128 (0: zeros); M, N >= 0 (any)"
 LAYOUT_NORMAL, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = 0, 1, 2
@@ -44,7 +44,7 @@ def check_gemm_shape(m: int, n: int, k: int) -> None:
         raise ValueError(f"m: expected >= 0, got {m}")
 
 
-@triton.jit
+@jit
 def record_error(record_ptr, code, a0, a1, a2):
     """pk::record_error (csrc/include/pk/error_record.cuh) for a Triton program: record
     code, its three arguments and the program id unless an error is recorded already."""
@@ -57,13 +57,13 @@ def record_error(record_ptr, code, a0, a1, a2):
         tl.store(record_ptr + 6, tl.program_id(2))
 
 
-@triton.jit
+@jit
 def _has_e4m3_nan(x):
     """Per row of an e4m3 tile: does it hold a NaN byte (0x7F / 0xFF)?"""
     return tl.max(((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F).to(tl.int32), axis=1) > 0
 
 
-@triton.jit
+@jit
 def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
           stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT: tl.constexpr):
@@ -97,7 +97,7 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
     return acc
 
 
-@triton.jit
+@jit
 def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_ptr, M, N, K, G,
                      stride_idx, stride_ag, stride_am, stride_sfa_g, stride_sfa_m, stride_sfa_k,
                      stride_bg, stride_bn, stride_sfb_g, stride_sfb_n, stride_sfb_k,

@@ -38,6 +38,7 @@ from ..runtime import device_errors
 from . import INTERPRETED
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
+from .jit_dispatch import jit
 
 UPCAST_DOTS = INTERPRETED          # bf16 dots are wrong when interpreted: use f32 there
 SOFTWARE_ROUNDING = INTERPRETED    # interpreter casts f32 -> bf16 toward zero
@@ -67,13 +68,13 @@ def tile_config(q_rows: int, interpreted: bool = INTERPRETED):
 
 # ----------------------------------------------------------------------------- scheduler
 
-@triton.jit
+@jit
 def _blocks_of(L, PAGE: tl.constexpr):
     """KV blocks of L >= 0 tokens, without L + PAGE - 1 overflowing int32 at L = 2^31 - 1."""
     return L // PAGE + (L % PAGE > 0).to(L.dtype)
 
 
-@triton.jit
+@jit
 def _schedule_kernel(seqlens_ptr, meta_ptr, nsplits_ptr, B, P,
                      FIXED: tl.constexpr, PAGE: tl.constexpr, BLOCK_B: tl.constexpr):
     # Costs in int64: b sequences of up to 2^25 blocks each overflow int32 in the total.
@@ -162,7 +163,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int):
 
 # ----------------------------------------------------------------------------- decode
 
-@triton.jit
+@jit
 def _dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a, b, input_precision="ieee")
@@ -170,7 +171,7 @@ def _dot(a, b, UPCAST: tl.constexpr):
         return tl.dot(a, b)
 
 
-@triton.jit
+@jit
 def _load_q(q_row, row_ok, col0, WIDTH: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_M, WIDTH] query columns [col0, col0 + WIDTH) of the rows at q_row."""
     cols = col0 + tl.arange(0, WIDTH)
@@ -180,7 +181,7 @@ def _load_q(q_row, row_ok, col0, WIDTH: tl.constexpr, UPCAST: tl.constexpr):
     return x
 
 
-@triton.jit
+@jit
 def _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, g, FP8: tl.constexpr, UPCAST: tl.constexpr,
                   ROW: tl.constexpr, SF_ROW: tl.constexpr, SF_OFF: tl.constexpr, GROUP: tl.constexpr):
     """Latent columns [g*GROUP, (g+1)*GROUP) of a page's tokens, as a dot operand, and
@@ -207,7 +208,7 @@ def _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, g, FP8: tl.constexpr, UPCAS
     return k, sf
 
 
-@triton.jit
+@jit
 def _qk(q_g, k_g, sf, FP8: tl.constexpr, UPCAST: tl.constexpr):
     s = _dot(q_g, tl.trans(k_g), UPCAST)
     if FP8:
@@ -215,7 +216,7 @@ def _qk(q_g, k_g, sf, FP8: tl.constexpr, UPCAST: tl.constexpr):
     return s
 
 
-@triton.jit
+@jit
 def _pv(acc, alpha, p, p_bf16, k_g, sf, FP8: tl.constexpr, UPCAST: tl.constexpr, SOFT: tl.constexpr):
     if FP8:
         pg = to_bf16_rne(p * sf[None, :], SOFT)   # the token's scale folded into P
@@ -226,7 +227,7 @@ def _pv(acc, alpha, p, p_bf16, k_g, sf, FP8: tl.constexpr, UPCAST: tl.constexpr,
     return acc * alpha[:, None] + _dot(pg, k_g, UPCAST)
 
 
-@triton.jit
+@jit
 def _store_rows(base, rows_off, row_ok, col0, x, WIDTH: tl.constexpr):
     cols = col0 + tl.arange(0, WIDTH)
     tl.store(base + rows_off[:, None] + cols[None, :], x, mask=row_ok[:, None])
@@ -248,19 +249,19 @@ OP_NAME = "flash_mla_with_kvcache"
 _PAGE_CHECK = 64                   # page ids checked per step
 
 
-@triton.jit
+@jit
 def _fail(c, a0, a1, a2, bad, code: tl.constexpr, x0, x1, x2):
     """The first failed check: (code, x0, x1, x2) when bad and no error is held yet."""
     take = bad & (c == 0)
     return tl.where(take, code, c), tl.where(take, x0, a0), tl.where(take, x1, a1), tl.where(take, x2, a2)
 
 
-@triton.jit
+@jit
 def _bad_len(L, max_len):
     return (L < 0) | (L.to(tl.int64) > max_len)
 
 
-@triton.jit(noinline=True)       # its own register allocation: FP8 decode 240 instead of 254 registers
+@jit(noinline=True)       # its own register allocation: FP8 decode 240 instead of 254 registers
 def _check_partition(fb, fblk, lb, lend, fs, n, made_first, made_last, part, meta_ptr, seqlens_ptr, nsplits_ptr,
                      bt_ptr, stride_bt, P, B, NUM_BLOCKS, MAX_BLOCKS,
                      PAGE: tl.constexpr, CHK: tl.constexpr, E_TABLE: tl.constexpr, E_LEN: tl.constexpr,
@@ -351,7 +352,7 @@ def _check_partition(fb, fblk, lb, lend, fs, n, made_first, made_last, part, met
     return c, a0, a1, a2
 
 
-@triton.jit
+@jit
 def _record_error(err_ptr, code, a0, a1, a2):
     """The first error wins: claim the record's code word, then write the arguments and
     the program id (pykernels.runtime.device_errors.RECORD_WORDS layout)."""
@@ -364,7 +365,7 @@ def _record_error(err_ptr, code, a0, a1, a2):
         tl.store(err_ptr + 6, tl.program_id(2))
 
 
-@triton.jit
+@jit
 def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_ptr, meta_ptr, nsplits_ptr,
                        out_ptr, lse_ptr, oacc_ptr, lacc_ptr, err_ptr,
                        stride_qb, stride_qs, stride_qh, stride_bt,
@@ -486,7 +487,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
             tl.store(lacc_ptr + sid * QR + rows, tl.where(seen, lse2, float("-inf")), mask=row_ok)
 
 
-@triton.jit
+@jit
 def _mla_combine_kernel(nsplits_ptr, oacc_ptr, lacc_ptr, out_ptr, lse_ptr,
                         stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
                         H_Q, QR, MAX_SPLITS, SOFT: tl.constexpr, BLOCK_R: tl.constexpr, DV: tl.constexpr):

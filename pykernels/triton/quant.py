@@ -15,12 +15,13 @@ from .rounding import to_e4m3_rne
 from .sm90 import run_launch, spec_of
 
 from . import INTERPRETED
+from .jit_dispatch import jit
 
 # Software rounding is needed under the interpreter only (see rounding.py).
 SOFTWARE_ROUNDING = INTERPRETED
 
 
-@triton.jit
+@jit
 def _scale_and_inverse(amax, has_nan, FLOOR: tl.constexpr, FMAX: tl.constexpr):
     """(sf, inv) of groups with this max |x| (float32 tensor) and NaN flag: the floor,
     NaN amax for groups with a NaN, sf = div_rn(amax, 448), inv = div_rn(448, amax)."""
@@ -32,7 +33,7 @@ def _scale_and_inverse(amax, has_nan, FLOOR: tl.constexpr, FMAX: tl.constexpr):
     return sf, inv
 
 
-@triton.jit
+@jit
 def _per_token_kernel(x_ptr, q_ptr, sf_ptr, m, k, stride_x, stride_q, stride_sf,
                       BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
                       FLOOR: tl.constexpr, FMAX: tl.constexpr, SOFT: tl.constexpr):
@@ -48,7 +49,7 @@ def _per_token_kernel(x_ptr, q_ptr, sf_ptr, m, k, stride_x, stride_q, stride_sf,
     tl.store(sf_ptr + rm * stride_sf + g, sf, mask=rm < m)
 
 
-@triton.jit
+@jit
 def _per_block_kernel(x_ptr, q_ptr, sf_ptr, m, n, stride_x, stride_q, stride_sf,
                       BLK: tl.constexpr, FLOOR: tl.constexpr, FMAX: tl.constexpr,
                       SOFT: tl.constexpr):

@@ -6,11 +6,12 @@ compiled GPU path rounds to nearest even. With SOFTWARE=True (set whenever the
 interpreter runs) the value is first rounded to the target grid with integer/float32
 arithmetic, so the final cast only sees exactly representable values.
 """
-import triton
 import triton.language as tl
 
+from .jit_dispatch import jit
 
-@triton.jit
+
+@jit
 def to_bf16_rne(x, SOFTWARE: tl.constexpr):
     if SOFTWARE:
         bits = x.to(tl.uint32, bitcast=True)
@@ -22,7 +23,7 @@ def to_bf16_rne(x, SOFTWARE: tl.constexpr):
         return x.to(tl.bfloat16)
 
 
-@triton.jit
+@jit
 def to_e4m3_rne(x, SOFTWARE: tl.constexpr):
     """float32 -> float8e4nv as the GPU's cvt.rn.satfinite.e4m3x2.f32: RNE, |x| > 448 and
     +-Inf saturate to +-448, NaN -> 0x7F (any sign), the sign of zero kept."""

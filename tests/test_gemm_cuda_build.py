@@ -2,7 +2,9 @@
 resources per instantiation) and the host logic that launches it (pykernels/cuda/gemm.py:
 config heuristic, grid, shared memory, tensor maps, argument packing, shape errors).
 None of this needs a GPU or the emulator's execution; GPU runs are marked `gpu`."""
+import collections
 import re
+from math import gcd
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,14 @@ REGISTER_FILE = 65536
 CONFIG_IDS = [f"m{c.block_m}n{c.block_n}" + (f"_mc{c.cluster}" if c.cluster > 1 else "") for c in G.CONFIGS]
 MULTICAST = [c for c in G.CONFIGS if c.cluster == 2]
 MC_IDS = [i for i, c in zip(CONFIG_IDS, G.CONFIGS) if c.cluster == 2]
+
+
+def _k_loop_copies(cfg) -> int:
+    """Compiled copies of the math warps' K loop: one per split of a 112/144/160-column
+    tile's 8-column groups between two sfb blocks (fp8_gemm.cu, with_const), else one."""
+    if 128 % cfg.block_n == 0:
+        return 1
+    return min(cfg.block_n // 8, 16) // (gcd(cfg.block_n, 128) // 8)
 
 
 def _sass_of(function: str) -> str:
@@ -70,8 +80,9 @@ def test_every_config_is_compiled():
 def test_sass_has_the_intended_instructions(cfg):
     listing = _sass_of(cfg.function)
     ops = sass.opcodes(listing)
-    # four fp8 wgmma per 128-wide K block (k32 each), N = BLOCK_N, f32 accumulators
-    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    # four fp8 wgmma per 128-wide K block (k32 each), N = BLOCK_N, f32 accumulators, in
+    # each copy of the K loop
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4 * _k_loop_copies(cfg)
     assert ops["UTMALDG.3D"] == 1                         # the tile's A scales of a K block
     if cfg.cluster == 1:
         assert ops["UTMALDG.2D"] == 2                     # A and B tiles by TMA
@@ -90,6 +101,51 @@ def test_sass_has_the_intended_instructions(cfg):
     assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
     # ptxas reports the entry count (168); the math region may use up to its setmaxnreg 232
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _k_loops(listing: str) -> list:
+    """Opcode counts of each K loop of a kernel's SASS: the regions from a backward BRA's
+    target to the BRA that hold the four QGMMA of a K block, shortest first, each kept
+    unless it overlaps a shorter one (outer loops, and the out-of-line retries of the
+    mbarrier waits that branch back into a loop)."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(listing)]
+    at = {a: i for i, (a, _, _) in enumerate(ins)}
+    spans = []
+    for i, (a, op, rest) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in at:
+            j = at[int(target.group(1), 16)]
+            if sum(o.startswith("QGMMA") for _, o, _ in ins[j:i + 1]) == 4:
+                spans.append((j, i))
+    kept = []
+    for j, i in sorted(spans, key=lambda span: span[1] - span[0]):
+        if all(i < u or v < j for u, v in kept):
+            kept.append((j, i))
+    return [collections.Counter(o for _, o, _ in ins[j:i + 1]) for j, i in sorted(kept)]
+
+
+def _isetp(ops) -> int:
+    return sum(v for k, v in ops.items() if k.startswith("ISETP"))
+
+
+@pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
+def test_k_loop_promotion_picks_b_scales_at_compile_time(cfg):
+    # A tile of 112 / 144 / 160 columns takes the B scale of sfb block nb0 for its leading
+    # 8-column groups and of nb0 + 1 for the rest; the split point depends on the tile's
+    # start (a multiple of gcd(BLOCK_N, 128) columns), so the K loop is compiled once per
+    # split (issue 14 item 4) and its promotion has no per-group select: the same
+    # instruction mix as the 128-column tile's (before: 17 FSEL, 20 ISETP and 34 FMUL per
+    # K block for 128x160, 13 / 16 / 26 for 128x112).
+    loops = _k_loops(_sass_of(cfg.function))
+    assert len(loops) == _k_loop_copies(cfg)
+    (uniform,) = _k_loops(_sass_of(G.Config(128, 128).function))
+    for ops in loops:
+        assert ops["FSEL"] == 0 and ops["FFMA"] == cfg.block_n // 2, ops
+        assert ops["FMUL"] <= 4                     # sfa rows (r, r+8) x sfb blocks (nb0, nb0+1)
+        assert _isetp(ops) <= _isetp(uniform), ops
 
 
 @pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
@@ -135,7 +191,7 @@ def test_ptx_parses_with_the_intended_instructions(ptx_module):
         assert len(k.params) == len(G.PARAMS)
         assert [(p.size, p.align) for p in k.params[:4]] == [(128, 64)] * 4          # tensor maps
         full = [i.full for i in k.instrs]
-        assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4
+        assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4 * _k_loop_copies(cfg)
         tma = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
         assert full.count(tma) >= (2 if cfg.cluster == 1 else 1)
         assert (full.count(tma + ".multicast::cluster") >= 1) == (cfg.cluster == 2)
@@ -158,8 +214,9 @@ def test_multicast_sass(cfg):
     listing = _sass_of(cfg.function)
     ops = sass.opcodes(listing)
     assert ops["UTMALDG.2D.MULTICAST"] == 1               # the B half, into both CTAs (mask in a UR)
-    # stage release in both CTAs through a mapa'd address, in the computing and the idle path
-    assert ops["SYNCS.ARRIVE.TRANS64.RED.A1T0"] == 2
+    # stage release in both CTAs through a mapa'd address, in the computing path (each copy
+    # of the K loop) and the idle path
+    assert ops["SYNCS.ARRIVE.TRANS64.RED.A1T0"] == _k_loop_copies(cfg) + 1
     # cluster barriers: after the mbarrier init, and at the end of the producer and math paths
     assert ops["UCGABAR_ARV"] == 3 and ops["UCGABAR_WAIT"] == 3
     assert ops["BPT.TRAP"] >= 1                           # launched without its cluster: trap
@@ -183,8 +240,9 @@ def test_multicast_stage_handoff_has_no_gpu_fence_or_l1_invalidate(cfg):
                                                   for i in at["MEMBAR.ALL.GPU"])
     assert len(at["CCTL.IVALL"]) == 3 and all(any(0 < i - w <= 2 for w in at["UCGABAR_WAIT"])
                                               for i in at["CCTL.IVALL"])
-    for i in at["SYNCS.ARRIVE.TRANS64.RED.A1T0"]:                   # the two stage-release sites
-        assert ops[i - 1] == "FENCE.VIEW.ASYNC.S" and ops[i - 2] == "MEMBAR.ALL.CTA", ops[i - 4:i + 1]
+    for i in at["SYNCS.ARRIVE.TRANS64.RED.A1T0"]:                   # the stage-release sites
+        before = ops[i - 8:i]
+        assert "FENCE.VIEW.ASYNC.S" in before and "MEMBAR.ALL.CTA" in before, before
     phasechk = [i for i, o in enumerate(ops) if o.startswith("SYNCS.PHASECHK")]
     assert not any(ops[i + 1] == "CCTL.IVALL" or ops[i + 2] == "CCTL.IVALL" for i in phasechk)
 
@@ -195,8 +253,8 @@ def test_multicast_ptx(cfg, ptx_module):
     assert full.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
                       ".multicast::cluster") == 1
     # stage releases (computing and idle path): restricted release fence, relaxed cluster arrive
-    assert full.count("mbarrier.arrive.relaxed.cluster.shared::cluster.b64") == 2
-    assert full.count("fence.release.sync_restrict::shared::cta.cluster") == 2
+    assert full.count("mbarrier.arrive.relaxed.cluster.shared::cluster.b64") == _k_loop_copies(cfg) + 1
+    assert full.count("fence.release.sync_restrict::shared::cta.cluster") == _k_loop_copies(cfg) + 1
     assert "mapa.shared::cluster.u32" in full
     # the producer's empty wait: relaxed at cluster scope, then the restricted acquire fence
     assert "mbarrier.try_wait.parity.relaxed.cluster.shared::cta.b64" in full

@@ -8,6 +8,7 @@ Byte counts from the emulator's stats check that each owned element is written o
 and nothing else is."""
 import dataclasses
 import re
+from math import gcd
 
 import pytest
 import torch
@@ -107,6 +108,39 @@ def test_every_config(cfg, seed):
     assert stats.global_written == m * n * 2                 # every element once, nothing more
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
+
+
+WIDE = [c for c in G.CONFIGS if 128 % c.block_n]
+SCHEDULES = ["lockstep", "cta_first", "cta_last", "wg_first", "wg_last"]
+
+
+def _first_block_groups(block_n, n):
+    """Per n-block of a BLOCK_N-column tiling of n columns: the count of the tile's leading
+    8-column groups in its first 128-column sfb block, as the kernel clamps it (one
+    compiled copy of its K loop per value)."""
+    last = min(block_n // 8, 16)
+    return [min(((n0 // 128 + 1) * 128 - n0) // 8, last) for n0 in range(0, n, block_n)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("cfg", WIDE, ids=[_cfg_id(c) for c in WIDE])
+def test_wide_tiles_take_each_groups_b_scale(cfg, schedule, seed):
+    # BLOCK_N 112 / 144 / 160: a tile's start modulo 128 cycles through 128 / gcd(BLOCK_N,
+    # 128) values, and with it the column where the B scale changes; the kernel compiles
+    # its K loop once per count of leading groups in the first sfb block. n spans a whole
+    # cycle plus a partial tile, so every copy runs (every sfb block has its own scale:
+    # a group promoted with its neighbour block's scale fails the tolerance).
+    period = 128 // gcd(cfg.block_n, 128)
+    m, n, k = 128 * cfg.cluster - 64, period * cfg.block_n + 48, 256
+    step = gcd(cfg.block_n, 128) // 8
+    assert set(_first_block_groups(cfg.block_n, n)) == set(range(step, min(cfg.block_n // 8, 16) + 1, step))
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=2 * cfg.cluster)
+    stats = run_emu(plan, schedule=schedule)
+    assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+    assert stats.global_written == m * n * 2
 
 
 @pytest.mark.parametrize("cfg", G.CONFIGS, ids=[_cfg_id(c) for c in G.CONFIGS])

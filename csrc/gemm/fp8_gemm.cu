@@ -248,6 +248,24 @@ struct Layout {
 
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
 
+template <uint32_t V>
+struct Const {
+  static constexpr uint32_t value = V;
+};
+
+// Calls f(Const<G>()) for the run-time value g, which must be one of kStep, 2 kStep, ...,
+// kLast (the last candidate is taken without a compare): one compiled copy of f per value.
+template <uint32_t kStep, uint32_t kLast, uint32_t G = kStep, class F>
+__device__ __forceinline__ void with_const(uint32_t g, F&& f) {
+  if constexpr (G >= kLast) {
+    f(Const<kLast>());
+  } else if (g == G) {
+    f(Const<G>());
+  } else {
+    with_const<kStep, kLast, G + kStep>(g, f);
+  }
+}
+
 template <int BM, int BN, int kCluster>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
@@ -412,61 +430,77 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       const uint32_t nb0 = n_base / 128;
       const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb;
       const float* sfb1 = sfb0 + (nb0 + 1 < nb_total ? p.num_kb : 0u);
-      const uint32_t boundary = (nb0 + 1) * 128 - n_base;  // columns of the tile in block nb0
 #pragma unroll
       for (uint32_t i = 0; i < kAcc; ++i) fin[i] = 0.0f;
 
-      for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
-        // B scale loads first: their latency hides behind the wait and the wgmma.
-        const float sb0 = __ldg(sfb0 + kb);
-        const float sb1 = kUniformB ? sb0 : __ldg(sfb1 + kb);
+      // The K loop, compiled once per count of the tile's leading 8-column groups that lie
+      // in sfb block nb0 (kFirst; the rest lie in nb0 + 1), so that the promotion takes
+      // each group's B scale at compile time, with no per-group select.
+      auto k_loop = [&](auto first_groups) {
+        constexpr uint32_t kFirst = decltype(first_groups)::value;
+        for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+          // B scale loads first: their latency hides behind the wait and the wgmma.
+          const float sb0 = __ldg(sfb0 + kb);
+          const float sb1 = kFirst < kAcc / 4 ? __ldg(sfb1 + kb) : sb0;
 
-        pk::mbar_wait(bars + 8 * s, phase);
-        // A scales of this thread's two rows, landed with the stage (rows past the tensor's
-        // end read the TMA's zero fill; they are computed but never stored). Read before
-        // the stage is released below; the ld.shared latency hides behind the wgmma.
-        const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
-        const float sa0 = sfa_s[0];
-        const float sa1 = sfa_s[8];
+          pk::mbar_wait(bars + 8 * s, phase);
+          // A scales of this thread's two rows, landed with the stage (rows past the tensor's
+          // end read the TMA's zero fill; they are computed but never stored). Read before
+          // the stage is released below; the ld.shared latency hides behind the wgmma.
+          const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
+          const float sa0 = sfa_s[0];
+          const float sa1 = sfa_s[8];
 #pragma unroll
-        for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
-        pk::wgmma_fence();
-        const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + wg * 64 * kBlockK);
-        const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes);
+          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
+          pk::wgmma_fence();
+          const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + wg * 64 * kBlockK);
+          const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes);
 #pragma unroll
-        for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
-          // +32 bytes of K per step = +2 in the descriptor's start-address field
-          pk::WgmmaE4M3<BN>::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
-        }
-        pk::wgmma_commit();
-        pk::wgmma_wait<0>();
+          for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
+            // +32 bytes of K per step = +2 in the descriptor's start-address field
+            pk::WgmmaE4M3<BN>::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
+          }
+          pk::wgmma_commit();
+          pk::wgmma_wait<0>();
 #pragma unroll
-        for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
-        // Stage consumed by this warp (wait_group retired its wgmma reads). Multicast: lane r
-        // releases it in CTA r of the cluster.
-        if constexpr (kMulticast) {
-          if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * s, lane));
-        } else if (lane == 0) {
-          pk::mbar_arrive(empty_bars + 8 * s);
-        }
-        if (++s == p.stages) {
-          s = 0;
-          phase ^= 1;
-        }
+          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
+          // Stage consumed by this warp (wait_group retired its wgmma reads). Multicast: lane r
+          // releases it in CTA r of the cluster.
+          if constexpr (kMulticast) {
+            if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * s, lane));
+          } else if (lane == 0) {
+            pk::mbar_arrive(empty_bars + 8 * s);
+          }
+          if (++s == p.stages) {
+            s = 0;
+            phase ^= 1;
+          }
 
-        // Promotion: fin += sfa[row] * sfb[block of column] * acc.
-        const float c00 = sa0 * sb0, c10 = sa1 * sb0;  // rows (r, r+8) x first block
-        const float c01 = sa0 * sb1, c11 = sa1 * sb1;  // rows (r, r+8) x second block
+          // Promotion: fin += sfa[row] * sfb[block of column] * acc.
+          const float c00 = sa0 * sb0, c10 = sa1 * sb0;  // rows (r, r+8) x first block
+          const float c01 = sa0 * sb1, c11 = sa1 * sb1;  // rows (r, r+8) x second block
 #pragma unroll
-        for (uint32_t j = 0; j < kAcc / 4; ++j) {
-          const bool first = kUniformB || 8 * j < boundary;
-          const float r0 = first ? c00 : c01;
-          const float r1 = first ? c10 : c11;
-          fin[4 * j + 0] = fmaf(r0, acc[4 * j + 0], fin[4 * j + 0]);
-          fin[4 * j + 1] = fmaf(r0, acc[4 * j + 1], fin[4 * j + 1]);
-          fin[4 * j + 2] = fmaf(r1, acc[4 * j + 2], fin[4 * j + 2]);
-          fin[4 * j + 3] = fmaf(r1, acc[4 * j + 3], fin[4 * j + 3]);
+          for (uint32_t j = 0; j < kAcc / 4; ++j) {
+            const float r0 = j < kFirst ? c00 : c01;  // j: unrolled, kFirst: compile time
+            const float r1 = j < kFirst ? c10 : c11;
+            fin[4 * j + 0] = fmaf(r0, acc[4 * j + 0], fin[4 * j + 0]);
+            fin[4 * j + 1] = fmaf(r0, acc[4 * j + 1], fin[4 * j + 1]);
+            fin[4 * j + 2] = fmaf(r1, acc[4 * j + 2], fin[4 * j + 2]);
+            fin[4 * j + 3] = fmaf(r1, acc[4 * j + 3], fin[4 * j + 3]);
+          }
         }
+      };
+      if constexpr (kUniformB) {
+        k_loop(Const<kAcc / 4>());
+      } else {
+        // The tile starts at a multiple of BN, so (nb0 + 1) * 128 - n_base, the columns in
+        // block nb0, is a multiple of gcd(BN, 128) (a whole number of 8-column groups: no
+        // group straddles the boundary), at most 128; groups past the tile are clamped.
+        constexpr uint32_t kStep = gcd_int(BN, 128) / 8;
+        constexpr uint32_t kLast = kAcc / 4 < 16 ? kAcc / 4 : 16;
+        static_assert(kLast % kStep == 0, "the candidate counts end at kLast");
+        const uint32_t first = min(((nb0 + 1) * 128 - n_base) / 8, kLast);
+        with_const<kStep, kLast>(first, k_loop);
       }
 
       // Epilogue. The warpgroup's 64 rows go to its staging tile; when it owns all of

@@ -46,7 +46,13 @@ from .quant import FP8_E4M3_MAX, FP8_SCALE_FLOOR, _div, to_e4m3_satfinite
 INDEXER_SCALE_BYTES = 4        # one float32 scale per key in the paged indexer cache
 METADATA_WIDTH = 2             # schedule_metadata rows: (first query row, first split)
 SPLIT_BLOCKS = 4               # paged-logits schedule: pages per split (DeepGEMM: 256 tokens of 64)
-ROW_CHUNK = 256                # rows per step of the dense references (bounds their memory)
+STEP_ELEMENTS = 1 << 24        # float32 temporaries per step of the dense references (64 MiB)
+
+
+def _row_steps(rows: int, per_row: int):
+    """Slices of `rows` holding about STEP_ELEMENTS temporaries each (per_row per row)."""
+    step = max(1, STEP_ELEMENTS // max(1, per_row))
+    return [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
 # ----------------------------------------------------------------------------- FP8 keys
@@ -100,8 +106,7 @@ def fp8_mqa_logits(q, k_fp8, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke) -> t
     m, n = q.shape[0], k_fp8.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=q.device)
     k = k_fp8.float()
-    for r in range(0, m, ROW_CHUNK):
-        rows = slice(r, min(m, r + ROW_CHUNK))
+    for rows in _row_steps(m, q.shape[1] * n):
         out[rows] = _head_reduce(q[rows].float(), k, weights[rows].float(), k_scales.float())
     return _windowed(out, cu_seqlen_ks, cu_seqlen_ke)
 
@@ -270,8 +275,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = HEAD_DIM_V,
     out = torch.empty(s_q, h_q, d_v, dtype=torch.float32, device=q.device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
-    for r in range(0, s_q, ROW_CHUNK):
-        rows = slice(r, min(s_q, r + ROW_CHUNK))
+    for rows in _row_steps(s_q, topk * (d_qk + h_q)):
         sel = flat[torch.where(valid[rows], idx[rows], torch.zeros_like(idx[rows]))]   # [rows, topk, d_qk]
         out[rows], lse[rows], max_logits[rows] = _attend(q[rows].float(), sel, valid[rows], float(sm_scale),
                                                          attn_sink, d_v)

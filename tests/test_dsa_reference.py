@@ -294,3 +294,13 @@ def test_row_steps_do_not_change_results(seed, monkeypatch):
     stepped = (RD.fp8_mqa_logits(q, k8, sf, w, ks, ke), *RD.flash_mla_sparse_fwd(qs, kv, idx, 0.05))
     for a, b in zip(whole, stepped):
         assert torch.equal(a, b)
+
+
+def test_sparse_decode_nan_in_a_used_row_propagates(seed):
+    c8 = M.quantize_kv_cache_fp8(torch.randn(2, 64, 1, 576).bfloat16()).view(-1, 656)
+    c8[70, 3] = 0x7F                                                       # an e4m3 NaN in token row 70
+    q = torch.randn(2, 1, 4, 576).bfloat16()
+    idx = torch.tensor([[[70, 5, -1]], [[5, 6, 7]]], dtype=torch.int32)
+    out, lse = D.flash_mla_sparse_decode(q, c8.view(2, 64, 1, 656), idx, backend="reference")
+    assert out[0].isnan().all() and lse[0].isnan().all()
+    assert out[1].isfinite().all() and lse[1].isfinite().all()

@@ -6,9 +6,12 @@ Each case is a child process with a clean environment (no TRITON_INTERPRET unles
 case sets it), as the suite's own process runs under TRITON_INTERPRET=1 (conftest.py).
 Workload per child: the triton backend of fp8_gemm_nt, per_token_cast_to_fp8 and an MLA
 decode (split schedule, so the combine kernel runs too) on small CPU problems, into
-NaN-poisoned outputs, against the reference backend. Tolerances: the casts bit-exact; the
-GEMM calc_diff < 1e-6 (fp32 accumulation order; tests/test_triton_fp8.py); MLA calc_diff
-of out < 1e-5 and LSE max abs error < 1e-4 (tests/test_mla.py); no NaN left anywhere.
+NaN-poisoned outputs, against the reference backend, then a launch that fails inside a
+device function. Tolerances: the casts bit-exact; the GEMM calc_diff < 1e-6 (fp32
+accumulation order; tests/test_triton_fp8.py); MLA calc_diff of out < 1e-5 and LSE max
+abs error < 1e-4 (tests/test_mla.py); no NaN left anywhere. Without TRITON_INTERPRET,
+every attribute of triton.language's modules and patched classes is the same object
+after the workload as before it.
 """
 import json
 import os
@@ -75,6 +78,15 @@ _WORKLOAD = textwrap.dedent("""
     res["mla_calc_diff"] = max(float(calc_diff(o[i], o_ref[i])) for i in range(3))
     res["mla_lse_abs"] = float((lse - lse_ref).abs().max())
 
+    # a launch failing inside a device function (after tl.max ran): the language is put back
+    from pykernels.triton import quant as TQ
+    kernel, grid, args, cx, opts = TQ.per_token_launch_args(x, torch.empty_like(q), torch.empty_like(sf))
+    try:
+        kernel[grid](*args.values(), **dict(cx, FLOOR="not a number"), **opts)
+        res["bad_launch_raised"] = False
+    except Exception as e:
+        res["bad_launch_raised"] = "cannot convert not a number" in str(e)
+
     import pykernels.triton as T
     res["triton_interpreted"] = T.INTERPRETED
     after = language_state()
@@ -106,6 +118,7 @@ def _assert_workload_matches_reference(res):
     assert res["mla_calc_diff"] < MLA_CALC_DIFF
     assert res["mla_lse_abs"] < MLA_LSE_ABS
     assert res["triton_interpreted"]
+    assert res["bad_launch_raised"]
 
 
 def test_triton_imported_before_pykernels(tmp_path, seed):

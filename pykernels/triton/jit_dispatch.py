@@ -154,9 +154,10 @@ class KernelFunction(JITFunction):
             return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        # Only interpreted code calls a device function (the compiler inlines or calls it
-        # in the IR), so outside an interpreted launch this is JITFunction's error.
-        if not _interpreting():
+        # Only interpreted code calls a device function (the compiler calls it in the IR):
+        # one of our interpreted launches, or under TRITON_INTERPRET=1 any kernel (a user's
+        # kernel may call ours). Elsewhere this is JITFunction's error.
+        if not (_interpreting() or knobs.runtime.interpret):
             return super().__call__(*args, **kwargs)
         return self.interpreted(*args, **kwargs)
 

@@ -21,13 +21,14 @@ How (Triton 3.8's interpreter, triton/runtime/interpreter.py):
   replace.
 - Triton's InterpretedFunction.__call__ leaves its patches of triton.language's builtins
   in place after a device-function call (harmless when every kernel of the process is
-  interpreted); the twins here restore them, so compiled kernels compiled later in the
-  process see the original language.
+  interpreted); device-function calls here (the twins, our device functions) undo them,
+  so kernels compiled later in the process see the original language.
 The replacement is process-wide while an interpreted launch runs (as are the
 interpreter's own builtin patches): interpreted launches are serialized by a lock, and a
 Triton kernel compiled on another thread at that moment would see the twins.
 """
 import contextlib
+import functools
 import importlib
 import sys
 import threading
@@ -109,6 +110,7 @@ def _language_jit_functions():
 _LAZY_LANGUAGE_READERS = ("triton.experimental.gluon",)
 
 
+@functools.cache
 def _import_lazy_language_readers():
     for name in _LAZY_LANGUAGE_READERS:
         try:

@@ -1,7 +1,8 @@
 """Build pykernels: the host extension pykernels._C and every sm_90a kernel.
 
-No GPU is needed to build. nvcc (CUDA 12.4+ for sm_90a; 13.0 here) compiles the kernels
-in csrc/ and ptx/ into cubins + PTX under pykernels/_kernels, which ship in the package.
+No GPU is needed to build. nvcc (CUDA 13; NVIDIA's pip wheels pinned in pyproject.toml and
+requirements-cpu.txt, or a system toolkit: see find_cuda_home and docs/build.md) compiles the
+kernels in csrc/ and ptx/ into cubins + PTX under pykernels/_kernels, which ship in the package.
 """
 import importlib.util
 from pathlib import Path
@@ -42,7 +43,7 @@ class BuildPyWithKernels(build_py):
         super().run()
 
 
-cuda_include = str(_kernel_build().find_cuda_home() / "include")
+cuda_include = str(_kernel_build().find_cuda_home()[0] / "include")  # cuda.h (types only)
 
 setup(
     ext_modules=[

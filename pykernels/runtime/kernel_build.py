@@ -27,17 +27,58 @@ _PTXAS_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 _PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
 
 
-def find_cuda_home() -> Path:
-    """The CUDA toolkit (a folder with bin/nvcc and include/cuda.h): $CUDA_HOME, then
-    /usr/local/cuda, then the folder above `nvcc` on PATH (nvcc may be a wrapper)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+# What a folder must hold to compile the kernels: nvcc and its front end (cicc), ptxas,
+# and the headers nvcc and csrc/host include (crt/ ships separately on PyPI).
+_TOOLKIT_FILES = ("bin/nvcc", "bin/ptxas", "nvvm/bin/cicc", "include/cuda.h", "include/crt/host_config.h")
+
+
+def is_toolkit(path) -> bool:
+    return path is not None and all((Path(path) / f).exists() for f in _TOOLKIT_FILES)
+
+
+def pip_cuda_home():
+    """The toolkit NVIDIA's PyPI wheels (nvidia-cuda-nvcc, -crt, -runtime, nvidia-nvvm)
+    unpack into site-packages/nvidia/cu13 (bin/, include/, nvvm/ as in a system toolkit),
+    or None. Found through the `nvidia` namespace package of the running interpreter, so
+    an isolated build finds the copy its [build-system] requires installed."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return None
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        if is_toolkit(Path(base) / "cu13"):
+            return Path(base) / "cu13"
+    return None
+
+
+def find_cuda_home():
+    """(toolkit folder, how it was chosen). Order: an explicit $CUDA_HOME / $CUDA_PATH (the
+    user's choice wins, even when it holds no toolkit: the error then names it); else the
+    pip toolkit when installed (pinned by this project in requirements-cpu.txt and
+    pyproject's build requires, so builds are reproducible); else /usr/local/cuda; else
+    the folder above `nvcc` on PATH (nvcc may be a wrapper). docs/build.md says why."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return Path(os.environ[var]), var
+    pip_home = pip_cuda_home()
+    if pip_home is not None:
+        return pip_home, "pip"
+    if is_toolkit("/usr/local/cuda"):
+        return Path("/usr/local/cuda"), "/usr/local/cuda"
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    for c in filter(None, candidates):
-        if (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda.h").exists():
-            return Path(c)
-    return Path(candidates[0] or "/usr/local/cuda")
+    if nvcc and is_toolkit(Path(nvcc).resolve().parent.parent):
+        return Path(nvcc).resolve().parent.parent, "PATH"
+    return Path("/usr/local/cuda"), "none found"
+
+
+def toolkit_version(cuda: Path) -> str:
+    """nvcc's release and build (e.g. 'V13.0.88 cuda_13.0.r13.0/compiler.36424714_0'): equal
+    strings compile to the same SASS, so unchanged sources need no rebuild."""
+    out = subprocess.run([cuda / "bin" / "nvcc", "--version"], capture_output=True, text=True, check=True).stdout
+    release = re.search(r"release [\d.]+, (V[\d.]+)", out)
+    build = re.search(r"Build (\S+)", out)
+    return " ".join(m.group(1) for m in (release, build) if m)
 
 
 def parse_ptxas_log(text: str) -> dict:
@@ -111,13 +152,18 @@ def build(root: Path, out: Path, jobs: int = 2, verbose: bool = True) -> dict:
     """Compile what changed; write and return the manifest."""
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cuda = find_cuda_home()
-    if not (cuda / "bin" / "nvcc").exists():
-        raise RuntimeError(f"nvcc not found under {cuda} (set CUDA_HOME): the sm_90a kernels "
-                           "are compiled at install time; nvcc is needed even without a GPU")
+    cuda, how = find_cuda_home()
+    if not is_toolkit(cuda):
+        missing = [f for f in _TOOLKIT_FILES if not (cuda / f).exists()]
+        raise RuntimeError(f"no CUDA toolkit at {cuda} (chosen by: {how}; missing {', '.join(missing)}): the "
+                           "sm_90a kernels are compiled at install time, even without a GPU. Install "
+                           "requirements-cpu.txt (NVIDIA's nvcc wheels) or set CUDA_HOME to a toolkit")
+    version = toolkit_version(cuda)
     old = {}
     if (out / MANIFEST).exists():
-        old = json.loads((out / MANIFEST).read_text()).get("kernels", {})
+        prev_manifest = json.loads((out / MANIFEST).read_text())
+        if prev_manifest.get("toolkit", {}).get("version") == version:  # another nvcc: rebuild all
+            old = prev_manifest.get("kernels", {})
     headers = sorted((root / "csrc" / "include").rglob("*.cuh"))
     jobs_todo, kernels = [], {}
     for name, src, kind in discover(root):
@@ -135,6 +181,7 @@ def build(root: Path, out: Path, jobs: int = 2, verbose: bool = True) -> dict:
             if verbose:
                 print(f"pykernels: compiled {n} for {ARCH}", file=sys.stderr)
     manifest = {"arch": ARCH, "nvcc": str(cuda / "bin" / "nvcc"),
+                "toolkit": {"home": str(cuda), "chosen_by": how, "version": version},
                 "kernels": dict(sorted(kernels.items()))}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

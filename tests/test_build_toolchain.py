@@ -1,0 +1,148 @@
+"""Which CUDA toolkit the build uses (kernel_build.find_cuda_home) and that NVIDIA's pip
+toolkit and a system toolkit compile the same kernels (docs/build.md, "Two toolchains").
+
+"Same": with equal nvcc versions (release and build string) the SASS of every entry
+function is identical instruction by instruction, operands included, and ptxas reports
+identical resources; the cubin files themselves differ only in the include paths that
+-lineinfo records. With different versions: the same entry functions, the same stack and
+spill bytes, and registers and instruction count each within 10% (compilers of one major
+version reschedule, they should not change the kernel's shape); a larger change fails and
+names the figures.
+"""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pykernels.runtime import kernel_build, sass
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = Path("/usr/local/cuda")
+# one small kernel through each path: CUDA C++ (nvcc) and hand-written PTX (ptxas)
+SAMPLES = [("ep_layout", ROOT / "csrc/ep/layout.cu", "cu"), ("quant_per_token", ROOT / "ptx/quant_per_token.ptx", "ptx")]
+TOLERANCE = 0.10
+_FUNCTION = re.compile(r"Function : (\S+)")
+_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+
+
+def _fake_toolkit(path: Path) -> Path:
+    for f in kernel_build._TOOLKIT_FILES:
+        (path / f).parent.mkdir(parents=True, exist_ok=True)
+        (path / f).write_text("")
+    return path
+
+
+@pytest.fixture
+def no_explicit_home(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+
+
+def test_explicit_cuda_home_wins_even_over_the_pip_toolkit(monkeypatch, tmp_path):
+    fake_pip = _fake_toolkit(tmp_path / "pip")
+    monkeypatch.setattr(kernel_build, "pip_cuda_home", lambda: fake_pip)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "mine"))
+    assert kernel_build.find_cuda_home() == (tmp_path / "mine", "CUDA_HOME")
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "other"))
+    assert kernel_build.find_cuda_home() == (tmp_path / "other", "CUDA_PATH")
+
+
+def test_pip_toolkit_before_the_system_one(monkeypatch, tmp_path, no_explicit_home):
+    fake_pip = _fake_toolkit(tmp_path / "pip")
+    monkeypatch.setattr(kernel_build, "pip_cuda_home", lambda: fake_pip)
+    assert kernel_build.find_cuda_home() == (fake_pip, "pip")
+
+
+def test_without_pip_toolkit_the_system_then_path(monkeypatch, tmp_path, no_explicit_home):
+    monkeypatch.setattr(kernel_build, "pip_cuda_home", lambda: None)
+    home, how = kernel_build.find_cuda_home()
+    if kernel_build.is_toolkit(SYSTEM):
+        assert (home, how) == (SYSTEM, "/usr/local/cuda")
+    else:  # only a toolkit reached through nvcc on PATH is left
+        fake = _fake_toolkit(tmp_path / "onpath")
+        monkeypatch.setenv("PATH", str(fake / "bin"))
+        (fake / "bin" / "nvcc").chmod(0o755)
+        assert kernel_build.find_cuda_home() == (fake, "PATH")
+
+
+def test_pip_toolkit_is_found_in_site_packages():
+    home = kernel_build.pip_cuda_home()
+    if home is None:
+        pytest.skip("NVIDIA's nvcc wheels are not installed here (requirements-cpu.txt installs them)")
+    assert home.name == "cu13" and home.parent.name == "nvidia" and kernel_build.is_toolkit(home)
+    assert kernel_build.toolkit_version(home).startswith("V13.0.88 ")  # the pin of requirements-cpu.txt
+
+
+def test_build_without_a_toolkit_names_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match=rf"no CUDA toolkit at {re.escape(str(tmp_path))} \(chosen by: "
+                                           r"CUDA_HOME; missing bin/nvcc"):
+        kernel_build.build(ROOT, tmp_path / "out", verbose=False)
+
+
+def _functions(cubin: Path) -> dict:
+    """entry function -> its SASS instructions (with operands, without addresses/encodings)."""
+    listing = subprocess.run([sass.cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    funcs, current = {}, None
+    for line in listing.splitlines():
+        m = _FUNCTION.search(line)
+        if m:
+            current = funcs.setdefault(m.group(1), [])
+        elif current is not None and (m := _LINE.search(line)):
+            current.append(m.group(1))
+    return funcs
+
+
+def differences(a: dict, b: dict, same_version: bool) -> list:
+    """How two builds of one kernel differ, by the rule of the module docstring.
+    a, b: {"sass": {function: [instructions]}, "resources": {function: ptxas figures}}."""
+    if set(a["sass"]) != set(b["sass"]) or set(a["resources"]) != set(b["resources"]):
+        return [f"entry functions {sorted(a['sass'])} vs {sorted(b['sass'])}"]
+    found = []
+    for fn, code in a["sass"].items():
+        ra, rb = a["resources"][fn], b["resources"][fn]
+        if same_version:
+            if code != b["sass"][fn]:
+                first = next(i for i, (x, y) in enumerate(zip(code + [None], b["sass"][fn] + [None])) if x != y)
+                found.append(f"{fn}: SASS differs from instruction {first}")
+            if ra != rb:
+                found.append(f"{fn}: resources {ra} vs {rb}")
+            continue
+        for key in ("stack_bytes", "spill_stores", "spill_loads"):
+            if ra[key] != rb[key]:
+                found.append(f"{fn}: {key} {ra[key]} vs {rb[key]}")
+        for what, x, y in (("registers", ra["registers"], rb["registers"]),
+                           ("instructions", len(code), len(b["sass"][fn]))):
+            if abs(x - y) > TOLERANCE * max(x, y):
+                found.append(f"{fn}: {what} {x} vs {y} (over {TOLERANCE:.0%})")
+    return found
+
+
+def test_differences_rule_can_fail():
+    base = {"sass": {"k": ["IMAD R1, R2, R3, RZ", "EXIT"]},
+            "resources": {"k": {"registers": 20, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}}}
+    moved = {"sass": {"k": ["IMAD R1, R2, R4, RZ", "EXIT"]}, "resources": base["resources"]}
+    assert differences(base, base, True) == [] and differences(base, moved, False) == []
+    assert differences(base, moved, True) == ["k: SASS differs from instruction 0"]
+    spilled = {"sass": base["sass"], "resources": {"k": dict(base["resources"]["k"], spill_stores=8)}}
+    assert differences(base, spilled, False) == ["k: spill_stores 0 vs 8"]
+
+
+@pytest.mark.parametrize("name,src,kind", SAMPLES, ids=[s[0] for s in SAMPLES])
+def test_pip_and_system_toolkits_compile_the_same_kernel(name, src, kind, tmp_path):
+    pip_home = kernel_build.pip_cuda_home()
+    if pip_home is None or not kernel_build.is_toolkit(SYSTEM):
+        pytest.skip(f"needs both toolkits: pip {pip_home}, system {SYSTEM} "
+                    f"({'present' if kernel_build.is_toolkit(SYSTEM) else 'absent'})")
+    builds, versions = [], []
+    for home in (pip_home, SYSTEM):
+        out = tmp_path / home.name
+        out.mkdir()
+        entry = kernel_build._compile(name, src, kind, ROOT, out, home)
+        builds.append({"sass": _functions(out / entry["cubin"]), "resources": entry["functions"]})
+        versions.append(kernel_build.toolkit_version(home))
+    assert builds[0]["sass"] and all(builds[0]["sass"].values())  # something was compared
+    assert differences(*builds, same_version=versions[0] == versions[1]) == [], versions

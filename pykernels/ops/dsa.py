@@ -15,8 +15,9 @@ flash_mla_sparse_decode: q bf16 [b, s_q, h_q, 576]; FP8 k_cache [num_blocks, 64,
 flash_mla_sparse_fwd: q bf16 [s_q, h_q, d_qk]; kv bf16 [s_kv, 1, d_qk]; indices int32
   [s_q, 1, topk] -> out bf16 [s_q, h_q, d_v], max_logits f32 [s_q, h_q], lse f32 [s_q, h_q].
 
-Every op has the reference backend only so far; the Triton and CUDA backends are added
-here, beside it (`OP.add(B.triton(...))`, `OP.add(B.kernel(...))`), when they exist.
+Every op has the reference backend; fp8_mqa_logits and fp8_paged_mqa_logits also have
+the Triton one (pykernels/triton/dsa_logits.py). The other Triton and the CUDA backends
+are added here, beside it (`OP.add(B.triton(...))`, `OP.add(B.kernel(...))`), when they exist.
 Outputs are written in place (the public functions allocate them).
 """
 import dataclasses
@@ -165,13 +166,25 @@ def mqa_logits_problem(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out,
     return MqaLogitsProblem(q, k, k_scales, weights, ks, ke, out, clean_logits, dev)
 
 
-def _mqa_logits_reference(p: MqaLogitsProblem):
+def _check_gpu_windows(p: MqaLogitsProblem):
+    """The windows of GPU tensors, read on the host (CPU ones were checked by the builder)."""
     if p.device.type != "cpu":
-        _check_windows(p.cu_seqlen_ks, p.cu_seqlen_ke, p.k.shape[0])
+        _check_windows(p.cu_seqlen_ks.cpu(), p.cu_seqlen_ke.cpu(), p.k.shape[0])
+
+
+def _mqa_logits_reference(p: MqaLogitsProblem):
+    _check_gpu_windows(p)
     p.out.copy_(RD.fp8_mqa_logits(p.q, p.k, p.k_scales, p.weights, p.cu_seqlen_ks, p.cu_seqlen_ke))
 
 
+def _mqa_logits_triton(p: MqaLogitsProblem):
+    from ..triton import dsa_logits as TL
+    _check_gpu_windows(p)
+    TL.fp8_mqa_logits(p.q, p.k, p.k_scales, p.weights, p.cu_seqlen_ks, p.cu_seqlen_ke, p.out)
+
+
 MQA_LOGITS = registry.op("fp8_mqa_logits", lambda *a, **kw: public_mqa_logits_problem(*a, **kw))
+MQA_LOGITS.add(B.triton(_mqa_logits_triton))
 MQA_LOGITS.add(B.reference(_mqa_logits_reference))
 
 
@@ -366,15 +379,27 @@ def paged_mqa_logits_problem(q, kv_cache, weights, context_lens, block_table, sc
     return p
 
 
-def _paged_reference(p: PagedMqaLogitsProblem):
+def _check_gpu_paged_values(p: PagedMqaLogitsProblem):
+    """_check_paged_values for GPU tensors, read on the host (CPU ones: checked by the builder)."""
     if p.device.type != "cpu":
         _check_paged_values(dataclasses.replace(p, context_lens=p.context_lens.cpu(), block_table=p.block_table.cpu(),
                                                 schedule_metadata=p.schedule_metadata.cpu()))
+
+
+def _paged_reference(p: PagedMqaLogitsProblem):
+    _check_gpu_paged_values(p)
     p.out.copy_(RD.fp8_paged_mqa_logits(p.q, p.kv_cache, p.weights, p.context_lens, p.block_table,
                                         p.max_context_len))
 
 
+def _paged_triton(p: PagedMqaLogitsProblem):
+    from ..triton import dsa_logits as TL
+    _check_gpu_paged_values(p)
+    TL.fp8_paged_mqa_logits(p.q, p.kv_cache, p.weights, p.context_lens, p.block_table, p.out, p.max_context_len)
+
+
 PAGED_LOGITS = registry.op("fp8_paged_mqa_logits", lambda *a, **kw: public_paged_mqa_logits_problem(*a, **kw))
+PAGED_LOGITS.add(B.triton(_paged_triton))
 PAGED_LOGITS.add(B.reference(_paged_reference))
 
 

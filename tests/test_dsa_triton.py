@@ -1,0 +1,103 @@
+"""The Triton DSA kernels (pykernels/triton/dsa_*.py, backend="triton", run by Triton's
+interpreter on CPU tensors) against the reference backend on fresh random inputs, outputs
+NaN-poisoned first so an element left unwritten fails; and their GPU launches compiled for
+sm_90a (ptxas: no spills).
+
+Tolerances:
+- indexer logits: float32 sums of the same exact e4m3 products in another order:
+  |got - ref| <= 1e-5 * max|ref| + 1e-6 per row block; -inf exactly where the reference has it.
+"""
+import math
+import re
+
+import pytest
+import torch
+
+import pykernels as pk
+import pykernels.dsa as D
+
+FP8 = torch.float8_e4m3fn
+NAN = float("nan")
+LOGITS_RTOL = 1e-5
+WGMMA_E4M3 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.f32\.e4m3\.e4m3")
+
+
+def _assert_logits_match(got, ref):
+    outside = ref == -math.inf
+    assert not torch.isnan(got).any(), "logits left unwritten (NaN poison) or NaN"
+    assert torch.equal(got == -math.inf, outside), "-inf where the reference has none, or missing"
+    tol = LOGITS_RTOL * float(ref[~outside].abs().max()) + 1e-6 if (~outside).any() else 0.0
+    err = (got[~outside] - ref[~outside]).abs()
+    assert err.numel() == 0 or float(err.max()) <= tol, f"max error {float(err.max())} > {tol}"
+
+
+# ----------------------------------------------------------------------------- fp8_mqa_logits
+
+@pytest.mark.parametrize("m,n,h,d", [(6, 100, 5, 64), (3, 64, 16, 32), (4, 130, 3, 128), (2, 7, 1, 64)])
+def test_fp8_mqa_logits_matches_reference(seed, m, n, h, d):
+    q = (torch.randn(m, h, d) * 2).to(FP8)
+    k, sf = D.indexer_k_cast_to_fp8(torch.randn(n, d) * 3)
+    w = torch.randn(m, h)
+    ks = torch.randint(0, n + 1, (m,))
+    ke = ks + torch.randint(0, n + 1, (m,)) % (n + 1 - ks)
+    ks[0], ke[0] = 0, n                                           # the whole key range
+    ks[-1] = ke[-1] = ks[-1]                                      # an empty window
+    ks, ke = ks.int(), ke.int()
+    # any row stride: out is a column slice of a wider buffer, its other columns must stay NaN
+    buf = torch.full((m, n + 9), NAN)
+    out = buf[:, 4:4 + n]
+    got = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="triton", out=out)
+    assert got is out
+    ref = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="reference")
+    _assert_logits_match(out, ref)
+    assert buf[:, :4].isnan().all() and buf[:, 4 + n:].isnan().all(), "wrote outside out"
+
+
+# ----------------------------------------------------------------------------- fp8_paged_mqa_logits
+
+@pytest.mark.parametrize("next_n,block_kv,lens_2d,h,d", [(1, 64, False, 4, 32), (3, 32, False, 5, 64),
+                                                        (2, 16, True, 8, 128), (2, 64, True, 1, 64)])
+def test_fp8_paged_mqa_logits_matches_reference(seed, next_n, block_kv, lens_2d, h, d):
+    b, pages, max_blocks = 4, 20, 4
+    q = (torch.randn(b, next_n, h, d) * 2).to(FP8)
+    cache = D.quantize_indexer_k_cache(torch.randn(pages, block_kv, 1, d) * 2)
+    table = torch.randperm(pages)[:b * max_blocks].int().view(b, max_blocks)
+    cap = block_kv * max_blocks
+    lens = torch.tensor([cap, 0, 1, int(torch.randint(next_n, cap + 1, ()))], dtype=torch.int32)
+    if lens_2d:
+        lens = torch.stack([torch.randint(0, int(L) + 1, (next_n,)) for L in lens]).int()
+        lens[1] = 0                                               # a sequence with no key at all
+    table[1] = -7                                                 # its pages are never read
+    w = torch.randn(b * next_n, h)
+    width = cap + 5                                               # positions past every window
+    meta = pk.get_paged_mqa_logits_metadata(lens, block_kv, 3, backend="reference")
+    out = torch.full((b * next_n, width), NAN)
+    got = pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend="triton", out=out)
+    assert got is out
+    ref = pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend="reference")
+    _assert_logits_match(out, ref)
+
+
+# ----------------------------------------------------------------------------- sm_90a compilation
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The GPU launches of the representative shapes (sm90_compile_specs: the launcher's
+    specialization, UPCAST off), compiled for sm_90a in a child process."""
+    from pykernels.triton import dsa_logits, sm90
+    specs = dsa_logits.sm90_compile_specs()
+    return list(zip(specs, sm90.compile_sm90(specs, jobs=1)))
+
+
+def test_gpu_launches_compile_for_sm90_without_spills(compiled):
+    for spec, c in compiled:
+        print(f"{spec.label}: {c.regs} regs, {c.stack} B stack, {c.shared} B shared")
+        assert c.stack == 0, f"{spec.label}: {c.stack} bytes of local memory (spills) per thread"
+        assert c.regs <= 255 and c.shared <= 227 * 1024
+        if "logits" in spec.kernel:
+            # The q.k dot: e4m3 wgmma from 64 (padded) heads; below, Triton converts e4m3 to f16
+            # (exact) for mma.sync with float32 accumulation: the same products and sums either way.
+            if spec.constexprs["HP"] >= 64:
+                assert WGMMA_E4M3.search(c.ptx), f"{spec.label}: no e4m3 wgmma"
+            else:
+                assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in c.ptx and "cvt.rn.f16x2.e4m3x2" in c.ptx

@@ -6,6 +6,11 @@ sm_90a (ptxas: no spills).
 Tolerances:
 - indexer logits: float32 sums of the same exact e4m3 products in another order:
   |got - ref| <= 1e-5 * max|ref| + 1e-6 per row block; -inf exactly where the reference has it.
+- sparse decode: the kernel rounds P * scale to bf16 for its P.V dot (as on the GPU) where the
+  reference stays in float32, and both round out to bf16 (RNE; the interpreter's toward-zero
+  cast is replaced by software RNE): out within 2^-7 relative + 2^-9 * max|out| elementwise
+  (about one bf16 step) and calc_diff <= 1e-5; lse (float32 both) within 1e-5 relative;
+  +inf and out 0 exactly where no slot is used.
 """
 import math
 import re
@@ -15,6 +20,7 @@ import torch
 
 import pykernels as pk
 import pykernels.dsa as D
+import pykernels.mla as M
 
 FP8 = torch.float8_e4m3fn
 NAN = float("nan")
@@ -78,14 +84,81 @@ def test_fp8_paged_mqa_logits_matches_reference(seed, next_n, block_kv, lens_2d,
     _assert_logits_match(out, ref)
 
 
+# ----------------------------------------------------------------------------- sparse decode
+
+def _assert_decode_matches(out, lse, ref_out, ref_lse):
+    from pykernels.metrics import calc_diff
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
+    o, r = out.float(), ref_out.float()
+    bound = 2 ** -7 * r.abs() + 2 ** -9 * float(r.abs().max())
+    assert ((o - r).abs() <= bound).all(), f"max error {float((o - r).abs().max())}"
+    assert calc_diff(o.double(), r.double()) <= 1e-5
+    empty = ref_lse == math.inf
+    assert torch.equal(lse == math.inf, empty), "+inf lse (no used slot) differs from the reference"
+    assert torch.allclose(lse[~empty], ref_lse[~empty], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h_q,with_sink,with_length", [(16, False, False), (20, True, False), (64, False, True),
+                                                       (3, True, True), (128, True, True)])
+def test_sparse_decode_matches_reference(seed, h_q, with_sink, with_length):
+    b, s_q, topk, pages = 3, 2, 80, 5
+    rows = pages * 64
+    cache = M.quantize_kv_cache_fp8((torch.randn(pages, 64, 1, 576) * 2).bfloat16())
+    q = torch.randn(b, s_q, h_q, 576).bfloat16()
+    idx = torch.randint(0, rows, (b, s_q, topk), dtype=torch.int32)
+    idx[0, 0, 3:70] = -1                                          # unused slots, a whole tile of them
+    idx[1, 1, :] = -1                                             # a row with no used slot
+    idx[2, 0, 5] = idx[2, 0, 4]                                   # a duplicate counts twice
+    sink = torch.randn(h_q) * 3 if with_sink else None
+    length = torch.tensor([topk, 5, 0], dtype=torch.int32) if with_length else None   # sequence 2: no slot
+    used = idx != -1
+    if with_length:
+        idx[1, :, 5:] = 10 ** 6                                   # past topk_length: never read
+        used &= torch.arange(topk)[None, None, :] < length[:, None, None]
+    unused_rows = ~torch.isin(torch.arange(rows), idx[used])
+    cache.view(-1, 656)[unused_rows] = 0x7F                       # rows nobody uses: NaN bytes, scales, RoPE
+    out = torch.full((b, s_q, h_q, 512), NAN, dtype=torch.bfloat16)
+    lse = torch.full((b, h_q, s_q), NAN)
+    got = D.flash_mla_sparse_decode(q, cache, idx, 0.07, sink, length, backend="triton", out=out, softmax_lse=lse)
+    assert got[0] is out and got[1] is lse
+    ref_out, ref_lse = D.flash_mla_sparse_decode(q, cache, idx, 0.07, sink, length, backend="reference")
+    _assert_decode_matches(out, lse, ref_out, ref_lse)
+    assert (out[1, 1] == 0).all() and (lse[1, :, 1] == math.inf).all()
+
+
+def test_sparse_decode_through_flash_mla_with_kvcache(seed):
+    # FlashMLA's call form, with its sparse schedule and the default softmax scale
+    b, s_q, h_q, topk = 2, 1, 16, 64
+    cache = M.quantize_kv_cache_fp8(torch.randn(3, 64, 1, 576).bfloat16())
+    q = torch.randn(b, s_q, h_q, 576).bfloat16()
+    idx = torch.randint(0, 3 * 64, (b, s_q, topk), dtype=torch.int32)
+    seqlens = torch.full((b,), 3 * 64, dtype=torch.int32)
+    sched, splits = M.get_mla_metadata(seqlens, s_q * h_q, 1, h_q, True, topk, backend="reference")
+    got = M.flash_mla_with_kvcache(q, cache, None, None, 512, sched, splits, is_fp8_kvcache=True, indices=idx,
+                                   backend="triton")
+    ref = M.flash_mla_with_kvcache(q, cache, None, None, 512, sched, splits, is_fp8_kvcache=True, indices=idx,
+                                   backend="reference")
+    _assert_decode_matches(*got, *ref)
+
+
+def test_sparse_decode_nan_in_a_used_row_propagates(seed):
+    cache = M.quantize_kv_cache_fp8(torch.randn(2, 64, 1, 576).bfloat16()).view(-1, 656)
+    cache[70, 3] = 0x7F                                            # an e4m3 NaN in token row 70
+    q = torch.randn(2, 1, 4, 576).bfloat16()
+    idx = torch.tensor([[[70, 5, -1]], [[5, 6, 7]]], dtype=torch.int32)
+    out, lse = D.flash_mla_sparse_decode(q, cache.view(2, 64, 1, 656), idx, backend="triton")
+    assert out[0].isnan().all() and lse[0].isnan().all()
+    assert out[1].isfinite().all() and lse[1].isfinite().all()
+
+
 # ----------------------------------------------------------------------------- sm_90a compilation
 
 @pytest.fixture(scope="module")
 def compiled():
     """The GPU launches of the representative shapes (sm90_compile_specs: the launcher's
     specialization, UPCAST off), compiled for sm_90a in a child process."""
-    from pykernels.triton import dsa_logits, sm90
-    specs = dsa_logits.sm90_compile_specs()
+    from pykernels.triton import dsa_decode, dsa_logits, sm90
+    specs = dsa_logits.sm90_compile_specs() + dsa_decode.sm90_compile_specs()
     return list(zip(specs, sm90.compile_sm90(specs, jobs=1)))
 
 

@@ -15,8 +15,9 @@ flash_mla_sparse_decode: q bf16 [b, s_q, h_q, 576]; FP8 k_cache [num_blocks, 64,
 flash_mla_sparse_fwd: q bf16 [s_q, h_q, d_qk]; kv bf16 [s_kv, 1, d_qk]; indices int32
   [s_q, 1, topk] -> out bf16 [s_q, h_q, d_v], max_logits f32 [s_q, h_q], lse f32 [s_q, h_q].
 
-Every op has the reference backend; fp8_mqa_logits and fp8_paged_mqa_logits also have
-the Triton one (pykernels/triton/dsa_logits.py). The other Triton and the CUDA backends
+Every op has the reference backend; fp8_mqa_logits and fp8_paged_mqa_logits
+(pykernels/triton/dsa_logits.py) and flash_mla_sparse_decode (triton/dsa_decode.py) also
+have the Triton one. The other Triton and the CUDA backends
 are added here, beside it (`OP.add(B.triton(...))`, `OP.add(B.kernel(...))`), when they exist.
 Outputs are written in place (the public functions allocate them).
 """
@@ -687,12 +688,17 @@ def sparse_decode_problem(q, k_cache, indices, attn_sink, topk_length, tile_sche
     return p
 
 
-def _sparse_decode_reference(p: SparseDecodeProblem):
+def _check_gpu_sparse_decode_values(p: SparseDecodeProblem):
+    """_check_sparse_decode_values for GPU tensors, read on the host (CPU ones: checked by the builder)."""
     if p.device.type != "cpu":
         _check_sparse_decode_values(dataclasses.replace(
             p, indices=p.indices.cpu(), topk_length=None if p.topk_length is None else p.topk_length.cpu(),
             tile_scheduler_metadata=None if p.num_splits is None else p.tile_scheduler_metadata.cpu(),
             num_splits=None if p.num_splits is None else p.num_splits.cpu()))
+
+
+def _sparse_decode_reference(p: SparseDecodeProblem):
+    _check_gpu_sparse_decode_values(p)
     # The reference ignores the schedule (ground truth for any schedule).
     o, lse = RD.flash_mla_sparse_decode(p.q, p.k_cache, p.indices, p.softmax_scale, p.attn_sink, p.topk_length,
                                         p.head_dim_v)
@@ -700,7 +706,16 @@ def _sparse_decode_reference(p: SparseDecodeProblem):
     p.softmax_lse.copy_(lse)
 
 
+def _sparse_decode_triton(p: SparseDecodeProblem):
+    from ..triton import dsa_decode as TD
+    _check_gpu_sparse_decode_values(p)
+    # one program per (query token, head tile) over all its slots: the schedule is not used
+    TD.flash_mla_sparse_decode(p.q, p.k_cache, p.indices, p.attn_sink, p.topk_length, p.out, p.softmax_lse,
+                               p.softmax_scale)
+
+
 SPARSE_DECODE = registry.op("flash_mla_sparse_decode", lambda *a, **kw: public_sparse_decode_problem(*a, **kw))
+SPARSE_DECODE.add(B.triton(_sparse_decode_triton))
 SPARSE_DECODE.add(B.reference(_sparse_decode_reference))
 
 

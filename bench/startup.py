@@ -130,7 +130,12 @@ def backends_here() -> list:
 def machine() -> dict:
     import torch
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"host": platform.node(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "gpu": gpu, "source": f"measured on GPU {gpu}" if gpu else "measured on CPU (no GPU): not GPU figures"}
 
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="fresh processes timing the import (default 3)")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of %(default)s")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default bench/results/startup-<host>-<date>.json)")
+                   help="JSON path (default bench/results/startup-<cpu or GPU name>-<date>.json)")
     p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
@@ -187,7 +192,8 @@ def main(argv=None) -> int:
         p.error(f"--families: unknown {bad}; choose from {','.join(FAMILIES)}")
     res = measure(families, repeats=args.repeats)
     print(format_table(res))
-    out = args.out or RESULTS / f"startup-{res['machine']['host']}-{res['date']}.json"
+    where = (res["machine"]["gpu"] or "cpu").lower().replace(" ", "-")
+    out = args.out or RESULTS / f"startup-{where}-{res['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")

@@ -19,7 +19,7 @@ from pykernels.runtime import kernel_build
 ROOT = Path(__file__).resolve().parents[1]
 # what a build leaves in the tree, and results: not sources of the wheel
 _NOT_SOURCE = shutil.ignore_patterns(".git", "_kernels", "build", "dist", "*.egg-info", "__pycache__", "*.so",
-                                     ".pytest_cache", "results", ".benchmarks")
+                                     ".pytest_cache", ".ruff_cache", ".peer_ptx", "results", ".benchmarks")
 
 
 def test_trip_wire_records_a_compiler_call(tmp_path):

@@ -3,10 +3,10 @@ import os
 import pytest
 
 # Where there is no CUDA device the suite runs Triton through its interpreter process-wide
-# (the tests' own @triton.jit kernels too), set before anything imports triton: a user's
-# choice, which pykernels leaves alone. pykernels' kernels need no such setting: run with
-# TRITON_INTERPRET=0 to exercise that path (tests/test_triton_import_order.py does, in child
-# processes).
+# (the tests' own @triton.jit kernels too, e.g. tests/test_mla_checks.py), set before
+# anything imports triton: a user's choice, which pykernels leaves alone. pykernels' kernels
+# need no such setting (tests/test_triton_import_order.py, in child processes); a test file
+# without kernels of its own can run that way with TRITON_INTERPRET=0.
 def _select_triton_mode():
     import torch
     if not torch.cuda.is_available():

@@ -1,8 +1,9 @@
 """Compile Triton kernels to sm_90a PTX on a machine without a GPU, for the emulator.
 
 Triton decides between its interpreter and its compiler when `triton.language` is first
-imported (TRITON_INTERPRET), and on CPU machines pykernels selects the interpreter. So
-compilation runs in a child process with TRITON_INTERPRET=0; the result carries what
+imported (TRITON_INTERPRET), and a process may have chosen the interpreter (the user, or
+this repository's tests on CPU machines). So compilation runs in a child process with
+TRITON_INTERPRET=0; the result carries what
 `launch_triton` needs (PTX, kernel name, warps, shared memory, cluster, scratch sizes).
 """
 import dataclasses

@@ -52,7 +52,9 @@
 
 #include "pk/error_record.cuh"
 #include "pk/ptx.cuh"
+#include "pk/fp8_convert.cuh"
 #include "pk/ptx_mla.cuh"
+#include "pk/swizzle.cuh"
 
 namespace {
 
@@ -252,6 +254,11 @@ __device__ __forceinline__ Piece piece_of(const Params& p, const int* row, uint3
   return pc;
 }
 
+// Token rows of block `blk` inside the sequence (64 but in a partial last block).
+__device__ __forceinline__ uint32_t valid_rows(const Piece& pc, uint32_t blk) {
+  return min((uint32_t)pc.seqlen - blk * kPage, kPage);
+}
+
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -264,46 +271,149 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // FP8 cache: one raw page (64 token rows of 656 bytes) -> the bf16 K block. Warpgroup w
 // converts the latent columns it alone reads in P V ([256w, 256w + 256), chunks 4w..4w+3),
-// and rows [32w, 32w + 32) of the RoPE chunk and of the scales (read by both warpgroups, but
-// only before the previous block's second barrier). The e4m3 values enter the block
-// unscaled (exact in bf16); the scales go to sf[g][token]. Token rows >= `valid` (past the
-// sequence's end in its last block, stale or NaN in the cache) are written as zeros, scales
-// included, so neither S nor P V can meet a NaN there.
-__device__ __forceinline__ void convert_fp8_page(const uint8_t* raw, uint8_t* kblk, float* sf, uint32_t wg,
-                                                 uint32_t tid, uint32_t valid) {
-  const uint32_t warp = tid / 32, lane = tid % 32;
-  // latent: rows warp + 4j, 8 columns 256w + 8 lane .. +7 per thread (8 bytes in, 16 out)
-#pragma unroll 4
-  for (uint32_t j = 0; j < 16; ++j) {
-    const uint32_t r = warp + 4 * j;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < valid) {
-      const uint2 x = *reinterpret_cast<const uint2*>(raw + r * kFp8Row + 256 * wg + 8 * lane);
-      const uint2 lo = pk::e4m3x4_to_bf16x4(x.x), hi = pk::e4m3x4_to_bf16x4(x.y);
-      v = make_uint4(lo.x, lo.y, hi.x, hi.y);
-    }
-    // 128B swizzle: 16-byte unit (lane % 8) of row r of chunk 4w + lane / 8
-    *reinterpret_cast<uint4*>(kblk + (4 * wg + lane / 8) * kChunkBytes + r * 128 + (((lane % 8) ^ (r % 8)) << 4)) = v;
+// and rows [32w, 32w + 32) of the RoPE chunk and of the scales (the rows of its own keys:
+// only its own Q K^T and P steps read them). The e4m3 values enter the block unscaled (exact
+// in bf16); the scales go to sf[g][token]. Token rows >= `valid` (past the sequence's end in
+// its last block, stale or NaN in the cache) are written as zeros, scales included, so
+// neither S nor P V can meet a NaN there. Only a partial last block (`valid` < 64) pays for
+// that check (kPartial).
+constexpr uint32_t kMathWarps = 4;                           // warps per math warpgroup
+constexpr uint32_t kLatentPerWg = kDimV / 2;                 // 256 latent columns per warpgroup
+constexpr uint32_t kLatentPerLane = kLatentPerWg / 32;       // 8 e4m3 bytes = one 16-byte bf16 unit
+constexpr uint32_t kRowsPerWarp = kPage / kMathWarps;        // 16 token rows per thread
+constexpr uint32_t kRopeChunk = kDimV / 64;                  // chunk 8 of the K block
+static_assert(kMathWarps == 4, "row r = warp + 4j: r % 8 takes two values");
+
+// Where one math thread's latent rows are: token rows warp + 4j (j = 0..15), latent columns
+// [256w + 8 lane, +8): 8 bytes of the raw page in, one 16-byte unit of the K block out. The
+// swizzle repeats every 8 rows and warp + 4j takes two values mod 8 (warp < 4), so two
+// destinations computed once address every row (+ an immediate per row).
+struct LatentRows {
+  const uint8_t* src;    // row `warp` of the raw page, this thread's 8 bytes
+  uint8_t* dst[2];       // rows warp and warp + 4 of this thread's unit in the K block
+  uint32_t warp;
+
+  __device__ __forceinline__ LatentRows(const uint8_t* raw, uint8_t* kblk, uint32_t wg, uint32_t warp_,
+                                        uint32_t lane) : warp(warp_) {
+    const uint32_t unit = lane % pk::kSwizzleRows, chunk = kLatentPerWg / 64 * wg + lane / pk::kSwizzleRows;
+    src = raw + warp * kFp8Row + kLatentPerWg * wg + kLatentPerLane * lane;
+    dst[0] = kblk + chunk * kChunkBytes + pk::swizzle128_unit(warp, unit);
+    dst[1] = kblk + chunk * kChunkBytes + pk::swizzle128_unit(warp + kMathWarps, unit);
   }
-  // RoPE (chunk 8): rows 32w + u / 8, 16-byte unit u % 8, copied as they are
+
+  // Rows j in [j0, j1): the loads first, then convert and store (zeros for rows >= valid
+  // when kPartial).
+  template <bool kPartial, uint32_t j0, uint32_t j1>
+  __device__ __forceinline__ void convert(uint32_t valid) const {
+    constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;
+    uint2 x[j1 - j0];
 #pragma unroll
-  for (uint32_t j = 0; j < 2; ++j) {
+    for (uint32_t j = j0; j < j1; ++j) x[j - j0] = *reinterpret_cast<const uint2*>(src + j * kMathWarps * kFp8Row);
+#pragma unroll
+    for (uint32_t j = j0; j < j1; ++j) {
+      uint4 v = pk::e4m3x8_to_bf16x8(x[j - j0]);
+      if (kPartial && warp + kMathWarps * j >= valid) v = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(dst[j % 2] + (j / 2) * kAtomBytes) = v;
+    }
+  }
+};
+
+// The rows of P V's k-step `kStep` (keys [16 kStep, +16): j in [4 kStep, 4 kStep + 4)).
+constexpr uint32_t kPvSteps = kPage / 16;                    // k16 steps of P V
+constexpr uint32_t kRowsPerStep = kRowsPerWarp / kPvSteps;   // j values per step
+template <uint32_t kStep>
+__device__ __forceinline__ void convert_latent_step(const LatentRows& rows, uint32_t valid) {
+  constexpr uint32_t j0 = kStep * kRowsPerStep, j1 = j0 + kRowsPerStep;
+  if (valid >= kPage)
+    rows.convert<false, j0, j1>(valid);
+  else
+    rows.convert<true, j0, j1>(valid);
+}
+
+// RoPE (chunk 8) rows [32w, +32), copied as they are, and the scales of the same rows.
+__device__ __forceinline__ void convert_rope_and_scales(const uint8_t* raw, uint8_t* kblk, float* sf, uint32_t wg,
+                                                        uint32_t tid, uint32_t valid) {
+  constexpr uint32_t kRopeUnits = 32 * (kDimQK - kDimV) * 2 / pk::kSwizzleUnitBytes;   // 256 per warpgroup
+#pragma unroll
+  for (uint32_t j = 0; j < kRopeUnits / 128; ++j) {
     const uint32_t u = tid + 128 * j;
-    const uint32_t r = 32 * wg + u / 8, c = u % 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < valid) v = *reinterpret_cast<const uint4*>(raw + r * kFp8Row + kFp8RopeOff + 16 * c);
-    *reinterpret_cast<uint4*>(kblk + 8 * kChunkBytes + r * 128 + ((c ^ (r % 8)) << 4)) = v;
+    const uint32_t r = 32 * wg + u / pk::kSwizzleRows, c = u % pk::kSwizzleRows;
+    const uint4 x = *reinterpret_cast<const uint4*>(raw + r * kFp8Row + kFp8RopeOff + pk::kSwizzleUnitBytes * c);
+    *reinterpret_cast<uint4*>(kblk + kRopeChunk * kChunkBytes + pk::swizzle128_unit(r, c)) =
+        r < valid ? x : make_uint4(0, 0, 0, 0);
   }
   if (tid < 32) {
     const uint32_t r = 32 * wg + tid;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r < valid) v = *reinterpret_cast<const float4*>(raw + r * kFp8Row + kFp8SfOff);
-    sf[0 * kPage + r] = v.x;
-    sf[1 * kPage + r] = v.y;
-    sf[2 * kPage + r] = v.z;
-    sf[3 * kPage + r] = v.w;
+    float4 v = *reinterpret_cast<const float4*>(raw + r * kFp8Row + kFp8SfOff);
+    if (r >= valid) v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (uint32_t g = 0; g < kGroups; ++g) sf[g * kPage + r] = (&v.x)[g];
   }
 }
+
+// The FP8 page ring (one raw page, TMA) on the consumer side: wait for the next page, convert
+// this warpgroup's share of it into the K block (convert_* above), release it to the producer.
+// A page is converted either all at once (the first block of a piece) or interleaved with the
+// previous block's P V (convert_during_pv): rows [16k, +16) of this warpgroup's V columns
+// are rewritten as soon as the P V wgmmas of k-step k, the only readers left, have retired.
+struct Fp8Pages {
+  uint8_t* smem;         // CTA shared memory (aligned base)
+  uint32_t raw_off, k_off, sf_off;
+  uint32_t full_bar, empty_bar;
+  uint32_t wg, tid, lane;
+  LatentRows rows;
+  uint32_t phase = 0;    // of the one raw stage
+
+  __device__ __forceinline__ Fp8Pages(uint8_t* smem_, uint32_t raw_off_, uint32_t k_off_, uint32_t sf_off_,
+                                      uint32_t full_bar_, uint32_t empty_bar_, uint32_t wg_, uint32_t tid_)
+      : smem(smem_), raw_off(raw_off_), k_off(k_off_), sf_off(sf_off_), full_bar(full_bar_), empty_bar(empty_bar_),
+        wg(wg_), tid(tid_), lane(tid_ % 32), rows(smem_ + raw_off_, smem_ + k_off_, wg_, tid_ / 32, tid_ % 32) {}
+
+  __device__ __forceinline__ const uint8_t* raw() const { return smem + raw_off; }
+  __device__ __forceinline__ uint8_t* kblk() const { return smem + k_off; }
+  __device__ __forceinline__ float* sf() const { return reinterpret_cast<float*>(smem + sf_off); }
+
+  __device__ __forceinline__ void wait_full() const { pk::mbar_wait(full_bar, phase); }
+  __device__ __forceinline__ void release() {
+    __syncwarp();
+    if (lane == 0) pk::mbar_arrive(empty_bar);   // one arrival per math warp
+    phase ^= 1;
+  }
+
+  template <uint32_t kStep>
+  __device__ __forceinline__ void latent_step(uint32_t valid) const {
+    convert_latent_step<kStep>(rows, valid);
+  }
+
+  // The whole page, nothing in flight.
+  __device__ __forceinline__ void convert(uint32_t valid) {
+    wait_full();
+    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, valid);
+    latent_step<0>(valid);
+    latent_step<1>(valid);
+    latent_step<2>(valid);
+    latent_step<3>(valid);
+    release();
+  }
+
+  // The next page while this block's P V runs: P V committed one group per k-step
+  // (kPvSteps groups); each step's rows are converted after wait_group leaves only the later
+  // steps pending. Returns with every P V wgmma retired.
+  __device__ __forceinline__ void convert_during_pv(uint32_t valid) {
+    wait_full();
+    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, valid);   // read by Q K^T and P only
+    pk::wgmma_wait<kPvSteps - 1>();
+    latent_step<0>(valid);
+    pk::wgmma_wait<kPvSteps - 2>();
+    latent_step<1>(valid);
+    pk::wgmma_wait<kPvSteps - 3>();
+    latent_step<2>(valid);
+    pk::wgmma_wait<0>();
+    latent_step<3>(valid);
+    release();
+  }
+};
+static_assert(kPvSteps == 4, "convert_during_pv interleaves four P V k-steps");
 
 // Q.K^T over the chunks [c0, c1) into d (the first wgmma ignores d's old value).
 template <uint32_t c0, uint32_t c1>
@@ -355,6 +465,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   if (!partition_ok(p)) return;       // the same verdict in every warp: the CTA does nothing
   using L = Smem<kFp8>;
   constexpr uint32_t kStages = L::kStages;
+  static_assert(!kFp8 || kStages == 1, "Fp8Pages: one raw page stage");
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
@@ -440,7 +551,8 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   uint8_t* const ptile = smem + L::kPOff;
   const uint32_t p_addr = base + L::kPOff;
 
-  uint32_t s = 0, phase = 0, q_phase = 0;
+  uint32_t s = 0, phase = 0, q_phase = 0;   // bf16 cache: the K block ring
+  Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid);
   for (uint32_t k = 0; k < num_pieces; ++k) {
     const Piece pc = piece_of(p, row, k);
     // Per row h (r0 + 8h): global row, token, last visible key (clamped below seqlen).
@@ -467,18 +579,15 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
       const uint32_t last_blk = ((uint32_t)pc.seqlen + kPage - 1) / kPage - 1;
       for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
         const uint32_t kst = base + L::kKOff + (kFp8 ? 0u : s * kTileBytes);
-        pk::mbar_wait(full_bar + 8 * s, phase);
         const uint32_t key0l = wg * 32 + 2 * (lane % 4);           // this thread's first key in the block
 
         float sc[16];
         if constexpr (kFp8) {
           // 0. raw FP8 page -> bf16 K block (this warpgroup's V columns, half the RoPE rows and
-          //    scales); release the raw page to the producer; barrier: the whole block is
-          //    written (Q K^T reads every column) before either warpgroup's wgmma reads it.
-          convert_fp8_page(smem + L::kRawOff + s * kRawBytes, smem + L::kKOff, sfs, wg, tid,
-                           min((uint32_t)pc.seqlen - blk * kPage, kPage));
-          __syncwarp();
-          if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
+          //    scales): a piece's first page here, every later one during the previous block's
+          //    P V (step 4). Barrier: the whole block is written (Q K^T reads every column)
+          //    before either warpgroup's wgmma reads it.
+          if (blk == pc.lo) pages.convert(valid_rows(pc, blk));
           pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma operand reads
           pk::named_barrier_sync(kNamedBarrier, 256);
 
@@ -512,6 +621,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
           add_scaled(sc, t1, sfs, 3, key0l);
         } else {
+          pk::mbar_wait(full_bar + 8 * s, phase);
           // 1. S_w = Q K_w^T over 576 columns: 9 chunks x 4 k16 steps (32 bytes each).
 #pragma unroll
           for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
@@ -569,18 +679,22 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         if constexpr (kFp8) {
           // 3. P_w * sf_g -> bf16 -> P tile g (g = 0..3; the group's scale of each key folded
           //    into P's column in f32, rounded once, as the bf16 path rounds P). Stale rows of a
-          //    last block have sf = 0 and zero K rows (convert_fp8_page): nothing to zero here.
+          //    last block have sf = 0 and zero K rows (Fp8Pages): nothing to zero here.
+          //    The 16 scale pairs are loaded before any product (one shared-memory latency).
+          float2 f[kGroups][4];
+#pragma unroll
+          for (uint32_t g = 0; g < kGroups; ++g)
+#pragma unroll
+            for (uint32_t c = 0; c < 4; ++c) f[g][c] = *reinterpret_cast<const float2*>(sfs + g * kPage + key0l + 8 * c);
 #pragma unroll
           for (uint32_t g = 0; g < kGroups; ++g) {
 #pragma unroll
             for (uint32_t c = 0; c < 4; ++c) {
-              const float2 f = *reinterpret_cast<const float2*>(sfs + g * kPage + key0l + 8 * c);
 #pragma unroll
               for (uint32_t h = 0; h < 2; ++h) {
-                const uint32_t r = r0 + 8 * h;
-                const uint32_t off = g * kChunkBytes + r * 128 + (((4 * wg + c) ^ (r & 7)) << 4) + 4 * (lane % 4);
+                const uint32_t off = g * kChunkBytes + pk::swizzle128_byte(r0 + 8 * h, 2 * (key0l + 8 * c));   // bf16 key column
                 *reinterpret_cast<uint32_t*>(ptile + off) =
-                    pk::pack_bf16x2(sc[4 * c + 2 * h] * f.x, sc[4 * c + 2 * h + 1] * f.y);
+                    pk::pack_bf16x2(sc[4 * c + 2 * h] * f[g][c].x, sc[4 * c + 2 * h + 1] * f[g][c].y);
               }
             }
           }
@@ -619,16 +733,23 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
         pk::wgmma_fence();
         if constexpr (kFp8) {
-          // columns [256w, +128) = group 2w with P tile 2w, [256w + 128, +128) = group 2w + 1
+          // columns [256w, +128) = group 2w with P tile 2w, [256w + 128, +128) = group 2w + 1;
+          // one commit group per k-step (keys [16kk, +16)), so the next page's conversion can
+          // rewrite those keys' rows as each step retires (Fp8Pages::convert_during_pv).
           const uint64_t dp0 = pk::make_desc_k128b(p_addr + 2 * wg * kChunkBytes);
           const uint64_t dp1 = pk::make_desc_k128b(p_addr + (2 * wg + 1) * kChunkBytes);
 #pragma unroll
-          for (uint32_t kk = 0; kk < 4; ++kk) {
+          for (uint32_t kk = 0; kk < kPvSteps; ++kk) {
             const uint64_t dv0 = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
             const uint64_t dv1 = pk::make_desc_mn128b(kst + (4 * wg + 2) * kChunkBytes + kk * 2048, kChunkBytes, 1024);
             pk::wgmma_m64n128k16_bf16_kt<0>(acc, dp0 + 2 * kk, dv0, 1u);
             pk::wgmma_m64n128k16_bf16_kt<64>(acc, dp1 + 2 * kk, dv1, 1u);
+            pk::wgmma_commit();
           }
+          if (blk + 1 < pc.hi)
+            pages.convert_during_pv(valid_rows(pc, blk + 1));
+          else
+            pk::wgmma_wait<0>();
         } else {
           const uint64_t dp = pk::make_desc_k128b(p_addr);
 #pragma unroll
@@ -636,17 +757,17 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
             const uint64_t dv = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
             pk::wgmma_m64n256k16_bf16_kt(acc, dp + 2 * kk, dv, 1u);
           }
+          pk::wgmma_commit();
+          pk::wgmma_wait<0>();
         }
-        pk::wgmma_commit();
-        pk::wgmma_wait<0>();
 #pragma unroll
         for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
         if constexpr (!kFp8) {
           if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
-        }
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
+          if (++s == kStages) {
+            s = 0;
+            phase ^= 1;
+          }
         }
       }
       if (lane == 0) pk::mbar_arrive(q_empty);

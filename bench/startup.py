@@ -1,6 +1,6 @@
 """Start-up cost: `import pykernels` and the first call of each op family, each in a fresh
 process, with every CUDA compiler replaced by a trip-wire (so a JIT or a compile at first
-call would fail the run and be counted). ``python -m bench.startup [--repeats N] [--out PATH]``.
+call would fail the run and be counted). ``python -m bench.startup [--repeats N] [--call-repeats N] [--out PATH]``.
 
 Per (family, backend): the first call, the second call (same inputs, warm) and their
 difference, the cost of the first call beyond steady state. On a CPU machine the backends
@@ -145,8 +145,14 @@ def machine() -> dict:
             "gpu": gpu, "source": f"measured on GPU {gpu}" if gpu else "measured on CPU (no GPU): not GPU figures"}
 
 
-def measure(families=FAMILIES, backends=None, repeats: int = 3) -> dict:
-    """Import time (median of `repeats` fresh processes) and first calls, under the trip-wire."""
+def _median_row(runs: list) -> dict:
+    """Each timing of the runs' dicts: its median (the machine may be shared: noisy)."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def measure(families=FAMILIES, backends=None, repeats: int = 3, call_repeats: int = 1) -> dict:
+    """Import time (median of `repeats` fresh processes) and first calls (median of
+    `call_repeats` fresh processes per family and backend), under the trip-wire."""
     from pykernels import registry
     backends = backends or backends_here()
     with tempfile.TemporaryDirectory(prefix="pk_tripwire_") as tmp:
@@ -158,8 +164,9 @@ def measure(families=FAMILIES, backends=None, repeats: int = 3) -> dict:
             for backend in backends:
                 if backend not in registry.get(_OP_OF[family]).backends:
                     continue
-                calls.append({"family": family, "op": _OP_OF[family], "backend": backend,
-                              **_spawn(env, family, backend), "compiler_calls": compiler_calls(Path(tmp), clear=True)})
+                runs = [_spawn(env, family, backend) for _ in range(call_repeats)]
+                calls.append({"family": family, "op": _OP_OF[family], "backend": backend, **_median_row(runs),
+                              "runs": runs, "compiler_calls": compiler_calls(Path(tmp), clear=True)})
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "import_s": {"median": statistics.median(r["import_s"] for r in imports),
                          "runs": [r["import_s"] for r in imports]},
@@ -195,6 +202,8 @@ def format_table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes timing the import (default 3)")
+    p.add_argument("--call-repeats", type=int, default=1,
+                   help="fresh processes per family and backend timing the calls; medians (default 1)")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of %(default)s")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default bench/results/startup-<cpu or GPU name>-<date>.json)")
@@ -207,7 +216,7 @@ def main(argv=None) -> int:
     bad = [f for f in families if f not in FAMILIES]
     if bad:
         p.error(f"--families: unknown {bad}; choose from {','.join(FAMILIES)}")
-    res = measure(families, repeats=args.repeats)
+    res = measure(families, repeats=args.repeats, call_repeats=args.call_repeats)
     print(format_table(res))
     where = (res["machine"]["gpu"] or "cpu").lower().replace(" ", "-")
     out = args.out or RESULTS / f"startup-{where}-{res['date']}.json"

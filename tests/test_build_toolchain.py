@@ -10,6 +10,7 @@ version reschedule, they should not change the kernel's shape); a larger change 
 names the figures.
 """
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -68,12 +69,44 @@ def test_without_pip_toolkit_the_system_then_path(monkeypatch, tmp_path, no_expl
         assert kernel_build.find_cuda_home() == (fake, "PATH")
 
 
+def _pins(lines) -> dict:
+    return dict(line.strip().split("==") for line in lines if line.strip().startswith("nvidia-") and "==" in line)
+
+
+def test_build_requires_and_requirements_pin_the_same_toolkit():
+    import tomllib
+    build = _pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"])
+    cpu = _pins((ROOT / "requirements-cpu.txt").read_text().splitlines())
+    assert build == cpu and {"nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-runtime"} <= set(cpu)
+
+
 def test_pip_toolkit_is_found_in_site_packages():
     home = kernel_build.pip_cuda_home()
     if home is None:
         pytest.skip("NVIDIA's nvcc wheels are not installed here (requirements-cpu.txt installs them)")
     assert home.name == "cu13" and home.parent.name == "nvidia" and kernel_build.is_toolkit(home)
-    assert kernel_build.toolkit_version(home).startswith("V13.0.88 ")  # the pin of requirements-cpu.txt
+    pin = _pins((ROOT / "requirements-cpu.txt").read_text().splitlines())["nvidia-cuda-nvcc"]
+    assert kernel_build.toolkit_version(home).startswith(f"V{pin} ")
+
+
+def test_pip_toolkit_reads_nothing_of_the_system_toolkit(tmp_path):
+    """As if no toolkit were installed: every file the pip nvcc opens while compiling a
+    kernel lies outside /usr/local/cuda (and whatever it links to)."""
+    home, strace = kernel_build.pip_cuda_home(), shutil.which("strace")
+    if home is None or strace is None or not SYSTEM.exists():
+        pytest.skip(f"needs the pip toolkit ({home}), strace ({strace}) and a system toolkit to avoid")
+    trace = tmp_path / "trace"
+    name, src, kind = SAMPLES[0]
+    proc = subprocess.run([strace, "-f", "-e", "trace=file", "-o", trace, home / "bin" / "nvcc", *kernel_build.CU_FLAGS,
+                           "-I", ROOT / "csrc" / "include", "-gencode=arch=compute_90a,code=sm_90a", "-cubin",
+                           "-o", tmp_path / f"{name}.cubin", src], capture_output=True, text=True)
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    text = trace.read_text()
+    assert "cicc" in text and "ptxas" in text  # the trace saw the compile
+    touched = {str(SYSTEM), str(SYSTEM.resolve())}
+    assert not [line for line in text.splitlines() if any(t + "/" in line or f'"{t}"' in line for t in touched)]
 
 
 def test_build_without_a_toolkit_names_where_it_looked(monkeypatch, tmp_path):

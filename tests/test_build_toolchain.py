@@ -9,9 +9,11 @@ spill bytes, and registers and instruction count each within 10% (compilers of o
 version reschedule, they should not change the kernel's shape); a larger change fails and
 names the figures.
 """
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,13 @@ def test_pip_toolkit_is_found_in_site_packages():
     assert home.name == "cu13" and home.parent.name == "nvidia" and kernel_build.is_toolkit(home)
     pin = _pins((ROOT / "requirements-cpu.txt").read_text().splitlines())["nvidia-cuda-nvcc"]
     assert kernel_build.toolkit_version(home).startswith(f"V{pin} ")
+    # what the README's install finds with no CUDA_HOME and no nvcc on PATH
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
+                                  if d and not (Path(d) / "nvcc").exists())
+    code = "import sys; sys.path.insert(0, 'pykernels/runtime'); import kernel_build as k; print(*k.find_cuda_home())"
+    found = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == [str(home), "pip"]
 
 
 def test_pip_toolkit_reads_nothing_of_the_system_toolkit(tmp_path):

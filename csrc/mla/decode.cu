@@ -301,14 +301,17 @@ struct LatentRows {
     dst[1] = kblk + chunk * kChunkBytes + pk::swizzle128_unit(warp + kMathWarps, unit);
   }
 
-  // Rows j in [j0, j1): the loads first, then convert and store (zeros for rows >= valid
-  // when kPartial).
-  template <bool kPartial, uint32_t j0, uint32_t j1>
-  __device__ __forceinline__ void convert(uint32_t valid) const {
-    constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;
-    uint2 x[j1 - j0];
+  // Rows j in [j0, j1): their raw bytes into registers ...
+  template <uint32_t j0, uint32_t j1>
+  __device__ __forceinline__ void load(uint2 (&x)[j1 - j0]) const {
 #pragma unroll
     for (uint32_t j = j0; j < j1; ++j) x[j - j0] = *reinterpret_cast<const uint2*>(src + j * kMathWarps * kFp8Row);
+  }
+
+  // ... then converted and stored (zeros for rows >= valid when kPartial).
+  template <bool kPartial, uint32_t j0, uint32_t j1>
+  __device__ __forceinline__ void store(const uint2 (&x)[j1 - j0], uint32_t valid) const {
+    constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;
 #pragma unroll
     for (uint32_t j = j0; j < j1; ++j) {
       uint4 v = pk::e4m3x8_to_bf16x8(x[j - j0]);
@@ -321,13 +324,20 @@ struct LatentRows {
 // The rows of P V's k-step `kStep` (keys [16 kStep, +16): j in [4 kStep, 4 kStep + 4)).
 constexpr uint32_t kPvSteps = kPage / 16;                    // k16 steps of P V
 constexpr uint32_t kRowsPerStep = kRowsPerWarp / kPvSteps;   // j values per step
+using StepRows = uint2[kRowsPerStep];   // the raw bytes of one k-step's rows (per thread)
+
 template <uint32_t kStep>
-__device__ __forceinline__ void convert_latent_step(const LatentRows& rows, uint32_t valid) {
+__device__ __forceinline__ void load_latent_step(const LatentRows& rows, StepRows& x) {
+  rows.load<kStep * kRowsPerStep, (kStep + 1) * kRowsPerStep>(x);
+}
+
+template <uint32_t kStep>
+__device__ __forceinline__ void store_latent_step(const LatentRows& rows, const StepRows& x, uint32_t valid) {
   constexpr uint32_t j0 = kStep * kRowsPerStep, j1 = j0 + kRowsPerStep;
   if (valid >= kPage)
-    rows.convert<false, j0, j1>(valid);
+    rows.store<false, j0, j1>(x, valid);
   else
-    rows.convert<true, j0, j1>(valid);
+    rows.store<true, j0, j1>(x, valid);
 }
 
 // RoPE (chunk 8) rows [32w, +32), copied as they are, and the scales of the same rows.
@@ -380,36 +390,42 @@ struct Fp8Pages {
     phase ^= 1;
   }
 
-  template <uint32_t kStep>
-  __device__ __forceinline__ void latent_step(uint32_t valid) const {
-    convert_latent_step<kStep>(rows, valid);
-  }
-
   // The whole page, nothing in flight.
   __device__ __forceinline__ void convert(uint32_t valid) {
     wait_full();
     convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, valid);
-    latent_step<0>(valid);
-    latent_step<1>(valid);
-    latent_step<2>(valid);
-    latent_step<3>(valid);
+    StepRows x0, x1;
+    load_latent_step<0>(rows, x0);
+    load_latent_step<1>(rows, x1);
+    store_latent_step<0>(rows, x0, valid);
+    load_latent_step<2>(rows, x0);
+    store_latent_step<1>(rows, x1, valid);
+    load_latent_step<3>(rows, x1);
+    store_latent_step<2>(rows, x0, valid);
+    store_latent_step<3>(rows, x1, valid);
     release();
   }
 
   // The next page while this block's P V runs: P V committed one group per k-step
-  // (kPvSteps groups); each step's rows are converted after wait_group leaves only the later
-  // steps pending. Returns with every P V wgmma retired.
+  // (kPvSteps groups); each step's rows are stored after wait_group leaves only the later
+  // steps pending, the next step's rows loaded before that wait. Returns with every P V
+  // wgmma retired.
   __device__ __forceinline__ void convert_during_pv(uint32_t valid) {
     wait_full();
     convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, valid);   // read by Q K^T and P only
+    StepRows x0, x1;
+    load_latent_step<0>(rows, x0);
+    load_latent_step<1>(rows, x1);
     pk::wgmma_wait<kPvSteps - 1>();
-    latent_step<0>(valid);
+    store_latent_step<0>(rows, x0, valid);
+    load_latent_step<2>(rows, x0);
     pk::wgmma_wait<kPvSteps - 2>();
-    latent_step<1>(valid);
+    store_latent_step<1>(rows, x1, valid);
+    load_latent_step<3>(rows, x1);
     pk::wgmma_wait<kPvSteps - 3>();
-    latent_step<2>(valid);
+    store_latent_step<2>(rows, x0, valid);
     pk::wgmma_wait<0>();
-    latent_step<3>(valid);
+    store_latent_step<3>(rows, x1, valid);
     release();
   }
 };
@@ -673,6 +689,16 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         for (uint32_t i = 0; i < 16; ++i) {
           const uint32_t h = (i >> 1) & 1;
           sc[i] = pk::ex2_approx(sc[i] - m_use[h]);
+          if constexpr (kFp8) {
+            // acc *= alpha (step 4's rescale) here, 8 registers per exponential: the
+            // multiplies issue while ex2 and the row-sum chain wait on their latencies
+            // (fence_operand keeps the compiler from sinking them to the wgmma).
+#pragma unroll
+            for (uint32_t a = 8 * i; a < 8 * i + 8; ++a) {
+              acc[a] *= alpha[(a >> 1) & 1];
+              pk::fence_operand(acc[a]);
+            }
+          }
           l[h] += sc[i];
         }
 
@@ -726,9 +752,11 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
         pk::named_barrier_sync(kNamedBarrier, 256);
 
-        // 4. acc = alpha * acc + P V_w
+        // 4. acc = alpha * acc + P V_w (FP8: acc already rescaled in step 2)
+        if constexpr (!kFp8) {
 #pragma unroll
-        for (uint32_t i = 0; i < 128; ++i) acc[i] *= alpha[(i >> 1) & 1];
+          for (uint32_t i = 0; i < 128; ++i) acc[i] *= alpha[(i >> 1) & 1];
+        }
 #pragma unroll
         for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
         pk::wgmma_fence();

@@ -46,6 +46,12 @@
 // seqlens and the page ids the CTA will read; on a failure warp 0 records the error in the
 // device error record (pk/error_record.cuh) and the whole CTA returns, reading nothing more.
 //
+// FP8 cache (pk_mla_decode_fp8, docs/mla.md "FP8 KV cache"): the producer loads one raw page
+// per block (one TMA box, a ring of one page); the math warpgroups convert it into the bf16
+// K block (Fp8Pages: a piece's first page before its first block, every later page during
+// the previous block's P V, k-step by k-step as its wgmmas retire), then run steps 1-4 with
+// S and P scaled per 128-column group (four P tiles, P V as two m64n128k16 per k-step).
+//
 // Shared memory (dynamic, base aligned up to 1024): Q 72 KB | 2 K stages x 72 KB | P 8 KB |
 // red 512 B | lsum 512 B | 6 mbarriers: 230,448 bytes + 1,024 alignment slack <= 227 KB.
 #include <cstdint>

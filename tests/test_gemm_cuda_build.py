@@ -271,7 +271,7 @@ def test_multicast_ptx(cfg, ptx_module):
     (1, 2112, 7168, lambda c: c.block_m == 64 and c.block_n <= 64),    # decode: spread N over SMs
     (64, 2112, 7168, lambda c: c.block_m == 64 and c.block_n <= 64),
     (128, 4096, 7168, lambda c: c.block_m == 64),                      # 2 x 64 blocks fill 1 wave
-    (4096, 2112, 7168, lambda c: (c.block_m, c.block_n, c.cluster) == (128, 128, 1)),   # measured best (NOT_AUTO)
+    (4096, 2112, 7168, lambda c: (c.block_m, c.block_n, c.cluster) == (128, 160, 1)),   # 4 waves, not 5
     (4096, 7168, 16384, lambda c: c.block_m == 128 and c.block_n >= 128),
     (4096, 32768, 512, lambda c: c.block_m == 128),
 ])
@@ -291,7 +291,7 @@ def test_heuristic_model_properties():
 
 
 # The multicast model, over every compiled config (the default candidates leave the
-# multicast configs out: NOT_AUTO)
+# multicast configs out: NOT_AUTO, measured slower on an H200)
 ALL = G.CONFIGS
 
 

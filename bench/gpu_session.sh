@@ -3,7 +3,7 @@
 # with a GPU spends its few minutes measuring, not typing. From the repository root:
 #   COMMIT=<git rev-parse HEAD, taken here> bash bench/gpu_session.sh
 # with `carry: ["pykernels/_kernels", ".peer_ptx"]`: the kernels built here (nvcc 13,
-# sm_90a; the build skips what is up to date, so the install only builds pykernels._C) and
+# sm_90a; only pykernels._C is compiled there) and
 # DeepGEMM's kernel prepared here by `python -m bench.peers.gpu_gemm prepare --dir .peer_ptx`
 # (the machine has neither DeepGEMM's headers nor a network).
 # The copy of the tree there has no .git; budgets in seconds: INSTALL_S, PEERS_S, TEST_S,
@@ -11,8 +11,8 @@
 # Writes to $OUT (or /tmp/pk_gpu) eight files at most (the device tool returns eight):
 # gpu.txt (GPU, driver, versions, commit), log.txt (every step's output),
 # deepgemm-vs-ours.json, ncu.txt (Nsight Compute on the largest shape), and the benchmark
-# JSON + PNG of the GEMM layouts (gemm/) and of MLA decode + EP (mla/), which a session then commits under bench/results/. Every step has
-# its own time limit, so a hang in one still returns the others' results; the exit status
+# JSON + PNG of the GEMM layouts (gemm/) and of MLA decode + EP (mla/), which a session
+# then commits under bench/results/<gpu>-<date>-<commit>/. Every step has its own time limit, so a hang in one still returns the others' results; the exit status
 # is the worst step's. The steps run most valuable first.
 set -uo pipefail
 OUT=${OUT:-/tmp/pk_gpu}
@@ -42,8 +42,14 @@ step() {  # step NAME SECONDS CMD...: run with a limit, append to $OUT/log.txt, 
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 # The machine's own CUDA torch, Triton, pytest and pybind11 stay (nothing can be fetched
-# there): the package alone installs, without dependencies, and builds its kernels there.
-step install "${INSTALL_S:-120}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+# there), and the kernels come built from here (carried): only pykernels._C is compiled
+# there (g++, pybind11, the CUDA driver header), and every step imports the tree itself
+# (PYTHONPATH). `pip install -e .` would do the same but may recompile every kernel when
+# that machine's nvcc reports another version than the manifest's (docs/build.md).
+EXT=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+step build_c "${INSTALL_S:-120}" g++ -O2 -shared -fPIC -std=c++17 $("$PY" -m pybind11 --includes) -Icsrc/host \
+  -I/usr/local/cuda/include csrc/host/module.cpp csrc/host/driver.cpp -ldl -o "pykernels/_C$EXT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 if [ -f .peer_ptx/manifest.json ]; then
   step peers "${PEERS_S:-120}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 --sweep-ours \

@@ -124,8 +124,8 @@ def compiled_configs() -> tuple:
 # Tile shapes the heuristic does not pick (still compiled, and run when a plan names
 # them): the multicast pairs. On an H200 (docs/results.md) they were 1.3-2.6x slower than
 # the best cluster-1 config with the old GPU-scope stage release (commit 8d5587c), and
-# after the shared-memory-only release (commit e5015a6) still 2-15% slower on the four
-# shapes measured. The 112/144/160-column tiles were out too until their B-scale select
+# after the shared-memory-only release (commit e5015a6) still 2-6% slower than the same
+# tile at cluster 1 on the four shapes measured. The 112/144/160-column tiles were out too until their B-scale select
 # became compile-time (e5015a6: m128n160 1.08x m128n128 at 4096x7168x16384, m128n144
 # 1.13x at 4096x2112x7168).
 NOT_AUTO = frozenset({"pk_fp8_gemm_nt_m128n160_mc2", "pk_fp8_gemm_nt_m128n128_mc2"})

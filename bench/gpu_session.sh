@@ -52,7 +52,7 @@ step build_c "${INSTALL_S:-120}" g++ -O2 -shared -fPIC -std=c++17 $("$PY" -m pyb
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 if [ -f .peer_ptx/manifest.json ]; then
-  step peers "${PEERS_S:-120}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 --sweep-ours \
+  step peers "${PEERS_S:-120}" "$PY" -m bench.peers.gpu_gemm run --dir .peer_ptx --runs 20 --sweep-ours --profile-host \
     --out "$OUT/deepgemm-vs-ours.json"
 fi
 # why our GEMM is slower than DeepGEMM's on the largest shape: one launch of each under

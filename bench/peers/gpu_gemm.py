@@ -134,13 +134,14 @@ def _deepgemm_launcher(e: dict, ptx_dir: Path, a8, sfa, b8, sfb, out):
 
 
 def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_only: bool = False,
-        sweep_ours: bool = False) -> list:
+        sweep_ours: bool = False, profile_host: bool = False) -> list:
     """Time each prepared DeepGEMM config and our cuda backend on the same operands, three
     ways: seconds (CUDA events around each call: what a caller without CUDA graphs waits),
     kernel_seconds (the kernels' device time, torch.profiler) and host_seconds (the call's
     host cost). only: shape labels "MxNxK" to keep (default all); probe_only: launch and
     check each kernel once, time nothing (for a profiler such as ncu); sweep_ours: also
-    every compiled tile config of ours, launched from a prepared plan."""
+    every compiled tile config of ours, launched from a prepared plan; profile_host: print
+    where our API call's host time goes (cProfile of 200 calls, the top 25 by own time)."""
     import pykernels
     from bench.timing import host_seconds, time_cuda, time_kernels
     from pykernels.metrics import calc_diff
@@ -191,6 +192,8 @@ def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_o
                     if kernel_timing:
                         row["kernel_seconds"] = kt = time_kernels(fn, runs=runs)
                         row["kernel_tflops"] = flops / kt / 1e12 if kt else None
+                    if profile_host and e is None:
+                        _print_host_profile(fn, f"{m}x{n}x{k}")
             except Exception as exc:  # report, never invent a figure
                 row["note"] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             rows.append(row)
@@ -199,6 +202,19 @@ def run(ptx_dir: Path, runs: int, only=None, kernel_timing: bool = True, probe_o
         a8 = sfa = b8 = sfb = ref = sfa_tma = None   # free this shape's operands before the next
         torch.cuda.empty_cache()
     return rows
+
+
+def _print_host_profile(fn, label: str, calls: int = 200) -> None:
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"host profile of {calls} API calls, {label} (own time, seconds in total):", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def _timings(row: dict) -> str:
@@ -228,6 +244,7 @@ def main(argv=None) -> int:
     go.add_argument("--shapes", default="", help="comma-separated MxNxK labels to run (default: all prepared)")
     go.add_argument("--no-kernel-timing", action="store_true", help="skip the profiler timing")
     go.add_argument("--sweep-ours", action="store_true", help="also time every compiled tile config of ours")
+    go.add_argument("--profile-host", action="store_true", help="cProfile our API call's host time per shape")
     go.add_argument("--probe-only", action="store_true",
                     help="launch and check each kernel once, time nothing (under ncu: one launch per kernel)")
     args = p.parse_args(argv)
@@ -240,7 +257,7 @@ def main(argv=None) -> int:
     from bench import report as R
     only = {x.strip() for x in args.shapes.split(",") if x.strip()}
     rows = run(args.dir, args.runs, only, kernel_timing=not args.no_kernel_timing, probe_only=args.probe_only,
-               sweep_ours=args.sweep_ours)
+               sweep_ours=args.sweep_ours, profile_host=args.profile_host)
     packages = sorted({e["package"] for e in json.loads((args.dir / MANIFEST).read_text())["entries"]})
     meta = dict(source="gpu", gpu=torch.cuda.get_device_name(), date=R.today(),
                 git_commit=R.git_commit(Path(__file__).resolve().parents[2]), torch=torch.__version__,

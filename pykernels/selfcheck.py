@@ -6,6 +6,8 @@ GEMM outputs must reach calc_diff < 1e-6 and relative error < 2e-3 against the
 reference on the rows they own, and leave padding / masked rows untouched (NaN-poisoned).
 MLA decode (bf16 and FP8 cache): out calc_diff < 1e-5 against the reference, LSE max
 absolute error < 1e-4, same +inf rows; the MLA schedule must equal the reference's.
+DSA indexer logits: within 1e-5 of the row's largest |logit| and the same -inf positions;
+DSA sparse decode: as MLA decode (out calc_diff, LSE, same +inf rows).
 EP intranode dispatch + weighted combine (2 ranks, LocalNode: every rank's kernels at
 once, on the emulator or on one GPU): received rows, top-k ids and weights bit-identical
 to the reference simulation, combined tokens bit-identical to its bf16 rounding.
@@ -153,6 +155,56 @@ def _mla_metadata_case(device):
     return "seqlens=[6400,64,0,1,200] parts=16", run
 
 
+DSA_LOGIT_REL = 1e-5
+
+
+def _dsa_logits_case(device):
+    import pykernels.dsa as D
+    m, n, h, d = 5, 130, 4, 64
+    q = (torch.randn(m, h, d, device=device) * 2).to(torch.float8_e4m3fn)
+    k, sf = D.indexer_k_cast_to_fp8(torch.randn(n, d, device=device) * 3)
+    w = torch.randn(m, h, device=device)
+    ks = torch.tensor([0, 10, 64, 129, 50], dtype=torch.int32, device=device)
+    ke = torch.tensor([130, 90, 64, 130, 51], dtype=torch.int32, device=device)   # row 2: an empty window
+
+    def run(backend):
+        out = torch.full((m, n), float("nan"), device=device)
+        D.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend=backend, out=out)
+        ref = D.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="reference")
+        same_inf = torch.equal(out.isneginf(), ref.isneginf())
+        fin = torch.isfinite(ref)
+        err = float((out[fin] - ref[fin]).abs().max() / ref[fin].abs().max().clamp_min(1e-30)) if fin.any() else 0.0
+        return f"rel {err:.1e}", same_inf and err < DSA_LOGIT_REL and not out.isnan().any()
+    return f"m={m} n={n} h={h} d={d} ragged windows", run
+
+
+def _dsa_sparse_decode_case(device):
+    import pykernels.dsa as D
+    import pykernels.mla as M
+    b, s_q, h_q, blocks, topk = 2, 2, 16, 4, 48
+    cache = M.quantize_kv_cache_fp8(torch.randn(blocks, 64, 1, 576, device=device).to(torch.bfloat16))
+    q = torch.randn(b, s_q, h_q, 576, device=device).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(blocks * 64, device=device)[:topk] for _ in range(b * s_q)]).view(b, s_q, topk)
+    idx = idx.int()
+    idx[0, 0, ::5] = -1                                              # unused slots
+    idx[1, 1] = -1                                                   # a row with no key
+    sink = torch.randn(h_q, device=device)
+    length = torch.tensor([topk, 30], dtype=torch.int32, device=device)
+
+    def run(backend):
+        out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16, device=device)
+        lse = torch.full((b, h_q, s_q), float("nan"), device=device)
+        D.flash_mla_sparse_decode(q, cache, idx, None, sink, length, backend=backend, out=out, softmax_lse=lse)
+        ref, ref_lse = D.flash_mla_sparse_decode(q, cache, idx, None, sink, length, backend="reference")
+        d = calc_diff(out, ref)
+        same_inf = torch.equal(lse.isinf(), ref_lse.isinf())
+        fin = torch.isfinite(ref_lse)
+        e = float((lse[fin] - ref_lse[fin]).abs().max()) if fin.any() else 0.0
+        ok = d < MLA_CALC_DIFF and e < MLA_LSE_ABS and same_inf and not out.isnan().any()
+        return f"diff {d:.1e}, lse {e:.1e}", ok
+    return f"b={b} s_q={s_q} h_q={h_q} topk={topk} FP8 cache, -1 slots, sink, topk_length", run
+
+
 def _ep_case(device):
     from .ops import ep as OE
     ranks, experts, hidden, topk_k = 2, 8, 256, 4
@@ -196,6 +248,8 @@ def cases(device):
     yield ("get_mla_metadata", *_mla_metadata_case(device))
     yield ("flash_mla_with_kvcache", *_mla_case(False, device))
     yield ("flash_mla_with_kvcache", *_mla_case(True, device))
+    yield ("fp8_mqa_logits", *_dsa_logits_case(device))
+    yield ("flash_mla_sparse_decode", *_dsa_sparse_decode_case(device))
     yield ("ep_dispatch_combine", *_ep_case(device))
 
 

@@ -87,7 +87,11 @@ def test_barrier_orders_the_handoff():
 def test_accesses_inside_one_warp_are_exempt():
     # lanes 0-15 write, lanes 16-31 of the same warp read (other words: no data flows;
     # the point is only that no report is made between lanes of one warp)
-    _handoff(sync=0, lanes=16, block=32)
+    stats, _, _ = _handoff(sync=0, lanes=16, block=32, mode="collect")
+    assert stats.ordering_violations == []
+    # the same unsynchronised hand-off across two warps is reported
+    stats, _, _ = _handoff(sync=0, lanes=32, block=64, mode="collect")
+    assert [v.rule for v in stats.ordering_violations] == ["c"]
 
 
 WAR = HEAD + """

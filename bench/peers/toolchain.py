@@ -14,6 +14,8 @@ import re
 import subprocess
 import tempfile
 
+from pykernels.runtime import kernel_build
+
 DEEP_GEMM_DIST = "sgl-deep-gemm"
 INSTALL_HINT = "pip install --no-deps -r requirements-peers.txt"
 NVCC_FLAGS = ("-std=c++20", "-gencode=arch=compute_90a,code=compute_90a", "-ptx", "-O3",
@@ -52,13 +54,15 @@ def deep_gemm_headers() -> PeerHeaders:
 
 
 def cuda_home() -> str:
-    return os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    """The toolkit our own kernels build with (kernel_build.find_cuda_home: $CUDA_HOME, the
+    pinned pip nvcc, /usr/local/cuda, PATH), so peers and ours compile with the same nvcc."""
+    return str(kernel_build.find_cuda_home()[0])
 
 
 def nvcc() -> str:
     path = os.path.join(cuda_home(), "bin", "nvcc")
     if not os.access(path, os.X_OK):
-        raise PeerMissing(f"nvcc not found at {path} (set CUDA_HOME)")
+        raise PeerMissing(f"nvcc not found at {path} (kernel_build.find_cuda_home; set CUDA_HOME)")
     return path
 
 

@@ -399,7 +399,21 @@ def _paged_triton(p: PagedMqaLogitsProblem):
     TL.fp8_paged_mqa_logits(p.q, p.kv_cache, p.weights, p.context_lens, p.block_table, p.out, p.max_context_len)
 
 
+def _paged_kernel(p: PagedMqaLogitsProblem, executor: str):
+    from ..cuda import dsa as CD
+    _check_gpu_paged_values(p)
+    CD.fp8_paged_mqa_logits(p.q, p.kv_cache, p.weights, p.context_lens, p.block_table, p.out, p.max_context_len,
+                            executor)
+
+
+def _paged_kernel_limits(p: PagedMqaLogitsProblem):
+    from ..cuda import dsa as CD
+    CD.check_paged_logits_supported(p.q, p.kv_cache, p.weights, p.out)
+
+
 PAGED_LOGITS = registry.op("fp8_paged_mqa_logits", lambda *a, **kw: public_paged_mqa_logits_problem(*a, **kw))
+for _name in ("cuda", "emu"):
+    PAGED_LOGITS.add(B.kernel(_name, "dsa_paged_logits", _paged_kernel, _paged_kernel_limits))
 PAGED_LOGITS.add(B.triton(_paged_triton))
 PAGED_LOGITS.add(B.reference(_paged_reference))
 

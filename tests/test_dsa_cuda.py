@@ -1,0 +1,165 @@
+"""The hand-written DSA indexer-logits kernel (csrc/dsa/paged_logits.cu, host side
+pykernels/cuda/dsa.py): what was compiled (SASS, ptxas resources), the launch plan, the same
+kernel's PTX run by the emulator (backend "emu", memory-ordering checker on, every CTA
+schedule) against the reference on fresh random inputs with NaN-poisoned outputs, its
+limits, and a GPU run (marked `gpu`).
+
+Tolerance (as for the Triton kernel, tests/test_dsa_triton.py): the e4m3 products are
+exact in float32 and only their summation order differs (wgmma's k32 steps, then the head
+reduction per thread and across the quad): |got - ref| <= 1e-5 * max|ref| + 1e-6, and -inf
+exactly where the reference has it.
+"""
+import math
+import re
+
+import pytest
+import torch
+
+import pykernels as pk
+import pykernels.dsa as D
+from pykernels.cuda import dsa as CD
+from pykernels.runtime import artifacts, sass
+from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
+
+from .test_dsa_triton import _assert_logits_match
+
+FP8 = torch.float8_e4m3fn
+NAN = float("nan")
+SCHEDULES = ("lockstep", "cta_first", "cta_last", "wg_first", "wg_last")
+
+
+def _problem(b, next_n, h, lens_2d, pages=24, max_blocks=6, device="cpu"):
+    """Random q, cache and windows covering: a full table, a sequence with no key (its page
+    ids invalid: never read), one key, and a random length; positions past every window."""
+    d, blk = CD.HEAD_DIM, CD.BLOCK_KV
+    q = (torch.randn(b, next_n, h, d) * 2).to(FP8)
+    cache = D.quantize_indexer_k_cache(torch.randn(pages, blk, 1, d) * 2)
+    table = torch.randperm(max(pages, b * max_blocks))[:b * max_blocks].int().view(b, max_blocks) % pages
+    cap = blk * max_blocks
+    lens = torch.tensor([cap, 0, 1] + [int(torch.randint(next_n, cap + 1, ()))
+                                       for _ in range(b - 3)], dtype=torch.int32)[:b]
+    if lens_2d:
+        lens = torch.stack([torch.randint(0, int(n) + 1, (next_n,)) for n in lens]).int()
+    table[1] = -7
+    w = torch.randn(b * next_n, h)
+    width = cap + 70                                  # a page past every window
+    meta = pk.get_paged_mqa_logits_metadata(lens, blk, 3, backend="reference")
+    to = (lambda t: t.to(device))
+    return [to(t) for t in (q, cache, w, lens, table, meta)] + [width]
+
+
+def _emu_run(args, out, schedule="lockstep"):
+    q, cache, w, lens, table, _, width = args
+    plan = CD.paged_logits_plan(q, cache, w, lens, table, out, width)
+    return run_emu(plan, schedule=schedule)
+
+
+# ------------------------------------------------------------------------ compiled code
+
+def test_both_head_counts_are_compiled():
+    funcs = artifacts.manifest()["kernels"][CD.MODULE]["functions"]
+    assert set(funcs) == set(CD.FUNCTIONS.values())
+    for fn in funcs:
+        r = artifacts.resources(CD.MODULE, fn)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0, fn
+        assert r["shared_bytes"] == 0                  # all shared memory is dynamic
+        assert r["registers"] <= 96, fn
+
+
+@pytest.mark.parametrize("heads", sorted(CD.FUNCTIONS))
+def test_sass_has_the_intended_instructions(heads):
+    parts = re.split(r"\n\s*Function : ", sass.sass(CD.MODULE))
+    listing = next(p for p in parts[1:] if p.split()[0] == CD.FUNCTIONS[heads])
+    ops = sass.opcodes(listing)
+    # per page and query row: 4 k32 steps of K (64 keys) x Q^T (heads), both from shared memory
+    assert len(re.findall(rf"QGMMA\.64x{heads}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert ops["UTMALDG.2D"] >= 1 and ops["UTMALDG.3D"] >= 1        # Q tiles, key pages
+    assert any(op.startswith("SYNCS.PHASECHK") for op in ops)
+    assert any(op.startswith("SHFL.BFLY") for op in ops)            # the quad's head reduction
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+
+
+def test_shared_memory_plan():
+    # alignment slack + 4 key pages of 8 KB + 4 Q tiles (heads x 128 bytes) + 5 mbarriers
+    assert CD.smem_bytes(64) == 1024 + 4 * 8192 + 4 * 64 * 128 + 40
+    assert CD.smem_bytes(32) == 1024 + 4 * 8192 + 4 * 32 * 128 + 40
+
+
+def test_plan_geometry():
+    args = _problem(4, 2, 64, False)
+    q, cache, w, lens, table, _, width = args
+    out = torch.empty(8, width)
+    plan = CD.paged_logits_plan(q, cache, w, lens, table, out, width)
+    pages = -(-width // CD.BLOCK_KV)
+    assert plan.grid == (-(-pages // CD.PAGES_PER_CTA), 4, 1) and plan.block == (CD.THREADS, 1, 1)
+    assert plan.function == CD.FUNCTIONS[64] and plan.shared_bytes == CD.smem_bytes(64)
+
+
+# ------------------------------------------------------------------------ emulator
+
+@pytest.mark.parametrize("b,next_n,h,lens_2d", [(4, 1, 64, False), (3, 2, 32, True), (4, 4, 64, True),
+                                                (3, 3, 32, False)])
+def test_emu_matches_reference(seed, b, next_n, h, lens_2d):
+    args = _problem(b, next_n, h, lens_2d)
+    q, cache, w, lens, table, meta, width = args
+    # out is a column slice of a wider buffer: any row stride; its other columns stay NaN
+    buf = torch.full((b * next_n, width + 11), NAN)
+    out = buf[:, 3:3 + width]
+    got = pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend="emu", out=out)
+    assert got is out
+    ref = pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend="reference")
+    _assert_logits_match(out, ref)
+    assert buf[:, :3].isnan().all() and buf[:, 3 + width:].isnan().all(), "wrote outside out"
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_emu_result_independent_of_schedule(seed, schedule):
+    args = _problem(3, 2, 64, False, max_blocks=9)   # 9 pages: a CTA with 4 and one with 1
+    ref = pk.fp8_paged_mqa_logits(*args, backend="reference")
+    out = torch.full_like(ref, NAN)
+    _emu_run(args, out, schedule)
+    _assert_logits_match(out, ref)
+
+
+def test_emu_window_shorter_than_max_context_len(seed):
+    # max_context_len far past the table: whole CTAs with no page clean their range to -inf
+    q, cache, w, lens, table, meta, _ = _problem(3, 1, 32, False, max_blocks=2)
+    width = 700
+    ref = pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend="reference")
+    out = pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend="emu")
+    _assert_logits_match(out, ref)
+    assert (out[:, 2 * CD.BLOCK_KV:] == -math.inf).all()
+
+
+def test_auto_on_cpu_and_explain_give_the_kernel_limits():
+    args = _problem(3, 1, 16, False)                  # 16 heads: not an instantiation
+    text = pk.explain("fp8_paged_mqa_logits", *args, backend="auto")
+    assert "supports [32, 64] heads, got 16" in text
+    args5 = _problem(3, 5, 32, False)
+    with pytest.raises(ValueError, match=r"next_n <= 4, got 5"):
+        pk.fp8_paged_mqa_logits(*args5, backend="emu")
+
+
+def test_emu_rejects_other_page_sizes():
+    d = CD.HEAD_DIM
+    q = torch.randn(1, 1, 32, d).to(FP8)
+    cache = D.quantize_indexer_k_cache(torch.randn(4, 32, 1, d))
+    lens = torch.tensor([40], dtype=torch.int32)
+    table = torch.arange(4, dtype=torch.int32)[None]
+    meta = pk.get_paged_mqa_logits_metadata(lens, 32, 2, backend="reference")
+    with pytest.raises(ValueError, match=r"kv_cache: the cuda/emu paged-logits kernel needs pages of 64 keys"):
+        pk.fp8_paged_mqa_logits(q, cache, torch.randn(1, 32), lens, table, meta, 64, backend="emu")
+
+
+# ------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("next_n,h,lens_2d", [(1, 64, False), (2, 64, True), (4, 32, False)])
+def test_cuda_matches_reference(seed, next_n, h, lens_2d):
+    assert not gpu_unavailable_reason()
+    args = _problem(6, next_n, h, lens_2d, pages=64, max_blocks=10, device="cuda")
+    ref = pk.fp8_paged_mqa_logits(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args],
+                                  backend="reference")
+    out = torch.full(ref.shape, NAN, device="cuda")
+    pk.fp8_paged_mqa_logits(*args, backend="cuda", out=out)
+    _assert_logits_match(out.cpu(), ref)

@@ -17,6 +17,7 @@ from .ops import dsa as OD
 from .ops.custom import call
 from .reference import dsa as RD
 from .runtime import validate as V
+from .runtime.arrays import dlpack_io
 
 
 def _tensors(**named):
@@ -25,6 +26,7 @@ def _tensors(**named):
     return [None if t is None else V.as_tensor(name, t) for name, t in named.items()]
 
 
+@dlpack_io
 def fp8_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits: bool = True, *,
                    backend: str = "auto", out=None) -> torch.Tensor:
     """Indexer logits for prefill (DeepGEMM's fp8_mqa_logits).
@@ -45,6 +47,7 @@ def fp8_mqa_logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits: boo
     return out
 
 
+@dlpack_io
 def get_paged_mqa_logits_metadata(context_lens, block_kv: int, num_sms: int, *, backend: str = "auto"):
     """Split schedule for fp8_paged_mqa_logits: context_lens int32 [b] or [b, next_n]; block_kv
     the key cache's page size; num_sms the partitions -> int32 [num_sms + 1, 2] on
@@ -53,6 +56,7 @@ def get_paged_mqa_logits_metadata(context_lens, block_kv: int, num_sms: int, *, 
                 V.as_tensor("context_lens", context_lens), block_kv, num_sms, backend)
 
 
+@dlpack_io
 def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_metadata,
                          max_context_len: int, clean_logits: bool = True, *, backend: str = "auto",
                          out=None) -> torch.Tensor:
@@ -73,6 +77,7 @@ def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedu
     return out
 
 
+@dlpack_io
 def topk_indices(logits, topk: int, cu_seqlen_ks, cu_seqlen_ke, *, backend: str = "auto", out=None):
     """Top-k of prefill logits: logits float32 [M, N], windows [ks, ke) int32 [M] -> int32
     [M, topk] key positions, the largest logit first (ties: lower position first), -1 in the
@@ -84,6 +89,7 @@ def topk_indices(logits, topk: int, cu_seqlen_ks, cu_seqlen_ke, *, backend: str 
     return out
 
 
+@dlpack_io
 def paged_topk_indices(logits, topk: int, context_lens, block_table, *, backend: str = "auto", out=None):
     """Top-k of decode logits into the sparse decode's indices: logits float32 [b * next_n, L]
     (fp8_paged_mqa_logits' rows and windows), context_lens as there, block_table int32
@@ -97,6 +103,7 @@ def paged_topk_indices(logits, topk: int, context_lens, block_table, *, backend:
     return out
 
 
+@dlpack_io
 def flash_mla_sparse_decode(q, k_cache, indices, softmax_scale: float = None, attn_sink=None, topk_length=None,
                             tile_scheduler_metadata=None, num_splits=None, head_dim_v: int = 512, *,
                             backend: str = "auto", out=None, softmax_lse=None):
@@ -119,6 +126,7 @@ def flash_mla_sparse_decode(q, k_cache, indices, softmax_scale: float = None, at
     return out, softmax_lse
 
 
+@dlpack_io
 def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_sink=None, topk_length=None, *,
                          backend: str = "auto", out=None, max_logits=None, lse=None):
     """Sparse MLA prefill (FlashMLA's flash_mla_sparse_fwd).
@@ -136,6 +144,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_s
     return out, max_logits, lse
 
 
+@dlpack_io
 def indexer_k_cast_to_fp8(k):
     """Indexer keys float/bf16 [N, D] -> (float8_e4m3fn [N, D], float32 [N]): one scale per key,
     max(amax, 1e-4) / 448 (the kv pair fp8_mqa_logits takes)."""
@@ -145,6 +154,7 @@ def indexer_k_cast_to_fp8(k):
     return RD.indexer_k_cast_to_fp8(k)
 
 
+@dlpack_io
 def quantize_indexer_k_cache(k_cache) -> torch.Tensor:
     """Indexer key cache float/bf16 [num_blocks, block_kv, 1, D] -> uint8
     [num_blocks, block_kv, 1, D + 4] in DeepGEMM's paged layout (fp8_paged_mqa_logits' kv_cache)."""

@@ -20,12 +20,14 @@ import torch
 from .ops import gemm as G
 from .ops.custom import call
 from .runtime import validate as V
+from .runtime.arrays import dlpack_io
 
 # Rows per segment of the contiguous layout that keep every tile in one group: the largest
 # BLOCK_M of the compiled kernel (cuda/gemm.py configs; a test checks), DeepGEMM's value too.
 CONTIGUOUS_ALIGNMENT = 128
 
 
+@dlpack_io
 def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
                 disable_ue8m0_cast: bool = False, *, backend: str = "auto"):
     """out[m, n] (bf16) = (a[m, k] * sfa) @ (b[n, k] * sfb)^T.
@@ -42,6 +44,7 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
     return out
 
 
+@dlpack_io
 def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, recipe=None, recipe_a=None, recipe_b=None,
                                      compiled_dims: str = "nk", disable_ue8m0_cast: bool = False,
                                      use_psum_layout: bool = False, ensure_zero_padding=None,
@@ -66,6 +69,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, recipe=None, recipe_a
     return out
 
 
+@dlpack_io
 def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, recipe=None, recipe_a=None, recipe_b=None,
                                  compiled_dims: str = "nk", disable_ue8m0_cast: bool = False, *,
                                  backend: str = "auto"):

@@ -1,7 +1,10 @@
 """Accuracy metrics used by every test and by the main job."""
 import torch
 
+from .runtime.arrays import dlpack_io
 
+
+@dlpack_io
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's similarity metric: ``1 - 2*sum(x*y) / sum(x*x + y*y)`` in float64.
 
@@ -17,6 +20,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denom)
 
 
+@dlpack_io
 def rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
     """Relative Frobenius error ``||x - y|| / ||y||`` in float64 (y is the reference)."""
     if x.shape != y.shape:

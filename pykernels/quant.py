@@ -10,6 +10,7 @@ from .ops import quant as _ops  # defines the torch.ops.pykernels.* quantization
 from .ops.custom import call
 from .reference.quant import to_e4m3_satfinite
 from .runtime import validate as V
+from .runtime.arrays import dlpack_io
 from .runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, tma_aligned_size
 
 
@@ -24,6 +25,7 @@ def check_cast_keywords(use_ue8m0, gran_k, use_packed_ue8m0=False) -> None:
                          f"yet; use_ue8m0=True gives the same powers of two as float32), got {use_packed_ue8m0!r}")
 
 
+@dlpack_io
 def ceil_to_ue8m0(sf) -> torch.Tensor:
     """|sf| (float32) rounded up to a power of two, the value a UE8M0 scale (an 8-bit
     exponent) holds: 2^ceil(log2 |sf|) with the exponent in [-126, 127] (0 gives 2^-126),
@@ -45,6 +47,7 @@ def _with_ue8m0_scales(x: torch.Tensor, sf: torch.Tensor, rows_per_scale: int):
     return to_e4m3_satfinite(x.float() / full).contiguous(), sf
 
 
+@dlpack_io
 def per_token_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, use_packed_ue8m0: bool = False, *,
                           backend: str = "auto"):
     """Quantize each 1x128 group of each row.
@@ -62,6 +65,7 @@ def per_token_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK,
     return _with_ue8m0_scales(x, sf, 1) if use_ue8m0 else (q, sf)
 
 
+@dlpack_io
 def per_block_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, *, backend: str = "auto"):
     """Quantize each 128x128 block.
 
@@ -86,6 +90,7 @@ def get_tma_aligned_size(mn: int, element_size: int) -> int:
     return tma_aligned_size(mn, element_size)
 
 
+@dlpack_io
 def get_col_major_tma_aligned_tensor(sf) -> torch.Tensor:
     """Same values as sf ([m, kb] or [G, m, kb] float32), stored column-major with m
     padded to a multiple of 4 (16 bytes) so TMA can load a column: strides (1, m_pad)

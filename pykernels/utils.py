@@ -10,6 +10,7 @@ from .metrics import calc_diff
 from .quant import (ceil_to_ue8m0, check_cast_keywords, get_col_major_tma_aligned_tensor,
                     get_mn_major_tma_aligned_tensor, get_tma_aligned_size, per_block_cast_to_fp8, per_token_cast_to_fp8)
 from .runtime import validate as V
+from .runtime.arrays import dlpack_io
 from .runtime.hardware import SCALE_BLOCK
 from .runtime.hardware import cdiv as ceil_div
 from .runtime.hardware import round_up as align
@@ -20,6 +21,7 @@ __all__ = ["align", "calc_diff", "ceil_div", "ceil_to_ue8m0", "get_col_major_tma
            "per_channel_cast_to_fp8", "per_token_cast_to_fp8", "set_mk_alignment_for_contiguous_layout"]
 
 
+@dlpack_io
 def per_channel_cast_to_fp8(x, use_ue8m0: bool = False, gran_k: int = SCALE_BLOCK, *, backend: str = "auto"):
     """Quantize each 128x1 group of each column (DeepGEMM's per-channel cast): the per-token
     cast of x^T, transposed back.

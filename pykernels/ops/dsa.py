@@ -184,7 +184,20 @@ def _mqa_logits_triton(p: MqaLogitsProblem):
     TL.fp8_mqa_logits(p.q, p.k, p.k_scales, p.weights, p.cu_seqlen_ks, p.cu_seqlen_ke, p.out)
 
 
+def _mqa_logits_kernel(p: MqaLogitsProblem, executor: str):
+    from ..cuda import dsa as CD
+    _check_gpu_windows(p)
+    CD.fp8_mqa_logits(p.q, p.k, p.k_scales, p.weights, p.cu_seqlen_ks, p.cu_seqlen_ke, p.out, executor)
+
+
+def _mqa_logits_kernel_limits(p: MqaLogitsProblem):
+    from ..cuda import dsa as CD
+    CD.check_logits_supported(p.q, p.k, p.weights, "k")
+
+
 MQA_LOGITS = registry.op("fp8_mqa_logits", lambda *a, **kw: public_mqa_logits_problem(*a, **kw))
+for _name in ("cuda", "emu"):
+    MQA_LOGITS.add(B.kernel(_name, "dsa_indexer_logits", _mqa_logits_kernel, _mqa_logits_kernel_limits))
 MQA_LOGITS.add(B.triton(_mqa_logits_triton))
 MQA_LOGITS.add(B.reference(_mqa_logits_reference))
 
@@ -408,12 +421,12 @@ def _paged_kernel(p: PagedMqaLogitsProblem, executor: str):
 
 def _paged_kernel_limits(p: PagedMqaLogitsProblem):
     from ..cuda import dsa as CD
-    CD.check_paged_logits_supported(p.q, p.kv_cache, p.weights, p.out)
+    CD.check_logits_supported(p.q, p.kv_cache, p.weights, "kv_cache")
 
 
 PAGED_LOGITS = registry.op("fp8_paged_mqa_logits", lambda *a, **kw: public_paged_mqa_logits_problem(*a, **kw))
 for _name in ("cuda", "emu"):
-    PAGED_LOGITS.add(B.kernel(_name, "dsa_paged_logits", _paged_kernel, _paged_kernel_limits))
+    PAGED_LOGITS.add(B.kernel(_name, "dsa_indexer_logits", _paged_kernel, _paged_kernel_limits))
 PAGED_LOGITS.add(B.triton(_paged_triton))
 PAGED_LOGITS.add(B.reference(_paged_reference))
 

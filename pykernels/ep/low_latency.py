@@ -1,0 +1,376 @@
+"""Low-latency expert-parallel dispatch and combine (DeepEP's `low_latency_dispatch` /
+`low_latency_combine`) on the engine path: torch.distributed all_to_all_single over
+fixed-size buffers (gloo on CPU processes, NCCL on GPUs), and the adaptor that puts the
+hand-written kernels' transports (backend "emu"/"cuda") under the same receive layout.
+
+Semantics (docs/ep.md, "Low-latency mode"). E experts over R ranks, E_l = E / R local
+experts, M = num_max_dispatch_tokens_per_rank (every rank sends at most M tokens):
+- dispatch sends one row per (token, top-k slot) with an expert (no de-duplication per
+  rank); the j-th (token, k) pair of a rank that names expert e, in (token, k) order, is
+  that rank's slot j of e; a rank sends at most M pairs to one expert.
+- receive layout, packed per local expert (DeepEP's): recv_x[le, :recv_count[le]] are
+  the rows of local expert le ordered by (source rank, source token, k); rows past
+  recv_count[le] are not valid (not written). That is the `masked_m = recv_count` layout
+  of pykernels.gemm.m_grouped_fp8_gemm_nt_masked. handle.layout_range[le, s] =
+  (first row << 32) | rows of source rank s; handle.src_info[le, i] = source token.
+- use_fp8: each token is quantized once by the sender, 1x128 groups, scale
+  max(amax, 1e-4) / 448 (round_scale: rounded up to a power of two, UE8M0 values);
+  scales are float32 [E_l, R*M, H/128] stored column-major (stride 1 along rows, the row
+  dimension padded to 4: TMA-aligned, as DeepEP and the grouped GEMMs take them);
+  use_ue8m0 (needs round_scale, H % 512 == 0): the scales' exponent bytes packed four to
+  an int32, [E_l, R*M, H/512], column-major likewise.
+- combine: out[t] = bf16(sum over valid k, in k order, of f32(y_k) * w[t, k]) from 0.0,
+  every product rounded to float32 before it is added (no FMA), one RNE rounding to
+  bf16; y_k is the expert output the owner of topk_idx[t, k] returns for (t, k). Tokens
+  with no valid slot give 0. The same bytes as the hand-written kernel's combine.
+
+Engine path: each call is one all_to_all of a fixed-size message per rank pair (the
+fixed buffers below: the same size whatever the routing, so it needs no count exchange
+and no host read of counts), preceded by the small agreement exchange of the caller
+(Buffer's header: every rank must make the same call with the same sizes). Two buffer
+sets alternate between calls, so one call's receive may still be pending (its hook not
+yet called) while the next is issued - at most two, as in DeepEP.
+"""
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from ..runtime.hardware import SCALE_BLOCK, round_up
+
+UE8M0_PER_WORD = 4            # use_ue8m0: four exponent bytes per int32 (DeepEP's packing)
+SCALE_ROW_ALIGN = 4           # column-major scales: rows padded to 16 bytes (TMA)
+SRC_BYTES = 4                 # int32 source token in each dispatch slot
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------
+def dispatch_slot_bytes(hidden: int, use_fp8: bool) -> int:
+    """Bytes of one dispatch slot: the row (e4m3 or bf16), float32 scales (FP8), int32 source token."""
+    return (hidden + 4 * (hidden // SCALE_BLOCK) if use_fp8 else 2 * hidden) + SRC_BYTES
+
+
+def message_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
+                  use_fp8: bool, combine: bool) -> int:
+    """Bytes each rank sends to each rank in one call: E_l experts x M slots, plus the
+    int32 counts per expert in dispatch (16-byte aligned)."""
+    local = num_experts // num_ranks
+    if combine:
+        return local * num_max_dispatch_tokens_per_rank * 2 * hidden
+    return (local * num_max_dispatch_tokens_per_rank * dispatch_slot_bytes(hidden, use_fp8)
+            + round_up(4 * local, 16))
+
+
+def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Bytes of this engine's fixed low-latency buffers (two sets of dispatch and combine
+    send + receive buffers, sized for bf16 - the larger - as DeepEP's hint is)."""
+    per_set = sum(2 * num_ranks * message_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
+                                                False, combine) for combine in (False, True))
+    return 2 * per_set
+
+
+# ---------------------------------------------------------------------------------------
+# Handle
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LowLatencyHandle:
+    """One rank's record of a low-latency dispatch (DeepEP's handle fields first).
+
+    src_info int32 [E_l, R*M]: source token of each packed received row;
+    layout_range int64 [E_l, R]: (first packed row << 32) | rows, per (local expert,
+    source rank); num_max_dispatch_tokens_per_rank, hidden, num_experts: the call's sizes;
+    slot_of int32 [T, K]: this rank's slot of each (token, k) at its expert (-1: none);
+    block_of int64 [E_l, R*M]: the (source rank * M + slot) of each packed row (packed
+    rows past recv_count map to the unused blocks: a permutation of R*M);
+    num_tokens: T; seq: the call number (the same on every rank);
+    transport: the kernel transport's own handle (backend "emu"/"cuda"), else None."""
+    src_info: torch.Tensor
+    layout_range: torch.Tensor
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    slot_of: torch.Tensor
+    block_of: torch.Tensor
+    num_tokens: int
+    seq: int
+    transport: object = None
+
+
+# ---------------------------------------------------------------------------------------
+# Local steps (device ops only: no host read)
+# ---------------------------------------------------------------------------------------
+def expert_slots(topk_idx: torch.Tensor, num_experts: int):
+    """topk_idx int64 [T, K] -> (slot_of int32 [T, K]: rank of (t, k) among the pairs that
+    name the same expert, in (t, k) order, -1 where topk_idx is -1; pairs int64 [E]:
+    the pairs per expert)."""
+    flat = topk_idx.reshape(-1)
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))   # -1 sorts last
+    sorted_key, perm = torch.sort(key, stable=True)
+    first = torch.searchsorted(sorted_key, sorted_key)                      # first index of each key
+    slot = torch.empty_like(flat)
+    slot[perm] = torch.arange(flat.numel(), device=flat.device) - first
+    slot = torch.where(flat >= 0, slot, torch.full_like(slot, -1))
+    pairs = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    return slot.view(topk_idx.shape).to(torch.int32), pairs
+
+
+def pack_order(counts: torch.Tensor, max_tokens: int):
+    """counts int [E_l, R] rows per (local expert, source rank) -> (block_of int64
+    [E_l, R*M]: for each packed row the block position s*M + j it comes from, valid rows
+    first in (s, j) order; layout_range int64 [E_l, R]: (first packed row << 32) | rows;
+    recv_count int32 [E_l])."""
+    counts = counts.to(torch.int64)
+    E_l, R = counts.shape
+    j = torch.arange(max_tokens, device=counts.device)
+    invalid = (j[None, None, :] >= counts[:, :, None]).reshape(E_l, R * max_tokens)
+    block_of = torch.sort(invalid.to(torch.int8), dim=1, stable=True).indices
+    first = torch.cumsum(counts, 1) - counts
+    return block_of, (first << 32) | counts, counts.sum(1).to(torch.int32)
+
+
+def quantize(x: torch.Tensor, round_scale: bool, quant_backend: str):
+    """bf16 [T, H] -> (e4m3 [T, H], float32 [T, H/128]): 1x128 groups, scale max(amax,
+    1e-4)/448, round_scale: up to a power of two (pykernels.quant.per_token_cast_to_fp8)."""
+    from ..quant import per_token_cast_to_fp8
+    if not x.shape[0]:
+        return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+                torch.empty(0, x.shape[1] // SCALE_BLOCK, dtype=torch.float32, device=x.device))
+    return per_token_cast_to_fp8(x, use_ue8m0=round_scale, backend=quant_backend)
+
+
+def column_major(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised [G, m, c] tensor stored column-major per group, m padded to 4."""
+    G, m, c = shape
+    buf = torch.empty(G, c, round_up(m, SCALE_ROW_ALIGN), dtype=dtype, device=device)
+    return buf[:, :, :m].transpose(1, 2)
+
+
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """float32 power-of-two scales [..., n] (n a multiple of 4) -> int32 [..., n/4]: the
+    exponent byte of scale 4i + b in byte b (little-endian) of word i."""
+    exp = (scales.contiguous().view(torch.int32) >> 23) & 0xFF
+    exp = exp.reshape(*scales.shape[:-1], -1, UE8M0_PER_WORD)
+    word = exp[..., 0] | (exp[..., 1] << 8) | (exp[..., 2] << 16) | (exp[..., 3] << 24)
+    return word.to(torch.int32)
+
+
+def weighted_reduce(rows: torch.Tensor, topk_idx: torch.Tensor, slot_of: torch.Tensor, topk_weights: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """rows bf16 [E, M, H] (row (e, j): the expert output of this rank's slot j of e) ->
+    out bf16 [T, H] = bf16(sum over valid k in order of f32(row) * w[t, k]) from 0.0."""
+    T, K = topk_idx.shape
+    acc = torch.zeros(T, rows.shape[-1], dtype=torch.float32, device=rows.device)
+    for k in range(K):
+        e = topk_idx[:, k]
+        valid = (e >= 0)[:, None]
+        picked = rows[e.clamp(min=0), slot_of[:, k].clamp(min=0).long()].float()
+        acc = torch.where(valid, acc + picked * topk_weights[:, k, None], acc)   # product rounded, then added
+    out.copy_(acc)
+    return out
+
+
+class _CombineStaging:
+    """zero_copy combine: the caller fills next_combine_buffer(handle) instead of passing x
+    (DeepEP's get_next_low_latency_combine_buffer; here a persistent tensor the next
+    combine reads)."""
+
+    def next_combine_buffer(self, handle: "LowLatencyHandle") -> torch.Tensor:
+        """bf16 [E_l, R*M, H] on the handle's device."""
+        E_l = handle.num_experts // self.num_ranks
+        shape = (E_l, self.num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        key = (shape, handle.slot_of.device)
+        if key not in self._next_combine:
+            self._next_combine[key] = torch.empty(shape, dtype=torch.bfloat16, device=handle.slot_of.device)
+        return self._next_combine[key]
+
+
+# ---------------------------------------------------------------------------------------
+# Engine path
+# ---------------------------------------------------------------------------------------
+class LowLatencyEngine(_CombineStaging):
+    """Low-latency dispatch/combine of one rank over all_to_all_single with fixed buffers.
+
+    group / rank / num_ranks: the process group; device: where the buffers live ("cuda"
+    for NCCL, "cpu" for gloo); quant_backend: pykernels.quant backend of the FP8 cast
+    ("reference" = torch, "triton"); wait(work, what): waits for an async collective
+    (the caller's timeout), default work.wait()."""
+
+    NUM_SETS = 2
+
+    def __init__(self, group, rank: int, num_ranks: int, device, quant_backend: str = "reference", wait=None):
+        self.group, self.rank, self.num_ranks, self.device = group, rank, num_ranks, torch.device(device)
+        self.quant_backend = quant_backend
+        self.wait = wait or (lambda work, what: work.wait())
+        self.seq = 0
+        self._buffers = {}                 # (kind, set, bytes) -> (send, recv) uint8 [R, bytes]
+        self._next_combine = {}            # zero_copy staging (_CombineStaging)
+
+    def _pair(self, kind: str, nbytes: int):
+        key = (kind, self.seq % self.NUM_SETS, nbytes)
+        if key not in self._buffers:
+            self._buffers[key] = tuple(torch.zeros(self.num_ranks, nbytes, dtype=torch.uint8, device=self.device)
+                                       for _ in range(2))
+        return self._buffers[key]
+
+    def clean(self):
+        """Drops the fixed buffers (reallocated zeroed by the next call)."""
+        self._buffers.clear()
+        self._next_combine.clear()
+
+    def _exchange(self, send, recv, what: str, return_recv_hook: bool, finish):
+        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+
+        def hook():
+            self.wait(work, what)
+            finish()
+        if return_recv_hook:
+            return hook
+        hook()
+        return None
+
+    # -- dispatch ----------------------------------------------------------------------
+    def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, use_fp8: bool = True,
+                 round_scale: bool = False, use_ue8m0: bool = False, return_recv_hook: bool = False):
+        """x bf16 [T, H] (T <= M), topk_idx int64 [T, K] in [-1, E) (validated by the
+        caller). Returns (recv_x, recv_count, handle, hook): recv_x bf16 [E_l, R*M, H], or
+        (e4m3 [E_l, R*M, H], scales) with FP8; recv_count int32 [E_l]. With
+        return_recv_hook the outputs are complete only after hook() returns."""
+        R, M, E = self.num_ranks, num_max_dispatch_tokens_per_rank, num_experts
+        E_l, (T, H), dev = E // R, x.shape, x.device
+        self.seq = self.seq % 0xFFFFFFFF + 1
+        slot_of, pairs = expert_slots(topk_idx, E)
+        if T and int(pairs.max()) > M:       # a host read: this path's collectives sync anyway
+            e = int(pairs.argmax())
+            raise ValueError(f"topk_idx: expert {e} is named by {int(pairs[e])} (token, k) pairs of rank {self.rank}, "
+                             f"more than num_max_dispatch_tokens_per_rank={M} slots (a token naming an expert "
+                             f"twice takes two)")
+        if use_fp8:
+            data, scales = quantize(x, round_scale, self.quant_backend)
+            parts = [data.view(torch.uint8), scales.view(torch.uint8)]
+        else:
+            parts = [x.contiguous().view(torch.uint8)]
+        nbytes = message_bytes(M, H, R, E, use_fp8, combine=False)
+        slot_bytes = dispatch_slot_bytes(H, use_fp8)
+        data_bytes = E_l * M * slot_bytes
+        send, recv = self._pair("dispatch", nbytes)
+
+        # rows of every valid (t, k) into slot (e, j); counts per expert after the slots
+        t_of, k_of = (topk_idx >= 0).nonzero(as_tuple=True)
+        e_of = topk_idx[t_of, k_of]
+        tokens = torch.arange(T, dtype=torch.int32, device=dev)[:, None].view(torch.uint8)
+        rows = torch.cat(parts + [tokens], 1)[t_of]
+        slots = send[:, :data_bytes].view(R, E_l, M, slot_bytes)
+        slots[e_of // E_l, e_of % E_l, slot_of[t_of, k_of].long()] = rows
+        send[:, data_bytes:data_bytes + 4 * E_l].view(torch.int32).copy_(pairs.view(R, E_l))
+
+        recv_x = torch.empty(E_l, R * M, H, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
+        scale_cols = H // SCALE_BLOCK
+        recv_scales = None
+        if use_fp8:
+            if use_ue8m0:
+                recv_scales = column_major((E_l, R * M, scale_cols // UE8M0_PER_WORD), torch.int32, dev)
+            else:
+                recv_scales = column_major((E_l, R * M, scale_cols), torch.float32, dev)
+        src_info = torch.empty(E_l, R * M, dtype=torch.int32, device=dev)
+        layout_range = torch.empty(E_l, R, dtype=torch.int64, device=dev)
+        block_of = torch.empty(E_l, R * M, dtype=torch.int64, device=dev)
+        recv_count = torch.empty(E_l, dtype=torch.int32, device=dev)
+
+        def finish():
+            counts = recv[:, data_bytes:data_bytes + 4 * E_l].view(torch.int32).t()        # [E_l, R]
+            order, ranges, total = pack_order(counts, M)
+            blocks = recv[:, :data_bytes].view(R, E_l, M, slot_bytes).transpose(0, 1).reshape(E_l, R * M, slot_bytes)
+            packed = torch.gather(blocks, 1, order[:, :, None].expand(-1, -1, slot_bytes))
+            payload = H if use_fp8 else 2 * H
+            recv_x.view(torch.uint8).view(E_l, R * M, payload).copy_(packed[..., :payload])
+            if use_fp8:
+                sf = packed[..., payload:payload + 4 * scale_cols].contiguous().view(torch.float32)
+                recv_scales.copy_(pack_ue8m0(sf) if use_ue8m0 else sf)
+            src_info.copy_(packed[..., slot_bytes - SRC_BYTES:].contiguous().view(torch.int32).squeeze(-1))
+            layout_range.copy_(ranges)
+            block_of.copy_(order)
+            recv_count.copy_(total)
+
+        hook = self._exchange(send, recv, "low_latency_dispatch", return_recv_hook, finish)
+        handle = LowLatencyHandle(src_info, layout_range, M, H, E, slot_of, block_of, T, self.seq)
+        return ((recv_x, recv_scales) if use_fp8 else recv_x), recv_count, handle, hook
+
+    # -- combine -----------------------------------------------------------------------
+    def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
+                return_recv_hook: bool = False, out=None):
+        """x bf16 [E_l, R*M, H] (the expert outputs in dispatch's packed layout; rows past
+        recv_count are not read), topk_idx int64 [T, K] and topk_weights float32 [T, K]
+        (this rank's, as dispatched). Returns (combined bf16 [T, H], hook)."""
+        if zero_copy:
+            x = self.next_combine_buffer(handle)
+        R, M, E, H = self.num_ranks, handle.num_max_dispatch_tokens_per_rank, handle.num_experts, handle.hidden
+        E_l = E // R
+        self.seq = self.seq % 0xFFFFFFFF + 1
+        send, recv = self._pair("combine", message_bytes(M, H, R, E, False, combine=True))
+        # packed rows back to their (source rank, slot) blocks: [E_l, R*M] -> [R, E_l, M]
+        blocks = torch.empty(E_l, R * M, H, dtype=torch.bfloat16, device=x.device)
+        blocks.scatter_(1, handle.block_of[:, :, None].expand(-1, -1, H), x)
+        send.view(R, E_l, M, 2 * H).copy_(blocks.view(E_l, R, M, H).transpose(0, 1).view(torch.uint8))
+        if out is None:
+            out = torch.empty(handle.num_tokens, H, dtype=torch.bfloat16, device=x.device)
+
+        def finish():
+            weighted_reduce(recv.view(torch.bfloat16).view(E, M, H), topk_idx, handle.slot_of, topk_weights, out)
+
+        hook = self._exchange(send, recv, "low_latency_combine", return_recv_hook, finish)
+        return out, hook
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel transports (backend "emu" / "cuda"): the same packed layout around them
+# ---------------------------------------------------------------------------------------
+class KernelLowLatency(_CombineStaging):
+    """Low-latency calls through a per-process kernel transport (EmuIntranode,
+    CudaIntranode: `low_latency_dispatch(x, topk_idx)` -> dict(recv_x, recv_count,
+    handle), `low_latency_combine(y, topk_idx, topk_weights, handle)` -> bf16 [T, H]).
+    The kernels place source rank s's rows of an expert in a block at s*M; this adaptor
+    packs them per expert after dispatch and puts them back before combine (a gather
+    and a scatter on the device: no host read). The FP8 cast runs before the kernel."""
+
+    def __init__(self, transport, num_ranks: int, quant_backend: str = "reference"):
+        self.transport, self.num_ranks, self.quant_backend = transport, num_ranks, quant_backend
+        self._next_combine = {}
+
+    def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, use_fp8: bool = True,
+                 round_scale: bool = False, use_ue8m0: bool = False, return_recv_hook: bool = False):
+        M, (T, H) = num_max_dispatch_tokens_per_rank, x.shape
+        payload = quantize(x, round_scale, self.quant_backend) if use_fp8 else x
+        res = self.transport.low_latency_dispatch(payload, topk_idx)
+        th = res["handle"]
+        order, ranges, total = pack_order(th.recv_layout, M)
+
+        def packed(t):      # [E_l, R*M, c] blocks -> packed rows
+            return torch.gather(t, 1, order[:, :, None].expand(-1, -1, t.shape[-1]))
+        if use_fp8:
+            data, sf = res["recv_x"]
+            recv_x = packed(data.view(torch.uint8)).view(torch.float8_e4m3fn)
+            sf = packed(sf)
+            if use_ue8m0:
+                sf = pack_ue8m0(sf)
+            scales = column_major(tuple(sf.shape), sf.dtype, sf.device)
+            scales.copy_(sf)
+            recv_x = (recv_x, scales)
+        else:
+            recv_x = packed(res["recv_x"])
+        src_info = torch.gather(th.recv_src_info, 1, order)
+        handle = LowLatencyHandle(src_info, ranges, M, H, num_experts, th.slot_of, order, T, th.seq, transport=th)
+        return recv_x, total, handle, (lambda: None) if return_recv_hook else None
+
+    def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
+                return_recv_hook: bool = False, out=None):
+        if zero_copy:
+            x = self.next_combine_buffer(handle)
+        H = x.shape[-1]
+        blocks = torch.empty_like(x)
+        blocks.scatter_(1, handle.block_of[:, :, None].expand(-1, -1, H), x)
+        res = self.transport.low_latency_combine(blocks, topk_idx, topk_weights, handle.transport)
+        if out is not None:
+            out.copy_(res)
+            res = out
+        return res, (lambda: None) if return_recv_hook else None

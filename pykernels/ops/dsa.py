@@ -550,16 +550,38 @@ def paged_topk_problem(logits, context_lens, block_table, topk, out) -> TopkProb
     return p
 
 
-def _topk_reference(p: TopkProblem):
+def _check_gpu_topk_values(p: TopkProblem):
+    """The windows / context_lens and block table of GPU tensors, read on the host (CPU ones:
+    checked by the builder)."""
+    if p.device.type == "cpu":
+        return
     if p.paged:
-        if p.device.type != "cpu":
-            _check_paged_topk_values(dataclasses.replace(p, context_lens=p.context_lens.cpu(),
-                                                         block_table=p.block_table.cpu()))
+        _check_paged_topk_values(dataclasses.replace(p, context_lens=p.context_lens.cpu(),
+                                                     block_table=p.block_table.cpu()))
+    else:
+        _check_windows(p.cu_seqlen_ks.cpu(), p.cu_seqlen_ke.cpu(), p.logits.shape[1])
+
+
+def _topk_reference(p: TopkProblem):
+    _check_gpu_topk_values(p)
+    if p.paged:
         p.out.copy_(RD.paged_topk_indices(p.logits, p.context_lens, p.block_table, p.topk))
     else:
-        if p.device.type != "cpu":
-            _check_windows(p.cu_seqlen_ks.cpu(), p.cu_seqlen_ke.cpu(), p.logits.shape[1])
         p.out.copy_(RD.topk_indices(p.logits, p.cu_seqlen_ks, p.cu_seqlen_ke, p.topk))
+
+
+def _topk_triton(p: TopkProblem):
+    from ..triton import dsa_topk as TK
+    _check_gpu_topk_values(p)
+    if p.paged:
+        TK.paged_topk_indices(p.logits, p.context_lens, p.block_table, p.topk, p.out)
+    else:
+        TK.topk_indices(p.logits, p.cu_seqlen_ks, p.cu_seqlen_ke, p.topk, p.out)
+
+
+def _topk_triton_limits(p: TopkProblem):
+    from ..triton import dsa_topk as TK
+    TK.check_limits(p.topk)
 
 
 def new_topk_out(logits, topk):
@@ -589,8 +611,10 @@ def public_paged_topk_problem(logits, topk, context_lens, block_table, *, out=No
 
 
 TOPK = registry.op("topk_indices", public_topk_problem)
+TOPK.add(B.triton(_topk_triton, _topk_triton_limits))
 TOPK.add(B.reference(_topk_reference))
 PAGED_TOPK = registry.op("paged_topk_indices", public_paged_topk_problem)
+PAGED_TOPK.add(B.triton(_topk_triton, _topk_triton_limits))
 PAGED_TOPK.add(B.reference(_topk_reference))
 
 

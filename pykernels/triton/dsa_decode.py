@@ -7,8 +7,9 @@ It walks the row's slots in tiles of BLOCK_N: a slot is used when it lies below
 topk_length[i] (when given) and its index is not -1; the used slots' cache rows are
 gathered (unused ones are never read), S = q . k^T over the 512 NoPE columns (four groups
 of 128 with their own scales) and the 64 RoPE columns, online softmax in base 2, and
-o += P . V with V = the NoPE columns. The per-token numerics are the dense Triton decode's
-(pykernels/triton/mla.py, whose load and dot helpers this kernel uses): e4m3 -> bf16 is
+o += P . V with V = the NoPE columns (one tile: dsa_attend.attend_tile, shared with the
+sparse prefill). The per-token numerics are the dense Triton decode's
+(pykernels/triton/mla.py, whose load and dot helpers attend_tile uses): e4m3 -> bf16 is
 exact, each group's scale multiplies S's columns after the dot and P's columns before it
 (P * scale rounded to bf16 for the MMA).
 
@@ -24,10 +25,9 @@ import triton.language as tl
 from ..reference import mla as RM
 from .jit_dispatch import jit
 from . import mla as TM
-from .mla import (LOG2E, SOFTWARE_ROUNDING, UPCAST_DOTS, _cache_views, _dot, _load_k_group, _load_q, _pv, _qk,
-                  _store_rows)
+from .mla import LOG2E, SOFTWARE_ROUNDING, UPCAST_DOTS, _cache_views, _load_q
 from . import INTERPRETED
-from .rounding import to_bf16_rne
+from .dsa_attend import attend_tile, finish, store_out
 from .sm90 import run_launch, spec_of
 
 _STAGES = 2
@@ -63,7 +63,6 @@ def _sparse_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, idx_ptr, len_pt
     head = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = head < H_Q
     tn = tl.arange(0, BLOCK_N)
-    dr = tl.arange(0, DR)
     q_row = q_ptr + bi * stride_qb + si * stride_qs + head * stride_qh
     q0 = _load_q(q_row, row_ok, 0 * GROUP, GROUP, UPCAST)
     q1 = _load_q(q_row, row_ok, 1 * GROUP, GROUP, UPCAST)
@@ -87,42 +86,12 @@ def _sparse_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, idx_ptr, len_pt
         used = idx != -1
         n_used += tl.sum(used.to(tl.int32), axis=0)
         kv_row = tl.where(used, idx, 0).to(tl.int64)     # token rows in the cache
-        k0, sf0 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, used, 0, True, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
-        k1, sf1 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, used, 1, True, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
-        k2, sf2 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, used, 2, True, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
-        k3, sf3 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, used, 3, True, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
-        k_pe = tl.load(kv_rope_ptr + kv_row[:, None] * ROPE_ROW + ROPE_OFF + dr[None, :], mask=used[:, None],
-                       other=0.0)
-        if UPCAST:
-            k_pe = k_pe.to(tl.float32)
-        s = _dot(q_pe, tl.trans(k_pe), UPCAST)
-        s += _qk(q0, k0, sf0, True, UPCAST)
-        s += _qk(q1, k1, sf1, True, UPCAST)
-        s += _qk(q2, k2, sf2, True, UPCAST)
-        s += _qk(q3, k3, sf3, True, UPCAST)
-        s = tl.where(used[None, :], s * qk_scale, float("-inf"))   # base-2 logits
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # nothing used yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc0 = _pv(acc0, alpha, p, p, k0, sf0, True, UPCAST, SOFT)
-        acc1 = _pv(acc1, alpha, p, p, k1, sf1, True, UPCAST, SOFT)
-        acc2 = _pv(acc2, alpha, p, p, k2, sf2, True, UPCAST, SOFT)
-        acc3 = _pv(acc3, alpha, p, p, k3, sf3, True, UPCAST, SOFT)
-        m_i = m_new
-    seen = n_used > 0
-    denom = l_i
-    if HAS_SINK:
-        sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0) * 1.4426950408889634
-        denom += tl.exp2(sink2 - tl.where(seen, m_i, 0.0))
-    inv = tl.where(seen, 1.0 / tl.where(seen, denom, 1.0), 0.0)
-    o_off = bi * stride_ob + si * stride_os + head * stride_oh
-    _store_rows(out_ptr, o_off, row_ok, 0 * GROUP, to_bf16_rne(acc0 * inv[:, None], SOFT), GROUP)
-    _store_rows(out_ptr, o_off, row_ok, 1 * GROUP, to_bf16_rne(acc1 * inv[:, None], SOFT), GROUP)
-    _store_rows(out_ptr, o_off, row_ok, 2 * GROUP, to_bf16_rne(acc2 * inv[:, None], SOFT), GROUP)
-    _store_rows(out_ptr, o_off, row_ok, 3 * GROUP, to_bf16_rne(acc3 * inv[:, None], SOFT), GROUP)
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        m_i, l_i, acc0, acc1, acc2, acc3 = attend_tile(
+            q0, q1, q2, q3, q_pe, kv_ptr, kv_sf_ptr, kv_rope_ptr, kv_row, used, m_i, l_i, acc0, acc1, acc2, acc3,
+            qk_scale, True, True, UPCAST, SOFT, ROW, SF_ROW, SF_OFF, ROPE_ROW, ROPE_OFF, GROUP, DR)
+    inv, lse = finish(m_i, l_i, n_used > 0, sink_ptr, head, row_ok, HAS_SINK)
+    store_out(out_ptr, bi * stride_ob + si * stride_os + head * stride_oh, row_ok, acc0, acc1, acc2, acc3, inv, SOFT,
+              GROUP)
     tl.store(lse_ptr + bi * stride_lb + head * stride_lh + si * stride_ls, lse, mask=row_ok)
 
 

@@ -1,5 +1,5 @@
-"""The hand-written DSA indexer-logits kernel (csrc/dsa/paged_logits.cu, host side
-pykernels/cuda/dsa.py): what was compiled (SASS, ptxas resources), the launch plan, the same
+"""The hand-written DSA indexer-logits kernel (csrc/dsa/indexer_logits.cu: the paged decode
+form and the ragged prefill form; host side pykernels/cuda/dsa.py): what was compiled (SASS, ptxas resources), the launch plan, the same
 kernel's PTX run by the emulator (backend "emu", memory-ordering checker on, every CTA
 schedule) against the reference on fresh random inputs with NaN-poisoned outputs, its
 limits, and a GPU run (marked `gpu`).
@@ -44,8 +44,20 @@ def _problem(b, next_n, h, lens_2d, pages=24, max_blocks=6, device="cpu"):
     w = torch.randn(b * next_n, h)
     width = cap + 70                                  # a page past every window
     meta = pk.get_paged_mqa_logits_metadata(lens, blk, 3, backend="reference")
-    to = (lambda t: t.to(device))
-    return [to(t) for t in (q, cache, w, lens, table, meta)] + [width]
+    return [t.to(device) for t in (q, cache, w, lens, table, meta)] + [width]
+
+
+def _ragged(m, n, h):
+    """Random prefill inputs: windows covering everything, nothing, one key, and random ones."""
+    q = (torch.randn(m, h, CD.HEAD_DIM) * 2).to(FP8)
+    k, sf = D.indexer_k_cast_to_fp8(torch.randn(n, CD.HEAD_DIM) * 3)
+    w = torch.randn(m, h)
+    ks = torch.randint(0, n + 1, (m,))
+    ke = ks + torch.randint(0, n + 1, (m,)) % (n + 1 - ks)
+    ks[0], ke[0] = 0, n
+    ks[1] = ke[1] = n // 2                                       # an empty window
+    ks[2], ke[2] = n - 1, n                                      # the last key only
+    return q, k, sf, w, ks.int(), ke.int()
 
 
 def _emu_run(args, out, schedule="lockstep"):
@@ -56,9 +68,9 @@ def _emu_run(args, out, schedule="lockstep"):
 
 # ------------------------------------------------------------------------ compiled code
 
-def test_both_head_counts_are_compiled():
+def test_every_layout_and_head_count_is_compiled():
     funcs = artifacts.manifest()["kernels"][CD.MODULE]["functions"]
-    assert set(funcs) == set(CD.FUNCTIONS.values())
+    assert set(funcs) == set(CD.PAGED_FUNCTIONS.values()) | set(CD.RAGGED_FUNCTIONS.values())
     for fn in funcs:
         r = artifacts.resources(CD.MODULE, fn)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0, fn
@@ -66,14 +78,17 @@ def test_both_head_counts_are_compiled():
         assert r["registers"] <= 96, fn
 
 
-@pytest.mark.parametrize("heads", sorted(CD.FUNCTIONS))
-def test_sass_has_the_intended_instructions(heads):
+@pytest.mark.parametrize("heads", CD.HEADS)
+@pytest.mark.parametrize("paged", [True, False])
+def test_sass_has_the_intended_instructions(heads, paged):
     parts = re.split(r"\n\s*Function : ", sass.sass(CD.MODULE))
-    listing = next(p for p in parts[1:] if p.split()[0] == CD.FUNCTIONS[heads])
+    name = (CD.PAGED_FUNCTIONS if paged else CD.RAGGED_FUNCTIONS)[heads]
+    listing = next(p for p in parts[1:] if p.split()[0] == name)
     ops = sass.opcodes(listing)
-    # per page and query row: 4 k32 steps of K (64 keys) x Q^T (heads), both from shared memory
+    # per key block and query row: 4 k32 steps of K (64 keys) x Q^T (heads), both from shared memory
     assert len(re.findall(rf"QGMMA\.64x{heads}x32\.F32\.E4M3\.E4M3", listing)) == 4
-    assert ops["UTMALDG.2D"] >= 1 and ops["UTMALDG.3D"] >= 1        # Q tiles, key pages
+    assert ops["UTMALDG.2D"] >= 1                                   # Q tiles (and ragged key blocks)
+    assert (ops.get("UTMALDG.3D", 0) >= 1) == paged                 # pages through the 3-D map
     assert any(op.startswith("SYNCS.PHASECHK") for op in ops)
     assert any(op.startswith("SHFL.BFLY") for op in ops)            # the quad's head reduction
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
@@ -91,8 +106,11 @@ def test_plan_geometry():
     out = torch.empty(8, width)
     plan = CD.paged_logits_plan(q, cache, w, lens, table, out, width)
     pages = -(-width // CD.BLOCK_KV)
-    assert plan.grid == (-(-pages // CD.PAGES_PER_CTA), 4, 1) and plan.block == (CD.THREADS, 1, 1)
-    assert plan.function == CD.FUNCTIONS[64] and plan.shared_bytes == CD.smem_bytes(64)
+    assert plan.grid == (-(-pages // CD.BLOCKS_PER_CTA), 4, 1) and plan.block == (CD.THREADS, 1, 1)
+    assert plan.function == CD.PAGED_FUNCTIONS[64] and plan.shared_bytes == CD.smem_bytes(64)
+    q, k, sf, w, ks, ke = _ragged(9, 200, 32)
+    plan = CD.ragged_logits_plan(q, k, sf, w, ks, ke, torch.empty(9, 200))
+    assert plan.grid == (1, 3, 1) and plan.function == CD.RAGGED_FUNCTIONS[32]
 
 
 # ------------------------------------------------------------------------ emulator
@@ -131,10 +149,40 @@ def test_emu_window_shorter_than_max_context_len(seed):
     assert (out[:, 2 * CD.BLOCK_KV:] == -math.inf).all()
 
 
+@pytest.mark.parametrize("m,n,h", [(9, 200, 64), (5, 64, 32), (4, 333, 32), (3, 1, 64)])
+def test_emu_ragged_matches_reference(seed, m, n, h):
+    q, k, sf, w, ks, ke = _ragged(m, n, h) if m > 3 else _ragged_small(m, n, h)
+    buf = torch.full((m, n + 6), NAN)
+    out = buf[:, 2:2 + n]
+    got = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="emu", out=out)
+    assert got is out
+    ref = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="reference")
+    _assert_logits_match(out, ref)
+    assert buf[:, :2].isnan().all() and buf[:, 2 + n:].isnan().all(), "wrote outside out"
+
+
+def _ragged_small(m, n, h):
+    q, k, sf, w, _, _ = _ragged(3, max(n, 3), h)
+    k, sf = k[:n], sf[:n]
+    return q[:m], k, sf, w[:m], torch.zeros(m, dtype=torch.int32), torch.full((m,), n, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES[1:])
+def test_emu_ragged_result_independent_of_schedule(seed, schedule):
+    q, k, sf, w, ks, ke = _ragged(6, 300, 64)
+    ref = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="reference")
+    out = torch.full_like(ref, NAN)
+    run_emu(CD.ragged_logits_plan(q, k, sf, w, ks, ke, out), schedule=schedule)
+    _assert_logits_match(out, ref)
+
+
 def test_auto_on_cpu_and_explain_give_the_kernel_limits():
     args = _problem(3, 1, 16, False)                  # 16 heads: not an instantiation
     text = pk.explain("fp8_paged_mqa_logits", *args, backend="auto")
     assert "supports [32, 64] heads, got 16" in text
+    q, k, sf, w, ks, ke = _ragged(4, 64, 64)
+    with pytest.raises(ValueError, match=r"q: the cuda/emu indexer-logits kernel needs head dim 128, got 64"):
+        pk.fp8_mqa_logits(q[..., :64].contiguous(), (k[:, :64].contiguous(), sf), w, ks, ke, backend="emu")
     args5 = _problem(3, 5, 32, False)
     with pytest.raises(ValueError, match=r"next_n <= 4, got 5"):
         pk.fp8_paged_mqa_logits(*args5, backend="emu")
@@ -147,7 +195,7 @@ def test_emu_rejects_other_page_sizes():
     lens = torch.tensor([40], dtype=torch.int32)
     table = torch.arange(4, dtype=torch.int32)[None]
     meta = pk.get_paged_mqa_logits_metadata(lens, 32, 2, backend="reference")
-    with pytest.raises(ValueError, match=r"kv_cache: the cuda/emu paged-logits kernel needs pages of 64 keys"):
+    with pytest.raises(ValueError, match=r"kv_cache: the cuda/emu indexer-logits kernel needs pages of 64 keys"):
         pk.fp8_paged_mqa_logits(q, cache, torch.randn(1, 32), lens, table, meta, 64, backend="emu")
 
 
@@ -162,4 +210,15 @@ def test_cuda_matches_reference(seed, next_n, h, lens_2d):
                                   backend="reference")
     out = torch.full(ref.shape, NAN, device="cuda")
     pk.fp8_paged_mqa_logits(*args, backend="cuda", out=out)
+    _assert_logits_match(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,h", [(37, 1000, 64), (16, 4096, 32)])
+def test_cuda_ragged_matches_reference(seed, m, n, h):
+    assert not gpu_unavailable_reason()
+    args = _ragged(m, n, h)
+    ref = pk.fp8_mqa_logits(args[0], (args[1], args[2]), *args[3:], backend="reference")
+    q, k, sf, w, ks, ke = (t.cuda() for t in args)
+    out = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="cuda")
     _assert_logits_match(out.cpu(), ref)

@@ -1,14 +1,17 @@
 """Host side of the hand-written DSA kernels (csrc/dsa/*.cu, docs/dsa.md).
 
-fp8_paged_mqa_logits (csrc/dsa/paged_logits.cu): inputs validated by pykernels.ops.dsa; here
-what the kernel supports beyond that (`check_paged_logits_supported`), the tensor maps, the
-grid and the argument packing -> LaunchPlan, run on the GPU ("cuda") or on the PTX emulator
-("emu"). No host-device synchronisation. The kernel always writes -inf outside the windows
-(clean_logits has no other form here, as in the reference) and does not read the schedule
-metadata: its grid is (pages of max_context_len / PAGES_PER_CTA, b).
+Indexer logits (csrc/dsa/indexer_logits.cu): fp8_paged_mqa_logits (decode, paged key cache)
+and fp8_mqa_logits (prefill, ragged windows over k [N, 128]). Inputs are validated by
+pykernels.ops.dsa; here what the kernel supports beyond that (`check_logits_supported`), the
+tensor maps, the grid and the argument packing -> LaunchPlan, run on the GPU ("cuda") or on
+the PTX emulator ("emu"). No host-device synchronisation. The kernel always writes -inf
+outside the windows (clean_logits has no other form here, as in the reference) and does not
+read the paged schedule metadata: its grid is (64-key blocks of the width / BLOCKS_PER_CTA,
+row groups): a paged sequence's next_n rows, or GROUP_ROWS consecutive prefill rows.
 
-Kernel parameters, in order: tmap_q, tmap_k, cache, weights, context_lens, block_table, out,
-out_stride (u64), weights_stride, bt_stride, next_n, lens_per_row, max_context_len.
+Kernel parameters, in order: tmap_q, tmap_k, weights, out, out_stride (u64), weights_stride,
+width, then paged: cache, context_lens, block_table, bt_stride, next_n, lens_per_row; ragged:
+k_scales, cu_seqlen_ks, cu_seqlen_ke, num_rows.
 """
 import torch
 
@@ -18,45 +21,50 @@ from ..runtime.hardware import cdiv
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
-MODULE = "dsa_paged_logits"
+MODULE = "dsa_indexer_logits"
 THREADS = 128                   # kThreads: one warpgroup
-BLOCK_KV = 64                   # kBlockKv: keys per page, the wgmma M
+BLOCK_KV = 64                   # kBlockKeys: keys per block (a page), the wgmma M
 HEAD_DIM = 128                  # kHeadDim: e4m3 bytes per key, one 128-byte swizzled row
-PAGES_PER_CTA = 4               # kPagesPerCta
-MAX_NEXT_N = 4                  # kMaxNextN
-FUNCTIONS = {32: "pk_dsa_paged_logits_h32", 64: "pk_dsa_paged_logits_h64"}   # heads -> entry (the wgmma N)
+BLOCKS_PER_CTA = 4              # kBlocksPerCta
+GROUP_ROWS = 4                  # kMaxGroupRows: query rows per CTA (paged: next_n <= 4)
+HEADS = (32, 64)                # the instantiations (the wgmma N)
+PAGED_FUNCTIONS = {h: f"pk_dsa_paged_logits_h{h}" for h in HEADS}
+RAGGED_FUNCTIONS = {h: f"pk_dsa_ragged_logits_h{h}" for h in HEADS}
 PAGE_BYTES = BLOCK_KV * (HEAD_DIM + RD.INDEXER_SCALE_BYTES)
 
 
 def smem_bytes(heads: int) -> int:
-    """Smem<kHeads>::kBytes: 1024 alignment slack + PAGES_PER_CTA key pages (8 KB each) +
-    MAX_NEXT_N Q tiles (heads x 128 bytes) + PAGES_PER_CTA + 1 mbarriers."""
-    return 1024 + PAGES_PER_CTA * BLOCK_KV * HEAD_DIM + MAX_NEXT_N * heads * HEAD_DIM + 8 * (PAGES_PER_CTA + 1)
+    """Smem<kHeads>::kBytes: 1024 alignment slack + BLOCKS_PER_CTA key blocks (8 KB each) +
+    GROUP_ROWS Q tiles (heads x 128 bytes) + BLOCKS_PER_CTA + 1 mbarriers."""
+    return 1024 + BLOCKS_PER_CTA * BLOCK_KV * HEAD_DIM + GROUP_ROWS * heads * HEAD_DIM + 8 * (BLOCKS_PER_CTA + 1)
 
 
-def check_paged_logits_supported(q, kv_cache, weights, out) -> None:
-    """What the hand-written kernel supports beyond pykernels.ops.dsa's validation
-    (ValueError naming the argument): head dim 128, 32 or 64 heads, next_n <= 4, pages of
-    64 keys, 16-byte aligned q and cache (TMA), 4-byte aligned weights and out rows."""
-    b, next_n, h, d = q.shape
+def check_logits_supported(q, keys, weights, keys_name: str) -> None:
+    """What the hand-written indexer-logits kernel supports beyond pykernels.ops.dsa's
+    validation (ValueError naming the argument): head dim 128, 32 or 64 heads, next_n <= 4
+    (q [b, next_n, H, D]: the paged form), pages of 64 keys, 16-byte aligned q and keys
+    (`keys_name`: kv_cache or k; TMA), 32-bit row indices."""
+    h, d = q.shape[-2:]
     if d != HEAD_DIM:
-        raise ValueError(f"q: the cuda/emu paged-logits kernel needs head dim {HEAD_DIM}, got {d}")
-    if h not in FUNCTIONS:
-        raise ValueError(f"q: the cuda/emu paged-logits kernel supports {sorted(FUNCTIONS)} heads, got {h}")
-    if next_n > MAX_NEXT_N:
-        raise ValueError(f"q: the cuda/emu paged-logits kernel supports next_n <= {MAX_NEXT_N}, got {next_n}")
-    if kv_cache.shape[1] != BLOCK_KV:
-        raise ValueError(f"kv_cache: the cuda/emu paged-logits kernel needs pages of {BLOCK_KV} keys, "
-                         f"got block_kv {kv_cache.shape[1]}")
+        raise ValueError(f"q: the cuda/emu indexer-logits kernel needs head dim {HEAD_DIM}, got {d}")
+    if h not in HEADS:
+        raise ValueError(f"q: the cuda/emu indexer-logits kernel supports {list(HEADS)} heads, got {h}")
+    if q.dim() == 4:
+        if q.shape[1] > GROUP_ROWS:
+            raise ValueError(f"q: the cuda/emu indexer-logits kernel supports next_n <= {GROUP_ROWS}, "
+                             f"got {q.shape[1]}")
+        if keys.shape[1] != BLOCK_KV:
+            raise ValueError(f"kv_cache: the cuda/emu indexer-logits kernel needs pages of {BLOCK_KV} keys, "
+                             f"got block_kv {keys.shape[1]}")
     if torch.compiler.is_compiling():
         return
-    for name, t in (("q", q), ("kv_cache", kv_cache)):
+    for name, t in (("q", q), (keys_name, keys)):
         if t.numel() and t.data_ptr() % 16:
-            raise ValueError(f"{name}: the cuda/emu paged-logits kernel reads it with TMA, which needs a "
+            raise ValueError(f"{name}: the cuda/emu indexer-logits kernel reads it with TMA, which needs a "
                              f"16-byte aligned data pointer, got {t.data_ptr():#x}")
-    if weights.stride(0) >= 2**32 or kv_cache.shape[0] >= 2**31 or b * next_n * h >= 2**31:
-        raise ValueError("q, weights, kv_cache: the paged-logits kernel's indices are 32-bit, got shapes "
-                         f"{list(q.shape)}, {list(weights.shape)}, {list(kv_cache.shape)}")
+    if weights.stride(0) >= 2**32 or keys.shape[0] * BLOCK_KV >= 2**31 or q.numel() // HEAD_DIM >= 2**31:
+        raise ValueError(f"q, weights, {keys_name}: the indexer-logits kernel's indices are 32-bit, got shapes "
+                         f"{list(q.shape)}, {list(weights.shape)}, {list(keys.shape)}")
 
 
 def key_view(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -67,34 +75,64 @@ def key_view(kv_cache: torch.Tensor) -> torch.Tensor:
     return flat.as_strided((nb, BLOCK_KV, HEAD_DIM), (PAGE_BYTES, HEAD_DIM, 1))
 
 
+def _q_map(q, heads: int) -> TensorMapDesc:
+    return TensorMapDesc(q.view(torch.uint8).reshape(-1, HEAD_DIM), (heads, HEAD_DIM), swizzle=128)
+
+
+def _common_args(weights, out, width: int) -> tuple:
+    return (ptr(weights), ptr(out), u64(out.stride(0)), u32(weights.stride(0)), u32(width))
+
+
+def _grid(width: int, groups: int) -> tuple:
+    return (max(1, cdiv(cdiv(width, BLOCK_KV), BLOCKS_PER_CTA)), groups, 1)
+
+
 def paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int) -> LaunchPlan:
     """Launch plan of pk_dsa_paged_logits_h{32,64}: grid (ceil(ceil(max_context_len / 64) /
-    PAGES_PER_CTA), b), 128 threads, smem_bytes(H) of dynamic shared memory."""
+    BLOCKS_PER_CTA), b), 128 threads, smem_bytes(H) of dynamic shared memory."""
     b, next_n, h, _ = q.shape
-    q2 = q.view(torch.uint8).reshape(b * next_n * h, HEAD_DIM)
-    tmap_q = TensorMapDesc(q2, (h, HEAD_DIM), swizzle=128)
     tmap_k = TensorMapDesc(key_view(kv_cache), (1, BLOCK_KV, HEAD_DIM), swizzle=128)
-    args = (Arg("tensormap", tmap_q), Arg("tensormap", tmap_k), ptr(kv_cache), ptr(weights), ptr(context_lens),
-            ptr(block_table), ptr(out), u64(out.stride(0)), u32(weights.stride(0)), u32(block_table.stride(0)),
-            u32(next_n), u32(int(context_lens.dim() == 2)), u32(max_context_len))
-    grid = (max(1, cdiv(cdiv(max_context_len, BLOCK_KV), PAGES_PER_CTA)), b, 1)
-    return LaunchPlan(MODULE, FUNCTIONS[h], grid=grid, block=(THREADS, 1, 1), args=args,
+    args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), *_common_args(weights, out, max_context_len),
+            ptr(kv_cache), ptr(context_lens), ptr(block_table), u32(block_table.stride(0)), u32(next_n),
+            u32(int(context_lens.dim() == 2)))
+    return LaunchPlan(MODULE, PAGED_FUNCTIONS[h], grid=_grid(max_context_len, b), block=(THREADS, 1, 1), args=args,
                       shared_bytes=smem_bytes(h))
+
+
+def ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out) -> LaunchPlan:
+    """Launch plan of pk_dsa_ragged_logits_h{32,64}: grid (ceil(ceil(N / 64) / BLOCKS_PER_CTA),
+    ceil(M / GROUP_ROWS)), 128 threads, smem_bytes(H) of dynamic shared memory; k [N, 128] e4m3
+    through a 2-D map (64-key boxes; keys past N zero-filled, never written out)."""
+    m, h, _ = q.shape
+    n = k.shape[0]
+    tmap_k = TensorMapDesc(k.view(torch.uint8), (BLOCK_KV, HEAD_DIM), swizzle=128)
+    args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), *_common_args(weights, out, n),
+            ptr(k_scales), ptr(cu_seqlen_ks), ptr(cu_seqlen_ke), u32(m))
+    return LaunchPlan(MODULE, RAGGED_FUNCTIONS[h], grid=_grid(n, cdiv(m, GROUP_ROWS)), block=(THREADS, 1, 1),
+                      args=args, shared_bytes=smem_bytes(h))
 
 
 def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int,
                          executor: str = "cuda"):
-    """Indexer logits into out f32 [b * next_n, max_context_len] with the hand-written kernel;
-    inputs as validated by pykernels.ops.dsa. Returns the emulator's Stats for executor
-    "emu", else None."""
-    check_paged_logits_supported(q, kv_cache, weights, out)
-    b = q.shape[0]
-    if b == 0 or max_context_len == 0 or kv_cache.shape[0] == 0:
+    """Decode indexer logits into out f32 [b * next_n, max_context_len] with the hand-written
+    kernel; inputs as validated by pykernels.ops.dsa. Returns the emulator's Stats for
+    executor "emu", else None."""
+    check_logits_supported(q, kv_cache, weights, "kv_cache")
+    if q.shape[0] == 0 or max_context_len == 0 or kv_cache.shape[0] == 0:
         out.fill_(float("-inf"))        # no page: every position is outside every window
         return None
     return run_plan(paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len),
                     executor)
 
 
-__all__ = ["check_paged_logits_supported", "fp8_paged_mqa_logits", "paged_logits_plan", "smem_bytes", "MODULE",
-           "FUNCTIONS"]
+def fp8_mqa_logits(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, executor: str = "cuda"):
+    """Prefill indexer logits into out f32 [M, N] with the hand-written kernel; inputs as
+    validated by pykernels.ops.dsa. Returns the emulator's Stats for executor "emu", else None."""
+    check_logits_supported(q, k, weights, "k")
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return None                     # out is empty
+    return run_plan(ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out), executor)
+
+
+__all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "paged_logits_plan",
+           "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS"]

@@ -9,8 +9,8 @@ import torch
 
 from pykernels.cuda import ep as cep
 from pykernels.ep.low_latency import KernelLowLatency, quantize
-from tests.test_ep_low_latency import (EXPERTS, HIDDEN, MAX_TOKENS, TOPK, _check_dispatch, _expected_combine,
-                                       _expert_outputs, ll_inputs)
+from tests.ep_low_latency_cases import (EXPERTS, HIDDEN, MAX_TOKENS, TOPK, check_dispatch, expected_combine,
+                                       expert_outputs, ll_inputs)
 
 RANKS = 2
 
@@ -48,15 +48,15 @@ def test_kernel_adaptor_packs_and_unpacks_exactly(seed):
         for r in range(RANKS):
             recv_x, count, handle, hook = adaptors[r].dispatch(xs[r], idxs[r], MAX_TOKENS, EXPERTS, use_fp8=fp8)
             assert hook is None
-            checked += _check_dispatch(r, RANKS, xs, idxs, recv_x, count, handle, fp8)
-            y = _expert_outputs(recv_x, count, r, RANKS, fp8)        # NaN past recv_count
+            checked += check_dispatch(r, RANKS, xs, idxs, recv_x, count, handle, fp8)
+            y = expert_outputs(recv_x, count, r, RANKS, fp8)        # NaN past recv_count
             adaptors[r].combine(y, idxs[r], ws[r], handle)
             ys.append(stand_ins[r].blocks[0])
             handles.append(stand_ins[r].blocks[1])
             assert handles[r] is handle.transport
         outs = node.low_latency_combine(ys, idxs, ws, handles)
         for r in range(RANKS):
-            expect = _expected_combine(r, xs, idxs, ws, fp8)
+            expect = expected_combine(r, xs, idxs, ws, fp8)
             assert torch.equal(outs[r].view(torch.int16), expect.view(torch.int16)), f"rank {r}, fp8={fp8}"
             checked += outs[r].shape[0]
     assert checked > 40

@@ -21,6 +21,9 @@ import torch
 import pykernels as pk
 import pykernels.dsa as D
 import pykernels.mla as M
+from pykernels.reference import dsa as RD
+from pykernels.triton import dsa_prefill as TP
+from pykernels.triton import dsa_topk as TK
 
 FP8 = torch.float8_e4m3fn
 NAN = float("nan")
@@ -149,6 +152,132 @@ def test_sparse_decode_nan_in_a_used_row_propagates(seed):
     out, lse = D.flash_mla_sparse_decode(q, cache.view(2, 64, 1, 656), idx, backend="triton")
     assert out[0].isnan().all() and lse[0].isnan().all()
     assert out[1].isfinite().all() and lse[1].isfinite().all()
+
+
+# ----------------------------------------------------------------------------- top-k
+
+SPECIALS = (NAN, -math.inf, math.inf, -0.0, 0.0, -3.4e38, 3.4e38, 1e-45, -1e-45)
+
+
+def _tied_logits(rows, n):
+    """Fresh random logits on a coarse grid (many ties) with special values sprinkled in
+    (NaN ranks as -inf, -0.0 ties with +0.0, denormals, the float32 extremes)."""
+    x = torch.randint(-8, 8, (rows, n)).float() / 4
+    pick = torch.rand(rows, n) < 0.2
+    x[pick] = torch.tensor(SPECIALS)[torch.randint(0, len(SPECIALS), (int(pick.sum()),))]
+    return x
+
+
+@pytest.mark.parametrize("m,n,k", [(6, 300, 40), (4, 50, 64), (3, 17, 1), (5, 1000, 100)])
+def test_topk_indices_matches_reference(seed, m, n, k):
+    logits = _tied_logits(m, n)
+    ks = torch.randint(0, n + 1, (m,))
+    ke = ks + torch.randint(0, n + 1, (m,)) % (n + 1 - ks)
+    ks[0], ke[0] = 0, n                                           # the whole row
+    ks[1], ke[1] = n // 3, n // 3 + min(k, n - n // 3) // 2       # shorter than topk: -1 slots
+    ks[-1] = ke[-1] = ks[-1]                                      # an empty window: all -1
+    ks, ke = ks.int(), ke.int()
+    pos = torch.arange(n)[None, :]
+    outside = (pos < ks[:, None]) | (pos >= ke[:, None])
+    logits[outside] = torch.where(torch.rand(int(outside.sum())) < 0.5, math.inf, NAN)   # never read
+    buf = torch.full((m, k + 7), -7, dtype=torch.int32)           # poison; out has a row stride of k + 7
+    out = buf[:, 3:3 + k]
+    got = D.topk_indices(logits, k, ks, ke, backend="triton", out=out)
+    assert got is out
+    ref = D.topk_indices(logits, k, ks, ke, backend="reference")
+    assert torch.equal(out, ref), f"rows differ: {(out != ref).any(dim=1).nonzero().flatten().tolist()}"
+    assert (buf[:, :3] == -7).all() and (buf[:, 3 + k:] == -7).all(), "wrote outside out"
+    assert (out[1, (ke[1] - ks[1]):] == -1).all() and (out[-1] == -1).all()
+
+
+def test_topk_all_ties_take_the_lowest_positions(seed):
+    # an independent check of the tie rule: equal logits come out in position order (-0.0
+    # equal to +0.0, NaN to -inf)
+    n, k = 200, 48
+    logits = torch.full((5, n), float(torch.randn(())))
+    logits[3] = torch.where(torch.rand(n) < 0.5, -0.0, 0.0)
+    logits[4] = torch.where(torch.rand(n) < 0.5, NAN, -math.inf)
+    ks = torch.tensor([0, 17, 190, 0, 0], dtype=torch.int32)
+    ke = torch.tensor([n, 150, n, n, n], dtype=torch.int32)
+    out = D.topk_indices(logits, k, ks, ke, backend="triton")
+    assert torch.equal(out[0], torch.arange(k, dtype=torch.int32))
+    assert torch.equal(out[1], torch.arange(17, 17 + k, dtype=torch.int32))
+    assert torch.equal(out[2], torch.cat([torch.arange(190, n), torch.full((k - 10,), -1)]).int())
+    assert torch.equal(out[3], torch.arange(k, dtype=torch.int32))
+    assert torch.equal(out[4], torch.arange(k, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("next_n,lens_2d", [(1, False), (2, False), (3, True)])
+def test_paged_topk_indices_matches_reference(seed, next_n, lens_2d):
+    b, pages, max_blocks, k = 3, 12, 3, 70
+    cap = max_blocks * 64
+    width = cap + 5
+    table = torch.randperm(pages)[:b * max_blocks].int().view(b, max_blocks)
+    lens = torch.tensor([cap, int(torch.randint(next_n, cap, ())), 0], dtype=torch.int32)
+    if lens_2d:
+        lens = torch.stack([torch.randint(0, int(L) + 1, (next_n,)) for L in lens]).int()
+        lens[0, 0] = 30                                           # shorter than topk: -1 slots
+    table[2] = -9                                                 # no key: its pages are never read
+    logits = _tied_logits(b * next_n, width)
+    ends = RD.paged_row_windows(lens, next_n)
+    logits[torch.arange(width)[None, :] >= ends[:, None]] = math.inf    # outside the windows: never read
+    out = torch.full((b, next_n, k), -7, dtype=torch.int32)
+    got = D.paged_topk_indices(logits, k, lens, table, backend="triton", out=out)
+    assert got is out
+    ref = D.paged_topk_indices(logits, k, lens, table, backend="reference")
+    assert torch.equal(out, ref)
+    assert (out[2] == -1).all()
+
+
+def test_topk_triton_limit_is_an_error():
+    logits = torch.randn(2, 10)
+    win = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([10, 10], dtype=torch.int32)
+    k = TK.MAX_TOPK + 1
+    with pytest.raises(ValueError, match=rf"backend: 'triton' cannot run .*topk: .*at most {TK.MAX_TOPK}, got {k}"):
+        D.topk_indices(logits, k, *win, backend="triton")
+
+
+# ----------------------------------------------------------------------------- sparse prefill
+
+def test_sparse_prefill_dots_are_float32_when_interpreted():
+    # bf16 tl.dot is wrong under the interpreter (../shared/DESIGN.md): the launch must upcast
+    q = torch.zeros(1, 16, 576, dtype=torch.bfloat16)
+    mx = torch.zeros(1, 16)
+    launch = TP.sparse_prefill_launch_args(q, torch.zeros(4, 1, 576, dtype=torch.bfloat16),
+                                           torch.zeros(1, 1, 4, dtype=torch.int32), None, None,
+                                           torch.zeros(1, 16, 512, dtype=torch.bfloat16), mx, mx.clone(), 0.1)
+    assert launch[3]["UPCAST"] and launch[3]["SOFT"]
+
+
+@pytest.mark.parametrize("d_qk,h_q,with_sink,with_length", [(576, 16, False, False), (576, 20, True, False),
+                                                            (512, 8, True, True), (576, 64, False, True),
+                                                            (576, 3, True, True)])
+def test_sparse_prefill_matches_reference(seed, d_qk, h_q, with_sink, with_length):
+    s_q, s_kv, topk = 4, 90, 80
+    q = torch.randn(s_q, h_q, d_qk).bfloat16()
+    kv = torch.randn(s_kv, 1, d_qk).bfloat16()
+    idx = torch.randint(-3, s_kv + 3, (s_q, 1, topk), dtype=torch.int32)  # outside [0, s_kv): skipped
+    idx[0, 0, 3:70] = -1                                          # a whole tile of unused slots
+    idx[1, 0, :] = s_kv                                           # a token with no used slot
+    idx[2, 0, 5] = idx[2, 0, 4] = 7                               # a duplicate counts twice
+    sink = torch.randn(h_q) * 3 if with_sink else None
+    length = torch.tensor([topk, 5, 60, 0], dtype=torch.int32) if with_length else None   # token 3: no slot
+    used = (idx[:, 0] >= 0) & (idx[:, 0] < s_kv)
+    if with_length:
+        used &= torch.arange(topk)[None, :] < length[:, None]
+    kv[~torch.isin(torch.arange(s_kv), idx[:, 0][used])] = NAN    # rows nobody uses: never read
+    out = torch.full((s_q, h_q, 512), NAN, dtype=torch.bfloat16)
+    mx = torch.full((h_q, s_q), NAN).t()                          # any strides for max_logits / lse
+    lse = torch.full((s_q, h_q), NAN)
+    got = D.flash_mla_sparse_fwd(q, kv, idx, 0.05, 512, sink, length, backend="triton", out=out, max_logits=mx,
+                                 lse=lse)
+    assert got[0] is out and got[1] is mx and got[2] is lse
+    ref_out, ref_mx, ref_lse = D.flash_mla_sparse_fwd(q, kv, idx, 0.05, 512, sink, length, backend="reference")
+    _assert_decode_matches(out, lse, ref_out, ref_lse)
+    none = ref_mx == -math.inf
+    assert torch.equal(mx == -math.inf, none) and torch.equal(none, ref_lse == math.inf)
+    assert torch.allclose(mx[~none], ref_mx[~none], rtol=1e-5, atol=1e-5)
+    assert (out[1] == 0).all() and none[1].all()
 
 
 # ----------------------------------------------------------------------------- sm_90a compilation

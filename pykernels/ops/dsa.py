@@ -15,10 +15,11 @@ flash_mla_sparse_decode: q bf16 [b, s_q, h_q, 576]; FP8 k_cache [num_blocks, 64,
 flash_mla_sparse_fwd: q bf16 [s_q, h_q, d_qk]; kv bf16 [s_kv, 1, d_qk]; indices int32
   [s_q, 1, topk] -> out bf16 [s_q, h_q, d_v], max_logits f32 [s_q, h_q], lse f32 [s_q, h_q].
 
-Every op has the reference backend; fp8_mqa_logits and fp8_paged_mqa_logits
-(pykernels/triton/dsa_logits.py) and flash_mla_sparse_decode (triton/dsa_decode.py) also
-have the Triton one. The other Triton and the CUDA backends
-are added here, beside it (`OP.add(B.triton(...))`, `OP.add(B.kernel(...))`), when they exist.
+Every op has the reference backend; all but get_paged_mqa_logits_metadata also have the
+Triton one: fp8_mqa_logits and fp8_paged_mqa_logits (pykernels/triton/dsa_logits.py), both
+top-k ops (triton/dsa_topk.py, topk <= 8192), flash_mla_sparse_decode (triton/dsa_decode.py)
+and flash_mla_sparse_fwd (triton/dsa_prefill.py). The CUDA backends are added here, beside
+them (`OP.add(B.kernel(...))`), when they exist.
 Outputs are written in place (the public functions allocate them).
 """
 import dataclasses
@@ -610,12 +611,27 @@ def public_paged_topk_problem(logits, topk, context_lens, block_table, *, out=No
     return paged_topk_problem(logits, context_lens, block_table, topk, out)
 
 
+def _topk_kernel(p: TopkProblem, executor: str):
+    from ..cuda import dsa as CD
+    _check_gpu_topk_values(p)
+    if p.paged:
+        CD.paged_topk_indices(p.logits, p.context_lens, p.block_table, p.topk, p.out, executor)
+    else:
+        CD.topk_indices(p.logits, p.cu_seqlen_ks, p.cu_seqlen_ke, p.topk, p.out, executor)
+
+
+def _topk_kernel_limits(p: TopkProblem):
+    from ..cuda import dsa as CD
+    CD.check_topk_supported(p.topk)
+
+
 TOPK = registry.op("topk_indices", public_topk_problem)
-TOPK.add(B.triton(_topk_triton, _topk_triton_limits))
-TOPK.add(B.reference(_topk_reference))
 PAGED_TOPK = registry.op("paged_topk_indices", public_paged_topk_problem)
-PAGED_TOPK.add(B.triton(_topk_triton, _topk_triton_limits))
-PAGED_TOPK.add(B.reference(_topk_reference))
+for _op in (TOPK, PAGED_TOPK):
+    for _name in ("cuda", "emu"):
+        _op.add(B.kernel(_name, "dsa_topk", _topk_kernel, _topk_kernel_limits))
+    _op.add(B.triton(_topk_triton, _topk_triton_limits))
+    _op.add(B.reference(_topk_reference))
 
 
 def topk_indices_body(logits: torch.Tensor, cu_seqlen_ks: torch.Tensor, cu_seqlen_ke: torch.Tensor, topk: int,
@@ -864,9 +880,20 @@ def sparse_prefill_problem(q, kv, indices, attn_sink, topk_length, out, max_logi
     return SparsePrefillProblem(q, kv, indices, attn_sink, topk_length, out, max_logits, lse, scale, int(d_v), dev)
 
 
-def _sparse_prefill_reference(p: SparsePrefillProblem):
+def _check_gpu_topk_length(p: SparsePrefillProblem):
+    """topk_length of GPU tensors, read on the host (CPU ones: checked by the builder)."""
     if p.topk_length is not None and p.device.type != "cpu":
         _check_range("topk_length", p.topk_length.cpu(), 0, p.indices.shape[2])
+
+
+def _sparse_prefill_triton(p: SparsePrefillProblem):
+    from ..triton import dsa_prefill as TP
+    _check_gpu_topk_length(p)
+    TP.flash_mla_sparse_fwd(p.q, p.kv, p.indices, p.attn_sink, p.topk_length, p.out, p.max_logits, p.lse, p.sm_scale)
+
+
+def _sparse_prefill_reference(p: SparsePrefillProblem):
+    _check_gpu_topk_length(p)
     o, m, lse = RD.flash_mla_sparse_fwd(p.q, p.kv, p.indices, p.sm_scale, p.d_v, p.attn_sink, p.topk_length)
     p.out.copy_(o)
     p.max_logits.copy_(m)
@@ -894,6 +921,7 @@ def public_sparse_prefill_problem(q, kv, indices, sm_scale, d_v=RM.HEAD_DIM_V, a
 
 
 SPARSE_PREFILL = registry.op("flash_mla_sparse_fwd", public_sparse_prefill_problem)
+SPARSE_PREFILL.add(B.triton(_sparse_prefill_triton))
 SPARSE_PREFILL.add(B.reference(_sparse_prefill_reference))
 
 

@@ -1,23 +1,28 @@
-"""Expert-parallel all-to-all: MoE dispatch and combine across ranks (DeepEP-style).
+"""Expert-parallel all-to-all: MoE dispatch and combine across ranks, DeepEP's V1 Buffer.
 
-`Buffer` is the torch.distributed engine path (gloo on CPU processes, NCCL on GPUs).
-Its local steps run in PyTorch or, with `Buffer(..., local_backend="triton")`, as the
-Triton kernels of pykernels.triton.ep. See docs/ep.md.
+`Buffer(group, ..., backend=...)` (pykernels.ep.buffer) runs over the group's collectives
+("gloo"/"nccl", pykernels.ep.engine) or over the hand-written intranode kernels ("emu"
+across real processes on CPU, "cuda" with a GPU per rank; pykernels.ep.kernel_transport).
+The ranks agree on every call before data moves, and every wait has a timeout
+(pykernels.ep.agreement). See docs/ep.md.
 
-The hand-written intranode kernels (csrc/ep, NVLink through CUDA IPC ring buffers, and the
-low-latency mode) are reached through `pykernels.ep.intranode` (= pykernels.cuda.ep):
-`IntranodeConfig`, `LocalNode` (every rank in this process: the emulator on CPU, or one
-GPU with a stream per rank), `CudaIntranode` (one rank of a process group on its GPU),
-`decode_error`. Loaded on first use.
+The kernels' executors are also reachable directly through `pykernels.ep.intranode`
+(= pykernels.cuda.ep): `IntranodeConfig`, `LocalNode` (every rank in this process),
+`CudaIntranode`, `decode_error`. Loaded on first use.
 """
 import importlib
 
-from .buffer import LOCAL_BACKENDS, MAX_HIDDEN, MAX_TOPK, SUPPORTED_HIDDEN, Buffer, DispatchHandle
+from .agreement import BufferBrokenError, RankMismatchError, RankTimeoutError
+from .buffer import BACKENDS, DEFAULT_TIMEOUT_S, LOCAL_BACKENDS, Buffer
+from .checks import MAX_HIDDEN, MAX_TOPK, SUPPORTED_HIDDEN
+from .config import Config, EventOverlap, topk_idx_t
+from .handle import DispatchHandle
 
 _INTRANODE = ("IntranodeConfig", "LocalNode", "CudaIntranode", "decode_error")
 
-__all__ = ["Buffer", "DispatchHandle", "LOCAL_BACKENDS", "MAX_HIDDEN", "MAX_TOPK", "SUPPORTED_HIDDEN",
-           "intranode", *_INTRANODE]
+__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "topk_idx_t", "RankMismatchError",
+           "RankTimeoutError", "BufferBrokenError", "BACKENDS", "DEFAULT_TIMEOUT_S", "LOCAL_BACKENDS", "MAX_HIDDEN",
+           "MAX_TOPK", "SUPPORTED_HIDDEN", "intranode", *_INTRANODE]
 
 
 def __getattr__(name):

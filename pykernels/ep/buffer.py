@@ -1,338 +1,508 @@
-"""Expert-parallel dispatch/combine over torch.distributed (DeepEP's V1 interface shape).
+"""pykernels.ep.Buffer: DeepEP's V1 Buffer (normal mode) over one of several transports.
 
-This is the engine path: any backend with all_to_all_single (gloo on CPU processes,
-NCCL on GPUs, across nodes). Payloads travel as bytes, so bf16 and fp8 move bit-exactly
-on every backend. Routing conventions are in pykernels.reference.ep.
+    buf = Buffer(group, backend="auto")        # "gloo" / "nccl" (engine), "emu", "cuda" (kernels)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+    combined_x, combined_w, event = buf.combine(expert_out, handle, recv_w)
 
-The local steps around the collective (layout, send-buffer permute, receive-side
-localisation, combine reduction) run either in PyTorch (`local_backend="torch"`, the
-default) or as Triton kernels (`local_backend="triton"`, pykernels.triton.ep; Triton's
-interpreter on CPU tensors). Both give identical bytes.
+Semantics are DeepEP's (docs/ep.md, "Buffer"): combine sums the rows each token's
+destination ranks send back (no weighting) and sums the top-k weights passed to it per
+slot; a handle repeats a layout; num_worst_tokens fixes the output rows. Before each call
+the ranks agree on its header (pykernels.ep.agreement): a rank that calls with another
+shape gets a clear error on every rank; a rank that does not arrive is named on every live
+rank after timeout_s seconds.
 
-Input validation (ValueError/TypeError naming the argument, expected and actual):
-x bf16 [T, H] or (float8_e4m3fn [T, H], float32 [T, H/128]); H a multiple of 128 in
-[128, 16384] (SUPPORTED_HIDDEN); topk_idx int64 [T, K], 1 <= K <= 16, values in
-[-1, num_experts); topk_weights float32 of topk_idx's shape; num_experts a positive
-multiple of the group size. The range check of topk_idx reads its min/max back to the
-host (one sync per call; this engine syncs for its split sizes anyway).
+Backends:
+  "gloo" / "nccl": torch.distributed collectives (pykernels.ep.engine) - any group.
+  "emu" / "cuda": the hand-written intranode kernels, one process per rank
+      (pykernels.ep.kernel_transport): the emulator across real processes, or one GPU per
+      rank over CUDA IPC. Up to 8 ranks.
+  "auto": "cuda" on Hopper GPUs with the kernels built and an NCCL group of <= 8 ranks,
+      else the engine over the group's backend.
+Low-latency mode (low_latency_dispatch / low_latency_combine) is not part of this module.
 """
-import numbers
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from ..reference.ep import dispatch_layout, localize_topk, weight_sum
-from ..runtime.hardware import SCALE_BLOCK
+from .. import __version__
+from .agreement import Agreement, RankMismatchError
+from .checks import (MAX_HIDDEN, MAX_TOPK, SUPPORTED_HIDDEN, check_combine_args, check_expert_alignment,
+                     check_layout_args, check_num_experts, check_topk, check_weights, check_worst_tokens, check_x)
+from .config import DEFAULT_NUM_SMS, Config, EventOverlap, recommended_config
+from .engine import EngineTransport
+from .handle import DispatchHandle
+from .kernel_transport import KernelTransport
 
-SUPPORTED_HIDDEN_MULTIPLE = SCALE_BLOCK   # FP8 scales cover 128 columns
-MAX_HIDDEN = 16384
-MAX_TOPK = 16
-SUPPORTED_HIDDEN = f"a multiple of {SUPPORTED_HIDDEN_MULTIPLE} in [128, {MAX_HIDDEN}]"
 LOCAL_BACKENDS = ("torch", "triton")
+BACKENDS = ("auto", "gloo", "nccl", "emu", "cuda")
+KERNEL_BACKENDS = ("emu", "cuda")
+MAX_KERNEL_RANKS = 8          # the kernels' peers: one NVLink node
+DEFAULT_TIMEOUT_S = 60.0
+
+__all__ = ["Buffer", "DispatchHandle", "LOCAL_BACKENDS", "BACKENDS", "MAX_HIDDEN", "MAX_TOPK", "SUPPORTED_HIDDEN"]
 
 
-@dataclass
-class DispatchHandle:
-    """Everything needed to repeat a dispatch layout or to combine back.
-
-    send_idx int64 [S]: the source tokens sent, grouped by destination rank;
-    send_counts / recv_counts: rows sent to / received from each rank;
-    recv_src_idx int64 [N]: token index at its source of each received row;
-    num_tokens: tokens on this rank before dispatch."""
-    send_idx: torch.Tensor
-    send_counts: list
-    recv_counts: list
-    recv_src_idx: torch.Tensor
-    is_token_in_rank: torch.Tensor
-    num_tokens: int
-    send_pos: torch.Tensor = None  # int32 [T, R] send row per (token, rank), -1 if none (Triton path)
+def _kernels_built() -> bool:
+    from ..runtime import artifacts
+    try:
+        kernels = artifacts.manifest()["kernels"]
+    except RuntimeError:
+        return False
+    return "ep_intranode" in kernels
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """[rows, ...] -> uint8 [rows, row_bytes] (explicit sizes: rows may be 0)."""
-    t = t.contiguous()
-    row = t.element_size() * (t.numel() // t.shape[0] if t.shape[0] else _inner_numel(t))
-    return t.view(torch.uint8).reshape(t.shape[0], row)
+def _group_backend(group) -> str:
+    return str(dist.get_backend(group))
 
 
-def _inner_numel(t: torch.Tensor) -> int:
-    n = 1
-    for d in t.shape[1:]:
-        n *= d
-    return n
+def _resolve_backend(backend: str, group, num_ranks: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    gb = _group_backend(group)
+    if backend == "auto":
+        gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+        if gpu and _kernels_built() and "nccl" in gb and num_ranks <= MAX_KERNEL_RANKS:
+            return "cuda"
+        return "nccl" if "nccl" in gb else "gloo"
+    if backend in ("gloo", "nccl") and backend not in gb:
+        raise ValueError(f"backend: {backend!r} runs over the group's own collectives, but the group's backend "
+                         f"is {gb!r}")
+    if backend in KERNEL_BACKENDS and num_ranks > MAX_KERNEL_RANKS:
+        raise ValueError(f"backend: {backend!r} (the intranode kernels) serves up to {MAX_KERNEL_RANKS} ranks, "
+                         f"the group has {num_ranks}; use the engine (\"gloo\" / \"nccl\")")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise ValueError("backend: 'cuda' needs a GPU; none is visible (use 'emu' or the engine)")
+    return backend
 
 
-def _from_bytes(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return b.view(like.dtype).reshape((b.shape[0],) + tuple(like.shape[1:]))
-
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} {list(t.shape)}"
-    return type(t).__name__
-
-
-def _check_hidden(name: str, h: int):
-    if h % SUPPORTED_HIDDEN_MULTIPLE or not 0 < h <= MAX_HIDDEN:
-        raise ValueError(f"{name}: hidden size {h} not supported: expected {SUPPORTED_HIDDEN}")
+def _align(counts, alignment):
+    return [-(-c // alignment) * alignment for c in counts]
 
 
 class Buffer:
-    """Communication buffer for one process group.
+    """DeepEP's V1 Buffer for one process group (normal mode; module docstring).
 
-    group: a torch.distributed ProcessGroup (None = the default group). The byte-size
-    arguments of DeepEP's Buffer are accepted for interface compatibility; this engine
-    path allocates per call. local_backend: "torch" (default) or "triton" for the steps
-    each rank does alone (layout, permute into the send buffer, receive-side top-k
-    localisation and counts, combine reduction); results are identical bytes.
+    group: a torch.distributed ProcessGroup (None = the default group).
+    num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_nvlink_for_low_latency_mode,
+    allow_mnnvl: DeepEP's sizes and switches, compared across ranks at construction.
+    num_rdma_bytes must be 0 without low_latency_mode (no internode path); the kernel
+    backends size their rings from the first dispatch (docs/ep.md), not num_nvl_bytes.
+    explicitly_destroy: DeepEP's meaning: resources are released by destroy() (which must
+    then be called), else on garbage collection.
+    backend: see the module docstring. timeout_s: seconds any rank waits for its peers at
+    construction and at every call. local_backend: "torch" or "triton" for the engine's
+    local steps (identical bytes).
     """
 
+    num_sms: int = DEFAULT_NUM_SMS
+
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
-                 low_latency_mode: bool = False, local_backend: str = "torch"):
-        if local_backend not in LOCAL_BACKENDS:
-            raise ValueError(f"local_backend: expected one of {LOCAL_BACKENDS}, got {local_backend!r}")
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm=None, *, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 local_backend: str = "torch"):
         if not dist.is_initialized():
             raise RuntimeError("Buffer: torch.distributed is not initialized (call init_process_group first)")
         self.group = group
         self.rank = dist.get_rank(group)
-        self.num_ranks = dist.get_world_size(group)
+        self.num_ranks = self.group_size = dist.get_world_size(group)
+        self.timeout_s = self._check_timeout(timeout_s)
+        self._agreement = Agreement(group, self.rank, self.num_ranks, self.timeout_s)
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
         self.local_backend = local_backend
+        self._destroyed = False
+        self._kernels = None
+        error = None
+        try:
+            self._check_construction(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_mnnvl, use_fabric,
+                                     enable_shrink, comm, local_backend)
+            self.backend = _resolve_backend(backend, group, self.num_ranks)
+        except (TypeError, ValueError) as e:
+            error, self.backend = e, None
+        record = dict(backend=self.backend, local_backend=local_backend, num_nvl_bytes=num_nvl_bytes,
+                      num_rdma_bytes=num_rdma_bytes, low_latency_mode=bool(low_latency_mode),
+                      num_qps_per_rank=num_qps_per_rank,
+                      allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode),
+                      pykernels_version=__version__)
+        self._agree("Buffer(...) construction", record, error)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend in ("cuda", "nccl") \
+            else torch.device("cpu")
+        self._engine = EngineTransport(group, self.rank, self.num_ranks, local_backend, self.timeout_s,
+                                       self._mark_broken)
+        if self.backend in KERNEL_BACKENDS:
+            self._kernels = KernelTransport(self.backend, group, self.rank, self.num_ranks, self.timeout_s,
+                                            self._engine.gather_rows)
+
+    # -- construction helpers ----------------------------------------------------------------
+    @staticmethod
+    def _check_timeout(timeout_s):
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        return float(timeout_s)
 
     @staticmethod
-    def _triton():
-        from ..triton import ep as triton_ep  # imported on first use: the torch path needs no Triton
-        return triton_ep
+    def _check_construction(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_mnnvl, use_fabric, enable_shrink,
+                            comm, local_backend):
+        if local_backend not in LOCAL_BACKENDS:
+            raise ValueError(f"local_backend: expected one of {LOCAL_BACKENDS}, got {local_backend!r}")
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
+                        ("num_qps_per_rank", num_qps_per_rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        for name, v in (("allow_mnnvl", allow_mnnvl), ("use_fabric", use_fabric), ("enable_shrink", enable_shrink)):
+            if v:
+                raise ValueError(f"{name}: expected False (multi-node NVLink / fabric memory / shrinking are not "
+                                 f"supported), got {v!r}")
+        if comm is not None:
+            raise ValueError("comm: expected None (pass a torch.distributed group; mpi4py is not supported)")
 
-    # -- validation ---------------------------------------------------------------------
-    def _check_num_experts(self, num_experts):
-        if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral):
-            raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
-        if num_experts <= 0 or num_experts % self.num_ranks:
-            raise ValueError(f"num_experts: expected a positive multiple of the group size "
-                             f"{self.num_ranks}, got {num_experts}")
+    def _mark_broken(self, reason: str):
+        self._agreement.broken = reason
 
-    def _check_topk(self, topk_idx, num_experts, num_tokens=None):
-        if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64:
-            got = topk_idx.dtype if isinstance(topk_idx, torch.Tensor) else type(topk_idx).__name__
-            raise TypeError(f"topk_idx: expected an int64 tensor, got {got}")
-        if topk_idx.dim() != 2:
-            raise ValueError(f"topk_idx: expected shape [num_tokens, topk], got {list(topk_idx.shape)}")
-        if not 1 <= topk_idx.shape[1] <= MAX_TOPK:
-            raise ValueError(f"topk_idx: expected 1..{MAX_TOPK} experts per token, got {topk_idx.shape[1]}")
-        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
-            raise ValueError(f"topk_idx: expected {num_tokens} rows (one per token of x), got {topk_idx.shape[0]}")
-        self._check_num_experts(num_experts)
-        if topk_idx.numel():
-            # data-dependent: reads min/max back to the host (a sync, accepted on this path)
-            lo, hi = torch.aminmax(topk_idx)
-            lo, hi = int(lo), int(hi)
-            if lo < -1 or hi >= num_experts:
-                raise ValueError(f"topk_idx: expected values in [-1, {num_experts}), got range [{lo}, {hi}]")
+    def _agree(self, what: str, record: dict, error: Exception = None):
+        """Exchange this step's record (or this rank's argument error) with every rank, then
+        raise on every rank alike: the own error where it was found, RankMismatchError
+        naming the rank and its error elsewhere, RankMismatchError for differing fields."""
+        if error is not None:
+            record = {"rejected": f"{type(error).__name__}: {error}"}
+        records = self._agreement.exchange(what, record)
+        if error is not None:
+            raise error
+        rejected = [(r, rec["rejected"]) for r, rec in enumerate(records) if "rejected" in rec]
+        if rejected:
+            raise RankMismatchError(f"{what}: " + "; ".join(f"rank {r} rejected its arguments ({msg})"
+                                                            for r, msg in rejected)
+                                    + ". Nothing was sent; every rank raised and the Buffer remains usable.")
+        fields = list(dict.fromkeys(k for rec in records for k in rec))
+        differing = [k for k in fields if any(rec.get(k) != records[0].get(k) for rec in records)]
+        if differing:
+            lines = "; ".join(f"{k}: " + ", ".join(f"rank {i}: {rec.get(k)!r}" for i, rec in enumerate(records))
+                              for k in differing)
+            raise RankMismatchError(f"{what}: the ranks disagree ({lines}). Nothing was sent; every rank raised "
+                                    f"this error and the Buffer remains usable.")
+
+    def _check_usable(self, what):
+        if self._destroyed:
+            raise RuntimeError(f"{what}: this Buffer was destroyed")
+
+    # -- DeepEP's static helpers -------------------------------------------------------------
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """The SMs of the normal-mode kernels (even: a sender and a receiver per channel);
+        the default Config of later Buffers' first dispatch takes num_sms // 2 channels."""
+        if isinstance(new_num_sms, bool) or not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
+            raise ValueError(f"new_num_sms: expected a positive even int, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
 
     @staticmethod
-    def _check_weights(topk_weights, shape, what="topk_idx"):
-        if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32:
-            got = topk_weights.dtype if isinstance(topk_weights, torch.Tensor) else type(topk_weights).__name__
-            raise TypeError(f"topk_weights: expected a float32 tensor, got {got}")
-        if tuple(topk_weights.shape) != tuple(shape):
-            raise ValueError(f"topk_weights: expected shape {list(shape)} (the shape of {what}), "
-                             f"got {list(topk_weights.shape)}")
+    def is_sm90_compiled() -> bool:
+        """True when the sm_90a intranode kernels are built in this installation."""
+        return _kernels_built()
 
     @staticmethod
-    def _check_x(x):
-        """x: bf16 [T, H] or (e4m3 [T, H], float32 scales [T, H/128])."""
-        if isinstance(x, tuple):
-            if len(x) != 2:
-                raise TypeError("x: expected a bf16 tensor or a pair (e4m3 data, float32 scales), "
-                                f"got a tuple of {len(x)}")
-            data, scales = x
-            if not isinstance(data, torch.Tensor) or data.dtype != torch.float8_e4m3fn:
-                raise TypeError(f"x: expected FP8 data of dtype float8_e4m3fn, got "
-                                f"{getattr(data, 'dtype', type(data).__name__)}")
-        else:
-            data = x
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
-                raise TypeError(f"x: expected a bfloat16 tensor or an FP8 pair, got "
-                                f"{getattr(x, 'dtype', type(x).__name__)}")
-        if data.dim() != 2:
-            raise ValueError(f"x: expected shape [num_tokens, hidden], got {list(data.shape)}")
-        _check_hidden("x", data.shape[1])
-        if isinstance(x, tuple):
-            want = (data.shape[0], data.shape[1] // SUPPORTED_HIDDEN_MULTIPLE)
-            if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
-                raise TypeError(f"x scales: expected float32 {list(want)}, got {_describe(scales)}")
-            if tuple(scales.shape) != want:
-                raise ValueError(f"x scales: expected float32 {list(want)}, got {scales.dtype} {list(scales.shape)}")
-            if scales.device != data.device:
-                raise ValueError(f"x scales: expected device {data.device} (that of x), got {scales.device}")
-        return data
+    def capture() -> EventOverlap:
+        """An event on the current stream (None-event on a machine without a GPU)."""
+        return EventOverlap.record("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _check_layout_args(self, num_tokens, num_experts, num_tokens_per_rank, is_token_in_rank,
-                           num_tokens_per_expert):
-        R = self.num_ranks
-        if num_tokens_per_rank is not None and (not isinstance(num_tokens_per_rank, torch.Tensor)
-                                                or tuple(num_tokens_per_rank.shape) != (R,)):
-            raise ValueError(f"num_tokens_per_rank: expected a tensor [{R}] (one per rank), got "
-                             f"{_describe(num_tokens_per_rank)}")
-        if num_tokens_per_expert is not None and (not isinstance(num_tokens_per_expert, torch.Tensor)
-                                                  or tuple(num_tokens_per_expert.shape) != (num_experts,)):
-            raise ValueError(f"num_tokens_per_expert: expected a tensor [{num_experts}] (num_experts), got "
-                             f"{_describe(num_tokens_per_expert)}")
-        if is_token_in_rank is not None:
-            if not isinstance(is_token_in_rank, torch.Tensor) or is_token_in_rank.dtype != torch.bool:
-                raise TypeError(f"is_token_in_rank: expected a bool tensor [{num_tokens}, {R}], got "
-                                f"{_describe(is_token_in_rank)}")
-            if tuple(is_token_in_rank.shape) != (num_tokens, R):
-                raise ValueError(f"is_token_in_rank: expected shape [{num_tokens}, {R}], got "
-                                 f"{list(is_token_in_rank.shape)}")
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return recommended_config(num_ranks, Buffer.num_sms)
 
-    # -- layout ---------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
-        """topk_idx int64 [T, K] -> (num_tokens_per_rank int32 [R], None (no RDMA ranks
-        in this engine), num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R],
-        None (no event))."""
-        self._check_topk(topk_idx, num_experts)
-        if self.local_backend == "triton":
-            per_rank, per_expert, in_rank = self._triton().dispatch_layout(topk_idx, num_experts, self.num_ranks)
-        else:
-            per_rank, per_expert, in_rank = dispatch_layout(topk_idx, num_experts, self.num_ranks)
-        return per_rank, None, per_expert, in_rank, None
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return recommended_config(num_ranks, Buffer.num_sms)
 
-    def _all_to_all(self, rows: torch.Tensor, send_counts, recv_counts):
-        out = rows.new_empty((sum(recv_counts),) + tuple(rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=self.group)
-        return out
+    # -- layout ------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """topk_idx int64 [T, K] -> (num_tokens_per_rank int32 [R], None (no RDMA ranks),
+        num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], EventOverlap). Local to
+        this rank (no communication). Reads topk_idx's min/max back to the host (range check)."""
+        self._check_usable("get_dispatch_layout")
+        check_topk(topk_idx, num_experts, self.num_ranks)
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        per_rank, per_expert, in_rank = self._engine.layout(topk_idx, num_experts)
+        return per_rank, None, per_expert, in_rank, self._event(async_finish, topk_idx.device)
 
-    def _exchange_counts(self, send_counts):
-        # NCCL moves device tensors only; gloo takes CPU ones.
-        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-        send = torch.tensor(send_counts, dtype=torch.int64, device=device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        return recv.tolist()
+    @staticmethod
+    def _event(async_finish, device):
+        return EventOverlap.record(device) if async_finish else EventOverlap()
 
-    # -- dispatch / combine ---------------------------------------------------------------
-    def dispatch(self, x, topk_idx=None, topk_weights=None, num_tokens_per_rank=None,
-                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
-                 handle: DispatchHandle = None, num_experts: int = None):
-        """Send each token to every rank holding one of its experts.
+    # -- dispatch ----------------------------------------------------------------------------
+    def dispatch(self, x, handle: DispatchHandle = None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Config = None, previous_event=None,
+                 async_finish: bool = False, allocate_on_comm_stream: bool = False, *, num_experts: int = None):
+        """Send each token to every rank holding one of its experts (DeepEP's dispatch).
 
-        x: bf16 [T, H] or (e4m3 [T, H], float32 [T, H/128]); topk_idx int64 [T, K];
-        topk_weights float32 [T, K]; num_experts (or num_tokens_per_expert's length).
-        With `handle`, repeats that layout (topk arguments optional).
-        Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-        handle, None): recv_x like x with N rows ordered by (source rank, source token);
-        recv_topk_idx int64 [N, K] local expert ids (-1 elsewhere); weights float32 [N, K].
+        x: bf16 [T, H] or (float8_e4m3fn [T, H], float32 [T, H/128]). Routing, one of:
+          - handle from an earlier dispatch: repeats its layout (topk_idx and topk_weights
+            must be None); returns (recv_x, None, None, None, None, event);
+          - topk_idx int64 [T, K] (+ topk_weights float32 [T, K]), with
+            num_tokens_per_expert [E] or num_experts= (pykernels' keyword) for E; the
+            layout arguments from get_dispatch_layout are optional (computed when absent);
+          - layout only: is_token_in_rank bool [T, R] without topk_idx (recv_topk_idx and
+            recv_topk_weights None; the counts come from num_tokens_per_expert when given).
+        num_worst_tokens W > 0: every output has W rows; rows past the received count have
+        recv_topk_idx -1 and weight 0 (recv_x there: zeros on the engine, unwritten on the
+        kernels); the counts list is [] (DeepEP's convention). The ranks must agree on W.
+        Returns (recv_x, recv_topk_idx int64 [N, K] local ids (-1: another rank's expert),
+        recv_topk_weights float32 [N, K] (0 there), num_recv_tokens_per_expert_list (per local
+        expert, rounded up to expert_alignment), handle, EventOverlap); rows ordered by
+        (source rank, source token).
         """
-        data = self._check_x(x)
-        if handle is not None and not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle: expected a DispatchHandle from an earlier dispatch, got {type(handle).__name__}")
+        what = f"Buffer.dispatch (call {self._agreement.seq})"
+        self._check_usable(what)
+        error = None
+        try:
+            plan = self._dispatch_plan(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                       num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                       num_worst_tokens, config, num_experts)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            error, plan = e, None
+        self._agree(what, None if plan is None else plan["header"], error)
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        out = self._run_dispatch(x, plan, what)
+        return (*out, self._event(async_finish, plan["device"]))
+
+    def _dispatch_plan(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                       num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                       num_experts):
+        """Validate one dispatch and build its header (what every rank must agree on)."""
+        data = check_x(x)
+        check_worst_tokens(num_worst_tokens)
+        check_expert_alignment(expert_alignment)
+        if num_tokens_per_rdma_rank is not None:
+            raise ValueError("num_tokens_per_rdma_rank: expected None (intranode: no RDMA ranks)")
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config: expected a pykernels.ep.Config, got {type(config).__name__}")
         if topk_weights is not None and topk_idx is None:
             raise ValueError("topk_weights: given without topk_idx")
-        if num_experts is None and num_tokens_per_expert is not None:
+        if num_tokens_per_expert is not None:
             if not isinstance(num_tokens_per_expert, torch.Tensor):
                 raise TypeError(f"num_tokens_per_expert: expected a tensor, got {type(num_tokens_per_expert).__name__}")
-            num_experts = num_tokens_per_expert.numel()
-        if handle is None:
-            if topk_idx is None:
-                raise ValueError("topk_idx: required unless a handle from an earlier dispatch is given")
+            if num_experts is None:
+                num_experts = num_tokens_per_expert.numel()
+        if handle is not None:
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError(f"handle: expected a DispatchHandle from an earlier dispatch, got "
+                                f"{type(handle).__name__}")
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("topk_idx, topk_weights: expected None with a cached handle (it repeats the layout "
+                                 "only, as DeepEP's does)")
+            if handle.num_tokens != data.shape[0]:
+                raise ValueError(f"x: the handle was made for {handle.num_tokens} tokens, got {data.shape[0]}")
+            self._check_handle_kind(handle)
+            kind = "dispatch with a cached handle"
+        elif topk_idx is not None:
             if num_experts is None:
                 raise ValueError("num_experts: required (or pass num_tokens_per_expert from get_dispatch_layout)")
-        elif handle.num_tokens != data.shape[0]:
-            raise ValueError(f"x: the handle was made for {handle.num_tokens} tokens, got {data.shape[0]}")
-        elif topk_idx is not None and num_experts is None:
-            raise ValueError("num_experts: required to translate top-k indices with a cached handle")
-        if topk_idx is not None:
-            self._check_topk(topk_idx, num_experts, data.shape[0])
+            check_topk(topk_idx, num_experts, self.num_ranks, data.shape[0])
             if topk_idx.device != data.device:
                 raise ValueError(f"topk_idx: expected device {data.device} (that of x), got {topk_idx.device}")
             if topk_weights is not None:
-                self._check_weights(topk_weights, topk_idx.shape)
-        triton_ep = self._triton() if self.local_backend == "triton" else None
+                check_weights(topk_weights, topk_idx.shape)
+            kind = "dispatch"
+        elif is_token_in_rank is not None:
+            if num_experts is not None:
+                check_num_experts(num_experts, self.num_ranks)
+            kind = "dispatch without top-k"
+        else:
+            raise ValueError("topk_idx: required unless is_token_in_rank (layout-only dispatch) or a handle from an "
+                             "earlier dispatch is given")
         if handle is None:
-            self._check_layout_args(data.shape[0], num_experts, num_tokens_per_rank, is_token_in_rank,
-                                    num_tokens_per_expert)
-            if is_token_in_rank is None:
-                _, _, _, is_token_in_rank, _ = self.get_dispatch_layout(topk_idx, num_experts)
-            if triton_ep is not None:
-                send_idx, send_pos, send_counts = triton_ep.send_layout(is_token_in_rank)
-            else:
-                send_idx = torch.cat([is_token_in_rank[:, r].nonzero().flatten() for r in range(self.num_ranks)])
-                send_counts = is_token_in_rank.sum(0).tolist()
-                send_pos = None
-            recv_counts = self._exchange_counts(send_counts)
-            src_idx = self._all_to_all(send_idx, send_counts, recv_counts)
-            handle = DispatchHandle(send_idx, send_counts, recv_counts, src_idx, is_token_in_rank, data.shape[0],
-                                    send_pos)
-        sc, rc, idx = handle.send_counts, handle.recv_counts, handle.send_idx
-        experts_per_rank = num_experts // self.num_ranks if topk_idx is not None else None
-        if topk_idx is not None and topk_weights is None:
-            topk_weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=topk_idx.device)
+            check_layout_args(data.shape[0], self.num_ranks, num_experts, num_tokens_per_rank, is_token_in_rank,
+                              num_tokens_per_expert)
+        header = dict(kind=kind, hidden=int(data.shape[1]), dtype="fp8 e4m3 + f32 scales" if isinstance(x, tuple)
+                      else "bf16", topk=0 if topk_idx is None else int(topk_idx.shape[1]),
+                      weights=topk_weights is not None, num_experts=num_experts or 0,
+                      num_worst_tokens=int(num_worst_tokens), device=data.device.type)
+        if handle is not None:
+            header["handle_from"] = handle.made_at
+        if kind == "dispatch without top-k":   # the counts then come from a collective over these
+            header["num_tokens_per_expert"] = num_tokens_per_expert is not None
+        return dict(header=header, handle=handle, topk_idx=topk_idx, topk_weights=topk_weights,
+                    num_experts=num_experts, is_token_in_rank=is_token_in_rank,
+                    num_tokens_per_expert=num_tokens_per_expert, expert_alignment=int(expert_alignment),
+                    num_worst_tokens=int(num_worst_tokens),
+                    config=config or self.get_dispatch_config(self.num_ranks), device=data.device)
 
-        if triton_ep is not None:
-            # one packed row per sent token: payload (+ scales) + global top-k ids + weights
-            packed = triton_ep.permute(x, idx, topk_idx, topk_weights)
-            recv = self._all_to_all(packed, sc, rc)
-            num_topk = 0 if topk_idx is None else topk_idx.shape[1]
-            recv_x, recv_idx, recv_w, counts = triton_ep.unpack_received(
-                recv, data.shape[1], isinstance(x, tuple), num_topk,
-                self.rank * (experts_per_rank or 0), experts_per_rank or 1)
-            return recv_x, recv_idx, recv_w, (None if counts is None else counts.tolist()), handle, None
+    def _check_handle_kind(self, handle):
+        if handle.kind != ("engine" if self._kernels is None else self.backend):
+            raise ValueError(f"handle: made by a Buffer on backend {handle.kind!r}, this one runs "
+                             f"{self.backend!r}")
+        if handle.rank != self.rank:
+            raise ValueError(f"handle: made on rank {handle.rank}, this is rank {self.rank}")
 
-        def move(t):
-            return _from_bytes(self._all_to_all(_as_bytes(t[idx]), sc, rc), t)
+    def _run_dispatch(self, x, plan, what):
+        handle, topk_idx, W = plan["handle"], plan["topk_idx"], plan["num_worst_tokens"]
+        data = x[0] if isinstance(x, tuple) else x
+        if self._kernels is not None:
+            return self._run_kernel_dispatch(x, plan, what)
+        if handle is None:
+            in_rank = plan["is_token_in_rank"]
+            if in_rank is None:
+                _, _, in_rank = self._engine.layout(topk_idx, plan["num_experts"])
+            handle = self._engine.make_handle(in_rank, data.shape[0], W, what)
+            handle.made_at = self._agreement.seq - 1
+            handle.num_recv = W or sum(handle.recv_counts)
+            recv_x, recv_idx, recv_w, counts = self._engine.dispatch(x, topk_idx, plan["topk_weights"],
+                                                                     plan["num_experts"], handle, what)
+        else:
+            recv_x, _, _, _ = self._engine.dispatch(x, None, None, None, handle, what)
+            return self._pad(recv_x, W or handle.num_recv), None, None, None, None
+        if topk_idx is None:
+            counts = self._local_expert_sums(plan, what)
+        counts = self._expert_counts(counts, plan)
+        recv_x, recv_idx, recv_w = self._pad(recv_x, handle.num_recv), self._pad(recv_idx, handle.num_recv, -1), \
+            self._pad(recv_w, handle.num_recv, 0)
+        return recv_x, recv_idx, recv_w, counts, handle
 
-        recv_x = (move(x[0]), move(x[1])) if isinstance(x, tuple) else move(x)
-        recv_idx = recv_w = counts = None
-        if topk_idx is not None:
-            recv_idx, recv_w = localize_topk(move(topk_idx), move(topk_weights), self.rank, experts_per_rank)
-            counts = [int((recv_idx == e).sum()) for e in range(experts_per_rank)]
-        return recv_x, recv_idx, recv_w, counts, handle, None
+    @staticmethod
+    def _pad(t, rows, value=0):
+        """t with `rows` rows: the received ones, then `value` (num_worst_tokens padding)."""
+        if t is None:
+            return None
+        if isinstance(t, tuple):
+            return tuple(Buffer._pad(p, rows, value) for p in t)
+        if t.shape[0] == rows:
+            return t
+        out = torch.full((rows,) + tuple(t.shape[1:]), value, dtype=t.dtype, device=t.device) if value \
+            else torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        out[:t.shape[0]] = t
+        return out
 
-    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights=None):
-        """Send received rows back and reduce per source token.
+    @staticmethod
+    def _expert_counts(counts, plan):
+        """DeepEP's num_recv_tokens_per_expert_list: [] with num_worst_tokens, else the counts
+        per local expert rounded up to expert_alignment (None when unknown)."""
+        if plan["num_worst_tokens"]:
+            return []
+        return None if counts is None else _align(counts, plan["expert_alignment"])
 
-        x: bf16 [N, H] (rows as dispatch returned them); topk_weights float32 [N, K]
-        (local weights from dispatch) scales each row by their sum (reference.ep.
-        weight_sum: left to right from 0.0) when given.
-        Returns (combined bf16 [T, H], combined_topk_weights or None, None); sums are in
-        float32, added in destination-rank order (deterministic), rounded to bf16 once.
+    def _local_expert_sums(self, plan, what):
+        """Without top-k (DeepEP's meaning): the sum over ranks of their num_tokens_per_expert
+        for this rank's experts; None when not given (agreed in the header, so every rank
+        enters the all_gather or none does)."""
+        per_expert = plan["num_tokens_per_expert"]
+        if per_expert is None:
+            return None
+        epr = per_expert.numel() // self.num_ranks
+        rows = self._engine.gather_rows(per_expert, what)
+        return rows[:, self.rank * epr:(self.rank + 1) * epr].sum(0).tolist()
+
+    def _run_kernel_dispatch(self, x, plan, what):
+        handle, W, data = plan["handle"], plan["num_worst_tokens"], x[0] if isinstance(x, tuple) else x
+        k = self._kernels
+        k.ensure(int(data.shape[1]), plan["config"])
+        in_rank = handle.is_token_in_rank if handle is not None else plan["is_token_in_rank"]
+        topk_idx = plan["topk_idx"]
+        if W == 0 and handle is not None and handle.num_worst_tokens:
+            W = handle.num_worst_tokens   # a worst-case handle keeps its rows
+        recv_x, recv_idx, recv_w, new_handle, _ = k.dispatch(x, topk_idx, plan["topk_weights"], plan["num_experts"],
+                                                            in_rank if topk_idx is None else None, W, what)
+        if handle is not None:
+            return recv_x, None, None, None, None
+        new_handle.made_at = self._agreement.seq - 1
+        counts = None
+        if topk_idx is None:
+            counts = self._local_expert_sums(plan, what)
+        elif not W:
+            epr = plan["num_experts"] // self.num_ranks
+            counts = [int(c) for c in torch.stack([(recv_idx == e).sum() for e in range(epr)]).tolist()] \
+                if epr else []
+        counts = self._expert_counts(counts, plan)
+        return recv_x, recv_idx, recv_w, counts, new_handle
+
+    # -- combine -----------------------------------------------------------------------------
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights=None, bias=None, config: Config = None,
+                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Send the received rows back and reduce them per source token (DeepEP's combine:
+        addition without weights).
+
+        x: bf16 [N, H], N = the rows dispatch returned (with num_worst_tokens, rows past the
+        received count are ignored); handle: that dispatch's. topk_weights float32 [N, K]
+        (optional): summed per slot the same way.
+        Returns (combined_x bf16 [T, H]: per token of this rank, the float32 sum of the rows
+        its destination ranks return, added from 0.0 in ascending rank order and rounded to
+        bf16 once (0 for a token sent nowhere); combined_topk_weights float32 [T, K] (the
+        same sum of the weights; None without topk_weights); EventOverlap).
         """
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle: expected a DispatchHandle from dispatch, got {type(handle).__name__}")
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
-            raise TypeError(f"x: expected a bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        n = sum(handle.recv_counts)
-        if x.dim() != 2 or x.shape[0] != n:
-            raise ValueError(f"x: expected shape [{n}, hidden] (the rows dispatch "
-                             f"returned), got {list(x.shape)}")
-        _check_hidden("x", x.shape[1])
-        if topk_weights is not None:
-            if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32:
-                raise TypeError(f"topk_weights: expected a float32 tensor, got "
-                                f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)}")
-            if topk_weights.dim() != 2 or topk_weights.shape[0] != n or not 1 <= topk_weights.shape[1] <= MAX_TOPK:
-                raise ValueError(f"topk_weights: expected shape [{n}, topk] with 1 <= topk <= {MAX_TOPK} "
-                                 f"(one row per row of x), got {list(topk_weights.shape)}")
-        if self.local_backend == "triton":
-            triton_ep = self._triton()
-            packed = triton_ep.combine_pack(x, topk_weights)  # bf16 rows + one float32 weight sum
-            back = self._all_to_all(packed, handle.recv_counts, handle.send_counts)
-            if handle.send_pos is None:  # a handle made by the torch path
-                _, handle.send_pos, _ = triton_ep.send_layout(handle.is_token_in_rank)
-            out = triton_ep.combine_reduce(back, handle.send_pos, x.shape[1], topk_weights is not None)
-            return out, None, None
-        rows = x.float()
-        if topk_weights is not None:
-            rows = rows * weight_sum(topk_weights)[:, None]
-        back = self._all_to_all(_as_bytes(rows), handle.recv_counts, handle.send_counts)
-        back = _from_bytes(back, rows)
-        out = torch.zeros(handle.num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for count in handle.send_counts:  # one rank at a time: unique indices, fixed order
-            sel = handle.send_idx[start:start + count]
-            out[sel] += back[start:start + count]
-            start += count
-        return out.to(torch.bfloat16), None, None
+        what = f"Buffer.combine (call {self._agreement.seq})"
+        self._check_usable(what)
+        error = None
+        try:
+            check_combine_args(x, handle, topk_weights, DispatchHandle)
+            self._check_handle_kind(handle)
+            if bias is not None:
+                raise NotImplementedError("Buffer.combine: bias is not supported yet (pass bias=None)")
+            header = dict(kind="combine", hidden=int(x.shape[1]), dtype="bf16",
+                          topk=0 if topk_weights is None else int(topk_weights.shape[1]), handle_from=handle.made_at,
+                          device=x.device.type)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            error, header = e, None
+        self._agree(what, header, error)
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        if self._kernels is None:
+            out = self._engine.combine(x, handle, what)
+            weights = None if topk_weights is None else self._engine.combine_weights(topk_weights, handle, what)
+        else:
+            out = self._kernels.combine(x, handle)
+            weights = None
+            if topk_weights is not None:
+                # the kernels' ring slots carry no top-k weights: they go back through the group
+                layout = self._engine.make_handle(handle.is_token_in_rank, handle.num_tokens, 0, what)
+                weights = self._engine.combine_weights(topk_weights, layout, what)
+        return out, weights, self._event(async_finish, x.device)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the transport's buffers (IPC mappings, shared memory). DeepEP's rule: only
+        for a Buffer built with explicitly_destroy=True; every later call raises."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy: this Buffer was built with explicitly_destroy=False (its resources are "
+                               "released on garbage collection); pass explicitly_destroy=True to call destroy()")
+        self._release()
+
+    def _release(self):
+        if not self._destroyed:
+            self._destroyed = True
+            if self._kernels is not None:
+                self._kernels.destroy()
+
+    def __del__(self):
+        try:
+            if not getattr(self, "explicitly_destroy", True):
+                self._release()
+        except Exception:   # interpreter shutdown: nothing left to release into
+            pass
+
+    # -- not supported here ------------------------------------------------------------------
+    def low_latency_dispatch(self, *args, **kwargs):
+        raise NotImplementedError("Buffer.low_latency_dispatch: low-latency mode is not wired into Buffer yet")
+
+    def low_latency_combine(self, *args, **kwargs):
+        raise NotImplementedError("Buffer.low_latency_combine: low-latency mode is not wired into Buffer yet")
+
+    def internode_dispatch(self, *args, **kwargs):
+        raise NotImplementedError("Buffer.internode_dispatch: internode (RDMA) dispatch is not supported; the "
+                                  "engine backends (\"gloo\"/\"nccl\") work across nodes through dispatch()")
+
+    def internode_combine(self, *args, **kwargs):
+        raise NotImplementedError("Buffer.internode_combine: internode (RDMA) combine is not supported; the "
+                                  "engine backends (\"gloo\"/\"nccl\") work across nodes through combine()")
+
+    def get_local_buffer_tensor(self, *args, **kwargs):
+        raise NotImplementedError("Buffer.get_local_buffer_tensor: the raw communication buffer is not exposed")
+
+    def get_comm_stream(self):
+        raise NotImplementedError("Buffer.get_comm_stream: pykernels runs every EP call on the current stream "
+                                  "(there is no separate communication stream)")

@@ -1,5 +1,7 @@
-"""The hand-written DSA indexer-logits kernel (csrc/dsa/indexer_logits.cu: the paged decode
-form and the ragged prefill form; host side pykernels/cuda/dsa.py): what was compiled (SASS, ptxas resources), the launch plan, the same
+"""The hand-written DSA kernels (host side pykernels/cuda/dsa.py): indexer logits
+(csrc/dsa/indexer_logits.cu: the paged decode form and the ragged prefill form) and top-k
+(csrc/dsa/topk.cu, both forms; compared with the reference bit for bit, ties and specials
+included): what was compiled (SASS, ptxas resources), the launch plan, the same
 kernel's PTX run by the emulator (backend "emu", memory-ordering checker on, every CTA
 schedule) against the reference on fresh random inputs with NaN-poisoned outputs, its
 limits, and a GPU run (marked `gpu`).
@@ -18,10 +20,11 @@ import torch
 import pykernels as pk
 import pykernels.dsa as D
 from pykernels.cuda import dsa as CD
+from pykernels.reference import dsa as RD
 from pykernels.runtime import artifacts, sass
 from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
 
-from .test_dsa_triton import _assert_logits_match
+from .test_dsa_triton import _assert_logits_match, _tied_logits
 
 FP8 = torch.float8_e4m3fn
 NAN = float("nan")
@@ -176,6 +179,78 @@ def test_emu_ragged_result_independent_of_schedule(seed, schedule):
     _assert_logits_match(out, ref)
 
 
+# ------------------------------------------------------------------------ top-k (csrc/dsa/topk.cu)
+
+def _topk_prefill_case(m, n, k):
+    """Tied logits with specials (NaN, +-0, +-inf); windows: whole row, shorter than topk,
+    empty; positions outside the windows hold +inf / NaN (never read)."""
+    logits = _tied_logits(m, n)
+    ks = torch.randint(0, n + 1, (m,))
+    ke = ks + torch.randint(0, n + 1, (m,)) % (n + 1 - ks)
+    ks[0], ke[0] = 0, n
+    ks[1], ke[1] = n // 3, n // 3 + min(k, n - n // 3) // 2
+    ks[-1] = ke[-1] = ks[-1]
+    pos = torch.arange(n)[None, :]
+    outside = (pos < ks[:, None]) | (pos >= ke[:, None])
+    logits[outside] = torch.where(torch.rand(int(outside.sum())) < 0.5, math.inf, NAN)
+    return logits, ks.int(), ke.int()
+
+
+@pytest.mark.parametrize("m,n,k", [(5, 300, 40), (3, 17, 1), (4, 1100, 100), (3, 700, 600)])
+def test_emu_topk_matches_reference_exactly(seed, m, n, k):
+    logits, ks, ke = _topk_prefill_case(m, n, k)
+    buf = torch.full((m, k + 5), -7, dtype=torch.int32)           # poison; a row stride of k + 5
+    out = buf[:, 2:2 + k]
+    got = D.topk_indices(logits, k, ks, ke, backend="emu", out=out)
+    assert got is out
+    ref = D.topk_indices(logits, k, ks, ke, backend="reference")
+    assert torch.equal(out, ref), f"rows differ: {(out != ref).any(dim=1).nonzero().flatten().tolist()}"
+    assert (buf[:, :2] == -7).all() and (buf[:, 2 + k:] == -7).all(), "wrote outside out"
+    assert (out[-1] == -1).all()
+
+
+def test_emu_topk_ties_take_the_lowest_positions():
+    n, k = 600, 70                                                # ties across chunks of 512 positions
+    logits = torch.full((3, n), 0.5)
+    logits[1] = torch.where(torch.rand(n) < 0.5, -0.0, 0.0)
+    logits[2, :] = -1.0
+    logits[2, 550:] = 0.25                                        # 50 larger ones, then ties from the start
+    ks = torch.tensor([0, 13, 0], dtype=torch.int32)
+    ke = torch.tensor([n, n, n], dtype=torch.int32)
+    out = D.topk_indices(logits, k, ks, ke, backend="emu")
+    assert torch.equal(out[0], torch.arange(k, dtype=torch.int32))
+    assert torch.equal(out[1], torch.arange(13, 13 + k, dtype=torch.int32))
+    assert torch.equal(out[2], torch.cat([torch.arange(550, n), torch.arange(k - 50)]).int())
+
+
+@pytest.mark.parametrize("next_n,lens_2d,schedule", [(1, False, "lockstep"), (2, True, "cta_last"),
+                                                     (3, False, "wg_first")])
+def test_emu_paged_topk_matches_reference_exactly(seed, next_n, lens_2d, schedule):
+    b, pages, max_blocks, k = 3, 12, 3, 70
+    cap = max_blocks * CD.BLOCK_KV
+    table = torch.randperm(pages)[:b * max_blocks].int().view(b, max_blocks)
+    lens = torch.tensor([cap, int(torch.randint(next_n, cap, ())), 0], dtype=torch.int32)
+    if lens_2d:
+        lens = torch.stack([torch.randint(0, int(n) + 1, (next_n,)) for n in lens]).int()
+        lens[0, 0] = 30
+    table[2] = -9                                                 # no key: its pages are never read
+    logits = _tied_logits(b * next_n, cap + 5)
+    ends = RD.paged_row_windows(lens, next_n)
+    logits[torch.arange(cap + 5)[None, :] >= ends[:, None]] = math.inf
+    ref = D.paged_topk_indices(logits, k, lens, table, backend="reference")
+    out = torch.full((b, next_n, k), -7, dtype=torch.int32)
+    run_emu(CD.topk_plan(logits, out, k, context_lens=lens, block_table=table), schedule=schedule)
+    assert torch.equal(out, ref)
+
+
+def test_topk_kernel_limit_is_an_error():
+    logits = torch.randn(2, 10)
+    win = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([10, 10], dtype=torch.int32)
+    k = CD.MAX_TOPK + 1
+    with pytest.raises(ValueError, match=rf"backend: 'emu' cannot run .*topk: .*at most {CD.MAX_TOPK}, got {k}"):
+        D.topk_indices(logits, k, *win, backend="emu")
+
+
 def test_auto_on_cpu_and_explain_give_the_kernel_limits():
     args = _problem(3, 1, 16, False)                  # 16 heads: not an instantiation
     text = pk.explain("fp8_paged_mqa_logits", *args, backend="auto")
@@ -211,6 +286,15 @@ def test_cuda_matches_reference(seed, next_n, h, lens_2d):
     out = torch.full(ref.shape, NAN, device="cuda")
     pk.fp8_paged_mqa_logits(*args, backend="cuda", out=out)
     _assert_logits_match(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+def test_cuda_topk_matches_reference_exactly(seed):
+    assert not gpu_unavailable_reason()
+    logits, ks, ke = _topk_prefill_case(64, 8192, 2048)
+    ref = D.topk_indices(logits, 2048, ks, ke, backend="reference")
+    out = D.topk_indices(logits.cuda(), 2048, ks.cuda(), ke.cuda(), backend="cuda")
+    assert torch.equal(out.cpu(), ref)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,12 @@ row groups): a paged sequence's next_n rows, or GROUP_ROWS consecutive prefill r
 Kernel parameters, in order: tmap_q, tmap_k, weights, out, out_stride (u64), weights_stride,
 width, then paged: cache, context_lens, block_table, bt_stride, next_n, lens_per_row; ragged:
 k_scales, cu_seqlen_ks, cu_seqlen_ke, num_rows.
+
+Top-k (csrc/dsa/topk.cu): topk_indices (prefill) and paged_topk_indices (decode), one CTA per
+logits row (radix select, compaction, bitonic sort in shared memory; the reference's order
+exactly). Parameters: logits, out, ks, ke, context_lens, block_table (the other form's
+pointers null), logits_stride, out_stride0, out_stride1 (u64), topk, sort_size, next_n,
+lens_per_row, bt_stride.
 """
 import torch
 
@@ -134,5 +140,64 @@ def fp8_mqa_logits(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, exe
     return run_plan(ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out), executor)
 
 
+TOPK_MODULE = "dsa_topk"
+TOPK_THREADS = 512                     # kThreads
+TOPK_SHARED_HEADER = 1104              # sizeof(Shared) rounded to 16: 256 bins + 16 warp sums + 4 words
+MAX_TOPK = 8192                        # the sort holds next_pow2(topk) 8-byte entries in shared memory
+
+
+def topk_smem_bytes(topk: int) -> int:
+    return TOPK_SHARED_HEADER + 8 * _next_pow2(topk)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def check_topk_supported(topk: int) -> None:
+    """ValueError when topk is beyond what the hand-written top-k handles (its sort lives in
+    shared memory: at most MAX_TOPK entries)."""
+    if topk > MAX_TOPK:
+        raise ValueError(f"topk: the cuda/emu top-k kernel sorts in shared memory, expected at most {MAX_TOPK}, "
+                         f"got {topk}")
+
+
+def _opt(t) -> Arg:
+    return ptr(t) if t is not None else u64(0)      # the other form's pointers: null, never read
+
+
+def topk_plan(logits, out, topk: int, *, cu_seqlen_ks=None, cu_seqlen_ke=None, context_lens=None,
+              block_table=None) -> LaunchPlan:
+    """Launch plan of pk_dsa_topk_prefill (windows cu_seqlen_ks / ke; out int32 [M, topk]) or
+    pk_dsa_topk_paged (context_lens, block_table; out int32 [b, next_n, topk]): one CTA of
+    TOPK_THREADS per logits row, topk_smem_bytes(topk) of dynamic shared memory."""
+    paged = block_table is not None
+    rows = logits.shape[0]
+    next_n = rows // block_table.shape[0] if paged else 1
+    stride0, stride1 = (out.stride(0), out.stride(1)) if paged else (out.stride(0), 0)
+    args = (ptr(logits), ptr(out), _opt(cu_seqlen_ks), _opt(cu_seqlen_ke), _opt(context_lens), _opt(block_table),
+            u64(logits.stride(0)), u64(stride0), u64(stride1), u32(topk), u32(_next_pow2(topk)), u32(next_n),
+            u32(int(paged and context_lens.dim() == 2)), u32(block_table.stride(0) if paged else 0))
+    return LaunchPlan(TOPK_MODULE, "pk_dsa_topk_paged" if paged else "pk_dsa_topk_prefill", grid=(rows, 1, 1),
+                      block=(TOPK_THREADS, 1, 1), args=args, shared_bytes=topk_smem_bytes(topk))
+
+
+def topk_indices(logits, cu_seqlen_ks, cu_seqlen_ke, topk: int, out, executor: str = "cuda"):
+    """Prefill top-k into out int32 [M, topk] (key positions, -1 past each window's length)."""
+    check_topk_supported(topk)
+    if logits.shape[0] == 0:
+        return None
+    return run_plan(topk_plan(logits, out, topk, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke), executor)
+
+
+def paged_topk_indices(logits, context_lens, block_table, topk: int, out, executor: str = "cuda"):
+    """Decode top-k into out int32 [b, next_n, topk] (cache rows block * 64 + offset, -1 unused)."""
+    check_topk_supported(topk)
+    if logits.shape[0] == 0:
+        return None
+    return run_plan(topk_plan(logits, out, topk, context_lens=context_lens, block_table=block_table), executor)
+
+
 __all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "paged_logits_plan",
-           "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS"]
+           "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS", "check_topk_supported",
+           "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE"]

@@ -1,9 +1,10 @@
 """FP8 block-scaled GEMMs (NT) with DeepGEMM's call forms.
 
-A is e4m3 [m, k] with 1x128 scales sfa float32 [m, k/128] (row-major, or column-major
+A is e4m3 [m, k] with 1x128 scales sfa float32 [m, ceil(k/128)] (row-major, or column-major
 TMA-aligned as DeepGEMM produces); B is e4m3 [n, k] with 128x128 block scales sfb
-float32 [ceil(n/128), k/128]; out is bf16 [m, n] = (A * sfa) @ (B * sfb)^T.
-K must be a multiple of 128. Backends: "cuda" (hand-written sm_90a kernel,
+float32 [ceil(n/128), ceil(k/128)]; out is bf16 [m, n] = (A * sfa) @ (B * sfb)^T.
+K must be a multiple of 16 (A and B rows are read by TMA: 16-byte row strides); the last
+128-wide K block may be partial (DeepGEMM's K = 576, 832). Backends: "cuda" (hand-written sm_90a kernel,
 csrc/gemm/fp8_gemm.cu; N a multiple of 8), "emu" (the same kernel on the PTX emulator, CPU
 tensors), "triton", "reference"; "auto" takes the first that supports the call
 (`pykernels.explain` says why). Validation lives in pykernels.ops.gemm, inside the
@@ -32,7 +33,7 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
                 disable_ue8m0_cast: bool = False, *, backend: str = "auto"):
     """out[m, n] (bf16) = (a[m, k] * sfa) @ (b[n, k] * sfb)^T.
 
-    a: (e4m3 [m, k], float32 [m, k/128]); b: (e4m3 [n, k], float32 [ceil(n/128), k/128]);
+    a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [ceil(n/128), ceil(k/128)]);
     out: bf16 [m, n], written in place and returned. c .. disable_ue8m0_cast: DeepGEMM's
     keywords (c must be None; recipe (1, 128, 128)).
     """
@@ -51,8 +52,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, out, m_indices, recipe=None, recipe_a
                                      expected_m_for_psum_layout=None, *, backend: str = "auto"):
     """Grouped GEMM over rows concatenated by group (MoE prefill).
 
-    a: (e4m3 [m_sum, k], float32 [m_sum, k/128]); b: (e4m3 [G, n, k], float32
-    [G, ceil(n/128), k/128]); out: bf16 [m_sum, n]; m_indices: int32 [m_sum], the group
+    a: (e4m3 [m_sum, k], float32 [m_sum, ceil(k/128)]); b: (e4m3 [G, n, k], float32
+    [G, ceil(n/128), ceil(k/128)]); out: bf16 [m_sum, n]; m_indices: int32 [m_sum], the group
     of each row, -1 for padding rows, which are left untouched (DeepGEMM's current
     version zeroes them: ensure_zero_padding=True is not supported yet). Segments should
     be padded to get_mk_alignment_for_contiguous_layout() rows as in DeepGEMM (other
@@ -75,8 +76,8 @@ def m_grouped_fp8_gemm_nt_masked(a, b, out, masked_m, expected_m: int, recipe=No
                                  backend: str = "auto"):
     """Grouped GEMM with a fixed row capacity per group (MoE decode, CUDA-graph safe).
 
-    a: (e4m3 [G, m_max, k], float32 [G, m_max, k/128]); b: (e4m3 [G, n, k], float32
-    [G, ceil(n/128), k/128]); out: bf16 [G, m_max, n]; masked_m: int32 [G] valid rows
+    a: (e4m3 [G, m_max, k], float32 [G, m_max, ceil(k/128)]); b: (e4m3 [G, n, k], float32
+    [G, ceil(n/128), ceil(k/128)]); out: bf16 [G, m_max, n]; masked_m: int32 [G] valid rows
     per group (read on the device); expected_m: host-side hint of the typical rows per
     group (tile choice only). Rows >= masked_m[g] are left untouched. recipe ..
     disable_ue8m0_cast: DeepGEMM's keywords.

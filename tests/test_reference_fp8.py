@@ -46,8 +46,10 @@ def test_per_block_roundtrip(m, n):
     assert ((deq - x).abs() <= x.abs() * 2.0 ** -4 + full_sf * 2.0 ** -10 + 1e-12).all()
 
 
-def test_gemm_reference_matches_float64_dequantized_product():
-    _, _, a, sfa, b, sfb = normal_problem(65, 256, 384)
+@pytest.mark.parametrize("k", [384, 576, 832, 16])   # DeepGEMM's tests run K = 576 and 832
+def test_gemm_reference_matches_float64_dequantized_product(k, seed):
+    _, _, a, sfa, b, sfb = normal_problem(65, 256, k)
+    assert sfa.shape == (65, -(-k // 128)) and sfb.shape == (2, -(-k // 128))
     out = R.fp8_gemm_nt(a, sfa, b, sfb)
     ref = R.dequantize_per_token(a, sfa).double() @ R.dequantize_per_block(b, sfb).double().T
     assert out.dtype == torch.bfloat16

@@ -123,9 +123,40 @@ def test_grouped_masked(masked):
             _assert_gemm_close(out[i, :rows], ref[i, :rows])
 
 
+@pytest.mark.parametrize("layout,k", [("normal", 16), ("normal", 576), ("contiguous", 832), ("masked", 208)])
+def test_partial_last_k_block(layout, k, seed):
+    # K not a multiple of 128 (DeepGEMM's tests run 576 and 832): the last K block's tail
+    # loads as zeros (masked loads, EVEN_K false)
+    n = 192
+    if layout == "normal":
+        _, _, a, sfa, b, sfb = normal_problem(70, n, k)
+        out = T.fp8_gemm_nt(a, sfa, b, sfb, nan_bf16(70, n))
+        _assert_gemm_close(out, R.fp8_gemm_nt(a, sfa, b, sfb))
+        return
+    if layout == "contiguous":
+        idx = contiguous_indices([30, 0, 70], pad_to=64)
+        a, sfa = R.per_token_cast_to_fp8(torch.randn(idx.numel(), k))
+        b, sfb = quantized_weights(3, n, k)
+        out = T.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(idx.numel(), n))
+        ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, idx, nan_bf16(idx.numel(), n))
+        own = idx >= 0
+    else:
+        g, m_max = 2, 40
+        a, sfa = R.per_token_cast_to_fp8(torch.randn(g * m_max, k))
+        a, sfa = a.view(g, m_max, k), sfa.view(g, m_max, -1)
+        b, sfb = quantized_weights(g, n, k)
+        masked_m = torch.tensor([40, 9], dtype=torch.int32)
+        out = T.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, nan_bf16(g, m_max, n))
+        ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, nan_bf16(g, m_max, n))
+        own = torch.arange(m_max)[None, :] < masked_m[:, None]
+    assert torch.isnan(out[~own].float()).all(), "rows the layout does not own must stay untouched"
+    _assert_gemm_close(out[own], ref[own])
+
+
 def test_check_gemm_shape_errors():
-    with pytest.raises(ValueError, match="k: expected a multiple of 128, got 100"):
+    with pytest.raises(ValueError, match="k: expected a multiple of 16, got 100"):
         T.check_gemm_shape(4, 128, 100)
+    T.check_gemm_shape(4, 128, 208)        # a partial last K block
     with pytest.raises(ValueError, match="n: expected >= 0, got -1"):
         T.check_gemm_shape(4, -1, 128)
     T.check_gemm_shape(0, 0, 0)            # empty problems are valid (tests/test_gemm_checks.py)

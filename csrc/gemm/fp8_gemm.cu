@@ -3,9 +3,12 @@
 //   out[m, n] = sum_kb  sfa[m, kb] * sfb[n / 128, kb] * sum_{k in block kb} A[m, k] * B[n, k]
 //
 // A e4m3 [rows, K] with 1x128 scales sfa (f32, column-major TMA-aligned: per group
-// [K/128, M padded to 4] floats, read by TMA through a 3-D map [G, K/128, M] whose rows
-// past M are zero-filled); B e4m3 [G * N, K] with 128x128 block scales sfb f32
-// [G, ceil(N/128), K/128] (contiguous, plain loads).
+// [KB, M padded to 4] floats, KB = ceil(K/128), read by TMA through a 3-D map [G, KB, M]
+// whose rows past M are zero-filled); B e4m3 [G * N, K] with 128x128 block scales sfb f32
+// [G, ceil(N/128), KB] (contiguous, plain loads). K is a multiple of 16 (the TMA row
+// stride of A and B); the maps of A and B have the true K extent, so the TMA zero-fills
+// the tail of a partial last K block (its bytes still count towards the full barrier's
+// transaction count) and the wgmma adds zeros there.
 // One kernel per tile shape (BM x BN) serves the three layouts (runtime `kind`):
 //   0 normal      A [M, K], B [N, K], out [M, N]
 //   1 contiguous  A [M, K] rows grouped by m_indices (int32 [M], -1 = padding, skipped),
@@ -74,7 +77,7 @@ struct Problem {
   const int* grouping;  // m_indices (contiguous) or masked_m (masked); unused for normal
   uint32_t m;           // rows of A per group (M; m_max for masked)
   uint32_t n;
-  uint32_t num_kb;      // K / 128
+  uint32_t num_kb;      // ceil(K / 128): the last K block may be partial (TMA zero-fills its tail)
   uint32_t groups;
   uint32_t kind;
   uint32_t stages;
@@ -588,7 +591,7 @@ constexpr uint32_t kLaunchBound = 384;
       const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
       const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
       uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record) {                   \
-    const Problem p{sfb, out, grouping, m, n, k / kBlockK, groups, kind, stages, band, record};        \
+    const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK), groups, kind, stages, band, record};        \
     fp8_gemm_kernel<BM, BN, CLUSTER>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, p);                       \
   }
 #define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1)

@@ -8,13 +8,15 @@ One kernel per tile shape serves the three layouts (runtime `kind`). Kernel para
 in order: tmap_a, tmap_b, tmap_sfa, tmap_out, sfb, out, grouping, m, n, k, groups, kind,
 stages, band, record (the device error record: the kernel checks m_indices / masked_m
 values where its schedule reads them; on the emulator the record is raised right after
-the launch, on the GPU never read here). The A scales travel by TMA with A: tmap_sfa is a 3-D map [G, K/128, M] over
-sfa in the column-major TMA-aligned layout (M contiguous, padded to 4 floats; DeepGEMM's
-`get_col_major_tma_aligned_tensor` layout), read in place when given so and transposed
-into that layout by one torch copy otherwise (`sfa_tma_aligned`). Configs with cluster = 2 (entries `*_mc2`)
-run pairs of CTAs that share each B tile by TMA multicast: launched with cluster dims
-(2, 1, 1), an even grid, and a B tensor map whose box is half the tile (each CTA loads
-one half for both).
+the launch, on the GPU never read here). K: a multiple of 16 (the TMA row stride of A and
+B); the kernel walks ceil(K/128) K blocks and the TMA zero-fills the tail of the last one
+(the maps of A and B have the true K extent). The A scales travel by TMA with A: tmap_sfa
+is a 3-D map [G, ceil(K/128), M] over sfa in the column-major TMA-aligned layout (M
+contiguous, padded to 4 floats; DeepGEMM's `get_col_major_tma_aligned_tensor` layout),
+read in place when given so and transposed into that layout by one torch copy otherwise
+(`sfa_tma_aligned`). Configs with cluster = 2 (entries `*_mc2`) run pairs of CTAs that
+share each B tile by TMA multicast: launched with cluster dims (2, 1, 1), an even grid,
+and a B tensor map whose box is half the tile (each CTA loads one half for both).
 
 The compiled instantiations (CONFIGS) are read from the build manifest: the kernel's
 PK_FP8_GEMM_ENTRY lines are their one source.
@@ -28,7 +30,8 @@ import torch
 
 from ..runtime import artifacts, device_errors
 from ..runtime.executors import max_active_clusters, run_plan
-from ..runtime.hardware import DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, cdiv, num_sms, round_up
+from ..runtime.hardware import (DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, TMA_ALIGNMENT_BYTES, cdiv, num_sms,
+                                round_up)
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
@@ -161,7 +164,7 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     m-blocks then need two passes, one per group).
     """
     bm, bn, c = cfg.block_m, cfg.block_n, cfg.cluster
-    kb = k // SCALE_BLOCK
+    kb = cdiv(k, SCALE_BLOCK)                             # a partial last K block costs a whole one
     n_blocks = cdiv(n, bn)
     tiles = groups * cdiv(m, bm) * n_blocks
     units = groups * cdiv(cdiv(m, bm), c) * n_blocks + (boundaries * n_blocks if c > 1 else 0)
@@ -219,15 +222,16 @@ def check_shapes(m: int, n: int, k: int, rows_total: int, groups: int) -> None:
     """Shapes this kernel supports (beyond pykernels.gemm's validation)."""
     if n % 8:
         raise ValueError(f"n: the cuda FP8 GEMM needs N to be a multiple of 8 (16-byte output rows), got {n}")
-    if k % SCALE_BLOCK:
-        raise ValueError(f"k: expected a multiple of {SCALE_BLOCK}, got {k}")
+    if k % TMA_ALIGNMENT_BYTES:    # rows of A and B (1-byte e4m3) are TMA rows: 16-byte strides
+        raise ValueError(f"k: expected a multiple of {TMA_ALIGNMENT_BYTES} (the TMA's row stride of A and B), "
+                         f"got {k}")
     if rows_total >= 2**31 or groups * n >= 2**31 or k >= 2**31:
         raise ValueError(f"a/b: TMA coordinates are 32-bit: rows {rows_total}, groups x n {groups * n}, "
                          f"k {k} must stay below 2^31")
 
 
 def sfa_tma_aligned(sfa: torch.Tensor) -> torch.Tensor:
-    """sfa f32 [m, k/128] or [G, m, k/128] as the kernel's TMA reads it: a [G, k/128, m]
+    """sfa f32 [m, ceil(k/128)] or [G, m, ceil(k/128)] as the kernel's TMA reads it: a [G, ceil(k/128), m]
     view (G = 1 for 2-D sfa) with m contiguous and the K-block stride m rounded up to 4
     floats (16 bytes, TMA's stride unit), on a 16-byte aligned base. Returned as a view of
     sfa when sfa already has that layout (column-major TMA-aligned), else a copy."""
@@ -256,8 +260,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
               record: torch.Tensor = None) -> LaunchPlan:
     """Launch plan for the kernel.
 
-    a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, k/128]
-    (any strides); sfb: f32 [G, ceil(n/128), k/128] contiguous; out: bf16, contiguous;
+    a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, ceil(k/128)]
+    (any strides); sfb: f32 [G, ceil(n/128), ceil(k/128)] contiguous; out: bf16, contiguous;
     grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
     cfg / stages default to the heuristic and to the most stages that fit; heuristic_m:
     the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
@@ -381,8 +385,8 @@ def _raise_now(executor: str, device: torch.device, kind: int) -> None:
 
 
 def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
-    """out[m, n] = (a * sfa) @ (b * sfb)^T; a e4m3 [m, k], sfa f32 [m, k/128], b e4m3
-    [n, k], sfb f32 [ceil(n/128), k/128]; out bf16 [m, n]. K = 0: zeros; M = 0 or N = 0:
+    """out[m, n] = (a * sfa) @ (b * sfb)^T; a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3
+    [n, k], sfb f32 [ceil(n/128), ceil(k/128)]; out bf16 [m, n]. K = 0: zeros; M = 0 or N = 0:
     nothing to do (no launch)."""
     m, k = a.shape
     n = b.shape[0]
@@ -398,8 +402,8 @@ def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out, executor: str = "cuda"):
-    """Rows of a e4m3 [m_sum, k] (sfa f32 [m_sum, k/128]) grouped by m_indices (int32
-    [m_sum], -1 = padding); b e4m3 [G, n, k], sfb f32 [G, ceil(n/128), k/128]; out bf16
+    """Rows of a e4m3 [m_sum, k] (sfa f32 [m_sum, ceil(k/128)]) grouped by m_indices (int32
+    [m_sum], -1 = padding); b e4m3 [G, n, k], sfb f32 [G, ceil(n/128), ceil(k/128)]; out bf16
     [m_sum, n]. Rows whose index is outside [0, G) are not written; values outside
     [-1, G) are recorded in the device error record (raised at once by the emulator).
     K = 0: zeros in the owned rows (checked the same way, by torch ops); M, N or G = 0:
@@ -425,8 +429,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out, executor: s
 
 
 def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out, executor: str = "cuda", expected_m: int = None):
-    """a e4m3 [G, m_max, k] (sfa f32 [G, m_max, k/128]), b e4m3 [G, n, k] (sfb f32
-    [G, ceil(n/128), k/128]), out bf16 [G, m_max, n]; rows >= masked_m[g] (int32 [G],
+    """a e4m3 [G, m_max, k] (sfa f32 [G, m_max, ceil(k/128)]), b e4m3 [G, n, k] (sfb f32
+    [G, ceil(n/128), ceil(k/128)]), out bf16 [G, m_max, n]; rows >= masked_m[g] (int32 [G],
     read on the device) are not written; a value outside [0, m_max] is recorded in the
     device error record (raised at once by the emulator) and its group is not written.
     expected_m: hint for the tile choice. K = 0: zeros in the owned rows (checked the

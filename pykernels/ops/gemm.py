@@ -1,8 +1,9 @@
 """FP8 block-scaled GEMM ops (NT): problem, backends, custom ops.
 
-A is e4m3 [m, k] with 1x128 scales sfa f32 [m, k/128] (row-major, or column-major
+A is e4m3 [m, k] with 1x128 scales sfa f32 [m, ceil(k/128)] (row-major, or column-major
 TMA-aligned as DeepGEMM produces); B is e4m3 [n, k] with 128x128 block scales sfb f32
-[ceil(n/128), k/128]; out is bf16 [m, n]. Layouts: "normal"; "contiguous" (rows of A
+[ceil(n/128), ceil(k/128)]; out is bf16 [m, n]. K: a multiple of 16 (K_MULTIPLE); the
+last K block may be partial. Layouts: "normal"; "contiguous" (rows of A
 grouped by m_indices int32 [m], -1 = padding; B [G, n, k]); "masked" (A [G, m_max, k],
 masked_m int32 [G] valid rows per group).
 """
@@ -15,10 +16,14 @@ from .. import registry
 from .. import reference as R
 from ..runtime import device_errors as DE
 from ..runtime import validate as V
-from ..runtime.hardware import SCALE_BLOCK, cdiv
+from ..runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, cdiv
 from . import backends as B
 
 F8 = torch.float8_e4m3fn
+# K rule, every backend alike: rows of A and B are 1-byte e4m3 elements read by TMA, whose row
+# stride must be a multiple of 16 bytes. The last K block may be partial (K need not be a
+# multiple of 128): the scales have ceil(K/128) columns, the tail counts as zeros.
+K_MULTIPLE = TMA_ALIGNMENT_BYTES
 LAYOUTS = {"fp8_gemm_nt": "normal", "m_grouped_fp8_gemm_nt_contiguous": "contiguous",
            "m_grouped_fp8_gemm_nt_masked": "masked"}
 
@@ -83,7 +88,9 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
     n = b.shape[-2]
     if b.shape[-1] != k:
         raise ValueError(f"b: expected K = {k} (a's last dim) in shape {list(b.shape)}, got {b.shape[-1]}")
-    V.check_multiple("k", k, SCALE_BLOCK)
+    if k % K_MULTIPLE:
+        raise ValueError(f"k: expected a multiple of {K_MULTIPLE} (rows of e4m3 A and B are read by TMA, whose "
+                         f"row stride must be a multiple of {TMA_ALIGNMENT_BYTES} bytes), got {k}")
     groups = b.shape[0] if grouped_b else 1
     if grouped_a and a.shape[0] != groups:
         raise ValueError(f"b: expected {a.shape[0]} groups (a's first dim) in shape {list(b.shape)}, got {groups}")

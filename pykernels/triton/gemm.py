@@ -2,7 +2,8 @@
 
 One kernel body serves the three layouts (LAYOUT constexpr). Each program computes a
 BLOCK_M x BLOCK_N output tile; K advances in 128-wide blocks so each step has one A
-scale per row and one B scale per 128 columns of N: two-level accumulation,
+scale per row and one B scale per 128 columns of N (K a multiple of 16; a partial last
+block loads its tail as zeros, EVEN_K constexpr false): two-level accumulation,
 acc += dot_fp32(a_fp8, b_fp8^T) * (sa[:, None] * sb[None, :]): the scales multiply first,
 as in the CUDA kernel, so a huge scale cannot overflow a partial sum whose scaled value
 is finite (non-finite inputs: docs/numerics.md).
@@ -18,13 +19,14 @@ import torch
 import triton.language as tl
 
 from ..runtime import device_errors
-from ..runtime.hardware import SCALE_BLOCK, cdiv, round_up
+from ..runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, cdiv, round_up
 from .quant import SOFTWARE_ROUNDING
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
 from .jit_dispatch import jit
 
-GEMM_REQUIREMENTS = "K a multiple of 128 (0: zeros); M, N >= 0 (any)"
+K_MULTIPLE = TMA_ALIGNMENT_BYTES   # the API's K rule (ops/gemm.py), the same on every backend
+GEMM_REQUIREMENTS = f"K a multiple of {K_MULTIPLE} (0: zeros; the last K block may be partial); M, N >= 0 (any)"
 LAYOUT_NORMAL, LAYOUT_CONTIGUOUS, LAYOUT_MASKED = 0, 1, 2
 NUM_STAGES = 3  # software pipelining depth of the K loop (compiled path)
 # the device checks' codes, as constants of the kernels
@@ -36,8 +38,8 @@ OPS = {LAYOUT_NORMAL: "fp8_gemm_nt", LAYOUT_CONTIGUOUS: "m_grouped_fp8_gemm_nt_c
 
 def check_gemm_shape(m: int, n: int, k: int) -> None:
     """Raise ValueError if the Triton GEMM cannot take this problem shape."""
-    if k < 0 or k % SCALE_BLOCK:
-        raise ValueError(f"k: expected a multiple of {SCALE_BLOCK}, got {k} ({GEMM_REQUIREMENTS})")
+    if k < 0 or k % K_MULTIPLE:
+        raise ValueError(f"k: expected a multiple of {K_MULTIPLE}, got {k} ({GEMM_REQUIREMENTS})")
     if n < 0:
         raise ValueError(f"n: expected >= 0, got {n}")
     if m < 0:
@@ -66,7 +68,8 @@ def _has_e4m3_nan(x):
 @jit
 def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
           stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT: tl.constexpr,
+          EVEN_K: tl.constexpr):
     rk = tl.arange(0, BLOCK_K)
     col_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -75,10 +78,17 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
     # do. SOFT is set exactly when interpreted.
     nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int1)
     nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int1)
-    for kb in range(0, K // BLOCK_K):
+    # K blocks of 128; the last one may be partial (EVEN_K false): its tail loads as zeros
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
         ks = kb * BLOCK_K + rk
-        a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=row_ok[:, None], other=0.0)
-        b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=col_ok[:, None], other=0.0)
+        if EVEN_K:
+            a_ok = row_ok[:, None]
+            b_ok = col_ok[:, None]
+        else:
+            a_ok = row_ok[:, None] & (ks < K)[None, :]
+            b_ok = col_ok[:, None] & (ks < K)[None, :]
+        a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=a_ok, other=0.0)
+        b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=b_ok, other=0.0)
         if SOFT:
             nan_rows = nan_rows | _has_e4m3_nan(a)
             nan_cols = nan_cols | _has_e4m3_nan(b)
@@ -103,7 +113,7 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
                      stride_bg, stride_bn, stride_sfb_g, stride_sfb_n, stride_sfb_k,
                      stride_og, stride_om,
                      LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SOFT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SOFT: tl.constexpr, EVEN_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m = rm < M
@@ -125,7 +135,7 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
             row_ok = gids == g
             acc = _tile(a_ptr, sfa_ptr, b_ptr + g * stride_bg, sfb_ptr + g * stride_sfb_g,
                         rm, rn, row_ok, N, K, stride_am, stride_sfa_m, stride_sfa_k,
-                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K, SOFT)
+                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K, SOFT, EVEN_K)
             tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], to_bf16_rne(acc, SOFT),
                      mask=row_ok[:, None] & col_ok[None, :])
     else:
@@ -145,7 +155,7 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
         acc = _tile(a_ptr + g * stride_ag, sfa_ptr + g * stride_sfa_g, b_ptr + g * stride_bg,
                     sfb_ptr + g * stride_sfb_g, rm, rn, row_ok, N, k_eff,
                     stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
-                    BLOCK_M, BLOCK_N, BLOCK_K, SOFT)
+                    BLOCK_M, BLOCK_N, BLOCK_K, SOFT, EVEN_K)
         tl.store(out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :],
                  to_bf16_rne(acc, SOFT), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -179,7 +189,8 @@ def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOF
             sfb.stride(0) if sfb.dim() == 3 else 0, sfb.stride(-2), sfb.stride(-1),
             out.stride(0) if g3 else 0, out.stride(-2))
     args = dict(zip(_fp8_gemm_kernel.arg_names, vals))
-    constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK, SOFT=bool(soft))
+    constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK, SOFT=bool(soft),
+                      EVEN_K=k % SCALE_BLOCK == 0)
     return _fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
@@ -250,8 +261,8 @@ def sm90_compile_specs():
 
 
 def fp8_gemm_nt(a, sfa, b, sfb, out=None):
-    """a e4m3 [m, k], sfa f32 [m, k/128] (any strides), b e4m3 [n, k], sfb f32
-    [ceil(n/128), k/128] -> out bf16 [m, n] (allocated when None)."""
+    """a e4m3 [m, k], sfa f32 [m, ceil(k/128)] (any strides), b e4m3 [n, k], sfb f32
+    [ceil(n/128), ceil(k/128)] -> out bf16 [m, n] (allocated when None)."""
     m, k = a.shape
     n = b.shape[0]
     check_gemm_shape(m, n, k)
@@ -261,8 +272,8 @@ def fp8_gemm_nt(a, sfa, b, sfb, out=None):
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
-    """a e4m3 [m_sum, k], sfa f32 [m_sum, k/128], b e4m3 [G, n, k], sfb f32
-    [G, ceil(n/128), k/128], m_indices int32 [m_sum] (any stride; -1 = padding row),
+    """a e4m3 [m_sum, k], sfa f32 [m_sum, ceil(k/128)], b e4m3 [G, n, k], sfb f32
+    [G, ceil(n/128), ceil(k/128)], m_indices int32 [m_sum] (any stride; -1 = padding row),
     out bf16 [m_sum, n]. Rows whose index is outside [0, G) are not written; values
     outside [-1, G) are recorded (device_errors; raised at once on CPU tensors)."""
     check_gemm_shape(a.shape[0], b.shape[1], a.shape[1])
@@ -272,8 +283,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):
 
 
 def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, out):
-    """a e4m3 [G, m_max, k], sfa f32 [G, m_max, k/128], b e4m3 [G, n, k], sfb f32
-    [G, ceil(n/128), k/128], masked_m int32 [G] (any stride; read on the device: no host
+    """a e4m3 [G, m_max, k], sfa f32 [G, m_max, ceil(k/128)], b e4m3 [G, n, k], sfb f32
+    [G, ceil(n/128), ceil(k/128)], masked_m int32 [G] (any stride; read on the device: no host
     sync), out bf16 [G, m_max, n]; rows >= masked_m[g] are not written. A value outside
     [0, m_max] is recorded (device_errors; raised at once on CPU tensors) and its group
     left unwritten."""

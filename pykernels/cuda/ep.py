@@ -24,6 +24,7 @@ all of them.
 """
 import dataclasses
 import numbers
+import weakref
 
 import torch
 
@@ -747,92 +748,257 @@ class LocalNode:
 
 
 # ---------------------------------------------------------------------------------------
-# GPU: one rank of a process group (not run on a CPU-only machine)
+# One rank per process: one logic over two providers (memory + launcher)
 # ---------------------------------------------------------------------------------------
-class CudaIntranode:
-    """This rank's side on its GPU: a zeroed buffer, the peers' buffers opened through CUDA
-    IPC (handles exchanged with all_gather_object over `group`), a pinned host error record
-    (readable after a trap). Every rank must make the same calls in the same order; the
-    low-latency calls must alternate dispatch, combine. Kernels run on the current stream."""
+DEFAULT_TIMEOUT_S = 30.0
+GPU_POLLS_PER_SECOND = 1 << 21   # estimate (not measured) of a wait's sys-scope polls per second on a GPU
 
-    def __init__(self, cfg: IntranodeConfig, group=None, max_spins: int = DEFAULT_MAX_SPINS):
+
+class PeerTimeoutError(TimeoutError):
+    """A wait for another rank ran out of time. rank: this rank; peer: the rank it waited
+    for (None when unknown); call: the transport call; record: the kernel's error record
+    (decode_error) or None when the wait was on the host. The transport must be rebuilt."""
+
+    def __init__(self, message, rank, peer, call, record=None):
+        super().__init__(message)
+        self.rank, self.peer, self.call, self.record = rank, peer, call, record
+
+
+class IntranodeRank:
+    """This rank's side of a node whose ranks are the processes of a torch.distributed
+    group, over a provider of memory and launches (CudaIntranode: CUDA IPC buffers and the
+    current stream; pykernels.ep.transport_emu.EmuIntranode: shared memory and the
+    emulator). Every rank must make the same calls in the same order; the low-latency
+    calls alternate dispatch, combine.
+
+    The provider has: rank, device, buffer (uint8 [cfg.buffer_bytes], this rank's), peers
+    (every rank's buffer address as the kernels take it), error (int32 [8] record), max_spins,
+    poison (fill outputs with 0xFF bytes), synchronous (run() returns once the kernel has
+    finished: records are readable at once), default_recv_ctas; and arrive(call) (a call
+    starts), run(plan) (launch this rank's kernel), gather_counts(per_rank int32 [R]) ->
+    int32 [R, R] (row s: rank s's per-rank counts), destroy()."""
+
+    def __init__(self, cfg: IntranodeConfig, provider):
+        self.cfg, self.provider = cfg, provider
+        self.rank, self.device = provider.rank, provider.device
+        self.seq = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def error_record(self):
+        """The kernel's error record (decode_error), None when no wait timed out. On a GPU
+        read it after a synchronisation."""
+        return decode_error(self.provider.error)
+
+    def destroy(self):
+        """Release the buffers (idempotent; also on garbage collection)."""
+        self.provider.destroy()
+
+    def _alloc(self, shape, dtype):
+        return _maker(self.device, self.provider.poison)(shape, dtype)
+
+    def dispatch(self, x, topk_idx, topk_weights, num_experts, num_worst_tokens: int = 0):
+        """x bf16 [T, H] or (float8_e4m3fn [T, H], float32 [T, H/128]); topk_idx int64 [T, K]
+        (-1: none); topk_weights float32 [T, K] or None (ones). Returns dict(recv_x,
+        recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, num_recv_tokens,
+        handle) as LocalNode.dispatch describes it, for this rank.
+
+        The per-rank counts go to every rank through the provider (CUDA: an all_gather on
+        the group; emu: the shared segments). Reads the received count back to the host
+        (one sync) to size the outputs, unless num_worst_tokens > 0: then no host read at
+        all (CUDA-graph safe on a GPU) and the topk_idx range check is a device-side assert.
+        A rank receiving more than num_worst_tokens rows drops the rest without a trap and
+        records code 9: a synchronous provider (emu) raises DispatchOverflowError after the
+        kernel; on a GPU read error_record() after a synchronisation (zero provider.error
+        to re-arm it). The buffers stay usable; such a handle is not fit for combine."""
+        p, cfg, R = self.provider, self.cfg, self.cfg.num_ranks
+        _check_worst_tokens(num_worst_tokens)
+        if topk_idx is None:
+            raise ValueError("topk_idx: expected int64 [T, K], got None")
+        _check_inputs(cfg, x, topk_idx, topk_weights, num_experts, sync=not num_worst_tokens)
+        p.arrive("dispatch")
+        T = topk_idx.shape[0]
+        per_rank = torch.zeros(R, dtype=torch.int32, device=self.device)
+        per_expert = torch.zeros(num_experts, dtype=torch.int32, device=self.device)
+        in_rank = self._alloc((T, R), torch.bool)
+        p.run(layout_plan(topk_idx.contiguous(), num_experts, R, per_rank, per_expert, in_rank))
+        recv = p.gather_counts(per_rank)[:, self.rank].to(torch.int64)
+        offset = (torch.cumsum(recv, 0) - recv).to(torch.int32)
+        total = recv.sum().to(torch.int32)
+        num_recv = _recv_rows(total, num_worst_tokens)
+        if topk_weights is None:
+            topk_weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=self.device)
+        out = _alloc_dispatch_out(cfg, x, num_recv, topk_idx.shape[1], self.device, p.poison)
+        handle = IntranodeHandle(in_rank, offset, out["recv_src_idx"], out["recv_channel_offset"], num_recv, T,
+                                 total, num_worst_tokens)
+        epr = num_experts // R
+        if p.synchronous:
+            rec = decode_error(p.error)
+            if rec and rec["code"] == CODE_RECV_OVERFLOW:     # re-arm a record left by an earlier overflow
+                p.error.zero_()
+        p.run(dispatch_plan(cfg, self.rank, p.buffer, p.peers, x, topk_idx.contiguous(), topk_weights.contiguous(),
+                            in_rank, offset, out, p.error, epr, p.max_spins))
+        result = _dispatch_result(x, out, topk_idx.shape[1], epr, handle)
+        if p.synchronous:
+            rec = decode_error(p.error)
+            if rec and rec["code"] == CODE_RECV_OVERFLOW:
+                e = DispatchOverflowError(
+                    f"dispatch: num_worst_tokens={num_worst_tokens} is too small (error code 9): rank {self.rank} "
+                    f"receives {int(total)} rows; rows past the bound were dropped, the buffers stay usable - "
+                    f"dispatch again with a larger num_worst_tokens (T_max * num_ranks always suffices); record {rec}")
+                e.results, e.records = [result], {self.rank: rec}
+                raise e
+        return result
+
+    def combine(self, x, handle: IntranodeHandle, topk_weights=None):
+        """x bf16 [N, H]: the rows as dispatch delivered them (N = handle.num_recv);
+        topk_weights float32 [N, K] or None. Returns bf16 [T, H]: each token's rows summed
+        in rank order in float32 (each scaled by the sum of its top-k weights when given)."""
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] != handle.num_recv:
+            raise ValueError(f"x: expected bf16 [{handle.num_recv}, H] (the rows dispatch returned), got {x.dtype} "
+                             f"{list(x.shape)}")
+        if topk_weights is not None and (topk_weights.dtype != torch.float32 or topk_weights.dim() != 2
+                                         or topk_weights.shape[0] != x.shape[0]):
+            raise ValueError(f"topk_weights: expected float32 [{x.shape[0]}, k] (the received tokens' weights, as "
+                             f"dispatch returned them), got {topk_weights.dtype} {list(topk_weights.shape)}")
+        p = self.provider
+        p.arrive("combine")
+        out = self._alloc((handle.num_tokens, x.shape[1]), torch.bfloat16)
+        p.run(combine_plan(self.cfg, self.rank, p.buffer, p.peers, x.contiguous(),
+                           None if topk_weights is None else topk_weights.contiguous(), handle, out, p.error,
+                           p.max_spins))
+        return out
+
+    def low_latency_dispatch(self, x, topk_idx):
+        """x bf16 [T, H] or an FP8 pair, T <= cfg.max_dispatch_tokens; topk_idx int64 [T, K].
+        Returns dict(recv_x [E_local, R*M, H] (or an FP8 pair with scales [E_local, R*M,
+        H/128]), recv_count int32 [E_local], handle: LowLatencyHandle). Source rank s's rows
+        for local expert le are recv_x[le, s*M : s*M + handle.recv_layout[le, s]], in token
+        order. No host read (the topk_idx range check is a device-side assert)."""
+        p, cfg = self.provider, self.cfg
+        if not cfg.num_experts:
+            raise ValueError("low_latency_dispatch: the buffer has no low-latency region (cfg.num_experts=0)")
+        _check_inputs(cfg, x, topk_idx, None, cfg.num_experts, sync=False)
+        T, K = topk_idx.shape
+        if T > cfg.max_dispatch_tokens:
+            raise ValueError(f"x: at most cfg.max_dispatch_tokens={cfg.max_dispatch_tokens} tokens, got {T}")
+        p.arrive("low_latency_dispatch")
+        self.seq = self.seq % 0xFFFFFFFF + 1         # never 0 (the buffer's initial value)
+        out = _alloc_ll_out(cfg, x, T, K, self.device, p.poison)
+        p.run(ll_dispatch_plan(cfg, self.rank, p.buffer, p.peers, x, topk_idx.contiguous(), out, p.error, self.seq,
+                               p.max_spins))
+        return _ll_result(x, out, self.seq, T)
+
+    def low_latency_combine(self, y, topk_idx, topk_weights, handle: LowLatencyHandle, num_recv_ctas: int = None):
+        """y bf16 [E_local, R*M, H] (rows where low_latency_dispatch put them); topk_idx int64
+        [T, K], topk_weights float32 [T, K] (this rank's, as given to the dispatch). Returns
+        bf16 [T, H] = sum over valid k, in order, of w[t, k] * (expert output of (t, k)),
+        in float32 from 0.0. num_recv_ctas: CTAs that reduce (None: the provider's choice)."""
+        p, cfg = self.provider, self.cfg
+        El, R, M = cfg.num_experts // max(cfg.num_ranks, 1), cfg.num_ranks, cfg.max_dispatch_tokens
+        if y.dtype != torch.bfloat16 or y.dim() != 3 or tuple(y.shape[:2]) != (El, R * M):
+            raise ValueError(f"y: expected bf16 [{El}, {R * M}, H], got {y.dtype} {list(y.shape)}")
+        if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_idx.shape:
+            raise ValueError(f"topk_weights: expected float32 {list(topk_idx.shape)}, got {topk_weights.dtype} "
+                             f"{list(topk_weights.shape)}")
+        p.arrive("low_latency_combine")
+        out = self._alloc((topk_idx.shape[0], y.shape[-1]), torch.bfloat16)
+        p.run(ll_combine_plan(cfg, self.rank, p.buffer, p.peers, y, topk_idx.contiguous(), topk_weights.contiguous(),
+                              handle, out, p.error, num_recv_ctas or p.default_recv_ctas, p.max_spins))
+        return out
+
+
+def _close_ipc(device_index: int, opened: list) -> None:
+    """Close the peers' IPC mappings (after this device's work is done). Best effort on
+    garbage collection at exit, when CUDA may already be gone."""
+    if not opened:
+        return
+    from .. import _C
+    try:
+        torch.cuda.synchronize(device_index)
+    except Exception:
+        pass
+    while opened:
+        _C.ipc_close_handle(opened.pop())
+
+
+class CudaIpcMemory:
+    """Provider of CudaIntranode: a zeroed buffer on this GPU, the peers' buffers opened
+    through CUDA IPC (handles exchanged with all_gather_object over `group`), a pinned host
+    error record (readable after a trap), kernels on the current stream, the counts
+    exchanged with all_gather on the group (device-side with NCCL: no host sync)."""
+    poison = False
+    synchronous = False
+    default_recv_ctas = 16
+
+    def __init__(self, cfg: IntranodeConfig, group, max_spins: int):
         import torch.distributed as dist
         from .. import _C
-        self.cfg, self.group, self.max_spins = cfg, group, max_spins
+        self.group, self.max_spins = group, max_spins
         self.rank, R = dist.get_rank(group), dist.get_world_size(group)
         if R != cfg.num_ranks:
             raise ValueError(f"cfg.num_ranks: expected the group size {R}, got {cfg.num_ranks}")
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.buffer = torch.zeros(cfg.buffer_bytes, dtype=torch.uint8, device=self.device)
+        torch.cuda.synchronize(self.device)       # zeroed before any peer can learn its address
         # the caching allocator may place the tensor inside a larger allocation: IPC maps
         # the allocation, so each peer adds the tensor's offset in it
         offset = self.buffer.untyped_storage()._share_cuda_()[3]
         mine = (_C.ipc_get_handle(self.buffer.data_ptr() - offset), offset)
         handles = [None] * R
         dist.all_gather_object(handles, mine, group=group)
-        torch.cuda.synchronize()
-        self.peers = [self.buffer.data_ptr() if r == self.rank else
-                      _C.ipc_open_handle(h, self.device.index) + off for r, (h, off) in enumerate(handles)]
+        self._opened = []                          # the peers' allocation bases, to close
+        self._closer = weakref.finalize(self, _close_ipc, self.device.index, self._opened)
+        self.peers = []
+        for r, (h, off) in enumerate(handles):
+            if r == self.rank:
+                self.peers.append(self.buffer.data_ptr())
+            else:
+                self._opened.append(_C.ipc_open_handle(h, self.device.index))
+                self.peers.append(self._opened[-1] + off)
         self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, pin_memory=True)
-        self.seq = 0
 
-    def error_record(self):
-        return decode_error(self.error)
+    def arrive(self, call):
+        if self.buffer is None:
+            raise RuntimeError(f"{call}: the transport was destroyed")
 
-    def dispatch(self, x, topk_idx, topk_weights, num_experts, num_worst_tokens: int = 0):
-        """Returns dispatch's dict (like LocalNode.dispatch, this rank only). Reads the
-        receive counts back to the host (one sync) to size the outputs, unless
-        num_worst_tokens > 0: then no host read at all (LocalNode.dispatch describes the
-        outputs; the count exchange is a device all_gather either way). A num_worst_tokens
-        below this rank's count is not raised here (that would need a sync): the kernel
-        drops the rows past it without a trap, the outputs hold the first num_worst_tokens
-        rows, and error code 9 is in the pinned error record - `error_record()` after a
-        synchronisation; zero `self.error` to re-arm it. The buffers stay usable; the
-        handle of such a dispatch is not fit for combine."""
+    def run(self, plan):
+        run_cuda(plan)
+
+    def gather_counts(self, per_rank):
         import torch.distributed as dist
-        cfg, R = self.cfg, self.cfg.num_ranks
-        _check_worst_tokens(num_worst_tokens)
-        _check_inputs(cfg, x, topk_idx, topk_weights, num_experts, sync=not num_worst_tokens)
-        per_rank = torch.zeros(R, dtype=torch.int32, device=self.device)
-        per_expert = torch.zeros(num_experts, dtype=torch.int32, device=self.device)
-        in_rank = torch.empty(topk_idx.shape[0], R, dtype=torch.bool, device=self.device)
-        run_cuda(layout_plan(topk_idx.contiguous(), num_experts, R, per_rank, per_expert, in_rank))
-        counts = [torch.empty_like(per_rank) for _ in range(R)]
+        if per_rank.shape[0] == 1:
+            return per_rank[None]
+        counts = [torch.empty_like(per_rank) for _ in range(per_rank.shape[0])]
         dist.all_gather(counts, per_rank, group=self.group)
-        recv = torch.stack(counts)[:, self.rank].to(torch.int64)
-        offset = (torch.cumsum(recv, 0) - recv).to(torch.int32)
-        total = recv.sum().to(torch.int32)
-        num_recv = _recv_rows(total, num_worst_tokens)
-        if topk_weights is None:
-            topk_weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=self.device)
-        out = _alloc_dispatch_out(cfg, x, num_recv, topk_idx.shape[1], self.device, poison=False)
-        T = topk_idx.shape[0]
-        handle = IntranodeHandle(in_rank, offset, out["recv_src_idx"], out["recv_channel_offset"], num_recv, T,
-                                 total, num_worst_tokens)
-        epr = num_experts // R
-        run_cuda(dispatch_plan(cfg, self.rank, self.buffer, self.peers, x, topk_idx.contiguous(),
-                               topk_weights.contiguous(), in_rank, offset, out, self.error, epr, self.max_spins))
-        return _dispatch_result(x, out, topk_idx.shape[1], epr, handle)
+        return torch.stack(counts)
 
-    def combine(self, x, handle, topk_weights=None):
-        out = torch.empty(handle.num_tokens, x.shape[1], dtype=torch.bfloat16, device=self.device)
-        run_cuda(combine_plan(self.cfg, self.rank, self.buffer, self.peers, x.contiguous(),
-                              None if topk_weights is None else topk_weights.contiguous(), handle, out, self.error,
-                              self.max_spins))
-        return out
+    def destroy(self):
+        """Waits for this device, then (with a group) for every rank, so that no peer's
+        kernel still uses the buffers; closes the IPC mappings and frees the buffer."""
+        import torch.distributed as dist
+        if self.buffer is None:
+            return
+        torch.cuda.synchronize(self.device)
+        if dist.is_initialized() and len(self.peers) > 1:
+            dist.barrier(group=self.group)
+        self._closer()
+        self.buffer = None
 
-    def low_latency_dispatch(self, x, topk_idx):
-        cfg = self.cfg
-        _check_inputs(cfg, x, topk_idx, None, cfg.num_experts)
-        self.seq = self.seq % 0xFFFFFFFF + 1
-        T, K = topk_idx.shape
-        out = _alloc_ll_out(cfg, x, T, K, self.device, poison=False)
-        run_cuda(ll_dispatch_plan(cfg, self.rank, self.buffer, self.peers, x, topk_idx.contiguous(), out,
-                                  self.error, self.seq, self.max_spins))
-        return _ll_result(x, out, self.seq, T)
 
-    def low_latency_combine(self, y, topk_idx, topk_weights, handle, num_recv_ctas=16):
-        out = torch.empty(topk_idx.shape[0], y.shape[-1], dtype=torch.bfloat16, device=self.device)
-        run_cuda(ll_combine_plan(self.cfg, self.rank, self.buffer, self.peers, y, topk_idx.contiguous(),
-                                 topk_weights.contiguous(), handle, out, self.error, num_recv_ctas, self.max_spins))
-        return out
+class CudaIntranode(IntranodeRank):
+    """One rank of a process group on its GPU (IntranodeRank over CudaIpcMemory). A wait
+    gives up after max_spins polls (default: timeout_s at an estimated
+    GPU_POLLS_PER_SECOND), writes its error record and traps: the CUDA context is lost,
+    error_record() names the rank waited for; rebuild the process's CUDA state. destroy()
+    synchronises, waits for every rank (a barrier on the group), closes the IPC mappings."""
+
+    def __init__(self, cfg: IntranodeConfig, group=None, max_spins: int = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        if max_spins is None:
+            max_spins = min(0xFFFFFFFF, max(1, int(timeout_s * GPU_POLLS_PER_SECOND)))
+        super().__init__(cfg, CudaIpcMemory(cfg, group, max_spins))

@@ -4,9 +4,10 @@
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
                                       tile_scheduler_metadata, num_splits, causal=True)
 
-q bf16 [b, s_q, h_q, 576]; k_cache bf16 [num_blocks, 64, 1, 576] (pages of 64 tokens,
-the first 512 columns double as V) or the FP8 layout uint8 [num_blocks, 64, 1, 656]
-made by quantize_kv_cache_fp8; block_table int32 [b, max_blocks]; cache_seqlens int32
+q bf16 [b, s_q, h_q, 576]; k_cache bf16 [num_blocks, 64, h_kv, 576] (pages of 64 tokens,
+the first 512 columns double as V; h_kv divides h_q, query head h reads KV head
+h // (h_q / h_kv)) or the FP8 layout uint8 [num_blocks, 64, 1, 656] made by
+quantize_kv_cache_fp8; block_table int32 [b, max_blocks]; cache_seqlens int32
 [b]. Returns out bf16 [b, s_q, h_q, 512] and softmax_lse float32 [b, h_q, s_q].
 
 Backends of flash_mla_with_kvcache: "reference" (PyTorch, float32), "triton" (GPU, or
@@ -102,8 +103,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     """MLA decode attention over a paged latent KV cache.
 
     q bf16 [b, s_q, h_q, 576] (unit stride in the last dim); k_cache bf16
-    [num_blocks, 64, 1, 576] or FP8 uint8/float8_e4m3fn [num_blocks, 64, 1, 656]
-    (contiguous); block_table int32 [b, max_blocks] (contiguous); cache_seqlens int32 [b];
+    [num_blocks, 64, h_kv, 576] (h_kv divides h_q; query head h reads KV head
+    h // (h_q / h_kv), FlashMLA's grouping) or FP8 uint8/float8_e4m3fn [num_blocks, 64, 1, 656]
+    (one KV head, as FlashMLA's FP8 cache; contiguous); block_table int32 [b, max_blocks]
+    (contiguous); cache_seqlens int32 [b];
     head_dim_v 512; tile_scheduler_metadata, num_splits from get_mla_metadata for these
     cache_seqlens (or the (MlaSchedule, None) pair of get_mla_metadata()); softmax_scale
     (default 576**-0.5); causal: new token i of s_q sees
@@ -141,12 +144,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
             raise ValueError(f"num_splits: expected None with an MlaSchedule (get_mla_metadata() returns "
                              f"(schedule, None)), got {type(num_splits).__name__}")
         seqlens = V.as_tensor("cache_seqlens", cache_seqlens)
-        rows = q.shape[1] * q.shape[2]
+        h_kv = _heads_k(V.as_tensor("k_cache", k_cache))
+        rows = max(q.shape[1] * q.shape[2] // h_kv, 1)     # query rows per KV head
 
         def build(lens, parts):
             return call(torch.ops.pykernels.get_mla_metadata, OM.get_mla_metadata_body, lens, parts, "auto")
         tile_scheduler_metadata, num_splits = tile_scheduler_metadata.resolve(
-            seqlens, rows, 1, default_num_sm_parts(seqlens.device, rows, 1), build)
+            seqlens, rows, h_kv, default_num_sm_parts(seqlens.device, rows, h_kv), build)
     args = [V.as_tensor(name, t) for name, t in (("k_cache", k_cache), ("block_table", block_table),
                                                   ("cache_seqlens", cache_seqlens),
                                                   ("tile_scheduler_metadata", tile_scheduler_metadata),
@@ -155,6 +159,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     call(torch.ops.pykernels.flash_mla_with_kvcache, OM.flash_mla_with_kvcache_body, q, *args, out, softmax_lse,
          int(head_dim_v), softmax_scale, causal, backend)
     return out, softmax_lse
+
+
+def _heads_k(k_cache) -> int:
+    """h_kv of a cache for sizing the schedule (1 where the shape is invalid: the decode's
+    validation then names the error)."""
+    return max(int(k_cache.shape[2]), 1) if k_cache.dim() == 4 else 1
 
 
 def _sparse_decode(q, k_cache, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal,
@@ -179,18 +189,19 @@ def _sparse_decode(q, k_cache, head_dim_v, tile_scheduler_metadata, num_splits, 
                                        softmax_lse=softmax_lse)
 
 
-def decode_cost(batch: int, s_q: int, h_q: int, seqlen: int, fp8_cache: bool = False) -> dict:
+def decode_cost(batch: int, s_q: int, h_q: int, seqlen: int, fp8_cache: bool = False, h_kv: int = 1) -> dict:
     """Performance model of one decode call with every sequence `seqlen` tokens long.
 
     flops: 2 * (576 + 512) per (query row, key) - QK^T over 576 columns and P.V over
     512 - counting every key for every row (FlashMLA's convention; causal masking of the
     s_q new tokens removes a negligible triangle). bytes: the KV cache read once (576
-    bf16 or 656 FP8-layout bytes per token; the s_q*h_q rows of a sequence share it),
+    bf16 or 656 FP8-layout bytes per token and KV head; the s_q*h_q / h_kv rows of a KV
+    head share it),
     q read and out + lse written once; the split-KV partials are not counted.
     """
     rows = batch * s_q * h_q
     tokens = batch * seqlen
     flops = 2 * (HEAD_DIM_QK + HEAD_DIM_V) * rows * seqlen
-    kv = tokens * (FP8_BYTES_PER_TOKEN if fp8_cache else 2 * HEAD_DIM_QK)
+    kv = tokens * h_kv * (FP8_BYTES_PER_TOKEN if fp8_cache else 2 * HEAD_DIM_QK)
     io = rows * (2 * HEAD_DIM_QK + 2 * HEAD_DIM_V + 4)
     return dict(flops=flops, bytes=kv + io, intensity=flops / (kv + io))

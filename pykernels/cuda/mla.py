@@ -7,10 +7,11 @@ from the metadata, split scratch buffers, tensor maps, argument packing -> Launc
 run on the GPU ("cuda") or on the PTX emulator ("emu"). No host-device synchronisation:
 the combine kernel is always launched (CTAs of sequences with one split return at once).
 
-Two decode instantiations: pk_mla_decode_bf16 (bf16 cache [num_blocks, 64, 1, 576]) and
+Two decode instantiations: pk_mla_decode_bf16 (bf16 cache [num_blocks, 64, h_kv, 576]) and
 pk_mla_decode_fp8 (the FP8 layout [num_blocks, 64, 1, 656] bytes: 512 e4m3 | 4 f32 scales |
 64 bf16 RoPE per token, uint8 or float8_e4m3fn), with the same parameters; only tmap_kv
-differs (docs/mla.md).
+differs (docs/mla.md). Each launch serves one KV head (the kernel reads one cache column
+through its tensor map): h_kv > 1 is h_kv decode + combine launch pairs.
 
 Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
 lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides
@@ -96,8 +97,8 @@ def check_supported(q, k_cache, head_dim_v: int = RM.HEAD_DIM_V) -> None:
                          f"{q.shape[-1]} and {k_cache.shape[-1]}")
     if head_dim_v != RM.HEAD_DIM_V:
         raise ValueError(f"head_dim_v: the cuda/emu MLA kernel needs {RM.HEAD_DIM_V}, got {head_dim_v}")
-    if k_cache.shape[1] != PAGE or k_cache.shape[2] != 1:
-        raise ValueError(f"k_cache: the cuda/emu MLA kernel needs pages of {PAGE} tokens and h_kv = 1, "
+    if k_cache.shape[1] != PAGE:
+        raise ValueError(f"k_cache: the cuda/emu MLA kernel needs pages of {PAGE} tokens, "
                          f"got shape {list(k_cache.shape)}")
     # (while torch.compile traces there is no pointer: the op's implementation checks it)
     if k_cache.numel() and not torch.compiler.is_compiling() and k_cache.data_ptr() % 16:
@@ -142,17 +143,20 @@ def _lse_ok(lse: torch.Tensor) -> bool:
     return lse.data_ptr() % 4 == 0 and _u32_strides(lse, True)
 
 
-def kv_view(k_cache: torch.Tensor) -> torch.Tensor:
-    """The cache as the decode kernel's tensor map sees it: bf16 [num_blocks * 64, 576], or
-    for the FP8 layout uint8 [num_blocks * 64, 41, 16] (one page = one 64 x 41 x 16-byte box;
-    TMA boxes are at most 256 elements a side). A cache with no pages becomes one page of
-    zeros (a tensor map needs a non-empty tensor; no block is ever read then)."""
+def kv_view(k_cache: torch.Tensor, head: int = 0) -> torch.Tensor:
+    """KV head `head` of the cache as the decode kernel's tensor map sees it: bf16
+    [num_blocks * 64, 576], or for the FP8 layout uint8 [num_blocks * 64, 41, 16] (one page
+    = one 64 x 41 x 16-byte box; TMA boxes are at most 256 elements a side). A view, no
+    copy: with h_kv heads a token row's stride is h_kv rows (h_kv * 1152 or h_kv * 656
+    bytes, multiples of 16 as TMA needs). A cache with no pages becomes one page of zeros
+    (a tensor map needs a non-empty tensor; no block is ever read then)."""
+    one_head = k_cache[:, :, head]                      # [num_blocks, 64, 576 | 656]
     if RM.is_fp8_cache(k_cache):
-        kv = k_cache.view(torch.uint8).view(-1, FP8_ROW // 16, 16)
+        kv = one_head.view(torch.uint8).view(-1, FP8_ROW // 16, 16)
         if kv.shape[0] == 0:
             kv = torch.zeros(PAGE, FP8_ROW // 16, 16, dtype=torch.uint8, device=k_cache.device)
         return kv
-    kv = k_cache.view(-1, RM.HEAD_DIM_QK)
+    kv = one_head.view(-1, RM.HEAD_DIM_QK)
     if kv.shape[0] == 0:
         kv = torch.zeros(PAGE, RM.HEAD_DIM_QK, dtype=k_cache.dtype, device=k_cache.device)
     return kv
@@ -202,9 +206,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
                            out, lse, head_dim_v=RM.HEAD_DIM_V, softmax_scale=None, causal=False,
                            executor: str = "cuda"):
     """Split-KV MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q] with the
-    hand-written kernel; inputs as validated by pykernels.mla.flash_mla_with_kvcache.
-    Returns the emulator's Stats of the two launches (decode, combine) for executor "emu",
-    else None."""
+    hand-written kernel; inputs as validated by pykernels.mla.flash_mla_with_kvcache
+    (k_cache [num_blocks, 64, h_kv, 576 | 656], h_kv dividing h_q).
+
+    KV head j and its query heads [j, j + 1) * h_q / h_kv run as one decode launch and one
+    combine launch of their own (in order, on one stream, sharing the schedule and the
+    split scratch): the cache as a strided view (kv_view), q's head group copied to a
+    TMA-legal [b, s_q * h_q / h_kv, 576] when its token and head dims do not merge, out and
+    lse written in place through their strides. Returns the emulator's Stats of the
+    2 * h_kv launches (decode, combine per KV head) for executor "emu", else None."""
     check_supported(q, k_cache, head_dim_v)
     if tile_scheduler_metadata.shape[0] < 1:
         raise ValueError(f"tile_scheduler_metadata: expected at least one row, got shape "
@@ -213,20 +223,24 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     if b == 0:
         return [] if executor == "emu" else None
     record = device_errors.record_for(q.device, OP_NAME)
-    rows = s_q * h_q
+    h_kv = k_cache.shape[2]
+    g = h_q // h_kv                                 # query heads per KV head
     parts = tile_scheduler_metadata.shape[0]
     scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
-    q3 = q_view(q)
-    kv2d = kv_view(k_cache)
     o = out if _out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     l = lse if _lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
-    oacc, lacc = MS.split_scratch(b, parts, rows, RM.HEAD_DIM_V, q.device)
-    stats = [run_plan(decode_plan(q3, kv2d, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                                  o, l, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=scale, causal=causal,
-                                  num_blocks=k_cache.shape[0]), executor)]
-    if executor == "emu":
-        device_errors.raise_if_set(record, OP_NAME)
-    stats.append(run_plan(combine_plan(num_splits, oacc, lacc, o, l, h_q=h_q), executor))
+    oacc, lacc = MS.split_scratch(b, parts, s_q * g, RM.HEAD_DIM_V, q.device)
+    stats = []
+    for j in range(h_kv):
+        heads = slice(j * g, (j + 1) * g)
+        o_j, l_j = o[:, :, heads], l[:, heads]
+        stats.append(run_plan(decode_plan(q_view(q[:, :, heads]), kv_view(k_cache, j), block_table, cache_seqlens,
+                                          tile_scheduler_metadata, num_splits, o_j, l_j, oacc, lacc, record,
+                                          s_q=s_q, h_q=g, scale=scale, causal=causal,
+                                          num_blocks=k_cache.shape[0]), executor))
+        if executor == "emu":
+            device_errors.raise_if_set(record, OP_NAME)
+        stats.append(run_plan(combine_plan(num_splits, oacc, lacc, o_j, l_j, h_q=g), executor))
     if o is not out:
         out.copy_(o)
     if l is not lse:

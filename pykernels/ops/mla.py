@@ -2,10 +2,11 @@
 
 get_mla_metadata: cache_seqlens int32 [b] -> (tile_scheduler_metadata int32
 [num_sm_parts, 8], num_splits int32 [b + 1]).
-flash_mla_with_kvcache: q bf16 [b, s_q, h_q, 576]; k_cache bf16 [num_blocks, 64, 1, 576]
-or the FP8 layout uint8 / float8_e4m3fn [num_blocks, 64, 1, 656]; block_table int32
-[b, max_blocks]; cache_seqlens int32 [b] -> out bf16 [b, s_q, h_q, 512] and softmax_lse
-float32 [b, h_q, s_q], written in place.
+flash_mla_with_kvcache: q bf16 [b, s_q, h_q, 576]; k_cache bf16 [num_blocks, 64, h_kv, 576]
+(h_kv dividing h_q: query head h reads KV head h // (h_q / h_kv)) or the FP8 layout uint8 /
+float8_e4m3fn [num_blocks, 64, 1, 656]; block_table int32 [b, max_blocks]; cache_seqlens
+int32 [b] -> out bf16 [b, s_q, h_q, 512] and softmax_lse float32 [b, h_q, s_q], written in
+place.
 """
 import dataclasses
 import math
@@ -99,16 +100,23 @@ class DecodeProblem:
     device: torch.device
 
     @property
+    def h_kv(self) -> int:
+        return self.k_cache.shape[2]
+
+    @property
     def fp8(self) -> bool:
         return RM.is_fp8_cache(self.k_cache)
 
     def describe(self) -> str:
         b, s_q, h_q, _ = self.q.shape
         cache = "fp8" if self.fp8 else "bf16"
-        return f"b={b} s_q={s_q} h_q={h_q} {cache} cache of {self.k_cache.shape[0]} pages on {self.device}"
+        return (f"b={b} s_q={s_q} h_q={h_q} h_kv={self.h_kv} {cache} cache of {self.k_cache.shape[0]} pages "
+                f"on {self.device}")
 
 
-def _check_cache(k_cache):
+def _check_cache(k_cache, h_q: int):
+    """k_cache: bf16 [num_blocks, 64, h_kv, 576] with h_kv dividing h_q, or the FP8 layout
+    [num_blocks, 64, 1, 656] (FlashMLA's FP8 cache has one KV head); contiguous."""
     V.check_rank("k_cache", k_cache, 4)
     if k_cache.dtype == torch.bfloat16:
         d = RM.HEAD_DIM_QK
@@ -120,8 +128,13 @@ def _check_cache(k_cache):
     if k_cache.shape[1] != RM.PAGE_BLOCK_SIZE:
         raise ValueError(f"k_cache: expected page block size {RM.PAGE_BLOCK_SIZE} (dim 1), "
                          f"got {k_cache.shape[1]} in shape {list(k_cache.shape)}")
-    if k_cache.shape[2] != 1:
-        raise ValueError(f"k_cache: expected h_kv = 1 (dim 2), got {k_cache.shape[2]} in shape {list(k_cache.shape)}")
+    h_kv = k_cache.shape[2]
+    if d == RM.FP8_BYTES_PER_TOKEN and h_kv != 1:
+        raise ValueError(f"k_cache: expected h_kv = 1 (dim 2) for the FP8 layout (FlashMLA's FP8 cache has one "
+                         f"KV head), got {h_kv} in shape {list(k_cache.shape)}")
+    if h_kv < 1 or h_q % h_kv:
+        raise ValueError(f"k_cache: expected h_kv (dim 2) >= 1 dividing h_q = {h_q} (q's heads; query head h "
+                         f"reads KV head h // (h_q / h_kv)), got {h_kv} in shape {list(k_cache.shape)}")
     if k_cache.shape[3] != d:
         raise ValueError(f"k_cache: expected last dim {d} for dtype {str(k_cache.dtype).replace('torch.', '')}"
                          f", got {k_cache.shape[3]} in shape {list(k_cache.shape)}")
@@ -191,7 +204,7 @@ def decode_problem(q, k_cache, block_table, cache_seqlens, tile_scheduler_metada
     lse = V.as_tensor("softmax_lse", softmax_lse)
 
     b, s_q, h_q = check_q(q)
-    _check_cache(k_cache)
+    _check_cache(k_cache, h_q)
     V.check_dtype("block_table", block_table, torch.int32)
     V.check_rank("block_table", block_table, 2)
     V.check_shape("block_table", block_table, (b, None))

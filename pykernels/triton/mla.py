@@ -3,15 +3,17 @@
 Three kernels:
 - `_schedule_kernel`: one program computing get_mla_metadata on the device (the same
   rule as pykernels.reference.mla.schedule, so no host-device synchronisation).
-- `_mla_decode_kernel`: grid (num_sm_parts, row tiles). Program (p, t) walks SM
+- `_mla_decode_kernel`: grid (num_sm_parts, row tiles, h_kv). Program (p, t, j) walks SM
   partition p's pieces from tile_scheduler_metadata (consecutive sequences; the first
   may start and the last may end inside a sequence) for query rows
-  [t*BLOCK_M, (t+1)*BLOCK_M) of the s_q*h_q rows that share the one KV head. Per key
+  [t*BLOCK_M, (t+1)*BLOCK_M) of the s_q*h_q/h_kv rows that share KV head j (row r: new
+  token r // (h_q/h_kv), query head j * h_q/h_kv + r % (h_q/h_kv); every KV head uses the
+  same schedule). Per key
   tile (BLOCK_N tokens of one page): S = q_nope.k_nope^T + q_pe.k_pe^T, online softmax
   (base 2), acc += P.V with V = k_nope. A sequence with one split is finished in place (out, lse); a piece
   of a split sequence writes its normalised partial output and LSE to a float32
   scratch buffer at row num_splits[seq] + piece index.
-- `_mla_combine_kernel`: grid (b, row tiles); merges the splits of each sequence that
+- `_mla_combine_kernel`: grid (b, row tiles, h_kv); merges the splits of each sequence that
   has more than one (weights exp(lse_j - lse)); others return at once.
 
 The 512 latent columns are processed as 4 groups of 128 with one accumulator each.
@@ -370,7 +372,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
                        out_ptr, lse_ptr, oacc_ptr, lacc_ptr, err_ptr,
                        stride_qb, stride_qs, stride_qh, stride_bt,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                       S_Q, H_Q, QR, qk_scale, P, B, NUM_BLOCKS, MAX_BLOCKS,
+                       S_Q, HEADS_PER_KV, H_KV, QR, qk_scale, P, B, NUM_BLOCKS, MAX_BLOCKS,
                        CAUSAL: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, SOFT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                        DV: tl.constexpr, DR: tl.constexpr,
@@ -384,10 +386,12 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
     tl.static_assert(PAGE % BLOCK_N == 0)
     SUB: tl.constexpr = PAGE // BLOCK_N        # key tiles per page
     part = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)   # of the QR = s_q * HEADS_PER_KV rows
+    kvh = tl.program_id(2)                 # the KV head; its query heads: [kvh, kvh + 1) * HEADS_PER_KV
     row_ok = rows < QR
-    tok = rows // H_Q
-    head = rows % H_Q
+    tok = rows // HEADS_PER_KV
+    head = kvh * HEADS_PER_KV + rows % HEADS_PER_KV
+    srow = kvh * QR + rows                 # row of the split scratch [b + P, H_KV * QR, DV]
     dr = tl.arange(0, DR)
     tn = tl.arange(0, BLOCK_N)
     meta = meta_ptr + part * 8
@@ -434,7 +438,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
             page = tl.load(bt_ptr + bi * stride_bt + j // SUB).to(tl.int64)
             pos = j * BLOCK_N + tn
             tok_ok = pos < seqlen
-            kv_row = page * PAGE + (j % SUB) * BLOCK_N + tn   # token rows in the cache
+            kv_row = (page * PAGE + (j % SUB) * BLOCK_N + tn) * H_KV + kvh   # (token, KV head) rows
             k0, sf0 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, 0, FP8, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
             k1, sf1 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, 1, FP8, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
             k2, sf2 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, 2, FP8, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
@@ -479,23 +483,27 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
             tl.store(lse_ptr + bi * stride_lb + head * stride_lh + tok * stride_ls, lse, mask=row_ok)
         else:
             sid = (first_split + k).to(tl.int64)
-            acc_off = (sid * QR + rows) * DV
+            acc_off = (sid * (H_KV * QR) + srow) * DV
             _store_rows(oacc_ptr, acc_off, row_ok, 0 * GROUP, acc0 * inv_l[:, None], GROUP)
             _store_rows(oacc_ptr, acc_off, row_ok, 1 * GROUP, acc1 * inv_l[:, None], GROUP)
             _store_rows(oacc_ptr, acc_off, row_ok, 2 * GROUP, acc2 * inv_l[:, None], GROUP)
             _store_rows(oacc_ptr, acc_off, row_ok, 3 * GROUP, acc3 * inv_l[:, None], GROUP)
-            tl.store(lacc_ptr + sid * QR + rows, tl.where(seen, lse2, float("-inf")), mask=row_ok)
+            tl.store(lacc_ptr + sid * (H_KV * QR) + srow, tl.where(seen, lse2, float("-inf")), mask=row_ok)
 
 
 @jit
 def _mla_combine_kernel(nsplits_ptr, oacc_ptr, lacc_ptr, out_ptr, lse_ptr,
                         stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                        H_Q, QR, MAX_SPLITS, SOFT: tl.constexpr, BLOCK_R: tl.constexpr, DV: tl.constexpr):
+                        HEADS_PER_KV, H_KV, QR, MAX_SPLITS, SOFT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        DV: tl.constexpr):
     bi = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)   # grid and rows as in the decode kernel
+    kvh = tl.program_id(2)
     row_ok = rows < QR
-    tok = rows // H_Q
-    head = rows % H_Q
+    tok = rows // HEADS_PER_KV
+    head = kvh * HEADS_PER_KV + rows % HEADS_PER_KV
+    srow = kvh * QR + rows
+    SR = H_KV * QR                         # scratch rows per split
     s0 = tl.load(nsplits_ptr + bi)
     n = tl.load(nsplits_ptr + bi + 1) - s0
     # Scratch rows outside [0, MAX_SPLITS) are never read. Such num_splits fail the decode
@@ -505,15 +513,15 @@ def _mla_combine_kernel(nsplits_ptr, oacc_ptr, lacc_ptr, out_ptr, lse_ptr,
         dn = tl.arange(0, DV)
         m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         for j in range(n):
-            lj = tl.load(lacc_ptr + (s0 + j).to(tl.int64) * QR + rows, mask=row_ok, other=float("-inf"))
+            lj = tl.load(lacc_ptr + (s0 + j).to(tl.int64) * SR + srow, mask=row_ok, other=float("-inf"))
             m = tl.maximum(m, lj)
         m_use = tl.where(m == float("-inf"), 0.0, m)
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_R, DV), dtype=tl.float32)
         for j in range(n):
             sid = (s0 + j).to(tl.int64)
-            w = tl.exp2(tl.load(lacc_ptr + sid * QR + rows, mask=row_ok, other=float("-inf")) - m_use)
-            oj = tl.load(oacc_ptr + (sid * QR + rows)[:, None] * DV + dn[None, :],
+            w = tl.exp2(tl.load(lacc_ptr + sid * SR + srow, mask=row_ok, other=float("-inf")) - m_use)
+            oj = tl.load(oacc_ptr + (sid * SR + srow)[:, None] * DV + dn[None, :],
                          mask=row_ok[:, None] & (w > 0.0)[:, None], other=0.0)
             total += w
             acc += w[:, None] * oj
@@ -543,43 +551,47 @@ def decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_me
     b, s_q, h_q, _ = q.shape
     if b == 0:
         return None
-    qr = s_q * h_q
+    h_kv = k_cache.shape[2]
+    qr = s_q * (h_q // h_kv)               # query rows per KV head
     scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
     kv, kv_sf, kv_rope, fp8 = _cache_views(k_cache)
     bm, bn, warps = tile_config(qr, interpreted=interpreted)
-    grid = (tile_scheduler_metadata.shape[0], triton.cdiv(qr, bm))
+    grid = (tile_scheduler_metadata.shape[0], triton.cdiv(qr, bm), h_kv)
     vals = (q, kv, kv_sf, kv_rope, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
             out, lse, oacc, lacc, record,
             q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            s_q, h_q, qr, scale * LOG2E, tile_scheduler_metadata.shape[0], b, k_cache.shape[0],
+            s_q, h_q // h_kv, h_kv, qr, scale * LOG2E, tile_scheduler_metadata.shape[0], b, k_cache.shape[0],
             block_table.shape[1])
     args = dict(zip(_mla_decode_kernel.arg_names, vals))
     cx = _decode_constexprs(fp8, causal, bm, bn, upcast, soft)
     return _mla_decode_kernel, grid, args, cx, dict(num_warps=warps, num_stages=2)
 
 
-def combine_launch_args(num_splits, oacc, lacc, out, lse, soft=SOFTWARE_ROUNDING, interpreted=INTERPRETED):
-    """As decode_launch_args, for the combine launch (grid (b, row tiles))."""
+def combine_launch_args(num_splits, oacc, lacc, out, lse, h_kv=1, soft=SOFTWARE_ROUNDING, interpreted=INTERPRETED):
+    """As decode_launch_args, for the combine launch (grid (b, row tiles, h_kv))."""
     b, s_q, h_q, _ = out.shape
     if b == 0:
         return None
-    qr = s_q * h_q
+    qr = s_q * (h_q // h_kv)
     br = combine_rows(qr, interpreted)
     vals = (num_splits, oacc, lacc, out, lse,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), h_q, qr,
-            oacc.shape[0])
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            h_q // h_kv, h_kv, qr, oacc.shape[0])
     args = dict(zip(_mla_combine_kernel.arg_names, vals))
     cx = dict(SOFT=bool(soft), BLOCK_R=br, DV=oacc.shape[-1])
-    return _mla_combine_kernel, (b, triton.cdiv(qr, br)), args, cx, dict(num_warps=4, num_stages=_DEFAULT_STAGES)
+    return (_mla_combine_kernel, (b, triton.cdiv(qr, br), h_kv), args, cx,
+            dict(num_warps=4, num_stages=_DEFAULT_STAGES))
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                            out, lse, head_dim_v=RM.HEAD_DIM_V, softmax_scale=None, causal=False):
     """Split-KV MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q].
 
-    Inputs as validated by pykernels.mla.flash_mla_with_kvcache (h_kv = 1, page 64,
-    contiguous cache, q with unit stride in its last dimension). Values the kernel checks
+    Inputs as validated by pykernels.mla.flash_mla_with_kvcache (k_cache [num_blocks, 64,
+    h_kv, 576 | 656] contiguous with h_kv dividing h_q, q with unit stride in its last
+    dimension). The KV head is the grid's third dimension: programs of KV head j read its
+    cache column and query heads [j, j + 1) * h_q / h_kv, and share the schedule. Values the kernel checks
     itself (docs/mla.md "Checks": the metadata against cache_seqlens, num_splits, page ids
     and seqlens against the cache and the block table) go to the device error record
     (pykernels.runtime.device_errors): raised here at once for CPU tensors (the
@@ -592,12 +604,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     if b == 0:
         return out, lse
     record = device_errors.record_for(q.device, OP_NAME)
+    # scratch rows: KV head j's s_q * h_q / h_kv rows at [j, j + 1) * s_q * h_q / h_kv
     oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, head_dim_v, q.device)
     run_launch(decode_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                                   out, lse, oacc, lacc, record, softmax_scale, causal))
     if q.device.type == "cpu":
         device_errors.raise_if_set(record, OP_NAME)
-    run_launch(combine_launch_args(num_splits, oacc, lacc, out, lse))
+    run_launch(combine_launch_args(num_splits, oacc, lacc, out, lse, h_kv=k_cache.shape[2]))
     return out, lse
 
 

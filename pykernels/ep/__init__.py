@@ -18,11 +18,12 @@ from .checks import MAX_HIDDEN, MAX_TOPK, SUPPORTED_HIDDEN
 from .config import Config, EventOverlap, topk_idx_t
 from .handle import DispatchHandle
 
-_INTRANODE = ("IntranodeConfig", "LocalNode", "CudaIntranode", "decode_error")
+_INTRANODE = ("IntranodeConfig", "LocalNode", "CudaIntranode", "IntranodeRank", "PeerTimeoutError", "decode_error")
+_TRANSPORTS = {"EmuIntranode": "pykernels.ep.transport_emu"}   # one rank per process, emulated
 
 __all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "topk_idx_t", "RankMismatchError",
            "RankTimeoutError", "BufferBrokenError", "BACKENDS", "DEFAULT_TIMEOUT_S", "LOCAL_BACKENDS", "MAX_HIDDEN",
-           "MAX_TOPK", "SUPPORTED_HIDDEN", "intranode", *_INTRANODE]
+           "MAX_TOPK", "SUPPORTED_HIDDEN", "intranode", *_INTRANODE, *_TRANSPORTS]
 
 
 def __getattr__(name):
@@ -30,4 +31,6 @@ def __getattr__(name):
         return importlib.import_module("pykernels.cuda.ep")
     if name in _INTRANODE:
         return getattr(importlib.import_module("pykernels.cuda.ep"), name)
+    if name in _TRANSPORTS:
+        return getattr(importlib.import_module(_TRANSPORTS[name]), name)
     raise AttributeError(f"module 'pykernels.ep' has no attribute {name!r}")

@@ -43,7 +43,7 @@ def test_kernel_adaptor_packs_and_unpacks_exactly(seed):
         payloads = [quantize(x, False, "reference") if fp8 else x for x in xs]
         results = node.low_latency_dispatch(payloads, idxs)
         stand_ins = [_RankTransport(r, payloads[r], results[r]) for r in range(RANKS)]
-        adaptors = [KernelLowLatency(stand_ins[r], RANKS) for r in range(RANKS)]
+        adaptors = [KernelLowLatency(lambda cfg, r=r: stand_ins[r], RANKS) for r in range(RANKS)]
         ys, handles = [], []
         for r in range(RANKS):
             recv_x, count, handle, hook = adaptors[r].dispatch(xs[r], idxs[r], MAX_TOKENS, EXPERTS, use_fp8=fp8)

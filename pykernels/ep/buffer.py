@@ -21,12 +21,17 @@ Backends:
       rank over CUDA IPC. Up to 8 ranks.
   "auto": "cuda" on Hopper GPUs with the kernels built and an NCCL group of <= 8 ranks,
       else the engine over the group's backend.
-Low-latency mode (low_latency_dispatch / low_latency_combine) is not part of this module.
+Low-latency mode (low_latency_dispatch / low_latency_combine, DeepEP's semantics and
+packed per-expert receive layout) runs in pykernels.ep.low_latency; dispatch's
+expert_layout="contiguous" groups the received rows per local expert for the grouped
+GEMM (pykernels.ep.expert_layout).
 """
 import torch
 import torch.distributed as dist
 
 from .. import __version__
+from . import expert_layout as EL
+from . import low_latency
 from .agreement import Agreement, RankMismatchError
 from .checks import (MAX_HIDDEN, MAX_TOPK, SUPPORTED_HIDDEN, check_combine_args, check_expert_alignment,
                      check_layout_args, check_num_experts, check_topk, check_weights, check_worst_tokens, check_x)
@@ -117,6 +122,7 @@ class Buffer:
         self.local_backend = local_backend
         self._destroyed = False
         self._kernels = None
+        self._low_latency = None      # made at the first low-latency call
         error = None
         try:
             self._check_construction(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_mnnvl, use_fabric,
@@ -238,7 +244,8 @@ class Buffer:
     def dispatch(self, x, handle: DispatchHandle = None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Config = None, previous_event=None,
-                 async_finish: bool = False, allocate_on_comm_stream: bool = False, *, num_experts: int = None):
+                 async_finish: bool = False, allocate_on_comm_stream: bool = False, *, num_experts: int = None,
+                 expert_layout: str = None):
         """Send each token to every rank holding one of its experts (DeepEP's dispatch).
 
         x: bf16 [T, H] or (float8_e4m3fn [T, H], float32 [T, H/128]). Routing, one of:
@@ -256,6 +263,14 @@ class Buffer:
         recv_topk_weights float32 [N, K] (0 there), num_recv_tokens_per_expert_list (per local
         expert, rounded up to expert_alignment), handle, EventOverlap); rows ordered by
         (source rank, source token).
+        expert_layout="contiguous" (pykernels; needs topk_idx, no handle, no num_worst_tokens):
+        the rows grouped per local expert for pykernels.gemm.m_grouped_fp8_gemm_nt_contiguous
+        (pykernels.ep.expert_layout): returns (recv_x with m_sum rows, one per (received row,
+        local top-k slot), each expert's segment padded to expert_alignment - or to
+        get_mk_alignment_for_contiguous_layout() when that is 1 - with zero rows; m_indices
+        int32 [m_sum] (-1 on padding rows); weights float32 [m_sum] (each row's top-k weight,
+        0 on padding); the segment sizes; handle; EventOverlap). combine takes the grouped
+        expert outputs (weighted by the caller) back with that handle.
         """
         what = f"Buffer.dispatch (call {self._agreement.seq})"
         self._check_usable(what)
@@ -264,13 +279,25 @@ class Buffer:
             plan = self._dispatch_plan(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                                        num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                                        num_worst_tokens, config, num_experts)
+            EL.check_expert_layout(expert_layout, topk_idx, handle, num_worst_tokens)
+            plan["header"]["expert_layout"] = expert_layout
         except (TypeError, ValueError, NotImplementedError) as e:
             error, plan = e, None
         self._agree(what, None if plan is None else plan["header"], error)
         if previous_event is not None:
             previous_event.current_stream_wait()
         out = self._run_dispatch(x, plan, what)
+        if expert_layout is not None:
+            out = self._group_by_expert(out, plan)
         return (*out, self._event(async_finish, plan["device"]))
+
+    def _group_by_expert(self, out, plan):
+        """dispatch's results -> the contiguous expert layout (pykernels.ep.expert_layout)."""
+        recv_x, recv_idx, recv_w, _, handle = out
+        grouped, layout = EL.to_expert_layout(recv_x, recv_idx, recv_w, plan["num_experts"] // self.num_ranks,
+                                              EL.segment_alignment(plan["expert_alignment"]))
+        handle.expert_layout = layout
+        return grouped, layout.m_indices, layout.weights, layout.num_rows_per_expert, handle
 
     def _dispatch_plan(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                        num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
@@ -434,11 +461,17 @@ class Buffer:
         its destination ranks return, added from 0.0 in ascending rank order and rounded to
         bf16 once (0 for a token sent nowhere); combined_topk_weights float32 [T, K] (the
         same sum of the weights; None without topk_weights); EventOverlap).
+        With the handle of an expert_layout dispatch, x is bf16 [m_sum, H] in that layout
+        (padding rows not read) and topk_weights must be None: each received row is first
+        the float32 sum of its grouped rows (k order), rounded to bf16.
         """
         what = f"Buffer.combine (call {self._agreement.seq})"
         self._check_usable(what)
         error = None
         try:
+            layout = getattr(handle, "expert_layout", None) if isinstance(handle, DispatchHandle) else None
+            if layout is not None:
+                x = EL.from_expert_layout(x, layout, topk_weights)
             check_combine_args(x, handle, topk_weights, DispatchHandle)
             self._check_handle_kind(handle)
             if bias is not None:
@@ -477,6 +510,8 @@ class Buffer:
             self._destroyed = True
             if self._kernels is not None:
                 self._kernels.destroy()
+            if self._low_latency is not None:
+                self._low_latency.destroy()
 
     def __del__(self):
         try:
@@ -485,12 +520,109 @@ class Buffer:
         except Exception:   # interpreter shutdown: nothing left to release into
             pass
 
-    # -- not supported here ------------------------------------------------------------------
-    def low_latency_dispatch(self, *args, **kwargs):
-        raise NotImplementedError("Buffer.low_latency_dispatch: low-latency mode is not wired into Buffer yet")
+    # -- low-latency mode (pykernels.ep.low_latency; docs/ep.md, "Low-latency mode") ------------
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of one rank's fixed low-latency buffers on the engine path (two sets of
+        dispatch and combine send/receive buffers, bf16); the kernels' region is
+        IntranodeConfig.layout()'s. Buffers are allocated at the first call, not from
+        num_rdma_bytes."""
+        return low_latency.rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
-    def low_latency_combine(self, *args, **kwargs):
-        raise NotImplementedError("Buffer.low_latency_combine: low-latency mode is not wired into Buffer yet")
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP's clean: here the low-latency buffers are dropped and the next low-latency
+        call (on every rank) makes zeroed ones. Never required: normal and low-latency calls
+        use separate buffers, and the low-latency words carry a call number, not a reset."""
+        self._check_usable("clean_low_latency_buffer")
+        for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", hidden),
+                        ("num_experts", num_experts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self._low_latency is not None:
+            self._low_latency.clean()
+
+    def _low_latency_impl(self):
+        if self._low_latency is None:
+            quant = "triton" if self.local_backend == "triton" else "reference"
+            if self._kernels is None:
+                self._low_latency = low_latency.LowLatencyEngine(self.group, self.rank, self.num_ranks, self.device,
+                                                                 quant, self._engine._wait)
+            else:
+                from .kernel_transport import transport_class
+                make = transport_class(self.backend)
+                self._low_latency = low_latency.KernelLowLatency(
+                    lambda cfg: make(cfg, self.group, timeout_s=self.timeout_s), self.num_ranks, quant)
+        return self._low_latency
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        """DeepEP's low-latency dispatch: one row per (token, top-k slot), into fixed
+        buffers sized by M = num_max_dispatch_tokens_per_rank (the same on every rank).
+
+        x bf16 [T, H], T <= M; topk_idx int64 [T, K] in [-1, E). use_fp8: cast each 1x128
+        group (scale max(amax, 1e-4)/448; round_scale: a power of two; use_ue8m0: those
+        scales' exponents packed four per int32). cumulative_local_expert_recv_stats: int32
+        [E_l], recv_count added. Returns (recv_x: bf16 [E_l, R*M, H] or (e4m3 [E_l, R*M, H],
+        float32 [E_l, R*M, H/128] column-major | int32 [E_l, R*M, H/512]), recv_count int32
+        [E_l], handle, EventOverlap, hook): expert le's rows are recv_x[le, :recv_count[le]],
+        packed in (source rank, source token, k) order - the masked layout of
+        pykernels.gemm.m_grouped_fp8_gemm_nt_masked with masked_m = recv_count. With
+        return_recv_hook the receive completes when hook() is called (else hook is None).
+        """
+        what = f"Buffer.low_latency_dispatch (call {self._agreement.seq})"
+        self._check_usable(what)
+        error = header = None
+        try:
+            header = low_latency.check_dispatch_args(
+                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks, use_fp8, round_scale,
+                use_ue8m0, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                sync=self.backend != "cuda")
+        except (TypeError, ValueError) as e:
+            error = e
+        self._agree(what, header, error)
+        recv_x, count, handle, hook = self._low_latency_impl().dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
+            return_recv_hook, cumulative_local_expert_recv_stats)
+        return recv_x, count, handle, self._event(async_finish, x.device), hook
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                            out=None, combine_wait_recv_cost_stats=None):
+        """DeepEP's low-latency combine, weighted: out[t] = bf16(sum over valid k in order
+        of f32(expert output of (t, k)) * topk_weights[t, k]) from 0.0, products rounded to
+        float32 (no FMA); 0 for a token with no valid slot.
+
+        x bf16 [E_l, R*M, H]: the expert outputs in dispatch's packed layout (rows past
+        recv_count are not read); topk_idx, topk_weights float32: this rank's [T, K], as
+        dispatched; handle: that dispatch's. zero_copy: read
+        get_next_low_latency_combine_buffer(handle) instead of x. out: bf16 [T, H] to write.
+        Returns (combined bf16 [T, H], EventOverlap, hook (return_recv_hook) or None).
+        """
+        what = f"Buffer.low_latency_combine (call {self._agreement.seq})"
+        self._check_usable(what)
+        error = header = None
+        try:
+            header = low_latency.check_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, use_logfmt,
+                                                    zero_copy, out, combine_wait_recv_cost_stats)
+        except (TypeError, ValueError) as e:
+            error = e
+        self._agree(what, header, error)
+        combined, hook = self._low_latency_impl().combine(x, topk_idx, topk_weights, handle, zero_copy,
+                                                          return_recv_hook, out)
+        return combined, self._event(async_finish, combined.device), hook
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """bf16 [E_l, R*M, H]: fill it with the expert outputs, then low_latency_combine(...,
+        zero_copy=True) reads it (DeepEP's; here a persistent tensor, not the wire buffer)."""
+        if not isinstance(handle, low_latency.LowLatencyHandle):
+            raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got "
+                            f"{type(handle).__name__}")
+        return self._low_latency_impl().next_combine_buffer(handle)
+
+    # -- not supported here ------------------------------------------------------------------
 
     def internode_dispatch(self, *args, **kwargs):
         raise NotImplementedError("Buffer.internode_dispatch: internode (RDMA) dispatch is not supported; the "

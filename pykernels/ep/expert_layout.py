@@ -9,11 +9,12 @@ multiple of `alignment` (get_mk_alignment_for_contiguous_layout(): 128); an expe
 pair has no segment. m_indices int32 gives each grouped row's local expert, -1 on padding
 rows (the GEMM leaves their output untouched; combine never reads them).
 
-Combine takes the grouped expert outputs back: each received row's value is
-sum over its local (row, k) pairs, in k order, of f32(y[pos]) (* weight, the product
-rounded to float32 before it is added), from 0.0, in float32; the engine then returns
-those float32 rows to their source ranks and sums them there as its normal combine does.
-The layout costs one host read (the segment sizes), like the engine's normal dispatch.
+Combine takes the grouped expert outputs back (the caller has weighted each grouped row by
+the weight dispatch returned for it, 0 on padding rows): each received row becomes the
+float32 sum, from 0.0 in k order, of its grouped rows, rounded to bf16 once; the Buffer then
+combines those rows as any others (DeepEP's combine: summed over destination ranks in
+float32, rounded to bf16). The layout costs one host read (the segment sizes), like the
+engine's normal dispatch.
 """
 import dataclasses
 
@@ -99,19 +100,64 @@ def group_rows(recv_x, layout: ExpertLayout):
     return take(recv_x)
 
 
-def ungroup_rows(y: torch.Tensor, layout: ExpertLayout, weights=None) -> torch.Tensor:
+def ungroup_rows(y: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     """y [m_sum, H] (the grouped expert outputs; padding rows not read) -> float32 [N, H]:
-    per received row, sum over its pairs in k order of f32(y[pos]) (* weights[pos], the
-    product rounded before it is added) from 0.0. weights: float32 [m_sum] or None."""
+    per received row, the sum over its pairs in k order of f32(y[pos]) from 0.0."""
     N, K = layout.pos.shape
     acc = torch.zeros(N, y.shape[1], dtype=torch.float32, device=y.device)
     if not y.shape[0]:
         return acc                     # no received row names a local expert
     for k in range(K):
         p = layout.pos[:, k]
-        valid = (p >= 0)[:, None]
-        picked = y[p.clamp(min=0)].float()
-        if weights is not None:
-            picked = picked * weights[p.clamp(min=0), None]
-        acc = torch.where(valid, acc + picked, acc)
+        acc = torch.where((p >= 0)[:, None], acc + y[p.clamp(min=0)].float(), acc)
     return acc
+
+
+# ---------------------------------------------------------------------------------------
+# Buffer's expert_layout option (normal-mode dispatch / combine)
+# ---------------------------------------------------------------------------------------
+EXPERT_LAYOUTS = (None, "contiguous")
+
+
+def check_expert_layout(expert_layout, topk_idx, handle, num_worst_tokens) -> None:
+    """Buffer.dispatch(expert_layout=...): None (rows by source rank, source token) or
+    "contiguous" (grouped per local expert); the grouping needs the dispatch's top-k ids."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout: expected one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
+    if expert_layout is None:
+        return
+    if topk_idx is None or handle is not None:
+        raise ValueError("expert_layout: needs topk_idx and no cached handle (rows are grouped by the top-k ids "
+                         "this dispatch sends)")
+    if num_worst_tokens:
+        raise ValueError(f"expert_layout: not supported with num_worst_tokens={num_worst_tokens} (the grouped row "
+                         f"count is read on the host)")
+
+
+def segment_alignment(expert_alignment: int) -> int:
+    """Segment multiple of the contiguous layout: expert_alignment when > 1, else the
+    grouped GEMM's get_mk_alignment_for_contiguous_layout()."""
+    from ..gemm import get_mk_alignment_for_contiguous_layout
+    return expert_alignment if expert_alignment > 1 else get_mk_alignment_for_contiguous_layout()
+
+
+def to_expert_layout(recv_x, recv_topk_idx, recv_topk_weights, num_local_experts: int, alignment: int):
+    """A dispatch's received rows -> (grouped recv_x, ExpertLayout)."""
+    layout = contiguous_layout(recv_topk_idx, recv_topk_weights, num_local_experts, alignment)
+    return group_rows(recv_x, layout), layout
+
+
+def from_expert_layout(x, layout: ExpertLayout, topk_weights) -> torch.Tensor:
+    """combine's input in the grouped layout (bf16 [m_sum, H], the expert outputs,
+    weighted by the caller) -> bf16 [N, H] per received row: the float32 sum of its
+    grouped rows in k order, rounded to bf16 (then combined as any received row)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+        raise TypeError(f"x: expected bfloat16 [{layout.num_rows}, hidden] (the expert outputs in the dispatch's "
+                        f"contiguous layout), got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2 or x.shape[0] != layout.num_rows:
+        raise ValueError(f"x: expected shape [{layout.num_rows}, hidden] (the grouped rows dispatch returned), got "
+                         f"{list(x.shape)}")
+    if topk_weights is not None:
+        raise ValueError("topk_weights: expected None with an expert_layout handle (weight the grouped rows by the "
+                         "weights dispatch returned before combine)")
+    return ungroup_rows(x, layout).to(torch.bfloat16)

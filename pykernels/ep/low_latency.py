@@ -32,11 +32,13 @@ sets alternate between calls, so one call's receive may still be pending (its ho
 yet called) while the next is issued - at most two, as in DeepEP.
 """
 import dataclasses
+import numbers
 
 import torch
 import torch.distributed as dist
 
 from ..runtime.hardware import SCALE_BLOCK, round_up
+from .checks import MAX_TOPK, check_hidden, check_num_experts, describe
 
 UE8M0_PER_WORD = 4            # use_ue8m0: four exponent bytes per int32 (DeepEP's packing)
 SCALE_ROW_ALIGN = 4           # column-major scales: rows padded to 16 bytes (TMA)
@@ -95,6 +97,118 @@ class LowLatencyHandle:
     num_tokens: int
     seq: int
     transport: object = None
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks and the call headers every rank must agree on
+# ---------------------------------------------------------------------------------------
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
+def _flag(name, v):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+
+
+def check_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, num_ranks: int, use_fp8,
+                        round_scale, use_ue8m0, cumulative_local_expert_recv_stats=None,
+                        dispatch_wait_recv_cost_stats=None, sync: bool = True) -> dict:
+    """Validate one low_latency_dispatch; returns its header (the fields every rank must
+    share). sync=False (the GPU kernels) skips the two host reads: the topk_idx range
+    becomes a device assert, the per-expert slot bound is the kernel's (error code 8)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+        raise TypeError(f"x: expected a bfloat16 tensor [num_tokens, hidden] (the dispatch casts to FP8 itself), "
+                        f"got {describe(x)}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape [num_tokens, hidden], got {list(x.shape)}")
+    check_hidden("x", x.shape[1])
+    _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+    M = num_max_dispatch_tokens_per_rank
+    if x.shape[0] > M:
+        raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank={M} tokens, got {x.shape[0]}")
+    for name, v in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0)):
+        _flag(name, v)
+    if use_ue8m0 and not (use_fp8 and round_scale):
+        raise ValueError("use_ue8m0: expected False unless use_fp8=True and round_scale=True (UE8M0 holds "
+                         "power-of-two scales only)")
+    if use_ue8m0 and x.shape[1] % (SCALE_BLOCK * UE8M0_PER_WORD):
+        raise ValueError(f"x: use_ue8m0 packs {UE8M0_PER_WORD} scales per int32, so hidden must be a multiple of "
+                         f"{SCALE_BLOCK * UE8M0_PER_WORD}, got {x.shape[1]}")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2:
+        raise TypeError(f"topk_idx: expected an int64 tensor [num_tokens, topk], got {describe(topk_idx)}")
+    if topk_idx.shape[0] != x.shape[0] or not 1 <= topk_idx.shape[1] <= MAX_TOPK:
+        raise ValueError(f"topk_idx: expected [{x.shape[0]}, K] with 1 <= K <= {MAX_TOPK}, got "
+                         f"{list(topk_idx.shape)}")
+    if topk_idx.device != x.device:
+        raise ValueError(f"topk_idx: expected device {x.device} (that of x), got {topk_idx.device}")
+    check_num_experts(num_experts, num_ranks)
+    local = num_experts // num_ranks
+    stats = cumulative_local_expert_recv_stats
+    if stats is not None and (not isinstance(stats, torch.Tensor) or stats.dtype != torch.int32
+                              or tuple(stats.shape) != (local,) or stats.device != x.device):
+        raise ValueError(f"cumulative_local_expert_recv_stats: expected an int32 tensor [{local}] (local experts) "
+                         f"on {x.device}, got {describe(stats)}")
+    if dispatch_wait_recv_cost_stats is not None:
+        raise ValueError("dispatch_wait_recv_cost_stats: expected None (wait-time statistics are not collected)")
+    if topk_idx.numel():
+        if sync:
+            lo, hi = (int(v) for v in torch.aminmax(topk_idx))
+            if lo < -1 or hi >= num_experts:
+                raise ValueError(f"topk_idx: expected values in [-1, {num_experts}), got range [{lo}, {hi}]")
+            _, pairs = expert_slots(topk_idx, num_experts)
+            if int(pairs.max()) > M:
+                e = int(pairs.argmax())
+                raise ValueError(f"topk_idx: expert {e} is named by {int(pairs[e])} (token, k) pairs, more than "
+                                 f"num_max_dispatch_tokens_per_rank={M} receive slots (a token naming an expert "
+                                 f"twice takes two)")
+        else:
+            ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
+            torch._assert_async(ok, f"topk_idx: expected values in [-1, {num_experts})")
+    return dict(kind="low_latency_dispatch", hidden=int(x.shape[1]), num_experts=int(num_experts),
+                num_max_dispatch_tokens_per_rank=int(M), use_fp8=use_fp8, round_scale=round_scale,
+                use_ue8m0=use_ue8m0, device=x.device.type)
+
+
+def check_combine_args(x, topk_idx, topk_weights, handle, num_ranks: int, use_logfmt=False, zero_copy=False,
+                       out=None, combine_wait_recv_cost_stats=None) -> dict:
+    """Validate one low_latency_combine (x is ignored with zero_copy); returns its header."""
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(f"handle: expected the LowLatencyHandle of a low_latency_dispatch, got "
+                        f"{type(handle).__name__}")
+    for name, v in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy)):
+        _flag(name, v)
+    if use_logfmt:
+        raise ValueError("use_logfmt: expected False (the LogFMT combine format is not supported)")
+    if combine_wait_recv_cost_stats is not None:
+        raise ValueError("combine_wait_recv_cost_stats: expected None (wait-time statistics are not collected)")
+    M, H = handle.num_max_dispatch_tokens_per_rank, handle.hidden
+    want = (handle.num_experts // num_ranks, num_ranks * M, H)
+    if not zero_copy:
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+            raise TypeError(f"x: expected bfloat16 {list(want)} (the expert outputs in dispatch's layout), got "
+                            f"{describe(x)}")
+        if tuple(x.shape) != want:
+            raise ValueError(f"x: expected shape {list(want)} (local experts, num_ranks * "
+                             f"num_max_dispatch_tokens_per_rank, hidden) as dispatch returned, got {list(x.shape)}")
+    T = handle.num_tokens
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2:
+        raise TypeError(f"topk_idx: expected an int64 tensor [{T}, K] (the dispatched one), got {describe(topk_idx)}")
+    if tuple(topk_idx.shape) != tuple(handle.slot_of.shape):
+        raise ValueError(f"topk_idx: expected shape {list(handle.slot_of.shape)} (the dispatched one), got "
+                         f"{list(topk_idx.shape)}")
+    if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights: expected a float32 tensor {list(topk_idx.shape)}, got {describe(topk_weights)}")
+    if tuple(topk_weights.shape) != tuple(topk_idx.shape):
+        raise ValueError(f"topk_weights: expected shape {list(topk_idx.shape)} (that of topk_idx), got "
+                         f"{list(topk_weights.shape)}")
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.bfloat16
+                            or tuple(out.shape) != (T, H)):
+        raise ValueError(f"out: expected a bfloat16 tensor [{T}, {H}], got {describe(out)}")
+    return dict(kind="low_latency_combine", hidden=int(H), num_experts=int(handle.num_experts),
+                num_max_dispatch_tokens_per_rank=int(M), handle_from=int(handle.seq),
+                device=handle.slot_of.device.type)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,6 +332,8 @@ class LowLatencyEngine(_CombineStaging):
         self._buffers.clear()
         self._next_combine.clear()
 
+    destroy = clean
+
     def _exchange(self, send, recv, what: str, return_recv_hook: bool, finish):
         work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
 
@@ -231,20 +347,16 @@ class LowLatencyEngine(_CombineStaging):
 
     # -- dispatch ----------------------------------------------------------------------
     def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, use_fp8: bool = True,
-                 round_scale: bool = False, use_ue8m0: bool = False, return_recv_hook: bool = False):
-        """x bf16 [T, H] (T <= M), topk_idx int64 [T, K] in [-1, E) (validated by the
-        caller). Returns (recv_x, recv_count, handle, hook): recv_x bf16 [E_l, R*M, H], or
-        (e4m3 [E_l, R*M, H], scales) with FP8; recv_count int32 [E_l]. With
-        return_recv_hook the outputs are complete only after hook() returns."""
+                 round_scale: bool = False, use_ue8m0: bool = False, return_recv_hook: bool = False, stats=None):
+        """x bf16 [T, H] (T <= M), topk_idx int64 [T, K] in [-1, E) (check_dispatch_args);
+        stats: cumulative_local_expert_recv_stats (int32 [E_l], recv_count added).
+        Returns (recv_x, recv_count, handle, hook): recv_x bf16 [E_l, R*M, H], or (e4m3
+        [E_l, R*M, H], scales) with FP8; recv_count int32 [E_l]. With return_recv_hook
+        the outputs are complete only after hook() returns."""
         R, M, E = self.num_ranks, num_max_dispatch_tokens_per_rank, num_experts
         E_l, (T, H), dev = E // R, x.shape, x.device
         self.seq = self.seq % 0xFFFFFFFF + 1
-        slot_of, pairs = expert_slots(topk_idx, E)
-        if T and int(pairs.max()) > M:       # a host read: this path's collectives sync anyway
-            e = int(pairs.argmax())
-            raise ValueError(f"topk_idx: expert {e} is named by {int(pairs[e])} (token, k) pairs of rank {self.rank}, "
-                             f"more than num_max_dispatch_tokens_per_rank={M} slots (a token naming an expert "
-                             f"twice takes two)")
+        slot_of, pairs = expert_slots(topk_idx, E)      # pairs <= M: check_dispatch_args
         if use_fp8:
             data, scales = quantize(x, round_scale, self.quant_backend)
             parts = [data.view(torch.uint8), scales.view(torch.uint8)]
@@ -291,6 +403,8 @@ class LowLatencyEngine(_CombineStaging):
             layout_range.copy_(ranges)
             block_of.copy_(order)
             recv_count.copy_(total)
+            if stats is not None:
+                stats.add_(total)
 
         hook = self._exchange(send, recv, "low_latency_dispatch", return_recv_hook, finish)
         handle = LowLatencyHandle(src_info, layout_range, M, H, E, slot_of, block_of, T, self.seq)
@@ -331,15 +445,38 @@ class KernelLowLatency(_CombineStaging):
     handle), `low_latency_combine(y, topk_idx, topk_weights, handle)` -> bf16 [T, H]).
     The kernels place source rank s's rows of an expert in a block at s*M; this adaptor
     packs them per expert after dispatch and puts them back before combine (a gather
-    and a scatter on the device: no host read). The FP8 cast runs before the kernel."""
+    and a scatter on the device: no host read). The FP8 cast runs before the kernel.
 
-    def __init__(self, transport, num_ranks: int, quant_backend: str = "reference"):
-        self.transport, self.num_ranks, self.quant_backend = transport, num_ranks, quant_backend
+    make_transport(cfg: IntranodeConfig) -> transport: called (on every rank alike: the
+    call headers are agreed first) when a call needs another (hidden, E, M) than the
+    current transport's low-latency region; the old transport is destroyed."""
+
+    def __init__(self, make_transport, num_ranks: int, quant_backend: str = "reference"):
+        self.make_transport, self.num_ranks, self.quant_backend = make_transport, num_ranks, quant_backend
+        self.transport, self.sizes = None, None
         self._next_combine = {}
 
+    def ensure(self, hidden: int, num_experts: int, max_tokens: int):
+        from ..cuda.ep import IntranodeConfig
+        if self.sizes == (hidden, num_experts, max_tokens):
+            return
+        self.destroy()
+        cfg = IntranodeConfig(num_ranks=self.num_ranks, hidden=hidden, max_topk=MAX_TOPK, num_channels=1,
+                              num_slots=2, publish_every=1, num_experts=num_experts, max_dispatch_tokens=max_tokens)
+        self.transport, self.sizes = self.make_transport(cfg), (hidden, num_experts, max_tokens)
+
+    def destroy(self):
+        if self.transport is not None:
+            t, self.transport, self.sizes = self.transport, None, None
+            if hasattr(t, "destroy"):
+                t.destroy()
+
+    clean = destroy       # the next call makes a new transport (on every rank: calls are agreed)
+
     def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, use_fp8: bool = True,
-                 round_scale: bool = False, use_ue8m0: bool = False, return_recv_hook: bool = False):
+                 round_scale: bool = False, use_ue8m0: bool = False, return_recv_hook: bool = False, stats=None):
         M, (T, H) = num_max_dispatch_tokens_per_rank, x.shape
+        self.ensure(H, num_experts, M)
         payload = quantize(x, round_scale, self.quant_backend) if use_fp8 else x
         res = self.transport.low_latency_dispatch(payload, topk_idx)
         th = res["handle"]
@@ -358,6 +495,8 @@ class KernelLowLatency(_CombineStaging):
             recv_x = (recv_x, scales)
         else:
             recv_x = packed(res["recv_x"])
+        if stats is not None:
+            stats.add_(total)
         src_info = torch.gather(th.recv_src_info, 1, order)
         handle = LowLatencyHandle(src_info, ranges, M, H, num_experts, th.slot_of, order, T, th.seq, transport=th)
         return recv_x, total, handle, (lambda: None) if return_recv_hook else None

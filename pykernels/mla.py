@@ -24,6 +24,7 @@ from .ops import mla as OM
 from .ops.custom import call
 from .reference import mla as RM
 from .runtime import validate as V
+from .runtime.arrays import dlpack_io
 
 HEAD_DIM_QK = RM.HEAD_DIM_QK
 HEAD_DIM_V = RM.HEAD_DIM_V
@@ -31,6 +32,7 @@ PAGE_BLOCK_SIZE = RM.PAGE_BLOCK_SIZE
 FP8_BYTES_PER_TOKEN = RM.FP8_BYTES_PER_TOKEN
 
 
+@dlpack_io
 def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int = None, num_heads_k: int = None,
                      num_sm_parts: int = None, is_fp8_kvcache: bool = None, topk: int = None, *,
                      num_heads_q: int = None, backend: str = "auto"):
@@ -85,6 +87,7 @@ def _flashmla_metadata_form(seqlens, fourth, is_fp8_kvcache, topk, num_heads_q):
     return torch.full_like(seqlens, topk), None
 
 
+@dlpack_io
 def quantize_kv_cache_fp8(k_cache) -> torch.Tensor:
     """bf16 [num_blocks, 64, h_kv, 576] -> uint8 [num_blocks, 64, h_kv, 656]: per token
     512 e4m3 latent values, 4 float32 scales (one per 128 columns), 64 bf16 RoPE columns."""
@@ -95,6 +98,7 @@ def quantize_kv_cache_fp8(k_cache) -> torch.Tensor:
     return RM.quantize_kv_cache_fp8(k_cache)
 
 
+@dlpack_io
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float = None,
                            causal: bool = False, is_fp8_kvcache: bool = False, indices=None, attn_sink=None, *,

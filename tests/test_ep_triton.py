@@ -222,16 +222,16 @@ def _cross_worker(rank, ranks, init_file, seed, done_dir):
         sim_sf = ref.simulate_dispatch([f[1] for f in fp8s], idxs, ws, num_experts)[rank]
         bt, bx = Buffer(None, local_backend="triton"), Buffer(None)
         # FP8 dispatch with top-k through the Triton path: every received row checked
-        (rq, rs), ri, rw, counts, handle, _ = bt.dispatch(fp8s[rank], idxs[rank], ws[rank], num_experts=num_experts)
-        assert handle.send_pos is not None
+        (rq, rs), ri, rw, counts, handle, _ = bt.dispatch(fp8s[rank], topk_idx=idxs[rank], topk_weights=ws[rank], num_experts=num_experts)
+        assert torch.equal(handle.send_pos, tep.send_layout(handle.is_token_in_rank)[1])
         assert torch.equal(rq.view(torch.uint8), sim["recv_x"].view(torch.uint8))
         assert torch.equal(rs.view(torch.int32), sim_sf["recv_x"].view(torch.int32))
         assert torch.equal(ri, sim["recv_topk_idx"]) and torch.equal(rw.view(torch.int32),
                                                                      sim["recv_topk_weights"].view(torch.int32))
         assert counts == sim["num_recv_tokens_per_expert"]
         # both backends agree bit for bit, and their handles are interchangeable
-        out_t = bt.dispatch(xs[rank], idxs[rank], ws[rank], num_experts=num_experts)
-        out_x = bx.dispatch(xs[rank], idxs[rank], ws[rank], num_experts=num_experts)
+        out_t = bt.dispatch(xs[rank], topk_idx=idxs[rank], topk_weights=ws[rank], num_experts=num_experts)
+        out_x = bx.dispatch(xs[rank], topk_idx=idxs[rank], topk_weights=ws[rank], num_experts=num_experts)
         assert torch.equal(out_t[0].view(torch.int16), out_x[0].view(torch.int16))
         assert torch.equal(out_t[1], out_x[1]) and torch.equal(out_t[2], out_x[2]) and out_t[3] == out_x[3]
         assert torch.equal(out_t[4].send_idx, out_x[4].send_idx)
@@ -248,7 +248,7 @@ def _cross_worker(rank, ranks, init_file, seed, done_dir):
                                match=r"num_experts: expected a positive multiple of the group size 2, got 17"):
                 buf.get_dispatch_layout(idxs[rank], 17)
             with pytest.raises(ValueError, match="num_experts: expected a positive multiple of the group size 2"):
-                buf.dispatch(xs[rank], idxs[rank], ws[rank], num_experts=15)
+                buf.dispatch(xs[rank], topk_idx=idxs[rank], topk_weights=ws[rank], num_experts=15)
         open(os.path.join(done_dir, f"rank{rank}.ok"), "w").write(str(rq.shape[0]))
     finally:
         dist.destroy_process_group()
@@ -286,7 +286,7 @@ def test_bad_x(buf):
     ]
     for exc, msg, bad in cases:
         with pytest.raises(exc, match=msg):
-            buf.dispatch(bad, idx, num_experts=8)
+            buf.dispatch(bad, topk_idx=idx, num_experts=8)
 
 
 @pytest.mark.parametrize("hidden", [64, 200, 1000, 16384 + 128])
@@ -294,9 +294,9 @@ def test_bad_hidden(buf, hidden):
     idx = torch.randint(0, 8, (4, 2))
     msg = rf"x: hidden size {hidden} not supported: expected a multiple of 128 in \[128, 16384\]"
     with pytest.raises(ValueError, match=msg):
-        buf.dispatch(torch.zeros(4, hidden, dtype=torch.bfloat16), idx, num_experts=8)
+        buf.dispatch(torch.zeros(4, hidden, dtype=torch.bfloat16), topk_idx=idx, num_experts=8)
     with pytest.raises(ValueError, match=msg):
-        buf.dispatch((torch.zeros(4, hidden, dtype=torch.float8_e4m3fn), torch.ones(4, hidden // 128)), idx,
+        buf.dispatch((torch.zeros(4, hidden, dtype=torch.float8_e4m3fn), torch.ones(4, hidden // 128)), topk_idx=idx,
                      num_experts=8)
 
 
@@ -307,32 +307,32 @@ def test_bad_topk(buf):
     with pytest.raises(ValueError, match=r"topk_idx: expected values in \[-1, 8\), got range \[\d, 8\]"):
         bad = idx.clone()
         bad[2, 1] = 8
-        buf.dispatch(x, bad, w, num_experts=8)
+        buf.dispatch(x, topk_idx=bad, topk_weights=w, num_experts=8)
     with pytest.raises(ValueError, match=r"topk_idx: expected values in \[-1, 8\), got range \[-2, \d\]"):
         bad = idx.clone()
         bad[0, 0] = -2
         buf.get_dispatch_layout(bad, 8)
     with pytest.raises(ValueError, match="topk_idx: expected 1..16 experts per token, got 17"):
-        buf.dispatch(x, torch.zeros(4, 17, dtype=torch.long), num_experts=32)
+        buf.dispatch(x, topk_idx=torch.zeros(4, 17, dtype=torch.long), num_experts=32)
     with pytest.raises(ValueError, match="topk_idx: expected 1..16 experts per token, got 0"):
         buf.get_dispatch_layout(torch.zeros(4, 0, dtype=torch.long), 8)
     with pytest.raises(TypeError, match="topk_idx: expected an int64 tensor, got torch.float32"):
-        buf.dispatch(x, idx.float(), num_experts=8)
+        buf.dispatch(x, topk_idx=idx.float(), num_experts=8)
     with pytest.raises(ValueError,
                        match=r"topk_weights: expected shape \[4, 2\] \(the shape of topk_idx\), got \[4, 3\]"):
-        buf.dispatch(x, idx, torch.rand(4, 3), num_experts=8)
+        buf.dispatch(x, topk_idx=idx, topk_weights=torch.rand(4, 3), num_experts=8)
     with pytest.raises(ValueError, match=r"topk_weights: expected shape \[4, 2\] \(the shape of topk_idx\), got \[2\]"):
-        buf.dispatch(x, idx, torch.rand(2), num_experts=8)
+        buf.dispatch(x, topk_idx=idx, topk_weights=torch.rand(2), num_experts=8)
     with pytest.raises(TypeError, match="topk_weights: expected a float32 tensor, got torch.bfloat16"):
-        buf.dispatch(x, idx, w.bfloat16(), num_experts=8)
+        buf.dispatch(x, topk_idx=idx, topk_weights=w.bfloat16(), num_experts=8)
     with pytest.raises(ValueError, match="topk_weights: given without topk_idx"):
-        buf.dispatch(x, None, w, num_experts=8)
+        buf.dispatch(x, topk_weights=w, num_experts=8)
     with pytest.raises(ValueError, match="num_experts: expected a positive multiple of the group size 1, got 0"):
         buf.get_dispatch_layout(idx, 0)
     with pytest.raises(TypeError, match="num_experts: expected an int, got float"):
         buf.get_dispatch_layout(idx, 8.0)
     with pytest.raises(ValueError, match="num_experts: required"):
-        buf.dispatch(x, idx)
+        buf.dispatch(x, topk_idx=idx)
 
 
 def test_bad_layout_args(buf):
@@ -341,19 +341,19 @@ def test_bad_layout_args(buf):
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 8)
     with pytest.raises(ValueError, match=r"num_tokens_per_expert: expected a tensor \[16\] \(num_experts\), "
                                          r"got torch.int32 \[8\]"):
-        buf.dispatch(x, idx, None, per_rank, None, in_rank, per_expert, num_experts=16)
+        buf.dispatch(x, topk_idx=idx, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, num_experts=16)
     with pytest.raises(ValueError, match=r"is_token_in_rank: expected shape \[4, 1\], got \[3, 1\]"):
-        buf.dispatch(x, idx, None, per_rank, None, in_rank[:3], per_expert)
+        buf.dispatch(x, topk_idx=idx, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank[:3], num_tokens_per_expert=per_expert)
     with pytest.raises(TypeError, match=r"is_token_in_rank: expected a bool tensor \[4, 1\], got torch.int32"):
-        buf.dispatch(x, idx, None, per_rank, None, in_rank.int(), per_expert)
+        buf.dispatch(x, topk_idx=idx, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank.int(), num_tokens_per_expert=per_expert)
     with pytest.raises(ValueError, match=r"num_tokens_per_rank: expected a tensor \[1\] \(one per rank\)"):
-        buf.dispatch(x, idx, None, torch.zeros(2, dtype=torch.int32), None, in_rank, per_expert)
+        buf.dispatch(x, topk_idx=idx, num_tokens_per_rank=torch.zeros(2, dtype=torch.int32), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
 
 
 def test_bad_combine(buf):
     x = torch.randn(4, 256).bfloat16()
     idx = torch.randint(0, 8, (4, 2))
-    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, idx, torch.rand(4, 2), num_experts=8)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=torch.rand(4, 2), num_experts=8)
     n = recv_x.shape[0]
     with pytest.raises(TypeError, match="x: expected a bfloat16 tensor, got torch.float32"):
         buf.combine(recv_x.float(), handle)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..reference.ep import localize_topk
 from .agreement import RankTimeoutError
-from .handle import DispatchHandle
+from .handle import DispatchHandle, send_positions
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -100,13 +100,11 @@ class EngineTransport:
                                  + ". Nothing was sent; the Buffer remains usable.")
         recv_counts = matrix[:, self.rank].tolist()
         src_idx = self._all_to_all(send_idx, send_counts, recv_counts, what)
-        if send_pos is None:
-            send_pos = torch.full((num_tokens, R), -1, dtype=torch.int32, device=is_token_in_rank.device)
-            start = 0
-            for r, n in enumerate(send_counts):
-                send_pos[send_idx[start:start + n], r] = torch.arange(n, dtype=torch.int32, device=send_pos.device)
-                start += n
-        return DispatchHandle.make(matrix, src_idx, is_token_in_rank, send_pos, send_idx=send_idx,
+        send_head = send_positions(is_token_in_rank)   # DeepEP's handle[5]: position among the rank's tokens
+        if send_pos is None:                          # row in the send buffer (the Triton combine's index)
+            first = torch.tensor([0] + send_counts[:-1], device=send_head.device).cumsum(0).to(torch.int32)
+            send_pos = torch.where(send_head >= 0, send_head + first, send_head)
+        return DispatchHandle.make(matrix, src_idx, is_token_in_rank, send_head, send_idx=send_idx, send_pos=send_pos,
                                    send_counts=send_counts, recv_counts=recv_counts, num_tokens=num_tokens,
                                    num_worst_tokens=num_worst_tokens, kind="engine", rank=self.rank)
 

@@ -14,7 +14,7 @@ As a tuple it is DeepEP's intranode handle, so code that unpacks or indexes it w
 Attributes (not part of the tuple): kind ("engine" or the kernel transport's), rank,
 num_tokens T, num_recv (rows of the dispatch outputs: N, or num_worst_tokens),
 num_worst_tokens, and the transport's own fields (send_idx, send_counts, recv_counts,
-send_pos for the engine; `intranode` for the kernels).
+send_pos: the row in the send buffer, for the engine; `intranode` for the kernels).
 """
 import torch
 

@@ -68,6 +68,14 @@ class Agreement:
     def _abort_key(self):
         return f"{self.prefix}/abort"
 
+    def abort(self, reason: str):
+        """Mark this Buffer unusable here and for every peer (a timeout inside a transport)."""
+        self.broken = reason
+        try:
+            self.store.set(self._abort_key, reason)
+        except Exception:    # the store itself is gone: this rank's mark is all there is
+            pass
+
     def _check_abort(self):
         if self.broken is None and self.store.check([self._abort_key]):
             self.broken = self.store.get(self._abort_key).decode()
@@ -92,8 +100,7 @@ class Agreement:
             label = seq_label or f"call {seq}"
             reason = (f"{what} ({label}): rank(s) {absent} did not arrive within timeout_s={self.timeout_s:g} s "
                       f"(seen by rank {self.rank})")
-            self.broken = reason
-            self.store.set(self._abort_key, reason)
+            self.abort(reason)
             raise RankTimeoutError(f"{reason}. No data moved. This Buffer is now unusable on every rank (the "
                                    f"ranks' calls are out of step): make a new Buffer on every rank.") from e
         records = [json.loads(self.store.get(k)) for k in keys]

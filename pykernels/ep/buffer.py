@@ -168,7 +168,7 @@ class Buffer:
             raise ValueError("comm: expected None (pass a torch.distributed group; mpi4py is not supported)")
 
     def _mark_broken(self, reason: str):
-        self._agreement.broken = reason
+        self._agreement.abort(reason)
 
     def _agree(self, what: str, record: dict, error: Exception = None):
         """Exchange this step's record (or this rank's argument error) with every rank, then
@@ -512,13 +512,6 @@ class Buffer:
                 self._kernels.destroy()
             if self._low_latency is not None:
                 self._low_latency.destroy()
-
-    def __del__(self):
-        try:
-            if not getattr(self, "explicitly_destroy", True):
-                self._release()
-        except Exception:   # interpreter shutdown: nothing left to release into
-            pass
 
     # -- low-latency mode (pykernels.ep.low_latency; docs/ep.md, "Low-latency mode") ------------
     @staticmethod

@@ -11,6 +11,11 @@ Tolerances:
   cast is replaced by software RNE): out within 2^-7 relative + 2^-9 * max|out| elementwise
   (about one bf16 step) and calc_diff <= 1e-5; lse (float32 both) within 1e-5 relative;
   +inf and out 0 exactly where no slot is used.
+- top-k (both forms): exactly the reference's indices, bit for bit (the same order and tie
+  rule: docs/dsa.md), -7-poisoned outputs, logits outside the windows +inf / NaN (never read).
+- sparse prefill: out and lse as the sparse decode (bf16 kv rows, P rounded to bf16 for P.V);
+  max_logits within 1e-5 relative; -inf / +inf exactly where no slot is used; kv rows no used
+  slot names are NaN (never read).
 """
 import math
 import re
@@ -287,7 +292,8 @@ def compiled():
     """The GPU launches of the representative shapes (sm90_compile_specs: the launcher's
     specialization, UPCAST off), compiled for sm_90a in a child process."""
     from pykernels.triton import dsa_decode, dsa_logits, sm90
-    specs = dsa_logits.sm90_compile_specs() + dsa_decode.sm90_compile_specs()
+    specs = (dsa_logits.sm90_compile_specs() + dsa_decode.sm90_compile_specs() + TK.sm90_compile_specs()
+             + TP.sm90_compile_specs())
     return list(zip(specs, sm90.compile_sm90(specs, jobs=1)))
 
 

@@ -14,7 +14,8 @@ from .jit_dispatch import jit
 from .mla import LOG2E, _dot, _load_k_group, _pv, _qk, _store_rows
 from .rounding import to_bf16_rne
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)      # constexpr: compiled kernels read no float globals
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @jit
@@ -68,17 +69,21 @@ def attend_tile(q0, q1, q2, q3, q_pe, kv_ptr, kv_sf_ptr, kv_rope_ptr, kv_row, us
 
 
 @jit
-def finish(m_i, l_i, seen, sink_ptr, head, row_ok, HAS_SINK: tl.constexpr):
-    """(1 / denominator [BLOCK_M], lse [BLOCK_M]) of the final state: with attn_sink the
-    denominator gains exp(sink[head]); lse (natural log) is that of the scores alone. Rows
-    with nothing seen: 0 and +inf."""
+def normalizer(m_i, l_i, seen, sink_ptr, head, row_ok, HAS_SINK: tl.constexpr):
+    """1 / the softmax denominator [BLOCK_M] of the final state, 0 for rows with nothing
+    seen; with attn_sink the denominator gains exp(sink[head])."""
     denom = l_i
     if HAS_SINK:
-        sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0) * LOG2E
+        sink2 = tl.load(sink_ptr + head, mask=row_ok, other=0.0) * _LOG2E
         denom += tl.exp2(sink2 - tl.where(seen, m_i, 0.0))
-    inv = tl.where(seen, 1.0 / tl.where(seen, denom, 1.0), 0.0)
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
-    return inv, lse
+    return tl.where(seen, 1.0 / tl.where(seen, denom, 1.0), 0.0)
+
+
+@jit
+def lse_of(m_i, l_i, seen):
+    """The lse (natural log) of the scores alone [BLOCK_M], +inf for rows with nothing seen.
+    (Computed after the output is stored: earlier, ptxas spills in the 16-head decode.)"""
+    return tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
 
 
 @jit
@@ -90,4 +95,4 @@ def store_out(out_ptr, o_off, row_ok, acc0, acc1, acc2, acc3, inv, SOFT: tl.cons
     _store_rows(out_ptr, o_off, row_ok, 3 * GROUP, to_bf16_rne(acc3 * inv[:, None], SOFT), GROUP)
 
 
-__all__ = ["attend_tile", "finish", "store_out", "LN2"]
+__all__ = ["attend_tile", "normalizer", "lse_of", "store_out", "LN2"]

@@ -27,7 +27,7 @@ from .jit_dispatch import jit
 from . import mla as TM
 from .mla import LOG2E, SOFTWARE_ROUNDING, UPCAST_DOTS, _cache_views, _load_q
 from . import INTERPRETED
-from .dsa_attend import attend_tile, finish, store_out
+from .dsa_attend import attend_tile, lse_of, normalizer, store_out
 from .sm90 import run_launch, spec_of
 
 _STAGES = 2
@@ -89,10 +89,11 @@ def _sparse_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, idx_ptr, len_pt
         m_i, l_i, acc0, acc1, acc2, acc3 = attend_tile(
             q0, q1, q2, q3, q_pe, kv_ptr, kv_sf_ptr, kv_rope_ptr, kv_row, used, m_i, l_i, acc0, acc1, acc2, acc3,
             qk_scale, True, True, UPCAST, SOFT, ROW, SF_ROW, SF_OFF, ROPE_ROW, ROPE_OFF, GROUP, DR)
-    inv, lse = finish(m_i, l_i, n_used > 0, sink_ptr, head, row_ok, HAS_SINK)
+    seen = n_used > 0
+    inv = normalizer(m_i, l_i, seen, sink_ptr, head, row_ok, HAS_SINK)
     store_out(out_ptr, bi * stride_ob + si * stride_os + head * stride_oh, row_ok, acc0, acc1, acc2, acc3, inv, SOFT,
               GROUP)
-    tl.store(lse_ptr + bi * stride_lb + head * stride_lh + si * stride_ls, lse, mask=row_ok)
+    tl.store(lse_ptr + bi * stride_lb + head * stride_lh + si * stride_ls, lse_of(m_i, l_i, seen), mask=row_ok)
 
 
 def sparse_decode_launch_args(q, k_cache, indices, attn_sink, topk_length, out, lse, softmax_scale,

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..reference import mla as RM
 from . import INTERPRETED
-from .dsa_attend import LN2, attend_tile, finish, store_out
+from .dsa_attend import LN2, attend_tile, lse_of, normalizer, store_out
 from .dsa_decode import tile_config
 from .jit_dispatch import jit
 from .mla import LOG2E, SOFTWARE_ROUNDING, UPCAST_DOTS, _load_q
@@ -67,10 +67,10 @@ def _sparse_prefill_kernel(q_ptr, kv_ptr, idx_ptr, len_ptr, sink_ptr, out_ptr, m
             q0, q1, q2, q3, q_pe, kv_ptr, kv_ptr, kv_ptr, kv_row, used, m_i, l_i, acc0, acc1, acc2, acc3,
             qk_scale, False, ROPE, UPCAST, SOFT, 1, 1, 0, 1, 0, GROUP, DR)
     seen = n_used > 0
-    inv, lse = finish(m_i, l_i, seen, sink_ptr, head, row_ok, HAS_SINK)
+    inv = normalizer(m_i, l_i, seen, sink_ptr, head, row_ok, HAS_SINK)
     store_out(out_ptr, i.to(tl.int64) * stride_os + head * stride_oh, row_ok, acc0, acc1, acc2, acc3, inv, SOFT,
               GROUP)
-    tl.store(lse_ptr + i * stride_ls + head * stride_lh, lse, mask=row_ok)
+    tl.store(lse_ptr + i * stride_ls + head * stride_lh, lse_of(m_i, l_i, seen), mask=row_ok)
     tl.store(max_ptr + i * stride_ms + head * stride_mh, tl.where(seen, m_i * LN2, float("-inf")), mask=row_ok)
 
 

@@ -28,7 +28,7 @@ from .jit_dispatch import jit
 from .sm90 import run_launch, spec_of
 
 MAX_TOPK = 8192            # the sort holds next_pow2(topk) int64 keys in one program
-_WARPS = 8
+_WARPS = 4               # ptxas (sm_90a): 8 warps keep an 8-byte stack frame in the paged form, 4 none
 _STAGES = 2
 
 

@@ -4,8 +4,7 @@ ones with DeepGEMM's parameters and semantics (None returned, `d` written in pla
 of the contiguous layout zeroed by default, the prefix-sum layout, empty problems, scales in any
 layout, the utils casts' rounding), compared with pykernels.reference on the CPU backends
 (reference, triton) with poisoned outputs, and NotImplementedError naming each valid call that
-pykernels does not implement. K here is a multiple of 128 (K = 576 / 832 belongs to the
-K-tail work in pykernels/ops/gemm.py and is not exercised through this module yet)."""
+pykernels does not implement. K includes DeepGEMM's 576 and 832 (a partial last K block)."""
 import inspect
 
 import pytest
@@ -108,8 +107,9 @@ def _close(got, want):
 # ------------------------------------------------------------------ GEMMs
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp8_gemm_nt_writes_d_and_returns_none(backend, seed):
-    m, n, k = int(torch.randint(1, 200, ())), 128 * int(torch.randint(1, 3, ())), 128 * int(torch.randint(1, 4, ()))
+@pytest.mark.parametrize("k", [256, 576, 832])          # DeepGEMM's K = 576 and 832: a partial last K block
+def test_fp8_gemm_nt_writes_d_and_returns_none(backend, k, seed):
+    m, n = int(torch.randint(1, 200, ())), 128 * int(torch.randint(1, 3, ()))
     _, _, a, sfa, b, sfb = normal_problem(m, n, k)
     d = nan_bf16(m, n)
     assert deep_gemm.fp8_gemm_nt((a, sfa), (b, sfb), d, backend=backend) is None
@@ -147,8 +147,9 @@ def _contiguous_problem(groups, n, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_contiguous_zeroes_padding_rows_by_default(backend, seed):
-    a, sfa, b, sfb, m_indices = _contiguous_problem(3, 128, 256)
+@pytest.mark.parametrize("k", [256, 576])
+def test_contiguous_zeroes_padding_rows_by_default(backend, k, seed):
+    a, sfa, b, sfb, m_indices = _contiguous_problem(3, 128, k)
     if not bool((m_indices < 0).any()):                    # a padding row is what this test is about
         m_indices[-1] = -1
     want = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, nan_bf16(*a.shape[:1], 128))

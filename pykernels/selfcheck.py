@@ -7,7 +7,8 @@ reference on the rows they own, and leave padding / masked rows untouched (NaN-p
 MLA decode (bf16 and FP8 cache): out calc_diff < 1e-5 against the reference, LSE max
 absolute error < 1e-4, same +inf rows; the MLA schedule must equal the reference's.
 DSA indexer logits: within 1e-5 of the row's largest |logit| and the same -inf positions;
-DSA sparse decode: as MLA decode (out calc_diff, LSE, same +inf rows).
+DSA top-k (both forms): bit-identical to the reference; DSA sparse decode and prefill: as
+MLA decode (out calc_diff, LSE, same +inf rows), the prefill's max_logits within 1e-4.
 EP intranode dispatch + weighted combine (2 ranks, LocalNode: every rank's kernels at
 once, on the emulator or on one GPU): received rows, top-k ids and weights bit-identical
 to the reference simulation, combined tokens bit-identical to its bf16 rounding.
@@ -206,6 +207,51 @@ def _dsa_sparse_decode_case(device):
     return f"b={b} s_q={s_q} h_q={h_q} topk={topk} FP8 cache, -1 slots, sink, topk_length", run
 
 
+def _dsa_topk_case(paged, device):
+    import pykernels.dsa as D
+    rows, n, k = 4, 300, 40
+    logits = (torch.randint(-8, 8, (rows, n), device=device) / 4).float()      # many ties
+    if paged:
+        lens = torch.tensor([300, 20], dtype=torch.int32, device=device)     # next_n 2: windows 299 / 300, 19 / 20
+        table = torch.randperm(10, device=device)[:10].int().view(2, 5)
+        args = (lens, table)
+    else:
+        args = (torch.tensor([0, 10, 50, 7], dtype=torch.int32, device=device),
+                torch.tensor([300, 30, 50, 300], dtype=torch.int32, device=device))   # row 1 short, row 2 empty
+    fn = D.paged_topk_indices if paged else D.topk_indices
+
+    def run(backend):
+        out = torch.full((2, 2, k) if paged else (rows, k), -7, dtype=torch.int32, device=device)
+        fn(logits, k, *args, backend=backend, out=out)
+        same = torch.equal(out, fn(logits, k, *args, backend="reference"))
+        return f"{'bit-exact' if same else 'DIFFERS'}", same
+    form = "next_n=2, pages of 64" if paged else "ragged windows"
+    return f"rows={rows} N={n} topk={k} ties, {form}, -1 slots", run
+
+
+def _dsa_sparse_prefill_case(device):
+    import pykernels.dsa as D
+    s_q, h_q, s_kv, topk = 3, 16, 100, 48
+    q = torch.randn(s_q, h_q, 576, device=device).to(torch.bfloat16)
+    kv = torch.randn(s_kv, 1, 576, device=device).to(torch.bfloat16)
+    idx = torch.randint(-2, s_kv + 2, (s_q, 1, topk), dtype=torch.int32, device=device)  # outside: skipped
+    idx[2] = -1                                                      # a query with no key
+    sink = torch.randn(h_q, device=device)
+    length = torch.tensor([topk, 30, topk], dtype=torch.int32, device=device)
+
+    def run(backend):
+        out = torch.full((s_q, h_q, 512), float("nan"), dtype=torch.bfloat16, device=device)
+        mx = torch.full((s_q, h_q), float("nan"), device=device)
+        lse = torch.full((s_q, h_q), float("nan"), device=device)
+        D.flash_mla_sparse_fwd(q, kv, idx, 0.05, 512, sink, length, backend=backend, out=out, max_logits=mx, lse=lse)
+        ref, ref_mx, ref_lse = D.flash_mla_sparse_fwd(q, kv, idx, 0.05, 512, sink, length, backend="reference")
+        text, ok = _compare_attention(out, lse, ref, ref_lse)
+        fin = torch.isfinite(ref_mx)
+        same_mx = torch.equal(mx.isinf(), ref_mx.isinf()) and bool(torch.allclose(mx[fin], ref_mx[fin], atol=1e-4))
+        return text, ok and same_mx
+    return f"s_q={s_q} h_q={h_q} s_kv={s_kv} topk={topk} bf16 kv, skipped slots, sink, topk_length", run
+
+
 def _ep_case(device):
     from .ops import ep as OE
     ranks, experts, hidden, topk_k = 2, 8, 256, 4
@@ -250,7 +296,10 @@ def cases(device):
     yield ("flash_mla_with_kvcache", *_mla_case(False, device))
     yield ("flash_mla_with_kvcache", *_mla_case(True, device))
     yield ("fp8_mqa_logits", *_dsa_logits_case(device))
+    yield ("topk_indices", *_dsa_topk_case(False, device))
+    yield ("paged_topk_indices", *_dsa_topk_case(True, device))
     yield ("flash_mla_sparse_decode", *_dsa_sparse_decode_case(device))
+    yield ("flash_mla_sparse_fwd", *_dsa_sparse_prefill_case(device))
     yield ("ep_dispatch_combine", *_ep_case(device))
 
 

@@ -94,6 +94,20 @@ def test_dense_decode_with_a_schedule_built_on_first_use(backend, fp8, seed, poi
     assert sched.builds == 2                    # rebuilt for the new cache_seqlens
 
 
+@pytest.mark.parametrize("h_kv, backend", [(2, "triton"), (3, "reference"), (8, "reference")])   # FlashMLA's h_kv
+def test_dense_decode_with_several_kv_heads(h_kv, backend, seed, poisoned_outputs):
+    b, s_q, h_q = 2, 1, 8 * h_kv
+    lens = torch.randint(1, 140, (b,), dtype=torch.int32)
+    pages = -(-int(lens.max()) // 64)
+    cache = torch.randn(b * pages, 64, h_kv, 576).to(torch.bfloat16)
+    table = torch.randperm(b * pages, dtype=torch.int32).view(b, pages)
+    q = torch.randn(b, s_q, h_q, 576).to(torch.bfloat16)
+    sched, _ = flash_mla.get_mla_metadata()
+    out, lse = flash_mla.flash_mla_with_kvcache(q, cache, table, lens, 512, sched, causal=True, backend=backend)
+    ref, ref_lse = RM.flash_mla_with_kvcache(q, cache, table, lens, 512, None, True)
+    _check(out, lse, ref, ref_lse)
+
+
 def test_fp8_cache_bytes_follow_flash_mlas_quantizer(seed):
     cache = (torch.randn(3, 64, 1, 576) * torch.rand(3, 64, 1, 1) * 30).to(torch.bfloat16)
     cache[0, 0, 0, :128] = 0                                   # an all-zero group: the 1e-4 floor

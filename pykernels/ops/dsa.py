@@ -18,8 +18,8 @@ flash_mla_sparse_fwd: q bf16 [s_q, h_q, d_qk]; kv bf16 [s_kv, 1, d_qk]; indices 
 Every op has the reference backend; all but get_paged_mqa_logits_metadata also have the
 Triton one: fp8_mqa_logits and fp8_paged_mqa_logits (pykernels/triton/dsa_logits.py), both
 top-k ops (triton/dsa_topk.py, topk <= 8192), flash_mla_sparse_decode (triton/dsa_decode.py)
-and flash_mla_sparse_fwd (triton/dsa_prefill.py). The CUDA backends are added here, beside
-them (`OP.add(B.kernel(...))`), when they exist.
+and flash_mla_sparse_fwd (triton/dsa_prefill.py). The hand-written kernels ("cuda", and
+"emu" on the emulator: `OP.add(B.kernel(...))`) are added beside them as they come.
 Outputs are written in place (the public functions allocate them).
 """
 import dataclasses

@@ -22,11 +22,11 @@ from tests.ep_low_latency_cases import (EXPERTS, HIDDEN, MAX_TOKENS, check_dispa
 TIMEOUT_S = 3
 
 
-def _worker(rank, ranks, init_file, seed, done_dir, local_backend):
+def _worker(rank, ranks, init_file, seed, done_dir, local_backend, backend="gloo"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
     try:
         xs, idxs, ws = ll_inputs(seed, ranks)
-        buf = Buffer(None, low_latency_mode=True, local_backend=local_backend)
+        buf = Buffer(None, low_latency_mode=True, local_backend=local_backend, backend=backend)
         checked = 0
         for fp8, round_scale, ue8m0 in ((False, False, False), (True, False, False), (True, True, False),
                                         (True, True, True)):
@@ -73,6 +73,13 @@ def test_low_latency_two_ranks(seed):
 
 def test_low_latency_two_ranks_triton_cast(seed):
     checked = spawn(_worker, 2, seed, "triton")
+    assert checked > 50, f"only {checked} rows checked"
+
+
+def test_low_latency_two_ranks_emu_kernels(seed):
+    """The same checks with Buffer(backend="emu"): the hand-written kernels on the emulator in
+    each of 2 processes, buffers in shared memory, results packed by KernelLowLatency."""
+    checked = spawn(_worker, 2, seed, "torch", "emu")
     assert checked > 50, f"only {checked} rows checked"
 
 

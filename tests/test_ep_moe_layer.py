@@ -8,7 +8,8 @@ against a single-process float64 computation of the same layer.
   m_grouped_fp8_gemm_nt_contiguous; rows times their weights; combine(rows, handle).
 - low-latency mode: Buffer.low_latency_dispatch(use_fp8=True) (the cast inside the
   dispatch); m_grouped_fp8_gemm_nt_masked with masked_m = recv_count; low_latency_combine.
-The GEMM runs on the reference and the triton backends. GEMM outputs start as NaN, so a
+The GEMM runs on the reference and the triton backends; the Buffer on the engine (gloo)
+and on the hand-written kernels (backend "emu"). GEMM outputs start as NaN, so a
 row the GEMM does not write (padding, rows past masked_m) that combine reads shows up.
 
 Reference: y[t] = sum_k w[t, k] * (deq(x[t]) @ deq(W[e_k])^T) in float64, with deq(x)
@@ -79,7 +80,7 @@ def _assert_layer(got, ref, bound, what):
     assert bool((err <= bound).all()), f"{what}: max error {float(err.max())}, bound there {float(bound.flatten()[err.argmax()])}"
 
 
-def _worker(rank, ranks, init_file, seed, done_dir):
+def _worker(rank, ranks, init_file, seed, done_dir, backend="gloo", gemm_backends=GEMM_BACKENDS):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
     try:
         xs, idxs, ws, weights = layer_inputs(seed, ranks)
@@ -88,10 +89,10 @@ def _worker(rank, ranks, init_file, seed, done_dir):
         mine = slice(rank * local, (rank + 1) * local)
         b = (wq[mine].contiguous(), wsf[mine].contiguous())
         ref, bound = reference_layer(xs[rank], idxs[rank], ws[rank], wq, wsf)
-        buf = Buffer(None, low_latency_mode=True)
+        buf = Buffer(None, low_latency_mode=True, backend=backend)
         x_fp8 = per_token_cast_to_fp8(xs[rank], backend="reference")
         checked = 0
-        for backend in GEMM_BACKENDS:
+        for gemm_backend in gemm_backends:
             # normal mode, contiguous layout
             recv_x, m_indices, recv_w, counts, handle, _ = buf.dispatch(
                 x_fp8, topk_idx=idxs[rank], topk_weights=ws[rank], num_experts=EXPERTS, expert_layout="contiguous")
@@ -105,18 +106,18 @@ def _worker(rank, ranks, init_file, seed, done_dir):
                                 for e, (p, c) in enumerate(zip(pairs, counts))])
             assert torch.equal(m_indices, expect)
             out = torch.full((rows, HIDDEN), float("nan"), dtype=torch.bfloat16)
-            gemm.m_grouped_fp8_gemm_nt_contiguous(recv_x, b, out, m_indices, backend=backend)
+            gemm.m_grouped_fp8_gemm_nt_contiguous(recv_x, b, out, m_indices, backend=gemm_backend)
             weighted = (out.float() * recv_w[:, None]).bfloat16()     # padding rows stay NaN (NaN * 0)
             combined, _, _ = buf.combine(weighted, handle)
-            _assert_layer(combined, ref, bound, f"normal/contiguous, {backend} GEMM")
+            _assert_layer(combined, ref, bound, f"normal/contiguous, {gemm_backend} GEMM, {backend}")
 
             # low-latency mode, masked layout
             recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(xs[rank], idxs[rank], MAX_TOKENS, EXPERTS,
                                                                         use_fp8=True)
             out = torch.full((local, ranks * MAX_TOKENS, HIDDEN), float("nan"), dtype=torch.bfloat16)
-            gemm.m_grouped_fp8_gemm_nt_masked(recv_x, b, out, recv_count, MAX_TOKENS, backend=backend)
+            gemm.m_grouped_fp8_gemm_nt_masked(recv_x, b, out, recv_count, MAX_TOKENS, backend=gemm_backend)
             combined, _, _ = buf.low_latency_combine(out, idxs[rank], ws[rank], handle)
-            _assert_layer(combined, ref, bound, f"low-latency/masked, {backend} GEMM")
+            _assert_layer(combined, ref, bound, f"low-latency/masked, {gemm_backend} GEMM, {backend}")
             checked += 2 * combined.shape[0]
         with open(os.path.join(done_dir, f"rank{rank}.ok"), "w") as f:
             f.write(str(checked))
@@ -127,3 +128,10 @@ def _worker(rank, ranks, init_file, seed, done_dir):
 def test_moe_layer_two_ranks(seed):
     checked = spawn(_worker, 2, seed)
     assert checked == 2 * len(GEMM_BACKENDS) * (11 + 14)
+
+
+def test_moe_layer_two_ranks_emu_kernels(seed):
+    """The layer on Buffer(backend="emu"): the hand-written ring and low-latency kernels on
+    the emulator in each process (reference GEMM only: the GEMM backends are covered above)."""
+    checked = spawn(_worker, 2, seed, "emu", ("reference",))
+    assert checked == 2 * (11 + 14)

@@ -77,6 +77,9 @@ def check_dispatch(rank, ranks, xs, idxs, recv_x, recv_count, handle, fp8, round
     expect = simulate_ll_dispatch(idxs, rank, EXPERTS)
     local = EXPERTS // ranks
     assert recv_count.dtype == torch.int32 and recv_count.tolist() == [len(r) for r in expect]
+    src_info, layout_range, max_tokens, hidden, num_experts = handle         # DeepEP's handle tuple
+    assert src_info is handle.src_info and layout_range is handle.layout_range
+    assert (max_tokens, hidden, num_experts) == (MAX_TOKENS, HIDDEN, EXPERTS)
     if fp8:
         data, scales = recv_x
         assert data.dtype == torch.float8_e4m3fn and data.shape == (local, ranks * MAX_TOKENS, HIDDEN)

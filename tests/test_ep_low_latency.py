@@ -166,7 +166,7 @@ def test_low_latency_bad_inputs(single_rank_buffer):
          lambda: buf.low_latency_dispatch(x, idx.int(), 16, 8)),
         (ValueError, r"topk_idx: expected \[4, K\] with 1 <= K <= 16, got \[3, 2\]",
          lambda: buf.low_latency_dispatch(x, idx[:3], 16, 8)),
-        (ValueError, r"topk_idx: expected values in \[-1, 8\), got range \[8, ",
+        (ValueError, r"topk_idx: expected values in \[-1, 8\), got range \[\d+, \d+\]",
          lambda: buf.low_latency_dispatch(x, idx + 8, 16, 8)),
         (ValueError, r"use_ue8m0: expected False unless use_fp8=True and round_scale=True",
          lambda: buf.low_latency_dispatch(x, idx, 16, 8, use_ue8m0=True)),

@@ -20,7 +20,9 @@ at most four (the expert output; in normal mode the weighted row and the sum of 
 row's grouped rows; the final result); float32 accumulation adds far less than 2^-16.
 """
 import os
+import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -135,3 +137,67 @@ def test_moe_layer_two_ranks_emu_kernels(seed):
     the emulator in each process (reference GEMM only: the GEMM backends are covered above)."""
     checked = spawn(_worker, 2, seed, "emu", ("reference",))
     assert checked == 2 * (11 + 14)
+
+
+@pytest.fixture
+def single_rank_buffer():
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        yield Buffer(None, backend="gloo")
+        dist.destroy_process_group()
+
+
+def test_expert_layout_rows_and_combine(single_rank_buffer, seed):
+    """The contiguous layout on one rank, every row checked: segments of (row, k) pairs in
+    row order padded with zero rows to expert_alignment, an expert nobody chose has no
+    segment, a token routed nowhere has no row; combine sums each token's grouped rows."""
+    buf = single_rank_buffer
+    g = torch.Generator().manual_seed(seed)
+    T, K, E, align = 9, 3, 4, 4
+    x = torch.randn(T, HIDDEN, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])   # expert 3: never
+    idx[torch.rand(T, K, generator=g) < 0.25] = -1
+    idx[4] = -1
+    w = torch.rand(T, K, generator=g)
+    grouped, m_indices, row_w, counts, handle, _ = buf.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_experts=E, expert_alignment=align, expert_layout="contiguous")
+    rows, expect_w, expect_m = [], [], []
+    for e in range(E):
+        pairs = [(t, k) for t in range(T) for k in range(K) if int(idx[t, k]) == e]
+        seg = -(-len(pairs) // align) * align
+        assert counts[e] == seg
+        rows += [x[t] for t, _ in pairs] + [torch.zeros(HIDDEN, dtype=torch.bfloat16)] * (seg - len(pairs))
+        expect_w += [float(w[t, k]) for t, k in pairs] + [0.0] * (seg - len(pairs))
+        expect_m += [e] * len(pairs) + [-1] * (seg - len(pairs))
+    assert counts[3] == 0 and sum(counts) == grouped.shape[0]
+    assert torch.equal(grouped.view(torch.int16), torch.stack(rows).view(torch.int16))
+    assert torch.equal(m_indices, torch.tensor(expect_m, dtype=torch.int32))
+    assert torch.equal(row_w, torch.tensor(expect_w))
+    # combine: per token the float32 sum of its rows in k order, bf16 once; padding is NaN
+    y = (grouped.float() * 2 - 1).bfloat16()
+    y[m_indices < 0] = float("nan")
+    out, weights, _ = buf.combine(y, handle)
+    expect = torch.zeros(T, HIDDEN)
+    for t in range(T):
+        for k in range(K):
+            if int(idx[t, k]) >= 0:
+                expect[t] = expect[t] + (x[t].float() * 2 - 1).bfloat16().float()
+    assert weights is None
+    assert torch.equal(out.view(torch.int16), expect.bfloat16().view(torch.int16))
+
+    bad = [
+        (ValueError, r"expert_layout: expected one of \(None, 'contiguous'\), got 'masked'",
+         lambda: buf.dispatch(x, topk_idx=idx, num_experts=E, expert_layout="masked")),
+        (ValueError, r"expert_layout: needs topk_idx and no cached handle",
+         lambda: buf.dispatch(x, handle, expert_layout="contiguous")),
+        (ValueError, r"expert_layout: not supported with num_worst_tokens=32",
+         lambda: buf.dispatch(x, topk_idx=idx, num_experts=E, num_worst_tokens=32, expert_layout="contiguous")),
+        (ValueError, r"x: expected shape \[%d, hidden\] \(the grouped rows dispatch returned\)" % y.shape[0],
+         lambda: buf.combine(y[:-1], handle)),
+        (TypeError, r"x: expected bfloat16 \[%d, hidden\]" % y.shape[0], lambda: buf.combine(y.float(), handle)),
+        (ValueError, r"topk_weights: expected None with an expert_layout handle",
+         lambda: buf.combine(y, handle, torch.zeros(T, K))),
+    ]
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()

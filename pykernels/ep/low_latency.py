@@ -86,7 +86,8 @@ class LowLatencyHandle:
     block_of int64 [E_l, R*M]: the (source rank * M + slot) of each packed row (packed
     rows past recv_count map to the unused blocks: a permutation of R*M);
     num_tokens: T; seq: the call number (the same on every rank);
-    transport: the kernel transport's own handle (backend "emu"/"cuda"), else None."""
+    transport: the kernel transport's own handle (backend "emu"/"cuda"), else None.
+    As a sequence it is DeepEP's handle tuple (its first five fields)."""
     src_info: torch.Tensor
     layout_range: torch.Tensor
     num_max_dispatch_tokens_per_rank: int
@@ -97,6 +98,17 @@ class LowLatencyHandle:
     num_tokens: int
     seq: int
     transport: object = None
+
+    DEEPEP_FIELDS = ("src_info", "layout_range", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts")
+
+    def __iter__(self):      # unpacks as DeepEP's 5-tuple handle
+        return iter(getattr(self, f) for f in self.DEEPEP_FIELDS)
+
+    def __len__(self):
+        return len(self.DEEPEP_FIELDS)
+
+    def __getitem__(self, i):
+        return getattr(self, self.DEEPEP_FIELDS[i])
 
 
 # ---------------------------------------------------------------------------------------

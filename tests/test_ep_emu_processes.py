@@ -238,8 +238,11 @@ def _lifetime_worker(rank, R):
     from pykernels.emu.shared_global import NAME_PREFIX
     from pykernels.ep.transport_emu import EmuIntranode
 
-    def ours():
-        return sorted(f for f in os.listdir("/dev/shm") if f.startswith(NAME_PREFIX))
+    pids = [None] * R
+    dist.all_gather_object(pids, os.getpid())
+
+    def ours():      # the group's segment files (names start with the creator's pid)
+        return sorted(f for f in os.listdir("/dev/shm") if any(f.startswith(f"{NAME_PREFIX}{p}_") for p in pids))
 
     def mapped(address):
         with open("/proc/self/maps") as f:
@@ -252,6 +255,7 @@ def _lifetime_worker(rank, R):
     dist.all_gather_object(peers, t.provider.peers)
     assert all(p == t.provider.peers for p in peers), "ranks see the buffers at different addresses"
     assert t.provider.buffer.data_ptr() == addresses[rank] and all(mapped(a) for a in addresses)
+    dist.barrier()   # every rank's constructor has returned
     left_while_alive = ours()
     t.destroy()
     t.destroy()

@@ -26,21 +26,35 @@ from . import validate as V
 _EXPORT_ERRORS = (BufferError, RuntimeError, TypeError, ValueError)
 
 
+# Per argument type: True for a foreign array type, False for a torch tensor or a non-array,
+# None for a container to look into. A dict lookup per argument keeps the all-torch call cheap
+# (a failed hasattr costs a raised exception: microseconds per call).
+_KIND = {tuple: None, list: None, dict: None}
+_TENSOR, _UNKNOWN = torch.Tensor, object()
+
+
+def _kind(t: type):
+    kind = _KIND.get(t, _UNKNOWN)
+    if kind is _UNKNOWN:
+        kind = _KIND[t] = not issubclass(t, torch.Tensor) and hasattr(t, "__dlpack__")
+    return kind
+
+
 def _is_foreign(x) -> bool:
-    return not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__")
+    return _kind(type(x)) is True
 
 
 def _has_foreign(values) -> bool:
     for v in values:
-        if isinstance(v, torch.Tensor) or v is None:
+        t = type(v)
+        if t is _TENSOR:
             continue
-        if isinstance(v, (tuple, list)):
-            if _has_foreign(v):
-                return True
-        elif isinstance(v, dict):
-            if _has_foreign(v.values()):
-                return True
-        elif _is_foreign(v):
+        kind = _KIND.get(t, _UNKNOWN)
+        if kind is _UNKNOWN:
+            kind = _kind(t)
+        if kind is True:
+            return True
+        if kind is None and _has_foreign(v.values() if t is dict else v):
             return True
     return False
 

@@ -60,6 +60,15 @@ def _worker(rank, ranks, init_file, seed, done_dir, local_backend, backend="gloo
         buf.get_next_low_latency_combine_buffer(handle).copy_(y)
         out, _, _ = buf.low_latency_combine(torch.empty(0), idxs[rank], ws[rank], handle, zero_copy=True)
         assert torch.equal(out.view(torch.int16), expect.view(torch.int16))
+        # two dispatches pending at once (two micro-batches), received in the other order
+        pending = [buf.low_latency_dispatch(xs[rank], idxs[rank], MAX_TOKENS, EXPERTS, use_fp8=fp8,
+                                            return_recv_hook=True) for fp8 in (False, True)]
+        if backend == "gloo":     # the engine's two buffer sets are taken: a third is refused
+            with pytest.raises(RuntimeError, match=r"at most 2 may be pending"):
+                buf.low_latency_dispatch(xs[rank], idxs[rank], MAX_TOKENS, EXPERTS, return_recv_hook=True)
+        for (recv_x, count, handle, _, hook), fp8 in reversed(list(zip(pending, (False, True)))):
+            hook()
+            checked += check_dispatch(rank, ranks, xs, idxs, recv_x, count, handle, fp8)
         with open(os.path.join(done_dir, f"rank{rank}.ok"), "w") as f:
             f.write(str(checked))
     finally:

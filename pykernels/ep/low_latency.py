@@ -27,9 +27,9 @@ experts, M = num_max_dispatch_tokens_per_rank (every rank sends at most M tokens
 Engine path: each call is one all_to_all of a fixed-size message per rank pair (the
 fixed buffers below: the same size whatever the routing, so it needs no count exchange
 and no host read of counts), preceded by the small agreement exchange of the caller
-(Buffer's header: every rank must make the same call with the same sizes). Two buffer
-sets alternate between calls, so one call's receive may still be pending (its hook not
-yet called) while the next is issued - at most two, as in DeepEP.
+(Buffer's header: every rank must make the same call with the same sizes). Dispatch and
+combine each have two buffer sets, used in turn, so two receives of a kind may be pending
+(hooks not yet called) at once, as in DeepEP; a third raises RuntimeError.
 """
 import dataclasses
 import numbers
@@ -329,29 +329,45 @@ class LowLatencyEngine(_CombineStaging):
         self.quant_backend = quant_backend
         self.wait = wait or (lambda work, what: work.wait())
         self.seq = 0
+        self._calls = {"dispatch": 0, "combine": 0}
         self._buffers = {}                 # (kind, set, bytes) -> (send, recv) uint8 [R, bytes]
+        self._pending = set()              # (kind, set): a receive whose hook has not run yet
         self._next_combine = {}            # zero_copy staging (_CombineStaging)
 
-    def _pair(self, kind: str, nbytes: int):
-        key = (kind, self.seq % self.NUM_SETS, nbytes)
-        if key not in self._buffers:
-            self._buffers[key] = tuple(torch.zeros(self.num_ranks, nbytes, dtype=torch.uint8, device=self.device)
-                                       for _ in range(2))
-        return self._buffers[key]
+    def _pair(self, kind: str, nbytes: int, what: str):
+        """The next buffer set of this kind (sets alternate per kind: a dispatch whose hook
+        is pending and the next dispatch use different ones)."""
+        self._calls[kind] += 1
+        key = (kind, self._calls[kind] % self.NUM_SETS)
+        if key in self._pending:
+            raise RuntimeError(f"{what}: the receive of the low-latency {kind} before the previous one is still "
+                               f"pending (its hook was not called); at most {self.NUM_SETS} may be pending")
+        if (key, nbytes) not in self._buffers:
+            self._buffers[(key, nbytes)] = tuple(
+                torch.zeros(self.num_ranks, nbytes, dtype=torch.uint8, device=self.device) for _ in range(2))
+        return (key,) + self._buffers[(key, nbytes)]
 
     def clean(self):
         """Drops the fixed buffers (reallocated zeroed by the next call)."""
         self._buffers.clear()
+        self._pending.clear()
         self._next_combine.clear()
 
     destroy = clean
 
-    def _exchange(self, send, recv, what: str, return_recv_hook: bool, finish):
+    def _exchange(self, key, send, recv, what: str, return_recv_hook: bool, finish):
         work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+        self._pending.add(key)
+
+        done = []
 
         def hook():
+            if done:
+                return                      # already received
             self.wait(work, what)
             finish()
+            self._pending.discard(key)
+            done.append(True)
         if return_recv_hook:
             return hook
         hook()
@@ -377,7 +393,7 @@ class LowLatencyEngine(_CombineStaging):
         nbytes = message_bytes(M, H, R, E, use_fp8, combine=False)
         slot_bytes = dispatch_slot_bytes(H, use_fp8)
         data_bytes = E_l * M * slot_bytes
-        send, recv = self._pair("dispatch", nbytes)
+        key, send, recv = self._pair("dispatch", nbytes, "low_latency_dispatch")
 
         # rows of every valid (t, k) into slot (e, j); counts per expert after the slots
         t_of, k_of = (topk_idx >= 0).nonzero(as_tuple=True)
@@ -418,7 +434,7 @@ class LowLatencyEngine(_CombineStaging):
             if stats is not None:
                 stats.add_(total)
 
-        hook = self._exchange(send, recv, "low_latency_dispatch", return_recv_hook, finish)
+        hook = self._exchange(key, send, recv, "low_latency_dispatch", return_recv_hook, finish)
         handle = LowLatencyHandle(src_info, layout_range, M, H, E, slot_of, block_of, T, self.seq)
         return ((recv_x, recv_scales) if use_fp8 else recv_x), recv_count, handle, hook
 
@@ -433,7 +449,7 @@ class LowLatencyEngine(_CombineStaging):
         R, M, E, H = self.num_ranks, handle.num_max_dispatch_tokens_per_rank, handle.num_experts, handle.hidden
         E_l = E // R
         self.seq = self.seq % 0xFFFFFFFF + 1
-        send, recv = self._pair("combine", message_bytes(M, H, R, E, False, combine=True))
+        key, send, recv = self._pair("combine", message_bytes(M, H, R, E, False, combine=True), "low_latency_combine")
         # packed rows back to their (source rank, slot) blocks: [E_l, R*M] -> [R, E_l, M]
         blocks = torch.empty(E_l, R * M, H, dtype=torch.bfloat16, device=x.device)
         blocks.scatter_(1, handle.block_of[:, :, None].expand(-1, -1, H), x)
@@ -444,7 +460,7 @@ class LowLatencyEngine(_CombineStaging):
         def finish():
             weighted_reduce(recv.view(torch.bfloat16).view(E, M, H), topk_idx, handle.slot_of, topk_weights, out)
 
-        hook = self._exchange(send, recv, "low_latency_combine", return_recv_hook, finish)
+        hook = self._exchange(key, send, recv, "low_latency_combine", return_recv_hook, finish)
         return out, hook
 
 

@@ -36,16 +36,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(worker, R, *args):
-    """Run worker(rank, R, port, out_dir, *args) in R processes of a gloo group; returns
-    each rank's JSON report (out_dir/rank<r>.json)."""
+def _spawn(worker, R, *args, backend="gloo"):
+    """Run worker(rank, R, *args) in R processes of a `backend` group; returns each rank's
+    JSON report (what the worker returned)."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(worker, R, _free_port(), d) + args, nprocs=R, join=True)
+        mp.spawn(_entry, args=(worker, R, _free_port(), d, backend) + args, nprocs=R, join=True)
         return [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(R)]
 
 
-def _entry(rank, worker, R, port, out_dir, *args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=R)
+def _entry(rank, worker, R, port, out_dir, backend, *args):
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=R)
     try:
         report = worker(rank, R, *args)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -326,5 +326,99 @@ def test_bad_config_and_timeout_arguments():
             EmuIntranode(_config(2))
         with pytest.raises(ValueError, match=r"timeout_s: expected a positive number of seconds, got 0"):
             EmuIntranode(_config(1), timeout_s=0)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# CudaIntranode: the same logic over CUDA IPC (gpu-marked; not run on a CPU machine)
+# ---------------------------------------------------------------------------------------
+def _to_cuda(x):
+    return tuple(u.cuda() for u in x) if isinstance(x, tuple) else x.cuda()
+
+
+def _cuda_worker(rank, R, seed):
+    """One GPU per rank (NCCL): normal and low-latency calls against the reference, then
+    destroy() closes every IPC mapping it opened."""
+    torch.cuda.set_device(rank)
+    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=False)
+    exp = _expected_dispatch(xs, topk, ws, E, False)
+    t = cep.CudaIntranode(_config(R), timeout_s=10)
+    assert len(t.provider._opened) == R - 1
+    res = t.dispatch(_to_cuda(xs[rank]), topk[rank].cuda(), ws[rank].cuda(), E, num_worst_tokens=max(Ts) * R)
+    n = exp[rank]["recv_src"].shape[0]
+    assert int(res["num_recv_tokens"]) == n
+    assert torch.equal(_bits(res["recv_x"][:n].cpu()), _bits(exp[rank]["recv_x"]))
+    ys = [(e["recv_x"].float() * (1 + d)).to(torch.bfloat16) for d, e in enumerate(exp)]
+    y = torch.cat([ys[rank], torch.full((res["handle"].num_recv - n, H), float("nan"), dtype=torch.bfloat16)])
+    out = t.combine(y.cuda(), res["handle"])
+    want = ref.simulate_combine(ys, [e["recv_src"] for e in exp], Ts)[rank]
+    assert torch.equal(_bits(out.cpu()), _bits(want.to(torch.bfloat16)))
+    ll = t.low_latency_dispatch(_to_cuda(xs[rank]), topk[rank].cuda())
+    exp_ll = _ll_expected(xs, topk, E, R, M)[rank]
+    for (le, s), toks in exp_ll.items():
+        got = ll["recv_x"][le, s * M:s * M + len(toks)].cpu()
+        assert torch.equal(_bits(got), _bits(xs[s][toks])), (le, s)
+    torch.cuda.synchronize()
+    assert t.error_record() is None
+    t.destroy()
+    t.destroy()
+    assert t.provider._opened == [] and t.provider.buffer is None
+    return {"received": n}
+
+
+@pytest.mark.gpu
+def test_cuda_intranode_across_gpus(seed):
+    R = torch.cuda.device_count()
+    if R < 2:
+        pytest.skip(f"needs 2 GPUs (one per rank, NCCL), found {R}")
+    _spawn(_cuda_worker, min(R, 4), seed, backend="nccl")
+
+
+@pytest.mark.gpu
+def test_cuda_intranode_captures_into_a_cuda_graph(seed):
+    """One rank (its own buffer through the same code): dispatch with num_worst_tokens and
+    combine captured into one CUDA graph (no host sync may happen while capturing), the
+    graph replayed on new inputs against the reference; the low-latency dispatch captured
+    and replayed once (its call number is a kernel argument: each replay needs a new one)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        R = 1
+        cfg = cep.IntranodeConfig(num_ranks=R, hidden=H, max_topk=K, num_channels=CHANNELS, num_slots=SLOTS,
+                                  publish_every=PUBLISH, num_experts=4, max_dispatch_tokens=M)
+        t = cep.CudaIntranode(cfg, timeout_s=10)
+        gen = torch.Generator().manual_seed(seed)
+        T, E = 12, 4
+        topk = _routing(gen, T, E, K, dead=3).cuda()
+        x = torch.empty(T, H, dtype=torch.bfloat16, device="cuda")
+        W = T
+        x.copy_(torch.randn(T, H, generator=gen).to(torch.bfloat16))
+        warm = t.dispatch(x, topk, None, E, num_worst_tokens=W)        # loads the modules before capture
+        t.combine(warm["recv_x"], warm["handle"])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            res = t.dispatch(x, topk, None, E, num_worst_tokens=W)
+            out = t.combine(res["recv_x"], res["handle"])
+        for _ in range(2):
+            xin = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+            x.copy_(xin)
+            g.replay()
+            torch.cuda.synchronize()
+            exp = ref.simulate_dispatch([xin], [topk.cpu()], [torch.ones(T, K)], E)[0]
+            n = exp["recv_src"].shape[0]
+            assert int(res["num_recv_tokens"]) == n
+            assert torch.equal(_bits(res["recv_x"][:n].cpu()), _bits(exp["recv_x"]))
+            want = ref.simulate_combine([exp["recv_x"]], [exp["recv_src"]], [T])[0]
+            assert torch.equal(_bits(out.cpu()), _bits(want.to(torch.bfloat16)))
+        gl = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gl):
+            ll = t.low_latency_dispatch(x, topk)
+        gl.replay()
+        torch.cuda.synchronize()
+        for (le, s), toks in _ll_expected([x.cpu()], [topk.cpu()], E, R, M)[0].items():
+            assert torch.equal(_bits(ll["recv_x"][le, s * M:s * M + len(toks)].cpu()), _bits(x.cpu()[toks]))
+        assert t.error_record() is None
+        t.destroy()
     finally:
         dist.destroy_process_group()

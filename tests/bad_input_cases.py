@@ -149,7 +149,8 @@ def gemm_cases():
         normal("a-transposed", _fp8(torch.randn(k, m))[0].t(), sfa, b, sfb, nan_out(m, n), _err("a")),
         normal("b-transposed", a, sfa, _fp8(torch.randn(k, n))[0].t(), sfb, nan_out(m, n), _err("b")),
         normal("out-too-small", a, sfa, b, sfb, nan_out(m - 1, n), _err("out")),
-        normal("out-float32", a, sfa, b, sfb, torch.full((m, n), NAN), _err("out")),
+        normal("out-float32", a, sfa, b, sfb, torch.full((m, n), NAN), REF),
+        normal("out-float16", a, sfa, b, sfb, torch.full((m, n), NAN).half(), _err("out")),
         normal("out-transposed", a, sfa, b, sfb, nan_out(n, m).t(), _err("out")),
         normal("out-aliases-a", a_sq, sfa_sq, b_sq, sfb_sq, out_alias, _err("out")),
         normal("mixed-devices", a, sfa, b, sfb.to("meta"), nan_out(m, n), _err("sfb")),
@@ -166,6 +167,27 @@ def gemm_cases():
     cases[-2]["api"] = lambda be: pk.fp8_gemm_nt((a, sfa), (b, sfb), nan_out(m, n), backend="Triton")
     cases[-2]["op"] = lambda be: torch.ops.pykernels.fp8_gemm_nt(a, sfa, b, sfb, nan_out(m, n), "")
     cases[-1]["api"] = lambda be: pk.fp8_gemm_nt(a, (b, sfb), nan_out(m, n), backend=be)
+
+    # float32 out with c (DeepGEMM's fp32 forms); c = out accumulates in place; recipe (1, 1, 128)
+    def with_c(name, out, c, expect, rows=128, accumulate=False):
+        recipe = (1, 1, 128) if rows == 1 else None
+        bb, sf = (b1, sfb1) if rows == 1 else (b, sfb)
+        return dict(name=f"fp8_gemm_nt/{name}", op_name="fp8_gemm_nt", expect=expect, forms=("api", "op"),
+                    compare="close", outs=(out,),
+                    api=lambda be: pk.fp8_gemm_nt((a, sfa), (bb, sf), out, c=out if accumulate else c, recipe=recipe,
+                                                  backend=be),
+                    op=lambda be: torch.ops.pykernels.fp8_gemm_nt(a, sfa, bb, sf, out, be, None if accumulate else c,
+                                                                  accumulate, rows))
+    b1, sfb1 = _fp8(torch.randn(n, k))
+    c32 = torch.randn(m, n)
+    cases += [
+        with_c("c-float32", torch.full((m, n), NAN), c32, REF),
+        with_c("c-is-out", torch.randn(m, n), None, REF, accumulate=True),
+        with_c("c-with-bf16-out", nan_out(m, n), c32, _err("c")),
+        with_c("c-bfloat16", torch.full((m, n), NAN), c32.bfloat16(), _err("c")),
+        with_c("c-shape", torch.full((m, n), NAN), c32[:, :8], _err("c")),
+        with_c("wgrad-per-row-b-scales", torch.randn(m, n), None, _either("recipe"), rows=1, accumulate=True),
+    ]
 
     g = 3
     bg, sfbg = _w(n, k, g)
@@ -274,7 +296,11 @@ def mla_cases():
         decode("q-permuted-view", REF, q=torch.randn(b, h_q, s_q, 576).bfloat16().transpose(1, 2)),
         decode("cache-float32", _err("k_cache"), k_cache=cache.float()),
         decode("cache-page-32", _err("k_cache"), k_cache=cache.view(pages * 2, 32, 1, 576)),
-        decode("cache-h_kv-2", _err("k_cache"), k_cache=cache.view(pages, 32, 2, 576)),
+        decode("cache-h_kv-2-page-32", _err("k_cache"), k_cache=cache.view(pages, 32, 2, 576)),
+        decode("valid-h_kv-2", REF, k_cache=torch.randn(pages, 64, 2, 576).bfloat16()),
+        decode("cache-h_kv-3-not-dividing-h_q", _err("k_cache"), k_cache=cache.expand(-1, -1, 3, -1).contiguous()),
+        decode("cache-fp8-h_kv-2", _err("k_cache"),
+               k_cache=M.quantize_kv_cache_fp8(cache.expand(-1, -1, 2, -1).contiguous())),
         decode("cache-fp8-wrong-width", _err("k_cache"), k_cache=cache8[..., :600].contiguous()),
         decode("block_table-int64", _err("block_table"), block_table=table.long()),
         decode("block_table-negative", _err("block_table"), block_table=t_neg),

@@ -1,0 +1,166 @@
+"""MLA decode with several KV heads (h_kv > 1, FlashMLA's dense decode: its tests use h_kv 1, 2, 3
+and 8 with h_q a multiple of h_kv): query head h reads KV head h // (h_q / h_kv).
+
+- The reference against an independent float64 computation that takes each KV head's query
+  head group explicitly (tolerances of tests/test_mla.py: out within bf16 rounding, LSE
+  < 1e-5, same +inf rows).
+- Triton (interpreted) and the CUDA kernel's PTX on the emulator against the reference, with
+  NaN-poisoned out, lse and split scratch and NaN cache slots past each seqlen (in every KV
+  head) and in pages not in use: per (sequence, query head) calc_diff(out) < 1e-5, LSE max
+  abs error < 1e-4, identical +inf rows, out 0 where no key is visible (the tolerances of
+  the h_kv = 1 tests: the same kernels per KV head).
+- The schedule: FlashMLA's get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv) and the
+  argument-less form, whose schedule flash_mla_with_kvcache sizes from the cache's h_kv.
+Sizes are tiny (the CPU is shared): one or two pages per sequence.
+"""
+import pytest
+import torch
+
+import pykernels.mla as M
+import pykernels.mla_schedule as MS
+from pykernels import reference as R
+from pykernels.metrics import calc_diff
+
+from .mla_cases import make_problem
+from .test_mla import naive
+
+OUT_CALC_DIFF = 1e-5
+LSE_ABS = 1e-4
+
+
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    # The split scratch starts as NaN: the combine must read only what the decode wrote.
+    def nan_scratch(*args):
+        return tuple(t.fill_(float("nan")) for t in real(*args))
+    real = MS.split_scratch
+    monkeypatch.setattr(MS, "split_scratch", nan_scratch)
+
+
+def _poisoned(b, s_q, h_q, strided):
+    """NaN out [b, s_q, h_q, 512] and lse [b, h_q, s_q]; strided: as permuted views (heads
+    outermost in out, tokens before heads in lse), so each KV head's slice has odd strides."""
+    if strided:
+        return (torch.full((b, h_q, s_q, 512), float("nan"), dtype=torch.bfloat16).transpose(1, 2),
+                torch.full((b, s_q, h_q), float("nan")).transpose(1, 2))
+    return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),
+            torch.full((b, h_q, s_q), float("nan")))
+
+
+def _check(out, lse, ref, ref_lse):
+    assert not out.isnan().any(), "out elements left unwritten (or NaN produced)"
+    assert not lse.isnan().any(), "lse elements left unwritten"
+    assert torch.equal(lse.isinf(), ref_lse.isinf())
+    assert (lse[lse.isinf()] > 0).all()
+    assert (out[ref_lse.isinf().transpose(1, 2)] == 0).all(), "rows with no visible key must be 0"
+    fin = ref_lse.isfinite()
+    if fin.any():
+        assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
+    for i in range(out.shape[0]):
+        for h in range(out.shape[2]):
+            if fin[i, h].any():
+                assert calc_diff(out[i, :, h], ref[i, :, h]) < OUT_CALC_DIFF, f"sequence {i}, query head {h}"
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,h_kv,causal,scale", [
+    ([0, 1, 130], 1, 4, 2, False, None),
+    ([2, 65], 2, 9, 3, True, None),          # seqlen 2 = s_q: token 0 sees one key
+    ([70], 1, 16, 8, True, 0.1),
+])
+def test_reference_groups_query_heads_by_kv_head(seqlens, s_q, h_q, h_kv, causal, scale):
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q, h_kv=h_kv)
+    out, lse = R.flash_mla_with_kvcache(q, cache, table, sl, 512, scale, causal)
+    g = h_q // h_kv
+    for j in range(h_kv):            # KV head j serves query heads [j * g, (j + 1) * g)
+        heads = slice(j * g, (j + 1) * g)
+        n_out, n_lse = naive(q[:, :, heads], cache.float()[:, :, j:j + 1], table, sl, causal, scale or 576 ** -0.5)
+        o, lo = out[:, :, heads], lse[:, heads]
+        assert torch.equal(lo.isinf(), n_lse.isinf())
+        fin = n_lse.isfinite()
+        assert (lo[fin].double() - n_lse[fin]).abs().max() < 1e-5
+        assert ((o.double() - n_out).abs() <= n_out.abs() * 2 ** -8 + 1e-6).all(), f"KV head {j}"
+
+
+# seqlens, s_q, h_q, h_kv, causal, parts, split (some sequence in several pieces), strided out / lse, permuted q
+CASES = [
+    ([300, 2], 2, 4, 2, True, 6, True, False, False),
+    ([130, 1, 0], 1, 9, 3, False, 3, False, True, False),
+    ([150], 2, 6, 3, True, 5, True, False, True),
+    ([65, 300], 1, 16, 8, True, 6, True, True, False),
+]
+
+
+def _problem(seqlens, s_q, h_q, h_kv, parts, split, permuted_q):
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q, h_kv=h_kv)
+    if permuted_q:       # [b, s_q, h_q, 576] view of a [b, h_q, s_q, 576] tensor
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q // h_kv, h_kv, parts)
+    assert (ns.diff() > 1).any().item() == split, "case meant to (not) exercise the combine kernel"
+    return q, cache, table, sl, meta, ns
+
+
+@pytest.mark.parametrize("backend", ["triton", "emu"])
+@pytest.mark.parametrize("seqlens,s_q,h_q,h_kv,causal,parts,split,strided,permuted_q", CASES)
+def test_decode_matches_reference(backend, seqlens, s_q, h_q, h_kv, causal, parts, split, strided, permuted_q,
+                                  poisoned_scratch):
+    q, cache, table, sl, meta, ns = _problem(seqlens, s_q, h_q, h_kv, parts, split, permuted_q)
+    out, lse = _poisoned(len(seqlens), s_q, h_q, strided)
+    ret = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal, backend=backend,
+                                   out=out, softmax_lse=lse)
+    assert ret[0] is out and ret[1] is lse
+    ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal, backend="reference")
+    _check(out, lse, ref, ref_lse)
+
+
+def test_kv_heads_are_not_interchangeable():
+    # Swapping two KV heads of the cache moves the results between their query head groups
+    # (and changes them: the heads hold different keys), on every backend.
+    seqlens, s_q, h_q, h_kv = [90], 1, 4, 2
+    q, cache, table, sl, meta, ns = _problem(seqlens, s_q, h_q, h_kv, 2, False, False)
+    q[:, :, 2:] = q[:, :, :2]                       # both groups ask the same questions
+    swapped = cache.flip(2).contiguous()
+    for backend in ("reference", "triton", "emu"):
+        o, lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, backend=backend)
+        o2, lse2 = M.flash_mla_with_kvcache(q, swapped, table, sl, 512, meta, ns, backend=backend)
+        assert torch.equal(o2[:, :, :2], o[:, :, 2:]) and torch.equal(o2[:, :, 2:], o[:, :, :2]), backend
+        assert torch.equal(lse2[:, :2], lse[:, 2:]), backend
+        assert calc_diff(o[:, :, :2], o[:, :, 2:]) > 0.1, backend
+
+
+def test_flashmla_schedule_forms():
+    seqlens, s_q, h_q, h_kv = [100, 7], 2, 8, 2
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q, h_kv=h_kv)
+    ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, *M.get_mla_metadata(sl, 8, h_kv),
+                                            causal=True, backend="reference")
+    # FlashMLA's positional form: the default partition count is per (KV head, 64-row tile)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
+    assert meta.shape[0] == MS.default_num_sm_parts(sl.device, s_q * h_q // h_kv, h_kv)
+    assert MS.default_num_sm_parts(sl.device, 8, 8) == MS.default_num_sm_parts(sl.device, 8, 1) // 8
+    out, lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=True, backend="triton")
+    _check(out, lse, ref, ref_lse)
+    # the argument-less form: flash_mla_with_kvcache sizes the schedule from the cache's h_kv
+    sched, none = M.get_mla_metadata()
+    built = []
+    real = MS.MlaSchedule.resolve
+
+    def spy(self, seqlens_, rows, heads_k, parts, build):
+        built.append((rows, heads_k, parts))
+        return real(self, seqlens_, rows, heads_k, parts, build)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MS.MlaSchedule, "resolve", spy)
+        out2, lse2 = M.flash_mla_with_kvcache(q, cache, table, sl, 512, sched, none, causal=True, backend="triton")
+    assert built == [(s_q * h_q // h_kv, h_kv, meta.shape[0])] and sched.builds == 1
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "emu"])
+def test_bad_head_counts(backend):
+    q, cache, table, sl = make_problem([70], 1, 16, h_kv=1)
+    meta, ns = M.get_mla_metadata(sl, 16, 1, 2)
+    with pytest.raises(ValueError, match=r"k_cache: expected h_kv \(dim 2\) >= 1 dividing h_q = 16 .*got 3"):
+        M.flash_mla_with_kvcache(q, cache.expand(-1, -1, 3, -1).contiguous(), table, sl, 512, meta, ns,
+                                 backend=backend)
+    fp8 = M.quantize_kv_cache_fp8(cache.expand(-1, -1, 2, -1).contiguous())
+    assert fp8.shape == (cache.shape[0], 64, 2, 656)
+    with pytest.raises(ValueError, match=r"k_cache: expected h_kv = 1 \(dim 2\) for the FP8 layout .*got 2"):
+        M.flash_mla_with_kvcache(q, fp8, table, sl, 512, meta, ns, backend=backend)

@@ -1,7 +1,8 @@
 """The hand-written DSA kernels (host side pykernels/cuda/dsa.py): indexer logits
-(csrc/dsa/indexer_logits.cu: the paged decode form and the ragged prefill form) and top-k
+(csrc/dsa/indexer_logits.cu: the paged decode form and the ragged prefill form), top-k
 (csrc/dsa/topk.cu, both forms; compared with the reference bit for bit, ties and specials
-included): what was compiled (SASS, ptxas resources), the launch plan, the same
+included) and the sparse MLA decode (csrc/mla/decode.cu's pk_mla_sparse_decode_fp8, with the
+Triton kernel's tolerances: tests/test_dsa_triton.py): what was compiled (SASS, ptxas resources), the launch plan, the same
 kernel's PTX run by the emulator (backend "emu", memory-ordering checker on, every CTA
 schedule) against the reference on fresh random inputs with NaN-poisoned outputs, its
 limits, and a GPU run (marked `gpu`).
@@ -19,12 +20,13 @@ import torch
 
 import pykernels as pk
 import pykernels.dsa as D
+import pykernels.mla as M
 from pykernels.cuda import dsa as CD
 from pykernels.reference import dsa as RD
 from pykernels.runtime import artifacts, sass
 from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
 
-from .test_dsa_triton import _assert_logits_match, _tied_logits
+from .test_dsa_triton import _assert_decode_matches, _assert_logits_match, _tied_logits
 
 FP8 = torch.float8_e4m3fn
 NAN = float("nan")
@@ -251,6 +253,76 @@ def test_topk_kernel_limit_is_an_error():
         D.topk_indices(logits, k, *win, backend="emu")
 
 
+# ------------------------------------------------------------------------ sparse decode (csrc/mla/decode.cu)
+
+def _sparse_case(b, s_q, h_q, topk, pages, with_sink, with_length):
+    """A sparse decode problem: unused slots (a whole 64-slot block of them, a row with none
+    used), a duplicate index, topk_length with a sequence of no slot; cache rows no slot uses
+    hold NaN bytes (never read)."""
+    rows = pages * 64
+    cache = M.quantize_kv_cache_fp8((torch.randn(pages, 64, 1, 576) * 2).bfloat16())
+    q = torch.randn(b, s_q, h_q, 576).bfloat16()
+    idx = torch.randint(0, rows, (b, s_q, topk), dtype=torch.int32)
+    idx[0, 0, 3:70] = -1
+    idx[1, s_q - 1, :] = -1
+    idx[b - 1, 0, 5] = idx[b - 1, 0, 4]
+    sink = torch.randn(h_q) * 3 if with_sink else None
+    length = torch.tensor([topk, 5, 0][:b], dtype=torch.int32) if with_length else None
+    used = idx != -1
+    if with_length:
+        idx[1, :, 5:] = 10 ** 6                                   # past topk_length: never read
+        used &= torch.arange(topk)[None, None, :] < length[:, None, None]
+    cache.view(-1, 656)[~torch.isin(torch.arange(rows), idx[used])] = 0x7F
+    return q, cache, idx, sink, length
+
+
+@pytest.mark.parametrize("b,s_q,h_q,topk,parts,with_sink,with_length",
+                         [(3, 2, 64, 80, 3, True, True), (2, 1, 128, 64, None, False, False),
+                          (2, 2, 64, 150, "flashmla", True, False)])
+def test_emu_sparse_decode_matches_reference(seed, b, s_q, h_q, topk, parts, with_sink, with_length):
+    q, cache, idx, sink, length = _sparse_case(b, s_q, h_q, topk, 5, with_sink, with_length)
+    sched = splits = None                                          # None: the kernel makes its own schedule
+    if parts == "flashmla":                                        # FlashMLA's sparse form (topk per sequence)
+        seqlens = torch.full((b,), 5 * 64, dtype=torch.int32)
+        sched, splits = M.get_mla_metadata(seqlens, s_q * h_q, 1, h_q, True, topk, backend="reference")
+    elif parts is not None:                                        # few partitions: sequences split
+        sched, splits = M.get_mla_metadata(torch.full((b,), topk, dtype=torch.int32), s_q * h_q, 1, parts,
+                                           backend="reference")
+    out = torch.full((b, s_q, h_q, 512), NAN, dtype=torch.bfloat16)
+    lse = torch.full((b, h_q, s_q), NAN)
+    got = D.flash_mla_sparse_decode(q, cache, idx, 0.07, sink, length, sched, splits, backend="emu", out=out,
+                                    softmax_lse=lse)
+    assert got[0] is out and got[1] is lse
+    ref_out, ref_lse = D.flash_mla_sparse_decode(q, cache, idx, 0.07, sink, length, backend="reference")
+    _assert_decode_matches(out, lse, ref_out, ref_lse)
+    assert (out[1, s_q - 1] == 0).all() and (lse[1, :, s_q - 1] == math.inf).all()
+
+
+@pytest.mark.parametrize("schedule", ["wg_first", "wg_last", "cta_last"])
+def test_emu_sparse_decode_when_one_warpgroup_runs_ahead(seed, schedule, monkeypatch):
+    q, cache, idx, sink, length = _sparse_case(2, 1, 64, 130, 4, True, False)
+    sched, splits = M.get_mla_metadata(torch.full((2,), 130, dtype=torch.int32), 64, 1, 2, backend="reference")
+    monkeypatch.setattr(CD, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))
+    out, lse = D.flash_mla_sparse_decode(q, cache, idx, None, sink, None, sched, splits, backend="emu")
+    _assert_decode_matches(out, lse, *D.flash_mla_sparse_decode(q, cache, idx, None, sink, None, backend="reference"))
+
+
+def test_emu_sparse_decode_nan_in_a_used_row_propagates():
+    cache = M.quantize_kv_cache_fp8(torch.randn(2, 64, 1, 576).bfloat16()).view(-1, 656)
+    cache[70, 3] = 0x7F                                            # an e4m3 NaN in token row 70
+    q = torch.randn(2, 1, 64, 576).bfloat16()
+    idx = torch.tensor([[[70, 5, -1]], [[5, 6, 7]]], dtype=torch.int32)
+    out, lse = D.flash_mla_sparse_decode(q, cache.view(2, 64, 1, 656), idx, backend="emu")
+    assert out[0].isnan().all() and lse[0].isnan().all()
+    assert out[1].isfinite().all() and lse[1].isfinite().all()
+
+
+def test_sparse_decode_kernel_limits():
+    q, cache, idx, _, _ = _sparse_case(2, 1, 16, 64, 2, False, False)
+    text = pk.explain("flash_mla_sparse_decode", q, cache, idx, backend="auto")
+    assert "h_q a multiple of 64" in text
+
+
 def test_auto_on_cpu_and_explain_give_the_kernel_limits():
     args = _problem(3, 1, 16, False)                  # 16 heads: not an instantiation
     text = pk.explain("fp8_paged_mqa_logits", *args, backend="auto")
@@ -286,6 +358,17 @@ def test_cuda_matches_reference(seed, next_n, h, lens_2d):
     out = torch.full(ref.shape, NAN, device="cuda")
     pk.fp8_paged_mqa_logits(*args, backend="cuda", out=out)
     _assert_logits_match(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q,with_sink", [(64, True), (128, False)])
+def test_cuda_sparse_decode_matches_reference(seed, h_q, with_sink):
+    assert not gpu_unavailable_reason()
+    q, cache, idx, sink, length = _sparse_case(3, 2, h_q, 2048, 64, with_sink, True)
+    ref = D.flash_mla_sparse_decode(q, cache, idx, None, sink, length, backend="reference")
+    got = D.flash_mla_sparse_decode(*(None if t is None else t.cuda() for t in (q, cache, idx)), None,
+                                    *(None if t is None else t.cuda() for t in (sink, length)), backend="cuda")
+    _assert_decode_matches(got[0].cpu(), got[1].cpu(), *ref)
 
 
 @pytest.mark.gpu

@@ -87,7 +87,7 @@ static_assert(kFp8Row % 16 == 0 && kRawBytes % 1024 == 0, "FP8 page: 16-byte row
 //   FP8 cache:  Q | 1 bf16 K block (written by the math warpgroups) | 1 raw FP8 page (TMA
 //               ring of 1) | 4 P tiles (one per scale group) | scales [4][64] f32 | red |
 //               lsum | full[1] empty[1] q_full q_empty
-template <bool kFp8>
+template <bool kFp8, bool kSparse = false>
 struct Smem {
   static constexpr uint32_t kStages = kFp8 ? 1 : 2;           // TMA ring: raw pages or K blocks
   static constexpr uint32_t kStageBytes = kFp8 ? kRawBytes : kTileBytes;
@@ -101,17 +101,27 @@ struct Smem {
   static constexpr uint32_t kSumOff = kRedOff + 2 * 64 * 4;               // f32 [2][64] row sums
   static constexpr uint32_t kBarOff = kSumOff + 2 * 64 * 4;
   static constexpr uint32_t kNumBars = 2 * kStages + 2;
-  static constexpr uint32_t kBytes = 1024 + kBarOff + 8 * kNumBars;      // pykernels/cuda/mla.py: smem_bytes
+  static constexpr uint32_t kMaskOff = kBarOff + 8 * kNumBars;           // sparse: u64 valid rows per stage
+  static constexpr uint32_t kBytes = 1024 + kMaskOff + (kSparse ? 8 * kStages : 0);   // pykernels/cuda/mla.py,
+                                                                                      // cuda/dsa.py (sparse)
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
   static_assert(kKOff % 1024 == 0 && kRawOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms / TMA");
 };
 static_assert(Smem<false>::kBytes == 231472 && Smem<true>::kBytes == 225312, "pykernels/cuda/mla.py");
+static_assert(Smem<true, true>::kBytes == 225320, "pykernels/cuda/dsa.py");
 
 constexpr uint32_t kThreads = 384;
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kMathRegs = 232;
 constexpr uint32_t kNamedBarrier = 1;             // the two math warpgroups (256 threads)
 constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.442695040888963407f;
+constexpr uint64_t kAllRows = ~0ull;              // a block's row mask with every token row valid
+
+// Valid token rows of a block as a bit mask (bit r = row r): the first `valid` rows.
+__device__ __forceinline__ uint64_t rows_mask(uint32_t valid) {
+  return valid >= kPage ? kAllRows : (1ull << valid) - 1;
+}
 
 struct Params {
   const int* block_table;
@@ -131,6 +141,15 @@ struct Params {
   float scale_log2;
   int* err;             // the device error record (pk/error_record.cuh)
   uint32_t batch, num_blocks, max_blocks;   // b, the cache's pages, the block table's columns
+  // Sparse decode only (pk_mla_sparse_decode_fp8; zero in the dense entries): the token rows
+  // each query token attends to, indices[b, s, slot] (-1 unused), slots at or past
+  // topk_length[b] unused; the cache's bytes (one bulk copy per token row); attn_sink [h_q].
+  const int* indices;
+  const uint8_t* cache;
+  const int* topk_length;
+  const float* sink;
+  uint64_t idx_sb;
+  uint32_t idx_ss, topk, num_tokens;
 };
 
 // Columns of a metadata row (pykernels/reference/mla.py METADATA_COLUMNS).
@@ -150,6 +169,7 @@ __device__ __forceinline__ int blocks_of(int seqlen) {   // seqlen in [0, 2^31):
 // the page ids) and gets the same verdict, so the CTA returns as a whole before reading
 // anything else; warp 0 records the first error. Each check runs only after those its
 // values depend on passed, so no read is out of bounds.
+template <bool kSparse>
 __device__ __forceinline__ bool partition_ok(const Params& p) {
   const uint32_t lane = threadIdx.x % 32;
   const bool warp0 = threadIdx.x < 32;
@@ -228,6 +248,7 @@ __device__ __forceinline__ bool partition_ok(const Params& p) {
     const int ns_lo = __ldg(p.nsplits + bi), ns_hi = __ldg(p.nsplits + bi + 1);
     if (lo == 0 && ns_lo != sid) return fail(rec, pk::kErrNumSplitsMismatch, ns_lo, sid, bi);
     if (hi == nb && ns_hi != sid + 1) return fail(rec, pk::kErrNumSplitsMismatch, ns_hi, sid + 1, bi + 1);
+    if constexpr (kSparse) continue;     // no block table: token rows come from indices (masked in range)
     const int* table = p.block_table + (uint64_t)bi * p.bt_stride;
     int bad_page = 0;
     bool bad = false;
@@ -275,6 +296,13 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// attn_sink: the softmax denominator gains exp(sink), so the output is scaled by
+// 1 / (1 + 2^(sink log2(e) - lse2)) (lse2: the scores' base-2 log-sum-exp; the returned lse
+// stays that of the scores alone).
+__device__ __forceinline__ float sink_factor(float sink, float lse2) {
+  return __frcp_rn(1.0f + pk::ex2_approx(sink * kLog2e - lse2));
+}
+
 // FP8 cache: one raw page (64 token rows of 656 bytes) -> the bf16 K block. Warpgroup w
 // converts the latent columns it alone reads in P V ([256w, 256w + 256), chunks 4w..4w+3),
 // and rows [32w, 32w + 32) of the RoPE chunk and of the scales (the rows of its own keys:
@@ -314,14 +342,14 @@ struct LatentRows {
     for (uint32_t j = j0; j < j1; ++j) x[j - j0] = *reinterpret_cast<const uint2*>(src + j * kMathWarps * kFp8Row);
   }
 
-  // ... then converted and stored (zeros for rows >= valid when kPartial).
+  // ... then converted and stored (zeros for the rows not in `mask` when kPartial).
   template <bool kPartial, uint32_t j0, uint32_t j1>
-  __device__ __forceinline__ void store(const uint2 (&x)[j1 - j0], uint32_t valid) const {
+  __device__ __forceinline__ void store(const uint2 (&x)[j1 - j0], uint64_t mask) const {
     constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;
 #pragma unroll
     for (uint32_t j = j0; j < j1; ++j) {
       uint4 v = pk::e4m3x8_to_bf16x8(x[j - j0]);
-      if (kPartial && warp + kMathWarps * j >= valid) v = make_uint4(0, 0, 0, 0);
+      if (kPartial && !((mask >> (warp + kMathWarps * j)) & 1)) v = make_uint4(0, 0, 0, 0);
       *reinterpret_cast<uint4*>(dst[j % 2] + (j / 2) * kAtomBytes) = v;
     }
   }
@@ -338,17 +366,17 @@ __device__ __forceinline__ void load_latent_step(const LatentRows& rows, StepRow
 }
 
 template <uint32_t kStep>
-__device__ __forceinline__ void store_latent_step(const LatentRows& rows, const StepRows& x, uint32_t valid) {
+__device__ __forceinline__ void store_latent_step(const LatentRows& rows, const StepRows& x, uint64_t mask) {
   constexpr uint32_t j0 = kStep * kRowsPerStep, j1 = j0 + kRowsPerStep;
-  if (valid >= kPage)
-    rows.store<false, j0, j1>(x, valid);
+  if (mask == kAllRows)
+    rows.store<false, j0, j1>(x, mask);
   else
-    rows.store<true, j0, j1>(x, valid);
+    rows.store<true, j0, j1>(x, mask);
 }
 
 // RoPE (chunk 8) rows [32w, +32), copied as they are, and the scales of the same rows.
 __device__ __forceinline__ void convert_rope_and_scales(const uint8_t* raw, uint8_t* kblk, float* sf, uint32_t wg,
-                                                        uint32_t tid, uint32_t valid) {
+                                                        uint32_t tid, uint64_t mask) {
   constexpr uint32_t kRopeUnits = 32 * (kDimQK - kDimV) * 2 / pk::kSwizzleUnitBytes;   // 256 per warpgroup
 #pragma unroll
   for (uint32_t j = 0; j < kRopeUnits / 128; ++j) {
@@ -356,12 +384,12 @@ __device__ __forceinline__ void convert_rope_and_scales(const uint8_t* raw, uint
     const uint32_t r = 32 * wg + u / pk::kSwizzleRows, c = u % pk::kSwizzleRows;
     const uint4 x = *reinterpret_cast<const uint4*>(raw + r * kFp8Row + kFp8RopeOff + pk::kSwizzleUnitBytes * c);
     *reinterpret_cast<uint4*>(kblk + kRopeChunk * kChunkBytes + pk::swizzle128_unit(r, c)) =
-        r < valid ? x : make_uint4(0, 0, 0, 0);
+        (mask >> r) & 1 ? x : make_uint4(0, 0, 0, 0);
   }
   if (tid < 32) {
     const uint32_t r = 32 * wg + tid;
     float4 v = *reinterpret_cast<const float4*>(raw + r * kFp8Row + kFp8SfOff);
-    if (r >= valid) v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (!((mask >> r) & 1)) v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (uint32_t g = 0; g < kGroups; ++g) sf[g * kPage + r] = (&v.x)[g];
   }
@@ -378,18 +406,28 @@ struct Fp8Pages {
   uint32_t full_bar, empty_bar;
   uint32_t wg, tid, lane;
   LatentRows rows;
+  const uint64_t* stage_mask;   // sparse: the page's valid rows, written by the producer; dense: nullptr
+  uint64_t block_mask = 0;      // valid rows of the page converted last (the block S masks next)
   uint32_t phase = 0;    // of the one raw stage
 
   __device__ __forceinline__ Fp8Pages(uint8_t* smem_, uint32_t raw_off_, uint32_t k_off_, uint32_t sf_off_,
-                                      uint32_t full_bar_, uint32_t empty_bar_, uint32_t wg_, uint32_t tid_)
+                                      uint32_t full_bar_, uint32_t empty_bar_, uint32_t wg_, uint32_t tid_,
+                                      const uint64_t* stage_mask_)
       : smem(smem_), raw_off(raw_off_), k_off(k_off_), sf_off(sf_off_), full_bar(full_bar_), empty_bar(empty_bar_),
-        wg(wg_), tid(tid_), lane(tid_ % 32), rows(smem_ + raw_off_, smem_ + k_off_, wg_, tid_ / 32, tid_ % 32) {}
+        wg(wg_), tid(tid_), lane(tid_ % 32), rows(smem_ + raw_off_, smem_ + k_off_, wg_, tid_ / 32, tid_ % 32),
+        stage_mask(stage_mask_) {}
 
   __device__ __forceinline__ const uint8_t* raw() const { return smem + raw_off; }
   __device__ __forceinline__ uint8_t* kblk() const { return smem + k_off; }
   __device__ __forceinline__ float* sf() const { return reinterpret_cast<float*>(smem + sf_off); }
 
-  __device__ __forceinline__ void wait_full() const { pk::mbar_wait(full_bar, phase); }
+  // Waits for the page; its valid rows: the producer's mask (sparse) or `dense_mask`. Read
+  // before release(): the producer rewrites the stage's mask for the next page after it.
+  __device__ __forceinline__ uint64_t wait_full(uint64_t dense_mask) {
+    pk::mbar_wait(full_bar, phase);
+    block_mask = stage_mask != nullptr ? *stage_mask : dense_mask;
+    return block_mask;
+  }
   __device__ __forceinline__ void release() {
     __syncwarp();
     if (lane == 0) pk::mbar_arrive(empty_bar);   // one arrival per math warp
@@ -397,18 +435,18 @@ struct Fp8Pages {
   }
 
   // The whole page, nothing in flight.
-  __device__ __forceinline__ void convert(uint32_t valid) {
-    wait_full();
-    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, valid);
+  __device__ __forceinline__ void convert(uint64_t dense_mask) {
+    const uint64_t mask = wait_full(dense_mask);
+    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, mask);
     StepRows x0, x1;
     load_latent_step<0>(rows, x0);
     load_latent_step<1>(rows, x1);
-    store_latent_step<0>(rows, x0, valid);
+    store_latent_step<0>(rows, x0, mask);
     load_latent_step<2>(rows, x0);
-    store_latent_step<1>(rows, x1, valid);
+    store_latent_step<1>(rows, x1, mask);
     load_latent_step<3>(rows, x1);
-    store_latent_step<2>(rows, x0, valid);
-    store_latent_step<3>(rows, x1, valid);
+    store_latent_step<2>(rows, x0, mask);
+    store_latent_step<3>(rows, x1, mask);
     release();
   }
 
@@ -416,22 +454,22 @@ struct Fp8Pages {
   // (kPvSteps groups); each step's rows are stored after wait_group leaves only the later
   // steps pending, the next step's rows loaded before that wait. Returns with every P V
   // wgmma retired.
-  __device__ __forceinline__ void convert_during_pv(uint32_t valid) {
-    wait_full();
-    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, valid);   // read by Q K^T and P only
+  __device__ __forceinline__ void convert_during_pv(uint64_t dense_mask) {
+    const uint64_t mask = wait_full(dense_mask);
+    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, mask);   // read by Q K^T and P only
     StepRows x0, x1;
     load_latent_step<0>(rows, x0);
     load_latent_step<1>(rows, x1);
     pk::wgmma_wait<kPvSteps - 1>();
-    store_latent_step<0>(rows, x0, valid);
+    store_latent_step<0>(rows, x0, mask);
     load_latent_step<2>(rows, x0);
     pk::wgmma_wait<kPvSteps - 2>();
-    store_latent_step<1>(rows, x1, valid);
+    store_latent_step<1>(rows, x1, mask);
     load_latent_step<3>(rows, x1);
     pk::wgmma_wait<kPvSteps - 3>();
-    store_latent_step<2>(rows, x0, valid);
+    store_latent_step<2>(rows, x0, mask);
     pk::wgmma_wait<0>();
-    store_latent_step<3>(rows, x1, valid);
+    store_latent_step<3>(rows, x1, mask);
     release();
   }
 };
@@ -481,11 +519,42 @@ __device__ __forceinline__ void add_scaled_then_issue(float (&s)[16], float (&t)
   pk::wgmma_wait<1>();
 }
 
-template <bool kFp8>
+// Sparse decode, the producer warp's part of one block: slots [64 blk, +64) of query token
+// `tok`'s index row; a slot is used when it is below topk_length and its index a token row
+// of the cache (-1 and anything out of range: unused). Lane l owns slots l and l + 32. The
+// used rows are bulk-copied to their slot's row of the raw page; the page's valid-row mask
+// goes to shared memory before the arrive that opens the transaction (the consumers read it
+// after their wait).
+__device__ __forceinline__ void load_sparse_block(const Params& p, uint32_t b, uint32_t tok, uint32_t blk,
+                                                  uint32_t raw, uint32_t full, uint64_t* mask_slot) {
+  const uint32_t lane = threadIdx.x % 32;
+  const int* slots = p.indices + b * p.idx_sb + (uint64_t)tok * p.idx_ss;
+  const uint32_t limit = p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + b), 0), p.topk) : p.topk;
+  int idx[2];
+  bool used[2];
+#pragma unroll
+  for (uint32_t h = 0; h < 2; ++h) {
+    const uint32_t slot = blk * kPage + lane + 32 * h;
+    idx[h] = slot < limit ? __ldg(slots + slot) : -1;
+    used[h] = idx[h] >= 0 && (uint32_t)idx[h] < p.num_tokens;
+  }
+  const uint64_t mask = (uint64_t)__ballot_sync(0xffffffffu, used[1]) << 32 | __ballot_sync(0xffffffffu, used[0]);
+  if (lane == 0) {
+    *mask_slot = mask;
+    pk::mbar_arrive_expect_tx(full, (uint32_t)__popcll(mask) * kFp8Row);
+  }
+  __syncwarp();
+#pragma unroll
+  for (uint32_t h = 0; h < 2; ++h)
+    if (used[h]) pk::bulk_load(raw + (lane + 32 * h) * kFp8Row, p.cache + (uint64_t)idx[h] * kFp8Row, kFp8Row, full);
+}
+
+template <bool kFp8, bool kSparse>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
-  if (!partition_ok(p)) return;       // the same verdict in every warp: the CTA does nothing
-  using L = Smem<kFp8>;
+  static_assert(kFp8 || !kSparse, "sparse decode reads the FP8 cache");
+  if (!partition_ok<kSparse>(p)) return;   // the same verdict in every warp: the CTA does nothing
+  using L = Smem<kFp8, kSparse>;
   constexpr uint32_t kStages = L::kStages;
   static_assert(!kFp8 || kStages == 1, "Fp8Pages: one raw page stage");
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -536,6 +605,17 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
       q_phase ^= 1;
       const int* table = p.block_table + (uint64_t)pc.b * p.bt_stride;
       for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+        if constexpr (kSparse) {
+          // one bulk copy per used token row of query token `tile * 64 / h_q` (h_q % 64 == 0)
+          pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
+          load_sparse_block(p, pc.b, tile * kTileRows / p.h_q, blk, base + L::kRawOff + s * kRawBytes,
+                            full_bar + 8 * s, reinterpret_cast<uint64_t*>(smem + L::kMaskOff) + s);
+          if (++s == kStages) {
+            s = 0;
+            phase ^= 1;
+          }
+          continue;
+        }
         const int32_t page = __ldg(table + blk);
         pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
         if (leader) {
@@ -574,7 +654,8 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   const uint32_t p_addr = base + L::kPOff;
 
   uint32_t s = 0, phase = 0, q_phase = 0;   // bf16 cache: the K block ring
-  Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid);
+  Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid,
+                 kSparse ? reinterpret_cast<const uint64_t*>(smem + L::kMaskOff) : nullptr);
   for (uint32_t k = 0; k < num_pieces; ++k) {
     const Piece pc = piece_of(p, row, k);
     // Per row h (r0 + 8h): global row, token, last visible key (clamped below seqlen).
@@ -609,7 +690,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           //    scales): a piece's first page here, every later one during the previous block's
           //    P V (step 4). Barrier: the whole block is written (Q K^T reads every column)
           //    before either warpgroup's wgmma reads it.
-          if (blk == pc.lo) pages.convert(valid_rows(pc, blk));
+          if (blk == pc.lo) pages.convert(rows_mask(valid_rows(pc, blk)));
           pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma operand reads
           pk::named_barrier_sync(kNamedBarrier, 256);
 
@@ -662,14 +743,16 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
         }
 
-        // 2. scale, mask, row maxima (base-2 logits)
+        // 2. scale, mask, row maxima (base-2 logits). Sparse: the page's used slots (unused
+        //    ones hold zero rows); dense: keys up to the row's last visible one.
         const int key0 = (int)(blk * kPage + key0l);
         float pm[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (uint32_t i = 0; i < 16; ++i) {
           const uint32_t h = (i >> 1) & 1;
-          const int key = key0 + 8 * (int)(i >> 2) + (int)(i & 1);
-          sc[i] = key <= lim[h] ? sc[i] * p.scale_log2 : -INFINITY;
+          const uint32_t in_block = key0l + 8 * (i >> 2) + (i & 1);
+          const bool visible = kSparse ? ((pages.block_mask >> in_block) & 1) != 0 : key0 + (int)(in_block - key0l) <= lim[h];
+          sc[i] = visible ? sc[i] * p.scale_log2 : -INFINITY;
           pm[h] = fmaxf(pm[h], sc[i]);
         }
         pm[0] = quad_max(pm[0]);
@@ -781,7 +864,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
             pk::wgmma_commit();
           }
           if (blk + 1 < pc.hi)
-            pages.convert_during_pv(valid_rows(pc, blk + 1));
+            pages.convert_during_pv(rows_mask(valid_rows(pc, blk + 1)));
           else
             pk::wgmma_wait<0>();
         } else {
@@ -822,10 +905,11 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
       if (grow[h] >= p.rows) continue;
-      const bool seen = l[h] > 0.0f;
-      const float inv = seen ? __frcp_rn(l[h]) : 0.0f;
+      const bool seen = !(l[h] <= 0.0f);   // a NaN score (NaN in a used row) propagates to out and lse
+      float inv = seen ? __frcp_rn(l[h]) : 0.0f;
       const float lse2 = seen ? m[h] + pk::lg2_approx(l[h]) : -INFINITY;
       if (nsplit == 1) {
+        if (kSparse && p.sink != nullptr) inv *= sink_factor(__ldg(p.sink + head[h]), lse2);
         uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)tok[h] * p.out_ss + (uint64_t)head[h] * p.out_sh +
                         256 * wg + 2 * (lane % 4);
 #pragma unroll
@@ -860,7 +944,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
     const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
                    out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,  \
                    max_blocks};                                                                                \
-    mla_decode<FP8>(&tmap_q, &tmap_kv, p);                                                                     \
+    mla_decode<FP8, false>(&tmap_q, &tmap_kv, p);                                                              \
   }
 
 // bf16 cache [num_blocks, 64, 1, 576]: tmap_kv is a 2-D map over [num_blocks * 64, 576].
@@ -869,15 +953,36 @@ PK_MLA_DECODE_ENTRY(pk_mla_decode_bf16, false)
 // 3-D map over the cache viewed as [num_blocks * 64, 41, 16] bytes (one box = one page).
 PK_MLA_DECODE_ENTRY(pk_mla_decode_fp8, true)
 
+// Sparse decode over the FP8 cache (FlashMLA's flash_mla_with_kvcache(..., indices=...);
+// pykernels/cuda/dsa.py): the dense FP8 kernel's parameters (block_table unused, seqlens =
+// topk per sequence, the schedule's unit) and the sparse ones of Params. The CTA's 64 query
+// rows are 64 heads of one query token (h_q a multiple of 64); each 64-slot block of its
+// index row is gathered token row by token row into the raw page and masked by slot.
+extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_sparse_decode_fp8(
+    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
+    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
+    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
+    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
+    float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks, const int* indices,
+    const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb, uint32_t idx_ss,
+    uint32_t topk, uint32_t num_tokens) {
+  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
+                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,
+                 max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};
+  mla_decode<true, true>(&tmap_q, &tmap_kv, p);
+}
+
 // ----------------------------------------------------------------------------- combine
 // Grid (b, ceil(rows / 4)), 128 threads: one warp per query row of a sequence with more
 // than one split (others return at once). lse = log-sum-exp of the splits' base-2 LSEs,
 // out = sum_j 2^(lse_j - lse) out_j; lane l owns columns 4l + 128q (q = 0..3, float4 loads).
-// Rows no split saw: out 0, lse +inf.
-extern "C" __global__ void __launch_bounds__(128) pk_mla_combine(
-    const int* nsplits, const float* oacc, const float* lacc, uint16_t* out, float* lse, uint32_t rows,
-    uint32_t h_q, uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh,
-    uint32_t lse_ss, uint32_t max_splits) {
+// Rows no split saw: out 0, lse +inf. With attn_sink (pk_mla_combine_sink, the sparse
+// decode's), out is scaled by sink_factor(sink[head], lse) before rounding.
+namespace {
+__device__ __forceinline__ void combine(const int* nsplits, const float* oacc, const float* lacc, uint16_t* out,
+                                        float* lse, uint32_t rows, uint32_t h_q, uint64_t out_sb, uint32_t out_ss,
+                                        uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,
+                                        uint32_t max_splits, const float* sink) {
   const uint32_t b = blockIdx.x;
   const int s0 = __ldg(nsplits + b);
   const int n = __ldg(nsplits + b + 1) - s0;
@@ -911,8 +1016,9 @@ extern "C" __global__ void __launch_bounds__(128) pk_mla_combine(
     }
   }
   const bool seen = total > 0.0f;
-  const float inv = seen ? __frcp_rn(total) : 0.0f;
   const uint32_t tok = row / h_q, head = row - (row / h_q) * h_q;
+  float inv = seen ? __frcp_rn(total) : 0.0f;
+  if (sink != nullptr && seen) inv *= sink_factor(__ldg(sink + head), m_use + pk::lg2_approx(total));
   uint16_t* dst = out + b * out_sb + (uint64_t)tok * out_ss + (uint64_t)head * out_sh + 4 * lane;
 #pragma unroll
   for (uint32_t q = 0; q < 4; ++q) {
@@ -924,4 +1030,22 @@ extern "C" __global__ void __launch_bounds__(128) pk_mla_combine(
   if (lane == 0)
     lse[b * lse_sb + (uint64_t)head * lse_sh + (uint64_t)tok * lse_ss] =
         seen ? (m_use + pk::lg2_approx(total)) * kLn2 : INFINITY;
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(128) pk_mla_combine(
+    const int* nsplits, const float* oacc, const float* lacc, uint16_t* out, float* lse, uint32_t rows,
+    uint32_t h_q, uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh,
+    uint32_t lse_ss, uint32_t max_splits) {
+  combine(nsplits, oacc, lacc, out, lse, rows, h_q, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, max_splits,
+          nullptr);
+}
+
+// The sparse decode's combine: the same parameters + attn_sink float32 [h_q] (may be null).
+extern "C" __global__ void __launch_bounds__(128) pk_mla_combine_sink(
+    const int* nsplits, const float* oacc, const float* lacc, uint16_t* out, float* lse, uint32_t rows,
+    uint32_t h_q, uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh,
+    uint32_t lse_ss, uint32_t max_splits, const float* sink) {
+  combine(nsplits, oacc, lacc, out, lse, rows, h_q, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, max_splits,
+          sink);
 }

@@ -13,6 +13,12 @@ Kernel parameters, in order: tmap_q, tmap_k, weights, out, out_stride (u64), wei
 width, then paged: cache, context_lens, block_table, bt_stride, next_n, lens_per_row; ragged:
 k_scales, cu_seqlen_ks, cu_seqlen_ke, num_rows.
 
+Sparse MLA decode (csrc/mla/decode.cu's pk_mla_sparse_decode_fp8 + pk_mla_combine_sink): the
+dense FP8 decode's plan (pykernels/cuda/mla.py) with every sequence scheduled as topk tokens,
+each 64-slot block gathered token row by token row (one bulk copy per used slot) and masked
+by slot, attn_sink applied where the output is normalised. h_q a multiple of 64 (a CTA's 64
+query rows are one query token's heads).
+
 Top-k (csrc/dsa/topk.cu): topk_indices (prefill) and paged_topk_indices (decode), one CTA per
 logits row (radix select, compaction, bitonic sort in shared memory; the reference's order
 exactly). Parameters: logits, out, ks, ke, context_lens, block_table (the other form's
@@ -198,6 +204,77 @@ def paged_topk_indices(logits, context_lens, block_table, topk: int, out, execut
     return run_plan(topk_plan(logits, out, topk, context_lens=context_lens, block_table=block_table), executor)
 
 
+SPARSE_DECODE_FUNCTION = "pk_mla_sparse_decode_fp8"
+SPARSE_COMBINE_FUNCTION = "pk_mla_combine_sink"
+SPARSE_OP_NAME = "flash_mla_sparse_decode"     # names the op in a recorded input error
+
+
+def sparse_decode_smem_bytes() -> int:
+    """Smem<true, true>::kBytes: the FP8 decode's shared memory + one u64 row mask per raw stage."""
+    from . import mla as CM
+    return CM.SMEM_BYTES_FP8 + 8
+
+
+def check_sparse_decode_supported(q, k_cache, head_dim_v: int) -> None:
+    """What the hand-written sparse decode supports beyond pykernels.ops.dsa's validation
+    (ValueError naming the argument): the dense FP8 kernel's limits and h_q a multiple of 64."""
+    from . import mla as CM
+    CM.check_supported(q, k_cache, head_dim_v)
+    h_q = q.shape[2]
+    if h_q % 64:
+        raise ValueError(f"q: the cuda/emu sparse decode kernel needs h_q a multiple of 64 (a CTA's 64 query rows "
+                         f"are one token's heads), got h_q {h_q}")
+
+
+def sparse_decode(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_metadata, num_splits, out, lse,
+                  head_dim_v: int, softmax_scale: float, executor: str = "cuda"):
+    """Sparse MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q] with the
+    hand-written kernel; inputs as validated by pykernels.ops.dsa. Without a schedule, one is
+    made (get_mla_metadata over topk tokens per sequence). Returns the emulator's Stats of the
+    two launches for executor "emu", else None."""
+    import dataclasses
+
+    from .. import mla_schedule as MS
+    from ..reference import mla as RM
+    from ..runtime import device_errors
+    from . import mla as CM
+    check_sparse_decode_supported(q, k_cache, head_dim_v)
+    b, s_q, h_q, _ = q.shape
+    if b == 0:
+        return [] if executor == "emu" else None
+    topk = indices.shape[2]
+    seqlens = torch.full((b,), topk, dtype=torch.int32, device=q.device)   # the schedule's unit
+    if tile_scheduler_metadata is None:
+        parts = MS.default_num_sm_parts(q.device, s_q * h_q, 1)
+        tile_scheduler_metadata, num_splits = RM.get_mla_metadata(seqlens.cpu(), parts)
+        tile_scheduler_metadata, num_splits = tile_scheduler_metadata.to(q.device), num_splits.to(q.device)
+    rows, parts = s_q * h_q, tile_scheduler_metadata.shape[0]
+    record = device_errors.record_for(q.device, SPARSE_OP_NAME)
+    o = out if CM._out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    lo = lse if CM._lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
+    oacc, lacc = MS.split_scratch(b, parts, rows, RM.HEAD_DIM_V, q.device)
+    no_table = torch.zeros((1, cdiv(topk, RM.PAGE_BLOCK_SIZE)), dtype=torch.int32, device=q.device)   # never read
+    dense = CM.decode_plan(CM.q_view(q), CM.kv_view(k_cache), no_table, seqlens, tile_scheduler_metadata,
+                           num_splits, o, lo, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=softmax_scale,
+                           causal=False, num_blocks=k_cache.shape[0])
+    sparse_args = (ptr(indices), ptr(k_cache), _opt(topk_length), _opt(attn_sink), u64(indices.stride(0)),
+                   u32(indices.stride(1)), u32(topk), u32(k_cache.shape[0] * RM.PAGE_BLOCK_SIZE))
+    plan = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, args=dense.args + sparse_args,
+                               shared_bytes=sparse_decode_smem_bytes())
+    stats = [run_plan(plan, executor)]
+    if executor == "emu":
+        device_errors.raise_if_set(record, SPARSE_OP_NAME)
+    combine = CM.combine_plan(num_splits, oacc, lacc, o, lo, h_q=h_q)
+    stats.append(run_plan(dataclasses.replace(combine, function=SPARSE_COMBINE_FUNCTION,
+                                              args=combine.args + (_opt(attn_sink),)), executor))
+    if o is not out:
+        out.copy_(o)
+    if lo is not lse:
+        lse.copy_(lo)
+    return stats if executor == "emu" else None
+
+
 __all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "paged_logits_plan",
            "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS", "check_topk_supported",
-           "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE"]
+           "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE", "sparse_decode",
+           "check_sparse_decode_supported", "sparse_decode_smem_bytes"]

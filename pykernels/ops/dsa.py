@@ -781,7 +781,21 @@ def _sparse_decode_triton(p: SparseDecodeProblem):
                                p.softmax_scale)
 
 
+def _sparse_decode_kernel(p: SparseDecodeProblem, executor: str):
+    from ..cuda import dsa as CD
+    _check_gpu_sparse_decode_values(p)
+    CD.sparse_decode(p.q, p.k_cache, p.indices, p.attn_sink, p.topk_length, p.tile_scheduler_metadata, p.num_splits,
+                     p.out, p.softmax_lse, p.head_dim_v, p.softmax_scale, executor)
+
+
+def _sparse_decode_kernel_limits(p: SparseDecodeProblem):
+    from ..cuda import dsa as CD
+    CD.check_sparse_decode_supported(p.q, p.k_cache, p.head_dim_v)
+
+
 SPARSE_DECODE = registry.op("flash_mla_sparse_decode", lambda *a, **kw: public_sparse_decode_problem(*a, **kw))
+for _name in ("cuda", "emu"):
+    SPARSE_DECODE.add(B.kernel(_name, "mla_decode", _sparse_decode_kernel, _sparse_decode_kernel_limits))
 SPARSE_DECODE.add(B.triton(_sparse_decode_triton))
 SPARSE_DECODE.add(B.reference(_sparse_decode_reference))
 

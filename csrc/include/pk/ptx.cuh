@@ -241,6 +241,16 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const Tensor
       : "memory");
 }
 
+// Plain bulk copy (no tensor map) of `bytes` from global memory into this CTA's shared
+// memory, signalling `bar` with complete_tx of those bytes. Addresses and size: multiples of
+// 16 bytes. For rows a tensor map cannot gather (one token row per copy).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
 // Shared -> global tile store (bulk-group completion). Elements outside the tensor's
 // bounds are not written. Needs fence_proxy_async_shared() after the st.shared that
 // produced `src`.

@@ -18,9 +18,10 @@ hold (num_worst_tokens too small) - the rows past the bound are dropped.
 Executors: `LocalNode` holds every rank in this process and runs all ranks' kernels at
 once, on the PTX emulator (CPU: pykernels.emu.launch_many, one global memory, so a rank's
 buffer address works in its peers' kernels like a CUDA IPC mapping) or on one GPU with a
-stream per rank; `CudaIntranode` is one rank of a process group on its GPU (buffers opened
-through CUDA IPC, handles exchanged with all_gather_object). The same plan builders serve
-all of them.
+stream per rank; `IntranodeRank` is one rank of a process group per process, over a
+provider of memory and launches: `CudaIntranode` (its GPU, buffers opened through CUDA
+IPC) or pykernels.ep.transport_emu.EmuIntranode (shared memory mapped at one address in
+every process, the emulator). The same plan builders serve all of them.
 """
 import dataclasses
 import numbers
@@ -899,7 +900,9 @@ class IntranodeRank:
         bf16 [T, H] = sum over valid k, in order, of w[t, k] * (expert output of (t, k)),
         in float32 from 0.0. num_recv_ctas: CTAs that reduce (None: the provider's choice)."""
         p, cfg = self.provider, self.cfg
-        El, R, M = cfg.num_experts // max(cfg.num_ranks, 1), cfg.num_ranks, cfg.max_dispatch_tokens
+        if not cfg.num_experts:
+            raise ValueError("low_latency_combine: the buffer has no low-latency region (cfg.num_experts=0)")
+        El, R, M = cfg.num_experts // cfg.num_ranks, cfg.num_ranks, cfg.max_dispatch_tokens
         if y.dtype != torch.bfloat16 or y.dim() != 3 or tuple(y.shape[:2]) != (El, R * M):
             raise ValueError(f"y: expected bf16 [{El}, {R * M}, H], got {y.dtype} {list(y.shape)}")
         if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_idx.shape:

@@ -231,11 +231,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, recip
     size = _problem_size(a, b)
     if size is not None and size[0] == 0:
         return None
-    if use_psum_layout:
-        groups = b[0].shape[0] if isinstance(b[0], torch.Tensor) and b[0].dim() == 3 else 0
-        m_indices = _psum_to_grouped_layout(grouped_layout, size[0], groups)
-    else:
-        m_indices = grouped_layout
+    m_indices = grouped_layout
+    if use_psum_layout and size is not None and b[0].dim() == 3:      # else pykernels' validation names the error
+        m_indices = _psum_to_grouped_layout(grouped_layout, size[0], b[0].shape[0])
     PG.m_grouped_fp8_gemm_nt_contiguous(a, b, d, m_indices, recipe, recipe_a, recipe_b, compiled_dims,
                                         disable_ue8m0_cast, backend=backend)
     if ensure_zero_padding:

@@ -83,7 +83,7 @@ class Agreement:
             raise BufferBrokenError(f"this Buffer is unusable: {self.broken}. Make a new Buffer on every rank "
                                     f"(and, after a timeout inside a collective, a new process group).")
 
-    def exchange(self, what: str, record: dict, seq_label: str = None) -> list:
+    def exchange(self, what: str, record: dict) -> list:
         """Publish this rank's record for the next step, wait for every rank's, return them
         (a list indexed by rank). RankTimeoutError names the ranks that did not arrive."""
         self._check_abort()
@@ -97,8 +97,7 @@ class Agreement:
             absent = [r for r, k in enumerate(keys) if not self.store.check([k])]
             if not absent:       # arrived just now: a real store failure, not a timeout
                 raise
-            label = seq_label or f"call {seq}"
-            reason = (f"{what} ({label}): rank(s) {absent} did not arrive within timeout_s={self.timeout_s:g} s "
+            reason = (f"{what}: rank(s) {absent} did not arrive within timeout_s={self.timeout_s:g} s "
                       f"(seen by rank {self.rank})")
             self.abort(reason)
             raise RankTimeoutError(f"{reason}. No data moved. This Buffer is now unusable on every rank (the "
@@ -110,16 +109,4 @@ class Agreement:
                 self.store.delete_key(self._key(seq - 2, self.rank))
             except Exception:    # a store without delete: the keys just stay
                 pass
-        return records
-
-    def agree(self, what: str, record: dict, seq_label: str = None) -> list:
-        """exchange(), then raise RankMismatchError on every rank if any field differs."""
-        records = self.exchange(what, record, seq_label)
-        differing = [k for k in record if any(r.get(k) != record[k] for r in records)]
-        differing += [k for r in records for k in r if k not in record and k not in differing]
-        if differing:
-            lines = "; ".join(f"{k}: " + ", ".join(f"rank {i}: {r.get(k)!r}" for i, r in enumerate(records))
-                              for k in differing)
-            raise RankMismatchError(f"{what}: the ranks disagree ({lines}). Nothing was sent; every rank raised "
-                                    f"this error and the Buffer remains usable.")
         return records

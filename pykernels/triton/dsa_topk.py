@@ -58,14 +58,15 @@ def _order_key(x):
 
 @jit
 def _count_ge(row, lo, hi, cand, BLOCK_N: tl.constexpr):
-    """Number of keys >= cand in the window [lo, hi) of the row."""
-    cnt = tl.zeros((), dtype=tl.int32)
+    """Number of keys >= cand in the window [lo, hi) of the row (counted per lane, one
+    reduction at the end: no block-wide reduction per step)."""
+    cnt = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < hi
         key = _order_key(tl.load(row + pos, mask=ok, other=0.0))
-        cnt += tl.sum((ok & (key >= cand)).to(tl.int32), axis=0)
-    return cnt
+        cnt += (ok & (key >= cand)).to(tl.int32)
+    return tl.sum(cnt, axis=0)
 
 
 @jit

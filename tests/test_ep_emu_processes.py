@@ -326,6 +326,26 @@ def test_bad_config_and_timeout_arguments():
             EmuIntranode(_config(2))
         with pytest.raises(ValueError, match=r"timeout_s: expected a positive number of seconds, got 0"):
             EmuIntranode(_config(1), timeout_s=0)
+        # bad calls are refused before anything runs (and before the rank counts as arrived)
+        t = EmuIntranode(_config(1))
+        x = torch.zeros(3, H, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"topk_idx: expected int64 \[T, K\], got None"):
+            t.dispatch(x, None, None, 4)
+        with pytest.raises(ValueError, match=r"num_experts: expected a positive multiple of 1, got 0"):
+            t.dispatch(x, torch.zeros(3, K, dtype=torch.int64), None, 0)
+        handle = cep.IntranodeHandle(torch.zeros(3, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.int32),
+                                     torch.zeros(2, dtype=torch.int32), torch.zeros(1, CHANNELS, 2, dtype=torch.int32),
+                                     2, 3)
+        with pytest.raises(ValueError, match=r"x: expected bf16 \[2, H\] \(the rows dispatch returned\), got "
+                                             r"torch.bfloat16 \[3, 256\]"):
+            t.combine(x, handle)
+        with pytest.raises(ValueError, match=rf"x: at most cfg.max_dispatch_tokens={M} tokens, got {M + 1}"):
+            t.low_latency_dispatch(torch.zeros(M + 1, H, dtype=torch.bfloat16), torch.zeros(M + 1, K, dtype=torch.int64))
+        with pytest.raises(ValueError, match=rf"y: expected bf16 \[4, {M}, H\], got torch.bfloat16 \[4, 3, 256\]"):
+            t.low_latency_combine(torch.zeros(4, 3, H, dtype=torch.bfloat16), torch.zeros(3, K, dtype=torch.int64),
+                                  torch.zeros(3, K), None)
+        assert t.provider.calls == 0
+        t.destroy()
     finally:
         dist.destroy_process_group()
 

@@ -11,6 +11,9 @@ tensors), "triton", "reference"; "auto" takes the first that supports the call
 torch.ops.pykernels.* custom ops (eager calls run their bodies directly:
 pykernels.ops.custom). No host-device synchronisation.
 
+fp8_gemm_nt also writes float32 out, with DeepGEMM's accumulation d = c + A B^T (c may be d
+itself: the weight-gradient form, wgrad_gemm_fp8_fp8_fp32_nt) and its recipe (1, 1, 128)
+(1x128 B scales: triton and reference backends).
 DeepGEMM's keywords (c, recipe, recipe_a/b, compiled_dims, disable_ue8m0_cast, and for the
 contiguous layout use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) are
 accepted where their values mean what these functions compute, else a ValueError names
@@ -31,18 +34,32 @@ CONTIGUOUS_ALIGNMENT = 128
 @dlpack_io
 def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
                 disable_ue8m0_cast: bool = False, *, backend: str = "auto"):
-    """out[m, n] (bf16) = (a[m, k] * sfa) @ (b[n, k] * sfb)^T.
+    """out[m, n] = (a[m, k] * sfa) @ (b[n, k] * sfb)^T (+ c).
 
     a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [ceil(n/128), ceil(k/128)]);
-    out: bf16 [m, n], written in place and returned. c .. disable_ue8m0_cast: DeepGEMM's
-    keywords (c must be None; recipe (1, 128, 128)).
+    out: bf16 or float32 [m, n], written in place and returned. c: None, or float32 [m, n]
+    with a float32 out: out = c + a b^T; c may be out itself (out += a b^T, the
+    weight-gradient form). recipe: (1, 128, 128) (default), or (1, 1, 128): sfb float32
+    [n, ceil(k/128)], one scale per row of b and 128 of K (also recipe_a (1, 128) + recipe_b
+    (1, 128); backends triton and reference). compiled_dims, disable_ue8m0_cast: DeepGEMM's
+    keywords (no effect here).
     """
-    G.check_deepgemm_keywords(c=c, recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b,
-                              compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast)
+    b_scale_rows = G.check_deepgemm_keywords(recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b,
+                                             compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast,
+                                             per_row_b=True)
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
     out = V.as_tensor("out", out)
-    call(torch.ops.pykernels.fp8_gemm_nt, G.fp8_gemm_nt_body, a, sfa, b, sfb, out, backend)
+    c = None if c is None else V.as_tensor("c", c)
+    # c = out: accumulate in place (the custom op's inputs may not alias its mutated out)
+    accumulate = c is not None and _same_view(c, out)
+    call(torch.ops.pykernels.fp8_gemm_nt, G.fp8_gemm_nt_body, a, sfa, b, sfb, out, backend,
+         None if accumulate else c, accumulate, b_scale_rows)
     return out
+
+
+def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (x.device == y.device and x.data_ptr() == y.data_ptr() and x.dtype == y.dtype
+            and x.shape == y.shape and x.stride() == y.stride())
 
 
 @dlpack_io
@@ -115,8 +132,18 @@ def _not_supported(name: str, what: str):
     return missing
 
 
-# DeepGEMM's weight-gradient GEMMs (fp32 out, accumulated; K-grouped): not implemented here
-wgrad_gemm_fp8_fp8_fp32_nt = _not_supported("wgrad_gemm_fp8_fp8_fp32_nt", "the fp32 weight-gradient GEMM")
+@dlpack_io
+def wgrad_gemm_fp8_fp8_fp32_nt(a, b, out, *, backend: str = "auto"):
+    """Weight-gradient GEMM (DeepGEMM's): out[m, n] += (a[m, k] * sfa) @ (b[n, k] * sfb)^T.
+
+    a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [n, ceil(k/128)])
+    (1x128 scales on both, recipe (1, 1, 128)); out: float32 [m, n], accumulated in place
+    and returned. fp8_gemm_nt(a, b, out, c=out, recipe=(1, 1, 128)); backends triton and
+    reference (the cuda kernel takes 128x128 B scales only)."""
+    return fp8_gemm_nt(a, b, out, c=out, recipe=G.RECIPE_PER_ROW_B, backend=backend)
+
+
+# DeepGEMM's K-grouped weight-gradient GEMMs: not implemented here
 k_grouped_wgrad_gemm_fp8_fp8_fp32_nt = _not_supported("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
                                                       "the K-grouped fp32 weight-gradient GEMM")
 k_grouped_fp8_gemm_nt_contiguous = _not_supported("k_grouped_fp8_gemm_nt_contiguous", "the K-grouped GEMM")

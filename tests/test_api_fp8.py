@@ -80,7 +80,7 @@ def _good():
 @pytest.mark.parametrize("mutate,exc,msg", [
     (lambda a, sfa, b, sfb, o: (a.float(), sfa, b, sfb, o), TypeError, "a: expected dtype float8_e4m3fn, got float32"),
     (lambda a, sfa, b, sfb, o: (a, sfa.double(), b, sfb, o), TypeError, "sfa: expected dtype float32, got float64"),
-    (lambda a, sfa, b, sfb, o: (a, sfa, b, sfb, o.float()), TypeError, "out: expected dtype bfloat16, got float32"),
+    (lambda a, sfa, b, sfb, o: (a, sfa, b, sfb, o.half()), TypeError, "out: expected dtype bfloat16, got float16"),
     (lambda a, sfa, b, sfb, o: (a, sfa, b[:, :128], sfb, o), ValueError, r"b: expected K = 256"),
     (lambda a, sfa, b, sfb, o: (a[:, :200], sfa, b[:, :200], sfb, o), ValueError, "k: expected a multiple of 16 .*got 200"),
     (lambda a, sfa, b, sfb, o: (a, sfa[:, :1], b, sfb, o), ValueError, r"sfa: expected shape \[8, 2\], got \[8, 1\]"),
@@ -105,6 +105,55 @@ def test_gemm_call_form_and_backend_errors():
         pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend="cublas")
     with pytest.raises(ValueError, match="backend: 'cuda' cannot run .*: runs on GPU tensors, got cpu tensors"):
         pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_f32_out_forms(backend, seed):
+    # DeepGEMM's fp32 forms: d = c + a b^T (c apart from d), c = d (accumulated in place), and
+    # the weight-gradient GEMM (recipe (1, 1, 128): sfb [n, ceil(k/128)]), with partial K
+    m, n, k = 20, 136, 208
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    b1, sfb1 = R.per_token_cast_to_fp8(torch.randn(n, k))
+    c = torch.randn(m, n)
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c=c)
+    ref1 = R.fp8_gemm_nt(a, sfa, b1, sfb1, torch.empty(m, n), c=c, b_scale_rows=1)
+    d = torch.full((m, n), float("nan"))
+    assert pk.fp8_gemm_nt((a, sfa), (b, sfb), d, c=c, backend=backend) is d
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-4)
+    d = c.clone()
+    pk.fp8_gemm_nt((a, sfa), (b, sfb), d, c=d, backend=backend)
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-4)
+    d = c.clone()
+    pk.fp8_gemm_nt((a, sfa), (b1, sfb1), d, c=d, recipe=(1, 1, 128), backend=backend)
+    torch.testing.assert_close(d, ref1, rtol=1e-5, atol=1e-4)
+    d = c.clone()
+    assert pk.wgrad_gemm_fp8_fp8_fp32_nt((a, sfa), (b1, pk.get_col_major_tma_aligned_tensor(sfb1)), d,
+                                         backend=backend) is d
+    torch.testing.assert_close(d, ref1, rtol=1e-5, atol=1e-4)
+
+
+def test_f32_out_errors():
+    a, sfa, b, sfb, out = _good()
+    c = torch.zeros(8, 128)
+    with pytest.raises(ValueError, match="c: accumulation .* needs a float32 out, got out torch.bfloat16"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), out, c=c)
+    with pytest.raises(ValueError, match=r"c: expected shape \[8, 128\], got \[8, 64\]"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), c.clone(), c=c[:, :64])
+    with pytest.raises(TypeError, match="c: expected dtype float32, got bfloat16"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), c.clone(), c=out)
+    big = torch.zeros(9, 128)
+    with pytest.raises(ValueError, match="out: expected memory of its own, got a tensor overlapping c"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), big[1:], c=big[:8])
+    with pytest.raises(ValueError, match=r"recipe: expected \(1, 128, 128\) .* or \(1, 1, 128\)"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), c, recipe=(1, 128, 1))
+    with pytest.raises(ValueError, match=r"sfb: expected shape \[128, 2\], got \[1, 2\]"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), c, recipe=(1, 1, 128))
+    b1, sfb1 = R.per_token_cast_to_fp8(torch.randn(128, 256))
+    with pytest.raises(ValueError, match="backend: 'emu' cannot run .*recipe: the cuda FP8 GEMM takes 128x128 B"):
+        pk.wgrad_gemm_fp8_fp8_fp32_nt((a, sfa), (b1, sfb1), c, backend="emu")
+    with pytest.raises(ValueError, match=r"recipe: expected \(1, 128, 128\)"):
+        pk.m_grouped_fp8_gemm_nt_masked((a[None], sfa[None]), (b1[None], sfb1[None]), out[None],
+                                        torch.ones(1, dtype=torch.int32), 8, recipe=(1, 1, 128))
 
 
 def test_grouped_validation_errors():
@@ -146,7 +195,9 @@ def test_custom_ops_opcheck():
     a, sfa, b, sfb, out = _good()
     checks = [(torch.ops.pykernels.per_token_cast_to_fp8.default, (x, "reference")),
               (torch.ops.pykernels.per_block_cast_to_fp8.default, (x, "reference")),
-              (torch.ops.pykernels.fp8_gemm_nt.default, (a, sfa, b, sfb, out, "reference"))]
+              (torch.ops.pykernels.fp8_gemm_nt.default, (a, sfa, b, sfb, out, "reference")),
+              (torch.ops.pykernels.fp8_gemm_nt.default,             # float32 out = c + a b^T
+               (a, sfa, b, sfb, torch.zeros(8, 128), "reference", torch.randn(8, 128), False, 128))]
     for fn, args in checks:
         result = torch.library.opcheck(fn, args, test_utils=utils)
         assert result == {u: "SUCCESS" for u in utils}, (fn, result)

@@ -336,8 +336,12 @@ def test_accepted_keywords_trace_whole(seed):
     assert torch.equal(_bits(got), _bits(f(x, *b)))
 
 
-REJECTED = [
+# 1x128 B scales: fp8_gemm_nt's (tests/test_api_fp8.py), rejected by the grouped GEMMs
+GROUPED_REJECTED = [
     (dict(recipe=(1, 1, 128)), ValueError, r"recipe: expected \(1, 128, 128\) .*, got \(1, 1, 128\)"),
+    (dict(recipe_a=(1, 128), recipe_b=(1, 128)), ValueError, r"recipe_b: expected \(128, 128\) .*, got \(1, 128\)"),
+]
+REJECTED = [
     (dict(recipe=(128, 128, 128)), ValueError, r"recipe: expected \(1, 128, 128\) .*, got \(128, 128, 128\)"),
     (dict(recipe=(1, 128)), ValueError, r"recipe: expected \(1, 128, 128\) .*, got \(1, 128\)"),
     (dict(recipe=(1, 128, 128), recipe_a=(1, 128), recipe_b=(128, 128)), ValueError,
@@ -345,7 +349,6 @@ REJECTED = [
     (dict(recipe_a=(1, 128)), ValueError, r"recipe_a, recipe_b: expected both or neither, got recipe_a=\(1, 128\)"),
     (dict(recipe_b=(128, 128)), ValueError, "recipe_a, recipe_b: expected both or neither"),
     (dict(recipe_a=(1, 32), recipe_b=(128, 128)), ValueError, r"recipe_a: expected \(1, 128\) .*, got \(1, 32\)"),
-    (dict(recipe_a=(1, 128), recipe_b=(1, 128)), ValueError, r"recipe_b: expected \(128, 128\) .*, got \(1, 128\)"),
     (dict(compiled_dims="nkx"), ValueError, "compiled_dims: expected a string of distinct letters from 'mnk'.*'nkx'"),
     (dict(compiled_dims="nn"), ValueError, "compiled_dims: .*got 'nn'"),
     (dict(compiled_dims=None), ValueError, "compiled_dims: .*got None"),
@@ -373,28 +376,30 @@ def _calls():
     }
 
 
-@pytest.mark.parametrize("kw, exc, msg", REJECTED + CONTIGUOUS_REJECTED)
+@pytest.mark.parametrize("kw, exc, msg", REJECTED + CONTIGUOUS_REJECTED + GROUPED_REJECTED)
 def test_unsupported_keyword_values_are_named(kw, exc, msg, seed):
     outs, calls = _calls()
-    layouts = ("contiguous",) if (kw, exc, msg) in CONTIGUOUS_REJECTED else ("normal", "contiguous", "masked")
+    layouts = (("contiguous",) if (kw, exc, msg) in CONTIGUOUS_REJECTED else ("contiguous", "masked")
+               if (kw, exc, msg) in GROUPED_REJECTED else ("normal", "contiguous", "masked"))
     for layout in layouts:
         with pytest.raises(exc, match=msg):
             calls[layout](**kw)
         assert outs[layout].isnan().all()            # rejected before anything is written
 
 
-def test_accumulation_is_rejected_by_name(seed):
+def test_accumulation_into_bf16_is_rejected_by_name(seed):
+    # c (d = c + a @ b) needs a float32 d, as in DeepGEMM (float32 forms: tests/test_api_fp8.py)
     _, _, a, b = _normal_args()
     out = nan_bf16(48, 256)
     for c in (torch.zeros(48, 256, dtype=torch.bfloat16), torch.zeros(48, 256), out):
-        with pytest.raises(ValueError, match=r"c: expected None \(accumulation, d = c \+ a @ b, .*not supported yet"):
+        with pytest.raises(ValueError, match=r"c: accumulation \(out = c \+ a b\^T\) needs a float32 out"):
             pk.fp8_gemm_nt(a, b, out, c=c)
-        with pytest.raises(ValueError, match="c: expected None"):
+        with pytest.raises(ValueError, match="c: accumulation"):
             pk.fp8_gemm_nt(a, b, out, c)             # DeepGEMM's fourth positional argument
     assert out.isnan().all()
 
 
-@pytest.mark.parametrize("name", ["wgrad_gemm_fp8_fp8_fp32_nt", "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
+@pytest.mark.parametrize("name", ["k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
                                   "k_grouped_fp8_gemm_nt_contiguous", "k_grouped_fp8_gemm_tn_contiguous"])
 def test_unimplemented_gemms_raise_naming_themselves(name):
     fn = getattr(pk, name)

@@ -60,11 +60,19 @@ def _source_entries():
                     for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_MC2\((\d+), (\d+)\)$", src, re.M)}
 
 
+def _source_f32acc_entries():
+    """Configs named by the PK_FP8_GEMM_ENTRY_F32ACC lines (float32 out, accumulated)."""
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "gemm" / "fp8_gemm.cu").read_text()
+    return {G.Config(int(bm), int(bn), f32acc=True)
+            for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_F32ACC\((\d+), (\d+)\)$", src, re.M)}
+
+
 def test_every_config_is_compiled():
     # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
-    assert set(funcs) == {c.function for c in G.CONFIGS}
+    assert set(funcs) == {c.function for c in G.CONFIGS + G.F32ACC_CONFIGS}
     assert set(G.CONFIGS) == _source_entries() and len(G.CONFIGS) == len(set(G.CONFIGS))
+    assert set(G.F32ACC_CONFIGS) == _source_f32acc_entries() and not any(c.f32acc for c in G.CONFIGS)
     assert 5 <= len(G.CONFIGS) <= 10                     # CI builds them on 2 cores (~3 s)
     # non-power-of-two BLOCK_N: 112, 144 and 160 (the issue's examples), all with BLOCK_M 128
     assert {c.block_n for c in G.CONFIGS if 128 % c.block_n and c.cluster == 1} == {112, 144, 160}
@@ -101,6 +109,25 @@ def test_sass_has_the_intended_instructions(cfg):
     assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
     # ptxas reports the entry count (168); the math region may use up to its setmaxnreg 232
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+
+
+@pytest.mark.parametrize("cfg", G.F32ACC_CONFIGS, ids=[f"m{c.block_m}n{c.block_n}_f32acc" for c in G.F32ACC_CONFIGS])
+def test_f32acc_sass_and_resources(cfg):
+    # float32 out accumulated in place: the same K loop (4 QGMMA, TMA loads of A, B and the A
+    # scales), then per thread 2 x BLOCK_N/8 8-byte read-add-writes of its fragment (rows r,
+    # r + 8; column pairs): no TMA store, no staging; no local memory, no spill
+    listing = _sass_of(cfg.function)
+    ops = sass.opcodes(listing)
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == 1
+    assert "UTMASTG.2D" not in ops and "STG.E.128" not in ops
+    assert ops["LDG.E.64"] == ops["STG.E.64"] == 2 * cfg.block_n // 8
+    assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+    r = artifacts.resources(G.MODULE, cfg.function)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
+    assert PRODUCER_REGS <= r["registers"] < MATH_REGS
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -185,7 +212,7 @@ def test_shared_memory_formula():
 
 
 def test_ptx_parses_with_the_intended_instructions(ptx_module):
-    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS}
+    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + G.F32ACC_CONFIGS}
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
         assert len(k.params) == len(G.PARAMS)

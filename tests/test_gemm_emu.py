@@ -568,6 +568,59 @@ def test_partial_k_is_the_zero_padded_product(k, seed):
     assert torch.equal(out, padded)
 
 
+# ------------------------------------------------------------------------ float32 out, accumulated
+
+F32ACC = list(G.F32ACC_CONFIGS)
+
+
+def _assert_accumulated(out, ref):
+    """Every element within float32 summation-order error of ref = c + A B^T: an element the
+    kernel skipped still holds c, off by its whole product term."""
+    assert not out.isnan().any()
+    assert ((out - ref).abs() <= 1e-5 * ref.abs() + 1e-4).all()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("cfg", F32ACC, ids=[_cfg_id(c) + "_f32acc" for c in F32ACC])
+def test_f32_out_accumulates_in_place(cfg, schedule, seed):
+    # The *_f32acc entries: out (float32) += the product, each thread reading and writing its
+    # own fragment elements. A partial m-block, partial n-blocks and a partial last K block;
+    # NaN rows around the [m, n] view must stay NaN (nothing written past M)
+    m, n, k = 100, 192, 208
+    a, sfa, b, sfb = _problem(m, n, k)
+    c = torch.randn(m, n)
+    big = torch.full((m + 2, n), float("nan"))
+    out = big[1:1 + m]
+    out.copy_(c)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=2)
+    assert plan.function.endswith("_f32acc")
+    stats = run_emu(plan, schedule=schedule)
+    _assert_accumulated(out, R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c=c))
+    assert big[0].isnan().all() and big[-1].isnan().all()
+    assert stats.global_written == m * n * 4                   # every element once, nothing more
+    with pytest.raises(ValueError, match="cfg: .* writes bf16, out is torch.float32"):
+        G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=G.Config(64, 64))
+
+
+def test_f32_out_forms_through_the_api(seed):
+    # DeepGEMM's fp32 forms: d = c + A B^T with c apart from d, c = d (the weight-gradient
+    # form, accumulated in place), and no c (d = A B^T); the heuristic's f32acc tile
+    m, n, k = 65, 128, 576
+    a, sfa, b, sfb = _problem(m, n, k)
+    c = torch.randn(m, n)
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c=c)
+    d = torch.full((m, n), float("nan"))
+    assert pk.fp8_gemm_nt((a, sfa), (b, sfb), d, c=c, backend="emu") is d
+    _assert_accumulated(d, ref)
+    d = c.clone()
+    pk.fp8_gemm_nt((a, sfa), (b, sfb), d, c=d, backend="emu")
+    _assert_accumulated(d, ref)
+    d = torch.full((m, n), float("nan"))
+    pk.fp8_gemm_nt((a, sfa), (b, sfb), d, backend="emu")
+    _assert_accumulated(d, R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n)))
+
+
 # ------------------------------------------------------------------------ large K
 
 @pytest.mark.slow

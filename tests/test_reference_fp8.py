@@ -94,3 +94,19 @@ def test_grouped_masked_leaves_rows_past_masked_m(masked):
         assert torch.isnan(out[i, rows:].float()).all()
         if rows:
             assert torch.equal(out[i, :rows], R.fp8_gemm_nt(a[i, :rows], sfa[i, :rows], b[i], sfb[i]))
+
+
+def test_f32_out_with_c_and_per_row_b_scales(seed):
+    # float32 out = c + A B^T (DeepGEMM's fp32 forms), with 1x128 B scales (recipe (1, 1, 128),
+    # the weight-gradient GEMM): the float64 dequantized product within float32 rounding
+    m, n, k = 33, 200, 832
+    _, _, a, sfa, _, _ = normal_problem(m, n, k)
+    b, sfb = R.per_token_cast_to_fp8(torch.randn(n, k))
+    c = torch.randn(m, n)
+    out = torch.full((m, n), float("nan"))
+    assert R.fp8_gemm_nt(a, sfa, b, sfb, out, c=c, b_scale_rows=1) is out
+    ref = c.double() + R.dequantize_per_token(a, sfa).double() @ R.dequantize_per_token(b, sfb).double().T
+    assert out.dtype == torch.float32 and rel_error(out, ref) < 1e-6
+    d = c.clone()
+    R.fp8_gemm_nt(a, sfa, b, sfb, d, c=d, b_scale_rows=1)         # c aliasing out: accumulated in place
+    assert torch.equal(d, out)

@@ -153,6 +153,23 @@ def test_partial_last_k_block(layout, k, seed):
     _assert_gemm_close(out[own], ref[own])
 
 
+def test_f32_out_accumulates_and_per_row_b_scales(seed):
+    # float32 out: out += the product (ops.gemm.accumulation_base puts c or zeros there
+    # first); sfb per row of B (recipe (1, 1, 128), b_scale_rows 1) with a partial K block.
+    # An element left unwritten keeps c (NaN here for the plain case): off by its product.
+    m, n, k = 70, 192, 336
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    b1, sfb1 = R.per_token_cast_to_fp8(torch.randn(n, k))
+    c = torch.randn(m, n)
+    for bb, sf, rows in ((b, sfb, 128), (b1, sfb1, 1)):
+        ref = R.fp8_gemm_nt(a, sfa, bb, sf, torch.empty(m, n), c=c, b_scale_rows=rows)
+        out = T.fp8_gemm_nt(a, sfa, bb, sf, c.clone(), b_scale_rows=rows)
+        assert ((out - ref).abs() <= 1e-5 * ref.abs() + 1e-4).all()
+    # the per-row scales are each row's own: against the float64 dequantized product
+    deq = R.dequantize_per_token(a, sfa).double() @ R.dequantize_per_token(b1, sfb1).double().T
+    assert rel_error(out - c, deq) < 1e-5
+
+
 def test_check_gemm_shape_errors():
     with pytest.raises(ValueError, match="k: expected a multiple of 16, got 100"):
         T.check_gemm_shape(4, 128, 100)

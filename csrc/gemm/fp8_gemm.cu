@@ -269,7 +269,10 @@ __device__ __forceinline__ void with_const(uint32_t g, F&& f) {
   }
 }
 
-template <int BM, int BN, int kCluster>
+// kF32Acc: float32 output accumulated in place, out[row, col] += the tile's result (the
+// weight-gradient form d = c + A B^T with c = d; the host copies a separate c into out
+// first, or zeroes out when there is no c). Compile-time: the bf16 entries keep their code.
+template <int BM, int BN, int kCluster, bool kF32Acc>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
                                                 const Problem& p) {
@@ -506,6 +509,32 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         with_const<kStep, kLast>(first, k_loop);
       }
 
+      if constexpr (kF32Acc) {
+        // float32 out += fin: each thread its own fragment elements (rows frag_row and
+        // frag_row + 8, column pairs 8 j + 2 (lane % 4)), 8-byte read-add-write; no other
+        // thread touches them, so no staging and no barrier. Owned rows as below.
+        const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + m_base;
+        const uint32_t col0 = n_base + 2 * (lane % 4);
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          const uint32_t r = frag_row + 8 * h;
+          bool ok = m_base + r < m_limit;
+          if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + m_base + r) == pass.group;
+          float* dst = reinterpret_cast<float*>(p.out) + (uint64_t)(out_row + r) * p.n + col0;
+#pragma unroll
+          for (uint32_t j = 0; j < kAcc / 4; ++j) {
+            if (ok && col0 + 8 * j < p.n) {
+              float2 v = *reinterpret_cast<const float2*>(dst + 8 * j);
+              v.x += fin[4 * j + 2 * h];
+              v.y += fin[4 * j + 2 * h + 1];
+              *reinterpret_cast<float2*>(dst + 8 * j) = v;
+            }
+          }
+        }
+        pass.advance(p, m_blk);
+        continue;
+      }
+
       // Epilogue. The warpgroup's 64 rows go to its staging tile; when it owns all of
       // them (rows past the tensor's end count as owned: TMA clips them), one thread
       // stores the tile with BN/16 TMA stores; otherwise (padding rows, masked tails)
@@ -584,7 +613,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 // producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
 // merely keeps) a math warp's count.
 constexpr uint32_t kLaunchBound = 384;
-#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER)                                                \
+#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC)                                              \
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
   extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
@@ -592,10 +621,12 @@ constexpr uint32_t kLaunchBound = 384;
       const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
       uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record) {                   \
     const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK), groups, kind, stages, band, record};        \
-    fp8_gemm_kernel<BM, BN, CLUSTER>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, p);                       \
+    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, p);               \
   }
-#define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1)
-#define PK_FP8_GEMM_ENTRY_MC2(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2)
+#define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false)
+#define PK_FP8_GEMM_ENTRY_MC2(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false)
+#define PK_FP8_GEMM_ENTRY_F32ACC(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true)
 
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
@@ -606,3 +637,6 @@ PK_FP8_GEMM_ENTRY(64, 64)
 PK_FP8_GEMM_ENTRY(64, 32)
 PK_FP8_GEMM_ENTRY_MC2(128, 128)
 PK_FP8_GEMM_ENTRY_MC2(128, 160)
+PK_FP8_GEMM_ENTRY_F32ACC(128, 128)
+PK_FP8_GEMM_ENTRY_F32ACC(64, 128)
+PK_FP8_GEMM_ENTRY_F32ACC(64, 64)

@@ -69,6 +69,7 @@ class Config:
     block_m: int
     block_n: int
     cluster: int = 1
+    f32acc: bool = False       # float32 out, accumulated in place (entries *_f32acc)
 
     @property
     def math_warpgroups(self) -> int:
@@ -80,7 +81,7 @@ class Config:
 
     @property
     def function(self) -> str:
-        suffix = f"_mc{self.cluster}" if self.cluster > 1 else ""
+        suffix = (f"_mc{self.cluster}" if self.cluster > 1 else "") + ("_f32acc" if self.f32acc else "")
         return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}{suffix}"
 
     @property
@@ -106,21 +107,23 @@ class Config:
         return s
 
 
-_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?")
+_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?")
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_configs() -> tuple:
+def compiled_configs(f32acc: bool = False) -> tuple:
     """The Configs compiled into MODULE (the entry functions of the build manifest, i.e.
-    the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu): cluster 1 first, larger tiles first."""
+    the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu) with bf16 output (f32acc False) or float32
+    output accumulated in place (True: the *_f32acc entries): cluster 1 first, larger tiles first."""
     found = []
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
         match = _ENTRY.fullmatch(function)
         if match is None:
             raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "
-                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2])")
-        bm, bn, cluster = match.groups()
-        found.append(Config(int(bm), int(bn), int(cluster or 1)))
+                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc])")
+        bm, bn, cluster, acc = match.groups()
+        if bool(acc) == f32acc:
+            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc)))
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
 
 
@@ -134,14 +137,16 @@ def compiled_configs() -> tuple:
 NOT_AUTO = frozenset({"pk_fp8_gemm_nt_m128n160_mc2", "pk_fp8_gemm_nt_m128n128_mc2"})
 
 
-def auto_configs() -> tuple:
+def auto_configs(f32acc: bool = False) -> tuple:
     """The compiled configs the heuristic chooses from (compiled_configs minus NOT_AUTO)."""
-    return tuple(c for c in compiled_configs() if c.function not in NOT_AUTO)
+    return tuple(c for c in compiled_configs(f32acc) if c.function not in NOT_AUTO)
 
 
 def __getattr__(name):
     if name == "CONFIGS":       # read on first use: importing this module needs no build
         return compiled_configs()
+    if name == "F32ACC_CONFIGS":
+        return compiled_configs(True)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -261,7 +266,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     """Launch plan for the kernel.
 
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, ceil(k/128)]
-    (any strides); sfb: f32 [G, ceil(n/128), ceil(k/128)] contiguous; out: bf16, contiguous;
+    (any strides); sfb: f32 [G, ceil(n/128), ceil(k/128)] contiguous; out: contiguous, bf16
+    (written) or float32 (accumulated in place, out += the product: the *_f32acc configs);
     grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
     cfg / stages default to the heuristic and to the most stages that fit; heuristic_m:
     the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
@@ -272,13 +278,17 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
+    f32acc = out.dtype == torch.float32
     check_shapes(m, n, k, rows_total, groups)
     if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     if cfg is None and stages is None and max_clusters is None:
-        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms)
+        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, f32acc)
     else:
-        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, cfg, stages, max_clusters)
+        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, f32acc, cfg, stages,
+                                      max_clusters)
+    if cfg.f32acc != f32acc:
+        raise ValueError(f"cfg: {cfg.function} writes {'float32' if cfg.f32acc else 'bf16'}, out is {out.dtype}")
     n_blocks = cdiv(n, cfg.block_n)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, SCALE_BLOCK), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, SCALE_BLOCK), swizzle=128)
@@ -287,7 +297,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     tmap_sfa = TensorMapDesc(sfa_tma_aligned(sfa), (1, 1, cfg.block_m))
     # output: 64-row x 16-column boxes (one per 16 columns of a math warpgroup's half),
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
-    tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS), swizzle=32)
+    # (float32 out: the kernel stores with st.global; a valid map of 32-byte rows, unused)
+    tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS // (2 if f32acc else 1)), swizzle=32)
     group_arg = ptr(grouping) if grouping is not None else u64(0)
     record = device_errors.record_for(out.device, OPS[kind]) if record is None else record
     args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
@@ -299,7 +310,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 
 
-def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, cfg=None, stages=None, max_clusters=None):
+def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, f32acc=False, cfg=None, stages=None,
+              max_clusters=None):
     """(config, stages, grid) of one launch: the heuristic's config unless given, the most
     stages that fit unless given, and the persistent grid (at most one CTA per SM; for
     multicast, the clusters that run at once)."""
@@ -307,10 +319,11 @@ def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, cfg=None, stages=
         def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
             return max_clusters or resident_clusters(c, c.max_stages(), device, sms)
         if kind == KIND_MASKED:
-            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots)
+            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots,
+                                candidates=auto_configs(f32acc))
         else:
             cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
-                                slots=slots)
+                                slots=slots, candidates=auto_configs(f32acc))
     stages = stages or cfg.max_stages()
     if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
         raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
@@ -386,14 +399,16 @@ def _raise_now(executor: str, device: torch.device, kind: int) -> None:
 
 def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
     """out[m, n] = (a * sfa) @ (b * sfb)^T; a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3
-    [n, k], sfb f32 [ceil(n/128), ceil(k/128)]; out bf16 [m, n]. K = 0: zeros; M = 0 or N = 0:
+    [n, k], sfb f32 [ceil(n/128), ceil(k/128)]; out bf16 [m, n] (written), or float32 [m, n]
+    (out += the product: the *_f32acc entries; the caller puts c or zeros there first,
+    ops.gemm.accumulation_base). K = 0: bf16 zeros, float32 unchanged; M = 0 or N = 0:
     nothing to do (no launch)."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
         return out
     if k == 0:
-        return out.zero_()
+        return out if out.dtype == torch.float32 else out.zero_()
     a, b = _aligned_input(a), _aligned_input(b)
 
     def go(o):

@@ -43,10 +43,21 @@ class GemmProblem:
     k: int
     groups: int
     device: torch.device
+    # float32 out only (normal layout): out = c + A B^T with c a separate float32 [m, n]
+    # tensor, or out += A B^T (accumulate: c is out itself, DeepGEMM's weight-gradient form)
+    c: Optional[torch.Tensor] = None
+    accumulate: bool = False
+    b_scale_rows: int = SCALE_BLOCK      # rows of B per scale: 128 (128x128 blocks) or 1 (1x128, per row)
 
     def describe(self) -> str:
         g = f", {self.groups} groups" if self.layout != "normal" else ""
-        return f"{self.layout} m={self.m} n={self.n} k={self.k}{g} on {self.device}"
+        acc = " out += a b^T" if self.accumulate else " out = c + a b^T" if self.c is not None else ""
+        sfb = ", 1x128 B scales" if self.b_scale_rows == 1 else ""
+        return f"{self.layout} m={self.m} n={self.n} k={self.k}{g}, {self.out.dtype} out{acc}{sfb} on {self.device}"
+
+    @property
+    def f32_out(self) -> bool:
+        return self.out.dtype == torch.float32
 
 
 def pair(name: str, x):
@@ -73,14 +84,26 @@ def _check_group_values(p: GemmProblem) -> None:
             raise ValueError(DE.describe("MaskedMOutOfRange", int(p.grouping[g]), p.m, g))
 
 
-def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *, values=True) -> GemmProblem:
+def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *, c=None, accumulate=False,
+            b_scale_rows=SCALE_BLOCK, values=True) -> GemmProblem:
     """Validate one GEMM call (every error names the argument, what was expected and what
-    was given). values: also check m_indices / masked_m values on CPU tensors."""
+    was given). values: also check m_indices / masked_m values on CPU tensors. Normal
+    layout only: out float32 (else bf16), c (float32 [m, n], out = c + a b^T), accumulate
+    (out += a b^T), b_scale_rows 1 (sfb float32 [n, ceil(k/128)], DeepGEMM's recipe (1, 1, 128))."""
     a, sfa, b, sfb, out = (V.as_tensor(n, t) for n, t in
                            (("a", a), ("sfa", sfa), ("b", b), ("sfb", sfb), ("out", out)))
-    for name, t, dt in (("a", a, F8), ("b", b, F8), ("sfa", sfa, torch.float32),
-                        ("sfb", sfb, torch.float32), ("out", out, torch.bfloat16)):
+    for name, t, dt in (("a", a, F8), ("b", b, F8), ("sfa", sfa, torch.float32), ("sfb", sfb, torch.float32)):
         V.check_dtype(name, t, dt)
+    if layout == "normal" and out.dtype == torch.float32:
+        pass                                              # float32 out: the weight-gradient forms
+    else:
+        V.check_dtype("out", out, torch.bfloat16)
+    if c is not None or accumulate:
+        if out.dtype != torch.float32:
+            raise ValueError(f"c: accumulation (out = c + a b^T) needs a float32 out, got out {out.dtype}")
+    if b_scale_rows not in (1, SCALE_BLOCK) or (b_scale_rows == 1 and layout != "normal"):
+        raise ValueError(f"recipe: B scales per {SCALE_BLOCK} rows (or per row for fp8_gemm_nt), "
+                         f"got {b_scale_rows} rows on the {layout} layout")
     grouped_a, grouped_b = layout == "masked", layout != "normal"
     V.check_rank("a", a, 3 if grouped_a else 2)
     V.check_rank("b", b, 3 if grouped_b else 2)
@@ -94,12 +117,20 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
     groups = b.shape[0] if grouped_b else 1
     if grouped_a and a.shape[0] != groups:
         raise ValueError(f"b: expected {a.shape[0]} groups (a's first dim) in shape {list(b.shape)}, got {groups}")
-    for name, t in (("a", a), ("b", b), ("out", out), ("sfb", sfb)):
+    for name, t in (("a", a), ("b", b), ("out", out)):
         V.check_contiguous(name, t)
     V.check_shape("sfa", sfa, tuple(a.shape[:-2]) + (m, cdiv(k, SCALE_BLOCK)))
-    V.check_shape("sfb", sfb, tuple(b.shape[:-2]) + (cdiv(n, SCALE_BLOCK), cdiv(k, SCALE_BLOCK)))
+    V.check_shape("sfb", sfb, tuple(b.shape[:-2]) + (cdiv(n, b_scale_rows), cdiv(k, SCALE_BLOCK)))
     V.check_scale_layout("sfa", sfa)
+    if b_scale_rows == 1:
+        V.check_scale_layout("sfb", sfb)                  # per-row scales: like sfa
+    else:
+        V.check_contiguous("sfb", sfb)
     V.check_shape("out", out, tuple(a.shape[:-2]) + (m, n))
+    if c is not None:
+        c = V.as_tensor("c", c)
+        V.check_dtype("c", c, torch.float32)
+        V.check_shape("c", c, (m, n))
     if layout == "contiguous":
         grouping = V.as_tensor("m_indices", grouping)
         V.check_dtype("m_indices", grouping, torch.int32)
@@ -114,8 +145,11 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
     inputs = dict(a=a, sfa=sfa, b=b, sfb=sfb)
     if grouping is not None:
         inputs["m_indices" if layout == "contiguous" else "masked_m"] = grouping
+    if c is not None:
+        inputs["c"] = c
     dev = V.check_same_device(**inputs, out=out)
-    p = GemmProblem(layout, a, sfa, b, sfb, out, grouping, expected_m, m, n, k, groups, dev)
+    p = GemmProblem(layout, a, sfa, b, sfb, out, grouping, expected_m, m, n, k, groups, dev, c, bool(accumulate),
+                    b_scale_rows)
     if not V.is_fake(out):
         V.check_no_overlap("out", out, **inputs)
         if values and dev.type == "cpu":
@@ -139,6 +173,7 @@ def public_problem(op: str):
 
 RECIPE = (1, SCALE_BLOCK, SCALE_BLOCK)          # scale granularity (A rows, B rows, K): 1x128 A, 128x128 B
 RECIPE_A, RECIPE_B = RECIPE[0::2], RECIPE[1:]   # the same per operand: (rows, K)
+RECIPE_PER_ROW_B = (1, 1, SCALE_BLOCK)          # 1x128 A and B (DeepGEMM's weight-gradient recipe): fp8_gemm_nt only
 
 
 def _fixed(name: str, value, want, what: str) -> None:
@@ -147,24 +182,37 @@ def _fixed(name: str, value, want, what: str) -> None:
         raise ValueError(f"{name}: expected {want!r} ({what}), got {value!r}")
 
 
+def _b_scale_rows(name: str, given, want_128, want_1, per_row_b: bool) -> int:
+    """Rows of B per scale that a recipe value names (128, or 1 where per_row_b)."""
+    t = tuple(given) if isinstance(given, (tuple, list)) else given
+    if per_row_b and t == want_1:
+        return 1
+    also = f" or {want_1!r} (1x128 B scales)" if per_row_b else ""
+    _fixed(name, given, want_128, f"1x128 A scales, 128x128 B scales{also}")
+    return SCALE_BLOCK
+
+
 def check_deepgemm_keywords(*, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
                             disable_ue8m0_cast: bool = False, use_psum_layout: bool = False,
-                            ensure_zero_padding=None, expected_m_for_psum_layout=None) -> None:
-    """Accept DeepGEMM's keywords where their values mean what pykernels computes."""
+                            ensure_zero_padding=None, expected_m_for_psum_layout=None, per_row_b: bool = False) -> int:
+    """Accept DeepGEMM's keywords where their values mean what pykernels computes; returns the
+    rows of B per scale the recipe names: 128, or 1 for recipe (1, 1, 128) / recipe_b (1, 128)
+    where per_row_b (fp8_gemm_nt). c: for the functions without accumulation (must be None)."""
     if c is not None:
-        raise ValueError(f"c: expected None (accumulation, d = c + a @ b, and with it fp32 output are not "
-                         f"supported yet), got a {type(c).__name__}")
+        raise ValueError(f"c: expected None (accumulation, d = c + a @ b, is fp8_gemm_nt's only), "
+                         f"got a {type(c).__name__}")
+    rows = SCALE_BLOCK
     if recipe is not None:
         if recipe_a is not None or recipe_b is not None:
             raise ValueError(f"recipe: expected either recipe or recipe_a + recipe_b, got recipe={recipe!r}, "
                              f"recipe_a={recipe_a!r}, recipe_b={recipe_b!r}")
-        _fixed("recipe", recipe, RECIPE, "1x128 A scales, 128x128 B scales, the only recipe implemented")
+        rows = _b_scale_rows("recipe", recipe, RECIPE, RECIPE_PER_ROW_B, per_row_b)
     if (recipe_a is None) != (recipe_b is None):
         raise ValueError(f"recipe_a, recipe_b: expected both or neither, got recipe_a={recipe_a!r}, "
                          f"recipe_b={recipe_b!r}")
     if recipe_a is not None:
         _fixed("recipe_a", recipe_a, RECIPE_A, "1x128 A scales, the only A recipe implemented")
-        _fixed("recipe_b", recipe_b, RECIPE_B, "128x128 B scales, the only B recipe implemented")
+        rows = _b_scale_rows("recipe_b", recipe_b, RECIPE_B, RECIPE_PER_ROW_B[1:], per_row_b)
     if not (isinstance(compiled_dims, str) and set(compiled_dims) <= set("mnk")
             and len(set(compiled_dims)) == len(compiled_dims)):
         raise ValueError(f"compiled_dims: expected a string of distinct letters from 'mnk' (DeepGEMM's JIT "
@@ -177,6 +225,7 @@ def check_deepgemm_keywords(*, c=None, recipe=None, recipe_a=None, recipe_b=None
     if ensure_zero_padding not in (None, False):
         raise ValueError(f"ensure_zero_padding: expected False or None (rows whose m_indices is -1 are left "
                          f"untouched; zeroing them is not supported yet), got {ensure_zero_padding!r}")
+    return rows
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -185,17 +234,30 @@ def _reference(p: GemmProblem):
     if p.device.type != "cpu":
         _check_group_values(p)           # ground truth may read values on the host
     if p.layout == "normal":
-        R.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out)
+        c = p.out if p.accumulate else p.c
+        R.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, c=c, b_scale_rows=p.b_scale_rows)
     elif p.layout == "contiguous":
         R.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
     else:
         R.m_grouped_fp8_gemm_nt_masked(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
 
 
+def accumulation_base(p: GemmProblem) -> None:
+    """Float32 out: the kernels (Triton, cuda) add their product to out, so out first holds
+    c (copied when c is a separate tensor), stays as it is (accumulate), or is zeroed."""
+    if not p.f32_out or p.accumulate:
+        return
+    if p.c is not None:
+        p.out.copy_(p.c)
+    else:
+        p.out.zero_()
+
+
 def _triton(p: GemmProblem):
     from .. import triton as T
     if p.layout == "normal":
-        T.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out)
+        accumulation_base(p)
+        T.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, b_scale_rows=p.b_scale_rows)
     elif p.layout == "contiguous":
         T.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
     else:
@@ -210,6 +272,7 @@ def _triton_limits(p: GemmProblem):
 def _kernel(p: GemmProblem, executor: str):
     from ..cuda import gemm as CG
     if p.layout == "normal":
+        accumulation_base(p)
         CG.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, executor)
     elif p.layout == "contiguous":
         CG.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out, executor)
@@ -222,6 +285,9 @@ def _kernel_limits(p: GemmProblem):
     from ..cuda import gemm as CG
     rows = p.a.shape[0] * (p.a.shape[1] if p.layout == "masked" else 1)
     CG.check_shapes(p.m, p.n, p.k, rows, p.groups)
+    if p.b_scale_rows != SCALE_BLOCK:
+        raise ValueError("recipe: the cuda FP8 GEMM takes 128x128 B scales only (recipe (1, 128, 128)); "
+                         "per-row B scales (1, 1, 128) run on triton and reference")
 
 
 def _register(op: str):
@@ -241,16 +307,19 @@ MASKED = _register("m_grouped_fp8_gemm_nt_masked")
 # --- custom ops: the same validation as the Python API ----------------------------------
 
 def fp8_gemm_nt_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
-                     out: torch.Tensor, backend: str) -> None:
-    NORMAL(problem("normal", a, sfa, b, sfb, out), backend)
+                     out: torch.Tensor, backend: str, c: Optional[torch.Tensor] = None, accumulate: bool = False,
+                     b_scale_rows: int = SCALE_BLOCK) -> None:
+    """c: a float32 [m, n] tensor apart from out (out = c + a b^T); accumulate: out += a b^T
+    (the public function passes c = out this way: a custom op's inputs may not alias)."""
+    NORMAL(problem("normal", a, sfa, b, sfb, out, c=c, accumulate=accumulate, b_scale_rows=b_scale_rows), backend)
 
 
 fp8_gemm_nt_op = torch.library.custom_op("pykernels::fp8_gemm_nt", mutates_args=("out",))(fp8_gemm_nt_body)
 
 
 @fp8_gemm_nt_op.register_fake
-def _(a, sfa, b, sfb, out, backend):
-    problem("normal", a, sfa, b, sfb, out)
+def _(a, sfa, b, sfb, out, backend, c=None, accumulate=False, b_scale_rows=SCALE_BLOCK):
+    problem("normal", a, sfa, b, sfb, out, c=c, accumulate=accumulate, b_scale_rows=b_scale_rows)
 
 
 def m_grouped_contiguous_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Reference FP8 block-scaled GEMMs (NT layout), float32 math, bf16 output.
+"""Reference FP8 block-scaled GEMMs (NT layout), float32 math, bf16 output (fp8_gemm_nt:
+also float32 output, c + A B^T, and 1x128 B scales).
 
 out = sum over K blocks kb of (sfa[:, kb] x sfb[n-block, kb]) * (a_kb @ b_kb^T): a carries
 1x128 scales (per row, per 128 of K) and b 128x128 block scales; each K block's partial
@@ -16,23 +17,29 @@ import torch
 from .constants import BLOCK
 
 
-def _mm(a, sfa, b, sfb):
-    """float32 [m, n] from e4m3 a [m, k], sfa [m, kb], b [n, k], sfb [ceil(n/128), kb]."""
+def _mm(a, sfa, b, sfb, b_scale_rows=BLOCK):
+    """float32 [m, n] from e4m3 a [m, k], sfa [m, kb], b [n, k], sfb [ceil(n/b_scale_rows), kb]
+    (b_scale_rows 128: 128x128 block scales; 1: one scale per row of b and K block)."""
     n, k = b.shape
     qa, qb = a.float(), b.float()
     out = torch.zeros(a.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(sfa.shape[-1]):
         cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
         partial = qa[:, cols] @ qb[:, cols].T                       # exact e4m3 products, float32 sums
-        scale = sfa[:, kb, None] * sfb[:, kb].repeat_interleave(BLOCK)[None, :n]
+        scale = sfa[:, kb, None] * sfb[:, kb].repeat_interleave(b_scale_rows)[None, :n]
         out += scale * partial
     return out
 
 
-def fp8_gemm_nt(a, sfa, b, sfb, out=None):
+def fp8_gemm_nt(a, sfa, b, sfb, out=None, c=None, b_scale_rows=BLOCK):
     """a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3 [n, k], sfb f32 [ceil(n/128),
-    ceil(k/128)] -> bf16 [m, n] (written into `out` when given)."""
-    res = _mm(a, sfa, b, sfb).to(torch.bfloat16)
+    ceil(k/128)] (b_scale_rows 1: [n, ceil(k/128)], 1x128 B scales) -> [m, n] in out's
+    dtype (bf16 when out is None): the product, or c + the product (c float32 [m, n], may
+    be out itself: the weight-gradient form out += a b^T) rounded once to out's dtype."""
+    res = _mm(a, sfa, b, sfb, b_scale_rows)
+    if c is not None:
+        res = c.float() + res
+    res = res.to(torch.bfloat16 if out is None else out.dtype)
     if out is None:
         return res
     out.copy_(res)

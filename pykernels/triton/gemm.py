@@ -69,7 +69,7 @@ def _has_e4m3_nan(x):
 def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
           stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT: tl.constexpr,
-          EVEN_K: tl.constexpr):
+          EVEN_K: tl.constexpr, SB_ROWS: tl.constexpr):
     rk = tl.arange(0, BLOCK_K)
     col_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -93,7 +93,11 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
             nan_rows = nan_rows | _has_e4m3_nan(a)
             nan_cols = nan_cols | _has_e4m3_nan(b)
         sa = tl.load(sfa_base + rm * stride_sfa_m + kb * stride_sfa_k, mask=row_ok, other=0.0)
-        if BLOCK_N == BLOCK_K:
+        if SB_ROWS == 1:
+            # 1x128 B scales (recipe (1, 1, 128)): one per column of the tile and K block
+            sb = tl.load(sfb_base + rn * stride_sfb_n + kb * stride_sfb_k, mask=col_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+        elif BLOCK_N == BLOCK_K:
             # The tile's columns share one B scale per K block (tiles start at multiples
             # of 128): one scalar load, not one per column (32 predicated loads of the
             # same address per thread and K block in the compiled 128x128 tile).
@@ -113,7 +117,8 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
                      stride_bg, stride_bn, stride_sfb_g, stride_sfb_n, stride_sfb_k,
                      stride_og, stride_om,
                      LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SOFT: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SOFT: tl.constexpr, EVEN_K: tl.constexpr, SB_ROWS: tl.constexpr,
+                     OUT_F32: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m = rm < M
@@ -135,7 +140,7 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
             row_ok = gids == g
             acc = _tile(a_ptr, sfa_ptr, b_ptr + g * stride_bg, sfb_ptr + g * stride_sfb_g,
                         rm, rn, row_ok, N, K, stride_am, stride_sfa_m, stride_sfa_k,
-                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K, SOFT, EVEN_K)
+                        stride_bn, stride_sfb_n, stride_sfb_k, BLOCK_M, BLOCK_N, BLOCK_K, SOFT, EVEN_K, SB_ROWS)
             tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], to_bf16_rne(acc, SOFT),
                      mask=row_ok[:, None] & col_ok[None, :])
     else:
@@ -155,9 +160,14 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
         acc = _tile(a_ptr + g * stride_ag, sfa_ptr + g * stride_sfa_g, b_ptr + g * stride_bg,
                     sfb_ptr + g * stride_sfb_g, rm, rn, row_ok, N, k_eff,
                     stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
-                    BLOCK_M, BLOCK_N, BLOCK_K, SOFT, EVEN_K)
-        tl.store(out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :],
-                 to_bf16_rne(acc, SOFT), mask=row_ok[:, None] & col_ok[None, :])
+                    BLOCK_M, BLOCK_N, BLOCK_K, SOFT, EVEN_K, SB_ROWS)
+        dst = out_ptr + g * stride_og + rm[:, None] * stride_om + rn[None, :]
+        if OUT_F32:
+            # float32 out (normal layout): out += the tile (out holds c, or zeros, already)
+            ok = row_ok[:, None] & col_ok[None, :]
+            tl.store(dst, tl.load(dst, mask=ok, other=0.0) + acc, mask=ok)
+        else:
+            tl.store(dst, to_bf16_rne(acc, SOFT), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def tile_config(m: int, n: int):
@@ -170,7 +180,8 @@ def tile_config(m: int, n: int):
     return 128, 128, 8
 
 
-def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOFTWARE_ROUNDING):
+def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOFTWARE_ROUNDING,
+                b_scale_rows=SCALE_BLOCK):
     """The launch description (sm90.run_launch) of the kernel for these operands, or None
     when there is nothing to compute (no row, column or group). idx: m_indices / masked_m
     (any stride; normal: unused); record: the int32 device error record. The GPU launch
@@ -190,14 +201,14 @@ def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOF
             out.stride(0) if g3 else 0, out.stride(-2))
     args = dict(zip(_fp8_gemm_kernel.arg_names, vals))
     constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK, SOFT=bool(soft),
-                      EVEN_K=k % SCALE_BLOCK == 0)
+                      EVEN_K=k % SCALE_BLOCK == 0, SB_ROWS=b_scale_rows, OUT_F32=out.dtype == torch.float32)
     return _fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
-def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups):
+def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups, b_scale_rows=SCALE_BLOCK):
     """Launch (nothing to launch: return); on CPU tensors raise a recorded input error."""
     launch = launch_args(layout, a, sfa, b, sfb, out, idx, device_errors.record_for(out.device, OPS[layout]),
-                         rows, groups)
+                         rows, groups, b_scale_rows=b_scale_rows)
     if launch is None:
         return out
     run_launch(launch)
@@ -260,15 +271,17 @@ def sm90_compile_specs():
     return specs
 
 
-def fp8_gemm_nt(a, sfa, b, sfb, out=None):
+def fp8_gemm_nt(a, sfa, b, sfb, out=None, b_scale_rows=SCALE_BLOCK):
     """a e4m3 [m, k], sfa f32 [m, ceil(k/128)] (any strides), b e4m3 [n, k], sfb f32
-    [ceil(n/128), ceil(k/128)] -> out bf16 [m, n] (allocated when None)."""
+    [ceil(n/128), ceil(k/128)] (b_scale_rows 1: [n, ceil(k/128)], any strides) -> out [m, n]:
+    bf16 (written; allocated when None) or float32 (out += the product: the caller puts c
+    or zeros there first, ops.gemm.accumulation_base)."""
     m, k = a.shape
     n = b.shape[0]
     check_gemm_shape(m, n, k)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    return _launch(LAYOUT_NORMAL, a, sfa, b, sfb, out, sfa, m, 1)
+    return _launch(LAYOUT_NORMAL, a, sfa, b, sfb, out, sfa, m, 1, b_scale_rows)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):

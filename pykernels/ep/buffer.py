@@ -142,7 +142,7 @@ class Buffer:
                                        self._mark_broken)
         if self.backend in KERNEL_BACKENDS:
             self._kernels = KernelTransport(self.backend, group, self.rank, self.num_ranks, self.timeout_s,
-                                            self._engine.gather_rows)
+                                            self._engine.gather_rows, self._mark_broken)
 
     # -- construction helpers ----------------------------------------------------------------
     @staticmethod
@@ -627,6 +627,18 @@ class Buffer:
 
     def get_local_buffer_tensor(self, *args, **kwargs):
         raise NotImplementedError("Buffer.get_local_buffer_tensor: the raw communication buffer is not exposed")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False):
+        raise NotImplementedError("Buffer.low_latency_update_mask_buffer: masking ranks (DeepEP's enable_shrink) is "
+                                  "not supported")
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        raise NotImplementedError("Buffer.low_latency_query_mask_buffer: masking ranks (DeepEP's enable_shrink) is "
+                                  "not supported")
+
+    def low_latency_clean_mask_buffer(self):
+        raise NotImplementedError("Buffer.low_latency_clean_mask_buffer: masking ranks (DeepEP's enable_shrink) is "
+                                  "not supported")
 
     def get_comm_stream(self):
         raise NotImplementedError("Buffer.get_comm_stream: pykernels runs every EP call on the current stream "

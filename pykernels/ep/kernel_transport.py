@@ -35,11 +35,14 @@ def rank_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
 
 class KernelTransport:
     """One rank's side of the kernel path; `transport` is made on first use. gather_rows:
-    the engine's small all_gather with a timeout (for the handle's count matrix)."""
+    the engine's small all_gather with a timeout (for the handle's count matrix);
+    on_timeout(reason): called when the transport gives up waiting for a peer (its
+    PeerTimeoutError then propagates: the kernels' state is unknown, the Buffer unusable)."""
 
-    def __init__(self, backend: str, group, rank: int, num_ranks: int, timeout_s: float, gather_rows):
+    def __init__(self, backend: str, group, rank: int, num_ranks: int, timeout_s: float, gather_rows,
+                 on_timeout=None):
         self.backend, self.group, self.rank, self.num_ranks = backend, group, rank, num_ranks
-        self.timeout_s, self.gather_rows = timeout_s, gather_rows
+        self.timeout_s, self.gather_rows, self.on_timeout = timeout_s, gather_rows, on_timeout
         self.transport = None
         self.cfg = None
         self.generation = 0
@@ -82,7 +85,8 @@ class KernelTransport:
                 raise ValueError(f"num_worst_tokens: {num_worst_tokens} rows are fewer than rank(s) receive: "
                                  + ", ".join(f"rank {r} receives {n}" for r, n in over)
                                  + ". Nothing was sent; the Buffer remains usable.")
-        res = self.transport.dispatch(x, topk_idx, topk_weights, num_experts, num_worst_tokens=num_worst_tokens)
+        res = self._call(self.transport.dispatch, x, topk_idx, topk_weights, num_experts,
+                         num_worst_tokens=num_worst_tokens)
         ih = res["handle"]
         C = self.cfg.num_channels
         T = in_rank.shape[0]
@@ -106,5 +110,13 @@ class KernelTransport:
         if handle.generation != self.generation:
             raise ValueError("handle: made by this Buffer's transport before it was remade for a larger hidden "
                              "size; dispatch again to get a current handle")
-        out = self.transport.combine(x, handle.intranode, None)
+        out = self._call(self.transport.combine, x, handle.intranode, None)
         return out[0] if isinstance(out, tuple) else out
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TimeoutError as e:      # pykernels.cuda.ep.PeerTimeoutError: a peer stopped mid-call
+            if self.on_timeout is not None:
+                self.on_timeout(f"{self.backend} transport: {e}")
+            raise

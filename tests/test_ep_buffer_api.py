@@ -1,0 +1,141 @@
+"""pykernels.ep.Buffer's DeepEP surface that needs no peers: Config, the static helpers,
+EventOverlap, topk_idx_t, destroy's rule, the construction checks, the DeepEP methods that
+are not supported (NotImplementedError naming them), and pykernels.compat.deep_ep."""
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pykernels
+import pykernels.compat.deep_ep as deep_ep
+from pykernels.ep import Buffer, Config, EventOverlap, topk_idx_t
+from pykernels.ep.config import recommended_config
+
+
+@pytest.fixture
+def group():
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        yield None
+        dist.destroy_process_group()
+
+
+def test_compat_module_names():
+    assert set(deep_ep.__all__) == {"Buffer", "Config", "EventOverlap", "topk_idx_t", "__version__"}
+    assert deep_ep.Buffer is Buffer and deep_ep.Config is Config and deep_ep.EventOverlap is EventOverlap
+    assert deep_ep.topk_idx_t is torch.int64 and topk_idx_t is torch.int64
+    assert deep_ep.__version__ == pykernels.__version__
+
+
+def test_config_fields_checks_and_ring_geometry():
+    c = Config(24, 6, 256, 16, 128)   # DeepEP's positional order
+    assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (24, 6, 256, 16, 128)
+    assert (c.num_channels, c.num_slots, c.publish_every) == (12, 256, 6)
+    odd = Config(4, 9, 100)           # 100 slots -> 64 (a power of two); publishing never exceeds the ring
+    assert (odd.num_channels, odd.num_slots, odd.publish_every) == (2, 64, 9)
+    assert Config(4, 80, 64).publish_every == 64
+    cfg = c.intranode_config(num_ranks=8, hidden=7168, max_topk=8)
+    assert (cfg.num_channels, cfg.num_slots, cfg.publish_every, cfg.hidden) == (12, 256, 6, 7168)
+    # the size hint is the kernels' buffer for that hidden size (any top-k up to 16)
+    assert c.get_nvl_buffer_size_hint(7168 * 2, 8) == c.intranode_config(8, 7168, 16).buffer_bytes
+    assert c.get_rdma_buffer_size_hint(7168 * 2, 8) == 0
+    with pytest.raises(ValueError, match="num_sms: expected an even number .* got 5"):
+        Config(5, 6, 256)
+    with pytest.raises(ValueError, match="num_max_nvl_chunked_send_tokens: expected a positive int, got 0"):
+        Config(4, 0, 256)
+    with pytest.raises(ValueError, match="num_max_nvl_chunked_recv_tokens: expected at least 2"):
+        Config(4, 1, 1)
+
+
+def test_static_helpers():
+    old = Buffer.num_sms
+    try:
+        assert Buffer.get_dispatch_config(2) == Config(old, 6, 256, 16, 128) == Buffer.get_combine_config(8)
+        Buffer.set_num_sms(8)
+        assert Buffer.num_sms == 8 and Buffer.get_dispatch_config(4).num_sms == 8
+        for bad in (7, 0, -2, 2.0, True):
+            with pytest.raises(ValueError, match="new_num_sms: expected a positive even int"):
+                Buffer.set_num_sms(bad)
+        assert Buffer.num_sms == 8
+    finally:
+        Buffer.num_sms = old
+    with pytest.raises(ValueError, match="num_ranks: expected a positive int, got 0"):
+        recommended_config(0, 20)
+    from pykernels.runtime import artifacts
+    assert Buffer.is_sm90_compiled() == ("ep_intranode" in artifacts.manifest()["kernels"])
+    ev = Buffer.capture()
+    assert isinstance(ev, EventOverlap) and (ev.event is None) == (not torch.cuda.is_available())
+
+
+def test_event_overlap_without_gpu():
+    keep = (torch.zeros(1),)
+    ev = EventOverlap(None, keep)
+    assert ev.extra_tensors is keep
+    with ev as inner:              # DeepEP's overlap idiom: nothing to wait for on the CPU
+        assert inner is ev
+    ev.current_stream_wait()
+    assert EventOverlap.record("cpu").event is None
+
+
+def test_destroy_follows_deepeps_rule(group):
+    buf = Buffer(group, backend="gloo")
+    with pytest.raises(RuntimeError, match="destroy: this Buffer was built with explicitly_destroy=False"):
+        buf.destroy()
+    x = torch.randn(3, 128).bfloat16()
+    assert buf.dispatch(x, topk_idx=torch.zeros(3, 1, dtype=torch.long), num_experts=2)[0].shape == (3, 128)
+    owned = Buffer(group, backend="gloo", explicitly_destroy=True)
+    owned.destroy()
+    with pytest.raises(RuntimeError, match=r"Buffer.dispatch \(call \d+\): this Buffer was destroyed"):
+        owned.dispatch(x, topk_idx=torch.zeros(3, 1, dtype=torch.long), num_experts=2)
+    with pytest.raises(RuntimeError, match="get_dispatch_layout: this Buffer was destroyed"):
+        owned.get_dispatch_layout(torch.zeros(3, 1, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(backend="mpi"), r"backend: expected one of \('auto', 'gloo', 'nccl', 'emu', 'cuda'\), got 'mpi'"),
+    (dict(backend="nccl"), r"backend: 'nccl' runs over the group's own collectives, but the group's backend is "
+                           r"'gloo'"),
+    (dict(timeout_s=0), r"timeout_s: expected a positive number of seconds, got 0"),
+    (dict(allow_mnnvl=True), r"allow_mnnvl: expected False \(multi-node NVLink"),
+    (dict(use_fabric=True), r"use_fabric: expected False"),
+    (dict(enable_shrink=True), r"enable_shrink: expected False"),
+    (dict(comm=object()), r"comm: expected None \(pass a torch.distributed group; mpi4py is not supported\)"),
+    (dict(num_nvl_bytes=-1), r"num_nvl_bytes: expected an int >= 0, got -1"),
+    (dict(local_backend="cuda"), r"local_backend: expected one of \('torch', 'triton'\), got 'cuda'"),
+])
+def test_construction_checks(group, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Buffer(group, **kwargs)
+    Buffer(group, backend="gloo")      # the group still builds Buffers afterwards
+
+
+def test_backend_auto_without_gpu(group):
+    buf = Buffer(group)
+    assert buf.backend == ("cuda" if torch.cuda.is_available() else "gloo")
+    assert buf.num_ranks == buf.group_size == 1 and buf.rank == 0
+
+
+@pytest.mark.parametrize("method,args,message", [
+    ("internode_dispatch", (), "Buffer.internode_dispatch: internode"),
+    ("internode_combine", (), "Buffer.internode_combine: internode"),
+    ("get_local_buffer_tensor", (torch.bfloat16,), "Buffer.get_local_buffer_tensor"),
+    ("get_comm_stream", (), "Buffer.get_comm_stream"),
+    ("low_latency_update_mask_buffer", (0,), "Buffer.low_latency_update_mask_buffer"),
+    ("low_latency_query_mask_buffer", (torch.zeros(1, dtype=torch.int32),), "Buffer.low_latency_query_mask_buffer"),
+    ("low_latency_clean_mask_buffer", (), "Buffer.low_latency_clean_mask_buffer"),
+])
+def test_unsupported_methods_name_themselves(group, method, args, message):
+    buf = Buffer(group, backend="gloo")
+    with pytest.raises(NotImplementedError, match=message):
+        getattr(buf, method)(*args)
+
+
+def test_combine_bias_not_supported(group):
+    buf = Buffer(group, backend="gloo")
+    x = torch.randn(3, 128).bfloat16()
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=torch.zeros(3, 1, dtype=torch.long), num_experts=2)
+    with pytest.raises(NotImplementedError, match="Buffer.combine: bias is not supported yet"):
+        buf.combine(recv_x, handle, bias=recv_x)
+    assert torch.equal(buf.combine(recv_x, handle)[0], x)   # still usable

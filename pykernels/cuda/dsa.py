@@ -226,47 +226,56 @@ def check_sparse_decode_supported(q, k_cache, head_dim_v: int) -> None:
                          f"are one token's heads), got h_q {h_q}")
 
 
-def sparse_decode(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_metadata, num_splits, out, lse,
-                  head_dim_v: int, softmax_scale: float, executor: str = "cuda"):
-    """Sparse MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q] with the
-    hand-written kernel; inputs as validated by pykernels.ops.dsa. Without a schedule, one is
-    made (get_mla_metadata over topk tokens per sequence). Returns the emulator's Stats of the
-    two launches for executor "emu", else None."""
+def sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_metadata, num_splits, out, lse,
+                        softmax_scale: float, record):
+    """(decode plan, combine plan) of the sparse decode writing out / lse (TMA/vector-ready
+    tensors: see sparse_decode), with every sequence scheduled as topk tokens; without a
+    schedule one is made (get_mla_metadata over topk tokens per sequence, the default
+    partition count)."""
     import dataclasses
 
     from .. import mla_schedule as MS
     from ..reference import mla as RM
-    from ..runtime import device_errors
     from . import mla as CM
-    check_sparse_decode_supported(q, k_cache, head_dim_v)
     b, s_q, h_q, _ = q.shape
-    if b == 0:
-        return [] if executor == "emu" else None
     topk = indices.shape[2]
     seqlens = torch.full((b,), topk, dtype=torch.int32, device=q.device)   # the schedule's unit
     if tile_scheduler_metadata is None:
         parts = MS.default_num_sm_parts(q.device, s_q * h_q, 1)
-        tile_scheduler_metadata, num_splits = RM.get_mla_metadata(seqlens.cpu(), parts)
-        tile_scheduler_metadata, num_splits = tile_scheduler_metadata.to(q.device), num_splits.to(q.device)
-    rows, parts = s_q * h_q, tile_scheduler_metadata.shape[0]
-    record = device_errors.record_for(q.device, SPARSE_OP_NAME)
-    o = out if CM._out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    lo = lse if CM._lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
-    oacc, lacc = MS.split_scratch(b, parts, rows, RM.HEAD_DIM_V, q.device)
+        tile_scheduler_metadata, num_splits = (t.to(q.device) for t in RM.get_mla_metadata(seqlens.cpu(), parts))
+    oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, RM.HEAD_DIM_V, q.device)
     no_table = torch.zeros((1, cdiv(topk, RM.PAGE_BLOCK_SIZE)), dtype=torch.int32, device=q.device)   # never read
     dense = CM.decode_plan(CM.q_view(q), CM.kv_view(k_cache), no_table, seqlens, tile_scheduler_metadata,
-                           num_splits, o, lo, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=softmax_scale,
+                           num_splits, out, lse, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=softmax_scale,
                            causal=False, num_blocks=k_cache.shape[0])
     sparse_args = (ptr(indices), ptr(k_cache), _opt(topk_length), _opt(attn_sink), u64(indices.stride(0)),
                    u32(indices.stride(1)), u32(topk), u32(k_cache.shape[0] * RM.PAGE_BLOCK_SIZE))
-    plan = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, args=dense.args + sparse_args,
-                               shared_bytes=sparse_decode_smem_bytes())
-    stats = [run_plan(plan, executor)]
+    decode = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, args=dense.args + sparse_args,
+                                 shared_bytes=sparse_decode_smem_bytes())
+    combine = CM.combine_plan(num_splits, oacc, lacc, out, lse, h_q=h_q)
+    combine = dataclasses.replace(combine, function=SPARSE_COMBINE_FUNCTION, args=combine.args + (_opt(attn_sink),))
+    return decode, combine
+
+
+def sparse_decode(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_metadata, num_splits, out, lse,
+                  head_dim_v: int, softmax_scale: float, executor: str = "cuda"):
+    """Sparse MLA decode into out bf16 [b, s_q, h_q, 512] and lse f32 [b, h_q, s_q] with the
+    hand-written kernel; inputs as validated by pykernels.ops.dsa. Returns the emulator's
+    Stats of the two launches for executor "emu", else None."""
+    from ..runtime import device_errors
+    from . import mla as CM
+    check_sparse_decode_supported(q, k_cache, head_dim_v)
+    if q.shape[0] == 0:
+        return [] if executor == "emu" else None
+    record = device_errors.record_for(q.device, SPARSE_OP_NAME)
+    o = out if CM._out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    lo = lse if CM._lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
+    decode, combine = sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_metadata,
+                                          num_splits, o, lo, softmax_scale, record)
+    stats = [run_plan(decode, executor)]
     if executor == "emu":
         device_errors.raise_if_set(record, SPARSE_OP_NAME)
-    combine = CM.combine_plan(num_splits, oacc, lacc, o, lo, h_q=h_q)
-    stats.append(run_plan(dataclasses.replace(combine, function=SPARSE_COMBINE_FUNCTION,
-                                              args=combine.args + (_opt(attn_sink),)), executor))
+    stats.append(run_plan(combine, executor))
     if o is not out:
         out.copy_(o)
     if lo is not lse:
@@ -277,4 +286,4 @@ def sparse_decode(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_me
 __all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "paged_logits_plan",
            "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS", "check_topk_supported",
            "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE", "sparse_decode",
-           "check_sparse_decode_supported", "sparse_decode_smem_bytes"]
+           "check_sparse_decode_supported", "sparse_decode_smem_bytes", "sparse_decode_plans"]

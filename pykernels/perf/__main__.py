@@ -1,7 +1,7 @@
 """python -m pykernels.perf [--part h800] gemm M N K [--kernel ours|deepgemm] [--layout L --groups G]
     the predicted time of an FP8 GEMM (our kernel, or DeepGEMM's best plausible config);
     grouped layouts: G groups of M rows each
-python -m pykernels.perf [--part h800] mla B SQ HQ SK [--fp8]
+python -m pykernels.perf [--part h800] mla B SQ HQ SK [--fp8] [--topk K]
     the predicted time of our MLA decode: B sequences of SK cached tokens, SQ new tokens,
     HQ query heads, one KV head (bf16 or the FP8 cache)
 python -m pykernels.perf table [--write]
@@ -84,6 +84,7 @@ def main(argv=None):
     for name in ("b", "sq", "hq", "sk"):
         d.add_argument(name, type=int)
     d.add_argument("--fp8", action="store_true", help="the 656-byte FP8 cache")
+    d.add_argument("--topk", type=int, default=0, help="the sparse decode over topk slots (FP8 cache; SK unused)")
     t = sub.add_parser("table")
     t.add_argument("--write", action="store_true", help=f"replace the tables in docs/{DOC.name}")
     sub.add_parser("machine")
@@ -93,7 +94,7 @@ def main(argv=None):
         print("\n".join(predict(a.m, a.n, a.k, a.part, a.kernel, layout=a.layout, groups=a.groups).lines()))
     elif a.cmd == "mla":
         from .mla import predict as predict_mla
-        print("\n".join(predict_mla([a.sk] * a.b, a.sq, a.hq, fp8=a.fp8, part=a.part).lines()))
+        print("\n".join(predict_mla([a.sk] * a.b, a.sq, a.hq, fp8=a.fp8, part=a.part, topk=a.topk).lines()))
     elif a.cmd == "table":
         text = tables()
         if a.write:

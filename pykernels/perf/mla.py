@@ -13,6 +13,12 @@ busiest. L2: the row tiles of one partition read the same KV blocks at about the
 so all but the first hit in L2 (hit = 1 - 1 / row tiles). The combine launch (split
 sequences only) is not simulated: it is charged its HBM bytes (the partial outputs and
 LSEs read, the output written) at the part's bandwidth, an explicit assumption.
+
+Sparse decode (topk > 0; pk_mla_sparse_decode_fp8 through pykernels/cuda/dsa.py): the same
+method with every sequence scheduled as topk slots, the sample's indices spread at random over
+a cache of its own; L2: only the row tiles of one query token share its rows (hit = 1 - 1 /
+(h_q / 64)); each slot's 656-byte row is one bulk copy, timed at the memory share like any
+copy (DRAM sector rounding of a scattered row, 672 bytes, is not modelled).
 """
 import dataclasses
 
@@ -41,16 +47,24 @@ class MlaProblem:
     s_q: int
     h_q: int
     fp8: bool = False
+    topk: int = 0            # > 0: the sparse decode (FP8 cache) over topk slots per query token
 
     @property
     def rows(self) -> int:
         return self.s_q * self.h_q
 
     def label(self) -> str:
+        if self.topk:
+            return f"sparse-b{len(self.seqlens)}-sq{self.s_q}-h{self.h_q}-topk{self.topk}-fp8"
         mean = sum(self.seqlens) / len(self.seqlens)
         return f"b{len(self.seqlens)}-sq{self.s_q}-h{self.h_q}-sk{mean:.0f}{'-fp8' if self.fp8 else ''}"
 
     def cost(self) -> dict:
+        if self.topk:       # FlashMLA's count; every query token gathers its own topk rows
+            c = M.decode_cost(len(self.seqlens), self.s_q, self.h_q, self.topk, fp8_cache=True)
+            rows_read = len(self.seqlens) * self.s_q * self.topk * RM.FP8_BYTES_PER_TOKEN
+            io = c["bytes"] - len(self.seqlens) * self.topk * RM.FP8_BYTES_PER_TOKEN
+            return dict(flops=c["flops"], bytes=rows_read + io)
         flops = nbytes = 0
         for n in self.seqlens:
             c = M.decode_cost(1, self.s_q, self.h_q, n, fp8_cache=self.fp8)
@@ -63,8 +77,30 @@ def _sample_shape(prob: MlaProblem):
     return (prob.s_q, prob.h_q) if prob.rows <= CM.TILE_ROWS else (1, CM.TILE_ROWS)
 
 
+def _sample_sparse(prob: MlaProblem, blocks: int, p: Part, mem: MemoryShare) -> float:
+    """Clocks of one CTA of the sparse decode over `blocks` blocks of 64 slots of one token."""
+    from ..cuda import dsa as CD
+    gen = torch.Generator().manual_seed(0)
+    pages = 2 * blocks
+    q = torch.randn(1, 1, CM.TILE_ROWS, RM.HEAD_DIM_QK, generator=gen).to(torch.bfloat16)
+    cache = M.quantize_kv_cache_fp8(torch.randn(pages, PAGE, 1, RM.HEAD_DIM_QK, generator=gen).to(torch.bfloat16))
+    indices = torch.randint(0, pages * PAGE, (1, 1, blocks * PAGE), generator=gen, dtype=torch.int32)
+    meta, splits = RM.get_mla_metadata(torch.tensor([blocks * PAGE], dtype=torch.int32), 1)
+    out = torch.empty(1, 1, CM.TILE_ROWS, RM.HEAD_DIM_V, dtype=torch.bfloat16)
+    lse = torch.empty(1, CM.TILE_ROWS, 1, dtype=torch.float32)
+    record = device_errors.record_for(q.device, CD.SPARSE_OP_NAME)
+    plan, _ = CD.sparse_decode_plans(q, cache, indices, None, None, meta, splits, out, lse,
+                                     RM.default_softmax_scale(), record)
+    rec = Recorder()
+    run_emu(plan, trace=rec)
+    device_errors.raise_if_set(record, CD.SPARSE_OP_NAME)
+    return max(r.cycles for r in replay(rec, p, mem))
+
+
 def _sample(prob: MlaProblem, blocks: int, p: Part, mem: MemoryShare) -> float:
     """Clocks of one CTA of the decode over one sequence of `blocks` KV blocks."""
+    if prob.topk:
+        return _sample_sparse(prob, blocks, p, mem)
     s_q, h_q = _sample_shape(prob)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, s_q, h_q, RM.HEAD_DIM_QK, generator=gen).to(torch.bfloat16)
@@ -132,15 +168,20 @@ class MlaPrediction:
                 f"(HBM bytes only) = {self.seconds * 1e6:.1f} us: {self.tflops:.0f} TFLOP/s, {self.gbps:.0f} GB/s"]
 
 
-def predict(seqlens, s_q: int, h_q: int, fp8: bool = False, part="h800", lo: int = 2, hi: int = 5) -> MlaPrediction:
+def predict(seqlens, s_q: int, h_q: int, fp8: bool = False, part="h800", lo: int = 2, hi: int = 5,
+            topk: int = 0) -> MlaPrediction:
     """Predicted time of our MLA decode (causal, one KV head) for sequences of `seqlens`
-    tokens (a list, or one int for every sequence with batch given by len) on `part`."""
-    prob = MlaProblem(tuple(int(n) for n in seqlens), s_q, h_q, fp8)
+    tokens (a list, or one int for every sequence with batch given by len) on `part`; with
+    topk > 0 the sparse decode over the FP8 cache (seqlens only gives the batch: every
+    sequence is scheduled as topk slots per query token; h_q a multiple of 64)."""
+    if topk:
+        seqlens, fp8 = [topk] * len(seqlens), True
+    prob = MlaProblem(tuple(int(n) for n in seqlens), s_q, h_q, fp8, topk)
     p = part if isinstance(part, Part) else get_part(part)
     tiles = cdiv(prob.rows, CM.TILE_ROWS)
     parts = max(1, p.sms // tiles)
     grid = (parts, tiles)
-    hit = 1.0 - 1.0 / tiles
+    hit = 1.0 - 1.0 / (h_q // CM.TILE_ROWS if topk else tiles)
     mem = MemoryShare.of(p, min(p.sms, parts * tiles), hit)
     c_lo, c_hi = _sample(prob, lo, p, mem), _sample(prob, hi, p, mem)
     per_block = (c_hi - c_lo) / (hi - lo)
@@ -158,7 +199,7 @@ def predict(seqlens, s_q: int, h_q: int, fp8: bool = False, part="h800", lo: int
     seconds = decode + combine
     cost = prob.cost()
     s_q1, h_q1 = _sample_shape(prob)
-    sampled = (f"the decode kernel on the emulator, one CTA of {s_q1 * h_q1} query rows over {lo} and {hi} KV "
-               "blocks")
+    sampled = (f"the {'sparse ' if topk else ''}decode kernel on the emulator, one CTA of "
+               f"{CM.TILE_ROWS if topk else s_q1 * h_q1} query rows over {lo} and {hi} KV blocks")
     return MlaPrediction(p.key, prob, grid, hit, per_block, piece, busiest, decode, combine, seconds,
                          cost["flops"] / seconds / 1e12, cost["bytes"] / seconds / 1e9, sampled)

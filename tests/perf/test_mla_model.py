@@ -52,3 +52,19 @@ def test_fp8_cache_and_more_tokens_cost_more_time():
     fp8 = PM.predict([2048] * 4, 1, 64, fp8=True, part=H800)
     assert long.seconds > short.seconds and fp8.seconds > 0
     assert long.tflops == pytest.approx(long.problem.cost()["flops"] / long.seconds / 1e12)
+
+
+def test_sparse_decode_prediction():
+    """The sparse decode's prediction: its own kernel sampled (a gathered page costs at least
+    the dense FP8 page's conversion and MMA work), the schedule of topk slots per sequence,
+    L2 shared only by the row tiles of one query token, FlashMLA's flop count."""
+    sparse = PM.predict([0] * 8, 2, 128, part=H800, topk=512)
+    dense = PM.predict([512] * 8, 2, 128, fp8=True, part=H800)
+    assert sparse.problem.topk == 512 and sparse.problem.seqlens == (512,) * 8
+    assert "sparse decode kernel" in sparse.sampled and sparse.l2_hit == pytest.approx(0.5)
+    assert sparse.per_block_clk >= 0.95 * dense.per_block_clk
+    assert sparse.problem.cost()["flops"] == dense.problem.cost()["flops"]     # 2 (576 + 512) per row and slot
+    # each query token gathers its own rows: s_q times the dense cache bytes (plus the same q / out bytes)
+    io = dense.problem.cost()["bytes"] - 8 * 512 * 656
+    assert sparse.problem.cost()["bytes"] == io + 2 * 8 * 512 * 656
+    assert sparse.tflops == pytest.approx(sparse.problem.cost()["flops"] / sparse.seconds / 1e12)

@@ -98,10 +98,6 @@ def test_destroy_follows_deepeps_rule(group):
     (dict(backend="nccl"), r"backend: 'nccl' runs over the group's own collectives, but the group's backend is "
                            r"'gloo'"),
     (dict(timeout_s=0), r"timeout_s: expected a positive number of seconds, got 0"),
-    (dict(allow_mnnvl=True), r"allow_mnnvl: expected False \(multi-node NVLink"),
-    (dict(use_fabric=True), r"use_fabric: expected False"),
-    (dict(enable_shrink=True), r"enable_shrink: expected False"),
-    (dict(comm=object()), r"comm: expected None \(pass a torch.distributed group; mpi4py is not supported\)"),
     (dict(num_nvl_bytes=-1), r"num_nvl_bytes: expected an int >= 0, got -1"),
     (dict(local_backend="cuda"), r"local_backend: expected one of \('torch', 'triton'\), got 'cuda'"),
 ])
@@ -109,6 +105,18 @@ def test_construction_checks(group, kwargs, message):
     with pytest.raises(ValueError, match=message):
         Buffer(group, **kwargs)
     Buffer(group, backend="gloo")      # the group still builds Buffers afterwards
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(allow_mnnvl=True), r"Buffer: allow_mnnvl=True \(multi-node NVLink\) is not supported"),
+    (dict(use_fabric=True), r"Buffer: use_fabric=True \(fabric memory handles\) is not supported"),
+    (dict(enable_shrink=True), r"Buffer: enable_shrink=True \(masking ranks out\) is not supported"),
+    (dict(comm=object()), r"Buffer: comm \(an mpi4py communicator\) is not supported"),
+])
+def test_unsupported_construction(group, kwargs, message):
+    with pytest.raises(NotImplementedError, match=message):
+        Buffer(group, **kwargs)
+    Buffer(group, backend="gloo")
 
 
 def test_backend_auto_without_gpu(group):

@@ -128,7 +128,7 @@ class Buffer:
             self._check_construction(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_mnnvl, use_fabric,
                                      enable_shrink, comm, local_backend)
             self.backend = _resolve_backend(backend, group, self.num_ranks)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, NotImplementedError) as e:
             error, self.backend = e, None
         record = dict(backend=self.backend, local_backend=local_backend, num_nvl_bytes=num_nvl_bytes,
                       num_rdma_bytes=num_rdma_bytes, low_latency_mode=bool(low_latency_mode),
@@ -160,12 +160,14 @@ class Buffer:
                         ("num_qps_per_rank", num_qps_per_rank)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
-        for name, v in (("allow_mnnvl", allow_mnnvl), ("use_fabric", use_fabric), ("enable_shrink", enable_shrink)):
+        for name, v, what in (("allow_mnnvl", allow_mnnvl, "multi-node NVLink"),
+                              ("use_fabric", use_fabric, "fabric memory handles"),
+                              ("enable_shrink", enable_shrink, "masking ranks out")):
             if v:
-                raise ValueError(f"{name}: expected False (multi-node NVLink / fabric memory / shrinking are not "
-                                 f"supported), got {v!r}")
+                raise NotImplementedError(f"Buffer: {name}={v!r} ({what}) is not supported; pass False")
         if comm is not None:
-            raise ValueError("comm: expected None (pass a torch.distributed group; mpi4py is not supported)")
+            raise NotImplementedError("Buffer: comm (an mpi4py communicator) is not supported; pass a "
+                                      "torch.distributed group")
 
     def _mark_broken(self, reason: str):
         self._agreement.abort(reason)

@@ -5,6 +5,9 @@ stand-in of its per-process transport. The adaptor must turn the kernels' receiv
 (source rank s's rows of an expert in a block at s*M) into the packed per-expert layout
 of the engine path and DeepEP, and put the packed expert outputs back into blocks for the
 kernel combine: checked exactly against the same simulation as the engine test."""
+import dataclasses
+
+import pytest
 import torch
 
 from pykernels.cuda import ep as cep
@@ -38,7 +41,7 @@ def test_kernel_adaptor_packs_and_unpacks_exactly(seed):
     cfg = cep.IntranodeConfig(num_ranks=RANKS, hidden=HIDDEN, max_topk=TOPK, num_channels=1, num_slots=8,
                               publish_every=4, num_experts=EXPERTS, max_dispatch_tokens=MAX_TOKENS)
     node = cep.LocalNode(cfg)            # poison=True: unwritten kernel outputs are 0xFF (NaN, -1)
-    checked = 0
+    checked, handles_seen = 0, []
     for fp8 in (False, True):
         payloads = [quantize(x, False, "reference") if fp8 else x for x in xs]
         results = node.low_latency_dispatch(payloads, idxs)
@@ -51,6 +54,7 @@ def test_kernel_adaptor_packs_and_unpacks_exactly(seed):
             checked += check_dispatch(r, RANKS, xs, idxs, recv_x, count, handle, fp8)
             y = expert_outputs(recv_x, count, r, RANKS, fp8)        # NaN past recv_count
             adaptors[r].combine(y, idxs[r], ws[r], handle)
+            handles_seen.append(handle)
             ys.append(stand_ins[r].blocks[0])
             handles.append(stand_ins[r].blocks[1])
             assert handles[r] is handle.transport
@@ -60,3 +64,7 @@ def test_kernel_adaptor_packs_and_unpacks_exactly(seed):
             assert torch.equal(outs[r].view(torch.int16), expect.view(torch.int16)), f"rank {r}, fp8={fp8}"
             checked += outs[r].shape[0]
     assert checked > 40
+    # a handle from before the kernels' buffers were replaced (other sizes) is refused
+    stale = dataclasses.replace(handles_seen[0], hidden=2 * HIDDEN)
+    with pytest.raises(ValueError, match=r"handle: its dispatch used \(hidden, num_experts, M\) = \(1024, 8, 16\)"):
+        adaptors[0].combine(ys[0], idxs[0], ws[0], stale)

@@ -531,6 +531,10 @@ class KernelLowLatency(_CombineStaging):
 
     def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
                 return_recv_hook: bool = False, out=None):
+        if self.sizes != (handle.hidden, handle.num_experts, handle.num_max_dispatch_tokens_per_rank):
+            raise ValueError(f"handle: its dispatch used (hidden, num_experts, M) = ({handle.hidden}, "
+                             f"{handle.num_experts}, {handle.num_max_dispatch_tokens_per_rank}); a later dispatch "
+                             f"replaced the kernels' buffers with {self.sizes}")
         if zero_copy:
             x = self.next_combine_buffer(handle)
         H = x.shape[-1]

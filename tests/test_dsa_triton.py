@@ -226,12 +226,14 @@ def test_paged_topk_indices_matches_reference(seed, next_n, lens_2d):
     logits = _tied_logits(b * next_n, width)
     ends = RD.paged_row_windows(lens, next_n)
     logits[torch.arange(width)[None, :] >= ends[:, None]] = math.inf    # outside the windows: never read
-    out = torch.full((b, next_n, k), -7, dtype=torch.int32)
+    buf = torch.full((b, next_n + 1, k + 3), -7, dtype=torch.int32)   # poison; out: any strides but the last
+    out = buf[:, 1:, 2:2 + k]
     got = D.paged_topk_indices(logits, k, lens, table, backend="triton", out=out)
     assert got is out
     ref = D.paged_topk_indices(logits, k, lens, table, backend="reference")
     assert torch.equal(out, ref)
     assert (out[2] == -1).all()
+    assert (buf[:, 0] == -7).all() and (buf[..., :2] == -7).all() and (buf[..., 2 + k:] == -7).all()
 
 
 def test_topk_triton_limit_is_an_error():

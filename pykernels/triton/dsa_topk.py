@@ -70,12 +70,14 @@ def _count_ge(row, lo, hi, cand, BLOCK_N: tl.constexpr):
 
 
 @jit
-def _topk_kernel(logits_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr, stride_l, stride_bt, stride_o, TOPK, NEXT_N,
+def _topk_kernel(logits_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr, stride_l, stride_bt, stride_os, stride_or, TOPK,
+                 NEXT_N,
                  LO: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
     row = logits_ptr + r.to(tl.int64) * stride_l
-    out_row = out_ptr + r.to(tl.int64) * stride_o
+    seq = r // NEXT_N                       # out row r is [seq, r % NEXT_N] (prefill: NEXT_N 1)
+    out_row = out_ptr + seq.to(tl.int64) * stride_os + (r % NEXT_N) * stride_or
     hi = tl.load(hi_ptr + r)
     lo = tl.zeros((), dtype=tl.int32)
     if LO:
@@ -110,8 +112,7 @@ def _topk_kernel(logits_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr, stride_l, strid
     comp = tl.sort(comp, descending=True)
     pos = (2147483647 - (comp & 2147483647)).to(tl.int32)
     if PAGED:
-        seq = (r // NEXT_N).to(tl.int64)
-        page = tl.load(table_ptr + seq * stride_bt + pos // PAGE, mask=got, other=0)
+        page = tl.load(table_ptr + seq.to(tl.int64) * stride_bt + pos // PAGE, mask=got, other=0)
         pos = page * PAGE + pos % PAGE
     # (every thread's read of its slots precedes the sort, which all threads' values feed)
     tl.store(out_row + slot, tl.where(got, pos, -1), mask=slot < TOPK)
@@ -120,14 +121,14 @@ def _topk_kernel(logits_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr, stride_l, strid
 def topk_launch_args(logits, lo, hi, topk, out, block_table=None, next_n=1, interpreted=INTERPRETED):
     """(kernel, grid, runtime args by name, constexprs, options), or None for no rows. lo / hi
     int32 [rows]: each row's window (lo None: 0); block_table given: the paged form, out
-    rows r = (r // next_n, r % next_n) of [b, next_n, topk]."""
+    rows r = (r // next_n, r % next_n) of [b, next_n, topk] (any strides but the last)."""
     rows, width = logits.shape
     if rows == 0:
         return None
-    out2 = out.view(rows, topk) if out.dim() == 3 else out
     paged = block_table is not None
-    vals = (logits, hi if lo is None else lo, hi, block_table if paged else hi, out2, logits.stride(0),
-            block_table.stride(0) if paged else 0, out2.stride(0), topk, next_n)
+    stride_os, stride_or = (out.stride(0), out.stride(1)) if out.dim() == 3 else (out.stride(0), 0)
+    vals = (logits, hi if lo is None else lo, hi, block_table if paged else hi, out, logits.stride(0),
+            block_table.stride(0) if paged else 0, stride_os, stride_or, topk, next_n)
     args = dict(zip(_topk_kernel.arg_names, vals))
     cx = dict(LO=lo is not None, PAGED=paged, PAGE=RM.PAGE_BLOCK_SIZE, BLOCK_N=block_n(width, interpreted),
               BLOCK_K=triton.next_power_of_2(topk))
@@ -145,7 +146,7 @@ def topk_indices(logits, cu_seqlen_ks, cu_seqlen_ke, topk: int, out):
 def paged_topk_indices(logits, context_lens, block_table, topk: int, out):
     """logits float32 [b * next_n, L]; context_lens int32 [b] or [b, next_n]; block_table
     int32 [b, max_blocks] (validated: windows within L and the table's pages) -> out int32
-    [b, next_n, topk] (contiguous): cache rows block_table[i, p // 64] * 64 + p % 64 of the
+    [b, next_n, topk] (unit last stride): cache rows block_table[i, p // 64] * 64 + p % 64 of the
     taken positions p, -1 in unused slots."""
     b = block_table.shape[0]
     next_n = logits.shape[0] // b

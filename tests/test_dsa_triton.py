@@ -261,8 +261,8 @@ def test_sparse_prefill_dots_are_float32_when_interpreted():
                                                             (576, 3, True, True)])
 def test_sparse_prefill_matches_reference(seed, d_qk, h_q, with_sink, with_length):
     s_q, s_kv, topk = 4, 90, 80
-    q = torch.randn(s_q, h_q, d_qk).bfloat16()
-    kv = torch.randn(s_kv, 1, d_qk).bfloat16()
+    q = torch.randn(s_q, h_q + 1, d_qk).bfloat16()[:, 1:]                # strided q and kv rows
+    kv = torch.randn(s_kv, 2, d_qk).bfloat16()[:, 1:]
     idx = torch.randint(-3, s_kv + 3, (s_q, 1, topk), dtype=torch.int32)  # outside [0, s_kv): skipped
     idx[0, 0, 3:70] = -1                                          # a whole tile of unused slots
     idx[1, 0, :] = s_kv                                           # a token with no used slot

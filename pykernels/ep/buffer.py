@@ -539,7 +539,7 @@ class Buffer:
 
     def _low_latency_impl(self):
         if self._low_latency is None:
-            quant = "triton" if self.local_backend == "triton" else "reference"
+            quant = "triton" if self.local_backend == "triton" else "auto"   # reference on CPU, the kernel on GPU
             if self._kernels is None:
                 self._low_latency = low_latency.LowLatencyEngine(self.group, self.rank, self.num_ranks, self.device,
                                                                  quant, self._engine._wait)

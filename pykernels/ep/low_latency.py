@@ -319,7 +319,7 @@ class LowLatencyEngine(_CombineStaging):
 
     group / rank / num_ranks: the process group; device: where the buffers live ("cuda"
     for NCCL, "cpu" for gloo); quant_backend: pykernels.quant backend of the FP8 cast
-    ("reference" = torch, "triton"); wait(work, what): waits for an async collective
+    ("auto", "reference", "triton"); wait(work, what): waits for an async collective
     (the caller's timeout), default work.wait()."""
 
     NUM_SETS = 2

@@ -106,8 +106,10 @@ def _meta(*shape, dtype):
 
 
 # (s_q, h_q, d_qk, s_kv, topk, attn_sink and topk_length?): V3.2's prefill shape (128 heads,
-# d_qk 576, topk 2048) and a 64-head MODEL1-style one (d_qk 512) with sink and lengths.
-SPEC_PROBLEMS = ((4096, 128, 576, 8192, 2048, False), (4096, 64, 512, 8192, 2048, True))
+# d_qk 576, topk 2048), a 64-head MODEL1-style one (d_qk 512) with sink and lengths, and 16
+# heads (the dense decode's 16 x 32 tile).
+SPEC_PROBLEMS = ((4096, 128, 576, 8192, 2048, False), (4096, 64, 512, 8192, 2048, True),
+                 (4096, 16, 576, 8192, 2048, True))
 
 
 def sm90_compile_specs(problems=SPEC_PROBLEMS):

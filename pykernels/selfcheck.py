@@ -167,7 +167,7 @@ DSA_LOGIT_REL = 1e-5
 
 def _dsa_logits_case(device):
     import pykernels.dsa as D
-    m, n, h, d = 5, 130, 4, 64
+    m, n, h, d = 5, 130, 32, 128            # inside every backend's limits (the CUDA kernel's: 32/64 heads of 128)
     q = (torch.randn(m, h, d, device=device) * 2).to(torch.float8_e4m3fn)
     k, sf = D.indexer_k_cast_to_fp8(torch.randn(n, d, device=device) * 3)
     w = torch.randn(m, h, device=device)
@@ -188,7 +188,7 @@ def _dsa_logits_case(device):
 def _dsa_sparse_decode_case(device):
     import pykernels.dsa as D
     import pykernels.mla as M
-    b, s_q, h_q, blocks, topk = 2, 2, 16, 4, 48
+    b, s_q, h_q, blocks, topk = 2, 2, 64, 4, 48    # h_q 64: inside the CUDA kernel's limits (multiples of 64)
     cache = M.quantize_kv_cache_fp8(torch.randn(blocks, 64, 1, 576, device=device).to(torch.bfloat16))
     q = torch.randn(b, s_q, h_q, 576, device=device).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(blocks * 64, device=device)[:topk] for _ in range(b * s_q)]).view(b, s_q, topk)

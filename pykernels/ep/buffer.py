@@ -333,7 +333,9 @@ class Buffer:
         elif topk_idx is not None:
             if num_experts is None:
                 raise ValueError("num_experts: required (or pass num_tokens_per_expert from get_dispatch_layout)")
-            check_topk(topk_idx, num_experts, self.num_ranks, data.shape[0])
+            # on a GPU with num_worst_tokens nothing is read back: the kernels assert the range on the device
+            check_topk(topk_idx, num_experts, self.num_ranks, data.shape[0],
+                       range_check=not (num_worst_tokens and self.backend == "cuda"))
             if topk_idx.device != data.device:
                 raise ValueError(f"topk_idx: expected device {data.device} (that of x), got {topk_idx.device}")
             if topk_weights is not None:

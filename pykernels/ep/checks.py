@@ -30,9 +30,10 @@ def check_num_experts(num_experts, num_ranks: int):
         raise ValueError(f"num_experts: expected a positive multiple of the group size {num_ranks}, got {num_experts}")
 
 
-def check_topk(topk_idx, num_experts, num_ranks: int, num_tokens=None):
+def check_topk(topk_idx, num_experts, num_ranks: int, num_tokens=None, range_check: bool = True):
     """topk_idx int64 [T, K], 1 <= K <= MAX_TOPK, values in [-1, num_experts). The range
-    check reads min/max back to the host (one sync)."""
+    check reads min/max back to the host (one sync); range_check=False leaves it to the
+    caller (the kernel transports' device-side assert)."""
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64:
         got = topk_idx.dtype if isinstance(topk_idx, torch.Tensor) else type(topk_idx).__name__
         raise TypeError(f"topk_idx: expected an int64 tensor, got {got}")
@@ -43,7 +44,7 @@ def check_topk(topk_idx, num_experts, num_ranks: int, num_tokens=None):
     if num_tokens is not None and topk_idx.shape[0] != num_tokens:
         raise ValueError(f"topk_idx: expected {num_tokens} rows (one per token of x), got {topk_idx.shape[0]}")
     check_num_experts(num_experts, num_ranks)
-    if topk_idx.numel():
+    if range_check and topk_idx.numel():
         lo, hi = (int(v) for v in torch.aminmax(topk_idx))
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"topk_idx: expected values in [-1, {num_experts}), got range [{lo}, {hi}]")

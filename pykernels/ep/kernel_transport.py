@@ -67,32 +67,39 @@ class KernelTransport:
         """Returns (recv_x, recv_topk_idx or None, recv_topk_weights or None, DispatchHandle,
         the transport's result dict). Without topk_idx, routes by is_token_in_rank.
 
-        The per-rank counts are gathered first (the handle's rank_prefix_matrix); on the CPU
-        (emu) a num_worst_tokens below some rank's count then raises ValueError on every rank
-        before the kernels run. On a GPU that check would need a host read: the kernel drops
-        the rows past the bound and records code 9 (pykernels.cuda.ep), as without a Buffer."""
+        The handle's count matrix comes from one all_gather of the per-rank counts. On the CPU
+        (emu) it is gathered first, so a num_worst_tokens below some rank's count raises
+        ValueError on every rank before the kernels run. On a GPU it is gathered after the
+        kernels from their device-side layout, with no host read (with num_worst_tokens the
+        call reads nothing back): a too small num_worst_tokens is then the kernel's code 9
+        record (pykernels.cuda.ep), as without a Buffer."""
         from ..reference.ep import dispatch_layout
         synthetic = topk_idx is None
         if synthetic:
             topk_idx, topk_weights, num_experts = rank_slots(is_token_in_rank), None, self.num_ranks
-        in_rank = dispatch_layout(topk_idx, num_experts, self.num_ranks)[2] if is_token_in_rank is None \
-            else is_token_in_rank
-        matrix = self.gather_rows(in_rank.sum(0), what).cpu()
-        if num_worst_tokens and in_rank.device.type == "cpu":
-            received = matrix.sum(0).tolist()
-            over = [(r, n) for r, n in enumerate(received) if n > num_worst_tokens]
-            if over:   # the same matrix on every rank: every rank raises this, nothing moved yet
-                raise ValueError(f"num_worst_tokens: {num_worst_tokens} rows are fewer than rank(s) receive: "
-                                 + ", ".join(f"rank {r} receives {n}" for r, n in over)
-                                 + ". Nothing was sent; the Buffer remains usable.")
+        on_cpu = topk_idx.device.type == "cpu"
+        if on_cpu:
+            in_rank = dispatch_layout(topk_idx, num_experts, self.num_ranks)[2] if is_token_in_rank is None \
+                else is_token_in_rank
+            matrix = self.gather_rows(in_rank.sum(0), what).cpu()
+            if num_worst_tokens:
+                received = matrix.sum(0).tolist()
+                over = [(r, n) for r, n in enumerate(received) if n > num_worst_tokens]
+                if over:   # the same matrix on every rank: every rank raises this, nothing moved yet
+                    raise ValueError(f"num_worst_tokens: {num_worst_tokens} rows are fewer than rank(s) receive: "
+                                     + ", ".join(f"rank {r} receives {n}" for r, n in over)
+                                     + ". Nothing was sent; the Buffer remains usable.")
         res = self._call(self.transport.dispatch, x, topk_idx, topk_weights, num_experts,
                          num_worst_tokens=num_worst_tokens)
         ih = res["handle"]
+        in_rank = ih.is_token_in_rank
+        if not on_cpu:
+            matrix = self.gather_rows(in_rank.sum(0), what)
         C = self.cfg.num_channels
         T = in_rank.shape[0]
         # sender side: tokens to each rank in the channels before c (channel c: tokens [c*ceil(T/C), ...))
         per = -(-T // C) if T else 0
-        bounds = torch.tensor([min(c * per, T) for c in range(C)], dtype=torch.int64, device=in_rank.device)
+        bounds = (torch.arange(C, device=in_rank.device) * per).clamp(max=T)
         before = torch.cat([torch.zeros(1, in_rank.shape[1], dtype=torch.int64, device=in_rank.device),
                             torch.cumsum(in_rank.to(torch.int64), 0)])[bounds].T.to(torch.int32)
         recv_prefix = (ih.recv_channel_offset[..., 0] - ih.rank_offset[:, None]).to(torch.int32)

@@ -75,6 +75,7 @@ SIGNATURES = {
     "ceil_div": dict(x=E, y=E),
     "align": dict(x=E, y=E),
     "calc_diff": dict(x=E, y=E),
+    "wgrad_gemm_fp8_fp8_fp32_nt": dict(lhs=E, rhs=E, out=E),          # DeepGEMM v1's
 }
 
 
@@ -116,6 +117,27 @@ def test_fp8_gemm_nt_writes_d_and_returns_none(backend, k, seed):
     _close(d, R.fp8_gemm_nt(a, sfa, b, sfb))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [256, 576])
+def test_fp8_gemm_nt_accumulates_into_a_float32_d(backend, k, seed):
+    m, n = int(torch.randint(1, 150, ())), 128
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    c = torch.randn(m, n) * 10
+    d = torch.full((m, n), float("nan"))
+    assert deep_gemm.fp8_gemm_nt((a, sfa), (b, sfb), d, c, backend=backend) is None      # d = c + a b^T
+    want = R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c)
+    torch.testing.assert_close(d, want, rtol=1e-5, atol=1e-3)
+    # the weight-gradient form: c is d, per-row B scales (recipe (1, 1, 128)); and DeepGEMM v1's name for it
+    b_row, sfb_row = R.per_token_cast_to_fp8(torch.randn(n, k, dtype=torch.bfloat16))
+    before = d.clone()
+    deep_gemm.fp8_gemm_nt((a, sfa), (b_row, sfb_row), d, d, recipe=(1, 1, 128), backend=backend)
+    want = R.fp8_gemm_nt(a, sfa, b_row, sfb_row, torch.empty(m, n), before, b_scale_rows=1)
+    torch.testing.assert_close(d, want, rtol=1e-5, atol=1e-3)
+    deep_gemm.wgrad_gemm_fp8_fp8_fp32_nt((a, sfa), (b_row, sfb_row), d, backend=backend)
+    torch.testing.assert_close(d, R.fp8_gemm_nt(a, sfa, b_row, sfb_row, torch.empty(m, n), want, b_scale_rows=1),
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_fp8_gemm_nt_takes_scales_in_any_layout(seed):
     m, n, k = 37, 256, 384
     _, _, a, sfa, b, sfb = normal_problem(m, n, k)
@@ -136,6 +158,11 @@ def test_empty_problems_follow_deep_gemm(seed):
     deep_gemm.fp8_gemm_nt((torch.empty(5, 0, dtype=torch.float8_e4m3fn), torch.empty(5, 0)),
                           (torch.empty(128, 0, dtype=torch.float8_e4m3fn), torch.empty(1, 0)), d)
     assert torch.equal(d, torch.zeros(5, 128, dtype=torch.bfloat16))
+    c = torch.randn(5, 128)                                   # k = 0 with c: d = c
+    d = torch.full((5, 128), float("nan"))
+    deep_gemm.fp8_gemm_nt((torch.empty(5, 0, dtype=torch.float8_e4m3fn), torch.empty(5, 0)),
+                          (torch.empty(128, 0, dtype=torch.float8_e4m3fn), torch.empty(1, 0)), d, c)
+    assert torch.equal(d, c)
 
 
 def _contiguous_problem(groups, n, k):
@@ -213,10 +240,11 @@ def _gemm_args():
 
 
 @pytest.mark.parametrize("call, name", [
-    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, c=d.clone()), "fp8_gemm_nt: accumulation into c"),
-    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d.float()), "fp8_gemm_nt: a float32 d"),
+    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, c=d.float()), "fp8_gemm_nt: accumulation into c with a bfloat16 d"),
     (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, alpha=2.0), "fp8_gemm_nt: alpha"),
-    (lambda a, b, d: deep_gemm.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128)), r"fp8_gemm_nt: recipe=\(1, 1, 128\)"),
+    (lambda a, b, d: deep_gemm.m_grouped_fp8_gemm_nt_masked((a[0][None], a[1][None]), (b[0][None], b[1][None]), d[None],
+                                                           torch.ones(1, dtype=torch.int32), 8, recipe=(1, 1, 128)),
+     "m_grouped_fp8_gemm_nt_masked: recipe=.*per-row B scales on a grouped GEMM"),
     (lambda a, b, d: deep_gemm.fp4_gemm_nt((a[0].view(torch.int8), a[1]), b, d), "fp8_gemm_nt: a: int8 .FP4."),
     (lambda a, b, d: deep_gemm.fp8_gemm_nn(a, b, d), "fp8_gemm_nn: the NN layout"),
     (lambda a, b, d: deep_gemm.fp8_gemm_tt(a, b, d), "fp8_gemm_tt: the TT layout"),

@@ -3,22 +3,23 @@
 Every public name of DeepGEMM's `deep_gemm/__init__.py` (v2.8; its `utils` names included, as
 DeepGEMM re-exports them) with DeepGEMM's parameter names, order, defaults and return values
 (the GEMMs write `d` and return None), and its Hopper (SM90) semantics: FP8 e4m3 operands,
-float32 scales (1x128 per token for A, 128x128 per block for B), NT layout, bf16 `d`.
+float32 scales (1x128 per token for A; 128x128 per block for B, or per row with recipe
+(1, 1, 128)), NT layout, bf16 `d` (float32 with accumulation d = c + a b^T).
 What differs from pykernels' own API (docs/compat.md has every name):
 
 - m_grouped_fp8_gemm_nt_contiguous zeroes the rows of `d` whose grouped_layout is -1 unless
   ensure_zero_padding=False (pykernels.m_grouped_fp8_gemm_nt_contiguous leaves them), and
   takes DeepGEMM's prefix-sum layout (use_psum_layout=True);
-- scales in any layout are accepted (DeepGEMM transforms them; here one copy to the
-  column-major TMA-aligned layout where pykernels' kernels cannot read them as they are);
-- empty problems: m or n = 0 writes nothing, k = 0 zeroes `d`;
+- scales in any layout are accepted (DeepGEMM transforms them; here one copy into a layout
+  pykernels' kernels read where they cannot read them as they are);
+- empty problems: m or n = 0 writes nothing, k = 0 sets `d` to `c` (0 without it);
 - the utils casts compute q = e4m3(x * (1 / sf)) as DeepGEMM's (pykernels' casts round
   x * (448 / amax)), ceil_to_ue8m0 turns NaN / Inf into 2^127 and calc_diff returns a 0-dim
   float64 tensor.
 
-Valid DeepGEMM calls that pykernels does not implement (accumulation into `c`, fp32 `d`,
-per-channel B scales, FP4 operands, the NN/TN/TT layouts, K-grouped and BF16 GEMMs, Mega MoE,
-...) raise NotImplementedError naming the function; invalid values raise pykernels' ValueError /
+Valid DeepGEMM calls that pykernels does not implement (accumulation into a bf16 `d`, alpha,
+FP4 operands, the NN/TN/TT layouts, K-grouped and BF16 GEMMs, Mega MoE, ...) raise
+NotImplementedError naming the function; invalid values raise pykernels' ValueError /
 TypeError naming the argument. Each function also takes a keyword-only `backend` ("auto",
 "cuda", "emu", "triton", "reference"). Arrays of any DLPack producer are accepted (runtime/arrays).
 """
@@ -106,35 +107,43 @@ def set_block_size_multiple_of(*args, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------- GEMM helpers
 
-def _fp8_operands(name: str, a, b):
+def _fp8_operands(name: str, a, b, per_row_b: bool = False):
     """(a, b) as pairs with scales pykernels' kernels read; FP4 operands -> NotImplementedError."""
     for arg, pair in (("a", a), ("b", b)):
         if isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor) \
                 and pair[0].dtype in _FP4_DTYPES:
             _not_implemented(name, f"{arg}: {str(pair[0].dtype).replace('torch.', '')} (FP4) operands")
-    return _with_readable_scales(a), _with_readable_scales(b)
+    return _with_readable_scales(a, per_row=True), _with_readable_scales(b, per_row=per_row_b)
 
 
-def _with_readable_scales(pair):
-    """DeepGEMM takes float32 scales in any layout and transforms them; pykernels' kernels read
-    row-major or column-major TMA-aligned ones, so any other layout is copied into the latter."""
+def _with_readable_scales(pair, per_row: bool):
+    """DeepGEMM takes float32 scales in any layout and transforms them. pykernels' kernels read
+    per-row scales (sfa; sfb of the (1, 1, 128) recipe) row-major or column-major TMA-aligned and
+    128x128 block scales row-major: any other layout is copied once into one they read."""
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
         return pair                                          # pykernels' validation names the error
     data, sf = pair
     if isinstance(sf, torch.Tensor) and sf.dtype == torch.float32 and sf.dim() in (2, 3):
-        try:
-            V.check_scale_layout("sf", sf)
-        except ValueError:
-            sf = PQ.get_col_major_tma_aligned_tensor(sf)
+        if not per_row:
+            sf = sf.contiguous()
+        else:
+            try:
+                V.check_scale_layout("sf", sf)
+            except ValueError:
+                sf = PQ.get_col_major_tma_aligned_tensor(sf)
     return data, sf
 
 
-def _check_recipe(name: str, recipe, recipe_b) -> None:
-    """Per-channel B scales (gran_n 1, the SM90 1D1D kernel DeepGEMM uses for weight gradients)."""
-    if isinstance(recipe, (tuple, list)) and len(recipe) == 3 and recipe[1] == 1:
-        _not_implemented(name, f"recipe={tuple(recipe)!r} (per-channel B scales)")
-    if isinstance(recipe_b, (tuple, list)) and len(recipe_b) == 2 and recipe_b[0] == 1:
-        _not_implemented(name, f"recipe_b={tuple(recipe_b)!r} (per-channel B scales)")
+def _per_row_b(recipe, recipe_b) -> bool:
+    """The recipe names one B scale per row (gran_n 1: DeepGEMM's (1, 1, 128), its weight-gradient recipe)."""
+    return (isinstance(recipe, (tuple, list)) and len(recipe) == 3 and recipe[1] == 1) or \
+        (isinstance(recipe_b, (tuple, list)) and len(recipe_b) == 2 and recipe_b[0] == 1)
+
+
+def _check_grouped_recipe(name: str, recipe, recipe_b) -> None:
+    """Per-row B scales are implemented for fp8_gemm_nt only."""
+    if _per_row_b(recipe, recipe_b):
+        _not_implemented(name, f"recipe={recipe!r}, recipe_b={recipe_b!r} (per-row B scales on a grouped GEMM)")
 
 
 def _problem_size(a, b):
@@ -145,8 +154,8 @@ def _problem_size(a, b):
         return None
 
 
-def _empty_problem(a, b, d) -> bool:
-    """DeepGEMM's early return: m or n 0 -> nothing written; k 0 -> d zeroed."""
+def _empty_problem(a, b, d, c=None) -> bool:
+    """DeepGEMM's early return: m or n 0 -> nothing written; k 0 -> d = c (0 without c)."""
     size = _problem_size(a, b)
     if size is None or not isinstance(d, torch.Tensor):
         return False
@@ -154,7 +163,10 @@ def _empty_problem(a, b, d) -> bool:
     if m == 0 or n == 0:
         return True
     if k == 0:
-        d.zero_()
+        if c is None:
+            d.zero_()
+        elif c.data_ptr() != d.data_ptr():
+            d.copy_(c)
         return True
     return False
 
@@ -164,24 +176,22 @@ def _empty_problem(a, b, d) -> bool:
 @dlpack_io
 def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
                 disable_ue8m0_cast: bool = False, alpha=None, *, backend: str = "auto") -> None:
-    """d[m, n] = (a[m, k] * sfa) @ (b[n, k] * sfb)^T, written in place; returns None.
+    """d[m, n] = (c +) (a[m, k] * sfa) @ (b[n, k] * sfb)^T, written in place; returns None.
 
-    a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [ceil(n/128), ceil(k/128)]);
-    d: bf16 [m, n]. Not implemented: c (accumulation d = c + a @ b), fp32 d, alpha (SM100 in
-    DeepGEMM too), per-channel B recipes, FP4 operands (NotImplementedError).
+    a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [ceil(n/128), ceil(k/128)],
+    or [n, ceil(k/128)] with recipe (1, 1, 128)); d: bf16, or float32 [m, n]; c: None or float32
+    [m, n] with a float32 d (c may be d: d += a @ b^T). Not implemented (NotImplementedError):
+    accumulation into a bf16 d, alpha (SM100 in DeepGEMM too), FP4 operands.
     """
     name = "fp8_gemm_nt"
-    if c is not None:
-        _not_implemented(name, "accumulation into c (d = c + a @ b)")
-    if isinstance(d, torch.Tensor) and d.dtype == torch.float32:
-        _not_implemented(name, "a float32 d")
+    if c is not None and isinstance(d, torch.Tensor) and d.dtype != torch.float32:
+        _not_implemented(name, f"accumulation into c with a {str(d.dtype).replace('torch.', '')} d")
     if alpha is not None:
         _not_implemented(name, "alpha (DeepGEMM's SM100 output scale)")
-    _check_recipe(name, recipe, recipe_b)
-    a, b = _fp8_operands(name, a, b)
-    if _empty_problem(a, b, d):
+    a, b = _fp8_operands(name, a, b, per_row_b=_per_row_b(recipe, recipe_b))
+    if _empty_problem(a, b, d, c):
         return None
-    PG.fp8_gemm_nt(a, b, d, None, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, backend=backend)
+    PG.fp8_gemm_nt(a, b, d, c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, backend=backend)
     return None
 
 
@@ -216,6 +226,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, recip
     False leaves them as they were. expected_m_for_psum_layout: a hint (psum layout only).
     """
     name = "m_grouped_fp8_gemm_nt_contiguous"
+    _check_grouped_recipe(name, recipe, recipe_b)
     if not isinstance(ensure_zero_padding, bool):
         raise TypeError(f"ensure_zero_padding: expected a bool, got {type(ensure_zero_padding).__name__}")
     if not isinstance(use_psum_layout, bool):
@@ -225,7 +236,6 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, recip
             raise ValueError(f"expected_m_for_psum_layout: expected None without use_psum_layout, "
                              f"got {expected_m_for_psum_layout!r}")
         V.check_int("expected_m_for_psum_layout", expected_m_for_psum_layout, lo=0)
-    _check_recipe(name, recipe, recipe_b)
     a, b = _fp8_operands(name, a, b)
     grouped_layout = V.as_tensor("grouped_layout", grouped_layout)
     size = _problem_size(a, b)
@@ -252,7 +262,7 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m: int, recipe=None
     device); expected_m: the typical rows per group (tile choice). Rows >= masked_m[g] untouched.
     """
     name = "m_grouped_fp8_gemm_nt_masked"
-    _check_recipe(name, recipe, recipe_b)
+    _check_grouped_recipe(name, recipe, recipe_b)
     a, b = _fp8_operands(name, a, b)
     PG.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe, recipe_a, recipe_b, compiled_dims,
                                     disable_ue8m0_cast, backend=backend)
@@ -268,6 +278,13 @@ gemm_fp8_fp8_bf16_nt = fp8_gemm_nt
 m_grouped_gemm_fp8_fp8_bf16_nt_contiguous = m_grouped_fp8_gemm_nt_contiguous
 m_grouped_gemm_fp8_fp8_bf16_nt_masked = m_grouped_fp8_gemm_nt_masked
 
+@dlpack_io
+def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out, *, backend: str = "auto") -> None:
+    """DeepGEMM v1's weight-gradient GEMM: out (float32 [m, n]) += (lhs * sfa) @ (rhs * sfb)^T with
+    1x128 scales on both operands (sfb float32 [n, ceil(k/128)]); returns None."""
+    fp8_gemm_nt(lhs, rhs, out, out, (1, 1, H.SCALE_BLOCK), backend=backend)
+
+
 _SM100_LAYOUT = "the {} layout (SM90 DeepGEMM and pykernels take K-major A and B: transpose to the _nt form)"
 fp8_gemm_nn = fp8_fp4_gemm_nn = _missing("fp8_gemm_nn", _SM100_LAYOUT.format("NN"))
 fp8_gemm_tn = fp8_fp4_gemm_tn = _missing("fp8_gemm_tn", _SM100_LAYOUT.format("TN"))
@@ -279,7 +296,6 @@ _WGRAD = "the K-grouped weight-gradient GEMM (fp32 d accumulated into c)"
 k_grouped_fp8_gemm_nt_contiguous = _missing("k_grouped_fp8_gemm_nt_contiguous", _WGRAD)
 k_grouped_fp8_gemm_tn_contiguous = _missing("k_grouped_fp8_gemm_tn_contiguous", _WGRAD)
 k_grouped_fp4_gemm_nt_contiguous = _missing("k_grouped_fp4_gemm_nt_contiguous", _WGRAD + " with FP4 operands")
-wgrad_gemm_fp8_fp8_fp32_nt = _missing("wgrad_gemm_fp8_fp8_fp32_nt", "the fp32 weight-gradient GEMM (v1)")
 k_grouped_wgrad_gemm_fp8_fp8_fp32_nt = _missing("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", _WGRAD + " (v1)")
 
 _BF16 = "BF16 GEMMs"

@@ -94,7 +94,8 @@ def test_low_latency_two_ranks_emu_kernels(seed):
 
 def _errors_worker(rank, ranks, init_file, seed, done_dir):
     """Ranks that disagree or reject their arguments: an error on every rank before any
-    data moves, and the Buffer still usable; then an absent rank, named within timeout_s."""
+    data moves, and the Buffer still usable (a round with a rank of no tokens); then an
+    absent rank, named within timeout_s."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
     try:
         xs, idxs, ws = ll_inputs(seed, ranks)
@@ -125,6 +126,14 @@ def _errors_worker(rank, ranks, init_file, seed, done_dir):
             buf.low_latency_combine(y, idx, w, h1 if rank == 0 else h2)
         out, _, _ = buf.low_latency_combine(y, idx, w, h2)
         assert torch.equal(out.view(torch.int16), expected_combine(rank, xs, idxs, ws, False).view(torch.int16))
+        # a rank with no tokens still takes part (and receives)
+        zs, zidxs, zws = ll_inputs(seed, ranks, tokens=(5, 0))
+        recv_x, count, h3, _, _ = buf.low_latency_dispatch(zs[rank], zidxs[rank], MAX_TOKENS, EXPERTS)
+        check_dispatch(rank, ranks, zs, zidxs, recv_x, count, h3, True)
+        y = expert_outputs(recv_x, count, rank, ranks, True)
+        out, _, _ = buf.low_latency_combine(y, zidxs[rank], zws[rank], h3)
+        assert out.shape == (zs[rank].shape[0], HIDDEN)
+        assert torch.equal(out.view(torch.int16), expected_combine(rank, zs, zidxs, zws, True).view(torch.int16))
 
         # rank 1 does not come to the next call: rank 0 names it within the timeout; rank 1,
         # arriving after that, finds the Buffer broken

@@ -3,7 +3,9 @@ logits over the paged FP8 key cache -> top-k -> sparse MLA decode over the FP8 l
 cache, against dense MLA attention (reference.mla, which dequantizes the FP8 cache) over
 exactly the selected tokens: for each query row a small cache holding only the selected
 tokens' 656-byte rows (copied byte for byte), attended densely with causal=False. The whole
-chain runs on the reference backend and on the Triton one (interpreted here)."""
+chain runs on the reference backend, on the Triton one (interpreted here) and on the
+hand-written kernels (emulated here); the sizes are inside the CUDA kernels' limits (32
+indexer heads of 128, h_q 64)."""
 import math
 
 import pytest
@@ -27,10 +29,10 @@ def _selected_cache(c8: torch.Tensor, rows: list) -> torch.Tensor:
     return small.view(pages, 64, 1, 656)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "emu"])
 @pytest.mark.parametrize("next_n,topk", [(1, 48), (2, 16)])
 def test_indexer_topk_sparse_decode_equals_dense_attention_over_the_selection(seed, next_n, topk, backend):
-    b, h_idx, d_idx, h_q, pages, max_blocks = 3, 8, 64, 16, 10, 3
+    b, h_idx, d_idx, h_q, pages, max_blocks = 3, 32, 128, 64, 10, 3
     table = torch.randperm(pages)[:b * max_blocks].int().view(b, max_blocks)
     lens = torch.tensor([170, 30, 1], dtype=torch.int32)            # longer and shorter than topk
     # indexer keys and latent cache share the page table (both paged by 64 tokens)
@@ -66,8 +68,8 @@ def test_indexer_topk_sparse_decode_equals_dense_attention_over_the_selection(se
                 q[i:i + 1, j:j + 1], small, torch.arange(small.shape[0], dtype=torch.int32)[None],
                 torch.tensor([len(rows)], dtype=torch.int32), causal=False)
             want = want_o[0, 0].float()
-            # Triton rounds P (times the group scale) to bf16 for its P.V dot, as on the GPU:
-            # about one bf16 step of the row's largest output more
+            # Triton and the CUDA kernel round P (times the group scale) to bf16 for the P.V
+            # MMA, as on the GPU: about one bf16 step of the row's largest output more
             atol = 1e-5 if backend == "reference" else 2 ** -9 * float(want.abs().max())
             assert torch.allclose(out[i, j].float(), want, rtol=2 ** -7, atol=atol), (i, j)
             if rows:

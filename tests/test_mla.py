@@ -274,13 +274,13 @@ def test_triton_decode_gpu_tile_shapes(bm, bn, fp8, monkeypatch, poisoned_scratc
     _check_against_reference(out, lse, ref, ref_lse, seqlens)
 
 
-def _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causal, parts):
+def _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causal, parts, h_kv=1):
     """The launches (kernel, grid, args, constexprs, options) the triton backend makes for
     real CPU tensors of this problem, recorded instead of run."""
     launches = []
     monkeypatch.setattr(TM, "run_launch", launches.append)
     pages = _cdiv(seqlen, PAGE)
-    cache = torch.zeros(b * pages, PAGE, 1, 576, dtype=torch.bfloat16)
+    cache = torch.zeros(b * pages, PAGE, h_kv, 576, dtype=torch.bfloat16)
     if fp8:
         cache = M.quantize_kv_cache_fp8(cache)
     q = torch.zeros(b, s_q, h_q, 576, dtype=torch.bfloat16)
@@ -295,16 +295,17 @@ def _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causa
     return launches
 
 
-@pytest.mark.parametrize("b,s_q,h_q,seqlen,fp8,causal", [(2, 1, 16, 128, False, True), (3, 2, 32, 100, True, False),
-                                                         (1, 3, 8, 64, False, True)])
-def test_sm90_specs_are_the_launches(monkeypatch, b, s_q, h_q, seqlen, fp8, causal):
+@pytest.mark.parametrize("b,s_q,h_q,seqlen,fp8,causal,h_kv", [
+    (2, 1, 16, 128, False, True, 1), (3, 2, 32, 100, True, False, 1), (1, 3, 8, 64, False, True, 1),
+    (2, 2, 24, 100, False, True, 8), (1, 1, 6, 64, False, False, 3)])
+def test_sm90_specs_are_the_launches(monkeypatch, b, s_q, h_q, seqlen, fp8, causal, h_kv):
     # mla_launch_specs (meta tensors) gives the launcher's specialization of exactly what
     # the backend passes (recorded from real tensors): signature, alignment attributes and
     # integer-1 constexprs; only the tiles and UPCAST / SOFT differ when interpreted.
     from pykernels.triton import sm90
     parts = 5
-    specs = TM.mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal, num_sm_parts=parts)
-    launches = _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causal, parts)
+    specs = TM.mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal, num_sm_parts=parts, h_kv=h_kv)
+    launches = _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causal, parts, h_kv)
     assert [s.kernel for s in specs] == [k.fn.__name__ for k, *_ in launches] == \
         ["_schedule_kernel", "_mla_decode_kernel", "_mla_combine_kernel"]
     for spec, (kernel, grid, args, cx, options) in zip(specs, launches):
@@ -312,10 +313,12 @@ def test_sm90_specs_are_the_launches(monkeypatch, b, s_q, h_q, seqlen, fp8, caus
         assert sig == spec.signature and attrs == spec.attrs, spec.label
         assert {k: v for k, v in spec_cx.items() if k not in cx} == \
             {k: v for k, v in spec.constexprs.items() if k not in cx}, spec.label
-        assert len(runtime) == len(spec.args) and grid[0] == spec.grid[0]
+        full = tuple(grid) + (1,) * (3 - len(grid))        # (row tiles differ: interpreted tiles are larger)
+        assert len(runtime) == len(spec.args) and (full[0], full[2]) == (spec.grid[0], spec.grid[2])
         assert spec.constexprs.get("UPCAST", False) is False and spec.constexprs.get("SOFT", False) is False
     decode = specs[1]
     assert ("S_Q" in decode.constexprs) == (s_q == 1)
+    assert ("H_KV" in decode.constexprs) == (h_kv == 1) and decode.grid[2] == h_kv
     assert decode.constexprs["stride_ls"] == 1
 
 
@@ -347,6 +350,7 @@ def test_kernels_compile_for_sm90(compiled_sm90):
         {(32, 32, 8), (16, 32, 4)}
     assert {s.constexprs["FP8"] for s, _ in decode} == {False, True}
     assert {"S_Q" in s.constexprs for s, _ in decode} == {False, True}     # s_q = 1 and 2
+    assert {"H_KV" in s.constexprs for s, _ in decode} == {False, True}    # h_kv = 1 and > 1
     assert {s.kernel for s, _ in compiled_sm90} == {"_mla_decode_kernel", "_mla_combine_kernel", "_schedule_kernel"}
     for s, c in compiled_sm90:
         print(f"{s.label}: {c.regs} regs, {c.stack} B stack, {c.shared} B shared")

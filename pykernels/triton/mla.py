@@ -392,6 +392,9 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
     tok = rows // HEADS_PER_KV
     head = kvh * HEADS_PER_KV + rows % HEADS_PER_KV
     srow = kvh * QR + rows                 # row of the split scratch [b + P, H_KV * QR, DV]
+    kv_ptr += kvh * ROW                    # KV head kvh's column of the cache: token rows H_KV rows apart
+    kv_sf_ptr += kvh * SF_ROW
+    kv_rope_ptr += kvh * ROPE_ROW
     dr = tl.arange(0, DR)
     tn = tl.arange(0, BLOCK_N)
     meta = meta_ptr + part * 8
@@ -438,7 +441,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
             page = tl.load(bt_ptr + bi * stride_bt + j // SUB).to(tl.int64)
             pos = j * BLOCK_N + tn
             tok_ok = pos < seqlen
-            kv_row = (page * PAGE + (j % SUB) * BLOCK_N + tn) * H_KV + kvh   # (token, KV head) rows
+            kv_row = (page * PAGE + (j % SUB) * BLOCK_N + tn) * H_KV        # (token, KV head kvh) rows
             k0, sf0 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, 0, FP8, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
             k1, sf1 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, 1, FP8, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
             k2, sf2 = _load_k_group(kv_ptr, kv_sf_ptr, kv_row, tok_ok, 2, FP8, UPCAST, ROW, SF_ROW, SF_OFF, GROUP)
@@ -639,22 +642,25 @@ def _decode_constexprs(fp8, causal, bm, bn, upcast, soft):
 # 16, as FlashMLA's variable-length tests pad to 256 tokens); causal=False is the default.
 SPEC_PROBLEMS = ((64, 1, 16, 4096, True), (128, 2, 16, 4096, True), (128, 1, 128, 4096, True),
                  (64, 2, 128, 4096, True), (128, 1, 16, 4352, True), (128, 2, 128, 4352, False))
+# (b, s_q, h_q, seqlen, causal, h_kv): several KV heads (FlashMLA's dense tests use h_kv 2, 3
+# and 8), bf16 cache only (the FP8 cache has one KV head); H_KV then is a runtime argument.
+SPEC_PROBLEMS_HKV = ((64, 2, 128, 4096, True, 8), (64, 1, 6, 4096, True, 3))
 
 
 def _meta(*shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
+def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None, h_kv=1):
     """sm90.LaunchSpecs (scheduler, decode, combine) of the compiled (GPU) launches for one
     problem, from meta tensors of the shapes pykernels.mla passes (contiguous q, cache,
     block table, out, lse; nothing is allocated): the launcher's specialization of
     exactly the arguments get_mla_metadata / flash_mla_with_kvcache pass."""
     qr = s_q * h_q
-    parts = num_sm_parts or MS.default_num_sm_parts(torch.device("meta"), qr, 1)
+    parts = num_sm_parts or MS.default_num_sm_parts(torch.device("meta"), qr // h_kv, h_kv)
     pages = triton.cdiv(seqlen, RM.PAGE_BLOCK_SIZE)
-    cache = (_meta(b * pages, RM.PAGE_BLOCK_SIZE, 1, RM.FP8_BYTES_PER_TOKEN, dtype=torch.uint8) if fp8 else
-             _meta(b * pages, RM.PAGE_BLOCK_SIZE, 1, RM.HEAD_DIM_QK, dtype=torch.bfloat16))
+    cache = (_meta(b * pages, RM.PAGE_BLOCK_SIZE, h_kv, RM.FP8_BYTES_PER_TOKEN, dtype=torch.uint8) if fp8 else
+             _meta(b * pages, RM.PAGE_BLOCK_SIZE, h_kv, RM.HEAD_DIM_QK, dtype=torch.bfloat16))
     q = _meta(b, s_q, h_q, RM.HEAD_DIM_QK, dtype=torch.bfloat16)
     table = _meta(b, pages, dtype=torch.int32)
     seqlens = _meta(b, dtype=torch.int32)
@@ -665,22 +671,26 @@ def mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal=True, num_sm_parts=None):
     oacc, lacc = MS.split_scratch(b, parts, qr, RM.HEAD_DIM_V, torch.device("meta"))
     record = _meta(device_errors.RECORD_WORDS, dtype=torch.int32)
     gpu = dict(soft=False, interpreted=False)
-    label = f"b={b} s_q={s_q} h_q={h_q} seqlen={seqlen} {'fp8' if fp8 else 'bf16'}{' causal' if causal else ''}"
+    label = (f"b={b} s_q={s_q} h_q={h_q}{f' h_kv={h_kv}' if h_kv > 1 else ''} seqlen={seqlen} "
+             f"{'fp8' if fp8 else 'bf16'}{' causal' if causal else ''}")
     launches = (("schedule", schedule_launch_args(seqlens, meta, nsplits)),
                 ("decode", decode_launch_args(q, cache, table, seqlens, meta, nsplits, out, lse, oacc, lacc, record,
                                               causal=causal, upcast=False, **gpu)),
-                ("combine", combine_launch_args(nsplits, oacc, lacc, out, lse, **gpu)))
+                ("combine", combine_launch_args(nsplits, oacc, lacc, out, lse, h_kv=h_kv, **gpu)))
     return [spec_of(f"{name} {label}", launch) for name, launch in launches]
 
 
-def sm90_compile_specs(problems=SPEC_PROBLEMS):
+def sm90_compile_specs(problems=SPEC_PROBLEMS, problems_hkv=SPEC_PROBLEMS_HKV):
     """sm90.LaunchSpecs of representative GPU launches (mla_launch_specs of each
-    (b, s_q, h_q, seqlen, causal) in problems, bf16 and FP8 caches): the signatures, constexprs,
-    warps, stages and alignment attributes Triton's launcher compiles for them, so a
-    CPU machine compiles the very kernels the GPU runs (tests/test_mla.py checks
+    (b, s_q, h_q, seqlen, causal) in problems, bf16 and FP8 caches, and of each
+    (b, s_q, h_q, seqlen, causal, h_kv) in problems_hkv, bf16 cache): the signatures,
+    constexprs, warps, stages and alignment attributes Triton's launcher compiles for them,
+    so a CPU machine compiles the very kernels the GPU runs (tests/test_mla.py checks
     ptxas's registers and spills). Launches with the same specialization share a key."""
-    return [s for b, s_q, h_q, seqlen, causal in problems for fp8 in (False, True)
-            for s in mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal)]
+    return ([s for b, s_q, h_q, seqlen, causal in problems for fp8 in (False, True)
+             for s in mla_launch_specs(b, s_q, h_q, seqlen, fp8, causal)] +
+            [s for b, s_q, h_q, seqlen, causal, h_kv in problems_hkv
+             for s in mla_launch_specs(b, s_q, h_q, seqlen, False, causal, h_kv=h_kv)])
 
 
 __all__ = ["UPCAST_DOTS", "tile_config", "sm90_compile_specs", "mla_launch_specs", "get_mla_metadata",

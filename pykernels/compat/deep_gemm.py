@@ -659,3 +659,8 @@ utils = _namespace("utils", [
     "get_mn_major_tma_aligned_packed_ue8m0_tensor", "get_k_grouped_mn_major_tma_aligned_packed_ue8m0_tensor"])
 testing = _namespace("testing", ["bench", "bench_kineto", "calc_diff", "count_bytes", "get_arch_major", "ignore_env",
                                  "test_filter"])
+
+# `from pykernels.compat.deep_gemm import *`: DeepGEMM's names (and its v1 ones), not this module's imports
+_OWN = {"dlpack_io", "E4M3_MAX", "AMAX_FLOOR", "UE8M0_MAX"}
+__all__ = sorted(n for n, v in globals().items() if n in ("utils", "testing") or (
+    not n.startswith("_") and n not in _OWN and not isinstance(v, types.ModuleType)))

@@ -82,6 +82,7 @@ SIGNATURES = {
 def test_every_public_name_of_deep_gemm_is_present():
     missing = [n for n in DEEP_GEMM_NAMES if not hasattr(deep_gemm, n)]
     assert not missing
+    assert set(DEEP_GEMM_NAMES) <= set(deep_gemm.__all__) and "torch" not in deep_gemm.__all__
     # DeepGEMM's aliases are one function object there: here too
     assert deep_gemm.fp8_fp4_gemm_nt is deep_gemm.fp8_gemm_nt is deep_gemm.fp4_gemm_nt
     assert deep_gemm.m_grouped_fp8_fp4_gemm_nt_contiguous is deep_gemm.m_grouped_fp8_gemm_nt_contiguous

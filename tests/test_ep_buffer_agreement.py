@@ -182,3 +182,32 @@ def _absent_worker(rank, ranks, init_file, seed, done_dir, backend):
 @pytest.mark.parametrize("ranks,backend", [(2, "gloo"), (3, "gloo"), (2, "emu")])
 def test_absent_rank_is_named_on_every_live_rank(ranks, backend, seed):
     assert spawn_ranks(_absent_worker, ranks, seed, backend) > 0
+
+
+def _dying_worker(rank, ranks, init_file, seed, done_dir):
+    """Rank 1 agrees on the call, then its process ends before the payload moves."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
+    buf = Buffer(None, backend="gloo", timeout_s=TIMEOUT_S)
+    x, idx = torch.randn(4, 128).bfloat16(), torch.randint(0, 4, (4, 2))
+    if rank == 1:
+        from pykernels.ep.engine import EngineTransport
+        EngineTransport.make_handle = lambda *a, **k: os._exit(0)
+        buf.dispatch(x, topk_idx=idx, num_experts=4)
+    start = time.monotonic()
+    with pytest.raises(RankTimeoutError, match=r"Buffer.dispatch \(call 1\): a collective failed or did not finish "
+                                               r"within timeout_s=2 s on rank 0 .*make a new process group and Buffer"):
+        buf.dispatch(x, topk_idx=idx, num_experts=4)
+    assert time.monotonic() - start < TIMEOUT_S + SLACK_S
+    with pytest.raises(BufferBrokenError, match="a collective failed or did not finish"):
+        buf.dispatch(x, topk_idx=idx, num_experts=4)
+    open(os.path.join(done_dir, f"rank{rank}.ok"), "w").write("1")
+    os._exit(0)   # the group lost a member: no collective teardown
+
+
+def test_rank_dying_inside_a_call_is_a_timeout_not_a_hang(seed):
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_dying_worker, args=(2, os.path.join(d, "store"), seed, d), nprocs=2, join=True)
+        assert sorted(f for f in os.listdir(d) if f.endswith(".ok")) == ["rank0.ok"]

@@ -54,8 +54,9 @@ class EngineTransport:
         try:
             work.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
-            reason = (f"{what}: a collective did not finish within timeout_s={self.timeout_s:g} s on rank "
-                      f"{self.rank} (a peer stopped during the call)")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = (f"{what}: a collective failed or did not finish within timeout_s={self.timeout_s:g} s on "
+                      f"rank {self.rank} (a peer stopped during the call: {first})")
             self.on_timeout(reason)
             raise RankTimeoutError(f"{reason}. This Buffer and its process group are unusable now: make a new "
                                    f"process group and Buffer on every rank.") from e

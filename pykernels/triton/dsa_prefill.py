@@ -10,7 +10,8 @@ rounded to bf16 for P . V with V = the 512 latent columns, float32 accumulation.
 
 Outputs: out bf16 (RNE), max_logits = the largest sm_scale * q . k (-inf for a row with no
 used slot), lse of the scores alone (+inf for such a row); with attn_sink the
-denominator gains exp(sink[h]).
+denominator gains exp(sink[h]). A NaN in a used row propagates to out, lse and
+max_logits as in the reference.
 """
 import torch
 import triton
@@ -71,7 +72,9 @@ def _sparse_prefill_kernel(q_ptr, kv_ptr, idx_ptr, len_ptr, sink_ptr, out_ptr, m
     store_out(out_ptr, i.to(tl.int64) * stride_os + head * stride_oh, row_ok, acc0, acc1, acc2, acc3, inv, SOFT,
               GROUP)
     tl.store(lse_ptr + i * stride_ls + head * stride_lh, lse_of(m_i, l_i, seen), mask=row_ok)
-    tl.store(max_ptr + i * stride_ms + head * stride_mh, tl.where(seen, m_i * LN2, float("-inf")), mask=row_ok)
+    # a NaN score makes l_i NaN; the maximum (max.f32 drops NaN) would not show it: propagate it
+    mx = tl.where(l_i != l_i, l_i, tl.where(seen, m_i * LN2, float("-inf")))
+    tl.store(max_ptr + i * stride_ms + head * stride_mh, mx, mask=row_ok)
 
 
 def sparse_prefill_launch_args(q, kv, indices, attn_sink, topk_length, out, max_logits, lse, sm_scale,

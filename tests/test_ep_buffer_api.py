@@ -147,3 +147,19 @@ def test_combine_bias_not_supported(group):
     with pytest.raises(NotImplementedError, match="Buffer.combine: bias is not supported yet"):
         buf.combine(recv_x, handle, bias=recv_x)
     assert torch.equal(buf.combine(recv_x, handle)[0], x)   # still usable
+
+
+def test_handle_is_deepeps_tuple_and_survives_copy(group):
+    import copy
+    import pickle
+    buf = Buffer(group, backend="gloo")
+    x = torch.randn(5, 128).bfloat16()
+    idx = torch.tensor([[0], [-1], [1], [0], [1]])
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_experts=2)
+    assert len(handle) == 6 and handle[0] is handle.rank_prefix_matrix and handle[5] is handle.send_head
+    assert handle.rank_prefix_matrix.tolist() == [[4]] and handle.recv_src_idx.tolist() == [0, 2, 3, 4]
+    for other in (copy.copy(handle), copy.deepcopy(handle), pickle.loads(pickle.dumps(handle))):
+        assert other.num_tokens == 5 and other.kind == "engine" and len(other) == 6
+        assert torch.equal(buf.combine(recv_x, other)[0], torch.where(idx >= 0, 1.0, 0.0).bfloat16() * x)
+    with pytest.raises(AttributeError, match="DispatchHandle has no attribute 'nothing'"):
+        handle.nothing

@@ -15,11 +15,12 @@ flash_mla_sparse_decode: q bf16 [b, s_q, h_q, 576]; FP8 k_cache [num_blocks, 64,
 flash_mla_sparse_fwd: q bf16 [s_q, h_q, d_qk]; kv bf16 [s_kv, 1, d_qk]; indices int32
   [s_q, 1, topk] -> out bf16 [s_q, h_q, d_v], max_logits f32 [s_q, h_q], lse f32 [s_q, h_q].
 
-Every op has the reference backend; all but get_paged_mqa_logits_metadata also have the
-Triton one: fp8_mqa_logits and fp8_paged_mqa_logits (pykernels/triton/dsa_logits.py), both
-top-k ops (triton/dsa_topk.py, topk <= 8192), flash_mla_sparse_decode (triton/dsa_decode.py)
-and flash_mla_sparse_fwd (triton/dsa_prefill.py). The hand-written kernels ("cuda", and
-"emu" on the emulator: `OP.add(B.kernel(...))`) are added beside them as they come.
+Every op has the reference backend and the Triton one: get_paged_mqa_logits_metadata
+(pykernels/triton/dsa_schedule.py), fp8_mqa_logits and fp8_paged_mqa_logits
+(triton/dsa_logits.py), both top-k ops (triton/dsa_topk.py, topk <= 8192),
+flash_mla_sparse_decode (triton/dsa_decode.py) and flash_mla_sparse_fwd
+(triton/dsa_prefill.py). The hand-written kernels ("cuda", and "emu" on the emulator:
+`OP.add(B.kernel(...))`) sit beside them: all but flash_mla_sparse_fwd so far.
 Outputs are written in place (the public functions allocate them).
 """
 import dataclasses

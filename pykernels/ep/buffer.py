@@ -79,6 +79,9 @@ def _resolve_backend(backend: str, group, num_ranks: int) -> str:
                          f"the group has {num_ranks}; use the engine (\"gloo\" / \"nccl\")")
     if backend == "cuda" and not torch.cuda.is_available():
         raise ValueError("backend: 'cuda' needs a GPU; none is visible (use 'emu' or the engine)")
+    if backend in KERNEL_BACKENDS and not _kernels_built():
+        raise ValueError(f"backend: {backend!r} runs the compiled EP kernels (ep_intranode), which this installation "
+                         f"does not have (build the package; or use the engine, \"gloo\" / \"nccl\")")
     return backend
 
 

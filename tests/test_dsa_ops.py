@@ -14,7 +14,7 @@ OPS = ("fp8_mqa_logits", "fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata"
        "paged_topk_indices", "flash_mla_sparse_decode", "flash_mla_sparse_fwd")
 
 
-TRITON_OPS = tuple(n for n in OPS if n != "get_paged_mqa_logits_metadata")    # at least these: test_dsa_triton.py
+TRITON_OPS = OPS    # every DSA op has a Triton version (tests/test_dsa_triton.py, test_dsa_schedule.py)
 
 
 def test_every_dsa_op_is_registered_with_its_reference_backend():

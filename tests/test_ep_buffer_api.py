@@ -163,3 +163,13 @@ def test_handle_is_deepeps_tuple_and_survives_copy(group):
         assert torch.equal(buf.combine(recv_x, other)[0], torch.where(idx >= 0, 1.0, 0.0).bfloat16() * x)
     with pytest.raises(AttributeError, match="DispatchHandle has no attribute 'nothing'"):
         handle.nothing
+
+
+def test_kernel_backends_need_the_compiled_kernels(group, monkeypatch):
+    import pykernels.ep.buffer as buffer_module
+    monkeypatch.setattr(buffer_module, "_kernels_built", lambda: False)
+    with pytest.raises(ValueError, match=r"backend: 'emu' runs the compiled EP kernels \(ep_intranode\), which this "
+                                         r"installation does not have"):
+        Buffer(group, backend="emu")
+    assert not Buffer.is_sm90_compiled()
+    assert Buffer(group).backend == "gloo"      # "auto" falls back to the engine

@@ -104,6 +104,14 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
                            lambda: Buffer(None, 2 << 20 if other else 1 << 20, backend=backend, timeout_s=30))
         _expect_everywhere(rank, RankMismatchError, r"\(local_backend: rank 0: 'torch', rank 1: 'triton'\)",
                            lambda: Buffer(None, backend=backend, local_backend="triton" if other else "torch"))
+        # a rank's invalid construction argument (even the timeout): its own error, named on the others
+        if other:
+            _expect_everywhere(rank, ValueError, r"timeout_s: expected a positive number of seconds, got 0",
+                               lambda: Buffer(None, backend=backend, timeout_s=0))
+        else:
+            _expect_everywhere(rank, RankMismatchError, r"Buffer\(\.\.\.\) construction: rank 1 rejected its "
+                               r"arguments \(ValueError: timeout_s: expected a positive number of seconds, got 0\)",
+                               lambda: Buffer(None, backend=backend, timeout_s=30))
         _good_round(Buffer(None, backend=backend, timeout_s=30), rank, ranks, seed + 7, backend)
         open(os.path.join(done_dir, f"rank{rank}.ok"), "w").write(str(received))
     finally:

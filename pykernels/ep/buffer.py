@@ -95,8 +95,8 @@ class Buffer:
     group: a torch.distributed ProcessGroup (None = the default group).
     num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_nvlink_for_low_latency_mode,
     allow_mnnvl: DeepEP's sizes and switches, compared across ranks at construction.
-    num_rdma_bytes must be 0 without low_latency_mode (no internode path); the kernel
-    backends size their rings from the first dispatch (docs/ep.md), not num_nvl_bytes.
+    Nothing is sized by them: the transports size their buffers from the first call's
+    shapes (docs/ep.md).
     explicitly_destroy: DeepEP's meaning: resources are released by destroy() (which must
     then be called), else on garbage collection.
     backend: see the module docstring. timeout_s: seconds any rank waits for its peers at
@@ -117,7 +117,11 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = self.group_size = dist.get_world_size(group)
-        self.timeout_s = self._check_timeout(timeout_s)
+        error = None
+        try:
+            self.timeout_s = self._check_timeout(timeout_s)
+        except ValueError as e:   # reported to the peers below, waiting the default time
+            error, self.timeout_s = e, DEFAULT_TIMEOUT_S
         self._agreement = Agreement(group, self.rank, self.num_ranks, self.timeout_s)
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
@@ -126,13 +130,13 @@ class Buffer:
         self._destroyed = False
         self._kernels = None
         self._low_latency = None      # made at the first low-latency call
-        error = None
+        self.backend = None
         try:
             self._check_construction(num_nvl_bytes, num_rdma_bytes, num_qps_per_rank, allow_mnnvl, use_fabric,
                                      enable_shrink, comm, local_backend)
             self.backend = _resolve_backend(backend, group, self.num_ranks)
         except (TypeError, ValueError, NotImplementedError) as e:
-            error, self.backend = e, None
+            error = error or e
         record = dict(backend=self.backend, local_backend=local_backend, num_nvl_bytes=num_nvl_bytes,
                       num_rdma_bytes=num_rdma_bytes, low_latency_mode=bool(low_latency_mode),
                       num_qps_per_rank=num_qps_per_rank,

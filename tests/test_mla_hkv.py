@@ -19,7 +19,10 @@ import torch
 import pykernels.mla as M
 import pykernels.mla_schedule as MS
 from pykernels import reference as R
+from pykernels.cuda import mla as CM
 from pykernels.metrics import calc_diff
+from pykernels.runtime.device_errors import KernelInputError
+from pykernels.triton import mla as TM
 
 from .mla_cases import make_problem
 from .test_mla import naive
@@ -164,3 +167,35 @@ def test_bad_head_counts(backend):
     assert fp8.shape == (cache.shape[0], 64, 2, 656)
     with pytest.raises(ValueError, match=r"k_cache: expected h_kv = 1 \(dim 2\) for the FP8 layout .*got 2"):
         M.flash_mla_with_kvcache(q, fp8, table, sl, 512, meta, ns, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "emu"])
+def test_kernel_checks_with_several_kv_heads(backend):
+    # The kernels' own input checks (GPU tensors skip the host checks) run for every KV head
+    # (a Triton program per head, a CUDA launch per head): a stale schedule and a page id
+    # past the cache are recorded and raised, nothing out of bounds is read.
+    seqlens, s_q, h_q, h_kv = [100, 7], 1, 4, 2
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q, h_kv=h_kv)
+    meta, ns = M.get_mla_metadata(torch.tensor([100, 70], dtype=torch.int32), s_q * h_q // h_kv, h_kv, 3)
+    bad_table = table.clone()
+    bad_table[0, 1] = cache.shape[0]
+    good_meta, good_ns = M.get_mla_metadata(sl, s_q * h_q // h_kv, h_kv, 3)
+    for args, pattern in (((table, sl, meta, ns), "tile_scheduler_metadata: .*was made for"),
+                          ((bad_table, sl, good_meta, good_ns), "block_table")):
+        out, lse = _poisoned(len(seqlens), s_q, h_q, False)
+        with pytest.raises(KernelInputError, match=pattern):
+            if backend == "emu":
+                CM.flash_mla_with_kvcache(q, cache, *args, out, lse, 512, None, True, executor="emu")
+            else:
+                TM.flash_mla_with_kvcache(q, cache, *args, out, lse, 512, None, True)
+
+
+def test_custom_op_opcheck_with_several_kv_heads():
+    q, cache, table, sl = make_problem([70, 5], 2, 6, h_kv=3)
+    meta, ns = M.get_mla_metadata(sl, 4, 3, 4)
+    out, lse = torch.empty(2, 2, 6, 512, dtype=torch.bfloat16), torch.empty(2, 6, 2)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    result = torch.library.opcheck(torch.ops.pykernels.flash_mla_with_kvcache.default,
+                                   (q, cache, table, sl, meta, ns, out, lse, 512, 576 ** -0.5, True, "reference"),
+                                   test_utils=utils)
+    assert result == {u: "SUCCESS" for u in utils}

@@ -30,9 +30,10 @@ from ..cuda.ep import (DEFAULT_TIMEOUT_S, ERROR_WORDS, IntranodeConfig, Intranod
 from ..runtime import artifacts
 from ..runtime.hardware import round_up
 
-# The kernels' bound on a wait's polls. Reached after the time-out (a few seconds of
-# emulation), or earlier when a wait spins through a long phase of its own process's work
-# (polls count while other warps of the rank run): raise it for large problems.
+# The kernels' bound on a wait's polls. Reached after the time-out (seconds of emulation:
+# the error comes that much after timeout_s), or earlier when a wait spins through a long
+# phase of its own process's work (polls count while other warps of the rank run): raise
+# it for large problems.
 EMU_PROCESS_MAX_SPINS = 2048
 EXPIRY_S = 120.0               # after the time-out: how long the kernel may take to end its waits itself
 CODE_NOT_A_WAIT = (5, 8, 9)    # error codes that are not a wait running out (ep.py WAIT_CODES)

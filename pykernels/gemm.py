@@ -13,7 +13,7 @@ pykernels.ops.custom). No host-device synchronisation.
 
 fp8_gemm_nt also writes float32 out, with DeepGEMM's accumulation d = c + A B^T (c may be d
 itself: the weight-gradient form, wgrad_gemm_fp8_fp8_fp32_nt) and its recipe (1, 1, 128)
-(1x128 B scales: triton and reference backends).
+(1x128 B scales; with a bf16 out on triton and reference only).
 DeepGEMM's keywords (c, recipe, recipe_a/b, compiled_dims, disable_ue8m0_cast, and for the
 contiguous layout use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) are
 accepted where their values mean what these functions compute, else a ValueError names
@@ -41,8 +41,8 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
     with a float32 out: out = c + a b^T; c may be out itself (out += a b^T, the
     weight-gradient form). recipe: (1, 128, 128) (default), or (1, 1, 128): sfb float32
     [n, ceil(k/128)], one scale per row of b and 128 of K (also recipe_a (1, 128) + recipe_b
-    (1, 128); backends triton and reference). compiled_dims, disable_ue8m0_cast: DeepGEMM's
-    keywords (no effect here).
+    (1, 128); the cuda kernel takes it with a float32 out only). compiled_dims,
+    disable_ue8m0_cast: DeepGEMM's keywords (no effect here).
     """
     b_scale_rows = G.check_deepgemm_keywords(recipe=recipe, recipe_a=recipe_a, recipe_b=recipe_b,
                                              compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast,
@@ -138,8 +138,7 @@ def wgrad_gemm_fp8_fp8_fp32_nt(a, b, out, *, backend: str = "auto"):
 
     a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [n, ceil(k/128)])
     (1x128 scales on both, recipe (1, 1, 128)); out: float32 [m, n], accumulated in place
-    and returned. fp8_gemm_nt(a, b, out, c=out, recipe=(1, 1, 128)); backends triton and
-    reference (the cuda kernel takes 128x128 B scales only)."""
+    and returned: fp8_gemm_nt(a, b, out, c=out, recipe=(1, 1, 128)), on every backend."""
     return fp8_gemm_nt(a, b, out, c=out, recipe=G.RECIPE_PER_ROW_B, backend=backend)
 
 

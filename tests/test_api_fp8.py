@@ -149,8 +149,9 @@ def test_f32_out_errors():
     with pytest.raises(ValueError, match=r"sfb: expected shape \[128, 2\], got \[1, 2\]"):
         pk.fp8_gemm_nt((a, sfa), (b, sfb), c, recipe=(1, 1, 128))
     b1, sfb1 = R.per_token_cast_to_fp8(torch.randn(128, 256))
-    with pytest.raises(ValueError, match="backend: 'emu' cannot run .*recipe: the cuda FP8 GEMM takes 128x128 B"):
-        pk.wgrad_gemm_fp8_fp8_fp32_nt((a, sfa), (b1, sfb1), c, backend="emu")
+    with pytest.raises(ValueError, match="backend: 'emu' cannot run .*recipe: the cuda FP8 GEMM takes 1x128 B "
+                                         "scales .* with a float32 out only"):
+        pk.fp8_gemm_nt((a, sfa), (b1, sfb1), out, recipe=(1, 1, 128), backend="emu")
     with pytest.raises(ValueError, match=r"recipe: expected \(1, 128, 128\)"):
         pk.m_grouped_fp8_gemm_nt_masked((a[None], sfa[None]), (b1[None], sfb1[None]), out[None],
                                         torch.ones(1, dtype=torch.int32), 8, recipe=(1, 1, 128))

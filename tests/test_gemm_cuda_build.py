@@ -60,19 +60,25 @@ def _source_entries():
                     for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_MC2\((\d+), (\d+)\)$", src, re.M)}
 
 
-def _source_f32acc_entries():
-    """Configs named by the PK_FP8_GEMM_ENTRY_F32ACC lines (float32 out, accumulated)."""
+def _source_f32acc_entries(row_b=False):
+    """Configs named by the PK_FP8_GEMM_ENTRY_F32ACC (row_b: _F32ACC_ROWB) lines (float32
+    out, accumulated; 1x128 B scales)."""
     src = (Path(__file__).resolve().parents[1] / "csrc" / "gemm" / "fp8_gemm.cu").read_text()
-    return {G.Config(int(bm), int(bn), f32acc=True)
-            for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_F32ACC\((\d+), (\d+)\)$", src, re.M)}
+    macro = "PK_FP8_GEMM_ENTRY_F32ACC_ROWB" if row_b else "PK_FP8_GEMM_ENTRY_F32ACC"
+    return {G.Config(int(bm), int(bn), f32acc=True, row_b=row_b)
+            for bm, bn in re.findall(rf"^{macro}\((\d+), (\d+)\)$", src, re.M)}
+
+
+F32ACC_ALL = G.F32ACC_CONFIGS + G.ROWB_CONFIGS
 
 
 def test_every_config_is_compiled():
     # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
-    assert set(funcs) == {c.function for c in G.CONFIGS + G.F32ACC_CONFIGS}
+    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL}
     assert set(G.CONFIGS) == _source_entries() and len(G.CONFIGS) == len(set(G.CONFIGS))
     assert set(G.F32ACC_CONFIGS) == _source_f32acc_entries() and not any(c.f32acc for c in G.CONFIGS)
+    assert set(G.ROWB_CONFIGS) == _source_f32acc_entries(row_b=True)
     assert 5 <= len(G.CONFIGS) <= 10                     # CI builds them on 2 cores (~3 s)
     # non-power-of-two BLOCK_N: 112, 144 and 160 (the issue's examples), all with BLOCK_M 128
     assert {c.block_n for c in G.CONFIGS if 128 % c.block_n and c.cluster == 1} == {112, 144, 160}
@@ -111,15 +117,18 @@ def test_sass_has_the_intended_instructions(cfg):
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
 
 
-@pytest.mark.parametrize("cfg", G.F32ACC_CONFIGS, ids=[f"m{c.block_m}n{c.block_n}_f32acc" for c in G.F32ACC_CONFIGS])
+@pytest.mark.parametrize("cfg", F32ACC_ALL, ids=[c.function.removeprefix("pk_fp8_gemm_nt_") for c in F32ACC_ALL])
 def test_f32acc_sass_and_resources(cfg):
     # float32 out accumulated in place: the same K loop (4 QGMMA, TMA loads of A, B and the A
-    # scales), then per thread 2 x BLOCK_N/8 8-byte read-add-writes of its fragment (rows r,
-    # r + 8; column pairs): no TMA store, no staging; no local memory, no spill
+    # scales; *_rowb: and the B scales, a second 3-D box), then per thread 2 x BLOCK_N/8
+    # 8-byte read-add-writes of its fragment (rows r, r + 8; column pairs): no TMA store, no
+    # staging; no local memory, no spill
     listing = _sass_of(cfg.function)
     ops = sass.opcodes(listing)
     assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
-    assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == 1
+    assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == (2 if cfg.row_b else 1)
+    if cfg.row_b:                       # the thread's BLOCK_N/4 column scales: BLOCK_N/8 8-byte shared loads
+        assert ops["LDS.64"] == cfg.block_n // 8
     assert "UTMASTG.2D" not in ops and "STG.E.128" not in ops
     assert ops["LDG.E.64"] == ops["STG.E.64"] == 2 * cfg.block_n // 8
     assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
@@ -212,7 +221,7 @@ def test_shared_memory_formula():
 
 
 def test_ptx_parses_with_the_intended_instructions(ptx_module):
-    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + G.F32ACC_CONFIGS}
+    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL}
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
         assert len(k.params) == len(G.PARAMS)
@@ -403,8 +412,9 @@ def test_normal_plan_geometry_and_arguments(seed):
     assert img.dims == (k, m) and img.box == (128, 128) and img.strides_bytes == (1, k)
     assert [x.ptype for x in p.args[4:7]] == ["ptr", "ptr", "u64"]   # no grouping tensor
     assert p.args[4].value is sfb and p.args[5].value is out
-    assert [x.value for x in p.args[6:-1]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
+    assert [x.value for x in p.args[6:-2]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
     assert G.arg(p, "record") is device_errors.record_for(out.device, "fp8_gemm_nt")   # the device's record
+    assert G.arg(p, "tmap_sfb") is ts                    # 128x128 B scales: the 1x128 map unused (sfa's)
     # grid: at most one CTA per SM (persistent)
     big = G.gemm_plan(a, sfa, b, sfb, out, None, kind=0, m=m, n=n, k=k, groups=1, cfg=cfg, sms=10)
     assert big.grid == (10, 1, 1) and big.args[13].value == 3

@@ -143,22 +143,29 @@ def test_wide_tiles_take_each_groups_b_scale(cfg, schedule, seed):
     assert stats.global_written == m * n * 2
 
 
-@pytest.mark.parametrize("cfg", G.CONFIGS, ids=[_cfg_id(c) for c in G.CONFIGS])
+SMEM_CONFIGS = list(G.CONFIGS) + list(G.ROWB_CONFIGS)     # *_rowb: + B scales per stage
+
+
+@pytest.mark.parametrize("cfg", SMEM_CONFIGS, ids=[_cfg_id(c) + ("_f32acc_rowb" if c.row_b else "")
+                                                   for c in SMEM_CONFIGS])
 def test_shared_memory_formula_is_the_kernels(cfg, seed):
     # The kernel traps when launched with less dynamic shared memory than its own
     # Layout::smem_bytes(stages): the plan's size (Config.smem_bytes) runs and one byte
     # less traps, at two stage counts (both formulas are affine in stages): they agree.
     m, n, k = 64, 128, 128
     a, sfa, b, sfb = _problem(m, n, k)
+    rows = 1 if cfg.row_b else 128
+    if cfg.row_b:
+        b, sfb = pk.per_token_cast_to_fp8(_spread(n, k, 1), backend="reference")
     for stages in (2, cfg.max_stages()):
-        out = nan_bf16(m, n)
+        out = torch.zeros(m, n) if cfg.f32acc else nan_bf16(m, n)
         plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
-                           cfg=cfg, stages=stages)
+                           cfg=cfg, stages=stages, b_scale_rows=rows)
         assert plan.shared_bytes == cfg.smem_bytes(stages)
         with pytest.raises(EmuError, match="trap executed"):
             run_emu(dataclasses.replace(plan, shared_bytes=plan.shared_bytes - 1))
         run_emu(plan)
-        assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+        assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb, b_scale_rows=rows)) < TOL
 
 
 def test_few_stages_wrap_the_ring(seed):
@@ -570,7 +577,8 @@ def test_partial_k_is_the_zero_padded_product(k, seed):
 
 # ------------------------------------------------------------------------ float32 out, accumulated
 
-F32ACC = list(G.F32ACC_CONFIGS)
+F32ACC = list(G.F32ACC_CONFIGS) + list(G.ROWB_CONFIGS)
+F32ACC_IDS = [_cfg_id(c) + ("_f32acc_rowb" if c.row_b else "_f32acc") for c in F32ACC]
 
 
 def _assert_accumulated(out, ref):
@@ -581,26 +589,31 @@ def _assert_accumulated(out, ref):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("cfg", F32ACC, ids=[_cfg_id(c) + "_f32acc" for c in F32ACC])
+@pytest.mark.parametrize("cfg", F32ACC, ids=F32ACC_IDS)
 def test_f32_out_accumulates_in_place(cfg, schedule, seed):
     # The *_f32acc entries: out (float32) += the product, each thread reading and writing its
-    # own fragment elements. A partial m-block, partial n-blocks and a partial last K block;
-    # NaN rows around the [m, n] view must stay NaN (nothing written past M)
+    # own fragment elements; *_rowb: 1x128 B scales (one per column, staged by TMA). A
+    # partial m-block, partial n-blocks and a partial last K block; NaN rows around the
+    # [m, n] view must stay NaN (nothing written past M)
     m, n, k = 100, 192, 208
     a, sfa, b, sfb = _problem(m, n, k)
+    rows = 1 if cfg.row_b else 128
+    if cfg.row_b:                   # every column's scale differs: a wrong one fails the bound
+        b, sfb = pk.per_token_cast_to_fp8(_spread(n, k, 1), backend="reference")
     c = torch.randn(m, n)
     big = torch.full((m + 2, n), float("nan"))
     out = big[1:1 + m]
     out.copy_(c)
     plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
-                       stages=2, sms=2)
-    assert plan.function.endswith("_f32acc")
+                       stages=2, sms=2, b_scale_rows=rows)
+    assert plan.function == cfg.function and "_f32acc" in plan.function
     stats = run_emu(plan, schedule=schedule)
-    _assert_accumulated(out, R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c=c))
+    _assert_accumulated(out, R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c=c, b_scale_rows=rows))
     assert big[0].isnan().all() and big[-1].isnan().all()
     assert stats.global_written == m * n * 4                   # every element once, nothing more
     with pytest.raises(ValueError, match="cfg: .* writes bf16, out is torch.float32"):
-        G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=G.Config(64, 64))
+        G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=G.Config(64, 64),
+                    b_scale_rows=rows)
 
 
 def test_f32_out_forms_through_the_api(seed):
@@ -619,6 +632,11 @@ def test_f32_out_forms_through_the_api(seed):
     d = torch.full((m, n), float("nan"))
     pk.fp8_gemm_nt((a, sfa), (b, sfb), d, backend="emu")
     _assert_accumulated(d, R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n)))
+    # the weight-gradient GEMM: 1x128 B scales (column-major TMA-aligned, read in place)
+    b1, sfb1 = pk.per_token_cast_to_fp8(_spread(n, k, 1), backend="reference")
+    d = c.clone()
+    pk.wgrad_gemm_fp8_fp8_fp32_nt((a, sfa), (b1, pk.get_col_major_tma_aligned_tensor(sfb1)), d, backend="emu")
+    _assert_accumulated(d, R.fp8_gemm_nt(a, sfa, b1, sfb1, torch.empty(m, n), c=c, b_scale_rows=1))
 
 
 # ------------------------------------------------------------------------ large K

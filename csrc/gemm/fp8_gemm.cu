@@ -222,13 +222,14 @@ struct Passes {
   }
 };
 
-template <int BM, int BN>
+template <int BM, int BN, bool kRowB = false>
 struct Layout {
   static constexpr uint32_t kMathWG = BM / 64;
   static constexpr uint32_t kThreads = 128 * (kMathWG + 1);
   static constexpr uint32_t kABytes = BM * kBlockK;  // one stage of A (e4m3)
   static constexpr uint32_t kBBytes = BN * kBlockK;  // one stage of B
   static constexpr uint32_t kSfaBytes = BM * 4;      // one stage of A scales (f32 per row)
+  static constexpr uint32_t kSfbBytes = kRowB ? BN * 4 : 0;  // one stage of 1x128 B scales (f32 per column)
   // Output staging of one math warpgroup (64 x BN bf16) as BN/16 column boxes of 64 rows
   // x 32 bytes, each in the TMA's 32-byte swizzle (16-byte chunk ^= row bit 2): the TMA
   // store's layout, and conflict-free for the fragment writes.
@@ -241,7 +242,7 @@ struct Layout {
   // Dynamic shared memory for `stages` stages (plus 1024 bytes to align the base).
   // pykernels/cuda/gemm.py computes the same (the kernel traps when launched with less).
   static __host__ __device__ constexpr uint32_t smem_bytes(uint32_t stages) {
-    return 1024 + stages * (kABytes + kBBytes + kSfaBytes) + kMathWG * kStagingBytes + stages * 16;
+    return 1024 + stages * (kABytes + kBBytes + kSfaBytes + kSfbBytes) + kMathWG * kStagingBytes + stages * 16;
   }
   // Byte offset in the staging area of the 16-byte chunk holding columns [8 c, 8 c + 8) of row r.
   static __device__ __forceinline__ uint32_t chunk_offset(uint32_t r, uint32_t c) {
@@ -272,11 +273,15 @@ __device__ __forceinline__ void with_const(uint32_t g, F&& f) {
 // kF32Acc: float32 output accumulated in place, out[row, col] += the tile's result (the
 // weight-gradient form d = c + A B^T with c = d; the host copies a separate c into out
 // first, or zeroes out when there is no c). Compile-time: the bf16 entries keep their code.
-template <int BM, int BN, int kCluster, bool kF32Acc>
+// kRowB: 1x128 B scales (DeepGEMM's recipe (1, 1, 128)), one per column of the tile and K
+// block, staged by TMA with the stage (map [G, KB, N] over sfb column-major TMA-aligned,
+// like the A scales) instead of sfb's 128x128 blocks read by __ldg.
+template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
-                                                const Problem& p) {
-  using L = Layout<BM, BN>;
+                                                const pk::TensorMap* tmap_sfb, const Problem& p) {
+  using L = Layout<BM, BN, kRowB>;
+  static_assert(!kRowB || kCluster == 1, "1x128 B scales: cluster 1 only");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   constexpr bool kMulticast = kCluster > 1;
   // Each CTA of a cluster loads BN / kCluster rows of B: whole 8-row (1024-byte) swizzle
@@ -302,7 +307,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   // A scales of stage s at sfa_off + s * kSfaBytes (after the staging tiles: those keep the
   // 1024-byte alignment of the stage tiles; a scale box needs 128 bytes, BM * 4 is 256 or 512)
   const uint32_t sfa_off = staging_off + L::kMathWG * L::kStagingBytes;
-  const uint32_t bars = base + sfa_off + p.stages * L::kSfaBytes;
+  // kRowB: B scales of stage s at sfb_off + s * kSfbBytes (256-byte aligned: BM * 4 is)
+  const uint32_t sfb_off = sfa_off + p.stages * L::kSfaBytes;
+  const uint32_t bars = base + sfb_off + p.stages * L::kSfbBytes;
   // full[s] at bars + 8 s, empty[s] at bars + 8 (stages + s)
   const uint32_t empty_bars = bars + 8 * p.stages;
 
@@ -370,8 +377,12 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
                                           (int32_t)(kb * kBlockK), b_row, (uint16_t)((1u << kCluster) - 1));
               } else {
                 // The whole box counts, rows past M included (the TMA zero-fills them).
-                pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kSfaBytes + L::kBBytes);
+                pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kSfaBytes + L::kBBytes + L::kSfbBytes);
                 pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+                if constexpr (kRowB) {  // the tile's BN column scales of this K block (columns past N: zeros)
+                  pk::tma_load_3d(base + sfb_off + s * L::kSfbBytes, tmap_sfb, bars + 8 * s, (int32_t)(n_blk * BN),
+                                  (int32_t)kb, pass.group);
+                }
                 pk::tma_load_3d(base + sfa_off + s * L::kSfaBytes, tmap_sfa, bars + 8 * s, (int32_t)(m_blk * BM),
                                 (int32_t)kb, sfa_g);
                 pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK), b_row);
@@ -446,8 +457,11 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         constexpr uint32_t kFirst = decltype(first_groups)::value;
         for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
           // B scale loads first: their latency hides behind the wait and the wgmma.
-          const float sb0 = __ldg(sfb0 + kb);
-          const float sb1 = kFirst < kAcc / 4 ? __ldg(sfb1 + kb) : sb0;
+          float sb0 = 0.0f, sb1 = 0.0f;
+          if constexpr (!kRowB) {
+            sb0 = __ldg(sfb0 + kb);
+            sb1 = kFirst < kAcc / 4 ? __ldg(sfb1 + kb) : sb0;
+          }
 
           pk::mbar_wait(bars + 8 * s, phase);
           // A scales of this thread's two rows, landed with the stage (rows past the tensor's
@@ -456,6 +470,18 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
           const float sa0 = sfa_s[0];
           const float sa1 = sfa_s[8];
+          // kRowB: this thread's columns' B scales (8 j + 2 (lane % 4) + {0, 1}), also read
+          // before the stage is released
+          float sbc[kRowB ? kAcc / 2 : 1];
+          if constexpr (kRowB) {
+            const float2* sfb_s = reinterpret_cast<const float2*>(smem + sfb_off + s * L::kSfbBytes) + lane % 4;
+#pragma unroll
+            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+              const float2 v = sfb_s[4 * j];
+              sbc[2 * j] = v.x;
+              sbc[2 * j + 1] = v.y;
+            }
+          }
 #pragma unroll
           for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
           pk::wgmma_fence();
@@ -482,6 +508,16 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             phase ^= 1;
           }
 
+          if constexpr (kRowB) {  // fin += (sfa[row] * sfb[column]) * acc
+#pragma unroll
+            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+              fin[4 * j + 0] = fmaf(sa0 * sbc[2 * j], acc[4 * j + 0], fin[4 * j + 0]);
+              fin[4 * j + 1] = fmaf(sa0 * sbc[2 * j + 1], acc[4 * j + 1], fin[4 * j + 1]);
+              fin[4 * j + 2] = fmaf(sa1 * sbc[2 * j], acc[4 * j + 2], fin[4 * j + 2]);
+              fin[4 * j + 3] = fmaf(sa1 * sbc[2 * j + 1], acc[4 * j + 3], fin[4 * j + 3]);
+            }
+            continue;
+          }
           // Promotion: fin += sfa[row] * sfb[block of column] * acc.
           const float c00 = sa0 * sb0, c10 = sa1 * sb0;  // rows (r, r+8) x first block
           const float c01 = sa0 * sb1, c11 = sa1 * sb1;  // rows (r, r+8) x second block
@@ -496,7 +532,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
         }
       };
-      if constexpr (kUniformB) {
+      if constexpr (kUniformB || kRowB) {
         k_loop(Const<kAcc / 4>());
       } else {
         // The tile starts at a multiple of BN, so (nb0 + 1) * 128 - n_base, the columns in
@@ -613,20 +649,25 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 // producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
 // merely keeps) a math warp's count.
 constexpr uint32_t kLaunchBound = 384;
-#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC)                                              \
+#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB)                                 \
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
   extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
       const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
       const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
-      uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record) {                   \
-    const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK), groups, kind, stages, band, record};        \
-    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, p);               \
+      uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record,                     \
+      const __grid_constant__ pk::TensorMap tmap_sfb) {                                                \
+    const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK), groups, kind, stages, band, record};   \
+    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, &tmap_sfb, p); \
   }
-#define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false)
-#define PK_FP8_GEMM_ENTRY_MC2(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false)
+#define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false)
+#define PK_FP8_GEMM_ENTRY_MC2(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false)
+// float32 out accumulated in place (kF32Acc), with 128x128 B scales or (_rowb) 1x128 ones
 #define PK_FP8_GEMM_ENTRY_F32ACC(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false)
+#define PK_FP8_GEMM_ENTRY_F32ACC_ROWB(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true)
 
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
@@ -640,3 +681,5 @@ PK_FP8_GEMM_ENTRY_MC2(128, 160)
 PK_FP8_GEMM_ENTRY_F32ACC(128, 128)
 PK_FP8_GEMM_ENTRY_F32ACC(64, 128)
 PK_FP8_GEMM_ENTRY_F32ACC(64, 64)
+PK_FP8_GEMM_ENTRY_F32ACC_ROWB(128, 128)
+PK_FP8_GEMM_ENTRY_F32ACC_ROWB(64, 64)

@@ -4,19 +4,20 @@ Inputs are validated by pykernels.ops.gemm; here: tile-config choice, stage coun
 shared-memory size, tensor maps, argument packing -> LaunchPlan, run on the GPU
 ("cuda") or on the PTX emulator ("emu"). No host-device synchronisation.
 
-One kernel per tile shape serves the three layouts (runtime `kind`). Kernel parameters,
-in order: tmap_a, tmap_b, tmap_sfa, tmap_out, sfb, out, grouping, m, n, k, groups, kind,
+One kernel per tile shape serves the three layouts (runtime `kind`). Kernel parameters, in
+order: tmap_a, tmap_b, tmap_sfa, tmap_out, sfb, out, grouping, m, n, k, groups, kind,
 stages, band, record (the device error record: the kernel checks m_indices / masked_m
-values where its schedule reads them; on the emulator the record is raised right after
-the launch, on the GPU never read here). K: a multiple of 16 (the TMA row stride of A and
-B); the kernel walks ceil(K/128) K blocks and the TMA zero-fills the tail of the last one
-(the maps of A and B have the true K extent). The A scales travel by TMA with A: tmap_sfa
-is a 3-D map [G, ceil(K/128), M] over sfa in the column-major TMA-aligned layout (M
-contiguous, padded to 4 floats; DeepGEMM's `get_col_major_tma_aligned_tensor` layout),
-read in place when given so and transposed into that layout by one torch copy otherwise
-(`sfa_tma_aligned`). Configs with cluster = 2 (entries `*_mc2`) run pairs of CTAs that
-share each B tile by TMA multicast: launched with cluster dims (2, 1, 1), an even grid,
-and a B tensor map whose box is half the tile (each CTA loads one half for both).
+values where its schedule reads them; on the emulator the record is raised right after the
+launch, on the GPU never read here), tmap_sfb (1x128 B scales, *_rowb entries). K: a
+multiple of 16 (the TMA row stride of A and B); the kernel walks ceil(K/128) K blocks and
+the TMA zero-fills the tail of the last one (the maps of A and B have the true K extent).
+The A scales travel by TMA with A: tmap_sfa is a 3-D map [G, ceil(K/128), M] over sfa in
+the column-major TMA-aligned layout (M contiguous, padded to 4 floats; DeepGEMM's
+`get_col_major_tma_aligned_tensor` layout), read in place when given so and transposed
+into that layout by one torch copy otherwise (`sfa_tma_aligned`). Configs with cluster = 2
+(entries `*_mc2`) run pairs of CTAs that share each B tile by TMA multicast: launched with
+cluster dims (2, 1, 1), an even grid, and a B tensor map whose box is half the tile (each
+CTA loads one half for both).
 
 The compiled instantiations (CONFIGS) are read from the build manifest: the kernel's
 PK_FP8_GEMM_ENTRY lines are their one source.
@@ -43,7 +44,7 @@ OUT_BOX_ROWS, OUT_BOX_COLS = 64, 16   # TMA store box (bf16, 32-byte swizzle)
 KIND_NORMAL, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
 # the kernel's parameters, in order (LaunchPlan.args)
 PARAMS = ("tmap_a", "tmap_b", "tmap_sfa", "tmap_out", "sfb", "out", "grouping", "m", "n", "k", "groups", "kind",
-          "stages", "band", "record")
+          "stages", "band", "record", "tmap_sfb")
 OPS = {KIND_NORMAL: "fp8_gemm_nt", KIND_CONTIGUOUS: "m_grouped_fp8_gemm_nt_contiguous",
        KIND_MASKED: "m_grouped_fp8_gemm_nt_masked"}     # op names in recorded errors
 
@@ -70,6 +71,7 @@ class Config:
     block_n: int
     cluster: int = 1
     f32acc: bool = False       # float32 out, accumulated in place (entries *_f32acc)
+    row_b: bool = False        # 1x128 B scales by TMA (entries *_rowb; f32acc only)
 
     @property
     def math_warpgroups(self) -> int:
@@ -81,7 +83,8 @@ class Config:
 
     @property
     def function(self) -> str:
-        suffix = (f"_mc{self.cluster}" if self.cluster > 1 else "") + ("_f32acc" if self.f32acc else "")
+        suffix = ((f"_mc{self.cluster}" if self.cluster > 1 else "") + ("_f32acc" if self.f32acc else "")
+                  + ("_rowb" if self.row_b else ""))
         return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}{suffix}"
 
     @property
@@ -98,7 +101,8 @@ class Config:
         x (A + B tiles + BLOCK_M f32 A scales) + a 64 x BLOCK_N bf16 output staging tile
         per math warpgroup + 2 mbarriers per stage."""
         staging = self.math_warpgroups * 64 * 2 * self.block_n
-        return 1024 + stages * (self.stage_bytes() + 4 * self.block_m) + staging + 16 * stages
+        scales = 4 * self.block_m + (4 * self.block_n if self.row_b else 0)     # per stage: A (and B) scales
+        return 1024 + stages * (self.stage_bytes() + scales) + staging + 16 * stages
 
     def max_stages(self) -> int:
         s = MAX_STAGES
@@ -107,23 +111,24 @@ class Config:
         return s
 
 
-_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?")
+_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?")
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_configs(f32acc: bool = False) -> tuple:
+def compiled_configs(f32acc: bool = False, row_b: bool = False) -> tuple:
     """The Configs compiled into MODULE (the entry functions of the build manifest, i.e.
     the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu) with bf16 output (f32acc False) or float32
-    output accumulated in place (True: the *_f32acc entries): cluster 1 first, larger tiles first."""
+    output accumulated in place (True: the *_f32acc entries), with 128x128 B scales or
+    (row_b) 1x128 ones (*_rowb): cluster 1 first, larger tiles first."""
     found = []
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
         match = _ENTRY.fullmatch(function)
         if match is None:
             raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "
-                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc])")
-        bm, bn, cluster, acc = match.groups()
-        if bool(acc) == f32acc:
-            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc)))
+                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb])")
+        bm, bn, cluster, acc, rows = match.groups()
+        if bool(acc) == f32acc and bool(rows) == row_b:
+            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows)))
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
 
 
@@ -137,9 +142,9 @@ def compiled_configs(f32acc: bool = False) -> tuple:
 NOT_AUTO = frozenset({"pk_fp8_gemm_nt_m128n160_mc2", "pk_fp8_gemm_nt_m128n128_mc2"})
 
 
-def auto_configs(f32acc: bool = False) -> tuple:
+def auto_configs(f32acc: bool = False, row_b: bool = False) -> tuple:
     """The compiled configs the heuristic chooses from (compiled_configs minus NOT_AUTO)."""
-    return tuple(c for c in compiled_configs(f32acc) if c.function not in NOT_AUTO)
+    return tuple(c for c in compiled_configs(f32acc, row_b) if c.function not in NOT_AUTO)
 
 
 def __getattr__(name):
@@ -147,6 +152,8 @@ def __getattr__(name):
         return compiled_configs()
     if name == "F32ACC_CONFIGS":
         return compiled_configs(True)
+    if name == "ROWB_CONFIGS":
+        return compiled_configs(True, True)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -262,13 +269,14 @@ def _aligned(t: torch.Tensor) -> bool:
 def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.Tensor, out: torch.Tensor,
               grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
               sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None,
-              record: torch.Tensor = None) -> LaunchPlan:
+              record: torch.Tensor = None, b_scale_rows: int = SCALE_BLOCK) -> LaunchPlan:
     """Launch plan for the kernel.
 
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, ceil(k/128)]
     (any strides); sfb: f32 [G, ceil(n/128), ceil(k/128)] contiguous; out: contiguous, bf16
     (written) or float32 (accumulated in place, out += the product: the *_f32acc configs);
-    grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
+    b_scale_rows 1: sfb f32 [n, ceil(k/128)] (any strides), 1x128 B scales (float32 out,
+    normal layout: the *_rowb configs); grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
     cfg / stages default to the heuristic and to the most stages that fit; heuristic_m:
     the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
     gives a plan with cluster dims (2, 1, 1) and an even grid of at most `max_clusters`
@@ -278,23 +286,31 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
-    f32acc = out.dtype == torch.float32
+    f32acc, row_b = out.dtype == torch.float32, b_scale_rows == 1
+    if row_b and not (f32acc and kind == KIND_NORMAL):
+        raise ValueError("b_scale_rows: 1x128 B scales are compiled for float32 out of the normal layout only")
     check_shapes(m, n, k, rows_total, groups)
     if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     if cfg is None and stages is None and max_clusters is None:
-        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, f32acc)
+        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, (f32acc, row_b))
     else:
-        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, f32acc, cfg, stages,
-                                      max_clusters)
+        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, (f32acc, row_b), cfg,
+                                      stages, max_clusters)
     if cfg.f32acc != f32acc:
         raise ValueError(f"cfg: {cfg.function} writes {'float32' if cfg.f32acc else 'bf16'}, out is {out.dtype}")
+    if cfg.row_b != row_b:
+        raise ValueError(f"cfg: {cfg.function} takes {'1x128' if cfg.row_b else '128x128'} B scales, "
+                         f"b_scale_rows is {b_scale_rows}")
     n_blocks = cdiv(n, cfg.block_n)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, SCALE_BLOCK), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, SCALE_BLOCK), swizzle=128)
     # A scales: one box = the BLOCK_M scales of one K block of one group; rows past m are
     # zero-filled by the TMA (computed, never stored)
     tmap_sfa = TensorMapDesc(sfa_tma_aligned(sfa), (1, 1, cfg.block_m))
+    # 1x128 B scales: one box = the BLOCK_N column scales of one K block, [1, KB, n] like
+    # sfa (columns past n zero-filled); other configs do not read the map (sfa's, unused)
+    tmap_sfb = TensorMapDesc(sfa_tma_aligned(sfb), (1, 1, cfg.block_n)) if row_b else tmap_sfa
     # output: 64-row x 16-column boxes (one per 16 columns of a math warpgroup's half),
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
     # (float32 out: the kernel stores with st.global; a valid map of 32-byte rows, unused)
@@ -304,26 +320,27 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
             Arg("tensormap", tmap_out), ptr(sfb), ptr(out), group_arg,
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
-            ptr(record))
+            ptr(record), Arg("tensormap", tmap_sfb))
     assert len(args) == len(PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 
 
-def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, f32acc=False, cfg=None, stages=None,
+def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False), cfg=None, stages=None,
               max_clusters=None):
     """(config, stages, grid) of one launch: the heuristic's config unless given, the most
     stages that fit unless given, and the persistent grid (at most one CTA per SM; for
-    multicast, the clusters that run at once)."""
+    multicast, the clusters that run at once). variant: (float32 out, 1x128 B scales), the
+    compiled entries the heuristic chooses from."""
     if cfg is None:
         def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
             return max_clusters or resident_clusters(c, c.max_stages(), device, sms)
         if kind == KIND_MASKED:
             cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots,
-                                candidates=auto_configs(f32acc))
+                                candidates=auto_configs(*variant))
         else:
             cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
-                                slots=slots, candidates=auto_configs(f32acc))
+                                slots=slots, candidates=auto_configs(*variant))
     stages = stages or cfg.max_stages()
     if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
         raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
@@ -397,12 +414,13 @@ def _raise_now(executor: str, device: torch.device, kind: int) -> None:
         device_errors.raise_if_set(device_errors.record_for(device, OPS[kind]), OPS[kind])
 
 
-def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
+def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda", b_scale_rows: int = SCALE_BLOCK):
     """out[m, n] = (a * sfa) @ (b * sfb)^T; a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3
     [n, k], sfb f32 [ceil(n/128), ceil(k/128)]; out bf16 [m, n] (written), or float32 [m, n]
     (out += the product: the *_f32acc entries; the caller puts c or zeros there first,
-    ops.gemm.accumulation_base). K = 0: bf16 zeros, float32 unchanged; M = 0 or N = 0:
-    nothing to do (no launch)."""
+    ops.gemm.accumulation_base). b_scale_rows 1: sfb f32 [n, ceil(k/128)], 1x128 B scales
+    (float32 out only). K = 0: bf16 zeros, float32 unchanged; M = 0 or N = 0: nothing to
+    do (no launch)."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
@@ -412,7 +430,8 @@ def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda"):
     a, b = _aligned_input(a), _aligned_input(b)
 
     def go(o):
-        _run(gemm_plan(a, sfa, b, sfb, o, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1), executor)
+        _run(gemm_plan(a, sfa, b, sfb, o, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                       b_scale_rows=b_scale_rows), executor)
     return _with_aligned(out, go)
 
 

@@ -273,7 +273,7 @@ def _kernel(p: GemmProblem, executor: str):
     from ..cuda import gemm as CG
     if p.layout == "normal":
         accumulation_base(p)
-        CG.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, executor)
+        CG.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, executor, b_scale_rows=p.b_scale_rows)
     elif p.layout == "contiguous":
         CG.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out, executor)
     else:
@@ -285,9 +285,9 @@ def _kernel_limits(p: GemmProblem):
     from ..cuda import gemm as CG
     rows = p.a.shape[0] * (p.a.shape[1] if p.layout == "masked" else 1)
     CG.check_shapes(p.m, p.n, p.k, rows, p.groups)
-    if p.b_scale_rows != SCALE_BLOCK:
-        raise ValueError("recipe: the cuda FP8 GEMM takes 128x128 B scales only (recipe (1, 128, 128)); "
-                         "per-row B scales (1, 1, 128) run on triton and reference")
+    if p.b_scale_rows != SCALE_BLOCK and not p.f32_out:
+        raise ValueError("recipe: the cuda FP8 GEMM takes 1x128 B scales (recipe (1, 1, 128)) with a float32 "
+                         "out only (DeepGEMM's weight-gradient form); bf16 out runs on triton and reference")
 
 
 def _register(op: str):

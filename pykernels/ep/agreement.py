@@ -102,7 +102,11 @@ class Agreement:
             self.abort(reason)
             raise RankTimeoutError(f"{reason}. No data moved. This Buffer is now unusable on every rank (the "
                                    f"ranks' calls are out of step): make a new Buffer on every rank.") from e
-        records = [json.loads(self.store.get(k)) for k in keys]
+        try:
+            values = self.store.multi_get(keys)       # one round trip on a TCPStore
+        except (AttributeError, NotImplementedError, RuntimeError):
+            values = [self.store.get(k) for k in keys]
+        records = [json.loads(v) for v in values]
         self._check_abort()      # a peer may have given up on this step while we waited
         if seq >= 2:
             try:

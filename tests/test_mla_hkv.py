@@ -199,3 +199,20 @@ def test_custom_op_opcheck_with_several_kv_heads():
                                    (q, cache, table, sl, meta, ns, out, lse, 512, 576 ** -0.5, True, "reference"),
                                    test_utils=utils)
     assert result == {u: "SUCCESS" for u in utils}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("seqlens,s_q,h_q,h_kv,causal,parts,split,strided,permuted_q", CASES)
+def test_gpu_decode_matches_reference(backend, seqlens, s_q, h_q, h_kv, causal, parts, split, strided, permuted_q,
+                                      poisoned_scratch):
+    from pykernels.runtime.executors import gpu_unavailable_reason
+    assert gpu_unavailable_reason() == ""
+    q, cache, table, sl, meta, ns = _problem(seqlens, s_q, h_q, h_kv, parts, split, permuted_q)
+    out, lse = _poisoned(len(seqlens), s_q, h_q, strided)
+    dev = [t.cuda() for t in (q, cache, table, sl, meta, ns, out, lse)]
+    M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], causal=causal, backend=backend,
+                             out=dev[6], softmax_lse=dev[7])
+    torch.cuda.synchronize()
+    ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal, backend="reference")
+    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)

@@ -113,6 +113,12 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
                                r"arguments \(ValueError: timeout_s: expected a positive number of seconds, got 0\)",
                                lambda: Buffer(None, backend=backend, timeout_s=30))
         _good_round(Buffer(None, backend=backend, timeout_s=30), rank, ranks, seed + 7, backend)
+        # the per-call headers can be switched off (on every rank alike: the mode itself is agreed)
+        _expect_everywhere(rank, RankMismatchError, r"\(agree_calls: rank 0: True, rank 1: False\)",
+                           lambda: Buffer(None, backend=backend, agree_calls=not other))
+        fast = Buffer(None, backend=backend, timeout_s=30, agree_calls=False)
+        _good_round(fast, rank, ranks, seed + 8, backend)
+        assert fast._agreement.seq == 1        # only the construction went through the store
         open(os.path.join(done_dir, f"rank{rank}.ok"), "w").write(str(received))
     finally:
         dist.destroy_process_group()

@@ -76,7 +76,7 @@ class Agreement:
         except Exception:    # the store itself is gone: this rank's mark is all there is
             pass
 
-    def _check_abort(self):
+    def check_abort(self):
         if self.broken is None and self.store.check([self._abort_key]):
             self.broken = self.store.get(self._abort_key).decode()
         if self.broken is not None:
@@ -86,7 +86,7 @@ class Agreement:
     def exchange(self, what: str, record: dict) -> list:
         """Publish this rank's record for the next step, wait for every rank's, return them
         (a list indexed by rank). RankTimeoutError names the ranks that did not arrive."""
-        self._check_abort()
+        self.check_abort()
         seq = self.seq
         self.seq += 1
         self.store.set(self._key(seq, self.rank), json.dumps(record))
@@ -107,7 +107,7 @@ class Agreement:
         except (AttributeError, NotImplementedError, RuntimeError):
             values = [self.store.get(k) for k in keys]
         records = [json.loads(v) for v in values]
-        self._check_abort()      # a peer may have given up on this step while we waited
+        self.check_abort()      # a peer may have given up on this step while we waited
         if seq >= 2:
             try:
                 self.store.delete_key(self._key(seq - 2, self.rank))

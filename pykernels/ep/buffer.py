@@ -101,7 +101,10 @@ class Buffer:
     then be called), else on garbage collection.
     backend: see the module docstring. timeout_s: seconds any rank waits for its peers at
     construction and at every call. local_backend: "torch" or "triton" for the engine's
-    local steps (identical bytes).
+    local steps (identical bytes). agree_calls=False skips the per-call header exchange
+    (one store round trip per call; the construction is always agreed): a rank calling
+    with other shapes then fails inside the transport or times out instead of the clear
+    error on every rank.
     """
 
     num_sms: int = DEFAULT_NUM_SMS
@@ -111,7 +114,7 @@ class Buffer:
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
                  comm=None, *, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
-                 local_backend: str = "torch"):
+                 local_backend: str = "torch", agree_calls: bool = True):
         if not dist.is_initialized():
             raise RuntimeError("Buffer: torch.distributed is not initialized (call init_process_group first)")
         self.group = group
@@ -127,6 +130,7 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.local_backend = local_backend
+        self.agree_calls = bool(agree_calls)
         self._destroyed = False
         self._kernels = None
         self._low_latency = None      # made at the first low-latency call
@@ -141,8 +145,8 @@ class Buffer:
                       num_rdma_bytes=num_rdma_bytes, low_latency_mode=bool(low_latency_mode),
                       num_qps_per_rank=num_qps_per_rank,
                       allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode),
-                      pykernels_version=__version__)
-        self._agree("Buffer(...) construction", record, error)
+                      pykernels_version=__version__, agree_calls=self.agree_calls)
+        self._agree("Buffer(...) construction", record, error, always=True)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend in ("cuda", "nccl") \
             else torch.device("cpu")
         self._engine = EngineTransport(group, self.rank, self.num_ranks, local_backend, self.timeout_s,
@@ -179,10 +183,16 @@ class Buffer:
     def _mark_broken(self, reason: str):
         self._agreement.abort(reason)
 
-    def _agree(self, what: str, record: dict, error: Exception = None):
+    def _agree(self, what: str, record: dict, error: Exception = None, always: bool = False):
         """Exchange this step's record (or this rank's argument error) with every rank, then
         raise on every rank alike: the own error where it was found, RankMismatchError
-        naming the rank and its error elsewhere, RankMismatchError for differing fields."""
+        naming the rank and its error elsewhere, RankMismatchError for differing fields.
+        With agree_calls=False only the construction (always=True) is exchanged."""
+        if not (always or self.agree_calls):
+            self._agreement.check_abort()
+            if error is not None:
+                raise error
+            return
         if error is not None:
             record = {"rejected": f"{type(error).__name__}: {error}"}
         records = self._agreement.exchange(what, record)

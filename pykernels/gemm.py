@@ -37,7 +37,10 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
     """out[m, n] = (a[m, k] * sfa) @ (b[n, k] * sfb)^T (+ c).
 
     a: (e4m3 [m, k], float32 [m, ceil(k/128)]); b: (e4m3 [n, k], float32 [ceil(n/128), ceil(k/128)]);
-    out: bf16 or float32 [m, n], written in place and returned. c: None, or float32 [m, n]
+    out: bf16 or float32 [m, n], written in place and returned; or a pair (e4m3 [m, n],
+    float32 [m, ceil(n/128)] row-major): quantize-on-store, the float32 result quantized as
+    per_token_cast_to_fp8 does (1x128 scales), the pair returned (the next GEMM's A operand;
+    backends triton and reference; no c). c: None, or float32 [m, n]
     with a float32 out: out = c + a b^T; c may be out itself (out += a b^T, the
     weight-gradient form). recipe: (1, 128, 128) (default), or (1, 1, 128): sfb float32
     [n, ceil(k/128)], one scale per row of b and 128 of K (also recipe_a (1, 128) + recipe_b
@@ -48,13 +51,18 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
                                              compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast,
                                              per_row_b=True)
     (a, sfa), (b, sfb) = G.pair("a", a), G.pair("b", b)
+    sfd = None
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise TypeError(f"out: expected a tensor or a pair (out, sfd), got {len(out)} items")
+        out, sfd = V.as_tensor("out", out[0]), V.as_tensor("sfd", out[1])
     out = V.as_tensor("out", out)
     c = None if c is None else V.as_tensor("c", c)
     # c = out: accumulate in place (the custom op's inputs may not alias its mutated out)
     accumulate = c is not None and _same_view(c, out)
     call(torch.ops.pykernels.fp8_gemm_nt, G.fp8_gemm_nt_body, a, sfa, b, sfb, out, backend,
-         None if accumulate else c, accumulate, b_scale_rows)
-    return out
+         None if accumulate else c, accumulate, b_scale_rows, sfd)
+    return out if sfd is None else (out, sfd)
 
 
 def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -189,6 +189,20 @@ def gemm_cases():
         with_c("wgrad-per-row-b-scales", torch.randn(m, n), None, _either("recipe"), rows=1, accumulate=True),
     ]
 
+    # e4m3 out with its 1x128 scales (quantize-on-store): out given as the pair (out, sfd)
+    def fp8_out(name, out, sfd, expect):
+        return dict(name=f"fp8_gemm_nt/{name}", op_name="fp8_gemm_nt", expect=expect, forms=("api", "op"),
+                    compare="close", outs=(out,) + (() if sfd is None else (sfd,)),   # Triton's sums: another order
+                    api=lambda be: pk.fp8_gemm_nt((a, sfa), (b, sfb), out if sfd is None else (out, sfd), backend=be),
+                    op=lambda be: torch.ops.pykernels.fp8_gemm_nt(a, sfa, b, sfb, out, be, None, False, 128, sfd))
+    e4m3 = torch.float8_e4m3fn
+    cases += [
+        fp8_out("e4m3-out", torch.zeros(m, n, dtype=e4m3), torch.full((m, 1), NAN), _either("out")),
+        fp8_out("e4m3-out-without-sfd", torch.zeros(m, n, dtype=e4m3), None, _err("sfd")),
+        fp8_out("sfd-with-bf16-out", nan_out(m, n), torch.full((m, 1), NAN), _err("sfd")),
+        fp8_out("sfd-shape", torch.zeros(m, n, dtype=e4m3), torch.full((m, 2), NAN), _err("sfd")),
+    ]
+
     g = 3
     bg, sfbg = _w(n, k, g)
     rows = 4 * 128

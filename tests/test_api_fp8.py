@@ -157,6 +157,39 @@ def test_f32_out_errors():
                                         torch.ones(1, dtype=torch.int32), 8, recipe=(1, 1, 128))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp8_out_pair(backend, seed):
+    # quantize-on-store: out given as (e4m3 [m, n], float32 [m, ceil(n/128)]) comes back as
+    # the next GEMM's A operand; within the FP8 bound of the float32 product
+    m, n, k = 24, 256, 208
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n))
+    d = torch.empty(m, n, dtype=torch.float8_e4m3fn)
+    sfd = torch.full((m, 2), float("nan"))
+    got = pk.fp8_gemm_nt((a, sfa), (b, sfb), (d, sfd), backend=backend)
+    assert got[0] is d and got[1] is sfd and not sfd.isnan().any()
+    assert calc_diff(R.dequantize_per_token(d, sfd), ref) < 1e-3
+    # and feeds the next GEMM as it is
+    b2, sfb2 = R.per_block_cast_to_fp8(torch.randn(128, n))
+    nxt = pk.fp8_gemm_nt((d, sfd), (b2, sfb2), torch.empty(m, 128, dtype=torch.bfloat16), backend=backend)
+    assert calc_diff(nxt, R.dequantize_per_token(d, sfd) @ R.dequantize_per_block(b2, sfb2).T) < 1e-3
+
+
+def test_fp8_out_errors():
+    a, sfa, b, sfb, out = _good()
+    d, sfd = torch.empty(8, 128, dtype=torch.float8_e4m3fn), torch.empty(8, 1)
+    with pytest.raises(ValueError, match="sfd: an e4m3 out comes with its float32 scales"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), d)
+    with pytest.raises(ValueError, match="sfd: an e4m3 out comes with its float32 scales"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), (out, sfd))
+    with pytest.raises(ValueError, match=r"sfd: expected shape \[8, 1\], got \[8, 2\]"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), (d, torch.empty(8, 2)))
+    with pytest.raises(ValueError, match="c: accumulation .* needs a float32 out"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), (d, sfd), c=torch.zeros(8, 128))
+    with pytest.raises(TypeError, match=r"out: expected a tensor or a pair \(out, sfd\), got 3 items"):
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), (d, sfd, sfd))
+
+
 def test_grouped_validation_errors():
     b, sfb = quantized_weights(2, 128, 128)
     a, sfa = R.per_token_cast_to_fp8(torch.randn(128, 128))
@@ -198,7 +231,10 @@ def test_custom_ops_opcheck():
               (torch.ops.pykernels.per_block_cast_to_fp8.default, (x, "reference")),
               (torch.ops.pykernels.fp8_gemm_nt.default, (a, sfa, b, sfb, out, "reference")),
               (torch.ops.pykernels.fp8_gemm_nt.default,             # float32 out = c + a b^T
-               (a, sfa, b, sfb, torch.zeros(8, 128), "reference", torch.randn(8, 128), False, 128))]
+               (a, sfa, b, sfb, torch.zeros(8, 128), "reference", torch.randn(8, 128), False, 128)),
+              (torch.ops.pykernels.fp8_gemm_nt.default,             # e4m3 out + its scales (quantize-on-store)
+               (a, sfa, b, sfb, torch.zeros(8, 128, dtype=torch.float8_e4m3fn), "reference", None, False, 128,
+                torch.zeros(8, 1)))]
     for fn, args in checks:
         result = torch.library.opcheck(fn, args, test_utils=utils)
         assert result == {u: "SUCCESS" for u in utils}, (fn, result)

@@ -170,6 +170,23 @@ def test_f32_out_accumulates_and_per_row_b_scales(seed):
     assert rel_error(out - c, deq) < 1e-5
 
 
+def test_fp8_out_quantizes_on_store(seed):
+    # e4m3 out with 1x128 scales (OUT_FP8): bit for bit per_token_cast_to_fp8 of the same
+    # kernel's float32 result (same sums), partial last n-block and K block; a NaN in a row
+    # of A makes that row's groups NaN (scale 0x7FFFFFFF, q 0x7F); poisoned outputs
+    m, n, k = 70, 300, 336
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    a.view(torch.uint8)[5, 7] = 0x7F
+    f32 = T.fp8_gemm_nt(a, sfa, b, sfb, torch.zeros(m, n))
+    q_ref, sf_ref = R.per_token_cast_to_fp8(f32)
+    q = torch.full((m, n), 0x55, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    sf = torch.full((m, 3), float("nan"))
+    T.fp8_gemm_nt(a, sfa, b, sfb, q, sfd=sf)
+    assert torch.equal(_bits(q), _bits(q_ref))
+    assert torch.equal(sf.view(torch.int32), sf_ref.view(torch.int32))
+    assert (_bits(q)[5] == 0x7F).all() and (sf[5].view(torch.int32) == 0x7FFFFFFF).all()
+
+
 def test_check_gemm_shape_errors():
     with pytest.raises(ValueError, match="k: expected a multiple of 16, got 100"):
         T.check_gemm_shape(4, 128, 100)

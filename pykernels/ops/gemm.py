@@ -48,6 +48,7 @@ class GemmProblem:
     c: Optional[torch.Tensor] = None
     accumulate: bool = False
     b_scale_rows: int = SCALE_BLOCK      # rows of B per scale: 128 (128x128 blocks) or 1 (1x128, per row)
+    sfd: Optional[torch.Tensor] = None   # e4m3 out: its 1x128 scales, float32 [m, ceil(n/128)] (quantize-on-store)
 
     def describe(self) -> str:
         g = f", {self.groups} groups" if self.layout != "normal" else ""
@@ -58,6 +59,10 @@ class GemmProblem:
     @property
     def f32_out(self) -> bool:
         return self.out.dtype == torch.float32
+
+    @property
+    def fp8_out(self) -> bool:
+        return self.out.dtype == F8
 
 
 def pair(name: str, x):
@@ -85,22 +90,27 @@ def _check_group_values(p: GemmProblem) -> None:
 
 
 def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *, c=None, accumulate=False,
-            b_scale_rows=SCALE_BLOCK, values=True) -> GemmProblem:
+            b_scale_rows=SCALE_BLOCK, sfd=None, values=True) -> GemmProblem:
     """Validate one GEMM call (every error names the argument, what was expected and what
     was given). values: also check m_indices / masked_m values on CPU tensors. Normal
     layout only: out float32 (else bf16), c (float32 [m, n], out = c + a b^T), accumulate
-    (out += a b^T), b_scale_rows 1 (sfb float32 [n, ceil(k/128)], DeepGEMM's recipe (1, 1, 128))."""
+    (out += a b^T), b_scale_rows 1 (sfb float32 [n, ceil(k/128)], DeepGEMM's recipe (1, 1, 128)),
+    out e4m3 with sfd (float32 [m, ceil(n/128)] row-major: its 1x128 scales, quantize-on-store)."""
     a, sfa, b, sfb, out = (V.as_tensor(n, t) for n, t in
                            (("a", a), ("sfa", sfa), ("b", b), ("sfb", sfb), ("out", out)))
     for name, t, dt in (("a", a, F8), ("b", b, F8), ("sfa", sfa, torch.float32), ("sfb", sfb, torch.float32)):
         V.check_dtype(name, t, dt)
-    if layout == "normal" and out.dtype == torch.float32:
-        pass                                              # float32 out: the weight-gradient forms
+    if layout == "normal" and out.dtype in (torch.float32, F8):
+        pass                                              # float32: the weight-gradient forms; e4m3: + sfd
     else:
         V.check_dtype("out", out, torch.bfloat16)
     if c is not None or accumulate:
         if out.dtype != torch.float32:
             raise ValueError(f"c: accumulation (out = c + a b^T) needs a float32 out, got out {out.dtype}")
+    if (out.dtype == F8) != (sfd is not None):
+        raise ValueError(f"sfd: an e4m3 out comes with its float32 scales sfd [m, ceil(n/128)] (out given as a "
+                         f"pair (out, sfd)) and only then; got out {out.dtype} and sfd "
+                         f"{'None' if sfd is None else 'given'}")
     if b_scale_rows not in (1, SCALE_BLOCK) or (b_scale_rows == 1 and layout != "normal"):
         raise ValueError(f"recipe: B scales per {SCALE_BLOCK} rows (or per row for fp8_gemm_nt), "
                          f"got {b_scale_rows} rows on the {layout} layout")
@@ -131,6 +141,11 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
         c = V.as_tensor("c", c)
         V.check_dtype("c", c, torch.float32)
         V.check_shape("c", c, (m, n))
+    if sfd is not None:
+        sfd = V.as_tensor("sfd", sfd)
+        V.check_dtype("sfd", sfd, torch.float32)
+        V.check_shape("sfd", sfd, (m, cdiv(n, SCALE_BLOCK)))
+        V.check_contiguous("sfd", sfd)
     if layout == "contiguous":
         grouping = V.as_tensor("m_indices", grouping)
         V.check_dtype("m_indices", grouping, torch.int32)
@@ -147,11 +162,13 @@ def problem(layout: str, a, sfa, b, sfb, out, grouping=None, expected_m=None, *,
         inputs["m_indices" if layout == "contiguous" else "masked_m"] = grouping
     if c is not None:
         inputs["c"] = c
-    dev = V.check_same_device(**inputs, out=out)
+    dev = V.check_same_device(**inputs, out=out, **({} if sfd is None else {"sfd": sfd}))
     p = GemmProblem(layout, a, sfa, b, sfb, out, grouping, expected_m, m, n, k, groups, dev, c, bool(accumulate),
-                    b_scale_rows)
+                    b_scale_rows, sfd)
     if not V.is_fake(out):
         V.check_no_overlap("out", out, **inputs)
+        if sfd is not None:
+            V.check_no_overlap("sfd", sfd, **inputs, out=out)
         if values and dev.type == "cpu":
             _check_group_values(p)
     return p
@@ -235,7 +252,7 @@ def _reference(p: GemmProblem):
         _check_group_values(p)           # ground truth may read values on the host
     if p.layout == "normal":
         c = p.out if p.accumulate else p.c
-        R.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, c=c, b_scale_rows=p.b_scale_rows)
+        R.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, c=c, b_scale_rows=p.b_scale_rows, sfd=p.sfd)
     elif p.layout == "contiguous":
         R.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
     else:
@@ -257,7 +274,7 @@ def _triton(p: GemmProblem):
     from .. import triton as T
     if p.layout == "normal":
         accumulation_base(p)
-        T.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, b_scale_rows=p.b_scale_rows)
+        T.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, b_scale_rows=p.b_scale_rows, sfd=p.sfd)
     elif p.layout == "contiguous":
         T.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out)
     else:
@@ -285,6 +302,9 @@ def _kernel_limits(p: GemmProblem):
     from ..cuda import gemm as CG
     rows = p.a.shape[0] * (p.a.shape[1] if p.layout == "masked" else 1)
     CG.check_shapes(p.m, p.n, p.k, rows, p.groups)
+    if p.fp8_out:
+        raise ValueError("out: the cuda FP8 GEMM does not quantize on store yet (e4m3 out with sfd); "
+                         "triton and reference do")
     if p.b_scale_rows != SCALE_BLOCK and not p.f32_out:
         raise ValueError("recipe: the cuda FP8 GEMM takes 1x128 B scales (recipe (1, 1, 128)) with a float32 "
                          "out only (DeepGEMM's weight-gradient form); bf16 out runs on triton and reference")
@@ -308,18 +328,20 @@ MASKED = _register("m_grouped_fp8_gemm_nt_masked")
 
 def fp8_gemm_nt_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
                      out: torch.Tensor, backend: str, c: Optional[torch.Tensor] = None, accumulate: bool = False,
-                     b_scale_rows: int = SCALE_BLOCK) -> None:
+                     b_scale_rows: int = SCALE_BLOCK, sfd: Optional[torch.Tensor] = None) -> None:
     """c: a float32 [m, n] tensor apart from out (out = c + a b^T); accumulate: out += a b^T
-    (the public function passes c = out this way: a custom op's inputs may not alias)."""
-    NORMAL(problem("normal", a, sfa, b, sfb, out, c=c, accumulate=accumulate, b_scale_rows=b_scale_rows), backend)
+    (the public function passes c = out this way: a custom op's inputs may not alias);
+    sfd: the 1x128 scales of an e4m3 out (quantize-on-store)."""
+    NORMAL(problem("normal", a, sfa, b, sfb, out, c=c, accumulate=accumulate, b_scale_rows=b_scale_rows, sfd=sfd),
+           backend)
 
 
-fp8_gemm_nt_op = torch.library.custom_op("pykernels::fp8_gemm_nt", mutates_args=("out",))(fp8_gemm_nt_body)
+fp8_gemm_nt_op = torch.library.custom_op("pykernels::fp8_gemm_nt", mutates_args=("out", "sfd"))(fp8_gemm_nt_body)
 
 
 @fp8_gemm_nt_op.register_fake
-def _(a, sfa, b, sfb, out, backend, c=None, accumulate=False, b_scale_rows=SCALE_BLOCK):
-    problem("normal", a, sfa, b, sfb, out, c=c, accumulate=accumulate, b_scale_rows=b_scale_rows)
+def _(a, sfa, b, sfb, out, backend, c=None, accumulate=False, b_scale_rows=SCALE_BLOCK, sfd=None):
+    problem("normal", a, sfa, b, sfb, out, c=c, accumulate=accumulate, b_scale_rows=b_scale_rows, sfd=sfd)
 
 
 def m_grouped_contiguous_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,

@@ -15,6 +15,7 @@ here on the host).
 import torch
 
 from .constants import BLOCK
+from .quant import per_token_cast_to_fp8
 
 
 def _mm(a, sfa, b, sfb, b_scale_rows=BLOCK):
@@ -31,12 +32,19 @@ def _mm(a, sfa, b, sfb, b_scale_rows=BLOCK):
     return out
 
 
-def fp8_gemm_nt(a, sfa, b, sfb, out=None, c=None, b_scale_rows=BLOCK):
+def fp8_gemm_nt(a, sfa, b, sfb, out=None, c=None, b_scale_rows=BLOCK, sfd=None):
     """a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3 [n, k], sfb f32 [ceil(n/128),
     ceil(k/128)] (b_scale_rows 1: [n, ceil(k/128)], 1x128 B scales) -> [m, n] in out's
     dtype (bf16 when out is None): the product, or c + the product (c float32 [m, n], may
-    be out itself: the weight-gradient form out += a b^T) rounded once to out's dtype."""
+    be out itself: the weight-gradient form out += a b^T) rounded once to out's dtype.
+    out e4m3 (quantize-on-store): out, sfd f32 [m, ceil(n/128)] = per_token_cast_to_fp8 of
+    the float32 product (its 1x128 scales, the next GEMM's A operand as it is)."""
     res = _mm(a, sfa, b, sfb, b_scale_rows)
+    if out is not None and out.dtype == torch.float8_e4m3fn:
+        q, sf = per_token_cast_to_fp8(res)
+        out.copy_(q)
+        sfd.copy_(sf)
+        return out, sfd
     if c is not None:
         res = c.float() + res
     res = res.to(torch.bfloat16 if out is None else out.dtype)

@@ -20,8 +20,9 @@ import triton.language as tl
 
 from ..runtime import device_errors
 from ..runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, cdiv, round_up
-from .quant import SOFTWARE_ROUNDING
-from .rounding import to_bf16_rne
+from ..reference.constants import FP8_E4M3_MAX, FP8_SCALE_FLOOR
+from .quant import SOFTWARE_ROUNDING, _scale_and_inverse
+from .rounding import to_bf16_rne, to_e4m3_rne
 from .sm90 import run_launch, spec_of
 from .jit_dispatch import jit
 
@@ -32,6 +33,7 @@ NUM_STAGES = 3  # software pipelining depth of the K loop (compiled path)
 # the device checks' codes, as constants of the kernels
 ERR_M_INDEX = tl.constexpr(device_errors.code("MIndexOutOfRange"))
 ERR_MASKED_M = tl.constexpr(device_errors.code("MaskedMOutOfRange"))
+FP8_FLOOR, FP8_MAX = tl.constexpr(FP8_SCALE_FLOOR), tl.constexpr(FP8_E4M3_MAX)   # quantize-on-store (quant.py's)
 OPS = {LAYOUT_NORMAL: "fp8_gemm_nt", LAYOUT_CONTIGUOUS: "m_grouped_fp8_gemm_nt_contiguous",
        LAYOUT_MASKED: "m_grouped_fp8_gemm_nt_masked"}
 
@@ -112,13 +114,13 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
 
 
 @jit
-def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_ptr, M, N, K, G,
+def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_ptr, sfd_ptr, M, N, K, G,
                      stride_idx, stride_ag, stride_am, stride_sfa_g, stride_sfa_m, stride_sfa_k,
                      stride_bg, stride_bn, stride_sfb_g, stride_sfb_n, stride_sfb_k,
-                     stride_og, stride_om,
+                     stride_og, stride_om, stride_sfd,
                      LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SOFT: tl.constexpr, EVEN_K: tl.constexpr, SB_ROWS: tl.constexpr,
-                     OUT_F32: tl.constexpr):
+                     OUT_F32: tl.constexpr, OUT_FP8: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m = rm < M
@@ -166,6 +168,15 @@ def _fp8_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, out_ptr, idx_ptr, record_pt
             # float32 out (normal layout): out += the tile (out holds c, or zeros, already)
             ok = row_ok[:, None] & col_ok[None, :]
             tl.store(dst, tl.load(dst, mask=ok, other=0.0) + acc, mask=ok)
+        elif OUT_FP8:
+            # e4m3 out with 1x128 scales (normal layout, BLOCK_N = 128: one group per row of
+            # the tile), quantized as per_token_cast_to_fp8 quantizes the float32 result
+            ok = row_ok[:, None] & col_ok[None, :]
+            x = tl.where(col_ok[None, :], acc, 0.0)
+            has_nan = tl.sum((x != x).to(tl.int32), axis=1) > 0
+            sf, inv = _scale_and_inverse(tl.max(tl.abs(x), axis=1), has_nan, FP8_FLOOR, FP8_MAX)
+            tl.store(dst, to_e4m3_rne(x * inv[:, None], SOFT), mask=ok)
+            tl.store(sfd_ptr + rm * stride_sfd + tl.program_id(1), sf, mask=row_ok)
         else:
             tl.store(dst, to_bf16_rne(acc, SOFT), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -181,7 +192,7 @@ def tile_config(m: int, n: int):
 
 
 def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOFTWARE_ROUNDING,
-                b_scale_rows=SCALE_BLOCK):
+                b_scale_rows=SCALE_BLOCK, sfd=None):
     """The launch description (sm90.run_launch) of the kernel for these operands, or None
     when there is nothing to compute (no row, column or group). idx: m_indices / masked_m
     (any stride; normal: unused); record: the int32 device error record. The GPU launch
@@ -193,22 +204,25 @@ def launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=SOF
     block_m, block_n, warps = tile_config(rows, n)
     grid = (cdiv(rows, block_m), cdiv(n, block_n), groups if layout == LAYOUT_MASKED else 1)
     g3 = a.dim() == 3
-    vals = (a, sfa, b, sfb, out, idx, record, rows, n, k, b.shape[0] if b.dim() == 3 else 1,
+    fp8_out = out.dtype == torch.float8_e4m3fn
+    vals = (a, sfa, b, sfb, out, idx, record, sfd if fp8_out else record, rows, n, k, b.shape[0] if b.dim() == 3 else 1,
             idx.stride(0) if layout != LAYOUT_NORMAL else 0,
             a.stride(0) if g3 else 0, a.stride(-2), sfa.stride(0) if g3 else 0, sfa.stride(-2), sfa.stride(-1),
             b.stride(0) if b.dim() == 3 else 0, b.stride(-2),
             sfb.stride(0) if sfb.dim() == 3 else 0, sfb.stride(-2), sfb.stride(-1),
-            out.stride(0) if g3 else 0, out.stride(-2))
+            out.stride(0) if g3 else 0, out.stride(-2), sfd.stride(0) if fp8_out else 0)
     args = dict(zip(_fp8_gemm_kernel.arg_names, vals))
+    assert not fp8_out or block_n == SCALE_BLOCK, "e4m3 out: one 128-column scale group per tile"
     constexprs = dict(LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK, SOFT=bool(soft),
-                      EVEN_K=k % SCALE_BLOCK == 0, SB_ROWS=b_scale_rows, OUT_F32=out.dtype == torch.float32)
+                      EVEN_K=k % SCALE_BLOCK == 0, SB_ROWS=b_scale_rows, OUT_F32=out.dtype == torch.float32,
+                      OUT_FP8=fp8_out)
     return _fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
-def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups, b_scale_rows=SCALE_BLOCK):
+def _launch(layout, a, sfa, b, sfb, out, idx, rows, groups, b_scale_rows=SCALE_BLOCK, sfd=None):
     """Launch (nothing to launch: return); on CPU tensors raise a recorded input error."""
     launch = launch_args(layout, a, sfa, b, sfb, out, idx, device_errors.record_for(out.device, OPS[layout]),
-                         rows, groups, b_scale_rows=b_scale_rows)
+                         rows, groups, b_scale_rows=b_scale_rows, sfd=sfd)
     if launch is None:
         return out
     run_launch(launch)
@@ -271,17 +285,18 @@ def sm90_compile_specs():
     return specs
 
 
-def fp8_gemm_nt(a, sfa, b, sfb, out=None, b_scale_rows=SCALE_BLOCK):
+def fp8_gemm_nt(a, sfa, b, sfb, out=None, b_scale_rows=SCALE_BLOCK, sfd=None):
     """a e4m3 [m, k], sfa f32 [m, ceil(k/128)] (any strides), b e4m3 [n, k], sfb f32
     [ceil(n/128), ceil(k/128)] (b_scale_rows 1: [n, ceil(k/128)], any strides) -> out [m, n]:
-    bf16 (written; allocated when None) or float32 (out += the product: the caller puts c
-    or zeros there first, ops.gemm.accumulation_base)."""
+    bf16 (written; allocated when None), float32 (out += the product: the caller puts c
+    or zeros there first, ops.gemm.accumulation_base), or e4m3 with its 1x128 scales in sfd
+    f32 [m, ceil(n/128)] (row stride any): per_token_cast_to_fp8 of the float32 product."""
     m, k = a.shape
     n = b.shape[0]
     check_gemm_shape(m, n, k)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    return _launch(LAYOUT_NORMAL, a, sfa, b, sfb, out, sfa, m, 1, b_scale_rows)
+    return _launch(LAYOUT_NORMAL, a, sfa, b, sfb, out, sfa, m, 1, b_scale_rows, sfd)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):

@@ -16,8 +16,9 @@ marked broken on that rank and leaves an abort key: a late rank that arrives aft
 finds it and raises too. A broken Buffer raises at every later call: make a new one on
 every rank.
 
-Keys: pykernels/ep/<group ranks>/<buffer number>/<call number>/<rank>; each rank deletes
-its own key of call k - 2 at call k (by then every rank has read it).
+Keys: pykernels/ep/<group ranks>/<buffer number>/<call number>/<rank> (the buffer number
+from a per-rank counter in the store); each rank deletes its own key of call k - 2 at
+call k (by then every rank has read it).
 """
 import datetime
 import json
@@ -39,9 +40,6 @@ class BufferBrokenError(RuntimeError):
     """A call on a Buffer that an earlier timeout (here or on a peer) left out of step."""
 
 
-_buffers_made = {}   # group ranks -> Buffers constructed on that group in this process
-
-
 def _group_ranks(group) -> tuple:
     return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
 
@@ -51,13 +49,13 @@ class Agreement:
 
     def __init__(self, group, rank: int, num_ranks: int, timeout_s: float):
         self.rank, self.num_ranks, self.timeout_s = rank, num_ranks, float(timeout_s)
-        ranks = _group_ranks(group)
-        # every rank numbers the Buffers of a group in construction order (a collective, like
-        # DeepEP's): counted before anything can fail, so a failed construction keeps step
-        number = _buffers_made.get(ranks, 0)
-        _buffers_made[ranks] = number + 1
-        self.prefix = f"pykernels/ep/{'-'.join(map(str, ranks))}/{number}"
+        group_name = "-".join(map(str, _group_ranks(group)))
         self.store = dist.distributed_c10d._get_default_store()
+        # every rank numbers the Buffers of a group in construction order (a collective, like
+        # DeepEP's), counted in the store (a new process group starts again from 1) before
+        # anything can fail, so a failed construction keeps step
+        number = self.store.add(f"pykernels/ep/{group_name}/buffers/{rank}", 1)
+        self.prefix = f"pykernels/ep/{group_name}/{number}"
         self.seq = 0
         self.broken = None      # the reason, once a timeout left the calls out of step
 

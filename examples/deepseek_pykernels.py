@@ -157,13 +157,17 @@ class Fp8Experts(nn.Module):
         x = self.kernels.quantize(hidden)
         if self.buffer is None:
             return self.local_experts(x, top_k_index, top_k_weights.float(), hidden.dtype)
-        # DeepEP's V1 semantics: dispatch the FP8 rows with global ids and weights; each
-        # receiving rank gets local ids (-1 for experts elsewhere), weights its expert
-        # outputs itself, and combine sums the rows of each token back on its source rank.
+        # DeepEP's V1 call forms and semantics (this code runs on deep_ep.Buffer too): the
+        # layout, then the FP8 rows dispatched with global ids and weights; each receiving
+        # rank gets local ids (-1 for experts elsewhere), weights its expert outputs itself,
+        # and combine sums the rows of each token back on its source rank.
+        per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(top_k_index,
+                                                                                           self.num_experts)
         recv_x, recv_idx, recv_w, _, handle, _ = self.buffer.dispatch(
-            x, topk_idx=top_k_index, topk_weights=top_k_weights.float(), num_experts=self.num_experts)
+            x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=top_k_index, topk_weights=top_k_weights.float())
         y = self.local_experts(recv_x, recv_idx, recv_w, torch.bfloat16)
-        combined = self.buffer.combine(y, handle)[0]
+        combined, _, _ = self.buffer.combine(y, handle)
         return combined.to(hidden.dtype)
 
     def local_experts(self, x, idx, weights, dtype):

@@ -13,17 +13,20 @@
 //   Ragged  (prefill): k [N, 128] e4m3 and k_scales [N] f32; row group g = query rows
 //           [4g, 4g + 4); windows [ks, ke) from cu_seqlen_ks / cu_seqlen_ke.
 //
-// One CTA = one warpgroup = kBlocksPerCta consecutive 64-key blocks (blockIdx.x) for every
-// query row of one row group (blockIdx.y). Steps:
-//   1. windows: each row's window, and which of the CTA's blocks meet at least one of them;
-//   2. load: one elected thread issues the TMA loads of the group's Q tiles (one mbarrier) and
-//      of every used key block (one mbarrier each, all in flight at once: reading keys bounds
-//      the kernel, so each CTA keeps 32 KB of them in flight);
+// Persistent CTAs of one warpgroup walk work items (a row group: a paged sequence's next_n
+// rows or 4 consecutive prefill rows, x a chunk of kBlocksPerCta consecutive 64-key blocks);
+// CTA c takes items c, c + gridDim.x, ... through a two-stage ring, so the keys of the next
+// item stream in while this one is computed. Per item:
+//   1. windows: each row's window, and which of the chunk's blocks meet at least one of them;
+//   2. load (one elected thread, one item ahead): the group's Q tiles and every used key block
+//      by TMA, one mbarrier each; every barrier of the stage is armed for every item (0 bytes
+//      when unused), so their phases advance in step with the item count;
 //   3. per used block and query row: S = K Q^T (64 keys x H heads, f32) = 4 x wgmma m64nHk32
 //      with both operands K-major in 128B-swizzled shared memory; each thread sums
 //      w[h] * relu(S[key, h]) over its columns, the four lanes of a quad finish the key, and
 //      lane 0 of the quad writes scale * sum inside the window, -inf outside;
-//   4. clean: positions of blocks no window meets (not loaded) get -inf.
+//   4. clean: positions of blocks no window meets (not loaded) get -inf; a CTA barrier hands
+//      the stage back to the loader.
 #include <cstdint>
 
 #include "pk/ptx.cuh"
@@ -42,14 +45,16 @@ constexpr uint32_t kKSteps = kHeadDim / 32;             // wgmma k32 steps over 
 constexpr uint32_t kSmemAlign = 1024;                   // 128B-swizzle atoms
 constexpr float kMinusInf = -__builtin_huge_valf();
 
-template <int kHeads>
-struct Smem {
-  static constexpr uint32_t kQTileBytes = kHeads * kHeadDim;
-  static constexpr uint32_t kKeys = 0;
-  static constexpr uint32_t kQ = kKeys + kBlocksPerCta * kBlockBytes;
-  static constexpr uint32_t kBars = kQ + kMaxGroupRows * kQTileBytes;   // kBlocksPerCta + 1 mbarriers
-  static constexpr uint32_t kBytes = kSmemAlign + kBars + 8 * (kBlocksPerCta + 1);
-};
+// Shared memory (dynamic, base aligned up to 1024): kStages stages of [kBlocksPerCta key blocks
+// | group_rows Q tiles of H x 128 bytes], each stage a multiple of 1024 bytes, then the
+// mbarriers (per stage: one per key block, one for the Q tiles). pykernels/cuda/dsa.py
+// smem_bytes computes the same size.
+constexpr uint32_t kStages = 2;
+constexpr uint32_t kBarsPerStage = kBlocksPerCta + 1;
+
+__host__ __device__ constexpr uint32_t stage_bytes(uint32_t heads, uint32_t group_rows) {
+  return (kBlocksPerCta * kBlockBytes + group_rows * heads * kHeadDim + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
+}
 
 struct Window {
   uint32_t lo, hi;
@@ -62,6 +67,8 @@ struct Common {
   uint64_t out_stride;
   uint32_t weights_stride;
   uint32_t width;          // columns of out: max_context_len (paged) or N (ragged)
+  uint32_t group_rows;     // Q tiles per stage: next_n (paged) or kMaxGroupRows (ragged)
+  uint32_t num_groups;     // b (paged) or ceil(M / 4) (ragged)
 };
 
 // Decode: the keys of group `seq` (its next_n rows) are the pages of its block table.
@@ -80,12 +87,15 @@ struct Paged {
   __device__ __forceinline__ int page(uint32_t seq, uint32_t blk) const {
     return block_table[(uint64_t)seq * bt_stride + blk];
   }
-  __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, uint32_t seq,
-                                       uint32_t blk) const {
-    pk::tma_load_3d(dst, tmap_k, bar, 0, 0, page(seq, blk));   // map over [num_blocks, 64, 128] bytes
+  // The block's TMA coordinate (its page id; read for every block of an item before any load
+  // is issued, so the reads overlap) and its load through the map over [num_blocks, 64, 128] bytes.
+  __device__ __forceinline__ int32_t coord(uint32_t seq, uint32_t blk) const { return page(seq, blk); }
+  __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, int32_t page_id) const {
+    pk::tma_load_3d(dst, tmap_k, bar, 0, 0, page_id);
   }
-  __device__ __forceinline__ const float* scales(uint32_t seq, uint32_t blk) const {
-    return reinterpret_cast<const float*>(cache + (uint64_t)page(seq, blk) * kPageBytes + kBlockBytes);
+  // The scale of key `key` of the block (every page holds 64; read before the window test).
+  __device__ __forceinline__ float scale(uint32_t seq, uint32_t blk, uint32_t key, uint32_t) const {
+    return reinterpret_cast<const float*>(cache + (uint64_t)page(seq, blk) * kPageBytes + kBlockBytes)[key];
   }
 };
 
@@ -103,118 +113,175 @@ struct Ragged {
   __device__ __forceinline__ Window window(uint32_t g, uint32_t j) const {
     return {(uint32_t)ks[row(g, j)], (uint32_t)ke[row(g, j)]};
   }
-  __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, uint32_t,
-                                       uint32_t blk) const {
-    pk::tma_load_2d(dst, tmap_k, bar, 0, (int32_t)(blk * kBlockKeys));   // keys past N: zero-filled
+  __device__ __forceinline__ int32_t coord(uint32_t, uint32_t blk) const { return (int32_t)(blk * kBlockKeys); }
+  __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, int32_t row) const {
+    pk::tma_load_2d(dst, tmap_k, bar, 0, row);   // keys past N: zero-filled
   }
-  __device__ __forceinline__ const float* scales(uint32_t, uint32_t blk) const { return k_scales + blk * kBlockKeys; }
+  // (the index clamped below width = N: a last block's keys past N have no scale; never written)
+  __device__ __forceinline__ float scale(uint32_t, uint32_t blk, uint32_t key, uint32_t width) const {
+    return k_scales[min(blk * kBlockKeys + key, width - 1)];
+  }
 };
 
 template <int kHeads, class Keys>
 __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_k,
                                                const Common& c, const Keys& keys) {
-  using S = Smem<kHeads>;
   constexpr int kAccRegs = kHeads / 2;      // wgmma m64nHk32 fragment per thread
   constexpr int kColGroups = kHeads / 8;    // 8-column groups; a thread holds 2 columns of each
+  constexpr uint32_t kQTileBytes = kHeads * kHeadDim;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   const uint32_t base = (pk::smem_addr(smem_raw) + kSmemAlign - 1) & ~(kSmemAlign - 1);
-  const uint32_t key_tiles = base + S::kKeys, q_tiles = base + S::kQ;
-  const uint32_t bars = base + S::kBars, q_bar = bars + 8 * kBlocksPerCta;
+  const uint32_t stage_size = stage_bytes(kHeads, c.group_rows);
+  const uint32_t bars = base + kStages * stage_size;    // + 8 * (kBarsPerStage * stage + block or Q)
 
   const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const uint32_t group = blockIdx.y, first_blk = blockIdx.x * kBlocksPerCta;
-  const uint32_t first_pos = first_blk * kBlockKeys;
-  const uint32_t rows = keys.group_rows(group);
+  const uint32_t chunks = (c.width + kBlocksPerCta * kBlockKeys - 1) / (kBlocksPerCta * kBlockKeys);
+  const uint32_t num_items = c.num_groups * chunks;
+  const auto key_tile = [&](uint32_t s, uint32_t u) { return base + s * stage_size + u * kBlockBytes; };
+  const auto q_tile = [&](uint32_t s, uint32_t j) {
+    return base + s * stage_size + kBlocksPerCta * kBlockBytes + j * kQTileBytes;
+  };
+  const auto bar = [&](uint32_t s, uint32_t u) { return bars + 8 * (s * kBarsPerStage + u); };   // u = 4: Q
 
-  // 1. windows: a block is used when it meets some row's window
-  uint32_t used_mask = 0;
-  for (uint32_t j = 0; j < rows; ++j) {
-    const Window win = keys.window(group, j);
+  // 1. windows: block u of an item is used when it meets some row's window
+  const auto used_blocks = [&](uint32_t group, uint32_t first_pos) {
+    uint32_t mask = 0;
+    for (uint32_t j = 0; j < keys.group_rows(group); ++j) {
+      const Window win = keys.window(group, j);
+#pragma unroll
+      for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
+        const uint32_t lo = first_pos + u * kBlockKeys;
+        if (win.lo < win.hi && win.lo < lo + kBlockKeys && lo < win.hi) mask |= 1u << u;
+      }
+    }
+    return mask;
+  };
+
+  // 2. load (thread 0): every barrier of the stage armed, the used tiles loaded
+  const auto load_item = [&](uint32_t item, uint32_t s) {
+    const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
+    const uint32_t mask = used_blocks(group, first_blk * kBlockKeys);
+    const uint32_t rows = keys.group_rows(group);
+    pk::mbar_arrive_expect_tx(bar(s, kBlocksPerCta), mask ? rows * kQTileBytes : 0u);
+    if (mask)
+      for (uint32_t j = 0; j < rows; ++j)
+        pk::tma_load_2d(q_tile(s, j), tmap_q, bar(s, kBlocksPerCta), 0, (int32_t)(keys.row(group, j) * kHeads));
+    int32_t coords[kBlocksPerCta];
+#pragma unroll
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) coords[u] = mask >> u & 1 ? keys.coord(group, first_blk + u) : 0;
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-      const uint32_t lo = first_pos + u * kBlockKeys;
-      if (win.lo < win.hi && win.lo < lo + kBlockKeys && lo < win.hi) used_mask |= 1u << u;
+      const bool used = mask >> u & 1;
+      pk::mbar_arrive_expect_tx(bar(s, u), used ? kBlockBytes : 0u);
+      if (used) keys.load(key_tile(s, u), tmap_k, bar(s, u), coords[u]);
     }
-  }
+  };
 
-  // 2. load
   if (tid == 0) {
-    for (uint32_t u = 0; u <= kBlocksPerCta; ++u) pk::mbar_init(bars + 8 * u, 1);
+    for (uint32_t b = 0; b < kStages * kBarsPerStage; ++b) pk::mbar_init(bars + 8 * b, 1);
     pk::fence_mbarrier_init();
+    if (blockIdx.x < num_items) load_item(blockIdx.x, 0);
   }
   __syncthreads();
-  if (tid == 0 && used_mask) {
-    pk::mbar_arrive_expect_tx(q_bar, rows * S::kQTileBytes);
-    for (uint32_t j = 0; j < rows; ++j)
-      pk::tma_load_2d(q_tiles + j * S::kQTileBytes, tmap_q, q_bar, 0, (int32_t)(keys.row(group, j) * kHeads));
-    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-      if (!(used_mask >> u & 1)) continue;
-      pk::mbar_arrive_expect_tx(bars + 8 * u, kBlockBytes);
-      keys.load(key_tiles + u * kBlockBytes, tmap_k, bars + 8 * u, group, first_blk + u);
-    }
-  }
 
-  // 3. logits of the loaded blocks. Fragment of this thread: rows (keys) key0 and key0 + 8,
-  // columns (heads) 8g + 2*(lane%4) + {0, 1} for g < kColGroups.
+  // Fragment of this thread: rows (keys) key0 and key0 + 8, columns (heads) 8g + 2*(lane%4) + {0, 1}.
   const uint32_t key0 = 16 * warp + lane / 4;
   const uint32_t col0 = 2 * (lane % 4);
-  if (used_mask) pk::mbar_wait(q_bar, 0);
-  for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-    if (!(used_mask >> u & 1)) continue;
-    pk::mbar_wait(bars + 8 * u, 0);
-    const float* scales = keys.scales(group, first_blk + u);
-    for (uint32_t j = 0; j < rows; ++j) {
-      const uint32_t row = keys.row(group, j);
-      float acc[kAccRegs];
+  uint32_t k = 0;
+  for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++k) {
+    const uint32_t s = k % kStages, parity = (k / kStages) & 1;
+    if (tid == 0 && item + gridDim.x < num_items) load_item(item + gridDim.x, (k + 1) % kStages);
+    const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
+    const uint32_t first_pos = first_blk * kBlockKeys;
+    const uint32_t rows = keys.group_rows(group);
+    const uint32_t mask = used_blocks(group, first_pos);
+    Window wins[kMaxGroupRows];
 #pragma unroll
-      for (int r = 0; r < kAccRegs; ++r) acc[r] = 0.f;
-      pk::wgmma_fence();
-#pragma unroll
-      for (uint32_t ks = 0; ks < kKSteps; ++ks)
-        pk::WgmmaE4M3<kHeads>::mma(acc, pk::make_desc_k128b(key_tiles + u * kBlockBytes + 32 * ks),
-                                   pk::make_desc_k128b(q_tiles + j * S::kQTileBytes + 32 * ks), ks > 0);
-      pk::wgmma_commit();
-      pk::wgmma_wait<0>();
-#pragma unroll
-      for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) wins[j] = j < rows ? keys.window(group, j) : Window{0u, 0u};
 
-      // sum_h w[h] * relu(S[key, h]) over this thread's columns, then over the quad
-      const float* w = c.weights + (uint64_t)row * c.weights_stride + col0;
-      float sum[2] = {0.f, 0.f};
+    // this thread's weights of every row, read while the loads are in flight
+    float wts[kMaxGroupRows][kColGroups][2];
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+      const float* w = c.weights + (uint64_t)keys.row(group, min(j, rows - 1)) * c.weights_stride + col0;
 #pragma unroll
       for (int g = 0; g < kColGroups; ++g) {
-        const float w0 = w[8 * g], w1 = w[8 * g + 1];
+        wts[j][g][0] = j < rows ? w[8 * g] : 0.f;
+        wts[j][g][1] = j < rows ? w[8 * g + 1] : 0.f;
+      }
+    }
+    // and the scales of this thread's two keys in every used block (independent loads, all in
+    // flight at once: a paged block's scale sits behind its block-table entry)
+    float key_scale[kBlocksPerCta][2];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          sum[half] += w0 * fmaxf(acc[4 * g + 2 * half], 0.f);
-          sum[half] += w1 * fmaxf(acc[4 * g + 2 * half + 1], 0.f);
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
+      const bool used = mask >> u & 1;
+#pragma unroll
+      for (uint32_t half = 0; half < 2; ++half)
+        key_scale[u][half] = used ? keys.scale(group, first_blk + u, key0 + 8 * half, c.width) : 0.f;
+    }
+    if (mask) pk::mbar_wait(bar(s, kBlocksPerCta), parity);
+
+    // 3. logits of the loaded blocks
+#pragma unroll
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
+      if (!(mask >> u & 1)) continue;
+      pk::mbar_wait(bar(s, u), parity);
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+        if (j >= rows) break;
+        const uint32_t row = keys.row(group, j);
+        float acc[kAccRegs];
+#pragma unroll
+        for (int r = 0; r < kAccRegs; ++r) acc[r] = 0.f;
+        pk::wgmma_fence();
+#pragma unroll
+        for (uint32_t ks = 0; ks < kKSteps; ++ks)
+          pk::WgmmaE4M3<kHeads>::mma(acc, pk::make_desc_k128b(key_tile(s, u) + 32 * ks),
+                                     pk::make_desc_k128b(q_tile(s, j) + 32 * ks), ks > 0);
+        pk::wgmma_commit();
+        pk::wgmma_wait<0>();
+#pragma unroll
+        for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
+
+        // sum_h w[h] * relu(S[key, h]) over this thread's columns, then over the quad
+        float sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int g = 0; g < kColGroups; ++g) {
+          const float w0 = wts[j][g][0], w1 = wts[j][g][1];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            sum[half] += w0 * fmaxf(acc[4 * g + 2 * half], 0.f);
+            sum[half] += w1 * fmaxf(acc[4 * g + 2 * half + 1], 0.f);
+          }
         }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 1);
-        sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 2);
-      }
-      if (lane % 4 == 0) {
-        const Window win = keys.window(group, j);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const uint32_t key = key0 + 8 * half;
-          const uint32_t pos = first_pos + u * kBlockKeys + key;
-          if (pos < c.width)
-            c.out[row * c.out_stride + pos] = pos >= win.lo && pos < win.hi ? sum[half] * scales[key] : kMinusInf;
+          sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 1);
+          sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 2);
+        }
+        if (lane % 4 == 0) {
+          const Window win = wins[j];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t pos = first_pos + u * kBlockKeys + key0 + 8 * half;
+            if (pos < c.width)
+              c.out[row * c.out_stride + pos] =
+                  pos >= win.lo && pos < win.hi ? sum[half] * key_scale[u][half] : kMinusInf;
+          }
         }
       }
     }
-  }
 
-  // 4. clean the positions of blocks no window meets
-  for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-    if (used_mask >> u & 1) continue;
-    const uint32_t lo = first_pos + u * kBlockKeys, hi = min(lo + kBlockKeys, c.width);
-    for (uint32_t j = 0; j < rows; ++j)
-      for (uint32_t pos = lo + tid; pos < hi; pos += kThreads)
-        c.out[(uint64_t)keys.row(group, j) * c.out_stride + pos] = kMinusInf;
+    // 4. clean the positions of blocks no window meets, then hand the stage back
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
+      if (mask >> u & 1) continue;
+      const uint32_t lo = first_pos + u * kBlockKeys, hi = min(lo + kBlockKeys, c.width);
+      for (uint32_t j = 0; j < rows; ++j)
+        for (uint32_t pos = lo + tid; pos < hi; pos += kThreads)
+          c.out[(uint64_t)keys.row(group, j) * c.out_stride + pos] = kMinusInf;
+    }
+    __syncthreads();
   }
 }
 
@@ -226,8 +293,8 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,             \
       const float* weights, float* out, uint64_t out_stride, uint32_t weights_stride, uint32_t width,         \
       const uint8_t* cache, const int* context_lens, const int* block_table, uint32_t bt_stride,               \
-      uint32_t next_n, uint32_t lens_per_row) {                                                                \
-    indexer_logits<HEADS>(&tmap_q, &tmap_k, Common{weights, out, out_stride, weights_stride, width},           \
+      uint32_t next_n, uint32_t lens_per_row, uint32_t batch) {                                                \
+    indexer_logits<HEADS>(&tmap_q, &tmap_k, Common{weights, out, out_stride, weights_stride, width, next_n, batch}, \
                           Paged{cache, context_lens, block_table, bt_stride, next_n, lens_per_row});           \
   }
 
@@ -236,7 +303,9 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,             \
       const float* weights, float* out, uint64_t out_stride, uint32_t weights_stride, uint32_t width,         \
       const float* k_scales, const int* ks, const int* ke, uint32_t num_rows) {                                \
-    indexer_logits<HEADS>(&tmap_q, &tmap_k, Common{weights, out, out_stride, weights_stride, width},           \
+    indexer_logits<HEADS>(&tmap_q, &tmap_k,                                                                    \
+                          Common{weights, out, out_stride, weights_stride, width, kMaxGroupRows,               \
+                                 (num_rows + kMaxGroupRows - 1) / kMaxGroupRows},                              \
                           Ragged{k_scales, ks, ke, num_rows});                                                 \
   }
 

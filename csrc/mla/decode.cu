@@ -905,7 +905,9 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
       if (grow[h] >= p.rows) continue;
-      const bool seen = !(l[h] <= 0.0f);   // a NaN score (NaN in a used row) propagates to out and lse
+      // a row with a NaN score: lse +inf and out NaN for the dense decode (docs/numerics.md), lse
+      // and out NaN for the sparse one (FlashMLA's sparse convention, the reference's)
+      const bool seen = kSparse ? !(l[h] <= 0.0f) : l[h] > 0.0f;
       float inv = seen ? __frcp_rn(l[h]) : 0.0f;
       const float lse2 = seen ? m[h] + pk::lg2_approx(l[h]) : -INFINITY;
       if (nsplit == 1) {

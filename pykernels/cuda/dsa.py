@@ -6,12 +6,14 @@ pykernels.ops.dsa; here what the kernel supports beyond that (`check_logits_supp
 tensor maps, the grid and the argument packing -> LaunchPlan, run on the GPU ("cuda") or on
 the PTX emulator ("emu"). No host-device synchronisation. The kernel always writes -inf
 outside the windows (clean_logits has no other form here, as in the reference) and does not
-read the paged schedule metadata: its grid is (64-key blocks of the width / BLOCKS_PER_CTA,
-row groups): a paged sequence's next_n rows, or GROUP_ROWS consecutive prefill rows.
+read the paged schedule metadata: persistent CTAs (as many as the GPU holds at once, or fewer
+when there is less work) walk the work items (row group x chunk of BLOCKS_PER_CTA key blocks;
+a row group is a paged sequence's next_n rows or GROUP_ROWS consecutive prefill rows)
+through a two-stage TMA ring.
 
 Kernel parameters, in order: tmap_q, tmap_k, weights, out, out_stride (u64), weights_stride,
-width, then paged: cache, context_lens, block_table, bt_stride, next_n, lens_per_row; ragged:
-k_scales, cu_seqlen_ks, cu_seqlen_ke, num_rows.
+width, then paged: cache, context_lens, block_table, bt_stride, next_n, lens_per_row, b;
+ragged: k_scales, cu_seqlen_ks, cu_seqlen_ke, num_rows.
 
 Sparse MLA decode (csrc/mla/decode.cu's pk_mla_sparse_decode_fp8 + pk_mla_combine_sink): the
 dense FP8 decode's plan (pykernels/cuda/mla.py) with every sequence scheduled as topk tokens,
@@ -33,7 +35,7 @@ import torch
 
 from ..reference import dsa as RD
 from ..runtime.executors import run_plan
-from ..runtime.hardware import cdiv
+from ..runtime.hardware import SMEM_PER_SM, cdiv, num_sms, round_up
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
@@ -49,10 +51,24 @@ RAGGED_FUNCTIONS = {h: f"pk_dsa_ragged_logits_h{h}" for h in HEADS}
 PAGE_BYTES = BLOCK_KV * (HEAD_DIM + RD.INDEXER_SCALE_BYTES)
 
 
-def smem_bytes(heads: int) -> int:
-    """Smem<kHeads>::kBytes: 1024 alignment slack + BLOCKS_PER_CTA key blocks (8 KB each) +
-    GROUP_ROWS Q tiles (heads x 128 bytes) + BLOCKS_PER_CTA + 1 mbarriers."""
-    return 1024 + BLOCKS_PER_CTA * BLOCK_KV * HEAD_DIM + GROUP_ROWS * heads * HEAD_DIM + 8 * (BLOCKS_PER_CTA + 1)
+STAGES = 2                      # kStages: the TMA ring's stages
+
+
+def stage_bytes(heads: int, group_rows: int) -> int:
+    """stage_bytes(): BLOCKS_PER_CTA key blocks (8 KB each) + group_rows Q tiles (heads x 128
+    bytes), rounded up to 1024."""
+    return round_up(BLOCKS_PER_CTA * BLOCK_KV * HEAD_DIM + group_rows * heads * HEAD_DIM, 1024)
+
+
+def smem_bytes(heads: int, group_rows: int = GROUP_ROWS) -> int:
+    """Dynamic shared memory: 1024 alignment slack + STAGES stages + (BLOCKS_PER_CTA + 1)
+    mbarriers per stage."""
+    return 1024 + STAGES * stage_bytes(heads, group_rows) + 8 * STAGES * (BLOCKS_PER_CTA + 1)
+
+
+def ctas_per_sm(heads: int, group_rows: int) -> int:
+    """CTAs of the kernel one SM holds (its 228 KB of shared memory, at most 16 warpgroups)."""
+    return max(1, min(16, SMEM_PER_SM // smem_bytes(heads, group_rows)))
 
 
 def check_logits_supported(q, keys, weights, keys_name: str) -> None:
@@ -99,33 +115,40 @@ def _common_args(weights, out, width: int) -> tuple:
     return (ptr(weights), ptr(out), u64(out.stride(0)), u32(weights.stride(0)), u32(width))
 
 
-def _grid(width: int, groups: int) -> tuple:
-    return (max(1, cdiv(cdiv(width, BLOCK_KV), BLOCKS_PER_CTA)), groups, 1)
+def _grid(width: int, groups: int, heads: int, group_rows: int, device, max_ctas) -> tuple:
+    """Persistent CTAs: the work items, at most what the GPU holds at once (or max_ctas)."""
+    items = groups * cdiv(cdiv(width, BLOCK_KV), BLOCKS_PER_CTA)
+    resident = num_sms(device) * ctas_per_sm(heads, group_rows) if max_ctas is None else max_ctas
+    return (max(1, min(items, resident)), 1, 1)
 
 
-def paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int) -> LaunchPlan:
-    """Launch plan of pk_dsa_paged_logits_h{32,64}: grid (ceil(ceil(max_context_len / 64) /
-    BLOCKS_PER_CTA), b), 128 threads, smem_bytes(H) of dynamic shared memory."""
+def paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int,
+                      max_ctas: int = None) -> LaunchPlan:
+    """Launch plan of pk_dsa_paged_logits_h{32,64}: persistent CTAs over the b x
+    ceil(ceil(max_context_len / 64) / BLOCKS_PER_CTA) work items (max_ctas: cap the grid,
+    e.g. to make each CTA walk several items), 128 threads, smem_bytes(H, next_n)."""
     b, next_n, h, _ = q.shape
     tmap_k = TensorMapDesc(key_view(kv_cache), (1, BLOCK_KV, HEAD_DIM), swizzle=128)
     args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), *_common_args(weights, out, max_context_len),
             ptr(kv_cache), ptr(context_lens), ptr(block_table), u32(block_table.stride(0)), u32(next_n),
-            u32(int(context_lens.dim() == 2)))
-    return LaunchPlan(MODULE, PAGED_FUNCTIONS[h], grid=_grid(max_context_len, b), block=(THREADS, 1, 1), args=args,
-                      shared_bytes=smem_bytes(h))
+            u32(int(context_lens.dim() == 2)), u32(b))
+    return LaunchPlan(MODULE, PAGED_FUNCTIONS[h], grid=_grid(max_context_len, b, h, next_n, q.device, max_ctas),
+                      block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h, next_n))
 
 
-def ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out) -> LaunchPlan:
-    """Launch plan of pk_dsa_ragged_logits_h{32,64}: grid (ceil(ceil(N / 64) / BLOCKS_PER_CTA),
-    ceil(M / GROUP_ROWS)), 128 threads, smem_bytes(H) of dynamic shared memory; k [N, 128] e4m3
-    through a 2-D map (64-key boxes; keys past N zero-filled, never written out)."""
+def ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, max_ctas: int = None) -> LaunchPlan:
+    """Launch plan of pk_dsa_ragged_logits_h{32,64}: persistent CTAs over the ceil(M /
+    GROUP_ROWS) x ceil(ceil(N / 64) / BLOCKS_PER_CTA) work items, 128 threads,
+    smem_bytes(H); k [N, 128] e4m3 through a 2-D map (64-key boxes; keys past N zero-filled,
+    never written out)."""
     m, h, _ = q.shape
     n = k.shape[0]
     tmap_k = TensorMapDesc(k.view(torch.uint8), (BLOCK_KV, HEAD_DIM), swizzle=128)
     args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), *_common_args(weights, out, n),
             ptr(k_scales), ptr(cu_seqlen_ks), ptr(cu_seqlen_ke), u32(m))
-    return LaunchPlan(MODULE, RAGGED_FUNCTIONS[h], grid=_grid(n, cdiv(m, GROUP_ROWS)), block=(THREADS, 1, 1),
-                      args=args, shared_bytes=smem_bytes(h))
+    return LaunchPlan(MODULE, RAGGED_FUNCTIONS[h], grid=_grid(n, cdiv(m, GROUP_ROWS), h, GROUP_ROWS, q.device,
+                                                              max_ctas),
+                      block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h))
 
 
 def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int,

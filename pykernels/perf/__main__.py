@@ -4,6 +4,8 @@
 python -m pykernels.perf [--part h800] mla B SQ HQ SK [--fp8] [--topk K]
     the predicted time of our MLA decode: B sequences of SK cached tokens, SQ new tokens,
     HQ query heads, one KV head (bf16 or the FP8 cache)
+python -m pykernels.perf [--part h800] dsa-logits B NEXT_N HEADS CONTEXT
+    the predicted time of our paged indexer logits (B sequences of CONTEXT keys) and its share of HBM
 python -m pykernels.perf table [--write]
     DeepGEMM's published points: DeepGEMM's kernel through the model against its published
     figure (calibration), and ours / DeepGEMM on the same model (--write: into
@@ -85,6 +87,9 @@ def main(argv=None):
         d.add_argument(name, type=int)
     d.add_argument("--fp8", action="store_true", help="the 656-byte FP8 cache")
     d.add_argument("--topk", type=int, default=0, help="the sparse decode over topk slots (FP8 cache; SK unused)")
+    x = sub.add_parser("dsa-logits", help="the paged indexer logits (fp8_paged_mqa_logits)")
+    for name in ("b", "next_n", "heads", "context"):
+        x.add_argument(name, type=int)
     t = sub.add_parser("table")
     t.add_argument("--write", action="store_true", help=f"replace the tables in docs/{DOC.name}")
     sub.add_parser("machine")
@@ -95,6 +100,9 @@ def main(argv=None):
     elif a.cmd == "mla":
         from .mla import predict as predict_mla
         print("\n".join(predict_mla([a.sk] * a.b, a.sq, a.hq, fp8=a.fp8, part=a.part, topk=a.topk).lines()))
+    elif a.cmd == "dsa-logits":
+        from .dsa import predict_paged_logits
+        print("\n".join(predict_paged_logits(a.b, a.next_n, a.heads, a.context, a.part).lines(get_part(a.part))))
     elif a.cmd == "table":
         text = tables()
         if a.write:

@@ -97,10 +97,15 @@ class Result:
 
 
 class Replay:
-    """Times one Recording (the CTAs of one Machine, one SM each)."""
+    """Times one Recording (the CTAs of one Machine): one SM each, or with ctas_per_sm > 1
+    consecutive CTAs resident together on one SM, sharing its schedulers, pipes, shared
+    memory, tensor cores and memory port (kernels that rely on occupancy; clusters of 1)."""
 
-    def __init__(self, rec, part: Part, mem, log: list = None):
+    def __init__(self, rec, part: Part, mem, log: list = None, ctas_per_sm: int = 1):
+        if ctas_per_sm > 1 and rec.cluster_size > 1:
+            raise ValueError("ctas_per_sm: several CTAs per SM are modelled for clusters of one CTA only")
         self.rec, self.part, self.mem = rec, part, mem
+        self.ctas_per_sm = ctas_per_sm
         self.log = log                 # optional: (time, what, key) of completions, for inspection
         self.watch = None              # with log: also log each instruction this warp issues
         self.instrs = rec.kernel.instrs
@@ -122,15 +127,17 @@ class Replay:
         t_ready = [0.0] * W
         end = [0.0] * W
         regs = [dict() for _ in range(W)]
-        sp_free = collections.defaultdict(float)          # (cta, sub-partition) -> next issue slot
-        pipe_free = collections.defaultdict(float)        # (cta, sub-partition, pipe)
-        smem_free = [0.0] * ncta
-        port_free = [0.0] * ncta                          # each SM's own port
+        per_sm = self.ctas_per_sm
+        nsm = (ncta + per_sm - 1) // per_sm                # SM of CTA c: c // per_sm
+        sp_free = collections.defaultdict(float)          # (SM, sub-partition) -> next issue slot
+        pipe_free = collections.defaultdict(float)        # (SM, sub-partition, pipe)
+        smem_free = [0.0] * nsm
+        port_free = [0.0] * nsm                           # each SM's own port
         csize = rec.cluster_size
-        share_free = [0.0] * max(1, (ncta + csize - 1) // csize)   # a cluster's pooled share of L2 / HBM
-        tensor_free = [0.0] * ncta
-        tensor_busy = [0.0] * ncta
-        mem_busy = [0.0] * ncta
+        share_free = [0.0] * max(1, (nsm + csize - 1) // csize)   # a cluster's (or SM's) pooled share of L2 / HBM
+        tensor_free = [0.0] * nsm
+        tensor_busy = [0.0] * nsm
+        mem_busy = [0.0] * nsm
         store_done = [0.0] * ncta
         # synchronisation: contributors expected per key, from the whole recording
         need = collections.Counter()
@@ -229,11 +236,11 @@ class Replay:
 
         def load_copy(cta, t, nbytes, dests=None):
             """Bytes read from L2 once (the cluster's share), received by each of dests."""
-            cl = cta // csize
+            cl = cta // per_sm // csize
             start = max(t, share_free[cl])
             share_free[cl] = start + nbytes * mem.share_read_clk_per_byte / csize
             fin = share_free[cl]
-            for d in dests or (cta,):
+            for d in sorted({c // per_sm for c in dests or (cta,)}):
                 s0 = max(start, port_free[d])
                 port_free[d] = s0 + nbytes * mem.port_clk_per_byte
                 mem_busy[d] += nbytes * mem.port_clk_per_byte
@@ -247,13 +254,14 @@ class Replay:
             pc, kind, data = events[w][pos[w]]
             info = self._info(pc)
             cta, sp = w // wpc, (w % wpc) % part.subpartitions
+            sm = cta // per_sm
             rdy = t_ready[w]
             r = regs[w]
             for s in info.srcs:
                 v = r.get(s)
                 if v is not None and v > rdy:
                     rdy = v
-            issue = max(rdy, sp_free[(cta, sp)], pipe_free[(cta, sp, info.pipe)])
+            issue = max(rdy, sp_free[(sm, sp)], pipe_free[(sm, sp, info.pipe)])
             if issue > t:
                 heapq.heappush(heap, (issue, last[w], w))
                 continue
@@ -262,23 +270,23 @@ class Replay:
             last[w] = issue
             if self.log is not None and w == self.watch:
                 self.log.append((issue, "issue", (pc, kind)))
-            sp_free[(cta, sp)] = issue + 1
-            pipe_free[(cta, sp, info.pipe)] = issue + info.interval
+            sp_free[(sm, sp)] = issue + 1
+            pipe_free[(sm, sp, info.pipe)] = issue + info.interval
             pos[w] += 1
             t_ready[w] = issue + 1
             res = issue + info.latency
             go = True
             if kind == "s":
-                start = max(issue, smem_free[cta])
-                smem_free[cta] = start + data
+                start = max(issue, smem_free[sm])
+                smem_free[sm] = start + data
                 res = start + data + part.lat_smem
             elif kind == "g":
                 # LSU accesses take their own path (L1, not the TMA queue): they do not wait
                 # behind queued bulk copies, but their bytes use the port's bandwidth
-                cl = cta // csize
+                cl = sm // csize
                 share_free[cl] = max(share_free[cl], issue) + data * mem.share_read_clk_per_byte / csize
-                port_free[cta] = max(port_free[cta], issue) + data * mem.port_clk_per_byte
-                mem_busy[cta] += data * mem.port_clk_per_byte
+                port_free[sm] = max(port_free[sm], issue) + data * mem.port_clk_per_byte
+                mem_busy[sm] += data * mem.port_clk_per_byte
                 res = issue + data * mem.read_clk_per_byte + mem.read_latency
             elif kind == "A":
                 for f, p, _ in data:
@@ -301,15 +309,15 @@ class Replay:
                     c = rec.copies[cid]
                     t0 = issue + part.lat_tma_issue
                     if c.store:
-                        cl = cta // csize
-                        start = max(t0, port_free[cta])
-                        port_free[cta] = start + c.global_bytes * mem.port_clk_per_byte
-                        mem_busy[cta] += c.global_bytes * mem.port_clk_per_byte
+                        cl = sm // csize
+                        start = max(t0, port_free[sm])
+                        port_free[sm] = start + c.global_bytes * mem.port_clk_per_byte
+                        mem_busy[sm] += c.global_bytes * mem.port_clk_per_byte
                         share_free[cl] = (max(share_free[cl], start)
                                           + c.global_bytes * mem.share_write_clk_per_byte / csize)
-                        fin = max(port_free[cta], share_free[cl]) + mem.write_latency
+                        fin = max(port_free[sm], share_free[cl]) + mem.write_latency
                         store_done[cta] = max(store_done[cta], fin)
-                        bulk_open[w].append(port_free[cta])      # .read completes once the bytes left
+                        bulk_open[w].append(port_free[sm])       # .read completes once the bytes left
                     else:
                         dests = sorted({f // rec.smem_size for f, _ in c.phases}) or [cta]
                         fin = load_copy(cta, t0, c.global_bytes, dests)
@@ -349,9 +357,9 @@ class Replay:
                     macs = 64 * n * k
                     smem = n * k * elem + (0 if a_regs else 64 * k * elem)
                     dur = max(macs / part.mma_per_clk(dtype), smem / part.smem_bytes_per_clk)
-                    start = max(wg_ready[key], tensor_free[cta])
-                    tensor_free[cta] = start + dur
-                    tensor_busy[cta] += dur
+                    start = max(wg_ready[key], tensor_free[sm])
+                    tensor_free[sm] = start + dur
+                    tensor_busy[sm] += dur
                     wg_done[key] = start + dur + part.lat_wgmma
                     if self.log is not None:
                         self.log.append((start, "wgmma", key))

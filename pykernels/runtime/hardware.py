@@ -13,6 +13,7 @@ from .validate import check_int
 
 SCALE_BLOCK = 128                 # FP8 scaling granularity: 1x128 per token, 128x128 per block
 SMEM_PER_BLOCK = 227 * 1024       # dynamic shared memory per block after opting in (sm_90)
+SMEM_PER_SM = 228 * 1024          # shared memory of one SM, shared by its resident CTAs (sm_90)
 DEFAULT_NUM_SMS = 132             # H100/H200 SXM; used when no GPU is visible (emulator, planning)
 WARP_SIZE = 32
 TMA_ALIGNMENT_BYTES = 16          # TMA global addresses and strides are multiples of 16 bytes

@@ -78,6 +78,11 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
         idx4 = _routing(g, 6, 2, 4)
         _expect_everywhere(rank, RankMismatchError, r"the ranks disagree \(num_experts: rank 0: 4, rank 1: 8\)",
                            lambda: buf.dispatch(x256, topk_idx=idx4, num_experts=8 if other else 4, **args))
+        # the kernels' ring geometry (their Config) on the kernel backends
+        if backend == "emu":
+            _expect_everywhere(rank, RankMismatchError, r"\(config: rank 0: \[4, 2, 8\], rank 1: \[6, 2, 8\]\)",
+                               lambda: buf.dispatch(x256, topk_idx=idx2, num_experts=8,
+                                                    config=Config(6, 2, 8) if other else EMU_CONFIG))
         # a rank whose own arguments are invalid: its own error there, named on the others
         if other:
             _expect_everywhere(rank, ValueError, r"x: hidden size 200 not supported",

@@ -376,11 +376,15 @@ class Buffer:
             header["handle_from"] = handle.made_at
         if kind == "dispatch without top-k":   # the counts then come from a collective over these
             header["num_tokens_per_expert"] = num_tokens_per_expert is not None
+        config = config or self.get_dispatch_config(self.num_ranks)
+        if self._kernels is not None:          # the kernels' rings are laid out from it (first dispatch)
+            header["config"] = [config.num_sms, config.num_max_nvl_chunked_send_tokens,
+                                config.num_max_nvl_chunked_recv_tokens]
         return dict(header=header, handle=handle, topk_idx=topk_idx, topk_weights=topk_weights,
                     num_experts=num_experts, is_token_in_rank=is_token_in_rank,
                     num_tokens_per_expert=num_tokens_per_expert, expert_alignment=int(expert_alignment),
                     num_worst_tokens=int(num_worst_tokens),
-                    config=config or self.get_dispatch_config(self.num_ranks), device=data.device)
+                    config=config, device=data.device)
 
     def _check_handle_kind(self, handle):
         if handle.kind != ("engine" if self._kernels is None else self.backend):

@@ -36,15 +36,18 @@ logits of each step, the largest step counted (`check`):
   one GEMM ~5e-4 in calc_diff; ~14 quantized GEMMs stand between the embeddings and the
   logits here, those feeding attention amplified ~3x by its softmax (measured one by one),
   which sums to ~1e-2; measured 7e-3 to 1.4e-2 (20 seeds); the bound leaves 2x.
-- SAME_FP8 = 1e-4: the same substitution on two backends (triton against reference, EP
-  against one rank): the same FP8 products accumulated in float32 in another order, which
-  moves the last bf16 bit of some activations and so, now and then, one e4m3 step of the
-  next cast.
+- SAME_FP8 = 5e-3: the same substitution on two backends (triton or emu against reference,
+  EP against one rank). The GEMMs give the same bits or differ by one bf16 ulp on a few
+  elements; the MLA decode's outputs differ in their last bf16 bits (calc_diff ~2e-6 on the
+  same inputs, triton against reference). Each such difference that sits at an e4m3 rounding
+  boundary of the next layer's cast becomes a whole e4m3 step (6-12%), so the logits differ
+  by measured 1.2-1.7e-3 (triton, decode steps; the prompt step bit-equal; 4 seeds), 5e-4
+  (emu, one layer), 4e-6 (EP). A decode missing one cached token gives 1-2e-2.
 
 Tokens: where two runs pick different tokens, the reference's logit of the other pick must be
 within TIE_MARGIN_RMS = 4 rms logit errors (+ one bf16 step) of its best: a near tie. Against
 eager at least EAGER_AGREEMENT = 0.3 of the steps agree (a floor: chance is 1/512); between
-FP8 runs SAME_FP8_AGREEMENT = 0.8.
+FP8 runs SAME_FP8_AGREEMENT = 0.6 (a near tie flips there too).
 """
 import argparse
 import os
@@ -297,7 +300,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--free-routing", action="store_true", help="let the FP8 model route by its own scores")
+    p.add_argument("--free-routing", action="store_true",
+                   help="the FP8 model routes by its own scores (the bounds assume eager's routing)")
     args = p.parse_args(argv)
     backends = args.backends.split(",")
     if args.ranks > 1:

@@ -40,7 +40,7 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
     out: bf16 or float32 [m, n], written in place and returned; or a pair (e4m3 [m, n],
     float32 [m, ceil(n/128)] row-major): quantize-on-store, the float32 result quantized as
     per_token_cast_to_fp8 does (1x128 scales), the pair returned (the next GEMM's A operand;
-    backends triton and reference; no c). c: None, or float32 [m, n]
+    no c). c: None, or float32 [m, n]
     with a float32 out: out = c + a b^T; c may be out itself (out += a b^T, the
     weight-gradient form). recipe: (1, 128, 128) (default), or (1, 1, 128): sfb float32
     [n, ceil(k/128)], one scale per row of b and 128 of K (also recipe_a (1, 128) + recipe_b

@@ -72,10 +72,17 @@ def _source_f32acc_entries(row_b=False):
 F32ACC_ALL = G.F32ACC_CONFIGS + G.ROWB_CONFIGS
 
 
+def _source_e4m3_entries():
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "gemm" / "fp8_gemm.cu").read_text()
+    return {G.Config(int(bm), int(bn), e4m3=True)
+            for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_E4M3\((\d+), (\d+)\)$", src, re.M)}
+
+
 def test_every_config_is_compiled():
     # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
-    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL}
+    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS}
+    assert set(G.E4M3_CONFIGS) == _source_e4m3_entries() and all(c.block_n == 128 for c in G.E4M3_CONFIGS)
     assert set(G.CONFIGS) == _source_entries() and len(G.CONFIGS) == len(set(G.CONFIGS))
     assert set(G.F32ACC_CONFIGS) == _source_f32acc_entries() and not any(c.f32acc for c in G.CONFIGS)
     assert set(G.ROWB_CONFIGS) == _source_f32acc_entries(row_b=True)
@@ -137,6 +144,24 @@ def test_f32acc_sass_and_resources(cfg):
     r = artifacts.resources(G.MODULE, cfg.function)
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
     assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+
+
+@pytest.mark.parametrize("cfg", G.E4M3_CONFIGS, ids=[c.function.removeprefix("pk_fp8_gemm_nt_")
+                                                     for c in G.E4M3_CONFIGS])
+def test_e4m3_out_sass_and_resources(cfg):
+    # e4m3 out quantized on store: the same K loop, then per row of the thread a quad
+    # reduction of the amax (2 SHFL.BFLY), two div.rn (inv, scale), BLOCK_N/8
+    # 2-byte stores per row (F2FP e4m3 packs), the scale by one lane per quad; no TMA store
+    listing = _sass_of(cfg.function)
+    ops = sass.opcodes(listing)
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == 1 and "UTMASTG.2D" not in ops
+    assert ops["STG.E.U16"] == 2 * cfg.block_n // 8
+    assert sum(v for op, v in ops.items() if op.startswith("SHFL.BFLY")) == 4
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+    r = artifacts.resources(G.MODULE, cfg.function)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -221,7 +246,7 @@ def test_shared_memory_formula():
 
 
 def test_ptx_parses_with_the_intended_instructions(ptx_module):
-    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL}
+    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS}
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
         assert len(k.params) == len(G.PARAMS)
@@ -412,7 +437,8 @@ def test_normal_plan_geometry_and_arguments(seed):
     assert img.dims == (k, m) and img.box == (128, 128) and img.strides_bytes == (1, k)
     assert [x.ptype for x in p.args[4:7]] == ["ptr", "ptr", "u64"]   # no grouping tensor
     assert p.args[4].value is sfb and p.args[5].value is out
-    assert [x.value for x in p.args[6:-2]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
+    assert [x.value for x in p.args[6:-3]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
+    assert G.arg(p, "sfd") == 0                           # no e4m3 out
     assert G.arg(p, "record") is device_errors.record_for(out.device, "fp8_gemm_nt")   # the device's record
     assert G.arg(p, "tmap_sfb") is ts                    # 128x128 B scales: the 1x128 map unused (sfa's)
     # grid: at most one CTA per SM (persistent)

@@ -639,6 +639,48 @@ def test_f32_out_forms_through_the_api(seed):
     _assert_accumulated(d, R.fp8_gemm_nt(a, sfa, b1, sfb1, torch.empty(m, n), c=c, b_scale_rows=1))
 
 
+# ------------------------------------------------------------------------ e4m3 out, quantized on store
+
+E4M3 = list(G.E4M3_CONFIGS)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("cfg", E4M3, ids=[_cfg_id(c) + "_e4m3" for c in E4M3])
+def test_fp8_out_quantizes_on_store(cfg, schedule, seed):
+    # The *_e4m3 entries: bit for bit per_token_cast_to_fp8 of the float32 result of the
+    # same K loop (the f32acc entry of the same tile, from zeros), partial m-, n- and K
+    # blocks; a NaN in a row of A makes its groups NaN (canonical NaN scale, q 0x7F);
+    # poisoned outputs and NaN guard rows around d (nothing written past M)
+    m, n, k = 70, 304, 208
+    a, sfa, b, sfb = _problem(m, n, k)
+    a.view(torch.uint8)[5, 7] = 0x7F
+    f32 = torch.zeros(m, n)
+    run_emu(G.gemm_plan(a, sfa, b, sfb, f32, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                        cfg=dataclasses.replace(cfg, e4m3=False, f32acc=True)))
+    q_ref, sf_ref = R.per_token_cast_to_fp8(f32)
+    big = torch.full((m + 2, n), 0x55, dtype=torch.uint8)
+    d = big[1:1 + m].view(torch.float8_e4m3fn)
+    sfd = torch.full((m, 3), float("nan"))
+    plan = G.gemm_plan(a, sfa, b, sfb, d, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=2, sfd=sfd)
+    assert plan.function == cfg.function
+    stats = run_emu(plan, schedule=schedule)
+    assert torch.equal(d.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(sfd.view(torch.int32), sf_ref.view(torch.int32))
+    assert (big[0] == 0x55).all() and (big[-1] == 0x55).all()
+    assert stats.global_written == m * n + m * 3 * 4            # every byte and scale once
+    assert calc_diff(R.dequantize_per_token(d, sfd)[6:], R.fp8_gemm_nt(a, sfa, b, sfb)[6:].float()) < TOL
+
+
+def test_fp8_out_through_the_api(seed):
+    m, n, k = 65, 256, 576
+    a, sfa, b, sfb = _problem(m, n, k)
+    d, sfd = torch.empty(m, n, dtype=torch.float8_e4m3fn), torch.full((m, 2), float("nan"))
+    got = pk.fp8_gemm_nt((a, sfa), (b, sfb), (d, sfd), backend="emu")
+    assert got[0] is d and got[1] is sfd
+    assert calc_diff(R.dequantize_per_token(d, sfd), R.fp8_gemm_nt(a, sfa, b, sfb).float()) < TOL
+
+
 # ------------------------------------------------------------------------ large K
 
 @pytest.mark.slow

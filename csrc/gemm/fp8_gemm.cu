@@ -1,4 +1,7 @@
-// FP8 (e4m3) block-scaled GEMM, NT layout, bf16 output, for sm_90a (docs/gemm.md).
+// FP8 (e4m3) block-scaled GEMM, NT layout, bf16 output, for sm_90a (docs/gemm.md). Compile-time
+// variants of the epilogue and scales (template flags below): float32 out accumulated in place
+// (kF32Acc, entries *_f32acc), with 1x128 B scales (kRowB, *_rowb), and e4m3 out quantized on
+// store with 1x128 scales (kFp8Out, *_e4m3).
 //
 //   out[m, n] = sum_kb  sfa[m, kb] * sfb[n / 128, kb] * sum_{k in block kb} A[m, k] * B[n, k]
 //
@@ -86,6 +89,20 @@ struct Problem {
 };
 
 __device__ __forceinline__ uint32_t cdiv(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+
+// max.NaN.f32: a NaN operand gives NaN (fmaxf would drop it): a NaN makes its group NaN.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Two floats -> two e4m3 (RNE, saturating at +-448, NaN -> 0x7F): lo in the low byte.
+__device__ __forceinline__ uint16_t e4m3x2_satfinite(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));  // first source: upper byte
+  return r;
+}
 
 __device__ __forceinline__ uint32_t dynamic_smem_size() {
   uint32_t v;
@@ -276,12 +293,17 @@ __device__ __forceinline__ void with_const(uint32_t g, F&& f) {
 // kRowB: 1x128 B scales (DeepGEMM's recipe (1, 1, 128)), one per column of the tile and K
 // block, staged by TMA with the stage (map [G, KB, N] over sfb column-major TMA-aligned,
 // like the A scales) instead of sfb's 128x128 blocks read by __ldg.
-template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB>
+// kFp8Out: e4m3 output quantized on store with 1x128 scales (BN = 128: one group per row
+// of the tile), sfd f32 [M, ceil(N/128)]: exactly per_token_cast_to_fp8 of the float32
+// result (amax with NaN propagation, floor 1e-4, inv = 448 / amax and sf = amax / 448 by
+// div.rn, q = cvt.rn.satfinite.e4m3(x * inv)).
+template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
-                                                const pk::TensorMap* tmap_sfb, const Problem& p) {
+                                                const pk::TensorMap* tmap_sfb, float* sfd, const Problem& p) {
   using L = Layout<BM, BN, kRowB>;
   static_assert(!kRowB || kCluster == 1, "1x128 B scales: cluster 1 only");
+  static_assert(!kFp8Out || (BN == 128 && kCluster == 1 && !kF32Acc), "e4m3 out: one 128-column group per tile");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   constexpr bool kMulticast = kCluster > 1;
   // Each CTA of a cluster loads BN / kCluster rows of B: whole 8-row (1024-byte) swizzle
@@ -545,6 +567,43 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         with_const<kStep, kLast>(first, k_loop);
       }
 
+      if constexpr (kFp8Out) {
+        // e4m3 out: this thread holds columns 8 j + 2 (lane % 4) + {0, 1} of rows frag_row
+        // (h = 0) and frag_row + 8 (h = 1); the 4 lanes of a quad hold a whole 128-column
+        // row, so the row's amax is a quad reduction (max.NaN: a NaN makes the group NaN).
+        const uint32_t col0 = n_base + 2 * (lane % 4);
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          const uint32_t row = m_base + frag_row + 8 * h;
+          float amax = 0.0f;
+#pragma unroll
+          for (uint32_t j = 0; j < kAcc / 4; ++j) {
+            if (col0 + 8 * j < p.n) {  // N is a multiple of 8: both columns of the pair or neither
+              amax = max_nan(amax, fabsf(fin[4 * j + 2 * h]));
+              amax = max_nan(amax, fabsf(fin[4 * j + 2 * h + 1]));
+            }
+          }
+          amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+          amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+          amax = max_nan(amax, 1e-4f);  // the floor: an all-zero group gets a finite scale
+          const float inv = __fdiv_rn(448.0f, amax);
+          if (row < m_limit) {
+            uint8_t* dst = p.out + (uint64_t)row * p.n + col0;
+#pragma unroll
+            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+              if (col0 + 8 * j < p.n)
+                *reinterpret_cast<uint16_t*>(dst + 8 * j) =
+                    e4m3x2_satfinite(fin[4 * j + 2 * h] * inv, fin[4 * j + 2 * h + 1] * inv);
+            }
+            if (lane % 4 == 0) {  // a NaN scale is written as the canonical NaN, whatever div.rn's payload
+              const float sf = __fdiv_rn(amax, 448.0f);
+              sfd[(uint64_t)row * cdiv(p.n, 128) + n_blk] = sf != sf ? __int_as_float(0x7fffffff) : sf;
+            }
+          }
+        }
+        pass.advance(p, m_blk);
+        continue;
+      }
       if constexpr (kF32Acc) {
         // float32 out += fin: each thread its own fragment elements (rows frag_row and
         // frag_row + 8, column pairs 8 j + 2 (lane % 4)), 8-byte read-add-write; no other
@@ -649,25 +708,30 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 // producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
 // merely keeps) a math warp's count.
 constexpr uint32_t kLaunchBound = 384;
-#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB)                                 \
+#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT)                         \
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
   extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
       const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
       const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
       uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record,                     \
-      const __grid_constant__ pk::TensorMap tmap_sfb) {                                                \
+      const __grid_constant__ pk::TensorMap tmap_sfb, float* sfd) {                                    \
     const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK), groups, kind, stages, band, record};   \
-    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, &tmap_sfb, p); \
+    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, &tmap_sfb, \
+                                                           sfd, p);                                      \
   }
-#define PK_FP8_GEMM_ENTRY(BM, BN) PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false)
+#define PK_FP8_GEMM_ENTRY(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false, false)
 #define PK_FP8_GEMM_ENTRY_MC2(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false, false)
 // float32 out accumulated in place (kF32Acc), with 128x128 B scales or (_rowb) 1x128 ones
 #define PK_FP8_GEMM_ENTRY_F32ACC(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false, false)
 #define PK_FP8_GEMM_ENTRY_F32ACC_ROWB(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true, false)
+// e4m3 out with 1x128 scales computed on store (kFp8Out; BN = 128)
+#define PK_FP8_GEMM_ENTRY_E4M3(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_e4m3, BM, BN, 1, false, false, true)
 
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
@@ -683,3 +747,5 @@ PK_FP8_GEMM_ENTRY_F32ACC(64, 128)
 PK_FP8_GEMM_ENTRY_F32ACC(64, 64)
 PK_FP8_GEMM_ENTRY_F32ACC_ROWB(128, 128)
 PK_FP8_GEMM_ENTRY_F32ACC_ROWB(64, 64)
+PK_FP8_GEMM_ENTRY_E4M3(128, 128)
+PK_FP8_GEMM_ENTRY_E4M3(64, 128)

@@ -29,6 +29,7 @@ import re
 
 import torch
 
+from ..reference.constants import FP8_E4M3_MAX, FP8_SCALE_FLOOR
 from ..runtime import artifacts, device_errors
 from ..runtime.executors import max_active_clusters, run_plan
 from ..runtime.hardware import (DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, TMA_ALIGNMENT_BYTES, cdiv, num_sms,
@@ -44,7 +45,7 @@ OUT_BOX_ROWS, OUT_BOX_COLS = 64, 16   # TMA store box (bf16, 32-byte swizzle)
 KIND_NORMAL, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
 # the kernel's parameters, in order (LaunchPlan.args)
 PARAMS = ("tmap_a", "tmap_b", "tmap_sfa", "tmap_out", "sfb", "out", "grouping", "m", "n", "k", "groups", "kind",
-          "stages", "band", "record", "tmap_sfb")
+          "stages", "band", "record", "tmap_sfb", "sfd")
 OPS = {KIND_NORMAL: "fp8_gemm_nt", KIND_CONTIGUOUS: "m_grouped_fp8_gemm_nt_contiguous",
        KIND_MASKED: "m_grouped_fp8_gemm_nt_masked"}     # op names in recorded errors
 
@@ -72,6 +73,7 @@ class Config:
     cluster: int = 1
     f32acc: bool = False       # float32 out, accumulated in place (entries *_f32acc)
     row_b: bool = False        # 1x128 B scales by TMA (entries *_rowb; f32acc only)
+    e4m3: bool = False         # e4m3 out with 1x128 scales computed on store (entries *_e4m3)
 
     @property
     def math_warpgroups(self) -> int:
@@ -84,7 +86,7 @@ class Config:
     @property
     def function(self) -> str:
         suffix = ((f"_mc{self.cluster}" if self.cluster > 1 else "") + ("_f32acc" if self.f32acc else "")
-                  + ("_rowb" if self.row_b else ""))
+                  + ("_rowb" if self.row_b else "") + ("_e4m3" if self.e4m3 else ""))
         return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}{suffix}"
 
     @property
@@ -111,24 +113,25 @@ class Config:
         return s
 
 
-_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?")
+_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?(_e4m3)?")
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_configs(f32acc: bool = False, row_b: bool = False) -> tuple:
+def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = False) -> tuple:
     """The Configs compiled into MODULE (the entry functions of the build manifest, i.e.
     the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu) with bf16 output (f32acc False) or float32
     output accumulated in place (True: the *_f32acc entries), with 128x128 B scales or
-    (row_b) 1x128 ones (*_rowb): cluster 1 first, larger tiles first."""
+    (row_b) 1x128 ones (*_rowb), or e4m3 output quantized on store (e4m3: *_e4m3): cluster 1
+    first, larger tiles first."""
     found = []
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
         match = _ENTRY.fullmatch(function)
         if match is None:
             raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "
-                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb])")
-        bm, bn, cluster, acc, rows = match.groups()
-        if bool(acc) == f32acc and bool(rows) == row_b:
-            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows)))
+                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb][_e4m3])")
+        bm, bn, cluster, acc, rows, q = match.groups()
+        if (bool(acc), bool(rows), bool(q)) == (f32acc, row_b, e4m3):
+            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows), bool(q)))
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
 
 
@@ -142,9 +145,9 @@ def compiled_configs(f32acc: bool = False, row_b: bool = False) -> tuple:
 NOT_AUTO = frozenset({"pk_fp8_gemm_nt_m128n160_mc2", "pk_fp8_gemm_nt_m128n128_mc2"})
 
 
-def auto_configs(f32acc: bool = False, row_b: bool = False) -> tuple:
+def auto_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = False) -> tuple:
     """The compiled configs the heuristic chooses from (compiled_configs minus NOT_AUTO)."""
-    return tuple(c for c in compiled_configs(f32acc, row_b) if c.function not in NOT_AUTO)
+    return tuple(c for c in compiled_configs(f32acc, row_b, e4m3) if c.function not in NOT_AUTO)
 
 
 def __getattr__(name):
@@ -154,6 +157,8 @@ def __getattr__(name):
         return compiled_configs(True)
     if name == "ROWB_CONFIGS":
         return compiled_configs(True, True)
+    if name == "E4M3_CONFIGS":
+        return compiled_configs(e4m3=True)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -269,34 +274,42 @@ def _aligned(t: torch.Tensor) -> bool:
 def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.Tensor, out: torch.Tensor,
               grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
               sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None,
-              record: torch.Tensor = None, b_scale_rows: int = SCALE_BLOCK) -> LaunchPlan:
+              record: torch.Tensor = None, b_scale_rows: int = SCALE_BLOCK, sfd: torch.Tensor = None) -> LaunchPlan:
     """Launch plan for the kernel.
 
-    a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m, ceil(k/128)]
-    (any strides); sfb: f32 [G, ceil(n/128), ceil(k/128)] contiguous; out: contiguous, bf16
-    (written) or float32 (accumulated in place, out += the product: the *_f32acc configs);
-    b_scale_rows 1: sfb f32 [n, ceil(k/128)] (any strides), 1x128 B scales (float32 out,
-    normal layout: the *_rowb configs); grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group.
-    cfg / stages default to the heuristic and to the most stages that fit; heuristic_m:
-    the rows per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2
-    gives a plan with cluster dims (2, 1, 1) and an even grid of at most `max_clusters`
-    clusters (default: what the GPU holds at once, `resident_clusters`; #SMs / 2 on the CPU).
+    a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m,
+    ceil(k/128)] (any strides); sfb: f32 [G, ceil(n/128), ceil(k/128)] contiguous; out:
+    contiguous, bf16 (written) or float32 (accumulated in place, out += the product: the
+    *_f32acc configs); b_scale_rows 1: sfb f32 [n, ceil(k/128)] (any strides), 1x128 B
+    scales (float32 out, normal layout: the *_rowb configs); out e4m3 with sfd f32 [m,
+    ceil(n/128)] contiguous: quantized on store (normal layout: the *_e4m3 configs);
+    grouping: m_indices (contiguous), masked_m (masked) or None; m: rows per group. cfg /
+    stages default to the heuristic and to the most stages that fit; heuristic_m: the rows
+    per group the heuristic assumes (masked: expected_m). A cfg with cluster = 2 gives a
+    plan with cluster dims (2, 1, 1) and an even grid of at most `max_clusters` clusters
+    (default: what the GPU holds at once, `resident_clusters`; #SMs / 2 on the CPU).
     record: the int32 device error record the kernel's checks write to (default: the
     device's, device_errors.record_for).
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
-    f32acc, row_b = out.dtype == torch.float32, b_scale_rows == 1
+    f32acc, row_b, e4m3 = out.dtype == torch.float32, b_scale_rows == 1, out.dtype == torch.float8_e4m3fn
     if row_b and not (f32acc and kind == KIND_NORMAL):
         raise ValueError("b_scale_rows: 1x128 B scales are compiled for float32 out of the normal layout only")
+    if e4m3 != (sfd is not None) or (e4m3 and kind != KIND_NORMAL):
+        raise ValueError("sfd: e4m3 out (normal layout) comes with its scales sfd, and only then")
     check_shapes(m, n, k, rows_total, groups)
     if not (_aligned(a2) and _aligned(b2) and _aligned(out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     if cfg is None and stages is None and max_clusters is None:
-        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, (f32acc, row_b))
+        cfg, stages, grid = _tuned_geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms,
+                                            (f32acc, row_b, e4m3))
     else:
-        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, (f32acc, row_b), cfg,
-                                      stages, max_clusters)
+        cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, (f32acc, row_b, e4m3),
+                                      cfg, stages, max_clusters)
+    if cfg.e4m3 != e4m3:
+        raise ValueError(f"cfg: {cfg.function} {'quantizes on store' if cfg.e4m3 else 'does not'}, "
+                         f"out is {out.dtype}")
     if cfg.f32acc != f32acc:
         raise ValueError(f"cfg: {cfg.function} writes {'float32' if cfg.f32acc else 'bf16'}, out is {out.dtype}")
     if cfg.row_b != row_b:
@@ -313,25 +326,25 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     tmap_sfb = TensorMapDesc(sfa_tma_aligned(sfb), (1, 1, cfg.block_n)) if row_b else tmap_sfa
     # output: 64-row x 16-column boxes (one per 16 columns of a math warpgroup's half),
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
-    # (float32 out: the kernel stores with st.global; a valid map of 32-byte rows, unused)
-    tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, OUT_BOX_COLS // (2 if f32acc else 1)), swizzle=32)
+    # (float32 / e4m3 out: the kernel stores with st.global; a valid map of 32-byte rows, unused)
+    tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, 32 // out.element_size()), swizzle=32)
     group_arg = ptr(grouping) if grouping is not None else u64(0)
     record = device_errors.record_for(out.device, OPS[kind]) if record is None else record
     args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
             Arg("tensormap", tmap_out), ptr(sfb), ptr(out), group_arg,
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
-            ptr(record), Arg("tensormap", tmap_sfb))
+            ptr(record), Arg("tensormap", tmap_sfb), ptr(sfd) if e4m3 else u64(0))
     assert len(args) == len(PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 
 
-def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False), cfg=None, stages=None,
+def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False), cfg=None, stages=None,
               max_clusters=None):
     """(config, stages, grid) of one launch: the heuristic's config unless given, the most
     stages that fit unless given, and the persistent grid (at most one CTA per SM; for
-    multicast, the clusters that run at once). variant: (float32 out, 1x128 B scales), the
-    compiled entries the heuristic chooses from."""
+    multicast, the clusters that run at once). variant: (float32 out, 1x128 B scales, e4m3
+    out), the compiled entries the heuristic chooses from."""
     if cfg is None:
         def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
             return max_clusters or resident_clusters(c, c.max_stages(), device, sms)
@@ -414,24 +427,29 @@ def _raise_now(executor: str, device: torch.device, kind: int) -> None:
         device_errors.raise_if_set(device_errors.record_for(device, OPS[kind]), OPS[kind])
 
 
-def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda", b_scale_rows: int = SCALE_BLOCK):
+def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda", b_scale_rows: int = SCALE_BLOCK, sfd=None):
     """out[m, n] = (a * sfa) @ (b * sfb)^T; a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3
     [n, k], sfb f32 [ceil(n/128), ceil(k/128)]; out bf16 [m, n] (written), or float32 [m, n]
     (out += the product: the *_f32acc entries; the caller puts c or zeros there first,
     ops.gemm.accumulation_base). b_scale_rows 1: sfb f32 [n, ceil(k/128)], 1x128 B scales
-    (float32 out only). K = 0: bf16 zeros, float32 unchanged; M = 0 or N = 0: nothing to
-    do (no launch)."""
+    (float32 out only). out e4m3 with sfd f32 [m, ceil(n/128)]: quantized on store (the
+    *_e4m3 entries). K = 0: bf16 zeros, float32 unchanged, e4m3 the cast of zeros; M = 0
+    or N = 0: nothing to do (no launch)."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
         return out
     if k == 0:
+        if sfd is not None:          # the cast of zeros: q = 0, scale = the floor / 448 (div.rn)
+            sfd.fill_((torch.tensor(FP8_SCALE_FLOOR, dtype=torch.float32).double() / FP8_E4M3_MAX).float().item())
+            out.view(torch.uint8).zero_()
+            return out
         return out if out.dtype == torch.float32 else out.zero_()
     a, b = _aligned_input(a), _aligned_input(b)
 
     def go(o):
         _run(gemm_plan(a, sfa, b, sfb, o, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1,
-                       b_scale_rows=b_scale_rows), executor)
+                       b_scale_rows=b_scale_rows, sfd=sfd), executor)
     return _with_aligned(out, go)
 
 

@@ -290,7 +290,7 @@ def _kernel(p: GemmProblem, executor: str):
     from ..cuda import gemm as CG
     if p.layout == "normal":
         accumulation_base(p)
-        CG.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, executor, b_scale_rows=p.b_scale_rows)
+        CG.fp8_gemm_nt(p.a, p.sfa, p.b, p.sfb, p.out, executor, b_scale_rows=p.b_scale_rows, sfd=p.sfd)
     elif p.layout == "contiguous":
         CG.m_grouped_fp8_gemm_nt_contiguous(p.a, p.sfa, p.b, p.sfb, p.grouping, p.out, executor)
     else:
@@ -302,9 +302,6 @@ def _kernel_limits(p: GemmProblem):
     from ..cuda import gemm as CG
     rows = p.a.shape[0] * (p.a.shape[1] if p.layout == "masked" else 1)
     CG.check_shapes(p.m, p.n, p.k, rows, p.groups)
-    if p.fp8_out:
-        raise ValueError("out: the cuda FP8 GEMM does not quantize on store yet (e4m3 out with sfd); "
-                         "triton and reference do")
     if p.b_scale_rows != SCALE_BLOCK and not p.f32_out:
         raise ValueError("recipe: the cuda FP8 GEMM takes 1x128 B scales (recipe (1, 1, 128)) with a float32 "
                          "out only (DeepGEMM's weight-gradient form); bf16 out runs on triton and reference")

@@ -9,8 +9,16 @@
 // seq (a host counter, the same on every rank, never 0) replaces any reset: a word left
 // by an earlier call never matches.
 //
-// Combine: the owner of expert e sends each row back into its source rank's buffer at
-// (e, j) and publishes flag[e] = seq with a release store after the rows. The source
+// Receive layout, packed per local expert (DeepEP's, what the masked grouped GEMM takes
+// with masked_m = recv_count): the receiver takes the sources in order, so slot j of
+// source s lands in output row (rows from sources < s) + j of expert le - rows in
+// (source rank, source token, k) order, no gap; recv_count[le] = the total. The scales
+// are written column-major per expert (element (le, row, c) at (le * cols + c) *
+// scale_stride + row), optionally as UE8M0 exponent bytes packed four to a word.
+//
+// Combine: the owner of expert e reads y in the same packed layout (source s's rows start
+// at the running sum of recv_layout[le, :s]) and sends each row back into its source
+// rank's buffer at (e, j) and publishes flag[e] = seq with a release store after the rows. The source
 // rank's receiver CTAs wait for all E flags (acquire), then each token's output is
 // bf16(sum over its valid top-k slots k, in order, of f32(row_k) * w_k), every product
 // and sum rounded to f32 (no fma), from 0.0.
@@ -44,20 +52,23 @@ enum : uint32_t {
 // Grid num_send_ctas (= ceil(E / 8)) + ceil(E_local / 8), block 256.
 // Buffer (every rank): counts uint64 [E_local][R] at off_counts; slots [E_local][R][M]
 // x slot_bytes at off_data (row bytes, f32 scales, int32 source token).
-// Outputs: recv_x [E_local, R*M] rows, recv_scales [E_local, R*M, num_scales],
-// recv_src_info int32 [E_local, R*M] (source token), recv_layout int32 [E_local, R]
-// (rows from each rank), recv_count int32 [E_local]; slot_of int32 [T, K]: the slot each
-// (token, k) was sent to (entries with topk_idx -1 are left as they are).
+// Outputs: recv_x [E_local, R*M] rows (expert le's first recv_count[le] written, packed),
+// recv_scales: FP8 only, f32 (scale_ue8m0 0: num_scales columns) or uint32 (1: num_scales / 4
+// words of exponent bytes) per row, column-major per expert (scale_stride >= R*M elements
+// per column); recv_src_info int32 [E_local, R*M] (source token, packed like the rows),
+// recv_layout int32 [E_local, R] (rows from each rank), recv_count int32 [E_local];
+// slot_of int32 [T, K]: the slot each (token, k) was sent to (entries with topk_idx -1 are
+// left as they are).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     pk_ep_ll_dispatch(uint8_t* buffer, PK_EP_PEER_PARAMS, const uint8_t* __restrict__ x,
                       const float* __restrict__ x_scales, const int64_t* __restrict__ topk_idx,
-                      uint8_t* __restrict__ recv_x, float* __restrict__ recv_scales,
+                      uint8_t* __restrict__ recv_x, uint32_t* __restrict__ recv_scales,
                       int32_t* __restrict__ recv_src_info, int32_t* __restrict__ recv_layout,
                       int32_t* __restrict__ recv_count, int32_t* __restrict__ slot_of, uint32_t* err, uint32_t rank,
                       uint32_t num_ranks, uint32_t num_tokens, uint32_t hidden_bytes, uint32_t num_scales,
                       uint32_t num_topk, uint32_t num_experts, uint32_t max_tokens, uint32_t seq,
-                      uint32_t slot_bytes, uint64_t off_counts, uint64_t off_data, uint32_t num_send_ctas,
-                      uint32_t max_spins, uint32_t flags) {
+                      uint32_t slot_bytes, uint64_t off_counts, uint64_t off_data, uint32_t scale_stride,
+                      uint32_t scale_ue8m0, uint32_t num_send_ctas, uint32_t max_spins, uint32_t flags) {
   const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t local_experts = num_experts / num_ranks;
   const uint32_t off_src = hidden_bytes + 4 * num_scales;
@@ -107,7 +118,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   if (flags & kFlagIdleReceivers) return;
   const uint32_t le = (blockIdx.x - num_send_ctas) * kWarps + warp;
   if (le >= local_experts) return;
-  int32_t total = 0;
+  const uint32_t scale_cols = scale_ue8m0 ? num_scales / 4 : num_scales;
+  uint32_t total = 0;  // rows of this expert from the sources before s: where s's rows start
   for (uint32_t s = 0; s < num_ranks; ++s) {
     const uint64_t* count_p = reinterpret_cast<const uint64_t*>(buffer + off_counts) + le * num_ranks + s;
     uint64_t v = 0;
@@ -119,20 +131,36 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         pk::report_and_trap(err, rank, le, kLowLatencyWaitCount, s, static_cast<uint32_t>(v >> 32), seq);
     }
     const uint32_t n = static_cast<uint32_t>(v);
-    const uint64_t base = static_cast<uint64_t>(le * num_ranks + s) * max_tokens;
+    const uint64_t slot0 = static_cast<uint64_t>(le * num_ranks + s) * max_tokens;
     for (uint32_t j = 0; j < n; ++j) {
-      const uint8_t* slot = buffer + off_data + (base + j) * slot_bytes;
-      warp_get_row(recv_x, recv_scales, base + j, slot, hidden_bytes, num_scales, lane);
-      if (lane == 0) recv_src_info[base + j] = pk::ld_na_s32(slot + off_src);
+      const uint8_t* slot = buffer + off_data + (slot0 + j) * slot_bytes;
+      const uint32_t row = total + j;  // within expert le
+      const uint64_t out_row = static_cast<uint64_t>(le) * num_ranks * max_tokens + row;
+      warp_copy_from_buffer(recv_x + out_row * hidden_bytes, slot, hidden_bytes, lane);
+      for (uint32_t base = 0; base < scale_cols; base += 32) {  // column c: 1 f32, or 4 packed exponents
+        const uint32_t c = base + lane;
+        if (c >= scale_cols) continue;
+        uint32_t word;
+        if (scale_ue8m0) {
+          word = 0;
+          for (uint32_t b = 0; b < 4; ++b)
+            word |= ((__float_as_uint(pk::ld_na_f32(slot + hidden_bytes + 16 * c + 4 * b)) >> 23) & 0xFFu) << (8 * b);
+        } else {
+          word = __float_as_uint(pk::ld_na_f32(slot + hidden_bytes + 4 * c));
+        }
+        recv_scales[(static_cast<uint64_t>(le) * scale_cols + c) * scale_stride + row] = word;
+      }
+      if (lane == 0) recv_src_info[out_row] = pk::ld_na_s32(slot + off_src);
     }
     if (lane == 0) recv_layout[le * num_ranks + s] = static_cast<int32_t>(n);
-    total += static_cast<int32_t>(n);
+    total += n;
   }
-  if (lane == 0) recv_count[le] = total;
+  if (lane == 0) recv_count[le] = static_cast<int32_t>(total);
 }
 
 // Grid num_send_ctas (= ceil(E_local / 8)) + receiver CTAs, block 256.
-// y bf16 [E_local, R*M, H]: the expert outputs for the rows dispatch delivered. Buffer:
+// y bf16 [E_local, R*M, H]: the expert outputs for the rows dispatch delivered, in its packed
+// layout (rows past recv_count[le] are not read). Buffer:
 // flags uint32 [E] at off_flags; rows [E][M] x slot_bytes at off_data (bf16 rows).
 // out bf16 [T, H]; tokens with no valid top-k slot get zeros.
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
@@ -152,11 +180,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t le = blockIdx.x * kWarps + warp;
     if ((flags & kFlagIdleSenders) || le >= local_experts) return;
     const uint32_t e = rank * local_experts + le;
+    uint64_t first = static_cast<uint64_t>(le) * num_ranks * max_tokens;  // packed row of source s's first
     for (uint32_t s = 0; s < num_ranks; ++s) {
       const uint32_t n = static_cast<uint32_t>(pk::ld_nc_s32(recv_layout + le * num_ranks + s));
       uint8_t* const dst_buffer = select_peer(s, PK_EP_PEERS);
       uint8_t* const dst = dst_buffer + off_data + static_cast<uint64_t>(e) * max_tokens * slot_bytes;
-      const uint8_t* const src = y + static_cast<uint64_t>(le * num_ranks + s) * max_tokens * row_bytes;
+      const uint8_t* const src = y + first * row_bytes;
+      first += n;
       for (uint32_t j = 0; j < n; ++j)
         warp_copy_to_buffer(dst + static_cast<uint64_t>(j) * slot_bytes, src + static_cast<uint64_t>(j) * row_bytes,
                             row_bytes, lane);

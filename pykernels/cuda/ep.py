@@ -5,7 +5,8 @@ Kernels (docs/ep.md, "Hand-written intranode kernels"):
   ep_layout       pk_ep_layout        topk_idx -> per-rank / per-expert counts, is_token_in_rank
   ep_intranode    pk_ep_dispatch      normal mode, per-(channel, rank) rings
                   pk_ep_combine       the reverse path, fp32 weighted sums in token order
-  ep_low_latency  pk_ep_ll_dispatch   fixed per-(local expert, source rank) slots
+  ep_low_latency  pk_ep_ll_dispatch   fixed per-(local expert, source rank) slots, received
+                                      rows packed per local expert (DeepEP's layout)
                   pk_ep_ll_combine    weighted combine back into the source rank
 
 Routing conventions are pykernels.reference.ep's: rank r holds experts [r*E/R, (r+1)*E/R);
@@ -37,6 +38,8 @@ from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 THREADS = 256                 # every EP kernel: 8 warps
 MAX_RANKS = 8                 # peers passed as 8 u64 arguments (NVLink domain of one node)
 MAX_TOPK = 16
+UE8M0_PER_WORD = 4            # low-latency UE8M0 scales: four exponent bytes per int32 (DeepEP's packing)
+SCALE_ROW_ALIGN = 4           # low-latency scales, column-major: rows padded to 16 bytes (TMA)
 CTRL_BYTES = 128              # per ring: head at +0, tail at +64
 FLAG_IDLE_SENDERS = 1         # testing: a rank's sender CTAs return at once
 FLAG_IDLE_RECEIVERS = 2       # testing: its receiver CTAs return at once (both: an absent rank)
@@ -260,13 +263,17 @@ def _ll_ctas(senders: int, receivers: int):
 
 def ll_dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx, out: dict, err, seq: int,
                      max_spins=DEFAULT_MAX_SPINS, flags=0) -> LaunchPlan:
-    """out: recv_x uint8 [E_local, R*M, row bytes], recv_scales, recv_src_info int32
-    [E_local, R*M], recv_layout int32 [E_local, R], recv_count int32 [E_local],
-    slot_of int32 [T, K]."""
+    """out (_alloc_ll_out): recv_x uint8 [E_local, R*M, row bytes] (rows packed per local
+    expert), recv_scales (FP8: float32 [E_local, R*M, H/128], or int32 UE8M0 words
+    [E_local, R*M, H/512], column-major per expert), recv_src_info int32 [E_local, R*M],
+    recv_layout int32 [E_local, R], recv_count int32 [E_local], slot_of int32 [T, K]."""
     data, scales, hidden, fp8 = _payload(x)
     E, R = cfg.num_experts, cfg.num_ranks
     send, recv = _ll_ctas(E, E // R)
     layout = cfg.layout()
+    recv_scales = out.get("recv_scales")
+    ue8m0 = recv_scales is not None and recv_scales.dtype == torch.int32
+    scale_stride = recv_scales.stride(2) if recv_scales is not None else 0
     return LaunchPlan(
         "ep_low_latency", "pk_ep_ll_dispatch", grid=(send + recv, 1, 1), block=(THREADS, 1, 1),
         args=(ptr(buffer), *_peer_args(peers), ptr(data), _opt(scales), ptr(topk_idx), ptr(out["recv_x"]),
@@ -274,14 +281,14 @@ def ll_dispatch_plan(cfg: IntranodeConfig, rank: int, buffer, peers, x, topk_idx
               ptr(out["recv_count"]), ptr(out["slot_of"]), _err_arg(err, buffer.device), u32(rank), u32(R),
               u32(data.shape[0]), u32(data.shape[1]), u32(hidden // SCALE_BLOCK if fp8 else 0),
               u32(topk_idx.shape[1]), u32(E), u32(cfg.max_dispatch_tokens), u32(seq),
-              u32(cfg.ll_dispatch_slot_bytes), u64(layout["ll_counts"]), u64(layout["ll_dispatch"]), u32(send),
-              u32(max_spins), u32(flags)))
+              u32(cfg.ll_dispatch_slot_bytes), u64(layout["ll_counts"]), u64(layout["ll_dispatch"]),
+              u32(scale_stride), u32(ue8m0), u32(send), u32(max_spins), u32(flags)))
 
 
 def ll_combine_plan(cfg: IntranodeConfig, rank: int, buffer, peers, y, topk_idx, topk_weights, handle, out, err,
                     num_recv_ctas: int = 1, max_spins=DEFAULT_MAX_SPINS, flags=0) -> LaunchPlan:
-    """y bf16 [E_local, R*M, H]; topk_idx int64 [T, K], topk_weights f32 [T, K] (this rank's);
-    handle: this rank's LowLatencyHandle; out bf16 [T, H]."""
+    """y bf16 [E_local, R*M, H] (dispatch's packed layout); topk_idx int64 [T, K],
+    topk_weights f32 [T, K] (this rank's); handle: this rank's LowLatencyHandle; out bf16 [T, H]."""
     E, R = cfg.num_experts, cfg.num_ranks
     send, _ = _ll_ctas(E // R, 0)
     layout = cfg.layout()
@@ -323,8 +330,10 @@ class IntranodeHandle:
 @dataclasses.dataclass
 class LowLatencyHandle:
     """One rank's record of a low-latency dispatch: recv_src_info int32 [E_local, R*M]
-    (source token of each received row), recv_layout int32 [E_local, R] (rows per source
-    rank), slot_of int32 [T, K] (slot of each (token, k) at its expert), seq (call number)."""
+    (source token of each received row, packed like the rows), recv_layout int32
+    [E_local, R] (rows per source rank: source s's rows of expert le start at
+    sum(recv_layout[le, :s])), slot_of int32 [T, K] (slot of each (token, k) at its
+    expert), seq (call number)."""
     recv_src_info: torch.Tensor
     recv_layout: torch.Tensor
     slot_of: torch.Tensor
@@ -459,7 +468,18 @@ def _recv_rows(num_recv_tokens, num_worst_tokens) -> int:
     return int(_to_host(num_recv_tokens))
 
 
-def _alloc_ll_out(cfg, x, num_tokens, K, device, poison):
+def _check_ue8m0(x, use_ue8m0):
+    if not use_ue8m0:
+        return
+    if not isinstance(x, tuple) or x[0].shape[1] % (SCALE_BLOCK * UE8M0_PER_WORD):
+        raise ValueError(f"use_ue8m0: needs an FP8 payload with hidden a multiple of "
+                         f"{SCALE_BLOCK * UE8M0_PER_WORD}, got "
+                         f"{'bf16' if not isinstance(x, tuple) else f'hidden {x[0].shape[1]}'}")
+
+
+def _alloc_ll_out(cfg, x, num_tokens, K, device, poison, use_ue8m0=False):
+    """The dispatch outputs; FP8 scales column-major per expert, rows padded to
+    SCALE_ROW_ALIGN (TMA-aligned, as DeepEP and the grouped GEMMs take them)."""
     data = x[0] if isinstance(x, tuple) else x
     H = data.shape[1]
     El, R, M = cfg.num_experts // cfg.num_ranks, cfg.num_ranks, cfg.max_dispatch_tokens
@@ -469,7 +489,9 @@ def _alloc_ll_out(cfg, x, num_tokens, K, device, poison):
            "recv_layout": make((El, R), torch.int32), "recv_count": make((El,), torch.int32),
            "slot_of": torch.full((num_tokens, K), -1, dtype=torch.int32, device=device)}
     if isinstance(x, tuple):
-        out["recv_scales"] = make((El, R * M, H // SCALE_BLOCK), torch.float32)
+        cols, dtype = (H // SCALE_BLOCK // UE8M0_PER_WORD, torch.int32) if use_ue8m0 else \
+            (H // SCALE_BLOCK, torch.float32)
+        out["recv_scales"] = make((El, cols, _round_up(R * M, SCALE_ROW_ALIGN)), dtype)[:, :, :R * M].transpose(1, 2)
     return out
 
 
@@ -688,16 +710,19 @@ class LocalNode:
         self.seq = self.seq % 0xFFFFFFFF + 1    # never 0 (the buffer's initial value)
         return self.seq
 
-    def low_latency_dispatch(self, xs, topk_idxs, stall_ranks=None, flags=None):
+    def low_latency_dispatch(self, xs, topk_idxs, stall_ranks=None, flags=None, use_ue8m0=False):
         """Per rank: dict(recv_x [E_local, R*M, H] (or an FP8 pair with scales
-        [E_local, R*M, H/128]), recv_count int32 [E_local], handle). Rows of source rank s
-        for local expert le are recv_x[le, s*M : s*M + handle.recv_layout[le, s]], in
-        source-token order; the rest of each block is not written."""
+        [E_local, R*M, H/128] float32, column-major per expert; use_ue8m0: int32
+        [E_local, R*M, H/512], the exponent bytes of power-of-two scales packed four to a
+        word), recv_count int32 [E_local], handle). Rows packed per local expert:
+        recv_x[le, :recv_count[le]] in (source rank, source token, k) order (source s's
+        rows from sum(handle.recv_layout[le, :s])); rows past recv_count are not written."""
         cfg, R, dev = self.cfg, self.cfg.num_ranks, self.device
         if not cfg.num_experts:
             raise ValueError("low_latency_dispatch: the buffer has no low-latency region (num_experts=0)")
         for r in range(R):
             _check_inputs(cfg, xs[r], topk_idxs[r], None, cfg.num_experts)
+            _check_ue8m0(xs[r], use_ue8m0)
             T = topk_idxs[r].shape[0]
             if T > cfg.max_dispatch_tokens:
                 raise ValueError(f"xs[{r}]: at most max_dispatch_tokens={cfg.max_dispatch_tokens} tokens, got {T}")
@@ -706,7 +731,7 @@ class LocalNode:
         plans, outs = [], []
         for r in range(R):
             T, K = topk_idxs[r].shape
-            out = _alloc_ll_out(cfg, xs[r], T, K, dev, self.poison)
+            out = _alloc_ll_out(cfg, xs[r], T, K, dev, self.poison, use_ue8m0)
             outs.append(out)
             plans.append(ll_dispatch_plan(cfg, r, self.buffers[r], self.peers, xs[r], topk_idxs[r].contiguous(), out,
                                           self.errors[r], seq, self.max_spins, flags[r]))
@@ -717,7 +742,7 @@ class LocalNode:
                             flags=None):
         """Per rank: bf16 [T_r, H] = sum over valid k, in order, of w[t, k] * (expert output of
         (t, k)), in f32 from 0.0. ys[r]: bf16 [E_local, R*M, H] (rows as low_latency_dispatch
-        delivered them)."""
+        delivered them, packed per expert; rows past recv_count are not read)."""
         cfg, R, dev = self.cfg, self.cfg.num_ranks, self.device
         flags = self._flags(stall_ranks, flags)
         plans, outs = [], []
@@ -874,28 +899,31 @@ class IntranodeRank:
                            p.max_spins))
         return out
 
-    def low_latency_dispatch(self, x, topk_idx):
+    def low_latency_dispatch(self, x, topk_idx, use_ue8m0: bool = False):
         """x bf16 [T, H] or an FP8 pair, T <= cfg.max_dispatch_tokens; topk_idx int64 [T, K].
         Returns dict(recv_x [E_local, R*M, H] (or an FP8 pair with scales [E_local, R*M,
-        H/128]), recv_count int32 [E_local], handle: LowLatencyHandle). Source rank s's rows
-        for local expert le are recv_x[le, s*M : s*M + handle.recv_layout[le, s]], in token
-        order. No host read (the topk_idx range check is a device-side assert)."""
+        H/128] float32 column-major per expert; use_ue8m0: int32 [E_local, R*M, H/512]
+        packed exponent bytes), recv_count int32 [E_local], handle: LowLatencyHandle).
+        Rows packed per local expert: recv_x[le, :recv_count[le]] in (source rank, source
+        token, k) order (source s's rows from sum(handle.recv_layout[le, :s])). No host
+        read (the topk_idx range check is a device-side assert)."""
         p, cfg = self.provider, self.cfg
         if not cfg.num_experts:
             raise ValueError("low_latency_dispatch: the buffer has no low-latency region (cfg.num_experts=0)")
         _check_inputs(cfg, x, topk_idx, None, cfg.num_experts, sync=False)
+        _check_ue8m0(x, use_ue8m0)
         T, K = topk_idx.shape
         if T > cfg.max_dispatch_tokens:
             raise ValueError(f"x: at most cfg.max_dispatch_tokens={cfg.max_dispatch_tokens} tokens, got {T}")
         p.arrive("low_latency_dispatch")
         self.seq = self.seq % 0xFFFFFFFF + 1         # never 0 (the buffer's initial value)
-        out = _alloc_ll_out(cfg, x, T, K, self.device, p.poison)
+        out = _alloc_ll_out(cfg, x, T, K, self.device, p.poison, use_ue8m0)
         p.run(ll_dispatch_plan(cfg, self.rank, p.buffer, p.peers, x, topk_idx.contiguous(), out, p.error, self.seq,
                                p.max_spins))
         return _ll_result(x, out, self.seq, T)
 
     def low_latency_combine(self, y, topk_idx, topk_weights, handle: LowLatencyHandle, num_recv_ctas: int = None):
-        """y bf16 [E_local, R*M, H] (rows where low_latency_dispatch put them); topk_idx int64
+        """y bf16 [E_local, R*M, H] (packed, as low_latency_dispatch delivered them); topk_idx int64
         [T, K], topk_weights float32 [T, K] (this rank's, as given to the dispatch). Returns
         bf16 [T, H] = sum over valid k, in order, of w[t, k] * (expert output of (t, k)),
         in float32 from 0.0. num_recv_ctas: CTAs that reduce (None: the provider's choice)."""

@@ -1,7 +1,8 @@
 """Low-latency expert-parallel dispatch and combine (DeepEP's `low_latency_dispatch` /
 `low_latency_combine`) on the engine path: torch.distributed all_to_all_single over
-fixed-size buffers (gloo on CPU processes, NCCL on GPUs), and the adaptor that puts the
-hand-written kernels' transports (backend "emu"/"cuda") under the same receive layout.
+fixed-size buffers (gloo on CPU processes, NCCL on GPUs), and the pass-through to the
+hand-written kernels' transports (backend "emu"/"cuda"), which write and read the same
+packed receive layout themselves.
 
 Semantics (docs/ep.md, "Low-latency mode"). E experts over R ranks, E_l = E / R local
 experts, M = num_max_dispatch_tokens_per_rank (every rank sends at most M tokens):
@@ -37,11 +38,10 @@ import numbers
 import torch
 import torch.distributed as dist
 
+from ..cuda.ep import SCALE_ROW_ALIGN, UE8M0_PER_WORD   # the kernels' scale layout: one definition
 from ..runtime.hardware import SCALE_BLOCK, round_up
 from .checks import MAX_TOPK, check_hidden, check_num_experts, describe
 
-UE8M0_PER_WORD = 4            # use_ue8m0: four exponent bytes per int32 (DeepEP's packing)
-SCALE_ROW_ALIGN = 4           # column-major scales: rows padded to 16 bytes (TMA)
 SRC_BYTES = 4                 # int32 source token in each dispatch slot
 
 
@@ -84,7 +84,8 @@ class LowLatencyHandle:
     source rank); num_max_dispatch_tokens_per_rank, hidden, num_experts: the call's sizes;
     slot_of int32 [T, K]: this rank's slot of each (token, k) at its expert (-1: none);
     block_of int64 [E_l, R*M]: the (source rank * M + slot) of each packed row (packed
-    rows past recv_count map to the unused blocks: a permutation of R*M);
+    rows past recv_count map to the unused blocks: a permutation of R*M); engine path
+    only (None with the kernel transports, whose combine reads the packed rows itself);
     num_tokens: T; seq: the call number (the same on every rank);
     transport: the kernel transport's own handle (backend "emu"/"cuda"), else None.
     As a sequence it is DeepEP's handle tuple (its first five fields)."""
@@ -469,11 +470,11 @@ class LowLatencyEngine(_CombineStaging):
 # ---------------------------------------------------------------------------------------
 class KernelLowLatency(_CombineStaging):
     """Low-latency calls through a per-process kernel transport (EmuIntranode,
-    CudaIntranode: `low_latency_dispatch(x, topk_idx)` -> dict(recv_x, recv_count,
-    handle), `low_latency_combine(y, topk_idx, topk_weights, handle)` -> bf16 [T, H]).
-    The kernels place source rank s's rows of an expert in a block at s*M; this adaptor
-    packs them per expert after dispatch and puts them back before combine (a gather
-    and a scatter on the device: no host read). The FP8 cast runs before the kernel.
+    CudaIntranode: `low_latency_dispatch(x, topk_idx, use_ue8m0)` -> dict(recv_x,
+    recv_count, handle), `low_latency_combine(y, topk_idx, topk_weights, handle)` -> bf16
+    [T, H]). The kernels write the packed per-expert layout (scales column-major, UE8M0
+    words when asked) and combine reads it, so this is a pass-through: the FP8 cast before
+    the kernel, the handle's layout_range from the kernel's per-rank counts ([E_l, R]).
 
     make_transport(cfg: IntranodeConfig) -> transport: called (on every rank alike: the
     call headers are agreed first) when a call needs another (hidden, E, M) than the
@@ -506,28 +507,15 @@ class KernelLowLatency(_CombineStaging):
         M, (T, H) = num_max_dispatch_tokens_per_rank, x.shape
         self.ensure(H, num_experts, M)
         payload = quantize(x, round_scale, self.quant_backend) if use_fp8 else x
-        res = self.transport.low_latency_dispatch(payload, topk_idx)
-        th = res["handle"]
-        order, ranges, total = pack_order(th.recv_layout, M)
-
-        def packed(t):      # [E_l, R*M, c] blocks -> packed rows
-            return torch.gather(t, 1, order[:, :, None].expand(-1, -1, t.shape[-1]))
-        if use_fp8:
-            data, sf = res["recv_x"]
-            recv_x = packed(data.view(torch.uint8)).view(torch.float8_e4m3fn)
-            sf = packed(sf)
-            if use_ue8m0:
-                sf = pack_ue8m0(sf)
-            scales = column_major(tuple(sf.shape), sf.dtype, sf.device)
-            scales.copy_(sf)
-            recv_x = (recv_x, scales)
-        else:
-            recv_x = packed(res["recv_x"])
+        res = self.transport.low_latency_dispatch(payload, topk_idx, use_ue8m0=use_ue8m0)
+        th, count = res["handle"], res["recv_count"]
         if stats is not None:
-            stats.add_(total)
-        src_info = torch.gather(th.recv_src_info, 1, order)
-        handle = LowLatencyHandle(src_info, ranges, M, H, num_experts, th.slot_of, order, T, th.seq, transport=th)
-        return recv_x, total, handle, (lambda: None) if return_recv_hook else None
+            stats.add_(count)
+        rows = th.recv_layout.to(torch.int64)
+        ranges = ((torch.cumsum(rows, 1) - rows) << 32) | rows       # (first packed row << 32) | rows
+        handle = LowLatencyHandle(th.recv_src_info, ranges, M, H, num_experts, th.slot_of, None, T, th.seq,
+                                  transport=th)
+        return res["recv_x"], count, handle, (lambda: None) if return_recv_hook else None
 
     def combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, zero_copy: bool = False,
                 return_recv_hook: bool = False, out=None):
@@ -537,10 +525,7 @@ class KernelLowLatency(_CombineStaging):
                              f"replaced the kernels' buffers with {self.sizes}")
         if zero_copy:
             x = self.next_combine_buffer(handle)
-        H = x.shape[-1]
-        blocks = torch.empty_like(x)
-        blocks.scatter_(1, handle.block_of[:, :, None].expand(-1, -1, H), x)
-        res = self.transport.low_latency_combine(blocks, topk_idx, topk_weights, handle.transport)
+        res = self.transport.low_latency_combine(x, topk_idx, topk_weights, handle.transport)
         if out is not None:
             out.copy_(res)
             res = out

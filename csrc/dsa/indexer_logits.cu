@@ -13,27 +13,29 @@
 //   Ragged  (prefill): k [N, 128] e4m3 and k_scales [N] f32; row group g = query rows
 //           [4g, 4g + 4); windows [ks, ke) from cu_seqlen_ks / cu_seqlen_ke.
 //
-// Persistent CTAs of one warpgroup walk work items (a row group: a paged sequence's next_n
+// Persistent CTAs (a math warpgroup + a producer warp) walk work items (a row group: a paged sequence's next_n
 // rows or 4 consecutive prefill rows, x a chunk of kBlocksPerCta consecutive 64-key blocks);
 // CTA c takes items c, c + gridDim.x, ... through a two-stage ring, so the keys of the next
 // item stream in while this one is computed. Per item:
 //   1. windows: each row's window, and which of the chunk's blocks meet at least one of them;
-//   2. load (one elected thread, one item ahead): the group's Q tiles and every used key block
-//      by TMA, one mbarrier each; every barrier of the stage is armed for every item (0 bytes
-//      when unused), so their phases advance in step with the item count;
+//   2. load (the producer warp's lane 0, up to kStages items ahead, once the math warps have
+//      released the stage): the group's Q tiles and every used key block by TMA, one mbarrier
+//      each; every barrier of the stage is armed for every item (0 bytes when unused), so
+//      their phases advance in step with the item count;
 //   3. per used block and query row: S = K Q^T (64 keys x H heads, f32) = 4 x wgmma m64nHk32
 //      with both operands K-major in 128B-swizzled shared memory; each thread sums
 //      w[h] * relu(S[key, h]) over its columns, the four lanes of a quad finish the key, and
 //      lane 0 of the quad writes scale * sum inside the window, -inf outside;
-//   4. clean: positions of blocks no window meets (not loaded) get -inf; a CTA barrier hands
-//      the stage back to the loader.
+//   4. clean: positions of blocks no window meets (not loaded) get -inf; each math warp
+//      releases the stage (the empty barrier) for the producer.
 #include <cstdint>
 
 #include "pk/ptx.cuh"
 
 namespace {
 
-constexpr uint32_t kThreads = 128;                      // one warpgroup
+constexpr uint32_t kMathThreads = 128;                  // the math warpgroup
+constexpr uint32_t kThreads = kMathThreads + 32;        // + the producer warp
 constexpr uint32_t kBlockKeys = 64;                     // keys per block (a page) = the wgmma M
 constexpr uint32_t kHeadDim = 128;                      // e4m3 bytes per key = one swizzled row
 constexpr uint32_t kScaleBytes = 4;                     // one float32 scale per key
@@ -47,10 +49,12 @@ constexpr float kMinusInf = -__builtin_huge_valf();
 
 // Shared memory (dynamic, base aligned up to 1024): kStages stages of [kBlocksPerCta key blocks
 // | group_rows Q tiles of H x 128 bytes], each stage a multiple of 1024 bytes, then the
-// mbarriers (per stage: one per key block, one for the Q tiles). pykernels/cuda/dsa.py
-// smem_bytes computes the same size.
+// mbarriers (per stage: one per key block, one for the Q tiles, one "empty" the math warps
+// release), then one ItemInfo per stage. pykernels/cuda/dsa.py smem_bytes computes the same size.
 constexpr uint32_t kStages = 2;
-constexpr uint32_t kBarsPerStage = kBlocksPerCta + 1;
+constexpr uint32_t kBarsPerStage = kBlocksPerCta + 2;
+constexpr uint32_t kQBar = kBlocksPerCta, kEmptyBar = kBlocksPerCta + 1;   // a stage's barriers after the blocks'
+constexpr uint32_t kMathWarps = kMathThreads / 32;
 
 __host__ __device__ constexpr uint32_t stage_bytes(uint32_t heads, uint32_t group_rows) {
   return (kBlocksPerCta * kBlockBytes + group_rows * heads * kHeadDim + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
@@ -59,6 +63,16 @@ __host__ __device__ constexpr uint32_t stage_bytes(uint32_t heads, uint32_t grou
 struct Window {
   uint32_t lo, hi;
 };
+
+// What the producer learned about an item, for the math warps (shared memory, one per stage,
+// written before the stage's Q barrier is armed): the used blocks, the rows' windows, the
+// blocks' TMA coordinates (page ids or first key rows; 0 for unused blocks).
+struct ItemInfo {
+  uint32_t mask;
+  Window win[kMaxGroupRows];
+  int32_t coord[kBlocksPerCta];
+};
+static_assert(sizeof(ItemInfo) == 4 + 8 * kMaxGroupRows + 4 * kBlocksPerCta, "pykernels/cuda/dsa.py ITEM_INFO_BYTES");
 
 // What the two layouts share: q, weights, out.
 struct Common {
@@ -93,9 +107,10 @@ struct Paged {
   __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, int32_t page_id) const {
     pk::tma_load_3d(dst, tmap_k, bar, 0, 0, page_id);
   }
-  // The scale of key `key` of the block (every page holds 64; read before the window test).
-  __device__ __forceinline__ float scale(uint32_t seq, uint32_t blk, uint32_t key, uint32_t) const {
-    return reinterpret_cast<const float*>(cache + (uint64_t)page(seq, blk) * kPageBytes + kBlockBytes)[key];
+  // The scale of key `key` of the block at `page_id` (every page holds 64; read before the
+  // window test, also for unused blocks: coordinate 0, a page that exists).
+  __device__ __forceinline__ float scale(int32_t page_id, uint32_t key, uint32_t) const {
+    return reinterpret_cast<const float*>(cache + (uint64_t)page_id * kPageBytes + kBlockBytes)[key];
   }
 };
 
@@ -118,8 +133,8 @@ struct Ragged {
     pk::tma_load_2d(dst, tmap_k, bar, 0, row);   // keys past N: zero-filled
   }
   // (the index clamped below width = N: a last block's keys past N have no scale; never written)
-  __device__ __forceinline__ float scale(uint32_t, uint32_t blk, uint32_t key, uint32_t width) const {
-    return k_scales[min(blk * kBlockKeys + key, width - 1)];
+  __device__ __forceinline__ float scale(int32_t first_key, uint32_t key, uint32_t width) const {
+    return k_scales[min((uint32_t)first_key + key, width - 1)];
   }
 };
 
@@ -133,6 +148,8 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   const uint32_t base = (pk::smem_addr(smem_raw) + kSmemAlign - 1) & ~(kSmemAlign - 1);
   const uint32_t stage_size = stage_bytes(kHeads, c.group_rows);
   const uint32_t bars = base + kStages * stage_size;    // + 8 * (kBarsPerStage * stage + block or Q)
+  ItemInfo* const infos = reinterpret_cast<ItemInfo*>(smem_raw + (bars + 8 * kStages * kBarsPerStage
+                                                                  - pk::smem_addr(smem_raw)));
 
   const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t chunks = (c.width + kBlocksPerCta * kBlockKeys - 1) / (kBlocksPerCta * kBlockKeys);
@@ -141,48 +158,67 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   const auto q_tile = [&](uint32_t s, uint32_t j) {
     return base + s * stage_size + kBlocksPerCta * kBlockBytes + j * kQTileBytes;
   };
-  const auto bar = [&](uint32_t s, uint32_t u) { return bars + 8 * (s * kBarsPerStage + u); };   // u = 4: Q
+  const auto bar = [&](uint32_t s, uint32_t u) { return bars + 8 * (s * kBarsPerStage + u); };
 
-  // 1. windows: block u of an item is used when it meets some row's window
-  const auto used_blocks = [&](uint32_t group, uint32_t first_pos) {
-    uint32_t mask = 0;
-    for (uint32_t j = 0; j < keys.group_rows(group); ++j) {
-      const Window win = keys.window(group, j);
+  // 1-2. windows and load (the producer): the item's info read ahead (a block is used when it
+  //    meets some row's window), then,
+  //    once the stage is free, the info stored for the math warps, every barrier of the stage
+  //    armed and the used tiles loaded
+  const auto item_info = [&](uint32_t item) {   // global reads: windows, page ids
+    const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
+    const uint32_t rows = keys.group_rows(group);
+    ItemInfo info;
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) info.win[j] = j < rows ? keys.window(group, j) : Window{0u, 0u};
+    info.mask = 0;
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
 #pragma unroll
       for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-        const uint32_t lo = first_pos + u * kBlockKeys;
-        if (win.lo < win.hi && win.lo < lo + kBlockKeys && lo < win.hi) mask |= 1u << u;
+        const uint32_t lo = (first_blk + u) * kBlockKeys;
+        const Window win = info.win[j];
+        if (win.lo < win.hi && win.lo < lo + kBlockKeys && lo < win.hi) info.mask |= 1u << u;
       }
     }
-    return mask;
-  };
-
-  // 2. load (thread 0): every barrier of the stage armed, the used tiles loaded
-  const auto load_item = [&](uint32_t item, uint32_t s) {
-    const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
-    const uint32_t mask = used_blocks(group, first_blk * kBlockKeys);
-    const uint32_t rows = keys.group_rows(group);
-    pk::mbar_arrive_expect_tx(bar(s, kBlocksPerCta), mask ? rows * kQTileBytes : 0u);
-    if (mask)
-      for (uint32_t j = 0; j < rows; ++j)
-        pk::tma_load_2d(q_tile(s, j), tmap_q, bar(s, kBlocksPerCta), 0, (int32_t)(keys.row(group, j) * kHeads));
-    int32_t coords[kBlocksPerCta];
 #pragma unroll
-    for (uint32_t u = 0; u < kBlocksPerCta; ++u) coords[u] = mask >> u & 1 ? keys.coord(group, first_blk + u) : 0;
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u)
+      info.coord[u] = info.mask >> u & 1 ? keys.coord(group, first_blk + u) : 0;
+    return info;
+  };
+  const auto load_item = [&](uint32_t item, const ItemInfo& info, uint32_t s) {
+    const uint32_t group = item / chunks, rows = keys.group_rows(group);
+    infos[s] = info;
+    pk::mbar_arrive_expect_tx(bar(s, kQBar), info.mask ? rows * kQTileBytes : 0u);   // releases the info too
+    if (info.mask)
+      for (uint32_t j = 0; j < rows; ++j)
+        pk::tma_load_2d(q_tile(s, j), tmap_q, bar(s, kQBar), 0, (int32_t)(keys.row(group, j) * kHeads));
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-      const bool used = mask >> u & 1;
+      const bool used = info.mask >> u & 1;
       pk::mbar_arrive_expect_tx(bar(s, u), used ? kBlockBytes : 0u);
-      if (used) keys.load(key_tile(s, u), tmap_k, bar(s, u), coords[u]);
+      if (used) keys.load(key_tile(s, u), tmap_k, bar(s, u), info.coord[u]);
     }
   };
 
   if (tid == 0) {
-    for (uint32_t b = 0; b < kStages * kBarsPerStage; ++b) pk::mbar_init(bars + 8 * b, 1);
+    for (uint32_t st = 0; st < kStages; ++st)
+      for (uint32_t u = 0; u < kBarsPerStage; ++u) pk::mbar_init(bar(st, u), u == kEmptyBar ? kMathWarps : 1);
     pk::fence_mbarrier_init();
-    if (blockIdx.x < num_items) load_item(blockIdx.x, 0);
   }
   __syncthreads();
+
+  if (warp == kMathWarps) {
+    // ------------------------------------------------------------------ producer
+    if (lane != 0) return;
+    uint32_t k = 0;
+    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++k) {
+      const uint32_t s = k % kStages;
+      const ItemInfo info = item_info(item);                         // while the stage may still be in use
+      pk::mbar_wait(bar(s, kEmptyBar), ((k / kStages) & 1) ^ 1);   // the stage's previous item released
+      load_item(item, info, s);
+    }
+    return;
+  }
 
   // Fragment of this thread: rows (keys) key0 and key0 + 8, columns (heads) 8g + 2*(lane%4) + {0, 1}.
   const uint32_t key0 = 16 * warp + lane / 4;
@@ -190,14 +226,9 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   uint32_t k = 0;
   for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++k) {
     const uint32_t s = k % kStages, parity = (k / kStages) & 1;
-    if (tid == 0 && item + gridDim.x < num_items) load_item(item + gridDim.x, (k + 1) % kStages);
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
     const uint32_t first_pos = first_blk * kBlockKeys;
     const uint32_t rows = keys.group_rows(group);
-    const uint32_t mask = used_blocks(group, first_pos);
-    Window wins[kMaxGroupRows];
-#pragma unroll
-    for (uint32_t j = 0; j < kMaxGroupRows; ++j) wins[j] = j < rows ? keys.window(group, j) : Window{0u, 0u};
 
     // this thread's weights of every row, read while the loads are in flight
     float wts[kMaxGroupRows][kColGroups][2];
@@ -210,17 +241,20 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
         wts[j][g][1] = j < rows ? w[8 * g + 1] : 0.f;
       }
     }
-    // and the scales of this thread's two keys in every used block (independent loads, all in
-    // flight at once: a paged block's scale sits behind its block-table entry)
+    pk::mbar_wait(bar(s, kQBar), parity);   // always armed: even an item with no block waits for the producer
+    const ItemInfo& info = infos[s];
+    const uint32_t mask = info.mask;
+    Window wins[kMaxGroupRows];
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) wins[j] = info.win[j];
+    // the scales of this thread's two keys in every block (independent loads, all in flight at once)
     float key_scale[kBlocksPerCta][2];
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-      const bool used = mask >> u & 1;
+      const int32_t at = info.coord[u];
 #pragma unroll
-      for (uint32_t half = 0; half < 2; ++half)
-        key_scale[u][half] = used ? keys.scale(group, first_blk + u, key0 + 8 * half, c.width) : 0.f;
+      for (uint32_t half = 0; half < 2; ++half) key_scale[u][half] = keys.scale(at, key0 + 8 * half, c.width);
     }
-    if (mask) pk::mbar_wait(bar(s, kBlocksPerCta), parity);
 
     // 3. logits of the loaded blocks
 #pragma unroll
@@ -278,10 +312,11 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       if (mask >> u & 1) continue;
       const uint32_t lo = first_pos + u * kBlockKeys, hi = min(lo + kBlockKeys, c.width);
       for (uint32_t j = 0; j < rows; ++j)
-        for (uint32_t pos = lo + tid; pos < hi; pos += kThreads)
+        for (uint32_t pos = lo + tid; pos < hi; pos += kMathThreads)
           c.out[(uint64_t)keys.row(group, j) * c.out_stride + pos] = kMinusInf;
     }
-    __syncthreads();
+    __syncwarp();
+    if (lane == 0) pk::mbar_arrive(bar(s, kEmptyBar));   // this warp's wgmma reads of the stage are done
   }
 }
 

@@ -40,7 +40,7 @@ from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "dsa_indexer_logits"
-THREADS = 128                   # kThreads: one warpgroup
+THREADS = 160                   # kThreads: the math warpgroup + a producer warp
 BLOCK_KV = 64                   # kBlockKeys: keys per block (a page), the wgmma M
 HEAD_DIM = 128                  # kHeadDim: e4m3 bytes per key, one 128-byte swizzled row
 BLOCKS_PER_CTA = 4              # kBlocksPerCta
@@ -52,6 +52,7 @@ PAGE_BYTES = BLOCK_KV * (HEAD_DIM + RD.INDEXER_SCALE_BYTES)
 
 
 STAGES = 2                      # kStages: the TMA ring's stages
+ITEM_INFO_BYTES = 4 + 8 * GROUP_ROWS + 4 * BLOCKS_PER_CTA     # sizeof(ItemInfo)
 
 
 def stage_bytes(heads: int, group_rows: int) -> int:
@@ -61,14 +62,15 @@ def stage_bytes(heads: int, group_rows: int) -> int:
 
 
 def smem_bytes(heads: int, group_rows: int = GROUP_ROWS) -> int:
-    """Dynamic shared memory: 1024 alignment slack + STAGES stages + (BLOCKS_PER_CTA + 1)
-    mbarriers per stage."""
-    return 1024 + STAGES * stage_bytes(heads, group_rows) + 8 * STAGES * (BLOCKS_PER_CTA + 1)
+    """Dynamic shared memory: 1024 alignment slack + STAGES stages + (BLOCKS_PER_CTA + 2)
+    mbarriers per stage (one per key block, the Q tiles', the stage's release) + an ItemInfo
+    per stage (ITEM_INFO_BYTES: the used-block mask, GROUP_ROWS windows, the blocks' coordinates)."""
+    return 1024 + STAGES * (stage_bytes(heads, group_rows) + 8 * (BLOCKS_PER_CTA + 2) + ITEM_INFO_BYTES)
 
 
 def ctas_per_sm(heads: int, group_rows: int) -> int:
-    """CTAs of the kernel one SM holds (its 228 KB of shared memory, at most 16 warpgroups)."""
-    return max(1, min(16, SMEM_PER_SM // smem_bytes(heads, group_rows)))
+    """CTAs of the kernel one SM holds (its 228 KB of shared memory, at most 2048 threads)."""
+    return max(1, min(2048 // THREADS, SMEM_PER_SM // smem_bytes(heads, group_rows)))
 
 
 def check_logits_supported(q, keys, weights, keys_name: str) -> None:

@@ -87,7 +87,8 @@ def test_low_latency_two_ranks_triton_cast(seed):
 
 def test_low_latency_two_ranks_emu_kernels(seed):
     """The same checks with Buffer(backend="emu"): the hand-written kernels on the emulator in
-    each of 2 processes, buffers in shared memory, results packed by KernelLowLatency."""
+    each of 2 processes, buffers in shared memory, the kernels writing the packed layout
+    (KernelLowLatency passes it through)."""
     checked = spawn(_worker, 2, seed, "torch", "emu")
     assert checked > 50, f"only {checked} rows checked"
 

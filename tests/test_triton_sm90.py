@@ -187,7 +187,8 @@ def test_specs_are_the_gpu_launches():
     specs = {s.label: s for s in G.sm90_compile_specs()}
     s = specs["normal m=4096 n=7168 k=7168 sfa=col"]
     assert (s.num_warps, s.num_stages, s.grid) == (8, G.NUM_STAGES, (32, 56, 1))
-    assert s.constexprs == dict(LAYOUT=0, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SOFT=False,
+    assert s.constexprs == dict(LAYOUT=0, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SOFT=False, EVEN_K=True,
+                                SB_ROWS=128, OUT_F32=False, OUT_FP8=False,        # bf16 out, 128x128 B scales
                                 stride_sfa_m=1, stride_sfb_k=1, G=1)   # integer-1 arguments become constexprs
     names = G._fp8_gemm_kernel.arg_names
     aligned = {names[i[0]] for i in s.attrs}
@@ -232,7 +233,10 @@ def test_gemm_uses_wgmma_and_cp_async_pipeline(compiled):
         # Scales are loaded per row and once per tile (B: one per 128 columns), not per
         # column: 3 loads per thread per K block (+16 group ids for contiguous), where a
         # per-column B scale load gave 34 and 42 more registers.
-        assert len(re.findall(r"ld\.global", ptx)) <= 20, f"{spec.label}: too many global loads"
+        # 1x128 B scales (the weight-gradient spec) are per column by definition, and its
+        # float32 out is read back (accumulated): 34 in the compiled code
+        limit = 40 if spec.constexprs.get("SB_ROWS") == 1 else 20
+        assert len(re.findall(r"ld\.global", ptx)) <= limit, f"{spec.label}: too many global loads"
 
 
 def test_quant_kernels_compiled_code(compiled):

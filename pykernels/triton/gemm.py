@@ -246,13 +246,14 @@ def _scales(lead, m, kb, col_major):
     return _meta(lead + (m, kb), torch.float32, ((kb * m_pad,) if lead else ()) + (1, m_pad))
 
 
-def gemm_launch_spec(label, layout, a, sfa, b, sfb, out, idx):
+def gemm_launch_spec(label, layout, a, sfa, b, sfb, out, idx, b_scale_rows=SCALE_BLOCK, sfd=None):
     """sm90.LaunchSpec of the compiled (GPU) launch for these operands (real or meta
     tensors): the launcher's specialization of exactly the arguments _launch passes."""
     rows, groups = (a.shape[1], a.shape[0]) if layout == LAYOUT_MASKED else (a.shape[0], 1)
     record = (_meta((device_errors.RECORD_WORDS,), torch.int32) if out.device.type == "meta"
               else device_errors.record_for(out.device, OPS[layout]))
-    return spec_of(label, launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=False))
+    return spec_of(label, launch_args(layout, a, sfa, b, sfb, out, idx, record, rows, groups, soft=False,
+                                      b_scale_rows=b_scale_rows, sfd=sfd))
 
 
 def sm90_compile_specs():
@@ -270,6 +271,20 @@ def sm90_compile_specs():
         specs.append(gemm_launch_spec(f"normal m={m} n={n} k={k} sfa={'col' if col else 'row'}", LAYOUT_NORMAL,
                                       _meta((m, k), f8), sfa, _meta((n, k), f8),
                                       _meta((cdiv(n, SCALE_BLOCK), kb), torch.float32), _meta((m, n), bf), sfa))
+    # the other outputs and scales of fp8_gemm_nt (docs/gemm.md): K not a multiple of 128,
+    # float32 out (+ c) with 1x128 B scales (the weight-gradient GEMM), e4m3 out + its scales
+    m, n, k = 4096, 7168, 576
+    kb = cdiv(k, SCALE_BLOCK)
+    sfa = _scales((), m, kb, True)
+    specs.append(gemm_launch_spec(f"normal m={m} n={n} k={k} sfa=col", LAYOUT_NORMAL, _meta((m, k), f8), sfa,
+                                  _meta((n, k), f8), _meta((cdiv(n, SCALE_BLOCK), kb), torch.float32),
+                                  _meta((m, n), bf), sfa))
+    specs.append(gemm_launch_spec(f"wgrad m={m} n={n} k={k} float32 out, 1x128 B scales", LAYOUT_NORMAL,
+                                  _meta((m, k), f8), sfa, _meta((n, k), f8), _scales((), n, kb, True),
+                                  _meta((m, n), torch.float32), sfa, b_scale_rows=1))
+    specs.append(gemm_launch_spec(f"normal m={m} n={n} k={k} e4m3 out", LAYOUT_NORMAL, _meta((m, k), f8), sfa,
+                                  _meta((n, k), f8), _meta((cdiv(n, SCALE_BLOCK), kb), torch.float32),
+                                  _meta((m, n), f8), sfa, sfd=_meta((m, cdiv(n, SCALE_BLOCK)), torch.float32)))
     for g, m_sum, n, k in ((4, 4 * 1024, 4096, 7168), (4, 4 * 1024, 7168, 2048)):
         kb = k // SCALE_BLOCK
         specs.append(gemm_launch_spec(f"contiguous G={g} m_sum={m_sum} n={n} k={k} sfa=col", LAYOUT_CONTIGUOUS,

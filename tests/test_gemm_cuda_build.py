@@ -633,6 +633,31 @@ def test_cuda_normal_matches_reference(m, n, k, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [576, 7168])
+def test_cuda_other_outputs_match_reference(k, seed):
+    # K not a multiple of 128, float32 d = c + A B^T, the weight-gradient GEMM (1x128 B
+    # scales, d += A B^T), e4m3 d with its scales (quantize-on-store); tolerance 1e-3
+    m, n = 257, 384
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    b1, sfb1 = R.per_token_cast_to_fp8(torch.randn(n, k))
+    c = torch.randn(m, n)
+    ga, gb, gb1 = (a.cuda(), sfa.cuda()), (b.cuda(), sfb.cuda()), (b1.cuda(), sfb1.cuda())
+    out = nan_bf16(m, n).cuda()
+    pk.fp8_gemm_nt(ga, gb, out, backend="cuda")
+    assert calc_diff(out.cpu(), R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3
+    d = torch.full((m, n), float("nan"), device="cuda")
+    pk.fp8_gemm_nt(ga, gb, d, c=c.cuda(), backend="cuda")
+    assert calc_diff(d.cpu(), R.fp8_gemm_nt(a, sfa, b, sfb, torch.empty(m, n), c=c)) < 1e-3
+    d = c.cuda()
+    pk.wgrad_gemm_fp8_fp8_fp32_nt(ga, gb1, d, backend="cuda")
+    assert calc_diff(d.cpu(), R.fp8_gemm_nt(a, sfa, b1, sfb1, torch.empty(m, n), c=c, b_scale_rows=1)) < 1e-3
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn, device="cuda")
+    sfd = torch.full((m, 3), float("nan"), device="cuda")
+    pk.fp8_gemm_nt(ga, gb, (q, sfd), backend="cuda")
+    assert calc_diff(R.dequantize_per_token(q.cpu(), sfd.cpu()), R.fp8_gemm_nt(a, sfa, b, sfb).float()) < 1e-3
+
+
+@pytest.mark.gpu
 def test_cuda_grouped_match_reference(seed):
     groups, n, k = 4, 256, 512
     b, sfb = quantized_weights(groups, n, k)

@@ -261,17 +261,18 @@ def _gemm_problem(layout, m=16, n=512, k=256):
     return torch.stack([a, a2]), torch.stack([sfa, sfa2]), b, sfb, masked_m, owned
 
 
-def _mm_fused(a, sfa, b, sfb):
+def _mm_fused(a, sfa, b, sfb, b_scale_rows=BLOCK):
     """The reference's per-K-block accumulation with each step as one fused multiply-add
     (exact product and sum in float64, one rounding to float32): what the kernels' FFMA
-    computes where an intermediate product overflows float32."""
+    computes where an intermediate product overflows float32. (The reference's _mm's
+    arguments: b_scale_rows 128 for 128x128 B scales, 1 for 1x128.)"""
     n, k = b.shape
     qa, qb = a.double(), b.double()
     out = torch.zeros(a.shape[0], n, dtype=torch.float32)
     for kb in range(sfa.shape[-1]):
         cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
         partial = (qa[:, cols] @ qb[:, cols].T).float().double()
-        scale = (sfa[:, kb, None] * sfb[:, kb].repeat_interleave(BLOCK)[None, :n]).double()
+        scale = (sfa[:, kb, None] * sfb[:, kb].repeat_interleave(b_scale_rows)[None, :n]).double()
         out = (out.double() + scale * partial).float()
     return out
 

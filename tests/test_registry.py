@@ -83,7 +83,7 @@ def test_explain_names_every_backend_and_its_reason(capsys):
     text = pk.explain("fp8_gemm_nt", (a, sfa), (b, sfb), out)
     assert capsys.readouterr().out.strip() == text.strip()
     lines = text.splitlines()
-    assert lines[0] == "fp8_gemm_nt: normal m=16 n=100 k=256 on cpu"
+    assert lines[0] == "fp8_gemm_nt: normal m=16 n=100 k=256, torch.bfloat16 out on cpu"
     by_name = {line.split()[-2] if line.startswith("->") else line.split()[0]: line for line in lines[1:-1]}
     assert "runs on GPU tensors" in by_name["cuda"]
     assert "multiple of 8" in by_name["emu"]          # the kernel's own limit, as a reason

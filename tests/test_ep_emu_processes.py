@@ -88,6 +88,14 @@ def _expected_dispatch(xs, topk, ws, E, fp8):
     return exp
 
 
+def _received(R, seed, fp8=False, low_latency=False):
+    """Rows each rank receives by the reference (what the workers report after their own checks)."""
+    xs, topk, ws, E, _ = _inputs(R, seed, fp8)
+    if low_latency:
+        return [sum(len(toks) for toks in per.values()) for per in _ll_expected(xs, topk, E, R, M)]
+    return [e["recv_src"].shape[0] for e in _expected_dispatch(xs, topk, ws, E, fp8)]
+
+
 def _forbid_host_reads():
     def no_read(t):
         raise AssertionError(f"host read of a {list(t.shape)} tensor on a path that must not read the device")
@@ -292,22 +300,25 @@ def _lifetime_worker(rank, R):
 @pytest.mark.parametrize("R", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_dispatch_combine_bf16_across_processes(R, seed):
     reports = _spawn(_normal_worker, R, seed, False, False)
-    print("received per rank", [r["received"] for r in reports])
+    assert [r["received"] for r in reports] == _received(R, seed)
 
 
 @pytest.mark.parametrize("R", [3, pytest.param(2, marks=pytest.mark.slow)])
 def test_dispatch_fp8_across_processes(R, seed):
-    _spawn(_normal_worker, R, seed, True, False)
+    reports = _spawn(_normal_worker, R, seed, True, False)
+    assert [r["received"] for r in reports] == _received(R, seed, fp8=True)
 
 
 @pytest.mark.parametrize("R", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_dispatch_combine_num_worst_tokens_without_host_reads(R, seed):
-    _spawn(_normal_worker, R, seed, False, True)
+    reports = _spawn(_normal_worker, R, seed, False, True)
+    assert [r["received"] for r in reports] == _received(R, seed)
 
 
 @pytest.mark.parametrize("R", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_low_latency_across_processes(R, seed):
-    _spawn(_low_latency_worker, R, seed)
+    reports = _spawn(_low_latency_worker, R, seed)
+    assert [r["received"] for r in reports] == _received(R, seed, low_latency=True)
 
 
 @pytest.mark.parametrize("R,absent,call", [(2, 1, "dispatch"), (3, 2, "low_latency_dispatch"),
@@ -396,9 +407,14 @@ def _cuda_worker(rank, R, seed):
     assert torch.equal(_bits(out.cpu()), _bits(want.to(torch.bfloat16)))
     ll = t.low_latency_dispatch(_to_cuda(xs[rank]), topk[rank].cuda())
     exp_ll = _ll_expected(xs, topk, E, R, M)[rank]
-    for (le, s), toks in exp_ll.items():
-        got = ll["recv_x"][le, s * M:s * M + len(toks)].cpu()
-        assert torch.equal(_bits(got), _bits(xs[s][toks])), (le, s)
+    for le in range(E // R):
+        first = 0                        # packed per expert: source s's rows after the earlier sources'
+        for s in range(R):
+            toks = exp_ll[le, s]
+            got = ll["recv_x"][le, first:first + len(toks)].cpu()
+            assert torch.equal(_bits(got), _bits(xs[s][toks])), (le, s)
+            first += len(toks)
+        assert int(ll["recv_count"][le]) == first
     torch.cuda.synchronize()
     assert t.error_record() is None
     t.destroy()
@@ -412,7 +428,9 @@ def test_cuda_intranode_across_gpus(seed):
     R = torch.cuda.device_count()
     if R < 2:
         pytest.skip(f"needs 2 GPUs (one per rank, NCCL), found {R}")
-    _spawn(_cuda_worker, min(R, 4), seed, backend="nccl")
+    R = min(R, 4)
+    reports = _spawn(_cuda_worker, R, seed, backend="nccl")
+    assert [r["received"] for r in reports] == _received(R, seed)
 
 
 @pytest.mark.gpu

@@ -67,7 +67,7 @@ def test_get_mla_metadata_returns_a_fresh_schedule_whatever_it_is_given():
     assert flash_mla.get_mla_metadata()[0] is not flash_mla.get_mla_metadata()[0]
 
 
-def _check(out, lse, ref, ref_lse):
+def _assert_matches_reference(out, lse, ref, ref_lse):
     assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
     assert torch.equal(lse.isinf(), ref_lse.isinf())
     fin = ref_lse.isfinite()
@@ -90,7 +90,7 @@ def test_dense_decode_with_a_schedule_built_on_first_use(backend, fp8, seed, poi
         out, lse = flash_mla.flash_mla_with_kvcache(q, cache, table, steps_lens, 512, sched, None, None, causal, fp8,
                                                     backend=backend)
         ref, ref_lse = RM.flash_mla_with_kvcache(q, cache, table, steps_lens, 512, None, causal)
-        _check(out, lse, ref, ref_lse)
+        _assert_matches_reference(out, lse, ref, ref_lse)
     assert sched.builds == 2                    # rebuilt for the new cache_seqlens
 
 
@@ -105,7 +105,7 @@ def test_dense_decode_with_several_kv_heads(h_kv, backend, seed, poisoned_output
     sched, _ = flash_mla.get_mla_metadata()
     out, lse = flash_mla.flash_mla_with_kvcache(q, cache, table, lens, 512, sched, causal=True, backend=backend)
     ref, ref_lse = RM.flash_mla_with_kvcache(q, cache, table, lens, 512, None, True)
-    _check(out, lse, ref, ref_lse)
+    _assert_matches_reference(out, lse, ref, ref_lse)
 
 
 def test_fp8_cache_bytes_follow_flash_mlas_quantizer(seed):
@@ -143,7 +143,7 @@ def test_sparse_decode_with_flash_mlas_positional_arguments(seed, poisoned_outpu
     out, lse = flash_mla.flash_mla_with_kvcache(q, c8, None, None, 512, sched, None, None, False, True, idx, sink,
                                                 None, None, topk_length)
     ref, ref_lse = RD.flash_mla_sparse_decode(q, c8, idx, None, sink, topk_length)
-    _check(out, lse, ref, ref_lse)
+    _assert_matches_reference(out, lse, ref, ref_lse)
 
 
 def test_sparse_prefill_against_the_reference(seed):

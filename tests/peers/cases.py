@@ -37,7 +37,9 @@ def nan_out(m, n):
     return torch.full((m, n), float("nan"), dtype=torch.bfloat16)
 
 
-def run_fp8_gemm(compiled, m, n, k, schedule):
+def assert_fp8_gemm_matches_reference(compiled, m, n, k, schedule):
+    """Launch DeepGEMM's FP8 GEMM on the emulator and assert it matches the reference (every
+    element written once, calc_diff < GEMM_TOL, the expected wgmma count); returns its Stats."""
     a, sfa, b, sfb = fp8_gemm_problem(m, n, k)
     out = nan_out(m, n)
     stats = D.launch_fp8_gemm(compiled, a, sfa, b, sfb, out, schedule=schedule)
@@ -65,7 +67,7 @@ def contiguous_indices(group_rows, block_m, pad_blocks=0):
     return torch.tensor(idx + [-1] * (pad_blocks * block_m), dtype=torch.int32)
 
 
-def run_fp8_contiguous(compiled, group_rows, n, k, schedule, pad_blocks=0):
+def assert_fp8_contiguous_matches_reference(compiled, group_rows, n, k, schedule, pad_blocks=0):
     """DeepGEMM's contiguous layout writes every row, padding rows too: owned rows are
     compared with the reference, and no row may stay NaN."""
     b, sfb = _grouped_weights(len(group_rows), n, k)
@@ -83,7 +85,7 @@ def run_fp8_contiguous(compiled, group_rows, n, k, schedule, pad_blocks=0):
     return stats
 
 
-def run_fp8_masked(compiled, masked, m_max, n, k, schedule):
+def assert_fp8_masked_matches_reference(compiled, masked, m_max, n, k, schedule):
     """Rows below masked_m[g] against the reference; DeepGEMM stores whole blocks of
     block_m rows, so rows from round_up(masked_m, block_m) on must stay NaN."""
     groups, bm = len(masked), compiled.config.block_m
@@ -106,7 +108,7 @@ def run_fp8_masked(compiled, masked, m_max, n, k, schedule):
     return stats
 
 
-def run_bf16_gemm(compiled, m, n, k, schedule):
+def assert_bf16_gemm_matches_reference(compiled, m, n, k, schedule):
     a = torch.randn(m, k, dtype=torch.bfloat16)
     b = torch.randn(n, k, dtype=torch.bfloat16)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
@@ -142,7 +144,7 @@ def prefill_windows(seq_lens, extra_kv=0):
     return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32), start
 
 
-def run_mqa_logits(compiled, ks, ke, seq_len_kv, schedule):
+def assert_mqa_logits_match_reference(compiled, ks, ke, seq_len_kv, schedule):
     cfg = compiled.config
     seq_len = ks.numel()
     q = torch.randn(seq_len, cfg.num_heads, cfg.head_dim).to(torch.float8_e4m3fn)

@@ -5,14 +5,14 @@ import pytest
 
 from bench.peers import bf16_gemm as B
 
-from .cases import run_bf16_gemm
+from .cases import assert_bf16_gemm_matches_reference
 from .ordering_policy import multicast_unchecked
 
 
 # 128x128 tiles, 2 CTAs, a partial m-block; K = 320: 5 K blocks through a ring of 6.
 @pytest.mark.parametrize("schedule", ["lockstep", "wg_first", "wg_last"])
 def test_bf16_gemm_cluster1(schedule, deep_gemm_headers, seed):
-    run_bf16_gemm(B.compile_bf16_gemm(128, 128, num_sms=2), 200, 256, 320, schedule)
+    assert_bf16_gemm_matches_reference(B.compile_bf16_gemm(128, 128, num_sms=2), 200, 256, 320, schedule)
 
 
 # B multicast across a cluster of 2 with 3 m-blocks (the odd one without a partner) and a
@@ -20,4 +20,4 @@ def test_bf16_gemm_cluster1(schedule, deep_gemm_headers, seed):
 @pytest.mark.parametrize("schedule", ["cta_first", "cta_last"])
 def test_bf16_gemm_cluster2_multicast_b(schedule, deep_gemm_headers, seed):
     with multicast_unchecked():
-        run_bf16_gemm(B.compile_bf16_gemm(128, 128, num_sms=2, cluster=2, stages=2), 300, 256, 256, schedule)
+        assert_bf16_gemm_matches_reference(B.compile_bf16_gemm(128, 128, num_sms=2, cluster=2, stages=2), 300, 256, 256, schedule)

@@ -8,7 +8,7 @@ import torch
 
 from bench.peers import deep_gemm as D
 
-from .cases import fp8_gemm_problem, nan_out, run_fp8_contiguous, run_fp8_gemm, run_fp8_masked
+from .cases import fp8_gemm_problem, nan_out, assert_fp8_contiguous_matches_reference, assert_fp8_gemm_matches_reference, assert_fp8_masked_matches_reference
 from .conftest import SCHEDULES
 from .ordering_policy import multicast_unchecked
 
@@ -17,7 +17,7 @@ from .ordering_policy import multicast_unchecked
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_fp8_gemm_cluster1(schedule, deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(128, 128, num_sms=2)
-    run_fp8_gemm(compiled, 200, 256, 512, schedule)
+    assert_fp8_gemm_matches_reference(compiled, 200, 256, 512, schedule)
 
 
 # TMA multicast of B across a cluster of 2 (rank 0 loads the B tile into both CTAs; each
@@ -27,7 +27,7 @@ def test_fp8_gemm_cluster1(schedule, deep_gemm_headers, seed):
 def test_fp8_gemm_cluster2_multicast_b(schedule, deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(128, 128, num_sms=2, cluster=2)
     with multicast_unchecked():
-        run_fp8_gemm(compiled, 300, 384, 512, schedule)
+        assert_fp8_gemm_matches_reference(compiled, 300, 384, 512, schedule)
 
 
 # Multicast of A (two n-blocks share the A tile) with 160-column tiles that straddle two
@@ -36,21 +36,21 @@ def test_fp8_gemm_cluster2_multicast_b(schedule, deep_gemm_headers, seed):
 def test_fp8_gemm_cluster2_multicast_a_unaligned_n(schedule, deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(128, 160, num_sms=4, cluster=2, multicast_on_a=True)
     with multicast_unchecked():
-        run_fp8_gemm(compiled, 130, 480, 256, schedule)
+        assert_fp8_gemm_matches_reference(compiled, 130, 480, 256, schedule)
 
 
 # 256-row tiles (two 128-row waves per math warpgroup pair, 3 stages), a partial m-block.
 def test_fp8_gemm_block_m256(deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(256, 128, num_sms=2)
     assert compiled.config.stages == 3
-    run_fp8_gemm(compiled, 300, 256, 256, "wg_last")
+    assert_fp8_gemm_matches_reference(compiled, 300, 256, 256, "wg_last")
 
 
 # 64-row tiles: one math warpgroup; compiled N and K (DeepGEMM's default 'nk' constants).
 def test_fp8_gemm_block_m64_compiled_nk(deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(64, 64, num_sms=2, shape_n=192, shape_k=384)
     assert compiled.config.math_threads == 128
-    run_fp8_gemm(compiled, 70, 192, 384, "wg_last")
+    assert_fp8_gemm_matches_reference(compiled, 70, 192, 384, "wg_last")
     a, sfa, b, sfb = fp8_gemm_problem(70, 128, 384)
     with pytest.raises(ValueError, match="shape_n"):
         D.launch_fp8_gemm(compiled, a, sfa, b, sfb, nan_out(70, 128))
@@ -63,7 +63,7 @@ def test_fp8_gemm_block_m64_compiled_nk(deep_gemm_headers, seed):
 def test_fp8_gemm_contiguous(cluster, schedule, deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(128, 128, num_sms=2, cluster=cluster, kind="contiguous", num_groups=3)
     with multicast_unchecked() if cluster == 2 else contextlib.nullcontext():
-        run_fp8_contiguous(compiled, [130, 0, 100], 256, 256, schedule, pad_blocks=cluster - 1)
+        assert_fp8_contiguous_matches_reference(compiled, [130, 0, 100], 256, 256, schedule, pad_blocks=cluster - 1)
 
 
 # M-grouped, masked (MoE decode): m_max 256; a group of 200 rows (two blocks), an empty
@@ -72,7 +72,7 @@ def test_fp8_gemm_contiguous(cluster, schedule, deep_gemm_headers, seed):
 def test_fp8_gemm_masked(cluster, schedule, deep_gemm_headers, seed):
     compiled = D.compile_fp8_gemm(128, 128, num_sms=2, cluster=cluster, kind="masked", num_groups=3)
     with multicast_unchecked() if cluster == 2 else contextlib.nullcontext():
-        run_fp8_masked(compiled, [200, 0, 7], 256, 256, 256, schedule)
+        assert_fp8_masked_matches_reference(compiled, [200, 0, 7], 256, 256, 256, schedule)
 
 
 def test_grouped_layout_is_checked(deep_gemm_headers):

@@ -10,7 +10,7 @@ import torch
 
 from bench.peers import mqa_logits as M
 
-from .cases import prefill_windows, run_mqa_logits
+from .cases import prefill_windows, assert_mqa_logits_match_reference
 from .conftest import SCHEDULES
 
 
@@ -21,7 +21,7 @@ from .conftest import SCHEDULES
 def test_mqa_logits_prefill_windows(schedule, deep_gemm_headers, seed):
     compiled = M.compile_mqa_logits(16, 128, block_q=4, block_kv=128, num_sms=2)
     ks, ke, seq_len_kv = prefill_windows([7, 3, 9], extra_kv=150)
-    run_mqa_logits(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
+    assert_mqa_logits_match_reference(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
 
 
 # 64 heads x 64 dims (64-byte swizzle), 2 queries per step, one math warpgroup (64 keys
@@ -36,7 +36,7 @@ def test_mqa_logits_random_windows(schedule, deep_gemm_headers, seed):
                        torch.tensor(seq_len_kv, dtype=torch.int32))
     ks[0], ke[0] = 13, 13                                             # an empty window
     ks[1], ke[1] = 0, seq_len_kv                                      # every key
-    run_mqa_logits(compiled, ks, ke, seq_len_kv, schedule)
+    assert_mqa_logits_match_reference(compiled, ks, ke, seq_len_kv, schedule)
 
 
 # 64 heads x 128 dims, 2 queries per step (wgmma N = 128), 256 keys per step: four math
@@ -46,7 +46,7 @@ def test_mqa_logits_four_math_warpgroups(schedule, deep_gemm_headers, seed):
     compiled = M.compile_mqa_logits(64, 128, block_q=2, block_kv=256, num_sms=2)
     assert compiled.config.threads == 640
     ks, ke, seq_len_kv = prefill_windows([3, 4], extra_kv=300)
-    run_mqa_logits(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
+    assert_mqa_logits_match_reference(compiled, ks, ke, seq_len_kv + (-seq_len_kv) % 4, schedule)
 
 
 def test_bad_inputs_name_the_argument(deep_gemm_headers):

@@ -43,17 +43,17 @@ UE8M0_MAX = 2.0 ** 127        # the largest UE8M0 scale: DeepGEMM's ceil_to_ue8m
 _FP4_DTYPES = tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None), torch.int8, torch.uint8) if d is not None)
 
 
+def _not_implemented(name: str, what: str):
+    raise NotImplementedError(f"deep_gemm.{name}: {what} is not implemented by pykernels (docs/compat.md)")
+
+
 def _missing(name: str, why: str):
     """A DeepGEMM name pykernels does not implement: raises NotImplementedError naming it."""
     def missing(*args, **kwargs):
-        raise NotImplementedError(f"deep_gemm.{name}: {why}; not implemented by pykernels (docs/compat.md)")
+        _not_implemented(name, why)
     missing.__name__ = missing.__qualname__ = name
     missing.__doc__ = f"DeepGEMM's {name}: {why}. Not implemented: raises NotImplementedError."
     return missing
-
-
-def _not_implemented(name: str, what: str):
-    raise NotImplementedError(f"deep_gemm.{name}: {what} is not implemented by pykernels (docs/compat.md)")
 
 
 # ----------------------------------------------------------------------------- configuration

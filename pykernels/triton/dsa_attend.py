@@ -19,6 +19,19 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @jit
+def empty_state(BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """The online softmax's start for a tile of BLOCK_M rows: running max -inf, row sum 0, the
+    four 128-column output groups 0 (what attend_tile carries from slot tile to slot tile)."""
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@jit
 def attend_tile(q0, q1, q2, q3, q_pe, kv_ptr, kv_sf_ptr, kv_rope_ptr, kv_row, used, m_i, l_i, acc0, acc1, acc2, acc3,
                 qk_scale, FP8: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, SOFT: tl.constexpr,
                 ROW: tl.constexpr, SF_ROW: tl.constexpr, SF_OFF: tl.constexpr, ROPE_ROW: tl.constexpr,

@@ -27,7 +27,7 @@ from .jit_dispatch import jit
 from . import mla as TM
 from .mla import LOG2E, SOFTWARE_ROUNDING, UPCAST_DOTS, _cache_views, _load_q
 from . import INTERPRETED
-from .dsa_attend import attend_tile, lse_of, normalizer, store_out
+from .dsa_attend import attend_tile, empty_state, lse_of, normalizer, store_out
 from .sm90 import run_launch, spec_of
 
 _STAGES = 2
@@ -73,12 +73,7 @@ def _sparse_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, idx_ptr, len_pt
     if HAS_LEN:
         n_slots = tl.minimum(tl.load(len_ptr + bi), TOPK)
     idx_row = idx_ptr + bi.to(tl.int64) * stride_ib + si * stride_is
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc0 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+    m_i, l_i, acc0, acc1, acc2, acc3 = empty_state(BLOCK_M, GROUP)
     n_used = tl.zeros((), dtype=tl.int32)
     for t0 in range(0, n_slots, BLOCK_N):
         slot = t0 + tn

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..reference import mla as RM
 from . import INTERPRETED
-from .dsa_attend import LN2, attend_tile, lse_of, normalizer, store_out
+from .dsa_attend import LN2, attend_tile, empty_state, lse_of, normalizer, store_out
 from .dsa_decode import tile_config
 from .jit_dispatch import jit
 from .mla import LOG2E, SOFTWARE_ROUNDING, UPCAST_DOTS, _load_q
@@ -51,12 +51,7 @@ def _sparse_prefill_kernel(q_ptr, kv_ptr, idx_ptr, len_ptr, sink_ptr, out_ptr, m
     if HAS_LEN:
         n_slots = tl.minimum(tl.load(len_ptr + i), TOPK)
     idx_row = idx_ptr + i.to(tl.int64) * stride_is
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc0 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+    m_i, l_i, acc0, acc1, acc2, acc3 = empty_state(BLOCK_M, GROUP)
     n_used = tl.zeros((), dtype=tl.int32)
     for t0 in range(0, n_slots, BLOCK_N):
         slot = t0 + tn

@@ -37,6 +37,7 @@ from ..reference import dsa as RD
 from ..runtime.executors import run_plan
 from ..runtime.hardware import SMEM_PER_SM, cdiv, num_sms, round_up
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+from ..runtime.plan import ptr_or_null as _opt  # optional pointers: null when None
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "dsa_indexer_logits"
@@ -197,10 +198,6 @@ def check_topk_supported(topk: int) -> None:
                          f"got {topk}")
 
 
-def _opt(t) -> Arg:
-    return ptr(t) if t is not None else u64(0)      # the other form's pointers: null, never read
-
-
 def topk_plan(logits, out, topk: int, *, cu_seqlen_ks=None, cu_seqlen_ke=None, context_lens=None,
               block_table=None) -> LaunchPlan:
     """Launch plan of pk_dsa_topk_prefill (windows cu_seqlen_ks / ke; out int32 [M, topk]) or
@@ -293,10 +290,11 @@ def sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_schedu
     from . import mla as CM
     b, s_q, h_q, _ = q.shape
     topk = indices.shape[2]
-    seqlens = torch.full((b,), topk, dtype=torch.int32, device=q.device)   # the schedule's unit
-    if tile_scheduler_metadata is None:
+    lens = torch.full((b,), topk, dtype=torch.int32)        # the schedule's unit: topk slots per sequence
+    seqlens = lens.to(q.device)
+    if tile_scheduler_metadata is None:   # made from the host tensor: no device read
         parts = MS.default_num_sm_parts(q.device, s_q * h_q, 1)
-        tile_scheduler_metadata, num_splits = (t.to(q.device) for t in RM.get_mla_metadata(seqlens.cpu(), parts))
+        tile_scheduler_metadata, num_splits = (t.to(q.device) for t in RM.get_mla_metadata(lens, parts))
     oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, RM.HEAD_DIM_V, q.device)
     no_table = torch.zeros((1, cdiv(topk, RM.PAGE_BLOCK_SIZE)), dtype=torch.int32, device=q.device)   # never read
     dense = CM.decode_plan(CM.q_view(q), CM.kv_view(k_cache), no_table, seqlens, tile_scheduler_metadata,

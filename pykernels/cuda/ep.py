@@ -34,6 +34,7 @@ from ..runtime import artifacts
 from ..runtime.executors import run_cuda
 from ..runtime.hardware import SCALE_BLOCK, cdiv as _cdiv, round_up as _round_up
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+from ..runtime.plan import ptr_or_null as _opt  # optional pointers: null when None
 
 THREADS = 256                 # every EP kernel: 8 warps
 MAX_RANKS = 8                 # peers passed as 8 u64 arguments (NVLink domain of one node)
@@ -180,10 +181,6 @@ def _err_arg(err: torch.Tensor, device: torch.device) -> Arg:
     # Emulator / same device: a pointer argument. GPU with a pinned host record: its
     # address (device-accessible under unified addressing), not a device tensor.
     return ptr(err) if err.device == device else u64(err.data_ptr())
-
-
-def _opt(t) -> Arg:
-    return ptr(t) if t is not None else u64(0)
 
 
 def _peer_args(peers) -> list:

@@ -34,7 +34,7 @@ from ..runtime import artifacts, device_errors
 from ..runtime.executors import max_active_clusters, run_plan
 from ..runtime.hardware import (DEFAULT_NUM_SMS, SCALE_BLOCK, SMEM_PER_BLOCK, TMA_ALIGNMENT_BYTES, cdiv, num_sms,
                                 round_up)
-from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+from ..runtime.plan import Arg, LaunchPlan, ptr, ptr_or_null, u32
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "gemm_fp8_gemm"
@@ -328,12 +328,12 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     # 32-byte swizzle; out viewed as [rows, n] (masked: [G * m_max, n])
     # (float32 / e4m3 out: the kernel stores with st.global; a valid map of 32-byte rows, unused)
     tmap_out = TensorMapDesc(out.view(-1, n), (OUT_BOX_ROWS, 32 // out.element_size()), swizzle=32)
-    group_arg = ptr(grouping) if grouping is not None else u64(0)
+    group_arg = ptr_or_null(grouping)
     record = device_errors.record_for(out.device, OPS[kind]) if record is None else record
     args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
             Arg("tensormap", tmap_out), ptr(sfb), ptr(out), group_arg,
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
-            ptr(record), Arg("tensormap", tmap_sfb), ptr(sfd) if e4m3 else u64(0))
+            ptr(record), Arg("tensormap", tmap_sfb), ptr_or_null(sfd if e4m3 else None))
     assert len(args) == len(PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))

@@ -30,6 +30,12 @@ def ptr(t: torch.Tensor) -> Arg:
     return Arg("ptr", t)
 
 
+def ptr_or_null(t) -> Arg:
+    """A tensor's pointer, or a null pointer for None (an optional argument the kernel never
+    dereferences when null)."""
+    return ptr(t) if t is not None else u64(0)
+
+
 def u32(v: int) -> Arg:
     if not 0 <= int(v) < 2**32:
         raise ValueError(f"u32 argument out of range: {v}")

@@ -282,6 +282,7 @@ def _lifetime_worker(rank, R):
     assert t.provider.buffer.data_ptr() == addresses[rank] and all(mapped(a) for a in addresses)
     dist.barrier()   # every rank's constructor has returned
     left_while_alive = ours()
+    dist.barrier()   # every rank has listed /dev/shm before any creates the next group's files
     t.destroy()
     t.destroy()
     assert not any(mapped(a) for a in addresses)

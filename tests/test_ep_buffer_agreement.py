@@ -5,7 +5,9 @@ weights, combine with handles of different dispatches, different construction ar
 ends in a clear error on every rank, at once, naming the field and each rank's value, and
 the Buffer stays usable (a correct call afterwards is exact). A rank that never arrives is
 named on every live rank within the timeout; that Buffer is then unusable on every rank
-(including the late one, which finds out at its own call), and a new Buffer works."""
+(including the late one, which finds out at its own call), and a new Buffer works. The same
+cases run on the three transports: "gloo" (the engine), "emu" (the hand-written kernels on
+the emulator in each process) and "cuda" (the kernels on GPUs; marked gpu)."""
 import os
 import time
 
@@ -18,10 +20,20 @@ from pykernels.reference import ep as ref
 from tests.test_ep_engine import spawn_ranks
 
 EMU_CONFIG = Config(4, 2, 8)
+# the hand-written kernels on GPUs (one per rank, or both ranks on one; skipped without a Hopper GPU)
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
 
 def _args(backend):
     return dict(config=EMU_CONFIG) if backend == "emu" else {}
+
+
+def _device(rank, backend):
+    """Where this rank's tensors live: its GPU for the "cuda" transport, else the CPU."""
+    if backend != "cuda":
+        return torch.device("cpu")
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _routing(g, t, k, num_experts):
@@ -43,12 +55,14 @@ def _good_round(buf, rank, ranks, seed, backend):
     idxs = [_routing(g, 5, 2, 4 * ranks) for _ in range(ranks)]
     ws = [torch.rand(5, 2, generator=g) for _ in range(ranks)]
     sims = ref.simulate_dispatch(xs, idxs, ws, 4 * ranks)
-    recv_x, recv_idx, _, _, handle, _ = buf.dispatch(xs[rank], topk_idx=idxs[rank], topk_weights=ws[rank],
-                                                     num_experts=4 * ranks, **_args(backend))
-    assert torch.equal(recv_x, sims[rank]["recv_x"]) and torch.equal(recv_idx, sims[rank]["recv_topk_idx"])
+    dev = _device(rank, backend)
+    recv_x, recv_idx, _, _, handle, _ = buf.dispatch(xs[rank].to(dev), topk_idx=idxs[rank].to(dev),
+                                                     topk_weights=ws[rank].to(dev), num_experts=4 * ranks,
+                                                     **_args(backend))
+    assert torch.equal(recv_x.cpu(), sims[rank]["recv_x"]) and torch.equal(recv_idx.cpu(), sims[rank]["recv_topk_idx"])
     out = buf.combine(recv_x, handle)[0]
     exp = ref.simulate_combine([d["recv_x"] for d in sims], [d["recv_src"] for d in sims], [5] * ranks)[rank]
-    assert torch.equal(out, exp.bfloat16())
+    assert torch.equal(out.cpu(), exp.bfloat16())
     return recv_x.shape[0]
 
 
@@ -56,10 +70,11 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
     try:
         g = torch.Generator().manual_seed(seed + rank)
+        dev = _device(rank, backend)
         buf = Buffer(None, backend=backend, timeout_s=30)
         other = rank == 1
-        x256, x128 = torch.randn(6, 256).bfloat16(), torch.randn(6, 128).bfloat16()
-        idx2, idx3 = _routing(g, 6, 2, 8), _routing(g, 6, 3, 8)
+        x256, x128 = torch.randn(6, 256).bfloat16().to(dev), torch.randn(6, 128).bfloat16().to(dev)
+        idx2, idx3 = _routing(g, 6, 2, 8).to(dev), _routing(g, 6, 3, 8).to(dev)
         args = _args(backend)
         # hidden 256 vs 128
         _expect_everywhere(rank, RankMismatchError, r"Buffer.dispatch \(call 1\): the ranks disagree \(hidden: "
@@ -70,12 +85,12 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
         _expect_everywhere(rank, RankMismatchError, r"the ranks disagree \(topk: rank 0: 2, rank 1: 3\)",
                            lambda: buf.dispatch(x256, topk_idx=idx3 if other else idx2, num_experts=8, **args))
         # FP8 vs bf16
-        fp8 = (x256.float().to(torch.float8_e4m3fn), torch.rand(6, 2))
+        fp8 = (x256.float().to(torch.float8_e4m3fn), torch.rand(6, 2, device=dev))
         _expect_everywhere(rank, RankMismatchError,
                            r"the ranks disagree \(dtype: rank 0: 'bf16', rank 1: 'fp8 e4m3 \+ f32 scales'\)",
                            lambda: buf.dispatch(fp8 if other else x256, topk_idx=idx2, num_experts=8, **args))
         # num_experts 4 vs 8 (ids valid for both)
-        idx4 = _routing(g, 6, 2, 4)
+        idx4 = _routing(g, 6, 2, 4).to(dev)
         _expect_everywhere(rank, RankMismatchError, r"the ranks disagree \(num_experts: rank 0: 4, rank 1: 8\)",
                            lambda: buf.dispatch(x256, topk_idx=idx4, num_experts=8 if other else 4, **args))
         # the kernels' ring geometry (their Config) on the kernel backends
@@ -86,14 +101,14 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
         # a rank whose own arguments are invalid: its own error there, named on the others
         if other:
             _expect_everywhere(rank, ValueError, r"x: hidden size 200 not supported",
-                               lambda: buf.dispatch(torch.zeros(6, 200, dtype=torch.bfloat16), topk_idx=idx2,
+                               lambda: buf.dispatch(torch.zeros(6, 200, dtype=torch.bfloat16, device=dev), topk_idx=idx2,
                                                     num_experts=8, **args))
         else:
             _expect_everywhere(rank, RankMismatchError, r"rank 1 rejected its arguments \(ValueError: x: hidden "
                                r"size 200 not supported",
                                lambda: buf.dispatch(x256, topk_idx=idx2, num_experts=8, **args))
         # combine: weights on one rank only; handles of different dispatches
-        recv_x, _, recv_w, _, h1, _ = buf.dispatch(x256, topk_idx=idx2, topk_weights=torch.rand(6, 2),
+        recv_x, _, recv_w, _, h1, _ = buf.dispatch(x256, topk_idx=idx2, topk_weights=torch.rand(6, 2, device=dev),
                                                    num_experts=8, **args)
         recv_x2, _, _, _, h2, _ = buf.dispatch(x256, topk_idx=idx2, num_experts=8, **args)
         _expect_everywhere(rank, RankMismatchError, r"Buffer.combine \(call \d+\): the ranks disagree \(topk: "
@@ -129,7 +144,7 @@ def _mismatch_worker(rank, ranks, init_file, seed, done_dir, backend):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["gloo", "emu"])
+@pytest.mark.parametrize("backend", ["gloo", "emu", CUDA])
 def test_disagreeing_ranks_fail_on_every_rank(backend, seed):
     assert spawn_ranks(_mismatch_worker, 2, seed, backend) > 0
 
@@ -175,8 +190,9 @@ def _absent_worker(rank, ranks, init_file, seed, done_dir, backend):
         dist.barrier()
         # 2. absent from a dispatch (the Buffer was built by every rank)
         buf = Buffer(None, backend=backend, timeout_s=TIMEOUT_S)
-        x = torch.randn(4, 128).bfloat16()
-        idx = torch.randint(0, 2 * ranks, (4, 2))
+        dev = _device(rank, backend)
+        x = torch.randn(4, 128).bfloat16().to(dev)
+        idx = torch.randint(0, 2 * ranks, (4, 2)).to(dev)
         if rank != late:
             start = time.monotonic()
             with pytest.raises(RankTimeoutError, match=r"Buffer.dispatch \(call 1\): " + pattern):
@@ -198,7 +214,8 @@ def _absent_worker(rank, ranks, init_file, seed, done_dir, backend):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ranks,backend", [(2, "gloo"), (3, "gloo"), (2, "emu")])
+@pytest.mark.parametrize("ranks,backend", [(2, "gloo"), (3, "gloo"), (2, "emu"),
+                                           pytest.param(2, "cuda", marks=pytest.mark.gpu)])
 def test_absent_rank_is_named_on_every_live_rank(ranks, backend, seed):
     assert spawn_ranks(_absent_worker, ranks, seed, backend) > 0
 

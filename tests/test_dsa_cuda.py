@@ -92,21 +92,24 @@ def test_sass_has_the_intended_instructions(heads, paged):
     name = (CD.PAGED_FUNCTIONS if paged else CD.RAGGED_FUNCTIONS)[heads]
     listing = next(p for p in parts[1:] if p.split()[0] == name)
     ops = sass.opcodes(listing)
-    # per key block and query row (both loops unrolled: BLOCKS_PER_CTA x GROUP_ROWS): 4 k32
-    # steps of K (64 keys) x Q^T (heads), both from shared memory
-    assert len(re.findall(rf"QGMMA\.64x{heads}x32\.F32\.E4M3\.E4M3", listing)) == 4 * CD.GROUP_ROWS * CD.BLOCKS_PER_CTA
-    assert ops["UTMALDG.2D"] >= 1                                   # Q tiles (and ragged key blocks)
+    # a (key block, query row) pair is 4 k32 steps of K (64 keys) x Q^T (heads), both from
+    # shared memory, issued at 3 places: the item's first pair, then the loop's two
+    # accumulators (the next pair's wgmma runs while this one's head sum is computed)
+    assert len(re.findall(rf"QGMMA\.64x{heads}x32\.F32\.E4M3\.E4M3", listing)) == 3 * 4
+    assert ops["UTMALDG.2D"] >= 1                                   # Q tiles (and ragged key blocks, paged scales)
     assert (ops.get("UTMALDG.3D", 0) >= 1) == paged                 # pages through the 3-D map
+    assert (ops.get("UTMALDG.1D", 0) >= 1) != paged                 # k_scales through the 1-D map
     assert any(op.startswith("SYNCS.PHASECHK") for op in ops)
     assert any(op.startswith("SHFL.BFLY") for op in ops)            # the quad's head reduction
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
 
 
 def test_shared_memory_plan():
-    # alignment slack + 2 stages of (4 key blocks of 8 KB + group_rows Q tiles of heads x 128
-    # bytes, rounded to 1 KB) + 6 mbarriers and a 52-byte item info per stage
-    assert CD.smem_bytes(64) == 1024 + 2 * (4 * 8192 + 4 * 64 * 128) + 2 * (48 + 52)
-    assert CD.smem_bytes(32, 1) == 1024 + 2 * (4 * 8192 + 32 * 128) + 2 * (48 + 52)
+    # alignment slack + 2 stages of (4 key blocks of 8 KB and their 256 bytes of scales +
+    # group_rows Q tiles of heads x 128 bytes and weights rows of heads x 4, rounded to 1 KB)
+    # + 6 mbarriers and a 52-byte item info per stage
+    assert CD.smem_bytes(64) == 1024 + 2 * (4 * 8192 + 4 * 256 + 4 * 64 * 132) + 2 * (48 + 52)
+    assert CD.smem_bytes(32, 1) == 1024 + 2 * (4 * 8192 + 4 * 256 + 32 * 132 + 896) + 2 * (48 + 52)
     assert CD.ctas_per_sm(64, 1) == 2 and CD.ctas_per_sm(64, 4) == 1
 
 

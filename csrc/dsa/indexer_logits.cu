@@ -17,15 +17,19 @@
 // rows or 4 consecutive prefill rows, x a chunk of kBlocksPerCta consecutive 64-key blocks);
 // CTA c takes items c, c + gridDim.x, ... through a two-stage ring, so the keys of the next
 // item stream in while this one is computed. Per item:
-//   1. windows: each row's window, and which of the chunk's blocks meet at least one of them;
-//   2. load (the producer warp's lane 0, up to kStages items ahead, once the math warps have
-//      released the stage): the group's Q tiles and every used key block by TMA, one mbarrier
-//      each; every barrier of the stage is armed for every item (0 bytes when unused), so
-//      their phases advance in step with the item count;
+//   1. windows: each row's window, and which of the chunk's blocks meet their hull;
+//   2. load (the producer warp, up to kStages items ahead, once the math warps have released
+//      the stage): its lanes copy the group's weights rows into the stage (coalesced loads,
+//      issued before the stage frees); lane 0 issues the TMA loads of the group's Q tiles and
+//      of every used key block with its 64 scales, one mbarrier each; every barrier of the
+//      stage is armed for every item (0 bytes when unused), so their phases advance in step
+//      with the item count;
 //   3. per used block and query row: S = K Q^T (64 keys x H heads, f32) = 4 x wgmma m64nHk32
 //      with both operands K-major in 128B-swizzled shared memory; each thread sums
-//      w[h] * relu(S[key, h]) over its columns, the four lanes of a quad finish the key, and
-//      lane 0 of the quad writes scale * sum inside the window, -inf outside;
+//      w[h] * relu(S[key, h]) over its columns (four independent chains), the four lanes of
+//      a quad finish the block's two keys with two shuffles (a reduce-scatter: lanes 0 and 2
+//      end with the first key, 1 and 3 with the second), and lanes 0 and 1 of the quad write
+//      scale * sum inside the window, -inf outside;
 //   4. clean: positions of blocks no window meets (not loaded) get -inf; each math warp
 //      releases the stage (the empty barrier) for the producer.
 #include <cstdint>
@@ -35,12 +39,13 @@
 namespace {
 
 constexpr uint32_t kMathThreads = 128;                  // the math warpgroup
-constexpr uint32_t kThreads = kMathThreads + 32;        // + the producer warp
+constexpr uint32_t kProducerThreads = 32;               // the producer warp
+constexpr uint32_t kThreads = kMathThreads + kProducerThreads;
 constexpr uint32_t kBlockKeys = 64;                     // keys per block (a page) = the wgmma M
 constexpr uint32_t kHeadDim = 128;                      // e4m3 bytes per key = one swizzled row
 constexpr uint32_t kScaleBytes = 4;                     // one float32 scale per key
 constexpr uint32_t kBlockBytes = kBlockKeys * kHeadDim; // 8 KB of keys
-constexpr uint32_t kPageBytes = kBlockKeys * (kHeadDim + kScaleBytes);   // a paged block + its scales
+constexpr uint32_t kBlockScaleBytes = kBlockKeys * kScaleBytes;          // their 64 scales
 constexpr uint32_t kBlocksPerCta = 4;
 constexpr uint32_t kMaxGroupRows = 4;                   // query rows per group (next_n <= 4)
 constexpr uint32_t kKSteps = kHeadDim / 32;             // wgmma k32 steps over the head dim
@@ -48,16 +53,19 @@ constexpr uint32_t kSmemAlign = 1024;                   // 128B-swizzle atoms
 constexpr float kMinusInf = -__builtin_huge_valf();
 
 // Shared memory (dynamic, base aligned up to 1024): kStages stages of [kBlocksPerCta key blocks
-// | group_rows Q tiles of H x 128 bytes], each stage a multiple of 1024 bytes, then the
-// mbarriers (per stage: one per key block, one for the Q tiles, one "empty" the math warps
-// release), then one ItemInfo per stage. pykernels/cuda/dsa.py smem_bytes computes the same size.
+// | group_rows Q tiles of H x 128 bytes | kBlocksPerCta x 64 key scales | group_rows x H
+// weights], each stage a multiple of 1024 bytes, then the mbarriers (per stage: one per key
+// block (its keys and scales), one for the Q tiles (and the weights and item info), one
+// "empty" the math warps release), then one ItemInfo per stage. pykernels/cuda/dsa.py
+// smem_bytes computes the same size.
 constexpr uint32_t kStages = 2;
 constexpr uint32_t kBarsPerStage = kBlocksPerCta + 2;
 constexpr uint32_t kQBar = kBlocksPerCta, kEmptyBar = kBlocksPerCta + 1;   // a stage's barriers after the blocks'
 constexpr uint32_t kMathWarps = kMathThreads / 32;
 
 __host__ __device__ constexpr uint32_t stage_bytes(uint32_t heads, uint32_t group_rows) {
-  return (kBlocksPerCta * kBlockBytes + group_rows * heads * kHeadDim + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
+  return (kBlocksPerCta * (kBlockBytes + kBlockScaleBytes) + group_rows * heads * (kHeadDim + 4) + kSmemAlign - 1)
+         / kSmemAlign * kSmemAlign;
 }
 
 struct Window {
@@ -74,6 +82,16 @@ struct ItemInfo {
 };
 static_assert(sizeof(ItemInfo) == 4 + 8 * kMaxGroupRows + 4 * kBlocksPerCta, "pykernels/cuda/dsa.py ITEM_INFO_BYTES");
 
+// cp.async.bulk.tensor over a 1-D map (ptx.cuh has 2-D and 3-D): `bar` receives complete_tx
+// of the whole box (elements past the tensor zero-filled).
+__device__ __forceinline__ void tma_load_1d(uint32_t dst, const pk::TensorMap* map, uint32_t bar, int32_t c0) {
+  asm volatile(
+      "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3}], [%2];\n" ::"r"(dst),
+      "l"(pk::generic_addr(map)), "r"(bar), "r"(c0)
+      : "memory");
+}
+
 // What the two layouts share: q, weights, out.
 struct Common {
   const float* weights;
@@ -87,7 +105,6 @@ struct Common {
 
 // Decode: the keys of group `seq` (its next_n rows) are the pages of its block table.
 struct Paged {
-  const uint8_t* cache;
   const int* context_lens;
   const int* block_table;
   uint32_t bt_stride, next_n, lens_per_row;   // context_lens is [b, next_n] (1) or [b] (0)
@@ -98,25 +115,22 @@ struct Paged {
     const int end = lens_per_row ? context_lens[seq * next_n + j] : context_lens[seq] - (int)next_n + (int)j + 1;
     return {0u, (uint32_t)max(end, 0)};
   }
-  __device__ __forceinline__ int page(uint32_t seq, uint32_t blk) const {
+  // The block's TMA coordinate: its page id (read for every block of an item before any load
+  // is issued, so the reads overlap).
+  __device__ __forceinline__ int32_t coord(uint32_t seq, uint32_t blk) const {
     return block_table[(uint64_t)seq * bt_stride + blk];
   }
-  // The block's TMA coordinate (its page id; read for every block of an item before any load
-  // is issued, so the reads overlap) and its load through the map over [num_blocks, 64, 128] bytes.
-  __device__ __forceinline__ int32_t coord(uint32_t seq, uint32_t blk) const { return page(seq, blk); }
-  __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, int32_t page_id) const {
-    pk::tma_load_3d(dst, tmap_k, bar, 0, 0, page_id);
-  }
-  // The scale of key `key` of the block at `page_id` (every page holds 64; read before the
-  // window test, also for unused blocks: coordinate 0, a page that exists).
-  __device__ __forceinline__ float scale(int32_t page_id, uint32_t key, uint32_t) const {
-    return reinterpret_cast<const float*>(cache + (uint64_t)page_id * kPageBytes + kBlockBytes)[key];
+  // The page's keys through the map over [num_blocks, 64, 128] bytes (skipping the scales),
+  // its scales through the map over [num_blocks, 64] float32 (page stride 132 x 64 bytes).
+  __device__ __forceinline__ void load(uint32_t keys_dst, uint32_t scales_dst, const pk::TensorMap* tmap_k,
+                                       const pk::TensorMap* tmap_s, uint32_t bar, int32_t page_id) const {
+    pk::tma_load_3d(keys_dst, tmap_k, bar, 0, 0, page_id);
+    pk::tma_load_2d(scales_dst, tmap_s, bar, 0, page_id);
   }
 };
 
 // Prefill: group g is query rows [4g, 4g + 4) (fewer in the last); keys are k's rows.
 struct Ragged {
-  const float* k_scales;
   const int* ks;
   const int* ke;
   uint32_t num_rows;
@@ -129,27 +143,28 @@ struct Ragged {
     return {(uint32_t)ks[row(g, j)], (uint32_t)ke[row(g, j)]};
   }
   __device__ __forceinline__ int32_t coord(uint32_t, uint32_t blk) const { return (int32_t)(blk * kBlockKeys); }
-  __device__ __forceinline__ void load(uint32_t dst, const pk::TensorMap* tmap_k, uint32_t bar, int32_t row) const {
-    pk::tma_load_2d(dst, tmap_k, bar, 0, row);   // keys past N: zero-filled
-  }
-  // (the index clamped below width = N: a last block's keys past N have no scale; never written)
-  __device__ __forceinline__ float scale(int32_t first_key, uint32_t key, uint32_t width) const {
-    return k_scales[min((uint32_t)first_key + key, width - 1)];
+  // k's rows through a 2-D map, k_scales through a 1-D one (keys past N: zero-filled, never written)
+  __device__ __forceinline__ void load(uint32_t keys_dst, uint32_t scales_dst, const pk::TensorMap* tmap_k,
+                                       const pk::TensorMap* tmap_s, uint32_t bar, int32_t row) const {
+    pk::tma_load_2d(keys_dst, tmap_k, bar, 0, row);
+    tma_load_1d(scales_dst, tmap_s, bar, row);
   }
 };
 
 template <int kHeads, class Keys>
 __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_k,
-                                               const Common& c, const Keys& keys) {
+                                               const pk::TensorMap* tmap_s, const Common& c, const Keys& keys) {
   constexpr int kAccRegs = kHeads / 2;      // wgmma m64nHk32 fragment per thread
   constexpr int kColGroups = kHeads / 8;    // 8-column groups; a thread holds 2 columns of each
+  constexpr int kChains = 4;                // independent partial sums per key (latency, not issue, bound)
   constexpr uint32_t kQTileBytes = kHeads * kHeadDim;
+  constexpr uint32_t kWeightsPerLane = kHeads / 32;   // the producer lanes' share of a weights row
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  const uint32_t base = (pk::smem_addr(smem_raw) + kSmemAlign - 1) & ~(kSmemAlign - 1);
+  const uint32_t raw = pk::smem_addr(smem_raw);
+  const uint32_t base = (raw + kSmemAlign - 1) & ~(kSmemAlign - 1);
   const uint32_t stage_size = stage_bytes(kHeads, c.group_rows);
   const uint32_t bars = base + kStages * stage_size;    // + 8 * (kBarsPerStage * stage + block or Q)
-  ItemInfo* const infos = reinterpret_cast<ItemInfo*>(smem_raw + (bars + 8 * kStages * kBarsPerStage
-                                                                  - pk::smem_addr(smem_raw)));
+  ItemInfo* const infos = reinterpret_cast<ItemInfo*>(smem_raw + (bars + 8 * kStages * kBarsPerStage - raw));
 
   const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t chunks = (c.width + kBlocksPerCta * kBlockKeys - 1) / (kBlocksPerCta * kBlockKeys);
@@ -158,27 +173,34 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   const auto q_tile = [&](uint32_t s, uint32_t j) {
     return base + s * stage_size + kBlocksPerCta * kBlockBytes + j * kQTileBytes;
   };
+  const auto scale_tile = [&](uint32_t s, uint32_t u) {
+    return base + s * stage_size + kBlocksPerCta * kBlockBytes + c.group_rows * kQTileBytes + u * kBlockScaleBytes;
+  };
+  const auto weights_of = [&](uint32_t s) {   // the stage's weights, [group_rows][kHeads] f32
+    return reinterpret_cast<float*>(smem_raw + (scale_tile(s, kBlocksPerCta) - raw));
+  };
   const auto bar = [&](uint32_t s, uint32_t u) { return bars + 8 * (s * kBarsPerStage + u); };
 
   // 1-2. windows and load (the producer): the item's info read ahead (a block is used when it
-  //    meets some row's window), then,
-  //    once the stage is free, the info stored for the math warps, every barrier of the stage
-  //    armed and the used tiles loaded
+  //    meets the hull of the rows' non-empty windows: for paged rows, whose windows all start
+  //    at 0, the blocks that meet some window), then, once the stage is free, the info stored
+  //    for the math warps, every barrier of the stage armed and the used tiles loaded
   const auto item_info = [&](uint32_t item) {   // global reads: windows, page ids
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
     const uint32_t rows = keys.group_rows(group);
     ItemInfo info;
-#pragma unroll
-    for (uint32_t j = 0; j < kMaxGroupRows; ++j) info.win[j] = j < rows ? keys.window(group, j) : Window{0u, 0u};
-    info.mask = 0;
+    uint32_t lo = 0xffffffffu, hi = 0;
 #pragma unroll
     for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+      const Window win = j < rows ? keys.window(group, j) : Window{0u, 0u};
+      info.win[j] = win;
+      if (win.lo < win.hi) lo = min(lo, win.lo), hi = max(hi, win.hi);
+    }
+    info.mask = 0;
 #pragma unroll
-      for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-        const uint32_t lo = (first_blk + u) * kBlockKeys;
-        const Window win = info.win[j];
-        if (win.lo < win.hi && win.lo < lo + kBlockKeys && lo < win.hi) info.mask |= 1u << u;
-      }
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
+      const uint32_t first = (first_blk + u) * kBlockKeys;
+      if (lo < first + kBlockKeys && first < hi) info.mask |= 1u << u;
     }
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u)
@@ -195,128 +217,194 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
       const bool used = info.mask >> u & 1;
-      pk::mbar_arrive_expect_tx(bar(s, u), used ? kBlockBytes : 0u);
-      if (used) keys.load(key_tile(s, u), tmap_k, bar(s, u), info.coord[u]);
+      pk::mbar_arrive_expect_tx(bar(s, u), used ? kBlockBytes + kBlockScaleBytes : 0u);
+      if (used) keys.load(key_tile(s, u), scale_tile(s, u), tmap_k, tmap_s, bar(s, u), info.coord[u]);
     }
   };
 
   if (tid == 0) {
     for (uint32_t st = 0; st < kStages; ++st)
-      for (uint32_t u = 0; u < kBarsPerStage; ++u) pk::mbar_init(bar(st, u), u == kEmptyBar ? kMathWarps : 1);
+      for (uint32_t u = 0; u < kBarsPerStage; ++u)
+        pk::mbar_init(bar(st, u), u == kEmptyBar ? kMathWarps : u == kQBar ? kProducerThreads : 1);
     pk::fence_mbarrier_init();
   }
   __syncthreads();
 
   if (warp == kMathWarps) {
     // ------------------------------------------------------------------ producer
-    if (lane != 0) return;
     uint32_t k = 0;
     for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++k) {
-      const uint32_t s = k % kStages;
-      const ItemInfo info = item_info(item);                         // while the stage may still be in use
+      const uint32_t s = k % kStages, group = item / chunks, rows = keys.group_rows(group);
+      // while the stage may still be in use: lane 0 the item's info, every lane its share of
+      // the rows' weights (one coalesced load per 32 heads and row)
+      float w[kMaxGroupRows][kWeightsPerLane];
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+        const float* src = c.weights + (uint64_t)keys.row(group, min(j, rows - 1)) * c.weights_stride + lane;
+#pragma unroll
+        for (uint32_t i = 0; i < kWeightsPerLane; ++i) w[j][i] = j < rows ? src[32 * i] : 0.f;
+      }
+      ItemInfo info{};
+      if (lane == 0) info = item_info(item);
       pk::mbar_wait(bar(s, kEmptyBar), ((k / kStages) & 1) ^ 1);   // the stage's previous item released
-      load_item(item, info, s);
+      float* const dst = weights_of(s);
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+        if (j >= rows) break;
+#pragma unroll
+        for (uint32_t i = 0; i < kWeightsPerLane; ++i) dst[j * kHeads + lane + 32 * i] = w[j][i];
+      }
+      if (lane == 0)
+        load_item(item, info, s);       // its arrive (with the Q tiles' bytes) is one of the Q barrier's 32
+      else
+        pk::mbar_arrive(bar(s, kQBar)); // releases this lane's weights
     }
     return;
   }
 
   // Fragment of this thread: rows (keys) key0 and key0 + 8, columns (heads) 8g + 2*(lane%4) + {0, 1}.
+  // After the quad's reduce-scatter it holds the sum of key0 + 8 * half (half = lane % 2).
   const uint32_t key0 = 16 * warp + lane / 4;
   const uint32_t col0 = 2 * (lane % 4);
+  const uint32_t half = lane % 2;
+  const bool writer = lane % 4 < 2;           // lanes 0 and 1 of the quad write its two keys
+  const uint32_t my_key = key0 + 8 * half;
+
+  // A pair = (used key block u, query row j), taken in order: blocks ascending, rows inside a
+  // block. Two accumulators: the wgmma of the next pair runs while this one's head sum is
+  // computed. What a pair's sum needs besides its accumulator is read (shared memory) while
+  // its wgmma runs. The accumulators are zeroed once: a pair's first k32 step ignores them.
+  struct Pair {
+    float2 w[kColGroups];   // this thread's weights of row j
+    float scale;            // the scale of my_key
+    Window win;             // row j's window
+    float* out;             // where my_key of row j goes
+    uint32_t pos;           // its position
+  };
+  float acc_a[kAccRegs], acc_b[kAccRegs];
+#pragma unroll
+  for (int r = 0; r < kAccRegs; ++r) acc_a[r] = acc_b[r] = 0.f;
+
   uint32_t k = 0;
   for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++k) {
     const uint32_t s = k % kStages, parity = (k / kStages) & 1;
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
     const uint32_t first_pos = first_blk * kBlockKeys;
     const uint32_t rows = keys.group_rows(group);
+    // the stage's descriptors (k32 steps, blocks and rows are offsets from them)
+    const uint64_t key_desc = pk::make_desc_k128b(key_tile(s, 0));
+    const uint64_t q_desc = pk::make_desc_k128b(q_tile(s, 0));
+    const float* const wsm = weights_of(s);
+    const float* const scales = reinterpret_cast<const float*>(smem_raw + (scale_tile(s, 0) - raw));
+    // the item's rows are consecutive: row j of the group is out row keys.row(group, 0) + j
+    float* const out0 = c.out + keys.row(group, 0) * c.out_stride + first_pos + my_key;
 
-    // this thread's weights of every row, read while the loads are in flight
-    float wts[kMaxGroupRows][kColGroups][2];
-#pragma unroll
-    for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
-      const float* w = c.weights + (uint64_t)keys.row(group, min(j, rows - 1)) * c.weights_stride + col0;
-#pragma unroll
-      for (int g = 0; g < kColGroups; ++g) {
-        wts[j][g][0] = j < rows ? w[8 * g] : 0.f;
-        wts[j][g][1] = j < rows ? w[8 * g + 1] : 0.f;
-      }
-    }
     pk::mbar_wait(bar(s, kQBar), parity);   // always armed: even an item with no block waits for the producer
     const ItemInfo& info = infos[s];
     const uint32_t mask = info.mask;
-    Window wins[kMaxGroupRows];
-#pragma unroll
-    for (uint32_t j = 0; j < kMaxGroupRows; ++j) wins[j] = info.win[j];
-    // the scales of this thread's two keys in every block (independent loads, all in flight at once)
-    float key_scale[kBlocksPerCta][2];
-#pragma unroll
-    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-      const int32_t at = info.coord[u];
-#pragma unroll
-      for (uint32_t half = 0; half < 2; ++half) key_scale[u][half] = keys.scale(at, key0 + 8 * half, c.width);
-    }
 
-    // 3. logits of the loaded blocks
+    const auto issue = [&](float (&acc)[kAccRegs], uint32_t u, uint32_t j) {
+      const uint64_t kd = key_desc + u * (kBlockBytes / 16), qd = q_desc + j * (kQTileBytes / 16);
+      pk::wgmma_fence();
 #pragma unroll
-    for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
-      if (!(mask >> u & 1)) continue;
-      pk::mbar_wait(bar(s, u), parity);
+      for (uint32_t ks = 0; ks < kKSteps; ++ks)   // a k32 step: 32 bytes further along the swizzled rows
+        pk::WgmmaE4M3<kHeads>::mma(acc, kd + 2 * ks, qd + 2 * ks, ks > 0);
+      pk::wgmma_commit();
+    };
+    const auto prepare = [&](uint32_t u, uint32_t j) {
+      Pair p;
 #pragma unroll
-      for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
-        if (j >= rows) break;
-        const uint32_t row = keys.row(group, j);
-        float acc[kAccRegs];
+      for (int g = 0; g < kColGroups; ++g) p.w[g] = *reinterpret_cast<const float2*>(wsm + j * kHeads + 8 * g + col0);
+      p.scale = scales[u * kBlockKeys + my_key];
+      p.win = info.win[j];
+      p.out = out0 + j * c.out_stride + u * kBlockKeys;
+      p.pos = first_pos + u * kBlockKeys + my_key;
+      return p;
+    };
+    // sum_h w[h] * relu(S[key, h]) over this thread's columns (the ReLUs first, then kChains
+    // independent partial sums per key), the quad's reduce-scatter, the scale, the store
+    const auto finish = [&](float (&acc)[kAccRegs], const Pair& p) {
 #pragma unroll
-        for (int r = 0; r < kAccRegs; ++r) acc[r] = 0.f;
-        pk::wgmma_fence();
+      for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
 #pragma unroll
-        for (uint32_t ks = 0; ks < kKSteps; ++ks)
-          pk::WgmmaE4M3<kHeads>::mma(acc, pk::make_desc_k128b(key_tile(s, u) + 32 * ks),
-                                     pk::make_desc_k128b(q_tile(s, j) + 32 * ks), ks > 0);
-        pk::wgmma_commit();
-        pk::wgmma_wait<0>();
+      for (int r = 0; r < kAccRegs; ++r) acc[r] = fmaxf(acc[r], 0.f);
+      // term (g, e) of key h (column 8g + col0 + e) goes to its chain (g % 2) * 2 + e:
+      // consecutive instructions feed different chains
+      float part[2][kChains];
 #pragma unroll
-        for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
-
-        // sum_h w[h] * relu(S[key, h]) over this thread's columns, then over the quad
-        float sum[2] = {0.f, 0.f};
+      for (int g = 0; g < kColGroups; ++g) {
 #pragma unroll
-        for (int g = 0; g < kColGroups; ++g) {
-          const float w0 = wts[j][g][0], w1 = wts[j][g][1];
+        for (int e = 0; e < 2; ++e) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            sum[half] += w0 * fmaxf(acc[4 * g + 2 * half], 0.f);
-            sum[half] += w1 * fmaxf(acc[4 * g + 2 * half + 1], 0.f);
-          }
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 1);
-          sum[half] += __shfl_xor_sync(0xffffffffu, sum[half], 2);
-        }
-        if (lane % 4 == 0) {
-          const Window win = wins[j];
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t pos = first_pos + u * kBlockKeys + key0 + 8 * half;
-            if (pos < c.width)
-              c.out[row * c.out_stride + pos] =
-                  pos >= win.lo && pos < win.hi ? sum[half] * key_scale[u][half] : kMinusInf;
+          for (int h = 0; h < 2; ++h) {
+            float& q = part[h][(g % 2) * 2 + e];
+            const float w = e ? p.w[g].y : p.w[g].x, x = acc[4 * g + 2 * h + e];
+            q = g < 2 ? w * x : fmaf(w, x, q);
           }
         }
       }
-    }
+#pragma unroll
+      for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
+      float sum[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sum[h] = (part[h][0] + part[h][1]) + (part[h][2] + part[h][3]);
+      // pass the other key's sum to the neighbour, then add across the pairs of lanes
+      const float mine = half ? sum[1] : sum[0], other = half ? sum[0] : sum[1];
+      float total = mine + __shfl_xor_sync(0xffffffffu, other, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      if (writer && p.pos < c.width) *p.out = p.pos >= p.win.lo && p.pos < p.win.hi ? total * p.scale : kMinusInf;
+    };
+    // the pair after (u, j): the next row, else row 0 of the next block (the used blocks are
+    // consecutive: those meeting the windows' hull); nu > last: none
+    const uint32_t last = 31 - __clz(mask);
+    const auto next = [&](uint32_t u, uint32_t j, uint32_t& nu, uint32_t& nj) {
+      nj = j + 1 < rows ? j + 1 : 0;
+      nu = nj ? u : u + 1;
+    };
 
+    // 3. logits of the loaded blocks
+    if (mask) {
+      uint32_t u = __ffs(mask) - 1, j = 0, nu, nj;
+      pk::mbar_wait(bar(s, u), parity);
+      issue(acc_a, u, j);
+      Pair pa = prepare(u, j), pb;
+      for (;;) {
+        next(u, j, nu, nj);
+        if (nu <= last) {
+          if (nu != u) pk::mbar_wait(bar(s, nu), parity);
+          issue(acc_b, nu, nj);
+          pb = prepare(nu, nj);
+          pk::wgmma_wait<1>();
+        } else {
+          pk::wgmma_wait<0>();
+        }
+        finish(acc_a, pa);
+        if (nu > last) break;
+        u = nu, j = nj;
+        next(u, j, nu, nj);
+        if (nu <= last) {
+          if (nu != u) pk::mbar_wait(bar(s, nu), parity);
+          issue(acc_a, nu, nj);
+          pa = prepare(nu, nj);
+          pk::wgmma_wait<1>();
+        } else {
+          pk::wgmma_wait<0>();
+        }
+        finish(acc_b, pb);
+        if (nu > last) break;
+        u = nu, j = nj;
+      }
+    }
     // 4. clean the positions of blocks no window meets, then hand the stage back
     for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
       if (mask >> u & 1) continue;
       const uint32_t lo = first_pos + u * kBlockKeys, hi = min(lo + kBlockKeys, c.width);
       for (uint32_t j = 0; j < rows; ++j)
-        for (uint32_t pos = lo + tid; pos < hi; pos += kMathThreads)
-          c.out[(uint64_t)keys.row(group, j) * c.out_stride + pos] = kMinusInf;
+        for (uint32_t p = lo + tid; p < hi; p += kMathThreads)
+          c.out[(uint64_t)keys.row(group, j) * c.out_stride + p] = kMinusInf;
     }
     __syncwarp();
-    if (lane == 0) pk::mbar_arrive(bar(s, kEmptyBar));   // this warp's wgmma reads of the stage are done
+    if (lane == 0) pk::mbar_arrive(bar(s, kEmptyBar));   // this warp's reads of the stage are done
   }
 }
 
@@ -326,22 +414,23 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
 #define PK_DSA_PAGED_LOGITS_ENTRY(NAME, HEADS)                                                                \
   extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                                \
       const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,             \
-      const float* weights, float* out, uint64_t out_stride, uint32_t weights_stride, uint32_t width,         \
-      const uint8_t* cache, const int* context_lens, const int* block_table, uint32_t bt_stride,               \
-      uint32_t next_n, uint32_t lens_per_row, uint32_t batch) {                                                \
-    indexer_logits<HEADS>(&tmap_q, &tmap_k, Common{weights, out, out_stride, weights_stride, width, next_n, batch}, \
-                          Paged{cache, context_lens, block_table, bt_stride, next_n, lens_per_row});           \
+      const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,    \
+      uint32_t weights_stride, uint32_t width, const int* context_lens, const int* block_table,               \
+      uint32_t bt_stride, uint32_t next_n, uint32_t lens_per_row, uint32_t batch) {                           \
+    indexer_logits<HEADS>(&tmap_q, &tmap_k, &tmap_s,                                                           \
+                          Common{weights, out, out_stride, weights_stride, width, next_n, batch},              \
+                          Paged{context_lens, block_table, bt_stride, next_n, lens_per_row});                  \
   }
 
 #define PK_DSA_RAGGED_LOGITS_ENTRY(NAME, HEADS)                                                               \
   extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                                \
       const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,             \
-      const float* weights, float* out, uint64_t out_stride, uint32_t weights_stride, uint32_t width,         \
-      const float* k_scales, const int* ks, const int* ke, uint32_t num_rows) {                                \
-    indexer_logits<HEADS>(&tmap_q, &tmap_k,                                                                    \
+      const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,    \
+      uint32_t weights_stride, uint32_t width, const int* ks, const int* ke, uint32_t num_rows) {             \
+    indexer_logits<HEADS>(&tmap_q, &tmap_k, &tmap_s,                                                           \
                           Common{weights, out, out_stride, weights_stride, width, kMaxGroupRows,               \
                                  (num_rows + kMaxGroupRows - 1) / kMaxGroupRows},                              \
-                          Ragged{k_scales, ks, ke, num_rows});                                                 \
+                          Ragged{ks, ke, num_rows});                                                           \
   }
 
 PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h32, 32)

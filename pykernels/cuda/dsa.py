@@ -11,9 +11,9 @@ when there is less work) walk the work items (row group x chunk of BLOCKS_PER_CT
 a row group is a paged sequence's next_n rows or GROUP_ROWS consecutive prefill rows)
 through a two-stage TMA ring.
 
-Kernel parameters, in order: tmap_q, tmap_k, weights, out, out_stride (u64), weights_stride,
-width, then paged: cache, context_lens, block_table, bt_stride, next_n, lens_per_row, b;
-ragged: k_scales, cu_seqlen_ks, cu_seqlen_ke, num_rows.
+Kernel parameters, in order: tmap_q, tmap_k, tmap_s (the key scales), weights, out,
+out_stride (u64), weights_stride, width, then paged: context_lens, block_table, bt_stride,
+next_n, lens_per_row, b; ragged: cu_seqlen_ks, cu_seqlen_ke, num_rows.
 
 Sparse MLA decode (csrc/mla/decode.cu's pk_mla_sparse_decode_fp8 + pk_mla_combine_sink): the
 dense FP8 decode's plan (pykernels/cuda/mla.py) with every sequence scheduled as topk tokens,
@@ -41,7 +41,7 @@ from ..runtime.plan import ptr_or_null as _opt  # optional pointers: null when N
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "dsa_indexer_logits"
-THREADS = 160                   # kThreads: the math warpgroup + a producer warp
+THREADS = 160                   # kThreads: the math warpgroup + the producer warp
 BLOCK_KV = 64                   # kBlockKeys: keys per block (a page), the wgmma M
 HEAD_DIM = 128                  # kHeadDim: e4m3 bytes per key, one 128-byte swizzled row
 BLOCKS_PER_CTA = 4              # kBlocksPerCta
@@ -57,9 +57,10 @@ ITEM_INFO_BYTES = 4 + 8 * GROUP_ROWS + 4 * BLOCKS_PER_CTA     # sizeof(ItemInfo)
 
 
 def stage_bytes(heads: int, group_rows: int) -> int:
-    """stage_bytes(): BLOCKS_PER_CTA key blocks (8 KB each) + group_rows Q tiles (heads x 128
-    bytes), rounded up to 1024."""
-    return round_up(BLOCKS_PER_CTA * BLOCK_KV * HEAD_DIM + group_rows * heads * HEAD_DIM, 1024)
+    """stage_bytes(): BLOCKS_PER_CTA key blocks (8 KB each) and their scales (256 bytes each)
+    + group_rows Q tiles (heads x 128 bytes) and weights rows (heads x 4 bytes), rounded up to 1024."""
+    return round_up(BLOCKS_PER_CTA * BLOCK_KV * (HEAD_DIM + RD.INDEXER_SCALE_BYTES)
+                    + group_rows * heads * (HEAD_DIM + 4), 1024)
 
 
 def smem_bytes(heads: int, group_rows: int = GROUP_ROWS) -> int:
@@ -74,11 +75,11 @@ def ctas_per_sm(heads: int, group_rows: int) -> int:
     return max(1, min(2048 // THREADS, SMEM_PER_SM // smem_bytes(heads, group_rows)))
 
 
-def check_logits_supported(q, keys, weights, keys_name: str) -> None:
+def check_logits_supported(q, keys, weights, keys_name: str, k_scales=None) -> None:
     """What the hand-written indexer-logits kernel supports beyond pykernels.ops.dsa's
     validation (ValueError naming the argument): head dim 128, 32 or 64 heads, next_n <= 4
     (q [b, next_n, H, D]: the paged form), pages of 64 keys, 16-byte aligned q and keys
-    (`keys_name`: kv_cache or k; TMA), 32-bit row indices."""
+    (`keys_name`: kv_cache or k; TMA; the prefill form's k_scales too), 32-bit row indices."""
     h, d = q.shape[-2:]
     if d != HEAD_DIM:
         raise ValueError(f"q: the cuda/emu indexer-logits kernel needs head dim {HEAD_DIM}, got {d}")
@@ -93,8 +94,8 @@ def check_logits_supported(q, keys, weights, keys_name: str) -> None:
                              f"got block_kv {keys.shape[1]}")
     if torch.compiler.is_compiling():
         return
-    for name, t in (("q", q), (keys_name, keys)):
-        if t.numel() and t.data_ptr() % 16:
+    for name, t in (("q", q), (keys_name, keys), ("k_scales", k_scales)):
+        if t is not None and t.numel() and t.data_ptr() % 16:
             raise ValueError(f"{name}: the cuda/emu indexer-logits kernel reads it with TMA, which needs a "
                              f"16-byte aligned data pointer, got {t.data_ptr():#x}")
     if weights.stride(0) >= 2**32 or keys.shape[0] * BLOCK_KV >= 2**31 or q.numel() // HEAD_DIM >= 2**31:
@@ -108,6 +109,14 @@ def key_view(kv_cache: torch.Tensor) -> torch.Tensor:
     nb = kv_cache.shape[0]
     flat = kv_cache.view(torch.uint8).reshape(-1)
     return flat.as_strided((nb, BLOCK_KV, HEAD_DIM), (PAGE_BYTES, HEAD_DIM, 1))
+
+
+def scale_view(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The key scales of the cache as the kernel's tensor map sees them: float32 [num_blocks, 64]
+    with page stride PAGE_BYTES (each page's scales follow its 64 x 128 key bytes)."""
+    nb = kv_cache.shape[0]
+    flat = kv_cache.view(torch.uint8).reshape(-1).view(torch.float32)
+    return flat.as_strided((nb, BLOCK_KV), (PAGE_BYTES // 4, 1), BLOCK_KV * HEAD_DIM // 4)
 
 
 def _q_map(q, heads: int) -> TensorMapDesc:
@@ -129,26 +138,28 @@ def paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_
                       max_ctas: int = None) -> LaunchPlan:
     """Launch plan of pk_dsa_paged_logits_h{32,64}: persistent CTAs over the b x
     ceil(ceil(max_context_len / 64) / BLOCKS_PER_CTA) work items (max_ctas: cap the grid,
-    e.g. to make each CTA walk several items), 128 threads, smem_bytes(H, next_n)."""
+    e.g. to make each CTA walk several items), THREADS threads, smem_bytes(H, next_n)."""
     b, next_n, h, _ = q.shape
     tmap_k = TensorMapDesc(key_view(kv_cache), (1, BLOCK_KV, HEAD_DIM), swizzle=128)
-    args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), *_common_args(weights, out, max_context_len),
-            ptr(kv_cache), ptr(context_lens), ptr(block_table), u32(block_table.stride(0)), u32(next_n),
-            u32(int(context_lens.dim() == 2)), u32(b))
+    tmap_s = TensorMapDesc(scale_view(kv_cache), (1, BLOCK_KV))
+    args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), Arg("tensormap", tmap_s),
+            *_common_args(weights, out, max_context_len), ptr(context_lens), ptr(block_table),
+            u32(block_table.stride(0)), u32(next_n), u32(int(context_lens.dim() == 2)), u32(b))
     return LaunchPlan(MODULE, PAGED_FUNCTIONS[h], grid=_grid(max_context_len, b, h, next_n, q.device, max_ctas),
                       block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h, next_n))
 
 
 def ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, max_ctas: int = None) -> LaunchPlan:
     """Launch plan of pk_dsa_ragged_logits_h{32,64}: persistent CTAs over the ceil(M /
-    GROUP_ROWS) x ceil(ceil(N / 64) / BLOCKS_PER_CTA) work items, 128 threads,
+    GROUP_ROWS) x ceil(ceil(N / 64) / BLOCKS_PER_CTA) work items, THREADS threads,
     smem_bytes(H); k [N, 128] e4m3 through a 2-D map (64-key boxes; keys past N zero-filled,
     never written out)."""
     m, h, _ = q.shape
     n = k.shape[0]
     tmap_k = TensorMapDesc(k.view(torch.uint8), (BLOCK_KV, HEAD_DIM), swizzle=128)
-    args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), *_common_args(weights, out, n),
-            ptr(k_scales), ptr(cu_seqlen_ks), ptr(cu_seqlen_ke), u32(m))
+    tmap_s = TensorMapDesc(k_scales, (BLOCK_KV,))                     # scales past N: zero-filled
+    args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), Arg("tensormap", tmap_s),
+            *_common_args(weights, out, n), ptr(cu_seqlen_ks), ptr(cu_seqlen_ke), u32(m))
     return LaunchPlan(MODULE, RAGGED_FUNCTIONS[h], grid=_grid(n, cdiv(m, GROUP_ROWS), h, GROUP_ROWS, q.device,
                                                               max_ctas),
                       block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h))
@@ -170,7 +181,7 @@ def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out, m
 def fp8_mqa_logits(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, executor: str = "cuda"):
     """Prefill indexer logits into out f32 [M, N] with the hand-written kernel; inputs as
     validated by pykernels.ops.dsa. Returns the emulator's Stats for executor "emu", else None."""
-    check_logits_supported(q, k, weights, "k")
+    check_logits_supported(q, k, weights, "k", k_scales)
     if q.shape[0] == 0 or k.shape[0] == 0:
         return None                     # out is empty
     return run_plan(ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out), executor)

@@ -36,6 +36,19 @@ def _k_loop_copies(cfg) -> int:
     return min(cfg.block_n // 8, 16) // (gcd(cfg.block_n, 128) // 8)
 
 
+def _double_acc(cfg) -> bool:
+    """One math warpgroup and BLOCK_N <= 64: the K loop runs two accumulator sets
+    (fp8_gemm.cu kDoubleAcc), K block kb + 1 issued before kb is promoted."""
+    return cfg.block_m == 64 and cfg.block_n <= 64
+
+
+def _issue_sites(cfg) -> int:
+    """Places the K loop's four k32 wgmma of a K block are compiled: once per copy of the
+    loop; with two accumulator sets four (the prologue's block, the two blocks of a
+    steady-state round, the tail's odd block)."""
+    return 4 if _double_acc(cfg) else _k_loop_copies(cfg)
+
+
 def _sass_of(function: str) -> str:
     listing = sass.sass(G.MODULE)
     parts = re.split(r"\n\s*Function : ", listing)
@@ -103,7 +116,7 @@ def test_sass_has_the_intended_instructions(cfg):
     ops = sass.opcodes(listing)
     # four fp8 wgmma per 128-wide K block (k32 each), N = BLOCK_N, f32 accumulators, in
     # each copy of the K loop
-    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4 * _k_loop_copies(cfg)
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4 * _issue_sites(cfg)
     assert ops["UTMALDG.3D"] == 1                         # the tile's A scales of a K block
     if cfg.cluster == 1:
         assert ops["UTMALDG.2D"] == 2                     # A and B tiles by TMA
@@ -132,10 +145,10 @@ def test_f32acc_sass_and_resources(cfg):
     # staging; no local memory, no spill
     listing = _sass_of(cfg.function)
     ops = sass.opcodes(listing)
-    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4 * _issue_sites(cfg)
     assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == (2 if cfg.row_b else 1)
-    if cfg.row_b:                       # the thread's BLOCK_N/4 column scales: BLOCK_N/8 8-byte shared loads
-        assert ops["LDS.64"] == cfg.block_n // 8
+    if cfg.row_b:       # the thread's BLOCK_N/4 column scales: BLOCK_N/8 8-byte shared loads per issue site
+        assert ops["LDS.64"] == cfg.block_n // 8 * _issue_sites(cfg)
     assert "UTMASTG.2D" not in ops and "STG.E.128" not in ops
     assert ops["LDG.E.64"] == ops["STG.E.64"] == 2 * cfg.block_n // 8
     assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
@@ -167,11 +180,12 @@ def test_e4m3_out_sass_and_resources(cfg):
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def _k_loops(listing: str) -> list:
+def _k_loops(listing: str, qgmma: int = 4) -> list:
     """Opcode counts of each K loop of a kernel's SASS: the regions from a backward BRA's
-    target to the BRA that hold the four QGMMA of a K block, shortest first, each kept
-    unless it overlaps a shorter one (outer loops, and the out-of-line retries of the
-    mbarrier waits that branch back into a loop)."""
+    target to the BRA that hold `qgmma` QGMMA (four per K block; a round of the two-set
+    loop has two blocks), shortest first, each kept unless it overlaps a shorter one
+    (outer loops, and the out-of-line retries of the mbarrier waits that branch back
+    into a loop)."""
     ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(listing)]
     at = {a: i for i, (a, _, _) in enumerate(ins)}
     spans = []
@@ -179,7 +193,7 @@ def _k_loops(listing: str) -> list:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in at:
             j = at[int(target.group(1), 16)]
-            if sum(o.startswith("QGMMA") for _, o, _ in ins[j:i + 1]) == 4:
+            if sum(o.startswith("QGMMA") for _, o, _ in ins[j:i + 1]) == qgmma:
                 spans.append((j, i))
     kept = []
     for j, i in sorted(spans, key=lambda span: span[1] - span[0]):
@@ -200,13 +214,29 @@ def test_k_loop_promotion_picks_b_scales_at_compile_time(cfg):
     # split (issue 14 item 4) and its promotion has no per-group select: the same
     # instruction mix as the 128-column tile's (before: 17 FSEL, 20 ISETP and 34 FMUL per
     # K block for 128x160, 13 / 16 / 26 for 128x112).
-    loops = _k_loops(_sass_of(cfg.function))
+    # Two accumulator sets: one loop round is two K blocks (two promotions).
+    blocks = 2 if _double_acc(cfg) else 1
+    loops = _k_loops(_sass_of(cfg.function), 4 * blocks)
     assert len(loops) == _k_loop_copies(cfg)
     (uniform,) = _k_loops(_sass_of(G.Config(128, 128).function))
     for ops in loops:
-        assert ops["FSEL"] == 0 and ops["FFMA"] == cfg.block_n // 2, ops
-        assert ops["FMUL"] <= 4                     # sfa rows (r, r+8) x sfb blocks (nb0, nb0+1)
-        assert _isetp(ops) <= _isetp(uniform), ops
+        assert ops["FSEL"] == 0 and ops["FFMA"] == blocks * cfg.block_n // 2, ops
+        assert ops["FMUL"] <= 4 * blocks            # sfa rows (r, r+8) x sfb blocks (nb0, nb0+1)
+        assert _isetp(ops) <= blocks * _isetp(uniform), ops
+
+
+def test_double_accumulators_overlap_the_promotion(ptx_module):
+    # BLOCK_M 64, BLOCK_N <= 64: the K loop waits for all but the newest wgmma group
+    # (wait_group 1: K block kb + 1 runs while kb is promoted), the others retire theirs at
+    # once (wait_group 0 only); and ptxas kept every kernel's wgmma asynchronous (it notes
+    # "wgmma.mma_async instructions are serialized" when a path may read an accumulator in
+    # flight, which would silently undo the overlap)
+    for cfg in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS:
+        waits = {i.text for i in ptx_module.kernel(cfg.function).instrs if i.full.startswith("wgmma.wait_group")}
+        expect = {"wgmma.wait_group.sync.aligned 0"} | ({"wgmma.wait_group.sync.aligned 1"} if _double_acc(cfg) else set())
+        assert waits == expect, (cfg.function, waits)
+    log = artifacts.KERNEL_DIR / artifacts.manifest()["kernels"][G.MODULE]["log"]
+    assert "serialized" not in log.read_text()
 
 
 @pytest.mark.parametrize("cfg", G.CONFIGS, ids=CONFIG_IDS)
@@ -252,7 +282,7 @@ def test_ptx_parses_with_the_intended_instructions(ptx_module):
         assert len(k.params) == len(G.PARAMS)
         assert [(p.size, p.align) for p in k.params[:4]] == [(128, 64)] * 4          # tensor maps
         full = [i.full for i in k.instrs]
-        assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4 * _k_loop_copies(cfg)
+        assert full.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32.f32.e4m3.e4m3") == 4 * _issue_sites(cfg)
         tma = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
         assert full.count(tma) >= (2 if cfg.cluster == 1 else 1)
         assert (full.count(tma + ".multicast::cluster") >= 1) == (cfg.cluster == 2)

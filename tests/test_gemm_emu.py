@@ -557,6 +557,34 @@ def test_partial_last_k_block(cfg, k, layout, schedule, seed):
     assert stats.global_written == int(own.sum()) * out.shape[-1] * 2
 
 
+# One math warpgroup, BLOCK_N <= 64: two accumulator sets (fp8_gemm.cu kDoubleAcc; K block
+# kb + 1 is issued before kb is promoted)
+DOUBLE_ACC = [c for c in list(G.CONFIGS) + list(G.F32ACC_CONFIGS) if c.block_m == 64 and c.block_n <= 64]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("k", [128, 256, 384, 464])
+@pytest.mark.parametrize("cfg", DOUBLE_ACC, ids=[c.function.removeprefix("pk_fp8_gemm_nt_") for c in DOUBLE_ACC])
+def test_double_accumulators_promote_like_one(cfg, k, schedule, seed):
+    # 1-4 K blocks (every path of the two-set loop: prologue only, the tail with one more
+    # block, one steady-state round with either tail; 464: a partial last block), 2 stages
+    # and one persistent CTA for several tiles (the ring and its held-stage count run on
+    # across tiles): bit for bit the single-set 128-row kernel's result (same K blocks
+    # promoted in the same order), within the tolerance of the reference
+    m, n = 64, 128
+    a, sfa, b, sfb = _problem(m, n, k)
+    single = G.Config(128, 128, f32acc=cfg.f32acc)
+
+    def run(c, sched):
+        out = torch.zeros(m, n) if c.f32acc else nan_bf16(m, n)
+        run_emu(G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=c,
+                            stages=2, sms=1), schedule=sched)
+        return out
+    out = run(cfg, schedule)
+    assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+    assert torch.equal(out, run(single, "lockstep"))
+
+
 @pytest.mark.parametrize("k", [576, 832])
 def test_partial_k_is_the_zero_padded_product(k, seed):
     # DeepGEMM's test K values through the public call (the heuristic's tile): bit for bit

@@ -318,6 +318,10 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   static_assert(BN <= 128 + gcd_int(BN, 128), "BN: a tile may span at most two sfb blocks");
   constexpr bool kUniformB = (128 % BN) == 0;  // a tile never crosses a sfb block
   constexpr uint32_t kAcc = BN / 2;             // f32 accumulator registers per thread
+  // One math warpgroup (BM 64): two accumulator sets, so that the wgmma of K block kb + 1
+  // runs while kb is promoted (with two warpgroups the other one's wgmma fills that gap).
+  // Up to BN 64: three BN/2-register sets (acc, acc2, fin) of 64 x 128 spill the 232 registers.
+  constexpr bool kDoubleAcc = L::kMathWG == 1 && BN <= 64;
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
@@ -436,6 +440,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   const uint32_t staging_addr = base + staging_off + wg * L::kStagingBytes;
 
   float acc[kAcc];
+  float acc2[kDoubleAcc ? kAcc : 1];  // the second accumulator set (odd K blocks)
   float fin[kAcc];
 #pragma unroll
   for (uint32_t i = 0; i < kAcc; ++i) acc[i] = 0.0f;
@@ -476,81 +481,139 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       // in sfb block nb0 (kFirst; the rest lie in nb0 + 1), so that the promotion takes
       // each group's B scale at compile time, with no per-group select.
       auto k_loop = [&](auto first_groups) {
-        constexpr uint32_t kFirst = decltype(first_groups)::value;
-        for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
-          // B scale loads first: their latency hides behind the wait and the wgmma.
-          float sb0 = 0.0f, sb1 = 0.0f;
+        [[maybe_unused]] constexpr uint32_t kFirst = decltype(first_groups)::value;
+        struct Scales {  // one K block's scales of this thread's rows and columns
+          float sa0, sa1;                   // A: rows frag_row, frag_row + 8
+          float sb0, sb1;                   // B: sfb blocks nb0, nb0 + 1 (128x128 scales)
+          float sbc[kRowB ? kAcc / 2 : 1];  // kRowB: columns 8 j + 2 (lane % 4) + {0, 1}
+        };
+        // B scale loads first: their latency hides behind the wait and the wgmma.
+        auto load_sfb = [&](uint32_t kb, Scales& sc) {
           if constexpr (!kRowB) {
-            sb0 = __ldg(sfb0 + kb);
-            sb1 = kFirst < kAcc / 4 ? __ldg(sfb1 + kb) : sb0;
+            sc.sb0 = __ldg(sfb0 + kb);
+            sc.sb1 = kFirst < kAcc / 4 ? __ldg(sfb1 + kb) : sc.sb0;
           }
-
+        };
+        // Waits for stage s, reads its scales, issues its four wgmma into a (one commit group).
+        auto issue = [&](float(&a)[kAcc], Scales& sc) {
           pk::mbar_wait(bars + 8 * s, phase);
           // A scales of this thread's two rows, landed with the stage (rows past the tensor's
           // end read the TMA's zero fill; they are computed but never stored). Read before
-          // the stage is released below; the ld.shared latency hides behind the wgmma.
+          // the stage is released; the ld.shared latency hides behind the wgmma.
           const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
-          const float sa0 = sfa_s[0];
-          const float sa1 = sfa_s[8];
-          // kRowB: this thread's columns' B scales (8 j + 2 (lane % 4) + {0, 1}), also read
-          // before the stage is released
-          float sbc[kRowB ? kAcc / 2 : 1];
-          if constexpr (kRowB) {
+          sc.sa0 = sfa_s[0];
+          sc.sa1 = sfa_s[8];
+          if constexpr (kRowB) {  // this thread's columns' B scales, also read before the release
             const float2* sfb_s = reinterpret_cast<const float2*>(smem + sfb_off + s * L::kSfbBytes) + lane % 4;
 #pragma unroll
             for (uint32_t j = 0; j < kAcc / 4; ++j) {
               const float2 v = sfb_s[4 * j];
-              sbc[2 * j] = v.x;
-              sbc[2 * j + 1] = v.y;
+              sc.sbc[2 * j] = v.x;
+              sc.sbc[2 * j + 1] = v.y;
             }
           }
 #pragma unroll
-          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
+          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(a[i]);
           pk::wgmma_fence();
           const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + wg * 64 * kBlockK);
           const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes);
 #pragma unroll
           for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
             // +32 bytes of K per step = +2 in the descriptor's start-address field
-            pk::WgmmaE4M3<BN>::mma(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
+            pk::WgmmaE4M3<BN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
           }
           pk::wgmma_commit();
-          pk::wgmma_wait<0>();
-#pragma unroll
-          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(acc[i]);
-          // Stage consumed by this warp (wait_group retired its wgmma reads). Multicast: lane r
-          // releases it in CTA r of the cluster.
-          if constexpr (kMulticast) {
-            if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * s, lane));
-          } else if (lane == 0) {
-            pk::mbar_arrive(empty_bars + 8 * s);
-          }
           if (++s == p.stages) {
             s = 0;
             phase ^= 1;
           }
-
+        };
+        // Stage `stage` consumed by this warp (a wait_group retired its wgmma reads).
+        // Multicast: lane r releases it in CTA r of the cluster.
+        auto release = [&](uint32_t stage) {
+          if constexpr (kMulticast) {
+            if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * stage, lane));
+          } else if (lane == 0) {
+            pk::mbar_arrive(empty_bars + 8 * stage);
+          }
+        };
+        auto promote = [&](float(&a)[kAcc], const Scales& sc) {
+#pragma unroll
+          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(a[i]);  // after the wait_group
           if constexpr (kRowB) {  // fin += (sfa[row] * sfb[column]) * acc
 #pragma unroll
             for (uint32_t j = 0; j < kAcc / 4; ++j) {
-              fin[4 * j + 0] = fmaf(sa0 * sbc[2 * j], acc[4 * j + 0], fin[4 * j + 0]);
-              fin[4 * j + 1] = fmaf(sa0 * sbc[2 * j + 1], acc[4 * j + 1], fin[4 * j + 1]);
-              fin[4 * j + 2] = fmaf(sa1 * sbc[2 * j], acc[4 * j + 2], fin[4 * j + 2]);
-              fin[4 * j + 3] = fmaf(sa1 * sbc[2 * j + 1], acc[4 * j + 3], fin[4 * j + 3]);
+              fin[4 * j + 0] = fmaf(sc.sa0 * sc.sbc[2 * j], a[4 * j + 0], fin[4 * j + 0]);
+              fin[4 * j + 1] = fmaf(sc.sa0 * sc.sbc[2 * j + 1], a[4 * j + 1], fin[4 * j + 1]);
+              fin[4 * j + 2] = fmaf(sc.sa1 * sc.sbc[2 * j], a[4 * j + 2], fin[4 * j + 2]);
+              fin[4 * j + 3] = fmaf(sc.sa1 * sc.sbc[2 * j + 1], a[4 * j + 3], fin[4 * j + 3]);
             }
-            continue;
-          }
-          // Promotion: fin += sfa[row] * sfb[block of column] * acc.
-          const float c00 = sa0 * sb0, c10 = sa1 * sb0;  // rows (r, r+8) x first block
-          const float c01 = sa0 * sb1, c11 = sa1 * sb1;  // rows (r, r+8) x second block
+          } else {  // fin += sfa[row] * sfb[block of column] * acc
+            const float c00 = sc.sa0 * sc.sb0, c10 = sc.sa1 * sc.sb0;  // rows (r, r+8) x first block
+            const float c01 = sc.sa0 * sc.sb1, c11 = sc.sa1 * sc.sb1;  // rows (r, r+8) x second block
 #pragma unroll
-          for (uint32_t j = 0; j < kAcc / 4; ++j) {
-            const float r0 = j < kFirst ? c00 : c01;  // j: unrolled, kFirst: compile time
-            const float r1 = j < kFirst ? c10 : c11;
-            fin[4 * j + 0] = fmaf(r0, acc[4 * j + 0], fin[4 * j + 0]);
-            fin[4 * j + 1] = fmaf(r0, acc[4 * j + 1], fin[4 * j + 1]);
-            fin[4 * j + 2] = fmaf(r1, acc[4 * j + 2], fin[4 * j + 2]);
-            fin[4 * j + 3] = fmaf(r1, acc[4 * j + 3], fin[4 * j + 3]);
+            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+              const float r0 = j < kFirst ? c00 : c01;  // j: unrolled, kFirst: compile time
+              const float r1 = j < kFirst ? c10 : c11;
+              fin[4 * j + 0] = fmaf(r0, a[4 * j + 0], fin[4 * j + 0]);
+              fin[4 * j + 1] = fmaf(r0, a[4 * j + 1], fin[4 * j + 1]);
+              fin[4 * j + 2] = fmaf(r1, a[4 * j + 2], fin[4 * j + 2]);
+              fin[4 * j + 3] = fmaf(r1, a[4 * j + 3], fin[4 * j + 3]);
+            }
+          }
+        };
+        uint32_t held = s;  // the oldest stage this warpgroup has not released
+        auto release_held = [&]() {
+          release(held);
+          if (++held == p.stages) held = 0;
+        };
+        if constexpr (!kDoubleAcc) {
+          // One accumulator set: wgmma of K block kb, wait, promote (the tensor core idles
+          // during the promotion unless the other math warpgroup has wgmma in flight).
+          for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+            Scales sc;
+            load_sfb(kb, sc);
+            issue(acc, sc);
+            pk::wgmma_wait<0>();
+            release_held();
+            promote(acc, sc);
+          }
+        } else {
+          // Two accumulator sets (one math warpgroup): acc takes the even K blocks, acc2 the
+          // odd ones. K block kb + 1 is issued before kb is promoted, so the promotion runs
+          // while the tensor core works on the next block (wait_group 1: kb's group only).
+          // At the loop's head K block kb is in flight in acc on every path, and both tails
+          // end with wait_group 0 (ptxas serialises the wgmma if a path may read an
+          // accumulator still in flight).
+          Scales sc0, sc1;
+          load_sfb(0, sc0);
+          issue(acc, sc0);
+          uint32_t kb = 0;
+          for (; kb + 2 < p.num_kb; kb += 2) {
+            load_sfb(kb + 1, sc1);
+            issue(acc2, sc1);
+            pk::wgmma_wait<1>();
+            release_held();
+            promote(acc, sc0);
+            load_sfb(kb + 2, sc0);
+            issue(acc, sc0);
+            pk::wgmma_wait<1>();
+            release_held();
+            promote(acc2, sc1);
+          }
+          if (kb + 1 < p.num_kb) {
+            load_sfb(kb + 1, sc1);
+            issue(acc2, sc1);
+            pk::wgmma_wait<1>();
+            release_held();
+            promote(acc, sc0);
+            pk::wgmma_wait<0>();
+            release_held();
+            promote(acc2, sc1);
+          } else {
+            pk::wgmma_wait<0>();
+            release_held();
+            promote(acc, sc0);
           }
         }
       };

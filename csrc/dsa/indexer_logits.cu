@@ -92,6 +92,15 @@ __device__ __forceinline__ void tma_load_1d(uint32_t dst, const pk::TensorMap* m
       : "memory");
 }
 
+// shfl.sync.bfly on a float register with immediate operands (__shfl_xor_sync moves the value
+// through a b32 register and materialises the lane mask and clamp in registers first)
+template <int kLaneMask>
+__device__ __forceinline__ float shfl_xor(float v) {
+  float r;
+  asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;\n" : "=f"(r) : "f"(v), "n"(kLaneMask));
+  return r;
+}
+
 // What the two layouts share: q, weights, out.
 struct Common {
   const float* weights;
@@ -111,9 +120,19 @@ struct Paged {
 
   __device__ __forceinline__ uint32_t group_rows(uint32_t) const { return next_n; }
   __device__ __forceinline__ uint32_t row(uint32_t seq, uint32_t j) const { return seq * next_n + j; }
-  __device__ __forceinline__ Window window(uint32_t seq, uint32_t j) const {
-    const int end = lens_per_row ? context_lens[seq * next_n + j] : context_lens[seq] - (int)next_n + (int)j + 1;
-    return {0u, (uint32_t)max(end, 0)};
+  // the rows' windows ({0, 0} past the group): every length read before any is used
+  __device__ __forceinline__ void windows(uint32_t seq, Window (&win)[kMaxGroupRows]) const {
+    int end[kMaxGroupRows];
+    if (lens_per_row) {
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) end[j] = j < next_n ? context_lens[seq * next_n + j] : 0;
+    } else {
+      const int len = context_lens[seq];
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) end[j] = j < next_n ? len - (int)next_n + (int)j + 1 : 0;
+    }
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) win[j] = {0u, (uint32_t)max(end[j], 0)};
   }
   // The block's TMA coordinate: its page id (read for every block of an item before any load
   // is issued, so the reads overlap).
@@ -139,8 +158,11 @@ struct Ragged {
     return min(kMaxGroupRows, num_rows - g * kMaxGroupRows);
   }
   __device__ __forceinline__ uint32_t row(uint32_t g, uint32_t j) const { return g * kMaxGroupRows + j; }
-  __device__ __forceinline__ Window window(uint32_t g, uint32_t j) const {
-    return {(uint32_t)ks[row(g, j)], (uint32_t)ke[row(g, j)]};
+  __device__ __forceinline__ void windows(uint32_t g, Window (&win)[kMaxGroupRows]) const {
+    const uint32_t rows = group_rows(g);
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j)
+      win[j] = j < rows ? Window{(uint32_t)ks[row(g, j)], (uint32_t)ke[row(g, j)]} : Window{0u, 0u};
   }
   __device__ __forceinline__ int32_t coord(uint32_t, uint32_t blk) const { return (int32_t)(blk * kBlockKeys); }
   // k's rows through a 2-D map, k_scales through a 1-D one (keys past N: zero-filled, never written)
@@ -187,13 +209,12 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   //    for the math warps, every barrier of the stage armed and the used tiles loaded
   const auto item_info = [&](uint32_t item) {   // global reads: windows, page ids
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
-    const uint32_t rows = keys.group_rows(group);
     ItemInfo info;
+    keys.windows(group, info.win);
     uint32_t lo = 0xffffffffu, hi = 0;
 #pragma unroll
     for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
-      const Window win = j < rows ? keys.window(group, j) : Window{0u, 0u};
-      info.win[j] = win;
+      const Window win = info.win[j];
       if (win.lo < win.hi) lo = min(lo, win.lo), hi = max(hi, win.hi);
     }
     info.mask = 0;
@@ -350,8 +371,8 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       for (int h = 0; h < 2; ++h) sum[h] = (part[h][0] + part[h][1]) + (part[h][2] + part[h][3]);
       // pass the other key's sum to the neighbour, then add across the pairs of lanes
       const float mine = half ? sum[1] : sum[0], other = half ? sum[0] : sum[1];
-      float total = mine + __shfl_xor_sync(0xffffffffu, other, 1);
-      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      float total = mine + shfl_xor<1>(other);
+      total += shfl_xor<2>(total);
       if (writer && p.pos < c.width) *p.out = p.pos >= p.win.lo && p.pos < p.win.hi ? total * p.scale : kMinusInf;
     };
     // the pair after (u, j): the next row, else row 0 of the next block (the used blocks are

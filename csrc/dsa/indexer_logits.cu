@@ -302,6 +302,17 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
     float* out;             // where my_key of row j goes
     uint32_t pos;           // its position
   };
+  // Where the pair (u, j) is, kept up to date step by step (no multiply per pair): its
+  // operands' descriptors, and this thread's weights row, window, scale and output address.
+  struct Cursor {
+    uint32_t u, j;
+    uint64_t kd, qd;
+    const float* w;
+    const Window* win;
+    const float* scale;
+    float* out;
+    uint32_t pos;
+  };
   float acc_a[kAccRegs], acc_b[kAccRegs];
 #pragma unroll
   for (int r = 0; r < kAccRegs; ++r) acc_a[r] = acc_b[r] = 0.f;
@@ -312,34 +323,31 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
     const uint32_t first_pos = first_blk * kBlockKeys;
     const uint32_t rows = keys.group_rows(group);
-    // the stage's descriptors (k32 steps, blocks and rows are offsets from them)
-    const uint64_t key_desc = pk::make_desc_k128b(key_tile(s, 0));
+    const ItemInfo& info = infos[s];
+    // row 0 of the pair's block: the stage's descriptors, the item's first out row (the
+    // group's rows are consecutive out rows), this thread's columns of the weights
     const uint64_t q_desc = pk::make_desc_k128b(q_tile(s, 0));
-    const float* const wsm = weights_of(s);
-    const float* const scales = reinterpret_cast<const float*>(smem_raw + (scale_tile(s, 0) - raw));
-    // the item's rows are consecutive: row j of the group is out row keys.row(group, 0) + j
-    float* const out0 = c.out + keys.row(group, 0) * c.out_stride + first_pos + my_key;
+    const float* const w0 = weights_of(s) + col0;
+    const uint64_t row_stride = c.out_stride;
 
     pk::mbar_wait(bar(s, kQBar), parity);   // always armed: even an item with no block waits for the producer
-    const ItemInfo& info = infos[s];
     const uint32_t mask = info.mask;
 
-    const auto issue = [&](float (&acc)[kAccRegs], uint32_t u, uint32_t j) {
-      const uint64_t kd = key_desc + u * (kBlockBytes / 16), qd = q_desc + j * (kQTileBytes / 16);
+    const auto issue = [&](float (&acc)[kAccRegs], const Cursor& at) {
       pk::wgmma_fence();
 #pragma unroll
       for (uint32_t ks = 0; ks < kKSteps; ++ks)   // a k32 step: 32 bytes further along the swizzled rows
-        pk::WgmmaE4M3<kHeads>::mma(acc, kd + 2 * ks, qd + 2 * ks, ks > 0);
+        pk::WgmmaE4M3<kHeads>::mma(acc, at.kd + 2 * ks, at.qd + 2 * ks, ks > 0);
       pk::wgmma_commit();
     };
-    const auto prepare = [&](uint32_t u, uint32_t j) {
+    const auto prepare = [&](const Cursor& at) {
       Pair p;
 #pragma unroll
-      for (int g = 0; g < kColGroups; ++g) p.w[g] = *reinterpret_cast<const float2*>(wsm + j * kHeads + 8 * g + col0);
-      p.scale = scales[u * kBlockKeys + my_key];
-      p.win = info.win[j];
-      p.out = out0 + j * c.out_stride + u * kBlockKeys;
-      p.pos = first_pos + u * kBlockKeys + my_key;
+      for (int g = 0; g < kColGroups; ++g) p.w[g] = *reinterpret_cast<const float2*>(at.w + 8 * g);
+      p.scale = *at.scale;
+      p.win = *at.win;
+      p.out = at.out;
+      p.pos = at.pos;
       return p;
     };
     // sum_h w[h] * relu(S[key, h]) over this thread's columns (the ReLUs first, then kChains
@@ -375,47 +383,74 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       total += shfl_xor<2>(total);
       if (writer && p.pos < c.width) *p.out = p.pos >= p.win.lo && p.pos < p.win.hi ? total * p.scale : kMinusInf;
     };
-    // the pair after (u, j): the next row, else row 0 of the next block (the used blocks are
-    // consecutive: those meeting the windows' hull); nu > last: none
-    const uint32_t last = 31 - __clz(mask);
-    const auto next = [&](uint32_t u, uint32_t j, uint32_t& nu, uint32_t& nj) {
-      nj = j + 1 < rows ? j + 1 : 0;
-      nu = nj ? u : u + 1;
-    };
 
-    // 3. logits of the loaded blocks
+    // 3. logits of the loaded blocks (consecutive: those meeting the windows' hull)
     if (mask) {
-      uint32_t u = __ffs(mask) - 1, j = 0, nu, nj;
-      pk::mbar_wait(bar(s, u), parity);
-      issue(acc_a, u, j);
-      Pair pa = prepare(u, j), pb;
+      const uint32_t first = __ffs(mask) - 1, last = 31 - __clz(mask);
+      Cursor at;
+      at.u = first, at.j = 0;
+      at.kd = pk::make_desc_k128b(key_tile(s, first));
+      at.qd = q_desc;
+      at.w = w0;
+      at.win = info.win;
+      at.scale = reinterpret_cast<const float*>(smem_raw + (scale_tile(s, first) - raw)) + my_key;
+      at.out = c.out + keys.row(group, 0) * row_stride + first_pos + first * kBlockKeys + my_key;
+      at.pos = first_pos + first * kBlockKeys + my_key;
+      float* block_out = at.out;   // row 0 of the cursor's block
+      // the pair after: the next row, else row 0 of the next block; false past the last pair
+      const auto step = [&](Cursor& c2) {
+        if (c2.j + 1 < rows) {
+          ++c2.j;
+          c2.qd += kQTileBytes / 16;
+          c2.w += kHeads;
+          ++c2.win;
+          c2.out += row_stride;
+        } else {
+          if (c2.u == last) return false;
+          ++c2.u;
+          c2.j = 0;
+          c2.kd += kBlockBytes / 16;
+          c2.qd = q_desc;
+          c2.w = w0;
+          c2.win = info.win;
+          c2.scale += kBlockKeys;
+          block_out += kBlockKeys;
+          c2.out = block_out;
+          c2.pos += kBlockKeys;
+        }
+        return true;
+      };
+      pk::mbar_wait(bar(s, first), parity);
+      issue(acc_a, at);
+      Pair pa = prepare(at), pb;
       for (;;) {
-        next(u, j, nu, nj);
-        if (nu <= last) {
-          if (nu != u) pk::mbar_wait(bar(s, nu), parity);
-          issue(acc_b, nu, nj);
-          pb = prepare(nu, nj);
+        uint32_t u = at.u;
+        bool more = step(at);
+        if (more) {
+          if (at.u != u) pk::mbar_wait(bar(s, at.u), parity);
+          issue(acc_b, at);
+          pb = prepare(at);
           pk::wgmma_wait<1>();
         } else {
           pk::wgmma_wait<0>();
         }
         finish(acc_a, pa);
-        if (nu > last) break;
-        u = nu, j = nj;
-        next(u, j, nu, nj);
-        if (nu <= last) {
-          if (nu != u) pk::mbar_wait(bar(s, nu), parity);
-          issue(acc_a, nu, nj);
-          pa = prepare(nu, nj);
+        if (!more) break;
+        u = at.u;
+        more = step(at);
+        if (more) {
+          if (at.u != u) pk::mbar_wait(bar(s, at.u), parity);
+          issue(acc_a, at);
+          pa = prepare(at);
           pk::wgmma_wait<1>();
         } else {
           pk::wgmma_wait<0>();
         }
         finish(acc_b, pb);
-        if (nu > last) break;
-        u = nu, j = nj;
+        if (!more) break;
       }
     }
+
     // 4. clean the positions of blocks no window meets, then hand the stage back
     for (uint32_t u = 0; u < kBlocksPerCta; ++u) {
       if (mask >> u & 1) continue;

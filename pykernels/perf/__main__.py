@@ -6,6 +6,10 @@ python -m pykernels.perf [--part h800] mla B SQ HQ SK [--fp8] [--topk K]
     HQ query heads, one KV head (bf16 or the FP8 cache)
 python -m pykernels.perf [--part h800] dsa-logits B NEXT_N HEADS CONTEXT
     the predicted time of our paged indexer logits (B sequences of CONTEXT keys) and its share of HBM
+python -m pykernels.perf [--part h800] ep {dispatch,combine,ll-dispatch,ll-combine} [TOKENS] [--hidden H]
+        [--topk K] [--experts E] [--ranks R] [--bf16] [--channels C] [--recv-ctas N]
+    the predicted time of our intranode EP kernel (TOKENS per rank; default DeepEP's 4096 normal,
+    128 low latency) against DeepEP's published figure
 python -m pykernels.perf table [--write]
     DeepGEMM's published points: DeepGEMM's kernel through the model against its published
     figure (calibration), and ours / DeepGEMM on the same model (--write: into
@@ -90,6 +94,16 @@ def main(argv=None):
     x = sub.add_parser("dsa-logits", help="the paged indexer logits (fp8_paged_mqa_logits)")
     for name in ("b", "next_n", "heads", "context"):
         x.add_argument(name, type=int)
+    e = sub.add_parser("ep", help="our intranode EP kernels (csrc/ep)")
+    e.add_argument("kind", choices=("dispatch", "combine", "ll-dispatch", "ll-combine"))
+    e.add_argument("tokens", type=int, nargs="?", help="tokens per rank (default 4096 normal, 128 low latency)")
+    e.add_argument("--hidden", type=int, default=7168)
+    e.add_argument("--topk", type=int, default=8)
+    e.add_argument("--experts", type=int, default=256)
+    e.add_argument("--ranks", type=int, default=8)
+    e.add_argument("--bf16", action="store_true", help="bf16 dispatch payload (default FP8; combine is bf16)")
+    e.add_argument("--channels", type=int, default=10, help="normal mode: channels (2 SMs each)")
+    e.add_argument("--recv-ctas", type=int, default=16, help="low-latency combine: reducing CTAs")
     t = sub.add_parser("table")
     t.add_argument("--write", action="store_true", help=f"replace the tables in docs/{DOC.name}")
     sub.add_parser("machine")
@@ -103,6 +117,11 @@ def main(argv=None):
     elif a.cmd == "dsa-logits":
         from .dsa import predict_paged_logits
         print("\n".join(predict_paged_logits(a.b, a.next_n, a.heads, a.context, a.part).lines(get_part(a.part))))
+    elif a.cmd == "ep":
+        from .ep import predict as predict_ep
+        tokens = a.tokens or (128 if a.kind.startswith("ll") else 4096)
+        print("\n".join(predict_ep(a.kind, tokens, a.hidden, a.topk, a.experts, a.ranks, not a.bf16, a.part,
+                                   channels=a.channels, recv_ctas=a.recv_ctas).lines()))
     elif a.cmd == "table":
         text = tables()
         if a.write:

@@ -80,22 +80,27 @@ def test_every_layout_and_head_count_is_compiled():
         r = artifacts.resources(CD.MODULE, fn)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0, fn
         assert r["shared_bytes"] == 0                  # all shared memory is dynamic
-        heads = int(fn.rsplit("_h", 1)[1])
-        # the CTAs one SM holds by shared memory (next_n 1: the most) fit its register file too
-        assert r["registers"] * CD.THREADS * CD.ctas_per_sm(heads, 1) <= 65536, fn
+        rows = 2 if fn.endswith("_x2") else 1           # query rows per wgmma
+        heads = int(fn.removesuffix("_x2").rsplit("_h", 1)[1])
+        # the CTAs one SM holds by shared memory at the smallest next_n the entry serves (1, or
+        # 2 for the two-row entries) fit its register file too (registers allocated 8 at a time)
+        regs = -(-r["registers"] // 8) * 8
+        assert regs * CD.THREADS * CD.ctas_per_sm(heads, rows) <= 65536, fn
 
 
 @pytest.mark.parametrize("heads", CD.HEADS)
-@pytest.mark.parametrize("paged", [True, False])
-def test_sass_has_the_intended_instructions(heads, paged):
+@pytest.mark.parametrize("paged,rows", [(True, 1), (True, 2), (False, 1)])
+def test_sass_has_the_intended_instructions(heads, paged, rows):
     parts = re.split(r"\n\s*Function : ", sass.sass(CD.MODULE))
-    name = (CD.PAGED_FUNCTIONS if paged else CD.RAGGED_FUNCTIONS)[heads]
+    name = CD.PAGED_FUNCTIONS[heads, rows] if paged else CD.RAGGED_FUNCTIONS[heads]
     listing = next(p for p in parts[1:] if p.split()[0] == name)
     ops = sass.opcodes(listing)
-    # a (key block, query row) pair is 4 k32 steps of K (64 keys) x Q^T (heads), both from
-    # shared memory, issued at 3 places: the item's first pair, then the loop's two
-    # accumulators (the next pair's wgmma runs while this one's head sum is computed)
-    assert len(re.findall(rf"QGMMA\.64x{heads}x32\.F32\.E4M3\.E4M3", listing)) == 3 * 4
+    # a pair (key block, `rows` query rows) is 4 k32 steps of K (64 keys) x Q^T (rows x heads:
+    # the rows' Q tiles are consecutive), both from shared memory, issued at 3 places: the
+    # item's first pair, then the loop's two accumulators (the next pair's wgmma runs while
+    # this one's head sum is computed)
+    assert len(re.findall(rf"QGMMA\.64x{rows * heads}x32\.F32\.E4M3\.E4M3", listing)) == 3 * 4
+    assert not re.search(rf"QGMMA\.64x{(3 - rows) * heads}x32", listing)
     assert ops["UTMALDG.2D"] >= 1                                   # Q tiles (and ragged key blocks, paged scales)
     assert (ops.get("UTMALDG.3D", 0) >= 1) == paged                 # pages through the 3-D map
     assert (ops.get("UTMALDG.1D", 0) >= 1) != paged                 # k_scales through the 1-D map
@@ -120,7 +125,8 @@ def test_plan_geometry():
     plan = CD.paged_logits_plan(q, cache, w, lens, table, out, width)
     items = 4 * -(-(-(-width // CD.BLOCK_KV)) // CD.BLOCKS_PER_CTA)          # b x chunks: fewer than the SMs hold
     assert plan.grid == (items, 1, 1) and plan.block == (CD.THREADS, 1, 1)
-    assert plan.function == CD.PAGED_FUNCTIONS[64] and plan.shared_bytes == CD.smem_bytes(64, 2)
+    assert plan.function == CD.PAGED_FUNCTIONS[64, 2] and plan.shared_bytes == CD.smem_bytes(64, 2)   # even next_n
+    assert CD.rows_per_wgmma(2) == CD.rows_per_wgmma(4) == 2 and CD.rows_per_wgmma(1) == CD.rows_per_wgmma(3) == 1
     assert CD.paged_logits_plan(q, cache, w, lens, table, out, width, max_ctas=3).grid == (3, 1, 1)
     q, k, sf, w, ks, ke = _ragged(9, 200, 32)
     plan = CD.ragged_logits_plan(q, k, sf, w, ks, ke, torch.empty(9, 200))

@@ -173,11 +173,11 @@ struct Ragged {
   }
 };
 
-template <int kHeads, class Keys>
+template <int kHeads, int kRows, class Keys>
 __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_k,
                                                const pk::TensorMap* tmap_s, const Common& c, const Keys& keys) {
-  constexpr int kAccRegs = kHeads / 2;      // wgmma m64nHk32 fragment per thread
-  constexpr int kColGroups = kHeads / 8;    // 8-column groups; a thread holds 2 columns of each
+  constexpr int kAccRegs = kRows * kHeads / 2;   // wgmma m64nNk32 fragment per thread, N = kRows x H
+  constexpr int kColGroups = kHeads / 8;    // 8-column groups per row; a thread holds 2 columns of each
   constexpr int kChains = 4;                // independent partial sums per key (latency, not issue, bound)
   constexpr uint32_t kQTileBytes = kHeads * kHeadDim;
   constexpr uint32_t kWeightsPerLane = kHeads / 32;   // the producer lanes' share of a weights row
@@ -283,23 +283,26 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
     return;
   }
 
-  // Fragment of this thread: rows (keys) key0 and key0 + 8, columns (heads) 8g + 2*(lane%4) + {0, 1}.
-  // After the quad's reduce-scatter it holds the sum of key0 + 8 * half (half = lane % 2).
+  // Fragment of this thread: rows (keys) key0 and key0 + 8, columns 8g + 2*(lane%4) + {0, 1}: of
+  // query row g / (H / 8) of the pair, head 8 (g % (H / 8)) + 2*(lane%4) + {0, 1}. After the
+  // quad's reduce-scatter it holds the sum of key key0 + 8 * half of the pair's row my_row.
   const uint32_t key0 = 16 * warp + lane / 4;
   const uint32_t col0 = 2 * (lane % 4);
   const uint32_t half = lane % 2;
-  const bool writer = lane % 4 < 2;           // lanes 0 and 1 of the quad write its two keys
+  const uint32_t my_row = kRows == 2 ? lane % 4 / 2 : 0;
+  const bool writer = kRows == 2 || lane % 4 < 2;   // one row: lanes 0 and 1 of the quad write its two keys
   const uint32_t my_key = key0 + 8 * half;
 
-  // A pair = (used key block u, query row j), taken in order: blocks ascending, rows inside a
-  // block. Two accumulators: the wgmma of the next pair runs while this one's head sum is
-  // computed. What a pair's sum needs besides its accumulator is read (shared memory) while
+  // A pair = (used key block u, query rows j .. j + kRows - 1: one wgmma of N = kRows x H, the
+  // rows' Q tiles being consecutive), taken in order: blocks ascending, rows inside a block.
+  // Two accumulators: the wgmma of the next pair runs while this one's head sum is computed.
+  // What a pair's sum needs besides its accumulator and weights is read (shared memory) while
   // its wgmma runs. The accumulators are zeroed once: a pair's first k32 step ignores them.
   struct Pair {
-    float2 w[kColGroups];   // this thread's weights of row j
+    const float* w;         // this thread's columns of row j's weights (rows j.. consecutive)
     float scale;            // the scale of my_key
-    Window win;             // row j's window
-    float* out;             // where my_key of row j goes
+    Window win;             // row j + my_row's window
+    float* out;             // where my_key of row j + my_row goes
     uint32_t pos;           // its position
   };
   // Where the pair (u, j) is, kept up to date step by step (no multiply per pair): its
@@ -337,50 +340,68 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       pk::wgmma_fence();
 #pragma unroll
       for (uint32_t ks = 0; ks < kKSteps; ++ks)   // a k32 step: 32 bytes further along the swizzled rows
-        pk::WgmmaE4M3<kHeads>::mma(acc, at.kd + 2 * ks, at.qd + 2 * ks, ks > 0);
+        pk::WgmmaE4M3<kRows * kHeads>::mma(acc, at.kd + 2 * ks, at.qd + 2 * ks, ks > 0);
       pk::wgmma_commit();
     };
     const auto prepare = [&](const Cursor& at) {
       Pair p;
-#pragma unroll
-      for (int g = 0; g < kColGroups; ++g) p.w[g] = *reinterpret_cast<const float2*>(at.w + 8 * g);
+      p.w = at.w;
       p.scale = *at.scale;
-      p.win = *at.win;
-      p.out = at.out;
+      p.win = at.win[my_row];
+      p.out = at.out + my_row * row_stride;
       p.pos = at.pos;
       return p;
     };
-    // sum_h w[h] * relu(S[key, h]) over this thread's columns (the ReLUs first, then kChains
-    // independent partial sums per key), the quad's reduce-scatter, the scale, the store
+    // sum_h w[h] * relu(S[key, h]) over this thread's columns (the weights read, the ReLUs, then
+    // kChains independent partial sums per key and row), the quad's reduce-scatter, the scale,
+    // the store
     const auto finish = [&](float (&acc)[kAccRegs], const Pair& p) {
+      float2 w[kRows][kColGroups];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int g = 0; g < kColGroups; ++g) w[r][g] = *reinterpret_cast<const float2*>(p.w + r * kHeads + 8 * g);
 #pragma unroll
       for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
 #pragma unroll
       for (int r = 0; r < kAccRegs; ++r) acc[r] = fmaxf(acc[r], 0.f);
       // term (g, e) of key h (column 8g + col0 + e) goes to its chain (g % 2) * 2 + e:
       // consecutive instructions feed different chains
-      float part[2][kChains];
+      float part[kRows][2][kChains];
 #pragma unroll
       for (int g = 0; g < kColGroups; ++g) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float& q = part[h][(g % 2) * 2 + e];
-            const float w = e ? p.w[g].y : p.w[g].x, x = acc[4 * g + 2 * h + e];
-            q = g < 2 ? w * x : fmaf(w, x, q);
+          for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float& q = part[r][h][(g % 2) * 2 + e];
+              const float wt = e ? w[r][g].y : w[r][g].x, x = acc[4 * (r * kColGroups + g) + 2 * h + e];
+              q = g < 2 ? wt * x : fmaf(wt, x, q);
+            }
           }
         }
       }
 #pragma unroll
       for (int r = 0; r < kAccRegs; ++r) pk::fence_operand(acc[r]);
-      float sum[2];
+      float sum[kRows][2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sum[h] = (part[h][0] + part[h][1]) + (part[h][2] + part[h][3]);
-      // pass the other key's sum to the neighbour, then add across the pairs of lanes
-      const float mine = half ? sum[1] : sum[0], other = half ? sum[0] : sum[1];
-      float total = mine + shfl_xor<1>(other);
-      total += shfl_xor<2>(total);
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sum[r][h] = (part[r][h][0] + part[r][h][1]) + (part[r][h][2] + part[r][h][3]);
+      // the quad's reduce-scatter: pass the other key's sums to the neighbour (xor 1), then,
+      // one row: add across the pairs of lanes; two rows: pass the other row's (xor 2)
+      float keep[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        keep[r] = (half ? sum[r][1] : sum[r][0]) + shfl_xor<1>(half ? sum[r][0] : sum[r][1]);
+      float total;
+      if constexpr (kRows == 1) {
+        total = keep[0] + shfl_xor<2>(keep[0]);
+      } else {
+        total = (my_row ? keep[1] : keep[0]) + shfl_xor<2>(my_row ? keep[0] : keep[1]);
+      }
       if (writer && p.pos < c.width) *p.out = p.pos >= p.win.lo && p.pos < p.win.hi ? total * p.scale : kMinusInf;
     };
 
@@ -399,12 +420,12 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       float* block_out = at.out;   // row 0 of the cursor's block
       // the pair after: the next row, else row 0 of the next block; false past the last pair
       const auto step = [&](Cursor& c2) {
-        if (c2.j + 1 < rows) {
-          ++c2.j;
-          c2.qd += kQTileBytes / 16;
-          c2.w += kHeads;
-          ++c2.win;
-          c2.out += row_stride;
+        if (c2.j + kRows < rows) {
+          c2.j += kRows;
+          c2.qd += kRows * kQTileBytes / 16;
+          c2.w += kRows * kHeads;
+          c2.win += kRows;
+          c2.out += kRows * row_stride;
         } else {
           if (c2.u == last) return false;
           ++c2.u;
@@ -466,30 +487,38 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
 
 }  // namespace
 
-// One entry per layout and head count (the wgmma N); pykernels/cuda/dsa.py packs the parameters.
-#define PK_DSA_PAGED_LOGITS_ENTRY(NAME, HEADS)                                                                \
-  extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                                \
-      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,             \
-      const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,    \
-      uint32_t weights_stride, uint32_t width, const int* context_lens, const int* block_table,               \
-      uint32_t bt_stride, uint32_t next_n, uint32_t lens_per_row, uint32_t batch) {                           \
-    indexer_logits<HEADS>(&tmap_q, &tmap_k, &tmap_s,                                                           \
-                          Common{weights, out, out_stride, weights_stride, width, next_n, batch},              \
-                          Paged{context_lens, block_table, bt_stride, next_n, lens_per_row});                  \
+// Two CTAs per SM (what shared memory allows at next_n <= 2) must fit the register file too:
+// 10 warps of at most 200 registers (a warp's registers are allocated in units of 8 per thread;
+// __launch_bounds__'s minimum-blocks form made ptxas assume 168 and spill).
+#define PK_DSA_MAX_REGS 200
+
+// One entry per layout, head count and rows per wgmma (its N = ROWS x HEADS; 2 rows only for an
+// even next_n); pykernels/cuda/dsa.py picks it and packs the parameters.
+#define PK_DSA_PAGED_LOGITS_ENTRY(NAME, HEADS, ROWS)                                                           \
+  extern "C" __global__ void __maxnreg__(PK_DSA_MAX_REGS) NAME(                                                 \
+      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,              \
+      const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,     \
+      uint32_t weights_stride, uint32_t width, const int* context_lens, const int* block_table,                \
+      uint32_t bt_stride, uint32_t next_n, uint32_t lens_per_row, uint32_t batch) {                            \
+    indexer_logits<HEADS, ROWS>(&tmap_q, &tmap_k, &tmap_s,                                                     \
+                                Common{weights, out, out_stride, weights_stride, width, next_n, batch},        \
+                                Paged{context_lens, block_table, bt_stride, next_n, lens_per_row});            \
   }
 
-#define PK_DSA_RAGGED_LOGITS_ENTRY(NAME, HEADS)                                                               \
-  extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                                \
-      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,             \
-      const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,    \
-      uint32_t weights_stride, uint32_t width, const int* ks, const int* ke, uint32_t num_rows) {             \
-    indexer_logits<HEADS>(&tmap_q, &tmap_k, &tmap_s,                                                           \
-                          Common{weights, out, out_stride, weights_stride, width, kMaxGroupRows,               \
-                                 (num_rows + kMaxGroupRows - 1) / kMaxGroupRows},                              \
-                          Ragged{ks, ke, num_rows});                                                           \
+#define PK_DSA_RAGGED_LOGITS_ENTRY(NAME, HEADS)                                                                \
+  extern "C" __global__ void __maxnreg__(PK_DSA_MAX_REGS) NAME(                                                 \
+      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,              \
+      const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,     \
+      uint32_t weights_stride, uint32_t width, const int* ks, const int* ke, uint32_t num_rows) {              \
+    indexer_logits<HEADS, 1>(&tmap_q, &tmap_k, &tmap_s,                                                        \
+                             Common{weights, out, out_stride, weights_stride, width, kMaxGroupRows,            \
+                                    (num_rows + kMaxGroupRows - 1) / kMaxGroupRows},                           \
+                             Ragged{ks, ke, num_rows});                                                        \
   }
 
-PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h32, 32)
-PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h64, 64)
+PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h32, 32, 1)
+PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h64, 64, 1)
+PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h32_x2, 32, 2)
+PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h64_x2, 64, 2)
 PK_DSA_RAGGED_LOGITS_ENTRY(pk_dsa_ragged_logits_h32, 32)
 PK_DSA_RAGGED_LOGITS_ENTRY(pk_dsa_ragged_logits_h64, 64)

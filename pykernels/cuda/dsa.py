@@ -46,9 +46,16 @@ BLOCK_KV = 64                   # kBlockKeys: keys per block (a page), the wgmma
 HEAD_DIM = 128                  # kHeadDim: e4m3 bytes per key, one 128-byte swizzled row
 BLOCKS_PER_CTA = 4              # kBlocksPerCta
 GROUP_ROWS = 4                  # kMaxGroupRows: query rows per CTA (paged: next_n <= 4)
-HEADS = (32, 64)                # the instantiations (the wgmma N)
-PAGED_FUNCTIONS = {h: f"pk_dsa_paged_logits_h{h}" for h in HEADS}
+HEADS = (32, 64)                # the instantiations (the wgmma N per query row)
+# paged: (heads, query rows per wgmma) -> entry; 2 rows (a wgmma of N = 2 x heads over two
+# consecutive Q tiles) when next_n is even, else 1. Ragged: 1 row per wgmma.
+PAGED_FUNCTIONS = {(h, r): f"pk_dsa_paged_logits_h{h}" + ("_x2" if r == 2 else "") for h in HEADS for r in (1, 2)}
 RAGGED_FUNCTIONS = {h: f"pk_dsa_ragged_logits_h{h}" for h in HEADS}
+
+
+def rows_per_wgmma(next_n: int) -> int:
+    """Query rows of a sequence one wgmma of the paged kernel covers: 2 for an even next_n."""
+    return 2 if next_n % 2 == 0 else 1
 PAGE_BYTES = BLOCK_KV * (HEAD_DIM + RD.INDEXER_SCALE_BYTES)
 
 
@@ -136,16 +143,18 @@ def _grid(width: int, groups: int, heads: int, group_rows: int, device, max_ctas
 
 def paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int,
                       max_ctas: int = None) -> LaunchPlan:
-    """Launch plan of pk_dsa_paged_logits_h{32,64}: persistent CTAs over the b x
-    ceil(ceil(max_context_len / 64) / BLOCKS_PER_CTA) work items (max_ctas: cap the grid,
-    e.g. to make each CTA walk several items), THREADS threads, smem_bytes(H, next_n)."""
+    """Launch plan of pk_dsa_paged_logits_h{32,64}[_x2] (_x2: two query rows per wgmma, for an
+    even next_n): persistent CTAs over the b x ceil(ceil(max_context_len / 64) / BLOCKS_PER_CTA)
+    work items (max_ctas: cap the grid, e.g. to make each CTA walk several items), THREADS
+    threads, smem_bytes(H, next_n)."""
     b, next_n, h, _ = q.shape
     tmap_k = TensorMapDesc(key_view(kv_cache), (1, BLOCK_KV, HEAD_DIM), swizzle=128)
     tmap_s = TensorMapDesc(scale_view(kv_cache), (1, BLOCK_KV))
     args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), Arg("tensormap", tmap_s),
             *_common_args(weights, out, max_context_len), ptr(context_lens), ptr(block_table),
             u32(block_table.stride(0)), u32(next_n), u32(int(context_lens.dim() == 2)), u32(b))
-    return LaunchPlan(MODULE, PAGED_FUNCTIONS[h], grid=_grid(max_context_len, b, h, next_n, q.device, max_ctas),
+    grid = _grid(max_context_len, b, h, next_n, q.device, max_ctas)
+    return LaunchPlan(MODULE, PAGED_FUNCTIONS[h, rows_per_wgmma(next_n)], grid=grid,
                       block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h, next_n))
 
 
@@ -350,4 +359,4 @@ __all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "
            "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS", "check_topk_supported",
            "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE", "sparse_decode",
            "check_sparse_decode_supported", "sparse_decode_smem_bytes", "sparse_decode_plans", "paged_logits_schedule",
-           "check_logits_schedule_supported"]
+           "check_logits_schedule_supported", "rows_per_wgmma"]

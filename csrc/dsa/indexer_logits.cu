@@ -24,12 +24,15 @@
 //      of every used key block with its 64 scales, one mbarrier each; every barrier of the
 //      stage is armed for every item (0 bytes when unused), so their phases advance in step
 //      with the item count;
-//   3. per used block and query row: S = K Q^T (64 keys x H heads, f32) = 4 x wgmma m64nHk32
-//      with both operands K-major in 128B-swizzled shared memory; each thread sums
-//      w[h] * relu(S[key, h]) over its columns (four independent chains), the four lanes of
-//      a quad finish the block's two keys with two shuffles (a reduce-scatter: lanes 0 and 2
-//      end with the first key, 1 and 3 with the second), and lanes 0 and 1 of the quad write
-//      scale * sum inside the window, -inf outside;
+//   3. per pair (a used block and kRows query rows: 1, or 2 for an even next_n), in order, the
+//      next pair's wgmma running while this one's sum is computed: S = K Q^T (64 keys x kRows*H,
+//      f32) = 4 x wgmma m64n(kRows*H)k32 with both operands K-major in 128B-swizzled shared
+//      memory (the rows' Q tiles are consecutive); each thread sums w[h] * relu(S[key, h]) over
+//      its columns (four independent chains per key and row), the four lanes of a quad finish
+//      the block's keys with a reduce-scatter (one row: 2 shuffles, lanes 0 and 2 end with the
+//      first key, 1 and 3 with the second, lanes 0 and 1 write; two rows: 3 shuffles, lane q
+//      ends with row q / 2, key q % 2, every lane writes) scale * sum inside the window, -inf
+//      outside;
 //   4. clean: positions of blocks no window meets (not loaded) get -inf; each math warp
 //      releases the stage (the empty barrier) for the producer.
 #include <cstdint>

@@ -351,6 +351,11 @@ def test_auto_on_cpu_and_explain_give_the_kernel_limits():
     args5 = _problem(3, 5, 32, False)
     with pytest.raises(ValueError, match=r"next_n <= 4, got 5"):
         pk.fp8_paged_mqa_logits(*args5, backend="emu")
+    # k_scales is read through a tensor map: its data pointer must be 16-byte aligned
+    sf_odd = torch.empty(sf.numel() + 1)[1:].copy_(sf)
+    with pytest.raises(ValueError, match=r"k_scales: the cuda/emu indexer-logits kernel reads it with TMA, which "
+                                         r"needs a 16-byte aligned data pointer"):
+        pk.fp8_mqa_logits(q, (k, sf_odd), w, ks, ke, backend="emu")
 
 
 def test_emu_rejects_other_page_sizes():

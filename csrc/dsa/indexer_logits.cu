@@ -182,6 +182,7 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   constexpr int kAccRegs = kRows * kHeads / 2;   // wgmma m64nNk32 fragment per thread, N = kRows x H
   constexpr int kColGroups = kHeads / 8;    // 8-column groups per row; a thread holds 2 columns of each
   constexpr int kChains = 4;                // independent partial sums per key (latency, not issue, bound)
+  static_assert(kChains == 4 && kColGroups >= 2, "the head sum's chains: 2 column groups x 2 columns");
   constexpr uint32_t kQTileBytes = kHeads * kHeadDim;
   constexpr uint32_t kWeightsPerLane = kHeads / 32;   // the producer lanes' share of a weights row
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -330,8 +331,8 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
     const uint32_t first_pos = first_blk * kBlockKeys;
     const uint32_t rows = keys.group_rows(group);
     const ItemInfo& info = infos[s];
-    // row 0 of the pair's block: the stage's descriptors, the item's first out row (the
-    // group's rows are consecutive out rows), this thread's columns of the weights
+    // row 0's Q descriptor and this thread's columns of row 0's weights (the cursor returns to
+    // them at each block); the group's rows are consecutive out rows too
     const uint64_t q_desc = pk::make_desc_k128b(q_tile(s, 0));
     const float* const w0 = weights_of(s) + col0;
     const uint64_t row_stride = c.out_stride;

@@ -384,7 +384,9 @@ class EpPrediction:
             out.append(f"  layout kernel (not included, as DeepEP's get_dispatch_layout): "
                        f"{self.layout_seconds * 1e6:.1f} us")
         if pr.kind in PUBLISHED:
-            out.append(f"  DeepEP published (H800, ../shared/ANCHORS.md): {PUBLISHED[pr.kind]}")
+            config = "4096 tokens" if pr.kind in ("dispatch", "combine") else "128 tokens"
+            out.append(f"  DeepEP published (H800, {config}, H 7168, top-8, EP8; its README, "
+                       f"../shared/ANCHORS.md): {PUBLISHED[pr.kind]}")
         return out
 
 
@@ -486,7 +488,8 @@ def _normal(pr: EpProblem, p: Part, all_l2: bool = False):
     sampled = (f"rank 0 of {R} on the emulator, one channel: {SAMPLE_TOKENS} tokens to every rank, +{SAMPLE_TOKENS} "
                f"routed nowhere, {SAMPLE_TOKENS // 2} + {SAMPLE_TOKENS // 2}, two channels; senders then receivers; "
                f"replayed with {2 * C} SMs active, sender L2 hit "
-               f"{send_hit if pr.kind == 'dispatch' else 0.0:.2f} (rows re-read per destination), receiver 0")
+               + (f"{send_hit:.2f} (rows re-read per destination)" if pr.kind == "dispatch" else "0")
+               + ", receiver 0")
     return terms, cost, received, remote_bytes, sampled
 
 

@@ -7,7 +7,8 @@ What is simulated. The real kernels run on the emulator with 8 (or R) ranks in t
 (rings and slots large enough that no sender waits), then the receiver CTAs, which find every
 item published (no wait spins). Rank 0's launches are recorded (trace.Recorder) and replayed
 by the SM model (sm.Replay, one CTA per SM), each with the memory share of the real launch.
-Samples (hidden size, top-k, R, FP8 or bf16 as asked; tokens routed on purpose):
+Samples (hidden size, top-k, R, FP8 or bf16 as asked; tokens routed on purpose, over
+R * topk experts in normal mode, which needs topk >= R):
   normal: one channel, every token to every rank: 32 tokens (S1); 32 + 32 routed nowhere
     (S2); 16 + 16 routed nowhere (S3); and two channels of 32 tokens (S4, the sender's
     prefix count). Solved for: per CTA a fixed cost, per 32-token group of the sender's
@@ -28,7 +29,8 @@ L2 / HBM); the link is charged apart: the bytes a rank sends to (receives from) 
 counted from the routing, over the part's NVLink bandwidth per direction = its bidirectional
 per-GPU figure / 2 (machines.py: H800 400 GB/s, H100 / H200 900 GB/s, both directions
 together; "900 GB/s bidirectional per GPU", 18 links x 50 GB/s bidirectional; NVLINK_SOURCE).
-Local traffic (input reads, ring reads, output writes, incoming rows) is charged at HBM.
+Normal mode also charges its local traffic (input rows read once, incoming and read ring
+items, outputs) at HBM as a term of its own; low latency does not (a few MB per call).
 
 Composition (assumptions, no public figure behind them):
   normal (pipelined rings): max(sender + the receiver's last publish group, receiver + the
@@ -37,10 +39,11 @@ Composition (assumptions, no public figure behind them):
 Not modelled: NVLink latency and protocol overhead (a link-bound figure is an upper bound),
 the cost of a sys-scope release beyond a store, launch overhead, the count exchange between
 the layout and dispatch kernels (an all_gather), L2 reuse beyond the formulas below.
-L2 hit fractions: senders re-read inputs (a row once per destination rank or per expert, the
-top-k ids once per expert warp): hit = 1 - unique / requested bytes of the real routing;
-receivers read ring slots that peers wrote: hit 0 (HBM latency; whether NVLink writes stay
-in the receiver's L2 is not known here). `lines()` also prints the figure with every read an
+L2 hit fractions: dispatch senders re-read inputs (normal: a row once per destination rank;
+low latency: a row once per expert, the top-k ids once per expert warp): hit = 1 - unique /
+requested bytes of the real routing; combine senders read each row once: 0; receivers
+read ring slots that peers wrote: hit 0 (HBM latency; whether NVLink writes stay in the
+receiver's L2 is not known here). `lines()` also prints the figure with every read an
 L2 hit, for the size of that assumption.
 """
 import dataclasses

@@ -70,17 +70,21 @@ def test_all_kernels_are_compiled():
 def test_decode_sass_has_the_intended_instructions():
     listing = _sass_of(CM.DECODE_FUNCTION)
     ops = sass.opcodes(listing)
-    # per KV block and math warpgroup: 36 Q.K^T (9 chunks x 4 k16 steps, N = 32 keys) and
-    # 4 P.V (k16 steps over 64 keys, N = 256 columns)
-    assert len(re.findall(r"HGMMA\.64x32x16\.F32\.BF16", listing)) == 36
-    assert len(re.findall(r"HGMMA\.64x256x16\.F32\.BF16", listing)) == 4
+    # the seesaw: per own KV block 36 Q.K^T (9 chunks x 4 k16 steps, N = 64 keys) and 4 P.V
+    # with P in registers (k16 steps over 64 keys, N = 256 columns); per partner block 4 P.V
+    # with P from shared memory, written twice (inside the block loop and after it)
+    assert len(re.findall(r"HGMMA\.64x64x16\.F32\.BF16", listing)) == 36
+    assert not re.search(r"HGMMA\.64x32x16", listing)
+    assert len(re.findall(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc", listing)) == 4
+    assert len(re.findall(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, gdesc", listing)) == 8
     assert ops["UTMALDG.3D"] == 9 and ops["UTMALDG.2D"] == 9        # Q tile, K block: 9 boxes each
     assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1 and ops["USETMAXREG.DEALLOC.CTAPOOL"] == 1
     assert any(op.startswith("SYNCS.PHASECHK") for op in ops)       # mbarrier waits
     assert any(op.startswith("SYNCS.ARRIVE.TRANS64") for op in ops)  # arrive / expect_tx
     assert ops["WARPGROUP.ARRIVE"] >= 2 and any(op.startswith("WARPGROUP.DEPBAR") for op in ops)
-    assert ops["MUFU.EX2"] >= 18                                    # 16 P + 2 alpha per block
-    assert any(op.startswith("BAR.SYNC") for op in ops)             # named barrier of the math warpgroups
+    assert ops["MUFU.EX2"] >= 34                                    # 32 P + 2 alpha per own block
+    assert any(op.startswith("BAR.SYNC") for op in ops)             # named barriers of the math warpgroups
+    assert any(op.startswith("BAR.ARV") for op in ops)              # P and the max published (bar.arrive)
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
     # ptxas reports the entry count (168); the math region may use up to its setmaxnreg 232
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
@@ -127,9 +131,10 @@ def test_resources_within_budget():
 
 
 def test_shared_memory_plan():
-    # Q tile + 2 K stages (64 x 576 bf16 each) + P tile (64 x 64 bf16) + row maxima and
-    # sums (2 x 2 x 64 f32) + 6 mbarriers + 1024 alignment slack
-    assert CM.SMEM_BYTES == 1024 + 3 * 73728 + 8192 + 1024 + 48 == 231472
+    # Q tile + 2 K stages (64 x 576 bf16 each; a block's P goes to its RoPE chunk, no P tile)
+    # + published row maxima and row sums (2 x 2 x 64 f32) + 22 mbarriers (a full barrier per
+    # chunk and stage, an empty one per stage, Q full and empty) + 1024 alignment slack
+    assert CM.SMEM_BYTES == 1024 + 3 * 73728 + 1024 + 8 * (2 * 9 + 2 + 2) == 223408
     assert CM.SMEM_BYTES <= 227 * 1024
     assert CM.smem_bytes(3) > 227 * 1024                            # a third stage does not fit
     # FP8: Q tile + 1 bf16 K block + 1 raw FP8 page (64 x 656 bytes) + 4 P tiles + scales
@@ -146,17 +151,21 @@ def test_ptx_has_the_intended_instructions():
     assert len(k.params) == 26
     assert [(p.size, p.align) for p in k.params[:2]] == [(128, 64)] * 2       # tensor maps
     full = [i.full for i in k.instrs]
-    assert full.count("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16") == 36
-    assert full.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 4
+    assert full.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 36
+    assert full.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 12
     assert full.count("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes") == 9
     assert full.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes") == 9
     assert "fence.proxy.async.shared::cta" in full and "mbarrier.try_wait.parity.shared::cta.b64" in full
+    assert "bar.arrive" in full and "bar.sync" in full
     assert "ex2.approx.ftz.f32" in full
     assert not any(f.startswith(("call", "ld.local", "st.local")) for f in full)
     text = artifacts.ptx_text(CM.MODULE)
-    # Q.K^T: both operands K-major; P.V: B (the V block) MN-major, imm-trans-b = 1
-    assert re.search(r"m64n32k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 0;", text)
+    # Q.K^T: both operands K-major; P.V: B (the V block) MN-major, imm-trans-b = 1, A (P) from
+    # shared memory (the partner's block) or registers (the own block: no imm-trans-a)
+    assert re.search(r"m64n64k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 0;", text)
     assert re.search(r"m64n256k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 1;", text)
+    assert re.search(r"m64n256k16\.f32\.bf16\.bf16 \{[^}]*\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd\d+, p, 1, 1, 1;",
+                     text)
     assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
     assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
     assert len(mod.kernel(CM.COMBINE_FUNCTION).params) == 14
@@ -313,9 +322,10 @@ def test_emu_strided_inputs_and_outputs(poisoned_scratch):
 @pytest.mark.parametrize("parts", [4, 6])      # 4: two whole sequences; 6: the first split in two
 def test_emu_counters(parts, poisoned_scratch):
     # The emulator's cost counters for one shape (docs/mla.md quotes them): wgmma issued
-    # = 2 math warpgroups x (36 + 4) per (KV block, row tile); every byte written is
-    # accounted for by out / lse, the split partials and the combine's rows; the
-    # shared-memory accesses (P tile, row maxima and sums) are free of bank conflicts.
+    # = 36 + 4 (the block's owner: Q.K^T, P.V) + 4 (its partner: P.V) per (KV block, row
+    # tile); every byte written is accounted for by out / lse, the split partials and the
+    # combine's rows; the shared-memory accesses (P stores, zeroed stale V rows, row maxima
+    # and sums) are free of bank conflicts.
     torch.manual_seed(5)
     seqlens, s_q, h_q = [256, 192], 2, 64
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
@@ -329,7 +339,7 @@ def test_emu_counters(parts, poisoned_scratch):
     d, c = decode.as_dict(), combine.as_dict()
     tiles = _cdiv(rows, 64)
     blocks = sum(_cdiv(L, PAGE) for L in seqlens)
-    assert d["wgmma_issued"] == 2 * 40 * blocks * tiles
+    assert d["wgmma_issued"] == (36 + 4 + 4) * blocks * tiles
     assert d["ctas"] == parts * tiles and c["ctas"] == b * _cdiv(rows, 4)
     splits = (ns.diff()).tolist()
     pieces = int(ns[-1])

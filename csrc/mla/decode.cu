@@ -15,26 +15,18 @@
 //  * warpgroup 2 = producer (setmaxnreg.dec 40). Its first warp, one elected lane: per piece
 //    with blocks, waits q_empty, loads the Q tile (9 TMA boxes of 64 rows x 64 columns,
 //    128-byte swizzle) onto q_full; per block, waits empty[s] and loads the K block's 9 boxes
-//    (page id from block_table) onto full[s]. Two stages.
-//  * warpgroups 0, 1 = math (setmaxnreg.inc 232). Warpgroup w owns keys [32w, 32w+32) of
-//    every block for S = Q K^T and output columns [256w, 256w+256) for O = P V:
-//      1. S_w (64 x 32, f32) = 36 x wgmma m64n32k16 (A = Q chunk, B = K chunk rows, both
-//         K-major, 128B swizzle); scale by softmax_scale*log2(e), mask (key < seqlen and,
-//         causal, key <= seqlen - s_q + token) to -inf.
-//      2. row maxima of S_w -> shared `red`, named barrier; the new running max m (identical
-//         bits in both warpgroups), alpha = 2^(m_old - m), P_w = 2^(S_w - m); the running
-//         row sum l keeps only the warpgroup's own keys (summed once at the end).
-//      3. P_w -> bf16 -> shared P tile (64 x 64, K-major, 128B swizzle; warpgroup w writes
-//         key columns [32w, 32w+32)), fence.proxy.async, named barrier: P is shared through
-//         shared memory, not recomputed (each warpgroup computed half of it).
-//      4. acc (64 x 256 f32, 128 registers/thread) *= alpha; acc += P V_w with 4 x wgmma
-//         m64n256k16 (A = P tile, B = the K block's columns [256w, +256) read MN-major:
-//         imm-trans-b = 1, LBO = 8192 between 64-column chunks, SBO = 1024 between 8-key
-//         atoms). wait, then each warp arrives on empty[s].
+//    (page id from block_table), box c onto full[s][c]. Two stages.
+//  * warpgroups 0, 1 = math (setmaxnreg.inc 232), bf16 cache: the seesaw (SeesawMath below).
+//    Warpgroup w owns the blocks in stage w (alternate blocks) and output columns
+//    [256w, 256w+256) of all of them. For its own block: S (64 x 64, m64n64k16 over 9
+//    chunks, each after its TMA box landed), the online softmax carrying the running max over
+//    from the partner's previous block, P published (bf16 into the stage's RoPE chunk, the max
+//    to shared memory, bar.arrive), P V with P in registers; for the partner's block: wait for
+//    its publication (bar.sync), rescale, P V with P from shared memory, taken between the own
+//    block's Q K^T chunks. One warpgroup's softmax runs under the other's wgmmas.
 //    The last block of a sequence whose length is not a multiple of 64 has stale rows
-//    (possibly NaN) past the end: S masks them with a select; for P V (0 * NaN = NaN) each
-//    warpgroup zeroes those rows of its own V chunks between steps 2 and 3 (after both
-//    warpgroups' Q K^T wgmma have completed, before its own P V).
+//    (possibly NaN) past the end: S masks them with a select; its owner zeroes those rows of
+//    the V chunks before publishing (0 * NaN = NaN in P V).
 //    Epilogue: l of both warpgroups summed through shared memory; a sequence with one split
 //    writes out = acc / l (bf16) and lse = (m + log2 l) ln 2 (+inf, out 0 when no key is
 //    visible); a piece of a split sequence writes acc / l (f32) and m + log2 l (base 2,
@@ -46,14 +38,17 @@
 // seqlens and the page ids the CTA will read; on a failure warp 0 records the error in the
 // device error record (pk/error_record.cuh) and the whole CTA returns, reading nothing more.
 //
-// FP8 cache (pk_mla_decode_fp8, docs/mla.md "FP8 KV cache"): the producer loads one raw page
-// per block (one TMA box, a ring of one page); the math warpgroups convert it into the bf16
-// K block (Fp8Pages: a piece's first page before its first block, every later page during
-// the previous block's P V, k-step by k-step as its wgmmas retire), then run steps 1-4 with
-// S and P scaled per 128-column group (four P tiles, P V as two m64n128k16 per k-step).
+// FP8 cache (pk_mla_decode_fp8, docs/mla.md "FP8 KV cache", and the sparse decode): the
+// producer loads one raw page per block (one TMA box, a ring of one page); the math
+// warpgroups convert it into the bf16 K block (Fp8Pages: a piece's first page before its
+// first block, every later page during the previous block's P V, k-step by k-step as its
+// wgmmas retire) and run the lockstep schedule: warpgroup w computes S for keys [32w, +32)
+// of every block (m64n32k16), both exchange row maxima and P (per 128-column scale group,
+// four P tiles) through shared memory behind named barriers, P V as two m64n128k16 per
+// k-step over output columns [256w, +256).
 //
-// Shared memory (dynamic, base aligned up to 1024): Q 72 KB | 2 K stages x 72 KB | P 8 KB |
-// red 512 B | lsum 512 B | 6 mbarriers: 230,448 bytes + 1,024 alignment slack <= 227 KB.
+// Shared memory (dynamic, base aligned up to 1024), bf16: Q 72 KB | 2 K stages x 72 KB |
+// red 512 B | lsum 512 B | 22 mbarriers: 222,384 bytes + 1,024 alignment slack <= 227 KB.
 #include <cstdint>
 
 #include "pk/error_record.cuh"
@@ -95,25 +90,27 @@ struct Smem {
   static constexpr uint32_t kKOff = kQOff + kTileBytes;
   static constexpr uint32_t kRawOff = kKOff + kKBlocks * kTileBytes;
   static constexpr uint32_t kPOff = kRawOff + (kFp8 ? kStages * kRawBytes : 0);
-  static constexpr uint32_t kPTiles = kFp8 ? kGroups : 1;
+  static constexpr uint32_t kPTiles = kFp8 ? kGroups : 0;   // bf16 (seesaw): P in each stage's RoPE chunk
   static constexpr uint32_t kSfOff = kPOff + kPTiles * kChunkBytes;       // f32 [4][64] (FP8)
   static constexpr uint32_t kRedOff = kSfOff + (kFp8 ? kGroups * kPage * 4 : 0);  // f32 [2][64] row maxima
   static constexpr uint32_t kSumOff = kRedOff + 2 * 64 * 4;               // f32 [2][64] row sums
   static constexpr uint32_t kBarOff = kSumOff + 2 * 64 * 4;
-  static constexpr uint32_t kNumBars = 2 * kStages + 2;
+  static constexpr uint32_t kFullPerStage = kFp8 ? 1 : kChunks;   // bf16: one full barrier per 64-column chunk
+  static constexpr uint32_t kNumBars = kStages * kFullPerStage + kStages + 2;
   static constexpr uint32_t kMaskOff = kBarOff + 8 * kNumBars;           // sparse: u64 valid rows per stage
   static constexpr uint32_t kBytes = 1024 + kMaskOff + (kSparse ? 8 * kStages : 0);   // pykernels/cuda/mla.py,
                                                                                       // cuda/dsa.py (sparse)
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
   static_assert(kKOff % 1024 == 0 && kRawOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms / TMA");
 };
-static_assert(Smem<false>::kBytes == 231472 && Smem<true>::kBytes == 225312, "pykernels/cuda/mla.py");
+static_assert(Smem<false>::kBytes == 223408 && Smem<true>::kBytes == 225312, "pykernels/cuda/mla.py");
 static_assert(Smem<true, true>::kBytes == 225320, "pykernels/cuda/dsa.py");
 
 constexpr uint32_t kThreads = 384;
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kMathRegs = 232;
-constexpr uint32_t kNamedBarrier = 1;             // the two math warpgroups (256 threads)
+constexpr uint32_t kBarMath = 1;                  // named barrier of both math warpgroups
+constexpr uint32_t kMathThreads = 256;            // the two math warpgroups
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
 constexpr uint64_t kAllRows = ~0ull;              // a block's row mask with every token row valid
@@ -549,6 +546,378 @@ __device__ __forceinline__ void load_sparse_block(const Params& p, uint32_t b, u
     if (used[h]) pk::bulk_load(raw + (lane + 32 * h) * kFp8Row, p.cache + (uint64_t)idx[h] * kFp8Row, kFp8Row, full);
 }
 
+// Row sums of both warpgroups' keys: this thread's columns -> its quad -> shared memory ->
+// summed in a fixed order (identical in both warpgroups).
+__device__ __forceinline__ void sum_rows_across_warpgroups(float (&l)[2], float* lsum, uint32_t wg, uint32_t r0,
+                                                           uint32_t lane) {
+#pragma unroll
+  for (uint32_t h = 0; h < 2; ++h) {
+    l[h] = quad_sum(l[h]);
+    if (lane % 4 == 0) lsum[wg * kTileRows + r0 + 8 * h] = l[h];
+  }
+  pk::named_barrier_sync(kBarMath, kMathThreads);
+#pragma unroll
+  for (uint32_t h = 0; h < 2; ++h) l[h] = lsum[r0 + 8 * h] + lsum[kTileRows + r0 + 8 * h];
+}
+
+// ----------------------------------------------------------------------------- per-thread rows
+// This thread's two query rows of the tile (r0 and r0 + 8, r0 = 16 warp + lane / 4: the rows of
+// a wgmma accumulator fragment) in one piece: global row, token, head, last visible key.
+struct ThreadRows {
+  uint32_t grow[2], tok[2], head[2];
+  int lim[2];
+};
+
+__device__ __forceinline__ ThreadRows thread_rows(const Params& p, const Piece& pc, uint32_t tile, uint32_t r0) {
+  ThreadRows tr;
+#pragma unroll
+  for (uint32_t h = 0; h < 2; ++h) {
+    tr.grow[h] = tile * kTileRows + r0 + 8 * h;
+    tr.tok[h] = tr.grow[h] / p.h_q;
+    tr.head[h] = tr.grow[h] - tr.tok[h] * p.h_q;
+    const int last = p.causal ? pc.seqlen - (int)p.s_q + (int)tr.tok[h] : pc.seqlen - 1;
+    tr.lim[h] = min(last, pc.seqlen - 1);   // clamped below seqlen
+  }
+  return tr;
+}
+
+// Epilogue of a piece, this thread's rows and its warpgroup's 256 output columns: a sequence with
+// one split writes out = acc / l (bf16) and lse = (m + log2 l) ln 2 (+inf, out 0 when no key is
+// visible); a piece of a split sequence writes acc / l (f32) and m + log2 l (base 2, -inf when
+// nothing was visible) to scratch row `split id`, merged by pk_mla_combine.
+template <bool kSparse>
+__device__ __forceinline__ void write_piece_output(const Params& p, const Piece& pc, const ThreadRows& tr,
+                                                   const float (&acc)[128], const float (&m)[2], const float (&l)[2],
+                                                   uint32_t wg, uint32_t lane) {
+  const int nsplit = __ldg(p.nsplits + pc.b + 1) - __ldg(p.nsplits + pc.b);
+  const uint32_t col0 = kLatentPerWg * wg + 2 * (lane % 4);   // this thread's first output column
+#pragma unroll
+  for (uint32_t h = 0; h < 2; ++h) {
+    if (tr.grow[h] >= p.rows) continue;
+    // a row with a NaN score: lse +inf and out NaN for the dense decode (docs/numerics.md), lse
+    // and out NaN for the sparse one (FlashMLA's sparse convention, the reference's)
+    const bool seen = kSparse ? !(l[h] <= 0.0f) : l[h] > 0.0f;
+    float inv = seen ? __frcp_rn(l[h]) : 0.0f;
+    const float lse2 = seen ? m[h] + pk::lg2_approx(l[h]) : -INFINITY;
+    if (nsplit == 1) {
+      if (kSparse && p.sink != nullptr) inv *= sink_factor(__ldg(p.sink + tr.head[h]), lse2);
+      uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)tr.tok[h] * p.out_ss + (uint64_t)tr.head[h] * p.out_sh + col0;
+#pragma unroll
+      for (uint32_t c = 0; c < 32; ++c)
+        *reinterpret_cast<uint32_t*>(dst + 8 * c) =
+            pk::pack_bf16x2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
+      if (wg == 0 && lane % 4 == 0)
+        p.lse[pc.b * p.lse_sb + (uint64_t)tr.head[h] * p.lse_sh + (uint64_t)tr.tok[h] * p.lse_ss] =
+            seen ? lse2 * kLn2 : INFINITY;
+    } else {
+      const uint64_t split_row = (uint64_t)pc.split * p.rows + tr.grow[h];
+      float* dst = p.oacc + split_row * kDimV + col0;
+#pragma unroll
+      for (uint32_t c = 0; c < 32; ++c)
+        *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
+      if (wg == 0 && lane % 4 == 0) p.lacc[split_row] = lse2;
+    }
+  }
+}
+
+// The running max moves to m_new (identical bits in both warpgroups: the same operands): the
+// row sum is rescaled and alpha, the rescale of everything accumulated so far, returned;
+// m_use is the exponent's offset (0 while no key was seen: keeps exponents finite).
+__device__ __forceinline__ float advance_max(float& m, float& l, float m_new, float& m_use) {
+  m_use = m_new == -INFINITY ? 0.0f : m_new;
+  const float alpha = pk::ex2_approx(m - m_use);   // 0 while m was -inf
+  m = m_new;
+  l *= alpha;
+  return alpha;
+}
+
+// ----------------------------------------------------------------------------- seesaw (bf16 cache)
+// Warpgroup w owns the blocks that land in K ring stage w; consecutive blocks alternate
+// stages, so the two warpgroups own alternate blocks. For its own block the owner computes
+// all of S = Q K^T (64 rows x 64 keys) and the online softmax, carrying the running max over
+// from the partner's previous block; it publishes P (bf16) and the new max, and adds P V over
+// its 256 output columns with P in registers. The partner adds the same block's P V over its
+// own 256 columns with P read from shared memory, after rescaling by the published max. One
+// warpgroup's softmax runs while the other's wgmmas (its Q K^T, its P V) run.
+//
+//   own block j:  [retire P V(j-2), release its stage] wait K(j) | Q K^T(j) ->
+//                 [partner's block j-1: wait its P, rescale, P V(j-1) from shared memory] ->
+//                 wait Q K^T | softmax(j) | zero stale V rows (partial last block) |
+//                 publish P(j), m(j) | retire P V(j-1), release its stage | rescale, P V(j) (registers)
+//   after a piece's last block: retire the own P V; the partner's last block as above.
+constexpr uint32_t kBarPublished = 2;        // + stage: P and m of the stage's block are published
+constexpr uint32_t kPChunk = kChunks - 1;    // the RoPE chunk of a stage: P's home once Q K^T has read it
+constexpr uint32_t kVChunksPerWg = kLatentPerWg / 64;   // output columns of a warpgroup, in 64-column chunks
+constexpr uint32_t kKeysPerStep = 16;                   // keys of one k16 step of P V
+constexpr uint32_t kStepBytes = kKeysPerStep * pk::kSwizzleRowBytes;   // one k16 step of V rows
+constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;   // an 8-row swizzle atom
+constexpr uint32_t kK16Bytes = 16 * 2;       // one k16 step along a K-major bf16 row
+// A matrix descriptor's start address field counts 16-byte units: advancing the operand by
+// `bytes` adds bytes / 16 (no carry out of the field inside shared memory).
+__device__ __forceinline__ constexpr uint64_t desc_advance(uint32_t bytes) { return bytes >> 4; }
+constexpr uint32_t kScoreRegs = kPage / 2;   // S of a 64 x 64 block: 32 f32 per thread
+constexpr uint32_t kPRegs = kPage / 4;       // P as bf16 pairs: 16 registers, 4 per k16 step
+constexpr uint32_t kQkChunksBeforeTake = 5;  // Q K^T chunks issued before the partner's block is taken
+static_assert(kPvSteps * kKeysPerStep == kPage, "P V covers the block");
+
+// In a 1024-byte aligned 128B-swizzled tile, the address of 16-byte unit `unit` of a row from
+// the address of the row's unit 0 (byte inside the unit kept): the swizzle is an XOR of the
+// unit index (address bits 4-6) with row % 8, so unit u is unit 0 XOR u.
+__device__ __forceinline__ uint32_t swizzle128_unit_xor(uint32_t unit0_addr, uint32_t unit) {
+  return unit0_addr ^ (unit * pk::kSwizzleUnitBytes);
+}
+
+// quad_max of two rows, their shuffles interleaved.
+__device__ __forceinline__ void quad_max2(float (&v)[2]) {
+#pragma unroll
+  for (uint32_t d = 1; d <= 2; d *= 2) {
+    const float o0 = __shfl_xor_sync(0xffffffffu, v[0], d), o1 = __shfl_xor_sync(0xffffffffu, v[1], d);
+    v[0] = fmaxf(v[0], o0);
+    v[1] = fmaxf(v[1], o1);
+  }
+}
+
+// Reduction with `op` of this thread's 16 fragment elements of row half h (elements i with
+// (i >> 1) & 1 == h), as a tree of depth 4 (independent operations back to back).
+template <uint32_t h, typename Op>
+__device__ __forceinline__ float row_reduce(Op op, const float (&v)[kScoreRegs]) {
+  constexpr uint32_t n = kScoreRegs / 2;
+  static_assert(n == 16, "tree of depth 4");
+  float t[n];
+#pragma unroll
+  for (uint32_t j = 0; j < n; ++j) t[j] = v[4 * (j / 2) + 2 * h + (j & 1)];
+#pragma unroll
+  for (uint32_t j = 0; j < 8; ++j) t[j] = op(t[j], t[j + 8]);
+#pragma unroll
+  for (uint32_t j = 0; j < 4; ++j) t[j] = op(t[j], t[j + 4]);
+#pragma unroll
+  for (uint32_t j = 0; j < 2; ++j) t[j] = op(t[j], t[j + 2]);
+  return op(t[0], t[1]);
+}
+
+struct SeesawMath {
+  using L = Smem<false>;
+  const Params& p;
+  uint8_t* smem;
+  uint32_t base, full_bar, empty_bar;
+  uint32_t wg, tid, lane, r0;
+  float* mx;                  // [stage][64]: the running max after the stage's block (published)
+  uint32_t s = 0, phase = 0;  // K ring position (every block, both warpgroups)
+
+  __device__ __forceinline__ uint32_t kblock(uint32_t stage) const { return base + L::kKOff + stage * kTileBytes; }
+
+  // Q K^T of the block in `stage` over chunks [c0, c1) (of 9, 4 k16 steps of m64n64k16 each,
+  // both operands K-major), each chunk issued once its TMA box has landed; chunk 0 starts S.
+  template <uint32_t c0, uint32_t c1>
+  __device__ __forceinline__ void issue_qk(float (&sc)[kScoreRegs], uint32_t stage, uint32_t ph) const {
+    const uint64_t q_desc = pk::make_desc_k128b(base + kQOff), k_desc = pk::make_desc_k128b(kblock(stage));
+#pragma unroll
+    for (uint32_t c = c0; c < c1; ++c) {
+      pk::mbar_wait(full_bar + 8 * (stage * kChunks + c), ph);
+      const uint64_t da = q_desc + desc_advance(c * kChunkBytes), db = k_desc + desc_advance(c * kChunkBytes);
+#pragma unroll
+      for (uint32_t kk = 0; kk < 4; ++kk)
+        pk::wgmma_m64n64k16_bf16_kk(sc, da + desc_advance(kk * kK16Bytes), db + desc_advance(kk * kK16Bytes),
+                                    (c | kk) != 0 ? 1u : 0u);
+    }
+  }
+
+  // The descriptor of V's k16 step kk over this warpgroup's columns: MN-major, LBO = one
+  // 64-column chunk, SBO = one 8-key atom.
+  __device__ __forceinline__ uint64_t v_desc(uint32_t stage) const {
+    return pk::make_desc_mn128b(kblock(stage) + kVChunksPerWg * wg * kChunkBytes, kChunkBytes, kAtomBytes);
+  }
+
+  // acc += P V over this warpgroup's columns, P of the own block in registers.
+  __device__ __forceinline__ void issue_pv_regs(float (&acc)[128], uint32_t (&pa)[kPRegs], uint32_t stage) const {
+#pragma unroll
+    for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
+#pragma unroll
+    for (uint32_t i = 0; i < kPRegs; ++i) pk::fence_operand(pa[i]);
+    pk::wgmma_fence();
+    const uint64_t dv = v_desc(stage);
+#pragma unroll
+    for (uint32_t kk = 0; kk < kPvSteps; ++kk) {
+      const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
+      pk::wgmma_m64n256k16_bf16_rt(acc, a, dv + desc_advance(kk * kStepBytes), 1u);
+    }
+    pk::wgmma_commit();
+  }
+
+  // acc += P V over this warpgroup's columns, P of the partner's block from the stage's P chunk.
+  __device__ __forceinline__ void issue_pv_smem(float (&acc)[128], uint32_t stage) const {
+#pragma unroll
+    for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
+    pk::wgmma_fence();
+    const uint64_t dp = pk::make_desc_k128b(kblock(stage) + kPChunk * kChunkBytes), dv = v_desc(stage);
+#pragma unroll
+    for (uint32_t kk = 0; kk < kPvSteps; ++kk)
+      pk::wgmma_m64n256k16_bf16_kt(acc, dp + desc_advance(kk * kK16Bytes), dv + desc_advance(kk * kStepBytes), 1u);
+    pk::wgmma_commit();
+  }
+
+  // After the wait that retired a block's P V (acc readable): its stage released (one arrival
+  // per math warp).
+  __device__ __forceinline__ void release_after_retired(float (&acc)[128], uint32_t stage) const {
+#pragma unroll
+    for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
+    if (lane == 0) pk::mbar_arrive(empty_bar + 8 * stage);
+  }
+
+  // Every wgmma retired, the last P V's stage released.
+  __device__ __forceinline__ void retire_pv(float (&acc)[128], uint32_t stage) const {
+    pk::wgmma_wait<0>();
+    release_after_retired(acc, stage);
+  }
+
+  __device__ __forceinline__ static void rescale(float (&acc)[128], const float (&alpha)[2]) {
+#pragma unroll
+    for (uint32_t i = 0; i < 128; ++i) acc[i] *= alpha[(i >> 1) & 1];
+  }
+
+  // Online softmax of the own block (keys key0 + its fragment columns): mask keys past the
+  // row's last visible one (only where the block has such keys), advance the running max over
+  // the base-2 logits S * scale_log2, P = 2^(S * scale_log2 - m) in place, add P's row sums to
+  // l (this warpgroup's keys only), and rescale acc by alpha (4 registers per exponential: the
+  // multiplies issue while the exponentials wait on their pipe). Reductions are trees, so
+  // independent operations issue back to back; scale_log2 > 0, so max(S) * scale_log2 is the
+  // max of the scaled logits.
+  __device__ __forceinline__ void softmax(float (&sc)[kScoreRegs], float (&m)[2], float (&l)[2], float (&acc)[128],
+                                          int key0, const int (&lim)[2]) const {
+    if (key0 + (int)(kPage - 1) > min(lim[0], lim[1])) {
+#pragma unroll
+      for (uint32_t i = 0; i < kScoreRegs; ++i)
+        if (key0 + (int)(8 * (i >> 2) + (i & 1)) > lim[(i >> 1) & 1]) sc[i] = -INFINITY;
+    }
+    const auto max_op = [](float a, float b) { return fmaxf(a, b); };
+    const auto add_op = [](float a, float b) { return a + b; };
+    float row_max[2] = {row_reduce<0>(max_op, sc), row_reduce<1>(max_op, sc)};
+    quad_max2(row_max);
+    float alpha[2], neg_m[2];
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      float m_use;
+      alpha[h] = advance_max(m[h], l[h], fmaxf(m[h], row_max[h] * p.scale_log2), m_use);
+      neg_m[h] = -m_use;
+    }
+    constexpr uint32_t kAccPerExp = 128 / kScoreRegs;
+#pragma unroll
+    for (uint32_t i = 0; i < kScoreRegs; ++i) {
+      sc[i] = pk::ex2_approx(fmaf(sc[i], p.scale_log2, neg_m[(i >> 1) & 1]));
+#pragma unroll
+      for (uint32_t a = kAccPerExp * i; a < kAccPerExp * (i + 1); ++a) {
+        acc[a] *= alpha[(a >> 1) & 1];
+        pk::fence_operand(acc[a]);   // keeps the multiply here, not sunk to the wgmma
+      }
+    }
+    l[0] += row_reduce<0>(add_op, sc);
+    l[1] += row_reduce<1>(add_op, sc);
+  }
+
+  // Partial last block: the stale rows (keys >= valid, possibly NaN) of all eight V chunks
+  // zeroed (0 * NaN = NaN in P V), after the own Q K^T (their only other reader) retired.
+  __device__ __forceinline__ void zero_stale_v(uint32_t stage, uint32_t valid) const {
+    constexpr uint32_t kUnits = (kChunks - 1) * kPage * pk::kSwizzleRowBytes / pk::kSwizzleUnitBytes;
+    uint8_t* const v = smem + (kblock(stage) - base);
+#pragma unroll 4
+    for (uint32_t u = tid; u < kUnits; u += 128) {
+      const uint32_t key = (u / (pk::kSwizzleRowBytes / pk::kSwizzleUnitBytes)) % kPage;
+      if (key >= valid) *reinterpret_cast<uint4*>(v + pk::kSwizzleUnitBytes * u) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // P -> bf16 pairs: the A fragments of the own P V (k16 step kk = registers 4kk..4kk+3) and
+  // the partner's copy in the stage's P chunk (K-major, 128B swizzle); the new max to
+  // mx[stage]; then published on the stage's barrier (the partner waits there).
+  __device__ __forceinline__ void publish(const float (&sc)[kScoreRegs], uint32_t (&pa)[kPRegs], const float (&m)[2],
+                                          uint32_t stage) const {
+    // This thread's pairs sit at bytes 4 (lane % 4) of unit c = i / 2 (keys 8c + 2 (lane % 4)) in
+    // rows r0, r0 + 8: the address of unit 0, swizzled, then XOR c (swizzle128_unit_xor).
+    const uint32_t ptile = kblock(stage) + kPChunk * kChunkBytes;
+    const uint32_t unit0[2] = {ptile + pk::swizzle128_byte(r0, 4 * (lane % 4)),
+                               ptile + pk::swizzle128_byte(r0 + 8, 4 * (lane % 4))};
+#pragma unroll
+    for (uint32_t i = 0; i < kPRegs; ++i) {
+      pa[i] = pk::pack_bf16x2(sc[2 * i], sc[2 * i + 1]);
+      pk::st_shared_b32(swizzle128_unit_xor(unit0[i & 1], i >> 1), pa[i]);
+    }
+    if (lane % 4 == 0) {
+      mx[stage * kTileRows + r0] = m[0];
+      mx[stage * kTileRows + r0 + 8] = m[1];
+    }
+    pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> the partner's wgmma reads
+    pk::named_barrier_arrive(kBarPublished + stage, kMathThreads);
+  }
+
+  // The partner's block in `stage`: wait until it is published, advance the max to its
+  // value, rescale, and issue its P V (P from shared memory).
+  __device__ __forceinline__ void take_partner_block(float (&acc)[128], float (&m)[2], float (&l)[2],
+                                                     uint32_t stage) const {
+    pk::named_barrier_sync(kBarPublished + stage, kMathThreads);
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) alpha[h] = advance_max(m[h], l[h], mx[stage * kTileRows + r0 + 8 * h], m_use[h]);
+    rescale(acc, alpha);
+    issue_pv_smem(acc, stage);
+  }
+
+  // One piece's blocks [lo, hi) (hi > lo) into acc, m, l. For an own block j: the Q K^T
+  // chunks that have landed first, then the partner's block j - 1 (published meanwhile, P V
+  // from shared memory), then the rest of Q K^T; as soon as that P V retired, block j - 1's
+  // stage is released, so the ring refills while this Q K^T and softmax run. On the tensor pipe the partner's
+  // P V (both halves) slots in between Q K^T chunks of the next block, which land one by one.
+  __device__ __forceinline__ void run_piece(const Piece& pc, const ThreadRows& tr, float (&acc)[128], float (&m)[2],
+                                            float (&l)[2]) {
+    const uint32_t valid_last = valid_rows(pc, pc.hi - 1);
+    uint32_t pa[kPRegs];
+#pragma unroll
+    for (uint32_t i = 0; i < kPRegs; ++i) pa[i] = 0;
+    bool own_pending = false;   // the own P V in flight (acc, pa busy)
+    uint32_t own_stage = 0, last_stage = 0;
+    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+      const uint32_t stage = s, ph = phase;
+      last_stage = stage;
+      if (++s == L::kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+      if (stage != wg) continue;   // the partner's: taken at the next own block or after the loop
+
+      if (own_pending) retire_pv(acc, own_stage);
+      own_pending = false;
+      float sc[kScoreRegs];
+#pragma unroll
+      for (uint32_t i = 0; i < kScoreRegs; ++i) pk::fence_operand(sc[i]);
+#pragma unroll
+      for (uint32_t i = 0; i < kPRegs; ++i) pk::fence_operand(pa[i]);
+      pk::wgmma_fence();
+      issue_qk<0, kQkChunksBeforeTake>(sc, stage, ph);
+      pk::wgmma_commit();
+      const bool partner = blk > pc.lo;   // block blk - 1, the partner's, in the other stage
+      if (partner) {
+        take_partner_block(acc, m, l, stage ^ 1);
+        retire_pv(acc, stage ^ 1);        // its stage refills while the rest of Q K^T waits for its chunks
+      }
+      issue_qk<kQkChunksBeforeTake, kChunks>(sc, stage, ph);
+      pk::wgmma_commit();
+      pk::wgmma_wait<0>();
+#pragma unroll
+      for (uint32_t i = 0; i < kScoreRegs; ++i) pk::fence_operand(sc[i]);
+      softmax(sc, m, l, acc, (int)(blk * kPage + 2 * (lane % 4)), tr.lim);
+      if (blk + 1 == pc.hi && valid_last < kPage) zero_stale_v(stage, valid_last);
+      publish(sc, pa, m, stage);
+      issue_pv_regs(acc, pa, stage);
+      own_pending = true;
+      own_stage = stage;
+    }
+    if (own_pending) retire_pv(acc, own_stage);
+    if (last_stage != wg) {        // the piece ends with the partner's block
+      take_partner_block(acc, m, l, last_stage);
+      retire_pv(acc, last_stage);
+    }
+  }
+};
+
 template <bool kFp8, bool kSparse>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
@@ -561,15 +930,17 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
   uint8_t* const smem = smem_raw + (base - raw_addr);
-  const uint32_t full_bar = base + L::kBarOff;          // + 8 s
-  const uint32_t empty_bar = full_bar + 8 * kStages;    // + 8 s
+  const uint32_t full_bar = base + L::kBarOff;                             // + 8 (s kFullPerStage + chunk)
+  const uint32_t empty_bar = full_bar + 8 * kStages * L::kFullPerStage;    // + 8 s
   const uint32_t q_full = empty_bar + 8 * kStages;
   const uint32_t q_empty = q_full + 8;
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (uint32_t s = 0; s < kStages; ++s) {
-      pk::mbar_init(full_bar + 8 * s, 1);     // producer's arrive.expect_tx (+ TMA bytes)
+#pragma unroll
+      for (uint32_t c = 0; c < L::kFullPerStage; ++c)
+        pk::mbar_init(full_bar + 8 * (s * L::kFullPerStage + c), 1);   // producer's arrive.expect_tx (+ TMA bytes)
       pk::mbar_init(empty_bar + 8 * s, 8);    // lane 0 of each math warp
     }
     pk::mbar_init(q_full, 1);
@@ -619,17 +990,20 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         const int32_t page = __ldg(table + blk);
         pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
         if (leader) {
-          pk::mbar_arrive_expect_tx(full_bar + 8 * s, L::kStageBytes);
           if constexpr (kFp8) {
             // the whole page in one box of the 3-D map over [num_blocks * 64, 41, 16] bytes
+            pk::mbar_arrive_expect_tx(full_bar + 8 * s, L::kStageBytes);
             pk::tma_load_3d(base + L::kRawOff + s * kRawBytes, tmap_kv, full_bar + 8 * s, 0, 0,
                             page * (int32_t)kPage);
           } else {
+            // chunk by chunk, each on its own barrier: Q K^T starts on the first chunk
             const uint32_t dst = base + L::kKOff + s * kTileBytes;
 #pragma unroll
-            for (uint32_t c = 0; c < kChunks; ++c)
-              pk::tma_load_2d(dst + c * kChunkBytes, tmap_kv, full_bar + 8 * s, (int32_t)(64 * c),
-                              page * (int32_t)kPage);
+            for (uint32_t c = 0; c < kChunks; ++c) {
+              const uint32_t bar = full_bar + 8 * (s * kChunks + c);
+              pk::mbar_arrive_expect_tx(bar, kChunkBytes);
+              pk::tma_load_2d(dst + c * kChunkBytes, tmap_kv, bar, (int32_t)(64 * c), page * (int32_t)kPage);
+            }
           }
         }
         __syncwarp();
@@ -652,6 +1026,32 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   float* const sfs = reinterpret_cast<float*>(smem + L::kSfOff);   // FP8 scales [4][64]
   uint8_t* const ptile = smem + L::kPOff;
   const uint32_t p_addr = base + L::kPOff;
+
+  if constexpr (!kFp8) {
+    // bf16 cache: the seesaw schedule (SeesawMath); red holds the published maxima [stage][64].
+    SeesawMath seesaw{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
+    uint32_t q_phase = 0;
+    for (uint32_t k = 0; k < num_pieces; ++k) {
+      const Piece pc = piece_of(p, row, k);
+      const ThreadRows tr = thread_rows(p, pc, tile, r0);
+      float m[2] = {-INFINITY, -INFINITY};
+      float l[2] = {0.0f, 0.0f};
+      float acc[128];
+#pragma unroll
+      for (uint32_t i = 0; i < 128; ++i) acc[i] = 0.0f;
+      if (pc.hi > pc.lo) {
+        pk::mbar_wait(q_full, q_phase);
+        q_phase ^= 1;
+        seesaw.run_piece(pc, tr, acc, m, l);
+        if (lane == 0) pk::mbar_arrive(q_empty);
+        sum_rows_across_warpgroups(l, lsum, wg, r0, lane);
+        // the other warpgroup has read this piece's row sums before either writes the next's
+        pk::named_barrier_sync(kBarMath, kMathThreads);
+      }
+      write_piece_output<kSparse>(p, pc, tr, acc, m, l, wg, lane);
+    }
+    return;
+  }
 
   uint32_t s = 0, phase = 0, q_phase = 0;   // bf16 cache: the K block ring
   Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid,
@@ -692,7 +1092,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           //    before either warpgroup's wgmma reads it.
           if (blk == pc.lo) pages.convert(rows_mask(valid_rows(pc, blk)));
           pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma operand reads
-          pk::named_barrier_sync(kNamedBarrier, 256);
+          pk::named_barrier_sync(kBarMath, kMathThreads);
 
           // 1. S_w = Q_pe K_pe^T + sum_g sf_g * (Q_g K8_g^T): RoPE chunk 8 into sc, the four
           //    groups (chunks 2g, 2g+1) alternately into t0 / t1, each scaled in f32 per key
@@ -761,7 +1161,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           red[wg * 64 + r0] = pm[0];
           red[wg * 64 + r0 + 8] = pm[1];
         }
-        pk::named_barrier_sync(kNamedBarrier, 256);
+        pk::named_barrier_sync(kBarMath, kMathThreads);
         float alpha[2], m_use[2];
 #pragma unroll
         for (uint32_t h = 0; h < 2; ++h) {
@@ -839,7 +1239,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           }
         }
         pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
-        pk::named_barrier_sync(kNamedBarrier, 256);
+        pk::named_barrier_sync(kBarMath, kMathThreads);
 
         // 4. acc = alpha * acc + P V_w (FP8: acc already rescaled in step 2)
         if constexpr (!kFp8) {
@@ -895,7 +1295,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
         l[h] = quad_sum(l[h]);
         if (lane % 4 == 0) lsum[wg * 64 + r0 + 8 * h] = l[h];
       }
-      pk::named_barrier_sync(kNamedBarrier, 256);
+      pk::named_barrier_sync(kBarMath, kMathThreads);
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h) l[h] = lsum[r0 + 8 * h] + lsum[64 + r0 + 8 * h];
     }

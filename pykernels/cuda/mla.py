@@ -43,6 +43,7 @@ TILE_ROWS = 64                # query rows (of the s_q*h_q) per CTA
 PAGE = RM.PAGE_BLOCK_SIZE
 STAGES = 2
 BOX = 64                      # TMA box: 64 rows x 64 bf16 columns (128 bytes, 128B swizzle)
+CHUNKS = RM.HEAD_DIM_QK // BOX                # 9 boxes per Q tile or K block
 FP8_ROW = RM.FP8_BYTES_PER_TOKEN           # 656 bytes per token
 FP8_BOX = (PAGE, FP8_ROW // 16, 16)        # one FP8 page per TMA box: [64 tokens, 41, 16 bytes]
 FP8_PAGE_BYTES = PAGE * FP8_ROW            # 41,984
@@ -52,11 +53,13 @@ LOG2E = 1.4426950408889634
 
 
 def smem_bytes(stages: int = STAGES) -> int:
-    """Dynamic shared memory of the decode kernel (kSmemBytes in decode.cu): 1024 alignment
-    slack + Q tile (64 x 576 bf16) + `stages` K blocks (64 x 576 bf16) + the bf16 P tile
-    (64 x 64) + row maxima and row sums of both math warpgroups (2 x 2 x 64 f32) + 6 mbarriers."""
+    """Dynamic shared memory of the decode kernel (Smem<false>::kBytes in decode.cu): 1024
+    alignment slack + Q tile (64 x 576 bf16) + `stages` K blocks (64 x 576 bf16; a block's P,
+    64 x 64 bf16, goes to its RoPE chunk once Q.K^T has read it: no P tile) + the published
+    row maxima and the row sums (2 x 2 x 64 f32) + mbarriers: one per 64-column chunk of each
+    stage (full), one per stage (empty), Q full and empty."""
     tile = TILE_ROWS * RM.HEAD_DIM_QK * 2
-    return 1024 + tile * (1 + stages) + TILE_ROWS * 64 * 2 + 2 * 2 * 64 * 4 + 8 * (2 * stages + 2)
+    return 1024 + tile * (1 + stages) + 2 * 2 * 64 * 4 + 8 * (stages * CHUNKS + stages + 2)
 
 
 def smem_bytes_fp8(raw_stages: int = 1, k_blocks: int = 1) -> int:

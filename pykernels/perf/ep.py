@@ -379,7 +379,8 @@ class EpPrediction:
         tail = f"  {self.seconds * 1e6:.1f} us"
         if pr.kind in ("dispatch", "combine"):
             tail += (f": {self.gbps:.0f} GB/s in DeepEP's count ({self.received_bytes / 1e6:.1f} MB of received "
-                     f"rows) = {100 * self.link_fraction:.0f}% of the link per direction")
+                     f"rows, its own included) = {100 * self.link_fraction:.0f}% of the link per direction; the "
+                     f"link itself busy {100 * self.remote_bytes / self.seconds / self.link_bytes_per_s:.0f}%")
         if self.all_l2_seconds is not None:
             tail += f"; every local read an L2 hit: {self.all_l2_seconds * 1e6:.1f} us"
         out.append(tail)

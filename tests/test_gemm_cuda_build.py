@@ -91,10 +91,18 @@ def _source_e4m3_entries():
             for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_E4M3\((\d+), (\d+)\)$", src, re.M)}
 
 
+def _source_splitk_entries():
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "gemm" / "fp8_gemm.cu").read_text()
+    return {G.Config(int(bm), int(bn), split_k=True)
+            for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_SPLITK\((\d+), (\d+)\)$", src, re.M)}
+
+
 def test_every_config_is_compiled():
     # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
-    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS}
+    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS}
+    assert set(G.SPLITK_CONFIGS) == _source_splitk_entries() and len(G.SPLITK_CONFIGS) >= 1
+    assert list(artifacts.manifest()["kernels"][G.REDUCE_MODULE]["functions"]) == [G.REDUCE_FUNCTION]
     assert set(G.E4M3_CONFIGS) == _source_e4m3_entries() and all(c.block_n == 128 for c in G.E4M3_CONFIGS)
     assert set(G.CONFIGS) == _source_entries() and len(G.CONFIGS) == len(set(G.CONFIGS))
     assert set(G.F32ACC_CONFIGS) == _source_f32acc_entries() and not any(c.f32acc for c in G.CONFIGS)
@@ -177,6 +185,34 @@ def test_e4m3_out_sass_and_resources(cfg):
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
 
 
+@pytest.mark.parametrize("cfg", G.SPLITK_CONFIGS, ids=[c.function.removeprefix("pk_fp8_gemm_nt_")
+                                                       for c in G.SPLITK_CONFIGS])
+def test_split_k_sass_and_resources(cfg):
+    # split-K's first pass: the bf16 entries' K loop over a K range, then per thread 2 x
+    # BLOCK_N/8 8-byte stores of its float32 fragment into the workspace slice (no read:
+    # a plain store, unlike *_f32acc), no TMA store; no local memory, no spill
+    listing = _sass_of(cfg.function)
+    ops = sass.opcodes(listing)
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4 * _issue_sites(cfg)
+    assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == 1 and "UTMASTG.2D" not in ops
+    assert ops["STG.E.64"] == 2 * cfg.block_n // 8 and "LDG.E.64" not in ops
+    assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    r = artifacts.resources(G.MODULE, cfg.function)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
+    assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+
+
+def test_split_k_reduction_sass():
+    # the second pass: per thread and slice two 16-byte read-only loads of its 8 columns,
+    # float adds, one bf16 pack per pair and one 16-byte store; no atomics, no local memory
+    ops = sass.opcodes(sass.sass(G.REDUCE_MODULE))
+    assert ops["LDG.E.128.CONSTANT"] >= 4 and ops["STG.E.128"] == 1 and ops["F2FP.BF16.F32.PACK_AB"] == 4
+    assert not any(op.startswith(("ATOM", "RED", "STL", "LDL")) for op in ops)
+    r = artifacts.resources(G.REDUCE_MODULE, G.REDUCE_FUNCTION)
+    assert r["spill_stores"] == 0 and r["stack_bytes"] == 0 and r["shared_bytes"] == 0
+
+
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
@@ -231,7 +267,7 @@ def test_double_accumulators_overlap_the_promotion(ptx_module):
     # once (wait_group 0 only); and ptxas kept every kernel's wgmma asynchronous (it notes
     # "wgmma.mma_async instructions are serialized" when a path may read an accumulator in
     # flight, which would silently undo the overlap)
-    for cfg in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS:
+    for cfg in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS:
         waits = {i.text for i in ptx_module.kernel(cfg.function).instrs if i.full.startswith("wgmma.wait_group")}
         expect = {"wgmma.wait_group.sync.aligned 0"} | ({"wgmma.wait_group.sync.aligned 1"} if _double_acc(cfg) else set())
         assert waits == expect, (cfg.function, waits)
@@ -276,7 +312,7 @@ def test_shared_memory_formula():
 
 
 def test_ptx_parses_with_the_intended_instructions(ptx_module):
-    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS}
+    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS}
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
         assert len(k.params) == len(G.PARAMS)
@@ -369,6 +405,44 @@ def test_multicast_ptx(cfg, ptx_module):
 def test_config_heuristic(m, n, k, expect):
     cfg = G.choose_config(m, n, k)
     assert cfg in G.CONFIGS and expect(cfg), cfg
+
+
+@pytest.mark.parametrize("m,n,k,expect", [
+    (64, 2112, 7168, lambda c, s: c.split_k and s > 1),          # 33 x 64 tiles of 56 K blocks: K ranges fill SMs
+    (128, 4096, 7168, lambda c, s: c.split_k and s > 1),
+    (128, 7168, 16384, lambda c, s: (c.block_m, c.block_n, s) == (128, 128, 1)),   # the rule: not worth it
+    (4096, 7168, 16384, lambda c, s: not c.split_k and s == 1),  # several waves of tiles: never split
+    (256, 256, 512, lambda c, s: not c.split_k and s == 1),      # 4 K blocks: the reduction does not pay
+])
+def test_split_k_heuristic(m, n, k, expect):
+    cfg, splits = G.choose_split_k(m, n, k, 132)
+    assert expect(cfg, splits), (cfg, splits)
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    assert G.split_count(k, splits) == splits
+    if splits > 1:      # one wave, and chosen because the cost rule finds it faster than the unsplit choice
+        assert tiles * splits <= 132
+        base = G.choose_config(m, n, k, 1, 132)
+        assert G.streaming_cycles(cfg, m, n, k, 132, splits) < G.streaming_cycles(base, m, n, k, 132)
+
+
+def test_split_k_plan_errors(seed):
+    m, n, k = 64, 128, 1024
+    a, sfa, b, sfb = normal_problem(m, n, k)[2:]
+    ws = torch.empty(4 * m, n)
+    cfg = G.Config(64, 128, split_k=True)
+    with pytest.raises(ValueError, match="splits: 4 K ranges need a split-K cfg"):
+        G.gemm_plan(a, sfa, b, sfb, ws, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=G.Config(64, 128),
+                    splits=4)
+    with pytest.raises(ValueError, match="out: split-K writes a float32 workspace"):
+        G.gemm_plan(a, sfa, b, sfb, torch.empty(3 * m, n), None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                    cfg=cfg, splits=4)
+    with pytest.raises(ValueError, match="out: split-K writes a float32 workspace"):   # 8 K blocks: 4 ranges of 2
+        G.gemm_plan(a, sfa, b, sfb, torch.empty(7 * m, n), None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                    cfg=cfg, splits=7)
+    plan = G.gemm_plan(a, sfa, b, sfb, ws, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg, splits=4)
+    assert plan.grid == (4, 1, 1) and G.arg(plan, "splits") == 4           # 1 tile x 4 ranges
+    with pytest.raises(ValueError, match="workspace: expected float32"):
+        G.reduce_plan(ws, torch.empty(m, n, dtype=torch.bfloat16), m, n, 3)
 
 
 def test_heuristic_model_properties():
@@ -467,8 +541,9 @@ def test_normal_plan_geometry_and_arguments(seed):
     assert img.dims == (k, m) and img.box == (128, 128) and img.strides_bytes == (1, k)
     assert [x.ptype for x in p.args[4:7]] == ["ptr", "ptr", "u64"]   # no grouping tensor
     assert p.args[4].value is sfb and p.args[5].value is out
-    assert [x.value for x in p.args[6:-3]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
+    assert [x.value for x in p.args[6:-4]] == [0, m, n, k, 1, G.KIND_NORMAL, 6, 7]
     assert G.arg(p, "sfd") == 0                           # no e4m3 out
+    assert G.arg(p, "splits") == 1                        # the whole K per tile (split-K: *_splitk entries)
     assert G.arg(p, "record") is device_errors.record_for(out.device, "fp8_gemm_nt")   # the device's record
     assert G.arg(p, "tmap_sfb") is ts                    # 128x128 B scales: the 1x128 map unused (sfa's)
     # grid: at most one CTA per SM (persistent)

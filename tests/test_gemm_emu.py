@@ -585,6 +585,55 @@ def test_double_accumulators_promote_like_one(cfg, k, schedule, seed):
     assert torch.equal(out, run(single, "lockstep"))
 
 
+# ------------------------------------------------------------------------ split-K
+
+SPLIT_K = list(G.SPLITK_CONFIGS)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("cfg", SPLIT_K, ids=[c.function.removeprefix("pk_fp8_gemm_nt_") for c in SPLIT_K])
+def test_split_k_partials_and_reduction(cfg, schedule, seed):
+    # 6 K blocks (the last partial) in 3 ranges of 2, a partial m-block and partial
+    # n-blocks, 2 stages, fewer CTAs than units (persistent: a CTA runs units of several
+    # ranges). Slice s of the workspace is the float32 product of K range s alone (NaN
+    # poison: every element written once); the reduction adds the slices in order (bit
+    # for bit the float32 sum, rounded once) and matches the reference.
+    m, n, k, splits = 100, 192, 720, 3
+    assert G.split_count(k, splits) == splits
+    a, sfa, b, sfb = _problem(m, n, k)
+    workspace = torch.full((splits * m, n), float("nan"))
+    plan = G.gemm_plan(a, sfa, b, sfb, workspace, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       splits=splits, stages=2, sms=4)
+    assert plan.function == cfg.function and G.arg(plan, "splits") == splits
+    stats = run_emu(plan, schedule=schedule)
+    assert stats.global_written == splits * m * n * 4
+    for s in range(splits):
+        lo, hi = 256 * s, min(k, 256 * (s + 1))
+        part = (a[:, lo:hi], sfa[:, 2 * s:2 * s + 2], b[:, lo:hi], sfb[:, 2 * s:2 * s + 2])
+        _assert_accumulated(workspace[s * m:(s + 1) * m], R.fp8_gemm_nt(*part, torch.empty(m, n)), *part)
+    out = nan_bf16(m, n)
+    run_emu(G.reduce_plan(workspace, out, m, n, splits, sms=2), schedule=schedule)
+    slices = workspace.view(splits, m, n)
+    assert torch.equal(out, (slices[0] + slices[1] + slices[2]).to(torch.bfloat16))
+    assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+
+
+def test_split_k_through_the_api(seed):
+    # with 8 SMs the heuristic splits 64 x 256 x 2048 (2 tiles of 64 x 128) into K ranges
+    # (G.choose_split_k); the public call runs both passes
+    m, n, k = 64, 256, 2048
+    pk.set_num_sms(8)
+    try:
+        cfg, splits = G.choose_split_k(m, n, k, 8)
+        assert cfg.split_k and splits > 1
+        a, sfa, b, sfb = _problem(m, n, k)
+        out = nan_bf16(m, n)
+        pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend="emu")
+    finally:
+        pk.set_num_sms(0)
+    assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+
+
 @pytest.mark.parametrize("k", [576, 832])
 def test_partial_k_is_the_zero_padded_product(k, seed):
     # DeepGEMM's test K values through the public call (the heuristic's tile): bit for bit

@@ -86,6 +86,8 @@ struct Problem {
   uint32_t stages;
   uint32_t band;        // rasterisation: n-blocks per band
   int* record;          // device error record (pk::record_error), may be null
+  uint32_t splits;      // split-K (normal layout, *_splitk entries): K-block ranges per tile, else 1
+  uint32_t kb_per;      // K blocks per split: ceil(num_kb / splits) (the last range may be shorter)
 };
 
 __device__ __forceinline__ uint32_t cdiv(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
@@ -123,6 +125,9 @@ struct Scheduler {
   uint32_t n_blocks;
   uint32_t group = 0;        // masked: current group
   uint32_t group_first = 0;  // masked: first tile index of `group`
+  uint32_t split = 0;        // the unit's K-block range (split-K; else 0 and the whole K):
+  uint32_t kb_first = 0;     //   K blocks [kb_first, kb_first + kb_count)
+  uint32_t kb_count = 0;
 
   __device__ explicit Scheduler(const Problem& prob) : p(prob), n_blocks(cdiv(prob.n, BN)) {}
 
@@ -147,10 +152,14 @@ struct Scheduler {
       g = group;
     } else {
       m_blocks = cdiv(cdiv(p.m, BM), kCluster);  // units
-      if (t >= m_blocks * n_blocks) return false;
+      if (t >= m_blocks * n_blocks * p.splits) return false;
+      split = t / (m_blocks * n_blocks);  // split-K: the K-block range is the slowest index
+      t -= split * m_blocks * n_blocks;
       g = 0;
       m_limit = p.m;
     }
+    kb_first = split * p.kb_per;
+    kb_count = min(p.kb_per, p.num_kb - kb_first);
     const uint32_t per_band = m_blocks * p.band;
     const uint32_t band = t / per_band;
     const uint32_t first_n = band * p.band;
@@ -297,7 +306,11 @@ __device__ __forceinline__ void with_const(uint32_t g, F&& f) {
 // of the tile), sfd f32 [M, ceil(N/128)]: exactly per_token_cast_to_fp8 of the float32
 // result (amax with NaN propagation, floor 1e-4, inv = 448 / amax and sf = amax / 448 by
 // div.rn, q = cvt.rn.satfinite.e4m3(x * inv)).
-template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out>
+// kSplitK: split-K (normal layout): unit t of the schedule is a tile and a range of
+// p.kb_per K blocks (the range slowest); out is a float32 workspace [splits, M, N] and each
+// unit stores its tile's partial sum (plain stores) at slice `split`; a second kernel
+// (csrc/gemm/splitk_reduce.cu) adds the slices in order into the bf16 output.
+template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out, bool kSplitK>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
                                                 const pk::TensorMap* tmap_sfb, float* sfd, const Problem& p) {
@@ -305,6 +318,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   static_assert(!kRowB || kCluster == 1, "1x128 B scales: cluster 1 only");
   static_assert(!kFp8Out || (BN == 128 && kCluster == 1 && !kF32Acc), "e4m3 out: one 128-column group per tile");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
+  static_assert(!kSplitK || (kCluster == 1 && !kF32Acc && !kRowB && !kFp8Out), "split-K: bf16 entries of cluster 1");
   constexpr bool kMulticast = kCluster > 1;
   // Each CTA of a cluster loads BN / kCluster rows of B: whole 8-row (1024-byte) swizzle
   // atoms, so the slices land exactly where one load of the whole box would put them.
@@ -379,7 +393,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
           const int32_t sfa_g = (int32_t)(p.kind == kMasked ? g : 0u);  // sfa map: [G, K/128, M]
           const int32_t b_row = (int32_t)((uint32_t)pass.group * p.n + n_blk * BN + rank * kBSliceRows);
-          for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+          for (uint32_t kb = sched.kb_first; kb < sched.kb_first + sched.kb_count; ++kb) {
             // The whole warp waits (it stays converged); one thread arms the barrier and
             // issues the loads.
             if constexpr (kMulticast) {
@@ -456,7 +470,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         if (!pass.mine) {
           // The peer's pass: this CTA's m-block has no rows of the group. Wait for each
           // stage (the peer's B slice lands here too) and release it in both CTAs.
-          for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+          for (uint32_t kb = 0; kb < sched.kb_count; ++kb) {
             pk::mbar_wait(bars + 8 * s, phase);
             if (lane < kCluster) pk::mbar_arrive_cluster_shared(pk::mapa_shared(empty_bars + 8 * s, lane));
             if (++s == p.stages) {
@@ -472,8 +486,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       const uint32_t m_base = m_blk * BM + 64 * wg;        // first row of this warpgroup
       const uint32_t n_base = n_blk * BN;
       const uint32_t nb0 = n_base / 128;
-      const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb;
+      const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb + sched.kb_first;
       const float* sfb1 = sfb0 + (nb0 + 1 < nb_total ? p.num_kb : 0u);
+      const uint32_t num_kb = sched.kb_count;  // this unit's K blocks (split-K: a range of K)
 #pragma unroll
       for (uint32_t i = 0; i < kAcc; ++i) fin[i] = 0.0f;
 
@@ -562,7 +577,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             }
           }
         };
-        uint32_t held = s;  // the oldest stage this warpgroup has not released
+        uint32_t held = s;  // two sets: the oldest stage this warpgroup has not released
         auto release_held = [&]() {
           release(held);
           if (++held == p.stages) held = 0;
@@ -570,12 +585,13 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         if constexpr (!kDoubleAcc) {
           // One accumulator set: wgmma of K block kb, wait, promote (the tensor core idles
           // during the promotion unless the other math warpgroup has wgmma in flight).
-          for (uint32_t kb = 0; kb < p.num_kb; ++kb) {
+          for (uint32_t kb = 0; kb < num_kb; ++kb) {
             Scales sc;
             load_sfb(kb, sc);
+            const uint32_t stage = s;
             issue(acc, sc);
             pk::wgmma_wait<0>();
-            release_held();
+            release(stage);
             promote(acc, sc);
           }
         } else {
@@ -589,7 +605,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           load_sfb(0, sc0);
           issue(acc, sc0);
           uint32_t kb = 0;
-          for (; kb + 2 < p.num_kb; kb += 2) {
+          for (; kb + 2 < num_kb; kb += 2) {
             load_sfb(kb + 1, sc1);
             issue(acc2, sc1);
             pk::wgmma_wait<1>();
@@ -601,7 +617,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             release_held();
             promote(acc2, sc1);
           }
-          if (kb + 1 < p.num_kb) {
+          if (kb + 1 < num_kb) {
             load_sfb(kb + 1, sc1);
             issue(acc2, sc1);
             pk::wgmma_wait<1>();
@@ -667,11 +683,12 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         pass.advance(p, m_blk);
         continue;
       }
-      if constexpr (kF32Acc) {
+      if constexpr (kF32Acc || kSplitK) {
         // float32 out += fin: each thread its own fragment elements (rows frag_row and
         // frag_row + 8, column pairs 8 j + 2 (lane % 4)), 8-byte read-add-write; no other
         // thread touches them, so no staging and no barrier. Owned rows as below.
-        const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + m_base;
+        // kSplitK: fin is stored (no read) to the workspace's slice of this K range.
+        const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + (kSplitK ? sched.split * p.m : 0u) + m_base;
         const uint32_t col0 = n_base + 2 * (lane % 4);
 #pragma unroll
         for (uint32_t h = 0; h < 2; ++h) {
@@ -682,7 +699,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
           for (uint32_t j = 0; j < kAcc / 4; ++j) {
             if (ok && col0 + 8 * j < p.n) {
-              float2 v = *reinterpret_cast<const float2*>(dst + 8 * j);
+              float2 v = kSplitK ? make_float2(0.0f, 0.0f) : *reinterpret_cast<const float2*>(dst + 8 * j);
               v.x += fin[4 * j + 2 * h];
               v.y += fin[4 * j + 2 * h + 1];
               *reinterpret_cast<float2*>(dst + 8 * j) = v;
@@ -771,30 +788,35 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 // producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
 // merely keeps) a math warp's count.
 constexpr uint32_t kLaunchBound = 384;
-#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT)                         \
+#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT, SPLITK)                 \
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
   extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
       const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
       const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
       uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record,                     \
-      const __grid_constant__ pk::TensorMap tmap_sfb, float* sfd) {                                    \
-    const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK), groups, kind, stages, band, record};   \
-    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, &tmap_sfb, \
-                                                           sfd, p);                                      \
+      const __grid_constant__ pk::TensorMap tmap_sfb, float* sfd, uint32_t splits) {                   \
+    const uint32_t num_kb = cdiv(k, kBlockK), split_k = SPLITK ? splits : 1u;                          \
+    const Problem p{sfb, out, grouping, m, n, num_kb, groups, kind, stages, band, record,               \
+                    split_k, cdiv(num_kb, split_k)};                                                   \
+    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT, SPLITK>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, \
+                                                                   &tmap_sfb, sfd, p);                 \
   }
 #define PK_FP8_GEMM_ENTRY(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false, false, false)
 #define PK_FP8_GEMM_ENTRY_MC2(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false, false, false)
 // float32 out accumulated in place (kF32Acc), with 128x128 B scales or (_rowb) 1x128 ones
 #define PK_FP8_GEMM_ENTRY_F32ACC(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false, false, false)
 #define PK_FP8_GEMM_ENTRY_F32ACC_ROWB(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true, false, false)
+// split-K (kSplitK): float32 partials of K-block ranges into a workspace (normal layout)
+#define PK_FP8_GEMM_ENTRY_SPLITK(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_splitk, BM, BN, 1, false, false, false, true)
 // e4m3 out with 1x128 scales computed on store (kFp8Out; BN = 128)
 #define PK_FP8_GEMM_ENTRY_E4M3(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_e4m3, BM, BN, 1, false, false, true)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_e4m3, BM, BN, 1, false, false, true, false)
 
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
@@ -812,3 +834,6 @@ PK_FP8_GEMM_ENTRY_F32ACC_ROWB(128, 128)
 PK_FP8_GEMM_ENTRY_F32ACC_ROWB(64, 64)
 PK_FP8_GEMM_ENTRY_E4M3(128, 128)
 PK_FP8_GEMM_ENTRY_E4M3(64, 128)
+PK_FP8_GEMM_ENTRY_SPLITK(128, 128)
+PK_FP8_GEMM_ENTRY_SPLITK(64, 128)
+PK_FP8_GEMM_ENTRY_SPLITK(64, 64)

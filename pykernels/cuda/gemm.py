@@ -17,7 +17,10 @@ the column-major TMA-aligned layout (M contiguous, padded to 4 floats; DeepGEMM'
 into that layout by one torch copy otherwise (`sfa_tma_aligned`). Configs with cluster = 2
 (entries `*_mc2`) run pairs of CTAs that share each B tile by TMA multicast: launched with
 cluster dims (2, 1, 1), an even grid, and a B tensor map whose box is half the tile (each
-CTA loads one half for both).
+CTA loads one half for both). Split-K (`*_splitk` entries, normal layout, bf16 out; the
+last parameter `splits`): `splits` K ranges per tile write float32 partials into a
+workspace, then a second kernel (REDUCE_MODULE) adds them in order into out; fp8_gemm_nt
+takes it when choose_split_k's cost rule says so.
 
 The compiled instantiations (CONFIGS) are read from the build manifest: the kernel's
 PK_FP8_GEMM_ENTRY lines are their one source.
@@ -45,7 +48,9 @@ OUT_BOX_ROWS, OUT_BOX_COLS = 64, 16   # TMA store box (bf16, 32-byte swizzle)
 KIND_NORMAL, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
 # the kernel's parameters, in order (LaunchPlan.args)
 PARAMS = ("tmap_a", "tmap_b", "tmap_sfa", "tmap_out", "sfb", "out", "grouping", "m", "n", "k", "groups", "kind",
-          "stages", "band", "record", "tmap_sfb", "sfd")
+          "stages", "band", "record", "tmap_sfb", "sfd", "splits")
+REDUCE_MODULE, REDUCE_FUNCTION = "gemm_splitk_reduce", "pk_fp8_gemm_splitk_reduce"   # split-K's second pass
+REDUCE_THREADS = 256
 OPS = {KIND_NORMAL: "fp8_gemm_nt", KIND_CONTIGUOUS: "m_grouped_fp8_gemm_nt_contiguous",
        KIND_MASKED: "m_grouped_fp8_gemm_nt_masked"}     # op names in recorded errors
 
@@ -60,6 +65,7 @@ _L2_BYTES_PER_CLK = 5700
 _DRAM_BYTES_PER_CLK = 1700
 _STORE_BYTES_PER_CLK = 32
 _TILE_FIXED_CLK = 600           # scheduler, pipeline hand-over, epilogue latency
+COST_PART = "h800"              # split-K's cost rule (streaming_cycles): the timing model's part (DeepGEMM's table)
 MULTICAST_GAIN = 0.97           # a cluster-2 config must model >= 3% faster than the best
                                 # cluster-1 one (the model ignores lockstep stalls between the pair)
 
@@ -74,6 +80,7 @@ class Config:
     f32acc: bool = False       # float32 out, accumulated in place (entries *_f32acc)
     row_b: bool = False        # 1x128 B scales by TMA (entries *_rowb; f32acc only)
     e4m3: bool = False         # e4m3 out with 1x128 scales computed on store (entries *_e4m3)
+    split_k: bool = False      # float32 partials of K-block ranges into a workspace (entries *_splitk)
 
     @property
     def math_warpgroups(self) -> int:
@@ -86,7 +93,8 @@ class Config:
     @property
     def function(self) -> str:
         suffix = ((f"_mc{self.cluster}" if self.cluster > 1 else "") + ("_f32acc" if self.f32acc else "")
-                  + ("_rowb" if self.row_b else "") + ("_e4m3" if self.e4m3 else ""))
+                  + ("_rowb" if self.row_b else "") + ("_e4m3" if self.e4m3 else "")
+                  + ("_splitk" if self.split_k else ""))
         return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}{suffix}"
 
     @property
@@ -113,25 +121,25 @@ class Config:
         return s
 
 
-_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?(_e4m3)?")
+_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?(_e4m3)?(_splitk)?")
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = False) -> tuple:
+def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = False, split_k: bool = False) -> tuple:
     """The Configs compiled into MODULE (the entry functions of the build manifest, i.e.
     the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu) with bf16 output (f32acc False) or float32
     output accumulated in place (True: the *_f32acc entries), with 128x128 B scales or
-    (row_b) 1x128 ones (*_rowb), or e4m3 output quantized on store (e4m3: *_e4m3): cluster 1
-    first, larger tiles first."""
+    (row_b) 1x128 ones (*_rowb), or e4m3 output quantized on store (e4m3: *_e4m3), or the
+    split-K first pass (split_k: *_splitk): cluster 1 first, larger tiles first."""
     found = []
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
         match = _ENTRY.fullmatch(function)
         if match is None:
             raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "
-                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb][_e4m3])")
-        bm, bn, cluster, acc, rows, q = match.groups()
-        if (bool(acc), bool(rows), bool(q)) == (f32acc, row_b, e4m3):
-            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows), bool(q)))
+                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb][_e4m3][_splitk])")
+        bm, bn, cluster, acc, rows, q, split = match.groups()
+        if (bool(acc), bool(rows), bool(q), bool(split)) == (f32acc, row_b, e4m3, split_k):
+            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows), bool(q), bool(split)))
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
 
 
@@ -159,6 +167,8 @@ def __getattr__(name):
         return compiled_configs(True, True)
     if name == "E4M3_CONFIGS":
         return compiled_configs(e4m3=True)
+    if name == "SPLITK_CONFIGS":
+        return compiled_configs(split_k=True)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -229,6 +239,64 @@ def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NU
     return best
 
 
+def split_count(k: int, splits: int) -> int:
+    """The K ranges of ceil(KB / splits) K blocks each that cover KB = ceil(k/128) (none empty)."""
+    kb = cdiv(k, SCALE_BLOCK)
+    return cdiv(kb, cdiv(kb, splits))
+
+
+def streaming_cycles(cfg: Config, m: int, n: int, k: int, sms: int, splits: int = 1) -> float:
+    """Cost rule of a normal-layout launch whose units all run at once (one wave: units =
+    tiles x splits <= #SMs), the regime where split-K is considered, in the timing model's
+    terms (pykernels.perf: the machine description of COST_PART, its memory share rule):
+    per K block the most of the wgmma time and the unit's A + B bytes at one SM's read
+    rate when all units stream (max of its L2 port, its share of the L2 bandwidth and, for
+    the bytes the wave does not share, of the HBM bandwidth; the wave shares each A block
+    of a K range among its n-blocks and each B block among its m-blocks); per unit its
+    output (float32 partials for split-K) at its share of the HBM write bandwidth and
+    _TILE_FIXED_CLK; split-K adds the reduction pass: the partials read at the L2 rate
+    (just written: L2 hits, as the model assumes), the bf16 output written at the HBM
+    rate, _TILE_FIXED_CLK. Like the model it counts no gap between the two launches."""
+    from ..perf.machines import part
+    from ..perf.memory import MemoryShare
+    p = part(COST_PART)
+    bm, bn = cfg.block_m, cfg.block_n
+    kb = cdiv(cdiv(k, SCALE_BLOCK), splits)
+    m_blocks, n_blocks = cdiv(m, bm), cdiv(n, bn)
+    active = min(m_blocks * n_blocks * splits, p.sms)
+    unit_bytes = (bm + bn) * SCALE_BLOCK
+    distinct = splits * (m_blocks * bm + n_blocks * bn) * SCALE_BLOCK
+    mem = MemoryShare.of(p, active, max(0.0, 1.0 - distinct / (active * unit_bytes)))
+    mma = cfg.math_warpgroups * 4 * max(64 * bn * 32 / p.mma_fp8_per_clk, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
+    per_kb = max(mma, unit_bytes * mem.read_clk_per_byte)
+    out_bytes = 4 if splits > 1 else 2
+    t = kb * per_kb + bm * bn * out_bytes * mem.share_write_clk_per_byte + _TILE_FIXED_CLK
+    if splits > 1:
+        t += 4 * splits * m * n / p.l2_bytes_per_clk() + 2 * m * n / p.hbm_bytes_per_clk() + _TILE_FIXED_CLK
+    return t
+
+
+def choose_split_k(m: int, n: int, k: int, sms: int = DEFAULT_NUM_SMS, slots=None) -> tuple:
+    """(config, splits) of a normal-layout bf16 GEMM: choose_config's config (splits 1), or
+    a split-K entry (*_splitk) with a K-range count, when the one-wave cost rule
+    (streaming_cycles) finds it faster than choose_config's config. Considered only when
+    that config runs in one wave (small M x N) and among counts that keep one wave (tiles x
+    splits <= #SMs): more CTAs than tiles, each streaming its K range of B."""
+    m, k = max(m, 1), max(k, SCALE_BLOCK)
+    base = choose_config(m, n, k, 1, sms, slots=slots)
+    if base.cluster > 1 or cdiv(m, base.block_m) * cdiv(n, base.block_n) > sms:
+        return base, 1
+    best = (streaming_cycles(base, m, n, k, sms), base, 1)
+    for cfg in compiled_configs(split_k=True):
+        tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+        for s in sorted({split_count(k, s) for s in range(2, max(2, sms // tiles) + 1)}):
+            if s > 1 and tiles * s <= sms:
+                t = streaming_cycles(cfg, m, n, k, sms, s)
+                if t < best[0]:
+                    best = (t, cfg, s)
+    return best[1], best[2]
+
+
 def raster_band(n_blocks: int, grid: int) -> int:
     """n-blocks per rasterisation band: about sqrt(grid) so that the tiles running at
     once form a square-ish patch (A rows and B columns reused from L2)."""
@@ -274,7 +342,8 @@ def _aligned(t: torch.Tensor) -> bool:
 def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.Tensor, out: torch.Tensor,
               grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
               sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None,
-              record: torch.Tensor = None, b_scale_rows: int = SCALE_BLOCK, sfd: torch.Tensor = None) -> LaunchPlan:
+              record: torch.Tensor = None, b_scale_rows: int = SCALE_BLOCK, sfd: torch.Tensor = None,
+              splits: int = 1) -> LaunchPlan:
     """Launch plan for the kernel.
 
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m,
@@ -289,11 +358,22 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     plan with cluster dims (2, 1, 1) and an even grid of at most `max_clusters` clusters
     (default: what the GPU holds at once, `resident_clusters`; #SMs / 2 on the CPU).
     record: the int32 device error record the kernel's checks write to (default: the
-    device's, device_errors.record_for).
+    device's, device_errors.record_for). A split-K cfg (*_splitk, normal layout): the first
+    pass, `splits` K ranges (split_count(k, splits) == splits: none empty) whose float32
+    partials go to out = the workspace f32 [splits * m, n] (reduce_plan: the second pass).
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
-    f32acc, row_b, e4m3 = out.dtype == torch.float32, b_scale_rows == 1, out.dtype == torch.float8_e4m3fn
+    split_k = cfg is not None and cfg.split_k
+    if splits > 1 and not split_k:
+        raise ValueError(f"splits: {splits} K ranges need a split-K cfg (*_splitk), got {cfg}")
+    if split_k and (kind != KIND_NORMAL or out.dtype != torch.float32 or out.shape != (splits * m, n)
+                    or split_count(k, splits) != splits):
+        raise ValueError(f"out: split-K writes a float32 workspace [splits * m, n] = [{splits * m}, {n}] of the normal "
+                         f"layout in {splits} non-empty K ranges; got {out.dtype} {tuple(out.shape)}, kind {kind}, "
+                         f"{split_count(k, splits)} ranges")
+    f32acc = out.dtype == torch.float32 and not split_k
+    row_b, e4m3 = b_scale_rows == 1, out.dtype == torch.float8_e4m3fn
     if row_b and not (f32acc and kind == KIND_NORMAL):
         raise ValueError("b_scale_rows: 1x128 B scales are compiled for float32 out of the normal layout only")
     if e4m3 != (sfd is not None) or (e4m3 and kind != KIND_NORMAL):
@@ -306,7 +386,7 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
                                             (f32acc, row_b, e4m3))
     else:
         cfg, stages, grid = _geometry(kind, m, n, k, groups, heuristic_m, a2.device, sms, (f32acc, row_b, e4m3),
-                                      cfg, stages, max_clusters)
+                                      cfg, stages, max_clusters, splits)
     if cfg.e4m3 != e4m3:
         raise ValueError(f"cfg: {cfg.function} {'quantizes on store' if cfg.e4m3 else 'does not'}, "
                          f"out is {out.dtype}")
@@ -333,14 +413,14 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     args = (Arg("tensormap", tmap_a), Arg("tensormap", tmap_b), Arg("tensormap", tmap_sfa),
             Arg("tensormap", tmap_out), ptr(sfb), ptr(out), group_arg,
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
-            ptr(record), Arg("tensormap", tmap_sfb), ptr_or_null(sfd if e4m3 else None))
+            ptr(record), Arg("tensormap", tmap_sfb), ptr_or_null(sfd if e4m3 else None), u32(splits))
     assert len(args) == len(PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
 
 
 def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False), cfg=None, stages=None,
-              max_clusters=None):
+              max_clusters=None, splits=1):
     """(config, stages, grid) of one launch: the heuristic's config unless given, the most
     stages that fit unless given, and the persistent grid (at most one CTA per SM; for
     multicast, the clusters that run at once). variant: (float32 out, 1x128 B scales, e4m3
@@ -360,7 +440,7 @@ def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, F
                          f"memory, more than {SMEM_PER_BLOCK}")
     n_blocks = cdiv(n, cfg.block_n)
     # schedule units: tiles (cluster 1) or pairs of m-blocks of one n-block (cluster 2)
-    units = cdiv(cdiv(m, cfg.block_m), cfg.cluster) * n_blocks
+    units = cdiv(cdiv(m, cfg.block_m), cfg.cluster) * n_blocks * splits
     if kind == KIND_MASKED:
         units *= groups                                       # upper bound: masked_m <= m_max
     if cfg.cluster == 1:
@@ -373,6 +453,22 @@ def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, F
 # The heuristic's answer per problem size and device: computed once (it scores every
 # compiled config), so a call's host cost is the tensor maps and the launch.
 _tuned_geometry = functools.lru_cache(maxsize=4096)(_geometry)
+
+
+def reduce_plan(workspace: torch.Tensor, out: torch.Tensor, m: int, n: int, splits: int, sms: int = None) -> LaunchPlan:
+    """Split-K's second pass (csrc/gemm/splitk_reduce.cu): out bf16 [m, n] = the sum of the
+    workspace's float32 slices [splits, m, n] in slice order, rounded once; a grid-stride
+    grid of at most #SMs CTAs of REDUCE_THREADS threads, one 8-column chunk per thread."""
+    if n % 8 or workspace.dtype != torch.float32 or workspace.numel() != splits * m * n:
+        raise ValueError(f"workspace: expected float32 [{splits} x {m}, {n}] with n a multiple of 8, "
+                         f"got {workspace.dtype} {tuple(workspace.shape)}")
+    sms = sms or num_sms(out.device)
+    grid = max(1, min(sms, cdiv(m * n // 8, REDUCE_THREADS)))
+    return LaunchPlan(REDUCE_MODULE, REDUCE_FUNCTION, grid=(grid, 1, 1), block=(REDUCE_THREADS, 1, 1),
+                      args=(ptr(workspace), ptr(out), u32(m), u32(n), u32(splits)))
+
+
+_tuned_split_k = functools.lru_cache(maxsize=4096)(lambda m, n, k, sms: choose_split_k(m, n, k, sms))
 
 
 def resident_clusters(cfg: Config, stages: int, device: torch.device, sms: int) -> int:
@@ -433,8 +529,9 @@ def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda", b_scale_rows: int =
     (out += the product: the *_f32acc entries; the caller puts c or zeros there first,
     ops.gemm.accumulation_base). b_scale_rows 1: sfb f32 [n, ceil(k/128)], 1x128 B scales
     (float32 out only). out e4m3 with sfd f32 [m, ceil(n/128)]: quantized on store (the
-    *_e4m3 entries). K = 0: bf16 zeros, float32 unchanged, e4m3 the cast of zeros; M = 0
-    or N = 0: nothing to do (no launch)."""
+    *_e4m3 entries). bf16 out: split-K (two launches: K-range partials into a float32
+    workspace, then their ordered sum) when choose_split_k picks it. K = 0: bf16 zeros,
+    float32 unchanged, e4m3 the cast of zeros; M = 0 or N = 0: nothing to do (no launch)."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
@@ -446,10 +543,19 @@ def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda", b_scale_rows: int =
             return out
         return out if out.dtype == torch.float32 else out.zero_()
     a, b = _aligned_input(a), _aligned_input(b)
+    cfg, splits = (None, 1)
+    if out.dtype == torch.bfloat16 and b_scale_rows == SCALE_BLOCK:     # split-K: bf16 out, 128x128 B scales
+        cfg, splits = _tuned_split_k(m, n, k, num_sms(a.device))
 
     def go(o):
-        _run(gemm_plan(a, sfa, b, sfb, o, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1,
-                       b_scale_rows=b_scale_rows, sfd=sfd), executor)
+        if splits == 1:
+            _run(gemm_plan(a, sfa, b, sfb, o, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                           b_scale_rows=b_scale_rows, sfd=sfd), executor)
+            return
+        workspace = torch.empty(splits * m, n, dtype=torch.float32, device=o.device)
+        _run(gemm_plan(a, sfa, b, sfb, workspace, None, kind=KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       splits=splits), executor)
+        run_plan(reduce_plan(workspace, o, m, n, splits), executor)
     return _with_aligned(out, go)
 
 

@@ -72,25 +72,28 @@ class Problem:
         mnk = f"{self.m}x{self.n}x{self.k}"
         return mnk if self.layout == "normal" else f"{self.layout} {self.groups} x {mnk}"
 
-    def units(self, block_m, block_n, cluster, slots):
-        """(group, first m-block, n-block) of each unit, group by group, banded inside."""
+    def units(self, block_m, block_n, cluster, slots, splits=1):
+        """(group, first m-block, n-block, K range) of each unit, group by group, banded
+        inside; split-K: the K range slowest (the kernel's order)."""
         m_blocks, n_blocks = cdiv(self.m, block_m), cdiv(self.n, block_n)
         band = G.raster_band(n_blocks, slots * cluster)
-        return [(g, mb, nb) for g in range(self.groups) for mb, nb in unit_order(m_blocks, n_blocks, band, cluster)]
+        return [(g, mb, nb, sp) for sp in range(splits) for g in range(self.groups)
+                for mb, nb in unit_order(m_blocks, n_blocks, band, cluster)]
 
 
-def l2_hit_fraction(block_m, block_n, cluster, m, n, k, slots: int, groups: int = 1) -> float:
+def l2_hit_fraction(block_m, block_n, cluster, m, n, k, slots: int, groups: int = 1, splits: int = 1) -> float:
     """Hit fraction of the A / B bytes the launch reads, per the wave reuse model (A row
-    blocks and B column blocks are per group)."""
+    blocks and B column blocks are per group, and per K range for split-K)."""
     m_blocks = cdiv(m, block_m)
-    units = Problem("normal" if groups == 1 else "masked", groups, m, n, k).units(block_m, block_n, cluster, slots)
+    units = Problem("normal" if groups == 1 else "masked", groups, m, n, k).units(block_m, block_n, cluster, slots,
+                                                                                   splits)
     requested = unique = 0
     for w in range(0, len(units), slots):
         wave = units[w:w + slots]
-        ms = {(g, mb + j) for g, mb, _ in wave for j in range(cluster) if mb + j < m_blocks}
-        ns = {(g, nb) for g, _, nb in wave}
-        requested += sum(min(cluster, m_blocks - mb) * block_m + block_n for _, mb, _ in wave) * k
-        unique += (len(ms) * block_m + len(ns) * block_n) * k
+        ms = {(g, mb + j, sp) for g, mb, _, sp in wave for j in range(cluster) if mb + j < m_blocks}
+        ns = {(g, nb, sp) for g, _, nb, sp in wave}
+        requested += sum(min(cluster, m_blocks - mb) * block_m + block_n for _, mb, _, _ in wave)
+        unique += len(ms) * block_m + len(ns) * block_n
     return max(0.0, 1.0 - unique / requested)
 
 
@@ -111,6 +114,7 @@ class Tiles:
     block_n: int
     cluster: int
     name: str
+    splits: int = 1      # split-K: K ranges per tile (ours, *_splitk entries; then a reduction pass)
 
 
 class Ours:
@@ -119,16 +123,23 @@ class Ours:
 
     def configs(self, prob: Problem, sms):
         """The kernel's own heuristic, as gemm_plan asks it."""
+        splits = 1
         if prob.layout == "masked":
             c = G.choose_config(prob.m, prob.n, prob.k, prob.groups, sms)
+        elif prob.layout == "normal":                # split-K considered (fp8_gemm_nt with bf16 out)
+            c, splits = G.choose_split_k(prob.m, prob.n, prob.k, sms)
         else:
             c = G.choose_config(prob.m * prob.groups, prob.n, prob.k, 1, sms, boundaries=prob.groups - 1)
-        return [Tiles("ours", c.block_m, c.block_n, c.cluster, c.function)]
+        name = c.function + (f" x {splits} K ranges + reduction" if splits > 1 else "")
+        return [Tiles("ours", c.block_m, c.block_n, c.cluster, name, splits)]
 
     def run(self, tiles, layout, m, n, k, trace, k_full=None):
         """One group of m rows in `layout` (contiguous: every row in group 0; masked: all valid)."""
-        cfg = G.Config(tiles.block_m, tiles.block_n, tiles.cluster)
+        split_k = tiles.splits > 1          # one unit of a K range: the *_splitk entry, float32 partials
+        cfg = G.Config(tiles.block_m, tiles.block_n, tiles.cluster, split_k=split_k)
         a, sfa, b, sfb, out = _operands(m, n, k, torch.Generator().manual_seed(0))
+        if split_k:
+            out = torch.empty(m, n, dtype=torch.float32)
         grouping = {"normal": None, "contiguous": torch.zeros(m, dtype=torch.int32),
                     "masked": torch.tensor([m], dtype=torch.int32)}[layout]
         if layout == "masked":
@@ -243,16 +254,30 @@ def _sample(kernel, tiles, layout, units, kb, p, mem, k_full):
     return max(r.cycles for r in replay(rec, p, mem))
 
 
+def _reduction_cycles(prob: Problem, splits: int, p: Part) -> float:
+    """Split-K's second pass (cuda/gemm.reduce_plan) at the problem's real size on the
+    emulator, timed with all its CTAs streaming. Its reads are the float32 partials the
+    first pass has just written: L2 hits when they fit in half the L2 (an assumption: no
+    cache is simulated), else HBM reads. No launch gap is counted (the model has none)."""
+    m, n = prob.m, prob.n
+    workspace = torch.zeros(splits * m, n)
+    plan = G.reduce_plan(workspace, torch.empty(m, n, dtype=torch.bfloat16), m, n, splits, sms=p.sms)
+    hit = 1.0 if workspace.numel() * 4 <= p.l2_bytes / 2 else 0.0
+    rec = Recorder()
+    run_emu(plan, trace=rec)
+    return max(r.cycles for r in replay(rec, p, MemoryShare.of(p, plan.grid[0], hit)))
+
+
 def predict_config(kernel, tiles: Tiles, prob: Problem, p: Part, kb_lo=3, kb_hi=11) -> Prediction:
     c = tiles.cluster
     k = prob.k
-    probe = prob.units(tiles.block_m, tiles.block_n, c, p.sms // c)
+    probe = prob.units(tiles.block_m, tiles.block_n, c, p.sms // c, tiles.splits)
     units = len(probe)
     slots = min(p.sms // c, units)
     grid = slots * c
-    hit = l2_hit_fraction(tiles.block_m, tiles.block_n, c, prob.m, prob.n, k, slots, prob.groups)
+    hit = l2_hit_fraction(tiles.block_m, tiles.block_n, c, prob.m, prob.n, k, slots, prob.groups, tiles.splits)
     mem = MemoryShare.of(p, grid, hit)
-    kb = k // SCALE_BLOCK
+    kb = cdiv(k // SCALE_BLOCK, tiles.splits)        # K blocks of a unit (split-K: of the longest range)
     s_lo = _sample(kernel, tiles, prob.layout, 1, kb_lo, p, mem, k)
     s_hi = _sample(kernel, tiles, prob.layout, 1, kb_hi, p, mem, k)
     s_two = _sample(kernel, tiles, prob.layout, 2, kb_lo, p, mem, k)
@@ -260,10 +285,13 @@ def predict_config(kernel, tiles: Tiles, prob: Problem, p: Part, kb_lo=3, kb_hi=
     first = s_lo + (kb - kb_lo) * per_kb
     further = (s_two - s_lo) + (kb - kb_lo) * per_kb
     per_slot = cdiv(units, slots)
-    cycles = first + (per_slot - 1) * further
+    reduce = _reduction_cycles(prob, tiles.splits, p) if tiles.splits > 1 else 0.0
+    cycles = first + (per_slot - 1) * further + reduce
     seconds = cycles / p.clock_hz
     sampled = (f"the kernel ({kernel.name}) on the emulator, one {'cluster' if c > 1 else 'CTA'}: 1 unit x {kb_lo} "
                f"K blocks, 1 unit x {kb_hi}, 2 units x {kb_lo}")
+    if reduce:
+        sampled += f"; the reduction pass of the {tiles.splits} float32 slices run whole: {reduce:.0f} clk"
     if prob.layout != "normal" and kernel.approximation:
         sampled += f" [{kernel.approximation}]"
     return Prediction(kernel.name, p.key, prob, tiles.name, grid, units, per_slot, hit, per_kb, first, further,

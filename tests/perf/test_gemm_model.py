@@ -58,6 +58,30 @@ def test_wave_reuse_model_keeps_groups_apart():
     assert PG.l2_hit_fraction(128, 128, 1, 256, 128, 1024, 4, groups=2) == pytest.approx(0.25)
 
 
+def test_wave_reuse_model_keeps_k_ranges_apart():
+    """Split-K: one m-block, 2 n-blocks, 2 K ranges in one wave of 4 units: each A block is
+    shared by the 2 n-blocks of its K range, no B block is shared (one m-block)."""
+    # requested 4 x (A + B); unique 2 A (one per range) + 4 B
+    assert PG.l2_hit_fraction(64, 128, 1, 64, 256, 1024, 4, splits=2) == pytest.approx(1 - (2 * 64 + 4 * 128) / (4 * 192))
+    units = PG.Problem("normal", 1, 64, 256, 1024).units(64, 128, 1, 4, splits=2)
+    assert units == [(0, 0, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 1, 1)]      # the K range slowest
+
+
+def test_split_k_extrapolates_over_the_range_and_adds_the_reduction(monkeypatch):
+    """A split-K config: units = tiles x ranges, each of ceil(KB / ranges) K blocks, plus the
+    reduction pass's time."""
+    def fake(kernel, tiles, layout, units, kb, p, mem, k_full):
+        return 500 + 100 * kb + (units - 1) * (300 + 100 * kb)
+    monkeypatch.setattr(PG, "_sample", fake)
+    monkeypatch.setattr(PG, "_reduction_cycles", lambda prob, splits, p: 1000.0)
+    tiles = PG.Tiles("ours", 64, 128, 1, "t", splits=4)
+    m, n, k = 64, 128 * 16, 128 * 40                 # 16 tiles x 4 ranges of 10 K blocks: one wave
+    pred = PG.predict_config(PG.Ours(), tiles, PG.Problem("normal", 1, m, n, k), H800)
+    assert pred.units == 64 and pred.units_per_slot == 1 and pred.grid == 64
+    assert pred.first_unit_clk == pytest.approx(500 + 100 * 10)
+    assert pred.cycles == pytest.approx(1500 + 1000)
+
+
 def test_problem_rejects_bad_shapes():
     with pytest.raises(ValueError, match="k: expected a positive multiple of 128"):
         PG.Problem("normal", 1, 128, 128, 100)

@@ -63,8 +63,9 @@ constexpr uint32_t kPage = 64;                    // tokens per KV block = keys 
 constexpr uint32_t kTileRows = 64;                // query rows per CTA
 constexpr uint32_t kDimQK = 576;
 constexpr uint32_t kDimV = 512;
-constexpr uint32_t kChunks = kDimQK / 64;         // 64-column (128-byte) boxes per row
-constexpr uint32_t kChunkBytes = 64 * 128;        // one 64 x 64 bf16 box
+constexpr uint32_t kBoxCols = 64;                 // bf16 columns per TMA box: one 128-byte swizzle row
+constexpr uint32_t kChunks = kDimQK / kBoxCols;   // 9 boxes (chunks) per row
+constexpr uint32_t kChunkBytes = kTileRows * pk::kSwizzleRowBytes;   // one 64 x 64 bf16 box
 constexpr uint32_t kTileBytes = kChunks * kChunkBytes;  // 73,728: a Q tile or a K block
 constexpr uint32_t kQOff = 0;
 static_assert(kDimQK % 64 == 0 && kDimV == 512, "MLA head dims");
@@ -106,11 +107,16 @@ struct Smem {
 static_assert(Smem<false>::kBytes == 223408 && Smem<true>::kBytes == 225312, "pykernels/cuda/mla.py");
 static_assert(Smem<true, true>::kBytes == 225320, "pykernels/cuda/dsa.py");
 
-constexpr uint32_t kThreads = 384;
+constexpr uint32_t kWarpgroupThreads = 128;
+constexpr uint32_t kMathWarpgroups = 2;            // warpgroups 0, 1; warpgroup 2 is the producer
+constexpr uint32_t kProducerWarpgroup = kMathWarpgroups;
+constexpr uint32_t kThreads = (kMathWarpgroups + 1) * kWarpgroupThreads;   // 384
 constexpr uint32_t kProducerRegs = 40;
 constexpr uint32_t kMathRegs = 232;
 constexpr uint32_t kBarMath = 1;                  // named barrier of both math warpgroups
-constexpr uint32_t kMathThreads = 256;            // the two math warpgroups
+constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;   // 256
+constexpr uint32_t kMathWarpArrivals = kMathThreads / 32;   // a stage or Q is released by lane 0 of each math warp
+constexpr uint32_t kMbarBytes = 8;                 // one mbarrier
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
 constexpr uint64_t kAllRows = ~0ull;              // a block's row mask with every token row valid
@@ -150,6 +156,7 @@ struct Params {
 };
 
 // Columns of a metadata row (pykernels/reference/mla.py METADATA_COLUMNS).
+constexpr int kMetaCols = 8;
 constexpr int kFirstBatch = 0, kFirstBlock = 1, kLastBatch = 2, kLastEnd = 3, kFirstSplit = 4, kNumPieces = 5,
               kFirstSeqlen = 6, kLastSeqlen = 7;
 
@@ -175,7 +182,7 @@ __device__ __forceinline__ bool partition_ok(const Params& p) {
     return false;
   };
   const bool rec = warp0 && lane == 0;              // scalar checks: one thread records
-  const int B = (int)p.batch, parts = (int)gridDim.x, part = (int)blockIdx.x, e = 8 * part;
+  const int B = (int)p.batch, parts = (int)gridDim.x, part = (int)blockIdx.x, e = kMetaCols * part;
   const int64_t max_len64 = (int64_t)p.max_blocks * kPage;
   const int max_len = (int)min(max_len64, (int64_t)INT32_MAX);
   const auto bad_len = [&](int len) { return len < 0 || (int64_t)len > max_len64; };
@@ -206,14 +213,14 @@ __device__ __forceinline__ bool partition_ok(const Params& p) {
   // continuity: where the previous row ended (row 0: batch 0, block 0, split 0)
   int want_b = 0, want_blk = 0, want_s = 0;
   if (part > 0) {
-    const int* prev = row - 8;
+    const int* prev = row - kMetaCols;
     const int p_n = __ldg(prev + kNumPieces), p_fs = __ldg(prev + kFirstSplit);
     want_b = __ldg(prev + kFirstBatch);
     want_blk = __ldg(prev + kFirstBlock);
     want_s = p_fs;
     if (p_n != 0) {
       const int p_lb = __ldg(prev + kLastBatch), p_lend = __ldg(prev + kLastEnd);
-      if (p_lb < 0 || p_lb >= B) return fail(rec, pk::kErrMetadataOutOfRange, p_lb, B, e - 8 + kLastBatch);
+      if (p_lb < 0 || p_lb >= B) return fail(rec, pk::kErrMetadataOutOfRange, p_lb, B, e - kMetaCols + kLastBatch);
       const int p_len = __ldg(p.seqlens + p_lb), p_made = __ldg(prev + kLastSeqlen);
       if (bad_len(p_len)) return fail(rec, pk::kErrSeqlenOutOfRange, p_len, max_len, p_lb);
       if (p_made != p_len) return fail(rec, pk::kErrMetadataStale, p_len, p_made, p_lb);
@@ -918,6 +925,108 @@ struct SeesawMath {
   }
 };
 
+// ----------------------------------------------------------------------------- producer
+// Load KV chunk: block `blk` (page id `page`; sparse: slots) of sequence `b` into ring stage
+// s, after empty[s]. bf16 cache:
+// the page's 9 boxes of 64 columns, box c onto its own full[s][c] (Q K^T starts on the first
+// chunk); FP8 cache: the whole raw page in one box of the 3-D map over [num_blocks * 64, 41,
+// 16] bytes; sparse: one bulk copy per used slot's token row (load_sparse_block).
+template <bool kFp8, bool kSparse>
+__device__ __forceinline__ void load_kv_block(const Params& p, const pk::TensorMap* tmap_kv, uint8_t* smem,
+                                              uint32_t base, uint32_t b, uint32_t tile, uint32_t blk, int32_t page,
+                                              uint32_t s, uint32_t full_bar, bool leader) {
+  using L = Smem<kFp8, kSparse>;
+  if constexpr (kSparse) {
+    // the rows of query token `tile * 64 / h_q` (h_q % 64 == 0)
+    load_sparse_block(p, b, tile * kTileRows / p.h_q, blk, base + L::kRawOff + s * kRawBytes,
+                      full_bar + kMbarBytes * s, reinterpret_cast<uint64_t*>(smem + L::kMaskOff) + s);
+    return;
+  }
+  const int32_t first_row = page * (int32_t)kPage;
+  if (leader) {
+    if constexpr (kFp8) {
+      pk::mbar_arrive_expect_tx(full_bar + kMbarBytes * s, L::kStageBytes);
+      pk::tma_load_3d(base + L::kRawOff + s * kRawBytes, tmap_kv, full_bar + kMbarBytes * s, 0, 0, first_row);
+    } else {
+#pragma unroll
+      for (uint32_t c = 0; c < kChunks; ++c) {
+        const uint32_t bar = full_bar + kMbarBytes * (s * kChunks + c);
+        pk::mbar_arrive_expect_tx(bar, kChunkBytes);
+        pk::tma_load_2d(base + L::kKOff + s * kTileBytes + c * kChunkBytes, tmap_kv, bar, (int32_t)(kBoxCols * c),
+                        first_row);
+      }
+    }
+  }
+  __syncwarp();
+}
+
+// The producer warp (one elected lane issues the copies): per piece with blocks, the Q tile
+// (9 TMA boxes of 64 rows x 64 columns, 128-byte swizzle, onto q_full) once the previous
+// piece's Q K^T released it (q_empty), then each block (load_kv_block) through the ring.
+template <bool kFp8, bool kSparse>
+__device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
+                                        uint8_t* smem, uint32_t base, const int* row, uint32_t num_pieces, uint32_t tile,
+                                        uint32_t full_bar, uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
+  constexpr uint32_t kStages = Smem<kFp8, kSparse>::kStages;
+  const bool leader = pk::elect_one();
+  uint32_t s = 0, phase = 0, q_phase = 0;
+  for (uint32_t k = 0; k < num_pieces; ++k) {
+    const Piece pc = piece_of(p, row, k);
+    if (pc.hi <= pc.lo) continue;
+    pk::mbar_wait(q_empty, q_phase ^ 1);
+    if (leader) {
+      pk::mbar_arrive_expect_tx(q_full, kTileBytes);
+#pragma unroll
+      for (uint32_t c = 0; c < kChunks; ++c)
+        pk::tma_load_3d(base + kQOff + c * kChunkBytes, tmap_q, q_full, (int32_t)(kBoxCols * c),
+                        (int32_t)(tile * kTileRows), (int32_t)pc.b);
+    }
+    __syncwarp();
+    q_phase ^= 1;
+    const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;
+    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+      const int32_t page = kSparse ? 0 : __ldg(table + blk);   // read before the wait: its latency overlaps
+      pk::mbar_wait(empty_bar + kMbarBytes * s, phase ^ 1);
+      load_kv_block<kFp8, kSparse>(p, tmap_kv, smem, base, pc.b, tile, blk, page, s, full_bar, leader);
+      if (++s == kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- pieces
+// The math warpgroups' loop over the partition's pieces, for either schedule (Math: SeesawMath
+// or LockstepFp8Math): wait for the Q tile, the piece's blocks, release Q, the row sums of
+// both warpgroups, the epilogue. The barrier after the row sums keeps a warpgroup from writing
+// the next piece's sums before the other has read these (the seesaw's warpgroups do not meet
+// at a barrier every block).
+template <bool kSparse, typename Math>
+__device__ __forceinline__ void run_pieces(const Params& p, Math& math, const int* row, uint32_t num_pieces,
+                                           uint32_t tile, uint32_t q_full, uint32_t q_empty, float* lsum, uint32_t wg,
+                                           uint32_t lane, uint32_t r0) {
+  uint32_t q_phase = 0;
+  for (uint32_t k = 0; k < num_pieces; ++k) {
+    const Piece pc = piece_of(p, row, k);
+    const ThreadRows tr = thread_rows(p, pc, tile, r0);
+    float m[2] = {-INFINITY, -INFINITY};
+    float l[2] = {0.0f, 0.0f};
+    float acc[128];
+#pragma unroll
+    for (uint32_t i = 0; i < 128; ++i) acc[i] = 0.0f;
+    if (pc.hi > pc.lo) {
+      pk::mbar_wait(q_full, q_phase);
+      q_phase ^= 1;
+      math.run_piece(pc, tr, acc, m, l);
+      if (lane == 0) pk::mbar_arrive(q_empty);   // this piece's Q K^T are done
+      sum_rows_across_warpgroups(l, lsum, wg, r0, lane);
+      pk::named_barrier_sync(kBarMath, kMathThreads);
+    }
+    write_piece_output<kSparse>(p, pc, tr, acc, m, l, wg, lane);
+  }
+}
+
 template <bool kFp8, bool kSparse>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
@@ -930,107 +1039,54 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
   uint8_t* const smem = smem_raw + (base - raw_addr);
-  const uint32_t full_bar = base + L::kBarOff;                             // + 8 (s kFullPerStage + chunk)
-  const uint32_t empty_bar = full_bar + 8 * kStages * L::kFullPerStage;    // + 8 s
-  const uint32_t q_full = empty_bar + 8 * kStages;
-  const uint32_t q_empty = q_full + 8;
+  const uint32_t full_bar = base + L::kBarOff;   // + kMbarBytes (s kFullPerStage + chunk)
+  const uint32_t empty_bar = full_bar + kMbarBytes * kStages * L::kFullPerStage;   // + kMbarBytes s
+  const uint32_t q_full = empty_bar + kMbarBytes * kStages;
+  const uint32_t q_empty = q_full + kMbarBytes;
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (uint32_t s = 0; s < kStages; ++s) {
 #pragma unroll
       for (uint32_t c = 0; c < L::kFullPerStage; ++c)
-        pk::mbar_init(full_bar + 8 * (s * L::kFullPerStage + c), 1);   // producer's arrive.expect_tx (+ TMA bytes)
-      pk::mbar_init(empty_bar + 8 * s, 8);    // lane 0 of each math warp
+        pk::mbar_init(full_bar + kMbarBytes * (s * L::kFullPerStage + c), 1);   // the producer's arrive.expect_tx
+      pk::mbar_init(empty_bar + kMbarBytes * s, kMathWarpArrivals);
     }
     pk::mbar_init(q_full, 1);
-    pk::mbar_init(q_empty, 8);
+    pk::mbar_init(q_empty, kMathWarpArrivals);
     pk::fence_mbarrier_init();
     pk::fence_proxy_async_shared();
   }
   __syncthreads();
 
-  const uint32_t wg = threadIdx.x / 128;
-  const int* const row = p.meta + 8 * blockIdx.x;
-  const uint32_t num_pieces = (uint32_t)__ldg(row + 5);
+  const uint32_t wg = threadIdx.x / kWarpgroupThreads;
+  const int* const row = p.meta + kMetaCols * blockIdx.x;
+  const uint32_t num_pieces = (uint32_t)__ldg(row + kNumPieces);
   const uint32_t tile = blockIdx.y;
 
-  if (wg == 2) {
-    // ------------------------------------------------------------------ producer
+  if (wg == kProducerWarpgroup) {
     pk::setmaxnreg_dec<kProducerRegs>();
-    if ((threadIdx.x / 32) % 4 != 0) return;
-    const bool leader = pk::elect_one();
-    uint32_t s = 0, phase = 0, q_phase = 0;
-    for (uint32_t k = 0; k < num_pieces; ++k) {
-      const Piece pc = piece_of(p, row, k);
-      if (pc.hi <= pc.lo) continue;
-      pk::mbar_wait(q_empty, q_phase ^ 1);   // the previous piece's Q K^T are done
-      if (leader) {
-        pk::mbar_arrive_expect_tx(q_full, kTileBytes);
-#pragma unroll
-        for (uint32_t c = 0; c < kChunks; ++c)
-          pk::tma_load_3d(base + kQOff + c * kChunkBytes, tmap_q, q_full, (int32_t)(64 * c),
-                          (int32_t)(tile * kTileRows), (int32_t)pc.b);
-      }
-      __syncwarp();
-      q_phase ^= 1;
-      const int* table = p.block_table + (uint64_t)pc.b * p.bt_stride;
-      for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-        if constexpr (kSparse) {
-          // one bulk copy per used token row of query token `tile * 64 / h_q` (h_q % 64 == 0)
-          pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
-          load_sparse_block(p, pc.b, tile * kTileRows / p.h_q, blk, base + L::kRawOff + s * kRawBytes,
-                            full_bar + 8 * s, reinterpret_cast<uint64_t*>(smem + L::kMaskOff) + s);
-          if (++s == kStages) {
-            s = 0;
-            phase ^= 1;
-          }
-          continue;
-        }
-        const int32_t page = __ldg(table + blk);
-        pk::mbar_wait(empty_bar + 8 * s, phase ^ 1);
-        if (leader) {
-          if constexpr (kFp8) {
-            // the whole page in one box of the 3-D map over [num_blocks * 64, 41, 16] bytes
-            pk::mbar_arrive_expect_tx(full_bar + 8 * s, L::kStageBytes);
-            pk::tma_load_3d(base + L::kRawOff + s * kRawBytes, tmap_kv, full_bar + 8 * s, 0, 0,
-                            page * (int32_t)kPage);
-          } else {
-            // chunk by chunk, each on its own barrier: Q K^T starts on the first chunk
-            const uint32_t dst = base + L::kKOff + s * kTileBytes;
-#pragma unroll
-            for (uint32_t c = 0; c < kChunks; ++c) {
-              const uint32_t bar = full_bar + 8 * (s * kChunks + c);
-              pk::mbar_arrive_expect_tx(bar, kChunkBytes);
-              pk::tma_load_2d(dst + c * kChunkBytes, tmap_kv, bar, (int32_t)(64 * c), page * (int32_t)kPage);
-            }
-          }
-        }
-        __syncwarp();
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
-        }
-      }
-    }
+    if ((threadIdx.x / 32) % kMathWarps == 0)   // one producer warp
+      produce<kFp8, kSparse>(p, tmap_q, tmap_kv, smem, base, row, num_pieces, tile, full_bar, empty_bar, q_full,
+                             q_empty);
     return;
   }
 
   // -------------------------------------------------------------------- math
   pk::setmaxnreg_inc<kMathRegs>();
-  const uint32_t tid = threadIdx.x % 128;
-  const uint32_t warp = tid / 32, lane = tid % 32;
-  const uint32_t r0 = 16 * warp + lane / 4;   // this thread's rows: r0 and r0 + 8
+  const uint32_t tid = threadIdx.x % kWarpgroupThreads;
+  const uint32_t lane = tid % 32;
+  const uint32_t r0 = 16 * (tid / 32) + lane / 4;   // this thread's rows (wgmma fragment): r0 and r0 + 8
   float* const red = reinterpret_cast<float*>(smem + L::kRedOff);
   float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
-  float* const sfs = reinterpret_cast<float*>(smem + L::kSfOff);   // FP8 scales [4][64]
-  uint8_t* const ptile = smem + L::kPOff;
-  const uint32_t p_addr = base + L::kPOff;
-
-  if constexpr (!kFp8) {
-    // bf16 cache: the seesaw schedule (SeesawMath); red holds the published maxima [stage][64].
-    SeesawMath seesaw{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
+  if constexpr (kFp8) {
+    const uint32_t warp = tid / 32;
+    float* const sfs = reinterpret_cast<float*>(smem + L::kSfOff);   // FP8 scales [4][64]
+    uint8_t* const ptile = smem + L::kPOff;
+    const uint32_t p_addr = base + L::kPOff;
     uint32_t q_phase = 0;
+    Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid,
+                   kSparse ? reinterpret_cast<const uint64_t*>(smem + L::kMaskOff) : nullptr);
     for (uint32_t k = 0; k < num_pieces; ++k) {
       const Piece pc = piece_of(p, row, k);
       const ThreadRows tr = thread_rows(p, pc, tile, r0);
@@ -1039,53 +1095,15 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
       float acc[128];
 #pragma unroll
       for (uint32_t i = 0; i < 128; ++i) acc[i] = 0.0f;
+
       if (pc.hi > pc.lo) {
         pk::mbar_wait(q_full, q_phase);
         q_phase ^= 1;
-        seesaw.run_piece(pc, tr, acc, m, l);
-        if (lane == 0) pk::mbar_arrive(q_empty);
-        sum_rows_across_warpgroups(l, lsum, wg, r0, lane);
-        // the other warpgroup has read this piece's row sums before either writes the next's
-        pk::named_barrier_sync(kBarMath, kMathThreads);
-      }
-      write_piece_output<kSparse>(p, pc, tr, acc, m, l, wg, lane);
-    }
-    return;
-  }
+        for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+          const uint32_t kst = base + L::kKOff;                         // the one bf16 K block
+          const uint32_t key0l = wg * 32 + 2 * (lane % 4);           // this thread's first key in the block
 
-  uint32_t s = 0, phase = 0, q_phase = 0;   // bf16 cache: the K block ring
-  Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid,
-                 kSparse ? reinterpret_cast<const uint64_t*>(smem + L::kMaskOff) : nullptr);
-  for (uint32_t k = 0; k < num_pieces; ++k) {
-    const Piece pc = piece_of(p, row, k);
-    // Per row h (r0 + 8h): global row, token, last visible key (clamped below seqlen).
-    uint32_t grow[2], tok[2], head[2];
-    int lim[2];
-#pragma unroll
-    for (uint32_t h = 0; h < 2; ++h) {
-      grow[h] = tile * kTileRows + r0 + 8 * h;
-      tok[h] = grow[h] / p.h_q;
-      head[h] = grow[h] - tok[h] * p.h_q;
-      const int last = p.causal ? pc.seqlen - (int)p.s_q + (int)tok[h] : pc.seqlen - 1;
-      lim[h] = min(last, pc.seqlen - 1);
-    }
-    float m[2] = {-INFINITY, -INFINITY};
-    float l[2] = {0.0f, 0.0f};
-    float acc[128];
-#pragma unroll
-    for (uint32_t i = 0; i < 128; ++i) acc[i] = 0.0f;
-
-    if (pc.hi > pc.lo) {
-      pk::mbar_wait(q_full, q_phase);
-      q_phase ^= 1;
-      const uint32_t tail = (uint32_t)pc.seqlen % kPage;            // valid rows of a partial last block
-      const uint32_t last_blk = ((uint32_t)pc.seqlen + kPage - 1) / kPage - 1;
-      for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-        const uint32_t kst = base + L::kKOff + (kFp8 ? 0u : s * kTileBytes);
-        const uint32_t key0l = wg * 32 + 2 * (lane % 4);           // this thread's first key in the block
-
-        float sc[16];
-        if constexpr (kFp8) {
+          float sc[16];
           // 0. raw FP8 page -> bf16 K block (this warpgroup's V columns, half the RoPE rows and
           //    scales): a piece's first page here, every later one during the previous block's
           //    P V (step 4). Barrier: the whole block is written (Q K^T reads every column)
@@ -1123,62 +1141,42 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 #pragma unroll
           for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
           add_scaled(sc, t1, sfs, 3, key0l);
-        } else {
-          pk::mbar_wait(full_bar + 8 * s, phase);
-          // 1. S_w = Q K_w^T over 576 columns: 9 chunks x 4 k16 steps (32 bytes each).
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
-          pk::wgmma_fence();
-#pragma unroll
-          for (uint32_t c = 0; c < kChunks; ++c) {
-            const uint64_t da = pk::make_desc_k128b(base + kQOff + c * kChunkBytes);
-            const uint64_t db = pk::make_desc_k128b(kst + c * kChunkBytes + wg * 32 * 128);
-#pragma unroll
-            for (uint32_t kk = 0; kk < 4; ++kk)
-              pk::wgmma_m64n32k16_bf16_kk(sc, da + 2 * kk, db + 2 * kk, (c | kk) != 0 ? 1u : 0u);
-          }
-          pk::wgmma_commit();
-          pk::wgmma_wait<0>();
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
-        }
 
-        // 2. scale, mask, row maxima (base-2 logits). Sparse: the page's used slots (unused
-        //    ones hold zero rows); dense: keys up to the row's last visible one.
-        const int key0 = (int)(blk * kPage + key0l);
-        float pm[2] = {-INFINITY, -INFINITY};
+          // 2. scale, mask, row maxima (base-2 logits). Sparse: the page's used slots (unused
+          //    ones hold zero rows); dense: keys up to the row's last visible one.
+          const int key0 = (int)(blk * kPage + key0l);
+          float pm[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (uint32_t i = 0; i < 16; ++i) {
-          const uint32_t h = (i >> 1) & 1;
-          const uint32_t in_block = key0l + 8 * (i >> 2) + (i & 1);
-          const bool visible = kSparse ? ((pages.block_mask >> in_block) & 1) != 0 : key0 + (int)(in_block - key0l) <= lim[h];
-          sc[i] = visible ? sc[i] * p.scale_log2 : -INFINITY;
-          pm[h] = fmaxf(pm[h], sc[i]);
-        }
-        pm[0] = quad_max(pm[0]);
-        pm[1] = quad_max(pm[1]);
-        if (lane % 4 == 0) {
-          red[wg * 64 + r0] = pm[0];
-          red[wg * 64 + r0 + 8] = pm[1];
-        }
-        pk::named_barrier_sync(kBarMath, kMathThreads);
-        float alpha[2], m_use[2];
+          for (uint32_t i = 0; i < 16; ++i) {
+            const uint32_t h = (i >> 1) & 1;
+            const uint32_t in_block = key0l + 8 * (i >> 2) + (i & 1);
+            const bool visible = kSparse ? ((pages.block_mask >> in_block) & 1) != 0 : key0 + (int)(in_block - key0l) <= tr.lim[h];
+            sc[i] = visible ? sc[i] * p.scale_log2 : -INFINITY;
+            pm[h] = fmaxf(pm[h], sc[i]);
+          }
+          pm[0] = quad_max(pm[0]);
+          pm[1] = quad_max(pm[1]);
+          if (lane % 4 == 0) {
+            red[wg * 64 + r0] = pm[0];
+            red[wg * 64 + r0 + 8] = pm[1];
+          }
+          pk::named_barrier_sync(kBarMath, kMathThreads);
+          float alpha[2], m_use[2];
 #pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) {
-          const float other = red[(1 - wg) * 64 + r0 + 8 * h];
-          // the same operands in the same order in both warpgroups: identical bits
-          const float mx = wg == 0 ? fmaxf(pm[h], other) : fmaxf(other, pm[h]);
-          const float m_new = fmaxf(m[h], mx);
-          m_use[h] = m_new == -INFINITY ? 0.0f : m_new;   // no key seen yet: keep exponents finite
-          alpha[h] = pk::ex2_approx(m[h] - m_use[h]);    // 0 while m was -inf
-          m[h] = m_new;
-          l[h] *= alpha[h];
-        }
+          for (uint32_t h = 0; h < 2; ++h) {
+            const float other = red[(1 - wg) * 64 + r0 + 8 * h];
+            // the same operands in the same order in both warpgroups: identical bits
+            const float mx = wg == 0 ? fmaxf(pm[h], other) : fmaxf(other, pm[h]);
+            const float m_new = fmaxf(m[h], mx);
+            m_use[h] = m_new == -INFINITY ? 0.0f : m_new;   // no key seen yet: keep exponents finite
+            alpha[h] = pk::ex2_approx(m[h] - m_use[h]);    // 0 while m was -inf
+            m[h] = m_new;
+            l[h] *= alpha[h];
+          }
 #pragma unroll
-        for (uint32_t i = 0; i < 16; ++i) {
-          const uint32_t h = (i >> 1) & 1;
-          sc[i] = pk::ex2_approx(sc[i] - m_use[h]);
-          if constexpr (kFp8) {
+          for (uint32_t i = 0; i < 16; ++i) {
+            const uint32_t h = (i >> 1) & 1;
+            sc[i] = pk::ex2_approx(sc[i] - m_use[h]);
             // acc *= alpha (step 4's rescale) here, 8 registers per exponential: the
             // multiplies issue while ex2 and the row-sum chain wait on their latencies
             // (fence_operand keeps the compiler from sinking them to the wgmma).
@@ -1187,11 +1185,9 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
               acc[a] *= alpha[(a >> 1) & 1];
               pk::fence_operand(acc[a]);
             }
+            l[h] += sc[i];
           }
-          l[h] += sc[i];
-        }
 
-        if constexpr (kFp8) {
           // 3. P_w * sf_g -> bf16 -> P tile g (g = 0..3; the group's scale of each key folded
           //    into P's column in f32, rounded once, as the bf16 path rounds P). Stale rows of a
           //    last block have sf = 0 and zero K rows (Fp8Pages): nothing to zero here.
@@ -1213,43 +1209,13 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
               }
             }
           }
-        } else {
-          // Partial last block: zero the stale rows of this warpgroup's V chunks (both
-          // warpgroups' Q K^T reads of this stage have completed: barrier above).
-          if (blk == last_blk && tail != 0) {
-            uint8_t* const vbase = smem + (kst - base) + 4 * wg * kChunkBytes;
-#pragma unroll 4
-            for (uint32_t j = 0; j < 16; ++j) {
-              const uint32_t u = tid + 128 * j;            // 16-byte unit of 4 chunks x 64 rows x 8
-              const uint32_t r = (u / 8) % 64;
-              if (r >= tail) *reinterpret_cast<uint4*>(vbase + 16 * u) = make_uint4(0, 0, 0, 0);
-            }
-          }
+          pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
+          pk::named_barrier_sync(kBarMath, kMathThreads);
 
-          // 3. P_w -> bf16 -> P tile (row-major 128-byte rows, 128B swizzle: 16-byte chunk
-          //    index XOR row % 8). Keys 32w + 8c + 2(lane%4) + {0,1} of rows r0, r0 + 8.
+          // 4. acc = alpha * acc + P V_w (FP8: acc already rescaled in step 2)
 #pragma unroll
-          for (uint32_t c = 0; c < 4; ++c) {
-#pragma unroll
-            for (uint32_t h = 0; h < 2; ++h) {
-              const uint32_t r = r0 + 8 * h;
-              const uint32_t off = r * 128 + (((4 * wg + c) ^ (r & 7)) << 4) + 4 * (lane % 4);
-              *reinterpret_cast<uint32_t*>(ptile + off) = pk::pack_bf16x2(sc[4 * c + 2 * h], sc[4 * c + 2 * h + 1]);
-            }
-          }
-        }
-        pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
-        pk::named_barrier_sync(kBarMath, kMathThreads);
-
-        // 4. acc = alpha * acc + P V_w (FP8: acc already rescaled in step 2)
-        if constexpr (!kFp8) {
-#pragma unroll
-          for (uint32_t i = 0; i < 128; ++i) acc[i] *= alpha[(i >> 1) & 1];
-        }
-#pragma unroll
-        for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
-        pk::wgmma_fence();
-        if constexpr (kFp8) {
+          for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
+          pk::wgmma_fence();
           // columns [256w, +128) = group 2w with P tile 2w, [256w + 128, +128) = group 2w + 1;
           // one commit group per k-step (keys [16kk, +16)), so the next page's conversion can
           // rewrite those keys' rows as each step retires (Fp8Pages::convert_during_pv).
@@ -1257,8 +1223,9 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
           const uint64_t dp1 = pk::make_desc_k128b(p_addr + (2 * wg + 1) * kChunkBytes);
 #pragma unroll
           for (uint32_t kk = 0; kk < kPvSteps; ++kk) {
-            const uint64_t dv0 = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
-            const uint64_t dv1 = pk::make_desc_mn128b(kst + (4 * wg + 2) * kChunkBytes + kk * 2048, kChunkBytes, 1024);
+            const uint32_t v = kst + kVChunksPerWg * wg * kChunkBytes + kk * kStepBytes;
+            const uint64_t dv0 = pk::make_desc_mn128b(v, kChunkBytes, kAtomBytes);
+            const uint64_t dv1 = pk::make_desc_mn128b(v + kVChunksPerWg / 2 * kChunkBytes, kChunkBytes, kAtomBytes);
             pk::wgmma_m64n128k16_bf16_kt<0>(acc, dp0 + 2 * kk, dv0, 1u);
             pk::wgmma_m64n128k16_bf16_kt<64>(acc, dp1 + 2 * kk, dv1, 1u);
             pk::wgmma_commit();
@@ -1267,69 +1234,28 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
             pages.convert_during_pv(rows_mask(valid_rows(pc, blk + 1)));
           else
             pk::wgmma_wait<0>();
-        } else {
-          const uint64_t dp = pk::make_desc_k128b(p_addr);
 #pragma unroll
-          for (uint32_t kk = 0; kk < 4; ++kk) {
-            const uint64_t dv = pk::make_desc_mn128b(kst + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024);
-            pk::wgmma_m64n256k16_bf16_kt(acc, dp + 2 * kk, dv, 1u);
-          }
-          pk::wgmma_commit();
-          pk::wgmma_wait<0>();
+          for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
         }
+        if (lane == 0) pk::mbar_arrive(q_empty);
+
+        // Row sums: this thread's columns -> its quad -> both warpgroups (fixed order).
 #pragma unroll
-        for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
-        if constexpr (!kFp8) {
-          if (lane == 0) pk::mbar_arrive(empty_bar + 8 * s);
-          if (++s == kStages) {
-            s = 0;
-            phase ^= 1;
-          }
+        for (uint32_t h = 0; h < 2; ++h) {
+          l[h] = quad_sum(l[h]);
+          if (lane % 4 == 0) lsum[wg * kTileRows + r0 + 8 * h] = l[h];
         }
+        pk::named_barrier_sync(kBarMath, kMathThreads);
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) l[h] = lsum[r0 + 8 * h] + lsum[kTileRows + r0 + 8 * h];
       }
-      if (lane == 0) pk::mbar_arrive(q_empty);
 
-      // Row sums: this thread's columns -> its quad -> both warpgroups (fixed order).
-#pragma unroll
-      for (uint32_t h = 0; h < 2; ++h) {
-        l[h] = quad_sum(l[h]);
-        if (lane % 4 == 0) lsum[wg * 64 + r0 + 8 * h] = l[h];
-      }
-      pk::named_barrier_sync(kBarMath, kMathThreads);
-#pragma unroll
-      for (uint32_t h = 0; h < 2; ++h) l[h] = lsum[r0 + 8 * h] + lsum[64 + r0 + 8 * h];
+      write_piece_output<kSparse>(p, pc, tr, acc, m, l, wg, lane);
     }
-
-    // ------------------------------------------------------------------ epilogue
-    const int nsplit = __ldg(p.nsplits + pc.b + 1) - __ldg(p.nsplits + pc.b);
-#pragma unroll
-    for (uint32_t h = 0; h < 2; ++h) {
-      if (grow[h] >= p.rows) continue;
-      // a row with a NaN score: lse +inf and out NaN for the dense decode (docs/numerics.md), lse
-      // and out NaN for the sparse one (FlashMLA's sparse convention, the reference's)
-      const bool seen = kSparse ? !(l[h] <= 0.0f) : l[h] > 0.0f;
-      float inv = seen ? __frcp_rn(l[h]) : 0.0f;
-      const float lse2 = seen ? m[h] + pk::lg2_approx(l[h]) : -INFINITY;
-      if (nsplit == 1) {
-        if (kSparse && p.sink != nullptr) inv *= sink_factor(__ldg(p.sink + head[h]), lse2);
-        uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)tok[h] * p.out_ss + (uint64_t)head[h] * p.out_sh +
-                        256 * wg + 2 * (lane % 4);
-#pragma unroll
-        for (uint32_t c = 0; c < 32; ++c)
-          *reinterpret_cast<uint32_t*>(dst + 8 * c) =
-              pk::pack_bf16x2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
-        if (wg == 0 && lane % 4 == 0)
-          p.lse[pc.b * p.lse_sb + (uint64_t)head[h] * p.lse_sh + (uint64_t)tok[h] * p.lse_ss] =
-              seen ? lse2 * kLn2 : INFINITY;
-      } else {
-        const uint64_t prow = (uint64_t)pc.split * p.rows + grow[h];
-        float* dst = p.oacc + prow * kDimV + 256 * wg + 2 * (lane % 4);
-#pragma unroll
-        for (uint32_t c = 0; c < 32; ++c)
-          *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
-        if (wg == 0 && lane % 4 == 0) p.lacc[prow] = lse2;
-      }
-    }
+  } else {
+    // red holds the published maxima [stage][64]
+    SeesawMath math{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
+    run_pieces<kSparse>(p, math, row, num_pieces, tile, q_full, q_empty, lsum, wg, lane, r0);
   }
 }
 
@@ -1406,7 +1332,7 @@ __device__ __forceinline__ void combine(const int* nsplits, const float* oacc, c
     const float w = pk::ex2_approx(__ldg(lacc + prow) - m_use);
     if (w > 0.0f) {   // the same for the whole warp (one row): skips unwritten splits' rows
       total += w;
-      const float4* src = reinterpret_cast<const float4*>(oacc + prow * 512) + lane;
+      const float4* src = reinterpret_cast<const float4*>(oacc + prow * kDimV) + lane;
 #pragma unroll
       for (uint32_t q = 0; q < 4; ++q) {
         const float4 v = __ldg(src + 32 * q);

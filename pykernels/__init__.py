@@ -25,6 +25,7 @@ _LAZY = {
     "fp8_gemm_nt": "pykernels.gemm",
     "m_grouped_fp8_gemm_nt_contiguous": "pykernels.gemm",
     "m_grouped_fp8_gemm_nt_masked": "pykernels.gemm",
+    "bf16_gemm_nt": "pykernels.gemm",
     # GEMM: DeepGEMM's helpers, v1 names and the names not implemented (docs/compat.md)
     "get_mk_alignment_for_contiguous_layout": "pykernels.gemm",
     "get_m_alignment_for_contiguous_layout": "pykernels.gemm",

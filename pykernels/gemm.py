@@ -18,6 +18,8 @@ DeepGEMM's keywords (c, recipe, recipe_a/b, compiled_dims, disable_ue8m0_cast, a
 contiguous layout use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) are
 accepted where their values mean what these functions compute, else a ValueError names
 them (ops.gemm.check_deepgemm_keywords); its v1 names are aliases (docs/compat.md).
+
+bf16_gemm_nt: the BF16 GEMM (NT) on the same call form, without scales (docs/gemm.md).
 """
 import torch
 
@@ -63,6 +65,24 @@ def fp8_gemm_nt(a, b, out, c=None, recipe=None, recipe_a=None, recipe_b=None, co
     call(torch.ops.pykernels.fp8_gemm_nt, G.fp8_gemm_nt_body, a, sfa, b, sfb, out, backend,
          None if accumulate else c, accumulate, b_scale_rows, sfd)
     return out if sfd is None else (out, sfd)
+
+
+@dlpack_io
+def bf16_gemm_nt(a, b, out, c=None, compiled_dims: str = "nk", *, backend: str = "auto"):
+    """out[m, n] = a[m, k] @ b[n, k]^T (+ c): BF16 operands, float32 sums, one rounding to out.
+
+    a: bf16 [m, k]; b: bf16 [n, k] (contiguous, K a multiple of 16); out: bf16 or float32
+    [m, n], written in place and returned. c: None, or float32 [m, n] with a float32 out:
+    out = c + a b^T; c may be out itself (out += a b^T). compiled_dims: DeepGEMM's keyword
+    (no effect here). Backends: "triton", "reference" ("auto": the first that runs it).
+    """
+    G.check_deepgemm_keywords(compiled_dims=compiled_dims)
+    a, b, out = V.as_tensor("a", a), V.as_tensor("b", b), V.as_tensor("out", out)
+    c = None if c is None else V.as_tensor("c", c)
+    accumulate = c is not None and _same_view(c, out)   # in place: a custom op's inputs may not alias out
+    call(torch.ops.pykernels.bf16_gemm_nt, G.bf16_gemm_nt_body, a, b, out, backend,
+         None if accumulate else c, accumulate)
+    return out
 
 
 def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:

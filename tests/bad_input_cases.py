@@ -239,7 +239,63 @@ def gemm_cases():
         masked("groups-mismatch", am[:2], sfam[:2], bg, sfbg, nan_out(2, m_max, n), mm[:2], 32, _err("b")),
         masked("expected_m-negative", am, sfam, bg, sfbg, nan_out(g, m_max, n), mm, -1, _err("expected_m")),
     ]
-    return cases
+    return cases + bf16_gemm_cases(m, n, k)
+
+
+def bf16_gemm_cases(m, n, k):
+    """bf16_gemm_nt: bf16 a [m, k], b [n, k], out bf16 or float32 (+ c)."""
+    import pykernels as pk
+
+    def bf16(name, a, b, out, expect, c=None, accumulate=False, forms=("api", "op")):
+        return dict(name=f"bf16_gemm_nt/{name}", op_name="bf16_gemm_nt", expect=expect, forms=forms,
+                    compare="close", outs=(out,),
+                    api=lambda be: pk.bf16_gemm_nt(a, b, out, c=out if accumulate else c, backend=be),
+                    op=lambda be: torch.ops.pykernels.bf16_gemm_nt(a, b, out, be, None if accumulate else c,
+                                                                   accumulate))
+
+    def nan_out(*shape, dtype=torch.bfloat16):
+        return torch.full(shape, NAN, dtype=dtype)
+
+    a, b = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16()
+    rows = torch.randn(m + 3, k).bfloat16()                    # rows[3:]: a contiguous view at an offset
+    wide = torch.randn(n, k + 16).bfloat16()                   # wide[:, :k]: row stride k + 16
+    a_nan, b_inf = a.clone(), b.clone()
+    a_nan[3, 7], b_inf[5, 0] = NAN, float("inf")
+    sq = torch.randn(64, 64).bfloat16()
+    c32 = torch.randn(m, n)
+    return [
+        bf16("valid", a, b, nan_out(m, n), REF),
+        bf16("offset-view", rows[3:], b, nan_out(m, n), REF),
+        bf16("a-float32", a.float(), b, nan_out(m, n), _err("a")),
+        bf16("b-e4m3", a, b.to(torch.float8_e4m3fn), nan_out(m, n), _err("b")),
+        bf16("a-rank3", a[None], b, nan_out(m, n), _err("a")),
+        bf16("k-mismatch", a, b[:, :128].contiguous(), nan_out(m, n), _err("b")),
+        bf16("k-not-16", a[:, :200].contiguous(), b[:, :200].contiguous(), nan_out(m, n), _err("k")),
+        bf16("k-16", a[:, :16].contiguous(), b[:, :16].contiguous(), nan_out(m, n), REF),
+        bf16("k-partial-64", a[:, :208].contiguous(), b[:, :208].contiguous(), nan_out(m, n), REF),
+        bf16("a-transposed", torch.randn(k, m).bfloat16().t(), b, nan_out(m, n), _err("a")),
+        bf16("b-row-stride", a, wide[:, :k], nan_out(m, n), _err("b")),
+        bf16("out-too-small", a, b, nan_out(m - 1, n), _err("out")),
+        bf16("out-float32", a, b, nan_out(m, n, dtype=torch.float32), REF),
+        bf16("out-float16", a, b, nan_out(m, n, dtype=torch.float16), _err("out")),
+        bf16("out-transposed", a, b, nan_out(n, m).t(), _err("out")),
+        bf16("out-aliases-a", sq, sq[:32], sq.view(-1)[:64 * 32].view(64, 32), _err("out")),
+        bf16("mixed-devices", a, b.to("meta"), nan_out(m, n), _err("b")),
+        bf16("zero-m", a[:0], b, nan_out(0, n), REF),
+        bf16("zero-n", a, b[:0], nan_out(m, 0), REF),
+        bf16("zero-k", a[:, :0], b[:, :0], nan_out(m, n), REF),
+        bf16("nan-in-a-inf-in-b", a_nan, b_inf, nan_out(m, n), REF),
+        bf16("c-float32", a, b, nan_out(m, n, dtype=torch.float32), REF, c=c32),
+        bf16("c-is-out", a, b, torch.randn(m, n), REF, accumulate=True),
+        bf16("c-with-bf16-out", a, b, nan_out(m, n), _err("c"), c=c32),
+        bf16("c-bfloat16", a, b, nan_out(m, n, dtype=torch.float32), _err("c"), c=c32.bfloat16()),
+        bf16("c-shape", a, b, nan_out(m, n, dtype=torch.float32), _err("c"), c=c32[:, :8]),
+        dict(bf16("unknown-backend", a, b, nan_out(m, n), _err("backend")),
+             api=lambda be: pk.bf16_gemm_nt(a, b, nan_out(m, n), backend="Triton"),
+             op=lambda be: torch.ops.pykernels.bf16_gemm_nt(a, b, nan_out(m, n), "")),
+        dict(bf16("not-a-tensor", a, b, nan_out(m, n), _err("a"), forms=("api",)),
+             api=lambda be: pk.bf16_gemm_nt(a.tolist(), b, nan_out(m, n), backend=be)),
+    ]
 
 
 # --- MLA ---------------------------------------------------------------------------------------

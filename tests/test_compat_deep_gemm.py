@@ -76,6 +76,7 @@ SIGNATURES = {
     "align": dict(x=E, y=E),
     "calc_diff": dict(x=E, y=E),
     "wgrad_gemm_fp8_fp8_fp32_nt": dict(lhs=E, rhs=E, out=E),          # DeepGEMM v1's
+    "bf16_gemm_nt": dict(a=E, b=E, d=E, c=None, compiled_dims="nk"),
 }
 
 
@@ -250,7 +251,7 @@ def _gemm_args():
     (lambda a, b, d: deep_gemm.fp8_gemm_nn(a, b, d), "fp8_gemm_nn: the NN layout"),
     (lambda a, b, d: deep_gemm.fp8_gemm_tt(a, b, d), "fp8_gemm_tt: the TT layout"),
     (lambda a, b, d: deep_gemm.k_grouped_fp8_gemm_tn_contiguous(a, b, d, [128], None), "k_grouped_fp8_gemm_tn"),
-    (lambda a, b, d: deep_gemm.bf16_gemm_nt(a[0], b[0], d), "bf16_gemm_nt: BF16 GEMMs"),
+    (lambda a, b, d: deep_gemm.bf16_gemm_nn(a[0], b[0], d), "bf16_gemm_nn: the other BF16 GEMMs"),
     (lambda a, b, d: deep_gemm.SM90SymmBuffer(), "SM90SymmBuffer: Mega MoE"),
     (lambda a, b, d: deep_gemm.set_mk_alignment_for_contiguous_layout(256), "set_mk_alignment_for_contiguous_layout"),
     (lambda a, b, d: deep_gemm.get_mn_major_tma_aligned_packed_ue8m0_tensor(a[1]), "get_mn_major_tma_aligned_packed_ue8m0_tensor: UE8M0"),

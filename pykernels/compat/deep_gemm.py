@@ -18,7 +18,7 @@ What differs from pykernels' own API (docs/compat.md has every name):
   float64 tensor.
 
 Valid DeepGEMM calls that pykernels does not implement (accumulation into a bf16 `d`, alpha,
-FP4 operands, the NN/TN/TT layouts, K-grouped and BF16 GEMMs, Mega MoE, ...) raise
+FP4 operands, the NN/TN/TT layouts, K-grouped and grouped BF16 GEMMs, Mega MoE, ...) raise
 NotImplementedError naming the function; invalid values raise pykernels' ValueError /
 TypeError naming the argument. Each function also takes a keyword-only `backend` ("auto",
 "cuda", "emu", "triton", "reference"). Arrays of any DLPack producer are accepted (runtime/arrays).
@@ -298,8 +298,22 @@ k_grouped_fp8_gemm_tn_contiguous = _missing("k_grouped_fp8_gemm_tn_contiguous", 
 k_grouped_fp4_gemm_nt_contiguous = _missing("k_grouped_fp4_gemm_nt_contiguous", _WGRAD + " with FP4 operands")
 k_grouped_wgrad_gemm_fp8_fp8_fp32_nt = _missing("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", _WGRAD + " (v1)")
 
-_BF16 = "BF16 GEMMs"
-bf16_gemm_nt = _missing("bf16_gemm_nt", _BF16)
+
+
+@dlpack_io
+def bf16_gemm_nt(a, b, d, c=None, compiled_dims: str = "nk", *, backend: str = "auto") -> None:
+    """d[m, n] = (c +) a[m, k] @ b[n, k]^T, written in place; returns None.
+
+    a: bf16 [m, k]; b: bf16 [n, k]; d: bf16, or float32 [m, n]; c: None or float32 [m, n] with
+    a float32 d (c may be d: d += a @ b^T). Not implemented (NotImplementedError):
+    accumulation into a bf16 d. m or n = 0 writes nothing, k = 0 sets d to c (0 without it)."""
+    if c is not None and isinstance(d, torch.Tensor) and d.dtype != torch.float32:
+        _not_implemented("bf16_gemm_nt", f"accumulation into c with a {str(d.dtype).replace('torch.', '')} d")
+    PG.bf16_gemm_nt(a, b, d, c, compiled_dims, backend=backend)
+    return None
+
+
+_BF16 = "the other BF16 GEMMs (bf16_gemm_nt is implemented)"
 bf16_gemm_nn = _missing("bf16_gemm_nn", _BF16)
 bf16_gemm_tn = _missing("bf16_gemm_tn", _BF16)
 bf16_gemm_tt = _missing("bf16_gemm_tt", _BF16)

@@ -6,6 +6,9 @@ TMA-aligned as DeepGEMM produces); B is e4m3 [n, k] with 128x128 block scales sf
 last K block may be partial. Layouts: "normal"; "contiguous" (rows of A
 grouped by m_indices int32 [m], -1 = padding; B [G, n, k]); "masked" (A [G, m_max, k],
 masked_m int32 [G] valid rows per group).
+
+bf16_gemm_nt: A bf16 [m, k], B bf16 [n, k], out bf16 or float32 [m, n] (float32: c + A B^T
+or out += A B^T as fp8_gemm_nt's); no scales; the same K rule (Bf16GemmProblem).
 """
 import dataclasses
 from typing import Optional
@@ -183,6 +186,63 @@ def public_problem(op: str):
     return build
 
 
+@dataclasses.dataclass(frozen=True)
+class Bf16GemmProblem:
+    """bf16_gemm_nt: out[m, n] = (c +) a b^T, a bf16 [m, k], b bf16 [n, k], out bf16 or float32."""
+    a: torch.Tensor
+    b: torch.Tensor
+    out: torch.Tensor
+    m: int
+    n: int
+    k: int
+    device: torch.device
+    c: Optional[torch.Tensor] = None     # float32 out only: out = c + a b^T (c apart from out)
+    accumulate: bool = False             # float32 out only: out += a b^T
+
+    def describe(self) -> str:
+        acc = " out += a b^T" if self.accumulate else " out = c + a b^T" if self.c is not None else ""
+        return f"bf16 m={self.m} n={self.n} k={self.k}, {self.out.dtype} out{acc} on {self.device}"
+
+    @property
+    def f32_out(self) -> bool:
+        return self.out.dtype == torch.float32
+
+
+def bf16_problem(a, b, out, *, c=None, accumulate=False) -> Bf16GemmProblem:
+    """Validate one bf16_gemm_nt call (every error names the argument, what was expected and
+    what was given): a bf16 [m, k], b bf16 [n, k], out bf16 or float32 [m, n], all contiguous;
+    K a multiple of 16 (K_MULTIPLE, as fp8_gemm_nt: the kernels' K step); c float32 [m, n]
+    (out = c + a b^T) or accumulate (out += a b^T) with a float32 out only."""
+    a, b, out = (V.as_tensor(n, t) for n, t in (("a", a), ("b", b), ("out", out)))
+    V.check_dtype("a", a, torch.bfloat16)
+    V.check_dtype("b", b, torch.bfloat16)
+    V.check_dtype("out", out, torch.bfloat16, torch.float32)
+    if (c is not None or accumulate) and out.dtype != torch.float32:
+        raise ValueError(f"c: accumulation (out = c + a b^T) needs a float32 out, got out {out.dtype}")
+    V.check_rank("a", a, 2)
+    V.check_rank("b", b, 2)
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"b: expected K = {k} (a's last dim) in shape {list(b.shape)}, got {b.shape[1]}")
+    if k % K_MULTIPLE:
+        raise ValueError(f"k: expected a multiple of {K_MULTIPLE} (the K step of the kernels, as for "
+                         f"fp8_gemm_nt), got {k}")
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        V.check_contiguous(name, t)
+    V.check_shape("out", out, (m, n))
+    inputs = dict(a=a, b=b)
+    if c is not None:
+        c = V.as_tensor("c", c)
+        V.check_dtype("c", c, torch.float32)
+        V.check_shape("c", c, (m, n))
+        inputs["c"] = c
+    dev = V.check_same_device(**inputs, out=out)
+    if not V.is_fake(out):
+        V.check_no_overlap("out", out, **inputs)
+    return Bf16GemmProblem(a, b, out, m, n, k, dev, c, bool(accumulate))
+
+
 # --- DeepGEMM's keyword arguments ----------------------------------------------------------
 # Its current fp8_gemm_nt / m_grouped_* functions take these. The public functions accept
 # each where its value means what these ops compute (none changes the problem, so none
@@ -321,6 +381,26 @@ CONTIGUOUS = _register("m_grouped_fp8_gemm_nt_contiguous")
 MASKED = _register("m_grouped_fp8_gemm_nt_masked")
 
 
+def _bf16_reference(p: Bf16GemmProblem):
+    R.bf16_gemm_nt(p.a, p.b, p.out, c=p.out if p.accumulate else p.c)
+
+
+def _bf16_triton(p: Bf16GemmProblem):
+    from .. import triton as T
+    accumulation_base(p)
+    T.bf16_gemm_nt(p.a, p.b, p.out)
+
+
+def _bf16_triton_limits(p: Bf16GemmProblem):
+    from .. import triton as T
+    T.check_gemm_shape(p.m, p.n, p.k)
+
+
+BF16 = registry.op("bf16_gemm_nt", bf16_problem)
+BF16.add(B.triton(_bf16_triton, _bf16_triton_limits))
+BF16.add(B.reference(_bf16_reference))
+
+
 # --- custom ops: the same validation as the Python API ----------------------------------
 
 def fp8_gemm_nt_body(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
@@ -367,3 +447,17 @@ m_grouped_masked_op = torch.library.custom_op("pykernels::m_grouped_fp8_gemm_nt_
 @m_grouped_masked_op.register_fake
 def _(a, sfa, b, sfb, out, masked_m, expected_m, backend):
     problem("masked", a, sfa, b, sfb, out, masked_m, expected_m)
+
+
+def bf16_gemm_nt_body(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: str,
+                      c: Optional[torch.Tensor] = None, accumulate: bool = False) -> None:
+    """c: a float32 [m, n] tensor apart from out (out = c + a b^T); accumulate: out += a b^T."""
+    BF16(bf16_problem(a, b, out, c=c, accumulate=accumulate), backend)
+
+
+bf16_gemm_nt_op = torch.library.custom_op("pykernels::bf16_gemm_nt", mutates_args=("out",))(bf16_gemm_nt_body)
+
+
+@bf16_gemm_nt_op.register_fake
+def _(a, b, out, backend, c=None, accumulate=False):
+    bf16_problem(a, b, out, c=c, accumulate=accumulate)

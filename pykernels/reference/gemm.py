@@ -1,5 +1,6 @@
 """Reference FP8 block-scaled GEMMs (NT layout), float32 math, bf16 output (fp8_gemm_nt:
-also float32 output, c + A B^T, and 1x128 B scales).
+also float32 output, c + A B^T, and 1x128 B scales); the BF16 GEMM bf16_gemm_nt (float32
+sums, bf16 or float32 output).
 
 out = sum over K blocks kb of (sfa[:, kb] x sfb[n-block, kb]) * (a_kb @ b_kb^T): a carries
 1x128 scales (per row, per 128 of K) and b 128x128 block scales; each K block's partial
@@ -45,6 +46,21 @@ def fp8_gemm_nt(a, sfa, b, sfb, out=None, c=None, b_scale_rows=BLOCK, sfd=None):
         out.copy_(q)
         sfd.copy_(sf)
         return out, sfd
+    if c is not None:
+        res = c.float() + res
+    res = res.to(torch.bfloat16 if out is None else out.dtype)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
+def bf16_gemm_nt(a, b, out=None, c=None):
+    """a bf16 [m, k], b bf16 [n, k] -> [m, n] in out's dtype (bf16 when out is None): the
+    product a b^T summed in float32 (bf16 products are exact in float32), or c + the product
+    (c float32 [m, n], may be out itself: out += a b^T), rounded once to out's dtype.
+    K = 0: zeros (c with c)."""
+    res = a.float() @ b.float().T
     if c is not None:
         res = c.float() + res
     res = res.to(torch.bfloat16 if out is None else out.dtype)

@@ -19,12 +19,13 @@ def unavailable_reason(device) -> Optional[str]:
 
 from .gemm import (GEMM_REQUIREMENTS, check_gemm_shape, fp8_gemm_nt,  # noqa: E402
                    m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)
+from .bf16_gemm import bf16_gemm_nt  # noqa: E402
 from .quant import per_block_cast_to_fp8, per_token_cast_to_fp8  # noqa: E402
 from . import mla  # noqa: E402
 from .mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
 __all__ = ["INTERPRETED", "jit", "unavailable_reason", "GEMM_REQUIREMENTS", "check_gemm_shape", "fp8_gemm_nt",
-           "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+           "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked", "bf16_gemm_nt",
            "per_token_cast_to_fp8", "per_block_cast_to_fp8",
            "mla", "get_mla_metadata", "flash_mla_with_kvcache"]
 

@@ -429,6 +429,25 @@ def test_emu_when_one_warpgroup_runs_ahead(fp8, schedule, poisoned_scratch, monk
     _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
+@pytest.mark.parametrize("schedule", ["lockstep", "wg_first", "wg_last"])
+def test_emu_seesaw_across_pieces(schedule, seed, monkeypatch):
+    # The bf16 kernel's seesaw: warpgroup w owns the blocks in ring stage w, and the ring runs on
+    # across pieces. One partition walks pieces of 1, 3, 1 (partial), 3 (partial), 0 and 2 blocks,
+    # so pieces start and end in either stage (either warpgroup owns the first and the last
+    # block: the partner's last block is taken after the loop), the published P and max, the
+    # row sums and Q are handed over between pieces, and an empty piece sits between two busy
+    # ones; under each emulator schedule (one warpgroup running ahead as far as the barriers
+    # allow).
+    seqlens, s_q, h_q = [64, 192, 1, 130, 0, 128], 1, 16
+    q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 1)
+    assert ns.tolist() == list(range(len(seqlens) + 1))           # one partition, whole sequences
+    monkeypatch.setattr(CM, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))
+    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, True, executor="emu")
+    _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
+
+
 def test_emu_fp8_arbitrary_bytes(poisoned_scratch):
     # An FP8 cache written byte by byte rather than by quantize_kv_cache_fp8: every e4m3 code
     # but NaN (subnormals, both zeros, +-448), scales varying over 2^-12..2^-5 per token and

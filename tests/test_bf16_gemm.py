@@ -1,7 +1,10 @@
 """bf16_gemm_nt (BF16 x BF16 -> bf16 / float32, NT) on the CPU backends (reference, triton under
-the interpreter) against a float64 product, with NaN-poisoned outputs; float32 out with c and
-in place; non-finite inputs; the custom op and its fake; DeepGEMM's call form
-(pykernels.compat.deep_gemm.bf16_gemm_nt); the Triton kernel's sm_90 compilation.
+the interpreter, emu: the hand-written kernel's PTX on the emulator, with its memory-ordering
+checker) against a float64 product, with NaN-poisoned outputs; float32 out with c and in place;
+non-finite inputs; the custom op and its fake; DeepGEMM's call form
+(pykernels.compat.deep_gemm.bf16_gemm_nt); the Triton kernel's sm_90 compilation; the cuda
+kernel's entries (csrc/gemm/fp8_gemm.cu kBf16: SASS, resources, shared-memory formula, every
+emulator schedule).
 
 Tolerance (float64 exact product p, |a||b|^T the sum of magnitudes s): float32 sums of exact
 bf16 products err by at most k * 2^-24 * s; one rounding to bf16 adds 2^-8 |p| (to float32:
@@ -15,7 +18,7 @@ from pykernels import reference as R
 from pykernels.triton import bf16_gemm as TB
 from pykernels.triton.jit_dispatch import INTERPRETED
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "emu"]
 NAN = float("nan")
 
 
@@ -45,6 +48,10 @@ def _check(got, a, b, c=None):
 def test_bf16_out_against_float64(backend, m, n, k, seed):
     a, b = _operands(m, n, k)
     out = torch.full((m, n), NAN, dtype=torch.bfloat16)
+    if backend == "emu" and n % 8:          # the kernel's 16-byte output rows (auto takes triton on a GPU)
+        with pytest.raises(ValueError, match="n: the cuda BF16 GEMM needs N to be a multiple of 8"):
+            pk.bf16_gemm_nt(a, b, out, backend=backend)
+        return
     assert pk.bf16_gemm_nt(a, b, out, backend=backend) is out
     _check(out, a, b)
 
@@ -174,7 +181,7 @@ def test_torch_compile_fullgraph(seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deep_gemm_call_form(backend, seed):
     import pykernels.compat.deep_gemm as deep_gemm
-    m, n, k = 33, 64, 192
+    m, n, k = 33, 64, 176
     a, b = _operands(m, n, k)
     d = torch.full((m, n), NAN, dtype=torch.bfloat16)
     assert deep_gemm.bf16_gemm_nt(a, b, d, backend=backend) is None
@@ -228,3 +235,106 @@ def test_sm90_specs_compile_to_wgmma_and_run_on_the_emulator(seed):
         assert stats.wgmma_issued > 0
     _check(out, a, b)
     _check(out32, a32, b32, c)
+
+
+# ----------------------------------------------------------------------------- the cuda kernel
+
+def _cuda_module():
+    from pykernels.cuda import bf16_gemm as CB
+    return CB
+
+
+SCHEDULES = ["lockstep", "cta_first", "cta_last", "wg_first", "wg_last"]
+
+
+def _kernel_cases():
+    try:
+        configs = _cuda_module().compiled_configs() + _cuda_module().compiled_configs(True)
+    except (RuntimeError, KeyError):
+        return []
+    return [(c, sch) for c in configs for sch in SCHEDULES]
+
+
+def test_entries_compiled():
+    CB = _cuda_module()
+    assert {c.function for c in CB.compiled_configs() + CB.compiled_configs(True)} == {
+        "pk_bf16_gemm_nt_m128n128", "pk_bf16_gemm_nt_m64n64",
+        "pk_bf16_gemm_nt_m128n128_f32acc", "pk_bf16_gemm_nt_m64n64_f32acc"}
+
+
+@pytest.mark.parametrize("cfg, schedule", _kernel_cases(), ids=lambda v: getattr(v, "function", v))
+def test_kernel_on_the_emulator_every_schedule(cfg, schedule, seed):
+    """Ragged M and N (a partial tile each way: the TMA clips), K = 208: three 64-wide stages
+    and a partial one through a ring of 2 stages (the producer waits on every empty barrier),
+    2 CTAs for 6 tiles (each CTA's accumulator restarts per tile); bf16 out (TMA store) or
+    float32 out = c + a b^T."""
+    from pykernels.runtime.executors import run_emu
+    CB = _cuda_module()
+    m, n, k = 2 * cfg.block_m - 24, 2 * cfg.block_n + 8, 208
+    a, b = _operands(m, n, k)
+    if cfg.f32acc:
+        c = torch.randn(m, n)
+        out = c.clone()
+    else:
+        c, out = None, torch.full((m, n), NAN, dtype=torch.bfloat16)
+    stats = run_emu(CB.plan(a, b, out, cfg, stages=2, sms=2), schedule=schedule)
+    _check(out, a, b, c)
+    assert stats.global_written == m * n * out.element_size()
+
+
+@pytest.mark.parametrize("f32acc", [False, True])
+def test_shared_memory_formula_is_the_kernels(f32acc, seed):
+    # the plan's size runs, one byte less traps (the kernel's Layout::smem_bytes), at two stage counts
+    import dataclasses
+
+    from pykernels.emu.errors import EmuError
+    from pykernels.runtime.executors import run_emu
+    CB = _cuda_module()
+    for cfg in CB.compiled_configs(f32acc):
+        a, b = _operands(64, 64, 128)
+        for stages in (2, cfg.max_stages()):
+            out = torch.zeros(64, 64) if f32acc else torch.full((64, 64), NAN, dtype=torch.bfloat16)
+            plan = CB.plan(a, b, out, cfg, stages)
+            assert plan.shared_bytes == cfg.smem_bytes(stages)
+            with pytest.raises(EmuError, match="trap executed"):
+                run_emu(dataclasses.replace(plan, shared_bytes=plan.shared_bytes - 1))
+            run_emu(plan)
+            _check(out, a, b)
+
+
+def test_sass_and_resources():
+    """Per entry: four HGMMA 64xBNx16 bf16 (one K stage), two TMA loads per stage (A, B; no
+    scales), the chain kept in flight (WARPGROUP.DEPBAR 1 in the loop, 0 after it); bf16 out by
+    TMA store, float32 out by 8-byte read-add-writes; no local memory, no spill."""
+    import re
+
+    from pykernels.runtime import artifacts, sass
+    CB = _cuda_module()
+    listing = sass.sass(CB.MODULE)
+    functions = {p.split()[0]: p for p in re.split(r"\n\s*Function : ", listing)[1:]}
+    for cfg in CB.compiled_configs() + CB.compiled_configs(True):
+        code = functions[cfg.function]
+        ops = sass.opcodes(code)
+        assert len(re.findall(rf"HGMMA\.64x{cfg.block_n}x16\.F32\.BF16", code)) == 4, cfg
+        assert not re.search(r"QGMMA", code)
+        assert ops["UTMALDG.2D"] == 2 and "UTMALDG.3D" not in ops
+        assert sorted(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[01])", code)) == ["0x0", "0x1"]
+        if cfg.f32acc:
+            assert "UTMASTG.2D" not in ops and ops["LDG.E.64"] == ops["STG.E.64"] == 2 * cfg.block_n // 8
+        else:
+            assert ops["UTMASTG.2D"] == cfg.block_n // 16
+        assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+        r = artifacts.resources(CB.MODULE, cfg.function)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0
+
+
+def test_plan_rejects_what_the_kernel_cannot_take():
+    CB = _cuda_module()
+    a, b = _operands(8, 100, 64)
+    with pytest.raises(ValueError, match="n: the cuda BF16 GEMM needs N to be a multiple of 8"):
+        CB.plan(a, b, torch.empty(8, 100, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="backend: 'emu' cannot run .*n: the cuda BF16 GEMM"):
+        pk.bf16_gemm_nt(a, b, torch.empty(8, 100, dtype=torch.bfloat16), backend="emu")
+    cfg = CB.compiled_configs()[0]
+    with pytest.raises(ValueError, match="cfg: .* writes bf16, out is torch.float32"):
+        CB.plan(a, b[:96], torch.empty(8, 96), cfg)

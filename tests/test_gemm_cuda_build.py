@@ -100,7 +100,9 @@ def _source_splitk_entries():
 def test_every_config_is_compiled():
     # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
-    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS}
+    from pykernels.cuda import bf16_gemm as CB     # the bf16 entries (kBf16): tests/test_bf16_gemm.py
+    bf16 = {c.function for c in CB.compiled_configs() + CB.compiled_configs(True)}
+    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS} | bf16
     assert set(G.SPLITK_CONFIGS) == _source_splitk_entries() and len(G.SPLITK_CONFIGS) >= 1
     assert list(artifacts.manifest()["kernels"][G.REDUCE_MODULE]["functions"]) == [G.REDUCE_FUNCTION]
     assert set(G.E4M3_CONFIGS) == _source_e4m3_entries() and all(c.block_n == 128 for c in G.E4M3_CONFIGS)
@@ -312,7 +314,10 @@ def test_shared_memory_formula():
 
 
 def test_ptx_parses_with_the_intended_instructions(ptx_module):
-    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS}
+    from pykernels.cuda import bf16_gemm as CB     # the bf16 entries (kBf16): tests/test_bf16_gemm.py
+    bf16 = {c.function for c in CB.compiled_configs() + CB.compiled_configs(True)}
+    assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS
+                                       + G.SPLITK_CONFIGS} | bf16
     for cfg in G.CONFIGS:
         k = ptx_module.kernel(cfg.function)
         assert len(k.params) == len(G.PARAMS)

@@ -15,7 +15,7 @@ OPS = {
     "fp8_gemm_nt": {"cuda", "emu", "triton", "reference"},
     "m_grouped_fp8_gemm_nt_contiguous": {"cuda", "emu", "triton", "reference"},
     "m_grouped_fp8_gemm_nt_masked": {"cuda", "emu", "triton", "reference"},
-    "bf16_gemm_nt": {"triton", "reference"},
+    "bf16_gemm_nt": {"cuda", "emu", "triton", "reference"},
     "get_mla_metadata": {"triton", "reference"},
     "flash_mla_with_kvcache": {"cuda", "emu", "triton", "reference"},
     "ep_dispatch_combine": {"cuda", "emu", "triton", "reference"},

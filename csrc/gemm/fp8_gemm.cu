@@ -65,6 +65,7 @@
 
 #include "pk/error_record.cuh"
 #include "pk/ptx.cuh"
+#include "pk/wgmma_bf16.cuh"
 
 namespace {
 
@@ -248,13 +249,13 @@ struct Passes {
   }
 };
 
-template <int BM, int BN, bool kRowB = false>
+template <int BM, int BN, bool kRowB = false, bool kBf16 = false>
 struct Layout {
   static constexpr uint32_t kMathWG = BM / 64;
   static constexpr uint32_t kThreads = 128 * (kMathWG + 1);
-  static constexpr uint32_t kABytes = BM * kBlockK;  // one stage of A (e4m3)
+  static constexpr uint32_t kABytes = BM * kBlockK;  // one stage of A (128-byte rows: 128 e4m3 or 64 bf16)
   static constexpr uint32_t kBBytes = BN * kBlockK;  // one stage of B
-  static constexpr uint32_t kSfaBytes = BM * 4;      // one stage of A scales (f32 per row)
+  static constexpr uint32_t kSfaBytes = kBf16 ? 0 : BM * 4;  // one stage of A scales (f32 per row; bf16: none)
   static constexpr uint32_t kSfbBytes = kRowB ? BN * 4 : 0;  // one stage of 1x128 B scales (f32 per column)
   // Output staging of one math warpgroup (64 x BN bf16) as BN/16 column boxes of 64 rows
   // x 32 bytes, each in the TMA's 32-byte swizzle (16-byte chunk ^= row bit 2): the TMA
@@ -310,11 +311,17 @@ __device__ __forceinline__ void with_const(uint32_t g, F&& f) {
 // p.kb_per K blocks (the range slowest); out is a float32 workspace [splits, M, N] and each
 // unit stores its tile's partial sum (plain stores) at slice `split`; a second kernel
 // (csrc/gemm/splitk_reduce.cu) adds the slices in order into the bf16 output.
-template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out, bool kSplitK>
+// kBf16: bf16 A and B, no scales (bf16_gemm_nt; entries pk_bf16_gemm_nt_*): a stage holds
+// 64 bf16 of K (the same 128-byte swizzled rows), four wgmma m64nBNk16 per stage accumulate
+// into `acc` across all K blocks (no promotion: the accumulator is the result), K block kb's
+// wgmma group stays in flight while kb + 1 is issued; no A-scale loads. bf16 or (kF32Acc)
+// float32 out, normal layout, cluster 1.
+template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out, bool kSplitK, bool kBf16 = false>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
                                                 const pk::TensorMap* tmap_sfb, float* sfd, const Problem& p) {
-  using L = Layout<BM, BN, kRowB>;
+  using L = Layout<BM, BN, kRowB, kBf16>;
+  static_assert(!kBf16 || (kCluster == 1 && !kRowB && !kFp8Out && !kSplitK), "bf16: bf16 / f32 out, cluster 1");
   static_assert(!kRowB || kCluster == 1, "1x128 B scales: cluster 1 only");
   static_assert(!kFp8Out || (BN == 128 && kCluster == 1 && !kF32Acc), "e4m3 out: one 128-column group per tile");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
@@ -335,7 +342,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   // One math warpgroup (BM 64): two accumulator sets, so that the wgmma of K block kb + 1
   // runs while kb is promoted (with two warpgroups the other one's wgmma fills that gap).
   // Up to BN 64: three BN/2-register sets (acc, acc2, fin) of 64 x 128 spill the 232 registers.
-  constexpr bool kDoubleAcc = L::kMathWG == 1 && BN <= 64;
+  constexpr bool kDoubleAcc = !kBf16 && L::kMathWG == 1 && BN <= 64;
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
@@ -418,14 +425,18 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
               } else {
                 // The whole box counts, rows past M included (the TMA zero-fills them).
                 pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kSfaBytes + L::kBBytes + L::kSfbBytes);
-                pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK), a_row);
+                pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK / (kBf16 ? 2 : 1)),
+                                a_row);
                 if constexpr (kRowB) {  // the tile's BN column scales of this K block (columns past N: zeros)
                   pk::tma_load_3d(base + sfb_off + s * L::kSfbBytes, tmap_sfb, bars + 8 * s, (int32_t)(n_blk * BN),
                                   (int32_t)kb, pass.group);
                 }
-                pk::tma_load_3d(base + sfa_off + s * L::kSfaBytes, tmap_sfa, bars + 8 * s, (int32_t)(m_blk * BM),
-                                (int32_t)kb, sfa_g);
-                pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK), b_row);
+                if constexpr (!kBf16) {
+                  pk::tma_load_3d(base + sfa_off + s * L::kSfaBytes, tmap_sfa, bars + 8 * s, (int32_t)(m_blk * BM),
+                                  (int32_t)kb, sfa_g);
+                }
+                pk::tma_load_2d(smem_b + s * L::kBBytes, tmap_b, bars + 8 * s, (int32_t)(kb * kBlockK / (kBf16 ? 2 : 1)),
+                                b_row);
               }
             }
             __syncwarp();
@@ -509,15 +520,18 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             sc.sb1 = kFirst < kAcc / 4 ? __ldg(sfb1 + kb) : sc.sb0;
           }
         };
+        [[maybe_unused]] uint32_t chain = 0;  // kBf16: the first step of a K block adds to the accumulator (1) or not (0)
         // Waits for stage s, reads its scales, issues its four wgmma into a (one commit group).
         auto issue = [&](float(&a)[kAcc], Scales& sc) {
           pk::mbar_wait(bars + 8 * s, phase);
           // A scales of this thread's two rows, landed with the stage (rows past the tensor's
           // end read the TMA's zero fill; they are computed but never stored). Read before
           // the stage is released; the ld.shared latency hides behind the wgmma.
-          const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
-          sc.sa0 = sfa_s[0];
-          sc.sa1 = sfa_s[8];
+          if constexpr (!kBf16) {
+            const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
+            sc.sa0 = sfa_s[0];
+            sc.sa1 = sfa_s[8];
+          }
           if constexpr (kRowB) {  // this thread's columns' B scales, also read before the release
             const float2* sfb_s = reinterpret_cast<const float2*>(smem + sfb_off + s * L::kSfbBytes) + lane % 4;
 #pragma unroll
@@ -535,7 +549,11 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
           for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
             // +32 bytes of K per step = +2 in the descriptor's start-address field
-            pk::WgmmaE4M3<BN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
+            if constexpr (kBf16) {  // chained across K blocks: only the tile's first step starts from zero
+              pk::WgmmaBF16<BN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : chain);
+            } else {
+              pk::WgmmaE4M3<BN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
+            }
           }
           pk::wgmma_commit();
           if (++s == p.stages) {
@@ -582,7 +600,29 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           release(held);
           if (++held == p.stages) held = 0;
         };
-        if constexpr (!kDoubleAcc) {
+        if constexpr (kBf16) {
+          // No scales: the wgmma chain into acc across the K blocks; K block kb's group stays
+          // in flight while kb + 1 is issued (wait_group 1), then kb's stage is released.
+          uint32_t prev = s;
+          for (uint32_t kb = 0; kb < num_kb; ++kb) {
+            Scales sc;
+            const uint32_t stage = s;
+            chain = kb > 0 ? 1u : 0u;
+            issue(acc, sc);
+            if (kb > 0) {
+              pk::wgmma_wait<1>();
+              release(prev);
+            }
+            prev = stage;
+          }
+          pk::wgmma_wait<0>();
+          release(prev);
+#pragma unroll
+          for (uint32_t i = 0; i < kAcc; ++i) {
+            pk::fence_operand(acc[i]);  // after the wait_group
+            fin[i] = acc[i];
+          }
+        } else if constexpr (!kDoubleAcc) {
           // One accumulator set: wgmma of K block kb, wait, promote (the tensor core idles
           // during the promotion unless the other math warpgroup has wgmma in flight).
           for (uint32_t kb = 0; kb < num_kb; ++kb) {
@@ -633,7 +673,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
         }
       };
-      if constexpr (kUniformB || kRowB) {
+      if constexpr (kUniformB || kRowB || kBf16) {
         k_loop(Const<kAcc / 4>());
       } else {
         // The tile starts at a multiple of BN, so (nb0 + 1) * 128 - n_base, the columns in
@@ -818,6 +858,25 @@ constexpr uint32_t kLaunchBound = 384;
 #define PK_FP8_GEMM_ENTRY_E4M3(BM, BN) \
   PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_e4m3, BM, BN, 1, false, false, true, false)
 
+// bf16 A and B, no scales (kBf16; bf16_gemm_nt): K blocks of 64 bf16, bf16 or (_f32acc) float32 out.
+// The FP8 parameter list (tmap_sfa, sfb, grouping, sfd, splits are not read; kind is normal).
+#define PK_BF16_GEMM_ENTRY_NAMED(NAME, BM, BN, F32ACC)                                                 \
+  static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
+  extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
+      const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
+      const __grid_constant__ pk::TensorMap tmap_sfa, const __grid_constant__ pk::TensorMap tmap_out,  \
+      const float* sfb, uint8_t* out, const int* grouping, uint32_t m, uint32_t n, uint32_t k,         \
+      uint32_t groups, uint32_t kind, uint32_t stages, uint32_t band, int* record,                     \
+      const __grid_constant__ pk::TensorMap tmap_sfb, float* sfd, uint32_t splits) {                   \
+    const Problem p{sfb, out, grouping, m, n, cdiv(k, kBlockK / 2), groups, kind, stages, band, record, 1u, \
+                    cdiv(k, kBlockK / 2)};                                                             \
+    fp8_gemm_kernel<BM, BN, 1, F32ACC, false, false, false, true>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, \
+                                                                  &tmap_sfb, sfd, p);                  \
+  }
+#define PK_BF16_GEMM_ENTRY(BM, BN) PK_BF16_GEMM_ENTRY_NAMED(pk_bf16_gemm_nt_m##BM##n##BN, BM, BN, false)
+#define PK_BF16_GEMM_ENTRY_F32ACC(BM, BN) \
+  PK_BF16_GEMM_ENTRY_NAMED(pk_bf16_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, true)
+
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
 PK_FP8_GEMM_ENTRY(128, 160)
@@ -837,3 +896,7 @@ PK_FP8_GEMM_ENTRY_E4M3(64, 128)
 PK_FP8_GEMM_ENTRY_SPLITK(128, 128)
 PK_FP8_GEMM_ENTRY_SPLITK(64, 128)
 PK_FP8_GEMM_ENTRY_SPLITK(64, 64)
+PK_BF16_GEMM_ENTRY(128, 128)
+PK_BF16_GEMM_ENTRY(64, 64)
+PK_BF16_GEMM_ENTRY_F32ACC(128, 128)
+PK_BF16_GEMM_ENTRY_F32ACC(64, 64)

@@ -133,6 +133,8 @@ def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = Fal
     split-K first pass (split_k: *_splitk): cluster 1 first, larger tiles first."""
     found = []
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
+        if function.startswith("pk_bf16_gemm_nt_"):          # the bf16 entries: cuda/bf16_gemm.py
+            continue
         match = _ENTRY.fullmatch(function)
         if match is None:
             raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "

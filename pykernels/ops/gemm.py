@@ -396,7 +396,20 @@ def _bf16_triton_limits(p: Bf16GemmProblem):
     T.check_gemm_shape(p.m, p.n, p.k)
 
 
+def _bf16_kernel(p: Bf16GemmProblem, executor: str):
+    from ..cuda import bf16_gemm as CB
+    accumulation_base(p)
+    CB.bf16_gemm_nt(p.a, p.b, p.out, executor)
+
+
+def _bf16_kernel_limits(p: Bf16GemmProblem):
+    from ..cuda import bf16_gemm as CB
+    CB.check_shapes(p.m, p.n, p.k)
+
+
 BF16 = registry.op("bf16_gemm_nt", bf16_problem)
+for _name in ("cuda", "emu"):
+    BF16.add(B.kernel(_name, "gemm_fp8_gemm", _bf16_kernel, _bf16_kernel_limits))
 BF16.add(B.triton(_bf16_triton, _bf16_triton_limits))
 BF16.add(B.reference(_bf16_reference))
 

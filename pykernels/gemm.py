@@ -74,7 +74,7 @@ def bf16_gemm_nt(a, b, out, c=None, compiled_dims: str = "nk", *, backend: str =
     a: bf16 [m, k]; b: bf16 [n, k] (contiguous, K a multiple of 16); out: bf16 or float32
     [m, n], written in place and returned. c: None, or float32 [m, n] with a float32 out:
     out = c + a b^T; c may be out itself (out += a b^T). compiled_dims: DeepGEMM's keyword
-    (no effect here). Backends: "triton", "reference" ("auto": the first that runs it).
+    (no effect here). Backends as fp8_gemm_nt's ("cuda": N a multiple of 8; docs/gemm.md).
     """
     G.check_deepgemm_keywords(compiled_dims=compiled_dims)
     a, b, out = V.as_tensor("a", a), V.as_tensor("b", b), V.as_tensor("out", out)

@@ -116,6 +116,21 @@ def _gemm_case(layout, device):
     return shape, run
 
 
+def _bf16_gemm_case(device):
+    import pykernels as pk
+    m, n, k = 65, 256, 208             # ragged M, a partial last 64-wide K step
+    a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, k, dtype=torch.bfloat16, device=device)
+
+    def run(backend):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+        pk.bf16_gemm_nt(a, b, out, backend=backend)
+        ref = R.bf16_gemm_nt(a.cpu(), b.cpu())
+        d, r = calc_diff(out.cpu(), ref), rel_error(out.cpu(), ref)
+        return f"diff {d:.1e}, rel {r:.1e}", d < GEMM_CALC_DIFF and r < GEMM_REL and not out.isnan().any()
+    return f"m={m} n={n} k={k}", run
+
+
 def _mla_case(fp8: bool, device):
     import pykernels.mla as M
     b, s_q, h_q, max_blocks = 2, 2, 16, 3
@@ -292,6 +307,7 @@ def cases(device):
     yield ("fp8_gemm_nt", *_gemm_case("normal", device))
     yield ("m_grouped_fp8_gemm_nt_contiguous", *_gemm_case("contiguous", device))
     yield ("m_grouped_fp8_gemm_nt_masked", *_gemm_case("masked", device))
+    yield ("bf16_gemm_nt", *_bf16_gemm_case(device))
     yield ("get_mla_metadata", *_mla_metadata_case(device))
     yield ("flash_mla_with_kvcache", *_mla_case(False, device))
     yield ("flash_mla_with_kvcache", *_mla_case(True, device))

@@ -664,7 +664,7 @@ constexpr uint32_t kK16Bytes = 16 * 2;       // one k16 step along a K-major bf1
 __device__ __forceinline__ constexpr uint64_t desc_advance(uint32_t bytes) { return bytes >> 4; }
 constexpr uint32_t kScoreRegs = kPage / 2;   // S of a 64 x 64 block: 32 f32 per thread
 constexpr uint32_t kPRegs = kPage / 4;       // P as bf16 pairs: 16 registers, 4 per k16 step
-constexpr uint32_t kQkChunksBeforeTake = 5;  // Q K^T chunks issued before the partner's block is taken
+constexpr uint32_t kQkChunksBeforeTake = 4;  // Q K^T chunks issued before the partner's block is taken
 static_assert(kPvSteps * kKeysPerStep == kPage, "P V covers the block");
 
 // In a 1024-byte aligned 128B-swizzled tile, the address of 16-byte unit `unit` of a row from
@@ -901,11 +901,16 @@ struct SeesawMath {
       issue_qk<0, kQkChunksBeforeTake>(sc, stage, ph);
       pk::wgmma_commit();
       const bool partner = blk > pc.lo;   // block blk - 1, the partner's, in the other stage
+      if (partner) take_partner_block(acc, m, l, stage ^ 1);
+      // One more chunk queued behind that P V, then its retirement awaited: the stage of block
+      // blk - 1 refills as soon as it retired, while the pipe runs on with this chunk.
+      issue_qk<kQkChunksBeforeTake, kQkChunksBeforeTake + 1>(sc, stage, ph);
+      pk::wgmma_commit();
       if (partner) {
-        take_partner_block(acc, m, l, stage ^ 1);
-        retire_pv(acc, stage ^ 1);        // its stage refills while the rest of Q K^T waits for its chunks
+        pk::wgmma_wait<1>();
+        release_after_retired(acc, stage ^ 1);
       }
-      issue_qk<kQkChunksBeforeTake, kChunks>(sc, stage, ph);
+      issue_qk<kQkChunksBeforeTake + 1, kChunks>(sc, stage, ph);
       pk::wgmma_commit();
       pk::wgmma_wait<0>();
 #pragma unroll

@@ -190,11 +190,17 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
           head = wait_free_slot(ring.head, tail, head, num_slots, who, kDispatchSendWaitHead);
         }
         slot = slot_at(ring, tail, num_slots, slot_bytes);
-        warp_put_row(slot, x, x_scales, token, hidden_bytes, num_scales, lane);
+        int64_t e = 0;  // top-k entry `lane`: loaded before the row, stored after it
+        float w = 0.f;
         if (lane < num_topk) {
           const uint64_t k = static_cast<uint64_t>(token) * num_topk + lane;
-          pk::st_na_s32(slot + off_idx + 4 * lane, static_cast<int32_t>(pk::ld_nc_s64(topk_idx + k)));
-          pk::st_na_f32(slot + off_w + 4 * lane, pk::ld_nc_f32(topk_weights + k));
+          e = pk::ld_nc_s64(topk_idx + k);
+          w = pk::ld_nc_f32(topk_weights + k);
+        }
+        warp_put_row(slot, x, x_scales, token, hidden_bytes, num_scales, lane);
+        if (lane < num_topk) {
+          pk::st_na_s32(slot + off_idx + 4 * lane, static_cast<int32_t>(e));
+          pk::st_na_f32(slot + off_w + 4 * lane, w);
         }
         if (lane == 0) pk::st_na_s32(slot + off_src, static_cast<int32_t>(token));
         ++tail;
@@ -242,16 +248,21 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       if (j < fit) {  // warp-uniform; a dropped item is only consumed
         slot = slot_at(ring, head, num_slots, slot_bytes);
         const uint64_t row = static_cast<uint64_t>(row0 + j);
+        int32_t e = -1, src_token = 0;  // the item's tail: loaded before the row, stored after it
+        float w = 0.f;
+        if (lane < num_topk) {
+          e = pk::ld_na_s32(slot + off_idx + 4 * lane);
+          w = pk::ld_na_f32(slot + off_w + 4 * lane);
+        }
+        if (lane == 0) src_token = pk::ld_na_s32(slot + off_src);
         warp_get_row(recv_x, recv_scales, row, slot, hidden_bytes, num_scales, lane);
         if (lane < num_topk) {
-          const int32_t e = pk::ld_na_s32(slot + off_idx + 4 * lane);
-          const float w = pk::ld_na_f32(slot + off_w + 4 * lane);
           const int32_t local = e - lo;
           const bool mine = e >= 0 && local >= 0 && local < static_cast<int32_t>(experts_per_rank);
           recv_topk_idx[row * num_topk + lane] = mine ? local : -1;
           recv_topk_weights[row * num_topk + lane] = mine ? w : 0.0f;
         }
-        if (lane == 0) recv_src_idx[row] = pk::ld_na_s32(slot + off_src);
+        if (lane == 0) recv_src_idx[row] = src_token;
       }
       ++head;
       if (head - published >= publish_every) {
@@ -306,15 +317,18 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       }
       uint8_t* slot = slot_at(ring, tail, num_slots, slot_bytes);
       const uint64_t row = row0 + j;
+      // the row's weights (lane k: weight k) and source index, loaded before the row is copied
+      const float wk = lane < num_topk ? pk::ld_nc_f32(topk_weights + row * num_topk + lane) : 0.f;
+      const int32_t src_token = lane == 0 ? pk::ld_nc_s32(recv_src_idx + row) : 0;
       warp_copy_to_buffer(slot, x + row * row_bytes, row_bytes, lane);
+      float ws = 1.0f;  // left to right from 0.0 over the top-k weights
+      if (num_topk != 0) {
+        ws = 0.0f;
+        for (uint32_t k = 0; k < num_topk; ++k) ws = __fadd_rn(ws, __shfl_sync(kFull, wk, k));
+      }
       if (lane == 0) {
-        float ws = 1.0f;
-        if (num_topk != 0) {
-          ws = 0.0f;
-          for (uint32_t k = 0; k < num_topk; ++k) ws = __fadd_rn(ws, pk::ld_nc_f32(topk_weights + row * num_topk + k));
-        }
         pk::st_na_f32(slot + off_ws, ws);
-        pk::st_na_s32(slot + off_src, pk::ld_nc_s32(recv_src_idx + row));
+        pk::st_na_s32(slot + off_src, src_token);
       }
       ++tail;
       if (tail - published >= publish_every) {
@@ -341,13 +355,21 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     pos[r] = r < num_ranks ? pk::ld_relaxed_sys(reinterpret_cast<uint32_t*>(ctrl0 + r * kCtrlBytes)) : 0;
     seen[r] = published[r] = pos[r];
   }
+  // The ranks a token went to: its is_token_in_rank bytes, loaded one token ahead (all of a
+  // token's loads are issued before any is tested, the next token's before this one's rows).
+  uint16_t in_rank[kMaxRanks] = {};
+  auto load_in_rank = [&](uint32_t t) {
+    if (t >= end) return;
+    const uint8_t* row = is_token_in_rank + static_cast<uint64_t>(t) * num_ranks;
+#pragma unroll
+    for (uint32_t r = 0; r < kMaxRanks; ++r) in_rank[r] = ld_nc_u8_narrow(row + min(r, num_ranks - 1));
+  };
+  load_in_rank(begin);
   for (uint32_t t = begin; t < end; ++t) {
     uint32_t mask = 0;
 #pragma unroll
-    for (uint32_t r = 0; r < kMaxRanks; ++r) {
-      if (r >= num_ranks) break;
-      if (pk::ld_nc_u8(is_token_in_rank + static_cast<uint64_t>(t) * num_ranks + r) != 0) mask |= 1u << r;
-    }
+    for (uint32_t r = 0; r < kMaxRanks; ++r) mask |= (r < num_ranks && in_rank[r] != 0 ? 1u : 0u) << r;
+    load_in_rank(t + 1);
     // wait for this token's item in every ring it uses
 #pragma unroll
     for (uint32_t r = 0; r < kMaxRanks; ++r) {
@@ -365,32 +387,39 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    if (tid == 0) {  // protocol check: the items are this token's
+    // Every load of the token's items is issued before any is used: per column step the row
+    // chunk and the weight sum of every rank it went to (the sums re-read: one round, not
+    // two); thread 0's source indices before the first step, checked after the last.
+    const uint8_t* slot[kMaxRanks];
+    int32_t src[kMaxRanks];
 #pragma unroll
-      for (uint32_t r = 0; r < kMaxRanks; ++r) {
-        if (r >= num_ranks) break;
-        if ((mask >> r) & 1u) {
-          const uint8_t* slot = data0 + r * ring_bytes + static_cast<uint64_t>(pos[r] & (num_slots - 1)) * slot_bytes;
-          const int32_t src = pk::ld_na_s32(slot + off_src);
-          if (src != static_cast<int32_t>(t))
-            pk::report_and_trap(err, rank, channel, kCombineSourceMismatch, r, static_cast<uint32_t>(src), t);
-        }
-      }
+    for (uint32_t r = 0; r < kMaxRanks; ++r) {
+      slot[r] = data0 + r * ring_bytes + static_cast<uint64_t>(pos[r] & (num_slots - 1)) * slot_bytes;
+      src[r] = tid == 0 && ((mask >> r) & 1u) ? pk::ld_na_s32(slot[r] + off_src) : static_cast<int32_t>(t);
     }
     for (uint32_t base = 0; base < hidden / 8; base += blockDim.x) {  // same trip count in every thread
       const uint32_t i = base + tid;
       if (i >= hidden / 8) continue;
-      Bf16x8Sum sum;
+      int4 v[kMaxRanks];
+      float ws[kMaxRanks];
 #pragma unroll
       for (uint32_t r = 0; r < kMaxRanks; ++r) {
-        if (r >= num_ranks) break;
-        if ((mask >> r) & 1u) {
-          const uint8_t* slot = data0 + r * ring_bytes + static_cast<uint64_t>(pos[r] & (num_slots - 1)) * slot_bytes;
-          const float ws = pk::ld_na_f32(slot + off_ws);
-          sum.add(pk::ld_na_v4(slot + 16 * i), ws);
+        if ((mask >> r) & 1u) {  // mask has no bit at or past num_ranks
+          v[r] = pk::ld_na_v4(slot[r] + 16 * i);
+          ws[r] = pk::ld_na_f32(slot[r] + off_ws);
         }
       }
+      Bf16x8Sum sum;
+#pragma unroll
+      for (uint32_t r = 0; r < kMaxRanks; ++r)
+        if ((mask >> r) & 1u) sum.add(v[r], ws[r]);
       *reinterpret_cast<int4*>(out + (static_cast<uint64_t>(t) * hidden + 8 * i) * 2) = sum.to_bf16();
+    }
+    if (tid == 0) {  // protocol check: the items were this token's
+#pragma unroll
+      for (uint32_t r = 0; r < kMaxRanks; ++r)
+        if (src[r] != static_cast<int32_t>(t))
+          pk::report_and_trap(err, rank, channel, kCombineSourceMismatch, r, static_cast<uint32_t>(src[r]), t);
     }
 #pragma unroll
     for (uint32_t r = 0; r < kMaxRanks; ++r) pos[r] += (mask >> r) & 1u;

@@ -47,6 +47,20 @@ enum : uint32_t {
   kLowLatencyOverflow = 8,
 };
 
+// A column of the received scales: one f32, or (UE8M0) the four f32 whose exponent bytes
+// pack into one word, byte b from f[b].
+struct ScaleColumn {
+  float f[4];
+
+  __device__ __forceinline__ uint32_t word(uint32_t ue8m0) const {
+    if (!ue8m0) return __float_as_uint(f[0]);
+    uint32_t w = 0;
+#pragma unroll
+    for (uint32_t b = 0; b < 4; ++b) w |= ((__float_as_uint(f[b]) >> 23) & 0xFFu) << (8 * b);
+    return w;
+  }
+};
+
 }  // namespace
 
 // Grid num_send_ctas (= ceil(E / 8)) + ceil(E_local / 8), block 256.
@@ -136,21 +150,28 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       const uint8_t* slot = buffer + off_data + (slot0 + j) * slot_bytes;
       const uint32_t row = total + j;  // within expert le
       const uint64_t out_row = static_cast<uint64_t>(le) * num_ranks * max_tokens + row;
-      warp_copy_from_buffer(recv_x + out_row * hidden_bytes, slot, hidden_bytes, lane);
-      for (uint32_t base = 0; base < scale_cols; base += 32) {  // column c: 1 f32, or 4 packed exponents
-        const uint32_t c = base + lane;
-        if (c >= scale_cols) continue;
-        uint32_t word;
+      // the scales (the first two columns per lane) and the source token are loaded before
+      // the row's chunks and stored after them: their latency hides under the row's
+      auto ld = [&](uint32_t c) {  // column c: 1 f32, or the 4 f32 behind 4 packed exponents
+        ScaleColumn col;
         if (scale_ue8m0) {
-          word = 0;
-          for (uint32_t b = 0; b < 4; ++b)
-            word |= ((__float_as_uint(pk::ld_na_f32(slot + hidden_bytes + 16 * c + 4 * b)) >> 23) & 0xFFu) << (8 * b);
+#pragma unroll
+          for (uint32_t b = 0; b < 4; ++b) col.f[b] = pk::ld_na_f32(slot + hidden_bytes + 16 * c + 4 * b);
         } else {
-          word = __float_as_uint(pk::ld_na_f32(slot + hidden_bytes + 4 * c));
+          col.f[0] = pk::ld_na_f32(slot + hidden_bytes + 4 * c);
         }
-        recv_scales[(static_cast<uint64_t>(le) * scale_cols + c) * scale_stride + row] = word;
-      }
-      if (lane == 0) recv_src_info[out_row] = pk::ld_na_s32(slot + off_src);
+        return col;
+      };
+      auto st = [&](uint32_t c, const ScaleColumn& col) {
+        recv_scales[(static_cast<uint64_t>(le) * scale_cols + c) * scale_stride + row] = col.word(scale_ue8m0);
+      };
+      WarpBatch<kRowScaleBatch, ScaleColumn> first;
+      first.load(0, scale_cols, lane, ld);
+      const int32_t src_token = lane == 0 ? pk::ld_na_s32(slot + off_src) : 0;
+      warp_copy_from_buffer(recv_x + out_row * hidden_bytes, slot, hidden_bytes, lane);
+      first.store(0, scale_cols, lane, st);
+      warp_copy_batched<kRowScaleBatch, ScaleColumn>(32 * kRowScaleBatch, scale_cols, lane, ld, st);
+      if (lane == 0) recv_src_info[out_row] = src_token;
     }
     if (lane == 0) recv_layout[le * num_ranks + s] = static_cast<int32_t>(n);
     total += n;
@@ -222,22 +243,23 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       if (k >= num_topk) break;
       const uint64_t i = static_cast<uint64_t>(t) * num_topk + k;
       ke[k] = static_cast<int32_t>(pk::ld_nc_s64(topk_idx + i));
-      kj[k] = ke[k] >= 0 ? static_cast<uint32_t>(pk::ld_nc_s32(slot_of + i)) : 0u;
-      kw[k] = ke[k] >= 0 ? pk::ld_nc_f32(topk_weights + i) : 0.f;
+      kj[k] = static_cast<uint32_t>(pk::ld_nc_s32(slot_of + i));  // read only where ke[k] >= 0
+      kw[k] = pk::ld_nc_f32(topk_weights + i);
     }
     for (uint32_t base = 0; base < hidden / 8; base += blockDim.x) {  // same trip count in every thread
       const uint32_t i = base + tid;
       if (i >= hidden / 8) continue;
-      Bf16x8Sum sum;
+      int4 v[kMaxTopk];  // every top-k row's chunk loaded before the first is added
 #pragma unroll
       for (uint32_t k = 0; k < kMaxTopk; ++k) {
-        if (k >= num_topk) break;
-        if (ke[k] >= 0) {
-          const uint8_t* row = buffer + off_data +
-                               (static_cast<uint64_t>(ke[k]) * max_tokens + kj[k]) * slot_bytes;
-          sum.add(pk::ld_na_v4(row + 16 * i), kw[k]);
-        }
+        if (k < num_topk && ke[k] >= 0)
+          v[k] = pk::ld_na_v4(buffer + off_data + (static_cast<uint64_t>(ke[k]) * max_tokens + kj[k]) * slot_bytes +
+                              16 * i);
       }
+      Bf16x8Sum sum;
+#pragma unroll
+      for (uint32_t k = 0; k < kMaxTopk; ++k)
+        if (k < num_topk && ke[k] >= 0) sum.add(v[k], kw[k]);
       *reinterpret_cast<int4*>(out + (static_cast<uint64_t>(t) * hidden + 8 * i) * 2) = sum.to_bf16();
     }
   }

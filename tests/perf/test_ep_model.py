@@ -1,6 +1,6 @@
 """Our intranode EP kernels on the timing model (pykernels/perf/ep.py): the byte counts and
 the extrapolation by hand, a copy bound by the link bandwidth, and the sampled kernels'
-per-row cost against the latency of their copy loop."""
+per-row cost against the read latency of their batched copy loop."""
 import pytest
 import torch
 
@@ -119,23 +119,24 @@ def test_bad_problem_names_the_argument():
         PE.EpProblem("dispatch", 8, ranks=9)
 
 
-def test_sampled_copy_is_latency_bound_per_512_bytes():
-    # the dispatch receiver copies a row with one 16-byte load per lane and the dependent
-    # store per 512 bytes: each 512 more bytes of row cost one read latency, the bytes at the
-    # SM's port, and the loop's address arithmetic (at most 12 ALU latencies)
+def test_sampled_copy_pays_one_read_latency_per_batch():
+    # the copies load 8 16-byte chunks per lane (4096 bytes a warp) before storing them
+    # (ep_common.cuh kCopyBatch): a bf16 row of 512 or 4096 bytes is one read round, 4608
+    # bytes two. Within a batch more bytes cost less than a read latency; the next batch
+    # costs one read latency, its bytes at the SM's port and the batch's predicated
+    # address arithmetic (at most 32 ALU latencies)
     costs = {}
-    for hidden in (256, 768):
+    for hidden in (256, 2048, 2304):
         pr = PE.EpProblem("dispatch", 64, hidden=hidden, topk=4, num_experts=8, ranks=2, fp8=False, channels=2)
         for all_l2 in (False, True):
             costs[hidden, all_l2] = PE._normal_costs(pr, H800, 0.0, all_l2)
-    iterations = (2 * 768 - 2 * 256) // 512
     for all_l2, latency in ((False, H800.lat_hbm), (True, H800.lat_l2)):
-        per_iteration = (costs[768, all_l2]["recv_row"] - costs[256, all_l2]["recv_row"]) / iterations
-        floor = latency + 512 / H800.sm_l2_bytes_per_clk
-        assert floor <= per_iteration <= floor + 12 * H800.lat_alu
-    # the sender re-reads its input: its row also costs a read latency per 512 bytes
-    for all_l2 in (False, True):
-        assert costs[768, all_l2]["send_row"] - costs[256, all_l2]["send_row"] >= iterations * H800.lat_l2
+        for role in ("recv_row", "send_row"):
+            same_batch = costs[2048, all_l2][role] - costs[256, all_l2][role]
+            next_batch = costs[2304, all_l2][role] - costs[2048, all_l2][role]
+            assert 0 < same_batch < latency, (role, all_l2, same_batch)
+            floor = latency + 512 / H800.sm_l2_bytes_per_clk
+            assert floor <= next_batch <= floor + 32 * H800.lat_alu, (role, all_l2, next_batch)
 
 
 def test_small_predictions_run_every_kernel():

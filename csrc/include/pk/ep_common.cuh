@@ -42,6 +42,14 @@ __device__ __forceinline__ uint8_t* select_peer(uint32_t r, uint64_t p0, uint64_
   return reinterpret_cast<uint8_t*>(v);
 }
 
+// A read-only byte left in its 16-bit register (pk::ld_nc_u8 widens it at once, so a batch
+// of them would wait for each load in turn before issuing the next).
+__device__ __forceinline__ uint16_t ld_nc_u8_narrow(const void* p) {
+  uint16_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u8 %0, [%1];\n" : "=h"(v) : "l"(p));
+  return v;
+}
+
 // Every lane acquires; lane 0's value is the warp's. __syncwarp orders lane 0's acquire
 // before the other lanes' later accesses (CUDA: __syncwarp orders memory among the lanes).
 template <typename T>
@@ -75,44 +83,90 @@ __device__ __forceinline__ void report_error(uint32_t* err, uint32_t rank, uint3
   pk::st_relaxed_sys(err + 7, static_cast<uint32_t>(blockIdx.x));
 }
 
-// Warp copies of 16-byte chunks: read-only input -> a (peer's) buffer, buffer -> output.
+// Warp copies issue kCopyBatch loads per lane before storing any of them: a warp keeps
+// kCopyBatch x 32 requests in flight, so a row costs one read latency per kCopyBatch x 512
+// bytes (16-byte chunks), not one per 512 bytes (a load and its dependent store per step).
 // Loops have the same trip count in every lane (the tail is predicated): lanes never
 // drift apart, which keeps the warp converged (and the emulator's lanes in one step).
+constexpr uint32_t kCopyBatch = 8;
+
+// Up to N elements per lane held in registers: element base + 32 u + lane, u < N, of n.
+// load(i) / store(i, v) are called only for i < n.
+template <uint32_t N, typename T>
+struct WarpBatch {
+  T v[N];
+
+  template <typename Load>
+  __device__ __forceinline__ void load(uint32_t base, uint32_t n, uint32_t lane, Load ld) {
+#pragma unroll
+    for (uint32_t u = 0; u < N; ++u) {
+      const uint32_t i = base + 32 * u + lane;
+      if (i < n) v[u] = ld(i);
+    }
+  }
+
+  template <typename Store>
+  __device__ __forceinline__ void store(uint32_t base, uint32_t n, uint32_t lane, Store st) const {
+#pragma unroll
+    for (uint32_t u = 0; u < N; ++u) {
+      const uint32_t i = base + 32 * u + lane;
+      if (i < n) st(i, v[u]);
+    }
+  }
+};
+
+// Elements [first, n): batches of N per lane, each loaded whole before it is stored.
+template <uint32_t N, typename T, typename Load, typename Store>
+__device__ __forceinline__ void warp_copy_batched(uint32_t first, uint32_t n, uint32_t lane, Load ld, Store st) {
+  for (uint32_t base = first; base < n; base += 32 * N) {
+    WarpBatch<N, T> b;
+    b.load(base, n, lane, ld);
+    b.store(base, n, lane, st);
+  }
+}
+
+// Read-only input -> a (peer's) buffer, and buffer -> output, in 16-byte chunks.
 __device__ __forceinline__ void warp_copy_to_buffer(uint8_t* dst, const uint8_t* src, uint32_t bytes,
                                                     uint32_t lane) {
-  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
-    const uint32_t i = base + lane * 16;
-    if (i < bytes) pk::st_na_v4(dst + i, pk::ld_nc_v4(src + i));
-  }
+  warp_copy_batched<kCopyBatch, int4>(
+      0, bytes / 16, lane, [&](uint32_t i) { return pk::ld_nc_v4(src + 16 * i); },
+      [&](uint32_t i, int4 v) { pk::st_na_v4(dst + 16 * i, v); });
 }
 
 __device__ __forceinline__ void warp_copy_from_buffer(uint8_t* dst, const uint8_t* src, uint32_t bytes,
                                                       uint32_t lane) {
-  for (uint32_t base = 0; base < bytes; base += 32 * 16) {
-    const uint32_t i = base + lane * 16;
-    if (i < bytes) *reinterpret_cast<int4*>(dst + i) = pk::ld_na_v4(src + i);
-  }
+  warp_copy_batched<kCopyBatch, int4>(
+      0, bytes / 16, lane, [&](uint32_t i) { return pk::ld_na_v4(src + 16 * i); },
+      [&](uint32_t i, int4 v) { *reinterpret_cast<int4*>(dst + 16 * i) = v; });
 }
 
-// A dispatched slot starts with the token's row (row_bytes) and its f32 scales
-// (num_scales, FP8 only); what follows is the kernel's own.
+// Scales of a row: the first kRowScales (two per lane: H up to 8192) are loaded before the
+// row's chunks and stored after them, so their latency hides under the row's; more follow.
+constexpr uint32_t kRowScaleBatch = 2;
+
+// A dispatched slot starts with the token's row (row_bytes, a multiple of 16) and its f32
+// scales (num_scales, FP8 only); what follows is the kernel's own.
 __device__ __forceinline__ void warp_put_row(uint8_t* slot, const uint8_t* x, const float* x_scales, uint32_t token,
                                              uint32_t row_bytes, uint32_t num_scales, uint32_t lane) {
+  const float* scales = x_scales + static_cast<uint64_t>(token) * num_scales;
+  auto ld = [&](uint32_t i) { return pk::ld_nc_f32(scales + i); };
+  auto st = [&](uint32_t i, float v) { pk::st_na_f32(slot + row_bytes + 4 * i, v); };
+  WarpBatch<kRowScaleBatch, float> first;
+  first.load(0, num_scales, lane, ld);
   warp_copy_to_buffer(slot, x + static_cast<uint64_t>(token) * row_bytes, row_bytes, lane);
-  for (uint32_t base = 0; base < num_scales; base += 32) {
-    const uint32_t i = base + lane;
-    if (i < num_scales)
-      pk::st_na_f32(slot + row_bytes + 4 * i, pk::ld_nc_f32(x_scales + static_cast<uint64_t>(token) * num_scales + i));
-  }
+  first.store(0, num_scales, lane, st);
+  warp_copy_batched<kRowScaleBatch, float>(32 * kRowScaleBatch, num_scales, lane, ld, st);
 }
 
 __device__ __forceinline__ void warp_get_row(uint8_t* recv_x, float* recv_scales, uint64_t row, const uint8_t* slot,
                                              uint32_t row_bytes, uint32_t num_scales, uint32_t lane) {
+  auto ld = [&](uint32_t i) { return pk::ld_na_f32(slot + row_bytes + 4 * i); };
+  auto st = [&](uint32_t i, float v) { recv_scales[row * num_scales + i] = v; };
+  WarpBatch<kRowScaleBatch, float> first;
+  first.load(0, num_scales, lane, ld);
   warp_copy_from_buffer(recv_x + row * row_bytes, slot, row_bytes, lane);
-  for (uint32_t base = 0; base < num_scales; base += 32) {
-    const uint32_t i = base + lane;
-    if (i < num_scales) recv_scales[row * num_scales + i] = pk::ld_na_f32(slot + row_bytes + 4 * i);
-  }
+  first.store(0, num_scales, lane, st);
+  warp_copy_batched<kRowScaleBatch, float>(32 * kRowScaleBatch, num_scales, lane, ld, st);
 }
 
 // Combine: eight f32 sums for one 16-byte chunk of bf16 columns. Products and sums are

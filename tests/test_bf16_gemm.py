@@ -207,7 +207,8 @@ def test_sm90_specs_compile_to_wgmma_and_run_on_the_emulator(seed):
     bf16 wgmma, no local memory (spills), within the registers and shared memory of an SM.
     One launch compiled as the GPU runs it (bf16 dots, hardware rounding) runs on the PTX
     emulator: M = 65 and N = 136 ragged against the 128x128 tile, K = 208 three full 64-wide
-    steps through the 3-stage pipeline and a partial one; and float32 out (out += a b^T)."""
+    steps through the 3-stage pipeline and a partial one; and float32 out (out += a b^T) in
+    both of its tile widths."""
     import re
 
     from pykernels import emu
@@ -218,15 +219,15 @@ def test_sm90_specs_compile_to_wgmma_and_run_on_the_emulator(seed):
     m, n, k = 65, 136, 208
     a, b = _operands(m, n, k)
     out = torch.full((m, n), NAN, dtype=torch.bfloat16)
-    # float32 out: N = 144, a row stride that is a multiple of 16 as in the production specs
-    # (with N = 136 the scalar read-modify-write of 64 float32 values per thread spills 24 B:
-    # docs/gemm.md, BF16 GEMM)
-    a32, b32 = a, torch.cat([b, _operands(1, 8, k)[1]])
-    c = torch.randn(m, n + 8)
-    out32 = c.clone()
+    # float32 out: N = 136 (64-column tiles, tile_config) and N = 144 (128 columns)
+    b144 = torch.cat([b, _operands(1, 8, k)[1]])
+    c136, c144 = torch.randn(m, n), torch.randn(m, n + 8)
+    out136, out144 = c136.clone(), c144.clone()
     emulated = [sm90.spec_of(f"emu {m}x{n}x{k} bf16 out", TB.launch_args(a, b, out, upcast=False, soft=False)),
+                sm90.spec_of(f"emu {m}x{n}x{k} float32 out", TB.launch_args(a, b, out136, upcast=False, soft=False)),
                 sm90.spec_of(f"emu {m}x{n + 8}x{k} float32 out",
-                             TB.launch_args(a32, b32, out32, upcast=False, soft=False))]
+                             TB.launch_args(a, b144, out144, upcast=False, soft=False))]
+    assert [s.constexprs["BLOCK_N"] for s in emulated] == [128, 64, 128]
     compiled = sm90.compile_sm90(specs + emulated, jobs=1)
     for spec, cc in zip(specs + emulated, compiled):
         assert re.search(r"wgmma\.mma_async\.\S*\.f32\.bf16\.bf16", cc.ptx), f"{spec.label}: no bf16 wgmma"
@@ -237,7 +238,8 @@ def test_sm90_specs_compile_to_wgmma_and_run_on_the_emulator(seed):
         stats = emu.launch_triton(cc, spec.grid, *spec.args)
         assert stats.wgmma_issued > 0
     _check(out, a, b)
-    _check(out32, a32, b32, c)
+    _check(out136, a, b, c136)
+    _check(out144, a, b144, c144)
 
 
 # ----------------------------------------------------------------------------- the cuda kernel

@@ -59,12 +59,13 @@ def _bf16_gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_bn, stri
         tl.store(dst, to_bf16_rne(acc, SOFT), mask=ok)
 
 
-def tile_config(m: int):
+def tile_config(m: int, n: int, f32_out: bool):
     """(BLOCK_M, BLOCK_N, num_warps): 64-row tiles for small M (decode), 128x128 with 8
-    warps otherwise (the FP8 GEMM's choice, triton/gemm.py)."""
-    if m <= 64:
-        return 64, 128, 4
-    return 128, 128, 8
+    warps otherwise (the FP8 GEMM's choice, triton/gemm.py). Float32 out with N not a
+    multiple of 16: 64 columns, as the scalar read-add-writes of 128 columns need 255
+    registers and spill (sm_90a, Triton 3.8; docs/gemm.md)."""
+    block_m, warps = (64, 4) if m <= 64 else (128, 8)
+    return block_m, 64 if f32_out and n % 16 else 128, warps
 
 
 def launch_args(a, b, out, upcast=UPCAST_DOTS, soft=SOFTWARE_ROUNDING):
@@ -74,7 +75,7 @@ def launch_args(a, b, out, upcast=UPCAST_DOTS, soft=SOFTWARE_ROUNDING):
     n = b.shape[0]
     if m == 0 or n == 0:
         return None
-    block_m, block_n, warps = tile_config(m)
+    block_m, block_n, warps = tile_config(m, n, out.dtype == torch.float32)
     grid = (cdiv(m, block_m), cdiv(n, block_n), 1)
     vals = (a, b, out, m, n, k, a.stride(0), b.stride(0), out.stride(0))
     args = dict(zip(_bf16_gemm_kernel.arg_names, vals))
@@ -95,12 +96,12 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 
 def sm90_compile_specs():
-    """sm90.LaunchSpecs of representative GPU launches (DeepGEMM's BF16 test shapes; both
-    tile configs; bf16 and float32 out; K a multiple of 64 and not)."""
+    """sm90.LaunchSpecs of representative GPU launches (DeepGEMM's BF16 test shapes; every
+    tile config; bf16 and float32 out, N a multiple of 16 and not; K a multiple of 64 and not)."""
     specs = []
     for m, n, k, out_dtype in ((4096, 7168, 7168, torch.bfloat16), (64, 7168, 2048, torch.bfloat16),
                                (128, 2112, 7168, torch.bfloat16), (4096, 4096, 7168, torch.float32),
-                               (4096, 7168, 576 + 16, torch.bfloat16)):
+                               (4096, 4104, 7168, torch.float32), (4096, 7168, 576 + 16, torch.bfloat16)):
         out = _meta(m, n, dtype=out_dtype)
         label = f"bf16 m={m} n={n} k={k} {str(out_dtype).replace('torch.', '')} out"
         specs.append(spec_of(label, launch_args(_meta(m, k), _meta(n, k), out, upcast=False, soft=False)))

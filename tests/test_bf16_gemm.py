@@ -343,3 +343,20 @@ def test_plan_rejects_what_the_kernel_cannot_take():
     cfg = CB.compiled_configs()[0]
     with pytest.raises(ValueError, match="cfg: .* writes bf16, out is torch.float32"):
         CB.plan(a, b[:96], torch.empty(8, 96), cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(1, 7168, 2048), (130, 2112, 7168), (4096, 4096, 1040)])
+def test_cuda_against_float64(m, n, k, seed):
+    # the same kernel on a Hopper GPU: every compiled tile (cfg forced), bf16 and float32 out
+    CB = _cuda_module()
+    a, b = (t.cuda() for t in _operands(m, n, k))
+    for cfg in CB.compiled_configs() + CB.compiled_configs(True):
+        c = torch.randn(m, n, device="cuda") if cfg.f32acc else None
+        out = c.clone() if cfg.f32acc else torch.full((m, n), NAN, dtype=torch.bfloat16, device="cuda")
+        CB.bf16_gemm_nt(a, b, out, "cuda", cfg)
+        torch.cuda.synchronize()
+        _check(out.cpu(), a.cpu(), b.cpu(), None if c is None else c.cpu())
+    out = torch.full((m, n), NAN, dtype=torch.bfloat16, device="cuda")
+    pk.bf16_gemm_nt(a, b, out)                                  # auto: the cuda kernel
+    _check(out.cpu(), a.cpu(), b.cpu())

@@ -47,16 +47,17 @@ enum : uint32_t {
   kLowLatencyOverflow = 8,
 };
 
-// A column of the received scales: one f32, or (UE8M0) the four f32 whose exponent bytes
-// pack into one word, byte b from f[b].
+// A column of the received scales as bits: one f32, or (UE8M0) the four f32 whose exponent
+// bytes pack into one word, byte b from bits[b]. Loaded as 32-bit integers: an f32 load
+// would be moved to an integer register right after it, waiting for the load there.
 struct ScaleColumn {
-  float f[4];
+  uint32_t bits[4];
 
   __device__ __forceinline__ uint32_t word(uint32_t ue8m0) const {
-    if (!ue8m0) return __float_as_uint(f[0]);
+    if (!ue8m0) return bits[0];
     uint32_t w = 0;
 #pragma unroll
-    for (uint32_t b = 0; b < 4; ++b) w |= ((__float_as_uint(f[b]) >> 23) & 0xFFu) << (8 * b);
+    for (uint32_t b = 0; b < 4; ++b) w |= ((bits[b] >> 23) & 0xFFu) << (8 * b);
     return w;
   }
 };
@@ -134,15 +135,19 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   if (le >= local_experts) return;
   const uint32_t scale_cols = scale_ue8m0 ? num_scales / 4 : num_scales;
   uint32_t total = 0;  // rows of this expert from the sources before s: where s's rows start
+  const uint64_t* const counts = reinterpret_cast<const uint64_t*>(buffer + off_counts) + le * num_ranks;
+  // Every source's count word in one acquire load (lane s: source s), not one round per
+  // source; lane s's value is the warp's for source s, ordered for the other lanes by
+  // __syncwarp (as in warp_acquire). A source not yet published is then polled alone.
+  const uint64_t first = lane < num_ranks ? pk::ld_acquire_sys(counts + lane) : 0;
   for (uint32_t s = 0; s < num_ranks; ++s) {
-    const uint64_t* count_p = reinterpret_cast<const uint64_t*>(buffer + off_counts) + le * num_ranks + s;
-    uint64_t v = 0;
+    uint64_t v = __shfl_sync(kFull, first, s);
+    __syncwarp();
     uint32_t spins = 0;
-    while (true) {
-      v = warp_acquire(count_p);
-      if (static_cast<uint32_t>(v >> 32) == seq) break;
+    while (static_cast<uint32_t>(v >> 32) != seq) {
       if (++spins >= max_spins)
         pk::report_and_trap(err, rank, le, kLowLatencyWaitCount, s, static_cast<uint32_t>(v >> 32), seq);
+      v = warp_acquire(counts + s);
     }
     const uint32_t n = static_cast<uint32_t>(v);
     const uint64_t slot0 = static_cast<uint64_t>(le * num_ranks + s) * max_tokens;
@@ -156,9 +161,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
         ScaleColumn col;
         if (scale_ue8m0) {
 #pragma unroll
-          for (uint32_t b = 0; b < 4; ++b) col.f[b] = pk::ld_na_f32(slot + hidden_bytes + 16 * c + 4 * b);
+          for (uint32_t b = 0; b < 4; ++b)
+            col.bits[b] = static_cast<uint32_t>(pk::ld_na_s32(slot + hidden_bytes + 16 * c + 4 * b));
         } else {
-          col.f[0] = pk::ld_na_f32(slot + hidden_bytes + 4 * c);
+          col.bits[0] = static_cast<uint32_t>(pk::ld_na_s32(slot + hidden_bytes + 4 * c));
         }
         return col;
       };

@@ -29,6 +29,8 @@ PREVIOUS_VERSION = "0.1"
 KERNEL_CHANGES = [
     ("e5015a6", "multicast release without the GPU-scope fence; 112/144/160-column tiles' compile-time "
                 "B-scale split", lambda cfg: cfg.endswith("_mc2") or re.search(r"n(112|144|160)", cfg) is not None),
+    ("ea1bc83", "BLOCK_M 64 with BLOCK_N <= 64: two accumulator sets", lambda cfg: re.fullmatch(r"m64n(32|64)", cfg)
+     is not None),
 ]
 
 
@@ -112,6 +114,7 @@ def measured_rows(part_name: str = "NVIDIA H200") -> list:
                 for change, what, hits in KERNEL_CHANGES:
                     if hits(r["config"]) and _is_before(commit, change):
                         stale = f"measured at {commit}, before {change} ({what})"
+                        break
             row = Row(run, commit, r["m"], r["n"], r["k"], kernel, r["config"], bm, bn, c,
                       r["kernel_seconds"] * 1e6, r["seconds"] * 1e6, stale)
             latest[row.key] = row

@@ -5,7 +5,10 @@ import json
 
 import pytest
 
+from pykernels import perf
 from pykernels.perf import measured as M
+
+M_PART = perf.part("h200")
 
 
 def _run(root, name, commit, rows):
@@ -40,7 +43,10 @@ def test_latest_run_wins_and_older_kernels_are_flagged(tmp_path, monkeypatch):
     preds = {"128x256x512 ours m128n128": {"us": 30.0}, "128x256x512 ours m128n160_mc2": {"us": 45.0},
              "128x256x512 deepgemm m128n64c1s8": {"us": 16.0}}
     text = M.table(M.measured_rows(), preds, previous={"128x256x512 ours m128n128": {"us": 20.0}})
-    assert "| 128x256x512 | ours | m128n128 | 25.0 (50.0) | e5015a6 | 30.0 | 1.20 | 0.80 |" in text
+    # 2 tiles on 2 SMs; the busiest SM: one tile of 4 K blocks x ((128 + 128) x 128 + 128 x 4) bytes in and
+    # 128 x 128 x 2 out, in 25 us
+    port = (4 * (256 * 128 + 512) + 128 * 128 * 2) / (25e-6 * M_PART.clock_hz)
+    assert f"| 128x256x512 | ours | m128n128 | 25.0 (50.0) | e5015a6 | {port:.1f} | 30.0 | 1.20 | 0.80 |" in text
     assert "| 0.50 (stale) |" in text                                     # 45 / 90, out of the summary
     assert "Summary over 2 current rows" in text and "median 1.00" in text and "0 of 2 within 15%" in text
 

@@ -15,7 +15,7 @@ from .memory import MemoryShare
 from .sm import Replay, Result  # noqa: F401
 from .trace import Recorder
 
-MODEL_VERSION = "0.1"
+MODEL_VERSION = "0.2"
 
 
 @dataclasses.dataclass

@@ -14,6 +14,9 @@ python -m pykernels.perf table [--write]
     DeepGEMM's published points: DeepGEMM's kernel through the model against its published
     figure (calibration), and ours / DeepGEMM on the same model (--write: into
     docs/perf-model.md, between its perf-table markers)
+python -m pykernels.perf measured [--write]
+    every (shape, kernel, config) the GPU runs measured (bench/results), beside the model's
+    prediction for the same part and config (--write: into docs/perf-model.md, perf-measured markers)
 python -m pykernels.perf [--part h800] machine
     the machine description, every number with its source
 """
@@ -106,6 +109,8 @@ def main(argv=None):
     e.add_argument("--recv-ctas", type=int, default=16, help="low-latency combine: reducing CTAs")
     t = sub.add_parser("table")
     t.add_argument("--write", action="store_true", help=f"replace the tables in docs/{DOC.name}")
+    ms = sub.add_parser("measured")
+    ms.add_argument("--write", action="store_true", help=f"replace the measured table in docs/{DOC.name}")
     sub.add_parser("machine")
     a = ap.parse_args(argv)
     if a.cmd == "gemm":
@@ -132,6 +137,9 @@ def main(argv=None):
             _, _, tail = rest.partition(END)
             DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
             print(f"wrote {DOC}")
+    elif a.cmd == "measured":
+        from .measured import report
+        print(report(write=a.write))
     else:
         p = get_part(a.part)
         for name, fact in p.facts.items():

@@ -21,6 +21,11 @@ SOURCES = {
     "pmc-table3": "Table 3 of PMC10448217 (Ultrasonics Sonochemistry 99, 2023): H100 global memory latency 400, "
                   "L2 latency 200, shared memory latency 20, arithmetic latency 4 clock cycles; L2 bandwidth "
                   "8986 GB/s (a full GH100 at 1755 MHz; the weakest source here)",
+    "anchors-copy": "../shared/ANCHORS.md (H100 figures): 'H100 80GB HBM3: device copy ~ 3.0 TB/s (bytes read + "
+                    "written)', against the datasheet's 3.35 TB/s",
+    "h200-copy": "docs/results.md, H200 run 2 (source: gpu, commit 8d5587c): device copy 4231 GB/s measured by the "
+                 "bench's copy peak (a copy microbenchmark, not one of the GEMM points), against the datasheet's "
+                 "4.8 TB/s",
     "derived": "derived from the figures above (the formula is in the field's comment)",
     "assumption": "ASSUMPTION: no public figure found in this session; see docs/perf-model.md",
 }
@@ -63,7 +68,12 @@ _COMMON = {
     "smem_bytes_per_clk": _f(128, "cuda-guide-smem", "32 banks x 4 bytes: one 128-byte wavefront per clock"),
     "l2_bytes": _f(50 * 2**20, "datasheet-h100"),
     "l2_bytes_per_s": _f(8986e9, "pmc-table3"),
-    "sm_l2_bytes_per_clk": _f(64, "assumption", "one SM's port to the L2 / crossbar"),
+    # One SM's port to the L2 / crossbar: the L2's bandwidth split evenly over the SMs (8986e9 / 1.83e9 / 132).
+    # The model's v0.1 assumed 64 B/clk. That one SM cannot draw more than its even share, even when few
+    # SMs load, is an assumption (no public per-SM figure found); docs/perf-model.md gives the H200
+    # evidence for it (33-38 B/clk per SM whether 17 or 132 SMs load; multicast, which halves L2 reads
+    # but not what each SM receives, does not help).
+    "sm_l2_bytes_per_clk": _f(8986e9 / 1.83e9 / 132, "derived", "L2 bytes per clock / SMs = 37.2"),
     # latencies, SM clocks
     "lat_alu": _f(4, "pmc-table3"),
     "lat_mufu": _f(16, "assumption"),
@@ -78,13 +88,19 @@ _COMMON = {
     "lat_wgmma": _f(32, "assumption", "pipeline latency added to a wgmma's throughput time before wait_group sees it"),
 }
 
+_HBM_EFF = ("sustained / datasheet HBM bandwidth of a device copy (reads and writes mixed: refresh, read-write "
+            "turnaround); applied to every byte that reaches HBM")
+
 _PARTS = {
     "h100": dict(_COMMON, name=_f("H100 SXM", "datasheet-h100"),
-                 hbm_bytes_per_s=_f(3.35e12, "datasheet-h100"), nvlink_bytes_per_s=_f(900e9, "datasheet-h100")),
+                 hbm_bytes_per_s=_f(3.35e12, "datasheet-h100"), nvlink_bytes_per_s=_f(900e9, "datasheet-h100"),
+                 hbm_efficiency=_f(3.0e12 / 3.35e12, "anchors-copy", _HBM_EFF)),
     "h800": dict(_COMMON, name=_f("H800 SXM", "h800"),
-                 hbm_bytes_per_s=_f(3.35e12, "h800"), nvlink_bytes_per_s=_f(400e9, "h800")),
+                 hbm_bytes_per_s=_f(3.35e12, "h800"), nvlink_bytes_per_s=_f(400e9, "h800"),
+                 hbm_efficiency=_f(3.0e12 / 3.35e12, "anchors-copy", _HBM_EFF + "; the H100's HBM3")),
     "h200": dict(_COMMON, name=_f("H200 SXM", "h200"),
-                 hbm_bytes_per_s=_f(4.8e12, "h200"), nvlink_bytes_per_s=_f(900e9, "h200")),
+                 hbm_bytes_per_s=_f(4.8e12, "h200"), nvlink_bytes_per_s=_f(900e9, "h200"),
+                 hbm_efficiency=_f(4231e9 / 4.8e12, "h200-copy", _HBM_EFF)),
 }
 
 
@@ -109,7 +125,8 @@ class Part:
         return self.l2_bytes_per_s / self.clock_hz
 
     def hbm_bytes_per_clk(self) -> float:
-        return self.hbm_bytes_per_s / self.clock_hz
+        """Sustained HBM bytes per SM clock (the datasheet rate x hbm_efficiency)."""
+        return self.hbm_bytes_per_s * self.hbm_efficiency / self.clock_hz
 
     def mma_per_clk(self, dtype: str) -> int:
         if dtype in ("e4m3", "e5m2"):

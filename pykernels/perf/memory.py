@@ -1,10 +1,12 @@
 """Whole-GPU memory model seen from one SM: its share of L2 and HBM bandwidth.
 
-`active_sms` SMs stream at once and share the L2 bandwidth and the HBM bandwidth evenly;
-a fraction `l2_hit` of the bytes read is served by the L2 (the rest also crosses HBM);
-written bytes all reach HBM. The SMs of a cluster pool their shares (a multicast copy is
-read from L2 once for all of them); each SM's own port (part.sm_l2_bytes_per_clk) carries
-the bytes it receives (a multicast copy: every destination) or stores. The
+`active_sms` SMs stream at once and share the L2 bandwidth and the sustained HBM bandwidth
+(part.hbm_bytes_per_clk: the datasheet rate x hbm_efficiency) evenly; a fraction `l2_hit`
+of the bytes read is served by the L2 (the rest also crosses HBM); written bytes all reach
+HBM. The SMs of a cluster pool their shares (a multicast copy is read from L2 once for all
+of them); each SM's own port (part.sm_l2_bytes_per_clk, the L2 bandwidth's even share per
+SM, so it binds however few SMs load) carries the bytes it receives (a multicast copy:
+every destination) and stores. The
 first version has no cache simulation: the caller gives the hit fraction (gemm.py derives
 it from the tiles that run at once, see docs/perf-model.md).
 """

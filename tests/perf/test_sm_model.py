@@ -190,7 +190,10 @@ def test_machine_descriptions_cite_a_source_for_every_number():
         assert p.fp32_lanes * 2 * p.sms * 1.98e9 / 1e12 == pytest.approx(66.9, rel=1e-2)   # at the 1.98 GHz boost
     differ = {n for n in parts["h100"].facts if any(parts[k].facts[n].value != parts["h100"].facts[n].value
                                                       for k in parts)}
-    assert differ == {"name", "hbm_bytes_per_s", "nvlink_bytes_per_s"}
+    assert differ == {"name", "hbm_bytes_per_s", "nvlink_bytes_per_s", "hbm_efficiency"}
+    for p in parts.values():                     # the SM's port is its even share of the L2 bandwidth
+        assert p.sm_l2_bytes_per_clk * p.sms * p.clock_hz == pytest.approx(p.l2_bytes_per_s, rel=1e-9)
+        assert 0.8 < p.hbm_efficiency < 1.0
     assert parts["h200"].hbm_bytes_per_s == 4.8e12 and parts["h800"].nvlink_bytes_per_s == 400e9
     with pytest.raises(ValueError, match="part: expected one of"):
         perf.part("a100")

@@ -26,7 +26,7 @@ def _operands(m, n, k, scale=1.0):
     return (torch.randn(m, k) * scale).bfloat16(), (torch.randn(n, k) * scale).bfloat16()
 
 
-def _check(got, a, b, c=None):
+def _assert_matches_float64(got, a, b, c=None):
     """got against the float64 product (+ c) within the bound of the module docstring."""
     a64, b64 = a.double(), b.double()
     want = a64 @ b64.T
@@ -53,7 +53,7 @@ def test_bf16_out_against_float64(backend, m, n, k, seed):
             pk.bf16_gemm_nt(a, b, out, backend=backend)
         return
     assert pk.bf16_gemm_nt(a, b, out, backend=backend) is out
-    _check(out, a, b)
+    _assert_matches_float64(out, a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -75,13 +75,13 @@ def test_float32_out_with_c_and_in_place(backend, seed):
     c = torch.randn(m, n) * 10
     out = torch.full((m, n), NAN)
     assert pk.bf16_gemm_nt(a, b, out, c=c, backend=backend) is out          # out = c + a b^T
-    _check(out, a, b, c)
+    _assert_matches_float64(out, a, b, c)
     plain = torch.full((m, n), NAN)
     pk.bf16_gemm_nt(a, b, plain, backend=backend)                         # float32 out, no c
-    _check(plain, a, b)
+    _assert_matches_float64(plain, a, b)
     before = out.clone()
     pk.bf16_gemm_nt(a, b, out, c=out, backend=backend)                    # out += a b^T
-    _check(out, a, b, before)
+    _assert_matches_float64(out, a, b, before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -188,14 +188,14 @@ def test_deep_gemm_call_form(backend, seed):
     a, b = _operands(m, n, k)
     d = torch.full((m, n), NAN, dtype=torch.bfloat16)
     assert deep_gemm.bf16_gemm_nt(a, b, d, backend=backend) is None
-    _check(d, a, b)
+    _assert_matches_float64(d, a, b)
     c = torch.randn(m, n)
     d32 = torch.full((m, n), NAN)
     assert deep_gemm.bf16_gemm_nt(a, b, d32, c, "nk", backend=backend) is None       # d = c + a b^T
-    _check(d32, a, b, c)
+    _assert_matches_float64(d32, a, b, c)
     before = d32.clone()
     deep_gemm.bf16_gemm_nt(a, b, d32, d32, backend=backend)                         # d += a b^T
-    _check(d32, a, b, before)
+    _assert_matches_float64(d32, a, b, before)
     with pytest.raises(NotImplementedError, match="deep_gemm.bf16_gemm_nt: accumulation into c with a bfloat16 d"):
         deep_gemm.bf16_gemm_nt(a, b, d, c)
 
@@ -237,9 +237,9 @@ def test_sm90_specs_compile_to_wgmma_and_run_on_the_emulator(seed):
     for spec, cc in zip(emulated, compiled[len(specs):]):
         stats = emu.launch_triton(cc, spec.grid, *spec.args)
         assert stats.wgmma_issued > 0
-    _check(out, a, b)
-    _check(out136, a, b, c136)
-    _check(out144, a, b144, c144)
+    _assert_matches_float64(out, a, b)
+    _assert_matches_float64(out136, a, b, c136)
+    _assert_matches_float64(out144, a, b144, c144)
 
 
 # ----------------------------------------------------------------------------- the cuda kernel
@@ -283,7 +283,7 @@ def test_kernel_on_the_emulator_every_schedule(cfg, schedule, seed):
     else:
         c, out = None, torch.full((m, n), NAN, dtype=torch.bfloat16)
     stats = run_emu(CB.plan(a, b, out, cfg, stages=2, sms=2), schedule=schedule)
-    _check(out, a, b, c)
+    _assert_matches_float64(out, a, b, c)
     assert stats.global_written == m * n * out.element_size()
 
 
@@ -304,7 +304,7 @@ def test_shared_memory_formula_is_the_kernels(f32acc, seed):
             with pytest.raises(EmuError, match="trap executed"):
                 run_emu(dataclasses.replace(plan, shared_bytes=plan.shared_bytes - 1))
             run_emu(plan)
-            _check(out, a, b)
+            _assert_matches_float64(out, a, b)
 
 
 def test_sass_and_resources():
@@ -356,7 +356,7 @@ def test_cuda_against_float64(m, n, k, seed):
         out = c.clone() if cfg.f32acc else torch.full((m, n), NAN, dtype=torch.bfloat16, device="cuda")
         CB.bf16_gemm_nt(a, b, out, "cuda", cfg)
         torch.cuda.synchronize()
-        _check(out.cpu(), a.cpu(), b.cpu(), None if c is None else c.cpu())
+        _assert_matches_float64(out.cpu(), a.cpu(), b.cpu(), None if c is None else c.cpu())
     out = torch.full((m, n), NAN, dtype=torch.bfloat16, device="cuda")
     pk.bf16_gemm_nt(a, b, out)                                  # auto: the cuda kernel
-    _check(out.cpu(), a.cpu(), b.cpu())
+    _assert_matches_float64(out.cpu(), a.cpu(), b.cpu())

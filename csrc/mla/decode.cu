@@ -488,7 +488,7 @@ __device__ __forceinline__ void qk_chunks(float (&d)[16], uint32_t q_base, uint3
     const uint64_t db = pk::make_desc_k128b(k_base + c * kChunkBytes);
 #pragma unroll
     for (uint32_t kk = 0; kk < 4; ++kk)
-      pk::wgmma_m64n32k16_bf16_kk(d, da + 2 * kk, db + 2 * kk, (c != c0 || kk != 0) ? 1u : 0u);
+      pk::WgmmaBF16<32>::mma(d, da + 2 * kk, db + 2 * kk, (c != c0 || kk != 0) ? 1u : 0u);
   }
 }
 
@@ -724,7 +724,7 @@ struct SeesawMath {
       const uint64_t da = q_desc + desc_advance(c * kChunkBytes), db = k_desc + desc_advance(c * kChunkBytes);
 #pragma unroll
       for (uint32_t kk = 0; kk < 4; ++kk)
-        pk::wgmma_m64n64k16_bf16_kk(sc, da + desc_advance(kk * kK16Bytes), db + desc_advance(kk * kK16Bytes),
+        pk::WgmmaBF16<64>::mma(sc, da + desc_advance(kk * kK16Bytes), db + desc_advance(kk * kK16Bytes),
                                     (c | kk) != 0 ? 1u : 0u);
     }
   }

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "pk/ptx.cuh"
+#include "pk/wgmma_bf16.cuh"
 
 namespace pk {
 
@@ -42,34 +43,8 @@ __device__ __forceinline__ uint64_t make_desc_mn128b(uint32_t smem, uint32_t lbo
 // Fragment of d as in pk/ptx.cuh: d[i] of thread t is row 16*(t/32) + (t%32)/4 +
 // 8*((i>>1)&1), column 8*(i>>2) + 2*(t%4) + (i&1). scale_d = 0 ignores the old d.
 
-// D[64 x 32] (+)= A[64 x 16] * B[32 x 16]^T, A and B K-major (imm-trans-a = imm-trans-b = 0).
-__device__ __forceinline__ void wgmma_m64n32k16_bf16_kk(float (&d)[16], uint64_t desc_a,
-                                                          uint64_t desc_b, uint32_t scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, A and B K-major (imm-trans-a = imm-trans-b = 0):
-// one warpgroup's S for a whole 64-key block (B = the block's 64 key rows of one chunk).
-__device__ __forceinline__ void wgmma_m64n64k16_bf16_kk(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                                        uint32_t scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
+// Both operands K-major in shared memory: pk::WgmmaBF16<N> (pk/wgmma_bf16.cuh), shared with the
+// bf16 GEMM.
 
 // D[64 x 256] (+)= A[64 x 16] * B[16 x 256] with A in registers (four .b32 of bf16 pairs per
 // thread, the fragment of an m64n16 accumulator: a[0] row r cols 2(t%4)+{0,1}, a[1] row r + 8,

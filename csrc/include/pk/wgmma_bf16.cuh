@@ -1,5 +1,6 @@
-// bf16 wgmma (csrc/gemm/fp8_gemm.cu's kBf16 entries): kept apart from pk/ptx.cuh so that adding it
-// rebuilds the GEMM module only.
+// bf16 wgmma with both operands K-major in shared memory: the bf16 GEMM (csrc/gemm/fp8_gemm.cu's
+// kBf16 entries) and the MLA decode's Q K^T (pk/ptx_mla.cuh). Apart from pk/ptx.cuh so that a
+// change here rebuilds those two modules only.
 #pragma once
 #include <cstdint>
 
@@ -14,6 +15,20 @@ template <int N>
 struct WgmmaBF16;
 
 // Operand lists below are mechanical (one specialisation per N in use).
+
+template <>
+struct WgmmaBF16<32> {
+  static __device__ __forceinline__ void mma(float (&d)[16], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
+    asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+};
 
 template <>
 struct WgmmaBF16<64> {

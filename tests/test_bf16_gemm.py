@@ -58,14 +58,16 @@ def test_bf16_out_against_float64(backend, m, n, k, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_triton_and_reference_round_once_alike(backend, seed):
-    # one rounding of the float32 sum: the backends differ by at most one bf16 step
+    # one rounding of the float32 sum: the backends differ by at most one bf16 step plus what
+    # two float32 summation orders can differ by (which dominates where the sum cancels)
     m, n, k = 96, 136, 320
     a, b = _operands(m, n, k)
     got = torch.full((m, n), NAN, dtype=torch.bfloat16)
     pk.bf16_gemm_nt(a, b, got, backend=backend)
     want = R.bf16_gemm_nt(a, b)
     step = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp_min(2.0 ** -100))) - 7)
-    assert ((got.float() - want.float()).abs() <= step).all()
+    order = 2 * k * 2.0 ** -24 * (a.double().abs() @ b.double().abs().T)
+    assert ((got.double() - want.double()).abs() <= step.double() + order).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

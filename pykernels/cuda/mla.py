@@ -77,6 +77,33 @@ SMEM_BYTES = smem_bytes()
 SMEM_BYTES_FP8 = smem_bytes_fp8()
 assert SMEM_BYTES <= SMEM_LIMIT and SMEM_BYTES_FP8 <= SMEM_LIMIT
 
+# The narrow kernel (csrc/mla/decode_narrow.cu, docs/mla.md "The narrow kernel"): at most 32
+# query rows per KV head, as wgmma's N (16 or 32) with the keys / value columns as M.
+NARROW_MODULE = "mla_decode_narrow"
+NARROW_MAX_ROWS = 32
+NARROW_THREADS = 160          # one math warpgroup + the producer warp
+
+
+def narrow_tile_rows(rows: int) -> int:
+    """N of the narrow kernel for `rows` = s_q * h_q / h_kv query rows (16 or 32), 0 when the
+    64-row kernel takes them."""
+    return 0 if rows > NARROW_MAX_ROWS else (16 if rows <= 16 else 32)
+
+
+def narrow_smem_bytes(n: int, fp8: bool) -> int:
+    """Dynamic shared memory of the narrow kernel (Layout<N, kFp8>::kBytes in decode_narrow.cu):
+    1024 alignment slack + Q (9 chunks of n x 64 bf16) + bf16: 2 K stages (64 x 576 bf16); FP8:
+    one bf16 K block + 3 (n = 16) or 2 raw pages + the P tile (n x 64 bf16) + row maxima
+    (2 x 4 x n f32) + row sums (4 x n f32) + 2 mbarriers per stage + 2."""
+    tile = PAGE * RM.HEAD_DIM_QK * 2
+    stages = 3 if fp8 and n == 16 else 2
+    ring = tile + stages * FP8_PAGE_BYTES if fp8 else stages * tile
+    return 1024 + n * RM.HEAD_DIM_QK * 2 + ring + n * 64 * 2 + 3 * 4 * n * 4 + 8 * (2 * stages + 2)
+
+
+def narrow_function(n: int, fp8: bool) -> str:
+    return f"pk_mla_decode_narrow_{'fp8' if fp8 else 'bf16'}_n{n}"
+
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
@@ -194,6 +221,31 @@ def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc
                       args=args, shared_bytes=SMEM_BYTES_FP8 if fp8 else SMEM_BYTES)
 
 
+def narrow_decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, *,
+                       s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int) -> LaunchPlan:
+    """Launch plan of the narrow kernel for rows = s_q * h_q <= 32 (q3 [b, rows, 576]): the
+    decode_plan's arguments and tensor maps but Q boxes of N = narrow_tile_rows(rows) rows,
+    grid (num_sm_parts, 1), NARROW_THREADS threads, narrow_smem_bytes(N, fp8)."""
+    rows = q3.shape[1]
+    n = narrow_tile_rows(rows)
+    if not n:
+        raise ValueError(f"q: the narrow MLA kernel takes at most {NARROW_MAX_ROWS} query rows per KV head, "
+                         f"got {rows}")
+    plan = decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, s_q=s_q,
+                       h_q=h_q, scale=scale, causal=causal, num_blocks=num_blocks)
+    fp8 = kv2d.dtype == torch.uint8
+    args = (Arg("tensormap", TensorMapDesc(q3, (1, n, BOX), swizzle=128)),) + tuple(plan.args[1:])
+    return LaunchPlan(NARROW_MODULE, narrow_function(n, fp8), grid=(meta.shape[0], 1, 1),
+                      block=(NARROW_THREADS, 1, 1), args=args, shared_bytes=narrow_smem_bytes(n, fp8))
+
+
+def plan_decode(q3, kv2d, *args, **kwargs) -> LaunchPlan:
+    """The decode launch the dispatch picks: the narrow kernel for at most NARROW_MAX_ROWS
+    query rows per KV head, else the 64-row kernel (same arguments as decode_plan)."""
+    narrow = narrow_tile_rows(q3.shape[1])
+    return (narrow_decode_plan if narrow else decode_plan)(q3, kv2d, *args, **kwargs)
+
+
 def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
     """Launch plan of pk_mla_combine: grid (b, ceil(rows / 4)), 128 threads (a warp per row)."""
     b = num_splits.shape[0] - 1
@@ -237,7 +289,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     for j in range(h_kv):
         heads = slice(j * g, (j + 1) * g)
         o_j, l_j = o[:, :, heads], l[:, heads]
-        stats.append(run_plan(decode_plan(q_view(q[:, :, heads]), kv_view(k_cache, j), block_table, cache_seqlens,
+        stats.append(run_plan(plan_decode(q_view(q[:, :, heads]), kv_view(k_cache, j), block_table, cache_seqlens,
                                           tile_scheduler_metadata, num_splits, o_j, l_j, oacc, lacc, record,
                                           s_q=s_q, h_q=g, scale=scale, causal=causal,
                                           num_blocks=k_cache.shape[0]), executor))
@@ -251,6 +303,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     return stats if executor == "emu" else None
 
 
-__all__ = ["check_supported", "kv_view", "decode_plan", "combine_plan", "flash_mla_with_kvcache", "smem_bytes",
+__all__ = ["check_supported", "kv_view", "decode_plan", "narrow_decode_plan", "plan_decode", "narrow_tile_rows",
+           "narrow_smem_bytes", "narrow_function", "NARROW_MODULE", "NARROW_MAX_ROWS", "combine_plan",
+           "flash_mla_with_kvcache", "smem_bytes",
            "smem_bytes_fp8", "SMEM_BYTES", "SMEM_BYTES_FP8", "MODULE", "DECODE_FUNCTION", "DECODE_FUNCTION_FP8",
            "COMBINE_FUNCTION"]

@@ -1,0 +1,539 @@
+// MLA decode for few query rows per KV head (s_q * h_q / h_kv <= 32: h_q 16 or 32 at s_q 1,
+// h_q 16 at s_q 2) on sm_90a, bf16 or FP8 cache (docs/mla.md "The narrow kernel"; host side:
+// pykernels/cuda/mla.py). The same parameters, schedule (tile_scheduler_metadata, num_splits),
+// split scratch and combine kernel (pk_mla_combine in csrc/mla/decode.cu) as pk_mla_decode_*.
+//
+// decode.cu puts 64 query rows on wgmma's M: 16 rows would pay for 64. Here the products are
+// transposed so the query rows are N (16 or 32) and the 64 keys of a block, or 64 of the 512
+// value columns, are M:
+//   S^T [64 keys x N]  = K [64 x 576] Q^T          A = the K block, B = Q (both K-major, smem)
+//   O^T [512 x N]     += V^T [512 x 64] P^T        A = V^T: the K block's first 512 columns read
+//                                                  MN-major (imm-trans-a), B = P [N x 64] (smem)
+// One math warpgroup (warps 0-3) runs every block; warp 4 is the producer (one elected lane
+// issues the TMA copies). In this memory-bound regime the tensor work of a block (~70 small
+// wgmmas) is a fraction of its load time, so one warpgroup keeps up with HBM.
+//
+// Per block (64 keys), math warpgroup:
+//   bf16 cache: wait for the K stage (9 TMA boxes of 64 x 64 bf16, 128-byte swizzle); a partial
+//               last block has its stale rows (possibly NaN) zeroed in V's columns first.
+//   FP8 cache:  wait for the raw page (one TMA box, 64 x 656 bytes), convert it into the one
+//               bf16 K block (e4m3 * scale in f32, rounded once: exact for the power-of-two
+//               scales of the quantizer; RoPE copied; rows past the sequence's end zeros),
+//               release the raw page, so the ring's next load starts at once.
+//   S^T = K Q^T (9 chunks x 4 k16 steps of m64nNk16); mask keys past each row's last visible
+//   one; column (query row) maxima: in-thread, across the 8 lanes of a key column
+//   (shfl), across the 4 warps (shared memory, one named barrier); online softmax; P as bf16
+//   into the P tile [N][64] (128-byte swizzle); O^T += V^T P^T (8 column tiles x 4 k16 steps);
+//   the bf16 K stage released once that retired.
+// Epilogue per piece: the row sums summed over the warpgroup; out / lse, or the split scratch
+// row for pk_mla_combine, exactly as decode.cu's pieces write them.
+//
+// Shared memory (dynamic, base aligned up to 1024): Q [9][N x 128 B] | bf16: 2 K stages,
+// FP8: one bf16 K block + raw pages (3 for N = 16, 2 for N = 32) | P [N x 128 B] | row maxima
+// [2 parities][4 warps][N] f32 | row sums [4][N] f32 | mbarriers full[s], empty[s], q_full, q_empty.
+#include <cstdint>
+
+#include "pk/error_record.cuh"
+#include "pk/mla_partition.cuh"
+#include "pk/ptx.cuh"
+#include "pk/ptx_mla.cuh"
+#include "pk/swizzle.cuh"
+#include "pk/wgmma_bf16.cuh"
+#include "pk/wgmma_narrow.cuh"
+
+namespace {
+
+constexpr uint32_t kPage = pk::kMlaPage;          // keys per block
+constexpr uint32_t kDimQK = 576;
+constexpr uint32_t kDimV = 512;
+constexpr uint32_t kBoxCols = 64;                 // bf16 columns per TMA box: one 128-byte swizzle row
+constexpr uint32_t kChunks = kDimQK / kBoxCols;   // 9
+constexpr uint32_t kVTiles = kDimV / kBoxCols;    // 8 M tiles of O^T (64 value columns each)
+constexpr uint32_t kKChunkBytes = kPage * pk::kSwizzleRowBytes;   // 8,192: 64 keys x 64 columns
+constexpr uint32_t kKBlockBytes = kChunks * kKChunkBytes;          // 73,728
+constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;   // 1,024: an 8-row atom
+constexpr uint32_t kK16Bytes = 16 * 2;            // one k16 step along a K-major bf16 row
+constexpr uint32_t kStepBytes = 16 * pk::kSwizzleRowBytes;   // one k16 step of V^T: 16 key rows
+constexpr uint32_t kK16Steps = kBoxCols / 16;     // k16 steps per 64-column chunk / per block of keys
+
+// FP8 cache token row (pykernels/reference/mla.py): 512 e4m3 | 4 f32 scales | 64 bf16 RoPE.
+constexpr uint32_t kFp8Row = 656;
+constexpr uint32_t kFp8SfOff = 512;
+constexpr uint32_t kFp8RopeOff = 528;
+constexpr uint32_t kFp8Group = 128;               // columns per scale
+constexpr uint32_t kRawBytes = kPage * kFp8Row;   // 41,984: one page, one TMA box
+
+constexpr uint32_t kMathWarps = 4;
+constexpr uint32_t kMathThreads = 32 * kMathWarps;   // one warpgroup
+constexpr uint32_t kThreads = kMathThreads + 32;     // + the producer warp
+constexpr uint32_t kBarMath = 1;                     // named barrier of the math warpgroup
+constexpr uint32_t kMbarBytes = 8;
+constexpr float kLn2 = 0.693147180559945309f;
+
+__device__ __forceinline__ constexpr uint64_t desc_advance(uint32_t bytes) { return bytes >> 4; }
+
+template <uint32_t N, bool kFp8>
+struct Layout {
+  static_assert(N == 16 || N == 32, "query rows per CTA");
+  static constexpr uint32_t kQChunkBytes = N * pk::kSwizzleRowBytes;   // N rows x 64 columns
+  static constexpr uint32_t kQBytes = kChunks * kQChunkBytes;
+  static constexpr uint32_t kStages = kFp8 && N == 16 ? 3 : 2;         // TMA ring: raw pages or K blocks
+  static constexpr uint32_t kStageBytes = kFp8 ? kRawBytes : kKBlockBytes;
+  static constexpr uint32_t kKBlocks = kFp8 ? 1 : kStages;
+  static constexpr uint32_t kQOff = 0;
+  static constexpr uint32_t kKOff = kQOff + kQBytes;
+  static constexpr uint32_t kRawOff = kKOff + kKBlocks * kKBlockBytes;
+  static constexpr uint32_t kPOff = kRawOff + (kFp8 ? kStages * kRawBytes : 0);
+  static constexpr uint32_t kRedOff = kPOff + N * pk::kSwizzleRowBytes;   // f32 [2][4][N]
+  static constexpr uint32_t kSumOff = kRedOff + 2 * kMathWarps * N * 4;   // f32 [4][N]
+  static constexpr uint32_t kBarOff = kSumOff + kMathWarps * N * 4;
+  static constexpr uint32_t kNumBars = 2 * kStages + 2;
+  static constexpr uint32_t kBytes = 1024 + kBarOff + kMbarBytes * kNumBars;   // pykernels/cuda/mla.py
+  static_assert(kKOff % 1024 == 0 && kRawOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms / TMA");
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
+};
+static_assert(Layout<16, false>::kBytes == 169776 && Layout<32, false>::kBytes == 191024 &&
+              Layout<16, true>::kBytes == 222016 && Layout<32, true>::kBytes == 201264, "pykernels/cuda/mla.py");
+
+struct Params {
+  pk::MlaSchedule sched;
+  uint16_t* out;        // bf16 bits
+  float* lse;
+  float* oacc;          // [splits, rows, 512]
+  float* lacc;          // [splits, rows]
+  uint32_t s_q, h_q, rows;
+  uint64_t out_sb;
+  uint32_t out_ss, out_sh;
+  uint64_t lse_sb;
+  uint32_t lse_sh, lse_ss;
+  uint32_t causal;
+  float scale_log2;
+};
+
+// ----------------------------------------------------------------------------- producer
+// One elected lane: per piece with blocks, the Q tile (9 boxes of N rows x 64 columns; rows past
+// `rows` zero-filled) once the previous piece's S^T released it, then each block through the
+// ring: bf16: 9 boxes of 64 keys x 64 columns; FP8: the raw page in one box.
+template <uint32_t N, bool kFp8>
+__device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
+                                        uint32_t base, const int* row, uint32_t num_pieces, uint32_t full_bar,
+                                        uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
+  using L = Layout<N, kFp8>;
+  const bool leader = pk::elect_one();
+  uint32_t s = 0, phase = 0, q_phase = 0;
+  for (uint32_t k = 0; k < num_pieces; ++k) {
+    const pk::MlaPiece pc = pk::mla_piece(p.sched, row, k);
+    if (pc.hi <= pc.lo) continue;
+    pk::mbar_wait(q_empty, q_phase ^ 1);
+    if (leader) {
+      pk::mbar_arrive_expect_tx(q_full, L::kQBytes);
+#pragma unroll
+      for (uint32_t c = 0; c < kChunks; ++c)
+        pk::tma_load_3d(base + L::kQOff + c * L::kQChunkBytes, tmap_q, q_full, (int32_t)(kBoxCols * c), 0,
+                        (int32_t)pc.b);
+    }
+    __syncwarp();
+    q_phase ^= 1;
+    const int* const table = p.sched.block_table + (uint64_t)pc.b * p.sched.bt_stride;
+    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+      const int32_t first_row = __ldg(table + blk) * (int32_t)kPage;   // read before the wait
+      const uint32_t full = full_bar + kMbarBytes * s;
+      pk::mbar_wait(empty_bar + kMbarBytes * s, phase ^ 1);
+      if (leader) {
+        pk::mbar_arrive_expect_tx(full, L::kStageBytes);
+        if constexpr (kFp8) {
+          pk::tma_load_3d(base + L::kRawOff + s * kRawBytes, tmap_kv, full, 0, 0, first_row);
+        } else {
+#pragma unroll
+          for (uint32_t c = 0; c < kChunks; ++c)
+            pk::tma_load_2d(base + L::kKOff + s * kKBlockBytes + c * kKChunkBytes, tmap_kv, full,
+                            (int32_t)(kBoxCols * c), first_row);
+        }
+      }
+      __syncwarp();
+      if (++s == L::kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- FP8 page
+// The raw page -> the bf16 K block (the TMA box layout: 9 chunks of 64 keys x 128 bytes,
+// 128-byte swizzle). Thread tid converts latent unit tid % 64 (8 columns: chunk (tid % 64) / 8,
+// unit tid % 8, one scale group) of keys tid / 64 + 2j, and RoPE units tid + 128j. Keys >= valid
+// (stale or NaN in the cache) become zeros.
+__device__ __forceinline__ void convert_page(const uint8_t* raw, uint8_t* kblk, uint32_t valid, uint32_t tid) {
+  constexpr uint32_t kUnitsPerRow = kDimV / 8;                       // 64 latent units of 8 values
+  constexpr uint32_t kKeysPerPass = kMathThreads / kUnitsPerRow;     // 2
+  const uint32_t unit = tid % kUnitsPerRow, key0 = tid / kUnitsPerRow;
+  const uint32_t chunk = unit / pk::kSwizzleRows, u = unit % pk::kSwizzleRows, group = 8 * unit / kFp8Group;
+  const uint8_t* src = raw + key0 * kFp8Row + 8 * unit;
+  const float* sf = reinterpret_cast<const float*>(raw + key0 * kFp8Row + kFp8SfOff) + group;
+  uint8_t* dst = kblk + chunk * kKChunkBytes;
+#pragma unroll 8
+  for (uint32_t j = 0; j < kPage / kKeysPerPass; ++j) {
+    const uint32_t key = key0 + kKeysPerPass * j;
+    const uint2 x = *reinterpret_cast<const uint2*>(src + kKeysPerPass * j * kFp8Row);
+    const float scale = sf[kKeysPerPass * j * kFp8Row / 4];
+    const uint4 v = key < valid ? pk::e4m3x8_scaled_to_bf16x8(x, scale) : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(dst + pk::swizzle128_unit(key, u)) = v;
+  }
+  constexpr uint32_t kRopeUnits = kPage * (kDimQK - kDimV) * 2 / pk::kSwizzleUnitBytes;   // 512
+#pragma unroll
+  for (uint32_t j = 0; j < kRopeUnits / kMathThreads; ++j) {
+    const uint32_t v = tid + kMathThreads * j, key = v / pk::kSwizzleRows, un = v % pk::kSwizzleRows;
+    const uint4 x = *reinterpret_cast<const uint4*>(raw + key * kFp8Row + kFp8RopeOff + pk::kSwizzleUnitBytes * un);
+    *reinterpret_cast<uint4*>(kblk + (kChunks - 1) * kKChunkBytes + pk::swizzle128_unit(key, un)) =
+        key < valid ? x : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// bf16 cache, partial last block: rows >= valid of V's 8 chunks zeroed (0 * NaN = NaN in
+// O^T; S masks those keys with a select).
+__device__ __forceinline__ void zero_stale_rows(uint8_t* kblk, uint32_t valid, uint32_t tid) {
+  constexpr uint32_t kUnitsPerChunkRow = pk::kSwizzleRowBytes / pk::kSwizzleUnitBytes;   // 8
+  constexpr uint32_t kUnits = kVTiles * kPage * kUnitsPerChunkRow;
+  for (uint32_t v = tid; v < kUnits; v += kMathThreads) {
+    const uint32_t key = (v / kUnitsPerChunkRow) % kPage;   // whole rows: the swizzle does not matter
+    if (key >= valid) *reinterpret_cast<uint4*>(kblk + pk::kSwizzleUnitBytes * v) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// ----------------------------------------------------------------------------- math
+// Fragment of an m64nN accumulator (S^T or one O^T tile), thread t = 32 warp + lane: element i
+// is M row 16 warp + lane / 4 + 8 h (h = (i >> 1) & 1) and N column col(j) = 8 (j >> 1) +
+// 2 (lane % 4) + (j & 1) with j = 2 (i >> 2) + (i & 1): each thread owns N / 4 query rows
+// (columns) and, per tile, two M rows (keys of S^T; value columns of O^T).
+template <uint32_t N>
+struct Frag {
+  static constexpr uint32_t kRegs = N / 2;
+  static constexpr uint32_t kCols = N / 4;
+  __device__ __forceinline__ static constexpr uint32_t col_of(uint32_t i) { return 2 * (i >> 2) + (i & 1); }
+  __device__ __forceinline__ static constexpr uint32_t half_of(uint32_t i) { return (i >> 1) & 1; }
+  __device__ __forceinline__ static uint32_t col(uint32_t j, uint32_t lane) {
+    return 8 * (j >> 1) + 2 * (lane % 4) + (j & 1);
+  }
+};
+
+// This thread's query rows in one piece: token, head, last visible key (clamped below seqlen).
+template <uint32_t N>
+struct PieceRows {
+  uint32_t tok[Frag<N>::kCols], head[Frag<N>::kCols];
+  int lim[Frag<N>::kCols];
+};
+
+template <uint32_t N>
+__device__ __forceinline__ PieceRows<N> piece_rows(const Params& p, const pk::MlaPiece& pc, uint32_t lane) {
+  PieceRows<N> r;
+#pragma unroll
+  for (uint32_t j = 0; j < Frag<N>::kCols; ++j) {
+    const uint32_t n = Frag<N>::col(j, lane);
+    r.tok[j] = n / p.h_q;
+    r.head[j] = n - r.tok[j] * p.h_q;
+    const int last = p.causal ? pc.seqlen - (int)p.s_q + (int)r.tok[j] : pc.seqlen - 1;
+    r.lim[j] = min(last, pc.seqlen - 1);
+  }
+  return r;
+}
+
+template <uint32_t N, bool kFp8>
+struct NarrowMath {
+  using L = Layout<N, kFp8>;
+  using F = Frag<N>;
+  const Params& p;
+  uint8_t* smem;
+  uint32_t base, full_bar, empty_bar;
+  uint32_t tid, warp, lane;
+  uint32_t s = 0, phase = 0;   // ring position
+  uint32_t parity = 0;         // of the row-maxima buffer (flips every block)
+
+  // S^T = K Q^T over the 9 chunks of the block at kb.
+  __device__ __forceinline__ void issue_s(float (&st)[F::kRegs], uint32_t kb) const {
+    const uint64_t dk = pk::make_desc_k128b(kb), dq = pk::make_desc_k128b(base + L::kQOff);
+#pragma unroll
+    for (uint32_t c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (uint32_t kk = 0; kk < kK16Steps; ++kk)
+        pk::WgmmaBF16<N>::mma(st, dk + desc_advance(c * kKChunkBytes + kk * kK16Bytes),
+                              dq + desc_advance(c * L::kQChunkBytes + kk * kK16Bytes), (c | kk) != 0 ? 1u : 0u);
+  }
+
+  // O^T += V^T P^T: tile t = value columns [64t, +64) (chunk t of the block, MN-major: LBO one
+  // chunk, SBO one 8-key atom), k16 step kk = keys [16kk, +16).
+  __device__ __forceinline__ void issue_pv(float (&acc)[kVTiles][F::kRegs], uint32_t kb) const {
+    const uint64_t dp = pk::make_desc_k128b(base + L::kPOff);
+#pragma unroll
+    for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+      for (uint32_t kk = 0; kk < kK16Steps; ++kk)
+        pk::WgmmaBF16TransA<N>::mma(acc[t],
+                                    pk::make_desc_mn128b(kb + t * kKChunkBytes + kk * kStepBytes, kKChunkBytes,
+                                                         kAtomBytes),
+                                    dp + desc_advance(kk * kK16Bytes), 1u);
+  }
+
+  // Online softmax over the block's keys (blk * 64 + this thread's two key rows) for this
+  // thread's columns; P (bf16) into the P tile; acc rescaled.
+  __device__ __forceinline__ void softmax(float (&st)[F::kRegs], float (&m)[F::kCols], float (&l)[F::kCols],
+                                          float (&acc)[kVTiles][F::kRegs], uint32_t blk, const int (&lim)[F::kCols]) {
+    const uint32_t key_l = 16 * warp + lane / 4;   // + 8 h: this thread's keys in the block
+    const int key0 = (int)(blk * kPage + key_l);
+    float cmax[F::kCols];
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = -INFINITY;
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) {
+      const uint32_t j = F::col_of(i);
+      if (key0 + 8 * (int)F::half_of(i) > lim[j]) st[i] = -INFINITY;
+      cmax[j] = fmaxf(cmax[j], st[i]);
+    }
+#pragma unroll
+    for (uint32_t d = 4; d <= 16; d *= 2)
+#pragma unroll
+      for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(0xffffffffu, cmax[j], d));
+    float* const red = reinterpret_cast<float*>(smem + L::kRedOff) + parity * kMathWarps * N;
+    if (lane < 4) {
+#pragma unroll
+      for (uint32_t j = 0; j < F::kCols; ++j) red[warp * N + F::col(j, lane)] = cmax[j];
+    }
+    pk::named_barrier_sync(kBarMath, kMathThreads);
+    parity ^= 1;
+    float alpha[F::kCols], neg_m[F::kCols];
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j) {
+      const uint32_t n = F::col(j, lane);
+      // the same operands in the same order in every thread: identical bits
+      const float mx = fmaxf(fmaxf(red[n], red[N + n]), fmaxf(red[2 * N + n], red[3 * N + n]));
+      const float m_new = fmaxf(m[j], mx * p.scale_log2);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;   // no key seen yet: finite exponents
+      alpha[j] = pk::ex2_approx(m[j] - m_use);                   // 0 while m was -inf
+      m[j] = m_new;
+      l[j] *= alpha[j];
+      neg_m[j] = -m_use;
+    }
+    const uint32_t ptile = base + L::kPOff;
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) {
+      const uint32_t j = F::col_of(i);
+      st[i] = pk::ex2_approx(fmaf(st[i], p.scale_log2, neg_m[j]));
+      l[j] += st[i];
+      const uint32_t bits = pk::pack_bf16x2(st[i], 0.0f) & 0xFFFFu;
+      const uint32_t addr = ptile + pk::swizzle128_byte(F::col(j, lane), 2 * (key_l + 8 * F::half_of(i)));
+      asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"((uint16_t)bits) : "memory");
+    }
+#pragma unroll
+    for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+      for (uint32_t i = 0; i < F::kRegs; ++i) acc[t][i] *= alpha[F::col_of(i)];
+  }
+
+  // One piece's blocks [lo, hi) (hi > lo) into acc, m, l (l: this thread's keys only).
+  __device__ __forceinline__ void run_piece(const pk::MlaPiece& pc, const PieceRows<N>& rows,
+                                            float (&acc)[kVTiles][F::kRegs], float (&m)[F::kCols],
+                                            float (&l)[F::kCols]) {
+    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+      const uint32_t stage = s, ph = phase;
+      if (++s == L::kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+      const uint32_t valid = pc.valid_rows(blk);
+      pk::mbar_wait(full_bar + kMbarBytes * stage, ph);
+      uint32_t kb;
+      if constexpr (kFp8) {
+        kb = base + L::kKOff;
+        convert_page(smem + L::kRawOff + stage * kRawBytes, smem + L::kKOff, valid, tid);
+        __syncwarp();
+        if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * stage);   // the raw page is read
+        pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma reads
+        pk::named_barrier_sync(kBarMath, kMathThreads);
+      } else {
+        kb = base + L::kKOff + stage * kKBlockBytes;
+        if (valid < kPage) {
+          zero_stale_rows(smem + L::kKOff + stage * kKBlockBytes, valid, tid);
+          pk::fence_proxy_async_shared();
+          pk::named_barrier_sync(kBarMath, kMathThreads);
+        }
+      }
+      float st[F::kRegs];
+#pragma unroll
+      for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
+      pk::wgmma_fence();
+      issue_s(st, kb);
+      pk::wgmma_commit();
+      pk::wgmma_wait<0>();
+#pragma unroll
+      for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
+      softmax(st, m, l, acc, blk, rows.lim);
+      pk::fence_proxy_async_shared();   // st.shared (P) -> wgmma reads
+      pk::named_barrier_sync(kBarMath, kMathThreads);
+#pragma unroll
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
+      pk::wgmma_fence();
+      issue_pv(acc, kb);
+      pk::wgmma_commit();
+      pk::wgmma_wait<0>();
+#pragma unroll
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
+      if (!kFp8 && lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * stage);   // the K stage is read
+    }
+  }
+};
+
+// Row sums over the warpgroup: this thread's keys -> the 8 lanes of its columns -> the 4 warps
+// (shared memory, summed in a fixed order: identical in every thread).
+template <uint32_t N>
+__device__ __forceinline__ void sum_rows(float (&l)[Frag<N>::kCols], float* lsum, uint32_t warp, uint32_t lane) {
+#pragma unroll
+  for (uint32_t d = 4; d <= 16; d *= 2)
+#pragma unroll
+    for (uint32_t j = 0; j < Frag<N>::kCols; ++j) l[j] += __shfl_xor_sync(0xffffffffu, l[j], d);
+  if (lane < 4) {
+#pragma unroll
+    for (uint32_t j = 0; j < Frag<N>::kCols; ++j) lsum[warp * N + Frag<N>::col(j, lane)] = l[j];
+  }
+  pk::named_barrier_sync(kBarMath, kMathThreads);
+#pragma unroll
+  for (uint32_t j = 0; j < Frag<N>::kCols; ++j) {
+    const uint32_t n = Frag<N>::col(j, lane);
+    l[j] = (lsum[n] + lsum[N + n]) + (lsum[2 * N + n] + lsum[3 * N + n]);
+  }
+}
+
+// Epilogue of a piece (decode.cu's convention): a sequence with one split writes out = acc / l
+// (bf16) and lse = (m + log2 l) ln 2 (+inf, out 0 when no key is visible); a piece of a split
+// sequence writes acc / l (f32) and m + log2 l (base 2, -inf when nothing was visible) to
+// scratch row `split id`, merged by pk_mla_combine. This thread: its columns (query rows) x
+// the value columns 64t + 16 warp + lane / 4 + 8h of its O^T fragment.
+template <uint32_t N>
+__device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece& pc, const PieceRows<N>& rows,
+                                            const float (&acc)[kVTiles][Frag<N>::kRegs],
+                                            const float (&m)[Frag<N>::kCols], const float (&l)[Frag<N>::kCols],
+                                            uint32_t warp, uint32_t lane) {
+  using F = Frag<N>;
+  const int nsplit = __ldg(p.sched.nsplits + pc.b + 1) - __ldg(p.sched.nsplits + pc.b);
+  const uint32_t dim0 = 16 * warp + lane / 4;
+#pragma unroll
+  for (uint32_t j = 0; j < F::kCols; ++j) {
+    const uint32_t n = F::col(j, lane);
+    if (n >= p.rows) continue;
+    const bool seen = l[j] > 0.0f;
+    const float inv = seen ? __frcp_rn(l[j]) : 0.0f;
+    const float lse2 = seen ? m[j] + pk::lg2_approx(l[j]) : -INFINITY;
+    const bool lse_writer = warp == 0 && lane < 4;
+    if (nsplit == 1) {
+      uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)rows.tok[j] * p.out_ss + (uint64_t)rows.head[j] * p.out_sh;
+#pragma unroll
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          const uint32_t i = 4 * (j >> 1) + 2 * h + (j & 1);
+          dst[64 * t + dim0 + 8 * h] = (uint16_t)(pk::pack_bf16x2(acc[t][i] * inv, 0.0f) & 0xFFFFu);
+        }
+      if (lse_writer)
+        p.lse[pc.b * p.lse_sb + (uint64_t)rows.head[j] * p.lse_sh + (uint64_t)rows.tok[j] * p.lse_ss] =
+            seen ? lse2 * kLn2 : INFINITY;
+    } else {
+      const uint64_t split_row = (uint64_t)pc.split * p.rows + n;
+      float* dst = p.oacc + split_row * kDimV;
+#pragma unroll
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          const uint32_t i = 4 * (j >> 1) + 2 * h + (j & 1);
+          dst[64 * t + dim0 + 8 * h] = acc[t][i] * inv;
+        }
+      if (lse_writer) p.lacc[split_row] = lse2;
+    }
+  }
+}
+
+template <uint32_t N, bool kFp8>
+__device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
+                                              const Params& p) {
+  if (!pk::mla_partition_ok(p.sched)) return;   // the same verdict in every warp: the CTA does nothing
+  using L = Layout<N, kFp8>;
+  using F = Frag<N>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_addr = pk::smem_addr(smem_raw);
+  const uint32_t base = (raw_addr + 1023u) & ~1023u;
+  uint8_t* const smem = smem_raw + (base - raw_addr);
+  const uint32_t full_bar = base + L::kBarOff;                    // + 8 s
+  const uint32_t empty_bar = full_bar + kMbarBytes * L::kStages;  // + 8 s
+  const uint32_t q_full = empty_bar + kMbarBytes * L::kStages;
+  const uint32_t q_empty = q_full + kMbarBytes;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (uint32_t s = 0; s < L::kStages; ++s) {
+      pk::mbar_init(full_bar + kMbarBytes * s, 1);            // the producer's arrive.expect_tx
+      pk::mbar_init(empty_bar + kMbarBytes * s, kMathWarps);  // lane 0 of each math warp
+    }
+    pk::mbar_init(q_full, 1);
+    pk::mbar_init(q_empty, kMathWarps);
+    pk::fence_mbarrier_init();
+    pk::fence_proxy_async_shared();
+  }
+  __syncthreads();
+
+  const int* const row = p.sched.meta + pk::kMlaMetaCols * blockIdx.x;
+  const uint32_t num_pieces = (uint32_t)__ldg(row + pk::kMetaNumPieces);
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp == kMathWarps) {
+    produce<N, kFp8>(p, tmap_q, tmap_kv, base, row, num_pieces, full_bar, empty_bar, q_full, q_empty);
+    return;
+  }
+  NarrowMath<N, kFp8> math{p, smem, base, full_bar, empty_bar, threadIdx.x, warp, lane};
+  float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
+  uint32_t q_phase = 0;
+  for (uint32_t k = 0; k < num_pieces; ++k) {
+    const pk::MlaPiece pc = pk::mla_piece(p.sched, row, k);
+    const PieceRows<N> rows = piece_rows<N>(p, pc, lane);
+    float m[F::kCols], l[F::kCols];
+    float acc[kVTiles][F::kRegs];
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j) {
+      m[j] = -INFINITY;
+      l[j] = 0.0f;
+    }
+#pragma unroll
+    for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+      for (uint32_t i = 0; i < F::kRegs; ++i) acc[t][i] = 0.0f;
+    if (pc.hi > pc.lo) {
+      pk::mbar_wait(q_full, q_phase);
+      q_phase ^= 1;
+      math.run_piece(pc, rows, acc, m, l);
+      if (lane == 0) pk::mbar_arrive(q_empty);   // this piece's S^T are done
+      sum_rows<N>(l, lsum, warp, lane);
+    }
+    write_piece<N>(p, pc, rows, acc, m, l, warp, lane);
+  }
+}
+
+}  // namespace
+
+// One entry per cache layout and row count N (16 or 32), decode.cu's parameters
+// (pykernels/cuda/mla.py packs them); tmap_q's box is N rows.
+#define PK_MLA_NARROW_ENTRY(NAME, N, FP8)                                                                     \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
+      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
+      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
+      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
+      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
+      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks) {   \
+    const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
+                   out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
+                   causal, scale_log2};                                                                        \
+    narrow_decode<N, FP8>(&tmap_q, &tmap_kv, p);                                                               \
+  }
+
+PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_bf16_n16, 16, false)
+PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_bf16_n32, 32, false)
+PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n16, 16, true)
+PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n32, 32, true)

@@ -107,7 +107,7 @@ def test_every_config(cfg, seed):
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL and not out.isnan().any()
     assert stats.global_written == m * n * 2                 # every element once, nothing more
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-    assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
+    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64)      # per 64-row wave
 
 
 WIDE = [c for c in G.CONFIGS if 128 % c.block_n]
@@ -329,7 +329,7 @@ def test_multicast_normal(cfg, m, sms, seed):
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
     assert stats.global_written == m * n * 2                         # partner-less CTAs store nothing
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)             # ... and issue no wgmma
-    assert stats.wgmma == tiles * (k // 128) * 4 * cfg.math_warpgroups
+    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64)      # per 64-row wave
 
 
 def test_multicast_two_stages_wrap_the_ring(seed):
@@ -583,6 +583,60 @@ def test_double_accumulators_promote_like_one(cfg, k, schedule, seed):
     out = run(cfg, schedule)
     assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
     assert torch.equal(out, run(single, "lockstep"))
+
+
+# ------------------------------------------------------------------------ two waves (BLOCK_M 256)
+
+TWO_WAVES = [c for c in G.CONFIGS if c.block_m // 64 > c.math_warpgroups]
+
+
+def _two_wave_case(layout, cfg):
+    """(run(cfg, schedule) -> out, reference, owned-row mask) of a small `layout` problem
+    with several 256-row m-blocks per CTA (2 CTAs, a ring of 2 stages): normal with a
+    partial m-block; contiguous with segments of 64-row padding, so a 256-row tile holds
+    three groups (a pass per group, waves owned partly or not at all); masked with a full
+    group, an empty one and a tail that leaves the second wave and warpgroup without rows."""
+    n, k = 128, 256
+    if layout == "normal":
+        m = 300
+        n = 256                                              # two n-blocks: 4 tiles, 2 per CTA
+        a, sfa, b, sfb = _problem(m, n, k)
+        ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+        grouping, kind, groups, own = None, G.KIND_NORMAL, 1, torch.ones(m, dtype=torch.bool)
+        a2, b2, shape = a, b, (m, n)
+    elif layout == "contiguous":
+        a, sfa, b, sfb, grouping = _contiguous_problem([40, 0, 90, 200], n, k, pad_to=64)
+        m, groups = grouping.numel(), 4
+        ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, grouping, nan_bf16(m, n))
+        kind, own, a2, b2, shape = G.KIND_CONTIGUOUS, grouping >= 0, a, b.reshape(-1, k), (m, n)
+    else:
+        groups, m = 3, 300
+        a, sfa, b, sfb = _masked_problem(groups, m, n, k)
+        grouping = torch.tensor([300, 0, 70], dtype=torch.int32)
+        ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, grouping, nan_bf16(groups, m, n))
+        kind, own = G.KIND_MASKED, torch.arange(m)[None, :] < grouping[:, None]
+        a2, b2, shape = a.reshape(-1, k), b.reshape(-1, k), (groups, m, n)
+
+    def run(c, schedule):
+        out = nan_bf16(*shape)
+        run_emu(G.gemm_plan(a2, sfa, b2, sfb, out, grouping, kind=kind, m=m, n=n, k=k, groups=groups, cfg=c,
+                            stages=2, sms=2), schedule=schedule)
+        return out
+    return run, ref, own
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("layout", ["normal", "contiguous", "masked"])
+@pytest.mark.parametrize("cfg", TWO_WAVES, ids=[_cfg_id(c) for c in TWO_WAVES])
+def test_two_waves_match_the_128_row_tile(cfg, layout, schedule, seed):
+    # BLOCK_M 256: each math warpgroup computes its 128 rows as two 64-row waves through one
+    # accumulator set (fp8_gemm.cu kWaves). Every element is promoted in the same order as
+    # by the 128-row tile (the same K blocks, the same scales): bit for bit its result, under
+    # every schedule with the memory-ordering checker on; rows not owned stay NaN.
+    run, ref, own = _two_wave_case(layout, cfg)
+    out = run(cfg, schedule)
+    _check_owned(out, ref, own)
+    assert torch.equal(out.nan_to_num(), run(G.Config(128, cfg.block_n), "lockstep").nan_to_num())
 
 
 # ------------------------------------------------------------------------ split-K

@@ -37,6 +37,9 @@
 //    memory), four wgmma m64nBNk32 (e4m3 x e4m3 -> f32) into `acc`, wait, release the
 //    stage, then promote on CUDA cores:
 //    fin += (sfa[row] * sfb[n-block]) * acc  (two-level accumulation).
+//    BM 256 (kWaves = 2): two math warpgroups of 128 rows, each as two 64-row waves per K
+//    block through the one `acc` (wgmma, wait, promote into the wave's own fin), the
+//    stage released after the second wave's wait; the epilogue stores wave by wave.
 //    After the last K block: fin -> bf16 into the warpgroup's staging tile (32-byte
 //    swizzled 64 x 16 column boxes), then one thread TMA-stores the boxes when the
 //    warpgroup owns all its 64 rows (always in the normal layout: the TMA clips rows >= M
@@ -251,7 +254,11 @@ struct Passes {
 
 template <int BM, int BN, bool kRowB = false, bool kBf16 = false>
 struct Layout {
-  static constexpr uint32_t kMathWG = BM / 64;
+  // Math warpgroups: one per 64 rows up to BM 128; BM 256 has two, each computing its 128
+  // rows as kWaves = 2 waves of 64 (one accumulator set reused by the waves, one promoted
+  // result per wave): four math warpgroups would leave each warp under 120 registers.
+  static constexpr uint32_t kMathWG = BM <= 128 ? BM / 64 : 2;
+  static constexpr uint32_t kWaves = BM / 64 / kMathWG;  // 64-row waves per math warpgroup
   static constexpr uint32_t kThreads = 128 * (kMathWG + 1);
   static constexpr uint32_t kABytes = BM * kBlockK;  // one stage of A (128-byte rows: 128 e4m3 or 64 bf16)
   static constexpr uint32_t kBBytes = BN * kBlockK;  // one stage of B
@@ -332,7 +339,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   constexpr uint32_t kBSliceRows = BN / kCluster;
   static_assert(BN % kCluster == 0 && kBSliceRows % 8 == 0, "B slices: whole swizzle atoms");
   constexpr uint32_t kBSliceBytes = kBSliceRows * kBlockK;
-  static_assert(BM == 64 || BM == 128, "BM: one or two math warpgroups of 64 rows");
+  static_assert(BM == 64 || BM == 128 || BM == 256, "BM: one or two math warpgroups of 64 rows, or two of 2 x 64");
+  constexpr uint32_t kWaves = L::kWaves;  // 64-row waves per math warpgroup (BM 256: 2)
+  static_assert(kWaves == 1 || (!kBf16 && kCluster == 1), "two waves: the FP8 entries of cluster 1");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "BN: multiple of 16 up to 256");
   // A tile of BN columns starting at any multiple of BN meets at most two 128-column
   // scale blocks of B.
@@ -343,6 +352,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   // runs while kb is promoted (with two warpgroups the other one's wgmma fills that gap).
   // Up to BN 64: three BN/2-register sets (acc, acc2, fin) of 64 x 128 spill the 232 registers.
   constexpr bool kDoubleAcc = !kBf16 && L::kMathWG == 1 && BN <= 64;
+  static_assert(kWaves == 1 || kAcc * (kWaves + 1) <= 192, "two waves: acc + one result per wave in the registers");
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
@@ -466,7 +476,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 
   float acc[kAcc];
   float acc2[kDoubleAcc ? kAcc : 1];  // the second accumulator set (odd K blocks)
-  float fin[kAcc];
+  float fin[kWaves][kAcc];  // the promoted result of each 64-row wave
 #pragma unroll
   for (uint32_t i = 0; i < kAcc; ++i) acc[i] = 0.0f;
 
@@ -494,14 +504,17 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         }
       }
       const uint32_t gb = (uint32_t)pass.group;            // group of B / sfb / out rows
-      const uint32_t m_base = m_blk * BM + 64 * wg;        // first row of this warpgroup
+      const uint32_t wg_row = 64 * kWaves * wg;           // first row of this warpgroup in the tile
       const uint32_t n_base = n_blk * BN;
       const uint32_t nb0 = n_base / 128;
       const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb + sched.kb_first;
       const float* sfb1 = sfb0 + (nb0 + 1 < nb_total ? p.num_kb : 0u);
       const uint32_t num_kb = sched.kb_count;  // this unit's K blocks (split-K: a range of K)
 #pragma unroll
-      for (uint32_t i = 0; i < kAcc; ++i) fin[i] = 0.0f;
+      for (uint32_t w = 0; w < kWaves; ++w) {
+#pragma unroll
+        for (uint32_t i = 0; i < kAcc; ++i) fin[w][i] = 0.0f;
+      }
 
       // The K loop, compiled once per count of the tile's leading 8-column groups that lie
       // in sfb block nb0 (kFirst; the rest lie in nb0 + 1), so that the promotion takes
@@ -509,7 +522,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       auto k_loop = [&](auto first_groups) {
         [[maybe_unused]] constexpr uint32_t kFirst = decltype(first_groups)::value;
         struct Scales {  // one K block's scales of this thread's rows and columns
-          float sa0, sa1;                   // A: rows frag_row, frag_row + 8
+          float sa0, sa1;                   // A: rows frag_row, frag_row + 8 (of the current wave)
           float sb0, sb1;                   // B: sfb blocks nb0, nb0 + 1 (128x128 scales)
           float sbc[kRowB ? kAcc / 2 : 1];  // kRowB: columns 8 j + 2 (lane % 4) + {0, 1}
         };
@@ -521,17 +534,19 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
         };
         [[maybe_unused]] uint32_t chain = 0;  // kBf16: the first step of a K block adds to the accumulator (1) or not (0)
-        // Waits for stage s, reads its scales, issues its four wgmma into a (one commit group).
-        auto issue = [&](float(&a)[kAcc], Scales& sc) {
+        // A scales of this thread's two rows in wave w, landed with stage s (rows past the
+        // tensor's end read the TMA's zero fill; they are computed but never stored). Read
+        // before the stage is released; the ld.shared latency hides behind the wgmma.
+        auto read_sfa = [&](Scales& sc, uint32_t w) {
+          const float* sfa_s =
+              reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + wg_row + 64 * w + frag_row;
+          sc.sa0 = sfa_s[0];
+          sc.sa1 = sfa_s[8];
+        };
+        // Waits for stage s and reads its scales (two waves: the A scales per wave, later).
+        auto arrive = [&](Scales& sc) {
           pk::mbar_wait(bars + 8 * s, phase);
-          // A scales of this thread's two rows, landed with the stage (rows past the tensor's
-          // end read the TMA's zero fill; they are computed but never stored). Read before
-          // the stage is released; the ld.shared latency hides behind the wgmma.
-          if constexpr (!kBf16) {
-            const float* sfa_s = reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + 64 * wg + frag_row;
-            sc.sa0 = sfa_s[0];
-            sc.sa1 = sfa_s[8];
-          }
+          if constexpr (!kBf16 && kWaves == 1) read_sfa(sc, 0);
           if constexpr (kRowB) {  // this thread's columns' B scales, also read before the release
             const float2* sfb_s = reinterpret_cast<const float2*>(smem + sfb_off + s * L::kSfbBytes) + lane % 4;
 #pragma unroll
@@ -541,10 +556,13 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
               sc.sbc[2 * j + 1] = v.y;
             }
           }
+        };
+        // Issues the four wgmma of stage s's wave w (rows wg_row + 64 w) into a (one commit group).
+        auto mma = [&](float(&a)[kAcc], uint32_t w) {
 #pragma unroll
           for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(a[i]);
           pk::wgmma_fence();
-          const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + wg * 64 * kBlockK);
+          const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + (wg_row + 64 * w) * kBlockK);
           const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes);
 #pragma unroll
           for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
@@ -556,10 +574,18 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             }
           }
           pk::wgmma_commit();
+        };
+        auto next_stage = [&]() {
           if (++s == p.stages) {
             s = 0;
             phase ^= 1;
           }
+        };
+        // Waits for stage s, reads its scales, issues its four wgmma into a (one commit group).
+        auto issue = [&](float(&a)[kAcc], Scales& sc) {
+          arrive(sc);
+          mma(a, 0);
+          next_stage();
         };
         // Stage `stage` consumed by this warp (a wait_group retired its wgmma reads).
         // Multicast: lane r releases it in CTA r of the cluster.
@@ -570,16 +596,18 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             pk::mbar_arrive(empty_bars + 8 * stage);
           }
         };
-        auto promote = [&](float(&a)[kAcc], const Scales& sc) {
+        // fin[w] += the scaled accumulator a of wave w.
+        auto promote = [&](float(&a)[kAcc], const Scales& sc, uint32_t w = 0) {
 #pragma unroll
           for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(a[i]);  // after the wait_group
+          float(&f)[kAcc] = fin[w];
           if constexpr (kRowB) {  // fin += (sfa[row] * sfb[column]) * acc
 #pragma unroll
             for (uint32_t j = 0; j < kAcc / 4; ++j) {
-              fin[4 * j + 0] = fmaf(sc.sa0 * sc.sbc[2 * j], a[4 * j + 0], fin[4 * j + 0]);
-              fin[4 * j + 1] = fmaf(sc.sa0 * sc.sbc[2 * j + 1], a[4 * j + 1], fin[4 * j + 1]);
-              fin[4 * j + 2] = fmaf(sc.sa1 * sc.sbc[2 * j], a[4 * j + 2], fin[4 * j + 2]);
-              fin[4 * j + 3] = fmaf(sc.sa1 * sc.sbc[2 * j + 1], a[4 * j + 3], fin[4 * j + 3]);
+              f[4 * j + 0] = fmaf(sc.sa0 * sc.sbc[2 * j], a[4 * j + 0], f[4 * j + 0]);
+              f[4 * j + 1] = fmaf(sc.sa0 * sc.sbc[2 * j + 1], a[4 * j + 1], f[4 * j + 1]);
+              f[4 * j + 2] = fmaf(sc.sa1 * sc.sbc[2 * j], a[4 * j + 2], f[4 * j + 2]);
+              f[4 * j + 3] = fmaf(sc.sa1 * sc.sbc[2 * j + 1], a[4 * j + 3], f[4 * j + 3]);
             }
           } else {  // fin += sfa[row] * sfb[block of column] * acc
             const float c00 = sc.sa0 * sc.sb0, c10 = sc.sa1 * sc.sb0;  // rows (r, r+8) x first block
@@ -588,10 +616,10 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             for (uint32_t j = 0; j < kAcc / 4; ++j) {
               const float r0 = j < kFirst ? c00 : c01;  // j: unrolled, kFirst: compile time
               const float r1 = j < kFirst ? c10 : c11;
-              fin[4 * j + 0] = fmaf(r0, a[4 * j + 0], fin[4 * j + 0]);
-              fin[4 * j + 1] = fmaf(r0, a[4 * j + 1], fin[4 * j + 1]);
-              fin[4 * j + 2] = fmaf(r1, a[4 * j + 2], fin[4 * j + 2]);
-              fin[4 * j + 3] = fmaf(r1, a[4 * j + 3], fin[4 * j + 3]);
+              f[4 * j + 0] = fmaf(r0, a[4 * j + 0], f[4 * j + 0]);
+              f[4 * j + 1] = fmaf(r0, a[4 * j + 1], f[4 * j + 1]);
+              f[4 * j + 2] = fmaf(r1, a[4 * j + 2], f[4 * j + 2]);
+              f[4 * j + 3] = fmaf(r1, a[4 * j + 3], f[4 * j + 3]);
             }
           }
         };
@@ -620,7 +648,27 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
           for (uint32_t i = 0; i < kAcc; ++i) {
             pk::fence_operand(acc[i]);  // after the wait_group
-            fin[i] = acc[i];
+            fin[0][i] = acc[i];
+          }
+        } else if constexpr (kWaves > 1) {
+          // Two 64-row waves per warpgroup (BM 256) through one accumulator set: per K block
+          // wave 0's wgmma, wait, promote into fin[0], then wave 1's into fin[1]; the stage is
+          // released once wave 1's wgmma has read it. The other math warpgroup's wgmma keeps
+          // the tensor core busy during each promotion.
+          for (uint32_t kb = 0; kb < num_kb; ++kb) {
+            Scales sc;
+            load_sfb(kb, sc);
+            const uint32_t stage = s;
+            arrive(sc);
+#pragma unroll
+            for (uint32_t w = 0; w < kWaves; ++w) {
+              mma(acc, w);
+              read_sfa(sc, w);
+              pk::wgmma_wait<0>();
+              if (w + 1 == kWaves) release(stage);
+              promote(acc, sc, w);
+            }
+            next_stage();
           }
         } else if constexpr (!kDoubleAcc) {
           // One accumulator set: wgmma of K block kb, wait, promote (the tensor core idles
@@ -686,131 +734,134 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         with_const<kStep, kLast>(first, k_loop);
       }
 
-      if constexpr (kFp8Out) {
-        // e4m3 out: this thread holds columns 8 j + 2 (lane % 4) + {0, 1} of rows frag_row
-        // (h = 0) and frag_row + 8 (h = 1); the 4 lanes of a quad hold a whole 128-column
-        // row, so the row's amax is a quad reduction (max.NaN: a NaN makes the group NaN).
-        const uint32_t col0 = n_base + 2 * (lane % 4);
+      // The result of one 64-row wave (f, its first row m_base) to out.
+      auto epilogue = [&](const float(&f)[kAcc], uint32_t m_base) {
+        if constexpr (kFp8Out) {
+          // e4m3 out: this thread holds columns 8 j + 2 (lane % 4) + {0, 1} of rows frag_row
+          // (h = 0) and frag_row + 8 (h = 1); the 4 lanes of a quad hold a whole 128-column
+          // row, so the row's amax is a quad reduction (max.NaN: a NaN makes the group NaN).
+          const uint32_t col0 = n_base + 2 * (lane % 4);
 #pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) {
-          const uint32_t row = m_base + frag_row + 8 * h;
-          float amax = 0.0f;
-#pragma unroll
-          for (uint32_t j = 0; j < kAcc / 4; ++j) {
-            if (col0 + 8 * j < p.n) {  // N is a multiple of 8: both columns of the pair or neither
-              amax = max_nan(amax, fabsf(fin[4 * j + 2 * h]));
-              amax = max_nan(amax, fabsf(fin[4 * j + 2 * h + 1]));
-            }
-          }
-          amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-          amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-          amax = max_nan(amax, 1e-4f);  // the floor: an all-zero group gets a finite scale
-          const float inv = __fdiv_rn(448.0f, amax);
-          if (row < m_limit) {
-            uint8_t* dst = p.out + (uint64_t)row * p.n + col0;
+          for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t row = m_base + frag_row + 8 * h;
+            float amax = 0.0f;
 #pragma unroll
             for (uint32_t j = 0; j < kAcc / 4; ++j) {
-              if (col0 + 8 * j < p.n)
-                *reinterpret_cast<uint16_t*>(dst + 8 * j) =
-                    e4m3x2_satfinite(fin[4 * j + 2 * h] * inv, fin[4 * j + 2 * h + 1] * inv);
+              if (col0 + 8 * j < p.n) {  // N is a multiple of 8: both columns of the pair or neither
+                amax = max_nan(amax, fabsf(f[4 * j + 2 * h]));
+                amax = max_nan(amax, fabsf(f[4 * j + 2 * h + 1]));
+              }
             }
-            if (lane % 4 == 0) {  // a NaN scale is written as the canonical NaN, whatever div.rn's payload
-              const float sf = __fdiv_rn(amax, 448.0f);
-              sfd[(uint64_t)row * cdiv(p.n, 128) + n_blk] = sf != sf ? __int_as_float(0x7fffffff) : sf;
+            amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax = max_nan(amax, 1e-4f);  // the floor: an all-zero group gets a finite scale
+            const float inv = __fdiv_rn(448.0f, amax);
+            if (row < m_limit) {
+              uint8_t* dst = p.out + (uint64_t)row * p.n + col0;
+#pragma unroll
+              for (uint32_t j = 0; j < kAcc / 4; ++j) {
+                if (col0 + 8 * j < p.n)
+                  *reinterpret_cast<uint16_t*>(dst + 8 * j) =
+                      e4m3x2_satfinite(f[4 * j + 2 * h] * inv, f[4 * j + 2 * h + 1] * inv);
+              }
+              if (lane % 4 == 0) {  // a NaN scale is written as the canonical NaN, whatever div.rn's payload
+                const float sf = __fdiv_rn(amax, 448.0f);
+                sfd[(uint64_t)row * cdiv(p.n, 128) + n_blk] = sf != sf ? __int_as_float(0x7fffffff) : sf;
+              }
             }
           }
+          return;
         }
-        pass.advance(p, m_blk);
-        continue;
-      }
-      if constexpr (kF32Acc || kSplitK) {
-        // float32 out += fin: each thread its own fragment elements (rows frag_row and
-        // frag_row + 8, column pairs 8 j + 2 (lane % 4)), 8-byte read-add-write; no other
-        // thread touches them, so no staging and no barrier. Owned rows as below.
-        // kSplitK: fin is stored (no read) to the workspace's slice of this K range.
-        const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + (kSplitK ? sched.split * p.m : 0u) + m_base;
-        const uint32_t col0 = n_base + 2 * (lane % 4);
+        if constexpr (kF32Acc || kSplitK) {
+          // float32 out += fin: each thread its own fragment elements (rows frag_row and
+          // frag_row + 8, column pairs 8 j + 2 (lane % 4)), 8-byte read-add-write; no other
+          // thread touches them, so no staging and no barrier. Owned rows as below.
+          // kSplitK: fin is stored (no read) to the workspace's slice of this K range.
+          const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + (kSplitK ? sched.split * p.m : 0u) + m_base;
+          const uint32_t col0 = n_base + 2 * (lane % 4);
 #pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) {
-          const uint32_t r = frag_row + 8 * h;
-          bool ok = m_base + r < m_limit;
-          if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + m_base + r) == pass.group;
-          float* dst = reinterpret_cast<float*>(p.out) + (uint64_t)(out_row + r) * p.n + col0;
+          for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t r = frag_row + 8 * h;
+            bool ok = m_base + r < m_limit;
+            if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + m_base + r) == pass.group;
+            float* dst = reinterpret_cast<float*>(p.out) + (uint64_t)(out_row + r) * p.n + col0;
 #pragma unroll
-          for (uint32_t j = 0; j < kAcc / 4; ++j) {
-            if (ok && col0 + 8 * j < p.n) {
-              float2 v = kSplitK ? make_float2(0.0f, 0.0f) : *reinterpret_cast<const float2*>(dst + 8 * j);
-              v.x += fin[4 * j + 2 * h];
-              v.y += fin[4 * j + 2 * h + 1];
-              *reinterpret_cast<float2*>(dst + 8 * j) = v;
+            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+              if (ok && col0 + 8 * j < p.n) {
+                float2 v = kSplitK ? make_float2(0.0f, 0.0f) : *reinterpret_cast<const float2*>(dst + 8 * j);
+                v.x += f[4 * j + 2 * h];
+                v.y += f[4 * j + 2 * h + 1];
+                *reinterpret_cast<float2*>(dst + 8 * j) = v;
+              }
             }
           }
+          return;
         }
-        pass.advance(p, m_blk);
-        continue;
-      }
 
-      // Epilogue. The warpgroup's 64 rows go to its staging tile; when it owns all of
-      // them (rows past the tensor's end count as owned: TMA clips them), one thread
-      // stores the tile with BN/16 TMA stores; otherwise (padding rows, masked tails)
-      // each warp stores the owned rows among its own 16 with checked 16-byte st.global.
-      bool use_tma;
-      if (p.kind == kNormal) {
-        use_tma = true;
-      } else if (p.kind == kMasked) {
-        use_tma = m_base + 64 <= m_limit;
-      } else {  // every warp checks all 64 rows: the same answer in the whole warpgroup
-        bool own = true;
+        // bf16 out. The wave's 64 rows go to the warpgroup's staging tile; when it owns all of
+        // them (rows past the tensor's end count as owned: TMA clips them), one thread
+        // stores the tile with BN/16 TMA stores; otherwise (padding rows, masked tails)
+        // each warp stores the owned rows among its own 16 with checked 16-byte st.global.
+        bool use_tma;
+        if (p.kind == kNormal) {
+          use_tma = true;
+        } else if (p.kind == kMasked) {
+          use_tma = m_base + 64 <= m_limit;
+        } else {  // every warp checks all 64 rows: the same answer in the whole warpgroup
+          bool own = true;
 #pragma unroll
-        for (uint32_t i = 0; i < 2; ++i) {
-          const uint32_t row = m_base + 32 * i + lane;
-          if (row < p.m) own = own && __ldg(p.grouping + row) == pass.group;
-        }
-        use_tma = __all_sync(0xffffffffu, own);
-      }
-      if (tid == 0) pk::tma_store_wait_read<0>();  // earlier TMA stores have read the staging
-      pk::named_barrier_sync(1 + wg, 128);          // ... and every warp is done with it
-#pragma unroll
-      for (uint32_t j = 0; j < kAcc / 4; ++j) {
-        const uint32_t byte = 4 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(staging + L::chunk_offset(frag_row, j) + byte) =
-            pk::pack_bf16x2(fin[4 * j + 0], fin[4 * j + 1]);
-        *reinterpret_cast<uint32_t*>(staging + L::chunk_offset(frag_row + 8, j) + byte) =
-            pk::pack_bf16x2(fin[4 * j + 2], fin[4 * j + 3]);
-      }
-      const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + m_base;  // row in out (flattened)
-      if (use_tma) {
-        pk::fence_proxy_async_shared();               // st.shared -> visible to the TMA (async proxy)
-        pk::named_barrier_sync(1 + wg, 128);
-        if (tid == 0) {
-#pragma unroll
-          for (uint32_t c = 0; c < BN / L::kBoxCols; ++c) {
-            if (n_base + c * L::kBoxCols < p.n)
-              pk::tma_store_2d(tmap_out, staging_addr + c * L::kBoxBytes, (int32_t)(n_base + c * L::kBoxCols),
-                               (int32_t)out_row);
+          for (uint32_t i = 0; i < 2; ++i) {
+            const uint32_t row = m_base + 32 * i + lane;
+            if (row < p.m) own = own && __ldg(p.grouping + row) == pass.group;
           }
-          pk::tma_store_commit();
+          use_tma = __all_sync(0xffffffffu, own);
         }
-      } else {
-        __syncwarp();
-        // Lanes split into rows of kLanesPerRow lanes, one 16-byte chunk each.
-        const uint32_t chunk = lane % L::kLanesPerRow;
-        const uint32_t col = n_base + 8 * chunk;
-        const bool col_ok = chunk < L::kChunks && col < p.n;
-        const uint32_t r_first = 16 * warp + lane / L::kLanesPerRow;  // row in the warpgroup's 64
-        uint8_t* dst = p.out + ((uint64_t)(out_row + r_first) * p.n + col) * 2;
+        if (tid == 0) pk::tma_store_wait_read<0>();  // earlier TMA stores have read the staging
+        pk::named_barrier_sync(1 + wg, 128);          // ... and every warp is done with it
 #pragma unroll
-        for (uint32_t it = 0; it < 16 / L::kRowsPerIter; ++it) {
-          const uint32_t r = r_first + it * L::kRowsPerIter;
-          const uint32_t row = m_base + r;
-          bool ok = col_ok && row < m_limit;
-          if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + row) == pass.group;
-          if (ok) {
-            *reinterpret_cast<uint4*>(dst + (uint64_t)it * L::kRowsPerIter * p.n * 2) =
-                *reinterpret_cast<const uint4*>(staging + L::chunk_offset(r, chunk));
+        for (uint32_t j = 0; j < kAcc / 4; ++j) {
+          const uint32_t byte = 4 * (lane % 4);
+          *reinterpret_cast<uint32_t*>(staging + L::chunk_offset(frag_row, j) + byte) =
+              pk::pack_bf16x2(f[4 * j + 0], f[4 * j + 1]);
+          *reinterpret_cast<uint32_t*>(staging + L::chunk_offset(frag_row + 8, j) + byte) =
+              pk::pack_bf16x2(f[4 * j + 2], f[4 * j + 3]);
+        }
+        const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + m_base;  // row in out (flattened)
+        if (use_tma) {
+          pk::fence_proxy_async_shared();               // st.shared -> visible to the TMA (async proxy)
+          pk::named_barrier_sync(1 + wg, 128);
+          if (tid == 0) {
+#pragma unroll
+            for (uint32_t c = 0; c < BN / L::kBoxCols; ++c) {
+              if (n_base + c * L::kBoxCols < p.n)
+                pk::tma_store_2d(tmap_out, staging_addr + c * L::kBoxBytes, (int32_t)(n_base + c * L::kBoxCols),
+                                 (int32_t)out_row);
+            }
+            pk::tma_store_commit();
+          }
+        } else {
+          __syncwarp();
+          // Lanes split into rows of kLanesPerRow lanes, one 16-byte chunk each.
+          const uint32_t chunk = lane % L::kLanesPerRow;
+          const uint32_t col = n_base + 8 * chunk;
+          const bool col_ok = chunk < L::kChunks && col < p.n;
+          const uint32_t r_first = 16 * warp + lane / L::kLanesPerRow;  // row in the warpgroup's 64
+          uint8_t* dst = p.out + ((uint64_t)(out_row + r_first) * p.n + col) * 2;
+#pragma unroll
+          for (uint32_t it = 0; it < 16 / L::kRowsPerIter; ++it) {
+            const uint32_t r = r_first + it * L::kRowsPerIter;
+            const uint32_t row = m_base + r;
+            bool ok = col_ok && row < m_limit;
+            if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + row) == pass.group;
+            if (ok) {
+              *reinterpret_cast<uint4*>(dst + (uint64_t)it * L::kRowsPerIter * p.n * 2) =
+                  *reinterpret_cast<const uint4*>(staging + L::chunk_offset(r, chunk));
+            }
           }
         }
-      }
+      };
+#pragma unroll
+      for (uint32_t w = 0; w < kWaves; ++w) epilogue(fin[w], m_blk * BM + wg_row + 64 * w);
       pass.advance(p, m_blk);
     }
   }
@@ -877,6 +928,7 @@ constexpr uint32_t kLaunchBound = 384;
 #define PK_BF16_GEMM_ENTRY_F32ACC(BM, BN) \
   PK_BF16_GEMM_ENTRY_NAMED(pk_bf16_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, true)
 
+PK_FP8_GEMM_ENTRY(256, 128)
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
 PK_FP8_GEMM_ENTRY(128, 160)

@@ -84,7 +84,9 @@ class Config:
 
     @property
     def math_warpgroups(self) -> int:
-        return self.block_m // 64
+        """One per 64 rows up to BLOCK_M 128; BLOCK_M 256: two, each computing its 128 rows
+        as two 64-row waves (fp8_gemm.cu Layout::kWaves)."""
+        return min(self.block_m // 64, 2)
 
     @property
     def threads(self) -> int:
@@ -198,7 +200,7 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     tiles = groups * cdiv(m, bm) * n_blocks
     units = groups * cdiv(cdiv(m, bm), c) * n_blocks + (boundaries * n_blocks if c > 1 else 0)
     per_mma = max(64 * bn * 32 / _MACS_PER_CLK, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
-    mma = cfg.math_warpgroups * 4 * per_mma
+    mma = bm // 64 * 4 * per_mma                          # m64 waves x 4 k32 steps
     load = (bm + bn) * SCALE_BLOCK / _L2_BYTES_PER_CLK_SM
     tile = kb * max(mma, load) + bm * bn * 2 / _STORE_BYTES_PER_CLK + _TILE_FIXED_CLK
     waves = cdiv(units, max(1, clusters or sms // c))     # clusters: co-resident (multicast)
@@ -208,14 +210,19 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
 
 
 def _best(configs, m, n, k, groups, sms, boundaries, slots=None):
-    """The config with the smallest modelled time; ties (within 1%) go to the larger tile.
-    slots(cfg): the clusters of a multicast config that run at once (default #SMs / 2)."""
+    """The config with the smallest modelled time; ties (within 1%) go to the larger tile
+    within the problem (min(BLOCK_M, m) x min(BLOCK_N, n): a tile taller than m computes
+    rows nobody needs), then to the smaller tile. slots(cfg): the clusters of a multicast
+    config that run at once (default #SMs / 2)."""
     def t(c):
         return estimate_cycles(c, m, n, k, groups, sms, boundaries, slots(c) if slots and c.cluster > 1 else None)
-    scored = sorted(configs, key=lambda c: (t(c), -c.block_m * c.block_n))
+
+    def size(c):
+        return min(c.block_m, m) * min(c.block_n, n), -c.block_m * c.block_n
+    scored = sorted(configs, key=lambda c: (t(c), [-v for v in size(c)]))
     best = scored[0]
     for c in scored[1:]:
-        if t(c) <= 1.01 * t(best) and c.block_m * c.block_n > best.block_m * best.block_n:
+        if t(c) <= 1.01 * t(best) and size(c) > size(best):
             best = c
     return best, t(best)
 

@@ -161,33 +161,78 @@ __device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tm
 
 // ----------------------------------------------------------------------------- FP8 page
 // The raw page -> the bf16 K block (the TMA box layout: 9 chunks of 64 keys x 128 bytes,
-// 128-byte swizzle). Thread tid converts latent unit tid % 64 (8 columns: chunk (tid % 64) / 8,
-// unit tid % 8, one scale group) of keys tid / 64 + 2j, and RoPE units tid + 128j. Keys >= valid
-// (stale or NaN in the cache) become zeros.
-__device__ __forceinline__ void convert_page(const uint8_t* raw, uint8_t* kblk, uint32_t valid, uint32_t tid) {
-  constexpr uint32_t kUnitsPerRow = kDimV / 8;                       // 64 latent units of 8 values
-  constexpr uint32_t kKeysPerPass = kMathThreads / kUnitsPerRow;     // 2
-  const uint32_t unit = tid % kUnitsPerRow, key0 = tid / kUnitsPerRow;
-  const uint32_t chunk = unit / pk::kSwizzleRows, u = unit % pk::kSwizzleRows, group = 8 * unit / kFp8Group;
-  const uint8_t* src = raw + key0 * kFp8Row + 8 * unit;
-  const float* sf = reinterpret_cast<const float*>(raw + key0 * kFp8Row + kFp8SfOff) + group;
-  uint8_t* dst = kblk + chunk * kKChunkBytes;
-#pragma unroll 8
-  for (uint32_t j = 0; j < kPage / kKeysPerPass; ++j) {
-    const uint32_t key = key0 + kKeysPerPass * j;
-    const uint2 x = *reinterpret_cast<const uint2*>(src + kKeysPerPass * j * kFp8Row);
-    const float scale = sf[kKeysPerPass * j * kFp8Row / 4];
-    const uint4 v = key < valid ? pk::e4m3x8_scaled_to_bf16x8(x, scale) : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(dst + pk::swizzle128_unit(key, u)) = v;
-  }
-  constexpr uint32_t kRopeUnits = kPage * (kDimQK - kDimV) * 2 / pk::kSwizzleUnitBytes;   // 512
+// 128-byte swizzle), in the k16 steps of P V: step kk = keys [16 kk, +16). Thread tid converts
+// latent unit tid % 64 (8 columns: chunk (tid % 64) / 8, unit tid % 8, one scale group) of keys
+// 16 kk + tid / 64 + 2q (q < 8), and RoPE units tid + 128 j. Keys >= valid (stale or NaN in the
+// cache) become zeros. Loads and conversions of a step are separate calls, so a step's loads
+// can be issued before the wait that frees its rows.
+constexpr uint32_t kLatentUnits = kDimV / 8;                        // 64 units of 8 values per key
+constexpr uint32_t kUnitsPerStep = 16 * kLatentUnits / kMathThreads;   // 8 per thread
+struct LatentStep {
+  uint2 x[kUnitsPerStep];
+  float scale[kUnitsPerStep];
+};
+
+__device__ __forceinline__ void load_latent_step(uint32_t raw, uint32_t tid, uint32_t kk, LatentStep& st) {
+  const uint32_t unit = tid % kLatentUnits, key0 = 16 * kk + tid / kLatentUnits;
+  const uint32_t row = raw + key0 * kFp8Row;
+  const uint32_t sf_off = kFp8SfOff + 4 * (8 * unit / kFp8Group);
 #pragma unroll
-  for (uint32_t j = 0; j < kRopeUnits / kMathThreads; ++j) {
-    const uint32_t v = tid + kMathThreads * j, key = v / pk::kSwizzleRows, un = v % pk::kSwizzleRows;
-    const uint4 x = *reinterpret_cast<const uint4*>(raw + key * kFp8Row + kFp8RopeOff + pk::kSwizzleUnitBytes * un);
-    *reinterpret_cast<uint4*>(kblk + (kChunks - 1) * kKChunkBytes + pk::swizzle128_unit(key, un)) =
-        key < valid ? x : make_uint4(0, 0, 0, 0);
+  for (uint32_t q = 0; q < kUnitsPerStep; ++q) {
+    st.x[q] = pk::ld_shared_v2(row + 2 * q * kFp8Row + 8 * unit);
+    st.scale[q] = pk::ld_shared_f32(row + 2 * q * kFp8Row + sf_off);
   }
+}
+
+// Where this thread's converted units go: key row 16 kk + key0 + 2 (q + e), unit u of its chunk.
+// The swizzle XORs the unit with key % 8 = (key0 + 2 (q + e)) % 8 (key0 < 2, so no carry):
+// four destinations, one per (q + e) % 4, computed once; the row is an immediate offset.
+struct LatentDst {
+  uint32_t col[4];
+  __device__ __forceinline__ LatentDst(uint32_t kblk, uint32_t tid) {
+    const uint32_t unit = tid % kLatentUnits, key0 = tid / kLatentUnits;
+    const uint32_t row0 = kblk + unit / pk::kSwizzleRows * kKChunkBytes + key0 * pk::kSwizzleRowBytes;
+#pragma unroll
+    for (uint32_t c = 0; c < 4; ++c)
+      col[c] = row0 + pk::kSwizzleUnitBytes * ((unit % pk::kSwizzleRows) ^ key0 ^ (2 * c));
+  }
+};
+
+// kPartial: keys >= valid are written as zeros (only a partial last block pays for the test).
+template <bool kPartial>
+__device__ __forceinline__ void store_latent_step(const LatentDst& dst, uint32_t tid, uint32_t kk,
+                                                  const LatentStep& st, uint32_t valid) {
+  const uint32_t key0 = 16 * kk + tid / kLatentUnits;
+#pragma unroll
+  for (uint32_t q = 0; q < kUnitsPerStep; q += 2) {
+    uint4 r[2];
+    const uint2 x[2] = {st.x[q], st.x[q + 1]};
+    const float sc[2] = {st.scale[q], st.scale[q + 1]};
+    pk::e4m3x16_scaled_to_bf16x16(x, sc, r);
+#pragma unroll
+    for (uint32_t e = 0; e < 2; ++e) {
+      const uint32_t k2 = 2 * (q + e);   // key - key0
+      uint4 v = r[e];
+      if (kPartial && key0 + k2 >= valid) v = make_uint4(0, 0, 0, 0);
+      pk::st_shared_v4(dst.col[(q + e) % 4] + (16 * kk + k2) * pk::kSwizzleRowBytes, v);
+    }
+  }
+}
+
+// RoPE (chunk 8), copied as it is: read by S^T only, where keys past the sequence's end are
+// masked with a select (a NaN there never reaches P).
+__device__ __forceinline__ void convert_rope(uint32_t raw, uint32_t kblk, uint32_t tid) {
+  constexpr uint32_t kRopeUnits = kPage * (kDimQK - kDimV) * 2 / pk::kSwizzleUnitBytes;   // 512
+  constexpr uint32_t kPerThread = kRopeUnits / kMathThreads;
+  constexpr uint32_t kKeysPerPass = kMathThreads / pk::kSwizzleRows;                       // 16
+  const uint32_t key0 = tid / pk::kSwizzleRows, un = tid % pk::kSwizzleRows;   // key0 + 16 j: same key % 8
+  const uint32_t src = raw + key0 * kFp8Row + kFp8RopeOff + pk::kSwizzleUnitBytes * un;
+  const uint32_t dst = kblk + (kChunks - 1) * kKChunkBytes + pk::swizzle128_unit(key0, un);
+  uint4 x[kPerThread];
+#pragma unroll
+  for (uint32_t j = 0; j < kPerThread; ++j) x[j] = pk::ld_shared_v4(src + kKeysPerPass * j * kFp8Row);
+#pragma unroll
+  for (uint32_t j = 0; j < kPerThread; ++j) pk::st_shared_v4(dst + kKeysPerPass * j * pk::kSwizzleRowBytes, x[j]);
 }
 
 // bf16 cache, partial last block: rows >= valid of V's 8 chunks zeroed (0 * NaN = NaN in
@@ -217,10 +262,10 @@ struct Frag {
   }
 };
 
-// This thread's query rows in one piece: token, head, last visible key (clamped below seqlen).
+// The last visible key of each of this thread's query rows in one piece (clamped below seqlen;
+// row n is token n / h_q).
 template <uint32_t N>
 struct PieceRows {
-  uint32_t tok[Frag<N>::kCols], head[Frag<N>::kCols];
   int lim[Frag<N>::kCols];
 };
 
@@ -229,10 +274,8 @@ __device__ __forceinline__ PieceRows<N> piece_rows(const Params& p, const pk::Ml
   PieceRows<N> r;
 #pragma unroll
   for (uint32_t j = 0; j < Frag<N>::kCols; ++j) {
-    const uint32_t n = Frag<N>::col(j, lane);
-    r.tok[j] = n / p.h_q;
-    r.head[j] = n - r.tok[j] * p.h_q;
-    const int last = p.causal ? pc.seqlen - (int)p.s_q + (int)r.tok[j] : pc.seqlen - 1;
+    const int tok = (int)(Frag<N>::col(j, lane) / p.h_q);
+    const int last = p.causal ? pc.seqlen - (int)p.s_q + tok : pc.seqlen - 1;
     r.lim[j] = min(last, pc.seqlen - 1);
   }
   return r;
@@ -246,7 +289,7 @@ struct NarrowMath {
   uint8_t* smem;
   uint32_t base, full_bar, empty_bar;
   uint32_t tid, warp, lane;
-  uint32_t s = 0, phase = 0;   // ring position
+  uint32_t s = 0, phase = 0;   // ring position of the next block (FP8: the next page to convert)
   uint32_t parity = 0;         // of the row-maxima buffer (flips every block)
 
   // S^T = K Q^T over the 9 chunks of the block at kb.
@@ -262,24 +305,74 @@ struct NarrowMath {
 
   // O^T += V^T P^T: tile t = value columns [64t, +64) (chunk t of the block, MN-major: LBO one
   // chunk, SBO one 8-key atom), k16 step kk = keys [16kk, +16).
+  // One commit group per k16 step (keys [16kk, +16), all 8 tiles): the FP8 path rewrites those
+  // keys' rows for the next page as each group retires.
   __device__ __forceinline__ void issue_pv(float (&acc)[kVTiles][F::kRegs], uint32_t kb) const {
     const uint64_t dp = pk::make_desc_k128b(base + L::kPOff);
+    const uint64_t dv = pk::make_desc_mn128b(kb, kKChunkBytes, kAtomBytes);   // advanced by constants below
 #pragma unroll
-    for (uint32_t t = 0; t < kVTiles; ++t)
+    for (uint32_t kk = 0; kk < kK16Steps; ++kk) {
 #pragma unroll
-      for (uint32_t kk = 0; kk < kK16Steps; ++kk)
-        pk::WgmmaBF16TransA<N>::mma(acc[t],
-                                    pk::make_desc_mn128b(kb + t * kKChunkBytes + kk * kStepBytes, kKChunkBytes,
-                                                         kAtomBytes),
+      for (uint32_t t = 0; t < kVTiles; ++t)
+        pk::WgmmaBF16TransA<N>::mma(acc[t], dv + desc_advance(t * kKChunkBytes + kk * kStepBytes),
                                     dp + desc_advance(kk * kK16Bytes), 1u);
+      pk::wgmma_commit();
+    }
+  }
+
+  // FP8: the next raw page of the ring: wait, convert (all at once, or step by step as the
+  // P V groups retire: `during_pv`), release it, advance the ring.
+  template <bool kDuringPv>
+  __device__ __forceinline__ void convert_next_page(uint32_t valid) {
+    if (valid < kPage)
+      convert_next_page<kDuringPv, true>(valid);
+    else
+      convert_next_page<kDuringPv, false>(valid);
+  }
+
+  template <bool kDuringPv, bool kPartial>
+  __device__ __forceinline__ void convert_next_page(uint32_t valid) {
+    pk::mbar_wait(full_bar + kMbarBytes * s, phase);
+    const uint32_t raw = base + L::kRawOff + s * kRawBytes;
+    const LatentDst dst(base + L::kKOff, tid);
+    convert_rope(raw, base + L::kKOff, tid);   // S^T, its only reader, has retired
+    // step kk's raw rows are loaded before the wait that frees its K block rows
+    LatentStep x;
+    load_latent_step(raw, tid, 0, x);
+    if (kDuringPv) pk::wgmma_wait<kK16Steps - 1>();
+    store_latent_step<kPartial>(dst, tid, 0, x, valid);
+    load_latent_step(raw, tid, 1, x);
+    if (kDuringPv) pk::wgmma_wait<kK16Steps - 2>();
+    store_latent_step<kPartial>(dst, tid, 1, x, valid);
+    load_latent_step(raw, tid, 2, x);
+    if (kDuringPv) pk::wgmma_wait<kK16Steps - 3>();
+    store_latent_step<kPartial>(dst, tid, 2, x, valid);
+    load_latent_step(raw, tid, 3, x);
+    if (kDuringPv) pk::wgmma_wait<0>();
+    store_latent_step<kPartial>(dst, tid, 3, x, valid);
+    __syncwarp();
+    if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
+    if (++s == L::kStages) {
+      s = 0;
+      phase ^= 1;
+    }
+  }
+
+  // P tile address of this thread's element i, less (i >> 2) * 1024: row n = col(j), key
+  // k = key_l + 8h (key_l = 16 warp + lane / 4) at byte 2k of the row, its unit swizzled by
+  // n % 8 = 2 (lane % 4) + (j & 1); so four addresses (h, j & 1), the rest an immediate.
+  __device__ __forceinline__ uint32_t p_addr(uint32_t h, uint32_t odd) const {
+    const uint32_t n = 2 * (lane % 4) + odd, key = 16 * warp + lane / 4 + 8 * h;
+    return base + L::kPOff + pk::swizzle128_byte(n, 2 * key);
   }
 
   // Online softmax over the block's keys (blk * 64 + this thread's two key rows) for this
-  // thread's columns; P (bf16) into the P tile; acc rescaled.
+  // thread's columns; P (bf16) into the P tile; acc rescaled. Written as stages over all
+  // columns (each stage's operations independent), for in-order issue.
   __device__ __forceinline__ void softmax(float (&st)[F::kRegs], float (&m)[F::kCols], float (&l)[F::kCols],
-                                          float (&acc)[kVTiles][F::kRegs], uint32_t blk, const int (&lim)[F::kCols]) {
-    const uint32_t key_l = 16 * warp + lane / 4;   // + 8 h: this thread's keys in the block
-    const int key0 = (int)(blk * kPage + key_l);
+                                          float (&acc)[kVTiles][F::kRegs], uint32_t blk, const int (&lim)[F::kCols],
+                                          const uint32_t (&pa)[4]) {
+    const int key0 = (int)(blk * kPage + 16 * warp + lane / 4);   // + 8 h: this thread's keys
     float cmax[F::kCols];
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = -INFINITY;
@@ -300,28 +393,36 @@ struct NarrowMath {
     }
     pk::named_barrier_sync(kBarMath, kMathThreads);
     parity ^= 1;
-    float alpha[F::kCols], neg_m[F::kCols];
+    float wmax[F::kCols][kMathWarps];   // every load first: one shared-memory latency
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j)
+#pragma unroll
+      for (uint32_t w = 0; w < kMathWarps; ++w) wmax[j][w] = red[w * N + F::col(j, lane)];
+    // the same operands in the same order in every thread: identical bits
+    float m_new[F::kCols], alpha[F::kCols], neg_m[F::kCols];
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j)
+      m_new[j] = fmaxf(m[j], fmaxf(fmaxf(wmax[j][0], wmax[j][1]), fmaxf(wmax[j][2], wmax[j][3])) * p.scale_log2);
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j) neg_m[j] = m_new[j] == -INFINITY ? 0.0f : -m_new[j];   // finite exponents
+#pragma unroll
+    for (uint32_t j = 0; j < F::kCols; ++j) alpha[j] = pk::ex2_approx(m[j] + neg_m[j]);   // 0 while m was -inf
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) st[i] = pk::ex2_approx(fmaf(st[i], p.scale_log2, neg_m[F::col_of(i)]));
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j) {
-      const uint32_t n = F::col(j, lane);
-      // the same operands in the same order in every thread: identical bits
-      const float mx = fmaxf(fmaxf(red[n], red[N + n]), fmaxf(red[2 * N + n], red[3 * N + n]));
-      const float m_new = fmaxf(m[j], mx * p.scale_log2);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;   // no key seen yet: finite exponents
-      alpha[j] = pk::ex2_approx(m[j] - m_use);                   // 0 while m was -inf
-      m[j] = m_new;
+      m[j] = m_new[j];
       l[j] *= alpha[j];
-      neg_m[j] = -m_use;
     }
-    const uint32_t ptile = base + L::kPOff;
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) l[F::col_of(i)] += st[i];
+    uint32_t bits[F::kRegs];
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) bits[i] = pk::pack_bf16x2(st[i], 0.0f);
 #pragma unroll
     for (uint32_t i = 0; i < F::kRegs; ++i) {
-      const uint32_t j = F::col_of(i);
-      st[i] = pk::ex2_approx(fmaf(st[i], p.scale_log2, neg_m[j]));
-      l[j] += st[i];
-      const uint32_t bits = pk::pack_bf16x2(st[i], 0.0f) & 0xFFFFu;
-      const uint32_t addr = ptile + pk::swizzle128_byte(F::col(j, lane), 2 * (key_l + 8 * F::half_of(i)));
-      asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"((uint16_t)bits) : "memory");
+      const uint32_t addr = pa[2 * F::half_of(i) + (i & 1)] + (i >> 2) * pk::kSwizzleRows * pk::kSwizzleRowBytes;
+      asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"((uint16_t)bits[i]) : "memory");
     }
 #pragma unroll
     for (uint32_t t = 0; t < kVTiles; ++t)
@@ -333,23 +434,23 @@ struct NarrowMath {
   __device__ __forceinline__ void run_piece(const pk::MlaPiece& pc, const PieceRows<N>& rows,
                                             float (&acc)[kVTiles][F::kRegs], float (&m)[F::kCols],
                                             float (&l)[F::kCols]) {
+    const uint32_t pa[4] = {p_addr(0, 0), p_addr(0, 1), p_addr(1, 0), p_addr(1, 1)};
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-      const uint32_t stage = s, ph = phase;
-      if (++s == L::kStages) {
-        s = 0;
-        phase ^= 1;
-      }
       const uint32_t valid = pc.valid_rows(blk);
-      pk::mbar_wait(full_bar + kMbarBytes * stage, ph);
-      uint32_t kb;
+      uint32_t kb, stage = 0;
       if constexpr (kFp8) {
+        // a piece's first page here; every later one during the previous block's P V
         kb = base + L::kKOff;
-        convert_page(smem + L::kRawOff + stage * kRawBytes, smem + L::kKOff, valid, tid);
-        __syncwarp();
-        if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * stage);   // the raw page is read
+        if (blk == pc.lo) convert_next_page<false>(valid);
         pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma reads
         pk::named_barrier_sync(kBarMath, kMathThreads);
       } else {
+        stage = s;
+        pk::mbar_wait(full_bar + kMbarBytes * stage, phase);
+        if (++s == L::kStages) {
+          s = 0;
+          phase ^= 1;
+        }
         kb = base + L::kKOff + stage * kKBlockBytes;
         if (valid < kPage) {
           zero_stale_rows(smem + L::kKOff + stage * kKBlockBytes, valid, tid);
@@ -366,7 +467,7 @@ struct NarrowMath {
       pk::wgmma_wait<0>();
 #pragma unroll
       for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
-      softmax(st, m, l, acc, blk, rows.lim);
+      softmax(st, m, l, acc, blk, rows.lim, pa);
       pk::fence_proxy_async_shared();   // st.shared (P) -> wgmma reads
       pk::named_barrier_sync(kBarMath, kMathThreads);
 #pragma unroll
@@ -375,8 +476,10 @@ struct NarrowMath {
         for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
       pk::wgmma_fence();
       issue_pv(acc, kb);
-      pk::wgmma_commit();
-      pk::wgmma_wait<0>();
+      if (kFp8 && blk + 1 < pc.hi)
+        convert_next_page<true>(pc.valid_rows(blk + 1));   // returns with every P V group retired
+      else
+        pk::wgmma_wait<0>();
 #pragma unroll
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
@@ -412,7 +515,7 @@ __device__ __forceinline__ void sum_rows(float (&l)[Frag<N>::kCols], float* lsum
 // scratch row `split id`, merged by pk_mla_combine. This thread: its columns (query rows) x
 // the value columns 64t + 16 warp + lane / 4 + 8h of its O^T fragment.
 template <uint32_t N>
-__device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece& pc, const PieceRows<N>& rows,
+__device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece& pc,
                                             const float (&acc)[kVTiles][Frag<N>::kRegs],
                                             const float (&m)[Frag<N>::kCols], const float (&l)[Frag<N>::kCols],
                                             uint32_t warp, uint32_t lane) {
@@ -423,12 +526,13 @@ __device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece&
   for (uint32_t j = 0; j < F::kCols; ++j) {
     const uint32_t n = F::col(j, lane);
     if (n >= p.rows) continue;
+    const uint32_t tok = n / p.h_q, head = n - tok * p.h_q;
     const bool seen = l[j] > 0.0f;
     const float inv = seen ? __frcp_rn(l[j]) : 0.0f;
     const float lse2 = seen ? m[j] + pk::lg2_approx(l[j]) : -INFINITY;
     const bool lse_writer = warp == 0 && lane < 4;
     if (nsplit == 1) {
-      uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)rows.tok[j] * p.out_ss + (uint64_t)rows.head[j] * p.out_sh;
+      uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)tok * p.out_ss + (uint64_t)head * p.out_sh;
 #pragma unroll
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
@@ -437,7 +541,7 @@ __device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece&
           dst[64 * t + dim0 + 8 * h] = (uint16_t)(pk::pack_bf16x2(acc[t][i] * inv, 0.0f) & 0xFFFFu);
         }
       if (lse_writer)
-        p.lse[pc.b * p.lse_sb + (uint64_t)rows.head[j] * p.lse_sh + (uint64_t)rows.tok[j] * p.lse_ss] =
+        p.lse[pc.b * p.lse_sb + (uint64_t)head * p.lse_sh + (uint64_t)tok * p.lse_ss] =
             seen ? lse2 * kLn2 : INFINITY;
     } else {
       const uint64_t split_row = (uint64_t)pc.split * p.rows + n;
@@ -512,7 +616,7 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
       if (lane == 0) pk::mbar_arrive(q_empty);   // this piece's S^T are done
       sum_rows<N>(l, lsum, warp, lane);
     }
-    write_piece<N>(p, pc, rows, acc, m, l, warp, lane);
+    write_piece<N>(p, pc, acc, m, l, warp, lane);
   }
 }
 

@@ -97,7 +97,7 @@ def narrow_smem_bytes(n: int, fp8: bool) -> int:
     (2 x 4 x n f32) + row sums (4 x n f32) + 2 mbarriers per stage + 2."""
     tile = PAGE * RM.HEAD_DIM_QK * 2
     stages = 3 if fp8 and n == 16 else 2
-    ring = tile + stages * FP8_PAGE_BYTES if fp8 else stages * tile
+    ring = tile + stages * PAGE * FP8_ROW if fp8 else stages * tile
     return 1024 + n * RM.HEAD_DIM_QK * 2 + ring + n * 64 * 2 + 3 * 4 * n * 4 + 8 * (2 * stages + 2)
 
 
@@ -222,19 +222,28 @@ def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc
 
 
 def narrow_decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, *,
-                       s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int) -> LaunchPlan:
-    """Launch plan of the narrow kernel for rows = s_q * h_q <= 32 (q3 [b, rows, 576]): the
-    decode_plan's arguments and tensor maps but Q boxes of N = narrow_tile_rows(rows) rows,
-    grid (num_sm_parts, 1), NARROW_THREADS threads, narrow_smem_bytes(N, fp8)."""
-    rows = q3.shape[1]
+                       s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int, fp8_tail=None) -> LaunchPlan:
+    """Launch plan of the narrow kernel for rows = s_q * h_q <= 32 (q3 [b, rows, 576]):
+    pk_mla_decode_narrow_{bf16|fp8}_n{N}, N = narrow_tile_rows(rows), grid (num_sm_parts, 1),
+    NARROW_THREADS threads, narrow_smem_bytes(N, fp8). decode_plan's first 26 parameters (the
+    FP8 entry too: no fp8_tail, which is accepted and ignored); Q boxes of N rows x 64 columns
+    (128-byte swizzle; rows past `rows` zero-filled), bf16 cache boxes of 64 x 64, the FP8
+    cache one page per box (64 x 41 x 16 bytes)."""
+    b, rows, _ = q3.shape
     n = narrow_tile_rows(rows)
     if not n:
         raise ValueError(f"q: the narrow MLA kernel takes at most {NARROW_MAX_ROWS} query rows per KV head, "
                          f"got {rows}")
-    plan = decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, s_q=s_q,
-                       h_q=h_q, scale=scale, causal=causal, num_blocks=num_blocks)
     fp8 = kv2d.dtype == torch.uint8
-    args = (Arg("tensormap", TensorMapDesc(q3, (1, n, BOX), swizzle=128)),) + tuple(plan.args[1:])
+    tmap_q = TensorMapDesc(q3, (1, n, BOX), swizzle=128)
+    tmap_kv = TensorMapDesc(kv2d, FP8_BOX, swizzle=0) if fp8 else TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
+    args = (Arg("tensormap", tmap_q), Arg("tensormap", tmap_kv),
+            ptr(block_table), ptr(seqlens), ptr(meta), ptr(num_splits), ptr(out), ptr(lse), ptr(oacc), ptr(lacc),
+            u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
+            u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
+            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
+            u32(int(causal)), Arg("f32", float(scale) * LOG2E),
+            ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
     return LaunchPlan(NARROW_MODULE, narrow_function(n, fp8), grid=(meta.shape[0], 1, 1),
                       block=(NARROW_THREADS, 1, 1), args=args, shared_bytes=narrow_smem_bytes(n, fp8))
 

@@ -115,9 +115,9 @@ def _sample(prob: MlaProblem, blocks: int, p: Part, mem: MemoryShare) -> float:
     lse = torch.empty(1, h_q, s_q, dtype=torch.float32)
     oacc, lacc = split_scratch(1, 1, rows, RM.HEAD_DIM_V, q.device)
     record = device_errors.record_for(q.device, CM.OP_NAME)
-    plan = CM.decode_plan(CM.q_view(q), CM.kv_view(cache), table, seqlens, meta, splits, out, lse, oacc, lacc,
+    plan = CM.plan_decode(CM.q_view(q), CM.kv_view(cache), table, seqlens, meta, splits, out, lse, oacc, lacc,
                           record, s_q=s_q, h_q=h_q, scale=RM.default_softmax_scale(), causal=True,
-                          num_blocks=blocks)
+                          num_blocks=blocks)      # the kernel the dispatch picks (narrow for <= 32 rows)
     rec = Recorder()
     run_emu(plan, trace=rec)
     device_errors.raise_if_set(record, CM.OP_NAME)
@@ -199,7 +199,9 @@ def predict(seqlens, s_q: int, h_q: int, fp8: bool = False, part="h800", lo: int
     seconds = decode + combine
     cost = prob.cost()
     s_q1, h_q1 = _sample_shape(prob)
-    sampled = (f"the {'sparse ' if topk else ''}decode kernel on the emulator, one CTA of "
+    kernel = ("sparse decode" if topk else
+              "narrow decode" if CM.narrow_tile_rows(s_q1 * h_q1) else "decode")
+    sampled = (f"the {kernel} kernel on the emulator, one CTA of "
                f"{CM.TILE_ROWS if topk else s_q1 * h_q1} query rows over {lo} and {hi} KV blocks")
     return MlaPrediction(p.key, prob, grid, hit, per_block, piece, busiest, decode, combine, seconds,
                          cost["flops"] / seconds / 1e12, cost["bytes"] / seconds / 1e9, sampled)

@@ -42,47 +42,100 @@ struct WgmmaBF16TransA<32> {
   }
 };
 
-// Eight e4m3 values (x.x bytes 0..3 = elements 0..3, x.y = elements 4..7) times `scale` ->
-// eight bf16 (r.x = elements 0 (low half) and 1, ..., r.w = 6, 7): e4m3 -> f16 -> f32 (exact),
-// the product in f32, rounded to bf16 once. Exact when scale is a power of two (the FP8
-// cache's quantizer, pykernels/reference/mla.py) and the product stays in bf16's normal range.
-__device__ __forceinline__ uint4 e4m3x8_scaled_to_bf16x8(uint2 x, float scale) {
-  uint4 r;
-  asm("{\n.reg .b16 a0, a1, a2, a3, h0, h1, h2, h3, h4, h5, h6, h7;\n"
-      ".reg .b32 p0, p1, p2, p3;\n.reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;\n"
-      "mov.b32 {a0, a1}, %4;\n"
-      "mov.b32 {a2, a3}, %5;\n"
-      "cvt.rn.f16x2.e4m3x2 p0, a0;\n"
+// Two units of eight e4m3 values (x[u].x bytes 0..3 = elements 0..3, x[u].y = 4..7), unit u
+// times scale[u] -> eight bf16 each (r[u].x = elements 0 (low half) and 1, ..., r[u].w = 6, 7):
+// e4m3 -> f16 -> f32 (exact), the product in f32, rounded to bf16 once. Exact when the scale is
+// a power of two (the FP8 cache's quantizer, pykernels/reference/mla.py) and the product stays
+// in bf16's normal range. The instructions of both units are in one list-scheduled order (for
+// in-order issue: the conversion pipe's cvt interleaved with the integer unpacks and the f32
+// multiplies, each result at least 4 clocks before its use).
+__device__ __forceinline__ void e4m3x16_scaled_to_bf16x16(const uint2 (&x)[2], const float (&scale)[2],
+                                                          uint4 (&r)[2]) {
+  asm("{\n.reg .b16 a<8>, h<16>;\n.reg .b32 p<8>;\n.reg .f32 f<16>;\n"
+      "mov.b32 {a6, a7}, %11;\n"
+      "mov.b32 {a0, a1}, %8;\n"
+      "mov.b32 {a4, a5}, %10;\n"
+      "cvt.rn.f16x2.e4m3x2 p7, a7;\n"
+      "mov.b32 {a2, a3}, %9;\n"
       "cvt.rn.f16x2.e4m3x2 p1, a1;\n"
-      "cvt.rn.f16x2.e4m3x2 p2, a2;\n"
+      "cvt.rn.f16x2.e4m3x2 p4, a4;\n"
+      "mov.b32 {h14, h15}, p7;\n"
       "cvt.rn.f16x2.e4m3x2 p3, a3;\n"
-      "mov.b32 {h0, h1}, p0;\n"
       "mov.b32 {h2, h3}, p1;\n"
-      "mov.b32 {h4, h5}, p2;\n"
+      "cvt.rn.f16x2.e4m3x2 p5, a5;\n"
+      "mov.b32 {h8, h9}, p4;\n"
+      "cvt.rn.f16x2.e4m3x2 p6, a6;\n"
       "mov.b32 {h6, h7}, p3;\n"
-      "cvt.f32.f16 f0, h0;\n"
-      "cvt.f32.f16 f1, h1;\n"
-      "cvt.f32.f16 f2, h2;\n"
-      "cvt.f32.f16 f3, h3;\n"
-      "cvt.f32.f16 f4, h4;\n"
-      "cvt.f32.f16 f5, h5;\n"
-      "cvt.f32.f16 f6, h6;\n"
+      "cvt.rn.f16x2.e4m3x2 p2, a2;\n"
+      "mov.b32 {h10, h11}, p5;\n"
+      "cvt.rn.f16x2.e4m3x2 p0, a0;\n"
+      "mov.b32 {h12, h13}, p6;\n"
       "cvt.f32.f16 f7, h7;\n"
-      "mul.rn.f32 f0, f0, %6;\n"
-      "mul.rn.f32 f1, f1, %6;\n"
-      "mul.rn.f32 f2, f2, %6;\n"
-      "mul.rn.f32 f3, f3, %6;\n"
-      "mul.rn.f32 f4, f4, %6;\n"
-      "mul.rn.f32 f5, f5, %6;\n"
-      "mul.rn.f32 f6, f6, %6;\n"
-      "mul.rn.f32 f7, f7, %6;\n"
-      "cvt.rn.bf16x2.f32 %0, f1, f0;\n"
-      "cvt.rn.bf16x2.f32 %1, f3, f2;\n"
+      "mov.b32 {h4, h5}, p2;\n"
+      "cvt.f32.f16 f14, h14;\n"
+      "mov.b32 {h0, h1}, p0;\n"
+      "cvt.f32.f16 f12, h12;\n"
+      "mul.rn.f32 f7, f7, %12;\n"
+      "cvt.f32.f16 f4, h4;\n"
+      "mul.rn.f32 f14, f14, %13;\n"
+      "cvt.f32.f16 f15, h15;\n"
+      "mul.rn.f32 f12, f12, %13;\n"
+      "cvt.f32.f16 f10, h10;\n"
+      "mul.rn.f32 f4, f4, %12;\n"
+      "cvt.f32.f16 f11, h11;\n"
+      "mul.rn.f32 f15, f15, %13;\n"
+      "cvt.f32.f16 f0, h0;\n"
+      "mul.rn.f32 f10, f10, %13;\n"
+      "cvt.f32.f16 f3, h3;\n"
+      "mul.rn.f32 f11, f11, %13;\n"
+      "cvt.f32.f16 f9, h9;\n"
+      "mul.rn.f32 f0, f0, %12;\n"
+      "cvt.f32.f16 f2, h2;\n"
+      "mul.rn.f32 f3, f3, %12;\n"
+      "cvt.f32.f16 f6, h6;\n"
+      "mul.rn.f32 f9, f9, %13;\n"
+      "cvt.f32.f16 f5, h5;\n"
+      "mul.rn.f32 f2, f2, %12;\n"
+      "cvt.f32.f16 f8, h8;\n"
+      "mul.rn.f32 f6, f6, %12;\n"
+      "cvt.f32.f16 f1, h1;\n"
+      "mul.rn.f32 f5, f5, %12;\n"
+      "cvt.f32.f16 f13, h13;\n"
+      "mul.rn.f32 f8, f8, %13;\n"
+      "mul.rn.f32 f1, f1, %12;\n"
       "cvt.rn.bf16x2.f32 %2, f5, f4;\n"
-      "cvt.rn.bf16x2.f32 %3, f7, f6;\n}\n"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "r"(x.x), "r"(x.y), "f"(scale));
-  return r;
+      "mul.rn.f32 f13, f13, %13;\n"
+      "cvt.rn.bf16x2.f32 %4, f9, f8;\n"
+      "cvt.rn.bf16x2.f32 %0, f1, f0;\n"
+      "cvt.rn.bf16x2.f32 %3, f7, f6;\n"
+      "cvt.rn.bf16x2.f32 %7, f15, f14;\n"
+      "cvt.rn.bf16x2.f32 %6, f13, f12;\n"
+      "cvt.rn.bf16x2.f32 %1, f3, f2;\n"
+      "cvt.rn.bf16x2.f32 %5, f11, f10;\n}\n"
+      : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
+        "=r"(r[1].w)
+      : "r"(x[0].x), "r"(x[0].y), "r"(x[1].x), "r"(x[1].y), "f"(scale[0]), "f"(scale[1]));
+}
+
+// Shared-memory loads at .shared::cta addresses (32-bit: half the registers of a generic
+// pointer; stores: pk::st_shared_v4 in pk/ptx_mla.cuh).
+__device__ __forceinline__ uint2 ld_shared_v2(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
 }
 
 }  // namespace pk

@@ -161,60 +161,50 @@ __device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tm
 
 // ----------------------------------------------------------------------------- FP8 page
 // The raw page -> the bf16 K block (the TMA box layout: 9 chunks of 64 keys x 128 bytes,
-// 128-byte swizzle), in the k16 steps of P V: step kk = keys [16 kk, +16). Thread tid converts
-// latent unit tid % 64 (8 columns: chunk (tid % 64) / 8, unit tid % 8, one scale group) of keys
-// 16 kk + tid / 64 + 2q (q < 8), and RoPE units tid + 128 j. Keys >= valid (stale or NaN in the
-// cache) become zeros. Loads and conversions of a step are separate calls, so a step's loads
-// can be issued before the wait that frees its rows.
-constexpr uint32_t kLatentUnits = kDimV / 8;                        // 64 units of 8 values per key
-constexpr uint32_t kUnitsPerStep = 16 * kLatentUnits / kMathThreads;   // 8 per thread
-struct LatentStep {
-  uint2 x[kUnitsPerStep];
-  float scale[kUnitsPerStep];
+// 128-byte swizzle), one scale group at a time: group g = latent columns [128g, +128) = chunks
+// 2g, 2g + 1, all 64 keys (what the P V commit group g read, and what S^T chunks 2g, 2g + 1
+// read next). Thread tid converts unit tid % 16 of the group (8 columns: chunk 2g + (tid % 16) / 8,
+// unit tid % 8) of keys tid / 16 + 8q (q < 8): key % 8 is the thread's own, so every
+// destination is one swizzled address + an immediate. Keys >= valid (stale or NaN in the cache)
+// become zeros. Loads and conversions are separate calls, so a group's loads can be issued
+// before the wait that frees its rows.
+constexpr uint32_t kGroupUnits = kFp8Group / 8;                     // 16 units of 8 values per key
+constexpr uint32_t kKeysPerPass = kMathThreads / kGroupUnits;       // 8
+constexpr uint32_t kUnitsPerGroup = kPage / kKeysPerPass;           // 8 units per thread
+constexpr uint32_t kFp8Groups = kDimV / kFp8Group;                  // 4
+struct LatentGroup {
+  uint2 x[kUnitsPerGroup];
+  float scale[kUnitsPerGroup];
 };
 
-__device__ __forceinline__ void load_latent_step(uint32_t raw, uint32_t tid, uint32_t kk, LatentStep& st) {
-  const uint32_t unit = tid % kLatentUnits, key0 = 16 * kk + tid / kLatentUnits;
-  const uint32_t row = raw + key0 * kFp8Row;
-  const uint32_t sf_off = kFp8SfOff + 4 * (8 * unit / kFp8Group);
+__device__ __forceinline__ void load_latent_group(uint32_t raw, uint32_t tid, uint32_t g, LatentGroup& lg) {
+  const uint32_t row = raw + tid / kGroupUnits * kFp8Row;
+  const uint32_t x_off = kFp8Group * g + 8 * (tid % kGroupUnits), sf_off = kFp8SfOff + 4 * g;
 #pragma unroll
-  for (uint32_t q = 0; q < kUnitsPerStep; ++q) {
-    st.x[q] = pk::ld_shared_v2(row + 2 * q * kFp8Row + 8 * unit);
-    st.scale[q] = pk::ld_shared_f32(row + 2 * q * kFp8Row + sf_off);
+  for (uint32_t q = 0; q < kUnitsPerGroup; ++q) {
+    lg.x[q] = pk::ld_shared_v2(row + q * kKeysPerPass * kFp8Row + x_off);
+    lg.scale[q] = pk::ld_shared_f32(row + q * kKeysPerPass * kFp8Row + sf_off);
   }
 }
 
-// Where this thread's converted units go: key row 16 kk + key0 + 2 (q + e), unit u of its chunk.
-// The swizzle XORs the unit with key % 8 = (key0 + 2 (q + e)) % 8 (key0 < 2, so no carry):
-// four destinations, one per (q + e) % 4, computed once; the row is an immediate offset.
-struct LatentDst {
-  uint32_t col[4];
-  __device__ __forceinline__ LatentDst(uint32_t kblk, uint32_t tid) {
-    const uint32_t unit = tid % kLatentUnits, key0 = tid / kLatentUnits;
-    const uint32_t row0 = kblk + unit / pk::kSwizzleRows * kKChunkBytes + key0 * pk::kSwizzleRowBytes;
-#pragma unroll
-    for (uint32_t c = 0; c < 4; ++c)
-      col[c] = row0 + pk::kSwizzleUnitBytes * ((unit % pk::kSwizzleRows) ^ key0 ^ (2 * c));
-  }
-};
-
 // kPartial: keys >= valid are written as zeros (only a partial last block pays for the test).
 template <bool kPartial>
-__device__ __forceinline__ void store_latent_step(const LatentDst& dst, uint32_t tid, uint32_t kk,
-                                                  const LatentStep& st, uint32_t valid) {
-  const uint32_t key0 = 16 * kk + tid / kLatentUnits;
+__device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, uint32_t g, const LatentGroup& lg,
+                                                   uint32_t valid) {
+  const uint32_t key0 = tid / kGroupUnits, unit = tid % kGroupUnits;
+  const uint32_t dst = kblk + (2 * g + unit / pk::kSwizzleRows) * kKChunkBytes +
+                       pk::swizzle128_unit(key0, unit % pk::kSwizzleRows);   // + 1024 q: 8 keys, same key % 8
 #pragma unroll
-  for (uint32_t q = 0; q < kUnitsPerStep; q += 2) {
+  for (uint32_t q = 0; q < kUnitsPerGroup; q += 2) {
     uint4 r[2];
-    const uint2 x[2] = {st.x[q], st.x[q + 1]};
-    const float sc[2] = {st.scale[q], st.scale[q + 1]};
+    const uint2 x[2] = {lg.x[q], lg.x[q + 1]};
+    const float sc[2] = {lg.scale[q], lg.scale[q + 1]};
     pk::e4m3x16_scaled_to_bf16x16(x, sc, r);
 #pragma unroll
     for (uint32_t e = 0; e < 2; ++e) {
-      const uint32_t k2 = 2 * (q + e);   // key - key0
       uint4 v = r[e];
-      if (kPartial && key0 + k2 >= valid) v = make_uint4(0, 0, 0, 0);
-      pk::st_shared_v4(dst.col[(q + e) % 4] + (16 * kk + k2) * pk::kSwizzleRowBytes, v);
+      if (kPartial && key0 + kKeysPerPass * (q + e) >= valid) v = make_uint4(0, 0, 0, 0);
+      pk::st_shared_v4(dst + (q + e) * kKeysPerPass * pk::kSwizzleRowBytes, v);
     }
   }
 }
@@ -292,66 +282,79 @@ struct NarrowMath {
   uint32_t s = 0, phase = 0;   // ring position of the next block (FP8: the next page to convert)
   uint32_t parity = 0;         // of the row-maxima buffer (flips every block)
 
-  // S^T = K Q^T over the 9 chunks of the block at kb.
-  __device__ __forceinline__ void issue_s(float (&st)[F::kRegs], uint32_t kb) const {
+  // S^T = K Q^T over chunks [c0, c1) of the block at kb (4 k16 steps each; `first`: the first
+  // chunk of S^T overwrites it).
+  __device__ __forceinline__ void issue_s(float (&st)[F::kRegs], uint32_t kb, uint32_t c0, uint32_t c1,
+                                          bool first) const {
     const uint64_t dk = pk::make_desc_k128b(kb), dq = pk::make_desc_k128b(base + L::kQOff);
 #pragma unroll
-    for (uint32_t c = 0; c < kChunks; ++c)
+    for (uint32_t c = c0; c < c1; ++c)
 #pragma unroll
       for (uint32_t kk = 0; kk < kK16Steps; ++kk)
         pk::WgmmaBF16<N>::mma(st, dk + desc_advance(c * kKChunkBytes + kk * kK16Bytes),
-                              dq + desc_advance(c * L::kQChunkBytes + kk * kK16Bytes), (c | kk) != 0 ? 1u : 0u);
+                              dq + desc_advance(c * L::kQChunkBytes + kk * kK16Bytes),
+                              (first && c == c0 && kk == 0) ? 0u : 1u);
   }
 
   // O^T += V^T P^T: tile t = value columns [64t, +64) (chunk t of the block, MN-major: LBO one
-  // chunk, SBO one 8-key atom), k16 step kk = keys [16kk, +16).
-  // One commit group per k16 step (keys [16kk, +16), all 8 tiles): the FP8 path rewrites those
-  // keys' rows for the next page as each group retires.
+  // chunk, SBO one 8-key atom), k16 step kk = keys [16kk, +16). One commit group per scale
+  // group g (tiles 2g, 2g + 1): the FP8 path rewrites those chunks for the next page as each
+  // group retires.
   __device__ __forceinline__ void issue_pv(float (&acc)[kVTiles][F::kRegs], uint32_t kb) const {
     const uint64_t dp = pk::make_desc_k128b(base + L::kPOff);
     const uint64_t dv = pk::make_desc_mn128b(kb, kKChunkBytes, kAtomBytes);   // advanced by constants below
 #pragma unroll
-    for (uint32_t kk = 0; kk < kK16Steps; ++kk) {
+    for (uint32_t t = 0; t < kVTiles; ++t) {
 #pragma unroll
-      for (uint32_t t = 0; t < kVTiles; ++t)
+      for (uint32_t kk = 0; kk < kK16Steps; ++kk)
         pk::WgmmaBF16TransA<N>::mma(acc[t], dv + desc_advance(t * kKChunkBytes + kk * kStepBytes),
                                     dp + desc_advance(kk * kK16Bytes), 1u);
-      pk::wgmma_commit();
+      if (t % 2 == 1) pk::wgmma_commit();
     }
   }
 
-  // FP8: the next raw page of the ring: wait, convert (all at once, or step by step as the
-  // P V groups retire: `during_pv`), release it, advance the ring.
-  template <bool kDuringPv>
-  __device__ __forceinline__ void convert_next_page(uint32_t valid) {
+  // FP8: the next raw page of the ring into the K block, and S^T of it issued chunk by chunk as
+  // they are written: RoPE (chunk 8) first (S^T, its only reader, has retired), then scale
+  // group g (chunks 2g, 2g + 1) once P V commit group g retired (wait_group 4: the later P V
+  // groups and the S^T groups issued so far may stay pending; with no P V in flight, as for
+  // a piece's first page, it waits for nothing); the page released after its last loads.
+  // Returns with S^T's 5 groups (and P V's last) in flight.
+  __device__ __forceinline__ void convert_and_issue_s(float (&st)[F::kRegs], uint32_t valid) {
     if (valid < kPage)
-      convert_next_page<kDuringPv, true>(valid);
+      convert_and_issue_s<true>(st, valid);
     else
-      convert_next_page<kDuringPv, false>(valid);
+      convert_and_issue_s<false>(st, valid);
   }
 
-  template <bool kDuringPv, bool kPartial>
-  __device__ __forceinline__ void convert_next_page(uint32_t valid) {
+  template <bool kPartial>
+  __device__ __forceinline__ void convert_and_issue_s(float (&st)[F::kRegs], uint32_t valid) {
+    constexpr uint32_t kPending = kFp8Groups;   // P V groups after the one awaited + S^T groups so far
     pk::mbar_wait(full_bar + kMbarBytes * s, phase);
-    const uint32_t raw = base + L::kRawOff + s * kRawBytes;
-    const LatentDst dst(base + L::kKOff, tid);
-    convert_rope(raw, base + L::kKOff, tid);   // S^T, its only reader, has retired
-    // step kk's raw rows are loaded before the wait that frees its K block rows
-    LatentStep x;
-    load_latent_step(raw, tid, 0, x);
-    if (kDuringPv) pk::wgmma_wait<kK16Steps - 1>();
-    store_latent_step<kPartial>(dst, tid, 0, x, valid);
-    load_latent_step(raw, tid, 1, x);
-    if (kDuringPv) pk::wgmma_wait<kK16Steps - 2>();
-    store_latent_step<kPartial>(dst, tid, 1, x, valid);
-    load_latent_step(raw, tid, 2, x);
-    if (kDuringPv) pk::wgmma_wait<kK16Steps - 3>();
-    store_latent_step<kPartial>(dst, tid, 2, x, valid);
-    load_latent_step(raw, tid, 3, x);
-    if (kDuringPv) pk::wgmma_wait<0>();
-    store_latent_step<kPartial>(dst, tid, 3, x, valid);
-    __syncwarp();
-    if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
+    const uint32_t raw = base + L::kRawOff + s * kRawBytes, kb = base + L::kKOff;
+    convert_rope(raw, kb, tid);
+    pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma reads
+    pk::named_barrier_sync(kBarMath, kMathThreads);
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
+    pk::wgmma_fence();
+    issue_s(st, kb, kChunks - 1, kChunks, true);
+    pk::wgmma_commit();
+#pragma unroll
+    for (uint32_t g = 0; g < kFp8Groups; ++g) {
+      LatentGroup lg;
+      load_latent_group(raw, tid, g, lg);
+      if (g + 1 == kFp8Groups) {
+        __syncwarp();
+        if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
+      }
+      pk::wgmma_wait<kPending>();
+      store_latent_group<kPartial>(kb, tid, g, lg, valid);
+      pk::fence_proxy_async_shared();
+      pk::named_barrier_sync(kBarMath, kMathThreads);
+      pk::wgmma_fence();
+      issue_s(st, kb, 2 * g, 2 * g + 2, false);
+      pk::wgmma_commit();
+    }
     if (++s == L::kStages) {
       s = 0;
       phase ^= 1;
@@ -393,11 +396,13 @@ struct NarrowMath {
     }
     pk::named_barrier_sync(kBarMath, kMathThreads);
     parity ^= 1;
-    float wmax[F::kCols][kMathWarps];   // every load first: one shared-memory latency
+    float wmax[F::kCols][kMathWarps];   // every load first (volatile: kept in this order)
+    const uint32_t red_addr = pk::smem_addr(red) + 4 * (2 * (lane % 4));   // + 4 col(j) - 8 (lane % 4)
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j)
 #pragma unroll
-      for (uint32_t w = 0; w < kMathWarps; ++w) wmax[j][w] = red[w * N + F::col(j, lane)];
+      for (uint32_t w = 0; w < kMathWarps; ++w)
+        wmax[j][w] = pk::ld_shared_f32(red_addr + 4 * (w * N + 8 * (j >> 1) + (j & 1)));
     // the same operands in the same order in every thread: identical bits
     float m_new[F::kCols], alpha[F::kCols], neg_m[F::kCols];
 #pragma unroll
@@ -435,15 +440,15 @@ struct NarrowMath {
                                             float (&acc)[kVTiles][F::kRegs], float (&m)[F::kCols],
                                             float (&l)[F::kCols]) {
     const uint32_t pa[4] = {p_addr(0, 0), p_addr(0, 1), p_addr(1, 0), p_addr(1, 1)};
+    float st[F::kRegs];
+    // FP8: S^T of a piece's first page issued here, of every later one during the previous
+    // block's P V
+    if constexpr (kFp8) convert_and_issue_s(st, pc.valid_rows(pc.lo));
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
       const uint32_t valid = pc.valid_rows(blk);
       uint32_t kb, stage = 0;
       if constexpr (kFp8) {
-        // a piece's first page here; every later one during the previous block's P V
         kb = base + L::kKOff;
-        if (blk == pc.lo) convert_next_page<false>(valid);
-        pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma reads
-        pk::named_barrier_sync(kBarMath, kMathThreads);
       } else {
         stage = s;
         pk::mbar_wait(full_bar + kMbarBytes * stage, phase);
@@ -457,16 +462,19 @@ struct NarrowMath {
           pk::fence_proxy_async_shared();
           pk::named_barrier_sync(kBarMath, kMathThreads);
         }
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
+        pk::wgmma_fence();
+        issue_s(st, kb, 0, kChunks, true);
+        pk::wgmma_commit();
       }
-      float st[F::kRegs];
+      pk::wgmma_wait<0>();   // S^T (FP8: retired already)
 #pragma unroll
       for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
-      pk::wgmma_fence();
-      issue_s(st, kb);
-      pk::wgmma_commit();
-      pk::wgmma_wait<0>();
 #pragma unroll
-      for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(st[i]);
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
       softmax(st, m, l, acc, blk, rows.lim, pa);
       pk::fence_proxy_async_shared();   // st.shared (P) -> wgmma reads
       pk::named_barrier_sync(kBarMath, kMathThreads);
@@ -476,15 +484,25 @@ struct NarrowMath {
         for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
       pk::wgmma_fence();
       issue_pv(acc, kb);
-      if (kFp8 && blk + 1 < pc.hi)
-        convert_next_page<true>(pc.valid_rows(blk + 1));   // returns with every P V group retired
-      else
+      if constexpr (kFp8) {
+        if (blk + 1 < pc.hi) convert_and_issue_s(st, pc.valid_rows(blk + 1));
+        // nothing in flight across the loop's back edge (else ptxas serializes the wgmmas: the
+        // accumulators' loop-carried copies); the next block waits for this at once anyway
         pk::wgmma_wait<0>();
+        continue;
+      }
+      pk::wgmma_wait<0>();
 #pragma unroll
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
         for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
-      if (!kFp8 && lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * stage);   // the K stage is read
+      if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * stage);   // the K stage is read
+    }
+    if constexpr (kFp8) {
+#pragma unroll
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
     }
   }
 };

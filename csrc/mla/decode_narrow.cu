@@ -374,21 +374,24 @@ struct NarrowMath {
   // columns (each stage's operations independent), for in-order issue.
   __device__ __forceinline__ void softmax(float (&st)[F::kRegs], float (&m)[F::kCols], float (&l)[F::kCols],
                                           float (&acc)[kVTiles][F::kRegs], uint32_t blk, const int (&lim)[F::kCols],
-                                          const uint32_t (&pa)[4]) {
+                                          int min_lim, const uint32_t (&pa)[4]) {
     const int key0 = (int)(blk * kPage + 16 * warp + lane / 4);   // + 8 h: this thread's keys
+    if ((int)(blk * kPage + kPage - 1) > min_lim) {   // only blocks with keys past some row's last
+#pragma unroll
+      for (uint32_t i = 0; i < F::kRegs; ++i)
+        if (key0 + 8 * (int)F::half_of(i) > lim[F::col_of(i)]) st[i] = -INFINITY;
+    }
     float cmax[F::kCols];
 #pragma unroll
-    for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = -INFINITY;
+    for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = fmaxf(st[4 * (j >> 1) + (j & 1)], st[4 * (j >> 1) + 2 + (j & 1)]);
 #pragma unroll
-    for (uint32_t i = 0; i < F::kRegs; ++i) {
-      const uint32_t j = F::col_of(i);
-      if (key0 + 8 * (int)F::half_of(i) > lim[j]) st[i] = -INFINITY;
-      cmax[j] = fmaxf(cmax[j], st[i]);
+    for (uint32_t d = 4; d <= 16; d *= 2) {
+      float other[F::kCols];   // every shuffle of a round first: one shuffle latency per round
+#pragma unroll
+      for (uint32_t j = 0; j < F::kCols; ++j) other[j] = __shfl_xor_sync(0xffffffffu, cmax[j], d);
+#pragma unroll
+      for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = fmaxf(cmax[j], other[j]);
     }
-#pragma unroll
-    for (uint32_t d = 4; d <= 16; d *= 2)
-#pragma unroll
-      for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = fmaxf(cmax[j], __shfl_xor_sync(0xffffffffu, cmax[j], d));
     float* const red = reinterpret_cast<float*>(smem + L::kRedOff) + parity * kMathWarps * N;
     if (lane < 4) {
 #pragma unroll
@@ -440,6 +443,9 @@ struct NarrowMath {
                                             float (&acc)[kVTiles][F::kRegs], float (&m)[F::kCols],
                                             float (&l)[F::kCols]) {
     const uint32_t pa[4] = {p_addr(0, 0), p_addr(0, 1), p_addr(1, 0), p_addr(1, 1)};
+    int min_lim = rows.lim[0];
+#pragma unroll
+    for (uint32_t j = 1; j < F::kCols; ++j) min_lim = min(min_lim, rows.lim[j]);
     float st[F::kRegs];
     // FP8: S^T of a piece's first page issued here, of every later one during the previous
     // block's P V
@@ -475,7 +481,7 @@ struct NarrowMath {
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
         for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
-      softmax(st, m, l, acc, blk, rows.lim, pa);
+      softmax(st, m, l, acc, blk, rows.lim, min_lim, pa);
       pk::fence_proxy_async_shared();   // st.shared (P) -> wgmma reads
       pk::named_barrier_sync(kBarMath, kMathThreads);
 #pragma unroll
@@ -512,9 +518,13 @@ struct NarrowMath {
 template <uint32_t N>
 __device__ __forceinline__ void sum_rows(float (&l)[Frag<N>::kCols], float* lsum, uint32_t warp, uint32_t lane) {
 #pragma unroll
-  for (uint32_t d = 4; d <= 16; d *= 2)
+  for (uint32_t d = 4; d <= 16; d *= 2) {
+    float other[Frag<N>::kCols];
 #pragma unroll
-    for (uint32_t j = 0; j < Frag<N>::kCols; ++j) l[j] += __shfl_xor_sync(0xffffffffu, l[j], d);
+    for (uint32_t j = 0; j < Frag<N>::kCols; ++j) other[j] = __shfl_xor_sync(0xffffffffu, l[j], d);
+#pragma unroll
+    for (uint32_t j = 0; j < Frag<N>::kCols; ++j) l[j] += other[j];
+  }
   if (lane < 4) {
 #pragma unroll
     for (uint32_t j = 0; j < Frag<N>::kCols; ++j) lsum[warp * N + Frag<N>::col(j, lane)] = l[j];

@@ -15,11 +15,9 @@ Tolerances (emu vs pykernels.reference, per sequence), the same as the Triton ke
   use are NaN (the kernel must mask and zero them, 0 * NaN = NaN in a wgmma).
 
 FP8 cache (pk_mla_decode_fp8) vs the reference run on the same FP8 cache (which
-dequantizes in float32): the same tolerances. The kernel converts e4m3 -> bf16 exactly
-(unscaled) and applies each token's group scale in float32, to the group's partial
-Q.K^T after the wgmma and to P's columns before P.V, so the only roundings are the bf16
-rounding of P * scale (the bf16 path rounds P alone: 2^-9 relative either way) and the
-bf16 output: measured calc_diff(out) 2.9e-6 to 4.5e-6, LSE max abs error <= 1.9e-6.
+dequantizes in float32): the same tolerances. The kernel's producer converts e4m3 * scale
+to bf16, exact for the layout's power-of-two scales, so the only roundings are the bf16 path's
+(P, the output); every case here has power-of-two scales (the quantizer's rule).
 Against the bf16-cache result (what FP8 storage costs, dominated by the e4m3 quantization
 of the keys and values, 2^-4 relative per element): calc_diff(out) < 2e-3, and the kernel's
 deviation from the bf16 result no larger than the reference's own (same FP8 cache in
@@ -45,7 +43,8 @@ from .mla_cases import cdiv as _cdiv
 
 OUT_CALC_DIFF = 1e-5
 LSE_ABS = 1e-4
-PRODUCER_REGS, MATH_REGS = 40, 232       # setmaxnreg targets in decode.cu
+PRODUCER_REGS, MATH_REGS = 40, 232       # setmaxnreg targets in decode.cu (bf16 cache)
+CONV_REGS, MATH_REGS_FP8 = 72, 216        # the FP8 cache's (its producer warpgroup converts)
 REGISTER_FILE = 65536
 
 
@@ -90,23 +89,27 @@ def test_decode_sass_has_the_intended_instructions():
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
 
 
-def test_decode_fp8_sass_has_the_intended_instructions():
-    listing = _sass_of(CM.DECODE_FUNCTION_FP8)
+@pytest.mark.parametrize("function", [CM.DECODE_FUNCTION_FP8, "pk_mla_sparse_decode_fp8"])
+def test_decode_fp8_sass_has_the_intended_instructions(function):
+    listing = _sass_of(function)
     ops = sass.opcodes(listing)
-    # per KV block and math warpgroup: 36 Q.K^T (RoPE chunk + 4 scale groups x 2 chunks, 4 k16
-    # steps each) and 8 P.V (4 k16 steps x 2 column halves of 128 = 2 scale groups)
-    assert len(re.findall(r"HGMMA\.64x32x16\.F32\.BF16", listing)) == 36
-    assert len(re.findall(r"HGMMA\.64x128x16\.F32\.BF16", listing)) == 8
-    assert not re.search(r"HGMMA\.64x256x16", listing)
-    assert ops["UTMALDG.3D"] == 10 and "UTMALDG.2D" not in ops     # Q tile: 9 boxes; FP8 page: 1 box
-    assert any(op.startswith("F2FP.F16.E4M3.UNPACK_B") for op in ops)   # e4m3x2 -> f16x2
-    assert any(op.startswith("F2FP.BF16.F32.PACK_AB") for op in ops)
+    # the bf16 cache's seesaw (the producer converts into the same bf16 K ring): 36 Q.K^T per
+    # own block, 4 P.V with P in registers, 8 with P from shared memory
+    assert len(re.findall(r"HGMMA\.64x64x16\.F32\.BF16", listing)) == 36
+    assert len(re.findall(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc", listing)) == 4
+    assert len(re.findall(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, gdesc", listing)) == 8
+    assert not re.search(r"HGMMA\.64x(32|128)x16", listing)
+    assert ops["UTMALDG.3D"] == 9 and "UTMALDG.2D" not in ops      # the Q tile only: the rows are loaded
+    assert any(op.startswith("LDG.E.128.CONSTANT") for op in ops)   # 16-byte row loads (ld.global.nc)
+    assert any(op.startswith("PRMT") for op in ops)                 # the e4m3 -> bf16 bit steps
+    assert any(op.startswith("HMUL2.BF16") for op in ops)           # x 2^60 x the group's factor
+    assert any(op.startswith("STS.128") for op in ops)              # into the swizzled K block
     assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] == 1 and ops["USETMAXREG.DEALLOC.CTAPOOL"] == 1
     assert any(op.startswith("SYNCS.PHASECHK") for op in ops)
     assert any(op.startswith("WARPGROUP.DEPBAR") for op in ops)
-    assert any(op.startswith("BAR.SYNC") for op in ops)
+    assert any(op.startswith("BAR.SYNC") for op in ops) and any(op.startswith("BAR.ARV") for op in ops)
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
-    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS_FP8
 
 
 def test_combine_sass():
@@ -117,14 +120,16 @@ def test_combine_sass():
 
 
 def test_resources_within_budget():
-    for fn in (CM.DECODE_FUNCTION, CM.DECODE_FUNCTION_FP8):
+    for fn, producer, math_regs in ((CM.DECODE_FUNCTION, PRODUCER_REGS, MATH_REGS),
+                                    (CM.DECODE_FUNCTION_FP8, CONV_REGS, MATH_REGS_FP8),
+                                    ("pk_mla_sparse_decode_fp8", CONV_REGS, MATH_REGS_FP8)):
         r = artifacts.resources(CM.MODULE, fn)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0, fn
         assert r["shared_bytes"] == 0                               # all shared memory is dynamic
-        assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+        assert producer <= r["registers"] < math_regs
         assert r["registers"] * CM.THREADS <= REGISTER_FILE
-        # after setmaxnreg (producer at 40, two math warpgroups at 232) the pool still suffices
-        assert 128 * (PRODUCER_REGS + 2 * MATH_REGS) <= r["registers"] * CM.THREADS
+        # after setmaxnreg (the producer down, two math warpgroups up) the pool still suffices
+        assert 128 * (producer + 2 * math_regs) <= r["registers"] * CM.THREADS
     c = artifacts.resources(CM.MODULE, CM.COMBINE_FUNCTION)
     assert c["spill_stores"] == 0 and c["spill_loads"] == 0 and c["stack_bytes"] == 0
     assert c["registers"] <= 64 and c["shared_bytes"] == 0
@@ -137,12 +142,10 @@ def test_shared_memory_plan():
     assert CM.SMEM_BYTES == 1024 + 3 * 73728 + 1024 + 8 * (2 * 9 + 2 + 2) == 223408
     assert CM.SMEM_BYTES <= 227 * 1024
     assert CM.smem_bytes(3) > 227 * 1024                            # a third stage does not fit
-    # FP8: Q tile + 1 bf16 K block + 1 raw FP8 page (64 x 656 bytes) + 4 P tiles + scales
-    # (4 x 64 f32) + row maxima and sums + 4 mbarriers + slack
-    assert CM.SMEM_BYTES_FP8 == 1024 + 2 * 73728 + 41984 + 4 * 8192 + 1024 + 1024 + 32 == 225312
-    assert CM.SMEM_BYTES_FP8 <= 227 * 1024
-    assert CM.smem_bytes_fp8(raw_stages=2) > 227 * 1024             # a second raw page does not fit
-    assert CM.smem_bytes_fp8(k_blocks=2) > 227 * 1024               # nor a second bf16 K block
+    # FP8: the same (the producer converts into the bf16 K ring; no raw page in shared memory,
+    # which with Q and two K stages would not fit: 41,984 bytes a page)
+    assert CM.SMEM_BYTES_FP8 == CM.SMEM_BYTES
+    assert CM.SMEM_BYTES + 64 * 656 > 227 * 1024
 
 
 def test_ptx_has_the_intended_instructions():
@@ -169,15 +172,20 @@ def test_ptx_has_the_intended_instructions():
     assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS};" in text
     assert f"setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};" in text
     assert len(mod.kernel(CM.COMBINE_FUNCTION).params) == 14
-    k8 = mod.kernel(CM.DECODE_FUNCTION_FP8)
-    assert [(p.size, p.align) for p in k8.params[:2]] == [(128, 64)] * 2 and len(k8.params) == 26
-    full = [i.full for i in k8.instrs]
-    assert full.count("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16") == 36
-    assert full.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 8
-    assert full.count("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes") == 10
-    assert "cvt.rn.f16x2.e4m3x2" in full and "wgmma.wait_group.sync.aligned" in full
-    assert not any(f.startswith(("call", "ld.local", "st.local")) for f in full)
-    assert re.search(r"m64n128k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, p, 1, 1, 0, 1;", text)
+    for fn in (CM.DECODE_FUNCTION_FP8, "pk_mla_sparse_decode_fp8"):   # the same parameters
+        k8 = mod.kernel(fn)
+        assert [(p.size, p.align) for p in k8.params[:2]] == [(128, 64)] * 2
+        assert len(k8.params) == 26 + CM.FP8_TAIL_ARGS
+        full = [i.full for i in k8.instrs]
+        assert full.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == 36
+        assert full.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 12
+        assert full.count("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes") == 9
+        assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes" not in full
+        assert "ld.global.nc.v4.u32" in full and "prmt.b32" in full and "mul.rn.bf16x2" in full
+        assert "st.shared.v4.b32" in full and "fence.proxy.async.shared::cta" in full
+        assert not any(f.startswith(("call", "ld.local", "st.local")) for f in full)
+    assert f"setmaxnreg.inc.sync.aligned.u32 {MATH_REGS_FP8};" in text
+    assert f"setmaxnreg.dec.sync.aligned.u32 {CONV_REGS};" in text
 
 
 # ------------------------------------------------------------------------ problems
@@ -448,18 +456,20 @@ def test_emu_seesaw_across_pieces(schedule, seed, monkeypatch):
     _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
-def test_emu_fp8_arbitrary_bytes(poisoned_scratch):
+@pytest.mark.parametrize("h_q", [16, 64])           # 32 rows: the narrow kernel; 128: the 64-row one
+def test_emu_fp8_arbitrary_bytes(h_q, poisoned_scratch):
     # An FP8 cache written byte by byte rather than by quantize_kv_cache_fp8: every e4m3 code
-    # but NaN (subnormals, both zeros, +-448), scales varying over 2^-12..2^-5 per token and
-    # group, RoPE columns of another magnitude. Exercises the exact e4m3 -> bf16 conversion
-    # and the mapping of each scale to its group and token; checked per 128-column group.
+    # but NaN (subnormals, both zeros, +-448), power-of-two scales (the layout's rule) varying
+    # over 2^-12..2^-5 per token and group, RoPE columns of another magnitude. Exercises the
+    # exact e4m3 * scale -> bf16 conversion and the mapping of each scale to its group and
+    # token; checked per 128-column group.
     torch.manual_seed(11)
-    seqlens, s_q, h_q = [150, 70], 2, 16
+    seqlens, s_q = [150, 70], 2
     q, _, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
     num_blocks = int(table.max()) + 1
     codes = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)
     lat = codes[torch.randint(0, codes.numel(), (num_blocks, PAGE, 1, 512))]
-    sf = torch.pow(2.0, torch.empty(num_blocks, PAGE, 1, 4).uniform_(-12, -5))
+    sf = torch.pow(2.0, torch.randint(-12, -4, (num_blocks, PAGE, 1, 4)).float())
     rope = (torch.randn(num_blocks, PAGE, 1, 64) * 3).to(torch.bfloat16)
     c8 = torch.cat([lat, sf.view(torch.uint8), rope.view(torch.uint8)], dim=-1).contiguous()
     assert c8.shape[-1] == 656
@@ -473,10 +483,11 @@ def test_emu_fp8_arbitrary_bytes(poisoned_scratch):
 
 
 def test_emu_fp8_counters(poisoned_scratch):
-    # wgmma issued = 2 math warpgroups x (36 + 8) per (KV block, row tile); KV bytes read =
-    # one 41,984-byte page per (block, row tile), 57% of the bf16 cache's 73,728; bytes
-    # written as for the bf16 cache; no bank conflicts in the conversion, the scales or the
-    # four P tiles.
+    # wgmma issued as for the bf16 cache (the seesaw: 36 + 4 by the block's owner, 4 by the
+    # partner per (KV block, row tile)); KV bytes read = each row's 656 bytes per (block, row
+    # tile), 57% of the bf16 cache's 1,152, + its 16 scale bytes read by 3 more of the 4 lanes
+    # sharing the row (the emulator counts bytes per lane); bytes written as for the bf16
+    # cache; no bank conflicts in the converted rows' stores.
     torch.manual_seed(5)
     seqlens, s_q, h_q, parts = [256, 192], 2, 64, 6
     q, c8, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
@@ -489,14 +500,14 @@ def test_emu_fp8_counters(poisoned_scratch):
     d = decode.as_dict()
     tiles = _cdiv(rows, 64)
     blocks = sum(_cdiv(L, PAGE) for L in seqlens)
-    assert d["wgmma_issued"] == 2 * 44 * blocks * tiles
+    assert d["wgmma_issued"] == 44 * blocks * tiles
     assert d["ctas"] == parts * tiles
     splits = (ns.diff()).tolist()
     pieces = int(ns[-1])
     split_pieces = sum(n for n in splits if n > 1)
     whole = sum(1 for n in splits if n == 1)
     assert d["global_bytes_written"] == whole * rows * (512 * 2 + 4) + split_pieces * rows * (512 * 4 + 4)
-    kv, qb = blocks * tiles * 64 * 656, pieces * rows * 576 * 2
+    kv, qb = blocks * tiles * 64 * (656 + 3 * 16), pieces * rows * 576 * 2
     assert kv + qb <= d["global_bytes_read"] <= kv + qb + d["ctas"] * CM.THREADS * 128
     assert d["shared_bank_conflicts"] == 0
 
@@ -583,13 +594,16 @@ def test_plan_geometry():
     p8 = CM.decode_plan(CM.q_view(q), CM.kv_view(c8.view(torch.float8_e4m3fn)), args["block_table"],
                         args["cache_seqlens"], args["tile_scheduler_metadata"], args["num_splits"], out, lse, oacc,
                         lacc, record, s_q=s_q, h_q=h_q, scale=0.5, causal=True, num_blocks=cache.shape[0])
-    assert p8.function == "pk_mla_decode_fp8" and p8.shared_bytes == CM.SMEM_BYTES_FP8 == 225312
-    assert p8.grid == p.grid and p8.block == p.block and len(p8.args) == len(p.args)
-    t8 = p8.args[1].value
+    assert p8.function == "pk_mla_decode_fp8" and p8.shared_bytes == CM.SMEM_BYTES_FP8 == 223408
+    assert p8.grid == p.grid and p8.block == p.block and len(p8.args) == len(p.args) + CM.FP8_TAIL_ARGS
+    assert [(a.ptype, a.value) for a in p8.args[2:len(p.args)]] == [(a.ptype, a.value) for a in p.args[2:]]
+    # the FP8 tail of the dense decode: indices, cache bytes, topk_length, sink, idx strides, topk, num_tokens
+    tail = p8.args[len(p.args):]
+    assert tail[1].ptype == "ptr" and tail[1].value.data_ptr() == c8.data_ptr()
+    assert [a.value for a in tail[:1] + tail[2:]] == [0] * 7                 # nulls and zeros
+    t8 = p8.args[1].value                                             # (not read by this kernel)
     assert t8.box == (64, 41, 16) and t8.swizzle == 0 and t8.tensor.dtype == torch.uint8
     assert t8.tensor.shape == (cache.shape[0] * 64, 41, 16) and t8.tensor.data_ptr() == c8.data_ptr()
-    assert t8.box_bytes() == 64 * 656 == 41984                        # the expect_tx count per page
-    assert t8.image().dims == (16, 41, cache.shape[0] * 64) and t8.image().strides_bytes == (1, 16, 656)
     assert CM.kv_view(c8[:0]).shape == (64, 41, 16)                   # no pages: a dummy page of zeros
     c = CM.combine_plan(args["num_splits"], oacc, lacc, out, lse, h_q=h_q)
     assert c.function == "pk_mla_combine" and c.grid == (b, rows // 4, 1) and c.block == (128, 1, 1)

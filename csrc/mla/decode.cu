@@ -38,22 +38,21 @@
 // seqlens and the page ids the CTA will read; on a failure warp 0 records the error in the
 // device error record (pk/error_record.cuh) and the whole CTA returns, reading nothing more.
 //
-// FP8 cache (pk_mla_decode_fp8, docs/mla.md "FP8 KV cache", and the sparse decode): the
-// producer loads one raw page per block (one TMA box, a ring of one page); the math
-// warpgroups convert it into the bf16 K block (Fp8Pages: a piece's first page before its
-// first block, every later page during the previous block's P V, k-step by k-step as its
-// wgmmas retire) and run the lockstep schedule: warpgroup w computes S for keys [32w, +32)
-// of every block (m64n32k16), both exchange row maxima and P (per 128-column scale group,
-// four P tiles) through shared memory behind named barriers, P V as two m64n128k16 per
-// k-step over output columns [256w, +256).
+// FP8 cache (pk_mla_decode_fp8, docs/mla.md "FP8 KV cache", and the sparse decode
+// pk_mla_sparse_decode_fp8): the producer warpgroup fills the same bf16 K ring itself (Fp8Producer):
+// its 128 threads read each block's 64 token rows of 656 bytes from global memory (dense: the
+// page's rows; sparse: the rows the slots' indices name), convert the e4m3 values to bf16
+// times the row's group scale (exact for power-of-two scales), copy the bf16 RoPE columns and
+// store both in the bf16 layout, chunk by chunk, each chunk published on its full barrier as
+// a TMA box would be. The math warpgroups run the seesaw unchanged (sparse: S masked by slot).
 //
-// Shared memory (dynamic, base aligned up to 1024), bf16: Q 72 KB | 2 K stages x 72 KB |
-// red 512 B | lsum 512 B | 22 mbarriers: 222,384 bytes + 1,024 alignment slack <= 227 KB.
+// Shared memory (dynamic, base aligned up to 1024), both caches: Q 72 KB | 2 K stages x 72 KB |
+// red 512 B | lsum 512 B | 22 mbarriers (| sparse: 2 row masks): 222,384 bytes + 1,024
+// alignment slack <= 227 KB.
 #include <cstdint>
 
 #include "pk/error_record.cuh"
 #include "pk/ptx.cuh"
-#include "pk/fp8_convert.cuh"
 #include "pk/ptx_mla.cuh"
 #include "pk/swizzle.cuh"
 
@@ -74,38 +73,30 @@ static_assert(kDimQK % 64 == 0 && kDimV == 512, "MLA head dims");
 constexpr uint32_t kFp8Row = 656;
 constexpr uint32_t kFp8SfOff = 512;
 constexpr uint32_t kFp8RopeOff = 528;
-constexpr uint32_t kRawBytes = kPage * kFp8Row;   // 41,984: one FP8 page, one TMA box
 constexpr uint32_t kGroups = 4;                   // FP8 scale groups of 128 columns
-static_assert(kFp8Row % 16 == 0 && kRawBytes % 1024 == 0, "FP8 page: 16-byte rows, 1 KB multiple");
+static_assert(kFp8Row % 16 == 0, "FP8 rows: 16-byte loads");
 
-// Shared-memory layout of the two instantiations (dynamic, base aligned up to 1024):
-//   bf16 cache: Q | 2 K stages (TMA ring) | P | red | lsum | full[2] empty[2] q_full q_empty
-//   FP8 cache:  Q | 1 bf16 K block (written by the math warpgroups) | 1 raw FP8 page (TMA
-//               ring of 1) | 4 P tiles (one per scale group) | scales [4][64] f32 | red |
-//               lsum | full[1] empty[1] q_full q_empty
-template <bool kFp8, bool kSparse = false>
+// Shared-memory layout (dynamic, base aligned up to 1024), the same for both caches (the FP8
+// cache's producer converts into the bf16 K ring):
+//   Q | 2 K stages (ring) | red | lsum | full[2][9] empty[2] q_full q_empty | sparse: u64 used
+//   slots per stage
+template <bool kSparse = false>
 struct Smem {
-  static constexpr uint32_t kStages = kFp8 ? 1 : 2;           // TMA ring: raw pages or K blocks
-  static constexpr uint32_t kStageBytes = kFp8 ? kRawBytes : kTileBytes;
-  static constexpr uint32_t kKBlocks = kFp8 ? 1 : kStages;     // bf16 K blocks in shared memory
+  static constexpr uint32_t kStages = 2;
   static constexpr uint32_t kKOff = kQOff + kTileBytes;
-  static constexpr uint32_t kRawOff = kKOff + kKBlocks * kTileBytes;
-  static constexpr uint32_t kPOff = kRawOff + (kFp8 ? kStages * kRawBytes : 0);
-  static constexpr uint32_t kPTiles = kFp8 ? kGroups : 0;   // bf16 (seesaw): P in each stage's RoPE chunk
-  static constexpr uint32_t kSfOff = kPOff + kPTiles * kChunkBytes;       // f32 [4][64] (FP8)
-  static constexpr uint32_t kRedOff = kSfOff + (kFp8 ? kGroups * kPage * 4 : 0);  // f32 [2][64] row maxima
+  static constexpr uint32_t kRedOff = kKOff + kStages * kTileBytes;       // f32 [2][64] row maxima
   static constexpr uint32_t kSumOff = kRedOff + 2 * 64 * 4;               // f32 [2][64] row sums
   static constexpr uint32_t kBarOff = kSumOff + 2 * 64 * 4;
-  static constexpr uint32_t kFullPerStage = kFp8 ? 1 : kChunks;   // bf16: one full barrier per 64-column chunk
+  static constexpr uint32_t kFullPerStage = kChunks;   // one full barrier per 64-column chunk
   static constexpr uint32_t kNumBars = kStages * kFullPerStage + kStages + 2;
-  static constexpr uint32_t kMaskOff = kBarOff + 8 * kNumBars;           // sparse: u64 valid rows per stage
+  static constexpr uint32_t kMaskOff = kBarOff + 8 * kNumBars;           // sparse: u64 used slots per stage
   static constexpr uint32_t kBytes = 1024 + kMaskOff + (kSparse ? 8 * kStages : 0);   // pykernels/cuda/mla.py,
                                                                                       // cuda/dsa.py (sparse)
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
-  static_assert(kKOff % 1024 == 0 && kRawOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms / TMA");
+  static_assert(kKOff % 1024 == 0 && kTileBytes % 1024 == 0, "swizzle atoms / TMA");
 };
-static_assert(Smem<false>::kBytes == 223408 && Smem<true>::kBytes == 225312, "pykernels/cuda/mla.py");
-static_assert(Smem<true, true>::kBytes == 225320, "pykernels/cuda/dsa.py");
+static_assert(Smem<false>::kBytes == 223408, "pykernels/cuda/mla.py");
+static_assert(Smem<true>::kBytes == 223424, "pykernels/cuda/dsa.py");
 
 constexpr uint32_t kWarpgroupThreads = 128;
 constexpr uint32_t kMathWarpgroups = 2;            // warpgroups 0, 1; warpgroup 2 is the producer
@@ -120,11 +111,6 @@ constexpr uint32_t kMbarBytes = 8;                 // one mbarrier
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
 constexpr uint64_t kAllRows = ~0ull;              // a block's row mask with every token row valid
-
-// Valid token rows of a block as a bit mask (bit r = row r): the first `valid` rows.
-__device__ __forceinline__ uint64_t rows_mask(uint32_t valid) {
-  return valid >= kPage ? kAllRows : (1ull << valid) - 1;
-}
 
 struct Params {
   const int* block_table;
@@ -290,11 +276,6 @@ __device__ __forceinline__ uint32_t valid_rows(const Piece& pc, uint32_t blk) {
   return min((uint32_t)pc.seqlen - blk * kPage, kPage);
 }
 
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
 __device__ __forceinline__ float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
@@ -307,251 +288,161 @@ __device__ __forceinline__ float sink_factor(float sink, float lse2) {
   return __frcp_rn(1.0f + pk::ex2_approx(sink * kLog2e - lse2));
 }
 
-// FP8 cache: one raw page (64 token rows of 656 bytes) -> the bf16 K block. Warpgroup w
-// converts the latent columns it alone reads in P V ([256w, 256w + 256), chunks 4w..4w+3),
-// and rows [32w, 32w + 32) of the RoPE chunk and of the scales (the rows of its own keys:
-// only its own Q K^T and P steps read them). The e4m3 values enter the block unscaled (exact
-// in bf16); the scales go to sf[g][token]. Token rows >= `valid` (past the sequence's end in
-// its last block, stale or NaN in the cache) are written as zeros, scales included, so
-// neither S nor P V can meet a NaN there. Only a partial last block (`valid` < 64) pays for
-// that check (kPartial).
-constexpr uint32_t kMathWarps = 4;                           // warps per math warpgroup
-constexpr uint32_t kLatentPerWg = kDimV / 2;                 // 256 latent columns per warpgroup
-constexpr uint32_t kLatentPerLane = kLatentPerWg / 32;       // 8 e4m3 bytes = one 16-byte bf16 unit
-constexpr uint32_t kRowsPerWarp = kPage / kMathWarps;        // 16 token rows per thread
-constexpr uint32_t kRopeChunk = kDimV / 64;                  // chunk 8 of the K block
-static_assert(kMathWarps == 4, "row r = warp + 4j: r % 8 takes two values");
+constexpr uint32_t kMathWarps = 4;                           // warps per warpgroup
+constexpr uint32_t kLatentPerWg = kDimV / 2;                 // 256 output columns per math warpgroup
 
-// Where one math thread's latent rows are: token rows warp + 4j (j = 0..15), latent columns
-// [256w + 8 lane, +8): 8 bytes of the raw page in, one 16-byte unit of the K block out. The
-// swizzle repeats every 8 rows and warp + 4j takes two values mod 8 (warp < 4), so two
-// destinations computed once address every row (+ an immediate per row).
-struct LatentRows {
-  const uint8_t* src;    // row `warp` of the raw page, this thread's 8 bytes
-  uint8_t* dst[2];       // rows warp and warp + 4 of this thread's unit in the K block
-  uint32_t warp;
+// ----------------------------------------------------------------------------- FP8 producer
+// FP8 cache (dense and sparse): the producer warpgroup fills the bf16 K ring itself. Per block,
+// thread (warp, lane) of its 128 handles token rows 16 warp + lane / 4 and + 8, and within each
+// 64-column chunk the 16 columns [16 (lane % 4), +16): one 16-byte load of e4m3 per row and
+// chunk, two 16-byte bf16 units stored (the 128-byte swizzle's units 2 (lane % 4) and + 1, at
+// addresses that differ by XOR 16); the RoPE chunk the same units, copied as they are. A
+// warp's load covers 8 rows x 64 bytes, its stores 8 whole 128-byte rows (conflict-free).
+// Global loads run ahead of the stores (kLoadAhead chunks, the first ones before the stage is
+// free), each chunk is published on its full barrier by all 128 threads (st.shared,
+// fence.proxy.async, mbarrier.arrive), so Q K^T starts on chunk 0 as with TMA. Rows not used
+// (past the sequence's end, unused slots) are not read and written as zeros (scale 0).
+constexpr uint32_t kConvThreads = kWarpgroupThreads;        // every producer thread converts
+constexpr uint32_t kConvRegs = 72;                          // FP8 producer after setmaxnreg.dec
+constexpr uint32_t kMathRegsFp8 = 216;                      // 2 x 128 x 216 + 128 x 72 = 384 x 168
+static_assert(2 * kWarpgroupThreads * kMathRegsFp8 + kConvThreads * kConvRegs ==
+                  kThreads * 168, "the registers the launch bound gives");
+constexpr uint32_t kLoadBytes = 16;                         // one load: 16 e4m3 values of a row
+constexpr uint32_t kLatentChunks = kDimV / kBoxCols;        // 8 (chunk 8 is RoPE)
+constexpr uint32_t kChunksPerGroup = kDimV / kGroups / kBoxCols;   // 2 chunks per scale group
+constexpr uint32_t kLoadAhead = 2;                          // chunks loaded ahead of the conversion
+static_assert(kBoxCols / kLoadBytes == 4 && kPage / kMathWarps == 16, "lane % 4: the load; 2 rows per thread");
 
-  __device__ __forceinline__ LatentRows(const uint8_t* raw, uint8_t* kblk, uint32_t wg, uint32_t warp_,
-                                        uint32_t lane) : warp(warp_) {
-    const uint32_t unit = lane % pk::kSwizzleRows, chunk = kLatentPerWg / 64 * wg + lane / pk::kSwizzleRows;
-    src = raw + warp * kFp8Row + kLatentPerWg * wg + kLatentPerLane * lane;
-    dst[0] = kblk + chunk * kChunkBytes + pk::swizzle128_unit(warp, unit);
-    dst[1] = kblk + chunk * kChunkBytes + pk::swizzle128_unit(warp + kMathWarps, unit);
+template <bool kSparse>
+struct Fp8Producer {
+  using L = Smem<kSparse>;
+  uint32_t full_bar, empty_bar;
+  uint32_t dst0;               // this thread's unit 2 (lane % 4) of row row0, stage 0, chunk 0 (row0 + 8: + 1024)
+  uint16_t* mask;              // sparse: the stages' used-slot masks (u64 each; warp w writes bits 16w..)
+  uint32_t warp, lane, row0;   // this thread's rows: row0 and row0 + 8
+  uint32_t s = 0, phase = 0;   // ring position
+  static constexpr uint32_t kRowStep = 8;   // the second row: the same swizzle phase, 8 rows on
+
+
+  __device__ __forceinline__ Fp8Producer(uint8_t* smem, uint32_t base, uint32_t full_bar_, uint32_t empty_bar_,
+                                         uint32_t tid)
+      : full_bar(full_bar_), empty_bar(empty_bar_), mask(reinterpret_cast<uint16_t*>(smem + L::kMaskOff)),
+        warp(tid / 32), lane(tid % 32), row0(16 * warp + lane / 4) {
+    dst0 = base + L::kKOff + pk::swizzle128_unit(row0, 2 * (lane % 4));
   }
+  __device__ __forceinline__ uint32_t dst(uint32_t h) const { return dst0 + h * kRowStep * pk::kSwizzleRowBytes; }
 
-  // Rows j in [j0, j1): their raw bytes into registers ...
-  template <uint32_t j0, uint32_t j1>
-  __device__ __forceinline__ void load(uint2 (&x)[j1 - j0]) const {
+  // Where this thread's rows of block `blk` are (nullptr: not used). Dense: the page's rows
+  // below the sequence's end; sparse: the slots below topk_length whose index is a token row of
+  // the cache (-1 and anything else: unused), token `tok`'s slots [64 blk, +64).
+  __device__ __forceinline__ void locate(const Params& p, const Piece& pc, uint32_t tok, uint32_t blk,
+                                         const uint8_t* (&src)[2]) const {
+    if constexpr (kSparse) {
+      const int* slots = p.indices + pc.b * p.idx_sb + (uint64_t)tok * p.idx_ss;
+      const uint32_t limit =
+          p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
 #pragma unroll
-    for (uint32_t j = j0; j < j1; ++j) x[j - j0] = *reinterpret_cast<const uint2*>(src + j * kMathWarps * kFp8Row);
-  }
-
-  // ... then converted and stored (zeros for the rows not in `mask` when kPartial).
-  template <bool kPartial, uint32_t j0, uint32_t j1>
-  __device__ __forceinline__ void store(const uint2 (&x)[j1 - j0], uint64_t mask) const {
-    constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;
+      for (uint32_t h = 0; h < 2; ++h) {
+        const uint32_t slot = blk * kPage + row0 + kRowStep * h;
+        const int idx = slot < limit ? __ldg(slots + slot) : -1;
+        src[h] = idx >= 0 && (uint32_t)idx < p.num_tokens ? p.cache + (uint64_t)idx * kFp8Row : nullptr;
+      }
+    } else {
+      const int page = __ldg(p.block_table + (uint64_t)pc.b * p.bt_stride + blk);
+      const uint32_t valid = valid_rows(pc, blk);
 #pragma unroll
-    for (uint32_t j = j0; j < j1; ++j) {
-      uint4 v = pk::e4m3x8_to_bf16x8(x[j - j0]);
-      if (kPartial && !((mask >> (warp + kMathWarps * j)) & 1)) v = make_uint4(0, 0, 0, 0);
-      *reinterpret_cast<uint4*>(dst[j % 2] + (j / 2) * kAtomBytes) = v;
+      for (uint32_t h = 0; h < 2; ++h)
+        src[h] = row0 + kRowStep * h < valid ? p.cache + ((uint64_t)page * kPage + row0 + kRowStep * h) * kFp8Row
+                                             : nullptr;
     }
   }
-};
 
-// The rows of P V's k-step `kStep` (keys [16 kStep, +16): j in [4 kStep, 4 kStep + 4)).
-constexpr uint32_t kPvSteps = kPage / 16;                    // k16 steps of P V
-constexpr uint32_t kRowsPerStep = kRowsPerWarp / kPvSteps;   // j values per step
-using StepRows = uint2[kRowsPerStep];   // the raw bytes of one k-step's rows (per thread)
-
-template <uint32_t kStep>
-__device__ __forceinline__ void load_latent_step(const LatentRows& rows, StepRows& x) {
-  rows.load<kStep * kRowsPerStep, (kStep + 1) * kRowsPerStep>(x);
-}
-
-template <uint32_t kStep>
-__device__ __forceinline__ void store_latent_step(const LatentRows& rows, const StepRows& x, uint64_t mask) {
-  constexpr uint32_t j0 = kStep * kRowsPerStep, j1 = j0 + kRowsPerStep;
-  if (mask == kAllRows)
-    rows.store<false, j0, j1>(x, mask);
-  else
-    rows.store<true, j0, j1>(x, mask);
-}
-
-// RoPE (chunk 8) rows [32w, +32), copied as they are, and the scales of the same rows.
-__device__ __forceinline__ void convert_rope_and_scales(const uint8_t* raw, uint8_t* kblk, float* sf, uint32_t wg,
-                                                        uint32_t tid, uint64_t mask) {
-  constexpr uint32_t kRopeUnits = 32 * (kDimQK - kDimV) * 2 / pk::kSwizzleUnitBytes;   // 256 per warpgroup
-#pragma unroll
-  for (uint32_t j = 0; j < kRopeUnits / 128; ++j) {
-    const uint32_t u = tid + 128 * j;
-    const uint32_t r = 32 * wg + u / pk::kSwizzleRows, c = u % pk::kSwizzleRows;
-    const uint4 x = *reinterpret_cast<const uint4*>(raw + r * kFp8Row + kFp8RopeOff + pk::kSwizzleUnitBytes * c);
-    *reinterpret_cast<uint4*>(kblk + kRopeChunk * kChunkBytes + pk::swizzle128_unit(r, c)) =
-        (mask >> r) & 1 ? x : make_uint4(0, 0, 0, 0);
-  }
-  if (tid < 32) {
-    const uint32_t r = 32 * wg + tid;
-    float4 v = *reinterpret_cast<const float4*>(raw + r * kFp8Row + kFp8SfOff);
-    if (!((mask >> r) & 1)) v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (uint32_t g = 0; g < kGroups; ++g) sf[g * kPage + r] = (&v.x)[g];
-  }
-}
-
-// The FP8 page ring (one raw page, TMA) on the consumer side: wait for the next page, convert
-// this warpgroup's share of it into the K block (convert_* above), release it to the producer.
-// A page is converted either all at once (the first block of a piece) or interleaved with the
-// previous block's P V (convert_during_pv): rows [16k, +16) of this warpgroup's V columns
-// are rewritten as soon as the P V wgmmas of k-step k, the only readers left, have retired.
-struct Fp8Pages {
-  uint8_t* smem;         // CTA shared memory (aligned base)
-  uint32_t raw_off, k_off, sf_off;
-  uint32_t full_bar, empty_bar;
-  uint32_t wg, tid, lane;
-  LatentRows rows;
-  const uint64_t* stage_mask;   // sparse: the page's valid rows, written by the producer; dense: nullptr
-  uint64_t block_mask = 0;      // valid rows of the page converted last (the block S masks next)
-  uint32_t phase = 0;    // of the one raw stage
-
-  __device__ __forceinline__ Fp8Pages(uint8_t* smem_, uint32_t raw_off_, uint32_t k_off_, uint32_t sf_off_,
-                                      uint32_t full_bar_, uint32_t empty_bar_, uint32_t wg_, uint32_t tid_,
-                                      const uint64_t* stage_mask_)
-      : smem(smem_), raw_off(raw_off_), k_off(k_off_), sf_off(sf_off_), full_bar(full_bar_), empty_bar(empty_bar_),
-        wg(wg_), tid(tid_), lane(tid_ % 32), rows(smem_ + raw_off_, smem_ + k_off_, wg_, tid_ / 32, tid_ % 32),
-        stage_mask(stage_mask_) {}
-
-  __device__ __forceinline__ const uint8_t* raw() const { return smem + raw_off; }
-  __device__ __forceinline__ uint8_t* kblk() const { return smem + k_off; }
-  __device__ __forceinline__ float* sf() const { return reinterpret_cast<float*>(smem + sf_off); }
-
-  // Waits for the page; its valid rows: the producer's mask (sparse) or `dense_mask`. Read
-  // before release(): the producer rewrites the stage's mask for the next page after it.
-  __device__ __forceinline__ uint64_t wait_full(uint64_t dense_mask) {
-    pk::mbar_wait(full_bar, phase);
-    block_mask = stage_mask != nullptr ? *stage_mask : dense_mask;
-    return block_mask;
-  }
-  __device__ __forceinline__ void release() {
-    __syncwarp();
-    if (lane == 0) pk::mbar_arrive(empty_bar);   // one arrival per math warp
-    phase ^= 1;
-  }
-
-  // The whole page, nothing in flight.
-  __device__ __forceinline__ void convert(uint64_t dense_mask) {
-    const uint64_t mask = wait_full(dense_mask);
-    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, mask);
-    StepRows x0, x1;
-    load_latent_step<0>(rows, x0);
-    load_latent_step<1>(rows, x1);
-    store_latent_step<0>(rows, x0, mask);
-    load_latent_step<2>(rows, x0);
-    store_latent_step<1>(rows, x1, mask);
-    load_latent_step<3>(rows, x1);
-    store_latent_step<2>(rows, x0, mask);
-    store_latent_step<3>(rows, x1, mask);
-    release();
-  }
-
-  // The next page while this block's P V runs: P V committed one group per k-step
-  // (kPvSteps groups); each step's rows are stored after wait_group leaves only the later
-  // steps pending, the next step's rows loaded before that wait. Returns with every P V
-  // wgmma retired.
-  __device__ __forceinline__ void convert_during_pv(uint64_t dense_mask) {
-    const uint64_t mask = wait_full(dense_mask);
-    convert_rope_and_scales(raw(), kblk(), sf(), wg, tid, mask);   // read by Q K^T and P only
-    StepRows x0, x1;
-    load_latent_step<0>(rows, x0);
-    load_latent_step<1>(rows, x1);
-    pk::wgmma_wait<kPvSteps - 1>();
-    store_latent_step<0>(rows, x0, mask);
-    load_latent_step<2>(rows, x0);
-    pk::wgmma_wait<kPvSteps - 2>();
-    store_latent_step<1>(rows, x1, mask);
-    load_latent_step<3>(rows, x1);
-    pk::wgmma_wait<kPvSteps - 3>();
-    store_latent_step<2>(rows, x0, mask);
-    pk::wgmma_wait<0>();
-    store_latent_step<3>(rows, x1, mask);
-    release();
-  }
-};
-static_assert(kPvSteps == 4, "convert_during_pv interleaves four P V k-steps");
-
-// Q.K^T over the chunks [c0, c1) into d (the first wgmma ignores d's old value).
-template <uint32_t c0, uint32_t c1>
-__device__ __forceinline__ void qk_chunks(float (&d)[16], uint32_t q_base, uint32_t k_base) {
-#pragma unroll
-  for (uint32_t c = c0; c < c1; ++c) {
-    const uint64_t da = pk::make_desc_k128b(q_base + c * kChunkBytes);
-    const uint64_t db = pk::make_desc_k128b(k_base + c * kChunkBytes);
-#pragma unroll
-    for (uint32_t kk = 0; kk < 4; ++kk)
-      pk::WgmmaBF16<32>::mma(d, da + 2 * kk, db + 2 * kk, (c != c0 || kk != 0) ? 1u : 0u);
-  }
-}
-
-// s += sf[g][key] * t for this thread's 8 keys (key0 + 8c + {0, 1}).
-__device__ __forceinline__ void add_scaled(float (&s)[16], const float (&t)[16], const float* sf, uint32_t g,
-                                           uint32_t key0) {
-#pragma unroll
-  for (uint32_t c = 0; c < 4; ++c) {
-    const float2 f = *reinterpret_cast<const float2*>(sf + g * kPage + key0 + 8 * c);
+  // Sparse: bit r of the stage's mask = token row r used (warp w's rows 16w..16w+15: lanes 4j of
+  // its two ballots, compacted).
+  __device__ __forceinline__ void store_mask(const uint8_t* const (&src)[2], uint32_t stage) const {
+    uint32_t bits = 0;
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
-      s[4 * c + 2 * h] = fmaf(f.x, t[4 * c + 2 * h], s[4 * c + 2 * h]);
-      s[4 * c + 2 * h + 1] = fmaf(f.y, t[4 * c + 2 * h + 1], s[4 * c + 2 * h + 1]);
+      uint32_t b = __ballot_sync(0xffffffffu, src[h] != nullptr) & 0x11111111u;   // lane 4j: row 8h + j
+      b = (b | (b >> 3)) & 0x03030303u;
+      b = (b | (b >> 6)) & 0x000F000Fu;
+      bits |= ((b | (b >> 12)) & 0xFFu) << (8 * h);
+    }
+    if (lane == 0) mask[stage * 4 + warp] = (uint16_t)bits;
+  }
+
+  // The 16-byte load of chunk c (0..7: e4m3 columns [64c + 16 (lane % 4), +16); 8, 9: RoPE
+  // units 2 (lane % 4) and + 1) of row h; zeros for an unused row.
+  __device__ __forceinline__ static uint4 load(const uint8_t* src, uint32_t c, uint32_t lane) {
+    if (src == nullptr) return make_uint4(0, 0, 0, 0);
+    const uint32_t off = c < kLatentChunks ? c * kBoxCols + kLoadBytes * (lane % 4)
+                                           : kFp8RopeOff + 2 * pk::kSwizzleUnitBytes * (lane % 4) +
+                                                 pk::kSwizzleUnitBytes * (c - kLatentChunks);
+    return __ldg(reinterpret_cast<const uint4*>(src + off));
+  }
+
+  // Load, convert and publish block `blk` of the piece into the next stage.
+  __device__ __forceinline__ void block(const Params& p, const Piece& pc, uint32_t tok, uint32_t blk) {
+    constexpr uint32_t kLoads = kLatentChunks + 2;   // loads per row: 8 latent chunks, RoPE in two
+    const uint8_t* src[2];
+    locate(p, pc, tok, blk, src);
+    // The rows' group scales as conversion factors (0 for an unused row: 0 * 0, no NaN), two
+    // groups' bf16 factors per register (low half: group 2j, high: 2j + 1), duplicated per use.
+    uint32_t factors[2][kGroups / 2];
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      const float4 sc = src[h] != nullptr ? __ldg(reinterpret_cast<const float4*>(src[h] + kFp8SfOff))
+                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      factors[h][0] = pk::pack_bf16x2(sc.x * 0x1p60f, sc.y * 0x1p60f);
+      factors[h][1] = pk::pack_bf16x2(sc.z * 0x1p60f, sc.w * 0x1p60f);
+    }
+    uint4 x[kLoadAhead][2];
+#pragma unroll
+    for (uint32_t c = 0; c < kLoadAhead; ++c)
+#pragma unroll
+      for (uint32_t h = 0; h < 2; ++h) x[c][h] = load(src[h], c, lane);
+    const uint32_t stage = s;
+    pk::mbar_wait(empty_bar + kMbarBytes * stage, phase ^ 1);
+    if constexpr (kSparse) store_mask(src, stage);
+    const uint32_t kblk = stage * kTileBytes;
+#pragma unroll
+    for (uint32_t c = 0; c < kLoads; ++c) {
+      const uint4 cur[2] = {x[c % kLoadAhead][0], x[c % kLoadAhead][1]};
+      if (c + kLoadAhead < kLoads) {
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) x[c % kLoadAhead][h] = load(src[h], c + kLoadAhead, lane);
+      }
+      if (c < kLatentChunks) {
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          uint4 lo, hi;
+          uint32_t nan;
+          const uint32_t g = c / kChunksPerGroup;
+          const uint32_t factor =   // (g a constant once unrolled)
+              g % 2 ? pk::dup_bf16_half<1>(factors[h][g / 2]) : pk::dup_bf16_half<0>(factors[h][g / 2]);
+          pk::e4m3x16_to_bf16x16_pow2scaled(cur[h], factor, lo, hi, nan);
+          if (nan != 0) pk::e4m3_nan_fixup(load(src[h], c, lane), lo, hi);   // an e4m3 NaN stays NaN (rare: reloaded)
+          const uint32_t a = dst(h) + kblk + c * kChunkBytes;
+          pk::st_shared_v4(a, lo);
+          pk::st_shared_v4(a ^ pk::kSwizzleUnitBytes, hi);
+        }
+      } else {   // RoPE: units 2 (lane % 4) (c = 8) and + 1 (c = 9), as they are
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h)
+          pk::st_shared_v4((dst(h) + kblk + kLatentChunks * kChunkBytes) ^ (pk::kSwizzleUnitBytes * (c - kLatentChunks)),
+                           cur[h]);
+      }
+      if (c < kLatentChunks || c == kLoads - 1) {   // a whole chunk stored: publish it
+        pk::fence_proxy_async_shared();
+        pk::mbar_arrive(full_bar + kMbarBytes * (stage * kChunks + min(c, kLatentChunks)));
+      }
+    }
+    if (++s == L::kStages) {
+      s = 0;
+      phase ^= 1;
     }
   }
-}
-
-// s += sf[g] * t (group g's retired partial), then t is reused for chunks [c0, c1) (the
-// group after next), issued while the other temporary's group runs; waits until at most
-// that new group is pending.
-template <uint32_t c0, uint32_t c1>
-__device__ __forceinline__ void add_scaled_then_issue(float (&s)[16], float (&t)[16], const float* sf, uint32_t g,
-                                                      uint32_t key0, uint32_t q_base, uint32_t k_base) {
-#pragma unroll
-  for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t[i]);
-  add_scaled(s, t, sf, g, key0);
-#pragma unroll
-  for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t[i]);
-  pk::wgmma_fence();
-  qk_chunks<c0, c1>(t, q_base, k_base);
-  pk::wgmma_commit();
-  pk::wgmma_wait<1>();
-}
-
-// Sparse decode, the producer warp's part of one block: slots [64 blk, +64) of query token
-// `tok`'s index row; a slot is used when it is below topk_length and its index a token row
-// of the cache (-1 and anything out of range: unused). Lane l owns slots l and l + 32. The
-// used rows are bulk-copied to their slot's row of the raw page; the page's valid-row mask
-// goes to shared memory before the arrive that opens the transaction (the consumers read it
-// after their wait).
-__device__ __forceinline__ void load_sparse_block(const Params& p, uint32_t b, uint32_t tok, uint32_t blk,
-                                                  uint32_t raw, uint32_t full, uint64_t* mask_slot) {
-  const uint32_t lane = threadIdx.x % 32;
-  const int* slots = p.indices + b * p.idx_sb + (uint64_t)tok * p.idx_ss;
-  const uint32_t limit = p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + b), 0), p.topk) : p.topk;
-  int idx[2];
-  bool used[2];
-#pragma unroll
-  for (uint32_t h = 0; h < 2; ++h) {
-    const uint32_t slot = blk * kPage + lane + 32 * h;
-    idx[h] = slot < limit ? __ldg(slots + slot) : -1;
-    used[h] = idx[h] >= 0 && (uint32_t)idx[h] < p.num_tokens;
-  }
-  const uint64_t mask = (uint64_t)__ballot_sync(0xffffffffu, used[1]) << 32 | __ballot_sync(0xffffffffu, used[0]);
-  if (lane == 0) {
-    *mask_slot = mask;
-    pk::mbar_arrive_expect_tx(full, (uint32_t)__popcll(mask) * kFp8Row);
-  }
-  __syncwarp();
-#pragma unroll
-  for (uint32_t h = 0; h < 2; ++h)
-    if (used[h]) pk::bulk_load(raw + (lane + 32 * h) * kFp8Row, p.cache + (uint64_t)idx[h] * kFp8Row, kFp8Row, full);
-}
+};
 
 // Row sums of both warpgroups' keys: this thread's columns -> its quad -> shared memory ->
 // summed in a fixed order (identical in both warpgroups).
@@ -656,6 +547,7 @@ constexpr uint32_t kBarPublished = 2;        // + stage: P and m of the stage's 
 constexpr uint32_t kPChunk = kChunks - 1;    // the RoPE chunk of a stage: P's home once Q K^T has read it
 constexpr uint32_t kVChunksPerWg = kLatentPerWg / 64;   // output columns of a warpgroup, in 64-column chunks
 constexpr uint32_t kKeysPerStep = 16;                   // keys of one k16 step of P V
+constexpr uint32_t kPvSteps = kPage / kKeysPerStep;     // k16 steps of P V
 constexpr uint32_t kStepBytes = kKeysPerStep * pk::kSwizzleRowBytes;   // one k16 step of V rows
 constexpr uint32_t kAtomBytes = pk::kSwizzleRows * pk::kSwizzleRowBytes;   // an 8-row swizzle atom
 constexpr uint32_t kK16Bytes = 16 * 2;       // one k16 step along a K-major bf16 row
@@ -702,8 +594,11 @@ __device__ __forceinline__ float row_reduce(Op op, const float (&v)[kScoreRegs])
   return op(t[0], t[1]);
 }
 
+// kFp8: the FP8 cache's producer wrote the K block (rows past the sequence's end already zero);
+// kSparse: keys masked by the stage's used-slot mask instead of the rows' visible range.
+template <bool kFp8, bool kSparse>
 struct SeesawMath {
-  using L = Smem<false>;
+  using L = Smem<kSparse>;
   const Params& p;
   uint8_t* smem;
   uint32_t base, full_bar, empty_bar;
@@ -788,10 +683,17 @@ struct SeesawMath {
   // l (this warpgroup's keys only), and rescale acc by alpha (4 registers per exponential: the
   // multiplies issue while the exponentials wait on their pipe). Reductions are trees, so
   // independent operations issue back to back; scale_log2 > 0, so max(S) * scale_log2 is the
-  // max of the scaled logits.
+  // max of the scaled logits. Sparse: the keys of slots not in `used` are masked instead.
   __device__ __forceinline__ void softmax(float (&sc)[kScoreRegs], float (&m)[2], float (&l)[2], float (&acc)[128],
-                                          int key0, const int (&lim)[2]) const {
-    if (key0 + (int)(kPage - 1) > min(lim[0], lim[1])) {
+                                          int key0, const int (&lim)[2], uint64_t used) const {
+    if constexpr (kSparse) {
+      if (used != kAllRows) {
+        const uint32_t slot0 = 2 * (lane % 4);
+#pragma unroll
+        for (uint32_t i = 0; i < kScoreRegs; ++i)
+          if (!((used >> (slot0 + 8 * (i >> 2) + (i & 1))) & 1)) sc[i] = -INFINITY;
+      }
+    } else if (key0 + (int)(kPage - 1) > min(lim[0], lim[1])) {
 #pragma unroll
       for (uint32_t i = 0; i < kScoreRegs; ++i)
         if (key0 + (int)(8 * (i >> 2) + (i & 1)) > lim[(i >> 1) & 1]) sc[i] = -INFINITY;
@@ -915,8 +817,9 @@ struct SeesawMath {
       pk::wgmma_wait<0>();
 #pragma unroll
       for (uint32_t i = 0; i < kScoreRegs; ++i) pk::fence_operand(sc[i]);
-      softmax(sc, m, l, acc, (int)(blk * kPage + 2 * (lane % 4)), tr.lim);
-      if (blk + 1 == pc.hi && valid_last < kPage) zero_stale_v(stage, valid_last);
+      const uint64_t used = kSparse ? reinterpret_cast<const uint64_t*>(smem + L::kMaskOff)[stage] : kAllRows;
+      softmax(sc, m, l, acc, (int)(blk * kPage + 2 * (lane % 4)), tr.lim, used);
+      if (!kFp8 && blk + 1 == pc.hi && valid_last < kPage) zero_stale_v(stage, valid_last);
       publish(sc, pa, m, stage);
       issue_pv_regs(acc, pa, stage);
       own_pending = true;
@@ -931,68 +834,58 @@ struct SeesawMath {
 };
 
 // ----------------------------------------------------------------------------- producer
-// Load KV chunk: block `blk` (page id `page`; sparse: slots) of sequence `b` into ring stage
-// s, after empty[s]. bf16 cache:
-// the page's 9 boxes of 64 columns, box c onto its own full[s][c] (Q K^T starts on the first
-// chunk); FP8 cache: the whole raw page in one box of the 3-D map over [num_blocks * 64, 41,
-// 16] bytes; sparse: one bulk copy per used slot's token row (load_sparse_block).
-template <bool kFp8, bool kSparse>
-__device__ __forceinline__ void load_kv_block(const Params& p, const pk::TensorMap* tmap_kv, uint8_t* smem,
-                                              uint32_t base, uint32_t b, uint32_t tile, uint32_t blk, int32_t page,
-                                              uint32_t s, uint32_t full_bar, bool leader) {
-  using L = Smem<kFp8, kSparse>;
-  if constexpr (kSparse) {
-    // the rows of query token `tile * 64 / h_q` (h_q % 64 == 0)
-    load_sparse_block(p, b, tile * kTileRows / p.h_q, blk, base + L::kRawOff + s * kRawBytes,
-                      full_bar + kMbarBytes * s, reinterpret_cast<uint64_t*>(smem + L::kMaskOff) + s);
-    return;
+// Load the Q tile of piece `pc` (9 TMA boxes of 64 rows x 64 columns, 128-byte swizzle, onto
+// q_full) once the previous piece's Q K^T released it (q_empty); one elected lane issues.
+__device__ __forceinline__ void load_q_tile(const pk::TensorMap* tmap_q, uint32_t base, uint32_t b, uint32_t tile,
+                                            uint32_t q_full, uint32_t q_empty, uint32_t& q_phase, bool leader) {
+  pk::mbar_wait(q_empty, q_phase ^ 1);
+  if (leader) {
+    pk::mbar_arrive_expect_tx(q_full, kTileBytes);
+#pragma unroll
+    for (uint32_t c = 0; c < kChunks; ++c)
+      pk::tma_load_3d(base + kQOff + c * kChunkBytes, tmap_q, q_full, (int32_t)(kBoxCols * c),
+                      (int32_t)(tile * kTileRows), (int32_t)b);
   }
+  __syncwarp();
+  q_phase ^= 1;
+}
+
+// Load KV chunks, bf16 cache: block `blk` (page id `page`) into ring stage s, after empty[s]:
+// the page's 9 boxes of 64 columns, box c onto its own full[s][c] (Q K^T starts on the first
+// chunk).
+__device__ __forceinline__ void load_kv_block(const pk::TensorMap* tmap_kv, uint32_t base, int32_t page, uint32_t s,
+                                              uint32_t full_bar, bool leader) {
+  using L = Smem<false>;
   const int32_t first_row = page * (int32_t)kPage;
   if (leader) {
-    if constexpr (kFp8) {
-      pk::mbar_arrive_expect_tx(full_bar + kMbarBytes * s, L::kStageBytes);
-      pk::tma_load_3d(base + L::kRawOff + s * kRawBytes, tmap_kv, full_bar + kMbarBytes * s, 0, 0, first_row);
-    } else {
 #pragma unroll
-      for (uint32_t c = 0; c < kChunks; ++c) {
-        const uint32_t bar = full_bar + kMbarBytes * (s * kChunks + c);
-        pk::mbar_arrive_expect_tx(bar, kChunkBytes);
-        pk::tma_load_2d(base + L::kKOff + s * kTileBytes + c * kChunkBytes, tmap_kv, bar, (int32_t)(kBoxCols * c),
-                        first_row);
-      }
+    for (uint32_t c = 0; c < kChunks; ++c) {
+      const uint32_t bar = full_bar + kMbarBytes * (s * kChunks + c);
+      pk::mbar_arrive_expect_tx(bar, kChunkBytes);
+      pk::tma_load_2d(base + L::kKOff + s * kTileBytes + c * kChunkBytes, tmap_kv, bar, (int32_t)(kBoxCols * c),
+                      first_row);
     }
   }
   __syncwarp();
 }
 
-// The producer warp (one elected lane issues the copies): per piece with blocks, the Q tile
-// (9 TMA boxes of 64 rows x 64 columns, 128-byte swizzle, onto q_full) once the previous
-// piece's Q K^T released it (q_empty), then each block (load_kv_block) through the ring.
-template <bool kFp8, bool kSparse>
-__device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
-                                        uint8_t* smem, uint32_t base, const int* row, uint32_t num_pieces, uint32_t tile,
-                                        uint32_t full_bar, uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
-  constexpr uint32_t kStages = Smem<kFp8, kSparse>::kStages;
+// The bf16 cache's producer warp (one elected lane issues the copies): per piece with blocks,
+// the Q tile, then each block (load_kv_block) through the ring.
+__device__ __forceinline__ void produce_bf16(const Params& p, const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
+                                             uint32_t base, const int* row, uint32_t num_pieces, uint32_t tile,
+                                             uint32_t full_bar, uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
+  constexpr uint32_t kStages = Smem<false>::kStages;
   const bool leader = pk::elect_one();
   uint32_t s = 0, phase = 0, q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
     const Piece pc = piece_of(p, row, k);
     if (pc.hi <= pc.lo) continue;
-    pk::mbar_wait(q_empty, q_phase ^ 1);
-    if (leader) {
-      pk::mbar_arrive_expect_tx(q_full, kTileBytes);
-#pragma unroll
-      for (uint32_t c = 0; c < kChunks; ++c)
-        pk::tma_load_3d(base + kQOff + c * kChunkBytes, tmap_q, q_full, (int32_t)(kBoxCols * c),
-                        (int32_t)(tile * kTileRows), (int32_t)pc.b);
-    }
-    __syncwarp();
-    q_phase ^= 1;
+    load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
     const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-      const int32_t page = kSparse ? 0 : __ldg(table + blk);   // read before the wait: its latency overlaps
+      const int32_t page = __ldg(table + blk);   // read before the wait: its latency overlaps
       pk::mbar_wait(empty_bar + kMbarBytes * s, phase ^ 1);
-      load_kv_block<kFp8, kSparse>(p, tmap_kv, smem, base, pc.b, tile, blk, page, s, full_bar, leader);
+      load_kv_block(tmap_kv, base, page, s, full_bar, leader);
       if (++s == kStages) {
         s = 0;
         phase ^= 1;
@@ -1001,9 +894,29 @@ __device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tm
   }
 }
 
+// The FP8 cache's producer warpgroup (Fp8Producer): per piece with blocks, its first warp loads
+// the Q tile, then all four convert each block into the ring. Sparse: the CTA's 64 query rows
+// are the heads of query token tile * 64 / h_q (h_q % 64 == 0).
+template <bool kSparse>
+__device__ __forceinline__ void produce_fp8(const Params& p, const pk::TensorMap* tmap_q, uint8_t* smem, uint32_t base,
+                                            const int* row, uint32_t num_pieces, uint32_t tile, uint32_t full_bar,
+                                            uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
+  const uint32_t tid = threadIdx.x % kWarpgroupThreads;
+  const bool leader = pk::elect_one();
+  Fp8Producer<kSparse> conv(smem, base, full_bar, empty_bar, tid);
+  const uint32_t tok = kSparse ? tile * kTileRows / p.h_q : 0;
+  uint32_t q_phase = 0;
+  for (uint32_t k = 0; k < num_pieces; ++k) {
+    const Piece pc = piece_of(p, row, k);
+    if (pc.hi <= pc.lo) continue;
+    if (conv.warp == 0) load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
+    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) conv.block(p, pc, tok, blk);
+  }
+}
+
 // ----------------------------------------------------------------------------- pieces
-// The math warpgroups' loop over the partition's pieces, for either schedule (Math: SeesawMath
-// or LockstepFp8Math): wait for the Q tile, the piece's blocks, release Q, the row sums of
+// The math warpgroups' loop over the partition's pieces (Math: SeesawMath<kFp8, kSparse>): wait
+// for the Q tile, the piece's blocks, release Q, the row sums of
 // both warpgroups, the epilogue. The barrier after the row sums keeps a warpgroup from writing
 // the next piece's sums before the other has read these (the seesaw's warpgroups do not meet
 // at a barrier every block).
@@ -1037,9 +950,8 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
                                            const Params& p) {
   static_assert(kFp8 || !kSparse, "sparse decode reads the FP8 cache");
   if (!partition_ok<kSparse>(p)) return;   // the same verdict in every warp: the CTA does nothing
-  using L = Smem<kFp8, kSparse>;
+  using L = Smem<kSparse>;
   constexpr uint32_t kStages = L::kStages;
-  static_assert(!kFp8 || kStages == 1, "Fp8Pages: one raw page stage");
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
@@ -1048,13 +960,16 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   const uint32_t empty_bar = full_bar + kMbarBytes * kStages * L::kFullPerStage;   // + kMbarBytes s
   const uint32_t q_full = empty_bar + kMbarBytes * kStages;
   const uint32_t q_empty = q_full + kMbarBytes;
+  // a chunk lands: bf16, the producer's arrive.expect_tx (then the TMA's bytes); FP8, an arrival
+  // of every converting thread
+  constexpr uint32_t kFullArrivals = kFp8 ? kConvThreads : 1;
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (uint32_t s = 0; s < kStages; ++s) {
 #pragma unroll
       for (uint32_t c = 0; c < L::kFullPerStage; ++c)
-        pk::mbar_init(full_bar + kMbarBytes * (s * L::kFullPerStage + c), 1);   // the producer's arrive.expect_tx
+        pk::mbar_init(full_bar + kMbarBytes * (s * L::kFullPerStage + c), kFullArrivals);
       pk::mbar_init(empty_bar + kMbarBytes * s, kMathWarpArrivals);
     }
     pk::mbar_init(q_full, 1);
@@ -1070,198 +985,26 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   const uint32_t tile = blockIdx.y;
 
   if (wg == kProducerWarpgroup) {
-    pk::setmaxnreg_dec<kProducerRegs>();
-    if ((threadIdx.x / 32) % kMathWarps == 0)   // one producer warp
-      produce<kFp8, kSparse>(p, tmap_q, tmap_kv, smem, base, row, num_pieces, tile, full_bar, empty_bar, q_full,
-                             q_empty);
+    if constexpr (kFp8) {
+      pk::setmaxnreg_dec<kConvRegs>();
+      produce_fp8<kSparse>(p, tmap_q, smem, base, row, num_pieces, tile, full_bar, empty_bar, q_full, q_empty);
+    } else {
+      pk::setmaxnreg_dec<kProducerRegs>();
+      if ((threadIdx.x / 32) % kMathWarps == 0)   // one producer warp
+        produce_bf16(p, tmap_q, tmap_kv, base, row, num_pieces, tile, full_bar, empty_bar, q_full, q_empty);
+    }
     return;
   }
 
   // -------------------------------------------------------------------- math
-  pk::setmaxnreg_inc<kMathRegs>();
+  pk::setmaxnreg_inc<kFp8 ? kMathRegsFp8 : kMathRegs>();
   const uint32_t tid = threadIdx.x % kWarpgroupThreads;
   const uint32_t lane = tid % 32;
   const uint32_t r0 = 16 * (tid / 32) + lane / 4;   // this thread's rows (wgmma fragment): r0 and r0 + 8
-  float* const red = reinterpret_cast<float*>(smem + L::kRedOff);
+  float* const red = reinterpret_cast<float*>(smem + L::kRedOff);   // the published maxima [stage][64]
   float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
-  if constexpr (kFp8) {
-    const uint32_t warp = tid / 32;
-    float* const sfs = reinterpret_cast<float*>(smem + L::kSfOff);   // FP8 scales [4][64]
-    uint8_t* const ptile = smem + L::kPOff;
-    const uint32_t p_addr = base + L::kPOff;
-    uint32_t q_phase = 0;
-    Fp8Pages pages(smem, L::kRawOff, L::kKOff, L::kSfOff, full_bar, empty_bar, wg, tid,
-                   kSparse ? reinterpret_cast<const uint64_t*>(smem + L::kMaskOff) : nullptr);
-    for (uint32_t k = 0; k < num_pieces; ++k) {
-      const Piece pc = piece_of(p, row, k);
-      const ThreadRows tr = thread_rows(p, pc, tile, r0);
-      float m[2] = {-INFINITY, -INFINITY};
-      float l[2] = {0.0f, 0.0f};
-      float acc[128];
-#pragma unroll
-      for (uint32_t i = 0; i < 128; ++i) acc[i] = 0.0f;
-
-      if (pc.hi > pc.lo) {
-        pk::mbar_wait(q_full, q_phase);
-        q_phase ^= 1;
-        for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-          const uint32_t kst = base + L::kKOff;                         // the one bf16 K block
-          const uint32_t key0l = wg * 32 + 2 * (lane % 4);           // this thread's first key in the block
-
-          float sc[16];
-          // 0. raw FP8 page -> bf16 K block (this warpgroup's V columns, half the RoPE rows and
-          //    scales): a piece's first page here, every later one during the previous block's
-          //    P V (step 4). Barrier: the whole block is written (Q K^T reads every column)
-          //    before either warpgroup's wgmma reads it.
-          if (blk == pc.lo) pages.convert(rows_mask(valid_rows(pc, blk)));
-          pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma operand reads
-          pk::named_barrier_sync(kBarMath, kMathThreads);
-
-          // 1. S_w = Q_pe K_pe^T + sum_g sf_g * (Q_g K8_g^T): RoPE chunk 8 into sc, the four
-          //    groups (chunks 2g, 2g+1) alternately into t0 / t1, each scaled in f32 per key
-          //    as soon as its wgmma group has retired (the next group runs meanwhile).
-          float t0[16], t1[16];
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) {
-            pk::fence_operand(sc[i]);
-            pk::fence_operand(t0[i]);
-            pk::fence_operand(t1[i]);
-          }
-          const uint32_t qb = base + kQOff, kb = kst + wg * 32 * 128;
-          pk::wgmma_fence();
-          qk_chunks<8, 9>(sc, qb, kb);
-          qk_chunks<0, 2>(t0, qb, kb);
-          pk::wgmma_commit();
-          qk_chunks<2, 4>(t1, qb, kb);
-          pk::wgmma_commit();
-          pk::wgmma_wait<1>();
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(sc[i]);
-          add_scaled_then_issue<4, 6>(sc, t0, sfs, 0, key0l, qb, kb);
-          add_scaled_then_issue<6, 8>(sc, t1, sfs, 1, key0l, qb, kb);
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t0[i]);
-          add_scaled(sc, t0, sfs, 2, key0l);
-          pk::wgmma_wait<0>();
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) pk::fence_operand(t1[i]);
-          add_scaled(sc, t1, sfs, 3, key0l);
-
-          // 2. scale, mask, row maxima (base-2 logits). Sparse: the page's used slots (unused
-          //    ones hold zero rows); dense: keys up to the row's last visible one.
-          const int key0 = (int)(blk * kPage + key0l);
-          float pm[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) {
-            const uint32_t h = (i >> 1) & 1;
-            const uint32_t in_block = key0l + 8 * (i >> 2) + (i & 1);
-            const bool visible = kSparse ? ((pages.block_mask >> in_block) & 1) != 0 : key0 + (int)(in_block - key0l) <= tr.lim[h];
-            sc[i] = visible ? sc[i] * p.scale_log2 : -INFINITY;
-            pm[h] = fmaxf(pm[h], sc[i]);
-          }
-          pm[0] = quad_max(pm[0]);
-          pm[1] = quad_max(pm[1]);
-          if (lane % 4 == 0) {
-            red[wg * 64 + r0] = pm[0];
-            red[wg * 64 + r0 + 8] = pm[1];
-          }
-          pk::named_barrier_sync(kBarMath, kMathThreads);
-          float alpha[2], m_use[2];
-#pragma unroll
-          for (uint32_t h = 0; h < 2; ++h) {
-            const float other = red[(1 - wg) * 64 + r0 + 8 * h];
-            // the same operands in the same order in both warpgroups: identical bits
-            const float mx = wg == 0 ? fmaxf(pm[h], other) : fmaxf(other, pm[h]);
-            const float m_new = fmaxf(m[h], mx);
-            m_use[h] = m_new == -INFINITY ? 0.0f : m_new;   // no key seen yet: keep exponents finite
-            alpha[h] = pk::ex2_approx(m[h] - m_use[h]);    // 0 while m was -inf
-            m[h] = m_new;
-            l[h] *= alpha[h];
-          }
-#pragma unroll
-          for (uint32_t i = 0; i < 16; ++i) {
-            const uint32_t h = (i >> 1) & 1;
-            sc[i] = pk::ex2_approx(sc[i] - m_use[h]);
-            // acc *= alpha (step 4's rescale) here, 8 registers per exponential: the
-            // multiplies issue while ex2 and the row-sum chain wait on their latencies
-            // (fence_operand keeps the compiler from sinking them to the wgmma).
-#pragma unroll
-            for (uint32_t a = 8 * i; a < 8 * i + 8; ++a) {
-              acc[a] *= alpha[(a >> 1) & 1];
-              pk::fence_operand(acc[a]);
-            }
-            l[h] += sc[i];
-          }
-
-          // 3. P_w * sf_g -> bf16 -> P tile g (g = 0..3; the group's scale of each key folded
-          //    into P's column in f32, rounded once, as the bf16 path rounds P). Stale rows of a
-          //    last block have sf = 0 and zero K rows (Fp8Pages): nothing to zero here.
-          //    The 16 scale pairs are loaded before any product (one shared-memory latency).
-          float2 f[kGroups][4];
-#pragma unroll
-          for (uint32_t g = 0; g < kGroups; ++g)
-#pragma unroll
-            for (uint32_t c = 0; c < 4; ++c) f[g][c] = *reinterpret_cast<const float2*>(sfs + g * kPage + key0l + 8 * c);
-#pragma unroll
-          for (uint32_t g = 0; g < kGroups; ++g) {
-#pragma unroll
-            for (uint32_t c = 0; c < 4; ++c) {
-#pragma unroll
-              for (uint32_t h = 0; h < 2; ++h) {
-                const uint32_t off = g * kChunkBytes + pk::swizzle128_byte(r0 + 8 * h, 2 * (key0l + 8 * c));   // bf16 key column
-                *reinterpret_cast<uint32_t*>(ptile + off) =
-                    pk::pack_bf16x2(sc[4 * c + 2 * h] * f[g][c].x, sc[4 * c + 2 * h + 1] * f[g][c].y);
-              }
-            }
-          }
-          pk::fence_proxy_async_shared();   // st.shared (P, zeroed V rows) -> wgmma operand reads
-          pk::named_barrier_sync(kBarMath, kMathThreads);
-
-          // 4. acc = alpha * acc + P V_w (FP8: acc already rescaled in step 2)
-#pragma unroll
-          for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
-          pk::wgmma_fence();
-          // columns [256w, +128) = group 2w with P tile 2w, [256w + 128, +128) = group 2w + 1;
-          // one commit group per k-step (keys [16kk, +16)), so the next page's conversion can
-          // rewrite those keys' rows as each step retires (Fp8Pages::convert_during_pv).
-          const uint64_t dp0 = pk::make_desc_k128b(p_addr + 2 * wg * kChunkBytes);
-          const uint64_t dp1 = pk::make_desc_k128b(p_addr + (2 * wg + 1) * kChunkBytes);
-#pragma unroll
-          for (uint32_t kk = 0; kk < kPvSteps; ++kk) {
-            const uint32_t v = kst + kVChunksPerWg * wg * kChunkBytes + kk * kStepBytes;
-            const uint64_t dv0 = pk::make_desc_mn128b(v, kChunkBytes, kAtomBytes);
-            const uint64_t dv1 = pk::make_desc_mn128b(v + kVChunksPerWg / 2 * kChunkBytes, kChunkBytes, kAtomBytes);
-            pk::wgmma_m64n128k16_bf16_kt<0>(acc, dp0 + 2 * kk, dv0, 1u);
-            pk::wgmma_m64n128k16_bf16_kt<64>(acc, dp1 + 2 * kk, dv1, 1u);
-            pk::wgmma_commit();
-          }
-          if (blk + 1 < pc.hi)
-            pages.convert_during_pv(rows_mask(valid_rows(pc, blk + 1)));
-          else
-            pk::wgmma_wait<0>();
-#pragma unroll
-          for (uint32_t i = 0; i < 128; ++i) pk::fence_operand(acc[i]);
-        }
-        if (lane == 0) pk::mbar_arrive(q_empty);
-
-        // Row sums: this thread's columns -> its quad -> both warpgroups (fixed order).
-#pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) {
-          l[h] = quad_sum(l[h]);
-          if (lane % 4 == 0) lsum[wg * kTileRows + r0 + 8 * h] = l[h];
-        }
-        pk::named_barrier_sync(kBarMath, kMathThreads);
-#pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) l[h] = lsum[r0 + 8 * h] + lsum[kTileRows + r0 + 8 * h];
-      }
-
-      write_piece_output<kSparse>(p, pc, tr, acc, m, l, wg, lane);
-    }
-  } else {
-    // red holds the published maxima [stage][64]
-    SeesawMath math{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
-    run_pieces<kSparse>(p, math, row, num_pieces, tile, q_full, q_empty, lsum, wg, lane, r0);
-  }
+  SeesawMath<kFp8, kSparse> math{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
+  run_pieces<kSparse>(p, math, row, num_pieces, tile, q_full, q_empty, lsum, wg, lane, r0);
 }
 
 }  // namespace
@@ -1282,28 +1025,31 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 
 // bf16 cache [num_blocks, 64, 1, 576]: tmap_kv is a 2-D map over [num_blocks * 64, 576].
 PK_MLA_DECODE_ENTRY(pk_mla_decode_bf16, false)
-// The FP8 cache ([num_blocks, 64, 1, 656] bytes, pykernels/reference/mla.py): tmap_kv is a
-// 3-D map over the cache viewed as [num_blocks * 64, 41, 16] bytes (one box = one page).
-PK_MLA_DECODE_ENTRY(pk_mla_decode_fp8, true)
 
-// Sparse decode over the FP8 cache (FlashMLA's flash_mla_with_kvcache(..., indices=...);
-// pykernels/cuda/dsa.py): the dense FP8 kernel's parameters (block_table unused, seqlens =
-// topk per sequence, the schedule's unit) and the sparse ones of Params. The CTA's 64 query
-// rows are 64 heads of one query token (h_q a multiple of 64); each 64-slot block of its
-// index row is gathered token row by token row into the raw page and masked by slot.
-extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_sparse_decode_fp8(
-    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
-    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
-    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
-    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
-    float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks, const int* indices,
-    const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb, uint32_t idx_ss,
-    uint32_t topk, uint32_t num_tokens) {
-  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
-                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,
-                 max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};
-  mla_decode<true, true>(&tmap_q, &tmap_kv, p);
-}
+// The FP8 cache ([num_blocks, 64, 1, 656] bytes, pykernels/reference/mla.py), dense and sparse:
+// the bf16 entry's parameters (tmap_kv unused: the producer reads the rows itself) + those of
+// Params' sparse part, `cache` the cache's bytes in both. Dense (pk_mla_decode_fp8): indices,
+// topk_length and sink null. Sparse (FlashMLA's flash_mla_with_kvcache(..., indices=...);
+// pykernels/cuda/dsa.py): block_table unused, seqlens = topk per sequence (the schedule's unit);
+// the CTA's 64 query rows are 64 heads of one query token (h_q a multiple of 64), each 64-slot
+// block of its index row gathered token row by token row and masked by slot.
+#define PK_MLA_DECODE_FP8_ENTRY(NAME, SPARSE)                                                                  \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
+      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
+      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
+      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
+      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
+      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks,   \
+      const int* indices, const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb,     \
+      uint32_t idx_ss, uint32_t topk, uint32_t num_tokens) {                                                  \
+    const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
+                   out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,  \
+                   max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};           \
+    mla_decode<true, SPARSE>(&tmap_q, &tmap_kv, p);                                                            \
+  }
+
+PK_MLA_DECODE_FP8_ENTRY(pk_mla_decode_fp8, false)
+PK_MLA_DECODE_FP8_ENTRY(pk_mla_sparse_decode_fp8, true)
 
 // ----------------------------------------------------------------------------- combine
 // Grid (b, ceil(rows / 4)), 128 threads: one warp per query row of a sequence with more

@@ -281,9 +281,9 @@ SPARSE_OP_NAME = "flash_mla_sparse_decode"     # names the op in a recorded inpu
 
 
 def sparse_decode_smem_bytes() -> int:
-    """Smem<true, true>::kBytes: the FP8 decode's shared memory + one u64 row mask per raw stage."""
+    """Smem<true>::kBytes: the FP8 decode's shared memory + one u64 used-slot mask per K stage."""
     from . import mla as CM
-    return CM.SMEM_BYTES_FP8 + 8
+    return CM.SMEM_BYTES_FP8 + 8 * CM.STAGES
 
 
 def check_sparse_decode_supported(q, k_cache, head_dim_v: int) -> None:
@@ -317,13 +317,12 @@ def sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_schedu
         tile_scheduler_metadata, num_splits = (t.to(q.device) for t in RM.get_mla_metadata(lens, parts))
     oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, RM.HEAD_DIM_V, q.device)
     no_table = torch.zeros((1, cdiv(topk, RM.PAGE_BLOCK_SIZE)), dtype=torch.int32, device=q.device)   # never read
+    sparse_args = CM.fp8_tail_args(k_cache, indices, topk_length, attn_sink, topk,
+                                   k_cache.shape[0] * RM.PAGE_BLOCK_SIZE)
     dense = CM.decode_plan(CM.q_view(q), CM.kv_view(k_cache), no_table, seqlens, tile_scheduler_metadata,
                            num_splits, out, lse, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=softmax_scale,
-                           causal=False, num_blocks=k_cache.shape[0])
-    sparse_args = (ptr(indices), ptr(k_cache), _opt(topk_length), _opt(attn_sink), u64(indices.stride(0)),
-                   u32(indices.stride(1)), u32(topk), u32(k_cache.shape[0] * RM.PAGE_BLOCK_SIZE))
-    decode = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, args=dense.args + sparse_args,
-                                 shared_bytes=sparse_decode_smem_bytes())
+                           causal=False, num_blocks=k_cache.shape[0], fp8_tail=sparse_args)
+    decode = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, shared_bytes=sparse_decode_smem_bytes())
     combine = CM.combine_plan(num_splits, oacc, lacc, out, lse, h_q=h_q)
     combine = dataclasses.replace(combine, function=SPARSE_COMBINE_FUNCTION, args=combine.args + (_opt(attn_sink),))
     return decode, combine

@@ -9,15 +9,18 @@ the combine kernel is always launched (CTAs of sequences with one split return a
 
 Two decode instantiations: pk_mla_decode_bf16 (bf16 cache [num_blocks, 64, h_kv, 576]) and
 pk_mla_decode_fp8 (the FP8 layout [num_blocks, 64, 1, 656] bytes: 512 e4m3 | 4 f32 scales |
-64 bf16 RoPE per token, uint8 or float8_e4m3fn), with the same parameters; only tmap_kv
-differs (docs/mla.md). Each launch serves one KV head (the kernel reads one cache column
-through its tensor map): h_kv > 1 is h_kv decode + combine launch pairs.
+64 bf16 RoPE per token, uint8 or float8_e4m3fn), with the same shared-memory layout; the FP8
+entry takes the bf16 entry's parameters (its tmap_kv unused: its producer warpgroup reads the
+rows itself) + FP8_TAIL_ARGS more, the sparse decode's (docs/mla.md). Each launch serves one
+KV head (the kernel reads one cache column): h_kv > 1 is h_kv decode + combine launch pairs.
 
 Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
 lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides
 (b: u64, h, s), causal, scale_log2, err (the device error record), b, num_blocks (the
-cache's pages), max_blocks (the block table's columns). Combine: nsplits, oacc, lacc, out,
-lse, rows, h_q, out strides, lse strides, max_splits (oacc's rows).
+cache's pages), max_blocks (the block table's columns); FP8 only: indices, cache, topk_length,
+sink, idx_sb (u64), idx_ss, topk, num_tokens (fp8_tail_args; the dense decode: the cache and
+nulls). Combine: nsplits, oacc, lacc, out, lse, rows, h_q, out strides, lse strides,
+max_splits (oacc's rows).
 
 Values the decode kernel checks itself (docs/mla.md "Checks": the metadata against
 cache_seqlens, num_splits, page ids and seqlens against the cache and the block table) go
@@ -30,7 +33,7 @@ from .. import mla_schedule as MS
 from ..reference import mla as RM
 from ..runtime import device_errors
 from ..runtime.executors import run_plan
-from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
+from ..runtime.plan import Arg, LaunchPlan, ptr, ptr_or_null, u32, u64
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "mla_decode"
@@ -45,8 +48,8 @@ STAGES = 2
 BOX = 64                      # TMA box: 64 rows x 64 bf16 columns (128 bytes, 128B swizzle)
 CHUNKS = RM.HEAD_DIM_QK // BOX                # 9 boxes per Q tile or K block
 FP8_ROW = RM.FP8_BYTES_PER_TOKEN           # 656 bytes per token
-FP8_BOX = (PAGE, FP8_ROW // 16, 16)        # one FP8 page per TMA box: [64 tokens, 41, 16 bytes]
-FP8_PAGE_BYTES = PAGE * FP8_ROW            # 41,984
+FP8_BOX = (PAGE, FP8_ROW // 16, 16)        # FP8 tmap_kv box [64, 41, 16 bytes] (the narrow kernel's TMA)
+FP8_TAIL_ARGS = 8                          # parameters after the bf16 entry's (fp8_tail_args)
 COMBINE_ROWS = 4              # query rows (one warp each) per combine CTA
 SMEM_LIMIT = 227 * 1024
 LOG2E = 1.4426950408889634
@@ -62,20 +65,9 @@ def smem_bytes(stages: int = STAGES) -> int:
     return 1024 + tile * (1 + stages) + 2 * 2 * 64 * 4 + 8 * (stages * CHUNKS + stages + 2)
 
 
-def smem_bytes_fp8(raw_stages: int = 1, k_blocks: int = 1) -> int:
-    """Dynamic shared memory of the FP8-cache decode kernel (Smem<true>::kBytes in decode.cu):
-    1024 alignment slack + Q tile (64 x 576 bf16) + `k_blocks` bf16 K blocks (the converted
-    page, 64 x 576 bf16) + `raw_stages` raw FP8 pages (64 x 656 bytes) + 4 bf16 P tiles (one
-    per scale group, 64 x 64) + the page's scales (4 x 64 f32) + row maxima and sums
-    (2 x 2 x 64 f32) + 2 * raw_stages + 2 mbarriers."""
-    tile = TILE_ROWS * RM.HEAD_DIM_QK * 2
-    return (1024 + tile * (1 + k_blocks) + FP8_PAGE_BYTES * raw_stages + 4 * TILE_ROWS * 64 * 2
-            + 4 * PAGE * 4 + 2 * 2 * 64 * 4 + 8 * (2 * raw_stages + 2))
-
-
 SMEM_BYTES = smem_bytes()
-SMEM_BYTES_FP8 = smem_bytes_fp8()
-assert SMEM_BYTES <= SMEM_LIMIT and SMEM_BYTES_FP8 <= SMEM_LIMIT
+SMEM_BYTES_FP8 = SMEM_BYTES      # the FP8 cache's producer converts into the same bf16 K ring
+assert SMEM_BYTES <= SMEM_LIMIT
 
 # The narrow kernel (csrc/mla/decode_narrow.cu, docs/mla.md "The narrow kernel"): at most 32
 # query rows per KV head, as wgmma's N (16 or 32) with the keys / value columns as M.
@@ -193,14 +185,16 @@ def kv_view(k_cache: torch.Tensor, head: int = 0) -> torch.Tensor:
 
 
 def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, *,
-                s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int) -> LaunchPlan:
+                s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int, fp8_tail=None) -> LaunchPlan:
     """Launch plan of pk_mla_decode_bf16 (kv2d bf16 [num_blocks * 64, 576]) or
     pk_mla_decode_fp8 (kv2d = kv_view of an FP8 cache, uint8 [num_blocks * 64, 41, 16]):
     grid (num_sm_parts, ceil(s_q*h_q / 64)), 384 threads, SMEM_BYTES / SMEM_BYTES_FP8 of
     dynamic shared memory. q3 [b, rows, 576] bf16 and the bf16 cache are read by TMA (64 x 64
     boxes, 128-byte swizzle; q rows past `rows` are zero-filled); the FP8 cache one page per
-    box (64 x 41 x 16 bytes, no swizzle). record: the int32 device error record;
-    num_blocks: the cache's pages (kv2d may hold a dummy page when there are none)."""
+    box (64 x 41 x 16 bytes, no swizzle; unused: the FP8 kernel reads the rows through its
+    `cache` pointer). record: the int32 device error record; num_blocks: the cache's pages
+    (kv2d may hold a dummy page when there are none); fp8_tail: the FP8 entry's last
+    FP8_TAIL_ARGS arguments (default fp8_tail_args(kv2d): the dense decode's)."""
     b, rows, _ = q3.shape
     parts = meta.shape[0]
     fp8 = kv2d.dtype == torch.uint8
@@ -216,6 +210,8 @@ def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc
             u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
             u32(int(causal)), Arg("f32", float(scale) * LOG2E),
             ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
+    if fp8:
+        args += fp8_tail if fp8_tail is not None else fp8_tail_args(kv2d)
     return LaunchPlan(MODULE, DECODE_FUNCTION_FP8 if fp8 else DECODE_FUNCTION,
                       grid=(parts, _cdiv(rows, TILE_ROWS), 1), block=(THREADS, 1, 1),
                       args=args, shared_bytes=SMEM_BYTES_FP8 if fp8 else SMEM_BYTES)
@@ -253,6 +249,15 @@ def plan_decode(q3, kv2d, *args, **kwargs) -> LaunchPlan:
     query rows per KV head, else the 64-row kernel (same arguments as decode_plan)."""
     narrow = narrow_tile_rows(q3.shape[1])
     return (narrow_decode_plan if narrow else decode_plan)(q3, kv2d, *args, **kwargs)
+
+
+def fp8_tail_args(cache, indices=None, topk_length=None, attn_sink=None, topk: int = 0,
+                  num_tokens: int = 0) -> tuple:
+    """The FP8 entries' last FP8_TAIL_ARGS parameters: indices, cache (its bytes), topk_length,
+    sink, idx_sb, idx_ss, topk, num_tokens; the dense decode passes the cache alone (nulls, 0)."""
+    strides = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
+    return (ptr_or_null(indices), ptr(cache), ptr_or_null(topk_length), ptr_or_null(attn_sink), u64(strides[0]),
+            u32(strides[1]), u32(topk), u32(num_tokens))
 
 
 def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
@@ -315,5 +320,5 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
 __all__ = ["check_supported", "kv_view", "decode_plan", "narrow_decode_plan", "plan_decode", "narrow_tile_rows",
            "narrow_smem_bytes", "narrow_function", "NARROW_MODULE", "NARROW_MAX_ROWS", "combine_plan",
            "flash_mla_with_kvcache", "smem_bytes",
-           "smem_bytes_fp8", "SMEM_BYTES", "SMEM_BYTES_FP8", "MODULE", "DECODE_FUNCTION", "DECODE_FUNCTION_FP8",
-           "COMBINE_FUNCTION"]
+           "fp8_tail_args", "FP8_TAIL_ARGS", "SMEM_BYTES", "SMEM_BYTES_FP8", "MODULE", "DECODE_FUNCTION",
+           "DECODE_FUNCTION_FP8", "COMBINE_FUNCTION"]

@@ -2,7 +2,7 @@
 // pk/ptx.cuh: bf16 wgmma shapes (K-major B for Q.K^T, MN-major "transposed" B for P.V, the
 // latter also on half an accumulator for the FP8 cache and with A (P) in registers), the
 // MN-major 128-byte-swizzle matrix descriptor, bar.arrive, the approximate ex2 / lg2, and the
-// exact e4m3 -> bf16 conversion.
+// exact e4m3 -> bf16 conversion (also scaled by a power of two, for the FP8 cache).
 //
 // Same conventions as pk/ptx.cuh (written against the PTX ISA exactly, because the CPU
 // emulator runs the same PTX): every wrapper is __forceinline__, no labels in asm,
@@ -160,6 +160,12 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
+// 16-byte store to shared memory at a .shared::cta address.
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, const uint4& v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 // Arrive on named barrier `id` over `count` threads without waiting (bar.arrive: the other
 // threads of the count wait with bar.sync). Memory accesses before it are ordered before
 // the waiters' accesses after their bar.sync.
@@ -209,6 +215,100 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t v) {
       "cvt.rn.bf16x2.f32 %1, f3, f2;\n}\n"
       : "=r"(r.x), "=r"(r.y)
       : "r"(v));
+  return r;
+}
+
+// Sixteen e4m3 values (x.x bytes 0..3 = elements 0..3, ..., x.w = elements 12..15) -> sixteen
+// bf16 times a scale, for the FP8 MLA cache (a row's 128-column group scale): lo = elements
+// 0..7, hi = 8..15, each .b32 a pair (the lower element in the low half). `factor` is the bf16
+// pair (scale * 2^60, scale * 2^60) (pack_bf16x2). Bit steps, no cvt: prmt puts two e4m3 bytes in the low
+// bytes of the two halves with their signs replicated above (selector nibble bit 3), then
+// (t << 4) & 0x87F087F0 is each value's bf16 with the e4m3 exponent field unbiased: exactly
+// value * 2^-120 (e4m3 subnormals land on bf16 subnormals, exact too); two bf16x2 products
+// (* 2^60, * factor; bf16 keeps subnormals) give value * scale, exact when the scale is a power
+// of two (the layout's quantizer rule: 4 + 4 significant bits fit bf16's 8) in bf16's range.
+// These steps read an e4m3 NaN byte (0x7F / 0xFF) as +-480 * scale: `nan` (nonzero when x holds
+// one: bit 7 of a byte of (x & 0x7F..) + 0x01.. is set exactly for the low bits 0x7F) sends the
+// rare piece with one to e4m3_nan_fixup. The eight pairs' steps are interleaved (independent
+// instructions back to back).
+__device__ __forceinline__ void e4m3x16_to_bf16x16_pow2scaled(const uint4& x, uint32_t factor, uint4& lo,
+                                                               uint4& hi, uint32_t& nan) {
+  asm("{\n.reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, c, n0, n1, n2, n3;\n"
+      "mov.b32 c, 0x5D805D80;\n"          // bf16x2 (2^60, 2^60)
+      "and.b32 n0, %9, 0x7F7F7F7F;\n"
+      "and.b32 n1, %10, 0x7F7F7F7F;\n"
+      "and.b32 n2, %11, 0x7F7F7F7F;\n"
+      "and.b32 n3, %12, 0x7F7F7F7F;\n"
+      "add.u32 n0, n0, 0x01010101;\n"
+      "add.u32 n1, n1, 0x01010101;\n"
+      "add.u32 n2, n2, 0x01010101;\n"
+      "add.u32 n3, n3, 0x01010101;\n"
+      "prmt.b32 t0, %9, 0, 0x9180;\n"
+      "prmt.b32 t1, %9, 0, 0xB3A2;\n"
+      "prmt.b32 t2, %10, 0, 0x9180;\n"
+      "prmt.b32 t3, %10, 0, 0xB3A2;\n"
+      "prmt.b32 t4, %11, 0, 0x9180;\n"
+      "prmt.b32 t5, %11, 0, 0xB3A2;\n"
+      "prmt.b32 t6, %12, 0, 0x9180;\n"
+      "prmt.b32 t7, %12, 0, 0xB3A2;\n"
+      "or.b32 n0, n0, n1;\n"
+      "or.b32 n2, n2, n3;\n"
+      "shl.b32 t0, t0, 4;\n"
+      "shl.b32 t1, t1, 4;\n"
+      "shl.b32 t2, t2, 4;\n"
+      "shl.b32 t3, t3, 4;\n"
+      "shl.b32 t4, t4, 4;\n"
+      "shl.b32 t5, t5, 4;\n"
+      "shl.b32 t6, t6, 4;\n"
+      "shl.b32 t7, t7, 4;\n"
+      "or.b32 n0, n0, n2;\n"
+      "and.b32 %8, n0, 0x80808080;\n"
+      "and.b32 t0, t0, 0x87F087F0;\n"
+      "and.b32 t1, t1, 0x87F087F0;\n"
+      "and.b32 t2, t2, 0x87F087F0;\n"
+      "and.b32 t3, t3, 0x87F087F0;\n"
+      "and.b32 t4, t4, 0x87F087F0;\n"
+      "and.b32 t5, t5, 0x87F087F0;\n"
+      "and.b32 t6, t6, 0x87F087F0;\n"
+      "and.b32 t7, t7, 0x87F087F0;\n"
+      "mul.rn.bf16x2 t0, t0, c;\n"
+      "mul.rn.bf16x2 t1, t1, c;\n"
+      "mul.rn.bf16x2 t2, t2, c;\n"
+      "mul.rn.bf16x2 t3, t3, c;\n"
+      "mul.rn.bf16x2 t4, t4, c;\n"
+      "mul.rn.bf16x2 t5, t5, c;\n"
+      "mul.rn.bf16x2 t6, t6, c;\n"
+      "mul.rn.bf16x2 t7, t7, c;\n"
+      "mul.rn.bf16x2 %0, t0, %13;\n"
+      "mul.rn.bf16x2 %1, t1, %13;\n"
+      "mul.rn.bf16x2 %2, t2, %13;\n"
+      "mul.rn.bf16x2 %3, t3, %13;\n"
+      "mul.rn.bf16x2 %4, t4, %13;\n"
+      "mul.rn.bf16x2 %5, t5, %13;\n"
+      "mul.rn.bf16x2 %6, t6, %13;\n"
+      "mul.rn.bf16x2 %7, t7, %13;\n}\n"
+      : "=r"(lo.x), "=r"(lo.y), "=r"(lo.z), "=r"(lo.w), "=r"(hi.x), "=r"(hi.y), "=r"(hi.z), "=r"(hi.w), "=r"(nan)
+      : "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w), "r"(factor));
+}
+
+// The rare path of e4m3x16_to_bf16x16_pow2scaled: the values of x's NaN bytes become bf16 NaN
+// (exponent and quiet bit set), as an exact conversion would give.
+__device__ __forceinline__ void e4m3_nan_fixup(const uint4& x, uint4& lo, uint4& hi) {
+#pragma unroll
+  for (uint32_t i = 0; i < 16; ++i) {
+    const uint32_t byte = ((&x.x)[i / 4] >> (8 * (i % 4))) & 0x7Fu;
+    uint32_t& pair = i < 8 ? (&lo.x)[i / 2] : (&hi.x)[(i - 8) / 2];
+    if (byte == 0x7Fu) pair |= 0x7FC0u << (16 * (i % 2));
+  }
+}
+
+// Half kHi (0: low, 1: high) of a bf16 pair, in both halves (e.g. a factor of
+// e4m3x16_to_bf16x16_pow2scaled kept two to a register).
+template <uint32_t kHi>
+__device__ __forceinline__ uint32_t dup_bf16_half(uint32_t pair) {
+  static_assert(kHi < 2, "a pair's half");
+  uint32_t r;
+  asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(r) : "r"(pair), "n"(kHi ? 0x3232u : 0x1010u));
   return r;
 }
 

@@ -394,6 +394,8 @@ FP8_CASES = [
     ([1, 200],    2, 64,  True,  6,  True,  torch.uint8),
     ([127, 64],   2, 16,  True,  2,  False, torch.float8_e4m3fn),
     ([190, 33],   1, 64,  False, 4,  False, torch.uint8),
+    ([97, 64],    4, 32,  True,  3,  False, torch.uint8),          # 128 rows of 4 tokens, 2 row tiles
+    ([129],       3, 128, False, 4,  True,  torch.float8_e4m3fn),  # 384 rows, a partial last block
 ]
 
 
@@ -417,15 +419,16 @@ def test_emu_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dtyp
     assert (lse_err - ref_lse_err).max() < FP8_LSE_MARGIN
 
 
-@pytest.mark.parametrize("fp8,schedule", [(False, "wg_first"), (False, "wg_last"), (True, "wg_first"),
-                                         (True, "wg_last")])
-def test_emu_when_one_warpgroup_runs_ahead(fp8, schedule, poisoned_scratch, monkeypatch):
+@pytest.mark.parametrize("fp8,schedule,h_q", [(False, "wg_first", 16), (False, "wg_last", 16), (True, "wg_first", 16),
+                                              (True, "wg_last", 16), (True, "wg_first", 32), (True, "wg_last", 32),
+                                              (True, "cta_last", 32)])
+def test_emu_when_one_warpgroup_runs_ahead(fp8, schedule, h_q, poisoned_scratch, monkeypatch):
     # One warpgroup (math 0, math 1 or the producer) runs whenever it can: the shared P
     # tile, the row-max exchange, the K ring (bf16) or the converted K block (FP8) must be
     # ordered by the barriers alone (docs/emulator.md: schedules). A split sequence and a
-    # partial last block.
+    # partial last block. h_q 16: 32 rows, the narrow kernel; 32: 64 rows, the 64-row kernel.
     torch.manual_seed(31 + fp8)
-    seqlens, s_q, h_q = [150, 70], 2, 16
+    seqlens, s_q = [150, 70], 2
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
     if fp8:
         cache = M.quantize_kv_cache_fp8(cache)
@@ -437,17 +440,20 @@ def test_emu_when_one_warpgroup_runs_ahead(fp8, schedule, poisoned_scratch, monk
     _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
+@pytest.mark.parametrize("h_q,fp8", [(16, False), (64, False), (64, True)])   # 16: the narrow kernel
 @pytest.mark.parametrize("schedule", ["lockstep", "wg_first", "wg_last"])
-def test_emu_seesaw_across_pieces(schedule, seed, monkeypatch):
+def test_emu_seesaw_across_pieces(schedule, h_q, fp8, seed, monkeypatch):
     # The bf16 kernel's seesaw: warpgroup w owns the blocks in ring stage w, and the ring runs on
     # across pieces. One partition walks pieces of 1, 3, 1 (partial), 3 (partial), 0 and 2 blocks,
     # so pieces start and end in either stage (either warpgroup owns the first and the last
     # block: the partner's last block is taken after the loop), the published P and max, the
     # row sums and Q are handed over between pieces, and an empty piece sits between two busy
     # ones; under each emulator schedule (one warpgroup running ahead as far as the barriers
-    # allow).
-    seqlens, s_q, h_q = [64, 192, 1, 130, 0, 128], 1, 16
+    # allow). FP8: the producer warpgroup converts each block into the same ring.
+    seqlens, s_q = [64, 192, 1, 130, 0, 128], 1
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
+    if fp8:
+        cache = M.quantize_kv_cache_fp8(cache)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 1)
     assert ns.tolist() == list(range(len(seqlens) + 1))           # one partition, whole sequences
     monkeypatch.setattr(CM, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))

@@ -84,7 +84,7 @@ struct Layout {
   static constexpr uint32_t kKOff = kQOff + kQBytes;
   static constexpr uint32_t kRawOff = kKOff + kKBlocks * kKBlockBytes;
   static constexpr uint32_t kPOff = kRawOff + (kFp8 ? kStages * kRawBytes : 0);
-  static constexpr uint32_t kRedOff = kPOff + N * pk::kSwizzleRowBytes;   // f32 [2][4][N]
+  static constexpr uint32_t kRedOff = kPOff + N * pk::kSwizzleRowBytes;   // f32 [2][4][4][N / 4]
   static constexpr uint32_t kSumOff = kRedOff + 2 * kMathWarps * N * 4;   // f32 [4][N]
   static constexpr uint32_t kBarOff = kSumOff + kMathWarps * N * 4;
   static constexpr uint32_t kNumBars = 2 * kStages + 2;
@@ -392,25 +392,32 @@ struct NarrowMath {
 #pragma unroll
       for (uint32_t j = 0; j < F::kCols; ++j) cmax[j] = fmaxf(cmax[j], other[j]);
     }
-    float* const red = reinterpret_cast<float*>(smem + L::kRedOff) + parity * kMathWarps * N;
+    // The warps' maxima [parity][warp][lane % 4][j]: a thread's N / 4 columns are contiguous
+    // (float4 stores by lanes 0-3, float4 loads by every thread)
+    float* const red = reinterpret_cast<float*>(smem + L::kRedOff) + parity * kMathWarps * N + (lane % 4) * F::kCols;
     if (lane < 4) {
 #pragma unroll
-      for (uint32_t j = 0; j < F::kCols; ++j) red[warp * N + F::col(j, lane)] = cmax[j];
+      for (uint32_t j = 0; j < F::kCols; j += 4)
+        *reinterpret_cast<float4*>(red + warp * N + j) = make_float4(cmax[j], cmax[j + 1], cmax[j + 2], cmax[j + 3]);
     }
     pk::named_barrier_sync(kBarMath, kMathThreads);
     parity ^= 1;
-    float wmax[F::kCols][kMathWarps];   // every load first (volatile: kept in this order)
-    const uint32_t red_addr = pk::smem_addr(red) + 4 * (2 * (lane % 4));   // + 4 col(j) - 8 (lane % 4)
+    float wmax[kMathWarps][F::kCols];
 #pragma unroll
-    for (uint32_t j = 0; j < F::kCols; ++j)
+    for (uint32_t w = 0; w < kMathWarps; ++w)
 #pragma unroll
-      for (uint32_t w = 0; w < kMathWarps; ++w)
-        wmax[j][w] = pk::ld_shared_f32(red_addr + 4 * (w * N + 8 * (j >> 1) + (j & 1)));
+      for (uint32_t j = 0; j < F::kCols; j += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(red + w * N + j);
+        wmax[w][j] = v.x;
+        wmax[w][j + 1] = v.y;
+        wmax[w][j + 2] = v.z;
+        wmax[w][j + 3] = v.w;
+      }
     // the same operands in the same order in every thread: identical bits
     float m_new[F::kCols], alpha[F::kCols], neg_m[F::kCols];
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j)
-      m_new[j] = fmaxf(m[j], fmaxf(fmaxf(wmax[j][0], wmax[j][1]), fmaxf(wmax[j][2], wmax[j][3])) * p.scale_log2);
+      m_new[j] = fmaxf(m[j], fmaxf(fmaxf(wmax[0][j], wmax[1][j]), fmaxf(wmax[2][j], wmax[3][j])) * p.scale_log2);
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j) neg_m[j] = m_new[j] == -INFINITY ? 0.0f : -m_new[j];   // finite exponents
 #pragma unroll
@@ -432,10 +439,15 @@ struct NarrowMath {
       const uint32_t addr = pa[2 * F::half_of(i) + (i & 1)] + (i >> 2) * pk::kSwizzleRows * pk::kSwizzleRowBytes;
       asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"((uint16_t)bits[i]) : "memory");
     }
+    bool moved = false;   // the running max moved for some column: acc needs the rescale
 #pragma unroll
-    for (uint32_t t = 0; t < kVTiles; ++t)
+    for (uint32_t j = 0; j < F::kCols; ++j) moved |= alpha[j] != 1.0f;
+    if (moved) {
 #pragma unroll
-      for (uint32_t i = 0; i < F::kRegs; ++i) acc[t][i] *= alpha[F::col_of(i)];
+      for (uint32_t t = 0; t < kVTiles; ++t)
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i) acc[t][i] *= alpha[F::col_of(i)];
+    }
   }
 
   // One piece's blocks [lo, hi) (hi > lo) into acc, m, l (l: this thread's keys only).

@@ -233,60 +233,64 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t v) {
 // instructions back to back).
 __device__ __forceinline__ void e4m3x16_to_bf16x16_pow2scaled(const uint4& x, uint32_t factor, uint4& lo,
                                                                uint4& hi, uint32_t& nan) {
-  asm("{\n.reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, c, n0, n1, n2, n3;\n"
+  asm("{\n.reg .b32 t0, t1, t2, t3, c, cm, n0, n1, fs, p0, p1, p2, p3;\n"
+      ".reg .b16 a0, a1, a2, a3, h0, h1, h2, h3, h4, h5, h6, h7;\n"
+      ".reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;\n"
       "mov.b32 c, 0x5D805D80;\n"          // bf16x2 (2^60, 2^60)
+      "mov.b32 {a0, a1}, %11;\n"
+      "mov.b32 {a2, a3}, %12;\n"
       "and.b32 n0, %9, 0x7F7F7F7F;\n"
       "and.b32 n1, %10, 0x7F7F7F7F;\n"
-      "and.b32 n2, %11, 0x7F7F7F7F;\n"
-      "and.b32 n3, %12, 0x7F7F7F7F;\n"
-      "add.u32 n0, n0, 0x01010101;\n"
-      "add.u32 n1, n1, 0x01010101;\n"
-      "add.u32 n2, n2, 0x01010101;\n"
-      "add.u32 n3, n3, 0x01010101;\n"
+      "cvt.rn.f16x2.e4m3x2 p0, a0;\n"
+      "cvt.rn.f16x2.e4m3x2 p1, a1;\n"
       "prmt.b32 t0, %9, 0, 0x9180;\n"
       "prmt.b32 t1, %9, 0, 0xB3A2;\n"
+      "cvt.rn.f16x2.e4m3x2 p2, a2;\n"
+      "cvt.rn.f16x2.e4m3x2 p3, a3;\n"
       "prmt.b32 t2, %10, 0, 0x9180;\n"
       "prmt.b32 t3, %10, 0, 0xB3A2;\n"
-      "prmt.b32 t4, %11, 0, 0x9180;\n"
-      "prmt.b32 t5, %11, 0, 0xB3A2;\n"
-      "prmt.b32 t6, %12, 0, 0x9180;\n"
-      "prmt.b32 t7, %12, 0, 0xB3A2;\n"
-      "or.b32 n0, n0, n1;\n"
-      "or.b32 n2, n2, n3;\n"
+      "mov.b32 {h0, h1}, p0;\n"
+      "mov.b32 {h2, h3}, p1;\n"
+      "mov.b32 {h4, h5}, p2;\n"
+      "mov.b32 {h6, h7}, p3;\n"
+      "cvt.f32.f16 f0, h0;\n"
       "shl.b32 t0, t0, 4;\n"
+      "cvt.f32.f16 f1, h1;\n"
       "shl.b32 t1, t1, 4;\n"
+      "cvt.f32.f16 f2, h2;\n"
       "shl.b32 t2, t2, 4;\n"
+      "cvt.f32.f16 f3, h3;\n"
       "shl.b32 t3, t3, 4;\n"
-      "shl.b32 t4, t4, 4;\n"
-      "shl.b32 t5, t5, 4;\n"
-      "shl.b32 t6, t6, 4;\n"
-      "shl.b32 t7, t7, 4;\n"
-      "or.b32 n0, n0, n2;\n"
-      "and.b32 %8, n0, 0x80808080;\n"
+      "cvt.f32.f16 f4, h4;\n"
+      "add.u32 n0, n0, 0x01010101;\n"
+      "cvt.f32.f16 f5, h5;\n"
+      "add.u32 n1, n1, 0x01010101;\n"
+      "cvt.f32.f16 f6, h6;\n"
       "and.b32 t0, t0, 0x87F087F0;\n"
+      "cvt.f32.f16 f7, h7;\n"
       "and.b32 t1, t1, 0x87F087F0;\n"
+      "cvt.rn.bf16x2.f32 p0, f1, f0;\n"
       "and.b32 t2, t2, 0x87F087F0;\n"
+      "cvt.rn.bf16x2.f32 p1, f3, f2;\n"
       "and.b32 t3, t3, 0x87F087F0;\n"
-      "and.b32 t4, t4, 0x87F087F0;\n"
-      "and.b32 t5, t5, 0x87F087F0;\n"
-      "and.b32 t6, t6, 0x87F087F0;\n"
-      "and.b32 t7, t7, 0x87F087F0;\n"
+      "cvt.rn.bf16x2.f32 p2, f5, f4;\n"
+      "or.b32 n0, n0, n1;\n"
+      "cvt.rn.bf16x2.f32 p3, f7, f6;\n"
+      "and.b32 %8, n0, 0x80808080;\n"
+      "mov.b32 cm, 0x21802180;\n"          // bf16x2 (2^-60, 2^-60)
+      "mul.rn.bf16x2 fs, %13, cm;\n"      // the factor / 2^60: the scale
       "mul.rn.bf16x2 t0, t0, c;\n"
       "mul.rn.bf16x2 t1, t1, c;\n"
       "mul.rn.bf16x2 t2, t2, c;\n"
       "mul.rn.bf16x2 t3, t3, c;\n"
-      "mul.rn.bf16x2 t4, t4, c;\n"
-      "mul.rn.bf16x2 t5, t5, c;\n"
-      "mul.rn.bf16x2 t6, t6, c;\n"
-      "mul.rn.bf16x2 t7, t7, c;\n"
+      "mul.rn.bf16x2 %4, p0, fs;\n"
+      "mul.rn.bf16x2 %5, p1, fs;\n"
+      "mul.rn.bf16x2 %6, p2, fs;\n"
+      "mul.rn.bf16x2 %7, p3, fs;\n"
       "mul.rn.bf16x2 %0, t0, %13;\n"
       "mul.rn.bf16x2 %1, t1, %13;\n"
       "mul.rn.bf16x2 %2, t2, %13;\n"
-      "mul.rn.bf16x2 %3, t3, %13;\n"
-      "mul.rn.bf16x2 %4, t4, %13;\n"
-      "mul.rn.bf16x2 %5, t5, %13;\n"
-      "mul.rn.bf16x2 %6, t6, %13;\n"
-      "mul.rn.bf16x2 %7, t7, %13;\n}\n"
+      "mul.rn.bf16x2 %3, t3, %13;\n}\n"
       : "=r"(lo.x), "=r"(lo.y), "=r"(lo.z), "=r"(lo.w), "=r"(hi.x), "=r"(hi.y), "=r"(hi.z), "=r"(hi.w), "=r"(nan)
       : "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w), "r"(factor));
 }
@@ -295,10 +299,9 @@ __device__ __forceinline__ void e4m3x16_to_bf16x16_pow2scaled(const uint4& x, ui
 // (exponent and quiet bit set), as an exact conversion would give.
 __device__ __forceinline__ void e4m3_nan_fixup(const uint4& x, uint4& lo, uint4& hi) {
 #pragma unroll
-  for (uint32_t i = 0; i < 16; ++i) {
+  for (uint32_t i = 0; i < 8; ++i) {   // elements 0..7 (8..15 took cvt, which keeps NaN)
     const uint32_t byte = ((&x.x)[i / 4] >> (8 * (i % 4))) & 0x7Fu;
-    uint32_t& pair = i < 8 ? (&lo.x)[i / 2] : (&hi.x)[(i - 8) / 2];
-    if (byte == 0x7Fu) pair |= 0x7FC0u << (16 * (i % 2));
+    if (byte == 0x7Fu) (&lo.x)[i / 2] |= 0x7FC0u << (16 * (i % 2));
   }
 }
 

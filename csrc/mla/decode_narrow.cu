@@ -172,30 +172,35 @@ constexpr uint32_t kGroupUnits = kFp8Group / 8;                     // 16 units 
 constexpr uint32_t kKeysPerPass = kMathThreads / kGroupUnits;       // 8
 constexpr uint32_t kUnitsPerGroup = kPage / kKeysPerPass;           // 8 units per thread
 constexpr uint32_t kFp8Groups = kDimV / kFp8Group;                  // 4
+// Units [q0, q0 + kUnits) of a thread's share of scale group g (kUnits = 8: all at once; N = 32
+// takes two halves of 4, for registers).
+template <uint32_t kUnits>
 struct LatentGroup {
-  uint2 x[kUnitsPerGroup];
-  float scale[kUnitsPerGroup];
+  uint2 x[kUnits];
+  float scale[kUnits];
 };
 
-__device__ __forceinline__ void load_latent_group(uint32_t raw, uint32_t tid, uint32_t g, LatentGroup& lg) {
-  const uint32_t row = raw + tid / kGroupUnits * kFp8Row;
+template <uint32_t kUnits>
+__device__ __forceinline__ void load_latent_group(uint32_t raw, uint32_t tid, uint32_t g, uint32_t q0,
+                                                  LatentGroup<kUnits>& lg) {
+  const uint32_t row = raw + (tid / kGroupUnits + q0 * kKeysPerPass) * kFp8Row;
   const uint32_t x_off = kFp8Group * g + 8 * (tid % kGroupUnits), sf_off = kFp8SfOff + 4 * g;
 #pragma unroll
-  for (uint32_t q = 0; q < kUnitsPerGroup; ++q) {
+  for (uint32_t q = 0; q < kUnits; ++q) {
     lg.x[q] = pk::ld_shared_v2(row + q * kKeysPerPass * kFp8Row + x_off);
     lg.scale[q] = pk::ld_shared_f32(row + q * kKeysPerPass * kFp8Row + sf_off);
   }
 }
 
 // kPartial: keys >= valid are written as zeros (only a partial last block pays for the test).
-template <bool kPartial>
-__device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, uint32_t g, const LatentGroup& lg,
-                                                   uint32_t valid) {
-  const uint32_t key0 = tid / kGroupUnits, unit = tid % kGroupUnits;
+template <bool kPartial, uint32_t kUnits>
+__device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, uint32_t g, uint32_t q0,
+                                                   const LatentGroup<kUnits>& lg, uint32_t valid) {
+  const uint32_t key0 = tid / kGroupUnits + q0 * kKeysPerPass, unit = tid % kGroupUnits;
   const uint32_t dst = kblk + (2 * g + unit / pk::kSwizzleRows) * kKChunkBytes +
                        pk::swizzle128_unit(key0, unit % pk::kSwizzleRows);   // + 1024 q: 8 keys, same key % 8
 #pragma unroll
-  for (uint32_t q = 0; q < kUnitsPerGroup; q += 2) {
+  for (uint32_t q = 0; q < kUnits; q += 2) {
     uint4 r[2];
     const uint2 x[2] = {lg.x[q], lg.x[q + 1]};
     const float sc[2] = {lg.scale[q], lg.scale[q + 1]};
@@ -341,14 +346,23 @@ struct NarrowMath {
     pk::wgmma_commit();
 #pragma unroll
     for (uint32_t g = 0; g < kFp8Groups; ++g) {
-      LatentGroup lg;
-      load_latent_group(raw, tid, g, lg);
-      if (g + 1 == kFp8Groups) {
-        __syncwarp();
-        if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
-      }
+      constexpr uint32_t kUnits = N == 16 ? kUnitsPerGroup : kUnitsPerGroup / 2;   // N 32: registers
+      const auto release_after_last_load = [&](uint32_t q_end) {
+        if (g + 1 == kFp8Groups && q_end == kUnitsPerGroup) {
+          __syncwarp();
+          if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
+        }
+      };
+      LatentGroup<kUnits> lg;
+      load_latent_group(raw, tid, g, 0, lg);
+      release_after_last_load(kUnits);
       pk::wgmma_wait<kPending>();
-      store_latent_group<kPartial>(kb, tid, g, lg, valid);
+      store_latent_group<kPartial>(kb, tid, g, 0, lg, valid);
+      if constexpr (kUnits < kUnitsPerGroup) {
+        load_latent_group(raw, tid, g, kUnits, lg);
+        release_after_last_load(2 * kUnits);
+        store_latent_group<kPartial>(kb, tid, g, kUnits, lg, valid);
+      }
       pk::fence_proxy_async_shared();
       pk::named_barrier_sync(kBarMath, kMathThreads);
       pk::wgmma_fence();
@@ -374,7 +388,7 @@ struct NarrowMath {
   // columns (each stage's operations independent), for in-order issue.
   __device__ __forceinline__ void softmax(float (&st)[F::kRegs], float (&m)[F::kCols], float (&l)[F::kCols],
                                           float (&acc)[kVTiles][F::kRegs], uint32_t blk, const int (&lim)[F::kCols],
-                                          int min_lim, const uint32_t (&pa)[4]) {
+                                          int min_lim) {
     const int key0 = (int)(blk * kPage + 16 * warp + lane / 4);   // + 8 h: this thread's keys
     if ((int)(blk * kPage + kPage - 1) > min_lim) {   // only blocks with keys past some row's last
 #pragma unroll
@@ -431,6 +445,7 @@ struct NarrowMath {
     }
 #pragma unroll
     for (uint32_t i = 0; i < F::kRegs; ++i) l[F::col_of(i)] += st[i];
+    const uint32_t pa[4] = {p_addr(0, 0), p_addr(0, 1), p_addr(1, 0), p_addr(1, 1)};   // (few registers held)
     uint32_t bits[F::kRegs];
 #pragma unroll
     for (uint32_t i = 0; i < F::kRegs; ++i) bits[i] = pk::pack_bf16x2(st[i], 0.0f);
@@ -454,7 +469,6 @@ struct NarrowMath {
   __device__ __forceinline__ void run_piece(const pk::MlaPiece& pc, const PieceRows<N>& rows,
                                             float (&acc)[kVTiles][F::kRegs], float (&m)[F::kCols],
                                             float (&l)[F::kCols]) {
-    const uint32_t pa[4] = {p_addr(0, 0), p_addr(0, 1), p_addr(1, 0), p_addr(1, 1)};
     int min_lim = rows.lim[0];
 #pragma unroll
     for (uint32_t j = 1; j < F::kCols; ++j) min_lim = min(min_lim, rows.lim[j]);
@@ -493,7 +507,7 @@ struct NarrowMath {
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
         for (uint32_t i = 0; i < F::kRegs; ++i) pk::fence_operand(acc[t][i]);
-      softmax(st, m, l, acc, blk, rows.lim, min_lim, pa);
+      softmax(st, m, l, acc, blk, rows.lim, min_lim);
       pk::fence_proxy_async_shared();   // st.shared (P) -> wgmma reads
       pk::named_barrier_sync(kBarMath, kMathThreads);
 #pragma unroll
@@ -572,26 +586,27 @@ __device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece&
     const float lse2 = seen ? m[j] + pk::lg2_approx(l[j]) : -INFINITY;
     const bool lse_writer = warp == 0 && lane < 4;
     if (nsplit == 1) {
-      uint16_t* dst = p.out + pc.b * p.out_sb + (uint64_t)tok * p.out_ss + (uint64_t)head * p.out_sh;
+      // this thread's first value column; the others at constant offsets (immediates)
+      uint16_t* const dst = p.out + pc.b * p.out_sb + (uint64_t)tok * p.out_ss + (uint64_t)head * p.out_sh + dim0;
 #pragma unroll
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
         for (uint32_t h = 0; h < 2; ++h) {
           const uint32_t i = 4 * (j >> 1) + 2 * h + (j & 1);
-          dst[64 * t + dim0 + 8 * h] = (uint16_t)(pk::pack_bf16x2(acc[t][i] * inv, 0.0f) & 0xFFFFu);
+          dst[64 * t + 8 * h] = (uint16_t)(pk::pack_bf16x2(acc[t][i] * inv, 0.0f) & 0xFFFFu);
         }
       if (lse_writer)
         p.lse[pc.b * p.lse_sb + (uint64_t)head * p.lse_sh + (uint64_t)tok * p.lse_ss] =
             seen ? lse2 * kLn2 : INFINITY;
     } else {
       const uint64_t split_row = (uint64_t)pc.split * p.rows + n;
-      float* dst = p.oacc + split_row * kDimV;
+      float* const dst = p.oacc + split_row * kDimV + dim0;
 #pragma unroll
       for (uint32_t t = 0; t < kVTiles; ++t)
 #pragma unroll
         for (uint32_t h = 0; h < 2; ++h) {
           const uint32_t i = 4 * (j >> 1) + 2 * h + (j & 1);
-          dst[64 * t + dim0 + 8 * h] = acc[t][i] * inv;
+          dst[64 * t + 8 * h] = acc[t][i] * inv;
         }
       if (lse_writer) p.lacc[split_row] = lse2;
     }

@@ -48,6 +48,13 @@ CODES = {
                  "entry {a2} (row * 8 + column): expected {a1}, got {a0} (row 0 starts at batch 0, block 0, "
                  "split 0, each row where the previous one ended, and the last row ends after the last block "
                  "of batch b - 1)"),
+    9: ErrorCode("ContextLensOutOfRange", "context_lens",
+                 "expected values in [0, {a1}] (the logits' columns and the block table's pages x the page size), "
+                 "got {a0} at flat index {a2}"),
+    10: ErrorCode("WindowStartOutOfRange", "cu_seqlen_ks",
+                  "expected values in [0, {a1}] (the keys), got {a0} at row {a2}"),
+    11: ErrorCode("WindowEndOutOfRange", "cu_seqlen_ke",
+                  "expected values in [cu_seqlen_ks[row], {a1}] (the keys), got {a0} at row {a2}"),
 }
 
 

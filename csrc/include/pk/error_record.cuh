@@ -17,6 +17,9 @@ enum ErrorCode : int {
   kErrMetadataOutOfRange = 6,
   kErrNumSplitsMismatch = 7,
   kErrMetadataMismatch = 8,
+  kErrContextLensOutOfRange = 9,
+  kErrWindowStartOutOfRange = 10,
+  kErrWindowEndOutOfRange = 11,
 };
 
 constexpr int kErrorRecordWords = 8;   // code, arg0, arg1, arg2, cta.x, cta.y, cta.z, reserved

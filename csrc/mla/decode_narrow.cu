@@ -15,16 +15,20 @@
 //
 // Per block (64 keys), math warpgroup:
 //   bf16 cache: wait for the K stage (9 TMA boxes of 64 x 64 bf16, 128-byte swizzle); a partial
-//               last block has its stale rows (possibly NaN) zeroed in V's columns first.
-//   FP8 cache:  wait for the raw page (one TMA box, 64 x 656 bytes), convert it into the one
-//               bf16 K block (e4m3 * scale in f32, rounded once: exact for the power-of-two
-//               scales of the quantizer; RoPE copied; rows past the sequence's end zeros),
-//               release the raw page, so the ring's next load starts at once.
-//   S^T = K Q^T (9 chunks x 4 k16 steps of m64nNk16); mask keys past each row's last visible
-//   one; column (query row) maxima: in-thread, across the 8 lanes of a key column
-//   (shfl), across the 4 warps (shared memory, one named barrier); online softmax; P as bf16
-//   into the P tile [N][64] (128-byte swizzle); O^T += V^T P^T (8 column tiles x 4 k16 steps);
-//   the bf16 K stage released once that retired.
+//               last block has its stale rows (possibly NaN) zeroed in V's columns first;
+//               S^T = K Q^T (9 chunks x 4 k16 steps of m64nNk16).
+//   FP8 cache:  S^T was issued while the previous block's O^T ran (below).
+//   Softmax over keys: mask keys past each row's last visible one; column (query row) maxima
+//   in-thread, across the 8 lanes of a key column (shfl), across the 4 warps (shared memory,
+//   one named barrier); P as bf16 into the P tile [N][64] (128-byte swizzle); O^T += V^T P^T
+//   (8 value tiles x 4 k16 steps, one commit group per scale group of 128 columns).
+//   bf16: the K stage released once O^T retired. FP8: meanwhile the next raw page (one TMA
+//   box, 64 x 656 bytes) is converted into the one bf16 K block (e4m3 * scale in f32, rounded
+//   once: exact for the quantizer's power-of-two scales; RoPE copied; rows past the sequence's
+//   end zeros), scale group g as soon as O^T's group g retired, and the next block's S^T is
+//   issued chunk by chunk as they are written; the raw page is released after its last loads,
+//   so the ring's next TMA starts at once. A piece's first page is converted the same way
+//   before its loop.
 // Epilogue per piece: the row sums summed over the warpgroup; out / lse, or the split scratch
 // row for pk_mla_combine, exactly as decode.cu's pieces write them.
 //

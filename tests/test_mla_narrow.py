@@ -2,7 +2,8 @@
 narrow_decode_plan, picked by plan_decode for s_q * h_q / h_kv <= 32 query rows per KV head):
 what was compiled (SASS, ptxas resources), the dispatch and launch plans, and the same
 kernel's PTX on the emulator (backend "emu", memory-ordering checker on, tests/conftest.py)
-against the float32 reference, bf16 and FP8 caches, under every emulator schedule.
+against the float32 reference, bf16 and FP8 caches, under every emulator schedule. GPU runs of
+the same cases are marked `gpu` (not run yet: no GPU here).
 
 Tolerances (emu vs pykernels.reference, per sequence), those of tests/test_mla_cuda.py:
 - calc_diff(out) < 1e-5: P is rounded to bf16 for O^T = V^T P^T (2^-9 relative per weight)
@@ -27,7 +28,7 @@ from pykernels.cuda import mla as CM
 from pykernels.emu.launch import SCHEDULES
 from pykernels.metrics import calc_diff
 from pykernels.runtime import artifacts, device_errors, sass
-from pykernels.runtime.executors import run_emu
+from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
 
 from .mla_cases import PAGE, make_problem
 from .mla_cases import cdiv as _cdiv
@@ -273,3 +274,23 @@ def test_emu_counters(fp8, seed, poisoned_scratch):
     whole = sum(1 for n in splits if n == 1)
     split_pieces = sum(n for n in splits if n > 1)
     assert d["global_bytes_written"] == whole * rows * (512 * 2 + 4) + split_pieces * rows * (512 * 4 + 4)
+
+
+# ------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal,parts,split,fp8", CASES,
+                         ids=[f"L{'-'.join(map(str, c[0]))}_sq{c[1]}_h{c[2]}{'_causal' if c[3] else ''}_p{c[4]}"
+                              f"_{'fp8' if c[6] else 'bf16'}" for c in CASES])
+def test_cuda_matches_reference(seqlens, s_q, h_q, causal, parts, split, fp8, poisoned_scratch):
+    assert gpu_unavailable_reason() == ""
+    torch.manual_seed(sum(seqlens) + 7 * s_q + h_q + fp8)
+    q, cache, table, sl = _problem(seqlens, s_q, h_q, fp8)
+    meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
+    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    dev = [t.cuda() for t in (q, cache, table, sl, meta, ns, out, lse)]
+    M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], causal=causal, backend="cuda", out=dev[6],
+                             softmax_lse=dev[7])
+    torch.cuda.synchronize()
+    ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal, backend="reference")
+    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)

@@ -81,6 +81,16 @@ def test_resources_within_budget(function):
     assert r["registers"] <= 255 and r["registers"] * CM.NARROW_THREADS <= REGISTER_FILE
 
 
+def test_ptxas_keeps_the_wgmmas_asynchronous():
+    # ptxas C7515 ("wgmma.mma_async instructions are serialized ...") appears when a wgmma's
+    # accumulators are defined by other instructions while it is in flight, e.g. their
+    # loop-carried copies when S^T or O^T stays in flight across the block loop's back edge
+    log = artifacts.KERNEL_DIR / f"{CM.NARROW_MODULE}.log"      # ptxas -v output of the build
+    text = log.read_text()
+    assert all(f"Function properties for {f}" in text for f in FUNCTIONS)
+    assert "C7515" not in text and "serialized" not in text
+
+
 def test_shared_memory_plan():
     # Q (9 chunks of N x 128 B) + bf16: 2 K stages | FP8: 1 bf16 K block + 3 (N 16) or 2 raw
     # pages + P (N x 128 B) + row maxima (2 x 4 x N f32) + row sums (4 x N f32) + 2 mbarriers a

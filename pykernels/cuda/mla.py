@@ -13,6 +13,9 @@ pk_mla_decode_fp8 (the FP8 layout [num_blocks, 64, 1, 656] bytes: 512 e4m3 | 4 f
 entry takes the bf16 entry's parameters (its tmap_kv unused: its producer warpgroup reads the
 rows itself) + FP8_TAIL_ARGS more, the sparse decode's (docs/mla.md). Each launch serves one
 KV head (the kernel reads one cache column): h_kv > 1 is h_kv decode + combine launch pairs.
+At most NARROW_MAX_ROWS (32) query rows per KV head run the narrow kernel instead
+(csrc/mla/decode_narrow.cu, `plan_decode` picks): pk_mla_decode_narrow_{bf16,fp8}_n{16,32},
+the first 26 parameters above (both caches through tensor maps), the same combine.
 
 Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
 lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides

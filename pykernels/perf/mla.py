@@ -1,5 +1,6 @@
-"""Whole-launch prediction of our MLA decode (csrc/mla/decode.cu through pykernels/cuda/mla.py)
-at FlashMLA's benchmark sizes on a named part.
+"""Whole-launch prediction of our MLA decode (csrc/mla/decode.cu, or csrc/mla/decode_narrow.cu for
+at most 32 query rows per KV head: the kernel pykernels/cuda/mla.plan_decode picks) at
+FlashMLA's benchmark sizes on a named part.
 
 What is simulated: the real decode kernel on the emulator, one CTA (one partition, one row
 tile of at most 64 query rows) over one sequence of `lo` and of `hi` KV blocks of 64 tokens,

@@ -107,7 +107,7 @@ def test_every_config(cfg, seed):
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL and not out.isnan().any()
     assert stats.global_written == m * n * 2                 # every element once, nothing more
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64)      # per 64-row wave
+    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64) * (cfg.block_n // cfg.chunk_n)  # per wave, chunk
 
 
 WIDE = [c for c in G.CONFIGS if 128 % c.block_n]
@@ -329,7 +329,7 @@ def test_multicast_normal(cfg, m, sms, seed):
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
     assert stats.global_written == m * n * 2                         # partner-less CTAs store nothing
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)             # ... and issue no wgmma
-    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64)      # per 64-row wave
+    assert stats.wgmma == tiles * (k // 128) * 4 * (cfg.block_m // 64) * (cfg.block_n // cfg.chunk_n)  # per wave, chunk
 
 
 def test_multicast_two_stages_wrap_the_ring(seed):

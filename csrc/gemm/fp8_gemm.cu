@@ -276,7 +276,7 @@ struct Layout {
   // Dynamic shared memory for `stages` stages (plus 1024 bytes to align the base).
   // pykernels/cuda/gemm.py computes the same (the kernel traps when launched with less).
   static __host__ __device__ constexpr uint32_t smem_bytes(uint32_t stages) {
-    return 1024 + stages * (kABytes + kBBytes + kSfaBytes + kSfbBytes) + kMathWG * kStagingBytes + stages * 16;
+    return 1024 + stages * (kABytes + kBBytes + kSfaBytes + kSfbBytes) + kMathWG * kWaves * kStagingBytes + stages * 16;
   }
   // Byte offset in the staging area of the 16-byte chunk holding columns [8 c, 8 c + 8) of row r.
   static __device__ __forceinline__ uint32_t chunk_offset(uint32_t r, uint32_t c) {
@@ -285,6 +285,11 @@ struct Layout {
 };
 
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
+
+// Two waves with BN > 128: the widest wgmma N (a multiple of 8) dividing BN that is at most 48.
+__host__ __device__ constexpr uint32_t chunk_n(uint32_t bn, uint32_t n = 48) {
+  return bn % n == 0 ? n : chunk_n(bn, n - 8);
+}
 
 template <uint32_t V>
 struct Const {
@@ -352,7 +357,13 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   // runs while kb is promoted (with two warpgroups the other one's wgmma fills that gap).
   // Up to BN 64: three BN/2-register sets (acc, acc2, fin) of 64 x 128 spill the 232 registers.
   constexpr bool kDoubleAcc = !kBf16 && L::kMathWG == 1 && BN <= 64;
-  static_assert(kWaves == 1 || kAcc * (kWaves + 1) <= 192, "two waves: acc + one result per wave in the registers");
+  // Two waves with BN > 128: each wave's wgmma in two column halves (m64 x BN/2), so that the
+  // accumulator set (BN/4 registers) and a result per wave fit the 232 registers.
+  constexpr uint32_t kChunkN = kWaves > 1 && BN > 128 ? chunk_n(BN) : BN;  // columns of one wgmma
+  constexpr uint32_t kNChunks = BN / kChunkN;
+  constexpr uint32_t kChunkAcc = kChunkN / 2;    // its accumulator registers per thread
+  static_assert(kChunkN % 8 == 0, "chunks: whole 8-row B swizzle atoms");
+  static_assert(kWaves == 1 || kChunkAcc + kWaves * kAcc <= 200, "two waves: acc + one result per wave in the registers");
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
@@ -363,7 +374,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   const uint32_t staging_off = p.stages * (L::kABytes + L::kBBytes);
   // A scales of stage s at sfa_off + s * kSfaBytes (after the staging tiles: those keep the
   // 1024-byte alignment of the stage tiles; a scale box needs 128 bytes, BM * 4 is 256 or 512)
-  const uint32_t sfa_off = staging_off + L::kMathWG * L::kStagingBytes;
+  const uint32_t sfa_off = staging_off + L::kMathWG * kWaves * L::kStagingBytes;
   // kRowB: B scales of stage s at sfb_off + s * kSfbBytes (256-byte aligned: BM * 4 is)
   const uint32_t sfb_off = sfa_off + p.stages * L::kSfaBytes;
   const uint32_t bars = base + sfb_off + p.stages * L::kSfbBytes;
@@ -471,14 +482,12 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   const uint32_t warp = tid / 32, lane = tid % 32;
   const uint32_t frag_row = 16 * warp + lane / 4;     // first of this thread's two rows (+8)
   const uint32_t nb_total = cdiv(p.n, 128);
-  uint8_t* const staging = smem + staging_off + wg * L::kStagingBytes;
-  const uint32_t staging_addr = base + staging_off + wg * L::kStagingBytes;
 
-  float acc[kAcc];
-  float acc2[kDoubleAcc ? kAcc : 1];  // the second accumulator set (odd K blocks)
+  float acc[kChunkAcc];
+  float acc2[kDoubleAcc ? kChunkAcc : 1];  // the second accumulator set (odd K blocks)
   float fin[kWaves][kAcc];  // the promoted result of each 64-row wave
 #pragma unroll
-  for (uint32_t i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+  for (uint32_t i = 0; i < kChunkAcc; ++i) acc[i] = 0.0f;
 
   Scheduler<BM, BN, kCluster, true> sched(p);
   uint32_t s = 0, phase = 0;
@@ -557,20 +566,21 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             }
           }
         };
-        // Issues the four wgmma of stage s's wave w (rows wg_row + 64 w) into a (one commit group).
-        auto mma = [&](float(&a)[kAcc], uint32_t w) {
+        // Issues the four wgmma of stage s's wave w (rows wg_row + 64 w), columns chunk c, into a
+        // (one commit group).
+        auto mma = [&](float(&a)[kChunkAcc], uint32_t w, uint32_t c = 0) {
 #pragma unroll
-          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(a[i]);
+          for (uint32_t i = 0; i < kChunkAcc; ++i) pk::fence_operand(a[i]);
           pk::wgmma_fence();
           const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + (wg_row + 64 * w) * kBlockK);
-          const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes);
+          const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes + c * kChunkN * kBlockK);
 #pragma unroll
           for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
             // +32 bytes of K per step = +2 in the descriptor's start-address field
             if constexpr (kBf16) {  // chained across K blocks: only the tile's first step starts from zero
-              pk::WgmmaBF16<BN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : chain);
+              pk::WgmmaBF16<kChunkN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : chain);
             } else {
-              pk::WgmmaE4M3<BN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
+              pk::WgmmaE4M3<kChunkN>::mma(a, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0 ? 1u : 0u);
             }
           }
           pk::wgmma_commit();
@@ -582,7 +592,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
         };
         // Waits for stage s, reads its scales, issues its four wgmma into a (one commit group).
-        auto issue = [&](float(&a)[kAcc], Scales& sc) {
+        auto issue = [&](float(&a)[kChunkAcc], Scales& sc) {
           arrive(sc);
           mma(a, 0);
           next_stage();
@@ -596,30 +606,33 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             pk::mbar_arrive(empty_bars + 8 * stage);
           }
         };
-        // fin[w] += the scaled accumulator a of wave w.
-        auto promote = [&](float(&a)[kAcc], const Scales& sc, uint32_t w = 0) {
+        // fin[w] += the scaled accumulator a of wave w, columns chunk c (8-column groups
+        // j = c kChunkAcc / 4 + i of the tile).
+        auto promote = [&](float(&a)[kChunkAcc], const Scales& sc, uint32_t w = 0, uint32_t c = 0) {
 #pragma unroll
-          for (uint32_t i = 0; i < kAcc; ++i) pk::fence_operand(a[i]);  // after the wait_group
+          for (uint32_t i = 0; i < kChunkAcc; ++i) pk::fence_operand(a[i]);  // after the wait_group
           float(&f)[kAcc] = fin[w];
           if constexpr (kRowB) {  // fin += (sfa[row] * sfb[column]) * acc
 #pragma unroll
-            for (uint32_t j = 0; j < kAcc / 4; ++j) {
-              f[4 * j + 0] = fmaf(sc.sa0 * sc.sbc[2 * j], a[4 * j + 0], f[4 * j + 0]);
-              f[4 * j + 1] = fmaf(sc.sa0 * sc.sbc[2 * j + 1], a[4 * j + 1], f[4 * j + 1]);
-              f[4 * j + 2] = fmaf(sc.sa1 * sc.sbc[2 * j], a[4 * j + 2], f[4 * j + 2]);
-              f[4 * j + 3] = fmaf(sc.sa1 * sc.sbc[2 * j + 1], a[4 * j + 3], f[4 * j + 3]);
+            for (uint32_t i = 0; i < kChunkAcc / 4; ++i) {
+              const uint32_t j = c * kChunkAcc / 4 + i;
+              f[4 * j + 0] = fmaf(sc.sa0 * sc.sbc[2 * j], a[4 * i + 0], f[4 * j + 0]);
+              f[4 * j + 1] = fmaf(sc.sa0 * sc.sbc[2 * j + 1], a[4 * i + 1], f[4 * j + 1]);
+              f[4 * j + 2] = fmaf(sc.sa1 * sc.sbc[2 * j], a[4 * i + 2], f[4 * j + 2]);
+              f[4 * j + 3] = fmaf(sc.sa1 * sc.sbc[2 * j + 1], a[4 * i + 3], f[4 * j + 3]);
             }
           } else {  // fin += sfa[row] * sfb[block of column] * acc
             const float c00 = sc.sa0 * sc.sb0, c10 = sc.sa1 * sc.sb0;  // rows (r, r+8) x first block
             const float c01 = sc.sa0 * sc.sb1, c11 = sc.sa1 * sc.sb1;  // rows (r, r+8) x second block
 #pragma unroll
-            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+            for (uint32_t i = 0; i < kChunkAcc / 4; ++i) {
+              const uint32_t j = c * kChunkAcc / 4 + i;
               const float r0 = j < kFirst ? c00 : c01;  // j: unrolled, kFirst: compile time
               const float r1 = j < kFirst ? c10 : c11;
-              f[4 * j + 0] = fmaf(r0, a[4 * j + 0], f[4 * j + 0]);
-              f[4 * j + 1] = fmaf(r0, a[4 * j + 1], f[4 * j + 1]);
-              f[4 * j + 2] = fmaf(r1, a[4 * j + 2], f[4 * j + 2]);
-              f[4 * j + 3] = fmaf(r1, a[4 * j + 3], f[4 * j + 3]);
+              f[4 * j + 0] = fmaf(r0, a[4 * i + 0], f[4 * j + 0]);
+              f[4 * j + 1] = fmaf(r0, a[4 * i + 1], f[4 * j + 1]);
+              f[4 * j + 2] = fmaf(r1, a[4 * i + 2], f[4 * j + 2]);
+              f[4 * j + 3] = fmaf(r1, a[4 * i + 3], f[4 * j + 3]);
             }
           }
         };
@@ -652,8 +665,8 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
         } else if constexpr (kWaves > 1) {
           // Two 64-row waves per warpgroup (BM 256) through one accumulator set: per K block
-          // wave 0's wgmma, wait, promote into fin[0], then wave 1's into fin[1]; the stage is
-          // released once wave 1's wgmma has read it. The other math warpgroup's wgmma keeps
+          // wave 0's wgmma, wait, promote into fin[0], then wave 1's into fin[1] (BN > 128: each
+          // wave as two column chunks); the stage is released once the last wgmma has read it. The other math warpgroup's wgmma keeps
           // the tensor core busy during each promotion.
           for (uint32_t kb = 0; kb < num_kb; ++kb) {
             Scales sc;
@@ -662,11 +675,14 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             arrive(sc);
 #pragma unroll
             for (uint32_t w = 0; w < kWaves; ++w) {
-              mma(acc, w);
-              read_sfa(sc, w);
-              pk::wgmma_wait<0>();
-              if (w + 1 == kWaves) release(stage);
-              promote(acc, sc, w);
+#pragma unroll
+              for (uint32_t c = 0; c < kNChunks; ++c) {
+                mma(acc, w, c);
+                if (c == 0) read_sfa(sc, w);
+                pk::wgmma_wait<0>();
+                if (w + 1 == kWaves && c + 1 == kNChunks) release(stage);
+                promote(acc, sc, w, c);
+              }
             }
             next_stage();
           }
@@ -734,8 +750,11 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         with_const<kStep, kLast>(first, k_loop);
       }
 
-      // The result of one 64-row wave (f, its first row m_base) to out.
-      auto epilogue = [&](const float(&f)[kAcc], uint32_t m_base) {
+      // The result of wave w (f, its first row m_base) to out. Each wave has its own staging
+      // tile, so a wave's stores need not wait for the previous wave's to leave shared memory.
+      auto epilogue = [&](const float(&f)[kAcc], uint32_t m_base, uint32_t w) {
+        uint8_t* const staging = smem + staging_off + (wg * kWaves + w) * L::kStagingBytes;
+        const uint32_t staging_addr = base + staging_off + (wg * kWaves + w) * L::kStagingBytes;
         if constexpr (kFp8Out) {
           // e4m3 out: this thread holds columns 8 j + 2 (lane % 4) + {0, 1} of rows frag_row
           // (h = 0) and frag_row + 8 (h = 1); the 4 lanes of a quad hold a whole 128-column
@@ -816,7 +835,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
           use_tma = __all_sync(0xffffffffu, own);
         }
-        if (tid == 0) pk::tma_store_wait_read<0>();  // earlier TMA stores have read the staging
+        // Earlier TMA stores from this staging tile have read it (one bulk group per wave and
+        // tile, in wave order: the kWaves - 1 newest groups are the other waves' tiles) ...
+        if (tid == 0) pk::tma_store_wait_read<kWaves - 1>();
         pk::named_barrier_sync(1 + wg, 128);          // ... and every warp is done with it
 #pragma unroll
         for (uint32_t j = 0; j < kAcc / 4; ++j) {
@@ -840,6 +861,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             pk::tma_store_commit();
           }
         } else {
+          if (kWaves > 1 && tid == 0) pk::tma_store_commit();  // an empty group keeps one per wave
           __syncwarp();
           // Lanes split into rows of kLanesPerRow lanes, one 16-byte chunk each.
           const uint32_t chunk = lane % L::kLanesPerRow;
@@ -847,7 +869,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           const bool col_ok = chunk < L::kChunks && col < p.n;
           const uint32_t r_first = 16 * warp + lane / L::kLanesPerRow;  // row in the warpgroup's 64
           uint8_t* dst = p.out + ((uint64_t)(out_row + r_first) * p.n + col) * 2;
-#pragma unroll
+#pragma unroll(kWaves > 1 ? 1 : 16)
           for (uint32_t it = 0; it < 16 / L::kRowsPerIter; ++it) {
             const uint32_t r = r_first + it * L::kRowsPerIter;
             const uint32_t row = m_base + r;
@@ -861,7 +883,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         }
       };
 #pragma unroll
-      for (uint32_t w = 0; w < kWaves; ++w) epilogue(fin[w], m_blk * BM + wg_row + 64 * w);
+      for (uint32_t w = 0; w < kWaves; ++w) epilogue(fin[w], m_blk * BM + wg_row + 64 * w, w);
       pass.advance(p, m_blk);
     }
   }
@@ -929,6 +951,7 @@ constexpr uint32_t kLaunchBound = 384;
   PK_BF16_GEMM_ENTRY_NAMED(pk_bf16_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, true)
 
 PK_FP8_GEMM_ENTRY(256, 128)
+PK_FP8_GEMM_ENTRY(256, 144)
 PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
 PK_FP8_GEMM_ENTRY(128, 160)

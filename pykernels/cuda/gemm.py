@@ -60,10 +60,8 @@ OPS = {KIND_NORMAL: "fp8_gemm_nt", KIND_CONTIGUOUS: "m_grouped_fp8_gemm_nt_conti
 # HBM ~1.7 KB/clk (3 TB/s), output stores 32 B/clk per SM.
 _MACS_PER_CLK = 4096
 _SMEM_BYTES_PER_CLK = 128
-_L2_BYTES_PER_CLK_SM = 64
 _L2_BYTES_PER_CLK = 5700
 _DRAM_BYTES_PER_CLK = 1700
-_STORE_BYTES_PER_CLK = 32
 _TILE_FIXED_CLK = 600           # scheduler, pipeline hand-over, epilogue latency
 COST_PART = "h800"              # split-K's cost rule (streaming_cycles): the timing model's part (DeepGEMM's table)
 MULTICAST_GAIN = 0.97           # a cluster-2 config must model >= 3% faster than the best
@@ -89,6 +87,20 @@ class Config:
         return min(self.block_m // 64, 2)
 
     @property
+    def waves(self) -> int:
+        """64-row waves per math warpgroup (2 for BLOCK_M 256)."""
+        return self.block_m // 64 // self.math_warpgroups
+
+    @property
+    def chunk_n(self) -> int:
+        """Columns of one wgmma: BLOCK_N; two waves and BLOCK_N > 128: the widest multiple of 8
+        up to 48 dividing BLOCK_N (fp8_gemm.cu chunk_n: the accumulator set is chunk_n / 2
+        registers beside a BLOCK_N / 2 result per wave)."""
+        if self.waves > 1 and self.block_n > 128:
+            return next(c for c in range(48, 0, -8) if self.block_n % c == 0)
+        return self.block_n
+
+    @property
     def threads(self) -> int:
         return 128 * (self.math_warpgroups + 1)   # + the producer warpgroup
 
@@ -111,8 +123,8 @@ class Config:
         """Dynamic shared memory (Layout::smem_bytes in the kernel, which traps when given
         less: tests/test_gemm_emu.py checks the two agree): 1024 alignment slack + stages
         x (A + B tiles + BLOCK_M f32 A scales) + a 64 x BLOCK_N bf16 output staging tile
-        per math warpgroup + 2 mbarriers per stage."""
-        staging = self.math_warpgroups * 64 * 2 * self.block_n
+        per 64-row wave of each math warpgroup + 2 mbarriers per stage."""
+        staging = self.math_warpgroups * self.waves * 64 * 2 * self.block_n     # one tile per 64-row wave
         scales = 4 * self.block_m + (4 * self.block_n if self.row_b else 0)     # per stage: A (and B) scales
         return 1024 + stages * (self.stage_bytes() + scales) + staging + 16 * stages
 
@@ -176,6 +188,23 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def kblock_mma_cycles(cfg: Config, macs_per_clk: float) -> float:
+    """Tensor-core time of one K block of a tile: 64-row waves x column chunks x 4 k32 steps of
+    wgmma m64 x chunk_n, each bounded by its MACs or by its shared-memory operand reads (A
+    64 x 32 and B chunk_n x 32 bytes) at _SMEM_BYTES_PER_CLK."""
+    cn = cfg.chunk_n
+    per = max(64 * cn * 32 / macs_per_clk, (64 * 32 + cn * 32) / _SMEM_BYTES_PER_CLK)
+    return cfg.block_m // 64 * (cfg.block_n // cn) * 4 * per
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_port_bytes_per_clk() -> float:
+    """What one SM receives (and stores) per clock through its L2 port on COST_PART (the timing
+    model's machine description, model v0.2: the L2 bandwidth's even share)."""
+    from ..perf.machines import part
+    return part(COST_PART).sm_l2_bytes_per_clk
+
+
 def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, boundaries: int = 0,
                     clusters: int = None) -> float:
     """Model of the kernel's run time in SM clocks for `groups` problems of m x n x k.
@@ -199,10 +228,10 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     n_blocks = cdiv(n, bn)
     tiles = groups * cdiv(m, bm) * n_blocks
     units = groups * cdiv(cdiv(m, bm), c) * n_blocks + (boundaries * n_blocks if c > 1 else 0)
-    per_mma = max(64 * bn * 32 / _MACS_PER_CLK, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
-    mma = bm // 64 * 4 * per_mma                          # m64 waves x 4 k32 steps
-    load = (bm + bn) * SCALE_BLOCK / _L2_BYTES_PER_CLK_SM
-    tile = kb * max(mma, load) + bm * bn * 2 / _STORE_BYTES_PER_CLK + _TILE_FIXED_CLK
+    mma = kblock_mma_cycles(cfg, _MACS_PER_CLK)
+    port = _sm_port_bytes_per_clk()
+    load = (bm + bn) * SCALE_BLOCK / port
+    tile = kb * max(mma, load) + bm * bn * 2 / port + _TILE_FIXED_CLK
     waves = cdiv(units, max(1, clusters or sms // c))     # clusters: co-resident (multicast)
     l2 = (tiles * bm + units * bn) * k / _L2_BYTES_PER_CLK
     dram = groups * (m * k + n * k + 2 * m * n) / _DRAM_BYTES_PER_CLK
@@ -276,7 +305,7 @@ def streaming_cycles(cfg: Config, m: int, n: int, k: int, sms: int, splits: int 
     unit_bytes = (bm + bn) * SCALE_BLOCK
     distinct = splits * (m_blocks * bm + n_blocks * bn) * SCALE_BLOCK
     mem = MemoryShare.of(p, active, max(0.0, 1.0 - distinct / (active * unit_bytes)))
-    mma = cfg.math_warpgroups * 4 * max(64 * bn * 32 / p.mma_fp8_per_clk, (64 * 32 + bn * 32) / _SMEM_BYTES_PER_CLK)
+    mma = kblock_mma_cycles(cfg, p.mma_fp8_per_clk)
     per_kb = max(mma, unit_bytes * mem.read_clk_per_byte)
     out_bytes = 4 if splits > 1 else 2
     t = kb * per_kb + bm * bn * out_bytes * mem.share_write_clk_per_byte + _TILE_FIXED_CLK

@@ -412,3 +412,158 @@ def test_cuda_ragged_matches_reference(seed, m, n, h):
     q, k, sf, w, ks, ke = (t.cuda() for t in args)
     out = pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend="cuda")
     _assert_logits_match(out.cpu(), ref)
+
+
+# ------------------------------------------------------------------------ device input checks
+# Index and length values are checked by the kernels into the device error record (no host
+# read on the GPU): the emulator raises the recorded error right after the launch, naming the
+# op, the argument, the bound and the bad value; the bad row (or the item of a bad page) is
+# written empty (-inf / -1) and every other row as the reference. The kernels are called
+# through pykernels.cuda.dsa: the public API checks CPU tensors on the host first, with the
+# same words (checked here on the reference and Triton backends).
+
+def _raises_recorded(call, op, code_name, a0, a1, a2):
+    """call() raises the KernelInputError of `code_name` with arguments (a0, a1, a2), its
+    message the host check's words after the op's name; the record is cleared."""
+    from pykernels.runtime import device_errors as DE
+    with pytest.raises(DE.KernelInputError) as info:
+        call()
+    err = info.value
+    assert err.code == DE.code(code_name) and err.args_recorded == (a0, a1, a2), str(err)
+    assert str(err).startswith(f"{op}: {DE.describe(code_name, a0, a1, a2)} [found by the kernel"), str(err)
+    assert DE.record_for(torch.device("cpu"), op).eq(0).all(), "record not cleared"
+    return DE.describe(code_name, a0, a1, a2)
+
+
+def _host_raises(call, message):
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError) as info:
+            call(backend)
+        assert str(info.value) == message, (backend, str(info.value))
+
+
+def _bad_paged(case):
+    """A small paged problem (3 sequences of up to 2 pages, 32 heads) and one bad value:
+    (inputs, the bad sequence, code, a0, a1, a2)."""
+    b, pages, max_blocks = 3, 8, 2
+    cap = max_blocks * CD.BLOCK_KV
+    q, cache, w, lens, table, _, _ = _problem(b, 2 if case == "lens-2d-negative" else 1, 32,
+                                              case == "lens-2d-negative", pages=pages, max_blocks=max_blocks)
+    lens = lens.clone()
+    if lens.dim() == 1:
+        lens[:] = torch.tensor([cap, 70, 100], dtype=torch.int32)
+    else:
+        lens[:] = torch.tensor([[cap, cap], [60, 70], [99, 100]], dtype=torch.int32)
+    table = torch.randperm(pages)[:b * max_blocks].int().view(b, max_blocks)
+    width = cap + 30
+    if case == "lens-past-table":
+        lens[2] = cap + 1
+        return (q, cache, w, lens, table, width), 2, "ContextLensOutOfRange", cap + 1, cap, 2
+    if case == "lens-past-max-context-len":
+        width = 90
+        lens[0], lens[2] = 91, 80
+        return (q, cache, w, lens, table, width), 0, "ContextLensOutOfRange", 91, 90, 0
+    if case == "lens-2d-negative":
+        lens[1, 1] = -3
+        return (q, cache, w, lens, table, width), 1, "ContextLensOutOfRange", -3, cap, 3
+    if case == "page-past-cache":
+        table[0, 1] = pages + 5
+        return (q, cache, w, lens, table, width), 0, "BlockTableOutOfRange", pages + 5, pages, 0
+    assert case == "page-negative"
+    table[2, 0] = -1
+    return (q, cache, w, lens, table, width), 2, "BlockTableOutOfRange", -1, pages, 2
+
+
+@pytest.mark.parametrize("case", ["lens-past-table", "lens-past-max-context-len", "lens-2d-negative",
+                                  "page-past-cache", "page-negative"])
+def test_emu_paged_logits_record_bad_values(seed, case):
+    (q, cache, w, lens, table, width), bad_seq, code_name, a0, a1, a2 = _bad_paged(case)
+    next_n = q.shape[1]
+    out = torch.full((q.shape[0] * next_n, width), NAN)
+    message = _raises_recorded(lambda: CD.fp8_paged_mqa_logits(q, cache, w, lens, table, out, width, "emu"),
+                               CD.PAGED_OP_NAME, code_name, a0, a1, a2)
+    rows = slice(bad_seq * next_n, (bad_seq + 1) * next_n)
+    if code_name == "ContextLensOutOfRange":
+        assert (out[rows] == -math.inf).all(), "a row with a bad length is written empty"
+    else:   # a bad page empties its item (4 pages): here the whole sequence
+        assert (out[rows] == -math.inf).all()
+    good = torch.ones(q.shape[0], dtype=torch.bool)
+    good[bad_seq] = False
+    fixed_lens = lens.clone()
+    fixed_lens[bad_seq] = 0
+    ref = RD.fp8_paged_mqa_logits(q, cache, w, fixed_lens, table.clamp(0, cache.shape[0] - 1), width)
+    keep = good.repeat_interleave(next_n)
+    _assert_logits_match(out[keep], ref[keep])
+    meta = RD.get_paged_mqa_logits_metadata(lens.clamp(min=0), CD.BLOCK_KV, 2)
+    _host_raises(lambda be: pk.fp8_paged_mqa_logits(q, cache, w, lens, table, meta, width, backend=be), message)
+
+
+@pytest.mark.parametrize("case", ["ks-negative", "ks-past-keys", "ke-before-ks", "ke-past-keys"])
+def test_emu_ragged_logits_record_bad_windows(seed, case):
+    m, n = 6, 150
+    q, k, sf, w, ks, ke = _ragged(m, n, 32)
+    row = 4
+    ks[row], ke[row] = 20, 90
+    code_name, a0 = {"ks-negative": ("WindowStartOutOfRange", -2), "ks-past-keys": ("WindowStartOutOfRange", n + 1),
+                     "ke-before-ks": ("WindowEndOutOfRange", 19), "ke-past-keys": ("WindowEndOutOfRange", n + 3)}[case]
+    (ks if code_name == "WindowStartOutOfRange" else ke)[row] = a0
+    out = torch.full((m, n), NAN)
+    message = _raises_recorded(lambda: CD.fp8_mqa_logits(q, k, sf, w, ks, ke, out, "emu"), CD.RAGGED_OP_NAME,
+                               code_name, a0, n, row)
+    assert (out[row] == -math.inf).all(), "the bad row is written empty"
+    good = torch.arange(m) != row
+    ref = RD.fp8_mqa_logits(q[good], k, sf, w[good], ks[good], ke[good])
+    _assert_logits_match(out[good], ref)
+    _host_raises(lambda be: pk.fp8_mqa_logits(q, (k, sf), w, ks, ke, backend=be), message)
+
+
+@pytest.mark.parametrize("case", ["ks-negative", "ke-before-ks", "ke-past-columns"])
+def test_emu_topk_records_bad_windows(seed, case):
+    m, n, k = 4, 90, 20
+    logits, ks, ke = _topk_prefill_case(m, n, k)
+    row = 1
+    ks[row], ke[row] = 10, 50
+    code_name, a0 = {"ks-negative": ("WindowStartOutOfRange", -1), "ke-before-ks": ("WindowEndOutOfRange", 9),
+                     "ke-past-columns": ("WindowEndOutOfRange", n + 1)}[case]
+    (ks if code_name == "WindowStartOutOfRange" else ke)[row] = a0
+    out = torch.full((m, k), -7, dtype=torch.int32)
+    message = _raises_recorded(lambda: CD.topk_indices(logits, ks, ke, k, out, "emu"), CD.TOPK_OP_NAME,
+                               code_name, a0, n, row)
+    assert (out[row] == -1).all(), "the bad row is written empty"
+    good = torch.arange(m) != row
+    assert torch.equal(out[good], RD.topk_indices(logits[good], ks[good], ke[good], k))
+    _host_raises(lambda be: D.topk_indices(logits, k, ks, ke, backend=be), message)
+
+
+@pytest.mark.parametrize("case", ["lens-past-table", "lens-negative", "page-past-int32-rows", "page-negative"])
+def test_emu_paged_topk_records_bad_values(seed, case):
+    b, next_n, max_blocks, k = 3, 2, 2, 30
+    cap = max_blocks * CD.BLOCK_KV
+    table = torch.randperm(8)[:b * max_blocks].int().view(b, max_blocks)
+    lens = torch.tensor([cap, 70, 100], dtype=torch.int32)
+    logits = _tied_logits(b * next_n, cap + 5)
+    seq = 2
+    if case == "lens-past-table":
+        lens[seq] = cap + 1
+        expected = ("ContextLensOutOfRange", cap + 1, cap, seq)
+    elif case == "lens-negative":
+        lens[seq] = -4
+        expected = ("ContextLensOutOfRange", -4, cap, seq)
+    else:
+        bad = CD.TOPK_PAGE_LIMIT if case == "page-past-int32-rows" else -3
+        table[seq, 1] = bad
+        expected = ("BlockTableOutOfRange", bad, CD.TOPK_PAGE_LIMIT, seq)
+    out = torch.full((b, next_n, k), -7, dtype=torch.int32)
+    message = _raises_recorded(lambda: CD.paged_topk_indices(logits, lens, table, k, out, "emu"),
+                               CD.PAGED_TOPK_OP_NAME, *expected)
+    assert (out[seq] == -1).all(), "the bad sequence's rows are written empty"
+    ref = RD.paged_topk_indices(logits[:seq * next_n], lens[:seq], table[:seq], k)
+    assert torch.equal(out[:seq], ref)
+    _host_raises(lambda be: D.paged_topk_indices(logits, k, lens, table, backend=be), message)
+
+
+def test_emu_logits_schedule_records_a_negative_length():
+    lens = torch.tensor([[300, 5], [7, -2], [0, 64]], dtype=torch.int32)
+    message = _raises_recorded(lambda: CD.paged_logits_schedule(lens, CD.BLOCK_KV, 4, "emu"), CD.SCHEDULE_OP_NAME,
+                               "ContextLensOutOfRange", -2, 2**31 - 1, 3)
+    _host_raises(lambda be: pk.get_paged_mqa_logits_metadata(lens, CD.BLOCK_KV, 4, backend=be), message)

@@ -17,7 +17,9 @@
 // rows or 4 consecutive prefill rows, x a chunk of kBlocksPerCta consecutive 64-key blocks);
 // CTA c takes items c, c + gridDim.x, ... through a two-stage ring, so the keys of the next
 // item stream in while this one is computed. Per item:
-//   1. windows: each row's window, and which of the chunk's blocks meet their hull;
+//   1. windows: each row's window, and which of the chunk's blocks meet their hull; a value
+//      out of range (a context length, a window bound, a page id in use) goes to the device
+//      error record (pk/error_record.cuh) and leaves the row (page: the item) empty: -inf;
 //   2. load (the producer warp, up to kStages items ahead, once the math warps have released
 //      the stage): its lanes copy the group's weights rows into the stage (coalesced loads,
 //      issued before the stage frees); lane 0 issues the TMA loads of the group's Q tiles and
@@ -37,6 +39,7 @@
 //      releases the stage (the empty barrier) for the producer.
 #include <cstdint>
 
+#include "pk/error_record.cuh"
 #include "pk/ptx.cuh"
 
 namespace {
@@ -120,22 +123,44 @@ struct Paged {
   const int* context_lens;
   const int* block_table;
   uint32_t bt_stride, next_n, lens_per_row;   // context_lens is [b, next_n] (1) or [b] (0)
+  int* err;                 // the device error record
+  uint32_t lens_limit;      // context_lens at most min(width, block table pages x 64)
+  uint32_t num_blocks;      // the cache's pages
 
   __device__ __forceinline__ uint32_t group_rows(uint32_t) const { return next_n; }
   __device__ __forceinline__ uint32_t row(uint32_t seq, uint32_t j) const { return seq * next_n + j; }
-  // the rows' windows ({0, 0} past the group): every length read before any is used
+  // the rows' windows ({0, 0} past the group): every length read before any is used; a length
+  // outside [0, lens_limit] is recorded and empties the group's windows (nothing read, -inf written)
   __device__ __forceinline__ void windows(uint32_t seq, Window (&win)[kMaxGroupRows]) const {
     int end[kMaxGroupRows];
+    bool bad = false;
     if (lens_per_row) {
 #pragma unroll
       for (uint32_t j = 0; j < kMaxGroupRows; ++j) end[j] = j < next_n ? context_lens[seq * next_n + j] : 0;
+#pragma unroll
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+        if (j < next_n && (end[j] < 0 || (uint32_t)end[j] > lens_limit)) {
+          pk::record_error(err, pk::kErrContextLensOutOfRange, end[j], (int)lens_limit, (int)(seq * next_n + j));
+          bad = true;
+        }
+      }
     } else {
       const int len = context_lens[seq];
+      if (len < 0 || (uint32_t)len > lens_limit) {
+        pk::record_error(err, pk::kErrContextLensOutOfRange, len, (int)lens_limit, (int)seq);
+        bad = true;
+      }
 #pragma unroll
       for (uint32_t j = 0; j < kMaxGroupRows; ++j) end[j] = j < next_n ? len - (int)next_n + (int)j + 1 : 0;
     }
 #pragma unroll
-    for (uint32_t j = 0; j < kMaxGroupRows; ++j) win[j] = {0u, (uint32_t)max(end[j], 0)};
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) win[j] = {0u, bad ? 0u : (uint32_t)max(end[j], 0)};
+  }
+  // a page id outside the cache is recorded (the item then loads nothing and writes -inf)
+  __device__ __forceinline__ bool coord_ok(uint32_t seq, int32_t page_id) const {
+    if ((uint32_t)page_id < num_blocks) return true;
+    pk::record_error(err, pk::kErrBlockTableOutOfRange, page_id, (int)num_blocks, (int)seq);
+    return false;
   }
   // The block's TMA coordinate: its page id (read for every block of an item before any load
   // is issued, so the reads overlap).
@@ -156,17 +181,37 @@ struct Ragged {
   const int* ks;
   const int* ke;
   uint32_t num_rows;
+  int* err;                 // the device error record
+  uint32_t n;               // k's rows: windows inside [0, n]
 
   __device__ __forceinline__ uint32_t group_rows(uint32_t g) const {
     return min(kMaxGroupRows, num_rows - g * kMaxGroupRows);
   }
   __device__ __forceinline__ uint32_t row(uint32_t g, uint32_t j) const { return g * kMaxGroupRows + j; }
+  // a window outside [0, n] (or ending before it starts) is recorded and left empty (-inf written)
   __device__ __forceinline__ void windows(uint32_t g, Window (&win)[kMaxGroupRows]) const {
     const uint32_t rows = group_rows(g);
+    int lo[kMaxGroupRows], hi[kMaxGroupRows];
 #pragma unroll
-    for (uint32_t j = 0; j < kMaxGroupRows; ++j)
-      win[j] = j < rows ? Window{(uint32_t)ks[row(g, j)], (uint32_t)ke[row(g, j)]} : Window{0u, 0u};
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+      lo[j] = j < rows ? ks[row(g, j)] : 0;
+      hi[j] = j < rows ? ke[row(g, j)] : 0;
+    }
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
+      const int r = (int)row(g, j);
+      bool ok = true;
+      if (lo[j] < 0 || (uint32_t)lo[j] > n) {
+        pk::record_error(err, pk::kErrWindowStartOutOfRange, lo[j], (int)n, r);
+        ok = false;
+      } else if (hi[j] < lo[j] || (uint32_t)hi[j] > n) {
+        pk::record_error(err, pk::kErrWindowEndOutOfRange, hi[j], (int)n, r);
+        ok = false;
+      }
+      win[j] = ok ? Window{(uint32_t)lo[j], (uint32_t)hi[j]} : Window{0u, 0u};
+    }
   }
+  __device__ __forceinline__ bool coord_ok(uint32_t, int32_t) const { return true; }
   __device__ __forceinline__ int32_t coord(uint32_t, uint32_t blk) const { return (int32_t)(blk * kBlockKeys); }
   // k's rows through a 2-D map, k_scales through a 1-D one (keys past N: zero-filled, never written)
   __device__ __forceinline__ void load(uint32_t keys_dst, uint32_t scales_dst, const pk::TensorMap* tmap_k,
@@ -230,6 +275,11 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u)
       info.coord[u] = info.mask >> u & 1 ? keys.coord(group, first_blk + u) : 0;
+    bool ok = true;
+#pragma unroll
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u)
+      if (info.mask >> u & 1) ok = ok && keys.coord_ok(group, info.coord[u]);
+    if (!ok) info.mask = 0;   // a bad page: the item loads nothing (its positions get -inf)
     return info;
   };
   const auto load_item = [&](uint32_t item, const ItemInfo& info, uint32_t s) {
@@ -503,21 +553,23 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
       const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,              \
       const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,     \
       uint32_t weights_stride, uint32_t width, const int* context_lens, const int* block_table,                \
-      uint32_t bt_stride, uint32_t next_n, uint32_t lens_per_row, uint32_t batch) {                            \
+      uint32_t bt_stride, uint32_t next_n, uint32_t lens_per_row, uint32_t batch, int* err,                  \
+      uint32_t lens_limit, uint32_t num_blocks) {                                                              \
     indexer_logits<HEADS, ROWS>(&tmap_q, &tmap_k, &tmap_s,                                                     \
                                 Common{weights, out, out_stride, weights_stride, width, next_n, batch},        \
-                                Paged{context_lens, block_table, bt_stride, next_n, lens_per_row});            \
+                                Paged{context_lens, block_table, bt_stride, next_n, lens_per_row, err,         \
+                                      lens_limit, num_blocks});                                                \
   }
 
 #define PK_DSA_RAGGED_LOGITS_ENTRY(NAME, HEADS)                                                                \
   extern "C" __global__ void __maxnreg__(PK_DSA_MAX_REGS) NAME(                                                 \
       const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_k,              \
       const __grid_constant__ pk::TensorMap tmap_s, const float* weights, float* out, uint64_t out_stride,     \
-      uint32_t weights_stride, uint32_t width, const int* ks, const int* ke, uint32_t num_rows) {              \
+      uint32_t weights_stride, uint32_t width, const int* ks, const int* ke, uint32_t num_rows, int* err) {    \
     indexer_logits<HEADS, 1>(&tmap_q, &tmap_k, &tmap_s,                                                        \
                              Common{weights, out, out_stride, weights_stride, width, kMaxGroupRows,            \
                                     (num_rows + kMaxGroupRows - 1) / kMaxGroupRows},                           \
-                             Ragged{ks, ke, num_rows});                                                        \
+                             Ragged{ks, ke, num_rows, err, width});                                            \
   }
 
 PK_DSA_PAGED_LOGITS_ENTRY(pk_dsa_paged_logits_h32, 32, 1)

@@ -11,7 +11,10 @@
 //   1. prefix: the inclusive prefix sum of the splits, 1024 sequences per pass (a block scan),
 //      into shared memory (b entries);
 //   2. partitions: thread p binary-searches the first sequence whose prefix passes its start.
+// A negative length goes to the device error record (pk/error_record.cuh) and counts as 0.
 #include <cstdint>
+
+#include "pk/error_record.cuh"
 
 namespace {
 
@@ -41,10 +44,11 @@ __device__ __forceinline__ uint32_t block_inclusive_scan(uint32_t v, uint32_t* w
 
 }  // namespace
 
-// context_lens int32 [b] (lens_per_row 0) or [b, next_n] (1); meta int32 [num_parts + 1, 2].
+// context_lens int32 [b] (lens_per_row 0) or [b, next_n] (1); meta int32 [num_parts + 1, 2];
+// err the device error record.
 extern "C" __global__ void __launch_bounds__(kThreads) pk_dsa_logits_schedule(
     const int* context_lens, int* meta, uint32_t b, uint32_t next_n, uint32_t lens_per_row, uint32_t block_kv,
-    uint32_t num_parts) {
+    uint32_t num_parts, int* err) {
   extern __shared__ __align__(16) uint32_t prefix[];   // b entries
   __shared__ uint32_t warp_sums[kWarps];
   const uint32_t split = kSplitPages * block_kv;
@@ -55,10 +59,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) pk_dsa_logits_schedule(
     const uint32_t i = base + threadIdx.x;
     uint32_t len = 0;
     if (i < b) {
-      if (lens_per_row) {
-        for (uint32_t j = 0; j < next_n; ++j) len = max(len, (uint32_t)max(context_lens[i * next_n + j], 0));
-      } else {
-        len = (uint32_t)max(context_lens[i], 0);
+      const uint32_t count = lens_per_row ? next_n : 1;
+      for (uint32_t j = 0; j < count; ++j) {
+        const int v = context_lens[i * count + j];
+        if (v < 0) pk::record_error(err, pk::kErrContextLensOutOfRange, v, 0x7fffffff, (int)(i * count + j));
+        len = max(len, (uint32_t)max(v, 0));
       }
     }
     uint32_t chunk;

@@ -15,7 +15,12 @@
 //   3. order: the n taken entries, each the 63-bit composite key << 31 | (2^31 - 1 - pos),
 //      sorted descending by a bitonic sort in shared memory (padding: 0, below every entry);
 //   4. write: positions (mapped to cache rows in the paged form), then -1.
+// Before step 1 the row's window is checked (prefill: 0 <= ks <= ke <= width; paged: the length
+// in [0, lens_limit] and the pages it uses in [0, num_pages)); a bad value goes to the device
+// error record (pk/error_record.cuh) and the row is written as empty (all -1).
 #include <cstdint>
+
+#include "pk/error_record.cuh"
 
 namespace {
 
@@ -38,6 +43,10 @@ struct Params {
   uint64_t logits_stride, out_stride0, out_stride1;
   uint32_t topk, sort_size; // sort_size: a power of two >= topk (shared memory entries)
   uint32_t next_n, lens_per_row, bt_stride;
+  int* err;                 // the device error record
+  uint32_t width;           // logits columns (prefill windows inside [0, width])
+  uint32_t lens_limit;      // paged: context_lens at most min(width, block table pages x 64)
+  uint32_t num_pages;       // paged: page ids below it (page * 64 + offset fits int32)
 };
 
 struct Shared {
@@ -183,12 +192,41 @@ __device__ __forceinline__ void topk_row(const Params& p, bool paged) {
   const uint32_t r = blockIdx.x;
   const uint32_t seq = paged ? r / p.next_n : r, j = paged ? r % p.next_n : 0;
   uint32_t lo = 0, hi;
+  bool ok = true;
   if (paged) {
-    const int end = p.lens_per_row ? p.context_lens[r] : p.context_lens[seq] - (int)p.next_n + (int)j + 1;
-    hi = (uint32_t)max(end, 0);
+    const uint32_t at = p.lens_per_row ? r : seq;
+    const int len = p.context_lens[at];
+    if (len < 0 || (uint32_t)len > p.lens_limit) {
+      if (threadIdx.x == 0) pk::record_error(p.err, pk::kErrContextLensOutOfRange, len, (int)p.lens_limit, (int)at);
+      ok = false;
+    }
+    const int end = p.lens_per_row ? len : len - (int)p.next_n + (int)j + 1;
+    hi = ok ? (uint32_t)max(end, 0) : 0u;
   } else {
-    lo = (uint32_t)p.ks[r];
-    hi = (uint32_t)p.ke[r];
+    const int start = p.ks[r], stop = p.ke[r];
+    if (start < 0 || (uint32_t)start > p.width) {
+      if (threadIdx.x == 0) pk::record_error(p.err, pk::kErrWindowStartOutOfRange, start, (int)p.width, (int)r);
+      ok = false;
+    } else if (stop < start || (uint32_t)stop > p.width) {
+      if (threadIdx.x == 0) pk::record_error(p.err, pk::kErrWindowEndOutOfRange, stop, (int)p.width, (int)r);
+      ok = false;
+    }
+    lo = ok ? (uint32_t)start : 0u;
+    hi = ok ? (uint32_t)stop : 0u;
+  }
+  const int* table = paged ? p.block_table + (uint64_t)seq * p.bt_stride : nullptr;
+  if (paged) {   // the pages the window uses, checked before any position is mapped through them
+    if (threadIdx.x == 0) sh.ties_seen = 0;   // the flag of a bad page (compaction resets the word)
+    __syncthreads();
+    for (uint32_t pg = threadIdx.x; pg < (hi + kPage - 1) / kPage; pg += kThreads) {
+      const int id = table[pg];
+      if ((uint32_t)id >= p.num_pages) {
+        pk::record_error(p.err, pk::kErrBlockTableOutOfRange, id, (int)p.num_pages, (int)seq);
+        sh.ties_seen = 1;
+      }
+    }
+    __syncthreads();
+    if (sh.ties_seen) hi = 0;
   }
   const uint32_t n = min(p.topk, hi - lo);
   const float* row = p.logits + r * p.logits_stride;
@@ -199,7 +237,6 @@ __device__ __forceinline__ void topk_row(const Params& p, bool paged) {
   }
   // 4. write
   int* out = p.out + seq * p.out_stride0 + j * p.out_stride1;
-  const int* table = paged ? p.block_table + (uint64_t)seq * p.bt_stride : nullptr;
   for (uint32_t s = threadIdx.x; s < p.topk; s += kThreads) {
     int v = -1;
     if (s < n) {
@@ -218,9 +255,10 @@ __device__ __forceinline__ void topk_row(const Params& p, bool paged) {
   extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                             \
       const float* logits, int* out, const int* ks, const int* ke, const int* context_lens,                 \
       const int* block_table, uint64_t logits_stride, uint64_t out_stride0, uint64_t out_stride1,           \
-      uint32_t topk, uint32_t sort_size, uint32_t next_n, uint32_t lens_per_row, uint32_t bt_stride) {      \
+      uint32_t topk, uint32_t sort_size, uint32_t next_n, uint32_t lens_per_row, uint32_t bt_stride,         \
+      int* err, uint32_t width, uint32_t lens_limit, uint32_t num_pages) {                                  \
     topk_row(Params{logits, out, ks, ke, context_lens, block_table, logits_stride, out_stride0, out_stride1, \
-                    topk, sort_size, next_n, lens_per_row, bt_stride},                                       \
+                    topk, sort_size, next_n, lens_per_row, bt_stride, err, width, lens_limit, num_pages},    \
              PAGED);                                                                                        \
   }
 

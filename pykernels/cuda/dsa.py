@@ -13,7 +13,11 @@ through a two-stage TMA ring.
 
 Kernel parameters, in order: tmap_q, tmap_k, tmap_s (the key scales), weights, out,
 out_stride (u64), weights_stride, width, then paged: context_lens, block_table, bt_stride,
-next_n, lens_per_row, b; ragged: cu_seqlen_ks, cu_seqlen_ke, num_rows.
+next_n, lens_per_row, b, record, lens_limit, num_blocks; ragged: cu_seqlen_ks, cu_seqlen_ke,
+num_rows, record. record: the device error record (pykernels.runtime.device_errors), where
+the kernel checks context_lens (in [0, lens_limit = min(width, block table pages x 64)]), the
+block-table pages in use (in [0, num_blocks)) and the windows (0 <= ks <= ke <= N); the
+emulator raises a recorded error right after the launch, the GPU at check_errors().
 
 Sparse MLA decode (csrc/mla/decode.cu's pk_mla_sparse_decode_fp8 + pk_mla_combine_sink): the
 dense FP8 decode's plan (pykernels/cuda/mla.py) with every sequence scheduled as topk tokens,
@@ -29,11 +33,15 @@ Top-k (csrc/dsa/topk.cu): topk_indices (prefill) and paged_topk_indices (decode)
 logits row (radix select, compaction, bitonic sort in shared memory; the reference's order
 exactly). Parameters: logits, out, ks, ke, context_lens, block_table (the other form's
 pointers null), logits_stride, out_stride0, out_stride1 (u64), topk, sort_size, next_n,
-lens_per_row, bt_stride.
+lens_per_row, bt_stride, record, width (logits columns), lens_limit, num_pages (TOPK_PAGE_LIMIT):
+the kernel checks each row's window (0 <= ks <= ke <= width), context length (in [0,
+lens_limit = min(width, block table pages x 64)]) and the pages it uses (in [0, num_pages))
+into the device error record.
 """
 import torch
 
 from ..reference import dsa as RD
+from ..runtime import device_errors
 from ..runtime.executors import run_plan
 from ..runtime.hardware import SMEM_PER_SM, cdiv, num_sms, round_up
 from ..runtime.plan import Arg, LaunchPlan, ptr, u32, u64
@@ -41,6 +49,8 @@ from ..runtime.plan import ptr_or_null as _opt  # optional pointers: null when N
 from ..runtime.tensormap import TensorMapDesc
 
 MODULE = "dsa_indexer_logits"
+PAGED_OP_NAME = "fp8_paged_mqa_logits"     # names the op in a recorded input error
+RAGGED_OP_NAME = "fp8_mqa_logits"
 THREADS = 160                   # kThreads: the math warpgroup + the producer warp
 BLOCK_KV = 64                   # kBlockKeys: keys per block (a page), the wgmma M
 HEAD_DIM = 128                  # kHeadDim: e4m3 bytes per key, one 128-byte swizzled row
@@ -142,33 +152,38 @@ def _grid(width: int, groups: int, heads: int, group_rows: int, device, max_ctas
 
 
 def paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len: int,
-                      max_ctas: int = None) -> LaunchPlan:
+                      max_ctas: int = None, record: torch.Tensor = None) -> LaunchPlan:
     """Launch plan of pk_dsa_paged_logits_h{32,64}[_x2] (_x2: two query rows per wgmma, for an
     even next_n): persistent CTAs over the b x ceil(ceil(max_context_len / 64) / BLOCKS_PER_CTA)
     work items (max_ctas: cap the grid, e.g. to make each CTA walk several items), THREADS
-    threads, smem_bytes(H, next_n)."""
+    threads, smem_bytes(H, next_n); record: the device error record (default: the device's)."""
     b, next_n, h, _ = q.shape
+    record = device_errors.record_for(q.device, PAGED_OP_NAME) if record is None else record
+    lens_limit = min(max_context_len, block_table.shape[1] * BLOCK_KV)
     tmap_k = TensorMapDesc(key_view(kv_cache), (1, BLOCK_KV, HEAD_DIM), swizzle=128)
     tmap_s = TensorMapDesc(scale_view(kv_cache), (1, BLOCK_KV))
     args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), Arg("tensormap", tmap_s),
             *_common_args(weights, out, max_context_len), ptr(context_lens), ptr(block_table),
-            u32(block_table.stride(0)), u32(next_n), u32(int(context_lens.dim() == 2)), u32(b))
+            u32(block_table.stride(0)), u32(next_n), u32(int(context_lens.dim() == 2)), u32(b), ptr(record),
+            u32(lens_limit), u32(kv_cache.shape[0]))
     grid = _grid(max_context_len, b, h, next_n, q.device, max_ctas)
     return LaunchPlan(MODULE, PAGED_FUNCTIONS[h, rows_per_wgmma(next_n)], grid=grid,
                       block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h, next_n))
 
 
-def ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, max_ctas: int = None) -> LaunchPlan:
+def ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, max_ctas: int = None,
+                       record: torch.Tensor = None) -> LaunchPlan:
     """Launch plan of pk_dsa_ragged_logits_h{32,64}: persistent CTAs over the ceil(M /
     GROUP_ROWS) x ceil(ceil(N / 64) / BLOCKS_PER_CTA) work items, THREADS threads,
     smem_bytes(H); k [N, 128] e4m3 through a 2-D map (64-key boxes; keys past N zero-filled,
-    never written out)."""
+    never written out); record: the device error record (default: the device's)."""
     m, h, _ = q.shape
+    record = device_errors.record_for(q.device, RAGGED_OP_NAME) if record is None else record
     n = k.shape[0]
     tmap_k = TensorMapDesc(k.view(torch.uint8), (BLOCK_KV, HEAD_DIM), swizzle=128)
     tmap_s = TensorMapDesc(k_scales, (BLOCK_KV,))                     # scales past N: zero-filled
     args = (Arg("tensormap", _q_map(q, h)), Arg("tensormap", tmap_k), Arg("tensormap", tmap_s),
-            *_common_args(weights, out, n), ptr(cu_seqlen_ks), ptr(cu_seqlen_ke), u32(m))
+            *_common_args(weights, out, n), ptr(cu_seqlen_ks), ptr(cu_seqlen_ke), u32(m), ptr(record))
     return LaunchPlan(MODULE, RAGGED_FUNCTIONS[h], grid=_grid(n, cdiv(m, GROUP_ROWS), h, GROUP_ROWS, q.device,
                                                               max_ctas),
                       block=(THREADS, 1, 1), args=args, shared_bytes=smem_bytes(h))
@@ -183,8 +198,17 @@ def fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out, m
     if q.shape[0] == 0 or max_context_len == 0 or kv_cache.shape[0] == 0:
         out.fill_(float("-inf"))        # no page: every position is outside every window
         return None
-    return run_plan(paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len),
-                    executor)
+    plan = paged_logits_plan(q, kv_cache, weights, context_lens, block_table, out, max_context_len)
+    return _run_checked(plan, executor, PAGED_OP_NAME)
+
+
+def _run_checked(plan: LaunchPlan, executor: str, op: str):
+    """Run the plan; on the emulator raise an input error the kernel recorded at once (on the
+    GPU the record is not read here: device_errors.check_errors does)."""
+    stats = run_plan(plan, executor)
+    if executor == "emu":
+        device_errors.raise_if_set(device_errors.record_for(torch.device("cpu"), op), op)
+    return stats
 
 
 def fp8_mqa_logits(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, executor: str = "cuda"):
@@ -193,13 +217,16 @@ def fp8_mqa_logits(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, exe
     check_logits_supported(q, k, weights, "k", k_scales)
     if q.shape[0] == 0 or k.shape[0] == 0:
         return None                     # out is empty
-    return run_plan(ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out), executor)
+    return _run_checked(ragged_logits_plan(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out), executor,
+                        RAGGED_OP_NAME)
 
 
 TOPK_MODULE = "dsa_topk"
 TOPK_THREADS = 512                     # kThreads
 TOPK_SHARED_HEADER = 1104              # sizeof(Shared) rounded to 16: 256 bins + 16 warp sums + 4 words
 MAX_TOPK = 8192                        # the sort holds next_pow2(topk) 8-byte entries in shared memory
+TOPK_PAGE_LIMIT = (2**31 - 1) // BLOCK_KV + 1     # page ids below it: page * 64 + offset fits int32
+TOPK_OP_NAME, PAGED_TOPK_OP_NAME = "topk_indices", "paged_topk_indices"     # name the op in a recorded error
 
 
 def topk_smem_bytes(topk: int) -> int:
@@ -219,17 +246,23 @@ def check_topk_supported(topk: int) -> None:
 
 
 def topk_plan(logits, out, topk: int, *, cu_seqlen_ks=None, cu_seqlen_ke=None, context_lens=None,
-              block_table=None) -> LaunchPlan:
+              block_table=None, record: torch.Tensor = None) -> LaunchPlan:
     """Launch plan of pk_dsa_topk_prefill (windows cu_seqlen_ks / ke; out int32 [M, topk]) or
     pk_dsa_topk_paged (context_lens, block_table; out int32 [b, next_n, topk]): one CTA of
-    TOPK_THREADS per logits row, topk_smem_bytes(topk) of dynamic shared memory."""
+    TOPK_THREADS per logits row, topk_smem_bytes(topk) of dynamic shared memory; record: the
+    device error record (default: the device's)."""
     paged = block_table is not None
+    if record is None:
+        record = device_errors.record_for(logits.device, PAGED_TOPK_OP_NAME if paged else TOPK_OP_NAME)
+    width = logits.shape[1]
+    lens_limit = min(width, block_table.shape[1] * BLOCK_KV) if paged else 0
     rows = logits.shape[0]
     next_n = rows // block_table.shape[0] if paged else 1
     stride0, stride1 = (out.stride(0), out.stride(1)) if paged else (out.stride(0), 0)
     args = (ptr(logits), ptr(out), _opt(cu_seqlen_ks), _opt(cu_seqlen_ke), _opt(context_lens), _opt(block_table),
             u64(logits.stride(0)), u64(stride0), u64(stride1), u32(topk), u32(_next_pow2(topk)), u32(next_n),
-            u32(int(paged and context_lens.dim() == 2)), u32(block_table.stride(0) if paged else 0))
+            u32(int(paged and context_lens.dim() == 2)), u32(block_table.stride(0) if paged else 0), ptr(record),
+            u32(width), u32(lens_limit), u32(TOPK_PAGE_LIMIT))
     return LaunchPlan(TOPK_MODULE, "pk_dsa_topk_paged" if paged else "pk_dsa_topk_prefill", grid=(rows, 1, 1),
                       block=(TOPK_THREADS, 1, 1), args=args, shared_bytes=topk_smem_bytes(topk))
 
@@ -239,7 +272,8 @@ def topk_indices(logits, cu_seqlen_ks, cu_seqlen_ke, topk: int, out, executor: s
     check_topk_supported(topk)
     if logits.shape[0] == 0:
         return None
-    return run_plan(topk_plan(logits, out, topk, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke), executor)
+    return _run_checked(topk_plan(logits, out, topk, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke), executor,
+                        TOPK_OP_NAME)
 
 
 def paged_topk_indices(logits, context_lens, block_table, topk: int, out, executor: str = "cuda"):
@@ -247,11 +281,13 @@ def paged_topk_indices(logits, context_lens, block_table, topk: int, out, execut
     check_topk_supported(topk)
     if logits.shape[0] == 0:
         return None
-    return run_plan(topk_plan(logits, out, topk, context_lens=context_lens, block_table=block_table), executor)
+    return _run_checked(topk_plan(logits, out, topk, context_lens=context_lens, block_table=block_table), executor,
+                        PAGED_TOPK_OP_NAME)
 
 
 SCHEDULE_MODULE = "dsa_logits_schedule"
 SCHEDULE_THREADS = 1024
+SCHEDULE_OP_NAME = "get_paged_mqa_logits_metadata"     # names the op in a recorded input error
 MAX_SCHEDULE_SEQUENCES = 32768         # the prefix sums live in shared memory (4 bytes each)
 
 
@@ -263,15 +299,16 @@ def check_logits_schedule_supported(context_lens) -> None:
 
 
 def paged_logits_schedule(context_lens, block_kv: int, num_sms: int, executor: str = "cuda") -> torch.Tensor:
-    """get_paged_mqa_logits_metadata with the hand-written kernel: int32 [num_sms + 1, 2]."""
+    """get_paged_mqa_logits_metadata with the hand-written kernel: int32 [num_sms + 1, 2]; a
+    negative context length is recorded in the device error record (counted as 0)."""
     check_logits_schedule_supported(context_lens)
     meta = torch.empty((num_sms + 1, RD.METADATA_WIDTH), dtype=torch.int32, device=context_lens.device)
     b = context_lens.shape[0]
     next_n = context_lens.shape[1] if context_lens.dim() == 2 else 1
     args = (ptr(context_lens), ptr(meta), u32(b), u32(next_n), u32(int(context_lens.dim() == 2)), u32(block_kv),
-            u32(num_sms))
-    run_plan(LaunchPlan(SCHEDULE_MODULE, "pk_dsa_logits_schedule", grid=(1, 1, 1), block=(SCHEDULE_THREADS, 1, 1),
-                        args=args, shared_bytes=4 * b), executor)
+            u32(num_sms), ptr(device_errors.record_for(context_lens.device, SCHEDULE_OP_NAME)))
+    _run_checked(LaunchPlan(SCHEDULE_MODULE, "pk_dsa_logits_schedule", grid=(1, 1, 1), block=(SCHEDULE_THREADS, 1, 1),
+                            args=args, shared_bytes=4 * b), executor, SCHEDULE_OP_NAME)
     return meta
 
 

@@ -34,6 +34,7 @@ from .. import registry
 from ..mla_schedule import check_schedule
 from ..reference import dsa as RD
 from ..reference import mla as RM
+from ..runtime import device_errors as DE
 from ..runtime import validate as V
 from . import backends as B
 from .mla import MAX_SM_PARTS, check_q
@@ -127,13 +128,26 @@ class MqaLogitsProblem:
 
 
 def _check_windows(ks, ke, n):
-    _check_range("cu_seqlen_ks", ks, 0, n, f" (keys of k: {n})")
-    _check_range("cu_seqlen_ke", ke, 0, n, f" (keys of k: {n})")
-    bad = ke.long() < ks.long()
+    """0 <= ks[i] <= ke[i] <= n, else ValueError for the first bad row, in the words of the
+    kernels' device error record (device_errors)."""
+    lo, hi = ks.long(), ke.long()
+    bad_lo = (lo < 0) | (lo > n)
+    bad = bad_lo | (hi < lo) | (hi > n)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"cu_seqlen_ke: expected cu_seqlen_ke[i] >= cu_seqlen_ks[i], got {int(ke[i])} < "
-                         f"{int(ks[i])} at row {i}")
+        if bool(bad_lo[i]):
+            raise ValueError(DE.describe("WindowStartOutOfRange", int(lo[i]), n, i))
+        raise ValueError(DE.describe("WindowEndOutOfRange", int(hi[i]), n, i))
+
+
+def _check_context_lens_values(context_lens, hi):
+    """context_lens in [0, hi], else ValueError for the first bad one (flat index), in the
+    words of the kernels' device error record."""
+    flat = context_lens.reshape(-1).long()
+    bad = (flat < 0) | (flat > hi)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(DE.describe("ContextLensOutOfRange", int(flat[i]), hi, i))
 
 
 def mqa_logits_problem(q, k, k_scales, weights, cu_seqlen_ks, cu_seqlen_ke, out, clean_logits) -> MqaLogitsProblem:
@@ -187,8 +201,7 @@ def _mqa_logits_triton(p: MqaLogitsProblem):
 
 
 def _mqa_logits_kernel(p: MqaLogitsProblem, executor: str):
-    from ..cuda import dsa as CD
-    _check_gpu_windows(p)
+    from ..cuda import dsa as CD      # the kernel checks the windows (device error record): no host read
     CD.fp8_mqa_logits(p.q, p.k, p.k_scales, p.weights, p.cu_seqlen_ks, p.cu_seqlen_ke, p.out, executor)
 
 
@@ -275,7 +288,7 @@ def paged_metadata_problem(context_lens, block_kv, num_sms) -> PagedMetadataProb
     blk = V.check_int("block_kv", block_kv, lo=1, hi=1 << 16)
     sms = V.check_int("num_sms", num_sms, lo=1, hi=MAX_SM_PARTS)
     if _host_values(lens):
-        _check_range("context_lens", lens, 0, MAX_INT32)
+        _check_context_lens_values(lens, MAX_INT32)
     return PagedMetadataProblem(lens, blk, sms)
 
 
@@ -341,24 +354,21 @@ class PagedMqaLogitsProblem:
                 f"max_context_len={self.max_context_len} on {self.device}")
 
 
-def _check_block_table_pages(block_table, ends_per_seq, page, num_blocks, what):
+def _check_block_table_pages(block_table, ends_per_seq, page, num_blocks):
     """block_table entries of the pages in use (ceil(end / page) per sequence) in [0, num_blocks)."""
     used = torch.arange(block_table.shape[1])[None, :] < ((ends_per_seq + page - 1) // page)[:, None]
     bad = used & ((block_table.long() < 0) | (block_table.long() >= num_blocks))
     if bool(bad.any()):
         i, j = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"block_table: expected page ids in [0, {num_blocks}) ({what}) for the pages in use, "
-                         f"got {int(block_table[i, j])} at [{i}, {j}]")
+        raise ValueError(DE.describe("BlockTableOutOfRange", int(block_table[i, j]), num_blocks, i))
 
 
 def _check_paged_values(p: PagedMqaLogitsProblem) -> None:
     b, next_n = p.q.shape[:2]
     coverage = p.block_table.shape[1] * p.block_kv
-    hi = min(coverage, p.max_context_len)
-    _check_range("context_lens", p.context_lens, 0, hi,
-                 f" (max_context_len {p.max_context_len}, block_table pages x block_kv: {coverage})")
+    _check_context_lens_values(p.context_lens, min(coverage, p.max_context_len))
     ends = RD.paged_row_windows(p.context_lens, next_n).reshape(b, next_n).amax(dim=1) if b else torch.zeros(0)
-    _check_block_table_pages(p.block_table, ends, p.block_kv, p.kv_cache.shape[0], "the pages of kv_cache")
+    _check_block_table_pages(p.block_table, ends, p.block_kv, p.kv_cache.shape[0])
     parts = p.schedule_metadata.shape[0] - 1
     want = RD.get_paged_mqa_logits_metadata(p.context_lens, p.block_kv, parts)
     if not torch.equal(want, p.schedule_metadata):
@@ -433,8 +443,9 @@ def _paged_triton(p: PagedMqaLogitsProblem):
 
 
 def _paged_kernel(p: PagedMqaLogitsProblem, executor: str):
+    # the kernel checks context_lens and the pages in use (device error record): no host read;
+    # it does not read schedule_metadata, whose values are checked on CPU tensors only
     from ..cuda import dsa as CD
-    _check_gpu_paged_values(p)
     CD.fp8_paged_mqa_logits(p.q, p.kv_cache, p.weights, p.context_lens, p.block_table, p.out, p.max_context_len,
                             executor)
 
@@ -536,12 +547,10 @@ def _check_paged_topk_values(p: TopkProblem) -> None:
     b = p.block_table.shape[0]
     next_n = p.logits.shape[0] // b if b else 0
     coverage = p.block_table.shape[1] * RM.PAGE_BLOCK_SIZE
-    hi = min(coverage, p.logits.shape[1])
-    _check_range("context_lens", p.context_lens, 0, hi,
-                 f" (logits columns {p.logits.shape[1]}, block_table pages x {RM.PAGE_BLOCK_SIZE}: {coverage})")
+    _check_context_lens_values(p.context_lens, min(coverage, p.logits.shape[1]))
     ends = RD.paged_row_windows(p.context_lens, next_n).reshape(b, next_n).amax(dim=1) if b else torch.zeros(0)
-    _check_block_table_pages(p.block_table, ends, RM.PAGE_BLOCK_SIZE, MAX_INT32 // RM.PAGE_BLOCK_SIZE + 1,
-                             "page * 64 + offset must fit int32")
+    # page ids: page * 64 + offset must fit int32
+    _check_block_table_pages(p.block_table, ends, RM.PAGE_BLOCK_SIZE, MAX_INT32 // RM.PAGE_BLOCK_SIZE + 1)
 
 
 def paged_topk_problem(logits, context_lens, block_table, topk, out) -> TopkProblem:
@@ -631,8 +640,7 @@ def public_paged_topk_problem(logits, topk, context_lens, block_table, *, out=No
 
 
 def _topk_kernel(p: TopkProblem, executor: str):
-    from ..cuda import dsa as CD
-    _check_gpu_topk_values(p)
+    from ..cuda import dsa as CD      # the kernel checks windows / lengths / pages (device error record)
     if p.paged:
         CD.paged_topk_indices(p.logits, p.context_lens, p.block_table, p.topk, p.out, executor)
     else:

@@ -71,7 +71,7 @@ def _sample(p: Part, next_n: int, heads: int, ctas: int, items: int, mem: Memory
     q = (torch.randn(b, next_n, heads, CD.HEAD_DIM, generator=gen) * 2).to(torch.float8_e4m3fn)
     cache = RD.quantize_indexer_k_cache(torch.randn(b * pages, CD.BLOCK_KV, 1, CD.HEAD_DIM, generator=gen))
     table = torch.arange(b * pages, dtype=torch.int32).view(b, pages)
-    lens = torch.full((b,), length + next_n - 1, dtype=torch.int32)     # the last row sees every key
+    lens = torch.full((b,), length, dtype=torch.int32)     # the last row sees every key (<= the table's keys)
     w = torch.randn(b * next_n, heads, generator=gen)
     out = torch.empty(b * next_n, length)
     plan = CD.paged_logits_plan(q, cache, w, lens, table, out, length, max_ctas=ctas)

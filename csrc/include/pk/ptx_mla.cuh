@@ -233,10 +233,10 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t v) {
 // instructions back to back).
 __device__ __forceinline__ void e4m3x16_to_bf16x16_pow2scaled(const uint4& x, uint32_t factor, uint4& lo,
                                                                uint4& hi, uint32_t& nan) {
-  asm("{\n.reg .b32 t0, t1, t2, t3, c, cm, n0, n1, fs, p0, p1, p2, p3;\n"
+  const uint32_t c = 0x5D805D80u, cm = 0x21802180u;   // bf16x2 (2^60, 2^60), (2^-60, 2^-60)
+  asm("{\n.reg .b32 t0, t1, t2, t3, n0, n1, fs, p0, p1, p2, p3;\n"
       ".reg .b16 a0, a1, a2, a3, h0, h1, h2, h3, h4, h5, h6, h7;\n"
       ".reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;\n"
-      "mov.b32 c, 0x5D805D80;\n"          // bf16x2 (2^60, 2^60)
       "mov.b32 {a0, a1}, %11;\n"
       "mov.b32 {a2, a3}, %12;\n"
       "and.b32 n0, %9, 0x7F7F7F7F;\n"
@@ -277,12 +277,11 @@ __device__ __forceinline__ void e4m3x16_to_bf16x16_pow2scaled(const uint4& x, ui
       "or.b32 n0, n0, n1;\n"
       "cvt.rn.bf16x2.f32 p3, f7, f6;\n"
       "and.b32 %8, n0, 0x80808080;\n"
-      "mov.b32 cm, 0x21802180;\n"          // bf16x2 (2^-60, 2^-60)
-      "mul.rn.bf16x2 fs, %13, cm;\n"      // the factor / 2^60: the scale
-      "mul.rn.bf16x2 t0, t0, c;\n"
-      "mul.rn.bf16x2 t1, t1, c;\n"
-      "mul.rn.bf16x2 t2, t2, c;\n"
-      "mul.rn.bf16x2 t3, t3, c;\n"
+      "mul.rn.bf16x2 fs, %13, %15;\n"      // the factor / 2^60: the scale
+      "mul.rn.bf16x2 t0, t0, %14;\n"
+      "mul.rn.bf16x2 t1, t1, %14;\n"
+      "mul.rn.bf16x2 t2, t2, %14;\n"
+      "mul.rn.bf16x2 t3, t3, %14;\n"
       "mul.rn.bf16x2 %4, p0, fs;\n"
       "mul.rn.bf16x2 %5, p1, fs;\n"
       "mul.rn.bf16x2 %6, p2, fs;\n"
@@ -292,7 +291,7 @@ __device__ __forceinline__ void e4m3x16_to_bf16x16_pow2scaled(const uint4& x, ui
       "mul.rn.bf16x2 %2, t2, %13;\n"
       "mul.rn.bf16x2 %3, t3, %13;\n}\n"
       : "=r"(lo.x), "=r"(lo.y), "=r"(lo.z), "=r"(lo.w), "=r"(hi.x), "=r"(hi.y), "=r"(hi.z), "=r"(hi.w), "=r"(nan)
-      : "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w), "r"(factor));
+      : "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w), "r"(factor), "r"(c), "r"(cm));
 }
 
 // The rare path of e4m3x16_to_bf16x16_pow2scaled: the values of x's NaN bytes become bf16 NaN

@@ -176,35 +176,30 @@ constexpr uint32_t kGroupUnits = kFp8Group / 8;                     // 16 units 
 constexpr uint32_t kKeysPerPass = kMathThreads / kGroupUnits;       // 8
 constexpr uint32_t kUnitsPerGroup = kPage / kKeysPerPass;           // 8 units per thread
 constexpr uint32_t kFp8Groups = kDimV / kFp8Group;                  // 4
-// Units [q0, q0 + kUnits) of a thread's share of scale group g (kUnits = 8: all at once; N = 32
-// takes two halves of 4, for registers).
-template <uint32_t kUnits>
 struct LatentGroup {
-  uint2 x[kUnits];
-  float scale[kUnits];
+  uint2 x[kUnitsPerGroup];
+  float scale[kUnitsPerGroup];
 };
 
-template <uint32_t kUnits>
-__device__ __forceinline__ void load_latent_group(uint32_t raw, uint32_t tid, uint32_t g, uint32_t q0,
-                                                  LatentGroup<kUnits>& lg) {
-  const uint32_t row = raw + (tid / kGroupUnits + q0 * kKeysPerPass) * kFp8Row;
+__device__ __forceinline__ void load_latent_group(uint32_t raw, uint32_t tid, uint32_t g, LatentGroup& lg) {
+  const uint32_t row = raw + tid / kGroupUnits * kFp8Row;
   const uint32_t x_off = kFp8Group * g + 8 * (tid % kGroupUnits), sf_off = kFp8SfOff + 4 * g;
 #pragma unroll
-  for (uint32_t q = 0; q < kUnits; ++q) {
+  for (uint32_t q = 0; q < kUnitsPerGroup; ++q) {
     lg.x[q] = pk::ld_shared_v2(row + q * kKeysPerPass * kFp8Row + x_off);
     lg.scale[q] = pk::ld_shared_f32(row + q * kKeysPerPass * kFp8Row + sf_off);
   }
 }
 
 // kPartial: keys >= valid are written as zeros (only a partial last block pays for the test).
-template <bool kPartial, uint32_t kUnits>
-__device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, uint32_t g, uint32_t q0,
-                                                   const LatentGroup<kUnits>& lg, uint32_t valid) {
-  const uint32_t key0 = tid / kGroupUnits + q0 * kKeysPerPass, unit = tid % kGroupUnits;
+template <bool kPartial>
+__device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, uint32_t g, const LatentGroup& lg,
+                                                   uint32_t valid) {
+  const uint32_t key0 = tid / kGroupUnits, unit = tid % kGroupUnits;
   const uint32_t dst = kblk + (2 * g + unit / pk::kSwizzleRows) * kKChunkBytes +
                        pk::swizzle128_unit(key0, unit % pk::kSwizzleRows);   // + 1024 q: 8 keys, same key % 8
 #pragma unroll
-  for (uint32_t q = 0; q < kUnits; q += 2) {
+  for (uint32_t q = 0; q < kUnitsPerGroup; q += 2) {
     uint4 r[2];
     const uint2 x[2] = {lg.x[q], lg.x[q + 1]};
     const float sc[2] = {lg.scale[q], lg.scale[q + 1]};
@@ -350,23 +345,14 @@ struct NarrowMath {
     pk::wgmma_commit();
 #pragma unroll
     for (uint32_t g = 0; g < kFp8Groups; ++g) {
-      constexpr uint32_t kUnits = N == 16 ? kUnitsPerGroup : kUnitsPerGroup / 2;   // N 32: registers
-      const auto release_after_last_load = [&](uint32_t q_end) {
-        if (g + 1 == kFp8Groups && q_end == kUnitsPerGroup) {
-          __syncwarp();
-          if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
-        }
-      };
-      LatentGroup<kUnits> lg;
-      load_latent_group(raw, tid, g, 0, lg);
-      release_after_last_load(kUnits);
-      pk::wgmma_wait<kPending>();
-      store_latent_group<kPartial>(kb, tid, g, 0, lg, valid);
-      if constexpr (kUnits < kUnitsPerGroup) {
-        load_latent_group(raw, tid, g, kUnits, lg);
-        release_after_last_load(2 * kUnits);
-        store_latent_group<kPartial>(kb, tid, g, kUnits, lg, valid);
+      LatentGroup lg;
+      load_latent_group(raw, tid, g, lg);
+      if (g + 1 == kFp8Groups) {
+        __syncwarp();
+        if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
       }
+      pk::wgmma_wait<kPending>();
+      store_latent_group<kPartial>(kb, tid, g, lg, valid);
       pk::fence_proxy_async_shared();
       pk::named_barrier_sync(kBarMath, kMathThreads);
       pk::wgmma_fence();
@@ -675,7 +661,12 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
       if (lane == 0) pk::mbar_arrive(q_empty);   // this piece's S^T are done
       sum_rows<N>(l, lsum, warp, lane);
     }
-    write_piece<N>(p, pc, acc, m, l, warp, lane);
+    // FP8, N = 32: the piece read again, so its sequence and split id hold no registers across
+    // the block loop (else ptxas spills at 255); elsewhere the two dependent loads cost more
+    if constexpr (kFp8 && N == 32)
+      write_piece<N>(p, pk::mla_piece(p.sched, row, k), acc, m, l, warp, lane);
+    else
+      write_piece<N>(p, pc, acc, m, l, warp, lane);
   }
 }
 

@@ -180,7 +180,7 @@ def test_f32acc_sass_and_resources(cfg):
     if cfg.row_b:       # the thread's BLOCK_N/4 column scales: BLOCK_N/8 8-byte shared loads per issue site
         assert ops["LDS.64"] == cfg.block_n // 8 * _issue_sites(cfg)
     assert "UTMASTG.2D" not in ops and "STG.E.128" not in ops
-    assert ops["LDG.E.64"] == ops["STG.E.64"] == 2 * cfg.block_n // 8
+    assert ops["LDG.E.64"] == ops["STG.E.64"] == 2 * cfg.block_n // 8 * _waves(cfg)   # per 64-row wave
     assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 1
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
@@ -197,10 +197,10 @@ def test_e4m3_out_sass_and_resources(cfg):
     # 2-byte stores per row (F2FP e4m3 packs), the scale by one lane per quad; no TMA store
     listing = _sass_of(cfg.function)
     ops = sass.opcodes(listing)
-    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4
+    assert len(re.findall(rf"QGMMA\.64x{cfg.block_n}x32\.F32\.E4M3\.E4M3", listing)) == 4 * _issue_sites(cfg)
     assert ops["UTMALDG.2D"] == 2 and ops["UTMALDG.3D"] == 1 and "UTMASTG.2D" not in ops
-    assert ops["STG.E.U16"] == 2 * cfg.block_n // 8
-    assert sum(v for op, v in ops.items() if op.startswith("SHFL.BFLY")) == 4
+    assert ops["STG.E.U16"] == 2 * cfg.block_n // 8 * _waves(cfg)               # per 64-row wave
+    assert sum(v for op, v in ops.items() if op.startswith("SHFL.BFLY")) == 4 * _waves(cfg)
     assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
     assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
     r = artifacts.resources(G.MODULE, cfg.function)

@@ -156,6 +156,11 @@ struct Paged {
 #pragma unroll
     for (uint32_t j = 0; j < kMaxGroupRows; ++j) win[j] = {0u, bad ? 0u : (uint32_t)max(end[j], 0)};
   }
+  // the block's page id read before the windows are known: any block a valid length can use
+  // (below ceil(lens_limit / 64), inside the table), else 0 (then unused)
+  __device__ __forceinline__ int32_t coord_ahead(uint32_t seq, uint32_t blk) const {
+    return blk * kBlockKeys < lens_limit ? block_table[(uint64_t)seq * bt_stride + blk] : 0;
+  }
   // a page id outside the cache is recorded (the item then loads nothing and writes -inf)
   __device__ __forceinline__ bool coord_ok(uint32_t seq, int32_t page_id) const {
     if ((uint32_t)page_id < num_blocks) return true;
@@ -212,6 +217,7 @@ struct Ragged {
     }
   }
   __device__ __forceinline__ bool coord_ok(uint32_t, int32_t) const { return true; }
+  __device__ __forceinline__ int32_t coord_ahead(uint32_t g, uint32_t blk) const { return coord(g, blk); }
   __device__ __forceinline__ int32_t coord(uint32_t, uint32_t blk) const { return (int32_t)(blk * kBlockKeys); }
   // k's rows through a 2-D map, k_scales through a 1-D one (keys past N: zero-filled, never written)
   __device__ __forceinline__ void load(uint32_t keys_dst, uint32_t scales_dst, const pk::TensorMap* tmap_k,
@@ -259,6 +265,9 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   const auto item_info = [&](uint32_t item) {   // global reads: windows, page ids
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
     ItemInfo info;
+    int32_t ahead[kBlocksPerCta];   // page ids read with the windows (not after them)
+#pragma unroll
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) ahead[u] = keys.coord_ahead(group, first_blk + u);
     keys.windows(group, info.win);
     uint32_t lo = 0xffffffffu, hi = 0;
 #pragma unroll
@@ -274,7 +283,7 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
     }
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u)
-      info.coord[u] = info.mask >> u & 1 ? keys.coord(group, first_blk + u) : 0;
+      info.coord[u] = info.mask >> u & 1 ? ahead[u] : 0;
     bool ok = true;
 #pragma unroll
     for (uint32_t u = 0; u < kBlocksPerCta; ++u)

@@ -12,11 +12,12 @@
 // the last may end inside a sequence) block by block (64 keys = one page).
 //
 // Warp roles (384 threads, launch bound 1 CTA/SM):
-//  * warpgroup 2 = producer (setmaxnreg.dec 40). Its first warp, one elected lane: per piece
-//    with blocks, waits q_empty, loads the Q tile (9 TMA boxes of 64 rows x 64 columns,
-//    128-byte swizzle) onto q_full; per block, waits empty[s] and loads the K block's 9 boxes
-//    (page id from block_table), box c onto full[s][c]. Two stages.
-//  * warpgroups 0, 1 = math (setmaxnreg.inc 232), bf16 cache: the seesaw (SeesawMath below).
+//  * warpgroup 2 = producer (bf16 cache: setmaxnreg.dec 40; the FP8 cache: below). Its first
+//    warp, one elected lane: per piece with blocks, waits q_empty, loads the Q tile (9 TMA
+//    boxes of 64 rows x 64 columns, 128-byte swizzle) onto q_full; per block, waits empty[s]
+//    and loads the K block's 9 boxes (page id from block_table), box c onto full[s][c]. Two
+//    stages.
+//  * warpgroups 0, 1 = math (setmaxnreg.inc 232; FP8 216), the seesaw (SeesawMath below).
 //    Warpgroup w owns the blocks in stage w (alternate blocks) and output columns
 //    [256w, 256w+256) of all of them. For its own block: S (64 x 64, m64n64k16 over 9
 //    chunks, each after its TMA box landed), the online softmax carrying the running max over
@@ -305,8 +306,9 @@ constexpr uint32_t kLatentPerWg = kDimV / 2;                 // 256 output colum
 constexpr uint32_t kConvThreads = kWarpgroupThreads;        // every producer thread converts
 constexpr uint32_t kConvRegs = 72;                          // FP8 producer after setmaxnreg.dec
 constexpr uint32_t kMathRegsFp8 = 216;                      // 2 x 128 x 216 + 128 x 72 = 384 x 168
-static_assert(2 * kWarpgroupThreads * kMathRegsFp8 + kConvThreads * kConvRegs ==
-                  kThreads * 168, "the registers the launch bound gives");
+constexpr uint32_t kEntryRegs = 168;                        // per thread at launch: 65,536 / 384, in 8s
+static_assert(2 * kWarpgroupThreads * kMathRegsFp8 + kConvThreads * kConvRegs == kThreads * kEntryRegs,
+              "setmaxnreg moves registers between warpgroups; the pool is the launch's");
 constexpr uint32_t kLoadBytes = 16;                         // one load: 16 e4m3 values of a row
 constexpr uint32_t kLatentChunks = kDimV / kBoxCols;        // 8 (chunk 8 is RoPE)
 constexpr uint32_t kChunksPerGroup = kDimV / kGroups / kBoxCols;   // 2 chunks per scale group
@@ -322,7 +324,6 @@ struct Fp8Producer {
   uint32_t warp, lane, row0;   // this thread's rows: row0 and row0 + 8
   uint32_t s = 0, phase = 0;   // ring position
   static constexpr uint32_t kRowStep = 8;   // the second row: the same swizzle phase, 8 rows on
-
 
   __device__ __forceinline__ Fp8Producer(uint8_t* smem, uint32_t base, uint32_t full_bar_, uint32_t empty_bar_,
                                          uint32_t tid)

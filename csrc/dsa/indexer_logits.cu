@@ -81,6 +81,12 @@ struct Window {
 // What the producer learned about an item, for the math warps (shared memory, one per stage,
 // written before the stage's Q barrier is armed): the used blocks, the rows' windows, the
 // blocks' TMA coordinates (page ids or first key rows; 0 for unused blocks).
+// The global values an item's windows come from, read before any is used (paged: the rows'
+// context lengths in a; prefill: ks in a, ke in b).
+struct RawWindows {
+  int a[kMaxGroupRows], b[kMaxGroupRows];
+};
+
 struct ItemInfo {
   uint32_t mask;
   Window win[kMaxGroupRows];
@@ -131,12 +137,17 @@ struct Paged {
   __device__ __forceinline__ uint32_t row(uint32_t seq, uint32_t j) const { return seq * next_n + j; }
   // the rows' windows ({0, 0} past the group): every length read before any is used; a length
   // outside [0, lens_limit] is recorded and empties the group's windows (nothing read, -inf written)
-  __device__ __forceinline__ void windows(uint32_t seq, Window (&win)[kMaxGroupRows]) const {
+  __device__ __forceinline__ void read(uint32_t seq, RawWindows& raw) const {
+#pragma unroll
+    for (uint32_t j = 0; j < kMaxGroupRows; ++j)
+      raw.a[j] = j < (lens_per_row ? next_n : 1u) ? context_lens[lens_per_row ? seq * next_n + j : seq] : 0;
+  }
+  __device__ __forceinline__ void windows(uint32_t seq, const RawWindows& raw, Window (&win)[kMaxGroupRows]) const {
     int end[kMaxGroupRows];
     bool bad = false;
     if (lens_per_row) {
 #pragma unroll
-      for (uint32_t j = 0; j < kMaxGroupRows; ++j) end[j] = j < next_n ? context_lens[seq * next_n + j] : 0;
+      for (uint32_t j = 0; j < kMaxGroupRows; ++j) end[j] = raw.a[j];
 #pragma unroll
       for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
         if (j < next_n && (end[j] < 0 || (uint32_t)end[j] > lens_limit)) {
@@ -145,7 +156,7 @@ struct Paged {
         }
       }
     } else {
-      const int len = context_lens[seq];
+      const int len = raw.a[0];
       if (len < 0 || (uint32_t)len > lens_limit) {
         pk::record_error(err, pk::kErrContextLensOutOfRange, len, (int)lens_limit, (int)seq);
         bad = true;
@@ -194,14 +205,17 @@ struct Ragged {
   }
   __device__ __forceinline__ uint32_t row(uint32_t g, uint32_t j) const { return g * kMaxGroupRows + j; }
   // a window outside [0, n] (or ending before it starts) is recorded and left empty (-inf written)
-  __device__ __forceinline__ void windows(uint32_t g, Window (&win)[kMaxGroupRows]) const {
+  __device__ __forceinline__ void read(uint32_t g, RawWindows& raw) const {
     const uint32_t rows = group_rows(g);
-    int lo[kMaxGroupRows], hi[kMaxGroupRows];
 #pragma unroll
     for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
-      lo[j] = j < rows ? ks[row(g, j)] : 0;
-      hi[j] = j < rows ? ke[row(g, j)] : 0;
+      raw.a[j] = j < rows ? ks[row(g, j)] : 0;
+      raw.b[j] = j < rows ? ke[row(g, j)] : 0;
     }
+  }
+  __device__ __forceinline__ void windows(uint32_t g, const RawWindows& raw, Window (&win)[kMaxGroupRows]) const {
+    const int* const lo = raw.a;
+    const int* const hi = raw.b;
 #pragma unroll
     for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
       const int r = (int)row(g, j);
@@ -262,13 +276,23 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
   //    meets the hull of the rows' non-empty windows: for paged rows, whose windows all start
   //    at 0, the blocks that meet some window), then, once the stage is free, the info stored
   //    for the math warps, every barrier of the stage armed and the used tiles loaded
-  const auto item_info = [&](uint32_t item) {   // global reads: windows, page ids
+  struct Reads {              // an item's global reads: window bounds, then page ids
+    RawWindows raw;
+    int32_t ahead[kBlocksPerCta];
+  };
+  const auto item_read = [&](uint32_t item) {
+    const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
+    Reads r;
+    keys.read(group, r.raw);
+#pragma unroll
+    for (uint32_t u = 0; u < kBlocksPerCta; ++u) r.ahead[u] = keys.coord_ahead(group, first_blk + u);
+    return r;
+  };
+  const auto item_info = [&](uint32_t item, const Reads& r) {
     const uint32_t group = item / chunks, first_blk = item % chunks * kBlocksPerCta;
     ItemInfo info;
-    int32_t ahead[kBlocksPerCta];   // page ids read with the windows (not after them)
-#pragma unroll
-    for (uint32_t u = 0; u < kBlocksPerCta; ++u) ahead[u] = keys.coord_ahead(group, first_blk + u);
-    keys.windows(group, info.win);
+    const int32_t* const ahead = r.ahead;
+    keys.windows(group, r.raw, info.win);
     uint32_t lo = 0xffffffffu, hi = 0;
 #pragma unroll
     for (uint32_t j = 0; j < kMaxGroupRows; ++j) {
@@ -306,6 +330,10 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
     }
   };
 
+  // the producer's first reads issued while the barriers are set up (their latency is the
+  // launch's first cost)
+  Reads first{};
+  if (warp == kMathWarps && lane == 0 && blockIdx.x < num_items) first = item_read(blockIdx.x);
   if (tid == 0) {
     for (uint32_t st = 0; st < kStages; ++st)
       for (uint32_t u = 0; u < kBarsPerStage; ++u)
@@ -329,7 +357,7 @@ __device__ __forceinline__ void indexer_logits(const pk::TensorMap* tmap_q, cons
         for (uint32_t i = 0; i < kWeightsPerLane; ++i) w[j][i] = j < rows ? src[32 * i] : 0.f;
       }
       ItemInfo info{};
-      if (lane == 0) info = item_info(item);
+      if (lane == 0) info = item_info(item, k == 0 ? first : item_read(item));
       pk::mbar_wait(bar(s, kEmptyBar), ((k / kStages) & 1) ^ 1);   // the stage's previous item released
       float* const dst = weights_of(s);
 #pragma unroll

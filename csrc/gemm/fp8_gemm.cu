@@ -185,16 +185,19 @@ __device__ __forceinline__ int next_group(const Problem& p, uint32_t m_blk, int 
   const uint32_t lane = threadIdx.x % 32;
   int best = 0x7fffffff;
   int bad_row = -1, bad_value = 0;
+  int gs[BM / 32];
+#pragma unroll
+  for (uint32_t i = 0; i < BM / 32; ++i) {  // every load first: their latencies overlap
+    const uint32_t row = m_blk * BM + i * 32 + lane;
+    gs[i] = row < p.m ? __ldg(p.grouping + row) : -1;  // rows past the end: padding
+  }
 #pragma unroll
   for (uint32_t i = 0; i < BM / 32; ++i) {
-    const uint32_t row = m_blk * BM + i * 32 + lane;
-    if (row < p.m) {
-      const int g = __ldg(p.grouping + row);
-      if (g > prev && (uint32_t)g < p.groups) best = min(best, g);
-      if (kCheck && (g < -1 || g >= (int)p.groups)) {
-        bad_row = (int)row;
-        bad_value = g;
-      }
+    const int g = gs[i];
+    if (g > prev && (uint32_t)g < p.groups) best = min(best, g);
+    if (kCheck && (g < -1 || g >= (int)p.groups)) {
+      bad_row = (int)(m_blk * BM + i * 32 + lane);
+      bad_value = g;
     }
   }
   if (kCheck && bad_row >= 0 && threadIdx.x < 32)
@@ -828,11 +831,14 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           use_tma = m_base + 64 <= m_limit;
         } else {  // every warp checks all 64 rows: the same answer in the whole warpgroup
           bool own = true;
+          int gs[2];
 #pragma unroll
-          for (uint32_t i = 0; i < 2; ++i) {
+          for (uint32_t i = 0; i < 2; ++i) {  // both loads first: their latencies overlap
             const uint32_t row = m_base + 32 * i + lane;
-            if (row < p.m) own = own && __ldg(p.grouping + row) == pass.group;
+            gs[i] = row < p.m ? __ldg(p.grouping + row) : pass.group;  // rows past the end count as owned
           }
+#pragma unroll
+          for (uint32_t i = 0; i < 2; ++i) own = own && gs[i] == pass.group;
           use_tma = __all_sync(0xffffffffu, own);
         }
         // Earlier TMA stores from this staging tile have read it (one bulk group per wave and

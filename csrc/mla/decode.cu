@@ -91,13 +91,15 @@ struct Smem {
   static constexpr uint32_t kFullPerStage = kChunks;   // one full barrier per 64-column chunk
   static constexpr uint32_t kNumBars = kStages * kFullPerStage + kStages + 2;
   static constexpr uint32_t kMaskOff = kBarOff + 8 * kNumBars;           // sparse: u64 used slots per stage
-  static constexpr uint32_t kBytes = 1024 + kMaskOff + (kSparse ? 8 * kStages : 0);   // pykernels/cuda/mla.py,
-                                                                                      // cuda/dsa.py (sparse)
+  static constexpr uint32_t kIdxOff = kMaskOff + 8 * kStages;             // sparse: [2][128 threads][2] s32
+  static constexpr uint32_t kIdxBytes = 2 * 128 * 2 * 4;                  //   slot indices, a block ahead
+  static constexpr uint32_t kBytes = 1024 + kMaskOff + (kSparse ? 8 * kStages + kIdxBytes : 0);   // cuda/mla.py,
+                                                                                                   // cuda/dsa.py
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
   static_assert(kKOff % 1024 == 0 && kTileBytes % 1024 == 0, "swizzle atoms / TMA");
 };
 static_assert(Smem<false>::kBytes == 223408, "pykernels/cuda/mla.py");
-static_assert(Smem<true>::kBytes == 223424, "pykernels/cuda/dsa.py");
+static_assert(Smem<true>::kBytes == 223408 + 16 + 2048, "pykernels/cuda/dsa.py");
 
 constexpr uint32_t kWarpgroupThreads = 128;
 constexpr uint32_t kMathWarpgroups = 2;            // warpgroups 0, 1; warpgroup 2 is the producer
@@ -318,35 +320,59 @@ static_assert(kBoxCols / kLoadBytes == 4 && kPage / kMathWarps == 16, "lane % 4:
 template <bool kSparse>
 struct Fp8Producer {
   using L = Smem<kSparse>;
-  uint32_t full_bar, empty_bar;
+  // Few registers (72 in all): the empty barriers and the used-slot masks are addressed from
+  // full_bar (constant offsets in the layout), this thread's warp from row0.
+  uint32_t full_bar;
   uint32_t dst0;               // this thread's unit 2 (lane % 4) of row row0, stage 0, chunk 0 (row0 + 8: + 1024)
-  uint16_t* mask;              // sparse: the stages' used-slot masks (u64 each; warp w writes bits 16w..)
-  uint32_t warp, lane, row0;   // this thread's rows: row0 and row0 + 8
+  uint32_t lane, row0;         // this thread's rows: row0 = 16 warp + lane / 4 and row0 + 8
   uint32_t s = 0, phase = 0;   // ring position
   static constexpr uint32_t kRowStep = 8;   // the second row: the same swizzle phase, 8 rows on
 
-  __device__ __forceinline__ Fp8Producer(uint8_t* smem, uint32_t base, uint32_t full_bar_, uint32_t empty_bar_,
-                                         uint32_t tid)
-      : full_bar(full_bar_), empty_bar(empty_bar_), mask(reinterpret_cast<uint16_t*>(smem + L::kMaskOff)),
-        warp(tid / 32), lane(tid % 32), row0(16 * warp + lane / 4) {
+  __device__ __forceinline__ Fp8Producer(uint32_t base, uint32_t tid)
+      : full_bar(base + L::kBarOff), lane(tid % 32), row0(16 * (tid / 32) + (tid % 32) / 4) {
     dst0 = base + L::kKOff + pk::swizzle128_unit(row0, 2 * (lane % 4));
+  }
+  __device__ __forceinline__ uint32_t warp() const { return row0 / 16; }
+  __device__ __forceinline__ uint32_t empty_bar(uint32_t stage) const {   // empty[stage], after full[2][9]
+    return full_bar + kMbarBytes * (L::kStages * L::kFullPerStage + stage);
   }
   __device__ __forceinline__ uint32_t dst(uint32_t h) const { return dst0 + h * kRowStep * pk::kSwizzleRowBytes; }
 
+  // Sparse: the indices of this thread's two slots of block `blk` (token `tok`'s slots [64 blk,
+  // +64)) fetched a block ahead of their use into staging buffer `buf` of shared memory by
+  // cp.async (no register held meanwhile; each thread reads only its own); -1 at or past
+  // `limit` (topk_length) or past the piece.
+  __device__ __forceinline__ uint32_t idx_slot(uint32_t buf, uint32_t h) const {
+    return full_bar + (L::kIdxOff - L::kBarOff) + 4 * (buf * 2 * kWarpgroupThreads + 2 * (32 * warp() + lane) + h);
+  }
+  __device__ __forceinline__ void fetch_indices(const Params& p, const Piece& pc, uint32_t tok, uint32_t blk,
+                                                uint32_t limit, uint32_t buf) const {
+    const int* slots = p.indices + pc.b * p.idx_sb + (uint64_t)tok * p.idx_ss;
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      const uint32_t slot = blk * kPage + row0 + kRowStep * h;
+      if (blk < pc.hi && slot < limit)
+        pk::cp_async_4(idx_slot(buf, h), slots + slot);
+      else
+        pk::st_shared_b32(idx_slot(buf, h), 0xFFFFFFFFu);
+    }
+    pk::cp_async_commit();
+  }
+  __device__ __forceinline__ int2 take_indices(uint32_t buf) const {
+    pk::cp_async_wait_all();
+    return make_int2(pk::ld_shared_s32(idx_slot(buf, 0)), pk::ld_shared_s32(idx_slot(buf, 1)));
+  }
+
   // Where this thread's rows of block `blk` are (nullptr: not used). Dense: the page's rows
-  // below the sequence's end; sparse: the slots below topk_length whose index is a token row of
-  // the cache (-1 and anything else: unused), token `tok`'s slots [64 blk, +64).
-  __device__ __forceinline__ void locate(const Params& p, const Piece& pc, uint32_t tok, uint32_t blk,
+  // below the sequence's end; sparse: the slots whose index (`idx`, slot_indices) is a token
+  // row of the cache (-1 and anything else: unused).
+  __device__ __forceinline__ void locate(const Params& p, const Piece& pc, uint32_t blk, int2 idx,
                                          const uint8_t* (&src)[2]) const {
     if constexpr (kSparse) {
-      const int* slots = p.indices + pc.b * p.idx_sb + (uint64_t)tok * p.idx_ss;
-      const uint32_t limit =
-          p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h) {
-        const uint32_t slot = blk * kPage + row0 + kRowStep * h;
-        const int idx = slot < limit ? __ldg(slots + slot) : -1;
-        src[h] = idx >= 0 && (uint32_t)idx < p.num_tokens ? p.cache + (uint64_t)idx * kFp8Row : nullptr;
+        const int i = h ? idx.y : idx.x;
+        src[h] = i >= 0 && (uint32_t)i < p.num_tokens ? p.cache + (uint64_t)i * kFp8Row : nullptr;
       }
     } else {
       const int page = __ldg(p.block_table + (uint64_t)pc.b * p.bt_stride + blk);
@@ -369,7 +395,7 @@ struct Fp8Producer {
       b = (b | (b >> 6)) & 0x000F000Fu;
       bits |= ((b | (b >> 12)) & 0xFFu) << (8 * h);
     }
-    if (lane == 0) mask[stage * 4 + warp] = (uint16_t)bits;
+    if (lane == 0) pk::st_shared_b16(full_bar + (L::kMaskOff - L::kBarOff) + 8 * stage + 2 * warp(), (uint16_t)bits);
   }
 
   // The 16-byte load of chunk c (0..7: e4m3 columns [64c + 16 (lane % 4), +16); 8, 9: RoPE
@@ -383,10 +409,10 @@ struct Fp8Producer {
   }
 
   // Load, convert and publish block `blk` of the piece into the next stage.
-  __device__ __forceinline__ void block(const Params& p, const Piece& pc, uint32_t tok, uint32_t blk) {
+  __device__ __forceinline__ void block(const Params& p, const Piece& pc, uint32_t blk, int2 idx) {
     constexpr uint32_t kLoads = kLatentChunks + 2;   // loads per row: 8 latent chunks, RoPE in two
     const uint8_t* src[2];
-    locate(p, pc, tok, blk, src);
+    locate(p, pc, blk, idx, src);
     // The rows' group scales as conversion factors (0 for an unused row: 0 * 0, no NaN), two
     // groups' bf16 factors per register (low half: group 2j, high: 2j + 1), duplicated per use.
     uint32_t factors[2][kGroups / 2];
@@ -403,7 +429,7 @@ struct Fp8Producer {
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h) x[c][h] = load(src[h], c, lane);
     const uint32_t stage = s;
-    pk::mbar_wait(empty_bar + kMbarBytes * stage, phase ^ 1);
+    pk::mbar_wait(empty_bar(stage), phase ^ 1);
     if constexpr (kSparse) store_mask(src, stage);
     const uint32_t kblk = stage * kTileBytes;
 #pragma unroll
@@ -899,19 +925,31 @@ __device__ __forceinline__ void produce_bf16(const Params& p, const pk::TensorMa
 // the Q tile, then all four convert each block into the ring. Sparse: the CTA's 64 query rows
 // are the heads of query token tile * 64 / h_q (h_q % 64 == 0).
 template <bool kSparse>
-__device__ __forceinline__ void produce_fp8(const Params& p, const pk::TensorMap* tmap_q, uint8_t* smem, uint32_t base,
-                                            const int* row, uint32_t num_pieces, uint32_t tile, uint32_t full_bar,
-                                            uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
+__device__ __forceinline__ void produce_fp8(const Params& p, const pk::TensorMap* tmap_q, uint32_t base, const int* row,
+                                            uint32_t num_pieces, uint32_t tile, uint32_t q_full, uint32_t q_empty) {
   const uint32_t tid = threadIdx.x % kWarpgroupThreads;
   const bool leader = pk::elect_one();
-  Fp8Producer<kSparse> conv(smem, base, full_bar, empty_bar, tid);
+  Fp8Producer<kSparse> conv(base, tid);
   const uint32_t tok = kSparse ? tile * kTileRows / p.h_q : 0;
   uint32_t q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
     const Piece pc = piece_of(p, row, k);
     if (pc.hi <= pc.lo) continue;
-    if (conv.warp == 0) load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
-    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) conv.block(p, pc, tok, blk);
+    if (conv.warp() == 0) load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
+    uint32_t limit = 0, buf = 0;
+    if constexpr (kSparse) {
+      limit = p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
+      conv.fetch_indices(p, pc, tok, pc.lo, limit, buf);
+    }
+    for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+      int2 idx = make_int2(-1, -1);
+      if constexpr (kSparse) {
+        idx = conv.take_indices(buf);
+        buf ^= 1;
+        conv.fetch_indices(p, pc, tok, blk + 1, limit, buf);   // in flight while this block converts
+      }
+      conv.block(p, pc, blk, idx);
+    }
   }
 }
 
@@ -988,7 +1026,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   if (wg == kProducerWarpgroup) {
     if constexpr (kFp8) {
       pk::setmaxnreg_dec<kConvRegs>();
-      produce_fp8<kSparse>(p, tmap_q, smem, base, row, num_pieces, tile, full_bar, empty_bar, q_full, q_empty);
+      produce_fp8<kSparse>(p, tmap_q, base, row, num_pieces, tile, q_full, q_empty);
     } else {
       pk::setmaxnreg_dec<kProducerRegs>();
       if ((threadIdx.x / 32) % kMathWarps == 0)   // one producer warp

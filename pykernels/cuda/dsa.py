@@ -318,9 +318,10 @@ SPARSE_OP_NAME = "flash_mla_sparse_decode"     # names the op in a recorded inpu
 
 
 def sparse_decode_smem_bytes() -> int:
-    """Smem<true>::kBytes: the FP8 decode's shared memory + one u64 used-slot mask per K stage."""
+    """Smem<true>::kBytes: the FP8 decode's shared memory + one u64 used-slot mask per K stage
+    + the slot indices staged a block ahead (2 buffers x 128 producer threads x 2 int32)."""
     from . import mla as CM
-    return CM.SMEM_BYTES_FP8 + 8 * CM.STAGES
+    return CM.SMEM_BYTES_FP8 + 8 * CM.STAGES + 2 * 128 * 2 * 4
 
 
 def check_sparse_decode_supported(q, k_cache, head_dim_v: int) -> None:

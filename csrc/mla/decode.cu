@@ -363,9 +363,9 @@ struct Fp8Producer {
     return make_int2(pk::ld_shared_s32(idx_slot(buf, 0)), pk::ld_shared_s32(idx_slot(buf, 1)));
   }
 
-  // Where this thread's rows of block `blk` are (nullptr: not used). Dense: the page's rows
-  // below the sequence's end; sparse: the slots whose index (`idx`, slot_indices) is a token
-  // row of the cache (-1 and anything else: unused).
+  // Where this thread's rows of block `blk` are (nullptr: not used). Dense: the rows of page
+  // idx.x (read a block ahead) below the sequence's end; sparse: the slots whose index (`idx`,
+  // take_indices) is a token row of the cache (-1 and anything else: unused).
   __device__ __forceinline__ void locate(const Params& p, const Piece& pc, uint32_t blk, int2 idx,
                                          const uint8_t* (&src)[2]) const {
     if constexpr (kSparse) {
@@ -375,7 +375,7 @@ struct Fp8Producer {
         src[h] = i >= 0 && (uint32_t)i < p.num_tokens ? p.cache + (uint64_t)i * kFp8Row : nullptr;
       }
     } else {
-      const int page = __ldg(p.block_table + (uint64_t)pc.b * p.bt_stride + blk);
+      const int page = idx.x;
       const uint32_t valid = valid_rows(pc, blk);
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h)
@@ -941,12 +941,16 @@ __device__ __forceinline__ void produce_fp8(const Params& p, const pk::TensorMap
       limit = p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
       conv.fetch_indices(p, pc, tok, pc.lo, limit, buf);
     }
+    const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;   // dense: page ids a block ahead
+    int page = kSparse ? 0 : __ldg(table + pc.lo);
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
-      int2 idx = make_int2(-1, -1);
+      int2 idx = make_int2(page, -1);
       if constexpr (kSparse) {
         idx = conv.take_indices(buf);
         buf ^= 1;
         conv.fetch_indices(p, pc, tok, blk + 1, limit, buf);   // in flight while this block converts
+      } else {
+        page = blk + 1 < pc.hi ? __ldg(table + blk + 1) : 0;   // in flight while this block converts
       }
       conv.block(p, pc, blk, idx);
     }

@@ -314,7 +314,9 @@ static_assert(2 * kWarpgroupThreads * kMathRegsFp8 + kConvThreads * kConvRegs ==
 constexpr uint32_t kLoadBytes = 16;                         // one load: 16 e4m3 values of a row
 constexpr uint32_t kLatentChunks = kDimV / kBoxCols;        // 8 (chunk 8 is RoPE)
 constexpr uint32_t kChunksPerGroup = kDimV / kGroups / kBoxCols;   // 2 chunks per scale group
-constexpr uint32_t kLoadAhead = 2;                          // chunks loaded ahead of the conversion
+// chunks loaded ahead of the conversion (as many as the producer's 72 registers hold without
+// spilling: the sparse path's index staging costs one)
+template <bool kSparse> constexpr uint32_t kLoadAhead = kSparse ? 2 : 3;
 static_assert(kBoxCols / kLoadBytes == 4 && kPage / kMathWarps == 16, "lane % 4: the load; 2 rows per thread");
 
 template <bool kSparse>
@@ -423,9 +425,10 @@ struct Fp8Producer {
       factors[h][0] = pk::pack_bf16x2(sc.x * 0x1p60f, sc.y * 0x1p60f);
       factors[h][1] = pk::pack_bf16x2(sc.z * 0x1p60f, sc.w * 0x1p60f);
     }
-    uint4 x[kLoadAhead][2];
+    constexpr uint32_t kAhead = kLoadAhead<kSparse>;
+    uint4 x[kAhead][2];
 #pragma unroll
-    for (uint32_t c = 0; c < kLoadAhead; ++c)
+    for (uint32_t c = 0; c < kAhead; ++c)
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h) x[c][h] = load(src[h], c, lane);
     const uint32_t stage = s;
@@ -434,10 +437,10 @@ struct Fp8Producer {
     const uint32_t kblk = stage * kTileBytes;
 #pragma unroll
     for (uint32_t c = 0; c < kLoads; ++c) {
-      const uint4 cur[2] = {x[c % kLoadAhead][0], x[c % kLoadAhead][1]};
-      if (c + kLoadAhead < kLoads) {
+      const uint4 cur[2] = {x[c % kAhead][0], x[c % kAhead][1]};
+      if (c + kAhead < kLoads) {
 #pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) x[c % kLoadAhead][h] = load(src[h], c + kLoadAhead, lane);
+        for (uint32_t h = 0; h < 2; ++h) x[c % kAhead][h] = load(src[h], c + kAhead, lane);
       }
       if (c < kLatentChunks) {
 #pragma unroll

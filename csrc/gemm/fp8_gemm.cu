@@ -289,8 +289,8 @@ struct Layout {
 
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
 
-// Two waves with BN > 128: the widest wgmma N (a multiple of 8) dividing BN that is at most 48.
-__host__ __device__ constexpr uint32_t chunk_n(uint32_t bn, uint32_t n = 48) {
+// Two waves with BN > 128: the widest wgmma N (a multiple of 8) dividing BN that is at most 72.
+__host__ __device__ constexpr uint32_t chunk_n(uint32_t bn, uint32_t n = 72) {
   return bn % n == 0 ? n : chunk_n(bn, n - 8);
 }
 

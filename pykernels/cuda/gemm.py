@@ -94,10 +94,10 @@ class Config:
     @property
     def chunk_n(self) -> int:
         """Columns of one wgmma: BLOCK_N; two waves and BLOCK_N > 128: the widest multiple of 8
-        up to 48 dividing BLOCK_N (fp8_gemm.cu chunk_n: the accumulator set is chunk_n / 2
+        up to 72 dividing BLOCK_N (fp8_gemm.cu chunk_n: the accumulator set is chunk_n / 2
         registers beside a BLOCK_N / 2 result per wave)."""
         if self.waves > 1 and self.block_n > 128:
-            return next(c for c in range(48, 0, -8) if self.block_n % c == 0)
+            return next(c for c in range(72, 0, -8) if self.block_n % c == 0)
         return self.block_n
 
     @property

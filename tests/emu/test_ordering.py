@@ -296,7 +296,7 @@ def _run_mla(monkeypatch, decode_ptx, fn, fp8=False):
         return st
 
     torch.manual_seed(5)
-    seqlens, s_q, h_q = [150, 70, 40], 1, 16      # 2 partitions: each CTA walks several pieces
+    seqlens, s_q, h_q = [150, 70, 40], 1, 64  # 64 rows (the 64-row kernel); 2 partitions, each CTA walks pieces
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
     if fp8:
         cache = M.quantize_kv_cache_fp8(cache)

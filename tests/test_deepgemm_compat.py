@@ -78,9 +78,13 @@ def test_mn_major_tma_aligned_tensor_is_the_col_major_helper(seed):
         pk.get_mn_major_tma_aligned_tensor(torch.rand(4))
 
 
-def test_contiguous_alignment_is_the_largest_tile_height():
-    assert pk.get_mk_alignment_for_contiguous_layout() == PG.CONTIGUOUS_ALIGNMENT
-    assert max(c.block_m for c in CG.compiled_configs()) == PG.CONTIGUOUS_ALIGNMENT
+def test_contiguous_alignment_tiles_every_tile_height():
+    # DeepGEMM's 128; aligned groups fill whole 64/128-row tiles, or whole halves of a 256-row
+    # tile (which computes a tile holding two groups once per group)
+    assert pk.get_mk_alignment_for_contiguous_layout() == PG.CONTIGUOUS_ALIGNMENT == 128
+    heights = {c.block_m for c in CG.compiled_configs()}
+    assert PG.CONTIGUOUS_ALIGNMENT in heights
+    assert all(PG.CONTIGUOUS_ALIGNMENT % h == 0 or h % PG.CONTIGUOUS_ALIGNMENT == 0 for h in heights), heights
     assert pk.get_m_alignment_for_contiguous_layout is pk.get_mk_alignment_for_contiguous_layout
     pk.set_mk_alignment_for_contiguous_layout(PG.CONTIGUOUS_ALIGNMENT)
     with pytest.raises(ValueError, match="value: expected 128 .*not supported yet.*, got 64"):

@@ -181,7 +181,7 @@ def _problem(seqlens, s_q, h_q, fp8, h_kv=1):
     return q, (M.quantize_kv_cache_fp8(cache) if fp8 else cache), table, sl
 
 
-def _run(q, cache, table, sl, meta, ns, causal, scale=None):
+def _run_and_check(q, cache, table, sl, meta, ns, causal, scale=None):
     b, s_q, h_q, _ = q.shape
     out, lse = _poisoned(b, s_q, h_q)
     stats = CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, scale, causal, executor="emu")
@@ -215,7 +215,7 @@ def test_emu_matches_reference(seqlens, s_q, h_q, causal, parts, split, fp8, poi
     q, cache, table, sl = _problem(seqlens, s_q, h_q, fp8)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
     assert bool((ns.diff() > 1).any()) == split, "case meant to (not) exercise the combine kernel"
-    decode, _ = _run(q, cache, table, sl, meta, ns, causal)
+    decode, _ = _run_and_check(q, cache, table, sl, meta, ns, causal)
     assert decode.as_dict()["ctas"] == parts                     # one CTA per partition: no row tiles
 
 
@@ -232,7 +232,7 @@ def test_emu_every_schedule(schedule, fp8, seed, poisoned_scratch, monkeypatch):
     meta, ns = M.get_mla_metadata(sl, 32, 1, 4)
     assert bool((ns.diff() > 1).any())
     monkeypatch.setattr(CM, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))
-    _run(q, cache, table, sl, meta, ns, True)
+    _run_and_check(q, cache, table, sl, meta, ns, True)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -243,7 +243,7 @@ def test_emu_pieces_of_one_partition(fp8, seed, poisoned_scratch):
     q, cache, table, sl = _problem([64, 192, 1, 130, 0, 128], 1, 32, fp8)
     meta, ns = M.get_mla_metadata(sl, 32, 1, 1)
     assert ns.tolist() == list(range(7))                          # one partition, whole sequences
-    _run(q, cache, table, sl, meta, ns, False, scale=0.05)
+    _run_and_check(q, cache, table, sl, meta, ns, False, scale=0.05)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -252,7 +252,7 @@ def test_emu_long_sequence_sharp_softmax(fp8, seed, poisoned_scratch):
     q, cache, table, sl = _problem([1250], 1, 16, fp8)
     meta, ns = M.get_mla_metadata(sl, 16, 1, 3)
     assert int(ns[-1]) == 3
-    _run(q * 3, cache, table, sl, meta, ns, True)
+    _run_and_check(q * 3, cache, table, sl, meta, ns, True)
 
 
 def test_emu_several_kv_heads(seed, poisoned_scratch):
@@ -260,7 +260,8 @@ def test_emu_several_kv_heads(seed, poisoned_scratch):
     # strided cache view (NaN in the other head's columns past each seqlen)
     q, cache, table, sl = _problem([100, 64], 1, 32, False, h_kv=2)
     meta, ns = M.get_mla_metadata(sl, 16, 2, 3)
-    _run(q, cache, table, sl, meta, ns, True)
+    assert CM.narrow_tile_rows(q.shape[2] // 2) == 16        # each KV head's rows take the N 16 kernel
+    _run_and_check(q, cache, table, sl, meta, ns, True)     # asserts out / lse against the reference
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -272,7 +273,7 @@ def test_emu_counters(fp8, seed, poisoned_scratch):
     q, cache, table, sl = _problem(seqlens, s_q, h_q, fp8)
     meta, ns = M.get_mla_metadata(sl, 32, 1, 6)
     assert ns.tolist() == [0, 2, 3]                               # the first sequence split in two
-    decode, combine = _run(q, cache, table, sl, meta, ns, True)
+    decode, combine = _run_and_check(q, cache, table, sl, meta, ns, True)
     d = decode.as_dict()
     blocks = sum(_cdiv(L, PAGE) for L in seqlens)
     assert d["wgmma_issued"] == (36 + 32) * blocks

@@ -438,7 +438,9 @@ def test_config_heuristic(m, n, k, expect):
 
 
 @pytest.mark.parametrize("m,n,k,expect", [
-    (64, 2112, 7168, lambda c, s: c.split_k and s > 1),          # 33 x 64 tiles of 56 K blocks: K ranges fill SMs
+    # 33 x 64 tiles of 56 K blocks: K ranges fill the SMs; 66 tiles of 64 x 32 x 2 ranges on 132 SMs model
+    # fastest (model v0.2 H800: 298 TFLOP/s against m64n64 x 3's 286 and x 4's 285; docs/gemm.md, Split-K)
+    (64, 2112, 7168, lambda c, s: (c.block_m, c.block_n, c.split_k, s) == (64, 32, True, 2)),
     (128, 4096, 7168, lambda c, s: c.split_k and s > 1),
     # 56 tiles of 128 x 128: under the per-SM L2 port (model 0.2) two K ranges on 112 SMs pay
     # (the H200 measured the same direction: m64n128 on 112 SMs 51.8 us, m128n128 on 56 SMs 59.1)

@@ -406,6 +406,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   } else {
     __syncthreads();
   }
+  // PDL: the setup above overlaps the previous kernel's tail; every global access (TMA loads,
+  // m_indices / masked_m, sfb, f32 out read) comes after the previous grid completed.
+  pk::griddep_wait();
 
   if (wg == L::kMathWG) {
     // ---------------------------------------------------------------- producer
@@ -894,6 +897,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
     }
   }
   if (tid == 0) pk::tma_store_wait_read<0>();  // shared memory must outlive the last stores' reads
+  // PDL: every store of this thread is issued; the next PDL kernel (split-K reduction, next
+  // GEMM) may start its CTAs: its griddep_wait still waits for this grid's completion.
+  pk::griddep_launch_dependents();
   if constexpr (kMulticast) pk::cluster_sync();  // see the producer's end
 }
 

@@ -3,6 +3,9 @@
 // order 0, 1, ... (deterministic: no atomics, the same order on every run), rounded once
 // to bf16. N is a multiple of 8: each thread owns one 8-column chunk of a row (two 16-byte
 // loads per slice, one 16-byte store). Grid-stride over the M x N / 8 chunks.
+// Launched with PDL (programmatic dependent launch) right after the split-K GEMM: it may
+// start while the GEMM's last CTAs run, and waits for the GEMM's workspace writes
+// (griddep_wait) before its first load.
 #include <cstdint>
 
 #include "pk/ptx.cuh"
@@ -11,6 +14,7 @@ extern "C" __global__ void __launch_bounds__(256) pk_fp8_gemm_splitk_reduce(cons
                                                                          uint32_t n, uint32_t splits) {
   const uint64_t chunks = (uint64_t)m * (n / 8);
   const uint64_t slice = (uint64_t)m * n;  // floats per slice
+  pk::griddep_wait();                      // the GEMM's partial slices are complete and visible
   for (uint64_t c = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; c < chunks; c += (uint64_t)gridDim.x * blockDim.x) {
     const float4* src = reinterpret_cast<const float4*>(ws + 8 * c);
     float4 lo = __ldg(src), hi = __ldg(src + 1);
@@ -24,4 +28,7 @@ extern "C" __global__ void __launch_bounds__(256) pk_fp8_gemm_splitk_reduce(cons
                   pk::pack_bf16x2(hi.z, hi.w)};
     *reinterpret_cast<uint4*>(out + 16 * c) = v;
   }
+  // This thread's stores are issued: the next PDL kernel may start its CTAs (its wait
+  // still waits for this grid's completion, so nothing it reads can be stale).
+  pk::griddep_launch_dependents();
 }

@@ -57,10 +57,10 @@ void set_max_dynamic_shared(uintptr_t function, int bytes) {
         "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
 }
 
-// A launch configuration; a cluster of more than one CTA goes in *attr (which must
-// outlive the configuration).
-CUlaunchConfig launch_config(Dim3 grid, Dim3 block, Dim3 cluster, unsigned shared_bytes,
-                             CUlaunchAttribute* attr) {
+// A launch configuration; a cluster of more than one CTA and programmatic dependent launch
+// (pdl) go in attrs[0..1] (which must outlive the configuration).
+CUlaunchConfig launch_config(Dim3 grid, Dim3 block, Dim3 cluster, unsigned shared_bytes, bool pdl,
+                             CUlaunchAttribute (&attrs)[2]) {
   CUlaunchConfig cfg{};
   cfg.gridDimX = grid[0];
   cfg.gridDimY = grid[1];
@@ -69,21 +69,31 @@ CUlaunchConfig launch_config(Dim3 grid, Dim3 block, Dim3 cluster, unsigned share
   cfg.blockDimY = block[1];
   cfg.blockDimZ = block[2];
   cfg.sharedMemBytes = shared_bytes;
+  cfg.attrs = attrs;
   if (cluster[0] * cluster[1] * cluster[2] > 1) {
-    attr->id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr->value.clusterDim.x = cluster[0];
-    attr->value.clusterDim.y = cluster[1];
-    attr->value.clusterDim.z = cluster[2];
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    CUlaunchAttribute& a = attrs[cfg.numAttrs++];
+    a.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    a.value.clusterDim.x = cluster[0];
+    a.value.clusterDim.y = cluster[1];
+    a.value.clusterDim.z = cluster[2];
   }
+  if (pdl) {
+    // The kernel may start before the previous kernel of the stream completes (once that
+    // kernel's CTAs all issued griddepcontrol.launch_dependents or exited); the kernel's
+    // griddepcontrol.wait then waits for that kernel's completion and memory. Only for
+    // kernels that wait before touching global memory (runtime/plan.py LaunchPlan.pdl).
+    CUlaunchAttribute& a = attrs[cfg.numAttrs++];
+    a.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    a.value.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cfg.numAttrs == 0) cfg.attrs = nullptr;
   return cfg;
 }
 
 // params: one bytes object per kernel parameter, already laid out as the kernel expects
 // (pointers and integers little-endian, tensor maps as their 128-byte images).
 void launch(uintptr_t function, Dim3 grid, Dim3 block, Dim3 cluster, unsigned shared_bytes,
-            uintptr_t stream, const std::vector<py::bytes>& params) {
+            uintptr_t stream, const std::vector<py::bytes>& params, bool pdl) {
   std::vector<std::string> storage;
   storage.reserve(params.size());
   for (const auto& p : params) storage.emplace_back(p);
@@ -92,8 +102,8 @@ void launch(uintptr_t function, Dim3 grid, Dim3 block, Dim3 cluster, unsigned sh
   // Tensor maps must be 64-byte aligned in the parameter buffer the driver reads; the
   // driver copies from these pointers, so only the value matters, not where it lives.
 
-  CUlaunchAttribute attr;
-  CUlaunchConfig cfg = launch_config(grid, block, cluster, shared_bytes, &attr);
+  CUlaunchAttribute attrs[2] = {};
+  CUlaunchConfig cfg = launch_config(grid, block, cluster, shared_bytes, pdl, attrs);
   cfg.hStream = reinterpret_cast<CUstream>(stream);
   if (shared_bytes > 48 * 1024) set_max_dynamic_shared(function, static_cast<int>(shared_bytes));
   check(driver().cuLaunchKernelEx(&cfg, reinterpret_cast<CUfunction>(function), ptrs.data(),
@@ -109,9 +119,9 @@ int max_active_clusters(uintptr_t function, Dim3 block, Dim3 cluster, unsigned s
   if (!d.cuOccupancyMaxActiveClusters)
     throw std::runtime_error("cuOccupancyMaxActiveClusters: not provided by this CUDA driver");
   if (shared_bytes > 48 * 1024) set_max_dynamic_shared(function, static_cast<int>(shared_bytes));
-  CUlaunchAttribute attr;
+  CUlaunchAttribute attrs[2] = {};
   // a grid of one cluster: the query asks about the cluster shape, not the grid
-  CUlaunchConfig cfg = launch_config(cluster, block, cluster, shared_bytes, &attr);
+  CUlaunchConfig cfg = launch_config(cluster, block, cluster, shared_bytes, false, attrs);
   int n = 0;
   check(d.cuOccupancyMaxActiveClusters(&n, reinterpret_cast<CUfunction>(function), &cfg),
         "cuOccupancyMaxActiveClusters");
@@ -180,7 +190,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_max_dynamic_shared", &set_max_dynamic_shared, py::arg("function"), py::arg("bytes"));
   m.def("launch", &launch, py::arg("function"), py::arg("grid"), py::arg("block"),
         py::arg("cluster"), py::arg("shared_bytes"), py::arg("stream"), py::arg("params"),
-        "cuLaunchKernelEx with an optional cluster dimension; params are raw bytes per argument");
+        py::arg("pdl") = false,
+        "cuLaunchKernelEx with an optional cluster dimension and programmatic dependent launch "
+        "(pdl); params are raw bytes per argument");
   m.def("encode_tensor_map_tiled", &encode_tensor_map_tiled, py::arg("data_type"),
         py::arg("global_address"), py::arg("dims"), py::arg("strides_bytes"), py::arg("box"),
         py::arg("element_strides"), py::arg("interleave"), py::arg("swizzle"),

@@ -1051,6 +1051,9 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
   SeesawMath<kFp8, kSparse> math{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
   run_pieces<kSparse>(p, math, row, num_pieces, tile, q_full, q_empty, lsum, wg, lane, r0);
+  // PDL: this CTA's last out / scratch stores are issued; the combine may start its CTAs (its
+  // griddep_wait still waits for this whole grid, so it reads nothing stale).
+  pk::griddep_launch_dependents();
 }
 
 }  // namespace
@@ -1108,6 +1111,7 @@ __device__ __forceinline__ void combine(const int* nsplits, const float* oacc, c
                                         float* lse, uint32_t rows, uint32_t h_q, uint64_t out_sb, uint32_t out_ss,
                                         uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,
                                         uint32_t max_splits, const float* sink) {
+  pk::griddep_wait();   // PDL: the decode kernel's scratch (and the schedule) complete and visible
   const uint32_t b = blockIdx.x;
   const int s0 = __ldg(nsplits + b);
   const int n = __ldg(nsplits + b + 1) - s0;
@@ -1155,6 +1159,7 @@ __device__ __forceinline__ void combine(const int* nsplits, const float* oacc, c
   if (lane == 0)
     lse[b * lse_sb + (uint64_t)head * lse_sh + (uint64_t)tok * lse_ss] =
         seen ? (m_use + pk::lg2_approx(total)) * kLn2 : INFINITY;
+  pk::griddep_launch_dependents();   // stores issued: the next PDL kernel may start its CTAs
 }
 }  // namespace
 

@@ -668,6 +668,9 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
     else
       write_piece<N>(p, pc, acc, m, l, warp, lane);
   }
+  // PDL: this CTA's last out / scratch stores are issued; the combine may start its CTAs (its
+  // griddep_wait still waits for this whole grid, so it reads nothing stale).
+  pk::griddep_launch_dependents();
 }
 
 }  // namespace

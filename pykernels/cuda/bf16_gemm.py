@@ -124,7 +124,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: Config = None
             Arg("tensormap", tmap_a), u64(0), u32(1))
     assert len(args) == len(G.PARAMS)
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
-                      shared_bytes=cfg.smem_bytes(stages))
+                      shared_bytes=cfg.smem_bytes(stages), pdl=True)   # PDL as gemm.gemm_plan
 
 
 def bf16_gemm_nt(a, b, out, executor: str = "cuda", cfg: Config = None, stages: int = None):

@@ -453,8 +453,10 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
             u32(m), u32(n), u32(k), u32(groups), u32(kind), u32(stages), u32(raster_band(n_blocks, grid)),
             ptr(record), Arg("tensormap", tmap_sfb), ptr_or_null(sfd if e4m3 else None), u32(splits))
     assert len(args) == len(PARAMS)
+    # PDL: the kernel waits (griddepcontrol.wait) after its barrier setup, before any global
+    # access, so back-to-back GEMMs overlap one's prologue with the other's tail
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
-                      shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1))
+                      shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1), pdl=True)
 
 
 def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False), cfg=None, stages=None,
@@ -496,14 +498,15 @@ _tuned_geometry = functools.lru_cache(maxsize=4096)(_geometry)
 def reduce_plan(workspace: torch.Tensor, out: torch.Tensor, m: int, n: int, splits: int, sms: int = None) -> LaunchPlan:
     """Split-K's second pass (csrc/gemm/splitk_reduce.cu): out bf16 [m, n] = the sum of the
     workspace's float32 slices [splits, m, n] in slice order, rounded once; a grid-stride
-    grid of at most #SMs CTAs of REDUCE_THREADS threads, one 8-column chunk per thread."""
+    grid of at most #SMs CTAs of REDUCE_THREADS threads, one 8-column chunk per thread;
+    chained to the split-K GEMM with PDL (it waits for the workspace with griddepcontrol.wait)."""
     if n % 8 or workspace.dtype != torch.float32 or workspace.numel() != splits * m * n:
         raise ValueError(f"workspace: expected float32 [{splits} x {m}, {n}] with n a multiple of 8, "
                          f"got {workspace.dtype} {tuple(workspace.shape)}")
     sms = sms or num_sms(out.device)
     grid = max(1, min(sms, cdiv(m * n // 8, REDUCE_THREADS)))
     return LaunchPlan(REDUCE_MODULE, REDUCE_FUNCTION, grid=(grid, 1, 1), block=(REDUCE_THREADS, 1, 1),
-                      args=(ptr(workspace), ptr(out), u32(m), u32(n), u32(splits)))
+                      args=(ptr(workspace), ptr(out), u32(m), u32(n), u32(splits)), pdl=True)
 
 
 _tuned_split_k = functools.lru_cache(maxsize=4096)(lambda m, n, k, sms: choose_split_k(m, n, k, sms))

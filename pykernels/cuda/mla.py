@@ -264,14 +264,16 @@ def fp8_tail_args(cache, indices=None, topk_length=None, attn_sink=None, topk: i
 
 
 def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
-    """Launch plan of pk_mla_combine: grid (b, ceil(rows / 4)), 128 threads (a warp per row)."""
+    """Launch plan of pk_mla_combine: grid (b, ceil(rows / 4)), 128 threads (a warp per row);
+    chained to the decode launch before it with PDL (its CTAs start as the decode's finish and
+    wait for the decode's scratch with griddepcontrol.wait)."""
     b = num_splits.shape[0] - 1
     rows = oacc.shape[1]
     args = (ptr(num_splits), ptr(oacc), ptr(lacc), ptr(out), ptr(lse), u32(rows), u32(h_q),
             u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
             u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)), u32(oacc.shape[0]))
     return LaunchPlan(MODULE, COMBINE_FUNCTION, grid=(b, _cdiv(rows, COMBINE_ROWS), 1), block=(128, 1, 1),
-                      args=args)
+                      args=args, pdl=True)
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,

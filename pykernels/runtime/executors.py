@@ -32,11 +32,33 @@ def _function(module: str, function: str, device: int) -> int:
     return C.get_function(mod, function)
 
 
+@functools.lru_cache(maxsize=None)
+def waits_on_grid(module: str, function: str) -> bool:
+    """True when the entry `function` of `module` issues griddepcontrol.wait (its PTX)."""
+    ptx = artifacts.ptx_text(module)
+    head = f".entry {function}("
+    start = ptx.find(head)
+    if start < 0:
+        raise KeyError(f"kernel module {module!r} has no entry function {function!r}")
+    end = ptx.find(".entry ", start + len(head))
+    return "griddepcontrol.wait" in ptx[start:end if end >= 0 else len(ptx)]
+
+
+def check_pdl(plan: LaunchPlan) -> None:
+    """A plan launched with PDL must name a kernel that waits on the previous grid: one that
+    does not would read (or overwrite) memory the previous kernel is still using."""
+    if plan.pdl and not waits_on_grid(plan.module, plan.function):
+        raise ValueError(f"{plan.function}: a plan with pdl=True needs a kernel that issues griddepcontrol.wait "
+                         f"before touching global memory; {plan.module}.{plan.function} issues none")
+
+
 def run_cuda(plan: LaunchPlan) -> None:
-    """Launch on the current CUDA stream of the plan's tensors' device (asynchronous)."""
+    """Launch on the current CUDA stream of the plan's tensors' device (asynchronous);
+    with programmatic dependent launch when plan.pdl."""
     why = gpu_unavailable_reason()
     if why:
         raise RuntimeError(f"{plan.function}: the 'cuda' backend needs an NVIDIA GPU: {why}")
+    check_pdl(plan)
     tensors = plan.tensors()
     device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
     for t in tensors:
@@ -52,12 +74,15 @@ def run_cuda(plan: LaunchPlan) -> None:
             params.append(pack_scalar(a))
     fn = _function(plan.module, plan.function, device.index or 0)
     stream = torch.cuda.current_stream(device).cuda_stream
-    _C().launch(fn, plan.grid, plan.block, plan.cluster, plan.shared_bytes, stream, params)
+    _C().launch(fn, plan.grid, plan.block, plan.cluster, plan.shared_bytes, stream, params, plan.pdl)
 
 
 def run_emu(plan: LaunchPlan, **options):
-    """Run the plan's kernel (its PTX) on the CPU emulator; returns the emulator's stats."""
+    """Run the plan's kernel (its PTX) on the CPU emulator; returns the emulator's stats.
+    Launches run one after another here, so plan.pdl orders nothing (the kernels'
+    griddepcontrol instructions are no-ops); it is checked as on the GPU."""
     from .. import emu
+    check_pdl(plan)
     for t in plan.tensors():
         if t.device.type != "cpu":
             raise ValueError(f"{plan.function}: the 'emu' backend runs on CPU tensors, got {t.device}")

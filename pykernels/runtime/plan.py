@@ -55,7 +55,15 @@ def pack_scalar(arg: Arg) -> bytes:
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     """module: kernel module name (manifest key); function: entry name;
-    grid/block/cluster: 3-tuples; shared_bytes: dynamic shared memory; args: [Arg]."""
+    grid/block/cluster: 3-tuples; shared_bytes: dynamic shared memory; args: [Arg].
+
+    pdl: programmatic dependent launch. On the GPU the kernel may start while the previous
+    kernel of the stream still runs (once that kernel's CTAs all issued
+    griddepcontrol.launch_dependents or exited), overlapping its launch and prologue with
+    that kernel's tail. Only for kernels that issue griddepcontrol.wait before any global
+    access (the executors check the PTX); safe whatever the previous kernel is, since the
+    wait waits for every prerequisite grid to complete and flush. The emulator runs
+    launches one after another, so there it changes nothing."""
     module: str
     function: str
     grid: tuple
@@ -63,6 +71,7 @@ class LaunchPlan:
     args: tuple
     shared_bytes: int = 0
     cluster: tuple = (1, 1, 1)
+    pdl: bool = False
 
     def tensors(self):
         return [a.value for a in self.args if a.ptype == "ptr"]

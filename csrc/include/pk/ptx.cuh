@@ -3,7 +3,7 @@
 // One place for the asm: wgmma (fence / mma_async / commit / wait), shared-memory matrix
 // descriptors, mbarrier (CTA-local and remote arrivals), TMA (cp.async.bulk.tensor loads,
 // multicast, stores), proxy and barrier fences, clusters (rank, mapa, barrier.cluster),
-// setmaxnreg, elect.sync, named barriers, bf16 packing.
+// setmaxnreg, elect.sync, named barriers, grid dependency control (PDL), bf16 packing.
 //
 // Written against the PTX ISA (8.x) exactly, because the same PTX runs on the CPU
 // emulator (pykernels.emu), which follows the ISA and reports deviations. Conventions:
@@ -118,6 +118,27 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 // generic stores before TMA signals them).
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// Grid dependency control (programmatic dependent launch: plans with pdl=True,
+// pykernels/runtime/plan.py). A kernel launched with PDL may start while the previous
+// kernel of its stream still runs, so it must not touch global memory that kernel may
+// read or write before griddep_wait(). Without PDL both are no-ops.
+// ---------------------------------------------------------------------------------------
+
+// griddepcontrol.wait: this thread waits until every prerequisite grid has completed and
+// its memory operations are visible. The clobber keeps the compiler's loads after it.
+__device__ __forceinline__ void griddep_wait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+
+// griddepcontrol.launch_dependents: the next PDL launch of the stream may start its CTAs
+// once every CTA of this grid has issued this or exited. It grants no visibility (the
+// dependent's griddep_wait still waits for this grid's completion), so it is safe anywhere;
+// the clobber keeps it after the stores that precede it in the source.
+__device__ __forceinline__ void griddep_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------------

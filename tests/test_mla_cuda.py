@@ -61,9 +61,10 @@ def _sass_of(function: str) -> str:
 def test_all_kernels_are_compiled():
     funcs = artifacts.manifest()["kernels"][CM.MODULE]["functions"]
     # decode for the bf16 cache, for the FP8 cache, combine; and the sparse decode over the
-    # FP8 cache with its combine (attn_sink), launched by pykernels/cuda/dsa.py
+    # FP8 cache with its combine (attn_sink), and the sparse prefill over bf16 rows, launched by
+    # pykernels/cuda/dsa.py
     assert set(funcs) == {CM.DECODE_FUNCTION, CM.DECODE_FUNCTION_FP8, CM.COMBINE_FUNCTION,
-                          "pk_mla_sparse_decode_fp8", "pk_mla_combine_sink"}
+                          "pk_mla_sparse_decode_fp8", "pk_mla_combine_sink", "pk_mla_sparse_prefill_bf16"}
 
 
 def test_decode_sass_has_the_intended_instructions():

@@ -51,6 +51,7 @@
 // red 512 B | lsum 512 B | 22 mbarriers (| sparse: 2 row masks): 222,384 bytes + 1,024
 // alignment slack <= 227 KB.
 #include <cstdint>
+#include <type_traits>
 
 #include "pk/error_record.cuh"
 #include "pk/ptx.cuh"
@@ -142,6 +143,12 @@ struct Params {
   const float* sink;
   uint64_t idx_sb;
   uint32_t idx_ss, topk, num_tokens;
+  // Sparse prefill only (pk_mla_sparse_prefill_bf16; zero elsewhere): `cache` holds kv's bf16
+  // token rows row_bytes apart; max_logits [b, h_q] f32 (b: query tokens) and its strides.
+  uint64_t row_bytes;
+  float* max_logits;
+  uint64_t ml_sb;
+  uint32_t ml_sh;
 };
 
 // Columns of a metadata row (pykernels/reference/mla.py METADATA_COLUMNS).
@@ -474,6 +481,67 @@ struct Fp8Producer {
   }
 };
 
+// The sparse prefill's producer (kv's bf16 token rows, pk_mla_sparse_prefill_bf16): the sparse
+// FP8 producer's thread map, index staging and used-slot masks, but a row's 72 16-byte units
+// are copied as they are. Step c (18 per block) is chunk c / 2, unit (c % 2) of the thread's
+// pair 2 (lane % 4), + 1 in each of its two rows (the FP8 producer's RoPE step, for all nine
+// chunks: conflict-free stores); a chunk is published after its second step. Unused rows:
+// zeros, not read.
+struct Bf16RowProducer : Fp8Producer<true> {
+  static constexpr uint32_t kSteps = 2 * kChunks;   // 16-byte loads per row and block
+  static constexpr uint32_t kAhead = 4;             // steps loaded ahead of their stores (the 72 registers)
+  using Fp8Producer<true>::Fp8Producer;
+
+  // This thread's unit pair of the rows the slots' indices name (nullptr: unused slot).
+  __device__ __forceinline__ void locate(const Params& p, int2 idx, const uint8_t* (&src)[2]) const {
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {
+      const int i = h ? idx.y : idx.x;
+      src[h] = i >= 0 && (uint32_t)i < p.num_tokens
+                   ? p.cache + (uint64_t)i * p.row_bytes + 2 * pk::kSwizzleUnitBytes * (lane % 4)
+                   : nullptr;
+    }
+  }
+  __device__ __forceinline__ static uint4 load(const uint8_t* src, uint32_t c) {
+    if (src == nullptr) return make_uint4(0, 0, 0, 0);
+    return __ldg(reinterpret_cast<const uint4*>(src + (c / 2) * pk::kSwizzleRowBytes + (c % 2) * pk::kSwizzleUnitBytes));
+  }
+
+  // Load, copy and publish block `blk` (its slots' indices `idx`) into the next stage.
+  __device__ __forceinline__ void block(const Params& p, const Piece&, uint32_t, int2 idx) {
+    const uint8_t* src[2];
+    locate(p, idx, src);
+    uint4 x[kAhead][2];
+#pragma unroll
+    for (uint32_t c = 0; c < kAhead; ++c)
+#pragma unroll
+      for (uint32_t h = 0; h < 2; ++h) x[c][h] = load(src[h], c);
+    const uint32_t stage = s;
+    pk::mbar_wait(empty_bar(stage), phase ^ 1);
+    store_mask(src, stage);
+    const uint32_t kblk = stage * kTileBytes;
+#pragma unroll
+    for (uint32_t c = 0; c < kSteps; ++c) {
+      const uint4 cur[2] = {x[c % kAhead][0], x[c % kAhead][1]};
+      if (c + kAhead < kSteps) {
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) x[c % kAhead][h] = load(src[h], c + kAhead);
+      }
+#pragma unroll
+      for (uint32_t h = 0; h < 2; ++h)
+        pk::st_shared_v4((dst(h) + kblk + (c / 2) * kChunkBytes) ^ (pk::kSwizzleUnitBytes * (c % 2)), cur[h]);
+      if (c % 2) {   // the chunk's second unit stored: publish it
+        pk::fence_proxy_async_shared();
+        pk::mbar_arrive(full_bar + kMbarBytes * (stage * kChunks + c / 2));
+      }
+    }
+    if (++s == L::kStages) {
+      s = 0;
+      phase ^= 1;
+    }
+  }
+};
+
 // Row sums of both warpgroups' keys: this thread's columns -> its quad -> shared memory ->
 // summed in a fixed order (identical in both warpgroups).
 __device__ __forceinline__ void sum_rows_across_warpgroups(float (&l)[2], float* lsum, uint32_t wg, uint32_t r0,
@@ -512,8 +580,10 @@ __device__ __forceinline__ ThreadRows thread_rows(const Params& p, const Piece& 
 // Epilogue of a piece, this thread's rows and its warpgroup's 256 output columns: a sequence with
 // one split writes out = acc / l (bf16) and lse = (m + log2 l) ln 2 (+inf, out 0 when no key is
 // visible); a piece of a split sequence writes acc / l (f32) and m + log2 l (base 2, -inf when
-// nothing was visible) to scratch row `split id`, merged by pk_mla_combine.
-template <bool kSparse>
+// nothing was visible) to scratch row `split id`, merged by pk_mla_combine. kMaxLogits (the
+// sparse prefill, whose schedule never splits a token): also max_logits = m ln 2, the largest
+// scaled score (-inf: none; NaN where the row's scores hold a NaN, as l does).
+template <bool kSparse, bool kMaxLogits = false>
 __device__ __forceinline__ void write_piece_output(const Params& p, const Piece& pc, const ThreadRows& tr,
                                                    const float (&acc)[128], const float (&m)[2], const float (&l)[2],
                                                    uint32_t wg, uint32_t lane) {
@@ -534,9 +604,12 @@ __device__ __forceinline__ void write_piece_output(const Params& p, const Piece&
       for (uint32_t c = 0; c < 32; ++c)
         *reinterpret_cast<uint32_t*>(dst + 8 * c) =
             pk::pack_bf16x2(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
-      if (wg == 0 && lane % 4 == 0)
+      if (wg == 0 && lane % 4 == 0) {
         p.lse[pc.b * p.lse_sb + (uint64_t)tr.head[h] * p.lse_sh + (uint64_t)tr.tok[h] * p.lse_ss] =
             seen ? lse2 * kLn2 : INFINITY;
+        if constexpr (kMaxLogits)
+          p.max_logits[pc.b * p.ml_sb + (uint64_t)tr.head[h] * p.ml_sh] = isnan(l[h]) ? l[h] : m[h] * kLn2;
+      }
     } else {
       const uint64_t split_row = (uint64_t)pc.split * p.rows + tr.grow[h];
       float* dst = p.oacc + split_row * kDimV + col0;
@@ -924,15 +997,16 @@ __device__ __forceinline__ void produce_bf16(const Params& p, const pk::TensorMa
   }
 }
 
-// The FP8 cache's producer warpgroup (Fp8Producer): per piece with blocks, its first warp loads
-// the Q tile, then all four convert each block into the ring. Sparse: the CTA's 64 query rows
-// are the heads of query token tile * 64 / h_q (h_q % 64 == 0).
-template <bool kSparse>
-__device__ __forceinline__ void produce_fp8(const Params& p, const pk::TensorMap* tmap_q, uint32_t base, const int* row,
+// The row-loading producer warpgroup (Producer: Fp8Producer, or Bf16RowProducer for the sparse
+// prefill): per piece with blocks, its first warp loads the Q tile, then all four convert (copy)
+// each block into the ring. Sparse: the CTA's 64 query rows are the heads of query token
+// tile * 64 / h_q (h_q % 64 == 0).
+template <bool kSparse, typename Producer>
+__device__ __forceinline__ void produce_rows(const Params& p, const pk::TensorMap* tmap_q, uint32_t base, const int* row,
                                             uint32_t num_pieces, uint32_t tile, uint32_t q_full, uint32_t q_empty) {
   const uint32_t tid = threadIdx.x % kWarpgroupThreads;
   const bool leader = pk::elect_one();
-  Fp8Producer<kSparse> conv(base, tid);
+  Producer conv(base, tid);
   const uint32_t tok = kSparse ? tile * kTileRows / p.h_q : 0;
   uint32_t q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
@@ -966,7 +1040,7 @@ __device__ __forceinline__ void produce_fp8(const Params& p, const pk::TensorMap
 // both warpgroups, the epilogue. The barrier after the row sums keeps a warpgroup from writing
 // the next piece's sums before the other has read these (the seesaw's warpgroups do not meet
 // at a barrier every block).
-template <bool kSparse, typename Math>
+template <bool kSparse, bool kMaxLogits, typename Math>
 __device__ __forceinline__ void run_pieces(const Params& p, Math& math, const int* row, uint32_t num_pieces,
                                            uint32_t tile, uint32_t q_full, uint32_t q_empty, float* lsum, uint32_t wg,
                                            uint32_t lane, uint32_t r0) {
@@ -987,15 +1061,18 @@ __device__ __forceinline__ void run_pieces(const Params& p, Math& math, const in
       sum_rows_across_warpgroups(l, lsum, wg, r0, lane);
       pk::named_barrier_sync(kBarMath, kMathThreads);
     }
-    write_piece_output<kSparse>(p, pc, tr, acc, m, l, wg, lane);
+    write_piece_output<kSparse, kMaxLogits>(p, pc, tr, acc, m, l, wg, lane);
   }
 }
 
-template <bool kFp8, bool kSparse>
+// kFp8: the producer warpgroup loads the K rows itself (the FP8 cache; kBf16Rows: the sparse
+// prefill's bf16 rows, copied) and the math runs with its register split.
+template <bool kFp8, bool kSparse, bool kBf16Rows = false>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
-  static_assert(kFp8 || !kSparse, "sparse decode reads the FP8 cache");
   if (!partition_ok<kSparse>(p)) return;   // the same verdict in every warp: the CTA does nothing
+  static_assert(kFp8 || !kSparse, "sparse attention: the producer warpgroup gathers the rows (the kFp8 path)");
+  static_assert(!kBf16Rows || (kFp8 && kSparse), "bf16 row gathering: the sparse prefill");
   using L = Smem<kSparse>;
   constexpr uint32_t kStages = L::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -1033,7 +1110,8 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   if (wg == kProducerWarpgroup) {
     if constexpr (kFp8) {
       pk::setmaxnreg_dec<kConvRegs>();
-      produce_fp8<kSparse>(p, tmap_q, base, row, num_pieces, tile, q_full, q_empty);
+      using Producer = std::conditional_t<kBf16Rows, Bf16RowProducer, Fp8Producer<kSparse>>;
+      produce_rows<kSparse, Producer>(p, tmap_q, base, row, num_pieces, tile, q_full, q_empty);
     } else {
       pk::setmaxnreg_dec<kProducerRegs>();
       if ((threadIdx.x / 32) % kMathWarps == 0)   // one producer warp
@@ -1050,7 +1128,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   float* const red = reinterpret_cast<float*>(smem + L::kRedOff);   // the published maxima [stage][64]
   float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
   SeesawMath<kFp8, kSparse> math{p, smem, base, full_bar, empty_bar, wg, tid, lane, r0, red};
-  run_pieces<kSparse>(p, math, row, num_pieces, tile, q_full, q_empty, lsum, wg, lane, r0);
+  run_pieces<kSparse, kBf16Rows>(p, math, row, num_pieces, tile, q_full, q_empty, lsum, wg, lane, r0);
   // PDL: this CTA's last out / scratch stores are issued; the combine may start its CTAs (its
   // griddep_wait still waits for this whole grid, so it reads nothing stale).
   pk::griddep_launch_dependents();
@@ -1099,6 +1177,25 @@ PK_MLA_DECODE_ENTRY(pk_mla_decode_bf16, false)
 
 PK_MLA_DECODE_FP8_ENTRY(pk_mla_decode_fp8, false)
 PK_MLA_DECODE_FP8_ENTRY(pk_mla_sparse_decode_fp8, true)
+
+// The sparse prefill (FlashMLA's flash_mla_sparse_fwd; pykernels/cuda/dsa.py): the sparse
+// decode over b = the query tokens (s_q 1), `cache` kv's bf16 token rows (576 columns, row_bytes
+// apart, 16-byte aligned), + row_bytes, max_logits [b, h_q] f32 and its strides (b: u64, h).
+// Its schedule never splits a token (max_logits is written where lse is: no combine).
+extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_sparse_prefill_bf16(
+    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
+    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
+    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
+    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
+    float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks, const int* indices,
+    const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb, uint32_t idx_ss,
+    uint32_t topk, uint32_t num_tokens, uint64_t row_bytes, float* max_logits, uint64_t ml_sb, uint32_t ml_sh) {
+  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
+                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,
+                 max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens, row_bytes,
+                 max_logits, ml_sb, ml_sh};
+  mla_decode<true, true, true>(&tmap_q, &tmap_kv, p);
+}
 
 // ----------------------------------------------------------------------------- combine
 // Grid (b, ceil(rows / 4)), 128 threads: one warp per query row of a sequence with more

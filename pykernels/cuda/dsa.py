@@ -392,8 +392,104 @@ def sparse_decode(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_me
     return stats if executor == "emu" else None
 
 
+SPARSE_PREFILL_FUNCTION = "pk_mla_sparse_prefill_bf16"
+SPARSE_PREFILL_OP_NAME = "flash_mla_sparse_fwd"     # names the op in a recorded input error
+SPARSE_PREFILL_TAIL_ARGS = 4                       # row_bytes, max_logits, its strides (b: u64, h)
+
+
+def check_sparse_prefill_supported(q, kv, d_v: int) -> None:
+    """What the hand-written sparse prefill supports beyond pykernels.ops.dsa's validation
+    (ValueError naming the argument): d_qk 576 (512, MODEL1's, is Triton's), d_v 512, h_q a
+    multiple of 64 (a CTA's 64 query rows are one token's heads), kv rows 16-byte aligned
+    (the producer's 16-byte loads), 32-bit token and row counts."""
+    from ..reference import mla as RM
+    s_q, h_q, d_qk = q.shape
+    if d_qk != RM.HEAD_DIM_QK:
+        raise ValueError(f"q: the cuda/emu sparse prefill kernel needs d_qk {RM.HEAD_DIM_QK}, got {d_qk}")
+    if d_v != RM.HEAD_DIM_V:
+        raise ValueError(f"d_v: the cuda/emu sparse prefill kernel needs {RM.HEAD_DIM_V}, got {d_v}")
+    if h_q % 64:
+        raise ValueError(f"q: the cuda/emu sparse prefill kernel needs h_q a multiple of 64 (a CTA's 64 query rows "
+                         f"are one token's heads), got h_q {h_q}")
+    if kv.stride(0) % 8:
+        raise ValueError(f"kv: the cuda/emu sparse prefill kernel loads token rows 16 bytes at a time, which needs "
+                         f"a row stride that is a multiple of 8 elements, got {kv.stride(0)}")
+    if kv.numel() and not torch.compiler.is_compiling() and kv.data_ptr() % 16:
+        raise ValueError(f"kv: the cuda/emu sparse prefill kernel loads token rows 16 bytes at a time, which needs "
+                         f"a 16-byte aligned data pointer, got {kv.data_ptr():#x}")
+    if s_q >= 2**31 or kv.shape[0] >= 2**31:
+        raise ValueError(f"q, kv: s_q and s_kv must stay below 2^31, got {s_q} and {kv.shape[0]}")
+
+
+def sparse_prefill_schedule(s_q: int, topk: int, parts: int, device) -> tuple:
+    """(tile_scheduler_metadata int32 [P, 8], num_splits int32 [s_q + 1]) of the sparse prefill,
+    made from the shapes alone (no device read): P = min(s_q, parts) partitions of consecutive
+    whole query tokens (token i is sequence i of topk slots, one split: max_logits needs no
+    combine), as even as integer division makes them."""
+    from ..reference import mla as RM
+    parts = max(1, min(s_q, parts))
+    first = [i * s_q // parts for i in range(parts + 1)]
+    nblk = cdiv(topk, RM.PAGE_BLOCK_SIZE)
+    rows = [[first[i], 0, first[i + 1] - 1, nblk, first[i], first[i + 1] - first[i], topk, topk]
+            for i in range(parts)]
+    meta = torch.tensor(rows, dtype=torch.int32).reshape(parts, RM.METADATA_SIZE).to(device)
+    return meta, torch.arange(s_q + 1, dtype=torch.int32, device=device)
+
+
+def sparse_prefill_plan(q, kv, indices, attn_sink, topk_length, out, max_logits, lse, sm_scale: float, record,
+                        parts: int = None) -> LaunchPlan:
+    """Launch plan of pk_mla_sparse_prefill_bf16: the sparse decode's (decode_plan of
+    pykernels/cuda/mla.py) with b = s_q query tokens of one query row group each (q as
+    [s_q, h_q, 576]), kv's bf16 rows as the cache, sparse_prefill_schedule over `parts`
+    partitions (default: the decode's count for h_q query rows), out / lse / max_logits written
+    in place through their strides (out: 8-byte aligned rows; see sparse_prefill)."""
+    import dataclasses
+
+    from .. import mla_schedule as MS
+    from ..reference import mla as RM
+    from . import mla as CM
+    s_q, h_q, _ = q.shape
+    topk, s_kv = indices.shape[2], kv.shape[0]
+    parts = MS.default_num_sm_parts(q.device, h_q, 1) if parts is None else parts
+    meta, splits = sparse_prefill_schedule(s_q, topk, parts, q.device)
+    seqlens = torch.full((s_q,), topk, dtype=torch.int32, device=q.device)   # topk slots per token
+    no_table = torch.zeros((1, cdiv(topk, RM.PAGE_BLOCK_SIZE)), dtype=torch.int32, device=q.device)   # never read
+    unsplit = torch.zeros(1, dtype=torch.float32, device=q.device)            # split scratch: never written
+    rows2d = kv[:, 0] if s_kv else torch.zeros(RM.PAGE_BLOCK_SIZE, RM.HEAD_DIM_QK, dtype=kv.dtype, device=kv.device)
+    plan = CM.decode_plan(CM.q_view(q[:, None]), rows2d, no_table, seqlens, meta, splits, out[:, None],
+                          lse[:, :, None], unsplit, unsplit, record, s_q=1, h_q=h_q, scale=sm_scale, causal=False,
+                          num_blocks=0)
+    tail = CM.fp8_tail_args(rows2d, indices, topk_length, attn_sink, topk, s_kv)
+    tail += (u64(kv.stride(0) * kv.element_size()), ptr(max_logits), u64(max_logits.stride(0)),
+             u32(max_logits.stride(1)))
+    return dataclasses.replace(plan, function=SPARSE_PREFILL_FUNCTION, args=plan.args + tail,
+                               shared_bytes=sparse_decode_smem_bytes())
+
+
+def sparse_prefill(q, kv, indices, attn_sink, topk_length, out, max_logits, lse, sm_scale: float, d_v: int,
+                   executor: str = "cuda"):
+    """Sparse MLA prefill (flash_mla_sparse_fwd) into out bf16 [s_q, h_q, 512], max_logits and
+    lse f32 [s_q, h_q] with the hand-written kernel (the sparse decode's, over kv's bf16 rows);
+    inputs as validated by pykernels.ops.dsa. Returns the emulator's Stats for executor "emu",
+    else None."""
+    from . import mla as CM
+    check_sparse_prefill_supported(q, kv, d_v)
+    if q.shape[0] == 0:
+        return None
+    record = device_errors.record_for(q.device, SPARSE_PREFILL_OP_NAME)
+    o = out if CM._out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    fixed = [t if CM._lse_ok(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (lse, max_logits)]
+    stats = _run_checked(sparse_prefill_plan(q, kv, indices, attn_sink, topk_length, o, fixed[1], fixed[0],
+                                             sm_scale, record), executor, SPARSE_PREFILL_OP_NAME)
+    for got, want in ((o, out), (fixed[0], lse), (fixed[1], max_logits)):
+        if got is not want:
+            want.copy_(got)
+    return stats
+
+
 __all__ = ["check_logits_supported", "fp8_paged_mqa_logits", "fp8_mqa_logits", "paged_logits_plan",
            "ragged_logits_plan", "smem_bytes", "MODULE", "PAGED_FUNCTIONS", "RAGGED_FUNCTIONS", "check_topk_supported",
            "topk_indices", "paged_topk_indices", "topk_plan", "topk_smem_bytes", "TOPK_MODULE", "sparse_decode",
            "check_sparse_decode_supported", "sparse_decode_smem_bytes", "sparse_decode_plans", "paged_logits_schedule",
-           "check_logits_schedule_supported", "rows_per_wgmma"]
+           "check_logits_schedule_supported", "rows_per_wgmma", "sparse_prefill", "sparse_prefill_plan",
+           "sparse_prefill_schedule", "check_sparse_prefill_supported"]

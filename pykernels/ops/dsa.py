@@ -20,7 +20,8 @@ Every op has the reference backend and the Triton one: get_paged_mqa_logits_meta
 (triton/dsa_logits.py), both top-k ops (triton/dsa_topk.py, topk <= 8192),
 flash_mla_sparse_decode (triton/dsa_decode.py) and flash_mla_sparse_fwd
 (triton/dsa_prefill.py). The hand-written kernels ("cuda", and "emu" on the emulator:
-`OP.add(B.kernel(...))`) sit beside them: all but flash_mla_sparse_fwd so far.
+`OP.add(B.kernel(...))`) sit beside them for every op (flash_mla_sparse_fwd: the sparse
+decode's kernel over kv's bf16 rows, d_qk 576 and h_q a multiple of 64; Triton takes the rest).
 Outputs are written in place (the public functions allocate them).
 """
 import dataclasses
@@ -961,7 +962,21 @@ def public_sparse_prefill_problem(q, kv, indices, sm_scale, d_v=RM.HEAD_DIM_V, a
     return sparse_prefill_problem(q, kv, indices, attn_sink, topk_length, out, max_logits, lse, sm_scale, d_v)
 
 
+def _sparse_prefill_kernel(p: SparsePrefillProblem, executor: str):
+    from ..cuda import dsa as CD
+    _check_gpu_topk_length(p)
+    CD.sparse_prefill(p.q, p.kv, p.indices, p.attn_sink, p.topk_length, p.out, p.max_logits, p.lse, p.sm_scale, p.d_v,
+                      executor)
+
+
+def _sparse_prefill_kernel_limits(p: SparsePrefillProblem):
+    from ..cuda import dsa as CD
+    CD.check_sparse_prefill_supported(p.q, p.kv, p.d_v)
+
+
 SPARSE_PREFILL = registry.op("flash_mla_sparse_fwd", public_sparse_prefill_problem)
+for _name in ("cuda", "emu"):
+    SPARSE_PREFILL.add(B.kernel(_name, "mla_decode", _sparse_prefill_kernel, _sparse_prefill_kernel_limits))
 SPARSE_PREFILL.add(B.triton(_sparse_prefill_triton))
 SPARSE_PREFILL.add(B.reference(_sparse_prefill_reference))
 

@@ -1,7 +1,7 @@
 // pk/mla_partition.cuh — the split-KV schedule seen from one decode CTA (docs/mla.md "The
 // split-KV schedule" and "Checks"): the input checks of a partition's metadata row, and its
-// pieces. Written for the narrow MLA decode (csrc/mla/decode_narrow.cu); the same rules as
-// partition_ok / piece_of in csrc/mla/decode.cu and pykernels.mla_schedule.check_schedule.
+// pieces. The checks serve both decode kernels (csrc/mla/decode.cu, csrc/mla/decode_narrow.cu);
+// the same rules as pykernels.mla_schedule.check_schedule.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +37,10 @@ __device__ __forceinline__ int mla_blocks_of(int seqlen) {   // seqlen in [0, 2^
 // and the page ids its pieces read). Every warp runs them and gets the same verdict (the
 // lanes share the page ids, vote.any), so the CTA can return as a whole before reading
 // anything else; lane 0 of warp 0 (or the lane of warp 0 that found a page id) records the
-// first error. Each check runs only after those its values depend on passed.
+// first error. Each check runs only after those its values depend on passed. kSparse (the
+// sparse decode): no block table, the token rows come from indices (masked in range by the
+// producers), so its page checks are skipped.
+template <bool kSparse = false>
 __device__ __forceinline__ bool mla_partition_ok(const MlaSchedule& p) {
   const uint32_t lane = threadIdx.x % 32;
   const bool warp0 = threadIdx.x < 32;
@@ -117,6 +120,7 @@ __device__ __forceinline__ bool mla_partition_ok(const MlaSchedule& p) {
     const int ns_lo = __ldg(p.nsplits + bi), ns_hi = __ldg(p.nsplits + bi + 1);
     if (lo == 0 && ns_lo != sid) return fail(rec, kErrNumSplitsMismatch, ns_lo, sid, bi);
     if (hi == nb && ns_hi != sid + 1) return fail(rec, kErrNumSplitsMismatch, ns_hi, sid + 1, bi + 1);
+    if constexpr (kSparse) continue;
     const int* table = p.block_table + (uint64_t)bi * p.bt_stride;
     int bad_page = 0;
     bool bad = false;

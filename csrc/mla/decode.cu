@@ -46,6 +46,8 @@
 // times the row's group scale (exact for power-of-two scales), copy the bf16 RoPE columns and
 // store both in the bf16 layout, chunk by chunk, each chunk published on its full barrier as
 // a TMA box would be. The math warpgroups run the seesaw unchanged (sparse: S masked by slot).
+// The sparse prefill (pk_mla_sparse_prefill_bf16, docs/dsa.md) is the sparse decode over the
+// query tokens as its batch, its producer (Bf16RowProducer) copying kv's bf16 rows instead.
 //
 // Shared memory (dynamic, base aligned up to 1024), both caches: Q 72 KB | 2 K stages x 72 KB |
 // red 512 B | lsum 512 B | 22 mbarriers (| sparse: 2 row masks): 222,384 bytes + 1,024

@@ -25,6 +25,12 @@ each 64-slot block gathered token row by token row (one bulk copy per used slot)
 by slot, attn_sink applied where the output is normalised. h_q a multiple of 64 (a CTA's 64
 query rows are one query token's heads).
 
+Sparse MLA prefill (decode.cu's pk_mla_sparse_prefill_bf16; flash_mla_sparse_fwd): the sparse
+decode's plan with the s_q query tokens as its batch (s_q 1), kv's bf16 rows copied by the
+producer warpgroup instead of converted, a schedule of whole tokens made from the shapes
+(sparse_prefill_schedule: no split, no combine) and max_logits written beside lse; parameters:
+the sparse decode's + row_bytes (u64), max_logits, its strides (b: u64, h).
+
 The paged logits' schedule (csrc/dsa/logits_schedule.cu): get_paged_mqa_logits_metadata on
 the device (one CTA: a block scan of the splits per sequence, a binary search per partition),
 no host read of context_lens.

@@ -34,7 +34,7 @@
 //    -inf when nothing was visible) to scratch row `split id` of oacc [*, R, 512] / lacc
 //    [*, R], merged by pk_mla_combine.
 //
-// Input checks (partition_ok, docs/mla.md "Checks"): before the warp roles split, every warp
+// Input checks (pk::mla_partition_ok, docs/mla.md "Checks"): before the warp roles split, every warp
 // checks the CTA's metadata row against cache_seqlens and its neighbours, num_splits, the
 // seqlens and the page ids the CTA will read; on a failure warp 0 records the error in the
 // device error record (pk/error_record.cuh) and the whole CTA returns, reading nothing more.
@@ -56,6 +56,7 @@
 #include <type_traits>
 
 #include "pk/error_record.cuh"
+#include "pk/mla_partition.cuh"
 #include "pk/ptx.cuh"
 #include "pk/ptx_mla.cuh"
 #include "pk/swizzle.cuh"
@@ -153,115 +154,10 @@ struct Params {
   uint32_t ml_sh;
 };
 
-// Columns of a metadata row (pykernels/reference/mla.py METADATA_COLUMNS).
-constexpr int kMetaCols = 8;
-constexpr int kFirstBatch = 0, kFirstBlock = 1, kLastBatch = 2, kLastEnd = 3, kFirstSplit = 4, kNumPieces = 5,
-              kFirstSeqlen = 6, kLastSeqlen = 7;
-
-__device__ __forceinline__ int blocks_of(int seqlen) {   // seqlen in [0, 2^31): no overflow in uint32
-  return (int)(((uint32_t)seqlen + kPage - 1) / kPage);
-}
-
-// The input checks of a CTA (docs/mla.md "Checks"; the same rules as
-// pykernels.mla_schedule.check_schedule): its partition's metadata row against cache_seqlens
-// (stale: first_seqlen / last_seqlen), the row's entries in range, the row continuing the
-// previous one (row 0: batch 0, block 0, split 0) and the last row ending the work,
-// num_splits at both ends of each piece, each piece's seqlen within the block table, and
-// the page ids of the blocks it reads within the cache. Every warp runs them (the lanes share
-// the page ids) and gets the same verdict, so the CTA returns as a whole before reading
-// anything else; warp 0 records the first error. Each check runs only after those its
-// values depend on passed, so no read is out of bounds.
-template <bool kSparse>
-__device__ __forceinline__ bool partition_ok(const Params& p) {
-  const uint32_t lane = threadIdx.x % 32;
-  const bool warp0 = threadIdx.x < 32;
-  const auto fail = [&](bool record, int code, int a0, int a1, int a2) {
-    if (record) pk::record_error(p.err, code, a0, a1, a2);
-    return false;
-  };
-  const bool rec = warp0 && lane == 0;              // scalar checks: one thread records
-  const int B = (int)p.batch, parts = (int)gridDim.x, part = (int)blockIdx.x, e = kMetaCols * part;
-  const int64_t max_len64 = (int64_t)p.max_blocks * kPage;
-  const int max_len = (int)min(max_len64, (int64_t)INT32_MAX);
-  const auto bad_len = [&](int len) { return len < 0 || (int64_t)len > max_len64; };
-  const int* row = p.meta + e;
-  const int fb = __ldg(row + kFirstBatch), fblk = __ldg(row + kFirstBlock), lb = __ldg(row + kLastBatch);
-  const int lend = __ldg(row + kLastEnd), fs = __ldg(row + kFirstSplit), n = __ldg(row + kNumPieces);
-  const bool busy = n != 0;
-  int nb_last = 0;
-  if (n < 0 || n > B) return fail(rec, pk::kErrMetadataOutOfRange, n, B + 1, e + kNumPieces);
-  if (busy) {
-    if (fb < 0 || fb >= B) return fail(rec, pk::kErrMetadataOutOfRange, fb, B, e + kFirstBatch);
-    if (n > B - fb) return fail(rec, pk::kErrMetadataOutOfRange, n, B - fb + 1, e + kNumPieces);
-    if (lb != fb + n - 1) return fail(rec, pk::kErrMetadataMismatch, lb, fb + n - 1, e + kLastBatch);
-    const int len_first = __ldg(p.seqlens + fb), len_last = __ldg(p.seqlens + lb);
-    if (bad_len(len_first)) return fail(rec, pk::kErrSeqlenOutOfRange, len_first, max_len, fb);
-    if (bad_len(len_last)) return fail(rec, pk::kErrSeqlenOutOfRange, len_last, max_len, lb);
-    const int made_first = __ldg(row + kFirstSeqlen), made_last = __ldg(row + kLastSeqlen);
-    if (made_first != len_first) return fail(rec, pk::kErrMetadataStale, len_first, made_first, fb);
-    if (made_last != len_last) return fail(rec, pk::kErrMetadataStale, len_last, made_last, lb);
-    const int nb_first = blocks_of(len_first);
-    nb_last = blocks_of(len_last);
-    if (lend < 0 || lend > nb_last) return fail(rec, pk::kErrMetadataOutOfRange, lend, nb_last + 1, e + kLastEnd);
-    const int first_hi = n > 1 ? max(nb_first, 1) : min(max(nb_first, 1), lend + 1);
-    if (fblk < 0 || fblk >= first_hi) return fail(rec, pk::kErrMetadataOutOfRange, fblk, first_hi, e + kFirstBlock);
-    if (fs < 0 || fs > B + parts - n)
-      return fail(rec, pk::kErrMetadataOutOfRange, fs, B + parts - n + 1, e + kFirstSplit);
-  }
-  // continuity: where the previous row ended (row 0: batch 0, block 0, split 0)
-  int want_b = 0, want_blk = 0, want_s = 0;
-  if (part > 0) {
-    const int* prev = row - kMetaCols;
-    const int p_n = __ldg(prev + kNumPieces), p_fs = __ldg(prev + kFirstSplit);
-    want_b = __ldg(prev + kFirstBatch);
-    want_blk = __ldg(prev + kFirstBlock);
-    want_s = p_fs;
-    if (p_n != 0) {
-      const int p_lb = __ldg(prev + kLastBatch), p_lend = __ldg(prev + kLastEnd);
-      if (p_lb < 0 || p_lb >= B) return fail(rec, pk::kErrMetadataOutOfRange, p_lb, B, e - kMetaCols + kLastBatch);
-      const int p_len = __ldg(p.seqlens + p_lb), p_made = __ldg(prev + kLastSeqlen);
-      if (bad_len(p_len)) return fail(rec, pk::kErrSeqlenOutOfRange, p_len, max_len, p_lb);
-      if (p_made != p_len) return fail(rec, pk::kErrMetadataStale, p_len, p_made, p_lb);
-      const bool goes_on = p_lend < blocks_of(p_len);   // its last sequence continues on this row
-      want_b = goes_on ? p_lb : p_lb + 1;
-      want_blk = goes_on ? p_lend : 0;
-      want_s = (int)((uint32_t)p_fs + (uint32_t)p_n);   // unchecked here (the previous CTA checks them)
-    }
-  }
-  if (fb != want_b) return fail(rec, pk::kErrMetadataMismatch, fb, want_b, e + kFirstBatch);
-  if (fblk != want_blk) return fail(rec, pk::kErrMetadataMismatch, fblk, want_blk, e + kFirstBlock);
-  if (fs != want_s) return fail(rec, pk::kErrMetadataMismatch, fs, want_s, e + kFirstSplit);
-  // the last row ends after the last block of batch b - 1, with num_splits[b] splits
-  if (part == parts - 1) {
-    if (busy && lb != B - 1) return fail(rec, pk::kErrMetadataMismatch, lb, B - 1, e + kLastBatch);
-    if (busy && lend != nb_last) return fail(rec, pk::kErrMetadataMismatch, lend, nb_last, e + kLastEnd);
-    if (!busy && fb != B) return fail(rec, pk::kErrMetadataMismatch, fb, B, e + kFirstBatch);
-    if (!busy && fblk != 0) return fail(rec, pk::kErrMetadataMismatch, fblk, 0, e + kFirstBlock);
-    const int total = __ldg(p.nsplits + B);
-    if (total != fs + n) return fail(rec, pk::kErrNumSplitsMismatch, total, fs + n, B);
-  }
-  // each piece: its seqlen, num_splits at its ends, the page ids of its blocks
-  for (int k = 0; k < n; ++k) {
-    const int bi = fb + k;
-    const int len = __ldg(p.seqlens + bi);
-    if (bad_len(len)) return fail(rec, pk::kErrSeqlenOutOfRange, len, max_len, bi);
-    const int nb = blocks_of(len);
-    const int lo = k == 0 ? fblk : 0, hi = bi == lb ? lend : nb, sid = fs + k;
-    const int ns_lo = __ldg(p.nsplits + bi), ns_hi = __ldg(p.nsplits + bi + 1);
-    if (lo == 0 && ns_lo != sid) return fail(rec, pk::kErrNumSplitsMismatch, ns_lo, sid, bi);
-    if (hi == nb && ns_hi != sid + 1) return fail(rec, pk::kErrNumSplitsMismatch, ns_hi, sid + 1, bi + 1);
-    if constexpr (kSparse) continue;     // no block table: token rows come from indices (masked in range)
-    const int* table = p.block_table + (uint64_t)bi * p.bt_stride;
-    int bad_page = 0;
-    bool bad = false;
-    for (int blk = lo + (int)lane; blk < hi && !bad; blk += 32) {
-      bad_page = __ldg(table + blk);
-      bad = bad_page < 0 || (uint32_t)bad_page >= p.num_blocks;
-    }
-    if (__any_sync(0xffffffffu, bad))
-      return fail(warp0 && bad, pk::kErrBlockTableOutOfRange, bad_page, (int)p.num_blocks, bi);
-  }
-  return true;
+// The input checks of a CTA (docs/mla.md "Checks"): pk::mla_partition_ok (pk/mla_partition.cuh)
+// over this launch's schedule view.
+__device__ __forceinline__ pk::MlaSchedule schedule_of(const Params& p) {
+  return {p.meta, p.seqlens, p.nsplits, p.block_table, p.err, p.bt_stride, p.batch, p.num_blocks, p.max_blocks};
 }
 
 // One piece of a partition: sequence b, KV blocks [lo, hi), split id, sequence length.
@@ -1072,9 +968,9 @@ __device__ __forceinline__ void run_pieces(const Params& p, Math& math, const in
 template <bool kFp8, bool kSparse, bool kBf16Rows = false>
 __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                            const Params& p) {
-  if (!partition_ok<kSparse>(p)) return;   // the same verdict in every warp: the CTA does nothing
   static_assert(kFp8 || !kSparse, "sparse attention: the producer warpgroup gathers the rows (the kFp8 path)");
   static_assert(!kBf16Rows || (kFp8 && kSparse), "bf16 row gathering: the sparse prefill");
+  if (!pk::mla_partition_ok<kSparse>(schedule_of(p))) return;   // the same verdict in every warp: the CTA returns
   using L = Smem<kSparse>;
   constexpr uint32_t kStages = L::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -1105,8 +1001,8 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   __syncthreads();
 
   const uint32_t wg = threadIdx.x / kWarpgroupThreads;
-  const int* const row = p.meta + kMetaCols * blockIdx.x;
-  const uint32_t num_pieces = (uint32_t)__ldg(row + kNumPieces);
+  const int* const row = p.meta + pk::kMlaMetaCols * blockIdx.x;   // its metadata row (pk/mla_partition.cuh)
+  const uint32_t num_pieces = (uint32_t)__ldg(row + pk::kMetaNumPieces);
   const uint32_t tile = blockIdx.y;
 
   if (wg == kProducerWarpgroup) {

@@ -33,15 +33,19 @@ def _function(module: str, function: str, device: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _waiting_entries(module: str) -> frozenset:
+    """Entry functions of `module` whose PTX issues griddepcontrol.wait (the file is read
+    once and not kept: the GPU path needs no PTX otherwise)."""
+    found = set()
+    for chunk in artifacts.ptx_path(module).read_text().split(".entry ")[1:]:
+        if "griddepcontrol.wait" in chunk:
+            found.add(chunk[:chunk.index("(")].strip())
+    return frozenset(found)
+
+
 def waits_on_grid(module: str, function: str) -> bool:
     """True when the entry `function` of `module` issues griddepcontrol.wait (its PTX)."""
-    ptx = artifacts.ptx_text(module)
-    head = f".entry {function}("
-    start = ptx.find(head)
-    if start < 0:
-        raise KeyError(f"kernel module {module!r} has no entry function {function!r}")
-    end = ptx.find(".entry ", start + len(head))
-    return "griddepcontrol.wait" in ptx[start:end if end >= 0 else len(ptx)]
+    return function in _waiting_entries(module)
 
 
 def check_pdl(plan: LaunchPlan) -> None:

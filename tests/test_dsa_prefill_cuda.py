@@ -221,3 +221,12 @@ def test_cuda_matches_reference(seed, h_q, with_sink):
     D.flash_mla_sparse_fwd(*cuda[:3], 0.05, 512, *cuda[3:], backend="cuda", out=out, max_logits=mx, lse=lse)
     pk.check_errors()
     _assert_prefill_matches(out.cpu(), mx.cpu(), lse.cpu(), *ref)
+
+
+# ------------------------------------------------------------------------ timing model
+
+def test_model_prediction_runs_the_kernel():
+    from pykernels.perf import dsa_prefill as PP
+    got = PP.predict(s_q=300, h_q=128, topk=256, lo=1, hi=2)
+    assert got.grid == (66, 2) and got.busiest_tokens == 5            # 132 SMs / 2 head tiles; ceil(300 / 66)
+    assert got.per_block_clk > 0 and got.token_clk > 0 and 0 < got.tflops < 989   # below H800's bf16 peak

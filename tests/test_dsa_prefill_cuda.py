@@ -149,6 +149,18 @@ def test_emu_every_cta_schedule(seed, schedule):
                                                                   backend="reference"))
 
 
+def test_emu_writes_the_outputs_in_place(seed, monkeypatch):
+    # contiguous out / lse and a transposed max_logits are written through their strides (no copy)
+    q, kv, idx, sink, length = _case(2, 64, 100, 64, False, False, strided=False)
+    out, mx, lse = _poisoned(2, 64)
+    plans = []
+    monkeypatch.setattr(CD, "run_plan", lambda plan, executor: plans.append(plan) or run_emu(plan))
+    D.flash_mla_sparse_fwd(q, kv, idx, 0.05, backend="emu", out=out, max_logits=mx, lse=lse)
+    ptrs = {a.value.data_ptr() for a in plans[0].args if a.ptype == "ptr"}
+    assert len(plans) == 1 and {out.data_ptr(), mx.data_ptr(), lse.data_ptr(), kv.data_ptr()} <= ptrs
+    _assert_prefill_matches(out, mx, lse, *D.flash_mla_sparse_fwd(q, kv, idx, 0.05, backend="reference"))
+
+
 def test_emu_nan_in_a_used_row_propagates():
     q = torch.randn(3, 64, 576).bfloat16()
     kv = torch.randn(10, 1, 576).bfloat16()

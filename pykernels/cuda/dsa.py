@@ -483,7 +483,7 @@ def sparse_prefill(q, kv, indices, attn_sink, topk_length, out, max_logits, lse,
     if q.shape[0] == 0:
         return None
     record = device_errors.record_for(q.device, SPARSE_PREFILL_OP_NAME)
-    o = out if CM._out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    o = out if CM._out_ok(out[:, None]) else torch.empty(out.shape, dtype=out.dtype, device=out.device)   # as 4-D
     fixed = [t if CM._lse_ok(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (lse, max_logits)]
     stats = _run_checked(sparse_prefill_plan(q, kv, indices, attn_sink, topk_length, o, fixed[1], fixed[0],
                                              sm_scale, record), executor, SPARSE_PREFILL_OP_NAME)

@@ -18,6 +18,8 @@ import torch
 
 import pykernels.mla as M
 import pykernels.mla_schedule as MS
+import pykernels as pk
+from pykernels import reference as R
 from pykernels.cuda import bf16_gemm as CB
 from pykernels.cuda import dsa as CD
 from pykernels.cuda import gemm as G
@@ -26,12 +28,13 @@ from pykernels.cuda import quant as CQ
 from pykernels.metrics import calc_diff
 from pykernels.reference import mla as RM
 from pykernels.runtime import artifacts, device_errors, sass
-from pykernels.runtime.executors import check_pdl, gpu_unavailable_reason, run_emu, waits_on_grid
+from pykernels.runtime.executors import check_pdl, gpu_unavailable_reason, run_cuda, run_emu, waits_on_grid
 
 from .fp8_cases import nan_bf16, normal_problem
 from .mla_cases import make_problem
 
 MLA_PRIMARY_MODULES = (CM.MODULE, CM.NARROW_MODULE)
+MULTICAST = next(c for c in G.CONFIGS if c.cluster == 2)
 COMBINES = {CM.COMBINE_FUNCTION, CD.SPARSE_COMBINE_FUNCTION}
 
 
@@ -152,20 +155,23 @@ def _gemm_plans():
     reduce = G.reduce_plan(ws, nan_bf16(m, n), m, n, splits)
     x, y = torch.randn(m, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
     bf16 = CB.plan(x, y, nan_bf16(m, n))
-    return normal, first, reduce, bf16
+    multicast = G.gemm_plan(a, sfa, b, sfb, nan_bf16(m, n), None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                            cfg=MULTICAST)
+    return normal, first, reduce, bf16, multicast
 
 
 def test_plans_set_pdl_on_exactly_the_dependent_launches(seed):
     decode, narrow, combine = _mla_plans()
     sparse_decode, sparse_combine = _sparse_plans()
-    normal, split_k, reduce, bf16 = _gemm_plans()
+    normal, split_k, reduce, bf16, multicast = _gemm_plans()
     x = torch.randn(4, 256).to(torch.bfloat16)
     quant = CQ.per_token_plan(x, torch.empty(4, 256, dtype=torch.float8_e4m3fn), torch.empty(4, 2))
-    dependents = [combine, sparse_combine, normal, split_k, reduce, bf16]
+    dependents = [combine, sparse_combine, normal, split_k, reduce, bf16, multicast]
     others = [decode, narrow, sparse_decode, quant]
     assert [p.pdl for p in dependents] == [True] * len(dependents)
     assert [p.pdl for p in others] == [False] * len(others)
     assert sparse_combine.function == CD.SPARSE_COMBINE_FUNCTION and combine.function == CM.COMBINE_FUNCTION
+    assert multicast.cluster == (2, 1, 1)   # launched with both attributes: the cluster and PDL
     for p in dependents:
         assert waits_on_grid(p.module, p.function) and (p.module, p.function) in _dependents()
         check_pdl(p)   # the executors' check passes
@@ -251,3 +257,34 @@ def test_cuda_decode_then_combine_with_pdl(seed):
     assert (lse_gpu - ref_lse).abs().max() < 1e-4
     for i in range(len(seqlens)):
         assert calc_diff(o[i], ref[i]) < 1e-5, f"sequence {i}"
+
+
+@pytest.mark.gpu
+def test_cuda_back_to_back_gemms_with_pdl(seed):
+    # launches that read what the launch just before wrote, with no synchronisation between:
+    # three float32 accumulations d += A B^T into one d (each GEMM's first read of d must wait
+    # for the previous GEMM), the split-K pair the heuristic picks for 64 x 2112 x 7168 on
+    # 132 SMs (the reduction reads the first pass's workspace), and a multicast GEMM (the
+    # cluster and PDL attributes together); tolerance 1e-3 as the other GPU GEMM tests
+    assert gpu_unavailable_reason() == ""
+    m, n, k = 1024, 2048, 1024
+    a, sfa = R.per_token_cast_to_fp8(torch.randn(m, k))
+    b1, sfb1 = R.per_token_cast_to_fp8(torch.randn(n, k))
+    c = torch.randn(m, n)
+    d = c.cuda()
+    for _ in range(3):
+        pk.wgrad_gemm_fp8_fp8_fp32_nt((a.cuda(), sfa.cuda()), (b1.cuda(), sfb1.cuda()), d, backend="cuda")
+    product = R.fp8_gemm_nt(a, sfa, b1, sfb1, torch.empty(m, n), b_scale_rows=1)
+    assert calc_diff(d.cpu(), c + 3 * product) < 1e-3
+    m, n, k = 64, 2112, 7168
+    _, _, a, sfa, b, sfb = normal_problem(m, n, k)
+    out = nan_bf16(m, n).cuda()
+    pk.fp8_gemm_nt((a.cuda(), sfa.cuda()), (b.cuda(), sfb.cuda()), out, backend="cuda")
+    mc = nan_bf16(m, n).cuda()
+    run_cuda(G.gemm_plan(a.cuda(), sfa.cuda(), b.cuda(), sfb.cuda(), mc, None, kind=G.KIND_NORMAL, m=m, n=n, k=k,
+                         groups=1, cfg=MULTICAST))
+    torch.cuda.synchronize()
+    device_errors.check_errors()
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+    assert not out.isnan().any() and calc_diff(out.cpu(), ref) < 1e-3
+    assert not mc.isnan().any() and calc_diff(mc.cpu(), ref) < 1e-3

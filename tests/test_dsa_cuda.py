@@ -336,9 +336,11 @@ def test_emu_sparse_decode_nan_in_a_used_row_propagates():
 
 
 def test_sparse_decode_kernel_limits():
-    q, cache, idx, _, _ = _sparse_case(2, 1, 16, 64, 2, False, False)
+    # h_q <= 32 runs the narrow kernel (tests/test_dsa_sparse_narrow.py), multiples of 64 the 64-row one
+    q, cache, idx, _, _ = _sparse_case(2, 1, 48, 64, 2, False, False)
     text = pk.explain("flash_mla_sparse_decode", q, cache, idx, backend="auto")
-    assert "h_q a multiple of 64" in text
+    assert "q: the cuda/emu sparse decode kernels need h_q at most 32 or a multiple of 64" in text
+    assert "got h_q 48" in text
 
 
 def test_auto_on_cpu_and_explain_give_the_kernel_limits():

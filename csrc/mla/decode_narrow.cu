@@ -32,9 +32,21 @@
 // Epilogue per piece: the row sums summed over the warpgroup; out / lse, or the split scratch
 // row for pk_mla_combine, exactly as decode.cu's pieces write them.
 //
+// Sparse decode (pk_mla_sparse_decode_narrow_n{16,32}, FlashMLA's flash_mla_with_kvcache(...,
+// indices=...) for h_q <= 32; host side pykernels/cuda/dsa.py): the FP8 path, a CTA's N rows
+// are the h_q heads of ONE query token (blockIdx.y; each token has its own indices) and its
+// "pages" are the 64-slot blocks of that token's index row (the schedule counts topk tokens per
+// sequence). The producer warp gathers a block's used rows into the raw page by bulk copies
+// (one 656-byte row per used slot, row = slot % 64, completing on the stage's full barrier) and
+// stores the used-slot mask (slot < topk_length[b] and the index a token row of the cache) in the
+// stage's mask word before its arrive; the conversion writes unused rows' latent as zeros (their
+// raw rows are stale) and the softmax masks their keys. attn_sink where the output is normalised
+// (here for one split, else pk_mla_combine_sink); lse that of the scores.
+//
 // Shared memory (dynamic, base aligned up to 1024): Q [9][N x 128 B] | bf16: 2 K stages,
 // FP8: one bf16 K block + raw pages (3 for N = 16, 2 for N = 32) | P [N x 128 B] | row maxima
-// [2 parities][4 warps][N] f32 | row sums [4][N] f32 | mbarriers full[s], empty[s], q_full, q_empty.
+// [2 parities][4 warps][N] f32 | row sums [4][N] f32 | mbarriers full[s], empty[s], q_full, q_empty
+// | sparse: a u64 used-slot mask per stage.
 #include <cstdint>
 
 #include "pk/error_record.cuh"
@@ -73,10 +85,11 @@ constexpr uint32_t kThreads = kMathThreads + 32;     // + the producer warp
 constexpr uint32_t kBarMath = 1;                     // named barrier of the math warpgroup
 constexpr uint32_t kMbarBytes = 8;
 constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.442695040888963407f;
 
 __device__ __forceinline__ constexpr uint64_t desc_advance(uint32_t bytes) { return bytes >> 4; }
 
-template <uint32_t N, bool kFp8>
+template <uint32_t N, bool kFp8, bool kSparse = false>
 struct Layout {
   static_assert(N == 16 || N == 32, "query rows per CTA");
   static constexpr uint32_t kQChunkBytes = N * pk::kSwizzleRowBytes;   // N rows x 64 columns
@@ -92,12 +105,16 @@ struct Layout {
   static constexpr uint32_t kSumOff = kRedOff + 2 * kMathWarps * N * 4;   // f32 [4][N]
   static constexpr uint32_t kBarOff = kSumOff + kMathWarps * N * 4;
   static constexpr uint32_t kNumBars = 2 * kStages + 2;
-  static constexpr uint32_t kBytes = 1024 + kBarOff + kMbarBytes * kNumBars;   // pykernels/cuda/mla.py
+  static constexpr uint32_t kMaskOff = kBarOff + kMbarBytes * kNumBars;   // sparse: u64 used slots per stage
+  static constexpr uint32_t kBytes = 1024 + kMaskOff + (kSparse ? 8 * kStages : 0);   // pykernels/cuda/mla.py
   static_assert(kKOff % 1024 == 0 && kRawOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms / TMA");
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
+  static_assert(kFp8 || !kSparse, "the sparse decode reads the FP8 cache");
 };
 static_assert(Layout<16, false>::kBytes == 169776 && Layout<32, false>::kBytes == 191024 &&
               Layout<16, true>::kBytes == 222016 && Layout<32, true>::kBytes == 201264, "pykernels/cuda/mla.py");
+static_assert(Layout<16, true, true>::kBytes == 222016 + 24 && Layout<32, true, true>::kBytes == 201264 + 16,
+              "pykernels/cuda/mla.py");
 
 struct Params {
   pk::MlaSchedule sched;
@@ -112,17 +129,73 @@ struct Params {
   uint32_t lse_sh, lse_ss;
   uint32_t causal;
   float scale_log2;
+  // Sparse decode only (zero in the dense entries), as decode.cu's Params: indices [b, s_q, topk]
+  // (-1 unused), the cache's bytes, topk_length [b] (may be null), attn_sink [h_q] (may be null).
+  const int* indices;
+  const uint8_t* cache;
+  const int* topk_length;
+  const float* sink;
+  uint64_t idx_sb;
+  uint32_t idx_ss, topk, num_tokens;
 };
 
+// attn_sink (decode.cu's sink_factor): out scaled by 1 / (1 + 2^(sink log2(e) - lse2)).
+__device__ __forceinline__ float sink_factor(float sink, float lse2) {
+  return __frcp_rn(1.0f + pk::ex2_approx(sink * kLog2e - lse2));
+}
+
 // ----------------------------------------------------------------------------- producer
+// Sparse: the piece's blocks of query token blockIdx.y's slots through the ring (s, phase). Lane
+// l takes slots 64 blk + l and + 32: used when below topk_length (clamped to topk) and naming a
+// token row of the cache (decode.cu's rule; -1 and anything else unused, never read). After
+// empty[s]: the elected lane stores the used-slot mask (bit r: row r of the raw page) and
+// arrives expecting the used rows' bytes; each lane bulk-copies its used rows (656 bytes, row
+// r = slot % 64 of the page), completing on full[s]. Unused rows keep stale bytes.
+template <typename L>
+__device__ __forceinline__ void gather_slots(const Params& p, const pk::MlaPiece& pc, uint32_t base, uint32_t full_bar,
+                                             uint32_t empty_bar, bool leader, uint32_t& s, uint32_t& phase) {
+  const uint32_t lane = threadIdx.x % 32;
+  const int* const slots = p.indices + pc.b * p.idx_sb + (uint64_t)blockIdx.y * p.idx_ss;
+  const uint32_t limit =
+      p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
+  for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
+    int idx[2];
+    bool used[2];
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h) {   // read before the wait: the latency overlaps
+      const uint32_t slot = blk * kPage + lane + 32 * h;
+      idx[h] = slot < limit ? __ldg(slots + slot) : -1;
+      used[h] = idx[h] >= 0 && (uint32_t)idx[h] < p.num_tokens;
+    }
+    const uint32_t mask_lo = __ballot_sync(0xffffffffu, used[0]), mask_hi = __ballot_sync(0xffffffffu, used[1]);
+    const uint32_t full = full_bar + kMbarBytes * s, raw = base + L::kRawOff + s * kRawBytes;
+    pk::mbar_wait(empty_bar + kMbarBytes * s, phase ^ 1);
+    if (leader) {
+      pk::st_shared_b32(base + L::kMaskOff + 8 * s, mask_lo);
+      pk::st_shared_b32(base + L::kMaskOff + 8 * s + 4, mask_hi);
+      pk::mbar_arrive_expect_tx(full, (__popc(mask_lo) + __popc(mask_hi)) * kFp8Row);
+    }
+    __syncwarp();
+#pragma unroll
+    for (uint32_t h = 0; h < 2; ++h)
+      if (used[h]) pk::bulk_load(raw + (lane + 32 * h) * kFp8Row, p.cache + (uint64_t)idx[h] * kFp8Row, kFp8Row, full);
+    __syncwarp();
+    if (++s == L::kStages) {
+      s = 0;
+      phase ^= 1;
+    }
+  }
+}
+
 // One elected lane: per piece with blocks, the Q tile (9 boxes of N rows x 64 columns; rows past
 // `rows` zero-filled) once the previous piece's S^T released it, then each block through the
-// ring: bf16: 9 boxes of 64 keys x 64 columns; FP8: the raw page in one box.
-template <uint32_t N, bool kFp8>
+// ring: bf16: 9 boxes of 64 keys x 64 columns; FP8: the raw page in one box; sparse: gather_slots.
+template <uint32_t N, bool kFp8, bool kSparse>
 __device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                         uint32_t base, const int* row, uint32_t num_pieces, uint32_t full_bar,
                                         uint32_t empty_bar, uint32_t q_full, uint32_t q_empty) {
-  using L = Layout<N, kFp8>;
+  using L = Layout<N, kFp8, kSparse>;
+  const uint32_t q_row = kSparse ? blockIdx.y * p.h_q : 0;   // sparse: query token blockIdx.y's heads
   const bool leader = pk::elect_one();
   uint32_t s = 0, phase = 0, q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
@@ -133,11 +206,15 @@ __device__ __forceinline__ void produce(const Params& p, const pk::TensorMap* tm
       pk::mbar_arrive_expect_tx(q_full, L::kQBytes);
 #pragma unroll
       for (uint32_t c = 0; c < kChunks; ++c)
-        pk::tma_load_3d(base + L::kQOff + c * L::kQChunkBytes, tmap_q, q_full, (int32_t)(kBoxCols * c), 0,
-                        (int32_t)pc.b);
+        pk::tma_load_3d(base + L::kQOff + c * L::kQChunkBytes, tmap_q, q_full, (int32_t)(kBoxCols * c),
+                        (int32_t)q_row, (int32_t)pc.b);
     }
     __syncwarp();
     q_phase ^= 1;
+    if constexpr (kSparse) {
+      gather_slots<L>(p, pc, base, full_bar, empty_bar, leader, s, phase);
+      continue;
+    }
     const int* const table = p.sched.block_table + (uint64_t)pc.b * p.sched.bt_stride;
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
       const int32_t first_row = __ldg(table + blk) * (int32_t)kPage;   // read before the wait
@@ -191,10 +268,11 @@ __device__ __forceinline__ void load_latent_group(uint32_t raw, uint32_t tid, ui
   }
 }
 
-// kPartial: keys >= valid are written as zeros (only a partial last block pays for the test).
-template <bool kPartial>
+// kPartial: keys >= valid (sparse: keys key0 + 8q with bit q of `keys` clear, unused slots) are
+// written as zeros (only a partial or masked block pays for the test).
+template <bool kPartial, bool kSparse>
 __device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, uint32_t g, const LatentGroup& lg,
-                                                   uint32_t valid) {
+                                                   uint32_t valid, uint32_t keys) {
   const uint32_t key0 = tid / kGroupUnits, unit = tid % kGroupUnits;
   const uint32_t dst = kblk + (2 * g + unit / pk::kSwizzleRows) * kKChunkBytes +
                        pk::swizzle128_unit(key0, unit % pk::kSwizzleRows);   // + 1024 q: 8 keys, same key % 8
@@ -207,7 +285,8 @@ __device__ __forceinline__ void store_latent_group(uint32_t kblk, uint32_t tid, 
 #pragma unroll
     for (uint32_t e = 0; e < 2; ++e) {
       uint4 v = r[e];
-      if (kPartial && key0 + kKeysPerPass * (q + e) >= valid) v = make_uint4(0, 0, 0, 0);
+      const bool unused = kSparse ? !((keys >> (q + e)) & 1) : key0 + kKeysPerPass * (q + e) >= valid;
+      if (kPartial && unused) v = make_uint4(0, 0, 0, 0);
       pk::st_shared_v4(dst + (q + e) * kKeysPerPass * pk::kSwizzleRowBytes, v);
     }
   }
@@ -275,9 +354,9 @@ __device__ __forceinline__ PieceRows<N> piece_rows(const Params& p, const pk::Ml
   return r;
 }
 
-template <uint32_t N, bool kFp8>
+template <uint32_t N, bool kFp8, bool kSparse>
 struct NarrowMath {
-  using L = Layout<N, kFp8>;
+  using L = Layout<N, kFp8, kSparse>;
   using F = Frag<N>;
   const Params& p;
   uint8_t* smem;
@@ -285,6 +364,7 @@ struct NarrowMath {
   uint32_t tid, warp, lane;
   uint32_t s = 0, phase = 0;   // ring position of the next block (FP8: the next page to convert)
   uint32_t parity = 0;         // of the row-maxima buffer (flips every block)
+  uint32_t keys_used = 3;      // sparse: bit h = this thread's S^T key 16 warp + lane / 4 + 8h of the converted block used
 
   // S^T = K Q^T over chunks [c0, c1) of the block at kb (4 k16 steps each; `first`: the first
   // chunk of S^T overwrites it).
@@ -323,17 +403,33 @@ struct NarrowMath {
   // groups and the S^T groups issued so far may stay pending; with no P V in flight, as for
   // a piece's first page, it waits for nothing); the page released after its last loads.
   // Returns with S^T's 5 groups (and P V's last) in flight.
+  // Sparse: the stage's used-slot mask read after the wait (before the page is released) into
+  // this thread's conversion keys and its S^T keys (keys_used, for the block's softmax).
   __device__ __forceinline__ void convert_and_issue_s(float (&st)[F::kRegs], uint32_t valid) {
-    if (valid < kPage)
-      convert_and_issue_s<true>(st, valid);
-    else
-      convert_and_issue_s<false>(st, valid);
+    pk::mbar_wait(full_bar + kMbarBytes * s, phase);
+    if constexpr (kSparse) {
+      const uint2 m2 = pk::ld_shared_v2(base + L::kMaskOff + 8 * s);
+      const uint64_t used = ((uint64_t)m2.y << 32) | m2.x;
+      const uint32_t key_l = 16 * warp + lane / 4;
+      keys_used = (uint32_t)((used >> key_l) & 1) | (uint32_t)((used >> (key_l + 8)) & 1) << 1;
+      const uint64_t mine = used >> (tid / kGroupUnits);   // bit 8q: key tid / 16 + 8q
+      uint32_t keys = 0;
+#pragma unroll
+      for (uint32_t q = 0; q < kUnitsPerGroup; ++q) keys |= (uint32_t)((mine >> (kKeysPerPass * q)) & 1) << q;
+      if (used != ~0ull)
+        convert_and_issue_s<true>(st, valid, keys);
+      else
+        convert_and_issue_s<false>(st, valid, keys);
+    } else if (valid < kPage) {
+      convert_and_issue_s<true>(st, valid, 0);
+    } else {
+      convert_and_issue_s<false>(st, valid, 0);
+    }
   }
 
   template <bool kPartial>
-  __device__ __forceinline__ void convert_and_issue_s(float (&st)[F::kRegs], uint32_t valid) {
+  __device__ __forceinline__ void convert_and_issue_s(float (&st)[F::kRegs], uint32_t valid, uint32_t keys) {
     constexpr uint32_t kPending = kFp8Groups;   // P V groups after the one awaited + S^T groups so far
-    pk::mbar_wait(full_bar + kMbarBytes * s, phase);
     const uint32_t raw = base + L::kRawOff + s * kRawBytes, kb = base + L::kKOff;
     convert_rope(raw, kb, tid);
     pk::fence_proxy_async_shared();   // st.shared (K block) -> wgmma reads
@@ -352,7 +448,7 @@ struct NarrowMath {
         if (lane == 0) pk::mbar_arrive(empty_bar + kMbarBytes * s);   // the raw page is read
       }
       pk::wgmma_wait<kPending>();
-      store_latent_group<kPartial>(kb, tid, g, lg, valid);
+      store_latent_group<kPartial, kSparse>(kb, tid, g, lg, valid, keys);
       pk::fence_proxy_async_shared();
       pk::named_barrier_sync(kBarMath, kMathThreads);
       pk::wgmma_fence();
@@ -380,7 +476,13 @@ struct NarrowMath {
                                           float (&acc)[kVTiles][F::kRegs], uint32_t blk, const int (&lim)[F::kCols],
                                           int min_lim) {
     const int key0 = (int)(blk * kPage + 16 * warp + lane / 4);   // + 8 h: this thread's keys
-    if ((int)(blk * kPage + kPage - 1) > min_lim) {   // only blocks with keys past some row's last
+    if constexpr (kSparse) {   // unused slots (their rows stale: maybe NaN)
+      if (keys_used != 3) {
+#pragma unroll
+        for (uint32_t i = 0; i < F::kRegs; ++i)
+          if (!((keys_used >> F::half_of(i)) & 1)) st[i] = -INFINITY;
+      }
+    } else if ((int)(blk * kPage + kPage - 1) > min_lim) {   // only blocks with keys past some row's last
 #pragma unroll
       for (uint32_t i = 0; i < F::kRegs; ++i)
         if (key0 + 8 * (int)F::half_of(i) > lim[F::col_of(i)]) st[i] = -INFINITY;
@@ -557,25 +659,30 @@ __device__ __forceinline__ void sum_rows(float (&l)[Frag<N>::kCols], float* lsum
 // (bf16) and lse = (m + log2 l) ln 2 (+inf, out 0 when no key is visible); a piece of a split
 // sequence writes acc / l (f32) and m + log2 l (base 2, -inf when nothing was visible) to
 // scratch row `split id`, merged by pk_mla_combine. This thread: its columns (query rows) x
-// the value columns 64t + 16 warp + lane / 4 + 8h of its O^T fragment.
-template <uint32_t N>
+// the value columns 64t + 16 warp + lane / 4 + 8h of its O^T fragment. Column n is query row
+// row0 + n of the s_q * h_q (dense: row0 0, n < rows; sparse: token blockIdx.y's heads, row0 =
+// blockIdx.y * h_q, n < h_q), which also applies attn_sink for one split and takes a NaN row
+// sum as NaN out and lse (decode.cu's sparse convention).
+template <uint32_t N, bool kSparse>
 __device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece& pc,
                                             const float (&acc)[kVTiles][Frag<N>::kRegs],
                                             const float (&m)[Frag<N>::kCols], const float (&l)[Frag<N>::kCols],
                                             uint32_t warp, uint32_t lane) {
   using F = Frag<N>;
+  const uint32_t row0 = kSparse ? blockIdx.y * p.h_q : 0, nrows = kSparse ? p.h_q : p.rows;
   const int nsplit = __ldg(p.sched.nsplits + pc.b + 1) - __ldg(p.sched.nsplits + pc.b);
   const uint32_t dim0 = 16 * warp + lane / 4;
 #pragma unroll
   for (uint32_t j = 0; j < F::kCols; ++j) {
     const uint32_t n = F::col(j, lane);
-    if (n >= p.rows) continue;
-    const uint32_t tok = n / p.h_q, head = n - tok * p.h_q;
-    const bool seen = l[j] > 0.0f;
-    const float inv = seen ? __frcp_rn(l[j]) : 0.0f;
+    if (n >= nrows) continue;
+    const uint32_t grow = row0 + n, tok = grow / p.h_q, head = grow - tok * p.h_q;
+    const bool seen = kSparse ? !(l[j] <= 0.0f) : l[j] > 0.0f;
+    float inv = seen ? __frcp_rn(l[j]) : 0.0f;
     const float lse2 = seen ? m[j] + pk::lg2_approx(l[j]) : -INFINITY;
     const bool lse_writer = warp == 0 && lane < 4;
     if (nsplit == 1) {
+      if (kSparse && p.sink != nullptr) inv *= sink_factor(__ldg(p.sink + head), lse2);
       // this thread's first value column; the others at constant offsets (immediates)
       uint16_t* const dst = p.out + pc.b * p.out_sb + (uint64_t)tok * p.out_ss + (uint64_t)head * p.out_sh + dim0;
 #pragma unroll
@@ -589,7 +696,7 @@ __device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece&
         p.lse[pc.b * p.lse_sb + (uint64_t)head * p.lse_sh + (uint64_t)tok * p.lse_ss] =
             seen ? lse2 * kLn2 : INFINITY;
     } else {
-      const uint64_t split_row = (uint64_t)pc.split * p.rows + n;
+      const uint64_t split_row = (uint64_t)pc.split * p.rows + grow;
       float* const dst = p.oacc + split_row * kDimV + dim0;
 #pragma unroll
       for (uint32_t t = 0; t < kVTiles; ++t)
@@ -603,11 +710,11 @@ __device__ __forceinline__ void write_piece(const Params& p, const pk::MlaPiece&
   }
 }
 
-template <uint32_t N, bool kFp8>
+template <uint32_t N, bool kFp8, bool kSparse>
 __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const pk::TensorMap* tmap_kv,
                                               const Params& p) {
-  if (!pk::mla_partition_ok(p.sched)) return;   // the same verdict in every warp: the CTA does nothing
-  using L = Layout<N, kFp8>;
+  if (!pk::mla_partition_ok<kSparse>(p.sched)) return;   // the same verdict in every warp: the CTA does nothing
+  using L = Layout<N, kFp8, kSparse>;
   using F = Frag<N>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
@@ -634,10 +741,10 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
   const uint32_t num_pieces = (uint32_t)__ldg(row + pk::kMetaNumPieces);
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp == kMathWarps) {
-    produce<N, kFp8>(p, tmap_q, tmap_kv, base, row, num_pieces, full_bar, empty_bar, q_full, q_empty);
+    produce<N, kFp8, kSparse>(p, tmap_q, tmap_kv, base, row, num_pieces, full_bar, empty_bar, q_full, q_empty);
     return;
   }
-  NarrowMath<N, kFp8> math{p, smem, base, full_bar, empty_bar, threadIdx.x, warp, lane};
+  NarrowMath<N, kFp8, kSparse> math{p, smem, base, full_bar, empty_bar, threadIdx.x, warp, lane};
   float* const lsum = reinterpret_cast<float*>(smem + L::kSumOff);
   uint32_t q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
@@ -664,9 +771,9 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
     // FP8, N = 32: the piece read again, so its sequence and split id hold no registers across
     // the block loop (else ptxas spills at 255); elsewhere the two dependent loads cost more
     if constexpr (kFp8 && N == 32)
-      write_piece<N>(p, pk::mla_piece(p.sched, row, k), acc, m, l, warp, lane);
+      write_piece<N, kSparse>(p, pk::mla_piece(p.sched, row, k), acc, m, l, warp, lane);
     else
-      write_piece<N>(p, pc, acc, m, l, warp, lane);
+      write_piece<N, kSparse>(p, pc, acc, m, l, warp, lane);
   }
   // PDL: this CTA's last out / scratch stores are issued; the combine may start its CTAs (its
   // griddep_wait still waits for this whole grid, so it reads nothing stale).
@@ -687,10 +794,31 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
     const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
                    out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
                    causal, scale_log2};                                                                        \
-    narrow_decode<N, FP8>(&tmap_q, &tmap_kv, p);                                                               \
+    narrow_decode<N, FP8, false>(&tmap_q, &tmap_kv, p);                                                        \
   }
 
 PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_bf16_n16, 16, false)
 PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_bf16_n32, 32, false)
 PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n16, 16, true)
 PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n32, 32, true)
+
+// The sparse decode for h_q <= N (pykernels/cuda/dsa.py): the FP8 entry's parameters + decode.cu's
+// FP8 tail (indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens); tmap_kv and
+// block_table unused (rows gathered by index), seqlens = topk per sequence; grid (partitions, s_q).
+#define PK_MLA_NARROW_SPARSE_ENTRY(NAME, N)                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
+      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
+      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
+      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
+      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
+      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks,   \
+      const int* indices, const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb,     \
+      uint32_t idx_ss, uint32_t topk, uint32_t num_tokens) {                                                  \
+    const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
+                   out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
+                   causal, scale_log2, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};   \
+    narrow_decode<N, true, true>(&tmap_q, &tmap_kv, p);                                                        \
+  }
+
+PK_MLA_NARROW_SPARSE_ENTRY(pk_mla_sparse_decode_narrow_n16, 16)
+PK_MLA_NARROW_SPARSE_ENTRY(pk_mla_sparse_decode_narrow_n32, 32)

@@ -23,7 +23,9 @@ Sparse MLA decode (csrc/mla/decode.cu's pk_mla_sparse_decode_fp8 + pk_mla_combin
 dense FP8 decode's plan (pykernels/cuda/mla.py) with every sequence scheduled as topk tokens,
 each 64-slot block gathered token row by token row (one bulk copy per used slot) and masked
 by slot, attn_sink applied where the output is normalised. h_q a multiple of 64 (a CTA's 64
-query rows are one query token's heads).
+query rows are one query token's heads); h_q <= 32 takes the narrow kernel's sparse form
+(csrc/mla/decode_narrow.cu's pk_mla_sparse_decode_narrow_n{16,32}: one token's h_q heads as
+wgmma's N, each block's used rows gathered by bulk copies; `sparse_decode_plans` picks).
 
 Sparse MLA prefill (decode.cu's pk_mla_sparse_prefill_bf16; flash_mla_sparse_fwd): the sparse
 decode's plan with the s_q query tokens as its batch (s_q 1), kv's bf16 rows copied by the
@@ -332,13 +334,14 @@ def sparse_decode_smem_bytes() -> int:
 
 def check_sparse_decode_supported(q, k_cache, head_dim_v: int) -> None:
     """What the hand-written sparse decode supports beyond pykernels.ops.dsa's validation
-    (ValueError naming the argument): the dense FP8 kernel's limits and h_q a multiple of 64."""
+    (ValueError naming the argument): the dense FP8 kernel's limits and h_q at most 32 (the
+    narrow kernel) or a multiple of 64."""
     from . import mla as CM
     CM.check_supported(q, k_cache, head_dim_v)
     h_q = q.shape[2]
-    if h_q % 64:
-        raise ValueError(f"q: the cuda/emu sparse decode kernel needs h_q a multiple of 64 (a CTA's 64 query rows "
-                         f"are one token's heads), got h_q {h_q}")
+    if h_q > CM.NARROW_MAX_ROWS and h_q % 64:
+        raise ValueError(f"q: the cuda/emu sparse decode kernels need h_q at most {CM.NARROW_MAX_ROWS} or a multiple "
+                         f"of 64 (a CTA's query rows are one token's heads), got h_q {h_q}")
 
 
 def sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_scheduler_metadata, num_splits, out, lse,
@@ -346,7 +349,8 @@ def sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_schedu
     """(decode plan, combine plan) of the sparse decode writing out / lse (TMA/vector-ready
     tensors: see sparse_decode), with every sequence scheduled as topk tokens; without a
     schedule one is made (get_mla_metadata over topk tokens per sequence, the default
-    partition count)."""
+    partition count: per row tile of 64 query rows, or per query token for the narrow kernel).
+    h_q <= 32: the narrow kernel's sparse entry (grid partitions x s_q), else the 64-row one."""
     import dataclasses
 
     from .. import mla_schedule as MS
@@ -356,17 +360,22 @@ def sparse_decode_plans(q, k_cache, indices, attn_sink, topk_length, tile_schedu
     topk = indices.shape[2]
     lens = torch.full((b,), topk, dtype=torch.int32)        # the schedule's unit: topk slots per sequence
     seqlens = lens.to(q.device)
+    narrow = CM.narrow_tile_rows(h_q) != 0
     if tile_scheduler_metadata is None:   # made from the host tensor: no device read
-        parts = MS.default_num_sm_parts(q.device, s_q * h_q, 1)
+        parts = MS.default_num_sm_parts(q.device, s_q * MS.ROW_TILE if narrow else s_q * h_q, 1)
         tile_scheduler_metadata, num_splits = (t.to(q.device) for t in RM.get_mla_metadata(lens, parts))
     oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * h_q, RM.HEAD_DIM_V, q.device)
     no_table = torch.zeros((1, cdiv(topk, RM.PAGE_BLOCK_SIZE)), dtype=torch.int32, device=q.device)   # never read
     sparse_args = CM.fp8_tail_args(k_cache, indices, topk_length, attn_sink, topk,
                                    k_cache.shape[0] * RM.PAGE_BLOCK_SIZE)
-    dense = CM.decode_plan(CM.q_view(q), CM.kv_view(k_cache), no_table, seqlens, tile_scheduler_metadata,
-                           num_splits, out, lse, oacc, lacc, record, s_q=s_q, h_q=h_q, scale=softmax_scale,
-                           causal=False, num_blocks=k_cache.shape[0], fp8_tail=sparse_args)
-    decode = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, shared_bytes=sparse_decode_smem_bytes())
+    common = (CM.q_view(q), CM.kv_view(k_cache), no_table, seqlens, tile_scheduler_metadata, num_splits, out, lse,
+              oacc, lacc, record)
+    kw = dict(s_q=s_q, h_q=h_q, scale=softmax_scale, causal=False, num_blocks=k_cache.shape[0])
+    if narrow:
+        decode = CM.narrow_decode_plan(*common, **kw, sparse_tail=sparse_args)
+    else:
+        dense = CM.decode_plan(*common, **kw, fp8_tail=sparse_args)
+        decode = dataclasses.replace(dense, function=SPARSE_DECODE_FUNCTION, shared_bytes=sparse_decode_smem_bytes())
     combine = CM.combine_plan(num_splits, oacc, lacc, out, lse, h_q=h_q)
     combine = dataclasses.replace(combine, function=SPARSE_COMBINE_FUNCTION, args=combine.args + (_opt(attn_sink),))
     return decode, combine

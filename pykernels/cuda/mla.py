@@ -15,7 +15,8 @@ rows itself) + FP8_TAIL_ARGS more, the sparse decode's (docs/mla.md). Each launc
 KV head (the kernel reads one cache column): h_kv > 1 is h_kv decode + combine launch pairs.
 At most NARROW_MAX_ROWS (32) query rows per KV head run the narrow kernel instead
 (csrc/mla/decode_narrow.cu, `plan_decode` picks): pk_mla_decode_narrow_{bf16,fp8}_n{16,32},
-the first 26 parameters above (both caches through tensor maps), the same combine.
+the first 26 parameters above (both caches through tensor maps), the same combine; its sparse
+form pk_mla_sparse_decode_narrow_n{16,32} (h_q <= 32, pykernels/cuda/dsa.py) adds the FP8 tail.
 
 Decode parameters, in order: tmap_q, tmap_kv, block_table, seqlens, meta, nsplits, out,
 lse, oacc, lacc, s_q, h_q, rows, bt_stride, out strides (b: u64, s, h), lse strides
@@ -85,18 +86,22 @@ def narrow_tile_rows(rows: int) -> int:
     return 0 if rows > NARROW_MAX_ROWS else (16 if rows <= 16 else 32)
 
 
-def narrow_smem_bytes(n: int, fp8: bool) -> int:
-    """Dynamic shared memory of the narrow kernel (Layout<N, kFp8>::kBytes in decode_narrow.cu):
-    1024 alignment slack + Q (9 chunks of n x 64 bf16) + bf16: 2 K stages (64 x 576 bf16); FP8:
-    one bf16 K block + 3 (n = 16) or 2 raw pages + the P tile (n x 64 bf16) + row maxima
-    (2 x 4 x n f32) + row sums (4 x n f32) + 2 mbarriers per stage + 2."""
+def narrow_smem_bytes(n: int, fp8: bool, sparse: bool = False) -> int:
+    """Dynamic shared memory of the narrow kernel (Layout<N, kFp8, kSparse>::kBytes in
+    decode_narrow.cu): 1024 alignment slack + Q (9 chunks of n x 64 bf16) + bf16: 2 K stages
+    (64 x 576 bf16); FP8: one bf16 K block + 3 (n = 16) or 2 raw pages + the P tile (n x 64
+    bf16) + row maxima (2 x 4 x n f32) + row sums (4 x n f32) + 2 mbarriers per stage + 2;
+    sparse (FP8): + a u64 used-slot mask per stage."""
     tile = PAGE * RM.HEAD_DIM_QK * 2
     stages = 3 if fp8 and n == 16 else 2
     ring = tile + stages * PAGE * FP8_ROW if fp8 else stages * tile
-    return 1024 + n * RM.HEAD_DIM_QK * 2 + ring + n * 64 * 2 + 3 * 4 * n * 4 + 8 * (2 * stages + 2)
+    masks = 8 * stages if sparse else 0
+    return 1024 + n * RM.HEAD_DIM_QK * 2 + ring + n * 64 * 2 + 3 * 4 * n * 4 + 8 * (2 * stages + 2) + masks
 
 
-def narrow_function(n: int, fp8: bool) -> str:
+def narrow_function(n: int, fp8: bool, sparse: bool = False) -> str:
+    if sparse:
+        return f"pk_mla_sparse_decode_narrow_n{n}"
     return f"pk_mla_decode_narrow_{'fp8' if fp8 else 'bf16'}_n{n}"
 
 
@@ -221,18 +226,23 @@ def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc
 
 
 def narrow_decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, *,
-                       s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int, fp8_tail=None) -> LaunchPlan:
+                       s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int, fp8_tail=None,
+                       sparse_tail=None) -> LaunchPlan:
     """Launch plan of the narrow kernel for rows = s_q * h_q <= 32 (q3 [b, rows, 576]):
     pk_mla_decode_narrow_{bf16|fp8}_n{N}, N = narrow_tile_rows(rows), grid (num_sm_parts, 1),
     NARROW_THREADS threads, narrow_smem_bytes(N, fp8). decode_plan's first 26 parameters (the
     FP8 entry too: no fp8_tail, which is accepted and ignored); Q boxes of N rows x 64 columns
     (128-byte swizzle; rows past `rows` zero-filled), bf16 cache boxes of 64 x 64, the FP8
-    cache one page per box (64 x 41 x 16 bytes)."""
+    cache one page per box (64 x 41 x 16 bytes). sparse_tail (the sparse decode's
+    fp8_tail_args; FP8 cache, h_q <= 32): pk_mla_sparse_decode_narrow_n{N}, N =
+    narrow_tile_rows(h_q) (a CTA's rows are one query token's heads), grid (num_sm_parts, s_q),
+    those 26 parameters + sparse_tail."""
     b, rows, _ = q3.shape
-    n = narrow_tile_rows(rows)
+    sparse = sparse_tail is not None
+    n = narrow_tile_rows(h_q if sparse else rows)
     if not n:
-        raise ValueError(f"q: the narrow MLA kernel takes at most {NARROW_MAX_ROWS} query rows per KV head, "
-                         f"got {rows}")
+        raise ValueError(f"q: the narrow MLA kernel takes at most {NARROW_MAX_ROWS} query rows per KV head"
+                         f"{' (sparse: per query token)' if sparse else ''}, got {h_q if sparse else rows}")
     fp8 = kv2d.dtype == torch.uint8
     tmap_q = TensorMapDesc(q3, (1, n, BOX), swizzle=128)
     tmap_kv = TensorMapDesc(kv2d, FP8_BOX, swizzle=0) if fp8 else TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
@@ -243,8 +253,10 @@ def narrow_decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, ls
             u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
             u32(int(causal)), Arg("f32", float(scale) * LOG2E),
             ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
-    return LaunchPlan(NARROW_MODULE, narrow_function(n, fp8), grid=(meta.shape[0], 1, 1),
-                      block=(NARROW_THREADS, 1, 1), args=args, shared_bytes=narrow_smem_bytes(n, fp8))
+    if sparse:
+        args += tuple(sparse_tail)
+    return LaunchPlan(NARROW_MODULE, narrow_function(n, fp8, sparse), grid=(meta.shape[0], s_q if sparse else 1, 1),
+                      block=(NARROW_THREADS, 1, 1), args=args, shared_bytes=narrow_smem_bytes(n, fp8, sparse))
 
 
 def plan_decode(q3, kv2d, *args, **kwargs) -> LaunchPlan:

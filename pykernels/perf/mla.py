@@ -15,11 +15,14 @@ so all but the first hit in L2 (hit = 1 - 1 / row tiles). The combine launch (sp
 sequences only) is not simulated: it is charged its HBM bytes (the partial outputs and
 LSEs read, the output written) at the part's bandwidth, an explicit assumption.
 
-Sparse decode (topk > 0; pk_mla_sparse_decode_fp8 through pykernels/cuda/dsa.py): the same
-method with every sequence scheduled as topk slots, the sample's indices spread at random over
-a cache of its own; L2: only the row tiles of one query token share its rows (hit = 1 - 1 /
-(h_q / 64)); each slot's 656-byte row is one bulk copy, timed at the memory share like any
-copy (DRAM sector rounding of a scattered row, 672 bytes, is not modelled).
+Sparse decode (topk > 0; the kernel pykernels/cuda/dsa.sparse_decode_plans picks:
+pk_mla_sparse_decode_fp8 for h_q a multiple of 64, the narrow pk_mla_sparse_decode_narrow_n{16,32}
+for h_q <= 32 with one CTA row per query token): the same method with every sequence scheduled
+as topk slots, the sample's indices spread at random over a cache of its own; L2: only the row
+tiles of one query token share its rows (hit = 1 - 1 / (h_q / 64); narrow: one CTA per token,
+no sharing); each slot's 656-byte row is one bulk copy (64-row kernel: 16-byte loads), timed at
+the memory share like any copy (DRAM sector rounding of a scattered row, 672 bytes, is not
+modelled).
 """
 import dataclasses
 
@@ -78,17 +81,23 @@ def _sample_shape(prob: MlaProblem):
     return (prob.s_q, prob.h_q) if prob.rows <= CM.TILE_ROWS else (1, CM.TILE_ROWS)
 
 
+def _sparse_rows(h_q: int) -> int:
+    """Query rows of one sparse-decode CTA: one token's h_q heads (narrow kernel), else 64."""
+    return h_q if CM.narrow_tile_rows(h_q) else CM.TILE_ROWS
+
+
 def _sample_sparse(prob: MlaProblem, blocks: int, p: Part, mem: MemoryShare) -> float:
     """Clocks of one CTA of the sparse decode over `blocks` blocks of 64 slots of one token."""
     from ..cuda import dsa as CD
     gen = torch.Generator().manual_seed(0)
     pages = 2 * blocks
-    q = torch.randn(1, 1, CM.TILE_ROWS, RM.HEAD_DIM_QK, generator=gen).to(torch.bfloat16)
+    heads = _sparse_rows(prob.h_q)
+    q = torch.randn(1, 1, heads, RM.HEAD_DIM_QK, generator=gen).to(torch.bfloat16)
     cache = M.quantize_kv_cache_fp8(torch.randn(pages, PAGE, 1, RM.HEAD_DIM_QK, generator=gen).to(torch.bfloat16))
     indices = torch.randint(0, pages * PAGE, (1, 1, blocks * PAGE), generator=gen, dtype=torch.int32)
     meta, splits = RM.get_mla_metadata(torch.tensor([blocks * PAGE], dtype=torch.int32), 1)
-    out = torch.empty(1, 1, CM.TILE_ROWS, RM.HEAD_DIM_V, dtype=torch.bfloat16)
-    lse = torch.empty(1, CM.TILE_ROWS, 1, dtype=torch.float32)
+    out = torch.empty(1, 1, heads, RM.HEAD_DIM_V, dtype=torch.bfloat16)
+    lse = torch.empty(1, heads, 1, dtype=torch.float32)
     record = device_errors.record_for(q.device, CD.SPARSE_OP_NAME)
     plan, _ = CD.sparse_decode_plans(q, cache, indices, None, None, meta, splits, out, lse,
                                      RM.default_softmax_scale(), record)
@@ -174,15 +183,16 @@ def predict(seqlens, s_q: int, h_q: int, fp8: bool = False, part="h800", lo: int
     """Predicted time of our MLA decode (causal, one KV head) for sequences of `seqlens`
     tokens (a list, or one int for every sequence with batch given by len) on `part`; with
     topk > 0 the sparse decode over the FP8 cache (seqlens only gives the batch: every
-    sequence is scheduled as topk slots per query token; h_q a multiple of 64)."""
+    sequence is scheduled as topk slots per query token; h_q <= 32 or a multiple of 64)."""
     if topk:
         seqlens, fp8 = [topk] * len(seqlens), True
     prob = MlaProblem(tuple(int(n) for n in seqlens), s_q, h_q, fp8, topk)
     p = part if isinstance(part, Part) else get_part(part)
-    tiles = cdiv(prob.rows, CM.TILE_ROWS)
+    narrow_sparse = topk and CM.narrow_tile_rows(h_q)
+    tiles = s_q if narrow_sparse else cdiv(prob.rows, CM.TILE_ROWS)   # narrow sparse: one CTA row per token
     parts = max(1, p.sms // tiles)
     grid = (parts, tiles)
-    hit = 1.0 - 1.0 / (h_q // CM.TILE_ROWS if topk else tiles)
+    hit = 0.0 if narrow_sparse else 1.0 - 1.0 / (h_q // CM.TILE_ROWS if topk else tiles)
     mem = MemoryShare.of(p, min(p.sms, parts * tiles), hit)
     c_lo, c_hi = _sample(prob, lo, p, mem), _sample(prob, hi, p, mem)
     per_block = (c_hi - c_lo) / (hi - lo)
@@ -200,9 +210,9 @@ def predict(seqlens, s_q: int, h_q: int, fp8: bool = False, part="h800", lo: int
     seconds = decode + combine
     cost = prob.cost()
     s_q1, h_q1 = _sample_shape(prob)
-    kernel = ("sparse decode" if topk else
+    kernel = (("narrow sparse decode" if narrow_sparse else "sparse decode") if topk else
               "narrow decode" if CM.narrow_tile_rows(s_q1 * h_q1) else "decode")
     sampled = (f"the {kernel} kernel on the emulator, one CTA of "
-               f"{CM.TILE_ROWS if topk else s_q1 * h_q1} query rows over {lo} and {hi} KV blocks")
+               f"{_sparse_rows(h_q) if topk else s_q1 * h_q1} query rows over {lo} and {hi} KV blocks")
     return MlaPrediction(p.key, prob, grid, hit, per_block, piece, busiest, decode, combine, seconds,
                          cost["flops"] / seconds / 1e12, cost["bytes"] / seconds / 1e9, sampled)

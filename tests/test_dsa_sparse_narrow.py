@@ -3,7 +3,8 @@ pk_mla_sparse_decode_narrow_n{16,32}, picked by pykernels/cuda/dsa.py sparse_dec
 what was compiled (SASS, ptxas resources), the dispatch (h_q <= 32 narrow, multiples of 64 the
 64-row kernel, anything else a ValueError naming q), and the same kernel's PTX on the emulator
 (backend "emu", memory-ordering checker on: tests/conftest.py; every CTA schedule) against the
-reference on fresh random inputs with NaN-poisoned out, lse and split scratch.
+reference on fresh random inputs with NaN-poisoned out, lse and split scratch. GPU runs at
+topk 2048 are marked `gpu` (not run yet: no GPU here).
 
 Tolerances: those of the 64-row sparse decode (tests/test_dsa_cuda.py, the Triton kernel's,
 tests/test_dsa_triton.py _assert_decode_matches): |out - ref| <= 2^-7 |ref| + 2^-9 max|ref|,
@@ -25,7 +26,7 @@ from pykernels.cuda import mla as CM
 from pykernels.emu.launch import SCHEDULES
 from pykernels.runtime import artifacts, device_errors, sass
 from pykernels.runtime.hardware import num_sms
-from pykernels.runtime.executors import run_emu, run_plan
+from pykernels.runtime.executors import gpu_unavailable_reason, run_emu, run_plan
 
 from .test_dsa_cuda import _sparse_case
 from .test_dsa_triton import _assert_decode_matches
@@ -226,3 +227,16 @@ def test_model_samples_the_kernel_the_host_picks():
     assert "narrow sparse decode kernel" in pred.sampled and "16 query rows" in pred.sampled
     assert pred.grid == (part("h800").sms // 2, 2) and pred.l2_hit == 0.0
     assert pred.per_block_clk > 0 and pred.seconds > 0
+
+
+# ------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q,with_sink", [(16, True), (32, False)])
+def test_cuda_matches_reference(seed, h_q, with_sink):
+    assert not gpu_unavailable_reason()
+    q, cache, idx, sink, length = _sparse_case(3, 2, h_q, 2048, 64, with_sink, True)
+    ref = D.flash_mla_sparse_decode(q, cache, idx, None, sink, length, backend="reference")
+    got = D.flash_mla_sparse_decode(*(None if t is None else t.cuda() for t in (q, cache, idx)), None,
+                                    *(None if t is None else t.cuda() for t in (sink, length)), backend="cuda")
+    _assert_decode_matches(got[0].cpu(), got[1].cpu(), *ref)

@@ -264,6 +264,7 @@ def _sparse_prefill_cases():
     return [
         case("valid", REF),
         case("valid-no-sink-no-length", REF, sink=None, length=None),
+        case("kv-no-rows", REF, kv=torch.randn(0, 1, 576).bfloat16()),     # every slot unused
         case("q-head-dim-600", _err("q"), q=torch.randn(s_q, h_q, 600).bfloat16()),
         case("kv-h_kv-2", _err("kv"), kv=torch.randn(s_kv, 2, 576).bfloat16()),
         case("indices-shape", _err("indices"), idx=idx[:, :, None, :]),

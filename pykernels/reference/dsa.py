@@ -272,6 +272,8 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = HEAD_DIM_V,
     if topk_length is not None:
         valid &= torch.arange(topk, device=q.device)[None, :] < topk_length.long()[:, None]
     flat = kv[:, 0].float()
+    if s_kv == 0:                  # every slot invalid; gather from one zero row instead of none
+        flat = flat.new_zeros(1, d_qk)
     out = torch.empty(s_q, h_q, d_v, dtype=torch.float32, device=q.device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)

@@ -4,7 +4,8 @@ Each op builds one problem description (validated once, in its family module und
 pykernels/ops/), and each backend is an object with `supports(problem) -> None | reason`
 and `run(problem)`. The public API, the torch custom ops, `python -m pykernels` and bench/
 all dispatch here. "auto" takes the first backend, in the device's order, that supports
-the problem; `explain(op, *args, **kwargs)` says why the others were passed over.
+the problem; `explain(op, *args, **kwargs)` says why the others were passed over and, for
+kernel backends that describe their launch, which config they would launch and why.
 """
 import dataclasses
 from typing import Callable, Optional
@@ -18,10 +19,13 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """One implementation of an op. supports(problem) -> None when it can run the
-    problem here, else the reason it cannot; run(problem) computes it."""
+    problem here, else the reason it cannot; run(problem) computes it; describe(problem)
+    (optional, kernel backends) -> the lines explain() prints about the launch it would make
+    (config and why), computed by the same code the launch uses."""
     name: str
     supports: Callable[[object], Optional[str]]
     run: Callable[[object], object]
+    describe: Optional[Callable[[object], list]] = None
 
 
 class Op:
@@ -93,10 +97,14 @@ def _load_families() -> None:
 
 
 def explain(op_name: str, *args, backend: str = "auto", **kwargs) -> str:
-    """Which backend a call would take and why the others were passed over.
+    """Which backend a call would take and why the others were passed over, and under each
+    backend that can run it and describes its launch (Backend.describe: the FP8 / BF16
+    GEMM kernels), the launch it would make: config, stages, grid and the heuristic's
+    modelled costs of the pick and its runners-up.
 
     op_name: a registered op (e.g. "fp8_gemm_nt"); args/kwargs: the public function's
-    arguments (as for pykernels.<op_name>). Returns the text (also printed)."""
+    arguments (as for pykernels.<op_name>; invalid ones raise the call's error). Returns
+    the text (also printed)."""
     o = get(op_name)
     problem = o.build(*args, **kwargs)
     lines = [f"{op_name}: {problem.describe()}"]
@@ -107,6 +115,8 @@ def explain(op_name: str, *args, backend: str = "auto", **kwargs) -> str:
     for name, reason in o.reasons(problem).items():
         mark = "->" if name == chosen else "  "
         lines.append(f"{mark} {name:<10} {'supported' if reason is None else reason}")
+        if reason is None and o.backends[name].describe is not None:
+            lines.extend(f"     {line}" for line in o.backends[name].describe(problem))
     auto = AUTO_ORDER.get(problem.device.type, ())
     lines.append(f"   (auto tries {', '.join(auto)} on {problem.device.type} tensors)")
     text = "\n".join(lines)

@@ -92,6 +92,18 @@ def check_shapes(m: int, n: int, k: int) -> None:
         raise ValueError(f"a/b: TMA coordinates are 32-bit: m {m}, n {n}, k {k} must stay below 2^31")
 
 
+def geometry(m: int, n: int, f32acc: bool, sms: int, cfg: Config = None, stages: int = None) -> tuple:
+    """(config, stages, grid) of one launch (plan's, and what pykernels.explain prints):
+    choose_config's tile unless given, the most stages that fit unless given, a persistent
+    grid of at most one CTA per SM."""
+    cfg = cfg or choose_config(m, n, f32acc, sms)
+    stages = stages or cfg.max_stages()
+    if stages < 1 or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
+        raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared memory, "
+                         f"more than {SMEM_PER_BLOCK}")
+    return cfg, stages, max(1, min(sms, cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)))
+
+
 def plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: Config = None, stages: int = None,
          sms: int = None) -> LaunchPlan:
     """Launch plan: a bf16 [m, k], b bf16 [n, k], out [m, n] bf16 or float32, all contiguous
@@ -101,18 +113,12 @@ def plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: Config = None
     n = b.shape[0]
     check_shapes(m, n, k)
     f32acc = out.dtype == torch.float32
-    sms = sms or num_sms(a.device)
-    cfg = cfg or choose_config(m, n, f32acc, sms)
+    cfg, stages, grid = geometry(m, n, f32acc, sms or num_sms(a.device), cfg, stages)
     if cfg.f32acc != f32acc:
         raise ValueError(f"cfg: {cfg.function} writes {'float32' if cfg.f32acc else 'bf16'}, out is {out.dtype}")
-    stages = stages or cfg.max_stages()
-    if stages < 1 or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
-        raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared memory, "
-                         f"more than {SMEM_PER_BLOCK}")
     if not all(t.data_ptr() % 16 == 0 for t in (a, b, out)):
         raise ValueError("a, b, out: data pointers must be 16-byte aligned (TMA and 16-byte stores)")
     n_blocks = cdiv(n, cfg.block_n)
-    grid = max(1, min(sms, cdiv(m, cfg.block_m) * n_blocks))
     tmap_a = TensorMapDesc(a, (cfg.block_m, BLOCK_K), swizzle=128)
     tmap_b = TensorMapDesc(b, (cfg.block_n, BLOCK_K), swizzle=128)
     # float32 out: the kernel stores with st.global; a valid map of 32-byte rows, unused

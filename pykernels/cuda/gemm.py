@@ -238,22 +238,59 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     return max(waves * tile, l2, dram)
 
 
-def _best(configs, m, n, k, groups, sms, boundaries, slots=None):
-    """The config with the smallest modelled time; ties (within 1%) go to the larger tile
-    within the problem (min(BLOCK_M, m) x min(BLOCK_N, n): a tile taller than m computes
-    rows nobody needs), then to the smaller tile. slots(cfg): the clusters of a multicast
-    config that run at once (default #SMs / 2)."""
+def _ranked(configs, m, n, k, groups, sms, boundaries, slots=None) -> tuple:
+    """((config, modelled cycles), ...) of `configs`, the pick first, then by modelled time. The
+    pick: the smallest modelled time; ties (within 1%) go to the larger tile within the
+    problem (min(BLOCK_M, m) x min(BLOCK_N, n): a tile taller than m computes rows nobody
+    needs), then to the smaller tile. slots(cfg): the clusters of a multicast config that
+    run at once (default #SMs / 2)."""
     def t(c):
         return estimate_cycles(c, m, n, k, groups, sms, boundaries, slots(c) if slots and c.cluster > 1 else None)
 
     def size(c):
         return min(c.block_m, m) * min(c.block_n, n), -c.block_m * c.block_n
-    scored = sorted(configs, key=lambda c: (t(c), [-v for v in size(c)]))
-    best = scored[0]
-    for c in scored[1:]:
-        if t(c) <= 1.01 * t(best) and size(c) > size(best):
-            best = c
-    return best, t(best)
+    scored = sorted(((c, t(c)) for c in configs), key=lambda ct: (ct[1], [-v for v in size(ct[0])]))
+    if not scored:
+        return ()
+    best = 0
+    for i, (c, tc) in enumerate(scored[1:], 1):
+        if tc <= 1.01 * scored[best][1] and size(c) > size(scored[best][0]):
+            best = i
+    return (scored[best],) + tuple(scored[:best] + scored[best + 1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """choose_config's scoring of one problem: the cluster-1 and the multicast candidates,
+    each ((config, modelled cycles), ...) with its pick first (_ranked), and what was
+    scored (m: the rows per group the model assumed). `chosen` is choose_config's answer;
+    pykernels.explain prints the same object."""
+    single: tuple
+    multicast: tuple
+    m: int
+    n: int
+    k: int
+    groups: int
+    boundaries: int
+
+    @property
+    def multicast_wins(self) -> bool:
+        """The best pair models faster than MULTICAST_GAIN x the best cluster-1 config's time."""
+        return bool(self.multicast) and self.multicast[0][1] < MULTICAST_GAIN * self.single[0][1]
+
+    @property
+    def chosen(self) -> Config:
+        return (self.multicast if self.multicast_wins else self.single)[0][0]
+
+
+def rank_configs(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NUM_SMS, boundaries: int = 0,
+                 slots=None, candidates=None) -> Ranking:
+    """choose_config's Ranking of `candidates` (default auto_configs()); .chosen is its answer."""
+    m, k = max(m, 1), max(k, SCALE_BLOCK)
+    configs = auto_configs() if candidates is None else candidates
+    single = _ranked([c for c in configs if c.cluster == 1], m, n, k, groups, sms, boundaries)
+    multicast = [c for c in configs if c.cluster > 1 and sms >= 2 * c.cluster]
+    return Ranking(single, _ranked(multicast, m, n, k, groups, sms, boundaries, slots), m, n, k, groups, boundaries)
 
 
 def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NUM_SMS, boundaries: int = 0,
@@ -265,16 +302,9 @@ def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NU
     it models at least 3% faster than the best cluster-1 config (MULTICAST_GAIN): in
     practice when the L2 -> SM traffic bounds the cluster-1 kernel (large M and N, every
     SM busy) and M has pairs of m-blocks. slots(cfg): co-resident clusters of a multicast
-    config (on a GPU the driver's count, `resident_clusters`; default #SMs / 2)."""
-    m, k = max(m, 1), max(k, SCALE_BLOCK)
-    configs = auto_configs() if candidates is None else candidates
-    best, t_best = _best([c for c in configs if c.cluster == 1], m, n, k, groups, sms, boundaries)
-    multicast = [c for c in configs if c.cluster > 1 and sms >= 2 * c.cluster]
-    if multicast:
-        best_mc, t_mc = _best(multicast, m, n, k, groups, sms, boundaries, slots)
-        if t_mc < MULTICAST_GAIN * t_best:
-            return best_mc
-    return best
+    config (on a GPU the driver's count, `resident_clusters`; default #SMs / 2). The
+    scoring itself: rank_configs (what pykernels.explain prints)."""
+    return rank_configs(m, n, k, groups, sms, boundaries, slots, candidates).chosen
 
 
 def split_count(k: int, splits: int) -> int:
@@ -459,6 +489,19 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
                       shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1), pdl=True)
 
 
+def heuristic_ranking(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False),
+                      max_clusters=None) -> Ranking:
+    """The heuristic's Ranking for one launch of layout `kind` (m: rows per group; masked:
+    it assumes min(heuristic_m or m, m) rows per group, heuristic_m being expected_m;
+    contiguous: all rows, one group, groups - 1 boundaries) among the entries of `variant`."""
+    def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
+        return max_clusters or resident_clusters(c, c.max_stages(), device, sms)
+    if kind == KIND_MASKED:
+        return rank_configs(min(heuristic_m or m, m), n, k, groups, sms, slots=slots, candidates=auto_configs(*variant))
+    return rank_configs(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
+                        slots=slots, candidates=auto_configs(*variant))
+
+
 def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False), cfg=None, stages=None,
               max_clusters=None, splits=1):
     """(config, stages, grid) of one launch: the heuristic's config unless given, the most
@@ -466,14 +509,7 @@ def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, F
     multicast, the clusters that run at once). variant: (float32 out, 1x128 B scales, e4m3
     out), the compiled entries the heuristic chooses from."""
     if cfg is None:
-        def slots(c):                        # the persistent grid's clusters (the driver's count on a GPU)
-            return max_clusters or resident_clusters(c, c.max_stages(), device, sms)
-        if kind == KIND_MASKED:
-            cfg = choose_config(min(heuristic_m or m, m), n, k, groups, sms, slots=slots,
-                                candidates=auto_configs(*variant))
-        else:
-            cfg = choose_config(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
-                                slots=slots, candidates=auto_configs(*variant))
+        cfg = heuristic_ranking(kind, m, n, k, groups, heuristic_m, device, sms, variant, max_clusters).chosen
     stages = stages or cfg.max_stages()
     if not 1 <= stages or cfg.smem_bytes(stages) > SMEM_PER_BLOCK:
         raise ValueError(f"stages: {stages} stages of {cfg} need {cfg.smem_bytes(stages)} bytes of shared "
@@ -510,6 +546,16 @@ def reduce_plan(workspace: torch.Tensor, out: torch.Tensor, m: int, n: int, spli
 
 
 _tuned_split_k = functools.lru_cache(maxsize=4096)(lambda m, n, k, sms: choose_split_k(m, n, k, sms))
+
+
+def split_k_choice(m: int, n: int, k: int, out_dtype: torch.dtype, b_scale_rows: int, sms: int) -> tuple:
+    """(split-K cfg, splits) of a normal-layout launch, or (None, 1): the heuristic's config, no
+    split. Split-K is for bf16 out with 128x128 B scales only (choose_split_k decides)."""
+    if out_dtype == torch.bfloat16 and b_scale_rows == SCALE_BLOCK:
+        cfg, splits = _tuned_split_k(m, n, k, sms)
+        if splits > 1:
+            return cfg, splits
+    return None, 1
 
 
 def resident_clusters(cfg: Config, stages: int, device: torch.device, sms: int) -> int:
@@ -584,9 +630,7 @@ def fp8_gemm_nt(a, sfa, b, sfb, out, executor: str = "cuda", b_scale_rows: int =
             return out
         return out if out.dtype == torch.float32 else out.zero_()
     a, b = _aligned_input(a), _aligned_input(b)
-    cfg, splits = (None, 1)
-    if out.dtype == torch.bfloat16 and b_scale_rows == SCALE_BLOCK:     # split-K: bf16 out, 128x128 B scales
-        cfg, splits = _tuned_split_k(m, n, k, num_sms(a.device))
+    cfg, splits = split_k_choice(m, n, k, out.dtype, b_scale_rows, num_sms(a.device))
 
     def go(o):
         if splits == 1:

@@ -51,9 +51,10 @@ def triton(run: Callable, limits: Callable = None) -> Backend:
     return Backend("triton", lambda p: _triton_unavailable(p.device) or _limits(limits, p), run)
 
 
-def kernel(name: str, module: str, run: Callable, limits: Callable = None) -> Backend:
+def kernel(name: str, module: str, run: Callable, limits: Callable = None, describe: Callable = None) -> Backend:
     """The hand-written kernel `module` on the GPU (name "cuda") or on the emulator ("emu");
-    run(problem, executor)."""
+    run(problem, executor); describe(problem) -> lines: the launch it would make and why
+    (pykernels.explain; Backend.describe)."""
     if name == "cuda":
         def supports(p):
             return _cuda_unavailable(p.device) or _limits(limits, p)
@@ -62,4 +63,4 @@ def kernel(name: str, module: str, run: Callable, limits: Callable = None) -> Ba
             return _emu_unavailable(p.device, module) or _limits(limits, p)
     else:
         raise ValueError(f"name: expected 'cuda' or 'emu', got {name!r}")
-    return Backend(name, supports, lambda p: run(p, name))
+    return Backend(name, supports, lambda p: run(p, name), describe)

@@ -367,10 +367,15 @@ def _kernel_limits(p: GemmProblem):
                          "out only (DeepGEMM's weight-gradient form); bf16 out runs on triton and reference")
 
 
+def _kernel_choice(p: GemmProblem) -> list:
+    from ..cuda import gemm_explain
+    return gemm_explain.fp8_gemm_choice(p)
+
+
 def _register(op: str):
     o = registry.op(op, public_problem(op))
     for name in ("cuda", "emu"):
-        o.add(B.kernel(name, "gemm_fp8_gemm", _kernel, _kernel_limits))
+        o.add(B.kernel(name, "gemm_fp8_gemm", _kernel, _kernel_limits, _kernel_choice))
     o.add(B.triton(_triton, _triton_limits))
     o.add(B.reference(_reference))
     return o
@@ -407,9 +412,14 @@ def _bf16_kernel_limits(p: Bf16GemmProblem):
     CB.check_shapes(p.m, p.n, p.k)
 
 
+def _bf16_kernel_choice(p: Bf16GemmProblem) -> list:
+    from ..cuda import gemm_explain
+    return gemm_explain.bf16_gemm_choice(p)
+
+
 BF16 = registry.op("bf16_gemm_nt", bf16_problem)
 for _name in ("cuda", "emu"):
-    BF16.add(B.kernel(_name, "gemm_fp8_gemm", _bf16_kernel, _bf16_kernel_limits))
+    BF16.add(B.kernel(_name, "gemm_fp8_gemm", _bf16_kernel, _bf16_kernel_limits, _bf16_kernel_choice))
 BF16.add(B.triton(_bf16_triton, _bf16_triton_limits))
 BF16.add(B.reference(_bf16_reference))
 

@@ -154,3 +154,67 @@ def test_a_bad_argument_raises_the_calls_error():
     with pytest.raises(TypeError) as explained:
         pk.explain("m_grouped_fp8_gemm_nt_contiguous", a, b, out, m_indices.long(), backend="emu")
     assert str(explained.value) == str(call.value) and "m_indices" in str(call.value)
+
+
+# --- MLA decode and sparse decode -------------------------------------------------------------
+
+PLAN_LINE = re.compile(r"(launch|then): (\S+), grid (\d+)x(\d+)x(\d+), (\d+) threads, (\d+) bytes shared memory")
+
+
+def _plan_lines(text: str) -> list:
+    return [(f, (int(x), int(y), int(z)), int(t), int(smem)) for _, f, x, y, z, t, smem in PLAN_LINE.findall(text)]
+
+
+def _plan_facts(plan) -> tuple:
+    return plan.function, tuple(plan.grid), plan.block[0], plan.shared_bytes
+
+
+@pytest.fixture
+def attention_plans(monkeypatch):
+    """The MLA / sparse decode launch plans of the calls made meanwhile (captured, not run)."""
+    from pykernels.cuda import dsa as CD
+    from pykernels.cuda import mla as CM
+    captured = []
+    monkeypatch.setattr(CM, "run_plan", lambda plan, executor: captured.append(plan))
+    monkeypatch.setattr(CD, "run_plan", lambda plan, executor: captured.append(plan))
+    return captured
+
+
+@pytest.mark.parametrize("s_q,h_q,h_kv,fp8", [(1, 16, 1, False), (2, 16, 1, True), (2, 128, 1, True),
+                                              (1, 64, 2, False)])
+def test_explain_names_the_mla_decode_plans(seed, attention_plans, s_q, h_q, h_kv, fp8):
+    import pykernels.mla as M
+
+    from .mla_cases import make_problem
+    rng = random.Random(seed)
+    seqlens = [rng.randint(0, 400) for _ in range(rng.randint(1, 4))]
+    q, cache, table, lens = make_problem(seqlens, s_q, h_q, h_kv=h_kv)
+    if fp8:
+        cache = M.quantize_kv_cache_fp8(cache)
+    meta, splits = M.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+    args = (q, cache, table, lens, 512, meta, splits)
+    text = pk.explain("flash_mla_with_kvcache", *args, backend="emu")
+    M.flash_mla_with_kvcache(*args, backend="emu")
+    assert len(attention_plans) == 2 * h_kv                    # a decode + combine pair per KV head
+    assert _plan_lines(text) == [_plan_facts(p) for p in attention_plans[:2]]
+    narrow = s_q * h_q // h_kv <= 32
+    assert ("the narrow kernel" in text) == narrow and ("FP8 cache" in text) == fp8
+    assert f"schedule: {meta.shape[0]} SM partitions" in text
+
+
+@pytest.mark.parametrize("s_q,h_q,schedule", [(2, 16, False), (1, 32, True), (1, 64, False)])
+def test_explain_names_the_sparse_decode_plans(seed, attention_plans, s_q, h_q, schedule):
+    import pykernels.dsa as D
+    import pykernels.mla as M
+    b, topk, pages = 2, 64 * random.Random(seed).randint(1, 3), 5
+    cache = M.quantize_kv_cache_fp8(torch.randn(pages, 64, 1, 576).bfloat16())
+    q = torch.randn(b, s_q, h_q, 576).bfloat16()
+    idx = torch.randint(-1, pages * 64, (b, s_q, topk), dtype=torch.int32)
+    meta = splits = None
+    if schedule:
+        meta, splits = M.get_mla_metadata(torch.full((b,), topk, dtype=torch.int32), s_q * h_q, 1, h_q, True, topk)
+    text = pk.explain("flash_mla_sparse_decode", q, cache, idx, None, None, None, meta, splits, backend="emu")
+    D.flash_mla_sparse_decode(q, cache, idx, None, None, None, meta, splits, backend="emu")
+    assert _plan_lines(text) == [_plan_facts(p) for p in attention_plans]
+    assert ("the narrow kernel" in text) == (h_q <= 32)
+    assert ("made by the call" in text) == (not schedule)

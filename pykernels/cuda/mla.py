@@ -288,6 +288,27 @@ def combine_plan(num_splits, oacc, lacc, out, lse, *, h_q: int) -> LaunchPlan:
                       args=args, pdl=True)
 
 
+def head_plans(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
+               scale: float, causal: bool, record) -> list:
+    """[(decode plan, combine plan)] of flash_mla_with_kvcache, one pair per KV head j (its
+    query heads [j, j + 1) * h_q / h_kv; the decode kernel plan_decode picks), sharing the
+    schedule and one split scratch; out / lse: stride-ready (_out_ok / _lse_ok). What the
+    call runs and what pykernels.explain describes."""
+    b, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    g = h_q // h_kv                                 # query heads per KV head
+    oacc, lacc = MS.split_scratch(b, tile_scheduler_metadata.shape[0], s_q * g, RM.HEAD_DIM_V, q.device)
+    plans = []
+    for j in range(h_kv):
+        heads = slice(j * g, (j + 1) * g)
+        o_j, l_j = out[:, :, heads], lse[:, heads]
+        plans.append((plan_decode(q_view(q[:, :, heads]), kv_view(k_cache, j), block_table, cache_seqlens,
+                                  tile_scheduler_metadata, num_splits, o_j, l_j, oacc, lacc, record,
+                                  s_q=s_q, h_q=g, scale=scale, causal=causal, num_blocks=k_cache.shape[0]),
+                      combine_plan(num_splits, oacc, lacc, o_j, l_j, h_q=g)))
+    return plans
+
+
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                            out, lse, head_dim_v=RM.HEAD_DIM_V, softmax_scale=None, causal=False,
                            executor: str = "cuda"):
@@ -305,28 +326,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     if tile_scheduler_metadata.shape[0] < 1:
         raise ValueError(f"tile_scheduler_metadata: expected at least one row, got shape "
                          f"{list(tile_scheduler_metadata.shape)}")
-    b, s_q, h_q, _ = q.shape
-    if b == 0:
+    if q.shape[0] == 0:
         return [] if executor == "emu" else None
     record = device_errors.record_for(q.device, OP_NAME)
-    h_kv = k_cache.shape[2]
-    g = h_q // h_kv                                 # query heads per KV head
-    parts = tile_scheduler_metadata.shape[0]
     scale = RM.default_softmax_scale() if softmax_scale is None else float(softmax_scale)
     o = out if _out_ok(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     l = lse if _lse_ok(lse) else torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
-    oacc, lacc = MS.split_scratch(b, parts, s_q * g, RM.HEAD_DIM_V, q.device)
     stats = []
-    for j in range(h_kv):
-        heads = slice(j * g, (j + 1) * g)
-        o_j, l_j = o[:, :, heads], l[:, heads]
-        stats.append(run_plan(plan_decode(q_view(q[:, :, heads]), kv_view(k_cache, j), block_table, cache_seqlens,
-                                          tile_scheduler_metadata, num_splits, o_j, l_j, oacc, lacc, record,
-                                          s_q=s_q, h_q=g, scale=scale, causal=causal,
-                                          num_blocks=k_cache.shape[0]), executor))
+    for decode, combine in head_plans(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                                      o, l, scale, causal, record):
+        stats.append(run_plan(decode, executor))
         if executor == "emu":
             device_errors.raise_if_set(record, OP_NAME)
-        stats.append(run_plan(combine_plan(num_splits, oacc, lacc, o_j, l_j, h_q=g), executor))
+        stats.append(run_plan(combine, executor))
     if o is not out:
         out.copy_(o)
     if l is not lse:
@@ -334,7 +346,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, tile_schedule
     return stats if executor == "emu" else None
 
 
-__all__ = ["check_supported", "kv_view", "decode_plan", "narrow_decode_plan", "plan_decode", "narrow_tile_rows",
+__all__ = ["check_supported", "kv_view", "decode_plan", "head_plans",
+           "narrow_decode_plan", "plan_decode", "narrow_tile_rows",
            "narrow_smem_bytes", "narrow_function", "NARROW_MODULE", "NARROW_MAX_ROWS", "combine_plan",
            "flash_mla_with_kvcache", "smem_bytes",
            "fp8_tail_args", "FP8_TAIL_ARGS", "SMEM_BYTES", "SMEM_BYTES_FP8", "MODULE", "DECODE_FUNCTION",

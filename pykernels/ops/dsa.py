@@ -821,9 +821,15 @@ def _sparse_decode_kernel_limits(p: SparseDecodeProblem):
     CD.check_sparse_decode_supported(p.q, p.k_cache, p.head_dim_v)
 
 
+def _sparse_decode_kernel_choice(p: SparseDecodeProblem) -> list:
+    from ..cuda import attention_explain
+    return attention_explain.sparse_decode_choice(p)
+
+
 SPARSE_DECODE = registry.op("flash_mla_sparse_decode", lambda *a, **kw: public_sparse_decode_problem(*a, **kw))
 for _name in ("cuda", "emu"):
-    SPARSE_DECODE.add(B.kernel(_name, "mla_decode", _sparse_decode_kernel, _sparse_decode_kernel_limits))
+    SPARSE_DECODE.add(B.kernel(_name, "mla_decode", _sparse_decode_kernel, _sparse_decode_kernel_limits,
+                               _sparse_decode_kernel_choice))
 SPARSE_DECODE.add(B.triton(_sparse_decode_triton))
 SPARSE_DECODE.add(B.reference(_sparse_decode_reference))
 

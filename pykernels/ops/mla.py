@@ -270,9 +270,14 @@ def _kernel_limits(p: DecodeProblem):
     CM.check_supported(p.q, p.k_cache, p.head_dim_v)
 
 
+def _kernel_choice(p: DecodeProblem) -> list:
+    from ..cuda import attention_explain
+    return attention_explain.mla_decode_choice(p)
+
+
 DECODE = registry.op("flash_mla_with_kvcache", lambda *a, **kw: public_decode_problem(*a, **kw))
 for _name in ("cuda", "emu"):
-    DECODE.add(B.kernel(_name, "mla_decode", _kernel, _kernel_limits))
+    DECODE.add(B.kernel(_name, "mla_decode", _kernel, _kernel_limits, _kernel_choice))
 DECODE.add(B.triton(lambda p: _triton().flash_mla_with_kvcache(*_args(p))))
 DECODE.add(B.reference(_reference))
 

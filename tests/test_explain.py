@@ -89,6 +89,9 @@ def test_explain_names_the_plans_config_for_random_shapes(seed, plans):
             text = _check_same("m_grouped_fp8_gemm_nt_masked", (a, b, out, masked_m, expected_m), {}, plans)
             assert (f"expected_m {expected_m} rows per group" if expected_m
                     else f"m_max {m_max} (expected_m not given)") in text
+    a, b, out, masked_m = _masked(2, 64, 256, 256)                 # a hint above m_max: m_max rows scored
+    text = _check_same("m_grouped_fp8_gemm_nt_masked", (a, b, out, masked_m, 1000), {}, plans)
+    assert "expected_m 1000 (clamped to m_max 64)" in text and "scored 64 x 256 x 256" in text
 
 
 def test_explain_names_the_split_k_launch(plans):

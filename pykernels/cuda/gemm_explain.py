@@ -37,7 +37,8 @@ def _ranking_lines(title: str, ranked: tuple, pick_time: float) -> list:
 
 def _rows_assumed(p) -> str:
     if p.layout == "masked":
-        given = f"expected_m {p.expected_m}" if p.expected_m else f"m_max {p.m} (expected_m not given)"
+        clamp = f" (clamped to m_max {p.m})" if p.expected_m and p.expected_m > p.m else ""
+        given = f"expected_m {p.expected_m}{clamp}" if p.expected_m else f"m_max {p.m} (expected_m not given)"
         return f"{given} rows per group, {p.groups} groups"
     if p.layout == "contiguous":
         return f"{p.m} rows in all, {p.groups - 1} group boundaries (pairs a boundary splits run twice)"

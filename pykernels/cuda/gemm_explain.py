@@ -76,7 +76,8 @@ def fp8_gemm_choice(p) -> list:
                                 paired, best)
     else:
         lines.append(f"multicast pairs: none among the heuristic's entries (NOT_AUTO: {', '.join(sorted(CG.NOT_AUTO))}"
-                     ", measured slower)")
+                     f", measured slower; a pair would need < MULTICAST_GAIN {CG.MULTICAST_GAIN} x the best "
+                     "cluster-1 time)")
     if splits > 1:
         base = ranking.chosen
         t_split = CG.streaming_cycles(cfg, p.m, p.n, p.k, sms, splits)

@@ -12,6 +12,7 @@ exact in float32 and only their summation order differs (wgmma's k32 steps, then
 reduction per thread and across the quad): |got - ref| <= 1e-5 * max|ref| + 1e-6, and -inf
 exactly where the reference has it.
 """
+import dataclasses
 import math
 import re
 
@@ -569,3 +570,72 @@ def test_emu_logits_schedule_records_a_negative_length():
     message = _raises_recorded(lambda: CD.paged_logits_schedule(lens, CD.BLOCK_KV, 4, "emu"), CD.SCHEDULE_OP_NAME,
                                "ContextLensOutOfRange", -2, 2**31 - 1, 3)
     _host_raises(lambda be: pk.get_paged_mqa_logits_metadata(lens, CD.BLOCK_KV, 4, backend=be), message)
+
+
+def _bad_sparse_decode(case, h_q):
+    """A sparse decode problem (_sparse_case: b 3, s_q 2, topk 80, 3 pages, attn_sink,
+    topk_length [80, 5, 0]) with one bad value: (inputs, the indices and topk_length the
+    kernel's skipping amounts to, (code, a0, a1, a2) of the recorded error)."""
+    b, s_q, topk, pages = 3, 2, 80, 3
+    q, cache, idx, sink, length = _sparse_case(b, s_q, h_q, topk, pages, True, True)
+    fixed_idx, fixed_length = idx.clone(), length.clone()
+    if case in ("index-past-cache", "index-minus-two"):         # a used slot of batch 0, token 1, slot 70
+        idx[0, 1, 70] = pages * 64 + 7 if case == "index-past-cache" else -2
+        fixed_idx[0, 1, 70] = -1                                   # skipped: as an unused slot
+        expected = ("SparseIndexOutOfRange", int(idx[0, 1, 70]), pages * 64, (0 * s_q + 1) * topk + 70)
+    elif case == "length-negative":
+        length[1] = -3
+        fixed_length[1] = 0                                        # clamped to [0, topk]
+        expected = ("TopkLengthOutOfRange", -3, topk, 1)
+    else:
+        assert case == "length-past-topk"
+        length[0] = topk + 5
+        fixed_length[0] = topk
+        expected = ("TopkLengthOutOfRange", topk + 5, topk, 0)
+    return (q, cache, idx, sink, length), (fixed_idx, fixed_length), expected
+
+
+def check_bad_sparse_decode(case, h_q):
+    """The emulated kernel records the bad value as its KernelInputError, skips the bad work
+    (the NaN-poisoned outputs equal the reference's over the fixed inputs) and the host checks
+    of CPU tensors (reference, Triton) raise the same words."""
+    (q, cache, idx, sink, length), (fixed_idx, fixed_length), expected = _bad_sparse_decode(case, h_q)
+    b, s_q = q.shape[:2]
+    out = torch.full((b, s_q, h_q, 512), NAN, dtype=torch.bfloat16)
+    lse = torch.full((b, h_q, s_q), NAN)
+    message = _raises_recorded(lambda: CD.sparse_decode(q, cache, idx, sink, length, None, None, out, lse, 512, 0.07,
+                                                        "emu"), CD.SPARSE_OP_NAME, *expected)
+    _assert_decode_matches(out, lse, *D.flash_mla_sparse_decode(q, cache, fixed_idx, 0.07, sink, fixed_length,
+                                                                backend="reference"))
+    _host_raises(lambda be: D.flash_mla_sparse_decode(q, cache, idx, 0.07, sink, length, backend=be), message)
+
+
+@pytest.mark.parametrize("case", ["index-past-cache", "length-negative"])
+def test_emu_sparse_decode_records_bad_values(seed, case):
+    check_bad_sparse_decode(case, 64)
+
+
+def test_sparse_decode_kernel_backend_reads_no_value_on_the_host(seed, monkeypatch):
+    # the GPU path: a problem on a GPU device goes to the kernel unread (the emulator runs it here)
+    from pykernels.ops import dsa as OPS
+    (q, cache, idx, sink, length), _, expected = _bad_sparse_decode("index-minus-two", 64)
+    p = OPS.sparse_decode_problem(q, cache, torch.zeros_like(idx), sink, None, None, None,
+                                  torch.empty(3, 2, 64, 512, dtype=torch.bfloat16), torch.empty(3, 64, 2), 512, 0.07)
+    p = dataclasses.replace(p, indices=idx, topk_length=length, device=torch.device("cuda", 0))
+
+    def no_host_read(*args):
+        raise AssertionError("the kernel backend read the values on the host")
+    monkeypatch.setattr(OPS, "_check_sparse_decode_values", no_host_read)
+    monkeypatch.setattr(OPS, "check_schedule", no_host_read)
+    _raises_recorded(lambda: OPS._sparse_decode_kernel(p, "emu"), CD.SPARSE_OP_NAME, *expected)
+
+
+def test_emu_sparse_decode_records_a_stale_schedule(seed):
+    # made for other lengths than topk per sequence: the kernel's schedule checks (no host read)
+    q, cache, idx, sink, length = _sparse_case(2, 1, 64, 80, 3, False, False)
+    sched, splits = M.get_mla_metadata(torch.full((2,), 80 + 64, dtype=torch.int32), 64, 1, 1, backend="reference")
+    out, lse = torch.full((2, 1, 64, 512), NAN, dtype=torch.bfloat16), torch.full((2, 64, 1), NAN)
+    _raises_recorded(lambda: CD.sparse_decode(q, cache, idx, None, None, sched, splits, out, lse, 512, 0.07, "emu"),
+                     CD.SPARSE_OP_NAME, "MetadataStale", 80, 144, 0)
+    with pytest.raises(ValueError, match=r"tile_scheduler_metadata: row 0 was made for other cache_seqlens"):
+        D.flash_mla_sparse_decode(q, cache, idx, 0.07, None, None, sched, splits, backend="reference")

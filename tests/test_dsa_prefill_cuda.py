@@ -234,3 +234,20 @@ def test_cuda_matches_reference(seed, h_q, with_sink):
     pk.check_errors()
     _assert_prefill_matches(out.cpu(), mx.cpu(), lse.cpu(), *ref)
 
+
+
+@pytest.mark.parametrize("token,bad,clamped", [(2, 81, 80), (1, -1, 0)])
+def test_emu_records_a_bad_topk_length(seed, token, bad, clamped):
+    # topk_length outside [0, topk]: the kernel's KernelInputError (no host read), the length
+    # clamped, every output as the reference's with the clamped length; indices outside
+    # [0, s_kv) stay unused slots (no error)
+    from .test_dsa_cuda import _host_raises, _raises_recorded
+    q, kv, idx, sink, length = _case(3, 64, 100, 80, True, True)
+    fixed = length.clone()
+    length[token], fixed[token] = bad, clamped
+    out, mx, lse = _poisoned(3, 64)
+    message = _raises_recorded(lambda: CD.sparse_prefill(q, kv, idx, sink, length, out, mx, lse, 0.05, 512, "emu"),
+                               CD.SPARSE_PREFILL_OP_NAME, "TopkLengthOutOfRange", bad, 80, token)
+    _assert_prefill_matches(out, mx, lse, *D.flash_mla_sparse_fwd(q, kv, idx, 0.05, 512, sink, fixed,
+                                                                  backend="reference"))
+    _host_raises(lambda be: D.flash_mla_sparse_fwd(q, kv, idx, 0.05, 512, sink, length, backend=be), message)

@@ -28,7 +28,7 @@ from pykernels.runtime import artifacts, device_errors, sass
 from pykernels.runtime.hardware import num_sms
 from pykernels.runtime.executors import gpu_unavailable_reason, run_emu, run_plan
 
-from .test_dsa_cuda import _sparse_case
+from .test_dsa_cuda import _sparse_case, check_bad_sparse_decode
 from .test_dsa_triton import _assert_decode_matches
 from .test_mla_narrow import _sass_of, poisoned_scratch  # noqa: F401 (a fixture)
 
@@ -240,3 +240,10 @@ def test_cuda_matches_reference(seed, h_q, with_sink):
     got = D.flash_mla_sparse_decode(*(None if t is None else t.cuda() for t in (q, cache, idx)), None,
                                     *(None if t is None else t.cuda() for t in (sink, length)), backend="cuda")
     _assert_decode_matches(got[0].cpu(), got[1].cpu(), *ref)
+
+
+@pytest.mark.parametrize("case,h_q", [("index-minus-two", 16), ("length-past-topk", 32)])
+def test_emu_records_bad_values(seed, case, h_q):
+    # a used slot's index outside the cache or topk_length outside [0, topk]: the kernel's
+    # KernelInputError (no host read), the bad slot skipped / the length clamped, the rest exact
+    check_bad_sparse_decode(case, h_q)

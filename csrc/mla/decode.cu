@@ -272,7 +272,8 @@ struct Fp8Producer {
 
   // Where this thread's rows of block `blk` are (nullptr: not used). Dense: the rows of page
   // idx.x (read a block ahead) below the sequence's end; sparse: the slots whose index (`idx`,
-  // take_indices) is a token row of the cache (-1 and anything else: unused).
+  // take_indices) is a token row of the cache (-1: unused; any other value outside the cache is
+  // recorded as an input error, its row skipped: never read).
   __device__ __forceinline__ void locate(const Params& p, const Piece& pc, uint32_t blk, int2 idx,
                                          const uint8_t* (&src)[2]) const {
     if constexpr (kSparse) {
@@ -280,6 +281,11 @@ struct Fp8Producer {
       for (uint32_t h = 0; h < 2; ++h) {
         const int i = h ? idx.y : idx.x;
         src[h] = i >= 0 && (uint32_t)i < p.num_tokens ? p.cache + (uint64_t)i * kFp8Row : nullptr;
+        if (src[h] == nullptr && i != -1) {   // a used slot (fetch_indices: -1 past the length)
+          const uint32_t tok = blockIdx.y * kTileRows / p.h_q;
+          pk::record_error(p.err, pk::kErrSparseIndexOutOfRange, i, (int)p.num_tokens,
+                           (int)(((uint64_t)pc.b * p.s_q + tok) * p.topk + blk * kPage + row0 + kRowStep * h));
+        }
       }
     } else {
       const int page = idx.x;
@@ -912,8 +918,11 @@ __device__ __forceinline__ void produce_rows(const Params& p, const pk::TensorMa
     if (pc.hi <= pc.lo) continue;
     if (conv.warp() == 0) load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
     uint32_t limit = 0, buf = 0;
-    if constexpr (kSparse) {
-      limit = p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
+    if constexpr (kSparse) {   // topk_length outside [0, topk]: recorded, clamped (in bounds)
+      const int len = p.topk_length != nullptr ? __ldg(p.topk_length + pc.b) : (int)p.topk;
+      if (tid == 0 && (len < 0 || (uint32_t)len > p.topk))
+        pk::record_error(p.err, pk::kErrTopkLengthOutOfRange, len, (int)p.topk, (int)pc.b);
+      limit = min((uint32_t)max(len, 0), p.topk);
       conv.fetch_indices(p, pc, tok, pc.lo, limit, buf);
     }
     const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;   // dense: page ids a block ahead

@@ -147,7 +147,8 @@ __device__ __forceinline__ float sink_factor(float sink, float lse2) {
 // ----------------------------------------------------------------------------- producer
 // Sparse: the piece's blocks of query token blockIdx.y's slots through the ring (s, phase). Lane
 // l takes slots 64 blk + l and + 32: used when below topk_length (clamped to topk) and naming a
-// token row of the cache (decode.cu's rule; -1 and anything else unused, never read). After
+// token row of the cache (decode.cu's rule; -1 unused; anything else, and a topk_length outside
+// [0, topk], recorded in the device error record; never read). After
 // empty[s]: the elected lane stores the used-slot mask (bit r: row r of the raw page) and
 // arrives expecting the used rows' bytes; each lane bulk-copies its used rows (656 bytes, row
 // r = slot % 64 of the page), completing on full[s]. Unused rows keep stale bytes.
@@ -156,8 +157,10 @@ __device__ __forceinline__ void gather_slots(const Params& p, const pk::MlaPiece
                                              uint32_t empty_bar, bool leader, uint32_t& s, uint32_t& phase) {
   const uint32_t lane = threadIdx.x % 32;
   const int* const slots = p.indices + pc.b * p.idx_sb + (uint64_t)blockIdx.y * p.idx_ss;
-  const uint32_t limit =
-      p.topk_length != nullptr ? min((uint32_t)max(__ldg(p.topk_length + pc.b), 0), p.topk) : p.topk;
+  const int len = p.topk_length != nullptr ? __ldg(p.topk_length + pc.b) : (int)p.topk;
+  if (lane == 0 && (len < 0 || (uint32_t)len > p.topk))   // recorded, clamped (in bounds)
+    pk::record_error(p.sched.err, pk::kErrTopkLengthOutOfRange, len, (int)p.topk, (int)pc.b);
+  const uint32_t limit = min((uint32_t)max(len, 0), p.topk);
   for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
     int idx[2];
     bool used[2];
@@ -166,6 +169,9 @@ __device__ __forceinline__ void gather_slots(const Params& p, const pk::MlaPiece
       const uint32_t slot = blk * kPage + lane + 32 * h;
       idx[h] = slot < limit ? __ldg(slots + slot) : -1;
       used[h] = idx[h] >= 0 && (uint32_t)idx[h] < p.num_tokens;
+      if (!used[h] && idx[h] != -1)   // a used slot naming no token row: recorded, skipped (never read)
+        pk::record_error(p.sched.err, pk::kErrSparseIndexOutOfRange, idx[h], (int)p.num_tokens,
+                         (int)(((uint64_t)pc.b * p.s_q + blockIdx.y) * p.topk + slot));
     }
     const uint32_t mask_lo = __ballot_sync(0xffffffffu, used[0]), mask_hi = __ballot_sync(0xffffffffu, used[1]);
     const uint32_t full = full_bar + kMbarBytes * s, raw = base + L::kRawOff + s * kRawBytes;

@@ -70,16 +70,6 @@ def _host_values(*tensors) -> bool:
     return all(t is None or (t.device.type == "cpu" and not V.is_fake(t)) for t in tensors)
 
 
-def _check_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str = "") -> None:
-    """Every value of t in [lo, hi] (inclusive), else ValueError with the first bad one."""
-    if t.numel() == 0:
-        return
-    bad = (t.long() < lo) | (t.long() > hi)
-    if bool(bad.any()):
-        at = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name}: expected values in [{lo}, {hi}]{what}, got {int(t[at])} at {list(at)}")
-
-
 def _check_q_fp8(q, rank):
     V.check_dtype("q", q, FP8)
     V.check_rank("q", q, rank)
@@ -717,20 +707,31 @@ def check_fp8_cache(k_cache):
     V.check_contiguous("k_cache", k_cache)
 
 
+def _check_topk_length_values(topk_length, topk: int) -> None:
+    """topk_length in [0, topk], else ValueError for the first bad one, in the words of the
+    kernels' device error record (code TopkLengthOutOfRange)."""
+    lens = topk_length.long()
+    bad = (lens < 0) | (lens > topk)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(DE.describe("TopkLengthOutOfRange", int(lens[i]), topk, i))
+
+
 def _check_sparse_decode_values(p: SparseDecodeProblem) -> None:
+    """topk_length, the used slots' indices (the first bad one by flat index, in the words of
+    the device error record: code SparseIndexOutOfRange) and the schedule, read on the host."""
     topk = p.indices.shape[2]
     if p.topk_length is not None:
-        _check_range("topk_length", p.topk_length, 0, topk, f" (indices' topk: {topk})")
+        _check_topk_length_values(p.topk_length, topk)
     rows = p.k_cache.shape[0] * RM.PAGE_BLOCK_SIZE
     idx = p.indices.long()
     used = idx != -1
     if p.topk_length is not None:
         used &= torch.arange(topk)[None, None, :] < p.topk_length.long()[:, None, None]
-    bad = used & ((idx < 0) | (idx >= rows))
+    bad = (used & ((idx < 0) | (idx >= rows))).reshape(-1)
     if bool(bad.any()):
-        at = [int(v) for v in bad.nonzero()[0]]
-        raise ValueError(f"indices: expected -1 or a token row in [0, {rows}) (k_cache's pages x 64) in the used "
-                         f"slots, got {int(p.indices[tuple(at)])} at {at}")
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(DE.describe("SparseIndexOutOfRange", int(idx.reshape(-1)[i]), rows, i))
     if p.tile_scheduler_metadata is not None:
         b = p.q.shape[0]
         check_schedule(p.tile_scheduler_metadata, p.num_splits, torch.full((b,), topk, dtype=torch.int32))
@@ -761,6 +762,8 @@ def sparse_decode_problem(q, k_cache, indices, attn_sink, topk_length, tile_sche
         raise ValueError("tile_scheduler_metadata: expected it and num_splits both given or both None, got "
                          f"{type(tile_scheduler_metadata).__name__} and {type(num_splits).__name__}")
     meta = _check_optional("tile_scheduler_metadata", tile_scheduler_metadata, torch.int32, (None, RM.METADATA_SIZE))
+    if meta is not None and meta.shape[0] < 1:   # a shape: checked for every device (the kernels check values)
+        raise ValueError(f"tile_scheduler_metadata: expected at least one row, got shape {list(meta.shape)}")
     splits = _check_optional("num_splits", num_splits, torch.int32, (b + 1,))
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, numbers.Integral) or head_dim_v != RM.HEAD_DIM_V:
         raise ValueError(f"head_dim_v: expected {RM.HEAD_DIM_V}, got {head_dim_v!r}")
@@ -810,8 +813,9 @@ def _sparse_decode_triton(p: SparseDecodeProblem):
 
 
 def _sparse_decode_kernel(p: SparseDecodeProblem, executor: str):
+    # the kernels check topk_length, the used slots' indices and the schedule (device error
+    # record: codes TopkLengthOutOfRange, SparseIndexOutOfRange, 4-8): no host read
     from ..cuda import dsa as CD
-    _check_gpu_sparse_decode_values(p)
     CD.sparse_decode(p.q, p.k_cache, p.indices, p.attn_sink, p.topk_length, p.tile_scheduler_metadata, p.num_splits,
                      p.out, p.softmax_lse, p.head_dim_v, p.softmax_scale, executor)
 
@@ -924,14 +928,14 @@ def sparse_prefill_problem(q, kv, indices, attn_sink, topk_length, out, max_logi
         V.check_no_overlap("max_logits", max_logits, out=out, **inputs)
         V.check_no_overlap("lse", lse, out=out, max_logits=max_logits, **inputs)
         if topk_length is not None and _host_values(topk_length):
-            _check_range("topk_length", topk_length, 0, topk, f" (indices' topk: {topk})")
+            _check_topk_length_values(topk_length, topk)
     return SparsePrefillProblem(q, kv, indices, attn_sink, topk_length, out, max_logits, lse, scale, int(d_v), dev)
 
 
 def _check_gpu_topk_length(p: SparsePrefillProblem):
     """topk_length of GPU tensors, read on the host (CPU ones: checked by the builder)."""
     if p.topk_length is not None and p.device.type != "cpu":
-        _check_range("topk_length", p.topk_length.cpu(), 0, p.indices.shape[2])
+        _check_topk_length_values(p.topk_length.cpu(), p.indices.shape[2])
 
 
 def _sparse_prefill_triton(p: SparsePrefillProblem):
@@ -969,8 +973,9 @@ def public_sparse_prefill_problem(q, kv, indices, sm_scale, d_v=RM.HEAD_DIM_V, a
 
 
 def _sparse_prefill_kernel(p: SparsePrefillProblem, executor: str):
+    # the kernel checks topk_length (device error record: TopkLengthOutOfRange): no host read;
+    # indices outside [0, s_kv) are unused slots here, not errors
     from ..cuda import dsa as CD
-    _check_gpu_topk_length(p)
     CD.sparse_prefill(p.q, p.kv, p.indices, p.attn_sink, p.topk_length, p.out, p.max_logits, p.lse, p.sm_scale, p.d_v,
                       executor)
 

@@ -55,6 +55,11 @@ CODES = {
                   "expected values in [0, {a1}] (the keys), got {a0} at row {a2}"),
     11: ErrorCode("WindowEndOutOfRange", "cu_seqlen_ke",
                   "expected values in [cu_seqlen_ks[row], {a1}] (the keys), got {a0} at row {a2}"),
+    12: ErrorCode("SparseIndexOutOfRange", "indices",
+                  "expected -1 or a token row in [0, {a1}) (k_cache's pages x 64) in the used slots, got {a0} at "
+                  "flat index {a2} (batch, query token, slot)"),
+    13: ErrorCode("TopkLengthOutOfRange", "topk_length",
+                  "expected values in [0, {a1}] (indices' topk), got {a0} at index {a2}"),
 }
 
 

@@ -20,6 +20,8 @@ enum ErrorCode : int {
   kErrContextLensOutOfRange = 9,
   kErrWindowStartOutOfRange = 10,
   kErrWindowEndOutOfRange = 11,
+  kErrSparseIndexOutOfRange = 12,
+  kErrTopkLengthOutOfRange = 13,
 };
 
 constexpr int kErrorRecordWords = 8;   // code, arg0, arg1, arg2, cta.x, cta.y, cta.z, reserved

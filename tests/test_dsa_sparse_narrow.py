@@ -166,19 +166,25 @@ def test_emu_every_schedule(seed, schedule, monkeypatch):
 
 
 @pytest.mark.usefixtures("poisoned_scratch")
-def test_emu_out_of_range_indices_are_unused(seed):
-    # The kernel's own rule (the public op rejects such indices on the host): a used slot whose
-    # index is not a token row of the cache (-2, num_blocks * 64, INT32_MAX) is masked like -1,
-    # its row never read. Called below the op's validation; compared with those slots as -1.
+def test_emu_out_of_range_indices_are_skipped_and_recorded(seed):
+    # A used slot whose index is not a token row of the cache (-2, num_blocks * 64, INT32_MAX,
+    # INT32_MIN) is masked like -1, its row never read, and one of them recorded (the device
+    # error record: SparseIndexOutOfRange). Compared with those slots as -1.
     b, s_q, h_q, topk = 2, 1, 32, 70
     q, cache, idx, sink, _ = _sparse_case(b, s_q, h_q, topk, 2, True, False)
     clean = idx.clone()
     bad = torch.tensor([3, 17, 64, 69])
-    idx[0, 0, bad] = torch.tensor([-2, 2 * 64, 2**31 - 1, -(2**31)], dtype=torch.int32)
+    values = [-2, 2 * 64, 2**31 - 1, -(2**31)]
+    idx[0, 0, bad] = torch.tensor(values, dtype=torch.int32)
     clean[0, 0, bad] = -1
     out = torch.full((b, s_q, h_q, 512), NAN, dtype=torch.bfloat16)
     lse = torch.full((b, h_q, s_q), NAN)
-    CD.sparse_decode(q, cache, idx, sink, None, None, None, out, lse, 512, 0.07, executor="emu")
+    with pytest.raises(device_errors.KernelInputError) as info:
+        CD.sparse_decode(q, cache, idx, sink, None, None, None, out, lse, 512, 0.07, executor="emu")
+    err = info.value
+    assert err.code == device_errors.code("SparseIndexOutOfRange") and err.argument == "indices"
+    assert (err.args_recorded[0], err.args_recorded[2]) in set(zip(values, bad.tolist())), err.args_recorded
+    assert err.args_recorded[1] == 2 * 64
     _assert_decode_matches(out, lse, *D.flash_mla_sparse_decode(q, cache, clean, 0.07, sink, backend="reference"))
 
 

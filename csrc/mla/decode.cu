@@ -281,7 +281,7 @@ struct Fp8Producer {
       for (uint32_t h = 0; h < 2; ++h) {
         const int i = h ? idx.y : idx.x;
         src[h] = i >= 0 && (uint32_t)i < p.num_tokens ? p.cache + (uint64_t)i * kFp8Row : nullptr;
-        if (src[h] == nullptr && i != -1) {   // a used slot (fetch_indices: -1 past the length)
+        if (__builtin_expect((uint32_t)i + 1u > p.num_tokens, 0)) {   // used (fetch_indices: -1 past the length)
           const uint32_t tok = blockIdx.y * kTileRows / p.h_q;
           pk::record_error(p.err, pk::kErrSparseIndexOutOfRange, i, (int)p.num_tokens,
                            (int)(((uint64_t)pc.b * p.s_q + tok) * p.topk + blk * kPage + row0 + kRowStep * h));

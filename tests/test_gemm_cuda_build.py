@@ -113,12 +113,22 @@ def _source_splitk_entries():
             for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_SPLITK\((\d+), (\d+)\)$", src, re.M)}
 
 
+def _source_ares_entries():
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "gemm" / "fp8_gemm.cu").read_text()
+    return {G.Config(int(bm), int(bn), a_resident=True)
+            for bm, bn in re.findall(r"^PK_FP8_GEMM_ENTRY_ARES\((\d+), (\d+)\)$", src, re.M)}
+
+
+ARES = G.compiled_configs(a_resident=True)
+
+
 def test_every_config_is_compiled():
     # CONFIGS come from the build manifest; the build is current with the source's entries
     funcs = artifacts.manifest()["kernels"][G.MODULE]["functions"]
     from pykernels.cuda import bf16_gemm as CB     # the bf16 entries (kBf16): tests/test_bf16_gemm.py
     bf16 = {c.function for c in CB.compiled_configs() + CB.compiled_configs(True)}
-    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS} | bf16
+    assert set(funcs) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS + G.SPLITK_CONFIGS + ARES} | bf16
+    assert set(ARES) == _source_ares_entries() and {(c.block_m, c.block_n) for c in ARES} == {(128, 144), (128, 160)}
     assert set(G.SPLITK_CONFIGS) == _source_splitk_entries() and len(G.SPLITK_CONFIGS) >= 1
     assert list(artifacts.manifest()["kernels"][G.REDUCE_MODULE]["functions"]) == [G.REDUCE_FUNCTION]
     assert set(G.E4M3_CONFIGS) == _source_e4m3_entries() and all(c.block_n == 128 for c in G.E4M3_CONFIGS)
@@ -339,8 +349,8 @@ def test_ptx_parses_with_the_intended_instructions(ptx_module):
     from pykernels.cuda import bf16_gemm as CB     # the bf16 entries (kBf16): tests/test_bf16_gemm.py
     bf16 = {c.function for c in CB.compiled_configs() + CB.compiled_configs(True)}
     assert set(ptx_module.kernels) == {c.function for c in G.CONFIGS + F32ACC_ALL + G.E4M3_CONFIGS
-                                       + G.SPLITK_CONFIGS} | bf16
-    for cfg in G.CONFIGS:
+                                       + G.SPLITK_CONFIGS + ARES} | bf16
+    for cfg in G.CONFIGS + ARES:
         k = ptx_module.kernel(cfg.function)
         assert len(k.params) == len(G.PARAMS)
         assert [(p.size, p.align) for p in k.params[:4]] == [(128, 64)] * 4          # tensor maps
@@ -881,3 +891,66 @@ def test_cuda_multicast_matches_reference(cfg, seed):
                                           masked, nan_bf16(groups, m_max, n))
     own3 = torch.arange(m_max)[None, :] < masked[:, None]
     assert out3.cpu()[~own3].isnan().all() and calc_diff(out3.cpu()[own3], ref3[own3]) < 1e-3
+
+
+# ------------------------------------------------------------------------ resident A (*_ares)
+
+@pytest.mark.parametrize("cfg", ARES, ids=lambda c: c.function.removeprefix("pk_fp8_gemm_nt_"))
+def test_resident_a_sass_and_resources(cfg):
+    # the streamed entry's K loop (4 QGMMA per issue site) and epilogue; the producer's TMA loads:
+    # A and its scales in the resident loop (once per m-block), B in the ring; no local memory
+    listing = _sass_of(cfg.function)
+    ops = sass.opcodes(listing)
+    assert len(re.findall(_qgmma(cfg), listing)) == 4 * _issue_sites(cfg)
+    # (ptxas unrolls the resident loop: each copy loads an A box with its scale box)
+    assert ops["UTMALDG.3D"] == ops["UTMALDG.2D"] - 1 >= 1 and ops["UTMASTG.2D"] >= 1
+    assert ops["ATOMG.E.CAS.STRONG.GPU"] == 2 and ops["BPT.TRAP"] >= 2     # + the normal-layout-only trap
+    assert not any(op.startswith(("STL", "LDL")) for op in ops), "local memory used"
+    assert max(int(r) for r in re.findall(r"\bR(\d+)\b", listing)) < MATH_REGS
+    r = artifacts.resources(G.MODULE, cfg.function)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_bytes"] == 0 and r["shared_bytes"] == 0
+    assert PRODUCER_REGS <= r["registers"] < MATH_REGS
+
+
+def test_resident_a_shared_memory_and_rule():
+    # 1024 slack + K blocks x (A 128 x 128 + 512 B of scales) + stages x B + staging + barriers (+ A's two)
+    c = G.Config(128, 160, a_resident=True)
+    assert c.smem_bytes(5, 512) == 1024 + 4 * (16384 + 512) + 5 * 20480 + 2 * 64 * 320 + 80 + 16 == 212064
+    assert c.max_stages(512) == 5 and c.max_stages(1024) == 2
+    plain = G.Config(128, 160)
+    assert G.resident_twin(plain, 4096, 32768, 512, 132) == c
+    assert G.resident_twin(plain, 4096, 32768, 1024, 132) is None          # 8 K blocks: < MIN_STAGES of B
+    assert G.resident_twin(plain, 4096, 7168, 7168, 132) is None           # A does not fit
+    assert G.resident_twin(plain, 256, 1280, 512, 132) is None             # one unit per CTA: no reuse
+    assert G.resident_twin(G.Config(128, 128), 4096, 32768, 512, 132) is None   # no *_ares entry
+
+
+def test_resident_a_heuristic_and_plan(seed):
+    # 4096 x 32768 x 512 (docs/gemm.md): model v0.2 (H800) has m128n160 with resident A at 974
+    # TFLOP/s against 878 for 256 x 144 (DeepGEMM 877); the normal-layout heuristic costs the
+    # twin (estimate_cycles normal=True) and the plan launches it. Grouped layouts never.
+    m, n, k = 4096, 32768, 512
+    cfg, splits = G.choose_split_k(m, n, k, 132)
+    assert (cfg.block_m, cfg.block_n, splits) == (128, 160, 1) and not cfg.a_resident
+    assert G.choose_config(m, n, k, 1, 132) == G.Config(256, 144)          # streamed costs only
+    a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+    b = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    sfa, sfb = torch.ones(m, k // 128), torch.ones(1, n // 128, k // 128)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    p = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, sms=132)
+    assert p.function == "pk_fp8_gemm_nt_m128n160_ares" and p.grid == (132, 1, 1)
+    assert p.shared_bytes == G.Config(128, 160, a_resident=True).smem_bytes(5, k) <= SMEM_PER_BLOCK
+    q = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg, sms=132,
+                    resident_a=False)
+    assert q.function == "pk_fp8_gemm_nt_m128n160"
+    with pytest.raises(ValueError, match="resident_a"):
+        G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=G.Config(256, 144),
+                    sms=132, resident_a=True)
+    # 10 units on 8 SMs: runs of 2 on 5 CTAs (a CTA without a run would wait for a first stage forever)
+    small = G.gemm_plan(a[:128], sfa[:128], b[:1600], sfb[:, :13], out[:128, :1600], None, kind=G.KIND_NORMAL,
+                        m=128, n=1600, k=k, groups=1, cfg=G.Config(128, 160), sms=8)
+    assert small.function == "pk_fp8_gemm_nt_m128n160_ares" and small.grid == (5, 1, 1)
+    idx = torch.zeros(m, dtype=torch.int32)
+    with pytest.raises(ValueError, match="resident A"):
+        G.gemm_plan(a, sfa, b.view(1, n, k).reshape(n, k), sfb, out, idx, kind=G.KIND_CONTIGUOUS, m=m, n=n, k=k,
+                    groups=1, cfg=G.Config(128, 160, a_resident=True), sms=132)

@@ -137,7 +137,7 @@ def test_wide_tiles_take_each_groups_b_scale(cfg, schedule, seed):
     a, sfa, b, sfb = _problem(m, n, k)
     out = nan_bf16(m, n)
     plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
-                       stages=2, sms=2 * cfg.cluster)
+                       stages=2, sms=2 * cfg.cluster, resident_a=False)   # the streamed entry (resident A: below)
     stats = run_emu(plan, schedule=schedule)
     assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
     assert stats.global_written == m * n * 2
@@ -620,7 +620,7 @@ def _two_wave_case(layout, cfg):
     def run(c, schedule):
         out = nan_bf16(*shape)
         run_emu(G.gemm_plan(a2, sfa, b2, sfb, out, grouping, kind=kind, m=m, n=n, k=k, groups=groups, cfg=c,
-                            stages=2, sms=2), schedule=schedule)
+                            stages=2, sms=2, resident_a=False), schedule=schedule)
         return out
     return run, ref, own
 
@@ -830,3 +830,45 @@ def test_large_k(seed):
     pk.fp8_gemm_nt((a, sfa), (b, sfb), out, backend="emu")
     assert calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
     assert calc_diff(out, x.float() @ y.float().T) < TOL
+
+
+# ------------------------------------------------------------------------ resident A (*_ares)
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("bn,k", [(144, 512), (160, 256)])
+def test_resident_a_matches_the_streamed_kernel(bn, k, schedule, seed):
+    # Resident A (fp8_gemm.cu kAResident): 2 m-blocks x 4 n-blocks (the last partial) on 3
+    # CTAs, runs of 3 m-major units: CTA 0 keeps m-block 0's A for three units, CTA 1 moves
+    # from m-block 0 to 1 (A reloaded once its math warps released the old one), CTA 2 keeps
+    # m-block 1. Bit for bit the streamed entry's result (the same K blocks and scales in the
+    # same order) under every schedule with the memory-ordering checker on; NaN poison and the
+    # byte count: every element written once.
+    m, n = 256, 3 * bn + 16
+    a, sfa, b, sfb = _problem(m, n, k)
+
+    def run(resident, schedule):
+        out = nan_bf16(m, n)
+        plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1,
+                           cfg=G.Config(128, bn), stages=3, sms=3, resident_a=resident)
+        assert plan.function == G.Config(128, bn, a_resident=resident).function and plan.grid == (3, 1, 1)
+        assert run_emu(plan, schedule=schedule).global_written == m * n * 2
+        return out
+    out = run(True, schedule)
+    assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL
+    assert torch.equal(out, run(False, "lockstep"))
+
+
+@pytest.mark.parametrize("cfg", G.compiled_configs(a_resident=True), ids=lambda c: c.function[15:])
+def test_resident_a_shared_memory_formula_is_the_kernels(cfg, seed):
+    # Layout::smem_bytes_resident: the plan's size (Config.smem_bytes with k) runs, one byte
+    # less traps; 3 K blocks resident, 2 B stages, one CTA for both n-blocks
+    m, n, k = 64, 2 * cfg.block_n, 384
+    a, sfa, b, sfb = _problem(m, n, k)
+    out = nan_bf16(m, n)
+    plan = G.gemm_plan(a, sfa, b, sfb, out, None, kind=G.KIND_NORMAL, m=m, n=n, k=k, groups=1, cfg=cfg,
+                       stages=2, sms=1)
+    assert plan.function == cfg.function and plan.shared_bytes == cfg.smem_bytes(2, k)
+    with pytest.raises(EmuError, match="trap executed"):
+        run_emu(dataclasses.replace(plan, shared_bytes=plan.shared_bytes - 1))
+    run_emu(plan)
+    assert not out.isnan().any() and calc_diff(out, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL

@@ -122,8 +122,10 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
 // the same time share A rows and B columns in L2. The schedule's unit is kCluster
 // adjacent m-blocks of one n-block (one per CTA of a cluster); a group's last unit may
 // reach past its last m-block. kCheck: record bad masked_m values (math warps; every
-// group is walked by the last get() of every CTA).
-template <int BM, int BN, int kCluster, bool kCheck>
+// group is walked by the last get() of every CTA). kRuns (the A-resident entries, normal
+// layout, cluster 1): CTA c walks the contiguous run [c per, (c + 1) per) of the units in
+// m-major order (per = ceil(units / grid)), so that successive units share their m-block.
+template <int BM, int BN, int kCluster, bool kCheck, bool kRuns = false>
 struct Scheduler {
   const Problem& p;
   uint32_t n_blocks;
@@ -156,6 +158,18 @@ struct Scheduler {
       g = group;
     } else {
       m_blocks = cdiv(cdiv(p.m, BM), kCluster);  // units
+      if constexpr (kRuns) {  // t = blockIdx.x + j gridDim.x: the CTA's j-th unit of its run
+        const uint32_t total = m_blocks * n_blocks, per = cdiv(total, gridDim.x), j = t / gridDim.x;
+        const uint32_t u = (t % gridDim.x) * per + j;
+        if (j >= per || u >= total) return false;
+        kb_first = 0;
+        kb_count = p.num_kb;
+        g = 0;
+        m_limit = p.m;
+        m_unit = u / n_blocks;
+        n_blk = u % n_blocks;
+        return true;
+      }
       if (t >= m_blocks * n_blocks * p.splits) return false;
       split = t / (m_blocks * n_blocks);  // split-K: the K-block range is the slowest index
       t -= split * m_blocks * n_blocks;
@@ -281,6 +295,12 @@ struct Layout {
   static __host__ __device__ constexpr uint32_t smem_bytes(uint32_t stages) {
     return 1024 + stages * (kABytes + kBBytes + kSfaBytes + kSfbBytes) + kMathWG * kWaves * kStagingBytes + stages * 16;
   }
+  // kAResident: num_kb A blocks and their scales (the whole K of one m-block), a ring of
+  // `stages` B blocks, the staging tiles, the ring's barriers and A's full / empty pair.
+  static __host__ __device__ constexpr uint32_t smem_bytes_resident(uint32_t stages, uint32_t num_kb) {
+    return 1024 + num_kb * (kABytes + kSfaBytes) + stages * kBBytes + kMathWG * kWaves * kStagingBytes + stages * 16 +
+           16;
+  }
   // Byte offset in the staging area of the 16-byte chunk holding columns [8 c, 8 c + 8) of row r.
   static __device__ __forceinline__ uint32_t chunk_offset(uint32_t r, uint32_t c) {
     return (c / 2) * kBoxBytes + r * 32 + (((c & 1) ^ ((r >> 2) & 1)) << 4);
@@ -331,7 +351,14 @@ __device__ __forceinline__ void with_const(uint32_t g, F&& f) {
 // into `acc` across all K blocks (no promotion: the accumulator is the result), K block kb's
 // wgmma group stays in flight while kb + 1 is issued; no A-scale loads. bf16 or (kF32Acc)
 // float32 out, normal layout, cluster 1.
-template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out, bool kSplitK, bool kBf16 = false>
+// kAResident (entries *_ares; BM 128, bf16 out, normal layout, cluster 1): the whole K of
+// the unit's m-block of A and its scales stay in shared memory (own full / empty barrier
+// pair) while the CTA walks a contiguous m-major run of units (Scheduler kRuns); the
+// producer loads A only when the m-block changes, the ring carries B alone. The math
+// warps release the old A when they start a unit of a new m-block (its wgmma retired
+// with the last unit's wait_group 0), so a change of m-block waits for A's load.
+template <int BM, int BN, int kCluster, bool kF32Acc, bool kRowB, bool kFp8Out, bool kSplitK, bool kBf16 = false,
+          bool kAResident = false>
 __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, const pk::TensorMap* tmap_b,
                                                 const pk::TensorMap* tmap_sfa, const pk::TensorMap* tmap_out,
                                                 const pk::TensorMap* tmap_sfb, float* sfd, const Problem& p) {
@@ -341,6 +368,8 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   static_assert(!kFp8Out || (BN == 128 && kCluster == 1 && !kF32Acc), "e4m3 out: one 128-column group per tile");
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static_assert(!kSplitK || (kCluster == 1 && !kF32Acc && !kRowB && !kFp8Out), "split-K: bf16 entries of cluster 1");
+  static_assert(!kAResident || (BM == 128 && kCluster == 1 && !kF32Acc && !kRowB && !kFp8Out && !kSplitK && !kBf16),
+                "resident A: the bf16-out FP8 entries of BM 128 (one wave, one accumulator set), cluster 1");
   constexpr bool kMulticast = kCluster > 1;
   // Each CTA of a cluster loads BN / kCluster rows of B: whole 8-row (1024-byte) swizzle
   // atoms, so the slices land exactly where one load of the whole box would put them.
@@ -372,30 +401,41 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   const uint32_t raw_addr = pk::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
   uint8_t* const smem = smem_raw + (base - raw_addr);  // generic view of `base`
+  // A blocks (and A-scale blocks): one per stage, or (kAResident) one per K block of the unit
+  const uint32_t a_slots = kAResident ? p.num_kb : p.stages;
   const uint32_t smem_a = base;
-  const uint32_t smem_b = smem_a + p.stages * L::kABytes;
-  const uint32_t staging_off = p.stages * (L::kABytes + L::kBBytes);
+  const uint32_t smem_b = smem_a + a_slots * L::kABytes;
+  const uint32_t staging_off = a_slots * L::kABytes + p.stages * L::kBBytes;
   // A scales of stage s at sfa_off + s * kSfaBytes (after the staging tiles: those keep the
   // 1024-byte alignment of the stage tiles; a scale box needs 128 bytes, BM * 4 is 256 or 512)
   const uint32_t sfa_off = staging_off + L::kMathWG * kWaves * L::kStagingBytes;
   // kRowB: B scales of stage s at sfb_off + s * kSfbBytes (256-byte aligned: BM * 4 is)
-  const uint32_t sfb_off = sfa_off + p.stages * L::kSfaBytes;
+  const uint32_t sfb_off = sfa_off + a_slots * L::kSfaBytes;
   const uint32_t bars = base + sfb_off + p.stages * L::kSfbBytes;
   // full[s] at bars + 8 s, empty[s] at bars + 8 (stages + s)
   const uint32_t empty_bars = bars + 8 * p.stages;
+  // kAResident: A's full barrier (producer's arrive + A and A-scale bytes) and empty barrier
+  // (one arrive per math warp)
+  const uint32_t a_full_bar = bars + 16 * p.stages, a_empty_bar = a_full_bar + 8;
 
   const uint32_t wg = threadIdx.x / 128;
   // Cluster geometry: this CTA's rank; its cluster walks schedule units blockIdx.x /
   // kCluster, + gridDim.x / kCluster, ...
   const uint32_t rank = kMulticast ? pk::cluster_ctarank() : 0u;
   if (kMulticast && pk::cluster_nctarank() != kCluster) __trap();  // launched without the cluster
-  if (dynamic_smem_size() < L::smem_bytes(p.stages)) __trap();     // launched with too little shared memory
+  if (kAResident && p.kind != kNormal) __trap();                   // the runs' schedule: normal layout only
+  // launched with too little shared memory
+  if (dynamic_smem_size() < (kAResident ? L::smem_bytes_resident(p.stages, p.num_kb) : L::smem_bytes(p.stages))) __trap();
   // Thread s initialises stage s's barriers (straight-line code: no divergent loop
   // before the CTA barrier).
   if (threadIdx.x < p.stages) {
     pk::mbar_init(bars + 8 * threadIdx.x, 1);  // producer's arrive + TMA bytes
     // one arrive per math warp of every CTA of the cluster
     pk::mbar_init(empty_bars + 8 * threadIdx.x, 4 * L::kMathWG * kCluster);
+    if (kAResident && threadIdx.x == 0) {
+      pk::mbar_init(a_full_bar, 1);
+      pk::mbar_init(a_empty_bar, 4 * L::kMathWG);
+    }
     pk::fence_mbarrier_init();
     pk::fence_proxy_async_shared();
   }
@@ -417,8 +457,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
     if (!kMulticast && !loader) return;  // multicast: warps 1-3 wait at the final cluster barrier
     if (loader) {
       const bool leader = pk::elect_one();
-      Scheduler<BM, BN, kCluster, false> sched(p);
+      Scheduler<BM, BN, kCluster, false, kAResident> sched(p);
       uint32_t s = 0, phase = 0;
+      uint32_t a_blk = ~0u, a_phase = 0;  // kAResident: the resident m-block, A's barrier phase
       uint32_t m_unit, n_blk, g, m_limit;
       for (uint32_t t = blockIdx.x / kCluster; sched.get(t, m_unit, n_blk, g, m_limit); t += gridDim.x / kCluster) {
         const uint32_t m_blk = m_unit * kCluster + rank;
@@ -427,6 +468,22 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           const int32_t a_row = (int32_t)((p.kind == kMasked ? g * p.m : 0u) + m_blk * BM);
           const int32_t sfa_g = (int32_t)(p.kind == kMasked ? g : 0u);  // sfa map: [G, K/128, M]
           const int32_t b_row = (int32_t)((uint32_t)pass.group * p.n + n_blk * BN + rank * kBSliceRows);
+          if constexpr (kAResident) {
+            if (m_blk != a_blk) {  // a new m-block: once the math warps left the old one, all its K blocks
+              pk::mbar_wait(a_empty_bar, a_phase ^ 1);
+              if (leader) {
+                pk::mbar_arrive_expect_tx(a_full_bar, sched.kb_count * (L::kABytes + L::kSfaBytes));
+                for (uint32_t kb = 0; kb < sched.kb_count; ++kb) {
+                  pk::tma_load_2d(smem_a + kb * L::kABytes, tmap_a, a_full_bar, (int32_t)(kb * kBlockK), a_row);
+                  pk::tma_load_3d(base + sfa_off + kb * L::kSfaBytes, tmap_sfa, a_full_bar, (int32_t)(m_blk * BM),
+                                  (int32_t)kb, sfa_g);
+                }
+              }
+              __syncwarp();
+              a_blk = m_blk;
+              a_phase ^= 1;
+            }
+          }
           for (uint32_t kb = sched.kb_first; kb < sched.kb_first + sched.kb_count; ++kb) {
             // The whole warp waits (it stays converged); one thread arms the barrier and
             // issues the loads.
@@ -451,14 +508,17 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
                                           (int32_t)(kb * kBlockK), b_row, (uint16_t)((1u << kCluster) - 1));
               } else {
                 // The whole box counts, rows past M included (the TMA zero-fills them).
-                pk::mbar_arrive_expect_tx(bars + 8 * s, L::kABytes + L::kSfaBytes + L::kBBytes + L::kSfbBytes);
-                pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s, (int32_t)(kb * kBlockK / (kBf16 ? 2 : 1)),
-                                a_row);
+                pk::mbar_arrive_expect_tx(bars + 8 * s,
+                                          (kAResident ? 0u : L::kABytes + L::kSfaBytes) + L::kBBytes + L::kSfbBytes);
+                if constexpr (!kAResident) {
+                  pk::tma_load_2d(smem_a + s * L::kABytes, tmap_a, bars + 8 * s,
+                                  (int32_t)(kb * kBlockK / (kBf16 ? 2 : 1)), a_row);
+                }
                 if constexpr (kRowB) {  // the tile's BN column scales of this K block (columns past N: zeros)
                   pk::tma_load_3d(base + sfb_off + s * L::kSfbBytes, tmap_sfb, bars + 8 * s, (int32_t)(n_blk * BN),
                                   (int32_t)kb, pass.group);
                 }
-                if constexpr (!kBf16) {
+                if constexpr (!kBf16 && !kAResident) {
                   pk::tma_load_3d(base + sfa_off + s * L::kSfaBytes, tmap_sfa, bars + 8 * s, (int32_t)(m_blk * BM),
                                   (int32_t)kb, sfa_g);
                 }
@@ -495,12 +555,21 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
   for (uint32_t i = 0; i < kChunkAcc; ++i) acc[i] = 0.0f;
 
-  Scheduler<BM, BN, kCluster, true> sched(p);
+  Scheduler<BM, BN, kCluster, true, kAResident> sched(p);
   uint32_t s = 0, phase = 0;
+  uint32_t a_blk = ~0u, a_phase = 0;  // kAResident: the resident m-block, A's barrier phase
   uint32_t m_unit, n_blk, g, m_limit;
   for (uint32_t t = blockIdx.x / kCluster; sched.get(t, m_unit, n_blk, g, m_limit); t += gridDim.x / kCluster) {
     const uint32_t m_blk = m_unit * kCluster + rank;
     Passes<BM, kCluster, true> pass(p, m_blk, g, m_limit);
+    if constexpr (kAResident) {
+      if (m_blk != a_blk) {  // the old m-block's wgmma retired (the last unit's wait_group 0): release it
+        if (a_blk != ~0u && lane == 0) pk::mbar_arrive(a_empty_bar);
+        pk::mbar_wait(a_full_bar, a_phase);
+        a_blk = m_blk;
+        a_phase ^= 1;
+      }
+    }
     while (pass.group >= 0) {
       if constexpr (kMulticast) {
         if (!pass.mine) {
@@ -549,12 +618,14 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           }
         };
         [[maybe_unused]] uint32_t chain = 0;  // kBf16: the first step of a K block adds to the accumulator (1) or not (0)
+        [[maybe_unused]] uint32_t a_kb = 0;   // kAResident: the K block whose resident A and A scales are read
         // A scales of this thread's two rows in wave w, landed with stage s (rows past the
         // tensor's end read the TMA's zero fill; they are computed but never stored). Read
         // before the stage is released; the ld.shared latency hides behind the wgmma.
         auto read_sfa = [&](Scales& sc, uint32_t w) {
           const float* sfa_s =
-              reinterpret_cast<const float*>(smem + sfa_off + s * L::kSfaBytes) + wg_row + 64 * w + frag_row;
+              reinterpret_cast<const float*>(smem + sfa_off + (kAResident ? a_kb : s) * L::kSfaBytes) + wg_row +
+              64 * w + frag_row;
           sc.sa0 = sfa_s[0];
           sc.sa1 = sfa_s[8];
         };
@@ -578,7 +649,8 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
           for (uint32_t i = 0; i < kChunkAcc; ++i) pk::fence_operand(a[i]);
           pk::wgmma_fence();
-          const uint64_t desc_a = pk::make_desc_k128b(smem_a + s * L::kABytes + (wg_row + 64 * w) * kBlockK);
+          const uint64_t desc_a =
+              pk::make_desc_k128b(smem_a + (kAResident ? a_kb : s) * L::kABytes + (wg_row + 64 * w) * kBlockK);
           const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes + c * kChunkN * kBlockK);
 #pragma unroll
           for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
@@ -699,6 +771,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
             Scales sc;
             load_sfb(kb, sc);
             const uint32_t stage = s;
+            a_kb = kb;
             issue(acc, sc);
             pk::wgmma_wait<0>();
             release(stage);
@@ -913,7 +986,7 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 // producer's 40 and the math warpgroups' 232 after setmaxnreg, which always raises (never
 // merely keeps) a math warp's count.
 constexpr uint32_t kLaunchBound = 384;
-#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT, SPLITK)                 \
+#define PK_FP8_GEMM_ENTRY_NAMED(NAME, BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT, SPLITK, ARES)           \
   static_assert(Layout<BM, BN>::kThreads <= kLaunchBound, "launch bound");                          \
   extern "C" __global__ void __launch_bounds__(kLaunchBound, 1) NAME(                                \
       const __grid_constant__ pk::TensorMap tmap_a, const __grid_constant__ pk::TensorMap tmap_b,      \
@@ -924,24 +997,27 @@ constexpr uint32_t kLaunchBound = 384;
     const uint32_t num_kb = cdiv(k, kBlockK), split_k = SPLITK ? splits : 1u;                          \
     const Problem p{sfb, out, grouping, m, n, num_kb, groups, kind, stages, band, record,               \
                     split_k, cdiv(num_kb, split_k)};                                                   \
-    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT, SPLITK>(&tmap_a, &tmap_b, &tmap_sfa, &tmap_out, \
-                                                                   &tmap_sfb, sfd, p);                 \
+    fp8_gemm_kernel<BM, BN, CLUSTER, F32ACC, ROWB, FP8OUT, SPLITK, false, ARES>(                         \
+        &tmap_a, &tmap_b, &tmap_sfa, &tmap_out, &tmap_sfb, sfd, p);                                      \
   }
 #define PK_FP8_GEMM_ENTRY(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN, BM, BN, 1, false, false, false, false, false)
 #define PK_FP8_GEMM_ENTRY_MC2(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_mc2, BM, BN, 2, false, false, false, false, false)
 // float32 out accumulated in place (kF32Acc), with 128x128 B scales or (_rowb) 1x128 ones
 #define PK_FP8_GEMM_ENTRY_F32ACC(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc, BM, BN, 1, true, false, false, false, false)
 #define PK_FP8_GEMM_ENTRY_F32ACC_ROWB(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true, false, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_f32acc_rowb, BM, BN, 1, true, true, false, false, false)
 // split-K (kSplitK): float32 partials of K-block ranges into a workspace (normal layout)
 #define PK_FP8_GEMM_ENTRY_SPLITK(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_splitk, BM, BN, 1, false, false, false, true)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_splitk, BM, BN, 1, false, false, false, true, false)
 // e4m3 out with 1x128 scales computed on store (kFp8Out; BN = 128)
 #define PK_FP8_GEMM_ENTRY_E4M3(BM, BN) \
-  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_e4m3, BM, BN, 1, false, false, true, false)
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_e4m3, BM, BN, 1, false, false, true, false, false)
+// resident A (kAResident): a CTA's run of units shares each m-block's A, loaded once (normal layout)
+#define PK_FP8_GEMM_ENTRY_ARES(BM, BN) \
+  PK_FP8_GEMM_ENTRY_NAMED(pk_fp8_gemm_nt_m##BM##n##BN##_ares, BM, BN, 1, false, false, false, false, true)
 
 // bf16 A and B, no scales (kBf16; bf16_gemm_nt): K blocks of 64 bf16, bf16 or (_f32acc) float32 out.
 // The FP8 parameter list (tmap_sfa, sfb, grouping, sfd, splits are not read; kind is normal).
@@ -969,6 +1045,8 @@ PK_FP8_GEMM_ENTRY(128, 128)
 PK_FP8_GEMM_ENTRY(128, 112)
 PK_FP8_GEMM_ENTRY(128, 160)
 PK_FP8_GEMM_ENTRY(128, 144)
+PK_FP8_GEMM_ENTRY_ARES(128, 144)
+PK_FP8_GEMM_ENTRY_ARES(128, 160)
 PK_FP8_GEMM_ENTRY(64, 128)
 PK_FP8_GEMM_ENTRY(64, 64)
 PK_FP8_GEMM_ENTRY(64, 32)

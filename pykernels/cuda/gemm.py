@@ -79,6 +79,7 @@ class Config:
     row_b: bool = False        # 1x128 B scales by TMA (entries *_rowb; f32acc only)
     e4m3: bool = False         # e4m3 out with 1x128 scales computed on store (entries *_e4m3)
     split_k: bool = False      # float32 partials of K-block ranges into a workspace (entries *_splitk)
+    a_resident: bool = False   # the whole K of an m-block's A resident, runs of units (entries *_ares; resident_twin)
 
     @property
     def math_warpgroups(self) -> int:
@@ -108,7 +109,7 @@ class Config:
     def function(self) -> str:
         suffix = ((f"_mc{self.cluster}" if self.cluster > 1 else "") + ("_f32acc" if self.f32acc else "")
                   + ("_rowb" if self.row_b else "") + ("_e4m3" if self.e4m3 else "")
-                  + ("_splitk" if self.split_k else ""))
+                  + ("_splitk" if self.split_k else "") + ("_ares" if self.a_resident else ""))
         return f"pk_fp8_gemm_nt_m{self.block_m}n{self.block_n}{suffix}"
 
     @property
@@ -119,32 +120,40 @@ class Config:
     def stage_bytes(self) -> int:
         return (self.block_m + self.block_n) * SCALE_BLOCK
 
-    def smem_bytes(self, stages: int) -> int:
+    def smem_bytes(self, stages: int, k: int = 0) -> int:
         """Dynamic shared memory (Layout::smem_bytes in the kernel, which traps when given
         less: tests/test_gemm_emu.py checks the two agree): 1024 alignment slack + stages
         x (A + B tiles + BLOCK_M f32 A scales) + a 64 x BLOCK_N bf16 output staging tile
-        per 64-row wave of each math warpgroup + 2 mbarriers per stage."""
+        per 64-row wave of each math warpgroup + 2 mbarriers per stage. a_resident
+        (Layout::smem_bytes_resident): A and its scales for every K block of k instead of
+        per stage, + A's two mbarriers."""
         staging = self.math_warpgroups * self.waves * 64 * 2 * self.block_n     # one tile per 64-row wave
         scales = 4 * self.block_m + (4 * self.block_n if self.row_b else 0)     # per stage: A (and B) scales
+        if self.a_resident:
+            a = cdiv(k, SCALE_BLOCK) * (self.block_m * SCALE_BLOCK + 4 * self.block_m)
+            return 1024 + a + stages * self.block_n * SCALE_BLOCK + staging + 16 * stages + 16
         return 1024 + stages * (self.stage_bytes() + scales) + staging + 16 * stages
 
-    def max_stages(self) -> int:
+    def max_stages(self, k: int = 0) -> int:
+        """The most stages (at most MAX_STAGES) that fit (a_resident: with k's A resident; may be 0)."""
         s = MAX_STAGES
-        while s > 1 and self.smem_bytes(s) > SMEM_PER_BLOCK:
+        while s > (0 if self.a_resident else 1) and self.smem_bytes(s, k) > SMEM_PER_BLOCK:
             s -= 1
         return s
 
 
-_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?(_e4m3)?(_splitk)?")
+_ENTRY = re.compile(r"pk_fp8_gemm_nt_m(\d+)n(\d+)(?:_mc(\d+))?(_f32acc)?(_rowb)?(_e4m3)?(_splitk)?(_ares)?")
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = False, split_k: bool = False) -> tuple:
+def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = False, split_k: bool = False,
+                     a_resident: bool = False) -> tuple:
     """The Configs compiled into MODULE (the entry functions of the build manifest, i.e.
     the PK_FP8_GEMM_ENTRY lines of fp8_gemm.cu) with bf16 output (f32acc False) or float32
     output accumulated in place (True: the *_f32acc entries), with 128x128 B scales or
     (row_b) 1x128 ones (*_rowb), or e4m3 output quantized on store (e4m3: *_e4m3), or the
-    split-K first pass (split_k: *_splitk): cluster 1 first, larger tiles first."""
+    split-K first pass (split_k: *_splitk), or the resident-A entries (a_resident: *_ares):
+    cluster 1 first, larger tiles first."""
     found = []
     for function in artifacts.manifest()["kernels"][MODULE]["functions"]:
         if function.startswith("pk_bf16_gemm_nt_"):          # the bf16 entries: cuda/bf16_gemm.py
@@ -152,10 +161,11 @@ def compiled_configs(f32acc: bool = False, row_b: bool = False, e4m3: bool = Fal
         match = _ENTRY.fullmatch(function)
         if match is None:
             raise RuntimeError(f"{MODULE}: entry {function!r} does not name a tile shape "
-                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb][_e4m3][_splitk])")
-        bm, bn, cluster, acc, rows, q, split = match.groups()
-        if (bool(acc), bool(rows), bool(q), bool(split)) == (f32acc, row_b, e4m3, split_k):
-            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows), bool(q), bool(split)))
+                               "(pk_fp8_gemm_nt_m<BM>n<BN>[_mc2][_f32acc][_rowb][_e4m3][_splitk][_ares])")
+        bm, bn, cluster, acc, rows, q, split, ares = match.groups()
+        if (bool(acc), bool(rows), bool(q), bool(split), bool(ares)) == (f32acc, row_b, e4m3, split_k, a_resident):
+            found.append(Config(int(bm), int(bn), int(cluster or 1), bool(acc), bool(rows), bool(q), bool(split),
+                                bool(ares)))
     return tuple(sorted(found, key=lambda c: (c.cluster, -c.block_m, -c.block_n)))
 
 
@@ -205,8 +215,24 @@ def _sm_port_bytes_per_clk() -> float:
     return part(COST_PART).sm_l2_bytes_per_clk
 
 
+def resident_twin(cfg: Config, m: int, n: int, k: int, sms: int):
+    """The *_ares entry that gemm_plan launches for `cfg` in the normal layout (bf16 out), or
+    None: when it is compiled, k's A blocks and scales fit beside at least MIN_STAGES B
+    stages, and A is reused (each CTA runs at least two units and a row of n has two). Its
+    CTAs walk contiguous m-major runs of units and load an m-block's A once per run."""
+    if cfg.a_resident:
+        return cfg
+    twin = dataclasses.replace(cfg, a_resident=True)
+    if twin not in compiled_configs(a_resident=True) or twin.max_stages(k) < MIN_STAGES:
+        return None
+    units = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    if cdiv(n, cfg.block_n) < 2 or cdiv(units, max(1, min(sms, units))) < 2:
+        return None
+    return twin
+
+
 def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, boundaries: int = 0,
-                    clusters: int = None) -> float:
+                    clusters: int = None, normal: bool = False) -> float:
     """Model of the kernel's run time in SM clocks for `groups` problems of m x n x k.
 
     Per K block of a tile: the wgmma time (BM/64 warpgroups x 4 instructions of
@@ -222,6 +248,10 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     bound counts A per tile and B per unit. `boundaries` (contiguous layout: groups - 1)
     adds, per n-block, one unit for each group boundary that may split a pair (its two
     m-blocks then need two passes, one per group).
+
+    normal (the normal layout, bf16 out): a config whose resident-A twin gemm_plan launches
+    (resident_twin) loads only B per K block and each of a CTA's m-blocks of A once (its
+    run of ceil(units / #SMs) units meets at most ceil(run / n-blocks) + 1 m-blocks).
     """
     bm, bn, c = cfg.block_m, cfg.block_n, cfg.cluster
     kb = cdiv(k, SCALE_BLOCK)                             # a partial last K block costs a whole one
@@ -235,17 +265,24 @@ def estimate_cycles(cfg: Config, m: int, n: int, k: int, groups: int, sms: int, 
     waves = cdiv(units, max(1, clusters or sms // c))     # clusters: co-resident (multicast)
     l2 = (tiles * bm + units * bn) * k / _L2_BYTES_PER_CLK
     dram = groups * (m * k + n * k + 2 * m * n) / _DRAM_BYTES_PER_CLK
+    if normal and groups == 1 and resident_twin(cfg, m, n, k, sms) is not None:
+        run = cdiv(units, min(sms, units))
+        a_loads = min(run, cdiv(run, n_blocks) + 1)
+        tile = kb * max(mma, bn * SCALE_BLOCK / port) + bm * bn * 2 / port + _TILE_FIXED_CLK
+        l2 = (min(sms, units) * a_loads * bm + units * bn) * k / _L2_BYTES_PER_CLK
+        return max(run * tile + a_loads * bm * kb * SCALE_BLOCK / port, l2, dram)
     return max(waves * tile, l2, dram)
 
 
-def _ranked(configs, m, n, k, groups, sms, boundaries, slots=None) -> tuple:
+def _ranked(configs, m, n, k, groups, sms, boundaries, slots=None, normal=False) -> tuple:
     """((config, modelled cycles), ...) of `configs`, the pick first, then by modelled time. The
     pick: the smallest modelled time; ties (within 1%) go to the larger tile within the
     problem (min(BLOCK_M, m) x min(BLOCK_N, n): a tile taller than m computes rows nobody
     needs), then to the smaller tile. slots(cfg): the clusters of a multicast config that
     run at once (default #SMs / 2)."""
     def t(c):
-        return estimate_cycles(c, m, n, k, groups, sms, boundaries, slots(c) if slots and c.cluster > 1 else None)
+        return estimate_cycles(c, m, n, k, groups, sms, boundaries, slots(c) if slots and c.cluster > 1 else None,
+                               normal)
 
     def size(c):
         return min(c.block_m, m) * min(c.block_n, n), -c.block_m * c.block_n
@@ -284,17 +321,18 @@ class Ranking:
 
 
 def rank_configs(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NUM_SMS, boundaries: int = 0,
-                 slots=None, candidates=None) -> Ranking:
-    """choose_config's Ranking of `candidates` (default auto_configs()); .chosen is its answer."""
+                 slots=None, candidates=None, normal: bool = False) -> Ranking:
+    """choose_config's Ranking of `candidates` (default auto_configs()); .chosen is its answer.
+    normal: a normal-layout bf16-out launch (resident-A twins costed, estimate_cycles)."""
     m, k = max(m, 1), max(k, SCALE_BLOCK)
     configs = auto_configs() if candidates is None else candidates
-    single = _ranked([c for c in configs if c.cluster == 1], m, n, k, groups, sms, boundaries)
+    single = _ranked([c for c in configs if c.cluster == 1], m, n, k, groups, sms, boundaries, normal=normal)
     multicast = [c for c in configs if c.cluster > 1 and sms >= 2 * c.cluster]
     return Ranking(single, _ranked(multicast, m, n, k, groups, sms, boundaries, slots), m, n, k, groups, boundaries)
 
 
 def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NUM_SMS, boundaries: int = 0,
-                  slots=None, candidates=None) -> Config:
+                  slots=None, candidates=None, normal: bool = False) -> Config:
     """The tile shape among `candidates` (default auto_configs()) with the smallest
     modelled time (estimate_cycles); ties
     (within 1%) go to the larger tile. m is rows per group (contiguous: all rows, groups=1,
@@ -304,7 +342,7 @@ def choose_config(m: int, n: int, k: int, groups: int = 1, sms: int = DEFAULT_NU
     SM busy) and M has pairs of m-blocks. slots(cfg): co-resident clusters of a multicast
     config (on a GPU the driver's count, `resident_clusters`; default #SMs / 2). The
     scoring itself: rank_configs (what pykernels.explain prints)."""
-    return rank_configs(m, n, k, groups, sms, boundaries, slots, candidates).chosen
+    return rank_configs(m, n, k, groups, sms, boundaries, slots, candidates, normal).chosen
 
 
 def split_count(k: int, splits: int) -> int:
@@ -351,7 +389,7 @@ def choose_split_k(m: int, n: int, k: int, sms: int = DEFAULT_NUM_SMS, slots=Non
     that config runs in one wave (small M x N) and among counts that keep one wave (tiles x
     splits <= #SMs): more CTAs than tiles, each streaming its K range of B."""
     m, k = max(m, 1), max(k, SCALE_BLOCK)
-    base = choose_config(m, n, k, 1, sms, slots=slots)
+    base = choose_config(m, n, k, 1, sms, slots=slots, normal=True)
     if base.cluster > 1 or cdiv(m, base.block_m) * cdiv(n, base.block_n) > sms:
         return base, 1
     best = (streaming_cycles(base, m, n, k, sms), base, 1)
@@ -411,7 +449,7 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
               grouping, *, kind: int, m: int, n: int, k: int, groups: int, cfg: Config = None,
               sms: int = None, stages: int = None, heuristic_m: int = None, max_clusters: int = None,
               record: torch.Tensor = None, b_scale_rows: int = SCALE_BLOCK, sfd: torch.Tensor = None,
-              splits: int = 1) -> LaunchPlan:
+              splits: int = 1, resident_a: bool = None) -> LaunchPlan:
     """Launch plan for the kernel.
 
     a2: e4m3 [rows, k] (masked: [G * m_max, k]); b2: e4m3 [G * n, k]; sfa: f32 [.., m,
@@ -429,6 +467,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     device's, device_errors.record_for). A split-K cfg (*_splitk, normal layout): the first
     pass, `splits` K ranges (split_count(k, splits) == splits: none empty) whose float32
     partials go to out = the workspace f32 [splits * m, n] (reduce_plan: the second pass).
+    resident_a (normal layout, bf16 out): None launches the config's resident-A twin (*_ares)
+    where resident_twin finds one, False never, True requires it (ValueError otherwise).
     """
     sms = sms or num_sms(a2.device)
     rows_total = a2.shape[0]
@@ -463,6 +503,20 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     if cfg.row_b != row_b:
         raise ValueError(f"cfg: {cfg.function} takes {'1x128' if cfg.row_b else '128x128'} B scales, "
                          f"b_scale_rows is {b_scale_rows}")
+    plain = kind == KIND_NORMAL and not (f32acc or row_b or e4m3 or split_k)
+    if plain and resident_a is not False and not cfg.a_resident:
+        twin = resident_twin(cfg, m, n, k, grid)
+        cfg = twin or cfg
+    if cfg.a_resident:
+        stages = min(stages, cfg.max_stages(k))
+        units = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+        grid = cdiv(units, cdiv(units, grid))                # runs of ceil(units / grid): none left empty
+        if not plain or resident_a is False or stages < 1:
+            raise ValueError(f"cfg: {cfg.function} (resident A) runs the normal layout with bf16 out and k's A "
+                             f"in shared memory; got kind {kind}, out {out.dtype}, k {k}, resident_a {resident_a}")
+    elif resident_a:
+        raise ValueError(f"resident_a: no resident-A entry of {cfg.function} fits or pays at m {m}, n {n}, k {k}, "
+                         f"grid {grid} (resident_twin)")
     n_blocks = cdiv(n, cfg.block_n)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, SCALE_BLOCK), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, SCALE_BLOCK), swizzle=128)
@@ -486,7 +540,7 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
     # PDL: the kernel waits (griddepcontrol.wait) after its barrier setup, before any global
     # access, so back-to-back GEMMs overlap one's prologue with the other's tail
     return LaunchPlan(MODULE, cfg.function, grid=(grid, 1, 1), block=(cfg.threads, 1, 1), args=args,
-                      shared_bytes=cfg.smem_bytes(stages), cluster=(cfg.cluster, 1, 1), pdl=True)
+                      shared_bytes=cfg.smem_bytes(stages, k), cluster=(cfg.cluster, 1, 1), pdl=True)
 
 
 def heuristic_ranking(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False),
@@ -499,7 +553,8 @@ def heuristic_ranking(kind, m, n, k, groups, heuristic_m, device, sms, variant=(
     if kind == KIND_MASKED:
         return rank_configs(min(heuristic_m or m, m), n, k, groups, sms, slots=slots, candidates=auto_configs(*variant))
     return rank_configs(m, n, k, 1, sms, boundaries=groups - 1 if kind == KIND_CONTIGUOUS else 0,
-                        slots=slots, candidates=auto_configs(*variant))
+                        slots=slots, candidates=auto_configs(*variant),
+                        normal=kind == KIND_NORMAL and not any(variant))
 
 
 def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, False, False), cfg=None, stages=None,
@@ -534,14 +589,17 @@ _tuned_geometry = functools.lru_cache(maxsize=4096)(_geometry)
 def reduce_plan(workspace: torch.Tensor, out: torch.Tensor, m: int, n: int, splits: int, sms: int = None) -> LaunchPlan:
     """Split-K's second pass (csrc/gemm/splitk_reduce.cu): out bf16 [m, n] = the sum of the
     workspace's float32 slices [splits, m, n] in slice order, rounded once; a grid-stride
-    grid of at most #SMs CTAs of REDUCE_THREADS threads, one 8-column chunk per thread;
+    grid of at most #SMs CTAs of REDUCE_THREADS threads (half as many when that spreads the
+    chunks over more SMs: each SM's port caps what its CTA reads), one 8-column chunk per thread;
     chained to the split-K GEMM with PDL (it waits for the workspace with griddepcontrol.wait)."""
     if n % 8 or workspace.dtype != torch.float32 or workspace.numel() != splits * m * n:
         raise ValueError(f"workspace: expected float32 [{splits} x {m}, {n}] with n a multiple of 8, "
                          f"got {workspace.dtype} {tuple(workspace.shape)}")
     sms = sms or num_sms(out.device)
-    grid = max(1, min(sms, cdiv(m * n // 8, REDUCE_THREADS)))
-    return LaunchPlan(REDUCE_MODULE, REDUCE_FUNCTION, grid=(grid, 1, 1), block=(REDUCE_THREADS, 1, 1),
+    chunks = m * n // 8
+    threads = REDUCE_THREADS if chunks > sms * REDUCE_THREADS // 2 else REDUCE_THREADS // 2
+    grid = max(1, min(sms, cdiv(chunks, threads)))
+    return LaunchPlan(REDUCE_MODULE, REDUCE_FUNCTION, grid=(grid, 1, 1), block=(threads, 1, 1),
                       args=(ptr(workspace), ptr(out), u32(m), u32(n), u32(splits)), pdl=True)
 
 

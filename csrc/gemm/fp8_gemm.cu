@@ -258,7 +258,9 @@ struct Passes {
   }
   __device__ void advance(const Problem& p, uint32_t m_blk) {
     if (kCluster == 1) {
-      group = p.kind == kContiguous ? next_group<BM, false>(p, m_blk, group) : -1;
+      // opaque: the loads' addresses are computed here, not hoisted above the caller's K loop
+      // (into the producer's path to its first TMA load, whatever the layout).
+      group = p.kind == kContiguous ? next_group<BM, false>(p, opaque(m_blk), group) : -1;
     } else if (p.kind == kContiguous) {
       if (own == group) own = next_group<BM, false>(p, opaque(m_blk), group);
       if (peer == group) peer = next_group<BM, false>(p, opaque(m_blk ^ 1u), group);
@@ -456,7 +458,9 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
     const bool loader = (threadIdx.x / 32) % 4 == 0;
     if (!kMulticast && !loader) return;  // multicast: warps 1-3 wait at the final cluster barrier
     if (loader) {
-      const bool leader = pk::elect_one();
+      // Lane 0 of the converged warp (not elect.sync: its result would stall the first
+      // unit's schedule arithmetic, which stands between the launch and the first TMA load).
+      const bool leader = (threadIdx.x % 32) == 0;
       Scheduler<BM, BN, kCluster, false, kAResident> sched(p);
       uint32_t s = 0, phase = 0;
       uint32_t a_blk = ~0u, a_phase = 0;  // kAResident: the resident m-block, A's barrier phase
@@ -544,6 +548,16 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 
   // ------------------------------------------------------------------ math
   pk::setmaxnreg_inc<kMathRegs>();
+  // One math warpgroup, normal layout (the strided schedule): a CTA that has a unit (t =
+  // blockIdx.x / kCluster below the unit count) receives its first K block in stage 0, phase 0.
+  // Waiting for it before the math warps' own schedule arithmetic runs that arithmetic during
+  // the first load, not on the issue slots the producer needs for its first unit (each math
+  // warp shares a sub-partition with a producer warp). The K loop's wait for that phase then
+  // returns at once. Not with two math warpgroups: there the first wgmma would wait for eight
+  // warps' arithmetic after the load (model v0.2, H800: 128x7168x16384 slower).
+  if (L::kMathWG == 1 && !kAResident && p.kind == kNormal &&
+      blockIdx.x / kCluster < cdiv(cdiv(p.m, BM), kCluster) * cdiv(p.n, BN) * p.splits)
+    pk::mbar_wait(bars, 0);
   const uint32_t tid = threadIdx.x % 128;
   const uint32_t warp = tid / 32, lane = tid % 32;
   const uint32_t frag_row = 16 * warp + lane / 4;     // first of this thread's two rows (+8)
@@ -554,6 +568,10 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
   float fin[kWaves][kAcc];  // the promoted result of each 64-row wave
 #pragma unroll
   for (uint32_t i = 0; i < kChunkAcc; ++i) acc[i] = 0.0f;
+
+  // Stage 0's descriptors and this thread's first A-scale row, once (per stage: plus an offset).
+  const uint64_t desc_a0 = pk::make_desc_k128b(smem_a), desc_b0 = pk::make_desc_k128b(smem_b);
+  const float* const sfa_rows = reinterpret_cast<const float*>(smem + sfa_off) + 64 * kWaves * wg + frag_row;
 
   Scheduler<BM, BN, kCluster, true, kAResident> sched(p);
   uint32_t s = 0, phase = 0;
@@ -594,6 +612,16 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
       const float* sfb0 = p.sfb + ((uint64_t)gb * nb_total + nb0) * p.num_kb + sched.kb_first;
       const float* sfb1 = sfb0 + (nb0 + 1 < nb_total ? p.num_kb : 0u);
       const uint32_t num_kb = sched.kb_count;  // this unit's K blocks (split-K: a range of K)
+      // f32 out (kF32Acc, kSplitK): the index in out of this thread's first element of wave 0
+      // (row frag_row), computed and pinned here: its 64-bit arithmetic is not left for the
+      // unit's tail, after the last K block.
+      [[maybe_unused]] uint64_t f32_first = 0;
+      if constexpr (kF32Acc || kSplitK) {
+        const uint32_t row = (p.kind == kMasked ? g * p.m : 0u) + (kSplitK ? sched.split * p.m : 0u) + m_blk * BM +
+                             wg_row + frag_row;
+        f32_first = (uint64_t)row * p.n + n_base + 2 * (lane % 4);
+        asm volatile("" : "+l"(f32_first));
+      }
 #pragma unroll
       for (uint32_t w = 0; w < kWaves; ++w) {
 #pragma unroll
@@ -623,14 +651,18 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
         // tensor's end read the TMA's zero fill; they are computed but never stored). Read
         // before the stage is released; the ld.shared latency hides behind the wgmma.
         auto read_sfa = [&](Scales& sc, uint32_t w) {
-          const float* sfa_s =
-              reinterpret_cast<const float*>(smem + sfa_off + (kAResident ? a_kb : s) * L::kSfaBytes) + wg_row +
-              64 * w + frag_row;
+          const float* sfa_s = sfa_rows + (kAResident ? a_kb : s) * (L::kSfaBytes / 4) + 64 * w;
           sc.sa0 = sfa_s[0];
           sc.sa1 = sfa_s[8];
         };
+        // Stage s's descriptors (this warpgroup's first A row, the B tile), set by arrive before
+        // its wait (pinned there, not sunk past it): the first wgmma follows the barrier closely.
+        uint64_t desc_a_s = 0, desc_b_s = 0;
         // Waits for stage s and reads its scales (two waves: the A scales per wave, later).
         auto arrive = [&](Scales& sc) {
+          desc_a_s = desc_a0 + ((kAResident ? a_kb : s) * L::kABytes + wg_row * kBlockK) / 16;
+          desc_b_s = desc_b0 + s * L::kBBytes / 16;
+          asm volatile("" : "+l"(desc_a_s), "+l"(desc_b_s));
           pk::mbar_wait(bars + 8 * s, phase);
           if constexpr (!kBf16 && kWaves == 1) read_sfa(sc, 0);
           if constexpr (kRowB) {  // this thread's columns' B scales, also read before the release
@@ -649,9 +681,10 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
 #pragma unroll
           for (uint32_t i = 0; i < kChunkAcc; ++i) pk::fence_operand(a[i]);
           pk::wgmma_fence();
-          const uint64_t desc_a =
-              pk::make_desc_k128b(smem_a + (kAResident ? a_kb : s) * L::kABytes + (wg_row + 64 * w) * kBlockK);
-          const uint64_t desc_b = pk::make_desc_k128b(smem_b + s * L::kBBytes + c * kChunkN * kBlockK);
+          // The descriptor's start-address field is linear in the address (shared memory < 256 KB):
+          // the wave's and chunk's offsets added to the stage's descriptors.
+          const uint64_t desc_a = desc_a_s + 64 * w * kBlockK / 16;
+          const uint64_t desc_b = desc_b_s + c * kChunkN * kBlockK / 16;
 #pragma unroll
           for (uint32_t kk = 0; kk < kBlockK / 32; ++kk) {
             // +32 bytes of K per step = +2 in the descriptor's start-address field
@@ -875,22 +908,36 @@ __device__ __forceinline__ void fp8_gemm_kernel(const pk::TensorMap* tmap_a, con
           // frag_row + 8, column pairs 8 j + 2 (lane % 4)), 8-byte read-add-write; no other
           // thread touches them, so no staging and no barrier. Owned rows as below.
           // kSplitK: fin is stored (no read) to the workspace's slice of this K range.
-          const uint32_t out_row = (p.kind == kMasked ? g * p.m : 0u) + (kSplitK ? sched.split * p.m : 0u) + m_base;
           const uint32_t col0 = n_base + 2 * (lane % 4);
+          // kSplitK (normal layout: no grouping): the stores end every unit, so each one's
+          // predicate is one compare of its constant column offset with the row's bound
+          // (independent of the others): they issue back to back.
+          const int cols = (int)p.n - (int)col0;  // this thread's columns left in a row (N < 2^31)
+          int limit[2];
+          float* dst[2];
+          float2 v[2][kAcc / 4];  // every value of both rows first, then the stores
 #pragma unroll
           for (uint32_t h = 0; h < 2; ++h) {
             const uint32_t r = frag_row + 8 * h;
             bool ok = m_base + r < m_limit;
-            if (ok && p.kind == kContiguous) ok = __ldg(p.grouping + m_base + r) == pass.group;
-            float* dst = reinterpret_cast<float*>(p.out) + (uint64_t)(out_row + r) * p.n + col0;
+            if (!kSplitK && ok && p.kind == kContiguous) ok = __ldg(p.grouping + m_base + r) == pass.group;
+            limit[h] = ok ? cols : 0;
+            dst[h] = reinterpret_cast<float*>(p.out) + f32_first + (uint64_t)(m_base - m_blk * BM - wg_row + 8 * h) * p.n;
 #pragma unroll
             for (uint32_t j = 0; j < kAcc / 4; ++j) {
-              if (ok && col0 + 8 * j < p.n) {
-                float2 v = kSplitK ? make_float2(0.0f, 0.0f) : *reinterpret_cast<const float2*>(dst + 8 * j);
-                v.x += f[4 * j + 2 * h];
-                v.y += f[4 * j + 2 * h + 1];
-                *reinterpret_cast<float2*>(dst + 8 * j) = v;
-              }
+              v[h][j] = make_float2(0.0f, 0.0f);
+              if (!kSplitK && (int)(8 * j) < limit[h]) v[h][j] = *reinterpret_cast<const float2*>(dst[h] + 8 * j);
+              v[h][j].x += f[4 * j + 2 * h];
+              v[h][j].y += f[4 * j + 2 * h + 1];
+              pk::fence_operand(v[h][j].x);  // computed here, not sunk into the stores' branches
+              pk::fence_operand(v[h][j].y);
+            }
+          }
+#pragma unroll
+          for (uint32_t h = 0; h < 2; ++h) {
+#pragma unroll
+            for (uint32_t j = 0; j < kAcc / 4; ++j) {
+              if ((int)(8 * j) < limit[h]) *reinterpret_cast<float2*>(dst[h] + 8 * j) = v[h][j];
             }
           }
           return;

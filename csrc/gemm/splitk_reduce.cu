@@ -18,6 +18,7 @@ extern "C" __global__ void __launch_bounds__(256) pk_fp8_gemm_splitk_reduce(cons
   for (uint64_t c = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; c < chunks; c += (uint64_t)gridDim.x * blockDim.x) {
     const float4* src = reinterpret_cast<const float4*>(ws + 8 * c);
     float4 lo = __ldg(src), hi = __ldg(src + 1);
+#pragma unroll 1  // no unrolled remainder handling before the second slice's loads
     for (uint32_t s = 1; s < splits; ++s) {
       const float4* part = reinterpret_cast<const float4*>(ws + s * slice + 8 * c);
       const float4 a = __ldg(part), b = __ldg(part + 1);

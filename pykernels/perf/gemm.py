@@ -115,6 +115,7 @@ class Tiles:
     cluster: int
     name: str
     splits: int = 1      # split-K: K ranges per tile (ours, *_splitk entries; then a reduction pass)
+    a_resident: bool = False   # ours: the *_ares entry (A resident per m-block run)
 
 
 class Ours:
@@ -128,10 +129,12 @@ class Ours:
             c = G.choose_config(prob.m, prob.n, prob.k, prob.groups, sms)
         elif prob.layout == "normal":                # split-K considered (fp8_gemm_nt with bf16 out)
             c, splits = G.choose_split_k(prob.m, prob.n, prob.k, sms)
+            if splits == 1:                          # gemm_plan launches the resident-A twin where it applies
+                c = G.resident_twin(c, prob.m, prob.n, prob.k, sms) or c
         else:
             c = G.choose_config(prob.m * prob.groups, prob.n, prob.k, 1, sms, boundaries=prob.groups - 1)
         name = c.function + (f" x {splits} K ranges + reduction" if splits > 1 else "")
-        return [Tiles("ours", c.block_m, c.block_n, c.cluster, name, splits)]
+        return [Tiles("ours", c.block_m, c.block_n, c.cluster, name, splits, c.a_resident)]
 
     def run(self, tiles, layout, m, n, k, trace, k_full=None):
         """One group of m rows in `layout` (contiguous: every row in group 0; masked: all valid)."""
@@ -145,7 +148,8 @@ class Ours:
         if layout == "masked":
             sfa = sfa[None]
         plan = G.gemm_plan(a, sfa, b, sfb[None], out, grouping, kind=LAYOUTS[layout], m=m, n=n, k=k, groups=1,
-                           cfg=cfg, sms=tiles.cluster, max_clusters=1)
+                           cfg=cfg, sms=tiles.cluster, max_clusters=1,
+                           resident_a=None if tiles.a_resident else False)   # None: as its rule says for the sample
         run_emu(plan, trace=trace)
 
 

@@ -99,8 +99,8 @@ def _load_families() -> None:
 def explain(op_name: str, *args, backend: str = "auto", **kwargs) -> str:
     """Which backend a call would take and why the others were passed over, and under each
     backend that can run it and describes its launch (Backend.describe: the FP8 / BF16
-    GEMM kernels), the launch it would make: config, stages, grid and the heuristic's
-    modelled costs of the pick and its runners-up.
+    GEMM kernels, the MLA decode and the sparse decode), the launch it would make: config,
+    stages, grid and, for the GEMMs, the heuristic's modelled costs of the pick and its runners-up.
 
     op_name: a registered op (e.g. "fp8_gemm_nt"); args/kwargs: the public function's
     arguments (as for pykernels.<op_name>; invalid ones raise the call's error). Returns

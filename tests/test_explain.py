@@ -221,3 +221,11 @@ def test_explain_names_the_sparse_decode_plans(seed, attention_plans, s_q, h_q, 
     assert _plan_lines(text) == [_plan_facts(p) for p in attention_plans]
     assert ("the narrow kernel" in text) == (h_q <= 32)
     assert ("made by the call" in text) == (not schedule)
+
+
+def test_explain_names_the_resident_a_launch(plans):
+    # a short K and >= 2 units per CTA: the plan swaps in the *_ares twin (resident_geometry),
+    # with its own stages and grid; explain names that launch, not the streamed tile's
+    args = _normal(1024, 5280, 512)
+    text = _check_same("fp8_gemm_nt", args, {}, plans)
+    assert _named(text)[0].endswith("_ares"), text

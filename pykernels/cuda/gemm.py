@@ -504,19 +504,8 @@ def gemm_plan(a2: torch.Tensor, sfa: torch.Tensor, b2: torch.Tensor, sfb: torch.
         raise ValueError(f"cfg: {cfg.function} takes {'1x128' if cfg.row_b else '128x128'} B scales, "
                          f"b_scale_rows is {b_scale_rows}")
     plain = kind == KIND_NORMAL and not (f32acc or row_b or e4m3 or split_k)
-    if plain and resident_a is not False and not cfg.a_resident:
-        twin = resident_twin(cfg, m, n, k, grid)
-        cfg = twin or cfg
-    if cfg.a_resident:
-        stages = min(stages, cfg.max_stages(k))
-        units = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-        grid = cdiv(units, cdiv(units, grid))                # runs of ceil(units / grid): none left empty
-        if not plain or resident_a is False or stages < 1:
-            raise ValueError(f"cfg: {cfg.function} (resident A) runs the normal layout with bf16 out and k's A "
-                             f"in shared memory; got kind {kind}, out {out.dtype}, k {k}, resident_a {resident_a}")
-    elif resident_a:
-        raise ValueError(f"resident_a: no resident-A entry of {cfg.function} fits or pays at m {m}, n {n}, k {k}, "
-                         f"grid {grid} (resident_twin)")
+    cfg, stages, grid = resident_geometry(cfg, stages, grid, m, n, k, plain, resident_a,
+                                          f"kind {kind}, out {out.dtype}")
     n_blocks = cdiv(n, cfg.block_n)
     tmap_a = TensorMapDesc(a2, (cfg.block_m, SCALE_BLOCK), swizzle=128)
     tmap_b = TensorMapDesc(b2, (cfg.b_box_rows, SCALE_BLOCK), swizzle=128)
@@ -579,6 +568,28 @@ def _geometry(kind, m, n, k, groups, heuristic_m, device, sms, variant=(False, F
     else:
         slots = max_clusters or resident_clusters(cfg, stages, device, sms)
     return cfg, stages, max(1, min(slots, units)) * cfg.cluster
+
+
+def resident_geometry(cfg: Config, stages: int, grid: int, m: int, n: int, k: int, plain: bool,
+                      resident_a: bool = None, what: str = "") -> tuple:
+    """(config, stages, grid) after the resident-A step of a launch whose geometry is (cfg,
+    stages, grid): plain (the normal layout, bf16 out, 128x128 B scales, no split) swaps in
+    cfg's *_ares twin where resident_twin finds one (resident_a None), never (False) or must
+    (True: ValueError otherwise); a resident cfg keeps the stages that fit beside k's A and a
+    grid whose runs of ceil(units / grid) units are none empty. what: the launch, for errors."""
+    if plain and resident_a is not False and not cfg.a_resident:
+        cfg = resident_twin(cfg, m, n, k, grid) or cfg
+    if cfg.a_resident:
+        stages = min(stages, cfg.max_stages(k))
+        units = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+        if not plain or resident_a is False or stages < 1:
+            raise ValueError(f"cfg: {cfg.function} (resident A) runs the normal layout with bf16 out and k's A "
+                             f"in shared memory; got {what}, k {k}, resident_a {resident_a}")
+        return cfg, stages, cdiv(units, cdiv(units, grid))
+    if resident_a:
+        raise ValueError(f"resident_a: no resident-A entry of {cfg.function} fits or pays at m {m}, n {n}, k {k}, "
+                         f"grid {grid} (resident_twin)")
+    return cfg, stages, grid
 
 
 # The heuristic's answer per problem size and device: computed once (it scores every

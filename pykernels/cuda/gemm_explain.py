@@ -62,7 +62,9 @@ def fp8_gemm_choice(p) -> list:
                                          cfg, None, None, splits)
     else:
         cfg, stages, grid = CG._tuned_geometry(kind, p.m, p.n, p.k, p.groups, heuristic_m, p.device, sms, variant)
-    lines = [launch_line(cfg.function, grid, cfg.cluster, stages, cfg.smem_bytes(stages), splits)]
+        cfg, stages, grid = CG.resident_geometry(cfg, stages, grid, p.m, p.n, p.k,
+                                                 kind == CG.KIND_NORMAL and not any(variant))
+    lines = [launch_line(cfg.function, grid, cfg.cluster, stages, cfg.smem_bytes(stages, p.k), splits)]
     lines.append(f"why: tile BLOCK_M x BLOCK_N {_tile(cfg)}; the cost model (cuda/gemm.py estimate_cycles, "
                  f"SM clocks on {sms} SMs) scored {ranking.m} x {ranking.n} x {ranking.k} for {_rows_assumed(p)}; "
                  "ties within 1% go to the larger tile within the problem")

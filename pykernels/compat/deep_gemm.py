@@ -23,6 +23,7 @@ NotImplementedError naming the function; invalid values raise pykernels' ValueEr
 TypeError naming the argument. Each function also takes a keyword-only `backend` ("auto",
 "cuda", "emu", "triton", "reference"). Arrays of any DLPack producer are accepted (runtime/arrays).
 """
+import functools
 import os
 import sys
 import types
@@ -36,6 +37,7 @@ from .. import testing as PT
 from ..runtime import hardware as H
 from ..runtime import validate as V
 from ..runtime.arrays import dlpack_io
+from . import _unimplemented
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4             # DeepGEMM's casts clamp each group's amax to this before dividing by 448
@@ -43,17 +45,8 @@ UE8M0_MAX = 2.0 ** 127        # the largest UE8M0 scale: DeepGEMM's ceil_to_ue8m
 _FP4_DTYPES = tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None), torch.int8, torch.uint8) if d is not None)
 
 
-def _not_implemented(name: str, what: str):
-    raise NotImplementedError(f"deep_gemm.{name}: {what} is not implemented by pykernels (docs/compat.md)")
-
-
-def _missing(name: str, why: str):
-    """A DeepGEMM name pykernels does not implement: raises NotImplementedError naming it."""
-    def missing(*args, **kwargs):
-        _not_implemented(name, why)
-    missing.__name__ = missing.__qualname__ = name
-    missing.__doc__ = f"DeepGEMM's {name}: {why}. Not implemented: raises NotImplementedError."
-    return missing
+_not_implemented = functools.partial(_unimplemented.not_implemented, "deep_gemm")   # (name, what): raises
+_missing = functools.partial(_unimplemented.missing, "deep_gemm", "DeepGEMM")         # (name, why): a raising stand-in
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -23,6 +23,7 @@ function): the extra KV cache of the sparse decode, indexer_topk > 0, the dense 
 (flash_attn_varlen_*: SM100 in FlashMLA) and the fused_norm_rope_attn_rope_cast kernels.
 Each function also takes a keyword-only `backend`; arrays of any DLPack producer are accepted.
 """
+import functools
 import sys
 import types
 
@@ -32,22 +33,15 @@ from .. import dsa as PD
 from .. import mla as PM
 from ..mla_schedule import MlaSchedule
 from ..runtime.arrays import dlpack_io
+from . import _unimplemented
 
 # FlashMLA's schedule object: built on first use from the call's shapes and cache_seqlens
 FlashMLASchedMeta = MlaSchedule
 quantize_kv_cache_fp8 = PM.quantize_kv_cache_fp8
 
 
-def _not_implemented(name: str, what: str):
-    raise NotImplementedError(f"flash_mla.{name}: {what} is not implemented by pykernels (docs/compat.md)")
-
-
-def _missing(name: str, why: str):
-    def missing(*args, **kwargs):
-        _not_implemented(name, why)
-    missing.__name__ = missing.__qualname__ = name
-    missing.__doc__ = f"FlashMLA's {name}: {why}. Not implemented: raises NotImplementedError."
-    return missing
+_not_implemented = functools.partial(_unimplemented.not_implemented, "flash_mla")   # (name, what): raises
+_missing = functools.partial(_unimplemented.missing, "flash_mla", "FlashMLA")         # (name, why): a raising stand-in
 
 
 def get_mla_metadata(*args, **kwargs):

@@ -21,6 +21,7 @@ import triton.language as tl
 from ..runtime import device_errors
 from ..runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES, cdiv, round_up
 from ..reference.constants import FP8_E4M3_MAX, FP8_SCALE_FLOOR
+from .error_record import record_error
 from .quant import SOFTWARE_ROUNDING, _scale_and_inverse
 from .rounding import to_bf16_rne, to_e4m3_rne
 from .sm90 import run_launch, spec_of
@@ -46,19 +47,6 @@ def check_gemm_shape(m: int, n: int, k: int) -> None:
         raise ValueError(f"n: expected >= 0, got {n}")
     if m < 0:
         raise ValueError(f"m: expected >= 0, got {m}")
-
-
-@jit
-def record_error(record_ptr, code, a0, a1, a2):
-    """pk::record_error (csrc/include/pk/error_record.cuh) for a Triton program: record
-    code, its three arguments and the program id unless an error is recorded already."""
-    if tl.atomic_cas(record_ptr, 0, code) == 0:
-        tl.store(record_ptr + 1, a0)
-        tl.store(record_ptr + 2, a1)
-        tl.store(record_ptr + 3, a2)
-        tl.store(record_ptr + 4, tl.program_id(0))
-        tl.store(record_ptr + 5, tl.program_id(1))
-        tl.store(record_ptr + 6, tl.program_id(2))
 
 
 @jit

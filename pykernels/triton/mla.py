@@ -38,6 +38,7 @@ from .. import mla_schedule as MS
 from ..reference import mla as RM
 from ..runtime import device_errors
 from . import INTERPRETED
+from .error_record import record_error
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
 from .jit_dispatch import jit
@@ -355,19 +356,6 @@ def _check_partition(fb, fblk, lb, lend, fs, n, made_first, made_last, part, met
 
 
 @jit
-def _record_error(err_ptr, code, a0, a1, a2):
-    """The first error wins: claim the record's code word, then write the arguments and
-    the program id (pykernels.runtime.device_errors.RECORD_WORDS layout)."""
-    if tl.atomic_cas(err_ptr, 0, code) == 0:
-        tl.store(err_ptr + 1, a0)
-        tl.store(err_ptr + 2, a1)
-        tl.store(err_ptr + 3, a2)
-        tl.store(err_ptr + 4, tl.program_id(0))
-        tl.store(err_ptr + 5, tl.program_id(1))
-        tl.store(err_ptr + 6, tl.program_id(2))
-
-
-@jit
 def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_ptr, meta_ptr, nsplits_ptr,
                        out_ptr, lse_ptr, oacc_ptr, lacc_ptr, err_ptr,
                        stride_qb, stride_qs, stride_qh, stride_bt,
@@ -409,7 +397,7 @@ def _mla_decode_kernel(q_ptr, kv_ptr, kv_sf_ptr, kv_rope_ptr, bt_ptr, seqlens_pt
                                        nsplits_ptr, bt_ptr, stride_bt, P, B, NUM_BLOCKS, MAX_BLOCKS, PAGE, CHK,
                                        E_TABLE, E_LEN, E_STALE, E_RANGE, E_SPLITS, E_MISMATCH)
     if err != 0:
-        _record_error(err_ptr, err, e0, e1, e2)
+        record_error(err_ptr, err, e0, e1, e2)
     pieces = tl.where(err == 0, pieces, 0)               # bad input: none of the work
     # A barrier between the checks and the decode loop keeps the compiler from mixing the
     # two: without it ptxas reports 204 instead of 171 registers (bf16, 32 x 32 x 8, causal).

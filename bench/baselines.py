@@ -7,7 +7,7 @@ baselines loop over groups there (the note on each row says so).
 import torch
 
 from . import shapes as S
-from .timing import timed_fields
+from .timing import measure_row, wrong_output
 
 DEVICE = "cuda"  # a module attribute so a CPU check can point the builders elsewhere
 _F8 = torch.float8_e4m3fn
@@ -127,21 +127,6 @@ def _note(impl, s):
     return "; ".join(notes)
 
 
-CHECK_DIFF = 1e-5      # calc_diff of ours against the reference backend before any timing
-
-
-def wrong_output(impl: str, out, want) -> str:
-    """'' when ours matches the reference backend's output `want` and no input error was
-    recorded, else why the row must not be timed. Baselines are not checked."""
-    if not impl.startswith("pykernels_"):
-        return ""
-    from pykernels import check_errors
-    from pykernels.metrics import calc_diff
-    check_errors()
-    diff = calc_diff(out.float(), want.float())
-    return "" if diff < CHECK_DIFF else f"wrong output: calc_diff {diff:.2e} >= {CHECK_DIFF} against the reference"
-
-
 def measure_shape(s: S.Shape, runs: int = 50, n_sets: int = 4, impls=tuple(IMPLS)) -> list:
     """Raw measurements for one shape: one dict per impl, seconds None when it cannot run;
     ours are checked against the reference backend before they are timed."""
@@ -152,20 +137,8 @@ def measure_shape(s: S.Shape, runs: int = 50, n_sets: int = 4, impls=tuple(IMPLS
         row = dict(op=s.op, shape=s.label(), groups=s.groups, m=s.m, n=s.n, k=s.k, impl=impl,
                    precision=IMPLS[impl], flops=S.flops(s), bytes=S.bytes_moved(s, IMPLS[impl]),
                    seconds=None, seconds_min=None, seconds_max=None, kernel_seconds=None, note=_note(impl, s))
-        try:
-            fns = [build(impl, s, d) for d in sets]
-            wrong = wrong_output(impl, fns[0](), want)  # probe outside the timing: a missing backend raises here
-            torch.cuda.synchronize()
-        except Exception as e:  # report, never invent a figure
-            msg = " ".join(str(e).split())  # one line, so the table stays readable
-            row["note"] = msg[:200] if isinstance(e, Unsupported) else f"failed: {type(e).__name__}: {msg[:160]}"
-            rows.append(row)
-            continue
-        if wrong:
-            row["note"] = wrong
-        else:
-            row.update(timed_fields(fns, runs))
-        rows.append(row)
-    del sets, want
+        rows.append(measure_row(row, lambda: [build(impl, s, d) for d in sets],
+                                lambda out: wrong_output(impl, out, want), runs, Unsupported))
+    sets = want = None  # the inputs freed before the cache is emptied
     torch.cuda.empty_cache()
     return rows

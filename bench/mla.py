@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .timing import timed_fields
+from . import timing
 
 DEVICE = "cuda"    # a module attribute so a CPU check can point the builders elsewhere
 IMPLS = ("pykernels_triton", "pykernels_cuda", "torch_sdpa")
-CHECK_DIFF = 1e-5      # calc_diff of ours against the reference backend before any timing (selfcheck's bound)
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,8 @@ def build(impl: str, cfg: Config, d: dict):
 
 
 def wrong_output(impl: str, out, want) -> str:
-    """'' when ours matches the reference output `want` (and no input error was recorded),
-    else why the row must not be timed. Baselines are not checked."""
-    if not impl.startswith("pykernels_"):
-        return ""
-    from pykernels import check_errors
-    from pykernels.metrics import calc_diff
-    check_errors()
-    diff = calc_diff(out[0].float(), want[0].float())
-    return "" if diff < CHECK_DIFF else f"wrong output: calc_diff {diff:.2e} >= {CHECK_DIFF} against the reference"
+    """timing.wrong_output of the attention outputs of two (out, lse) results."""
+    return timing.wrong_output(impl, out[0], want[0])
 
 
 def measure(quick: bool = False, runs: int = 50, n_sets: int = 2) -> list:
@@ -129,19 +121,8 @@ def measure(quick: bool = False, runs: int = 50, n_sets: int = 2) -> list:
             row = dict(op="mla", shape=cfg.label(), impl=impl, precision="bf16", flops=c["flops"],
                        bytes=c["bytes"], seconds=None, seconds_min=None, seconds_max=None, kernel_seconds=None,
                        note="sequence lengths vary; FLOPs count every key for every row")
-            try:
-                fns = [build(impl, cfg, d) for d in sets]
-                wrong = wrong_output(impl, fns[0](), want)
-                torch.cuda.synchronize()
-            except Exception as e:  # report, never invent a figure
-                row["note"] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
-                rows.append(row)
-                continue
-            if wrong:
-                row["note"] = wrong
-            else:
-                row.update(timed_fields(fns, runs))
-            rows.append(row)
-        del sets, want
+            rows.append(timing.measure_row(row, lambda: [build(impl, cfg, d) for d in sets],
+                                           lambda out: wrong_output(impl, out, want), runs))
+        sets = want = None  # the inputs freed before the cache is emptied
         torch.cuda.empty_cache()
     return rows

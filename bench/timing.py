@@ -1,8 +1,10 @@
-"""CUDA-event timing with L2 flushes and rotating inputs."""
+"""CUDA-event timing with L2 flushes and rotating inputs; a row of ours is timed only after its
+output matched the reference backend's (measure_row)."""
 import statistics
 from dataclasses import dataclass
 
 FLUSH_BYTES = 256 << 20  # larger than H100/H200 L2 (50 MiB), so each run starts cold
+CHECK_DIFF = 1e-5        # calc_diff of ours against the reference backend before any timing (selfcheck's bound)
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,36 @@ def timed_fields(fns, runs: int) -> dict:
     t = time_cuda(fns, runs=runs)
     return dict(seconds=t.median, seconds_min=t.min, seconds_max=t.max,
                 kernel_seconds=time_kernels(fns[0], runs=runs))
+
+
+def wrong_output(impl: str, out, want) -> str:
+    """'' when ours matches the reference backend's output `want` (a tensor) and no input error
+    was recorded, else why the row must not be timed. Baselines are not checked."""
+    if not impl.startswith("pykernels_"):
+        return ""
+    from pykernels import check_errors
+    from pykernels.metrics import calc_diff
+    check_errors()
+    diff = calc_diff(out.float(), want.float())
+    return "" if diff < CHECK_DIFF else f"wrong output: calc_diff {diff:.2e} >= {CHECK_DIFF} against the reference"
+
+
+def measure_row(row: dict, make_fns, check, runs: int, unsupported=()) -> dict:
+    """Fill `row`'s timing fields, or its note: make_fns() builds one zero-argument callable per
+    input set; check(the first one's output) says why the row must not be timed ('' when it may,
+    wrong_output); a failure while building or probing (a missing backend raises there) becomes
+    the note, the message alone for the `unsupported` exception types. Returns row."""
+    import torch
+    try:
+        fns = make_fns()
+        wrong = check(fns[0]())  # probe outside the timing
+        torch.cuda.synchronize()
+    except Exception as e:  # report, never invent a figure
+        msg = " ".join(str(e).split())  # one line, so the table stays readable
+        row["note"] = msg[:200] if isinstance(e, unsupported) else f"failed: {type(e).__name__}: {msg[:160]}"
+        return row
+    if wrong:
+        row["note"] = wrong
+    else:
+        row.update(timed_fields(fns, runs))
+    return row

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "pk/wgmma_operands.cuh"
+
 namespace pk {
 
 template <int N>
@@ -20,10 +22,9 @@ struct WgmmaBF16TransA<16> {
   static __device__ __forceinline__ void mma(float (&d)[8], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
     asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {" PK_WGMMA_D(8)
       "}, %8, %9, p, 1, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : PK_WGMMA_D_OPERANDS(8, d)
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }
 };
@@ -33,11 +34,9 @@ struct WgmmaBF16TransA<32> {
   static __device__ __forceinline__ void mma(float (&d)[16], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
     asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {" PK_WGMMA_D(16)
       "}, %16, %17, p, 1, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : PK_WGMMA_D_OPERANDS(16, d)
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }
 };

@@ -1,6 +1,5 @@
 // bf16 wgmma with both operands K-major in shared memory: the bf16 GEMM (csrc/gemm/fp8_gemm.cu's
-// kBf16 entries) and the MLA decode's Q K^T (pk/ptx_mla.cuh). Apart from pk/ptx.cuh so that a
-// change here rebuilds those two modules only.
+// kBf16 entries) and the MLA decode's Q K^T (pk/ptx_mla.cuh); the FP8 wrappers are in pk/ptx.cuh.
 #pragma once
 #include <cstdint>
 

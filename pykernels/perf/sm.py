@@ -197,11 +197,12 @@ class Replay:
                     self.log.append((done[key], "complete", key))
                 wake(key)
 
-        def wait_keys(w, keys, t_issue):
-            """Block warp w until every key completed; returns True if it can go on now."""
+        def wait_keys(w, keys, t_issue, completed=done):
+            """Block warp w until every key has its completion time in `completed` (done, or
+            wg_done for wgmma groups); returns True if it can go on now."""
             def cond():
-                if all(k in done for k in keys):
-                    return max([t_issue] + [done[k] for k in keys])
+                if all(k in completed for k in keys):
+                    return max([t_issue] + [completed[k] for k in keys])
                 return None
             t = cond()
             if t is not None:
@@ -209,7 +210,7 @@ class Replay:
                 return True
             blocked[w] = cond
             for k in keys:
-                if k not in done:
+                if k not in completed:
                     waiters[k].append(w)
             return False
 
@@ -217,22 +218,7 @@ class Replay:
             bounds = m_groups[w]
             upto = bounds[-1 - n] if len(bounds) > n else 0
             g = (w // wpc, (w % wpc) // 4)
-            keys = [("wg", g, i) for i in range(upto)]
-
-            def cond():
-                ts = [wg_done.get(k) for k in keys]
-                if any(t is None for t in ts):
-                    return None
-                return max([t_issue] + ts)
-            t = cond()
-            if t is not None:
-                t_ready[w] = max(t_ready[w], t)
-                return True
-            blocked[w] = cond
-            for k in keys:
-                if k not in wg_done:
-                    waiters[k].append(w)
-            return False
+            return wait_keys(w, [("wg", g, i) for i in range(upto)], t_issue, wg_done)
 
         def load_copy(cta, t, nbytes, dests=None):
             """Bytes read from L2 once (the cluster's share), received by each of dests."""

@@ -192,6 +192,27 @@ def kv_view(k_cache: torch.Tensor, head: int = 0) -> torch.Tensor:
     return kv
 
 
+def _decode_args(q3, q_box_rows, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record,
+                 s_q, h_q, scale, causal, num_blocks) -> tuple:
+    """The 26 parameters every MLA decode entry starts with (64-row and narrow, bf16 and FP8):
+    the Q tensor map (boxes of q_box_rows rows x 64 columns, 128-byte swizzle), the cache's (bf16:
+    64 x 64 boxes, 128-byte swizzle; FP8: one page per box, no swizzle), then the pointers,
+    sizes and strides."""
+    b, rows, _ = q3.shape
+    tmap_q = TensorMapDesc(q3, (1, q_box_rows, BOX), swizzle=128)
+    if kv2d.dtype == torch.uint8:
+        tmap_kv = TensorMapDesc(kv2d, FP8_BOX, swizzle=0)
+    else:
+        tmap_kv = TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
+    return (Arg("tensormap", tmap_q), Arg("tensormap", tmap_kv),
+            ptr(block_table), ptr(seqlens), ptr(meta), ptr(num_splits), ptr(out), ptr(lse), ptr(oacc), ptr(lacc),
+            u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
+            u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
+            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
+            u32(int(causal)), Arg("f32", float(scale) * LOG2E),
+            ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
+
+
 def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record, *,
                 s_q: int, h_q: int, scale: float, causal: bool, num_blocks: int, fp8_tail=None) -> LaunchPlan:
     """Launch plan of pk_mla_decode_bf16 (kv2d bf16 [num_blocks * 64, 576]) or
@@ -203,21 +224,11 @@ def decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc
     `cache` pointer). record: the int32 device error record; num_blocks: the cache's pages
     (kv2d may hold a dummy page when there are none); fp8_tail: the FP8 entry's last
     FP8_TAIL_ARGS arguments (default fp8_tail_args(kv2d): the dense decode's)."""
-    b, rows, _ = q3.shape
+    rows = q3.shape[1]
     parts = meta.shape[0]
     fp8 = kv2d.dtype == torch.uint8
-    tmap_q = TensorMapDesc(q3, (1, TILE_ROWS, BOX), swizzle=128)
-    if fp8:
-        tmap_kv = TensorMapDesc(kv2d, FP8_BOX, swizzle=0)
-    else:
-        tmap_kv = TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
-    args = (Arg("tensormap", tmap_q), Arg("tensormap", tmap_kv),
-            ptr(block_table), ptr(seqlens), ptr(meta), ptr(num_splits), ptr(out), ptr(lse), ptr(oacc), ptr(lacc),
-            u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
-            u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
-            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
-            u32(int(causal)), Arg("f32", float(scale) * LOG2E),
-            ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
+    args = _decode_args(q3, TILE_ROWS, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record,
+                        s_q, h_q, scale, causal, num_blocks)
     if fp8:
         args += fp8_tail if fp8_tail is not None else fp8_tail_args(kv2d)
     return LaunchPlan(MODULE, DECODE_FUNCTION_FP8 if fp8 else DECODE_FUNCTION,
@@ -237,22 +248,15 @@ def narrow_decode_plan(q3, kv2d, block_table, seqlens, meta, num_splits, out, ls
     fp8_tail_args; FP8 cache, h_q <= 32): pk_mla_sparse_decode_narrow_n{N}, N =
     narrow_tile_rows(h_q) (a CTA's rows are one query token's heads), grid (num_sm_parts, s_q),
     those 26 parameters + sparse_tail."""
-    b, rows, _ = q3.shape
+    rows = q3.shape[1]
     sparse = sparse_tail is not None
     n = narrow_tile_rows(h_q if sparse else rows)
     if not n:
         raise ValueError(f"q: the narrow MLA kernel takes at most {NARROW_MAX_ROWS} query rows per KV head"
                          f"{' (sparse: per query token)' if sparse else ''}, got {h_q if sparse else rows}")
     fp8 = kv2d.dtype == torch.uint8
-    tmap_q = TensorMapDesc(q3, (1, n, BOX), swizzle=128)
-    tmap_kv = TensorMapDesc(kv2d, FP8_BOX, swizzle=0) if fp8 else TensorMapDesc(kv2d, (PAGE, BOX), swizzle=128)
-    args = (Arg("tensormap", tmap_q), Arg("tensormap", tmap_kv),
-            ptr(block_table), ptr(seqlens), ptr(meta), ptr(num_splits), ptr(out), ptr(lse), ptr(oacc), ptr(lacc),
-            u32(s_q), u32(h_q), u32(rows), u32(block_table.stride(0)),
-            u64(out.stride(0)), u32(out.stride(1)), u32(out.stride(2)),
-            u64(lse.stride(0)), u32(lse.stride(1)), u32(lse.stride(2)),
-            u32(int(causal)), Arg("f32", float(scale) * LOG2E),
-            ptr(record), u32(b), u32(num_blocks), u32(block_table.shape[1]))
+    args = _decode_args(q3, n, kv2d, block_table, seqlens, meta, num_splits, out, lse, oacc, lacc, record,
+                        s_q, h_q, scale, causal, num_blocks)
     if sparse:
         args += tuple(sparse_tail)
     return LaunchPlan(NARROW_MODULE, narrow_function(n, fp8, sparse), grid=(meta.shape[0], s_q if sparse else 1, 1),

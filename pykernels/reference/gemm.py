@@ -33,6 +33,18 @@ def _mm(a, sfa, b, sfb, b_scale_rows=BLOCK):
     return out
 
 
+def _store(res, out, c):
+    """The float32 product res, or c + res (c float32 [m, n], may be out itself), rounded once
+    to out's dtype and written to out (returned); out None: returned as a new bf16 tensor."""
+    if c is not None:
+        res = c.float() + res
+    res = res.to(torch.bfloat16 if out is None else out.dtype)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
 def fp8_gemm_nt(a, sfa, b, sfb, out=None, c=None, b_scale_rows=BLOCK, sfd=None):
     """a e4m3 [m, k], sfa f32 [m, ceil(k/128)], b e4m3 [n, k], sfb f32 [ceil(n/128),
     ceil(k/128)] (b_scale_rows 1: [n, ceil(k/128)], 1x128 B scales) -> [m, n] in out's
@@ -46,13 +58,7 @@ def fp8_gemm_nt(a, sfa, b, sfb, out=None, c=None, b_scale_rows=BLOCK, sfd=None):
         out.copy_(q)
         sfd.copy_(sf)
         return out, sfd
-    if c is not None:
-        res = c.float() + res
-    res = res.to(torch.bfloat16 if out is None else out.dtype)
-    if out is None:
-        return res
-    out.copy_(res)
-    return out
+    return _store(res, out, c)
 
 
 def bf16_gemm_nt(a, b, out=None, c=None):
@@ -60,14 +66,7 @@ def bf16_gemm_nt(a, b, out=None, c=None):
     product a b^T summed in float32 (bf16 products are exact in float32), or c + the product
     (c float32 [m, n], may be out itself: out += a b^T), rounded once to out's dtype.
     K = 0: zeros (c with c)."""
-    res = a.float() @ b.float().T
-    if c is not None:
-        res = c.float() + res
-    res = res.to(torch.bfloat16 if out is None else out.dtype)
-    if out is None:
-        return res
-    out.copy_(res)
-    return out
+    return _store(a.float() @ b.float().T, out, c)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out):

@@ -74,3 +74,14 @@ def seed():
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    """The MLA split scratch starts as NaN: the combine must read only what the decode wrote."""
+    import pykernels.mla_schedule as MS
+
+    def nan_scratch(*args):
+        return tuple(t.fill_(float("nan")) for t in real(*args))
+    real = MS.split_scratch
+    monkeypatch.setattr(MS, "split_scratch", nan_scratch)

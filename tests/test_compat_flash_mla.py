@@ -15,10 +15,8 @@ from pykernels.ops import mla as OM
 from pykernels.reference import dsa as RD
 from pykernels.reference import mla as RM
 
-from .mla_cases import make_problem
+from .mla_cases import LSE_ABS, OUT_CALC_DIFF, check_decode, make_problem
 
-OUT_CALC_DIFF = 1e-5       # bf16 output against the float32 reference (tests/test_mla.py's bounds)
-LSE_ABS = 1e-4
 E = inspect.Parameter.empty
 FLASH_MLA_NAMES = ["get_mla_metadata", "flash_mla_with_kvcache", "flash_attn_varlen_func",
                    "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_mla_sparse_fwd",
@@ -67,16 +65,6 @@ def test_get_mla_metadata_returns_a_fresh_schedule_whatever_it_is_given():
     assert flash_mla.get_mla_metadata()[0] is not flash_mla.get_mla_metadata()[0]
 
 
-def _assert_matches_reference(out, lse, ref, ref_lse):
-    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten"
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    fin = ref_lse.isfinite()
-    if fin.any():
-        assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
-    for i in range(out.shape[0]):
-        assert calc_diff(out[i], ref[i]) < OUT_CALC_DIFF, f"sequence {i}"
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_dense_decode_with_a_schedule_built_on_first_use(backend, fp8, seed, poisoned_outputs):
@@ -90,7 +78,7 @@ def test_dense_decode_with_a_schedule_built_on_first_use(backend, fp8, seed, poi
         out, lse = flash_mla.flash_mla_with_kvcache(q, cache, table, steps_lens, 512, sched, None, None, causal, fp8,
                                                     backend=backend)
         ref, ref_lse = RM.flash_mla_with_kvcache(q, cache, table, steps_lens, 512, None, causal)
-        _assert_matches_reference(out, lse, ref, ref_lse)
+        check_decode(out, lse, ref, ref_lse)
     assert sched.builds == 2                    # rebuilt for the new cache_seqlens
 
 
@@ -105,7 +93,7 @@ def test_dense_decode_with_several_kv_heads(h_kv, backend, seed, poisoned_output
     sched, _ = flash_mla.get_mla_metadata()
     out, lse = flash_mla.flash_mla_with_kvcache(q, cache, table, lens, 512, sched, causal=True, backend=backend)
     ref, ref_lse = RM.flash_mla_with_kvcache(q, cache, table, lens, 512, None, True)
-    _assert_matches_reference(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
 
 
 def test_fp8_cache_bytes_follow_flash_mlas_quantizer(seed):
@@ -143,7 +131,7 @@ def test_sparse_decode_with_flash_mlas_positional_arguments(seed, poisoned_outpu
     out, lse = flash_mla.flash_mla_with_kvcache(q, c8, None, None, 512, sched, None, None, False, True, idx, sink,
                                                 None, None, topk_length)
     ref, ref_lse = RD.flash_mla_sparse_decode(q, c8, idx, None, sink, topk_length)
-    _assert_matches_reference(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
 
 
 def test_sparse_prefill_against_the_reference(seed):

@@ -30,7 +30,7 @@ from pykernels.runtime.executors import gpu_unavailable_reason, run_emu, run_pla
 
 from .test_dsa_cuda import _sparse_case, check_bad_sparse_decode
 from .test_dsa_triton import _assert_decode_matches
-from .test_mla_narrow import _sass_of, poisoned_scratch  # noqa: F401 (a fixture)
+from .test_mla_narrow import _sass_of
 
 NAN = float("nan")
 FUNCTIONS = [CM.narrow_function(n, True, sparse=True) for n in (16, 32)]

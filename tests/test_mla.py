@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import pykernels.mla as M
-import pykernels.mla_schedule as MS
 from pykernels import reference as R
 from pykernels import triton as T
 from pykernels.metrics import calc_diff
@@ -28,11 +27,8 @@ from pykernels.mla_schedule import check_schedule as check_schedule_contract
 from pykernels.reference import mla as RM
 from pykernels.triton import mla as TM
 
-from .mla_cases import PAGE, make_problem
+from .mla_cases import LSE_ABS, OUT_CALC_DIFF, PAGE, check_decode, make_problem, poisoned
 from .mla_cases import cdiv as _cdiv
-
-OUT_CALC_DIFF = 1e-5
-LSE_ABS = 1e-4
 
 
 def naive(q, cache_f32, table, seqlens, causal, scale):
@@ -56,20 +52,6 @@ def naive(q, cache_f32, table, seqlens, causal, scale):
             out[i, t] = (e @ k[:, :512]) / den
             lse[i, :, t] = (torch.log(den) + mx)[:, 0]
     return out, lse
-
-
-def _poisoned(b, s_q, h_q):
-    return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),
-            torch.full((b, h_q, s_q), float("nan")))
-
-
-@pytest.fixture
-def poisoned_scratch(monkeypatch):
-    # The split scratch buffer starts as NaN: the combine must read only what was written.
-    def nan_scratch(*args):
-        return tuple(t.fill_(float("nan")) for t in real(*args))
-    real = MS.split_scratch
-    monkeypatch.setattr(MS, "split_scratch", nan_scratch)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -212,19 +194,6 @@ def test_interpreter_upcasts_bf16_dots():
         pytest.skip("compiled Triton: bf16 tensor-core dots")
 
 
-def _check_against_reference(out, lse, ref, ref_lse, seqlens):
-    assert not out.isnan().any(), "kernel left out elements unwritten"
-    assert not lse.isnan().any(), "kernel left lse elements unwritten"
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    empty = ref_lse.isinf().transpose(1, 2)             # [b, s_q, h_q]
-    assert (out[empty] == 0).all(), "rows with no visible key must be 0"
-    fin = ref_lse.isfinite()
-    if fin.any():
-        assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
-    for i in range(len(seqlens)):
-        assert calc_diff(out[i], ref[i]) < OUT_CALC_DIFF, f"sequence {i}"
-
-
 @pytest.mark.parametrize("seqlens,s_q,h_q,causal,parts,split", [
     ([0, 1, 130], 1, 16, False, 12, True),
     ([63, 300, 64], 2, 32, True, 16, True),
@@ -236,13 +205,13 @@ def test_triton_decode_matches_reference(seqlens, s_q, h_q, causal, parts, split
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
     assert (ns.diff() > 1).any().item() == split, "case meant to (not) exercise the combine kernel"
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     ret = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal, backend="triton",
                                    out=out, softmax_lse=lse)
     assert ret[0] is out and ret[1] is lse
     ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal,
                                             backend="reference")
-    _check_against_reference(out, lse, ref, ref_lse, seqlens)
+    check_decode(out, lse, ref, ref_lse)
 
 
 def test_triton_result_independent_of_schedule():
@@ -267,11 +236,11 @@ def test_triton_decode_gpu_tile_shapes(bm, bn, fp8, monkeypatch, poisoned_scratc
         cache = M.quantize_kv_cache_fp8(cache)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 12)
     assert (ns.diff() > 1).any()
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=True, backend="triton",
                              out=out, softmax_lse=lse)
     ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=True, backend="reference")
-    _check_against_reference(out, lse, ref, ref_lse, seqlens)
+    check_decode(out, lse, ref, ref_lse)
 
 
 def _launches_of_the_triton_backend(monkeypatch, b, s_q, h_q, seqlen, fp8, causal, parts, h_kv=1):
@@ -400,11 +369,11 @@ def test_fp8_triton_matches_reference(seqlens, s_q, h_q, causal, parts, poisoned
     c8 = M.quantize_kv_cache_fp8(cache)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
     assert (ns.diff() > 1).any()
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     M.flash_mla_with_kvcache(q, c8, table, sl, 512, meta, ns, causal=causal, backend="triton",
                              out=out, softmax_lse=lse)
     ref, ref_lse = M.flash_mla_with_kvcache(q, c8, table, sl, 512, meta, ns, causal=causal, backend="reference")
-    _check_against_reference(out, lse, ref, ref_lse, seqlens)
+    check_decode(out, lse, ref, ref_lse)
 
 
 def test_fp8_cache_accuracy_vs_bf16():

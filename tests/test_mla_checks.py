@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from pykernels.cuda import mla as CM
-from pykernels.metrics import calc_diff
 from pykernels.mla_schedule import MlaSchedule, check_schedule
 from pykernels.reference import mla as RM
 from pykernels.runtime import device_errors
@@ -23,21 +22,14 @@ from pykernels.runtime.device_errors import KernelInputError
 from pykernels.triton import mla as TM
 from pykernels.triton.mla import _check_partition
 
-from .mla_cases import PAGE, make_problem
+from .mla_cases import PAGE, check_decode, make_problem, poisoned
 
-OUT_CALC_DIFF = 1e-5          # as tests/test_mla.py and tests/test_mla_cuda.py
-LSE_ABS = 1e-4
 BACKENDS = ("emu", "triton")
 CODE = {spec.name: number for number, spec in device_errors.CODES.items()}
 
 
-def _poisoned(b, s_q, h_q):
-    return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),
-            torch.full((b, h_q, s_q), float("nan")))
-
-
 def _decode(backend, q, cache, table, sl, meta, ns, causal=True):
-    out, lse = _poisoned(*q.shape[:3])
+    out, lse = poisoned(*q.shape[:3])
     if backend == "emu":
         CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, causal, executor="emu")
     else:
@@ -46,14 +38,7 @@ def _decode(backend, q, cache, table, sl, meta, ns, causal=True):
 
 
 def _assert_matches_reference(out, lse, q, cache, table, sl, causal=True):
-    ref, ref_lse = RM.flash_mla_with_kvcache(q, cache, table, sl, 512, None, causal)
-    assert not out.isnan().any() and not lse.isnan().any(), "unwritten output"
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    fin = ref_lse.isfinite()
-    assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
-    for i in range(out.shape[0]):
-        if fin[i].any():
-            assert calc_diff(out[i], ref[i]) < OUT_CALC_DIFF, f"sequence {i}"
+    check_decode(out, lse, *RM.flash_mla_with_kvcache(q, cache, table, sl, 512, None, causal))
 
 
 # The problem of the device-check cases: 3 sequences over 6 partitions. Reference schedule
@@ -220,12 +205,12 @@ def test_combine_reads_no_scratch_row_past_its_end(seed):
     b, rows, parts = 2, 16, 3
     oacc = torch.zeros(b + parts, rows, 512)
     lacc = torch.zeros(b + parts, rows)
-    out, lse = _poisoned(b, 1, rows)
+    out, lse = poisoned(b, 1, rows)
     ns = torch.tensor([0, 2, 9], dtype=torch.int32)               # sequence 1: splits 2..8 of 5 rows
     CM.run_plan(CM.combine_plan(ns, oacc, lacc, out, lse, h_q=rows), "emu")
     assert (out[0] == 0).all() and out[1].isnan().all() and lse[1].isnan().all()
     ns = torch.tensor([-4, 2, 3], dtype=torch.int32)              # sequence 0 from split -4
-    out, lse = _poisoned(b, 1, rows)
+    out, lse = poisoned(b, 1, rows)
     CM.run_plan(CM.combine_plan(ns, oacc, lacc, out, lse, h_q=rows), "emu")
     assert out[0].isnan().all()
 
@@ -472,7 +457,7 @@ def test_gpu_records_without_a_host_read(backend, problem):
     for p, expect in ((_with(problem, sl=_set(0, 301)), "MetadataStale"),
                       (_with(problem, table=_set((2, 1), NUM_BLOCKS + 7)), "BlockTableOutOfRange")):
         g = {k: v.to(dev) for k, v in p.items()}
-        out, lse = (t.to(dev) for t in _poisoned(*problem["q"].shape[:3]))
+        out, lse = (t.to(dev) for t in poisoned(*problem["q"].shape[:3]))
         args = (g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"], out, lse, 512, None, True)
         if backend == "cuda":
             CM.flash_mla_with_kvcache(*args, executor="cuda")
@@ -484,7 +469,7 @@ def test_gpu_records_without_a_host_read(backend, problem):
         assert info.value.code == CODE[expect], str(info.value)
         device_errors.check_errors(dev)                       # cleared
     g = {k: v.to(dev) for k, v in problem.items()}
-    out, lse = (t.to(dev) for t in _poisoned(*problem["q"].shape[:3]))
+    out, lse = (t.to(dev) for t in poisoned(*problem["q"].shape[:3]))
     args = (g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"], out, lse, 512, None, True)
     if backend == "cuda":
         CM.flash_mla_with_kvcache(*args, executor="cuda")

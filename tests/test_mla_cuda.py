@@ -31,18 +31,15 @@ import pytest
 import torch
 
 import pykernels.mla as M
-import pykernels.mla_schedule as MS
 from pykernels.cuda import mla as CM
 from pykernels.emu.parser import parse
 from pykernels.metrics import calc_diff
 from pykernels.runtime import artifacts, sass
 from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
 
-from .mla_cases import PAGE, make_problem
+from .mla_cases import OUT_CALC_DIFF, PAGE, check_decode, make_problem, poisoned
 from .mla_cases import cdiv as _cdiv
 
-OUT_CALC_DIFF = 1e-5
-LSE_ABS = 1e-4
 PRODUCER_REGS, MATH_REGS = 40, 232       # setmaxnreg targets in decode.cu (bf16 cache)
 CONV_REGS, MATH_REGS_FP8 = 72, 216        # the FP8 cache's (its producer warpgroup converts)
 REGISTER_FILE = 65536
@@ -191,39 +188,10 @@ def test_ptx_has_the_intended_instructions():
 
 # ------------------------------------------------------------------------ problems
 
-def _poisoned(b, s_q, h_q):
-    return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),
-            torch.full((b, h_q, s_q), float("nan")))
-
-
-def _check(out, lse, ref, ref_lse):
-    assert not out.isnan().any(), "kernel left out elements unwritten (or produced NaN)"
-    assert not lse.isnan().any(), "kernel left lse elements unwritten"
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    assert (lse[lse.isinf()] > 0).all()
-    empty = ref_lse.isinf().transpose(1, 2)               # [b, s_q, h_q]
-    assert (out[empty] == 0).all(), "rows with no visible key must be 0"
-    fin = ref_lse.isfinite()
-    if fin.any():
-        assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
-    for i in range(out.shape[0]):
-        if fin[i].any():
-            assert calc_diff(out[i], ref[i]) < OUT_CALC_DIFF, f"sequence {i}"
-
-
-@pytest.fixture
-def poisoned_scratch(monkeypatch):
-    # The split scratch starts as NaN: the combine must read only what the decode wrote.
-    def nan_scratch(*args):
-        return tuple(t.fill_(float("nan")) for t in real(*args))
-    real = MS.split_scratch
-    monkeypatch.setattr(MS, "split_scratch", nan_scratch)
-
-
 def _run_emu(q, cache, table, sl, meta, ns, causal, scale=None, out=None, lse=None):
     b, s_q, h_q, _ = q.shape
     if out is None:
-        out, lse = _poisoned(b, s_q, h_q)
+        out, lse = poisoned(b, s_q, h_q)
     ret = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, softmax_scale=scale, causal=causal,
                                    backend="emu", out=out, softmax_lse=lse)
     assert ret[0] is out and ret[1] is lse
@@ -262,7 +230,7 @@ def test_emu_matches_reference(seqlens, s_q, h_q, causal, parts, split, scale, p
     assert bool((ns.diff() > 1).any()) == split, "case meant to (not) exercise the combine kernel"
     out, lse = _run_emu(q, cache, table, sl, meta, ns, causal, scale)
     ref, ref_lse = _reference(q, cache, table, sl, meta, ns, causal, scale)
-    _check(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
 
 
 def test_emu_long_sequence_sharp_softmax(poisoned_scratch):
@@ -274,7 +242,7 @@ def test_emu_long_sequence_sharp_softmax(poisoned_scratch):
     meta, ns = M.get_mla_metadata(sl, 32, 1, 2)
     assert ns.tolist() == [0, 2, 3]
     out, lse = _run_emu(q, cache, table, sl, meta, ns, True)
-    _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
+    check_decode(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
 def test_emu_empty_cache():
@@ -297,7 +265,7 @@ def test_emu_result_independent_of_schedule(poisoned_scratch):
         outs.append(_run_emu(q, cache, table, sl, meta, ns, True))
     ref, ref_lse = _reference(q, cache, table, sl, meta, ns, True)
     for o, l in outs:
-        _check(o, l, ref, ref_lse)
+        check_decode(o, l, ref, ref_lse)
         assert calc_diff(o, outs[0][0]) < 1e-5 and (l - outs[0][1]).abs().max() < 1e-5
 
 
@@ -324,7 +292,7 @@ def test_emu_strided_inputs_and_outputs(poisoned_scratch):
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
         _run_emu(qq, cache, table, sl, meta, ns, True, out=out, lse=lse)
-        _check(out, lse, ref, ref_lse)
+        check_decode(out, lse, ref, ref_lse)
     assert out_big[..., 512:].isnan().all(), "wrote outside out's view"
 
 
@@ -340,11 +308,11 @@ def test_emu_counters(parts, poisoned_scratch):
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
     b, rows = len(seqlens), s_q * h_q
-    out, lse = _poisoned(b, s_q, h_q)
+    out, lse = poisoned(b, s_q, h_q)
     decode, combine = CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, True,
                                                 executor="emu")
     ref, ref_lse = _reference(q, cache, table, sl, meta, ns, True)
-    _check(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
     d, c = decode.as_dict(), combine.as_dict()
     tiles = _cdiv(rows, 64)
     blocks = sum(_cdiv(L, PAGE) for L in seqlens)
@@ -410,7 +378,7 @@ def test_emu_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dtyp
     assert bool((ns.diff() > 1).any()) == split, "case meant to (not) exercise the combine kernel"
     out, lse = _run_emu(q, c8.view(dtype), table, sl, meta, ns, causal)
     ref, ref_lse = _reference(q, c8, table, sl, meta, ns, causal)
-    _check(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
     # what FP8 storage costs against the bf16 cache (the keys and values are quantized)
     ref16, ref16_lse = _reference(q, cache, table, sl, meta, ns, causal)
     fin = ref16_lse.isfinite()
@@ -436,9 +404,9 @@ def test_emu_when_one_warpgroup_runs_ahead(fp8, schedule, h_q, poisoned_scratch,
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 8)
     assert bool((ns.diff() > 1).any())
     monkeypatch.setattr(CM, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, True, executor="emu")
-    _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
+    check_decode(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
 @pytest.mark.parametrize("h_q,fp8", [(16, False), (64, False), (64, True)])   # 16: the narrow kernel
@@ -458,9 +426,9 @@ def test_emu_seesaw_across_pieces(schedule, h_q, fp8, seed, monkeypatch):
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 1)
     assert ns.tolist() == list(range(len(seqlens) + 1))           # one partition, whole sequences
     monkeypatch.setattr(CM, "run_plan", lambda plan, executor: run_emu(plan, schedule=schedule))
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, True, executor="emu")
-    _check(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
+    check_decode(out, lse, *_reference(q, cache, table, sl, meta, ns, True))
 
 
 @pytest.mark.parametrize("h_q", [16, 64])           # 32 rows: the narrow kernel; 128: the 64-row one
@@ -483,7 +451,7 @@ def test_emu_fp8_arbitrary_bytes(h_q, poisoned_scratch):
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, 5)
     out, lse = _run_emu(q, c8, table, sl, meta, ns, True)
     ref, ref_lse = _reference(q, c8, table, sl, meta, ns, True)
-    _check(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
     for g in range(4):
         cols = slice(128 * g, 128 * g + 128)
         assert calc_diff(out[..., cols], ref[..., cols]) < OUT_CALC_DIFF, f"group {g}"
@@ -526,10 +494,10 @@ def test_emu_fp8_counters(poisoned_scratch):
     q, c8, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
     b, rows = len(seqlens), s_q * h_q
-    out, lse = _poisoned(b, s_q, h_q)
+    out, lse = poisoned(b, s_q, h_q)
     decode, combine = CM.flash_mla_with_kvcache(q, c8, table, sl, meta, ns, out, lse, 512, None, True,
                                                 executor="emu")
-    _check(out, lse, *_reference(q, c8, table, sl, meta, ns, True))
+    check_decode(out, lse, *_reference(q, c8, table, sl, meta, ns, True))
     d = decode.as_dict()
     tiles = _cdiv(rows, 64)
     blocks = sum(_cdiv(L, PAGE) for L in seqlens)
@@ -599,7 +567,7 @@ def test_plan_geometry():
     q, cache = args["q"], args["k_cache"]
     b, s_q, h_q, _ = q.shape
     rows = s_q * h_q
-    out, lse = _poisoned(b, s_q, h_q)
+    out, lse = poisoned(b, s_q, h_q)
     oacc = torch.empty(b + 4, rows, 512)
     lacc = torch.empty(b + 4, rows)
     record = torch.zeros(8, dtype=torch.int32)
@@ -652,13 +620,13 @@ def test_cuda_matches_reference(seqlens, s_q, h_q, causal, parts, split, scale, 
     torch.manual_seed(sum(seqlens))
     q, cache, table, sl = make_problem(seqlens, s_q, h_q)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts, backend="reference")
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     dev = [t.cuda() for t in (q, cache, table, sl, meta, ns, out, lse)]
     M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], softmax_scale=scale, causal=causal, backend="cuda",
                              out=dev[6], softmax_lse=dev[7])
     torch.cuda.synchronize()
     ref, ref_lse = _reference(q, cache, table, sl, meta, ns, causal, scale)
-    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
+    check_decode(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
 
 
 @pytest.mark.gpu
@@ -668,13 +636,13 @@ def test_cuda_fp8_matches_reference(seqlens, s_q, h_q, causal, parts, split, dty
     torch.manual_seed(sum(seqlens))
     q, c8, _, table, sl = make_fp8_problem(seqlens, s_q, h_q)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts, backend="reference")
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     dev = [t.cuda() for t in (q, c8.view(dtype), table, sl, meta, ns, out, lse)]
     M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], causal=causal, backend="cuda",
                              out=dev[6], softmax_lse=dev[7])
     torch.cuda.synchronize()
     ref, ref_lse = _reference(q, c8, table, sl, meta, ns, causal)
-    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
+    check_decode(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
 
 
 @pytest.mark.gpu

@@ -26,15 +26,12 @@ import pykernels.mla as M
 import pykernels.mla_schedule as MS
 from pykernels.cuda import mla as CM
 from pykernels.emu.launch import SCHEDULES
-from pykernels.metrics import calc_diff
 from pykernels.runtime import artifacts, device_errors, sass
 from pykernels.runtime.executors import gpu_unavailable_reason, run_emu
 
-from .mla_cases import PAGE, make_problem
+from .mla_cases import PAGE, check_decode, make_problem, poisoned
 from .mla_cases import cdiv as _cdiv
 
-OUT_CALC_DIFF = 1e-5
-LSE_ABS = 1e-4
 REGISTER_FILE = 65536
 FUNCTIONS = [CM.narrow_function(n, fp8) for fp8 in (False, True) for n in (16, 32)]
 
@@ -148,35 +145,6 @@ def test_dispatch_picks_the_narrow_kernel_up_to_32_rows(s_q, h_q, h_kv, narrow):
 
 # ------------------------------------------------------------------------ emulator
 
-def _poisoned(b, s_q, h_q):
-    return (torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16),
-            torch.full((b, h_q, s_q), float("nan")))
-
-
-@pytest.fixture
-def poisoned_scratch(monkeypatch):
-    # The split scratch starts as NaN: the combine must read only what the decode wrote.
-    def nan_scratch(*args):
-        return tuple(t.fill_(float("nan")) for t in real(*args))
-    real = MS.split_scratch
-    monkeypatch.setattr(MS, "split_scratch", nan_scratch)
-
-
-def _check(out, lse, ref, ref_lse):
-    assert not out.isnan().any(), "kernel left out elements unwritten (or produced NaN)"
-    assert not lse.isnan().any(), "kernel left lse elements unwritten"
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    assert (lse[lse.isinf()] > 0).all()
-    empty = ref_lse.isinf().transpose(1, 2)               # [b, s_q, h_q]
-    assert (out[empty] == 0).all(), "rows with no visible key must be 0"
-    fin = ref_lse.isfinite()
-    if fin.any():
-        assert (lse[fin] - ref_lse[fin]).abs().max() < LSE_ABS
-    for i in range(out.shape[0]):
-        if fin[i].any():
-            assert calc_diff(out[i], ref[i]) < OUT_CALC_DIFF, f"sequence {i}"
-
-
 def _problem(seqlens, s_q, h_q, fp8, h_kv=1):
     q, cache, table, sl = make_problem(seqlens, s_q, h_q, h_kv=h_kv)
     return q, (M.quantize_kv_cache_fp8(cache) if fp8 else cache), table, sl
@@ -184,11 +152,11 @@ def _problem(seqlens, s_q, h_q, fp8, h_kv=1):
 
 def _run_and_check(q, cache, table, sl, meta, ns, causal, scale=None):
     b, s_q, h_q, _ = q.shape
-    out, lse = _poisoned(b, s_q, h_q)
+    out, lse = poisoned(b, s_q, h_q)
     stats = CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, scale, causal, executor="emu")
     ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, softmax_scale=scale, causal=causal,
                                             backend="reference")
-    _check(out, lse, ref, ref_lse)
+    check_decode(out, lse, ref, ref_lse)
     return stats
 
 
@@ -299,10 +267,10 @@ def test_cuda_matches_reference(seqlens, s_q, h_q, causal, parts, split, fp8, po
     torch.manual_seed(sum(seqlens) + 7 * s_q + h_q + fp8)
     q, cache, table, sl = _problem(seqlens, s_q, h_q, fp8)
     meta, ns = M.get_mla_metadata(sl, s_q * h_q, 1, parts)
-    out, lse = _poisoned(len(seqlens), s_q, h_q)
+    out, lse = poisoned(len(seqlens), s_q, h_q)
     dev = [t.cuda() for t in (q, cache, table, sl, meta, ns, out, lse)]
     M.flash_mla_with_kvcache(*dev[:4], 512, dev[4], dev[5], causal=causal, backend="cuda", out=dev[6],
                              softmax_lse=dev[7])
     torch.cuda.synchronize()
     ref, ref_lse = M.flash_mla_with_kvcache(q, cache, table, sl, 512, meta, ns, causal=causal, backend="reference")
-    _check(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)
+    check_decode(dev[6].cpu(), dev[7].cpu(), ref, ref_lse)

@@ -22,10 +22,12 @@ import torch.multiprocessing as mp
 from pykernels.cuda import ep as cep
 from pykernels.reference import ep as ref
 
-from .test_ep_kernels_emu import _bits, _check_dispatch, _ll_combine_reference, _ll_expected, _routing
+from .test_ep_kernels_emu import (_bits, _check_dispatch, _experts, _inputs, _ll_combine_reference, _ll_expected,
+                                  _routing)
 
 H, K, CHANNELS, SLOTS, PUBLISH = 256, 4, 2, 8, 4
 M = 16                        # low-latency slots per (local expert, source rank)
+TOKENS = (6, 13)              # tokens per rank drawn from [6, 13): several processes emulate at once
 TIMEOUT_S = 20.0              # generous: 2 shared CPU cores, several processes emulating at once
 ABSENT_TIMEOUT_S = 4.0
 
@@ -54,24 +56,6 @@ def _entry(rank, worker, R, port, out_dir, backend, *args):
         dist.destroy_process_group()
 
 
-def _experts(R):
-    return 4 * R
-
-
-def _inputs(R, seed, fp8):
-    gen = torch.Generator().manual_seed(seed)
-    E = _experts(R)
-    Ts = [int(torch.randint(6, 13, (1,), generator=gen)) for _ in range(R)]
-    topk = [_routing(gen, T, E, K, dead=E - 3) for T in Ts]
-    weights = [torch.rand(T, K, generator=gen) for T in Ts]
-    if fp8:
-        xs = [((torch.randn(T, H, generator=gen) * 8).to(torch.float8_e4m3fn),
-               torch.rand(T, H // 128, generator=gen) + 0.5) for T in Ts]
-    else:
-        xs = [(torch.randn(T, H, generator=gen) * 4).to(torch.bfloat16) for T in Ts]
-    return xs, topk, weights, E, Ts
-
-
 def _config(R, low_latency=True):
     E = _experts(R)
     return cep.IntranodeConfig(num_ranks=R, hidden=H, max_topk=K, num_channels=CHANNELS, num_slots=SLOTS,
@@ -90,7 +74,7 @@ def _expected_dispatch(xs, topk, ws, E, fp8):
 
 def _received(R, seed, fp8=False, low_latency=False):
     """Rows each rank receives by the reference (what the workers report after their own checks)."""
-    xs, topk, ws, E, _ = _inputs(R, seed, fp8)
+    xs, topk, ws, E, _ = _inputs(R, seed, fp8=fp8, token_range=TOKENS)
     if low_latency:
         return [sum(len(toks) for toks in per.values()) for per in _ll_expected(xs, topk, E, R, M)]
     return [e["recv_src"].shape[0] for e in _expected_dispatch(xs, topk, ws, E, fp8)]
@@ -108,7 +92,7 @@ def _forbid_host_reads():
 def _normal_worker(rank, R, seed, fp8, worst):
     """Dispatch (default or num_worst_tokens) and, for bf16, combine weighted and not."""
     from pykernels.ep.transport_emu import EmuIntranode
-    xs, topk, ws, E, Ts = _inputs(R, seed, fp8)
+    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=fp8, token_range=TOKENS)
     exp = _expected_dispatch(xs, topk, ws, E, fp8)
     t = EmuIntranode(_config(R, low_latency=False), timeout_s=TIMEOUT_S)
     try:
@@ -169,8 +153,8 @@ def _low_latency_worker(rank, R, seed):
     """Low-latency dispatch (bf16, then FP8 on the same buffers) and weighted combine, no
     host read on either path."""
     from pykernels.ep.transport_emu import EmuIntranode
-    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=False)
-    xq, _, _, _, _ = _inputs(R, seed, fp8=True)
+    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=False, token_range=TOKENS)
+    xq, _, _, _, _ = _inputs(R, seed, fp8=True, token_range=TOKENS)
     El = E // R
     exp = _ll_expected(xs, topk, E, R, M)[rank]
     t = EmuIntranode(_config(R), timeout_s=TIMEOUT_S)
@@ -223,7 +207,7 @@ def _absent_worker(rank, R, absent, call):
     """Rank `absent` stays alive but never makes `call`; the others must each raise a
     PeerTimeoutError naming it, within the time-out (plus the kernel's own spin bound)."""
     from pykernels.ep.transport_emu import EmuIntranode
-    xs, topk, ws, E, Ts = _inputs(R, 1234, fp8=False)
+    xs, topk, ws, E, Ts = _inputs(R, 1234, fp8=False, token_range=TOKENS)
     t = EmuIntranode(_config(R), timeout_s=ABSENT_TIMEOUT_S)
     report = {}
     try:
@@ -393,7 +377,7 @@ def _cuda_worker(rank, R, seed):
     """One GPU per rank (NCCL): normal and low-latency calls against the reference, then
     destroy() closes every IPC mapping it opened."""
     torch.cuda.set_device(rank)
-    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=False)
+    xs, topk, ws, E, Ts = _inputs(R, seed, fp8=False, token_range=TOKENS)
     exp = _expected_dispatch(xs, topk, ws, E, False)
     t = cep.CudaIntranode(_config(R), timeout_s=10)
     assert len(t.provider._opened) == R - 1

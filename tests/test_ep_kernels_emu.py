@@ -23,7 +23,7 @@ STALL_SPINS = 2000          # polls before a wait gives up in the timeout tests
 
 
 def _experts(R):
-    return 8 if R == 2 else 16
+    return 4 * R             # 8 for 2 ranks, 16 for 4
 
 
 def _routing(gen, T, E, K, dead):
@@ -38,10 +38,12 @@ def _routing(gen, T, E, K, dead):
     return idx
 
 
-def _inputs(R, seed, tokens=None, fp8=False):
+def _inputs(R, seed, tokens=None, fp8=False, token_range=(24, 49)):
+    """Each rank's tokens (bf16, or e4m3 with float32 scales per 128), routing and weights:
+    (xs, topk, weights, E, Ts); Ts: `tokens`, or drawn from [token_range) per rank."""
     gen = torch.Generator().manual_seed(seed)
     E = _experts(R)
-    Ts = tokens or [int(torch.randint(24, 49, (1,), generator=gen)) for _ in range(R)]
+    Ts = tokens or [int(torch.randint(*token_range, (1,), generator=gen)) for _ in range(R)]
     topk = [_routing(gen, T, E, K, dead=E - 3) for T in Ts]
     weights = [torch.rand(T, K, generator=gen) for T in Ts]
     if fp8:

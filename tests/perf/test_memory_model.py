@@ -13,7 +13,7 @@ import torch
 
 from pykernels import perf
 
-from .test_sm_model import HEAD, _bulk_stream
+from .test_sm_model import HEAD, bulk_stream_clk_per_byte
 
 H800 = perf.part("h800")
 
@@ -22,17 +22,7 @@ H800 = perf.part("h800")
 def test_one_sm_receives_at_its_port_rate_whatever_the_active_sms(seed, active_sms):
     """A bulk-copy stream of one SM costs 1 / sm_l2_bytes_per_clk clocks per byte at 1, 33
     or 132 SMs loading: the port (L2 bytes per clock / SMs) binds before the L2's share."""
-    size = 4096
-    times = {}
-    gen = torch.Generator().manual_seed(seed)
-    for r in (2, 10):
-        x = torch.randint(0, 2**31 - 1, (r * size // 4,), dtype=torch.int32, generator=gen)
-        out = torch.full((1,), -1, dtype=torch.int32)
-        t = perf.time_launch(_bulk_stream(r, size), "k", 1, 32, [x, out], part=H800, active_sms=active_sms,
-                             l2_hit=1.0)
-        assert out[0] == x[-1]
-        times[r] = t.cycles
-    per_byte = (times[10] - times[2]) / (8 * size)
+    per_byte = bulk_stream_clk_per_byte(active_sms)
     hand = H800.sms * H800.clock_hz / H800.l2_bytes_per_s          # = 1 / sm_l2_bytes_per_clk
     assert per_byte == pytest.approx(hand, rel=0.05)
 

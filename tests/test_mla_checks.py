@@ -29,9 +29,11 @@ CODE = {spec.name: number for number, spec in device_errors.CODES.items()}
 
 
 def _decode(backend, q, cache, table, sl, meta, ns, causal=True):
-    out, lse = poisoned(*q.shape[:3])
-    if backend == "emu":
-        CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, causal, executor="emu")
+    """The decode by `backend` ("emu" or "cuda": the CUDA kernel; "triton") into NaN-poisoned
+    out / lse on q's device (returned); the error record is not read."""
+    out, lse = (t.to(q.device) for t in poisoned(*q.shape[:3]))
+    if backend in ("emu", "cuda"):
+        CM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, causal, executor=backend)
     else:
         TM.flash_mla_with_kvcache(q, cache, table, sl, meta, ns, out, lse, 512, None, causal)
     return out, lse
@@ -454,26 +456,18 @@ def test_gpu_records_without_a_host_read(backend, problem):
     # On a GPU the call does not read the record (no synchronisation): the error surfaces at
     # check_errors(), cleared there; a good call afterwards is the reference's answer.
     dev = torch.device("cuda")
+    def decode_on_gpu(p):
+        g = {k: v.to(dev) for k, v in p.items()}
+        return _decode(backend, g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"])
+
     for p, expect in ((_with(problem, sl=_set(0, 301)), "MetadataStale"),
                       (_with(problem, table=_set((2, 1), NUM_BLOCKS + 7)), "BlockTableOutOfRange")):
-        g = {k: v.to(dev) for k, v in p.items()}
-        out, lse = (t.to(dev) for t in poisoned(*problem["q"].shape[:3]))
-        args = (g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"], out, lse, 512, None, True)
-        if backend == "cuda":
-            CM.flash_mla_with_kvcache(*args, executor="cuda")
-        else:
-            TM.flash_mla_with_kvcache(*args)
+        decode_on_gpu(p)
         torch.cuda.synchronize()
         with pytest.raises(KernelInputError) as info:
             device_errors.check_errors(dev)
         assert info.value.code == CODE[expect], str(info.value)
         device_errors.check_errors(dev)                       # cleared
-    g = {k: v.to(dev) for k, v in problem.items()}
-    out, lse = (t.to(dev) for t in poisoned(*problem["q"].shape[:3]))
-    args = (g["q"], g["cache"], g["table"], g["sl"], g["meta"], g["ns"], out, lse, 512, None, True)
-    if backend == "cuda":
-        CM.flash_mla_with_kvcache(*args, executor="cuda")
-    else:
-        TM.flash_mla_with_kvcache(*args)
+    out, lse = decode_on_gpu(problem)
     device_errors.check_errors(dev)
     _assert_matches_reference(out.cpu(), lse.cpu(), problem["q"], problem["cache"], problem["table"], problem["sl"])

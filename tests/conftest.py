@@ -85,3 +85,22 @@ def poisoned_scratch(monkeypatch):
         return tuple(t.fill_(float("nan")) for t in real(*args))
     real = MS.split_scratch
     monkeypatch.setattr(MS, "split_scratch", nan_scratch)
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-rank gloo default process group (the EP Buffer's validation tests), torn down after."""
+    import tempfile
+
+    import torch.distributed as dist
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def single_rank_buffer(single_rank_group):
+    """An ep.Buffer (backend "gloo") over single_rank_group."""
+    from pykernels.ep import Buffer
+    return Buffer(None, backend="gloo")

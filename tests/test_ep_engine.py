@@ -122,16 +122,8 @@ def test_dispatch_combine_across_processes(ranks, seed):
     assert received > 0  # tokens actually crossed ranks
 
 
-@pytest.fixture
-def single_rank_group():
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
-        yield Buffer(None, backend="gloo")
-        dist.destroy_process_group()
-
-
-def test_bad_inputs(single_rank_group):
-    buf = single_rank_group
+def test_bad_inputs(single_rank_buffer):
+    buf = single_rank_buffer
     x = torch.randn(4, 256).bfloat16()
     idx = torch.randint(0, 8, (4, 2))
     with pytest.raises(TypeError, match="x: expected a bfloat16 tensor or an FP8 pair, got torch.float32"):

@@ -7,7 +7,6 @@ Ranks that disagree, reject their arguments or do not arrive end in an error on 
 each bad argument is named."""
 import datetime
 import os
-import tempfile
 import time
 
 import pytest
@@ -160,11 +159,8 @@ def test_low_latency_ranks_disagree_or_are_absent(seed):
 
 
 @pytest.fixture
-def single_rank_buffer():
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
-        yield Buffer(None, backend="gloo", low_latency_mode=True)
-        dist.destroy_process_group()
+def single_rank_buffer(single_rank_group):
+    return Buffer(None, backend="gloo", low_latency_mode=True)
 
 
 def test_low_latency_bad_inputs(single_rank_buffer):

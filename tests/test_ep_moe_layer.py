@@ -20,7 +20,6 @@ at most four (the expert output; in normal mode the weighted row and the sum of 
 row's grouped rows; the final result); float32 accumulation adds far less than 2^-16.
 """
 import os
-import tempfile
 
 import pytest
 import torch
@@ -137,14 +136,6 @@ def test_moe_layer_two_ranks_emu_kernels(seed):
     the emulator in each process (reference GEMM only: the GEMM backends are covered above)."""
     checked = spawn(_worker, 2, seed, "emu", ("reference",))
     assert checked == 2 * (11 + 14)
-
-
-@pytest.fixture
-def single_rank_buffer():
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
-        yield Buffer(None, backend="gloo")
-        dist.destroy_process_group()
 
 
 def test_expert_layout_rows_and_combine(single_rank_buffer, seed):

@@ -15,7 +15,7 @@ import pykernels  # noqa: F401  (chooses the Triton interpreter on CPU before tr
 from pykernels.ep import Buffer, DispatchHandle
 from pykernels.reference import ep as ref
 from pykernels.triton import ep as tep
-from tests.test_ep_engine import _inputs, _worker as _engine_worker, single_rank_group, spawn_ranks  # noqa: F401
+from tests.test_ep_engine import _inputs, _worker as _engine_worker, spawn_ranks
 
 
 def _routing(g, t, k, num_experts, dtype=torch.int64, empty_expert=0):
@@ -262,7 +262,7 @@ def test_buffer_triton_matches_torch_across_processes(seed):
 # validation (1-rank gloo group; the group-size mismatch is checked in _cross_worker)
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(params=["torch", "triton"])
-def buf(request, single_rank_group):  # noqa: F811
+def buf(request, single_rank_group):
     return Buffer(None, local_backend=request.param)
 
 
@@ -373,7 +373,7 @@ def test_bad_combine(buf):
     assert out.shape == x.shape and out.dtype == torch.bfloat16
 
 
-def test_bad_local_backend(single_rank_group):  # noqa: F811
+def test_bad_local_backend(single_rank_group):
     with pytest.raises(ValueError, match=r"local_backend: expected one of \('torch', 'triton'\), got 'cuda'"):
         Buffer(None, local_backend="cuda")
 

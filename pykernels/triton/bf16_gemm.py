@@ -17,6 +17,7 @@ import torch
 import triton.language as tl
 
 from ..runtime.hardware import cdiv
+from .gemm import load_k_step
 from .jit_dispatch import INTERPRETED, jit
 from .rounding import to_bf16_rne
 from .sm90 import run_launch, spec_of
@@ -38,15 +39,7 @@ def _bf16_gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_bn, stri
     col_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        ks = kb * BLOCK_K + rk
-        if EVEN_K:
-            a_ok = row_ok[:, None]
-            b_ok = col_ok[:, None]
-        else:
-            a_ok = row_ok[:, None] & (ks < K)[None, :]
-            b_ok = col_ok[:, None] & (ks < K)[None, :]
-        a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :], mask=a_ok, other=0.0)
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + ks[None, :], mask=b_ok, other=0.0)
+        a, b = load_k_step(a_ptr, b_ptr, rm, rn, row_ok, col_ok, kb * BLOCK_K + rk, K, stride_am, stride_bn, EVEN_K)
         if UPCAST:
             acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
         else:

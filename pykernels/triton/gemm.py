@@ -56,6 +56,21 @@ def _has_e4m3_nan(x):
 
 
 @jit
+def load_k_step(a_base, b_base, rm, rn, row_ok, col_ok, ks, K, stride_am, stride_bn, EVEN_K: tl.constexpr):
+    """One K step's tiles of A [BLOCK_M, BLOCK_K] and B [BLOCK_N, BLOCK_K] (rows rm / rn, K
+    contiguous) at columns ks: rows past M / N, and columns past K unless EVEN_K, load as 0."""
+    if EVEN_K:
+        a_ok = row_ok[:, None]
+        b_ok = col_ok[:, None]
+    else:
+        a_ok = row_ok[:, None] & (ks < K)[None, :]
+        b_ok = col_ok[:, None] & (ks < K)[None, :]
+    a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=a_ok, other=0.0)
+    b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=b_ok, other=0.0)
+    return a, b
+
+
+@jit
 def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
           stride_am, stride_sfa_m, stride_sfa_k, stride_bn, stride_sfb_n, stride_sfb_k,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SOFT: tl.constexpr,
@@ -70,15 +85,8 @@ def _tile(a_base, sfa_base, b_base, sfb_base, rm, rn, row_ok, N, K,
     nan_cols = tl.zeros((BLOCK_N,), dtype=tl.int1)
     # K blocks of 128; the last one may be partial (EVEN_K false): its tail loads as zeros
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        ks = kb * BLOCK_K + rk
-        if EVEN_K:
-            a_ok = row_ok[:, None]
-            b_ok = col_ok[:, None]
-        else:
-            a_ok = row_ok[:, None] & (ks < K)[None, :]
-            b_ok = col_ok[:, None] & (ks < K)[None, :]
-        a = tl.load(a_base + rm[:, None] * stride_am + ks[None, :], mask=a_ok, other=0.0)
-        b = tl.load(b_base + rn[:, None] * stride_bn + ks[None, :], mask=b_ok, other=0.0)
+        a, b = load_k_step(a_base, b_base, rm, rn, row_ok, col_ok, kb * BLOCK_K + rk, K, stride_am, stride_bn,
+                           EVEN_K)
         if SOFT:
             nan_rows = nan_rows | _has_e4m3_nan(a)
             nan_cols = nan_cols | _has_e4m3_nan(b)

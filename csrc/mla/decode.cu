@@ -59,6 +59,7 @@
 #include "pk/mla_partition.cuh"
 #include "pk/ptx.cuh"
 #include "pk/ptx_mla.cuh"
+#include "pk/sparse_checks.cuh"
 #include "pk/swizzle.cuh"
 
 namespace {
@@ -271,21 +272,18 @@ struct Fp8Producer {
   }
 
   // Where this thread's rows of block `blk` are (nullptr: not used). Dense: the rows of page
-  // idx.x (read a block ahead) below the sequence's end; sparse: the slots whose index (`idx`,
-  // take_indices) is a token row of the cache (-1: unused; any other value outside the cache is
-  // recorded as an input error, its row skipped: never read).
+  // idx.x (read a block ahead) below the sequence's end; sparse: the slots' indices (`idx`,
+  // take_indices; -1 past the limit) under pk::sparse_index_used.
   __device__ __forceinline__ void locate(const Params& p, const Piece& pc, uint32_t blk, int2 idx,
                                          const uint8_t* (&src)[2]) const {
     if constexpr (kSparse) {
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h) {
         const int i = h ? idx.y : idx.x;
-        src[h] = i >= 0 && (uint32_t)i < p.num_tokens ? p.cache + (uint64_t)i * kFp8Row : nullptr;
-        if (__builtin_expect((uint32_t)i + 1u > p.num_tokens, 0)) {   // used (fetch_indices: -1 past the length)
-          const uint32_t tok = blockIdx.y * kTileRows / p.h_q;
-          pk::record_error(p.err, pk::kErrSparseIndexOutOfRange, i, (int)p.num_tokens,
-                           (int)(((uint64_t)pc.b * p.s_q + tok) * p.topk + blk * kPage + row0 + kRowStep * h));
-        }
+        const auto tok = [&] { return blockIdx.y * kTileRows / p.h_q; };
+        const bool used = pk::sparse_index_used(i, p.num_tokens, p.err, pc.b, p.s_q, tok, p.topk,
+                                                blk * kPage + row0 + kRowStep * h);
+        src[h] = used ? p.cache + (uint64_t)i * kFp8Row : nullptr;
       }
     } else {
       const int page = idx.x;
@@ -401,7 +399,7 @@ struct Bf16RowProducer : Fp8Producer<true> {
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
       const int i = h ? idx.y : idx.x;
-      src[h] = i >= 0 && (uint32_t)i < p.num_tokens
+      src[h] = pk::sparse_index_in_range(i, p.num_tokens)   // FlashMLA's rule: out of range = unused
                    ? p.cache + (uint64_t)i * p.row_bytes + 2 * pk::kSwizzleUnitBytes * (lane % 4)
                    : nullptr;
     }
@@ -918,11 +916,8 @@ __device__ __forceinline__ void produce_rows(const Params& p, const pk::TensorMa
     if (pc.hi <= pc.lo) continue;
     if (conv.warp() == 0) load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
     uint32_t limit = 0, buf = 0;
-    if constexpr (kSparse) {   // topk_length outside [0, topk]: recorded, clamped (in bounds)
-      const int len = p.topk_length != nullptr ? __ldg(p.topk_length + pc.b) : (int)p.topk;
-      if (tid == 0 && (len < 0 || (uint32_t)len > p.topk))
-        pk::record_error(p.err, pk::kErrTopkLengthOutOfRange, len, (int)p.topk, (int)pc.b);
-      limit = min((uint32_t)max(len, 0), p.topk);
+    if constexpr (kSparse) {
+      limit = pk::sparse_slot_limit(p.topk_length, pc.b, p.topk, p.err, tid == 0);
       conv.fetch_indices(p, pc, tok, pc.lo, limit, buf);
     }
     const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;   // dense: page ids a block ahead
@@ -1045,12 +1040,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 
 // One entry per cache layout, the same parameters (pykernels/cuda/mla.py packs them).
 #define PK_MLA_DECODE_ENTRY(NAME, FP8)                                                                         \
-  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
-      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
-      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
-      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
-      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
-      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks) {   \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS) {                     \
     const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
                    out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,  \
                    max_blocks};                                                                                \
@@ -1068,14 +1058,7 @@ PK_MLA_DECODE_ENTRY(pk_mla_decode_bf16, false)
 // the CTA's 64 query rows are 64 heads of one query token (h_q a multiple of 64), each 64-slot
 // block of its index row gathered token row by token row and masked by slot.
 #define PK_MLA_DECODE_FP8_ENTRY(NAME, SPARSE)                                                                  \
-  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
-      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
-      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
-      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
-      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
-      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks,   \
-      const int* indices, const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb,     \
-      uint32_t idx_ss, uint32_t topk, uint32_t num_tokens) {                                                  \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS, PK_MLA_FP8_TAIL_PARAMS) { \
     const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
                    out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,  \
                    max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};           \
@@ -1090,13 +1073,8 @@ PK_MLA_DECODE_FP8_ENTRY(pk_mla_sparse_decode_fp8, true)
 // apart, 16-byte aligned), + row_bytes, max_logits [b, h_q] f32 and its strides (b: u64, h).
 // Its schedule never splits a token (max_logits is written where lse is: no combine).
 extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_sparse_prefill_bf16(
-    const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,
-    const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out, float* lse,
-    float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride, uint64_t out_sb,
-    uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss, uint32_t causal,
-    float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks, const int* indices,
-    const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb, uint32_t idx_ss,
-    uint32_t topk, uint32_t num_tokens, uint64_t row_bytes, float* max_logits, uint64_t ml_sb, uint32_t ml_sh) {
+    PK_MLA_DECODE_PARAMS, PK_MLA_FP8_TAIL_PARAMS, uint64_t row_bytes, float* max_logits, uint64_t ml_sb,
+    uint32_t ml_sh) {
   const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
                  out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,
                  max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens, row_bytes,

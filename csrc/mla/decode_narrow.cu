@@ -53,6 +53,7 @@
 #include "pk/mla_partition.cuh"
 #include "pk/ptx.cuh"
 #include "pk/ptx_mla.cuh"
+#include "pk/sparse_checks.cuh"
 #include "pk/swizzle.cuh"
 #include "pk/wgmma_bf16.cuh"
 #include "pk/wgmma_narrow.cuh"
@@ -146,21 +147,18 @@ __device__ __forceinline__ float sink_factor(float sink, float lse2) {
 
 // ----------------------------------------------------------------------------- producer
 // Sparse: the piece's blocks of query token blockIdx.y's slots through the ring (s, phase). Lane
-// l takes slots 64 blk + l and + 32: used when below topk_length (clamped to topk) and naming a
-// token row of the cache (decode.cu's rule; -1 unused; anything else, and a topk_length outside
-// [0, topk], recorded in the device error record; never read). After
-// empty[s]: the elected lane stores the used-slot mask (bit r: row r of the raw page) and
-// arrives expecting the used rows' bytes; each lane bulk-copies its used rows (656 bytes, row
-// r = slot % 64 of the page), completing on full[s]. Unused rows keep stale bytes.
+// l takes slots 64 blk + l and + 32: used when below topk_length and naming a token row of the
+// cache (pk::sparse_slot_limit, pk::sparse_index_used: decode.cu's rule, bad values recorded in
+// the device error record, never read). After empty[s]: the elected lane stores the used-slot
+// mask (bit r: row r of the raw page) and arrives expecting the used rows' bytes; each lane
+// bulk-copies its used rows (656 bytes, row r = slot % 64 of the page), completing on full[s].
+// Unused rows keep stale bytes.
 template <typename L>
 __device__ __forceinline__ void gather_slots(const Params& p, const pk::MlaPiece& pc, uint32_t base, uint32_t full_bar,
                                              uint32_t empty_bar, bool leader, uint32_t& s, uint32_t& phase) {
   const uint32_t lane = threadIdx.x % 32;
   const int* const slots = p.indices + pc.b * p.idx_sb + (uint64_t)blockIdx.y * p.idx_ss;
-  const int len = p.topk_length != nullptr ? __ldg(p.topk_length + pc.b) : (int)p.topk;
-  if (lane == 0 && (len < 0 || (uint32_t)len > p.topk))   // recorded, clamped (in bounds)
-    pk::record_error(p.sched.err, pk::kErrTopkLengthOutOfRange, len, (int)p.topk, (int)pc.b);
-  const uint32_t limit = min((uint32_t)max(len, 0), p.topk);
+  const uint32_t limit = pk::sparse_slot_limit(p.topk_length, pc.b, p.topk, p.sched.err, lane == 0);
   for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
     int idx[2];
     bool used[2];
@@ -168,10 +166,8 @@ __device__ __forceinline__ void gather_slots(const Params& p, const pk::MlaPiece
     for (uint32_t h = 0; h < 2; ++h) {   // read before the wait: the latency overlaps
       const uint32_t slot = blk * kPage + lane + 32 * h;
       idx[h] = slot < limit ? __ldg(slots + slot) : -1;
-      used[h] = idx[h] >= 0 && (uint32_t)idx[h] < p.num_tokens;
-      if (!used[h] && idx[h] != -1)   // a used slot naming no token row: recorded, skipped (never read)
-        pk::record_error(p.sched.err, pk::kErrSparseIndexOutOfRange, idx[h], (int)p.num_tokens,
-                         (int)(((uint64_t)pc.b * p.s_q + blockIdx.y) * p.topk + slot));
+      used[h] = pk::sparse_index_used(idx[h], p.num_tokens, p.sched.err, pc.b, p.s_q, [] { return blockIdx.y; },
+                                      p.topk, slot);
     }
     const uint32_t mask_lo = __ballot_sync(0xffffffffu, used[0]), mask_hi = __ballot_sync(0xffffffffu, used[1]);
     const uint32_t full = full_bar + kMbarBytes * s, raw = base + L::kRawOff + s * kRawBytes;
@@ -791,12 +787,7 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
 // One entry per cache layout and row count N (16 or 32), decode.cu's parameters
 // (pykernels/cuda/mla.py packs them); tmap_q's box is N rows.
 #define PK_MLA_NARROW_ENTRY(NAME, N, FP8)                                                                     \
-  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
-      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
-      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
-      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
-      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
-      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks) {   \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS) {                     \
     const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
                    out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
                    causal, scale_log2};                                                                        \
@@ -809,17 +800,10 @@ PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n16, 16, true)
 PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n32, 32, true)
 
 // The sparse decode for h_q <= N (pykernels/cuda/dsa.py): the FP8 entry's parameters + decode.cu's
-// FP8 tail (indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens); tmap_kv and
+// FP8 tail (PK_MLA_FP8_TAIL_PARAMS, pk/mla_partition.cuh); tmap_kv and
 // block_table unused (rows gathered by index), seqlens = topk per sequence; grid (partitions, s_q).
 #define PK_MLA_NARROW_SPARSE_ENTRY(NAME, N)                                                                    \
-  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(                                            \
-      const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,            \
-      const int* block_table, const int* seqlens, const int* meta, const int* nsplits, uint16_t* out,           \
-      float* lse, float* oacc, float* lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,      \
-      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,     \
-      uint32_t causal, float scale_log2, int* err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks,   \
-      const int* indices, const uint8_t* cache, const int* topk_length, const float* sink, uint64_t idx_sb,     \
-      uint32_t idx_ss, uint32_t topk, uint32_t num_tokens) {                                                  \
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS, PK_MLA_FP8_TAIL_PARAMS) { \
     const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
                    out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
                    causal, scale_log2, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};   \

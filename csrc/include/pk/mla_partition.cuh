@@ -1,7 +1,8 @@
 // pk/mla_partition.cuh — the split-KV schedule seen from one decode CTA (docs/mla.md "The
 // split-KV schedule" and "Checks"): the input checks of a partition's metadata row, and its
 // pieces. The checks serve both decode kernels (csrc/mla/decode.cu, csrc/mla/decode_narrow.cu);
-// the same rules as pykernels.mla_schedule.check_schedule.
+// the same rules as pykernels.mla_schedule.check_schedule. Also the parameter lists of both
+// kernels' entries (one order for pykernels/cuda/mla.py to pack).
 #pragma once
 
 #include <cstdint>
@@ -157,3 +158,21 @@ __device__ __forceinline__ MlaPiece mla_piece(const MlaSchedule& p, const int* r
 }
 
 }  // namespace pk
+
+// Every decode entry's parameters, in the order decode_plan / narrow_decode_plan of
+// pykernels/cuda/mla.py pack them (strides in elements; err: the device error record; batch,
+// num_blocks, max_blocks: the sizes the checks above compare with; pk::TensorMap: pk/ptx.cuh).
+#define PK_MLA_DECODE_PARAMS                                                                                    \
+  const __grid_constant__ pk::TensorMap tmap_q, const __grid_constant__ pk::TensorMap tmap_kv,                \
+      const int *block_table, const int *seqlens, const int *meta, const int *nsplits, uint16_t *out,          \
+      float *lse, float *oacc, float *lacc, uint32_t s_q, uint32_t h_q, uint32_t rows, uint32_t bt_stride,     \
+      uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,    \
+      uint32_t causal, float scale_log2, int *err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks
+
+// The FP8 entries' parameters after those (fp8_tail_args of pykernels/cuda/mla.py; the dense
+// FP8 decode passes the cache alone, nulls and zeros): indices [b, s_q, topk] (-1 unused;
+// strides idx_sb, idx_ss), the cache's bytes, topk_length [b] and attn_sink [h_q] (each may be
+// null), topk, the cache's token rows (pk/sparse_checks.cuh: the rule they serve).
+#define PK_MLA_FP8_TAIL_PARAMS                                                                                  \
+  const int *indices, const uint8_t *cache, const int *topk_length, const float *sink, uint64_t idx_sb,       \
+      uint32_t idx_ss, uint32_t topk, uint32_t num_tokens

@@ -120,70 +120,18 @@ constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
 constexpr uint64_t kAllRows = ~0ull;              // a block's row mask with every token row valid
 
-struct Params {
-  const int* block_table;
-  const int* seqlens;
-  const int* meta;      // [num_sm_parts, 8]
-  const int* nsplits;   // [b + 1]
-  uint16_t* out;        // bf16 bits
-  float* lse;
-  float* oacc;          // [splits, rows, 512]
-  float* lacc;          // [splits, rows]
-  uint32_t s_q, h_q, rows, bt_stride;
-  uint64_t out_sb;
-  uint32_t out_ss, out_sh;
-  uint64_t lse_sb;
-  uint32_t lse_sh, lse_ss;
-  uint32_t causal;
-  float scale_log2;
-  int* err;             // the device error record (pk/error_record.cuh)
-  uint32_t batch, num_blocks, max_blocks;   // b, the cache's pages, the block table's columns
-  // Sparse decode only (pk_mla_sparse_decode_fp8; zero in the dense entries): the token rows
-  // each query token attends to, indices[b, s, slot] (-1 unused), slots at or past
-  // topk_length[b] unused; the cache's bytes (one bulk copy per token row); attn_sink [h_q].
-  const int* indices;
-  const uint8_t* cache;
-  const int* topk_length;
-  const float* sink;
-  uint64_t idx_sb;
-  uint32_t idx_ss, topk, num_tokens;
-  // Sparse prefill only (pk_mla_sparse_prefill_bf16; zero elsewhere): `cache` holds kv's bf16
-  // token rows row_bytes apart; max_logits [b, h_q] f32 (b: query tokens) and its strides.
+// The entries' arguments (pk/mla_partition.cuh) + the sparse prefill's (pk_mla_sparse_prefill_bf16;
+// zero elsewhere): `cache` holds kv's bf16 token rows row_bytes apart; max_logits [b, h_q] f32
+// (b: query tokens) and its strides.
+struct Params : pk::MlaDecodeArgs {
   uint64_t row_bytes;
   float* max_logits;
   uint64_t ml_sb;
   uint32_t ml_sh;
 };
 
-// The input checks of a CTA (docs/mla.md "Checks"): pk::mla_partition_ok (pk/mla_partition.cuh)
-// over this launch's schedule view.
-__device__ __forceinline__ pk::MlaSchedule schedule_of(const Params& p) {
-  return {p.meta, p.seqlens, p.nsplits, p.block_table, p.err, p.bt_stride, p.batch, p.num_blocks, p.max_blocks};
-}
-
 // One piece of a partition: sequence b, KV blocks [lo, hi), split id, sequence length.
-struct Piece {
-  uint32_t b, lo, hi, split;
-  int seqlen;
-};
-
-__device__ __forceinline__ Piece piece_of(const Params& p, const int* row, uint32_t k) {
-  Piece pc;
-  const uint32_t first_b = (uint32_t)row[0], first_blk = (uint32_t)row[1];
-  const uint32_t last_b = (uint32_t)row[2], last_end = (uint32_t)row[3];
-  pc.b = first_b + k;
-  pc.seqlen = max(__ldg(p.seqlens + pc.b), 0);
-  const uint32_t nblk = ((uint32_t)pc.seqlen + kPage - 1) / kPage;
-  pc.lo = k == 0 ? first_blk : 0u;
-  pc.hi = pc.b == last_b ? last_end : nblk;
-  pc.split = (uint32_t)row[4] + k;
-  return pc;
-}
-
-// Token rows of block `blk` inside the sequence (64 but in a partial last block).
-__device__ __forceinline__ uint32_t valid_rows(const Piece& pc, uint32_t blk) {
-  return min((uint32_t)pc.seqlen - blk * kPage, kPage);
-}
+using Piece = pk::MlaPiece;
 
 __device__ __forceinline__ float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -281,13 +229,13 @@ struct Fp8Producer {
       for (uint32_t h = 0; h < 2; ++h) {
         const int i = h ? idx.y : idx.x;
         const auto tok = [&] { return blockIdx.y * kTileRows / p.h_q; };
-        const bool used = pk::sparse_index_used(i, p.num_tokens, p.err, pc.b, p.s_q, tok, p.topk,
+        const bool used = pk::sparse_index_used(i, p.num_tokens, p.sched.err, pc.b, p.s_q, tok, p.topk,
                                                 blk * kPage + row0 + kRowStep * h);
         src[h] = used ? p.cache + (uint64_t)i * kFp8Row : nullptr;
       }
     } else {
       const int page = idx.x;
-      const uint32_t valid = valid_rows(pc, blk);
+      const uint32_t valid = pc.valid_rows(blk);
 #pragma unroll
       for (uint32_t h = 0; h < 2; ++h)
         src[h] = row0 + kRowStep * h < valid ? p.cache + ((uint64_t)page * kPage + row0 + kRowStep * h) * kFp8Row
@@ -489,7 +437,7 @@ template <bool kSparse, bool kMaxLogits = false>
 __device__ __forceinline__ void write_piece_output(const Params& p, const Piece& pc, const ThreadRows& tr,
                                                    const float (&acc)[128], const float (&m)[2], const float (&l)[2],
                                                    uint32_t wg, uint32_t lane) {
-  const int nsplit = __ldg(p.nsplits + pc.b + 1) - __ldg(p.nsplits + pc.b);
+  const int nsplit = __ldg(p.sched.nsplits + pc.b + 1) - __ldg(p.sched.nsplits + pc.b);
   const uint32_t col0 = kLatentPerWg * wg + 2 * (lane % 4);   // this thread's first output column
 #pragma unroll
   for (uint32_t h = 0; h < 2; ++h) {
@@ -782,7 +730,7 @@ struct SeesawMath {
   // P V (both halves) slots in between Q K^T chunks of the next block, which land one by one.
   __device__ __forceinline__ void run_piece(const Piece& pc, const ThreadRows& tr, float (&acc)[128], float (&m)[2],
                                             float (&l)[2]) {
-    const uint32_t valid_last = valid_rows(pc, pc.hi - 1);
+    const uint32_t valid_last = pc.valid_rows(pc.hi - 1);
     uint32_t pa[kPRegs];
 #pragma unroll
     for (uint32_t i = 0; i < kPRegs; ++i) pa[i] = 0;
@@ -883,10 +831,10 @@ __device__ __forceinline__ void produce_bf16(const Params& p, const pk::TensorMa
   const bool leader = pk::elect_one();
   uint32_t s = 0, phase = 0, q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
-    const Piece pc = piece_of(p, row, k);
+    const Piece pc = pk::mla_piece(p.sched, row, k);
     if (pc.hi <= pc.lo) continue;
     load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
-    const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;
+    const int* const table = p.sched.block_table + (uint64_t)pc.b * p.sched.bt_stride;
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
       const int32_t page = __ldg(table + blk);   // read before the wait: its latency overlaps
       pk::mbar_wait(empty_bar + kMbarBytes * s, phase ^ 1);
@@ -912,15 +860,15 @@ __device__ __forceinline__ void produce_rows(const Params& p, const pk::TensorMa
   const uint32_t tok = kSparse ? tile * kTileRows / p.h_q : 0;
   uint32_t q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
-    const Piece pc = piece_of(p, row, k);
+    const Piece pc = pk::mla_piece(p.sched, row, k);
     if (pc.hi <= pc.lo) continue;
     if (conv.warp() == 0) load_q_tile(tmap_q, base, pc.b, tile, q_full, q_empty, q_phase, leader);
     uint32_t limit = 0, buf = 0;
     if constexpr (kSparse) {
-      limit = pk::sparse_slot_limit(p.topk_length, pc.b, p.topk, p.err, tid == 0);
+      limit = pk::sparse_slot_limit(p.topk_length, pc.b, p.topk, p.sched.err, tid == 0);
       conv.fetch_indices(p, pc, tok, pc.lo, limit, buf);
     }
-    const int* const table = p.block_table + (uint64_t)pc.b * p.bt_stride;   // dense: page ids a block ahead
+    const int* const table = p.sched.block_table + (uint64_t)pc.b * p.sched.bt_stride;   // dense: page ids a block ahead
     int page = kSparse ? 0 : __ldg(table + pc.lo);
     for (uint32_t blk = pc.lo; blk < pc.hi; ++blk) {
       int2 idx = make_int2(page, -1);
@@ -948,7 +896,7 @@ __device__ __forceinline__ void run_pieces(const Params& p, Math& math, const in
                                            uint32_t lane, uint32_t r0) {
   uint32_t q_phase = 0;
   for (uint32_t k = 0; k < num_pieces; ++k) {
-    const Piece pc = piece_of(p, row, k);
+    const Piece pc = pk::mla_piece(p.sched, row, k);
     const ThreadRows tr = thread_rows(p, pc, tile, r0);
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.0f, 0.0f};
@@ -974,7 +922,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
                                            const Params& p) {
   static_assert(kFp8 || !kSparse, "sparse attention: the producer warpgroup gathers the rows (the kFp8 path)");
   static_assert(!kBf16Rows || (kFp8 && kSparse), "bf16 row gathering: the sparse prefill");
-  if (!pk::mla_partition_ok<kSparse>(schedule_of(p))) return;   // the same verdict in every warp: the CTA returns
+  if (!pk::mla_partition_ok<kSparse>(p.sched)) return;   // the same verdict in every warp: the CTA returns
   using L = Smem<kSparse>;
   constexpr uint32_t kStages = L::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -1005,7 +953,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
   __syncthreads();
 
   const uint32_t wg = threadIdx.x / kWarpgroupThreads;
-  const int* const row = p.meta + pk::kMlaMetaCols * blockIdx.x;   // its metadata row (pk/mla_partition.cuh)
+  const int* const row = p.sched.meta + pk::kMlaMetaCols * blockIdx.x;   // its metadata row (pk/mla_partition.cuh)
   const uint32_t num_pieces = (uint32_t)__ldg(row + pk::kMetaNumPieces);
   const uint32_t tile = blockIdx.y;
 
@@ -1041,9 +989,7 @@ __device__ __forceinline__ void mla_decode(const pk::TensorMap* tmap_q, const pk
 // One entry per cache layout, the same parameters (pykernels/cuda/mla.py packs them).
 #define PK_MLA_DECODE_ENTRY(NAME, FP8)                                                                         \
   extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS) {                     \
-    const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
-                   out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,  \
-                   max_blocks};                                                                                \
+    const Params p{{PK_MLA_DECODE_ARGS}};                                                                      \
     mla_decode<FP8, false>(&tmap_q, &tmap_kv, p);                                                              \
   }
 
@@ -1059,9 +1005,7 @@ PK_MLA_DECODE_ENTRY(pk_mla_decode_bf16, false)
 // block of its index row gathered token row by token row and masked by slot.
 #define PK_MLA_DECODE_FP8_ENTRY(NAME, SPARSE)                                                                  \
   extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS, PK_MLA_FP8_TAIL_PARAMS) { \
-    const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,      \
-                   out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,  \
-                   max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};           \
+    const Params p{{PK_MLA_DECODE_ARGS, PK_MLA_FP8_TAIL_ARGS}};                                                \
     mla_decode<true, SPARSE>(&tmap_q, &tmap_kv, p);                                                            \
   }
 
@@ -1075,10 +1019,7 @@ PK_MLA_DECODE_FP8_ENTRY(pk_mla_sparse_decode_fp8, true)
 extern "C" __global__ void __launch_bounds__(kThreads, 1) pk_mla_sparse_prefill_bf16(
     PK_MLA_DECODE_PARAMS, PK_MLA_FP8_TAIL_PARAMS, uint64_t row_bytes, float* max_logits, uint64_t ml_sb,
     uint32_t ml_sh) {
-  const Params p{block_table, seqlens, meta, nsplits, out, lse, oacc, lacc, s_q, h_q, rows, bt_stride,
-                 out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2, err, batch, num_blocks,
-                 max_blocks, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens, row_bytes,
-                 max_logits, ml_sb, ml_sh};
+  const Params p{{PK_MLA_DECODE_ARGS, PK_MLA_FP8_TAIL_ARGS}, row_bytes, max_logits, ml_sb, ml_sh};
   mla_decode<true, true, true>(&tmap_q, &tmap_kv, p);
 }
 

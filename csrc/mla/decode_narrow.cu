@@ -117,28 +117,7 @@ static_assert(Layout<16, false>::kBytes == 169776 && Layout<32, false>::kBytes =
 static_assert(Layout<16, true, true>::kBytes == 222016 + 24 && Layout<32, true, true>::kBytes == 201264 + 16,
               "pykernels/cuda/mla.py");
 
-struct Params {
-  pk::MlaSchedule sched;
-  uint16_t* out;        // bf16 bits
-  float* lse;
-  float* oacc;          // [splits, rows, 512]
-  float* lacc;          // [splits, rows]
-  uint32_t s_q, h_q, rows;
-  uint64_t out_sb;
-  uint32_t out_ss, out_sh;
-  uint64_t lse_sb;
-  uint32_t lse_sh, lse_ss;
-  uint32_t causal;
-  float scale_log2;
-  // Sparse decode only (zero in the dense entries), as decode.cu's Params: indices [b, s_q, topk]
-  // (-1 unused), the cache's bytes, topk_length [b] (may be null), attn_sink [h_q] (may be null).
-  const int* indices;
-  const uint8_t* cache;
-  const int* topk_length;
-  const float* sink;
-  uint64_t idx_sb;
-  uint32_t idx_ss, topk, num_tokens;
-};
+using Params = pk::MlaDecodeArgs;   // pk/mla_partition.cuh
 
 // attn_sink (decode.cu's sink_factor): out scaled by 1 / (1 + 2^(sink log2(e) - lse2)).
 __device__ __forceinline__ float sink_factor(float sink, float lse2) {
@@ -788,9 +767,7 @@ __device__ __forceinline__ void narrow_decode(const pk::TensorMap* tmap_q, const
 // (pykernels/cuda/mla.py packs them); tmap_q's box is N rows.
 #define PK_MLA_NARROW_ENTRY(NAME, N, FP8)                                                                     \
   extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS) {                     \
-    const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
-                   out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
-                   causal, scale_log2};                                                                        \
+    const Params p{PK_MLA_DECODE_ARGS};                                                                        \
     narrow_decode<N, FP8, false>(&tmap_q, &tmap_kv, p);                                                        \
   }
 
@@ -804,9 +781,7 @@ PK_MLA_NARROW_ENTRY(pk_mla_decode_narrow_fp8_n32, 32, true)
 // block_table unused (rows gathered by index), seqlens = topk per sequence; grid (partitions, s_q).
 #define PK_MLA_NARROW_SPARSE_ENTRY(NAME, N)                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(PK_MLA_DECODE_PARAMS, PK_MLA_FP8_TAIL_PARAMS) { \
-    const Params p{{meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks},      \
-                   out, lse, oacc, lacc, s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss,        \
-                   causal, scale_log2, indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens};   \
+    const Params p{PK_MLA_DECODE_ARGS, PK_MLA_FP8_TAIL_ARGS};                                                  \
     narrow_decode<N, true, true>(&tmap_q, &tmap_kv, p);                                                        \
   }
 

@@ -1,8 +1,8 @@
 // pk/mla_partition.cuh — the split-KV schedule seen from one decode CTA (docs/mla.md "The
 // split-KV schedule" and "Checks"): the input checks of a partition's metadata row, and its
 // pieces. The checks serve both decode kernels (csrc/mla/decode.cu, csrc/mla/decode_narrow.cu);
-// the same rules as pykernels.mla_schedule.check_schedule. Also the parameter lists of both
-// kernels' entries (one order for pykernels/cuda/mla.py to pack).
+// the same rules as pykernels.mla_schedule.check_schedule. Also what both kernels' entries take
+// (one parameter order for pykernels/cuda/mla.py to pack) and pass on (pk::MlaDecodeArgs).
 #pragma once
 
 #include <cstdint>
@@ -148,14 +148,44 @@ struct MlaPiece {
 
 __device__ __forceinline__ MlaPiece mla_piece(const MlaSchedule& p, const int* row, uint32_t k) {
   MlaPiece pc;
+  // the row's entries loaded first: their latency overlaps the seqlen's (its address needs one)
+  const uint32_t first_blk = (uint32_t)row[kMetaFirstBlock];
+  const uint32_t last_b = (uint32_t)row[kMetaLastBatch], last_end = (uint32_t)row[kMetaLastEnd];
   pc.b = (uint32_t)row[kMetaFirstBatch] + k;
   pc.seqlen = max(__ldg(p.seqlens + pc.b), 0);
   const uint32_t nblk = ((uint32_t)pc.seqlen + kMlaPage - 1) / kMlaPage;
-  pc.lo = k == 0 ? (uint32_t)row[kMetaFirstBlock] : 0u;
-  pc.hi = pc.b == (uint32_t)row[kMetaLastBatch] ? (uint32_t)row[kMetaLastEnd] : nblk;
+  pc.lo = k == 0 ? first_blk : 0u;
+  pc.hi = pc.b == last_b ? last_end : nblk;
   pc.split = (uint32_t)row[kMetaFirstSplit] + k;
   return pc;
 }
+
+// What both decode kernels' entries pass on (PK_MLA_DECODE_ARGS, PK_MLA_FP8_TAIL_ARGS below):
+// the schedule view, the outputs and split scratch with their strides (elements), the causal
+// flag, the softmax scale (log2 domain) and the FP8 entries' tail.
+struct MlaDecodeArgs {
+  MlaSchedule sched;
+  uint16_t* out;   // bf16 bits
+  float* lse;
+  float* oacc;     // [splits, rows, 512]
+  float* lacc;     // [splits, rows]
+  uint32_t s_q, h_q, rows;
+  uint64_t out_sb;
+  uint32_t out_ss, out_sh;
+  uint64_t lse_sb;
+  uint32_t lse_sh, lse_ss;
+  uint32_t causal;
+  float scale_log2;
+  // The FP8 entries' tail (zero in the bf16 entries; the dense FP8 entry: `cache` alone): the
+  // sparse decode's indices [b, s_q, topk] (-1 unused), the cache's bytes, topk_length [b] and
+  // attn_sink [h_q] (each may be null; pk/sparse_checks.cuh).
+  const int* indices;
+  const uint8_t* cache;
+  const int* topk_length;
+  const float* sink;
+  uint64_t idx_sb;
+  uint32_t idx_ss, topk, num_tokens;
+};
 
 }  // namespace pk
 
@@ -169,10 +199,14 @@ __device__ __forceinline__ MlaPiece mla_piece(const MlaSchedule& p, const int* r
       uint64_t out_sb, uint32_t out_ss, uint32_t out_sh, uint64_t lse_sb, uint32_t lse_sh, uint32_t lse_ss,    \
       uint32_t causal, float scale_log2, int *err, uint32_t batch, uint32_t num_blocks, uint32_t max_blocks
 
-// The FP8 entries' parameters after those (fp8_tail_args of pykernels/cuda/mla.py; the dense
-// FP8 decode passes the cache alone, nulls and zeros): indices [b, s_q, topk] (-1 unused;
-// strides idx_sb, idx_ss), the cache's bytes, topk_length [b] and attn_sink [h_q] (each may be
-// null), topk, the cache's token rows (pk/sparse_checks.cuh: the rule they serve).
+// The FP8 entries' parameters after those (fp8_tail_args of pykernels/cuda/mla.py): the tail
+// of pk::MlaDecodeArgs.
 #define PK_MLA_FP8_TAIL_PARAMS                                                                                  \
   const int *indices, const uint8_t *cache, const int *topk_length, const float *sink, uint64_t idx_sb,       \
       uint32_t idx_ss, uint32_t topk, uint32_t num_tokens
+
+// Those parameters as the initializers of pk::MlaDecodeArgs (its members in order).
+#define PK_MLA_DECODE_ARGS                                                                                      \
+  {meta, seqlens, nsplits, block_table, err, bt_stride, batch, num_blocks, max_blocks}, out, lse, oacc, lacc,  \
+      s_q, h_q, rows, out_sb, out_ss, out_sh, lse_sb, lse_sh, lse_ss, causal, scale_log2
+#define PK_MLA_FP8_TAIL_ARGS indices, cache, topk_length, sink, idx_sb, idx_ss, topk, num_tokens

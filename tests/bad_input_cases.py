@@ -35,6 +35,13 @@ def _either(arg):
     return ("either", arg)
 
 
+def misaligned(t, elems=1):
+    """A contiguous copy of t at a storage offset of `elems` elements (its data pointer off
+    the allocator's alignment)."""
+    view = torch.empty(t.numel() + elems, dtype=t.dtype)[elems:].view(t.shape)
+    return view.copy_(t)
+
+
 # --- quantization --------------------------------------------------------------------------
 
 def quant_cases():
@@ -167,6 +174,8 @@ def gemm_cases():
     cases[-2]["api"] = lambda be: pk.fp8_gemm_nt((a, sfa), (b, sfb), nan_out(m, n), backend="Triton")
     cases[-2]["op"] = lambda be: torch.ops.pykernels.fp8_gemm_nt(a, sfa, b, sfb, nan_out(m, n), "")
     cases[-1]["api"] = lambda be: pk.fp8_gemm_nt(a, (b, sfb), nan_out(m, n), backend=be)
+    cases.append(dict(normal("pair-of-three", a, sfa, b, sfb, nan_out(m, n), _err("a"), forms=("api",)),
+                      api=lambda be: pk.fp8_gemm_nt((a, sfa, sfa), (b, sfb), nan_out(m, n), backend=be)))
 
     # float32 out with c (DeepGEMM's fp32 forms); c = out accumulates in place; recipe (1, 1, 128)
     def with_c(name, out, c, expect, rows=128, accumulate=False):
@@ -392,6 +401,10 @@ def mla_cases():
         decode("out-too-small", _err("out"), out=torch.full((b, s_q, h_q, 256), NAN, dtype=torch.bfloat16)),
         decode("out-float32", _err("out"), out=torch.full((b, s_q, h_q, 512), NAN)),
         decode("out-aliases-q", _err("out"), out=q[..., :512]),
+        decode("out-expanded-heads", _err("out"),
+               out=torch.full((b, s_q, 1, 512), NAN, dtype=torch.bfloat16).expand(b, s_q, h_q, 512)),
+        decode("lse-expanded", _err("softmax_lse"), softmax_lse=torch.full((b, 1, s_q), NAN).expand(b, h_q, s_q)),
+        decode("fp8-cache-misaligned", _either("k_cache"), k_cache=misaligned(cache8, 1)),
         decode("lse-shape", _err("softmax_lse"), softmax_lse=torch.full((b, s_q, h_q), NAN)),
         decode("mixed-devices", _err("block_table"), block_table=table.to("meta")),
         decode("nan-in-q", REF, q=q_nan),
@@ -406,6 +419,7 @@ def mla_cases():
         metadata("seqlens-negative", torch.tensor([5, -1], dtype=torch.int32), 4, _err("cache_seqlens")),
         metadata("seqlen-2^31-1", torch.tensor([2**31 - 1, 5], dtype=torch.int32), 132, REF),
         metadata("empty-batch", torch.empty(0, dtype=torch.int32), 4, REF),
+        metadata("seqlens-meta", seqlens.to("meta"), 4, _err("backend"), forms=("api",)),   # op form: shapes only
         dict(decode("unknown-backend", _err("backend")),
              api=lambda be: M.flash_mla_with_kvcache(q, cache, table, seqlens, 512, meta, splits, backend="gpu"),
              op=lambda be: torch.ops.pykernels.flash_mla_with_kvcache(

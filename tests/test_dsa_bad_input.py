@@ -21,6 +21,10 @@ def _err(arg):
 REF = ("ref",)
 
 
+def _either(arg):
+    return ("either", arg)
+
+
 def _case(op_name, name, expect, api, op, outs=(), compare="close", forms=("api", "op")):
     return dict(name=f"{op_name}/{name}", op_name=op_name, expect=expect, forms=forms, compare=compare,
                 outs=tuple(outs), api=api, op=op)
@@ -60,6 +64,7 @@ def _mqa_cases():
         case("ke-past-keys", _err("cu_seqlen_ke"), ke=torch.tensor([41, 3, 20, 40], dtype=torch.int32)),
         case("ke-before-ks", _err("cu_seqlen_ke"), ke=torch.tensor([40, 2, 20, 40], dtype=torch.int32)),
         case("out-shape", _err("out"), out=torch.full((m, n + 1), NAN)),
+        case("out-expanded", _err("out"), out=torch.full((1, n), NAN).expand(m, n)),
         case("out-overlaps-weights", _err("out"), out=shared, w=shared[:, :h]),
         case("clean_logits-string", _err("clean_logits"), forms=("api",), clean="yes"),
         case("mixed-devices", _err("cu_seqlen_ks"), ks=ks.to("meta")),
@@ -174,6 +179,7 @@ def _topk_cases():
         case("logits-float16", _err("logits"), logits=logits.half()),
         case("ke-before-ks", _err("cu_seqlen_ke"), ke=torch.tensor([50, 9, 50], dtype=torch.int32)),
         case("out-shape", _err("out"), out=torch.full((m, k + 1), -7, dtype=torch.int32)),
+        case("out-expanded", _err("out"), out=torch.full((1, k), -7, dtype=torch.int32).expand(m, k)),
         paged("valid", REF),
         paged("topk-zero", _err("topk"), k=0),
         paged("logits-rows", _err("logits"), logits=plogits[:3]),
@@ -185,6 +191,7 @@ def _topk_cases():
 
 def _sparse_decode_cases():
     import pykernels.mla as M
+    from bad_input_cases import misaligned     # the table's module (the child process runs from tests/)
     b, s_q, h_q, topk, pages = 2, 2, 16, 12, 4
     c8 = M.quantize_kv_cache_fp8(torch.randn(pages, 64, 1, 576).bfloat16())
     q = torch.randn(b, s_q, h_q, 576).bfloat16()
@@ -236,6 +243,8 @@ def _sparse_decode_cases():
         case("head_dim_v", _err("head_dim_v"), head_dim_v=576),
         case("out-shape", _err("out"), out=torch.full((b, s_q, h_q, 256), NAN, dtype=torch.bfloat16)),
         case("lse-shape", _err("softmax_lse"), lse=torch.full((b, s_q, h_q), NAN)),
+        case("lse-expanded", _err("softmax_lse"), lse=torch.full((b, 1, s_q), NAN).expand(b, h_q, s_q)),
+        case("cache-misaligned", _either("k_cache"), cache=misaligned(c8, 1)),   # a kernel's limit or the result
         case("is_fp8_kvcache-false", _err("is_fp8_kvcache"), forms=("api",), fp8=False),
         case("causal-true", _err("causal"), forms=("api",), causal=True),
     ]
@@ -274,6 +283,9 @@ def _sparse_prefill_cases():
         case("attn_sink-shape", _err("attn_sink"), sink=sink[:4]),
         case("out-float32", _err("out"), out=torch.full((s_q, h_q, 512), NAN)),
         case("lse-shape", _err("lse"), lse=torch.full((h_q, s_q), NAN)),
+        case("lse-expanded", _err("lse"), lse=torch.full((1, h_q), NAN).expand(s_q, h_q)),
+        case("out-expanded", _err("out"),
+             out=torch.full((s_q, 1, 512), NAN, dtype=torch.bfloat16).expand(s_q, h_q, 512)),
     ]
 
 

@@ -43,12 +43,20 @@ def _limits(check: Optional[Callable], problem) -> Optional[str]:
     return None
 
 
+def _no_data(device) -> Optional[str]:
+    # meta tensors hold no data: a backend that runs reads values (seqlens, indices) and
+    # writes outputs (torch.ops.pykernels.* on meta tensors give the outputs' shapes)
+    if device.type == "meta":
+        return "runs on tensors with data, got meta tensors"
+    return None
+
+
 def reference(run: Callable) -> Backend:
-    return Backend("reference", lambda p: None, run)
+    return Backend("reference", lambda p: _no_data(p.device), run)
 
 
 def triton(run: Callable, limits: Callable = None) -> Backend:
-    return Backend("triton", lambda p: _triton_unavailable(p.device) or _limits(limits, p), run)
+    return Backend("triton", lambda p: _no_data(p.device) or _triton_unavailable(p.device) or _limits(limits, p), run)
 
 
 def kernel(name: str, module: str, run: Callable, limits: Callable = None, describe: Callable = None) -> Backend:

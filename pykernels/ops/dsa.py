@@ -38,7 +38,7 @@ from ..reference import mla as RM
 from ..runtime import device_errors as DE
 from ..runtime import validate as V
 from . import backends as B
-from .mla import MAX_SM_PARTS, check_q
+from .mla import MAX_SM_PARTS, check_q, triton_cache_limits
 
 FP8 = torch.float8_e4m3fn
 INDEXER_HEAD_DIMS = (32, 64, 128)       # DeepGEMM's indexer head dims
@@ -834,7 +834,7 @@ SPARSE_DECODE = registry.op("flash_mla_sparse_decode", lambda *a, **kw: public_s
 for _name in ("cuda", "emu"):
     SPARSE_DECODE.add(B.kernel(_name, "mla_decode", _sparse_decode_kernel, _sparse_decode_kernel_limits,
                                _sparse_decode_kernel_choice))
-SPARSE_DECODE.add(B.triton(_sparse_decode_triton))
+SPARSE_DECODE.add(B.triton(_sparse_decode_triton, lambda p: triton_cache_limits(p.k_cache)))
 SPARSE_DECODE.add(B.reference(_sparse_decode_reference))
 
 

@@ -70,8 +70,8 @@ class GemmProblem:
 
 def pair(name: str, x):
     if not (isinstance(x, (tuple, list)) and len(x) == 2):
-        raise TypeError(f"{name}: expected a pair ({name}, sf{name}) of e4m3 data and float32 scales, "
-                        f"got {type(x).__name__}")
+        given = f"a {type(x).__name__} of {len(x)}" if isinstance(x, (tuple, list)) else type(x).__name__
+        raise TypeError(f"{name}: expected a pair ({name}, sf{name}) of e4m3 data and float32 scales, got {given}")
     return V.as_tensor(name, x[0]), V.as_tensor(f"sf{name}", x[1])
 
 

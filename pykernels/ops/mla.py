@@ -275,10 +275,17 @@ def _kernel_choice(p: DecodeProblem) -> list:
     return attention_explain.mla_decode_choice(p)
 
 
+def triton_cache_limits(k_cache) -> None:
+    """The Triton decodes read an FP8 cache's float32 scales through a float32 view of its
+    bytes: its data pointer must be 4-byte aligned (a bf16 cache: any)."""
+    if RM.is_fp8_cache(k_cache):
+        V.check_aligned("k_cache", k_cache, 4, "the FP8 layout's float32 scales are read as float32")
+
+
 DECODE = registry.op("flash_mla_with_kvcache", lambda *a, **kw: public_decode_problem(*a, **kw))
 for _name in ("cuda", "emu"):
     DECODE.add(B.kernel(_name, "mla_decode", _kernel, _kernel_limits, _kernel_choice))
-DECODE.add(B.triton(lambda p: _triton().flash_mla_with_kvcache(*_args(p))))
+DECODE.add(B.triton(lambda p: _triton().flash_mla_with_kvcache(*_args(p)), lambda p: triton_cache_limits(p.k_cache)))
 DECODE.add(B.reference(_reference))
 
 

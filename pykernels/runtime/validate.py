@@ -62,6 +62,14 @@ def check_scale_layout(name: str, sf: torch.Tensor) -> None:
             "(use pykernels.get_col_major_tma_aligned_tensor)")
 
 
+def check_aligned(name: str, t: torch.Tensor, nbytes: int, why: str) -> None:
+    """t's data pointer a multiple of nbytes (a view at a storage offset may not be); why:
+    what needs it. Tensors without elements or data (meta) pass."""
+    if t.numel() and t.device.type != "meta" and t.data_ptr() % nbytes:
+        raise ValueError(f"{name}: expected a {nbytes}-byte aligned data pointer ({why}), got {t.data_ptr():#x} "
+                         f"(storage offset {t.storage_offset()} elements; .clone() gives an aligned copy)")
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     devices = {n: t.device for n, t in tensors.items()}
     first = next(iter(devices.values()))
@@ -87,8 +95,20 @@ def _byte_range(t: torch.Tensor):
     return lo * eb, (hi + 1) * eb
 
 
+def check_no_self_overlap(name: str, t: torch.Tensor) -> None:
+    """`t` (an output) must not hold one memory location twice: a dimension of stride 0
+    (an expand()ed or broadcast view) would have several kernel threads store to it."""
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if size > 1 and stride == 0:
+            raise ValueError(f"{name}: expected memory of its own for each element (it is written), got stride 0 "
+                             f"in dim {dim} (an expanded view) with shape {list(t.shape)} and strides "
+                             f"{list(t.stride())}")
+
+
 def check_no_overlap(name: str, t: torch.Tensor, **inputs: torch.Tensor) -> None:
-    """`t` (an output) must not share memory with any of `inputs` (None entries skipped)."""
+    """`t` (an output) must not share memory with itself (check_no_self_overlap) or with any
+    of `inputs` (None entries skipped)."""
+    check_no_self_overlap(name, t)
     r = _byte_range(t)
     if r is None:
         return

@@ -173,3 +173,73 @@ def test_kernel_backends_need_the_compiled_kernels(group, monkeypatch):
         Buffer(group, backend="emu")
     assert not Buffer.is_sm90_compiled()
     assert Buffer(group).backend == "gloo"      # "auto" falls back to the engine
+
+
+def _misaligned(t):
+    """A contiguous copy of t one element past an aligned allocation."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda b, x, idx, w: b.dispatch(x, topk_idx=idx.to("meta"), num_experts=4),
+     ValueError, r"topk_idx: expected device cpu \(that of x\), got meta"),
+    (lambda b, x, idx, w: b.dispatch(x, topk_idx=idx, topk_weights=w.to("meta"), num_experts=4),
+     ValueError, r"topk_weights: expected device cpu \(that of x\), got meta"),
+    (lambda b, x, idx, w: b.dispatch(x, is_token_in_rank=torch.ones(6, 1, dtype=torch.bool, device="meta"),
+                                     num_experts=4),
+     ValueError, r"is_token_in_rank: expected device cpu \(that of x\), got meta"),
+    (lambda b, x, idx, w: b.dispatch(x, topk_idx=idx, num_experts=2**40),
+     ValueError, r"num_experts: expected at most 2147483647 \(the per-expert counts are int32\), got 1099511627776"),
+    (lambda b, x, idx, w: b.combine(*b.dispatch(x, topk_idx=idx, num_experts=4)[0:5:4], w.to("meta")),
+     ValueError, r"topk_weights: expected device cpu \(that of x\), got meta"),
+])
+def test_dispatch_and_combine_argument_devices_and_ranges(group, call, error, message):
+    # each was an error deep in the engine (Tensor.item() on meta, a device mismatch inside
+    # torch, a 4 TiB allocation): now the argument's own check, before any exchange
+    buf = Buffer(group, backend="gloo")
+    x, idx, w = torch.randn(6, 256).bfloat16(), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    with pytest.raises(error, match=message):
+        call(buf, x, idx, w)
+    assert buf.dispatch(x, topk_idx=idx, num_experts=4)[0].shape == (6, 256)   # still usable
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kernel_backends_reject_a_misaligned_x(group, fp8):
+    # the EP kernels load x's rows with 16-byte vectors: a contiguous view at a storage offset
+    # faulted in the emulator (a misaligned-address abort on a GPU) and broke the transport
+    from pykernels.ep import buffer as buffer_module
+    if not buffer_module._kernels_built():
+        pytest.skip("the EP kernels are not built")
+    buf = Buffer(group, backend="emu")
+    x, idx = torch.randn(6, 256).bfloat16(), torch.randint(0, 4, (6, 2))
+    if fp8:
+        bad, name = (x.float().to(torch.float8_e4m3fn), _misaligned(torch.ones(6, 2))), "x scales"
+    else:
+        bad, name = _misaligned(x), "x"
+    with pytest.raises(ValueError, match=rf"{name}: expected a 16-byte aligned data pointer \(the 'emu' EP kernels "
+                                         r"load rows with 16-byte vectors\), got 0x[0-9a-f]+ \(storage offset 1"):
+        buf.dispatch(bad, topk_idx=idx, num_experts=4)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_experts=4)     # the transport still works
+    with pytest.raises(ValueError, match=r"x: expected a 16-byte aligned data pointer"):
+        buf.combine(_misaligned(recv_x), handle)
+    assert torch.equal(buf.combine(recv_x, handle)[0], buf.combine(recv_x.clone(), handle)[0])
+
+
+def test_low_latency_kernels_reject_a_misaligned_x(group):
+    # the same 16-byte vector loads in the low-latency dispatch and combine (x only: out is
+    # written from the kernel's own buffer, at any alignment)
+    from pykernels.ep import buffer as buffer_module
+    if not buffer_module._kernels_built():
+        pytest.skip("the EP kernels are not built")
+    buf = Buffer(group, backend="emu", low_latency_mode=True, num_qps_per_rank=1)
+    x, idx, w = torch.randn(6, 256).bfloat16(), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    aligned = r"expected a 16-byte aligned data pointer \(the 'emu' EP kernels load rows with 16-byte vectors\)"
+    with pytest.raises(ValueError, match="x: " + aligned):
+        buf.low_latency_dispatch(_misaligned(x), idx, 8, 4, use_fp8=False)
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, 8, 4, use_fp8=False)
+    with pytest.raises(ValueError, match="x: " + aligned):
+        buf.low_latency_combine(_misaligned(recv_x), idx, w, handle)
+    want = buf.low_latency_combine(recv_x, idx, w, handle)[0]
+    out = _misaligned(torch.zeros(6, 256).bfloat16())
+    buf.low_latency_combine(recv_x, idx, w, handle, out=out)
+    assert torch.equal(out, want)

@@ -34,7 +34,8 @@ from . import expert_layout as EL
 from . import low_latency
 from .agreement import Agreement, RankMismatchError
 from .checks import (MAX_HIDDEN, MAX_TOPK, SUPPORTED_HIDDEN, check_combine_args, check_expert_alignment,
-                     check_layout_args, check_num_experts, check_topk, check_weights, check_worst_tokens, check_x)
+                     check_kernel_aligned, check_layout_args, check_num_experts, check_topk, check_weights,
+                     check_worst_tokens, check_x)
 from .config import DEFAULT_NUM_SMS, Config, EventOverlap, recommended_config
 from .engine import EngineTransport
 from .handle import DispatchHandle
@@ -352,11 +353,9 @@ class Buffer:
                 raise ValueError("num_experts: required (or pass num_tokens_per_expert from get_dispatch_layout)")
             # on a GPU with num_worst_tokens nothing is read back: the kernels assert the range on the device
             check_topk(topk_idx, num_experts, self.num_ranks, data.shape[0],
-                       range_check=not (num_worst_tokens and self.backend == "cuda"))
-            if topk_idx.device != data.device:
-                raise ValueError(f"topk_idx: expected device {data.device} (that of x), got {topk_idx.device}")
+                       range_check=not (num_worst_tokens and self.backend == "cuda"), device=data.device)
             if topk_weights is not None:
-                check_weights(topk_weights, topk_idx.shape)
+                check_weights(topk_weights, topk_idx.shape, device=data.device)
             kind = "dispatch"
         elif is_token_in_rank is not None:
             if num_experts is not None:
@@ -367,7 +366,11 @@ class Buffer:
                              "earlier dispatch is given")
         if handle is None:
             check_layout_args(data.shape[0], self.num_ranks, num_experts, num_tokens_per_rank, is_token_in_rank,
-                              num_tokens_per_expert)
+                              num_tokens_per_expert, data.device)
+        if self._kernels is not None:
+            check_kernel_aligned("x", data, self.backend)
+            if isinstance(x, tuple):
+                check_kernel_aligned("x scales", x[1], self.backend)
         header = dict(kind=kind, hidden=int(data.shape[1]), dtype="fp8 e4m3 + f32 scales" if isinstance(x, tuple)
                       else "bf16", topk=0 if topk_idx is None else int(topk_idx.shape[1]),
                       weights=topk_weights is not None, num_experts=num_experts or 0,
@@ -499,6 +502,8 @@ class Buffer:
                 x = EL.from_expert_layout(x, layout, topk_weights)
             check_combine_args(x, handle, topk_weights, DispatchHandle)
             self._check_handle_kind(handle)
+            if self._kernels is not None:
+                check_kernel_aligned("x", x, self.backend)
             if bias is not None:
                 raise NotImplementedError("Buffer.combine: bias is not supported yet (pass bias=None)")
             header = dict(kind="combine", hidden=int(x.shape[1]), dtype="bf16",
@@ -598,6 +603,8 @@ class Buffer:
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks, use_fp8, round_scale,
                 use_ue8m0, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
                 sync=self.backend != "cuda")
+            if self._kernels is not None:
+                check_kernel_aligned("x", x, self.backend)
         except (TypeError, ValueError) as e:
             error = e
         self._agree(what, header, error)
@@ -625,6 +632,8 @@ class Buffer:
         try:
             header = low_latency.check_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, use_logfmt,
                                                     zero_copy, out, combine_wait_recv_cost_stats)
+            if self._kernels is not None and not zero_copy:
+                check_kernel_aligned("x", x, self.backend)
         except (TypeError, ValueError) as e:
             error = e
         self._agree(what, header, error)

@@ -4,12 +4,15 @@ import numbers
 
 import torch
 
-from ..runtime.hardware import SCALE_BLOCK
+from ..runtime import validate as V
+from ..runtime.hardware import SCALE_BLOCK, TMA_ALIGNMENT_BYTES
 
 SUPPORTED_HIDDEN_MULTIPLE = SCALE_BLOCK   # FP8 scales cover 128 columns
 MAX_HIDDEN = 16384
 MAX_TOPK = 16
 SUPPORTED_HIDDEN = f"a multiple of {SUPPORTED_HIDDEN_MULTIPLE} in [128, {MAX_HIDDEN}]"
+MAX_EXPERTS = 2**31 - 1
+KERNEL_ALIGNMENT_BYTES = TMA_ALIGNMENT_BYTES
 
 
 def describe(t) -> str:
@@ -28,12 +31,28 @@ def check_num_experts(num_experts, num_ranks: int):
         raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
     if num_experts <= 0 or num_experts % num_ranks:
         raise ValueError(f"num_experts: expected a positive multiple of the group size {num_ranks}, got {num_experts}")
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"num_experts: expected at most {MAX_EXPERTS} (the per-expert counts are int32), "
+                         f"got {num_experts}")
 
 
-def check_topk(topk_idx, num_experts, num_ranks: int, num_tokens=None, range_check: bool = True):
-    """topk_idx int64 [T, K], 1 <= K <= MAX_TOPK, values in [-1, num_experts). The range
-    check reads min/max back to the host (one sync); range_check=False leaves it to the
-    caller (the kernel transports' device-side assert)."""
+def check_device(name: str, t: torch.Tensor, device: torch.device):
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of x), got {t.device}")
+
+
+def check_kernel_aligned(name: str, t: torch.Tensor, backend: str):
+    """The EP kernels load rows with 16-byte vectors: a contiguous tensor (passed as it is;
+    other layouts are copied first) needs a 16-byte aligned data pointer."""
+    if t.is_contiguous():
+        V.check_aligned(name, t, KERNEL_ALIGNMENT_BYTES,
+                        f"the {backend!r} EP kernels load rows with {KERNEL_ALIGNMENT_BYTES}-byte vectors")
+
+
+def check_topk(topk_idx, num_experts, num_ranks: int, num_tokens=None, range_check: bool = True, device=None):
+    """topk_idx int64 [T, K], 1 <= K <= MAX_TOPK, values in [-1, num_experts), on `device`
+    (x's) where given. The range check reads min/max back to the host (one sync);
+    range_check=False leaves it to the caller (the kernel transports' device-side assert)."""
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64:
         got = topk_idx.dtype if isinstance(topk_idx, torch.Tensor) else type(topk_idx).__name__
         raise TypeError(f"topk_idx: expected an int64 tensor, got {got}")
@@ -44,19 +63,23 @@ def check_topk(topk_idx, num_experts, num_ranks: int, num_tokens=None, range_che
     if num_tokens is not None and topk_idx.shape[0] != num_tokens:
         raise ValueError(f"topk_idx: expected {num_tokens} rows (one per token of x), got {topk_idx.shape[0]}")
     check_num_experts(num_experts, num_ranks)
+    if device is not None:
+        check_device("topk_idx", topk_idx, device)
     if range_check and topk_idx.numel():
         lo, hi = (int(v) for v in torch.aminmax(topk_idx))
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"topk_idx: expected values in [-1, {num_experts}), got range [{lo}, {hi}]")
 
 
-def check_weights(topk_weights, shape, what="topk_idx"):
+def check_weights(topk_weights, shape, what="topk_idx", device=None):
     if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32:
         got = topk_weights.dtype if isinstance(topk_weights, torch.Tensor) else type(topk_weights).__name__
         raise TypeError(f"topk_weights: expected a float32 tensor, got {got}")
     if tuple(topk_weights.shape) != tuple(shape):
         raise ValueError(f"topk_weights: expected shape {list(shape)} (the shape of {what}), "
                          f"got {list(topk_weights.shape)}")
+    if device is not None:
+        check_device("topk_weights", topk_weights, device)
 
 
 def check_x(x) -> torch.Tensor:
@@ -88,7 +111,7 @@ def check_x(x) -> torch.Tensor:
 
 
 def check_layout_args(num_tokens, num_ranks, num_experts, num_tokens_per_rank, is_token_in_rank,
-                      num_tokens_per_expert):
+                      num_tokens_per_expert, device=None):
     R = num_ranks
     if num_tokens_per_rank is not None and (not isinstance(num_tokens_per_rank, torch.Tensor)
                                             or tuple(num_tokens_per_rank.shape) != (R,)):
@@ -105,6 +128,8 @@ def check_layout_args(num_tokens, num_ranks, num_experts, num_tokens_per_rank, i
         if tuple(is_token_in_rank.shape) != (num_tokens, R):
             raise ValueError(f"is_token_in_rank: expected shape [{num_tokens}, {R}], got "
                              f"{list(is_token_in_rank.shape)}")
+        if device is not None:
+            check_device("is_token_in_rank", is_token_in_rank, device)
 
 
 def check_combine_args(x, handle, topk_weights, handle_type):
@@ -123,6 +148,7 @@ def check_combine_args(x, handle, topk_weights, handle_type):
         if topk_weights.dim() != 2 or topk_weights.shape[0] != n or not 1 <= topk_weights.shape[1] <= MAX_TOPK:
             raise ValueError(f"topk_weights: expected shape [{n}, topk] with 1 <= topk <= {MAX_TOPK} "
                              f"(one row per row of x), got {list(topk_weights.shape)}")
+        check_device("topk_weights", topk_weights, x.device)
 
 
 def check_worst_tokens(num_worst_tokens):

@@ -15,8 +15,21 @@ def _plain(args) -> bool:
     return all(type(a) is torch.Tensor and not a.requires_grad for a in args if isinstance(a, torch.Tensor))
 
 
+def _check_written_leaves(op, args) -> None:
+    """An output the op writes in place may not be a leaf that requires grad (autograd
+    forbids it): the error names the output, where torch's own does not."""
+    schema = getattr(getattr(op, "default", None), "_schema", None)    # None: a plain callable
+    for arg, value in zip(schema.arguments if schema is not None else (), args):
+        written = arg.alias_info is not None and arg.alias_info.is_write
+        if written and isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
+            raise ValueError(f"{arg.name}: expected a tensor that does not require grad (the op writes it in "
+                             f"place, which autograd forbids for a leaf), got a leaf with requires_grad=True")
+
+
 def call(op, body, *args):
     """op(*args) when traced, else body(*args): body is the function `op` was made from."""
     if torch.compiler.is_compiling() or not _plain(args):
+        if not torch.compiler.is_compiling():
+            _check_written_leaves(op, args)
         return op(*args)
     return body(*args)

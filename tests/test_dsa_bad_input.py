@@ -295,6 +295,28 @@ def dsa_cases():
             + _sparse_prefill_cases())
 
 
+def test_kernel_backends_decline_a_misaligned_k_scales(monkeypatch):
+    # supports() names it (so backend="auto" on a GPU falls back) rather than the launch: the
+    # cuda backend's answer on CPU tensors, its device check stubbed out; emu gives the same reason
+    from pykernels import registry
+    from pykernels.ops import backends
+
+    import pykernels.dsa as D
+
+    from .bad_input_cases import misaligned
+    monkeypatch.setattr(backends, "_cuda_unavailable", lambda device: None)
+    m, n, h = 4, 96, 32                                       # a shape the kernel takes (head dim 128)
+    q = torch.randn(m, h, 128).to(FP8)
+    k, sf = D.indexer_k_cast_to_fp8(torch.randn(n, 128))
+    w, ks, ke = torch.randn(m, h), torch.zeros(m, dtype=torch.int32), torch.full((m,), n, dtype=torch.int32)
+    op = registry.get("fp8_mqa_logits")
+    assert op.backends["cuda"].supports(op.build(q, (k, sf), w, ks, ke)) is None
+    problem = op.build(q, (k, misaligned(sf, 1 + int(torch.randint(0, 3, ())))), w, ks, ke)
+    for name in ("cuda", "emu"):
+        reason = op.backends[name].supports(problem)
+        assert reason.startswith("k_scales:") and "16-byte aligned" in reason, (name, reason)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_dsa_bad_input_table(backend):
     script = Path(__file__).with_name("bad_input_cases.py")

@@ -198,7 +198,7 @@ def _mqa_logits_kernel(p: MqaLogitsProblem, executor: str):
 
 def _mqa_logits_kernel_limits(p: MqaLogitsProblem):
     from ..cuda import dsa as CD
-    CD.check_logits_supported(p.q, p.k, p.weights, "k")
+    CD.check_logits_supported(p.q, p.k, p.weights, "k", p.k_scales)
 
 
 MQA_LOGITS = registry.op("fp8_mqa_logits", lambda *a, **kw: public_mqa_logits_problem(*a, **kw))

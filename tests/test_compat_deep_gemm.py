@@ -265,17 +265,118 @@ def test_valid_deep_gemm_calls_not_implemented_name_the_function(call, name, see
         call(*_gemm_args())
 
 
-def test_invalid_values_are_pykernels_errors(seed):
-    a, b, d = _gemm_args()
-    with pytest.raises(ValueError, match="recipe: expected"):
-        deep_gemm.fp8_gemm_nt(a, b, d, recipe=(1, 64, 128))
-    with pytest.raises(TypeError, match="ensure_zero_padding: expected a bool"):
-        deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, (b[0][None], b[1][None]), d, torch.zeros(8, dtype=torch.int32),
-                                                   ensure_zero_padding=None)
-    with pytest.raises(ValueError, match="expected_m_for_psum_layout: expected None without use_psum_layout"):
-        deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, (b[0][None], b[1][None]), d, torch.zeros(8, dtype=torch.int32),
-                                                   expected_m_for_psum_layout=8)
-    assert d.isnan().all()                                     # nothing written by a rejected call
+F8 = torch.float8_e4m3fn
+
+
+def _pair(*shape):
+    """Random e4m3 data [..., rows, k] and float32 scales [..., ceil(rows/128), ceil(k/128)] (rows of 1
+    with shape[-2] given as (rows, 1))."""
+    *lead, rows, k = shape
+    rows, per = rows if isinstance(rows, tuple) else (rows, 128)
+    return (torch.randn(*lead, rows, k) * 4).to(F8), torch.rand(*lead, -(-rows // per), -(-k // 128)) + 0.5
+
+
+def _call(func, a_shape, b_shape, d, *args, **kw):
+    """(call, d): deep_gemm.<func>(a, b, d, *args, **kw) on random operands of these shapes."""
+    a = _pair(*a_shape[:-2], (a_shape[-2], 1), a_shape[-1])              # 1x128 A scales
+    b = _pair(*b_shape)
+    return lambda: getattr(deep_gemm, func)(a, b, d, *args, **kw), d
+
+
+def _normal(m, n, k, d, *args, **kw):
+    return _call("fp8_gemm_nt", (m, k), (n, k), d, *args, **kw)
+
+
+def _contiguous(m, d, grouped_layout, **kw):
+    return _call("m_grouped_fp8_gemm_nt_contiguous", (m, 128), (3, 128, 128), d, grouped_layout, **kw)
+
+
+def _psum(ends, m=300):
+    return _contiguous(m, nan_bf16(m, 128), torch.tensor(ends, dtype=torch.int32), use_psum_layout=True,
+                       backend="reference")
+
+
+def _bf16(m, n, k, d):
+    a, b = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16()
+    return lambda: deep_gemm.bf16_gemm_nt(a, b, d), d
+
+
+def _nan(*shape):
+    return torch.full(shape, float("nan"))
+
+
+def _int_d(*shape):
+    return torch.full(shape, -7, dtype=torch.int32)
+
+
+_ZERO8 = torch.zeros(8, dtype=torch.int32)
+
+# Bad calls of the compat forms: (id, () -> (call, d), exception, message). Errors name DeepGEMM's
+# arguments (d, grouped_layout: compat's _caller_names; wgrad's out), empty problems (k or m = 0)
+# are validated as any other call (no early return), and nothing is written into d.
+BAD_CALLS = [
+    ("recipe", lambda: _normal(8, 128, 128, nan_bf16(8, 128), recipe=(1, 64, 128)), ValueError, "^recipe: expected"),
+    ("ensure_zero_padding-None", lambda: _contiguous(8, nan_bf16(8, 128), _ZERO8, ensure_zero_padding=None),
+     TypeError, "^ensure_zero_padding: expected a bool"),
+    ("expected_m_for_psum_layout-without-psum",
+     lambda: _contiguous(8, nan_bf16(8, 128), _ZERO8, expected_m_for_psum_layout=8),
+     ValueError, "^expected_m_for_psum_layout: expected None without use_psum_layout"),
+    ("d-shape", lambda: _normal(8, 128, 128, nan_bf16(8, 64)), ValueError, r"^d: expected shape \[8, 128\]"),
+    ("d-int32", lambda: _normal(8, 128, 128, _int_d(8, 128)), TypeError, "^d: expected dtype bfloat16"),
+    ("k0-c-list", lambda: _normal(5, 128, 0, _nan(5, 128), [[1.0]]), TypeError, "^c: expected a torch.Tensor"),
+    ("k0-c-shape", lambda: _normal(5, 128, 0, _nan(5, 128), torch.randn(5, 64)),
+     ValueError, r"^c: expected shape \[5, 128\], got \[5, 64\]"),
+    ("k0-d-int32", lambda: _normal(5, 128, 0, _int_d(5, 128)), TypeError, "^d: expected dtype bfloat16"),
+    ("k0-d-int32-with-c", lambda: _normal(5, 128, 0, _int_d(5, 128), torch.randn(5, 128)),
+     TypeError, "^d: expected dtype bfloat16"),
+    ("m0-d-int32", lambda: _normal(0, 128, 128, _int_d(3, 3)), TypeError, "^d: expected dtype bfloat16"),
+    ("m0-d-shape", lambda: _normal(0, 128, 128, nan_bf16(3, 128)), ValueError, r"^d: expected shape \[0, 128\]"),
+    ("bf16_gemm_nt-d-shape", lambda: _bf16(4, 8, 32, nan_bf16(4, 9)), ValueError, r"^d: expected shape \[4, 8\]"),
+    ("masked-d-shape", lambda: _call("m_grouped_fp8_gemm_nt_masked", (1, 8, 128), (1, 128, 128), nan_bf16(1, 8, 64),
+                                     torch.ones(1, dtype=torch.int32), 8),
+     ValueError, r"^d: expected shape \[1, 8, 128\]"),
+    ("contiguous-grouped_layout-shape", lambda: _contiguous(8, nan_bf16(8, 128), torch.zeros(3, dtype=torch.int32)),
+     ValueError, r"^grouped_layout: expected shape \[8\], got \[3\]"),
+    ("contiguous-grouped_layout-value",
+     lambda: _contiguous(8, nan_bf16(8, 128), torch.tensor([0] * 7 + [3], dtype=torch.int32)),
+     ValueError, r"^grouped_layout: expected values in \[-1, 3\) .*got 3 at row 7"),
+    ("contiguous-m0-d-dtype", lambda: _contiguous(0, torch.zeros(0, 128), torch.zeros(0, dtype=torch.int32)),
+     TypeError, "^d: expected dtype bfloat16"),
+    ("psum-decreasing", lambda: _psum([100, 90, 250]),
+     ValueError, r"^grouped_layout: expected non-decreasing group end rows in \[0, 300\] .*got 90 at index 1"),
+    ("psum-negative", lambda: _psum([-3, 130, 250]), ValueError, r"^grouped_layout: expected non-decreasing .*got -3 at index 0"),
+    ("psum-past-m", lambda: _psum([100, 200, 301]),
+     ValueError, r"^grouped_layout: expected non-decreasing group end rows in \[0, 300\] .*got 301 at index 2"),
+    ("psum-m0-past-m", lambda: _psum([0, 0, 1], m=0),
+     ValueError, r"^grouped_layout: expected non-decreasing group end rows in \[0, 0\] .*got 1 at index 2"),
+    ("keyword-out", lambda: _normal(8, 128, 128, nan_bf16(8, 128), out=None), TypeError,
+     "unexpected keyword argument 'out'"),                   # Python's own error: the caller's word kept
+    ("wgrad-out-shape", lambda: _call("wgrad_gemm_fp8_fp8_fp32_nt", (8, 128), ((128, 1), 128), _nan(8, 64)),
+     ValueError, r"^out: expected shape \[8, 128\]"),
+]
+
+
+@pytest.mark.parametrize("make, exc, msg", [row[1:] for row in BAD_CALLS], ids=[row[0] for row in BAD_CALLS])
+def test_bad_calls_raise_naming_deep_gemms_argument(make, exc, msg, seed):
+    call, d = make()
+    before = d.clone()
+    with pytest.raises(exc, match=msg):
+        call()
+    assert torch.equal(d.isnan(), before.isnan()) and torch.equal(d.nan_to_num(), before.nan_to_num())  # unwritten
+
+
+@pytest.mark.gpu
+def test_prefix_sum_layout_values_on_the_gpu_go_to_the_error_record(seed):
+    # no host read in the call: the bad end is recorded on the device, raised at check_errors()
+    import pykernels
+    from pykernels.runtime.device_errors import KernelInputError
+    a, b = _pair((300, 1), 128), _pair(3, 128, 128)
+    a, b = tuple(t.cuda() for t in a), tuple(t.cuda() for t in b)
+    d = nan_bf16(300, 128).cuda()
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, torch.tensor([100, 90, 250], dtype=torch.int32).cuda(),
+                                               use_psum_layout=True)
+    with pytest.raises(KernelInputError, match=r"grouped_layout: expected non-decreasing .*got 90 at index 1"):
+        pykernels.check_errors()
 
 
 # ------------------------------------------------------------------ indexer

@@ -12,7 +12,8 @@ What differs from pykernels' own API (docs/compat.md has every name):
   takes DeepGEMM's prefix-sum layout (use_psum_layout=True);
 - scales in any layout are accepted (DeepGEMM transforms them; here one copy into a layout
   pykernels' kernels read where they cannot read them as they are);
-- empty problems: m or n = 0 writes nothing, k = 0 sets `d` to `c` (0 without it);
+- empty problems: m or n = 0 writes nothing, k = 0 sets `d` to `c` (0 without it), after the
+  same checks as any call;
 - the utils casts compute q = e4m3(x * (1 / sf)) as DeepGEMM's (pykernels' casts round
   x * (448 / amax)), ceil_to_ue8m0 turns NaN / Inf into 2^127 and calc_diff returns a 0-dim
   float64 tensor.
@@ -20,11 +21,13 @@ What differs from pykernels' own API (docs/compat.md has every name):
 Valid DeepGEMM calls that pykernels does not implement (accumulation into a bf16 `d`, alpha,
 FP4 operands, the NN/TN/TT layouts, K-grouped and grouped BF16 GEMMs, Mega MoE, ...) raise
 NotImplementedError naming the function; invalid values raise pykernels' ValueError /
-TypeError naming the argument. Each function also takes a keyword-only `backend` ("auto",
-"cuda", "emu", "triton", "reference"). Arrays of any DLPack producer are accepted (runtime/arrays).
+TypeError naming the argument as DeepGEMM does (`d`, `grouped_layout`: _caller_names). Each
+function also takes a keyword-only `backend` ("auto", "cuda", "emu", "triton", "reference").
+Arrays of any DLPack producer are accepted (runtime/arrays).
 """
 import functools
 import os
+import re
 import sys
 import types
 
@@ -34,6 +37,7 @@ from .. import dsa as PD
 from .. import gemm as PG
 from .. import quant as PQ
 from .. import testing as PT
+from ..runtime import device_errors as DE
 from ..runtime import hardware as H
 from ..runtime import validate as V
 from ..runtime.arrays import dlpack_io
@@ -47,6 +51,31 @@ _FP4_DTYPES = tuple(d for d in (getattr(torch, "float4_e2m1fn_x2", None), torch.
 
 _not_implemented = functools.partial(_unimplemented.not_implemented, "deep_gemm")   # (name, what): raises
 _missing = functools.partial(_unimplemented.missing, "deep_gemm", "DeepGEMM")         # (name, why): a raising stand-in
+
+
+_NAMES_AN_ARGUMENT = re.compile(r"[\w.\[\], ]+: ")   # pykernels' messages: "argument: expected ..., got ..."
+
+
+def _caller_names(**renames):
+    """Errors name the caller's arguments: a ValueError / TypeError from pykernels naming its own
+    argument (out, m_indices) is re-raised naming DeepGEMM's (d, grouped_layout), the same
+    exception with its message rewritten (each whole-word occurrence of a renamed name). Python's
+    own call errors ("f() got an unexpected keyword argument 'out'") name the caller's words already."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+
+    def decorate(func):
+        @functools.wraps(func)
+        def call(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except (ValueError, TypeError) as e:
+                if e.args and isinstance(e.args[0], str) and _NAMES_AN_ARGUMENT.match(e.args[0]):
+                    e.args = (pattern.sub(lambda hit: renames[hit.group(1)], e.args[0]),) + e.args[1:]
+                if getattr(e, "argument", None) in renames:       # KernelInputError (emu: raised in the call)
+                    e.argument = renames[e.argument]
+                raise
+        return call
+    return decorate
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -147,26 +176,10 @@ def _problem_size(a, b):
         return None
 
 
-def _empty_problem(a, b, d, c=None) -> bool:
-    """DeepGEMM's early return: m or n 0 -> nothing written; k 0 -> d = c (0 without c)."""
-    size = _problem_size(a, b)
-    if size is None or not isinstance(d, torch.Tensor):
-        return False
-    m, n, k = size
-    if m == 0 or n == 0:
-        return True
-    if k == 0:
-        if c is None:
-            d.zero_()
-        elif c.data_ptr() != d.data_ptr():
-            d.copy_(c)
-        return True
-    return False
-
-
 # ----------------------------------------------------------------------------- GEMMs
 
 @dlpack_io
+@_caller_names(out="d")
 def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims: str = "nk",
                 disable_ue8m0_cast: bool = False, alpha=None, *, backend: str = "auto") -> None:
     """d[m, n] = (c +) (a[m, k] * sfa) @ (b[n, k] * sfb)^T, written in place; returns None.
@@ -177,13 +190,11 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, comp
     accumulation into a bf16 d, alpha (SM100 in DeepGEMM too), FP4 operands.
     """
     name = "fp8_gemm_nt"
-    if c is not None and isinstance(d, torch.Tensor) and d.dtype != torch.float32:
-        _not_implemented(name, f"accumulation into c with a {str(d.dtype).replace('torch.', '')} d")
+    if c is not None and isinstance(d, torch.Tensor) and d.dtype == torch.bfloat16:   # other dtypes: invalid
+        _not_implemented(name, "accumulation into c with a bfloat16 d")
     if alpha is not None:
         _not_implemented(name, "alpha (DeepGEMM's SM100 output scale)")
     a, b = _fp8_operands(name, a, b, per_row_b=_per_row_b(recipe, recipe_b))
-    if _empty_problem(a, b, d, c):
-        return None
     PG.fp8_gemm_nt(a, b, d, c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast, backend=backend)
     return None
 
@@ -194,6 +205,7 @@ def _psum_to_grouped_layout(grouped_layout: torch.Tensor, m: int, groups: int) -
     group g starts at its predecessor's end rounded up to get_mk_alignment_for_contiguous_layout()."""
     V.check_dtype("grouped_layout", grouped_layout, torch.int32)
     V.check_shape("grouped_layout", grouped_layout, (groups,))
+    _check_group_ends(grouped_layout, m)
     ends = grouped_layout.long()
     align = PG.CONTIGUOUS_ALIGNMENT
     starts = torch.cat([ends.new_zeros(1), (ends[:-1] + align - 1) // align * align])
@@ -204,7 +216,25 @@ def _psum_to_grouped_layout(grouped_layout: torch.Tensor, m: int, groups: int) -
     return torch.where(inside & (rows >= start), group, -1).to(torch.int32)
 
 
+def _check_group_ends(ends: torch.Tensor, m: int) -> None:
+    """The prefix-sum layout's values: non-decreasing group ends in [0, m]. As pykernels checks
+    m_indices (docs/architecture.md): CPU tensors here, at once; GPU tensors into the device
+    error record without a host read (raised at pykernels.check_errors())."""
+    if ends.numel() == 0 or V.is_fake(ends):
+        return
+    previous = torch.cat([ends.new_zeros(1), ends[:-1]])          # the first end's lower bound: 0
+    bad = (ends < previous) | (ends > m)
+    if ends.device.type == "cpu":
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(DE.describe("GroupEndOutOfRange", int(ends[i]), m, i))
+    else:
+        record = DE.record_for(ends.device, "m_grouped_fp8_gemm_nt_contiguous")
+        DE.record_first(record, DE.code("GroupEndOutOfRange"), bad, ends, m)
+
+
 @dlpack_io
+@_caller_names(out="d", m_indices="grouped_layout")
 def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, recipe_a=None, recipe_b=None,
                                      compiled_dims: str = "nk", disable_ue8m0_cast: bool = False,
                                      use_psum_layout: bool = False, ensure_zero_padding: bool = True,
@@ -232,8 +262,6 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, recip
     a, b = _fp8_operands(name, a, b)
     grouped_layout = V.as_tensor("grouped_layout", grouped_layout)
     size = _problem_size(a, b)
-    if size is not None and size[0] == 0:
-        return None
     m_indices = grouped_layout
     if use_psum_layout and size is not None and b[0].dim() == 3:      # else pykernels' validation names the error
         m_indices = _psum_to_grouped_layout(grouped_layout, size[0], b[0].shape[0])
@@ -245,6 +273,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, recip
 
 
 @dlpack_io
+@_caller_names(out="d")
 def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m: int, recipe=None, recipe_a=None, recipe_b=None,
                                  compiled_dims: str = "nk", disable_ue8m0_cast: bool = False, *,
                                  backend: str = "auto") -> None:
@@ -272,6 +301,7 @@ m_grouped_gemm_fp8_fp8_bf16_nt_contiguous = m_grouped_fp8_gemm_nt_contiguous
 m_grouped_gemm_fp8_fp8_bf16_nt_masked = m_grouped_fp8_gemm_nt_masked
 
 @dlpack_io
+@_caller_names(d="out")                  # fp8_gemm_nt's errors name d
 def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out, *, backend: str = "auto") -> None:
     """DeepGEMM v1's weight-gradient GEMM: out (float32 [m, n]) += (lhs * sfa) @ (rhs * sfb)^T with
     1x128 scales on both operands (sfb float32 [n, ceil(k/128)]); returns None."""
@@ -294,14 +324,15 @@ k_grouped_wgrad_gemm_fp8_fp8_fp32_nt = _missing("k_grouped_wgrad_gemm_fp8_fp8_fp
 
 
 @dlpack_io
+@_caller_names(out="d")
 def bf16_gemm_nt(a, b, d, c=None, compiled_dims: str = "nk", *, backend: str = "auto") -> None:
     """d[m, n] = (c +) a[m, k] @ b[n, k]^T, written in place; returns None.
 
     a: bf16 [m, k]; b: bf16 [n, k]; d: bf16, or float32 [m, n]; c: None or float32 [m, n] with
     a float32 d (c may be d: d += a @ b^T). Not implemented (NotImplementedError):
     accumulation into a bf16 d. m or n = 0 writes nothing, k = 0 sets d to c (0 without it)."""
-    if c is not None and isinstance(d, torch.Tensor) and d.dtype != torch.float32:
-        _not_implemented("bf16_gemm_nt", f"accumulation into c with a {str(d.dtype).replace('torch.', '')} d")
+    if c is not None and isinstance(d, torch.Tensor) and d.dtype == torch.bfloat16:   # other dtypes: invalid
+        _not_implemented("bf16_gemm_nt", "accumulation into c with a bfloat16 d")
     PG.bf16_gemm_nt(a, b, d, c, compiled_dims, backend=backend)
     return None
 

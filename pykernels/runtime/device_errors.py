@@ -60,6 +60,9 @@ CODES = {
                   "flat index {a2} (batch, query token, slot)"),
     13: ErrorCode("TopkLengthOutOfRange", "topk_length",
                   "expected values in [0, {a1}] (indices' topk), got {a0} at index {a2}"),
+    # recorded by torch ops (record_first), not a kernel: compat.deep_gemm's prefix-sum layout
+    14: ErrorCode("GroupEndOutOfRange", "grouped_layout",
+                  "expected non-decreasing group end rows in [0, {a1}] (a's rows), got {a0} at index {a2}"),
 }
 
 

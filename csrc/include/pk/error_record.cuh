@@ -22,6 +22,7 @@ enum ErrorCode : int {
   kErrWindowEndOutOfRange = 11,
   kErrSparseIndexOutOfRange = 12,
   kErrTopkLengthOutOfRange = 13,
+  kErrGroupEndOutOfRange = 14,   // recorded by torch ops (device_errors.record_first), no kernel
 };
 
 constexpr int kErrorRecordWords = 8;   // code, arg0, arg1, arg2, cta.x, cta.y, cta.z, reserved

@@ -312,22 +312,24 @@ MLA_SEQLENS = [70, 130, 64]
 MLA_SPLITS = 4            # SM partitions: sequences are split, so the combine runs too
 
 
-def _mla(backend, q, cache, table, seqlens, causal):
+def _mla(backend, q, cache, table, seqlens, causal, scale=None):
     """(out bf16 [b, s_q, h_q, 512], lse f32 [b, h_q, s_q]) of a backend's lower layer,
     outputs poisoned with a finite value first."""
     from pykernels.reference import mla as RM
     if backend == "reference":
-        return R.flash_mla_with_kvcache(q, cache, table, seqlens, 512, None, causal)
+        return R.flash_mla_with_kvcache(q, cache, table, seqlens, 512, scale, causal)
     b, s_q, h_q, _ = q.shape
     out = torch.full((b, s_q, h_q, 512), POISON, dtype=torch.bfloat16)
     lse = torch.full((b, h_q, s_q), POISON)
     meta, num_splits = RM.get_mla_metadata(seqlens, MLA_SPLITS)
     if backend == "triton":
         from pykernels.triton import mla as TM
-        TM.flash_mla_with_kvcache(q, cache, table, seqlens, meta, num_splits, out, lse, causal=causal)
+        TM.flash_mla_with_kvcache(q, cache, table, seqlens, meta, num_splits, out, lse, softmax_scale=scale,
+                                  causal=causal)
     elif backend == "emu":
         from pykernels.cuda import mla as CM
-        CM.flash_mla_with_kvcache(q, cache, table, seqlens, meta, num_splits, out, lse, causal=causal, executor="emu")
+        CM.flash_mla_with_kvcache(q, cache, table, seqlens, meta, num_splits, out, lse, softmax_scale=scale,
+                                  causal=causal, executor="emu")
     else:
         raise ValueError(f"backend: expected 'reference', 'triton' or 'emu', got {backend!r}")
     return out, lse
@@ -421,3 +423,78 @@ def test_mla_rows_with_non_finite_scores(fp8, seed):
     ref, ref_lse = _mla("reference", q, cache, table, seqlens, False)
     bad = ~torch.isfinite(ref_lse.transpose(1, 2))
     assert torch.equal(_pattern(out[bad]), _pattern(ref[bad]))
+
+
+# Scores x softmax_scale beyond 2^31 in the kernels' log2 domain (softmax_scale 1e9 on ordinary
+# q and keys, or ordinary softmax_scale on a huge q): the softmax is one-hot (distinct scores
+# are hundreds of units or more apart there), so out is the V row of the largest score, lse finite.
+# The running max is a rounded product; the exponents must round theirs alike, or 2^(the
+# rounding) overflows (it did: NaN out, +-inf lse). Tolerances: out as the other MLA tests
+# here; lse relative 1e-6 (an absolute one means nothing at |lse| ~ 1e10; the log2-domain
+# scale and the rounded max make a few ulp).
+HUGE_LOGIT_CASES = {"scale": (1e9, 1.0), "q": (0.05, 1e10)}   # (softmax_scale, q factor)
+HUGE_LSE_RTOL = 1e-6
+
+
+def _assert_one_hot_matches(out, lse, ref, ref_lse):
+    assert torch.isfinite(ref_lse).all() and torch.isfinite(ref.float()).all()
+    assert torch.isfinite(lse).all() and torch.isfinite(out.float()).all(), "non-finite out / lse"
+    assert torch.allclose(lse, ref_lse, rtol=HUGE_LSE_RTOL, atol=0), f"lse: {(lse - ref_lse).abs().max()}"
+    assert calc_diff(out.float(), ref.float()) < MLA_OUT_CALC_DIFF
+
+
+@pytest.mark.parametrize("backend", ["triton", "emu"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
+@pytest.mark.parametrize("h_q", [16, 64], ids=["narrow", "64_rows"])
+@pytest.mark.parametrize("case", HUGE_LOGIT_CASES)
+def test_mla_decode_huge_logits(backend, fp8, h_q, case, seed):
+    from pykernels.reference import mla as RM
+    from .mla_cases import make_problem
+    scale, q_factor = HUGE_LOGIT_CASES[case]
+    q, cache, table, seqlens = make_problem([70, 130], 1, h_q)
+    q = (q.float() * q_factor).bfloat16()
+    if fp8:
+        cache = RM.quantize_kv_cache_fp8(cache)
+    out, lse = _mla(backend, q, cache, table, seqlens, True, scale)
+    _assert_one_hot_matches(out, lse, *_mla("reference", q, cache, table, seqlens, True, scale))
+
+
+def _distinct_indices(rows, n, topk):
+    """int32 [rows, 1, topk]: topk distinct random indices below n per row. (The reference's
+    out = sum exp(s - lse) v counts a tied max twice once lse's log 2 is below its ulp.)"""
+    return torch.stack([torch.randperm(n)[:topk] for _ in range(rows)]).int().view(rows, 1, topk)
+
+
+def _sparse_problem(b, s_q, h_q, topk, pages, q_factor):
+    """Random q (times q_factor), FP8 cache and indices (a few -1) of a sparse decode."""
+    from pykernels.reference import mla as RM
+    cache = RM.quantize_kv_cache_fp8(torch.randn(pages, 64, 1, 576).bfloat16())
+    q = (torch.randn(b, s_q, h_q, 576) * q_factor).bfloat16()
+    idx = _distinct_indices(b * s_q, pages * 64, topk).view(b, s_q, topk)
+    idx[0, 0, 3:9] = -1
+    return q, cache, idx
+
+
+@pytest.mark.parametrize("backend", ["triton", "emu"])
+@pytest.mark.parametrize("h_q", [16, 64], ids=["narrow", "64_rows"])
+@pytest.mark.parametrize("case", HUGE_LOGIT_CASES)
+def test_sparse_decode_huge_logits(backend, h_q, case, seed):
+    import pykernels.dsa as D
+    scale, q_factor = HUGE_LOGIT_CASES[case]
+    q, cache, idx = _sparse_problem(2, 1, h_q, 80, 3, q_factor)
+    got = D.flash_mla_sparse_decode(q, cache, idx, scale, backend=backend)
+    _assert_one_hot_matches(*got, *D.flash_mla_sparse_decode(q, cache, idx, scale, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "emu"])
+@pytest.mark.parametrize("case", HUGE_LOGIT_CASES)
+def test_sparse_prefill_huge_logits(backend, case, seed):
+    import pykernels.dsa as D
+    scale, q_factor = HUGE_LOGIT_CASES[case]
+    q = (torch.randn(2, 64, 576) * q_factor).bfloat16()
+    kv = torch.randn(100, 1, 576).bfloat16()
+    idx = _distinct_indices(2, 100, 80)
+    out, mx, lse = D.flash_mla_sparse_fwd(q, kv, idx, scale, backend=backend)
+    ref, ref_mx, ref_lse = D.flash_mla_sparse_fwd(q, kv, idx, scale, backend="reference")
+    _assert_one_hot_matches(out, lse, ref, ref_lse)
+    assert torch.allclose(mx, ref_mx, rtol=HUGE_LSE_RTOL, atol=0)

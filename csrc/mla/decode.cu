@@ -655,17 +655,27 @@ struct SeesawMath {
     const auto add_op = [](float a, float b) { return a + b; };
     float row_max[2] = {row_reduce<0>(max_op, sc), row_reduce<1>(max_op, sc)};
     quad_max2(row_max);
-    float alpha[2], neg_m[2];
+    float alpha[2], neg_m[2], neg_fma[2];
+    bool rounded[2];
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
       float m_use;
       alpha[h] = advance_max(m[h], l[h], fmaxf(m[h], row_max[h] * p.scale_log2), m_use);
       neg_m[h] = -m_use;
+      rounded[h] = pk::exponent_rounded(m_use);
+      neg_fma[h] = rounded[h] ? 0.0f : neg_m[h];
+    }
+#pragma unroll
+    for (uint32_t i = 0; i < kScoreRegs; ++i) sc[i] = fmaf(sc[i], p.scale_log2, neg_fma[(i >> 1) & 1]);
+    if (rounded[0] || rounded[1]) {   // |S x scale_log2| >= 2^24 (pk::exponent_rounded): rare
+#pragma unroll
+      for (uint32_t i = 0; i < kScoreRegs; ++i)
+        if (rounded[(i >> 1) & 1]) sc[i] = __fadd_rn(sc[i], neg_m[(i >> 1) & 1]);
     }
     constexpr uint32_t kAccPerExp = 128 / kScoreRegs;
 #pragma unroll
     for (uint32_t i = 0; i < kScoreRegs; ++i) {
-      sc[i] = pk::ex2_approx(fmaf(sc[i], p.scale_log2, neg_m[(i >> 1) & 1]));
+      sc[i] = pk::ex2_approx(sc[i]);
 #pragma unroll
       for (uint32_t a = kAccPerExp * i; a < kAccPerExp * (i + 1); ++a) {
         acc[a] *= alpha[(a >> 1) & 1];

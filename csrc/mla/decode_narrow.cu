@@ -509,8 +509,23 @@ struct NarrowMath {
     for (uint32_t j = 0; j < F::kCols; ++j) neg_m[j] = m_new[j] == -INFINITY ? 0.0f : -m_new[j];   // finite exponents
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j) alpha[j] = pk::ex2_approx(m[j] + neg_m[j]);   // 0 while m was -inf
+    bool rounded[F::kCols], any_rounded = false;   // |S x scale_log2| >= 2^24 (pk::exponent_rounded): rare
+    float neg_fma[F::kCols];
 #pragma unroll
-    for (uint32_t i = 0; i < F::kRegs; ++i) st[i] = pk::ex2_approx(fmaf(st[i], p.scale_log2, neg_m[F::col_of(i)]));
+    for (uint32_t j = 0; j < F::kCols; ++j) {
+      rounded[j] = pk::exponent_rounded(neg_m[j]);
+      any_rounded |= rounded[j];
+      neg_fma[j] = rounded[j] ? 0.0f : neg_m[j];
+    }
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) st[i] = fmaf(st[i], p.scale_log2, neg_fma[F::col_of(i)]);
+    if (any_rounded) {
+#pragma unroll
+      for (uint32_t i = 0; i < F::kRegs; ++i)
+        if (rounded[F::col_of(i)]) st[i] = __fadd_rn(st[i], neg_m[F::col_of(i)]);
+    }
+#pragma unroll
+    for (uint32_t i = 0; i < F::kRegs; ++i) st[i] = pk::ex2_approx(st[i]);
 #pragma unroll
     for (uint32_t j = 0; j < F::kCols; ++j) {
       m[j] = m_new[j];

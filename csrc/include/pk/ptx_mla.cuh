@@ -1,8 +1,9 @@
 // pk/ptx_mla.cuh — inline-PTX wrappers the MLA decode kernel (csrc/mla/) needs beyond
 // pk/ptx.cuh: bf16 wgmma shapes (K-major B for Q.K^T, MN-major "transposed" B for P.V, the
 // latter also on half an accumulator for the FP8 cache and with A (P) in registers), the
-// MN-major 128-byte-swizzle matrix descriptor, bar.arrive, the approximate ex2 / lg2, and the
-// exact e4m3 -> bf16 conversion (also scaled by a power of two, for the FP8 cache).
+// MN-major 128-byte-swizzle matrix descriptor, bar.arrive, the approximate ex2 / lg2, the
+// online softmax's exponent rule, and the exact e4m3 -> bf16 conversion (also scaled by a power
+// of two, for the FP8 cache).
 //
 // Same conventions as pk/ptx.cuh (written against the PTX ISA exactly, because the CPU
 // emulator runs the same PTX): every wrapper is __forceinline__, no labels in asm,
@@ -148,6 +149,15 @@ __device__ __forceinline__ float ex2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+// The online softmax's exponent of a score s is s * scale_log2 - m, m the running max of the
+// rounded products RN(s * scale_log2): one FMA (the exact product) normally. From |m| >= 2^24
+// (below it m's rounding, half an ulp of m, is at most 1/2) the product is rounded first, as
+// in m, so the largest score's exponent is 0 exactly and none exceeds 0: else that rounding
+// (over 128 from |m| >= 2^31) reaches the exponent and 2^x overflows (NaN out). Such rows
+// take the FMA with offset 0 (the rounded product), then subtract m: no per-element cost
+// where no row of the thread has |m| >= 2^24, whose bits stay as they were.
+__device__ __forceinline__ bool exponent_rounded(float m) { return fabsf(m) >= 0x1p24f; }
 
 // log2(x) (lg2.approx.ftz.f32).
 __device__ __forceinline__ float lg2_approx(float x) {

@@ -304,3 +304,20 @@ def test_sparse_decode_nan_in_a_used_row_propagates(seed):
     out, lse = D.flash_mla_sparse_decode(q, c8.view(2, 64, 1, 656), idx, backend="reference")
     assert out[0].isnan().all() and lse[0].isnan().all()
     assert out[1].isfinite().all() and lse[1].isfinite().all()
+
+
+def test_sparse_decode_huge_scores_weigh_a_duplicated_maximum_once(seed):
+    # At scale 1e9 the softmax is one-hot; the maximum's key listed twice must still weigh 1 in
+    # all (normalised by the sum, not by exp(-lse), whose rounding step exceeds log 2 here).
+    c8 = M.quantize_kv_cache_fp8(torch.randn(2, 64, 1, 576).bfloat16())
+    q = torch.randn(1, 1, 4, 576).bfloat16()
+    idx = torch.randperm(128, dtype=torch.int32)[:6].view(1, 1, 6)
+    keys = torch.stack([_cache_row(c8, int(t)) for t in idx[0, 0].tolist()])    # [6, 576] float64
+    best = (q[0, 0].double() @ keys.T).argmax(dim=-1)                          # per head
+    want = torch.stack([keys[int(j), :512] for j in best])
+    for h in range(4):
+        dup = idx.clone()
+        dup[0, 0, (int(best[h]) + 1) % 6] = idx[0, 0, best[h]]                 # head h's maximum twice
+        out, lse = D.flash_mla_sparse_decode(q, c8, dup, softmax_scale=1e9, backend="reference")
+        assert torch.isfinite(lse[0, h]).all()
+        assert torch.allclose(out[0, 0, h].double(), want[h], rtol=2 ** -8, atol=0), h

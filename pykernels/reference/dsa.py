@@ -40,7 +40,8 @@ import math
 
 import torch
 
-from .mla import HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE, dequantize_kv_cache_fp8, default_softmax_scale
+from .mla import (HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE, dequantize_kv_cache_fp8, default_softmax_scale,
+                  softmax_weights)
 from .quant import FP8_E4M3_MAX, FP8_SCALE_FLOOR, _div, to_e4m3_satfinite
 
 INDEXER_SCALE_BYTES = 4        # one float32 scale per key in the paged indexer cache
@@ -232,9 +233,8 @@ def _attend(q, kv, valid, scale: float, attn_sink, d_v: int):
     scores = scores.masked_fill(~valid[:, None, :], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     max_logits = scores.amax(dim=-1) if scores.shape[-1] else torch.full_like(lse, -math.inf)
-    norm = lse if attn_sink is None else torch.logaddexp(lse, attn_sink.float()[None, :].expand_as(lse))
     empty = lse == -math.inf
-    p = torch.where(empty[..., None], torch.zeros_like(scores), torch.exp(scores - norm[..., None]))
+    p = softmax_weights(scores, empty, None if attn_sink is None else attn_sink.float()[None, :].expand_as(lse))
     out = p @ kv[..., :d_v]
     lse = torch.where(empty, torch.full_like(lse, math.inf), lse)
     return out, lse, max_logits

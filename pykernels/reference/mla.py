@@ -99,6 +99,19 @@ def _gather(cache_f32: torch.Tensor, block_table_row, seqlen: int) -> torch.Tens
     return pages.reshape(nblk * PAGE_BLOCK_SIZE, *cache_f32.shape[2:])[:seqlen]
 
 
+def softmax_weights(scores, empty, sink=None):
+    """exp(scores - max) / its row sum (+ exp(sink - max)): 0 on empty rows. Normalised by the
+    sum, not by exp(-lse): at |scores| ~ 1e8 and beyond lse's rounding step exceeds log(2), and
+    a maximum held twice would weigh 2 (docs/numerics.md)."""
+    m = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else torch.zeros_like(scores[..., :1])
+    m = torch.where(empty[..., None], torch.zeros_like(m), m)
+    e = torch.exp(scores - m)
+    total = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink[..., None] - m)
+    return torch.where(empty[..., None], torch.zeros_like(scores), e / total)
+
+
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V,
                            softmax_scale=None, causal=False):
     """-> (out bf16 [b, s_q, h_q, head_dim_v], softmax_lse float32 [b, h_q, s_q]).
@@ -130,7 +143,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v=HE
         # A row with no visible key gives 0; a row whose scores hold NaN / +inf gives NaN in
         # every column, as the kernels' online softmax does (docs/numerics.md).
         empty = row_lse == -math.inf
-        p = torch.where(empty[..., None], torch.zeros_like(scores), torch.exp(scores - row_lse[..., None]))
+        p = softmax_weights(scores, empty)
         o = p @ kv[..., :head_dim_v]                             # [h_q, s_q, dv]
         out[i] = o.transpose(0, 1)
         lse[i] = torch.where(torch.isfinite(row_lse), row_lse, torch.full_like(row_lse, math.inf))

@@ -109,8 +109,10 @@ def test_record_first_keeps_the_first_error_and_needs_no_host_read():
     values = torch.tensor([0, 3, -1, 9, -4], dtype=torch.int32)
     D.record_first(record, D.code("MIndexOutOfRange"), values < -1, values, 3)     # row 4 only
     D.record_first(record, D.code("MIndexOutOfRange"), values >= 3, values, 3)     # rows 1, 3: too late
-    assert record.tolist() == [D.code("MIndexOutOfRange"), -4, 3, 4, 0, 0, 0, 0]
-    record.zero_()
+    assert record.tolist() == [D.code("MIndexOutOfRange"), -4, 3, 4, -1, -1, -1, 0]   # CTA words: NO_KERNEL
+    with pytest.raises(D.KernelInputError, match=r"\[found on the device by torch ops, not a kernel\]$") as info:
+        D.raise_if_set(record, "op")
+    assert info.value.cta == D.NO_KERNEL
     D.record_first(record, D.code("MIndexOutOfRange"), values >= 3, values, 3)     # the first bad one
     assert record.tolist()[:4] == [D.code("MIndexOutOfRange"), 3, 3, 1]
     record.zero_()

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 RECORD_WORDS = 8          # code, arg0, arg1, arg2, cta.x, cta.y, cta.z, reserved
+NO_KERNEL = (-1, -1, -1)  # the CTA words of an error recorded by torch ops (record_first), not a kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,8 @@ class KernelInputError(ValueError):
             msg = f"{op}: the kernel recorded unknown error code {code} (args {args}, CTA {cta})"
             argument = None
         else:
-            msg = f"{op}: {describe(spec.name, *args)} [found by the kernel, CTA {cta}]"
+            where = "on the device by torch ops, not a kernel" if tuple(cta) == NO_KERNEL else f"by the kernel, CTA {cta}"
+            msg = f"{op}: {describe(spec.name, *args)} [found {where}]"
             argument = spec.argument
         super().__init__(msg)
         self.op, self.code, self.argument, self.args_recorded, self.cta = op, code, argument, args, cta
@@ -123,7 +125,7 @@ def record_for(device: torch.device, op: str) -> torch.Tensor:
 def record_first(record: torch.Tensor, code_number: int, bad: torch.Tensor, values: torch.Tensor,
                  bound: int) -> None:
     """Record `code_number` for the first True of `bad` (bool [n]) as (values[i], bound, i),
-    CTA (0, 0, 0), unless an error is recorded already: what a kernel's check does, as
+    CTA NO_KERNEL, unless an error is recorded already: what a kernel's check does, as
     torch ops on the record's device (no host read), for work done without a kernel."""
     if bad.numel() == 0:
         return
@@ -133,7 +135,7 @@ def record_first(record: torch.Tensor, code_number: int, bad: torch.Tensor, valu
     def word(v):
         return torch.full((1,), v, dtype=torch.int32, device=dev)
     words = torch.cat([word(code_number), values.index_select(0, i).to(torch.int32), word(bound),
-                       i.to(torch.int32), torch.zeros(RECORD_WORDS - 4, dtype=torch.int32, device=dev)])
+                       i.to(torch.int32), torch.tensor(NO_KERNEL + (0,), dtype=torch.int32, device=dev)])
     record.copy_(torch.where(bad.any() & (record[0] == 0), words, record))
 
 

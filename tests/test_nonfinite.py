@@ -460,8 +460,8 @@ def test_mla_decode_huge_logits(backend, fp8, h_q, case, seed):
 
 
 def _distinct_indices(rows, n, topk):
-    """int32 [rows, 1, topk]: topk distinct random indices below n per row. (The reference's
-    out = sum exp(s - lse) v counts a tied max twice once lse's log 2 is below its ulp.)"""
+    """int32 [rows, 1, topk]: topk distinct random indices below n per row (a duplicated
+    maximum: tests/test_dsa_reference.py's huge-scores test)."""
     return torch.stack([torch.randperm(n)[:topk] for _ in range(rows)]).int().view(rows, 1, topk)
 
 

@@ -91,7 +91,8 @@ class KernelInputError(ValueError):
             msg = f"{op}: the kernel recorded unknown error code {code} (args {args}, CTA {cta})"
             argument = None
         else:
-            where = "on the device by torch ops, not a kernel" if tuple(cta) == NO_KERNEL else f"by the kernel, CTA {cta}"
+            by_torch = tuple(cta) == NO_KERNEL
+            where = "on the device by torch ops, not a kernel" if by_torch else f"by the kernel, CTA {cta}"
             msg = f"{op}: {describe(spec.name, *args)} [found {where}]"
             argument = spec.argument
         super().__init__(msg)

@@ -367,10 +367,9 @@ class Buffer:
         if handle is None:
             check_layout_args(data.shape[0], self.num_ranks, num_experts, num_tokens_per_rank, is_token_in_rank,
                               num_tokens_per_expert, data.device)
-        if self._kernels is not None:
-            check_kernel_aligned("x", data, self.backend)
-            if isinstance(x, tuple):
-                check_kernel_aligned("x scales", x[1], self.backend)
+        self._check_kernel_aligned("x", data)
+        if isinstance(x, tuple):
+            self._check_kernel_aligned("x scales", x[1])
         header = dict(kind=kind, hidden=int(data.shape[1]), dtype="fp8 e4m3 + f32 scales" if isinstance(x, tuple)
                       else "bf16", topk=0 if topk_idx is None else int(topk_idx.shape[1]),
                       weights=topk_weights is not None, num_experts=num_experts or 0,
@@ -388,6 +387,11 @@ class Buffer:
                     num_tokens_per_expert=num_tokens_per_expert, expert_alignment=int(expert_alignment),
                     num_worst_tokens=int(num_worst_tokens),
                     config=config, device=data.device)
+
+    def _check_kernel_aligned(self, name: str, t: torch.Tensor):
+        """On the kernel transports (emu / cuda): check_kernel_aligned; the engine reads any layout."""
+        if self._kernels is not None:
+            check_kernel_aligned(name, t, self.backend)
 
     def _check_handle_kind(self, handle):
         if handle.kind != ("engine" if self._kernels is None else self.backend):
@@ -502,8 +506,7 @@ class Buffer:
                 x = EL.from_expert_layout(x, layout, topk_weights)
             check_combine_args(x, handle, topk_weights, DispatchHandle)
             self._check_handle_kind(handle)
-            if self._kernels is not None:
-                check_kernel_aligned("x", x, self.backend)
+            self._check_kernel_aligned("x", x)
             if bias is not None:
                 raise NotImplementedError("Buffer.combine: bias is not supported yet (pass bias=None)")
             header = dict(kind="combine", hidden=int(x.shape[1]), dtype="bf16",
@@ -603,8 +606,7 @@ class Buffer:
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks, use_fp8, round_scale,
                 use_ue8m0, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
                 sync=self.backend != "cuda")
-            if self._kernels is not None:
-                check_kernel_aligned("x", x, self.backend)
+            self._check_kernel_aligned("x", x)
         except (TypeError, ValueError) as e:
             error = e
         self._agree(what, header, error)
@@ -632,8 +634,8 @@ class Buffer:
         try:
             header = low_latency.check_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, use_logfmt,
                                                     zero_copy, out, combine_wait_recv_cost_stats)
-            if self._kernels is not None and not zero_copy:
-                check_kernel_aligned("x", x, self.backend)
+            if not zero_copy:
+                self._check_kernel_aligned("x", x)
         except (TypeError, ValueError) as e:
             error = e
         self._agree(what, header, error)
